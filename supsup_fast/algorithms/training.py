@@ -1,0 +1,74 @@
+"""Training one supermask per task (reference doc §1.2): only the current task's scores are in
+the optimiser; weights and finished masks are never touched."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.tasks import TaskSplit
+from ..nn import begin_task, finish_task, task_parameters
+
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+SCHEDULERS = ("none", "cosine")
+
+
+@dataclass
+class TrainSettings:
+    iters: Optional[int] = 1000          # batches per task (None: full epochs)
+    epochs: int = 3                      # cap on passes over the task's training set
+    batch_size: int = 128
+    lr: float = 1e-4
+    optimizer: str = "rmsprop"
+    weight_decay: float = 0.0
+    momentum: float = 0.9                # SGD only
+    scheduler: str = "none"              # cosine: CosineAnnealingLR(T_max=epochs), stepped per epoch
+
+
+def make_optimizer(params: List[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
+    """As the official code: RMSprop with torch defaults (no momentum), Adam(lr, wd), SGD(lr, 0.9, wd)."""
+    if s.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {s.optimizer!r}")
+
+
+def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, device: torch.device,
+               generator: Optional[torch.Generator] = None, init_scores: Optional[Dict[str, torch.Tensor]] = None,
+               on_step: Optional[Callable[[int, float], None]] = None) -> Dict[str, float]:
+    """Learn one new mask on ``split`` and append it (packed) to every layer's bank."""
+    if settings.scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {settings.scheduler!r}")
+    begin_task(model, init_scores=init_scores, generator=generator)
+    model.train()
+    opt = make_optimizer(task_parameters(model), settings)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs) if settings.scheduler == "cosine" else None
+    step, last_loss = 0, float("nan")
+    limit = settings.iters if settings.iters is not None else math.inf
+    for _ in range(settings.epochs):
+        for xb, yb in split.batches(settings.batch_size, shuffle=True, generator=generator):
+            if step >= limit:
+                break
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            last_loss = float(loss.detach())
+            if on_step is not None:
+                on_step(step, last_loss)
+        if sched is not None:
+            sched.step()
+        if step >= limit:
+            break
+    finish_task(model)
+    model.eval()
+    return {"steps": step, "final_loss": last_loss}

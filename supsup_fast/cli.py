@@ -1,0 +1,140 @@
+"""``supsup-fast``: run, demo, evaluate, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+DEMO = dict(scenario="GNu", benchmark="permuted-mnist", model="lenet", tasks=10, output_size=100, iters=1000,
+            lr=1e-4, optimizer="rmsprop", inference="oneshot", objective="entropy")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    from .algorithms.evaluation import SCENARIOS
+    from .algorithms.inference import METHODS
+    from .algorithms.objectives import OBJECTIVES
+    from .algorithms.training import OPTIMIZERS
+    from .data.tasks import BENCHMARKS
+    from .models import MODELS
+
+    p.add_argument("--config", help="YAML preset (configs/*.yaml); flags override it")
+    p.add_argument("--scenario", choices=SCENARIOS)
+    p.add_argument("--benchmark", choices=sorted(BENCHMARKS))
+    p.add_argument("--model", choices=MODELS)
+    p.add_argument("--tasks", type=int, help="number of tasks")
+    p.add_argument("--output-size", type=int, help="output neurons s (>= labels; extras are superfluous neurons)")
+    p.add_argument("--iters", type=int, help="training batches per task")
+    p.add_argument("--epochs", type=int, help="cap on epochs per task")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--scheduler", choices=("none", "cosine"))
+    p.add_argument("--inference", choices=METHODS)
+    p.add_argument("--objective", choices=OBJECTIVES)
+    p.add_argument("--infer-images", type=int, help="images of each test batch used to infer its task")
+    p.add_argument("--log-base", type=float, help="binary inference keeps 1/log_base of the tasks per round")
+    p.add_argument("--eval-at", type=int, nargs="*", help="also evaluate all learned tasks after these many tasks")
+    p.add_argument("--data-root", help="folder with the MNIST IDX files (default: the embedded subset)")
+    p.add_argument("--download", action="store_true", default=None, help="download MNIST into --data-root first")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backend", help="reference, cpu, triton, cuda or auto")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--train-subset", type=int, help="train on the first N images of each task (smoke runs)")
+    p.add_argument("--out", default=None, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _config_from(args: argparse.Namespace, base: Optional[dict] = None):
+    from .config import FIELDS, load_yaml, make_config
+    preset = dict(base or {})
+    if getattr(args, "config", None):
+        preset.update(load_yaml(args.config))
+    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+    return make_config(preset, overrides)
+
+
+def _summary(results: dict, out: Path) -> str:
+    ti = results["task_inference_accuracy"]
+    lines = [f"average accuracy      {results['average_accuracy']:.4f} over {len(results['per_task_accuracy'])} tasks",
+             f"task inference        {'n/a (GG)' if ti is None else f'{ti:.4f}'}",
+             f"masks                 {results['num_masks']} ({results['mask_bytes'] / 1e6:.3f} MB packed)",
+             f"time                  train {results['timing']['train']:.1f} s, eval {results['timing']['eval']:.1f} s",
+             f"outputs               {out}/results.json, per_task.csv, accuracy.png, model.safetensors"]
+    return "\n".join(lines)
+
+
+def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") -> int:
+    from .algorithms.experiment import run_experiment
+    config = _config_from(args, base)
+    out = Path(args.out or default_out)
+    results = run_experiment(config, out, resume=args.resume, progress=not args.no_progress)
+    print(_summary(results, out))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .algorithms.experiment import evaluate_run
+    overrides = {k: getattr(args, k) for k in ("scenario", "inference", "objective", "infer_images", "log_base",
+                                               "data_root", "device", "backend") if getattr(args, k) is not None}
+    out = Path(args.out or (Path(args.run) / f"eval-{overrides.get('scenario', 'same')}"))
+    results = evaluate_run(args.run, overrides, out, progress=not args.no_progress)
+    print(_summary(results, out))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_report
+    run_report(Path(args.out), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="supsup-fast", description="Supermasks in Superposition, fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train masks on a task sequence and evaluate them")
+    _add_run_flags(run)
+    demo = sub.add_parser("demo", help="GNu PermutedMNIST, LeNet s=100, 10 tasks, on the embedded MNIST subset")
+    _add_run_flags(demo)
+    ev = sub.add_parser("evaluate", help="evaluate a finished run's masks under another scenario or objective")
+    ev.add_argument("run", help="folder of a finished `supsup-fast run`")
+    from .algorithms.evaluation import SCENARIOS
+    ev.add_argument("--scenario", choices=SCENARIOS)
+    ev.add_argument("--inference", choices=("oneshot", "binary"))
+    ev.add_argument("--objective", choices=("entropy", "superfluous"))
+    ev.add_argument("--infer-images", type=int)
+    ev.add_argument("--log-base", type=float)
+    ev.add_argument("--data-root")
+    ev.add_argument("--device")
+    ev.add_argument("--backend")
+    ev.add_argument("--out")
+    ev.add_argument("--no-progress", action="store_true")
+    bench = sub.add_parser("bench", help="benchmark the ops against float-stack and dense baselines")
+    bench.add_argument("--out", default="benchmarks/results")
+    bench.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "demo":
+            return cmd_run(args, base=DEMO, default_out="runs/demo")
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
+        return cmd_bench(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        print(f"supsup-fast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("supsup-fast: interrupted; finished tasks are saved, continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""MNIST from IDX files (raw or .gz; a flat folder or torchvision's ``MNIST/raw/``), an embedded
+subset shipped with the package, and a checksum-verified download. No torchvision."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import urllib.request
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+MEAN, STD = 0.1307, 0.3081
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# md5 of the uncompressed files (the standard MNIST release).
+MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/")
+EMBEDDED = "mnist_subset.npz"
+
+
+class DataError(ValueError):
+    """A data root or file that cannot be used; the message says what to fix."""
+
+
+@dataclass
+class MNIST:
+    """uint8 images [N, 28, 28] and int64 labels [N] for both splits."""
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    source: str
+
+
+def read_idx(path: Union[str, Path]) -> np.ndarray:
+    """Read one IDX file (gzip-compressed or raw)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read IDX file {path}: {exc}") from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path} is truncated (header)")
+    shape = struct.unpack(">" + "I" * ndim, data[4:header])
+    count = int(np.prod(shape))
+    if len(data) != header + count:
+        raise DataError(f"{path} holds {len(data) - header} bytes of data, expected {count} for shape {shape}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find(root: Path, stem: str) -> Optional[Path]:
+    for folder in (root, root / "MNIST" / "raw", root / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def load_mnist_folder(root: Union[str, Path]) -> MNIST:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data-root {root} is not a folder; point it at a folder with the four MNIST IDX files "
+                        f"(or MNIST/raw/ inside it), or use --download")
+    arrays = {}
+    for key, stem in FILES.items():
+        path = _find(root, stem)
+        if path is None:
+            raise DataError(f"--data-root {root} has no {stem}[.gz] (looked in {root}, {root}/MNIST/raw); "
+                            f"use --download to fetch MNIST there")
+        arrays[key] = read_idx(path)
+    for split in ("train", "test"):
+        imgs, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if imgs.ndim != 3 or imgs.shape[1:] != (28, 28) or labels.ndim != 1 or len(imgs) != len(labels):
+            raise DataError(f"MNIST {split} files in {root} do not match: images {imgs.shape}, labels {labels.shape}")
+        if labels.max() > 9:
+            raise DataError(f"MNIST {split} labels in {root} exceed 9")
+    t = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+    return MNIST(t["train_images"], t["train_labels"].long(), t["test_images"], t["test_labels"].long(), str(root))
+
+
+def load_embedded() -> MNIST:
+    """The MNIST subset shipped inside the package (demo and quick tests)."""
+    with resources.files("supsup_fast.data").joinpath(EMBEDDED).open("rb") as fh:
+        z = np.load(fh)
+        arrays = {k: torch.from_numpy(z[k].copy()) for k in z.files}
+    return MNIST(arrays["train_images"], arrays["train_labels"].long(), arrays["test_images"],
+                 arrays["test_labels"].long(), "embedded")
+
+
+def download_mnist(root: Union[str, Path]) -> Path:
+    """Fetch the four files into ``root`` (md5 verified, written atomically)."""
+    root = Path(root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    for stem, md5 in MD5.items():
+        target = root / (stem + ".gz")
+        if target.is_file() and _md5_of_gz(target) == md5:
+            continue
+        errors = []
+        for mirror in MIRRORS:
+            try:
+                with urllib.request.urlopen(mirror + stem + ".gz", timeout=30) as resp:
+                    blob = resp.read()
+            except OSError as exc:
+                errors.append(f"{mirror}: {exc}")
+                continue
+            if hashlib.md5(gzip.decompress(blob)).hexdigest() != md5:
+                errors.append(f"{mirror}: checksum mismatch")
+                continue
+            tmp = target.with_suffix(".gz.part")
+            tmp.write_bytes(blob)
+            os.replace(tmp, target)
+            break
+        else:
+            raise DataError(f"could not download {stem} ({'; '.join(errors)}). Without internet, copy the four "
+                            f"MNIST IDX files into a folder and pass it with --data-root")
+    return root
+
+
+def _md5_of_gz(path: Path) -> str:
+    try:
+        with gzip.open(path, "rb") as fh:
+            return hashlib.md5(fh.read()).hexdigest()
+    except (OSError, EOFError):
+        return ""
+
+
+def load_mnist(data_root: Optional[Union[str, Path]] = None, download: bool = False) -> MNIST:
+    """MNIST from ``data_root`` (downloading first if asked), or the embedded subset if None."""
+    if data_root is None:
+        if download:
+            raise DataError("--download needs --data-root (the folder to download into)")
+        return load_embedded()
+    if download:
+        download_mnist(data_root)
+    return load_mnist_folder(data_root)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float [N, 784], (x/255 - 0.1307) / 0.3081."""
+    return ((images.reshape(len(images), -1).float() / 255.0) - MEAN) / STD

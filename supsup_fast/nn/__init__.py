@@ -1,0 +1,12 @@
+"""Supermask layers, per-task BatchNorm, mask functions and model-wide task control."""
+from .bank import MaskBank, TaskRows
+from .batchnorm import MultitaskBatchNorm
+from .layers import SupermaskConv2d, SupermaskLayer, SupermaskLinear
+from .masks import er_density, kept_count, mask_from_scores, ste_mask, topk_mask
+from .tasks import (begin_task, bn_bytes, finish_task, mask_bytes, num_tasks, set_superposition, set_task,
+                    set_train_mode, supermask_layers, superposition, task_modules, task_parameters)
+
+__all__ = ["MaskBank", "TaskRows", "MultitaskBatchNorm", "SupermaskConv2d", "SupermaskLayer", "SupermaskLinear",
+           "er_density", "kept_count", "mask_from_scores", "ste_mask", "topk_mask", "begin_task", "bn_bytes",
+           "finish_task", "mask_bytes", "num_tasks", "set_superposition", "set_task", "set_train_mode",
+           "supermask_layers", "superposition", "task_modules", "task_parameters"]

@@ -1,0 +1,70 @@
+"""Per-layer storage that grows one task at a time with amortised (capacity-doubling) growth."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from ..bits import num_words
+
+
+class TaskRows(nn.Module):
+    """A ``[k, *row_shape]`` tensor that grows by one row per task without copying all previous
+    rows each time: the buffer's capacity doubles when full, so appending k tasks costs O(k) row
+    copies in total. ``rows`` is a view of the first ``k`` rows."""
+
+    def __init__(self, row_shape: Tuple[int, ...], dtype: torch.dtype, device=None):
+        super().__init__()
+        self.row_shape = tuple(int(s) for s in row_shape)
+        self.register_buffer("storage", torch.zeros(0, *self.row_shape, dtype=dtype, device=device), persistent=False)
+        self.count = 0
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.storage[: self.count]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _reserve(self, capacity: int) -> None:
+        if capacity <= self.storage.shape[0]:
+            return
+        new_cap = max(capacity, 2 * self.storage.shape[0], 1)
+        grown = torch.zeros(new_cap, *self.row_shape, dtype=self.storage.dtype, device=self.storage.device)
+        grown[: self.count] = self.storage[: self.count]
+        self.storage = grown
+
+    def append(self, rows: torch.Tensor) -> None:
+        """Append one row ``[*row_shape]`` or a block ``[m, *row_shape]``."""
+        if tuple(rows.shape) == self.row_shape:
+            rows = rows.unsqueeze(0)
+        if tuple(rows.shape[1:]) != self.row_shape:
+            raise ValueError(f"rows must be [m, {', '.join(map(str, self.row_shape))}], got {tuple(rows.shape)}")
+        if rows.dtype != self.storage.dtype:
+            raise TypeError(f"rows must have dtype {self.storage.dtype}, got {rows.dtype}")
+        m = rows.shape[0]
+        self._reserve(self.count + m)
+        self.storage[self.count: self.count + m] = rows.to(self.storage.device)
+        self.count += m
+
+    def truncate(self, count: int) -> None:
+        self.count = min(self.count, int(count))
+
+    def extra_repr(self) -> str:
+        return f"count={self.count}, row_shape={self.row_shape}, dtype={self.storage.dtype}"
+
+
+class MaskBank(TaskRows):
+    """The packed masks of one layer: ``int32[k, out, ceil(n/32)]``, canonical bit layout."""
+
+    def __init__(self, out_features: int, n: int, device=None):
+        super().__init__((out_features, num_words(n)), torch.int32, device)
+        self.n = int(n)
+
+    @property
+    def words(self) -> torch.Tensor:
+        return self.rows
+
+    def nbytes(self) -> int:
+        return self.count * self.row_shape[0] * self.row_shape[1] * 4

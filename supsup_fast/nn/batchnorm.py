@@ -1,0 +1,77 @@
+"""Per-task non-affine BatchNorm: one set of running statistics per task.
+
+Sharing running statistics across tasks is the known SupSup bug (reference doc §5, upstream issue
+#11): after sequential training only the last task's statistics survive. Here task t trains its
+own statistics and evaluates with them; a superposed forward uses batch statistics.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bank import TaskRows
+from .layers import Mode
+
+
+class MultitaskBatchNorm(nn.Module):
+    """Non-affine BN over dim 1 ([N, C] or [N, C, H, W]) with per-task running stats."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, device=None):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.means = TaskRows((num_features,), torch.float32, device)
+        self.vars = TaskRows((num_features,), torch.float32, device)
+        self.register_buffer("current_mean", None, persistent=False)
+        self.register_buffer("current_var", None, persistent=False)
+        self._mode = (Mode.TASK, 0)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.means)
+
+    def begin_task(self, init_scores=None, generator=None) -> None:
+        dev = self.means.storage.device
+        self.current_mean = torch.zeros(self.num_features, device=dev)
+        self.current_var = torch.ones(self.num_features, device=dev)
+        self._mode = (Mode.TRAIN,)
+
+    def finish_task(self) -> None:
+        self.means.append(self.current_mean)
+        self.vars.append(self.current_var)
+        self.current_mean = self.current_var = None
+        self._mode = (Mode.TASK, self.num_tasks - 1)
+
+    def append_stats(self, means: torch.Tensor, variances: torch.Tensor) -> None:
+        self.means.append(means.float())
+        self.vars.append(variances.float())
+
+    def truncate_tasks(self, k: int) -> None:
+        self.means.truncate(k)
+        self.vars.truncate(k)
+
+    def set_mode_task(self, t: int) -> None:
+        self._mode = (Mode.TASK, int(t))
+
+    def set_mode_train(self) -> None:
+        self._mode = (Mode.TRAIN,)
+
+    def set_mode_superpose(self, alpha=None, active=None, uniform=False) -> None:
+        self._mode = (Mode.SUPERPOSE,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = self._mode[0]
+        if kind == Mode.TRAIN:
+            if self.training:
+                return F.batch_norm(x, self.current_mean, self.current_var, None, None, True, self.momentum, self.eps)
+            return F.batch_norm(x, self.current_mean, self.current_var, None, None, False, 0.0, self.eps)
+        if kind == Mode.TASK:
+            t = self._mode[1]
+            if t >= self.num_tasks:
+                raise RuntimeError(f"task {t} has no BN statistics yet ({self.num_tasks} learned)")
+            return F.batch_norm(x, self.means.rows[t], self.vars.rows[t], None, None, False, 0.0, self.eps)
+        # Superposition: no single task's statistics apply; normalise with the batch's own.
+        return F.batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, tasks={self.num_tasks}"

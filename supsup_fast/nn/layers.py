@@ -1,0 +1,221 @@
+"""Drop-in supermask layers: frozen random weights, one binary mask per task stored as bits.
+
+A layer is in one of three modes, set model-wide by the helpers in :mod:`supsup_fast.nn.tasks`:
+- train: the float scores of the task being learned give the mask (straight-through estimator);
+- task t: the packed mask t of the bank (``masked_linear``/``masked_conv2d``);
+- superposition: W ⊙ Σᵢ αᵢ Mᵢ over the bank (optionally an active subset of tasks); with uniform α
+  the forward uses a cached per-weight count of set bits, so it reads no mask bit.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .bank import MaskBank
+from .init import frozen_bias, frozen_weight, make_generator
+from .masks import MASK_FUNCTIONS, mask_from_scores, score_init_bound, ste_mask
+
+
+class Mode:
+    TRAIN = "train"
+    TASK = "task"
+    SUPERPOSE = "superpose"
+
+
+class SupermaskLayer(nn.Module):
+    """Shared state and logic of SupermaskLinear and SupermaskConv2d."""
+
+    def _setup(self, weight_shape, fan_in: int, bias: bool, init: Union[str, torch.Tensor],
+               mask_fn: str, density: float, seed: Optional[int], generator: Optional[torch.Generator],
+               device, dtype) -> None:
+        if mask_fn not in MASK_FUNCTIONS:
+            raise ValueError(f"mask_fn must be one of {MASK_FUNCTIONS}, got {mask_fn!r}")
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+        dtype = dtype or torch.float32
+        gen = generator if generator is not None else make_generator(seed)
+        if isinstance(init, torch.Tensor):
+            if tuple(init.shape) != tuple(weight_shape):
+                raise ValueError(f"weight tensor must have shape {tuple(weight_shape)}, got {tuple(init.shape)}")
+            weight = init.detach().clone().to(dtype)
+            self.init_kind = "tensor"
+        else:
+            weight = frozen_weight(tuple(weight_shape), fan_in, init, gen, dtype)
+            self.init_kind = init
+        self.register_buffer("weight", weight.to(device))
+        self.register_buffer("bias", frozen_bias(weight_shape[0], fan_in, gen, dtype).to(device) if bias else None)
+        self.fan_in = fan_in
+        self.mask_fn = mask_fn
+        self.density = float(density)
+        self.bank = MaskBank(weight_shape[0], math.prod(weight_shape[1:]), device=device)
+        self.scores: Optional[nn.Parameter] = None
+        self.register_buffer("_counts", None, persistent=False)  # Σᵢ Mᵢ, float, shaped like weight
+        self._mode = (Mode.TASK, 0)
+
+    # -- task lifecycle -----------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return len(self.bank)
+
+    @property
+    def n(self) -> int:
+        return self.bank.n
+
+    def begin_task(self, init_scores: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> None:
+        """Create float scores for a new task (kaiming-uniform, or ``init_scores``) and enter train mode."""
+        if init_scores is None:
+            bound = score_init_bound(self.fan_in)
+            s = torch.rand(self.weight.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
+        else:
+            if tuple(init_scores.shape) != tuple(self.weight.shape):
+                raise ValueError(f"init_scores must have shape {tuple(self.weight.shape)}, got {tuple(init_scores.shape)}")
+            s = init_scores.detach().clone().float()
+        self.scores = nn.Parameter(s.to(self.weight.device))
+        self._mode = (Mode.TRAIN,)
+
+    def current_mask(self) -> torch.Tensor:
+        if self.scores is None:
+            raise RuntimeError("no task is being trained: call begin_task first")
+        return mask_from_scores(self.scores.detach(), self.mask_fn, self.density)
+
+    def finish_task(self) -> None:
+        """Pack the trained mask into the bank and drop the float scores."""
+        mask = self.current_mask().reshape(self.weight.shape[0], -1)
+        self.bank.append(ops.pack_bits(mask))
+        if self._counts is not None:
+            self._counts += mask.view_as(self.weight).to(self._counts.dtype)
+        self.scores = None
+        self._mode = (Mode.TASK, self.num_tasks - 1)
+
+    def append_packed(self, words: torch.Tensor) -> None:
+        """Append finished masks given as packed words ``[m, out, W]`` (loading a file)."""
+        self.bank.append(words.to(self.weight.device))
+        self._counts = None
+
+    def truncate_tasks(self, k: int) -> None:
+        self.bank.truncate(k)
+        self._counts = None
+
+    def set_count_cache(self, enabled: bool) -> None:
+        """Whether to keep Σᵢ Mᵢ per weight (float, one weight-sized tensor) for uniform α."""
+        if not enabled:
+            self._counts = None
+
+    def counts(self) -> torch.Tensor:
+        if self._counts is None:
+            k = self.num_tasks
+            ones = torch.ones(k, dtype=self.weight.dtype, device=self.weight.device)
+            self._counts = ops.superpose(self.bank.words, ones, self.n).view_as(self.weight)
+        return self._counts
+
+    # -- modes --------------------------------------------------------------------------------
+    def set_mode_task(self, t: int) -> None:
+        if not 0 <= t < self.num_tasks:
+            raise ValueError(f"task must be in [0, {self.num_tasks}) (tasks learned), got {t}")
+        self._mode = (Mode.TASK, int(t))
+
+    def set_mode_train(self) -> None:
+        if self.scores is None:
+            raise RuntimeError("no task is being trained: call begin_task first")
+        self._mode = (Mode.TRAIN,)
+
+    def set_mode_superpose(self, alpha: torch.Tensor, active: Optional[torch.Tensor] = None, uniform: bool = False) -> None:
+        """Superpose the bank (or the tasks listed in ``active``) with coefficients ``alpha``.
+        ``uniform=True`` promises alpha = 1/k for all k learned tasks (enables the count cache)."""
+        self._mode = (Mode.SUPERPOSE, alpha, active, bool(uniform) and active is None)
+
+    def mode(self):
+        return self._mode
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = self._mode[0]
+        if kind == Mode.TRAIN:
+            if self.scores is None:
+                raise RuntimeError("train mode needs scores: call begin_task first")
+            w = self.weight * ste_mask(self.scores, self.mask_fn, self.density)
+            return self._dense(x, w)
+        if kind == Mode.TASK:
+            t = self._mode[1]
+            if t >= self.num_tasks:
+                raise RuntimeError(f"task {t} has no mask yet ({self.num_tasks} learned)")
+            return self._masked(x, self.bank.words[t])
+        _, alpha, active, uniform = self._mode
+        bank = self.bank.words if active is None else self.bank.words.index_select(0, active)
+        if uniform:
+            s = self.counts() * (1.0 / bank.shape[0])
+            return ops.superposed_with_s(x, self.weight, bank, alpha, s, self.bias, self._conv_kwargs())
+        return self._superposed(x, bank, alpha)
+
+    def _conv_kwargs(self) -> Optional[dict]:
+        return None
+
+    def extra_repr(self) -> str:
+        return (f"{self._shape_repr()}, bias={self.bias is not None}, init={self.init_kind}, "
+                f"mask_fn={self.mask_fn}, tasks={self.num_tasks}")
+
+
+class SupermaskLinear(SupermaskLayer):
+    """Drop-in for ``nn.Linear`` with frozen weights and per-task binary masks."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
+                 init: Union[str, torch.Tensor] = "signed_constant", mask_fn: str = "threshold",
+                 density: float = 0.5, seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self._setup((out_features, in_features), in_features, bias, init, mask_fn, density, seed, generator, device, dtype)
+
+    def _dense(self, x, w):
+        return F.linear(x, w, self.bias)
+
+    def _masked(self, x, words):
+        return ops.masked_linear(x, self.weight, words, self.bias)
+
+    def _superposed(self, x, bank, alpha):
+        return ops.superposed_linear(x, self.weight, bank, alpha, self.bias)
+
+    def _shape_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class SupermaskConv2d(SupermaskLayer):
+    """Drop-in for ``nn.Conv2d`` with frozen weights and per-task binary masks."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = False, *, init: Union[str, torch.Tensor] = "signed_constant",
+                 mask_fn: str = "threshold", density: float = 0.5, seed: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, device=None, dtype=None):
+        super().__init__()
+        from ..ops.checks import pair
+        kh, kw = pair("kernel_size", kernel_size)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
+        self.stride, self.padding = tuple(pair("stride", stride)), tuple(pair("padding", padding))
+        self.dilation, self.groups = tuple(pair("dilation", dilation)), groups
+        shape = (out_channels, in_channels // groups, kh, kw)
+        self._setup(shape, in_channels // groups * kh * kw, bias, init, mask_fn, density, seed, generator, device, dtype)
+
+    def _conv_kwargs(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+    def _dense(self, x, w):
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _masked(self, x, words):
+        return ops.masked_conv2d(x, self.weight, words, self.bias, **self._conv_kwargs())
+
+    def _superposed(self, x, bank, alpha):
+        return ops.superposed_conv2d(x, self.weight, bank, alpha, self.bias, **self._conv_kwargs())
+
+    def _shape_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}")

@@ -1,0 +1,82 @@
+"""Mask functions with the straight-through estimator (reference doc §1.2)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+MASK_FUNCTIONS = ("threshold", "topk")
+
+
+class _ThresholdSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores):
+        return (scores >= 0).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _TopKSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, magnitudes, density):
+        return topk_mask(magnitudes, density).to(magnitudes.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def kept_count(numel: int, density: float) -> int:
+    """Weights kept by edge-popup: numel - int((1 - density) * numel), as the official code."""
+    return numel - int((1.0 - density) * numel)
+
+
+def topk_mask(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask keeping exactly ``kept_count`` largest entries (top-k selection, no full sort)."""
+    flat = magnitudes.reshape(-1)
+    keep = kept_count(flat.numel(), density)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if keep > 0:
+        mask[torch.topk(flat, keep, sorted=False).indices] = True
+    return mask.view_as(magnitudes)
+
+
+def threshold_mask(scores: torch.Tensor) -> torch.Tensor:
+    return scores >= 0
+
+
+def mask_from_scores(scores: torch.Tensor, mask_fn: str, density: float) -> torch.Tensor:
+    """Boolean mask of a finished task (no gradient)."""
+    if mask_fn == "threshold":
+        return threshold_mask(scores)
+    if mask_fn == "topk":
+        return topk_mask(scores.abs(), density)
+    raise ValueError(f"mask_fn must be one of {MASK_FUNCTIONS}, got {mask_fn!r}")
+
+
+def ste_mask(scores: torch.Tensor, mask_fn: str, density: float) -> torch.Tensor:
+    """Float {0,1} mask whose gradient flows straight through to the scores.
+
+    threshold: M = 1[s >= 0], ∂L/∂s = ∂L/∂M (GNu/NNs, Piggyback-style).
+    topk: M = top-k of |s| (edge-popup), ∂L/∂s = ∂L/∂M · sign(s) through the abs.
+    """
+    if mask_fn == "threshold":
+        return _ThresholdSTE.apply(scores)
+    if mask_fn == "topk":
+        return _TopKSTE.apply(scores.abs(), density)
+    raise ValueError(f"mask_fn must be one of {MASK_FUNCTIONS}, got {mask_fn!r}")
+
+
+def er_density(c_out: int, c_in: int, kh: int = 1, kw: int = 1, multiplier: float = 1.0) -> float:
+    """Erdős–Rényi per-layer density of the official code (main.py:60-75):
+    min(0.5, S · (c_out + c_in) / (c_out · c_in · kh · kw)); no kernel-size term in the numerator."""
+    if multiplier <= 0:
+        raise ValueError(f"ER multiplier must be > 0, got {multiplier}")
+    return min(0.5, multiplier * (c_out + c_in) / (c_out * c_in * kh * kw))
+
+
+def score_init_bound(fan_in: int) -> float:
+    """kaiming_uniform_(a=√5) bound, the official score init: U(-1/√fan_in, 1/√fan_in)."""
+    return 1.0 / math.sqrt(fan_in)

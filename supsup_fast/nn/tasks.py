@@ -1,0 +1,98 @@
+"""Model-wide task control: every supermask layer and per-task BN follows the same mode."""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from .batchnorm import MultitaskBatchNorm
+from .layers import SupermaskLayer
+
+
+def task_modules(model: nn.Module) -> List[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (SupermaskLayer, MultitaskBatchNorm))]
+
+
+def supermask_layers(model: nn.Module) -> Dict[str, SupermaskLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SupermaskLayer)}
+
+
+def num_tasks(model: nn.Module) -> int:
+    counts = {m.num_tasks for m in task_modules(model)}
+    if len(counts) != 1:
+        raise RuntimeError(f"layers disagree on the number of learned tasks: {sorted(counts)}")
+    return counts.pop()
+
+
+def begin_task(model: nn.Module, init_scores: Optional[Dict[str, torch.Tensor]] = None,
+               generator: Optional[torch.Generator] = None) -> None:
+    """Give every supermask layer fresh scores for a new task (``init_scores`` by layer name, e.g.
+    the Transfer running mean) and put the model in train mode for it."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for m in task_modules(model):
+        init = None if init_scores is None else init_scores.get(names[id(m)])
+        m.begin_task(init, generator)
+
+
+def finish_task(model: nn.Module) -> None:
+    """Pack the trained masks into the banks and drop the scores."""
+    for m in task_modules(model):
+        m.finish_task()
+
+
+def task_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The scores of the task being trained: the only parameters an optimiser may see."""
+    params = [m.scores for m in supermask_layers(model).values() if m.scores is not None]
+    if not params:
+        raise RuntimeError("no task is being trained: call begin_task first")
+    return params
+
+
+def set_task(model: nn.Module, task: int) -> None:
+    """Evaluate with the finished mask (and BN statistics) of ``task``."""
+    k = num_tasks(model)
+    if not 0 <= task < k:
+        raise ValueError(f"task must be in [0, {k}) (tasks learned), got {task}")
+    for m in task_modules(model):
+        m.set_mode_task(task)
+
+
+def set_train_mode(model: nn.Module) -> None:
+    for m in task_modules(model):
+        m.set_mode_train()
+
+
+def set_superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[torch.Tensor] = None,
+                      uniform: bool = False) -> None:
+    """Superpose the learned masks with one α shared by all layers (reference doc §1.4).
+    ``active`` restricts it to a subset of tasks (alpha then has one entry per active task)."""
+    k = num_tasks(model) if active is None else active.numel()
+    if alpha.dim() != 1 or alpha.shape[0] != k:
+        raise ValueError(f"alpha must have shape [{k}], got {tuple(alpha.shape)}")
+    for m in task_modules(model):
+        m.set_mode_superpose(alpha, active, uniform)
+
+
+@contextlib.contextmanager
+def superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[torch.Tensor] = None,
+                  uniform: bool = False) -> Iterator[None]:
+    """``with superposition(model, alpha): logits = model(x)``; restores the previous modes."""
+    mods = task_modules(model)
+    saved = [m._mode for m in mods]
+    set_superposition(model, alpha, active, uniform)
+    try:
+        yield
+    finally:
+        for m, mode in zip(mods, saved):
+            m._mode = mode
+
+
+def mask_bytes(model: nn.Module) -> int:
+    """Bytes of packed masks stored by the model (all tasks, all layers)."""
+    return sum(m.bank.nbytes() for m in supermask_layers(model).values())
+
+
+def bn_bytes(model: nn.Module) -> int:
+    return sum(2 * m.num_tasks * m.num_features * 4 for m in model.modules() if isinstance(m, MultitaskBatchNorm))

@@ -1,0 +1,155 @@
+"""Argument checks shared by every op. They only read shapes, dtypes and devices, so they also
+run on fake tensors while torch.compile traces; data checks (NaN) run in the real kernels."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from ..bits import num_words
+
+
+def _floating(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def words_tensor(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must hold int32 words (canonical bit layout), got dtype {t.dtype}")
+
+
+def same_device(**tensors: Optional[torch.Tensor]) -> None:
+    devices = {k: v.device for k, v in tensors.items() if v is not None}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {desc}")
+
+
+def n_of(weight: torch.Tensor) -> int:
+    return int(math.prod(weight.shape[1:]))
+
+
+def check_words_for_weight(name: str, words: torch.Tensor, weight: torch.Tensor, banked: bool) -> None:
+    words_tensor(name, words)
+    out, n = weight.shape[0], n_of(weight)
+    expect = (out, num_words(n))
+    got = tuple(words.shape[1:]) if banked else tuple(words.shape)
+    if banked and words.dim() != 3:
+        raise ValueError(f"{name} must be [k, out, words] = [k, {expect[0]}, {expect[1]}], got shape {tuple(words.shape)}")
+    if got != expect:
+        lead = "[k, " if banked else "["
+        raise ValueError(
+            f"{name} must be {lead}{expect[0]}, {expect[1]}] for a weight of shape {tuple(weight.shape)} "
+            f"(n = {n} bits per row -> {expect[1]} int32 words), got shape {tuple(words.shape)}")
+
+
+def check_alpha(alpha: torch.Tensor, k: int) -> None:
+    _floating("alpha", alpha)
+    if alpha.dim() != 1 or alpha.shape[0] != k:
+        raise ValueError(f"alpha must have shape [k] = [{k}] to match the bank's {k} tasks, got {tuple(alpha.shape)}")
+
+
+def check_no_nan_alpha(alpha: torch.Tensor) -> None:
+    if torch.isnan(alpha).any():
+        raise ValueError("alpha contains NaN")
+
+
+def check_bias(bias: Optional[torch.Tensor], weight: torch.Tensor) -> None:
+    if bias is None:
+        return
+    _floating("bias", bias)
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
+
+
+def check_x_weight(x: torch.Tensor, weight: torch.Tensor, conv: bool) -> None:
+    _floating("x", x)
+    _floating("weight", weight)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x dtype {x.dtype} must match weight dtype {weight.dtype}")
+    if conv:
+        if weight.dim() != 4:
+            raise ValueError(f"weight must be [out, in/groups, kh, kw], got shape {tuple(weight.shape)}")
+        if x.dim() not in (3, 4):
+            raise ValueError(f"x must be [N, C, H, W] or [C, H, W], got shape {tuple(x.shape)}")
+    else:
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
+        if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"x must be [*, {weight.shape[1]}] to match weight [out, in] = "
+                             f"{list(weight.shape)}, got shape {tuple(x.shape)}")
+
+
+def check_masked(x, weight, mask_words, bias, conv: bool) -> None:
+    check_x_weight(x, weight, conv)
+    check_words_for_weight("mask_words", mask_words, weight, banked=False)
+    check_bias(bias, weight)
+    same_device(x=x, weight=weight, mask_words=mask_words, bias=bias)
+
+
+def check_superposed(x, weight, bank, alpha, bias, conv: bool) -> None:
+    check_x_weight(x, weight, conv)
+    check_words_for_weight("bank", bank, weight, banked=True)
+    check_alpha(alpha, bank.shape[0])
+    check_bias(bias, weight)
+    same_device(x=x, weight=weight, bank=bank, alpha=alpha, bias=bias)
+
+
+def check_bank(bank: torch.Tensor) -> None:
+    words_tensor("bank", bank)
+    if bank.dim() < 2:
+        raise ValueError(f"bank must be [k, *lead, words], got shape {tuple(bank.shape)}")
+
+
+def check_superpose(bank: torch.Tensor, alpha: torch.Tensor, n: int) -> None:
+    check_bank(bank)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int (bits per row), got {n!r}")
+    if bank.shape[-1] != num_words(n):
+        raise ValueError(f"bank has {bank.shape[-1]} words per row but n = {n} needs {num_words(n)}")
+    check_alpha(alpha, bank.shape[0])
+    same_device(bank=bank, alpha=alpha)
+
+
+def check_mask_dot(bank: torch.Tensor, v: torch.Tensor) -> None:
+    check_bank(bank)
+    _floating("v", v)
+    if tuple(v.shape[:-1]) != tuple(bank.shape[1:-1]):
+        raise ValueError(f"v must be [*lead, n] with lead = {list(bank.shape[1:-1])} from bank "
+                         f"{list(bank.shape)}, got shape {tuple(v.shape)}")
+    if bank.shape[-1] != num_words(v.shape[-1]):
+        raise ValueError(f"bank has {bank.shape[-1]} words per row but v has n = {v.shape[-1]} "
+                         f"(needs {num_words(v.shape[-1])} words)")
+    same_device(bank=bank, v=v)
+
+
+def pair(name: str, value, n: int = 2) -> list:
+    if isinstance(value, int):
+        return [value] * n
+    if isinstance(value, str):
+        raise ValueError(f"{name} must be an int or a tuple of {n} ints; string padding is not supported")
+    value = [int(v) for v in value]
+    if len(value) != n:
+        raise ValueError(f"{name} must have {n} entries, got {value}")
+    return value
+
+
+def check_conv_params(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                      x: torch.Tensor, weight: torch.Tensor) -> None:
+    if any(s < 1 for s in stride):
+        raise ValueError(f"stride must be >= 1, got {list(stride)}")
+    if any(p < 0 for p in padding):
+        raise ValueError(f"padding must be >= 0, got {list(padding)}")
+    if any(d < 1 for d in dilation):
+        raise ValueError(f"dilation must be >= 1, got {list(dilation)}")
+    c_in = x.shape[-3]
+    if groups < 1 or c_in % groups or weight.shape[0] % groups or weight.shape[1] * groups != c_in:
+        raise ValueError(f"groups={groups} does not fit x with {c_in} channels and weight {list(weight.shape)}")

@@ -1,0 +1,136 @@
+"""The reference backend: pure torch on packed bits, any device. It is the oracle every kernel
+backend is tested against and the portable fallback.
+
+Finished masks are never kept as floats: ``superpose`` and ``mask_dot`` walk the bank one bit
+plane at a time (bit b of every word, for a chunk of tasks), so their transient memory is about
+the size of the packed bank chunk, and there is no per-task Python loop.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..bits import BITS_PER_WORD, pack_bits_torch, unpack_bits_float, unpack_bits_torch
+
+# Elements of one float bit plane processed at a time (bounds the transient memory to ~32 MiB).
+_PLANE_CHUNK = 1 << 23
+
+
+class DenseLinear:
+    """y = x Wᵀ + b and its two gradients, as plain torch."""
+
+    def forward(self, x, w, bias):
+        return F.linear(x, w, bias)
+
+    def grad_input(self, g, x, w):
+        return g.matmul(w)
+
+    def grad_weight(self, g, x, w):
+        return g.reshape(-1, g.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+
+
+class DenseConv2d:
+    def __init__(self, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int):
+        self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
+
+    def forward(self, x, w, bias):
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def grad_input(self, g, x, w):
+        return torch.nn.grad.conv2d_input(x.shape, w, g, self.stride, self.padding, self.dilation, self.groups)
+
+    def grad_weight(self, g, x, w):
+        return torch.nn.grad.conv2d_weight(x, w.shape, g, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _bias_grad(g: torch.Tensor, conv: bool) -> torch.Tensor:
+    return g.sum(dim=(0, 2, 3) if g.dim() == 4 else (1, 2)) if conv else g.reshape(-1, g.shape[-1]).sum(0)
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def supports(self, device: torch.device) -> bool:
+        return True
+
+    # -- bits ---------------------------------------------------------------------------------
+    def pack_bits(self, mask: torch.Tensor) -> torch.Tensor:
+        return pack_bits_torch(mask)
+
+    def unpack_bits(self, words: torch.Tensor, n: int) -> torch.Tensor:
+        return unpack_bits_torch(words, n)
+
+    def masked_weight(self, weight: torch.Tensor, mask_words: torch.Tensor) -> torch.Tensor:
+        """W ⊙ M for one packed mask, as a dense tensor shaped like W."""
+        n = weight[0].numel()
+        return weight * unpack_bits_float(mask_words, n, weight.dtype).view_as(weight)
+
+    # -- bank products ------------------------------------------------------------------------
+    def _task_chunks(self, bank: torch.Tensor) -> List[Tuple[int, int]]:
+        per_task = max(1, bank[0].numel())
+        step = max(1, _PLANE_CHUNK // per_task)
+        return [(s, min(s + step, bank.shape[0])) for s in range(0, bank.shape[0], step)]
+
+    def superpose(self, bank: torch.Tensor, alpha: torch.Tensor, n: int) -> torch.Tensor:
+        """Σᵢ αᵢ Mᵢ: [k, *lead, W] x [k] -> [*lead, n] (dtype of alpha)."""
+        lead, w = bank.shape[1:-1], bank.shape[-1]
+        planes = torch.zeros(BITS_PER_WORD, bank[0].numel(), dtype=alpha.dtype, device=bank.device)
+        for s, e in self._task_chunks(bank):
+            chunk = bank[s:e].reshape(e - s, -1)
+            a = alpha[s:e]
+            for b in range(BITS_PER_WORD):
+                planes[b] += a.matmul(((chunk >> b) & 1).to(alpha.dtype))
+        out = planes.t().reshape(*lead, w * BITS_PER_WORD)
+        return out[..., :n].contiguous()
+
+    def mask_dot(self, bank: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(⟨Mᵢ, v⟩)ᵢ: [k, *lead, W] x [*lead, n] -> [k] (dtype of v)."""
+        k, w = bank.shape[0], bank.shape[-1]
+        n = v.shape[-1]
+        vp = F.pad(v, (0, w * BITS_PER_WORD - n)) if w * BITS_PER_WORD != n else v
+        vp = vp.reshape(-1, BITS_PER_WORD).t().contiguous()  # [32, L*W]: one contiguous vector per bit
+        out = torch.zeros(k, dtype=v.dtype, device=v.device)
+        for s, e in self._task_chunks(bank):
+            chunk = bank[s:e].reshape(e - s, -1)
+            for b in range(BITS_PER_WORD):
+                plane = ((chunk >> b) & 1).to(v.dtype)
+                out[s:e] += plane.matmul(vp[b])
+        return out
+
+    # -- masked (single task) -----------------------------------------------------------------
+    def masked_forward(self, dense, x, weight, mask_words, bias):
+        return dense.forward(x, self.masked_weight(weight, mask_words), bias)
+
+    def masked_backward(self, dense, grad, x, weight, mask_words, need_input: bool, need_weight: bool):
+        dx = dense.grad_input(grad, x, self.masked_weight(weight, mask_words)) if need_input else grad.new_empty(0)
+        if need_weight:
+            # d/dW of x (W ⊙ M)ᵀ is G ⊙ M with G the gradient w.r.t. the effective weight.
+            dw = self.masked_weight(dense.grad_weight(grad, x, weight).contiguous(), mask_words)
+        else:
+            dw = grad.new_empty(0)
+        return dx, dw
+
+    # -- superposed ---------------------------------------------------------------------------
+    def superposed_forward(self, dense, x, weight, bank, alpha, s: Optional[torch.Tensor], bias):
+        if s is None:
+            s = self.superpose(bank, alpha.to(weight.dtype), weight[0].numel())
+        return dense.forward(x, weight * s.view_as(weight), bias)
+
+    def superposed_backward(self, dense, grad, x, weight, bank, alpha, s: Optional[torch.Tensor],
+                            need_input: bool, need_alpha: bool, need_weight: bool):
+        n = weight[0].numel()
+        if (need_input or need_weight) and s is None:
+            s = self.superpose(bank, alpha.to(weight.dtype), n)
+        dx = dense.grad_input(grad, x, weight * s.view_as(weight)) if need_input else grad.new_empty(0)
+        dalpha, dw = grad.new_empty(0), grad.new_empty(0)
+        if need_alpha or need_weight:
+            g_eff = dense.grad_weight(grad, x, weight)  # ∂L/∂W_eff
+            if need_alpha:
+                # One pass over the bits: ∂L/∂αᵢ = ⟨Mᵢ, G ⊙ W⟩.
+                dalpha = self.mask_dot(bank, (g_eff * weight).reshape(weight.shape[0], n)).to(alpha.dtype)
+            if need_weight:
+                dw = g_eff * s.view_as(weight)
+        return dx, dalpha, dw

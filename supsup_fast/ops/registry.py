@@ -1,0 +1,100 @@
+"""Backend registry: which implementation of the op contract runs.
+
+A backend is an object with the methods of :class:`supsup_fast.ops.reference.ReferenceBackend`
+(kernel backends subclass it and override what they accelerate). ``use_backend`` scopes a choice
+to a ``with`` block (a context variable, so threads and async tasks do not leak into each other);
+``set_backend`` changes the process default. ``"auto"`` picks the fastest backend that supports
+the tensors' device.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+
+AUTO = "auto"
+
+# name -> (factory, priority); higher priority wins under "auto". Factories run lazily so that
+# importing the package never builds or loads a kernel.
+_FACTORIES: Dict[str, tuple] = {}
+_INSTANCES: Dict[str, object] = {}
+_default_name = AUTO
+_scoped_name: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("supsup_backend", default=None)
+
+
+def register_backend(name: str, factory: Callable[[], object], priority: int) -> None:
+    """Register a backend. ``factory()`` returns the backend or raises ``RuntimeError`` if it
+    cannot run on this machine (missing extension, no GPU...)."""
+    _FACTORIES[name] = (factory, priority)
+    _INSTANCES.pop(name, None)
+
+
+def _instance(name: str):
+    if name not in _INSTANCES:
+        factory, _ = _FACTORIES[name]
+        _INSTANCES[name] = factory()
+    return _INSTANCES[name]
+
+
+def available() -> List[str]:
+    """Names of the backends that load on this machine, fastest first ("reference" always)."""
+    names = []
+    for name, (_, prio) in sorted(_FACTORIES.items(), key=lambda kv: -kv[1][1]):
+        try:
+            _instance(name)
+        except (RuntimeError, ImportError):
+            continue
+        names.append(name)
+    return names
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend name must be a str, got {type(name).__name__}")
+    if name != AUTO and name not in _FACTORIES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {[AUTO] + sorted(_FACTORIES)}")
+    if name != AUTO:
+        try:
+            _instance(name)
+        except (RuntimeError, ImportError) as exc:
+            raise RuntimeError(f"backend {name!r} is not available on this machine: {exc}") from exc
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend ("auto" restores automatic choice)."""
+    global _default_name
+    _default_name = _check_name(name)
+
+
+def get_backend_name() -> str:
+    """The backend name in force here ("auto" unless set)."""
+    scoped = _scoped_name.get()
+    return scoped if scoped is not None else _default_name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force one backend inside a ``with`` block."""
+    token = _scoped_name.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _scoped_name.reset(token)
+
+
+def backend_for(device: torch.device):
+    """The backend that runs an op whose tensors live on ``device``."""
+    name = get_backend_name()
+    if name != AUTO:
+        backend = _instance(name)
+        if not backend.supports(device):
+            raise RuntimeError(f"backend {name!r} cannot run on device {device}")
+        return backend
+    for cand in available():
+        backend = _instance(cand)
+        if backend.supports(device):
+            return backend
+    raise RuntimeError(f"no backend supports device {device}")

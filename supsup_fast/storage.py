@@ -1,0 +1,195 @@
+"""Mask-bank files: one safetensors file holding, per layer, the packed masks of a range of tasks,
+per-task BN statistics, and what is needed to rebuild the frozen weights bit-exactly (the model
+spec with its seed, or the weight tensor itself), with a format version and a SHA-256 checksum.
+
+Loading validates everything (checksum, version, model, shapes, task range, rebuilt weights)
+before it touches the model: a bad file is refused whole, never half-loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from .nn import MultitaskBatchNorm, num_tasks, supermask_layers
+
+FORMAT = "supsup_fast.maskbank"
+FORMAT_VERSION = 1
+
+
+class MaskFileError(ValueError):
+    """A mask-bank file that is corrupt or does not match the model; the message says why."""
+
+
+def _bn_layers(model: nn.Module) -> Dict[str, MultitaskBatchNorm]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, MultitaskBatchNorm)}
+
+
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, layer in supermask_layers(model).items():
+        h.update(name.encode())
+        h.update(layer.weight.detach().cpu().contiguous().numpy().tobytes())
+        if layer.bias is not None:
+            h.update(layer.bias.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _checksum(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != "checksum":
+            h.update(f"{key}={metadata[key]}\n".encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _layout(model: nn.Module) -> Dict[str, dict]:
+    return {
+        "layers": {n: {"shape": list(m.weight.shape), "init": m.init_kind, "bias": m.bias is not None}
+                   for n, m in supermask_layers(model).items()},
+        "bn": {n: m.num_features for n, m in _bn_layers(model).items()},
+    }
+
+
+def atomic_write_bytes(path: Union[str, Path], writer) -> None:
+    """Write through ``writer(tmp_path)`` to a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_masks(model: nn.Module, path: Union[str, Path], first_task: int = 0, end_task: Optional[int] = None,
+               extra: Optional[dict] = None) -> None:
+    """Write tasks [first_task, end_task) of ``model`` to ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    k = num_tasks(model)
+    end_task = k if end_task is None else end_task
+    if not 0 <= first_task <= end_task <= k:
+        raise ValueError(f"task range [{first_task}, {end_task}) is not within the {k} learned tasks")
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        raise ValueError("model has no .spec (build it with supsup_fast.models.build_model)")
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, layer in supermask_layers(model).items():
+        tensors[f"bank/{name}"] = layer.bank.words[first_task:end_task].detach().cpu().contiguous()
+        if layer.init_kind == "tensor":
+            tensors[f"weight/{name}"] = layer.weight.detach().cpu().contiguous()
+    for name, bn in _bn_layers(model).items():
+        tensors[f"bn_mean/{name}"] = bn.means.rows[first_task:end_task].detach().cpu().contiguous()
+        tensors[f"bn_var/{name}"] = bn.vars.rows[first_task:end_task].detach().cpu().contiguous()
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "model_spec": json.dumps(spec, sort_keys=True),
+        "layout": json.dumps(_layout(model), sort_keys=True),
+        "first_task": str(first_task),
+        "num_tasks": str(end_task - first_task),
+        "weights_sha256": weights_digest(model),
+        "extra": json.dumps(extra or {}, sort_keys=True),
+    }
+    metadata["checksum"] = _checksum(tensors, metadata)
+    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_mask_file(path: Union[str, Path]) -> tuple:
+    """(tensors, metadata) of a verified file; raises MaskFileError if it is corrupt."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MaskFileError(f"mask file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a damaged header/body
+        raise MaskFileError(f"mask file {path} is corrupt or not a safetensors file: {exc}") from exc
+    if metadata.get("format") != FORMAT:
+        raise MaskFileError(f"{path} is not a supsup_fast mask-bank file (format={metadata.get('format')!r})")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise MaskFileError(f"{path} has format version {metadata.get('format_version')}, this package reads "
+                            f"version {FORMAT_VERSION}")
+    if metadata.get("checksum") != _checksum(tensors, metadata):
+        raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
+    return tensors, metadata
+
+
+def load_masks(model: nn.Module, path: Union[str, Path]) -> dict:
+    """Append the tasks stored in ``path`` to ``model`` (the file's first task must be the model's
+    next task). Returns the file's ``extra`` dict."""
+    tensors, meta = read_mask_file(path)
+    return _apply(model, path, tensors, meta)
+
+
+def _apply(model: nn.Module, path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> dict:
+    spec = json.loads(meta["model_spec"])
+    if spec != getattr(model, "spec", None):
+        raise MaskFileError(f"{path} was saved from model {spec}, not {getattr(model, 'spec', None)}")
+    if json.loads(meta["layout"]) != _layout(model):
+        raise MaskFileError(f"{path} has different layer names or shapes than the model")
+    first, count = int(meta["first_task"]), int(meta["num_tasks"])
+    k = num_tasks(model)
+    if first != k:
+        raise MaskFileError(f"{path} holds tasks [{first}, {first + count}) but the model has {k} tasks "
+                            f"(the file must start at task {k})")
+    layers, bns = supermask_layers(model), _bn_layers(model)
+    weights = {n: tensors.get(f"weight/{n}") for n, l in layers.items() if l.init_kind == "tensor"}
+    for n, w in weights.items():
+        if w is None or not torch.equal(w, layers[n].weight.detach().cpu()):
+            raise MaskFileError(f"{path}: the stored weight of layer {n} differs from the model's")
+    if meta["weights_sha256"] != weights_digest(model):
+        raise MaskFileError(f"{path}: the model's frozen weights do not match the ones the masks were trained on "
+                            f"(different seed, init or torch random stream)")
+    for n, layer in layers.items():
+        bank = tensors.get(f"bank/{n}")
+        expect = (count, *layer.bank.row_shape)
+        if bank is None or bank.dtype != torch.int32 or tuple(bank.shape) != expect:
+            raise MaskFileError(f"{path}: bank of layer {n} should be int32 {list(expect)}, got "
+                                f"{None if bank is None else (bank.dtype, list(bank.shape))}")
+    for n, bn in bns.items():
+        for key in ("bn_mean", "bn_var"):
+            t = tensors.get(f"{key}/{n}")
+            if t is None or tuple(t.shape) != (count, bn.num_features):
+                raise MaskFileError(f"{path}: {key} of BN layer {n} should be [{count}, {bn.num_features}]")
+    # Everything checked: now mutate.
+    for n, layer in layers.items():
+        layer.append_packed(tensors[f"bank/{n}"])
+    for n, bn in bns.items():
+        bn.append_stats(tensors[f"bn_mean/{n}"].to(bn.means.storage.device), tensors[f"bn_var/{n}"].to(bn.means.storage.device))
+    return json.loads(meta["extra"])
+
+
+def save_model(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None) -> None:
+    """All tasks of ``model`` in one file."""
+    save_masks(model, path, 0, None, extra)
+
+
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Rebuild the model a file was saved from (frozen weights from the seed) and load its masks."""
+    from .models import build_model
+
+    tensors, meta = read_mask_file(path)
+    if int(meta["first_task"]) != 0:
+        raise MaskFileError(f"{path} starts at task {meta['first_task']}; a whole-model file starts at 0")
+    model = build_model(**json.loads(meta["model_spec"])).to(device)
+    _apply(model, path, tensors, meta)
+    return model

@@ -1,0 +1,34 @@
+"""The benchmark helpers measure the right things (no timings asserted here)."""
+import torch
+
+import supsup_fast as ss
+import supsup_fast.nn as snn
+from supsup_fast.algorithms.inference import alpha_gradient
+from supsup_fast.bench import FloatStackMLP, random_model_with_masks, run_report
+
+
+def test_random_banks_are_canonical():
+    model = random_model_with_masks("lenet", 100, 3)
+    for layer in snn.supermask_layers(model).values():
+        words = layer.bank.words
+        assert words.shape[0] == 3
+        bits = ss.unpack_bits(words, layer.n)
+        assert torch.equal(ss.pack_bits(bits), words)  # pad bits are zero
+        assert 0.45 < bits.float().mean() < 0.55
+
+
+def test_float_stack_baseline_agrees_with_ours():
+    model = random_model_with_masks("fc1024", 500, 4)
+    x = torch.randn(1, 784)
+    assert torch.allclose(FloatStackMLP(model).alpha_gradient(x), alpha_gradient(model, x, "entropy", 10),
+                          rtol=1e-3, atol=1e-7)
+
+
+def test_quick_report_writes_json_and_png(tmp_path, monkeypatch):
+    import supsup_fast.bench as bench
+    monkeypatch.setattr(bench, "read_bandwidth", lambda: 1e10)
+    report = bench.run_report(tmp_path, quick=True)
+    assert (tmp_path / "cpu-reference-quick.json").exists()
+    assert (tmp_path / "cpu-reference-quick.png").read_bytes()[:4] == b"\x89PNG"
+    rows = report["alpha_gradient_fc1024_s500"]
+    assert all(r["same_argmin"] and r["rel_err"] < 1e-3 for r in rows if "rel_err" in r)

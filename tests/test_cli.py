@@ -1,0 +1,68 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from supsup_fast.cli import main
+
+FAST = ["--model", "lenet", "--tasks", "2", "--iters", "20", "--train-subset", "600", "--lr", "1e-3",
+        "--output-size", "100", "--no-progress"]
+
+
+def test_run_and_evaluate(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["run", *FAST, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "average accuracy" in text and "task inference" in text
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_masks"] == 2
+    assert main(["evaluate", str(out), "--scenario", "GG", "--out", str(tmp_path / "gg"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "gg" / "results.json").read_text())["task_inference_accuracy"] is None
+
+
+def test_yaml_preset_with_flag_override(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: lenet\ntasks: 1\niters: 5\noutput-size: 50\ntrain_subset: 300\n")
+    out = tmp_path / "r"
+    assert main(["run", "--config", str(cfg), "--iters", "7", "--out", str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["iters"] == 7 and saved["output_size"] == 50 and saved["model"] == "lenet"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data-root", "/nonexistent/mnist"], "--data-root /nonexistent/mnist is not a folder"),
+    (["--output-size", "5"], "--output-size 5 is smaller than the 10 labels"),
+    (["--tasks", "0"], "--tasks must be a positive int"),
+    (["--benchmark", "split-mnist", "--tasks", "9"], "SplitMNIST has 5 tasks"),
+    (["--backend", "nope"], "unknown backend 'nope'"),
+])
+def test_clear_errors(tmp_path, capsys, args, message):
+    code = main(["run", *FAST, "--out", str(tmp_path / "r"), *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_scenario_rejected_by_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--scenario", "XYZ"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'XYZ'" in capsys.readouterr().err
+
+
+def test_corrupt_mask_file_on_resume_loses_nothing(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["run", *FAST, "--out", str(out)]) == 0
+    ck = out / "checkpoints" / "task_00000.safetensors"
+    good = ck.read_bytes()
+    ck.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    assert main(["run", *FAST, "--out", str(out), "--resume"]) == 2
+    assert "checksum" in capsys.readouterr().err
+    assert (out / "checkpoints" / "task_00001.safetensors").exists()
+    assert main(["run", *FAST, "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_console_entry_point_help():
+    res = subprocess.run([sys.executable, "-m", "supsup_fast.cli", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "demo" in res.stdout and "bench" in res.stdout

@@ -1,0 +1,113 @@
+import gzip
+import struct
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from supsup_fast.data import (DataError, PermutedMNIST, RotatedMNIST, SplitMNIST, load_embedded, load_mnist,
+                              read_idx, rotate_images)
+from supsup_fast.data.mnist import FILES
+
+
+def write_idx(path, arr, gz):
+    arr = np.asarray(arr, dtype=np.uint8)
+    header = bytes([0, 0, 8, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    data = header + arr.tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+def fake_mnist(folder, gz, n_train=20, n_test=10):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    arrays = {"train_images": rng.randint(0, 256, (n_train, 28, 28)), "train_labels": np.arange(n_train) % 10,
+              "test_images": rng.randint(0, 256, (n_test, 28, 28)), "test_labels": np.arange(n_test) % 10}
+    for key, stem in FILES.items():
+        write_idx(folder / (stem + (".gz" if gz else "")), arrays[key], gz)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+def test_reads_idx_layouts(tmp_path, gz, layout):
+    folder = tmp_path if layout == "flat" else tmp_path / "MNIST" / "raw"
+    arrays = fake_mnist(folder, gz)
+    m = load_mnist(tmp_path)
+    assert torch.equal(m.train_images, torch.from_numpy(arrays["train_images"].astype(np.uint8)))
+    assert m.test_labels.tolist() == list(arrays["test_labels"])
+
+
+def test_bad_roots_and_files(tmp_path):
+    with pytest.raises(DataError, match="--data-root"):
+        load_mnist(tmp_path / "missing")
+    with pytest.raises(DataError, match="--data-root.*train-images"):
+        load_mnist(tmp_path)
+    fake_mnist(tmp_path, gz=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match="expected"):
+        load_mnist(tmp_path)
+    path.write_bytes(b"garbage!")
+    with pytest.raises(DataError, match="magic"):
+        read_idx(path)
+
+
+def test_download_offline_names_data_root(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match="--data-root"):
+        load_mnist(tmp_path / "dl", download=True)
+    with pytest.raises(DataError, match="--download needs --data-root"):
+        load_mnist(None, download=True)
+
+
+def test_download_verifies_checksum(tmp_path, monkeypatch):
+    class Resp:
+        def __init__(self, blob): self.blob = blob
+        def read(self): return self.blob
+        def __enter__(self): return self
+        def __exit__(self, *a): return False
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Resp(gzip.compress(b"not mnist")))
+    with pytest.raises(DataError, match="checksum mismatch"):
+        load_mnist(tmp_path, download=True)
+    assert not list(tmp_path.glob("*.gz"))
+
+
+def test_embedded_subset():
+    m = load_embedded()
+    assert m.train_images.shape == (10000, 28, 28) and m.test_images.shape == (2000, 28, 28)
+    assert m.train_labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+
+
+def test_permuted_mnist_seeds_and_batched_permutation():
+    m = load_embedded()
+    p = PermutedMNIST(m, 3, seed=1)
+    perm = p.permutation(0)
+    assert torch.equal(perm, torch.from_numpy(np.random.RandomState(1).permutation(784)))
+    assert not torch.equal(perm, torch.arange(784))  # task 0 is permuted too
+    split = p.train(2)
+    x, y = split.batch(torch.arange(4))
+    base = ((m.train_images[:4].reshape(4, -1).float() / 255) - 0.1307) / 0.3081
+    assert torch.allclose(x, base[:, p.permutation(2)])
+    assert torch.equal(y, m.train_labels[:4])
+    with pytest.raises(ValueError, match="task must be in"):
+        p.permutation(3)
+
+
+def test_rotated_and_split():
+    m = load_embedded()
+    r = RotatedMNIST(m, 36)
+    assert r.angle(3) == 30
+    img = torch.zeros(1, 28, 28)
+    img[0, 2, 13] = 255
+    assert torch.equal(rotate_images(rotate_images(img, 90), 270), img)
+    assert torch.nonzero(rotate_images(img, 180)[0]).tolist() == [[25, 14]]
+    s = SplitMNIST(m, 5)
+    tr = s.train(3)
+    assert set(tr.y.tolist()) == {0, 1} and s.num_labels == 2
+    raw = SplitMNIST(m, 5, remap_labels=False)
+    assert set(raw.test(3).y.tolist()) == {6, 7}
+    with pytest.raises(ValueError, match="5 tasks"):
+        SplitMNIST(m, 6)

@@ -1,0 +1,82 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import supsup_fast as ss
+import supsup_fast.nn as snn
+from supsup_fast.algorithms import (TrainSettings, alpha_gradient, entropy, infer_binary, infer_oneshot, superfluous,
+                                    train_task)
+from supsup_fast.data import PermutedMNIST, load_embedded
+from supsup_fast.data.tasks import TaskSplit
+from supsup_fast.models import build_model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    tasks = PermutedMNIST(load_embedded(), 4, seed=1)
+    model = build_model("lenet", 100, seed=1)
+    settings = TrainSettings(iters=150, batch_size=128, lr=1e-3)
+    for t in range(4):
+        split = tasks.train(t)
+        train_task(model, TaskSplit(split.x[:3000], split.y[:3000], split.transform), settings,
+                   device=torch.device("cpu"), generator=torch.Generator().manual_seed(t))
+    return model, tasks
+
+
+def float_stack_alpha_grad(model, x, objective, num_labels):
+    """The official algorithm: float masks, (α[:,None] * stack).sum(0) under autograd."""
+    k = snn.num_tasks(model)
+    alpha = torch.full((k,), 1.0 / k, requires_grad=True)
+    h = x
+    layers = list(snn.supermask_layers(model).values())
+    for i, layer in enumerate(layers):
+        stack = torch.stack([ss.unpack_bits(layer.bank.words[t], layer.n).float().view_as(layer.weight)
+                             for t in range(k)])
+        w = layer.weight * (alpha.view(-1, 1, 1) * stack).sum(0)
+        h = F.linear(h, w)
+        if i < len(layers) - 1:
+            h = F.relu(h)
+    obj = objective(h, num_labels)
+    return torch.autograd.grad(obj, alpha)[0]
+
+
+@pytest.mark.parametrize("objective,fn", [("entropy", entropy), ("superfluous", superfluous)])
+def test_alpha_gradient_equals_float_stack(trained, objective, fn):
+    model, tasks = trained
+    x, _ = tasks.test(2).batch(torch.arange(3))
+    got = alpha_gradient(model, x, objective, 10)
+    expect = float_stack_alpha_grad(model, x, fn, 10)
+    assert torch.allclose(got, expect, rtol=1e-3, atol=1e-6)
+    assert int(got.argmin()) == int(expect.argmin())
+
+
+def test_oneshot_and_binary_find_the_task(trained):
+    model, tasks = trained
+    hits_one = hits_bin = total = 0
+    for t in range(4):
+        for s in range(0, 640, 128):
+            x, _ = tasks.test(t).batch(torch.arange(s, s + 128))
+            hits_one += infer_oneshot(model, x[:1], "entropy", 10) == t
+            hits_bin += infer_binary(model, x, "entropy", 10) == t
+            total += 1
+    assert hits_one / total >= 0.9
+    assert hits_bin / total >= 0.9
+
+
+def test_superfluous_objective_only_flows_through_extra_neurons():
+    logits = torch.randn(2, 12, requires_grad=True)
+    superfluous(logits, 10).backward()
+    assert torch.all(logits.grad[:, :10] == 0) and torch.all(logits.grad[:, 10:] != 0)
+    logits = torch.randn(2, 12, requires_grad=True)
+    h = entropy(logits, 10)
+    p = logits.softmax(1)
+    assert torch.allclose(h, -(p * p.log()).sum(1).mean())
+
+
+def test_binary_log_base_and_errors(trained):
+    model, tasks = trained
+    x, _ = tasks.test(1).batch(torch.arange(128))
+    assert infer_binary(model, x, "entropy", 10, log_base=4) == 1
+    with pytest.raises(ValueError, match="log_base"):
+        infer_binary(model, x, log_base=1)

@@ -1,0 +1,164 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import supsup_fast as ss
+import supsup_fast.nn as snn
+from supsup_fast.nn.masks import kept_count
+
+
+def test_linear_is_drop_in_and_frozen():
+    layer = snn.SupermaskLinear(784, 33)
+    assert layer.weight.shape == (33, 784) and layer.bias is None
+    assert list(layer.parameters()) == []  # weights are buffers: optimisers never touch them
+    w = layer.weight
+    assert torch.allclose(w.abs(), torch.full_like(w, math.sqrt(2 / 784)))
+    snn.begin_task(layer)
+    assert [p is layer.scores for p in layer.parameters()] == [True]
+    bound = 1 / math.sqrt(784)
+    assert layer.scores.abs().max() <= bound
+    x = torch.randn(5, 784)
+    y = layer(x)
+    assert torch.allclose(y, F.linear(x, w * (layer.scores >= 0)))
+    snn.finish_task(layer)
+    assert layer.scores is None and list(layer.parameters()) == []
+
+
+def test_weight_inits_and_given_tensor():
+    a = snn.SupermaskLinear(10, 4, seed=3)
+    b = snn.SupermaskLinear(10, 4, seed=3)
+    assert torch.equal(a.weight, b.weight)
+    kn = snn.SupermaskLinear(1000, 50, init="kaiming_normal", seed=1)
+    assert abs(kn.weight.std().item() - math.sqrt(2 / 1000)) < 0.003
+    given = torch.randn(4, 10)
+    assert torch.equal(snn.SupermaskLinear(10, 4, init=given).weight, given)
+    with pytest.raises(ValueError, match="weight tensor must have shape"):
+        snn.SupermaskLinear(10, 4, init=torch.randn(3, 3))
+    with pytest.raises(ValueError, match="weight init"):
+        snn.SupermaskLinear(10, 4, init="xavier")
+    with pytest.raises(ValueError, match="mask_fn"):
+        snn.SupermaskLinear(10, 4, mask_fn="random")
+
+
+def test_ste_gradient_threshold_and_topk():
+    layer = snn.SupermaskLinear(20, 6)
+    snn.begin_task(layer)
+    x = torch.randn(3, 20)
+    layer(x).sum().backward()
+    g_eff = torch.ones(3, 6).t() @ x  # dL/dW_eff
+    assert torch.allclose(layer.scores.grad, g_eff * layer.weight, atol=1e-6)
+    top = snn.SupermaskLinear(20, 6, mask_fn="topk", density=0.3)
+    snn.begin_task(top)
+    top(x).sum().backward()
+    assert torch.allclose(top.scores.grad, g_eff * top.weight * top.scores.sign(), atol=1e-6)
+
+
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 1.0])
+def test_topk_exact_count(density):
+    s = torch.randn(37, 29)
+    m = snn.topk_mask(s.abs(), density)
+    assert int(m.sum()) == kept_count(s.numel(), density)
+    kept = s.abs()[m]
+    dropped = s.abs()[~m]
+    if dropped.numel() and kept.numel():
+        assert kept.min() >= dropped.max()
+
+
+def test_er_density():
+    assert snn.er_density(20, 3, 3, 3, 1.0) == min(0.5, 23 / (20 * 3 * 9))
+    assert snn.er_density(1024, 1024, 1, 1, 4.0) == pytest.approx(4 * 2048 / 1024 ** 2)
+    assert snn.er_density(2, 2, 1, 1, 10) == 0.5
+    with pytest.raises(ValueError):
+        snn.er_density(2, 2, 1, 1, 0)
+
+
+def test_bank_grows_amortised_and_stores_bits_only():
+    layer = snn.SupermaskLinear(100, 10)
+    caps = []
+    for t in range(9):
+        snn.begin_task(layer)
+        snn.finish_task(layer)
+        caps.append(layer.bank.storage.shape[0])
+    assert layer.num_tasks == 9
+    assert caps == [1, 2, 4, 4, 8, 8, 8, 8, 16]
+    assert layer.bank.words.dtype == torch.int32
+    assert layer.bank.nbytes() == 9 * 10 * 4 * 4  # ceil(100/32)=4 words per row
+    floats = [b for b in layer.buffers() if b.is_floating_point()]
+    assert sum(b.numel() for b in floats) == layer.weight.numel()  # only the frozen weight
+
+
+def test_modes_task_and_superposition_match_ops():
+    layer = snn.SupermaskLinear(50, 7)
+    masks = []
+    for t in range(4):
+        snn.begin_task(layer)
+        masks.append(layer.current_mask())
+        snn.finish_task(layer)
+    x = torch.randn(3, 50)
+    for t in range(4):
+        snn.set_task(layer, t)
+        assert torch.allclose(layer(x), F.linear(x, layer.weight * masks[t]), atol=1e-6)
+    alpha = torch.full((4,), 0.25, requires_grad=True)
+    with snn.superposition(layer, alpha, uniform=True):
+        y_cached = layer(x)
+    alpha2 = torch.full((4,), 0.25, requires_grad=True)
+    with snn.superposition(layer, alpha2):
+        y_plain = layer(x)
+    assert torch.allclose(y_cached, y_plain, atol=1e-6)
+    g1, = torch.autograd.grad(y_cached.square().sum(), alpha)
+    g2, = torch.autograd.grad(y_plain.square().sum(), alpha2)
+    assert torch.allclose(g1, g2, atol=1e-5)
+    # counts cache = number of masks covering each weight, updated incrementally
+    assert torch.equal(layer.counts(), torch.stack(masks).sum(0).float())
+    snn.begin_task(layer)
+    m5 = layer.current_mask()
+    snn.finish_task(layer)
+    assert torch.equal(layer.counts(), torch.stack(masks + [m5]).sum(0).float())
+    active = torch.tensor([1, 3])
+    a = torch.tensor([0.5, 0.5])
+    with snn.superposition(layer, a, active=active):
+        y = layer(x)
+    assert torch.allclose(y, F.linear(x, layer.weight * (masks[1].float() + masks[3].float()) / 2), atol=1e-6)
+
+
+def test_mode_errors():
+    layer = snn.SupermaskLinear(8, 3)
+    with pytest.raises(RuntimeError, match="begin_task"):
+        snn.set_train_mode(layer)
+    with pytest.raises(ValueError, match="task must be in"):
+        snn.set_task(layer, 0)
+    with pytest.raises(ValueError, match="alpha must have shape"):
+        snn.set_superposition(layer, torch.ones(2))
+
+
+def test_conv_layer_modes():
+    conv = snn.SupermaskConv2d(4, 6, 3, stride=2, padding=1, groups=2)
+    assert conv.weight.shape == (6, 2, 3, 3)
+    snn.begin_task(conv)
+    m = conv.current_mask()
+    snn.finish_task(conv)
+    x = torch.randn(2, 4, 9, 9)
+    snn.set_task(conv, 0)
+    assert torch.allclose(conv(x), F.conv2d(x, conv.weight * m, None, 2, 1, 1, 2), atol=1e-6)
+
+
+def test_multitask_batchnorm_keeps_per_task_stats():
+    bn = snn.MultitaskBatchNorm(3)
+    bn.train()
+    data = [torch.randn(64, 3) * (t + 1) + 5 * t for t in range(2)]
+    for t in range(2):
+        bn.begin_task()
+        for _ in range(50):
+            bn(data[t])
+        bn.finish_task()
+    assert bn.num_tasks == 2
+    bn.eval()
+    for t in range(2):
+        bn.set_mode_task(t)
+        out = bn(data[t])
+        assert out.mean().abs() < 0.3 and (out.std() - 1).abs() < 0.3  # own stats normalise own data
+    bn.set_mode_task(0)
+    assert bn(data[1]).mean() > 2  # task 0's stats do not normalise task 1's data

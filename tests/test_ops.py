@@ -1,0 +1,204 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import supsup_fast as ss
+from supsup_fast.ops import library as lib
+
+
+def rand_bank(k, out, n, p=0.5):
+    masks = torch.rand(k, out, n) < p
+    return masks, ss.pack_bits(masks)
+
+
+def float_stack_superpose(masks, alpha):
+    return (alpha.view(-1, *[1] * (masks.dim() - 1)) * masks.to(alpha.dtype)).sum(0)
+
+
+@pytest.mark.parametrize("n", [1, 33, 784, 1000])
+def test_masked_linear_matches_dense(n):
+    out = 7
+    mask = torch.rand(out, n) > 0.5
+    w, x, b = torch.randn(out, n), torch.randn(3, 2, n), torch.randn(out)
+    got = ss.ops.masked_linear(x, w, ss.pack_bits(mask), b)
+    assert torch.allclose(got, F.linear(x, w * mask, b), atol=1e-5, rtol=1e-5)
+
+
+def test_identities_exact():
+    n, out = 70, 5
+    w, x = torch.randn(out, n, dtype=torch.float64), torch.randn(4, n, dtype=torch.float64)
+    ones = ss.pack_bits(torch.ones(out, n, dtype=torch.bool))
+    assert torch.equal(ss.ops.masked_linear(x, w, ones), F.linear(x, w))
+    masks, bank = rand_bank(3, out, n)
+    # one-hot alpha = the single mask
+    for t in range(3):
+        a = torch.zeros(3, dtype=torch.float64)
+        a[t] = 1
+        assert torch.equal(ss.ops.superposed_linear(x, w, bank, a), ss.ops.masked_linear(x, w, bank[t]))
+    # M + not M = dense
+    comp = ss.pack_bits(~masks[0])
+    both = torch.stack([bank[0], comp])
+    assert torch.equal(ss.ops.superpose(both, torch.ones(2, dtype=torch.float64), n), torch.ones(out, n, dtype=torch.float64))
+    assert torch.allclose(ss.ops.masked_linear(x, w, bank[0]) + ss.ops.masked_linear(x, w, comp), F.linear(x, w))
+
+
+@pytest.mark.parametrize("n", [1, 33, 784])
+def test_superpose_and_mask_dot_match_float_stack(n):
+    masks, bank = rand_bank(6, 5, n)
+    alpha = torch.rand(6, dtype=torch.float64)
+    assert torch.allclose(ss.ops.superpose(bank, alpha, n), float_stack_superpose(masks, alpha))
+    v = torch.randn(5, n, dtype=torch.float64)
+    expect = (masks.double() * v).sum((1, 2))
+    assert torch.allclose(ss.ops.mask_dot(bank, v), expect)
+
+
+def test_superpose_lead_dims_and_counts_exact():
+    masks, bank = rand_bank(9, 2, 3 * 33)
+    bank4 = bank.view(9, 2, -1)
+    counts = ss.ops.superpose(bank4, torch.ones(9), 99)
+    assert torch.equal(counts, masks.sum(0).float())
+
+
+def test_alpha_gradient_equals_float_stack():
+    k, out, n = 5, 6, 50
+    masks, bank = rand_bank(k, out, n)
+    w, x = torch.randn(out, n, dtype=torch.float64), torch.randn(3, n, dtype=torch.float64)
+    a1 = torch.full((k,), 1 / k, dtype=torch.float64, requires_grad=True)
+    ss.ops.superposed_linear(x, w, bank, a1).pow(2).sum().backward()
+    a2 = a1.detach().clone().requires_grad_()
+    F.linear(x, w * float_stack_superpose(masks, a2)).pow(2).sum().backward()
+    assert torch.allclose(a1.grad, a2.grad)
+
+
+def _conv_inputs(dtype=torch.float64):
+    x = torch.randn(2, 4, 7, 6, dtype=dtype)
+    w = torch.randn(6, 2, 3, 3, dtype=dtype)  # groups=2
+    return x, w
+
+
+def test_conv_ops_match_dense():
+    x, w = _conv_inputs()
+    masks, bank = rand_bank(3, 6, 2 * 9)
+    kw = dict(stride=2, padding=1, dilation=1, groups=2)
+    got = ss.ops.masked_conv2d(x, w, bank[1], None, **kw)
+    assert torch.allclose(got, F.conv2d(x, w * masks[1].view_as(w), None, **kw))
+    a = torch.rand(3, dtype=torch.float64)
+    got = ss.ops.superposed_conv2d(x, w, bank, a, None, **kw)
+    s = float_stack_superpose(masks, a).view_as(w)
+    assert torch.allclose(got, F.conv2d(x, w * s, None, **kw))
+
+
+def test_gradcheck_all_ops():
+    k, out, n = 3, 4, 37
+    masks, bank = rand_bank(k, out, n)
+    dt = torch.float64
+    x = torch.randn(2, n, dtype=dt, requires_grad=True)
+    w = torch.randn(out, n, dtype=dt, requires_grad=True)
+    b = torch.randn(out, dtype=dt, requires_grad=True)
+    a = torch.rand(k, dtype=dt, requires_grad=True)
+    v = torch.randn(out, n, dtype=dt, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: ss.ops.masked_linear(x, w, bank[0], b), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, a, b: ss.ops.superposed_linear(x, w, bank, a, b), (x, w, a, b))
+    assert torch.autograd.gradcheck(lambda a: ss.ops.superpose(bank, a, n), (a,))
+    assert torch.autograd.gradcheck(lambda v: ss.ops.mask_dot(bank, v), (v,))
+    # superposed_with_s takes s = Σ αᵢ Mᵢ as given (numerically constant in α), so compare its
+    # gradients with superposed_linear's instead of finite differences.
+    s = ss.ops.superpose(bank, a.detach(), n)
+    a1, a2 = a.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    x1, x2 = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    ss.ops.superposed_with_s(x1, w.detach(), bank, a1, s).sin().sum().backward()
+    ss.ops.superposed_linear(x2, w.detach(), bank, a2).sin().sum().backward()
+    assert torch.allclose(a1.grad, a2.grad) and torch.allclose(x1.grad, x2.grad)
+    cx = torch.randn(1, 2, 5, 5, dtype=dt, requires_grad=True)
+    cw = torch.randn(3, 2, 2, 2, dtype=dt, requires_grad=True)
+    cm, cbank = rand_bank(k, 3, 8)
+    assert torch.autograd.gradcheck(lambda x, w: ss.ops.masked_conv2d(x, w, cbank[2], None, padding=1), (cx, cw))
+    assert torch.autograd.gradcheck(lambda x, w, a: ss.ops.superposed_conv2d(x, w, cbank, a, None, stride=2), (cx, cw, a))
+
+
+def _opcheck_cases():
+    k, out, n = 3, 4, 37
+    masks, bank = rand_bank(k, out, n)
+    x = torch.randn(2, n, requires_grad=True)
+    w = torch.randn(out, n, requires_grad=True)
+    b = torch.randn(out, requires_grad=True)
+    a = torch.rand(k, requires_grad=True)
+    cx = torch.randn(1, 2, 5, 5, requires_grad=True)
+    cw = torch.randn(3, 2, 2, 2, requires_grad=True)
+    cm, cbank = rand_bank(k, 3, 8)
+    s = ss.ops.superpose(bank, a.detach(), n)
+    return [
+        (lib.pack_bits_op, (masks,)),
+        (lib.unpack_bits_op, (bank, n)),
+        (lib.superpose_op, (bank, a, n)),
+        (lib.mask_dot_op, (bank, torch.randn(out, n, requires_grad=True))),
+        (lib.masked_linear_op, (x, w, bank[0], b)),
+        (lib.masked_linear_op, (x, w, bank[0], None)),
+        (lib.masked_conv2d_op, (cx, cw, cbank[0], None, [1, 1], [1, 1], [1, 1], 1)),
+        (lib.superposed_linear_op, (x, w, bank, a, b)),
+        (lib.superposed_conv2d_op, (cx, cw, cbank, a, None, [2, 2], [0, 0], [1, 1], 1)),
+        (lib.superposed_given_s_op, (x, w, bank, a, s, None, None)),
+        (lib.masked_backward_op, (torch.randn(2, out), x.detach(), w.detach(), bank[0], None, True, True)),
+        (lib.superposed_backward_op, (torch.randn(2, out), x.detach(), w.detach(), bank, a.detach(), None, None, True, True, False)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_traces_ops():
+    k, out, n = 3, 4, 40
+    _, bank = rand_bank(k, out, n)
+    w = torch.randn(out, n)
+
+    def f(x, a):
+        return ss.ops.superposed_linear(x, w, bank, a).sum() + ss.ops.masked_linear(x, w, bank[1]).sum()
+
+    x, a = torch.randn(2, n), torch.rand(k)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x, a), f(x, a))
+
+
+def test_bad_inputs_name_the_argument():
+    k, out, n = 2, 3, 40
+    _, bank = rand_bank(k, out, n)
+    w, x = torch.randn(out, n), torch.randn(2, n)
+    with pytest.raises(TypeError, match="mask_words.*int32"):
+        ss.ops.masked_linear(x, w, bank[0].long())
+    with pytest.raises(ValueError, match="mask_words must be"):
+        ss.ops.masked_linear(x, w, bank[0][:, :1])
+    with pytest.raises(ValueError, match="alpha must have shape"):
+        ss.ops.superposed_linear(x, w, bank, torch.rand(k + 1))
+    with pytest.raises(ValueError, match="NaN"):
+        ss.ops.superposed_linear(x, w, bank, torch.tensor([0.5, float("nan")]))
+    with pytest.raises(ValueError, match="NaN"):
+        ss.ops.superpose(bank, torch.tensor([0.5, float("nan")]), n)
+    with pytest.raises(ValueError, match="x must be"):
+        ss.ops.masked_linear(torch.randn(2, n + 1), w, bank[0])
+    with pytest.raises(TypeError, match="dtype"):
+        ss.ops.masked_linear(x.double(), w, bank[0])
+    with pytest.raises(ValueError, match="words per row"):
+        ss.ops.superpose(bank, torch.rand(k), n + 40)
+    with pytest.raises(ValueError, match="v must be"):
+        ss.ops.mask_dot(bank, torch.randn(out + 1, n))
+    with pytest.raises(TypeError, match="bank.*int32"):
+        ss.ops.mask_dot(bank.float(), torch.randn(out, n))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ss.ops.masked_linear(x, w, bank[0], torch.randn(out + 1))
+    with pytest.raises(ValueError, match="groups"):
+        ss.ops.masked_conv2d(torch.randn(1, 4, 5, 5), torch.randn(3, 2, 3, 3), ss.pack_bits(torch.ones(3, 18, dtype=torch.bool)), groups=3)
+    meta = torch.randn(2, n, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        ss.ops.masked_linear(meta, w.to("meta"), bank[0])
+
+
+def test_noncontiguous_inputs_are_handled():
+    k, out, n = 2, 6, 40
+    masks, bank = rand_bank(k, out, n)
+    w = torch.randn(n, out).t()  # non-contiguous
+    x = torch.randn(n, 3).t()
+    got = ss.ops.masked_linear(x, w, bank[0])
+    assert torch.allclose(got, F.linear(x, w * masks[0]), atol=1e-5)

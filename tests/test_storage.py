@@ -1,0 +1,118 @@
+import json
+
+import pytest
+import torch
+
+import supsup_fast.nn as snn
+from supsup_fast.models import build_model
+from supsup_fast.storage import MaskFileError, load_masks, load_model, read_mask_file, save_masks, save_model
+
+
+def trained(name="lenet", k=3, out=100, seed=2):
+    model = build_model(name, out, seed=seed)
+    for _ in range(k):
+        snn.begin_task(model)
+        model.train()
+        if name == "gemresnet18":
+            model(torch.randn(4, 3, 32, 32))  # updates BN stats of the task
+        snn.finish_task(model)
+    return model
+
+
+def banks(model):
+    return [l.bank.words.clone() for l in snn.supermask_layers(model).values()]
+
+
+def test_roundtrip_rebuilds_weights_and_masks(tmp_path):
+    model = trained()
+    save_model(model, tmp_path / "m.safetensors", extra={"note": "x"})
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert snn.num_tasks(loaded) == 3
+    for a, b in zip(snn.supermask_layers(model).values(), snn.supermask_layers(loaded).values()):
+        assert torch.equal(a.weight, b.weight)
+        assert torch.equal(a.bank.words, b.bank.words)
+
+
+def test_bn_stats_roundtrip(tmp_path):
+    model = trained("gemresnet18", k=2, out=5)
+    save_model(model, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors")
+    bns = [m for m in model.modules() if isinstance(m, snn.MultitaskBatchNorm)]
+    lbns = [m for m in loaded.modules() if isinstance(m, snn.MultitaskBatchNorm)]
+    assert all(torch.equal(a.means.rows, b.means.rows) and torch.equal(a.vars.rows, b.vars.rows) for a, b in zip(bns, lbns))
+    assert not torch.equal(bns[0].means.rows[0], torch.zeros_like(bns[0].means.rows[0]))
+
+
+def test_task_range_files_append_in_order(tmp_path):
+    model = trained(k=3)
+    for t in range(3):
+        save_masks(model, tmp_path / f"t{t}.st", t, t + 1)
+    fresh = build_model("lenet", 100, seed=2)
+    with pytest.raises(MaskFileError, match="must start at task 0"):
+        load_masks(fresh, tmp_path / "t1.st")
+    for t in range(3):
+        load_masks(fresh, tmp_path / f"t{t}.st")
+    assert all(torch.equal(a, b) for a, b in zip(banks(model), banks(fresh)))
+
+
+def test_corrupt_file_refused_and_model_untouched(tmp_path):
+    model = trained(k=2)
+    path = tmp_path / "m.st"
+    save_masks(model, path)
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0xFF
+    (tmp_path / "bad.st").write_bytes(bytes(blob))
+    target = build_model("lenet", 100, seed=2)
+    with pytest.raises(MaskFileError, match="checksum"):
+        load_masks(target, tmp_path / "bad.st")
+    assert snn.num_tasks(target) == 0
+    (tmp_path / "trunc.st").write_bytes(bytes(blob[:100]))
+    with pytest.raises(MaskFileError, match="corrupt"):
+        load_masks(target, tmp_path / "trunc.st")
+    with pytest.raises(MaskFileError, match="does not exist"):
+        load_masks(target, tmp_path / "none.st")
+
+
+def test_mismatched_model_refused(tmp_path):
+    model = trained(k=1)
+    save_masks(model, tmp_path / "m.st")
+    with pytest.raises(MaskFileError, match="saved from model"):
+        load_masks(build_model("lenet", 100, seed=3), tmp_path / "m.st")
+    with pytest.raises(MaskFileError, match="saved from model"):
+        load_masks(build_model("fc1024", 100, seed=2), tmp_path / "m.st")
+
+
+def test_version_and_tamper_checks(tmp_path):
+    from safetensors.torch import save_file
+    model = trained(k=1)
+    save_masks(model, tmp_path / "m.st")
+    tensors, meta = read_mask_file(tmp_path / "m.st")
+    meta2 = dict(meta, format_version="99")
+    save_file(tensors, str(tmp_path / "v.st"), metadata=meta2)
+    with pytest.raises(MaskFileError, match="format version 99"):
+        load_masks(build_model("lenet", 100, seed=2), tmp_path / "v.st")
+    meta3 = dict(meta, num_tasks="2")  # lies about its content, checksum no longer matches
+    save_file(tensors, str(tmp_path / "n.st"), metadata=meta3)
+    with pytest.raises(MaskFileError, match="checksum"):
+        load_masks(build_model("lenet", 100, seed=2), tmp_path / "n.st")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.st"))
+    with pytest.raises(MaskFileError, match="not a supsup_fast"):
+        load_masks(build_model("lenet", 100, seed=2), tmp_path / "other.st")
+
+
+def test_weights_mismatch_detected(tmp_path):
+    model = trained(k=1)
+    save_masks(model, tmp_path / "m.st")
+    other = build_model("lenet", 100, seed=2)
+    first = next(iter(snn.supermask_layers(other).values()))
+    first.weight[0, 0] *= -1  # e.g. another torch random stream
+    with pytest.raises(MaskFileError, match="frozen weights"):
+        load_masks(other, tmp_path / "m.st")
+
+
+def test_file_size_is_bits(tmp_path):
+    model = trained("fc1024", k=4, out=500)
+    save_model(model, tmp_path / "m.st")
+    mask_bytes = snn.mask_bytes(model)
+    assert mask_bytes == 4 * (1024 * 25 + 1024 * 32 + 500 * 32) * 4
+    assert (tmp_path / "m.st").stat().st_size < mask_bytes + 20_000
