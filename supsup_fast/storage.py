@@ -69,6 +69,7 @@ def atomic_write_bytes(path: Union[str, Path], writer) -> None:
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results and masks are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
