@@ -19,11 +19,12 @@ def extensions():
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print("supsup_fast: torch is not importable at build time; skipping the C++ extension "
-              "(install with --no-build-isolation to build it)")
+        print("supsup_fast: torch is not importable at build time; the C++ CPU kernels will be compiled "
+              "on first use instead (install with --no-build-isolation to build them now)")
         return [], {}
-    ext = CppExtension("supsup_fast._C", cpu_sources, extra_compile_args=["-O3", "-fopenmp"],
-                       extra_link_args=["-fopenmp"])
+    ext = CppExtension("supsup_fast._C", cpu_sources,
+                       extra_compile_args=["-O3", "-std=c++17", "-Wno-maybe-uninitialized"],
+                       define_macros=[("SUPSUP_PYTHON_MODULE", None)])
     return [ext], {"build_ext": BuildExtension}
 
 
@@ -37,10 +38,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["supsup_fast", "supsup_fast.ops", "supsup_fast.nn", "supsup_fast.data", "supsup_fast.algorithms",
-              "supsup_fast.kernels"],
-    package_dir={"supsup_fast.kernels": "kernels"},
-    package_data={"supsup_fast.data": ["mnist_subset.npz"]},
-    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "matplotlib", "PyYAML"],
+              "supsup_fast.kernels", "supsup_fast.csrc"],
+    package_dir={"supsup_fast.kernels": "kernels", "supsup_fast.csrc": "csrc"},
+    package_data={"supsup_fast.data": ["mnist_subset.npz"], "supsup_fast.csrc": ["cpu/*.cpp", "cpu/*.h"]},
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "matplotlib", "PyYAML", "ninja"],
     extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton>=3.6"]},
     entry_points={"console_scripts": ["supsup-fast=supsup_fast.cli:main"]},
     ext_modules=ext_modules,

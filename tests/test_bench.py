@@ -28,7 +28,8 @@ def test_quick_report_writes_json_and_png(tmp_path, monkeypatch):
     import supsup_fast.bench as bench
     monkeypatch.setattr(bench, "read_bandwidth", lambda: 1e10)
     report = bench.run_report(tmp_path, quick=True)
-    assert (tmp_path / "cpu-reference-quick.json").exists()
-    assert (tmp_path / "cpu-reference-quick.png").read_bytes()[:4] == b"\x89PNG"
+    name = f"cpu-{report['machine']['backend']}-quick"
+    assert (tmp_path / f"{name}.json").exists()
+    assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     rows = report["alpha_gradient_fc1024_s500"]
     assert all(r["same_argmin"] and r["rel_err"] < 1e-3 for r in rows if "rel_err" in r)

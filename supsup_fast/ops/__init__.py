@@ -11,14 +11,22 @@ from . import checks
 from .library import (mask_dot_op, masked_conv2d_op, masked_linear_op, pack_bits_op, superpose_op,
                       superposed_conv2d_op, superposed_given_s_op, superposed_linear_op, unpack_bits_op,
                       _flatten_conv)
+from .library import signed_masked_linear_op
 from .reference import ReferenceBackend
 from .registry import available, backend_for, get_backend_name, register_backend, set_backend, use_backend
 
 IntPair = Union[int, Sequence[int]]
 
-register_backend("reference", ReferenceBackend, priority=0)
 
-__all__ = ["pack_bits", "unpack_bits", "masked_linear", "masked_conv2d", "superpose", "mask_dot",
+def _cpu_backend():
+    from .cpu import CpuBackend
+    return CpuBackend()
+
+
+register_backend("reference", ReferenceBackend, priority=0)
+register_backend("cpu", _cpu_backend, priority=10)
+
+__all__ = ["signed_masked_linear", "pack_bits", "unpack_bits", "masked_linear", "masked_conv2d", "superpose", "mask_dot",
            "superposed_linear", "superposed_conv2d", "superposed_with_s"]
 
 
@@ -95,3 +103,10 @@ def superposed_with_s(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, s:
     if tuple(s.shape) != tuple(weight.shape):
         raise ValueError(f"s must be shaped like weight {tuple(weight.shape)}, got {tuple(s.shape)}")
     return superposed_given_s_op(x, weight, bank, alpha, s.to(weight.dtype), bias, params)
+
+
+def signed_masked_linear(x: Tensor, sign_words: Tensor, mask_words: Tensor, scale: float,
+                         bias: Optional[Tensor] = None) -> Tensor:
+    """y = x (W ⊙ M)ᵀ + b for a signed-constant W = scale · (±1) given as sign bits
+    (bit set = +scale): two bits per weight, for the small-batch forward of signed-constant layers."""
+    return signed_masked_linear_op(x, sign_words, mask_words, float(scale), bias)

@@ -294,3 +294,39 @@ def _superposed_backward(ctx, grad):
 superposed_linear_op.register_autograd(_superposed_backward, setup_context=_superposed_setup)
 superposed_conv2d_op.register_autograd(_superposed_backward, setup_context=_superposed_setup)
 superposed_given_s_op.register_autograd(_superposed_backward, setup_context=_given_s_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# signed-constant weights as bits: W = scale · (2·sign − 1), two bits per weight with the mask
+@torch.library.custom_op("supsup::signed_masked_linear", mutates_args=())
+def signed_masked_linear_op(x: Tensor, sign_words: Tensor, mask_words: Tensor, scale: float,
+                            bias: Optional[Tensor]) -> Tensor:
+    checks.words_tensor("sign_words", sign_words)
+    checks.words_tensor("mask_words", mask_words)
+    if sign_words.shape != mask_words.shape or mask_words.dim() != 2 or mask_words.shape[1] != num_words(x.shape[-1]):
+        raise ValueError(f"sign_words and mask_words must both be [out, ceil(in/32)] for x [*, {x.shape[-1]}], "
+                         f"got {tuple(sign_words.shape)} and {tuple(mask_words.shape)}")
+    return backend_for(x.device).signed_masked_linear(x.contiguous(), sign_words.contiguous(),
+                                                      mask_words.contiguous(), scale, bias)
+
+
+@signed_masked_linear_op.register_fake
+def _(x, sign_words, mask_words, scale, bias):
+    return x.new_empty(*x.shape[:-1], mask_words.shape[0])
+
+
+def _signed_setup(ctx, inputs, output):
+    x, sign_words, mask_words, scale, bias = inputs
+    ctx.scale, ctx.has_bias = scale, bias is not None
+    ctx.save_for_backward(x, sign_words, mask_words)
+
+
+def _signed_backward(ctx, grad):
+    x, sign_words, mask_words = ctx.saved_tensors
+    weight = (unpack_bits_op(sign_words, x.shape[-1]).to(x.dtype) * 2 - 1) * ctx.scale
+    dx, _ = masked_backward_op(grad, x, weight, mask_words, None, True, False)
+    db = _bias_grad(grad, False) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    return dx if ctx.needs_input_grad[0] else None, None, None, None, db
+
+
+signed_masked_linear_op.register_autograd(_signed_backward, setup_context=_signed_setup)

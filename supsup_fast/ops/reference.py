@@ -113,6 +113,12 @@ class ReferenceBackend:
             dw = grad.new_empty(0)
         return dx, dw
 
+    def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
+        """x (W ⊙ M)ᵀ + b for signed-constant W = scale · (2·sign − 1), W given as sign bits."""
+        n = x.shape[-1]
+        w = (unpack_bits_float(sign_words, n, x.dtype) * 2 - 1) * scale
+        return F.linear(x, self.masked_weight(w, mask_words), bias)
+
     # -- superposed ---------------------------------------------------------------------------
     def superposed_forward(self, dense, x, weight, bank, alpha, s: Optional[torch.Tensor], bias):
         if s is None:

@@ -1,0 +1,1 @@
+"""C++ sources, installed as ``supsup_fast.csrc`` so the CPU kernels can be compiled on first use."""

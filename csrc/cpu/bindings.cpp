@@ -1,0 +1,215 @@
+// Torch bindings of the CPU kernels: the supsup_cpu op namespace (TORCH_LIBRARY + CPU impls),
+// argument checks and threading. Python's CpuBackend calls these; the public supsup:: ops,
+// their fake implementations and autograd stay in supsup_fast/ops/library.py.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include "kernels.h"
+
+namespace supsup_cpu {
+namespace {
+
+Isa current_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+int64_t words_for(int64_t n) { return (n + 31) / 32; }
+
+void check_cpu_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_words(const at::Tensor& t, const char* name) {
+  check_cpu_contiguous(t, name);
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must hold int32 words, got ", t.scalar_type());
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  check_cpu_contiguous(t, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32 for the cpu backend, got ", t.scalar_type());
+}
+
+const int64_t* active_ptr(const std::optional<at::Tensor>& active, int64_t k) {
+  if (!active.has_value()) return nullptr;
+  const at::Tensor& a = *active;
+  check_cpu_contiguous(a, "active");
+  TORCH_CHECK(a.scalar_type() == at::kLong && a.dim() == 1, "active must be a 1-D int64 tensor");
+  if (a.numel()) {
+    TORCH_CHECK(a.min().item<int64_t>() >= 0 && a.max().item<int64_t>() < k,
+                "active task indices must be in [0, ", k, ")");
+  }
+  return a.data_ptr<int64_t>();
+}
+
+std::string isa_op() { return isa_name(current_isa()); }
+
+at::Tensor pack_bits_op(const at::Tensor& mask) {
+  check_cpu_contiguous(mask, "mask");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() >= 1, "mask must be a bool tensor [..., n]");
+  const int64_t n = mask.size(-1), W = words_for(n), rows = n ? mask.numel() / n : 0;
+  auto sizes = mask.sizes().vec();
+  sizes.back() = W;
+  at::Tensor words = at::empty(sizes, mask.options().dtype(at::kInt));
+  const bool* m = mask.data_ptr<bool>();
+  int32_t* w = words.data_ptr<int32_t>();
+  at::parallel_for(0, rows, 256, [&](int64_t b, int64_t e) { pack_rows(m, n, W, w, b, e); });
+  return words;
+}
+
+at::Tensor unpack_bits_op(const at::Tensor& words, int64_t n) {
+  check_words(words, "words");
+  TORCH_CHECK(n >= 1 && words.dim() >= 1 && words.size(-1) == words_for(n), "words must be [..., ceil(n/32)]");
+  const int64_t W = words.size(-1), rows = words.numel() / W;
+  auto sizes = words.sizes().vec();
+  sizes.back() = n;
+  at::Tensor out = at::empty(sizes, words.options().dtype(at::kBool));
+  const int32_t* w = words.data_ptr<int32_t>();
+  bool* o = out.data_ptr<bool>();
+  at::parallel_for(0, rows, 256, [&](int64_t b, int64_t e) { unpack_rows(w, n, W, o, b, e); });
+  return out;
+}
+
+at::Tensor mask_dot_op(const at::Tensor& bank, const at::Tensor& v, const std::optional<at::Tensor>& active) {
+  check_words(bank, "bank");
+  check_float(v, "v");
+  TORCH_CHECK(bank.dim() >= 2, "bank must be [k, *lead, W]");
+  const int64_t k = bank.size(0), W = bank.size(-1), n = v.size(-1);
+  TORCH_CHECK(W == words_for(n), "bank has ", W, " words per row but v has n = ", n);
+  const int64_t R = v.numel() / std::max<int64_t>(n, 1);
+  TORCH_CHECK(bank.numel() == k * R * W, "bank and v disagree on the leading dimensions");
+  const int64_t* act = active_ptr(active, k);
+  const int64_t m = act ? active->numel() : k;
+  at::Tensor out = at::zeros({m}, v.options());
+  const int32_t* b = bank.data_ptr<int32_t>();
+  const float* vp = v.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const Isa isa = current_isa();
+  at::parallel_for(0, m, 8, [&](int64_t t0, int64_t t1) { mask_dot(isa, b, R, W, n, vp, act, o, t0, t1); });
+  return out;
+}
+
+at::Tensor superpose_op(const at::Tensor& bank, const at::Tensor& alpha, int64_t n, const std::optional<at::Tensor>& active) {
+  check_words(bank, "bank");
+  check_float(alpha, "alpha");
+  TORCH_CHECK(bank.dim() >= 2 && bank.size(-1) == words_for(n), "bank must be [k, *lead, ceil(n/32)]");
+  const int64_t k = bank.size(0), W = bank.size(-1), R = bank.numel() / std::max<int64_t>(k * W, 1);
+  const int64_t* act = active_ptr(active, k);
+  const int64_t m = act ? active->numel() : k;
+  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == m, "alpha must have one entry per (active) task");
+  auto sizes = bank.sizes().vec();
+  sizes.erase(sizes.begin());
+  sizes.back() = n;
+  at::Tensor out = at::empty(sizes, alpha.options());
+  const int32_t* b = bank.data_ptr<int32_t>();
+  const float* a = alpha.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const Isa isa = current_isa();
+  if (m == 0) return out.zero_();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) { superpose(isa, b, m, W, n, R, a, act, o, r0, r1); });
+  return out;
+}
+
+at::Tensor masked_weight_op(const at::Tensor& w, const at::Tensor& words) {
+  check_float(w, "weight");
+  check_words(words, "mask_words");
+  const int64_t R = w.size(0), n = w.numel() / std::max<int64_t>(R, 1), W = words_for(n);
+  TORCH_CHECK(words.dim() == 2 && words.size(0) == R && words.size(1) == W, "mask_words must be [out, ceil(n/32)]");
+  at::Tensor out = at::empty_like(w);
+  const float* wp = w.data_ptr<float>();
+  const int32_t* m = words.data_ptr<int32_t>();
+  float* o = out.data_ptr<float>();
+  const Isa isa = current_isa();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) { masked_weight(isa, wp, m, n, W, o, r0, r1); });
+  return out;
+}
+
+at::Tensor masked_linear_small_op(const at::Tensor& x, const at::Tensor& w, const at::Tensor& words,
+                               const std::optional<at::Tensor>& bias) {
+  check_float(x, "x");
+  check_float(w, "weight");
+  check_words(words, "mask_words");
+  TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "x must be [*, in] for weight [out, in]");
+  const int64_t R = w.size(0), n = w.size(1), W = words_for(n), B = x.numel() / n;
+  TORCH_CHECK(B <= 16, "masked_linear_small takes at most 16 rows of x");
+  TORCH_CHECK(words.size(0) == R && words.size(1) == W, "mask_words must be [out, ceil(in/32)]");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check_float(*bias, "bias");
+    bp = bias->data_ptr<float>();
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = R;
+  at::Tensor y = at::empty(sizes, x.options());
+  const Isa isa = current_isa();
+  at::Tensor xt = at::empty({W * B * 32}, x.options());
+  transpose_small_batch(x.data_ptr<float>(), B, n, W, xt.data_ptr<float>());
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    masked_gemm_small(isa, x.data_ptr<float>(), xt.data_ptr<float>(), B, w.data_ptr<float>(), words.data_ptr<int32_t>(), n, W, R, bp,
+                      y.data_ptr<float>(), r0, r1);
+  });
+  return y;
+}
+
+at::Tensor signed_masked_linear_small_op(const at::Tensor& x, const at::Tensor& sign_words, const at::Tensor& mask_words,
+                                      double scale, const std::optional<at::Tensor>& bias) {
+  check_float(x, "x");
+  check_words(sign_words, "sign_words");
+  check_words(mask_words, "mask_words");
+  TORCH_CHECK(sign_words.sizes() == mask_words.sizes() && mask_words.dim() == 2, "sign_words and mask_words must both be [out, W]");
+  const int64_t R = mask_words.size(0), W = mask_words.size(1), n = x.size(-1), B = x.numel() / n;
+  TORCH_CHECK(W == words_for(n), "mask_words has ", W, " words per row but x has ", n, " features");
+  TORCH_CHECK(B <= 16, "signed_masked_linear_small takes at most 16 rows of x");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check_float(*bias, "bias");
+    bp = bias->data_ptr<float>();
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = R;
+  at::Tensor y = at::empty(sizes, x.options());
+  const Isa isa = current_isa();
+  at::Tensor xt = at::empty({W * B * 32}, x.options());
+  transpose_small_batch(x.data_ptr<float>(), B, n, W, xt.data_ptr<float>());
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    signed_masked_gemm_small(isa, x.data_ptr<float>(), xt.data_ptr<float>(), B, sign_words.data_ptr<int32_t>(), mask_words.data_ptr<int32_t>(),
+                             static_cast<float>(scale), n, W, R, bp, y.data_ptr<float>(), r0, r1);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(supsup_cpu, m) {
+  m.def("isa() -> str", &isa_op);
+  m.def("pack_bits(Tensor mask) -> Tensor");
+  m.def("unpack_bits(Tensor words, int n) -> Tensor");
+  m.def("mask_dot(Tensor bank, Tensor v, Tensor? active=None) -> Tensor");
+  m.def("superpose(Tensor bank, Tensor alpha, int n, Tensor? active=None) -> Tensor");
+  m.def("masked_weight(Tensor weight, Tensor mask_words) -> Tensor");
+  m.def("masked_linear_small(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias=None) -> Tensor");
+  m.def("signed_masked_linear_small(Tensor x, Tensor sign_words, Tensor mask_words, float scale, Tensor? bias=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
+  m.impl("pack_bits", &pack_bits_op);
+  m.impl("unpack_bits", &unpack_bits_op);
+  m.impl("mask_dot", &mask_dot_op);
+  m.impl("superpose", &superpose_op);
+  m.impl("masked_weight", &masked_weight_op);
+  m.impl("masked_linear_small", &masked_linear_small_op);
+  m.impl("signed_masked_linear_small", &signed_masked_linear_small_op);
+}
+
+}  // namespace supsup_cpu
+
+#ifdef SUPSUP_PYTHON_MODULE
+// Built by setup.py as the Python module supsup_fast._C: importing it runs the registrations above.
+#include <Python.h>
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "supsup_fast CPU kernels (torch.ops.supsup_cpu)", -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif

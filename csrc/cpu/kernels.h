@@ -1,0 +1,49 @@
+// Plain-pointer CPU kernels on the canonical bit layout (DESIGN §2): a row of n bits is packed
+// LSB-first into ceil(n/32) int32 words, pad bits zero. No torch header here: the bindings in
+// bindings.cpp own threading (at::parallel_for) and argument checks; each kernel processes one
+// range of its outer loop so that it can be called from any thread.
+#pragma once
+#include <cstdint>
+
+namespace supsup_cpu {
+
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+// Best ISA of this CPU, lowered by the environment variable SUPSUP_CPU_ISA=scalar|avx2|avx512.
+Isa detect_isa();
+const char* isa_name(Isa isa);
+
+// mask bool[rows, n] -> words[rows, W]; rows [r0, r1).
+void pack_rows(const bool* mask, int64_t n, int64_t W, int32_t* words, int64_t r0, int64_t r1);
+// words[rows, W] -> bool[rows, n]; rows [r0, r1).
+void unpack_rows(const int32_t* words, int64_t n, int64_t W, bool* out, int64_t r0, int64_t r1);
+
+// out[t] = sum over (row, j < n) of bit(bank[task(t), row, j]) * v[row, j], for t in [t0, t1).
+// bank is [k, R, W]; v is [R, n] (float); task(t) = active ? active[t] : t.
+void mask_dot(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v,
+              const int64_t* active, float* out, int64_t t0, int64_t t1);
+
+// out[row, j] = sum over t of alpha[t] * bit(bank[task(t), row, j]) for rows [r0, r1); out is [R, n].
+void superpose(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R,
+               const float* alpha, const int64_t* active, float* out, int64_t r0, int64_t r1);
+
+// out[row, j] = w[row, j] * bit(words[row, j]) for rows [r0, r1); w and out are [R, n].
+void masked_weight(Isa isa, const float* w, const int32_t* words, int64_t n, int64_t W, float* out,
+                   int64_t r0, int64_t r1);
+
+// x [B, n] -> xt [W][B][32], zero-padded: the layout the small-batch AVX-512 kernels read.
+void transpose_small_batch(const float* x, int64_t B, int64_t n, int64_t W, float* xt);
+
+// Small-batch masked GEMM: y[b, row] = sum_j x[b, j] * w[row, j] * bit(words[row, j]) (+ bias[row]),
+// b < B (B <= 16), rows [r0, r1). x is [B, n] (scalar path), xt its transpose_small_batch (AVX-512
+// path); y is [B, R].
+void masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t B, const float* w, const int32_t* words,
+                       int64_t n, int64_t W, int64_t R, const float* bias, float* y, int64_t r0, int64_t r1);
+
+// Signed-constant weights kept as bits: w[row, j] = scale * (sign bit ? +1 : -1).
+// y[b, row] = scale * sum_j x[b, j] * (+1 | -1) * bit(mask) (+ bias), B <= 16, rows [r0, r1).
+void signed_masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t B, const int32_t* sign_words,
+                              const int32_t* mask_words, float scale, int64_t n, int64_t W, int64_t R,
+                              const float* bias, float* y, int64_t r0, int64_t r1);
+
+}  // namespace supsup_cpu

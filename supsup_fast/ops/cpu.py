@@ -1,0 +1,119 @@
+"""The ``cpu`` backend: C++ kernels (csrc/cpu, AVX-512 / AVX2 / scalar chosen at run time).
+
+The extension is the ``supsup_fast._C`` module when setup.py built it (``pip install
+--no-build-isolation``), otherwise it is compiled once on first use with
+``torch.utils.cpp_extension.load`` (about a minute; cached under ``TORCH_EXTENSIONS_DIR``).
+``SUPSUP_NO_CPU_EXT=1`` disables it; ``SUPSUP_CPU_ISA=avx2|scalar`` caps the instruction set.
+Float32 tensors run in C++; other dtypes fall back to the reference implementation.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .reference import DenseLinear, ReferenceBackend
+
+SMALL_BATCH = 16  # rows of x up to which the direct masked GEMV/GEMM beats materialise + BLAS
+_lock = threading.Lock()
+_loaded: Optional[str] = None
+
+
+def _sources() -> list:
+    candidates = []
+    try:
+        from importlib import resources
+        candidates.append(Path(str(resources.files("supsup_fast.csrc"))) / "cpu")
+    except (ImportError, ModuleNotFoundError, TypeError):
+        pass
+    candidates.append(Path(__file__).resolve().parents[2] / "csrc" / "cpu")
+    for folder in candidates:
+        if (folder / "kernels.cpp").is_file() and (folder / "bindings.cpp").is_file():
+            return [str(folder / "kernels.cpp"), str(folder / "bindings.cpp")]
+    raise RuntimeError("the C++ sources (csrc/cpu) are not installed with this package")
+
+
+def _has_ops() -> bool:
+    try:
+        torch.ops.supsup_cpu.isa
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def load_cpu_extension() -> str:
+    """Make ``torch.ops.supsup_cpu`` available; returns how ("prebuilt" or "jit")."""
+    global _loaded
+    with _lock:
+        if _loaded:
+            return _loaded
+        if os.environ.get("SUPSUP_NO_CPU_EXT") == "1":
+            raise RuntimeError("disabled by SUPSUP_NO_CPU_EXT=1")
+        try:
+            import supsup_fast._C  # noqa: F401  (registers the ops on import)
+            _loaded = "prebuilt"
+        except ImportError:
+            from torch.utils import cpp_extension
+            print("supsup_fast: loading the C++ CPU kernels (compiled on first use, about a minute)", file=sys.stderr, flush=True)
+            try:
+                cpp_extension.load(name="supsup_fast_cpu", sources=_sources(), is_python_module=False,
+                                   extra_cflags=["-O3", "-std=c++17", "-Wno-maybe-uninitialized"], verbose=False)
+            except Exception as exc:  # no compiler, no ninja, headers missing...
+                raise RuntimeError(f"could not build the C++ CPU kernels: {exc}") from exc
+            _loaded = "jit"
+        if not _has_ops():
+            raise RuntimeError("the C++ extension loaded but registered no supsup_cpu ops")
+        return _loaded
+
+
+def cpu_isa() -> str:
+    load_cpu_extension()
+    return torch.ops.supsup_cpu.isa()
+
+
+class CpuBackend(ReferenceBackend):
+    name = "cpu"
+
+    def __init__(self):
+        load_cpu_extension()
+        self.ops = torch.ops.supsup_cpu
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def pack_bits(self, mask):
+        return self.ops.pack_bits(mask.contiguous())
+
+    def unpack_bits(self, words, n):
+        return self.ops.unpack_bits(words.contiguous(), n)
+
+    def masked_weight(self, weight, mask_words):
+        if weight.dtype != torch.float32:
+            return super().masked_weight(weight, mask_words)
+        return self.ops.masked_weight(weight.contiguous(), mask_words.contiguous())
+
+    def superpose(self, bank, alpha, n):
+        if alpha.dtype != torch.float32:
+            return super().superpose(bank, alpha, n)
+        return self.ops.superpose(bank.contiguous(), alpha.contiguous(), n)
+
+    def mask_dot(self, bank, v):
+        if v.dtype != torch.float32:
+            return super().mask_dot(bank, v)
+        return self.ops.mask_dot(bank.contiguous(), v.contiguous())
+
+    def masked_forward(self, dense, x, weight, mask_words, bias):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if isinstance(dense, DenseLinear) and x.dtype == torch.float32 and 0 < rows <= SMALL_BATCH:
+            return self.ops.masked_linear_small(x.contiguous(), weight, mask_words, bias)
+        return super().masked_forward(dense, x, weight, mask_words, bias)
+
+    def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if x.dtype == torch.float32 and 0 < rows <= SMALL_BATCH:
+            return self.ops.signed_masked_linear_small(x.contiguous(), sign_words, mask_words, scale, bias)
+        return super().signed_masked_linear(x, sign_words, mask_words, scale, bias)

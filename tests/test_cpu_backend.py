@@ -1,0 +1,194 @@
+"""The C++ CPU backend against the reference backend (the oracle), on fresh random inputs."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import supsup_fast as ss
+import supsup_fast.nn as snn
+from supsup_fast.ops import library as lib
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                reason="no C++ compiler on this machine: the cpu backend cannot be built")
+
+SIZES = [1, 33, 784, 1000]
+
+
+def test_cpu_backend_builds_and_is_auto_for_cpu():
+    assert ss.backends.available()[0] == "cpu"
+    assert ss.backends.backend_for(torch.device("cpu")).name == "cpu"
+    from supsup_fast.ops.cpu import cpu_isa
+    assert cpu_isa() in ("avx512", "avx2", "scalar")
+
+
+def both(fn):
+    with ss.use_backend("reference"):
+        ref = fn()
+    with ss.use_backend("cpu"):
+        got = fn()
+    return got, ref
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_bits_exact(n):
+    mask = torch.rand(3, 5, n) > 0.5
+    got, ref = both(lambda: ss.pack_bits(mask))
+    assert torch.equal(got, ref)
+    got, ref = both(lambda: ss.unpack_bits(ref, n))
+    assert torch.equal(got, ref) and torch.equal(got, mask)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_superpose_mask_dot(n):
+    bank = ss.pack_bits(torch.rand(11, 6, n) > 0.5)
+    alpha = torch.rand(11)
+    got, ref = both(lambda: ss.ops.superpose(bank, alpha, n))
+    assert torch.allclose(got, ref, atol=1e-5)
+    ones = torch.ones(11)
+    got, ref = both(lambda: ss.ops.superpose(bank, ones, n))
+    assert torch.equal(got, ref)  # integer counts are exact
+    v = torch.randn(6, n)
+    got, ref = both(lambda: ss.ops.mask_dot(bank, v))
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-3)
+    v01 = (torch.rand(6, n) > 0.5).float()
+    got, ref = both(lambda: ss.ops.mask_dot(bank, v01))
+    assert torch.equal(got, ref)  # 0/1 inputs: exact
+
+
+def test_active_task_lists():
+    n = 100
+    bank = ss.pack_bits(torch.rand(9, 4, n) > 0.5)
+    active = torch.tensor([7, 2, 5])
+    v, a = torch.randn(4, n), torch.rand(3)
+    C = torch.ops.supsup_cpu
+    with ss.use_backend("reference"):
+        assert torch.allclose(C.mask_dot(bank, v, active), ss.ops.mask_dot(bank[active], v), rtol=1e-5, atol=1e-4)
+        assert torch.allclose(C.superpose(bank, a, n, active), ss.ops.superpose(bank[active], a, n), atol=1e-6)
+    with pytest.raises(RuntimeError, match="active task indices"):
+        C.mask_dot(bank, v, torch.tensor([9]))
+
+
+def test_garbage_pad_bits_are_ignored():
+    n = 40  # 24 pad bits in the second word
+    mask = torch.rand(3, 2, n) > 0.5
+    bank = ss.pack_bits(mask)
+    dirty = bank.clone()
+    dirty[..., -1] |= torch.tensor(-(1 << 31) | (0xFF << 20), dtype=torch.int32)
+    C = torch.ops.supsup_cpu
+    v = torch.randn(2, n)
+    assert torch.allclose(C.mask_dot(dirty, v), C.mask_dot(bank, v))
+    assert torch.equal(C.superpose(dirty, torch.ones(3), n), C.superpose(bank, torch.ones(3), n))
+    w = torch.randn(2, n)
+    assert torch.equal(C.masked_weight(w, dirty[0]), w * mask[0])
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("batch", [1, 2, 3, 9, 16, 17, 130])
+def test_masked_linear(n, batch):
+    mask = torch.rand(37, n) > 0.5
+    words = ss.pack_bits(mask)
+    w, x, b = torch.randn(37, n), torch.randn(batch, n), torch.randn(37)
+    got, ref = both(lambda: ss.ops.masked_linear(x, w, words, b))
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(got, F.linear(x, w * mask, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_signed_masked_linear(batch):
+    n = 333
+    signs, mask = torch.rand(21, n) > 0.5, torch.rand(21, n) > 0.5
+    x, b = torch.randn(batch, n), torch.randn(21)
+    sw, mw = ss.pack_bits(signs), ss.pack_bits(mask)
+    got, ref = both(lambda: ss.ops.signed_masked_linear(x, sw, mw, 0.07, b))
+    expect = F.linear(x, 0.07 * (signs.float() * 2 - 1) * mask, b)
+    assert torch.allclose(got, expect, rtol=1e-4, atol=1e-5) and torch.allclose(ref, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_signed_layer_path_matches_generic_and_has_grad():
+    layer = snn.SupermaskLinear(100, 30, bias=True)
+    snn.begin_task(layer)
+    snn.finish_task(layer)
+    snn.set_task(layer, 0)
+    x = torch.randn(4, 100, requires_grad=True)
+    y = layer(x)  # signed path (4 rows)
+    expect = ss.ops.masked_linear(x, layer.weight, layer.bank.words[0], layer.bias)
+    assert torch.allclose(y, expect, atol=1e-5)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (g2,) = torch.autograd.grad(expect.sum(), x)
+    assert torch.allclose(g, g2, atol=1e-5)
+
+
+def test_superposed_and_conv_gradients_match_reference():
+    k, out, n = 6, 20, 75
+    bank = ss.pack_bits(torch.rand(k, out, n) > 0.5)
+    w, xb = torch.randn(out, n), torch.randn(3, n)
+
+    def run():
+        x, a = xb.clone().requires_grad_(), torch.full((k,), 1 / k, requires_grad=True)
+        y = ss.ops.superposed_linear(x, w, bank, a)
+        gx, ga = torch.autograd.grad(y.square().sum(), (x, a))
+        return torch.cat([y.flatten(), gx.flatten(), ga])
+    got, ref = both(run)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+    cw, cx = torch.randn(8, 3, 3, 3), torch.randn(2, 3, 9, 9)
+    cbank = ss.pack_bits(torch.rand(k, 8, 27) > 0.5)
+    ca = torch.rand(k)
+
+    def conv():
+        x, a = cx.clone().requires_grad_(), ca.clone().requires_grad_()
+        y = ss.ops.superposed_conv2d(x, cw, cbank, a, padding=1) + ss.ops.masked_conv2d(x, cw, cbank[2], stride=2).sum()
+        gx, ga = torch.autograd.grad(y.square().sum(), (x, a))
+        return torch.cat([y.flatten(), gx.flatten(), ga])
+    got, ref = both(conv)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_opcheck_on_cpu_backend(case):
+    from tests.test_ops import _opcheck_cases
+    with ss.use_backend("cpu"):
+        op, args = _opcheck_cases()[case]
+        torch.library.opcheck(op, args)
+
+
+def test_float64_falls_back_to_reference():
+    bank = ss.pack_bits(torch.rand(3, 4, 50) > 0.5)
+    a = torch.rand(3, dtype=torch.float64)
+    got, ref = both(lambda: ss.ops.superpose(bank, a, 50))
+    assert got.dtype == torch.float64 and torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_lower_isa_paths_agree(isa):
+    """Every kernel again with the instruction set capped (a CPU without AVX-512 / AVX2)."""
+    script = textwrap.dedent("""
+        import torch, torch.nn.functional as F, supsup_fast as ss
+        from supsup_fast.ops.cpu import cpu_isa
+        from supsup_fast.ops.reference import ReferenceBackend
+        ref = ReferenceBackend(); C = torch.ops.supsup_cpu
+        print(cpu_isa())
+        for n in (1, 33, 784, 1000):
+            m = torch.rand(5, 7, n) > 0.5; w = ss.pack_bits(m)
+            assert torch.equal(C.pack_bits(m), w) and torch.equal(C.unpack_bits(w, n), m)
+            v, a = torch.randn(7, n), torch.rand(5)
+            assert torch.allclose(C.mask_dot(w, v), ref.mask_dot(w, v), rtol=1e-4, atol=1e-3)
+            assert torch.allclose(C.superpose(w, a, n), ref.superpose(w, a, n), atol=1e-5)
+            W = torch.randn(7, n)
+            assert torch.equal(C.masked_weight(W, w[0]), W * m[0])
+            for B in (1, 3, 16):
+                x = torch.randn(B, n)
+                assert torch.allclose(C.masked_linear_small(x, W, w[0]), x @ (W * m[0]).T, atol=1e-4, rtol=1e-4)
+                s = ss.pack_bits(W > 0)
+                expect = x @ (0.5 * (W > 0).float().mul(2).sub(1) * m[0]).T
+                assert torch.allclose(C.signed_masked_linear_small(x, s, w[0], 0.5), expect, atol=1e-4, rtol=1e-4)
+        print("ok")
+    """)
+    env = dict(os.environ, SUPSUP_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == [isa, "ok"]
