@@ -9,5 +9,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--backend", default="auto")
     a = p.parse_args()
-    run_report(Path(a.out), quick=a.quick)
+    run_report(Path(a.out), quick=a.quick, backend=a.backend)

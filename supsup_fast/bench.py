@@ -182,14 +182,29 @@ def bench_memory(ks: List[int]) -> List[dict]:
 
 
 def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "backend": backend_for(torch.device("cpu")).name}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if info["backend"] == "cpu":
+        from .ops.cpu import cpu_isa
+        info["isa"] = cpu_isa()
+    return info
 
 
-def run_report(out: Path, quick: bool = False) -> dict:
-    out = Path(out)
+def run_report(out: Path, quick: bool = False, backend: str = "auto") -> dict:
+    """Run every benchmark with ``backend`` and write ``cpu-<backend>[-quick].{json,png}`` to ``out``."""
+    from .ops.registry import use_backend
+    with use_backend(backend):
+        return _run_report(Path(out), quick)
+
+
+def _run_report(out: Path, quick: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if quick:
         ks, fs_max, batches, mem_ks = [1, 10], 10, [1, 128], [1, 10, 100]

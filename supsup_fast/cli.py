@@ -88,7 +88,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import run_report
-    run_report(Path(args.out), quick=args.quick)
+    run_report(Path(args.out), quick=args.quick, backend=args.backend)
     return 0
 
 
@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark the ops against float-stack and dense baselines")
     bench.add_argument("--out", default="benchmarks/results")
     bench.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    bench.add_argument("--backend", default="auto", help="backend to measure (reference, cpu, auto)")
     return parser
 
 

@@ -82,12 +82,24 @@ at::Tensor mask_dot_op(const at::Tensor& bank, const at::Tensor& v, const std::o
   TORCH_CHECK(bank.numel() == k * R * W, "bank and v disagree on the leading dimensions");
   const int64_t* act = active_ptr(active, k);
   const int64_t m = act ? active->numel() : k;
-  at::Tensor out = at::zeros({m}, v.options());
   const int32_t* b = bank.data_ptr<int32_t>();
   const float* vp = v.data_ptr<float>();
-  float* o = out.data_ptr<float>();
   const Isa isa = current_isa();
-  at::parallel_for(0, m, 8, [&](int64_t t0, int64_t t1) { mask_dot(isa, b, R, W, n, vp, act, o, t0, t1); });
+  // Threads split the words (each builds its own lookup tables once), then the partial sums are
+  // added in a fixed order: the result does not depend on timing.
+  const int64_t total = R * W;
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (total + kMaskDotChunkWords - 1) / kMaskDotChunkWords));
+  int64_t chunk = (total + nthreads - 1) / nthreads;
+  chunk = (chunk + kMaskDotChunkWords - 1) / kMaskDotChunkWords * kMaskDotChunkWords;
+  at::Tensor parts = at::zeros({nthreads, m}, v.options());
+  float* pp = parts.data_ptr<float>();
+  at::parallel_for(0, nthreads, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t fw0 = c * chunk, fw1 = std::min(total, fw0 + chunk);
+      if (fw0 < fw1 && m > 0) mask_dot(isa, b, R, W, n, vp, act, m, pp + c * m, fw0, fw1);
+    }
+  });
+  at::Tensor out = parts.sum(0);
   return out;
 }
 

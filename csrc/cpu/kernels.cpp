@@ -27,22 +27,25 @@ inline const int32_t* task_base(const int32_t* bank, const int64_t* active, int6
 
 // ------------------------------------------------------------------------------------------------
 // scalar
-void mask_dot_scalar(const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v,
-                     const int64_t* active, float* out, int64_t t0, int64_t t1) {
+void mask_dot_scalar(const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v, const int64_t* active,
+                     int64_t k, float* out, int64_t fw0, int64_t fw1) {
   const int64_t stride = R * W;
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t t = 0; t < k; ++t) {
     const int32_t* b = task_base(bank, active, t, stride);
     double acc = 0.0;
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t q = 0; q < W; ++q) {
-        uint32_t word = static_cast<uint32_t>(b[r * W + q]) & valid_bits(n, q);
-        const float* vp = v + r * n + 32 * q;
-        while (word) {
-          const int bit = __builtin_ctz(word);
-          acc += vp[bit];
-          word &= word - 1;
-        }
+    int64_t r = fw0 / W, q = fw0 % W;
+    for (int64_t fw = fw0; fw < fw1; ++fw) {
+      uint32_t word = static_cast<uint32_t>(b[fw]) & valid_bits(n, q);
+      const float* vp = v + r * n + 32 * q;
+      while (word) {
+        acc += vp[__builtin_ctz(word)];
+        word &= word - 1;
       }
+      if (++q == W) {
+        q = 0;
+        ++r;
+      }
+    }
     out[t] = static_cast<float>(acc);
   }
 }
@@ -121,31 +124,28 @@ AVX2_TARGET inline float hsum256(__m256 v) {
 }
 
 AVX2_TARGET void mask_dot_avx2(const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v,
-                               const int64_t* active, float* out, int64_t t0, int64_t t1) {
+                               const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1) {
   const int64_t stride = R * W;
-  const int64_t full = n / 32;  // words whose 32 lanes are all inside the row
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t t = 0; t < k; ++t) {
     const int32_t* b = task_base(bank, active, t, stride);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     float tail = 0.0f;
-    for (int64_t r = 0; r < R; ++r) {
-      const int32_t* br = b + r * W;
-      const float* vr = v + r * n;
-      for (int64_t q = 0; q < full; ++q) {
-        const uint32_t word = static_cast<uint32_t>(br[q]);
-        if (!word) continue;
-        const float* vp = vr + 32 * q;
+    int64_t r = fw0 / W, q = fw0 % W;
+    for (int64_t fw = fw0; fw < fw1; ++fw) {
+      const uint32_t valid = valid_bits(n, q);
+      const uint32_t word = static_cast<uint32_t>(b[fw]) & valid;
+      const float* vp = v + r * n + 32 * q;
+      if (valid == 0xFFFFFFFFu) {
         acc0 = _mm256_add_ps(acc0, _mm256_and_ps(bits8(word & 0xFF), _mm256_loadu_ps(vp)));
         acc1 = _mm256_add_ps(acc1, _mm256_and_ps(bits8((word >> 8) & 0xFF), _mm256_loadu_ps(vp + 8)));
         acc0 = _mm256_add_ps(acc0, _mm256_and_ps(bits8((word >> 16) & 0xFF), _mm256_loadu_ps(vp + 16)));
         acc1 = _mm256_add_ps(acc1, _mm256_and_ps(bits8(word >> 24), _mm256_loadu_ps(vp + 24)));
+      } else {
+        for (uint32_t w = word; w; w &= w - 1) tail += vp[__builtin_ctz(w)];
       }
-      for (int64_t q = full; q < W; ++q) {
-        uint32_t word = static_cast<uint32_t>(br[q]) & valid_bits(n, q);
-        while (word) {
-          tail += vr[32 * q + __builtin_ctz(word)];
-          word &= word - 1;
-        }
+      if (++q == W) {
+        q = 0;
+        ++r;
       }
     }
     out[t] = hsum256(_mm256_add_ps(acc0, acc1)) + tail;
@@ -227,19 +227,113 @@ AVX512_TARGET void mask_dot_block512(const int32_t* const* tb, int64_t fw0, int6
 }
 
 AVX512_TARGET void mask_dot_avx512(const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v,
-                                   const int64_t* active, float* out, int64_t t0, int64_t t1) {
-  const int64_t stride = R * W, total = R * W, nt_all = t1 - t0;
-  std::vector<float> part(static_cast<size_t>(nt_all) * 32, 0.0f);
-  std::vector<const int32_t*> tb(static_cast<size_t>(nt_all));
-  for (int64_t t = 0; t < nt_all; ++t) tb[t] = task_base(bank, active, t0 + t, stride);
-  for (int64_t fw0 = 0; fw0 < total; fw0 += kVBlockWords) {
-    const int64_t fw1 = std::min(total, fw0 + kVBlockWords);
+                                   const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1) {
+  const int64_t stride = R * W;
+  std::vector<float> part(static_cast<size_t>(k) * 32, 0.0f);
+  std::vector<const int32_t*> tb(static_cast<size_t>(k));
+  for (int64_t t = 0; t < k; ++t) tb[t] = task_base(bank, active, t, stride);
+  for (int64_t b0 = fw0; b0 < fw1; b0 += kVBlockWords) {
+    const int64_t b1 = std::min(fw1, b0 + kVBlockWords);
     int64_t t = 0;
-    for (; t + 8 <= nt_all; t += 8) mask_dot_block512<8>(tb.data() + t, fw0, fw1, W, n, v, part.data() + 32 * t);
-    for (; t < nt_all; ++t) mask_dot_block512<1>(tb.data() + t, fw0, fw1, W, n, v, part.data() + 32 * t);
+    for (; t + 8 <= k; t += 8) mask_dot_block512<8>(tb.data() + t, b0, b1, W, n, v, part.data() + 32 * t);
+    for (; t < k; ++t) mask_dot_block512<1>(tb.data() + t, b0, b1, W, n, v, part.data() + 32 * t);
   }
-  for (int64_t t = 0; t < nt_all; ++t)
-    out[t0 + t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(&part[32 * t]), _mm512_loadu_ps(&part[32 * t + 16])));
+  for (int64_t t = 0; t < k; ++t)
+    out[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(&part[32 * t]), _mm512_loadu_ps(&part[32 * t + 16])));
+}
+
+// Nibble-table mask_dot: 16 tasks side by side in the lanes of one vector. For each mask word the
+// 32 values of v become 8 tables of 16 subset sums (one per nibble: table[e] = sum of v[4p+b]
+// over the bits b of e); each task's nibble then selects its partial sum with one vpermps. That
+// is 4 vector instructions per 64 task-bits instead of 2 masked adds per 32, and the tables are
+// built once per v block for every group of 16 tasks. The 16 tasks' words are read a cache line
+// at a time and transposed in registers (gathers are several times slower on Zen 4).
+constexpr int64_t kTableWords = 512;  // tables for 512 words = 256 KiB, L2-resident
+
+AVX512_TARGET void build_tables512(const float* v, int64_t n, int64_t W, int64_t fw0, int64_t fw1, float* tables) {
+  // lanes e of a table that include bit b of the nibble
+  const __mmask16 has_bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
+  int64_t r = fw0 / W, q = fw0 % W;
+  for (int64_t fw = fw0; fw < fw1; ++fw) {
+    const uint32_t valid = valid_bits(n, q);
+    alignas(64) float vals[32];
+    _mm512_store_ps(vals, _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid), v + r * n + 32 * q));
+    _mm512_store_ps(vals + 16, _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid >> 16), v + r * n + 32 * q + 16));
+    float* t = tables + (fw - fw0) * 128;
+    for (int p = 0; p < 8; ++p) {
+      __m512 tab = _mm512_setzero_ps();
+      for (int b = 0; b < 4; ++b) tab = _mm512_mask_add_ps(tab, has_bit[b], tab, _mm512_set1_ps(vals[4 * p + b]));
+      _mm512_store_ps(t + 16 * p, tab);
+    }
+    if (++q == W) {
+      q = 0;
+      ++r;
+    }
+  }
+}
+
+// In-register transpose of 16 rows of 16 int32: afterwards r[j] holds element j of every row.
+AVX512_TARGET inline void transpose16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+AVX512_TARGET void mask_dot_nibble512(const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v,
+                                      const int64_t* active, int64_t k, float* out, int64_t fwa, int64_t fwb) {
+  const int64_t stride = R * W, t0 = 0, t1 = k;
+  const int64_t groups = (t1 - t0 + 15) / 16;
+  std::vector<float> part(static_cast<size_t>(groups) * 16, 0.0f);
+  std::vector<float> table_buf(kTableWords * 128 + 16);
+  float* tables = table_buf.data() + ((16 - (reinterpret_cast<uintptr_t>(table_buf.data()) / 4) % 16) % 16);  // 64-byte aligned
+  const __m512i nib = _mm512_set1_epi32(0xF);
+  for (int64_t fw0 = fwa; fw0 < fwb; fw0 += kTableWords) {
+    const int64_t fw1 = std::min(fwb, fw0 + kTableWords);
+    build_tables512(v, n, W, fw0, fw1, tables);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t tg = t0 + 16 * g, cnt = std::min<int64_t>(16, t1 - tg);
+      const int32_t* rows[16];
+      for (int i = 0; i < cnt; ++i) rows[i] = bank + (active ? active[tg + i] : tg + i) * stride;
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t fw = fw0; fw < fw1; fw += 16) {
+        // 16 consecutive words of each of the 16 tasks (one cache line each), then transposed so
+        // that words[j] holds word fw + j of every task; missing tasks/words are zero (table[0] = 0).
+        const int64_t len = std::min<int64_t>(16, fw1 - fw);
+        const __mmask16 lm = static_cast<__mmask16>((1u << len) - 1u);
+        __m512i words[16];
+        for (int i = 0; i < 16; ++i) words[i] = i < cnt ? _mm512_maskz_loadu_epi32(lm, rows[i] + fw) : _mm512_setzero_si512();
+        transpose16(words);
+        const float* tb = tables + (fw - fw0) * 128;
+        for (int64_t j = 0; j < len; ++j) {
+          const float* t = tb + j * 128;
+#pragma GCC unroll 8
+          for (int p = 0; p < 8; ++p) {
+            const __m512i idx = _mm512_and_si512(_mm512_srli_epi32(words[j], 4 * p), nib);
+            acc[p & 3] = _mm512_add_ps(acc[p & 3], _mm512_permutexvar_ps(idx, _mm512_load_ps(t + 16 * p)));
+          }
+        }
+      }
+      __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+      _mm512_storeu_ps(&part[16 * g], _mm512_add_ps(_mm512_loadu_ps(&part[16 * g]), sum));
+    }
+  }
+  for (int64_t t = t0; t < t1; ++t) out[t] = part[t - t0];
 }
 
 template <int NW>
@@ -451,10 +545,14 @@ void unpack_rows(const int32_t* words, int64_t n, int64_t W, bool* out, int64_t 
 }
 
 void mask_dot(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v, const int64_t* active,
-              float* out, int64_t t0, int64_t t1) {
-  if (isa == Isa::Avx512) return mask_dot_avx512(bank, R, W, n, v, active, out, t0, t1);
-  if (isa == Isa::Avx2) return mask_dot_avx2(bank, R, W, n, v, active, out, t0, t1);
-  mask_dot_scalar(bank, R, W, n, v, active, out, t0, t1);
+              int64_t k, float* out, int64_t fw0, int64_t fw1) {
+  if (isa == Isa::Avx512) {
+    // The tables cost 8 vector ops per word of v, shared by all tasks: worth it from a few tasks on.
+    if (k >= 4) return mask_dot_nibble512(bank, R, W, n, v, active, k, out, fw0, fw1);
+    return mask_dot_avx512(bank, R, W, n, v, active, k, out, fw0, fw1);
+  }
+  if (isa == Isa::Avx2) return mask_dot_avx2(bank, R, W, n, v, active, k, out, fw0, fw1);
+  mask_dot_scalar(bank, R, W, n, v, active, k, out, fw0, fw1);
 }
 
 void superpose(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,

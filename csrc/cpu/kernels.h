@@ -18,10 +18,13 @@ void pack_rows(const bool* mask, int64_t n, int64_t W, int32_t* words, int64_t r
 // words[rows, W] -> bool[rows, n]; rows [r0, r1).
 void unpack_rows(const int32_t* words, int64_t n, int64_t W, bool* out, int64_t r0, int64_t r1);
 
-// out[t] = sum over (row, j < n) of bit(bank[task(t), row, j]) * v[row, j], for t in [t0, t1).
-// bank is [k, R, W]; v is [R, n] (float); task(t) = active ? active[t] : t.
+// out[t] = sum over the flat words [fw0, fw1) of the R*W words of a task (row = fw / W) of
+// bit(bank[task(t), row, j]) * v[row, j], for all t < k. bank is [*, R, W]; v is [R, n] (float);
+// task(t) = active ? active[t] : t. Threads split the words; the caller adds their partial sums.
 void mask_dot(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v,
-              const int64_t* active, float* out, int64_t t0, int64_t t1);
+              const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1);
+
+constexpr int64_t kMaskDotChunkWords = 512;  // split granularity of the word range across threads
 
 // out[row, j] = sum over t of alpha[t] * bit(bank[task(t), row, j]) for rows [r0, r1); out is [R, n].
 void superpose(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R,

@@ -220,5 +220,6 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
         backend_name = backend_for(exp.device).name
         row = exp._evaluate_all(num_tasks(exp.model), "evaluate")
     results = exp._results(after, [row], 0.0, 0, backend_name)
+    results["evaluated_from"] = str(run_dir)
     exp._write_outputs(results)
     return results

@@ -61,7 +61,8 @@ def load_cpu_extension() -> str:
             print("supsup_fast: loading the C++ CPU kernels (compiled on first use, about a minute)", file=sys.stderr, flush=True)
             try:
                 cpp_extension.load(name="supsup_fast_cpu", sources=_sources(), is_python_module=False,
-                                   extra_cflags=["-O3", "-std=c++17", "-Wno-maybe-uninitialized"], verbose=False)
+                                   extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-Wno-maybe-uninitialized"],
+                                   extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as exc:  # no compiler, no ninja, headers missing...
                 raise RuntimeError(f"could not build the C++ CPU kernels: {exc}") from exc
             _loaded = "jit"
