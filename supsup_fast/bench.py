@@ -170,6 +170,35 @@ def bench_training_step(batch: int = 128, repeats: int = 10) -> dict:
             "ours_vs_plain_speed": t_plain / t_ours, "ours_vs_gemm_floor": t_ours / t_gemm}
 
 
+def bench_gnu_evaluation(model_name: str, output_size: int, k: int, tasks_timed: int = 2, batches: int = 79,
+                         batch_size: int = 128) -> dict:
+    """GNu evaluation of k learned tasks as the paper does it (per test batch: one-shot task inference
+    on 1 image, then the chosen mask on the whole batch), timed on ``tasks_timed`` tasks' worth of
+    batches with random masks and data, and projected to all k tasks (the work per batch does not
+    depend on which task is evaluated)."""
+    from .algorithms.inference import infer_oneshot
+    model = random_model_with_masks(model_name, output_size, k)
+    for layer in snn.supermask_layers(model).values():
+        layer.counts()
+    xs = torch.randn(batches, batch_size, 784)
+
+    def one_task():
+        for x in xs:
+            t = infer_oneshot(model, x[:1], "entropy", 10)
+            snn.set_task(model, t)
+            with torch.no_grad():
+                model(x).argmax(1)
+
+    one_task()  # warm-up
+    start = time.perf_counter()
+    for _ in range(tasks_timed):
+        one_task()
+    per_task = (time.perf_counter() - start) / tasks_timed
+    return {"model": model_name, "output_size": output_size, "k": k, "batches_per_task": batches,
+            "seconds_per_task": per_task, "seconds_per_batch": per_task / batches,
+            "projected_seconds_all_tasks": per_task * k}
+
+
 def bench_memory(ks: List[int]) -> List[dict]:
     rows = []
     for k in ks:
@@ -214,6 +243,8 @@ def _run_report(out: Path, quick: bool) -> dict:
               "alpha_gradient_fc1024_s500": bench_alpha_gradient(ks, fs_max),
               "single_task_forward_1024": bench_single_task_forward(batches),
               "training_step_fc1024_b128": bench_training_step(),
+              "gnu_evaluation": [bench_gnu_evaluation("fc1024", 500, 10 if quick else 250, 1 if quick else 2)] +
+                                ([] if quick else [bench_gnu_evaluation("lenet", 500, 2500, 2)]),
               "memory_fc1024_s500": bench_memory(mem_ks)}
     name = f"cpu-{report['machine']['backend']}" + ("-quick" if quick else "")
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
@@ -231,6 +262,9 @@ def print_table(report: dict) -> None:
     print("single-task forward 1024x1024 (speed vs dense on the materialised weight)")
     for r in report["single_task_forward_1024"]:
         print(f"  batch {r['batch']:5d}  ours {r['ours_s']*1e6:9.1f} us  dense {r['dense_s']*1e6:9.1f} us  {r['ours_vs_dense_speed']:.2f}x")
+    for e in report["gnu_evaluation"]:
+        print(f"GNu evaluation {e['model']} s={e['output_size']} k={e['k']}: {e['seconds_per_batch']*1e3:.1f} ms per test batch, "
+              f"{e['seconds_per_task']:.2f} s per task, all {e['k']} tasks projected {e['projected_seconds_all_tasks']/60:.1f} min")
     t = report["training_step_fc1024_b128"]
     print(f"training step FC1024 b128: ours {t['ours_s']*1e3:.1f} ms, plain-torch STE {t['plain_torch_ste_s']*1e3:.1f} ms "
           f"({t['ours_vs_plain_speed']:.2f}x), three-GEMM floor {t['three_gemms_s']*1e3:.1f} ms")
