@@ -23,7 +23,7 @@ def extensions():
               "on first use instead (install with --no-build-isolation to build them now)")
         return [], {}
     ext = CppExtension("supsup_fast._C", cpu_sources,
-                       extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-Wno-maybe-uninitialized"], extra_link_args=["-fopenmp"],
+                       extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wno-maybe-uninitialized"], extra_link_args=["-fopenmp"],
                        define_macros=[("SUPSUP_PYTHON_MODULE", None)])
     return [ext], {"build_ext": BuildExtension}
 

@@ -39,6 +39,26 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, min
     return statistics.median(times)
 
 
+def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1,
+                        min_seconds: float = 0.0) -> Dict[str, float]:
+    """Median time of each function, taking one sample of each in turn, so that a slow phase of a
+    shared, noisy machine hits every contender alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    rounds = 0
+    while rounds < repeats or sum(samples[next(iter(fns))]) < min_seconds:
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+        rounds += 1
+        if rounds >= 50 * repeats:
+            break
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
 def read_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
     """Bytes per second of a streaming read (sum over a buffer far larger than the caches)."""
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
@@ -117,8 +137,9 @@ def bench_single_task_forward(batches: List[int], size: int = 1024, repeats: int
     rows = []
     for b in batches:
         x = torch.randn(b, size)
-        ours = median_time(lambda: ss.ops.masked_linear(x, w, words), repeats=repeats, min_seconds=0.2)
-        dense = median_time(lambda: F.linear(x, dense_w), repeats=repeats, min_seconds=0.2)
+        t = interleaved_medians({"ours": lambda: ss.ops.masked_linear(x, w, words),
+                                 "dense": lambda: F.linear(x, dense_w)}, repeats=repeats, min_seconds=0.2)
+        ours, dense = t["ours"], t["dense"]
         rows.append({"batch": b, "ours_s": ours, "dense_s": dense, "ours_vs_dense_speed": dense / ours})
     return rows
 
@@ -163,9 +184,8 @@ def bench_training_step(batch: int = 128, repeats: int = 10) -> dict:
             out.t().matmul(h)  # dW
             out.matmul(w)      # dX
             h = out[:, : w.shape[0]]
-    t_ours = median_time(ours, repeats=repeats)
-    t_plain = median_time(plain, repeats=repeats)
-    t_gemm = median_time(gemms, repeats=repeats)
+    t = interleaved_medians({"ours": ours, "plain": plain, "gemm": gemms}, repeats=repeats)
+    t_ours, t_plain, t_gemm = t["ours"], t["plain"], t["gemm"]
     return {"batch": batch, "ours_s": t_ours, "plain_torch_ste_s": t_plain, "three_gemms_s": t_gemm,
             "ours_vs_plain_speed": t_plain / t_ours, "ours_vs_gemm_floor": t_ours / t_gemm}
 

@@ -192,6 +192,34 @@ at::Tensor signed_masked_linear_small_op(const at::Tensor& x, const at::Tensor& 
   return y;
 }
 
+void rmsprop_step_op(at::Tensor param, const at::Tensor& grad, at::Tensor square_avg, double lr, double alpha, double eps,
+                     double weight_decay) {
+  check_float(param, "param");
+  check_float(grad, "grad");
+  check_float(square_avg, "square_avg");
+  TORCH_CHECK(param.numel() == grad.numel() && param.numel() == square_avg.numel(), "param, grad and square_avg must match");
+  float* p = param.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  float* s = square_avg.data_ptr<float>();
+  const int64_t n = param.numel();
+  at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
+    rmsprop_step(p, g, s, n, static_cast<float>(lr), static_cast<float>(alpha), static_cast<float>(eps),
+                 static_cast<float>(weight_decay), i0, i1);
+  });
+}
+
+at::Tensor threshold_masked_weight_op(const at::Tensor& scores, const at::Tensor& w) {
+  check_float(scores, "scores");
+  check_float(w, "weight");
+  TORCH_CHECK(scores.sizes() == w.sizes(), "scores and weight must have the same shape");
+  at::Tensor out = at::empty_like(w);
+  const float* s = scores.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, w.numel(), 1 << 14, [&](int64_t i0, int64_t i1) { threshold_masked_weight(s, wp, o, i0, i1); });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(supsup_cpu, m) {
@@ -203,6 +231,8 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("masked_weight(Tensor weight, Tensor mask_words) -> Tensor");
   m.def("masked_linear_small(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias=None) -> Tensor");
   m.def("signed_masked_linear_small(Tensor x, Tensor sign_words, Tensor mask_words, float scale, Tensor? bias=None) -> Tensor");
+  m.def("threshold_masked_weight(Tensor scores, Tensor weight) -> Tensor");
+  m.def("rmsprop_step_(Tensor(a!) param, Tensor grad, Tensor(b!) square_avg, float lr, float alpha, float eps, float weight_decay) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
@@ -213,6 +243,8 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("masked_weight", &masked_weight_op);
   m.impl("masked_linear_small", &masked_linear_small_op);
   m.impl("signed_masked_linear_small", &signed_masked_linear_small_op);
+  m.impl("rmsprop_step_", &rmsprop_step_op);
+  m.impl("threshold_masked_weight", &threshold_masked_weight_op);
 }
 
 }  // namespace supsup_cpu

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -596,4 +597,26 @@ void signed_masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t 
   signed_gemm_small_scalar(x, B, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
 }
 
+}  // namespace supsup_cpu
+
+namespace supsup_cpu {
+void rmsprop_step(float* param, const float* grad, float* square_avg, int64_t n, float lr, float alpha, float eps,
+                  float weight_decay, int64_t i0, int64_t i1) {
+  (void)n;
+  const float one_minus_alpha = 1.0f - alpha;
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) {
+    const float g = weight_decay != 0.0f ? grad[i] + weight_decay * param[i] : grad[i];
+    const float sq = square_avg[i] * alpha + one_minus_alpha * g * g;
+    square_avg[i] = sq;
+    param[i] = param[i] + (-lr) * g / (std::sqrt(sq) + eps);
+  }
+}
+}  // namespace supsup_cpu
+
+namespace supsup_cpu {
+void threshold_masked_weight(const float* scores, const float* w, float* out, int64_t i0, int64_t i1) {
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) out[i] = scores[i] >= 0.0f ? w[i] : 0.0f;
+}
 }  // namespace supsup_cpu

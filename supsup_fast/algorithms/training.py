@@ -12,6 +12,7 @@ from torch import nn
 
 from ..data.tasks import TaskSplit
 from ..nn import begin_task, finish_task, task_parameters
+from ..optim import FusedRMSprop
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 SCHEDULERS = ("none", "cosine")
@@ -30,9 +31,11 @@ class TrainSettings:
 
 
 def make_optimizer(params: List[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
-    """As the official code: RMSprop with torch defaults (no momentum), Adam(lr, wd), SGD(lr, 0.9, wd)."""
+    """As the official code: RMSprop with torch defaults (no momentum; fused, same rule), Adam(lr, wd),
+    SGD(lr, 0.9, wd)."""
     if s.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=s.lr, weight_decay=s.weight_decay)
+        # torch.optim.RMSprop's rule (defaults: alpha 0.99, eps 1e-8), fused into one pass.
+        return FusedRMSprop(params, lr=s.lr, weight_decay=s.weight_decay)
     if s.optimizer == "adam":
         return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
     if s.optimizer == "sgd":

@@ -18,7 +18,7 @@ from torch import nn
 from .. import ops
 from .bank import MaskBank
 from .init import frozen_bias, frozen_weight, make_generator
-from .masks import MASK_FUNCTIONS, mask_from_scores, score_init_bound, ste_mask
+from .masks import MASK_FUNCTIONS, mask_from_scores, masked_weight_from_scores, score_init_bound
 
 
 class Mode:
@@ -138,8 +138,7 @@ class SupermaskLayer(nn.Module):
         if kind == Mode.TRAIN:
             if self.scores is None:
                 raise RuntimeError("train mode needs scores: call begin_task first")
-            w = self.weight * ste_mask(self.scores, self.mask_fn, self.density)
-            return self._dense(x, w)
+            return self._dense(x, masked_weight_from_scores(self.scores, self.weight, self.mask_fn, self.density))
         if kind == Mode.TASK:
             t = self._mode[1]
             if t >= self.num_tasks:

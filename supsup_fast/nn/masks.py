@@ -80,3 +80,25 @@ def er_density(c_out: int, c_in: int, kh: int = 1, kw: int = 1, multiplier: floa
 def score_init_bound(fan_in: int) -> float:
     """kaiming_uniform_(a=√5) bound, the official score init: U(-1/√fan_in, 1/√fan_in)."""
     return 1.0 / math.sqrt(fan_in)
+
+
+class _ThresholdMaskedWeight(torch.autograd.Function):
+    """W ⊙ 1[s ≥ 0] in one pass, with the straight-through gradient ∂L/∂s = ∂L/∂W_eff ⊙ W."""
+
+    @staticmethod
+    def forward(ctx, scores, weight):
+        from .. import ops
+        ctx.save_for_backward(weight)
+        return ops.threshold_masked_weight(scores, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad * weight, None
+
+
+def masked_weight_from_scores(scores: torch.Tensor, weight: torch.Tensor, mask_fn: str, density: float) -> torch.Tensor:
+    """The training-time effective weight W ⊙ M(scores), differentiable in the scores (STE)."""
+    if mask_fn == "threshold":
+        return _ThresholdMaskedWeight.apply(scores, weight)
+    return weight * ste_mask(scores, mask_fn, density)

@@ -110,3 +110,11 @@ def signed_masked_linear(x: Tensor, sign_words: Tensor, mask_words: Tensor, scal
     """y = x (W ⊙ M)ᵀ + b for a signed-constant W = scale · (±1) given as sign bits
     (bit set = +scale): two bits per weight, for the small-batch forward of signed-constant layers."""
     return signed_masked_linear_op(x, sign_words, mask_words, float(scale), bias)
+
+
+def threshold_masked_weight(scores: Tensor, weight: Tensor) -> Tensor:
+    """W ⊙ 1[scores ≥ 0] in one pass on the active backend (no autograd: the layers wrap it in the
+    straight-through estimator)."""
+    if scores.shape != weight.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and weight {tuple(weight.shape)} must have the same shape")
+    return backend_for(weight.device).threshold_masked_weight(scores.detach(), weight)

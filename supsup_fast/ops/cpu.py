@@ -61,7 +61,7 @@ def load_cpu_extension() -> str:
             print("supsup_fast: loading the C++ CPU kernels (compiled on first use, about a minute)", file=sys.stderr, flush=True)
             try:
                 cpp_extension.load(name="supsup_fast_cpu", sources=_sources(), is_python_module=False,
-                                   extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-Wno-maybe-uninitialized"],
+                                   extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wno-maybe-uninitialized"],
                                    extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as exc:  # no compiler, no ninja, headers missing...
                 raise RuntimeError(f"could not build the C++ CPU kernels: {exc}") from exc
@@ -106,6 +106,11 @@ class CpuBackend(ReferenceBackend):
         if v.dtype != torch.float32:
             return super().mask_dot(bank, v)
         return self.ops.mask_dot(bank.contiguous(), v.contiguous())
+
+    def threshold_masked_weight(self, scores, weight):
+        if weight.dtype != torch.float32 or scores.dtype != torch.float32:
+            return super().threshold_masked_weight(scores, weight)
+        return self.ops.threshold_masked_weight(scores.contiguous(), weight.contiguous())
 
     def masked_forward(self, dense, x, weight, mask_words, bias):
         rows = x.numel() // max(x.shape[-1], 1)

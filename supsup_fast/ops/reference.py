@@ -113,6 +113,10 @@ class ReferenceBackend:
             dw = grad.new_empty(0)
         return dx, dw
 
+    def threshold_masked_weight(self, scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """W ⊙ 1[scores ≥ 0] (the training-time threshold supermask)."""
+        return weight * (scores >= 0).to(weight.dtype)
+
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
         """x (W ⊙ M)ᵀ + b for signed-constant W = scale · (2·sign − 1), W given as sign bits."""
         n = x.shape[-1]
