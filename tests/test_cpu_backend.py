@@ -186,6 +186,14 @@ def test_lower_isa_paths_agree(isa):
                 s = ss.pack_bits(W > 0)
                 expect = x @ (0.5 * (W > 0).float().mul(2).sub(1) * m[0]).T
                 assert torch.allclose(C.signed_masked_linear_small(x, s, w[0], 0.5), expect, atol=1e-4, rtol=1e-4)
+        sc, wt = torch.randn(1000 + 7), torch.randn(1000 + 7)
+        assert torch.equal(C.threshold_masked_weight(sc, wt), wt * (sc >= 0))
+        p, g, sq = torch.randn(1003), torch.randn(1003), torch.rand(1003)
+        p2, sq2 = p.clone(), sq.clone()
+        C.rmsprop_step_(p, g, sq, 1e-3, 0.99, 1e-8, 1e-4)
+        g2 = g + 1e-4 * p2
+        sq2 = sq2 * 0.99 + 0.01 * g2 * g2
+        assert torch.allclose(sq, sq2, rtol=1e-5) and torch.allclose(p, p2 - 1e-3 * g2 / (sq2.sqrt() + 1e-8), rtol=1e-5, atol=1e-7)
         print("ok")
     """)
     env = dict(os.environ, SUPSUP_CPU_ISA=isa)

@@ -124,17 +124,23 @@ at::Tensor superpose_op(const at::Tensor& bank, const at::Tensor& alpha, int64_t
   return out;
 }
 
-at::Tensor masked_weight_op(const at::Tensor& w, const at::Tensor& words) {
+void masked_weight_into_op(const at::Tensor& w, const at::Tensor& words, at::Tensor out) {
   check_float(w, "weight");
   check_words(words, "mask_words");
+  check_float(out, "out");
+  TORCH_CHECK(out.sizes() == w.sizes(), "out must be shaped like weight");
   const int64_t R = w.size(0), n = w.numel() / std::max<int64_t>(R, 1), W = words_for(n);
   TORCH_CHECK(words.dim() == 2 && words.size(0) == R && words.size(1) == W, "mask_words must be [out, ceil(n/32)]");
-  at::Tensor out = at::empty_like(w);
   const float* wp = w.data_ptr<float>();
   const int32_t* m = words.data_ptr<int32_t>();
   float* o = out.data_ptr<float>();
   const Isa isa = current_isa();
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) { masked_weight(isa, wp, m, n, W, o, r0, r1); });
+}
+
+at::Tensor masked_weight_op(const at::Tensor& w, const at::Tensor& words) {
+  at::Tensor out = at::empty_like(w);
+  masked_weight_into_op(w, words, out);
   return out;
 }
 
@@ -203,7 +209,7 @@ void rmsprop_step_op(at::Tensor param, const at::Tensor& grad, at::Tensor square
   float* s = square_avg.data_ptr<float>();
   const int64_t n = param.numel();
   at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
-    rmsprop_step(p, g, s, n, static_cast<float>(lr), static_cast<float>(alpha), static_cast<float>(eps),
+    rmsprop_step(current_isa(), p, g, s, static_cast<float>(lr), static_cast<float>(alpha), static_cast<float>(eps),
                  static_cast<float>(weight_decay), i0, i1);
   });
 }
@@ -216,7 +222,7 @@ at::Tensor threshold_masked_weight_op(const at::Tensor& scores, const at::Tensor
   const float* s = scores.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, w.numel(), 1 << 14, [&](int64_t i0, int64_t i1) { threshold_masked_weight(s, wp, o, i0, i1); });
+  at::parallel_for(0, w.numel(), 1 << 14, [&](int64_t i0, int64_t i1) { threshold_masked_weight(current_isa(), s, wp, o, i0, i1); });
   return out;
 }
 
@@ -229,6 +235,7 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("mask_dot(Tensor bank, Tensor v, Tensor? active=None) -> Tensor");
   m.def("superpose(Tensor bank, Tensor alpha, int n, Tensor? active=None) -> Tensor");
   m.def("masked_weight(Tensor weight, Tensor mask_words) -> Tensor");
+  m.def("masked_weight_into(Tensor weight, Tensor mask_words, Tensor(a!) out) -> ()");
   m.def("masked_linear_small(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias=None) -> Tensor");
   m.def("signed_masked_linear_small(Tensor x, Tensor sign_words, Tensor mask_words, float scale, Tensor? bias=None) -> Tensor");
   m.def("threshold_masked_weight(Tensor scores, Tensor weight) -> Tensor");
@@ -241,6 +248,7 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("mask_dot", &mask_dot_op);
   m.impl("superpose", &superpose_op);
   m.impl("masked_weight", &masked_weight_op);
+  m.impl("masked_weight_into", &masked_weight_into_op);
   m.impl("masked_linear_small", &masked_linear_small_op);
   m.impl("signed_masked_linear_small", &signed_masked_linear_small_op);
   m.impl("rmsprop_step_", &rmsprop_step_op);

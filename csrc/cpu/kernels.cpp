@@ -600,23 +600,53 @@ void signed_masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t 
 }  // namespace supsup_cpu
 
 namespace supsup_cpu {
-void rmsprop_step(float* param, const float* grad, float* square_avg, int64_t n, float lr, float alpha, float eps,
+namespace {
+// Elementwise kernels: AVX-512 where the CPU has it (the translation unit's baseline is SSE2), a
+// branch-free scalar loop otherwise. Both read every input unconditionally so they vectorise.
+AVX512_TARGET void rmsprop_avx512(float* p, const float* g, float* sq, float lr, float alpha, float eps, float wd,
+                                  int64_t i0, int64_t i1) {
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(1.0f - alpha), vlr = _mm512_set1_ps(-lr),
+               ve = _mm512_set1_ps(eps), vwd = _mm512_set1_ps(wd);
+  int64_t i = i0;
+  for (; i < i1; i += 16) {
+    const __mmask16 m = i + 16 <= i1 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (i1 - i)) - 1u);
+    const __m512 pv = _mm512_maskz_loadu_ps(m, p + i);
+    __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+    if (wd != 0.0f) gv = _mm512_add_ps(gv, _mm512_mul_ps(vwd, pv));
+    const __m512 s = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, sq + i), va), _mm512_mul_ps(_mm512_mul_ps(vb, gv), gv));
+    _mm512_mask_storeu_ps(sq + i, m, s);
+    const __m512 upd = _mm512_div_ps(_mm512_mul_ps(vlr, gv), _mm512_add_ps(_mm512_sqrt_ps(s), ve));
+    _mm512_mask_storeu_ps(p + i, m, _mm512_add_ps(pv, upd));
+  }
+}
+
+AVX512_TARGET void threshold_avx512(const float* s, const float* w, float* out, int64_t i0, int64_t i1) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t i = i0; i < i1; i += 16) {
+    const __mmask16 m = i + 16 <= i1 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (i1 - i)) - 1u);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, s + i), zero, _CMP_GE_OQ);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_maskz_loadu_ps(keep, w + i));
+  }
+}
+}  // namespace
+
+void rmsprop_step(Isa isa, float* param, const float* grad, float* square_avg, float lr, float alpha, float eps,
                   float weight_decay, int64_t i0, int64_t i1) {
-  (void)n;
+  if (isa == Isa::Avx512) return rmsprop_avx512(param, grad, square_avg, lr, alpha, eps, weight_decay, i0, i1);
   const float one_minus_alpha = 1.0f - alpha;
-#pragma omp simd
   for (int64_t i = i0; i < i1; ++i) {
-    const float g = weight_decay != 0.0f ? grad[i] + weight_decay * param[i] : grad[i];
+    const float g = grad[i] + weight_decay * param[i];
     const float sq = square_avg[i] * alpha + one_minus_alpha * g * g;
     square_avg[i] = sq;
     param[i] = param[i] + (-lr) * g / (std::sqrt(sq) + eps);
   }
 }
-}  // namespace supsup_cpu
 
-namespace supsup_cpu {
-void threshold_masked_weight(const float* scores, const float* w, float* out, int64_t i0, int64_t i1) {
-#pragma omp simd
-  for (int64_t i = i0; i < i1; ++i) out[i] = scores[i] >= 0.0f ? w[i] : 0.0f;
+void threshold_masked_weight(Isa isa, const float* scores, const float* w, float* out, int64_t i0, int64_t i1) {
+  if (isa == Isa::Avx512) return threshold_avx512(scores, w, out, i0, i1);
+  for (int64_t i = i0; i < i1; ++i) {
+    const float wv = w[i];
+    out[i] = scores[i] >= 0.0f ? wv : 0.0f;
+  }
 }
 }  // namespace supsup_cpu

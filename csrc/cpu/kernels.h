@@ -54,11 +54,11 @@ void signed_masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t 
 namespace supsup_cpu {
 // One RMSprop step (torch.optim.RMSprop semantics without momentum or centering), fused into a
 // single pass: g = grad + wd * p; sq = alpha * sq + (1 - alpha) * g * g; p -= lr * g / (sqrt(sq) + eps).
-void rmsprop_step(float* param, const float* grad, float* square_avg, int64_t n, float lr, float alpha, float eps,
+void rmsprop_step(Isa isa, float* param, const float* grad, float* square_avg, float lr, float alpha, float eps,
                   float weight_decay, int64_t i0, int64_t i1);
 }  // namespace supsup_cpu
 
 namespace supsup_cpu {
 // out[i] = scores[i] >= 0 ? w[i] : 0 (the threshold supermask applied to the weight, one pass).
-void threshold_masked_weight(const float* scores, const float* w, float* out, int64_t i0, int64_t i1);
+void threshold_masked_weight(Isa isa, const float* scores, const float* w, float* out, int64_t i0, int64_t i1);
 }  // namespace supsup_cpu

@@ -82,6 +82,16 @@ class CpuBackend(ReferenceBackend):
     def __init__(self):
         load_cpu_extension()
         self.ops = torch.ops.supsup_cpu
+        # Per-thread scratch for the materialised W ⊙ M of a large-batch forward: a fresh multi-MB
+        # buffer per call costs page faults comparable to the unpacking itself.
+        self._local = threading.local()
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+            self._local.buf = buf
+        return buf
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
@@ -116,6 +126,10 @@ class CpuBackend(ReferenceBackend):
         rows = x.numel() // max(x.shape[-1], 1)
         if isinstance(dense, DenseLinear) and x.dtype == torch.float32 and 0 < rows <= SMALL_BATCH:
             return self.ops.masked_linear_small(x.contiguous(), weight, mask_words, bias)
+        if weight.dtype == torch.float32 and x.dtype == torch.float32:
+            w_eff = self._scratch(weight)
+            self.ops.masked_weight_into(weight.contiguous(), mask_words.contiguous(), w_eff)
+            return dense.forward(x, w_eff, bias)  # a new tensor: the scratch never escapes
         return super().masked_forward(dense, x, weight, mask_words, bias)
 
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
