@@ -19,6 +19,8 @@ import torch
 from .reference import DenseLinear, ReferenceBackend
 
 SMALL_BATCH = 16  # rows of x up to which the direct masked GEMV/GEMM beats materialise + BLAS
+BLOCKED_BATCH = 512  # up to here, unpack 256 rows of W ⊙ M at a time (L2-resident) and GEMM each block
+BLOCK_ROWS = 256
 _lock = threading.Lock()
 _loaded: Optional[str] = None
 
@@ -86,12 +88,28 @@ class CpuBackend(ReferenceBackend):
         # buffer per call costs page faults comparable to the unpacking itself.
         self._local = threading.local()
 
-    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+    def _scratch(self, shape, dtype) -> torch.Tensor:
         buf = getattr(self._local, "buf", None)
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
-            buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+        if buf is None or buf.shape != torch.Size(shape) or buf.dtype != dtype:
+            buf = torch.empty(shape, dtype=dtype)
             self._local.buf = buf
         return buf
+
+    def _blocked_linear(self, x, weight, mask_words, bias):
+        """y = x (W ⊙ M)ᵀ + b computed 256 output rows at a time: each unpacked block is still in L2
+        when BLAS multiplies it (yᵀ is filled block by block, then transposed once)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        out_t = torch.empty(weight.shape[0], x2.shape[0], dtype=x.dtype)
+        x_t = x2.t()
+        for r0 in range(0, weight.shape[0], BLOCK_ROWS):
+            r1 = min(r0 + BLOCK_ROWS, weight.shape[0])
+            block = self._scratch((r1 - r0, weight.shape[1]), weight.dtype)
+            self.ops.masked_weight_into(weight[r0:r1], mask_words[r0:r1], block)
+            torch.mm(block, x_t, out=out_t[r0:r1])
+        y = out_t.t().contiguous()
+        if bias is not None:
+            y += bias
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
@@ -126,8 +144,10 @@ class CpuBackend(ReferenceBackend):
         rows = x.numel() // max(x.shape[-1], 1)
         if isinstance(dense, DenseLinear) and x.dtype == torch.float32 and 0 < rows <= SMALL_BATCH:
             return self.ops.masked_linear_small(x.contiguous(), weight, mask_words, bias)
+        if isinstance(dense, DenseLinear) and x.dtype == torch.float32 and weight.dtype == torch.float32 and rows <= BLOCKED_BATCH:
+            return self._blocked_linear(x, weight.contiguous(), mask_words.contiguous(), bias)
         if weight.dtype == torch.float32 and x.dtype == torch.float32:
-            w_eff = self._scratch(weight)
+            w_eff = self._scratch(weight.shape, weight.dtype)
             self.ops.masked_weight_into(weight.contiguous(), mask_words.contiguous(), w_eff)
             return dense.forward(x, w_eff, bias)  # a new tensor: the scratch never escapes
         return super().masked_forward(dense, x, weight, mask_words, bias)
