@@ -162,3 +162,28 @@ def test_multitask_batchnorm_keeps_per_task_stats():
         assert out.mean().abs() < 0.3 and (out.std() - 1).abs() < 0.3  # own stats normalise own data
     bn.set_mode_task(0)
     assert bn(data[1]).mean() > 2  # task 0's stats do not normalise task 1's data
+
+
+def test_active_counts_shrink_incrementally_and_match_sums():
+    layer = snn.SupermaskLinear(40, 6)
+    masks = []
+    for _ in range(9):
+        snn.begin_task(layer)
+        masks.append(layer.current_mask().float())
+        snn.finish_task(layer)
+    stack = torch.stack(masks)
+    for active in ([0, 1, 2, 3, 4, 5, 6, 7, 8], [0, 2, 4, 6, 8], [2, 6], [6], [1, 3]):  # the last is not a subset
+        idx = torch.tensor(active)
+        assert torch.equal(layer.active_counts(idx), stack[idx].sum(0))
+    x = torch.randn(2, 40)
+    idx = torch.tensor([1, 5, 7])
+    a1 = torch.full((3,), 1 / 3, requires_grad=True)
+    a2 = torch.full((3,), 1 / 3, requires_grad=True)
+    with snn.superposition(layer, a1, active=idx, uniform=True):
+        y1 = layer(x)
+    with snn.superposition(layer, a2, active=idx):
+        y2 = layer(x)
+    assert torch.allclose(y1, y2, atol=1e-6)
+    g1, = torch.autograd.grad(y1.square().sum(), a1)
+    g2, = torch.autograd.grad(y2.square().sum(), a2)
+    assert torch.allclose(g1, g2, atol=1e-5)

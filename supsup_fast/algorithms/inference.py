@@ -21,7 +21,7 @@ def alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_labels
     k = num_tasks(model) if active is None else active.numel()
     device = next(iter(model.buffers())).device
     alpha = torch.full((k,), 1.0 / k, device=device, requires_grad=True)
-    with superposition(model, alpha, active=active, uniform=active is None):
+    with superposition(model, alpha, active=active, uniform=True):
         logits = model(x)
     obj = get_objective(objective)(logits, num_labels)
     (grad,) = torch.autograd.grad(obj, alpha)

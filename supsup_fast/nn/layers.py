@@ -106,6 +106,24 @@ class SupermaskLayer(nn.Module):
         if not enabled:
             self._counts = None
 
+    def active_counts(self, active: torch.Tensor) -> torch.Tensor:
+        """Σ_{i ∈ active} Mᵢ per weight. Binary task inference shrinks the active set every round;
+        when the new set is a subset of the last one, the count is updated by subtracting only the
+        tasks just ruled out (bits read over a whole search ≈ k, not k·log k)."""
+        cache = getattr(self, "_active_cache", None)
+        ones = lambda m: torch.ones(m, dtype=self.weight.dtype, device=self.weight.device)
+        if cache is not None and cache[0] == self.num_tasks and bool(torch.isin(active, cache[1]).all()):
+            removed = cache[1][~torch.isin(cache[1], active)]
+            counts = cache[2]
+            if removed.numel():
+                counts = counts - ops.superpose(self.bank.words.index_select(0, removed), ones(removed.numel()), self.n).view_as(self.weight)
+        elif active.numel() == self.num_tasks:
+            counts = self.counts()
+        else:
+            counts = ops.superpose(self.bank.words.index_select(0, active), ones(active.numel()), self.n).view_as(self.weight)
+        self._active_cache = (self.num_tasks, active.clone(), counts)
+        return counts
+
     def counts(self) -> torch.Tensor:
         if self._counts is None:
             k = self.num_tasks
@@ -126,8 +144,8 @@ class SupermaskLayer(nn.Module):
 
     def set_mode_superpose(self, alpha: torch.Tensor, active: Optional[torch.Tensor] = None, uniform: bool = False) -> None:
         """Superpose the bank (or the tasks listed in ``active``) with coefficients ``alpha``.
-        ``uniform=True`` promises alpha = 1/k for all k learned tasks (enables the count cache)."""
-        self._mode = (Mode.SUPERPOSE, alpha, active, bool(uniform) and active is None)
+        ``uniform=True`` promises alpha = 1/k over the k superposed tasks (enables the count caches)."""
+        self._mode = (Mode.SUPERPOSE, alpha, active, bool(uniform))
 
     def mode(self):
         return self._mode
@@ -147,7 +165,8 @@ class SupermaskLayer(nn.Module):
         _, alpha, active, uniform = self._mode
         bank = self.bank.words if active is None else self.bank.words.index_select(0, active)
         if uniform:
-            s = self.counts() * (1.0 / bank.shape[0])
+            counts = self.counts() if active is None else self.active_counts(active)
+            s = counts * (1.0 / bank.shape[0])
             return ops.superposed_with_s(x, self.weight, bank, alpha, s, self.bias, self._conv_kwargs())
         return self._superposed(x, bank, alpha)
 

@@ -19,7 +19,7 @@ import torch
 from .reference import DenseLinear, ReferenceBackend
 
 SMALL_BATCH = 16  # rows of x up to which the direct masked GEMV/GEMM beats materialise + BLAS
-BLOCKED_BATCH = 512  # up to here, unpack 256 rows of W ⊙ M at a time (L2-resident) and GEMM each block
+BLOCKED_BATCH = 256  # up to here, unpack 256 rows of W ⊙ M at a time (L2-resident) and GEMM each block
 BLOCK_ROWS = 256
 _lock = threading.Lock()
 _loaded: Optional[str] = None
