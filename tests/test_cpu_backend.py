@@ -71,6 +71,13 @@ def test_active_task_lists():
         assert torch.allclose(C.superpose(bank, a, n, active), ss.ops.superpose(bank[active], a, n), atol=1e-6)
     with pytest.raises(RuntimeError, match="active task indices"):
         C.mask_dot(bank, v, torch.tensor([9]))
+    words = bank[0]
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        C.masked_linear_small(torch.randn(2, n), torch.randn(4, n), words, torch.randn(3))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ss.ops.signed_masked_linear(torch.randn(2, n), words, words, 0.1, torch.randn(3))
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        C.masked_linear_small(torch.randn(17, n), torch.randn(4, n), words)
 
 
 def test_garbage_pad_bits_are_ignored():

@@ -144,58 +144,63 @@ at::Tensor masked_weight_op(const at::Tensor& w, const at::Tensor& words) {
   return out;
 }
 
-at::Tensor masked_linear_small_op(const at::Tensor& x, const at::Tensor& w, const at::Tensor& words,
-                               const std::optional<at::Tensor>& bias) {
+// Shared by the two small-batch ops: checks x and bias, allocates y [*, R] and the transposed,
+// zero-padded copy of x that the AVX-512 kernels read.
+struct SmallBatch {
+  at::Tensor y, xt;
+  const float* bias;
+  int64_t B;
+};
+
+SmallBatch prepare_small_batch(const at::Tensor& x, int64_t n, int64_t W, int64_t R,
+                               const std::optional<at::Tensor>& bias, const char* op) {
   check_float(x, "x");
+  const int64_t B = x.numel() / n;
+  TORCH_CHECK(B <= 16, op, " takes at most 16 rows of x, got ", B);
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check_float(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == R, "bias must have shape [", R, "]");
+    bp = bias->data_ptr<float>();
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = R;
+  SmallBatch s{at::empty(sizes, x.options()), at::empty({W * B * 32}, x.options()), bp, B};
+  transpose_small_batch(x.data_ptr<float>(), B, n, W, s.xt.data_ptr<float>());
+  return s;
+}
+
+at::Tensor masked_linear_small_op(const at::Tensor& x, const at::Tensor& w, const at::Tensor& words,
+                                  const std::optional<at::Tensor>& bias) {
   check_float(w, "weight");
   check_words(words, "mask_words");
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "x must be [*, in] for weight [out, in]");
-  const int64_t R = w.size(0), n = w.size(1), W = words_for(n), B = x.numel() / n;
-  TORCH_CHECK(B <= 16, "masked_linear_small takes at most 16 rows of x");
+  const int64_t R = w.size(0), n = w.size(1), W = words_for(n);
   TORCH_CHECK(words.size(0) == R && words.size(1) == W, "mask_words must be [out, ceil(in/32)]");
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    check_float(*bias, "bias");
-    bp = bias->data_ptr<float>();
-  }
-  auto sizes = x.sizes().vec();
-  sizes.back() = R;
-  at::Tensor y = at::empty(sizes, x.options());
+  SmallBatch s = prepare_small_batch(x, n, W, R, bias, "masked_linear_small");
   const Isa isa = current_isa();
-  at::Tensor xt = at::empty({W * B * 32}, x.options());
-  transpose_small_batch(x.data_ptr<float>(), B, n, W, xt.data_ptr<float>());
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    masked_gemm_small(isa, x.data_ptr<float>(), xt.data_ptr<float>(), B, w.data_ptr<float>(), words.data_ptr<int32_t>(), n, W, R, bp,
-                      y.data_ptr<float>(), r0, r1);
+    masked_gemm_small(isa, x.data_ptr<float>(), s.xt.data_ptr<float>(), s.B, w.data_ptr<float>(),
+                      words.data_ptr<int32_t>(), n, W, R, s.bias, s.y.data_ptr<float>(), r0, r1);
   });
-  return y;
+  return s.y;
 }
 
 at::Tensor signed_masked_linear_small_op(const at::Tensor& x, const at::Tensor& sign_words, const at::Tensor& mask_words,
-                                      double scale, const std::optional<at::Tensor>& bias) {
-  check_float(x, "x");
+                                         double scale, const std::optional<at::Tensor>& bias) {
   check_words(sign_words, "sign_words");
   check_words(mask_words, "mask_words");
   TORCH_CHECK(sign_words.sizes() == mask_words.sizes() && mask_words.dim() == 2, "sign_words and mask_words must both be [out, W]");
-  const int64_t R = mask_words.size(0), W = mask_words.size(1), n = x.size(-1), B = x.numel() / n;
+  const int64_t R = mask_words.size(0), W = mask_words.size(1), n = x.size(-1);
   TORCH_CHECK(W == words_for(n), "mask_words has ", W, " words per row but x has ", n, " features");
-  TORCH_CHECK(B <= 16, "signed_masked_linear_small takes at most 16 rows of x");
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    check_float(*bias, "bias");
-    bp = bias->data_ptr<float>();
-  }
-  auto sizes = x.sizes().vec();
-  sizes.back() = R;
-  at::Tensor y = at::empty(sizes, x.options());
+  SmallBatch s = prepare_small_batch(x, n, W, R, bias, "signed_masked_linear_small");
   const Isa isa = current_isa();
-  at::Tensor xt = at::empty({W * B * 32}, x.options());
-  transpose_small_batch(x.data_ptr<float>(), B, n, W, xt.data_ptr<float>());
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    signed_masked_gemm_small(isa, x.data_ptr<float>(), xt.data_ptr<float>(), B, sign_words.data_ptr<int32_t>(), mask_words.data_ptr<int32_t>(),
-                             static_cast<float>(scale), n, W, R, bp, y.data_ptr<float>(), r0, r1);
+    signed_masked_gemm_small(isa, x.data_ptr<float>(), s.xt.data_ptr<float>(), s.B, sign_words.data_ptr<int32_t>(),
+                             mask_words.data_ptr<int32_t>(), static_cast<float>(scale), n, W, R, s.bias,
+                             s.y.data_ptr<float>(), r0, r1);
   });
-  return y;
+  return s.y;
 }
 
 void rmsprop_step_op(at::Tensor param, const at::Tensor& grad, at::Tensor square_avg, double lr, double alpha, double eps,

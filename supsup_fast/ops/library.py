@@ -306,6 +306,9 @@ def signed_masked_linear_op(x: Tensor, sign_words: Tensor, mask_words: Tensor, s
     if sign_words.shape != mask_words.shape or mask_words.dim() != 2 or mask_words.shape[1] != num_words(x.shape[-1]):
         raise ValueError(f"sign_words and mask_words must both be [out, ceil(in/32)] for x [*, {x.shape[-1]}], "
                          f"got {tuple(sign_words.shape)} and {tuple(mask_words.shape)}")
+    if bias is not None and tuple(bias.shape) != (mask_words.shape[0],):
+        raise ValueError(f"bias must have shape [{mask_words.shape[0]}], got {tuple(bias.shape)}")
+    checks.same_device(x=x, sign_words=sign_words, mask_words=mask_words, bias=bias)
     return backend_for(x.device).signed_masked_linear(x.contiguous(), sign_words.contiguous(),
                                                       mask_words.contiguous(), scale, bias)
 
