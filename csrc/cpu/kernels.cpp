@@ -194,6 +194,47 @@ AVX2_TARGET void masked_weight_avx2(const float* w, const int32_t* words, int64_
   }
 }
 
+// Small-batch GEMM on AVX2, reading the same transposed xt[W][B][32] layout as the AVX-512 path:
+// each byte of the mask word becomes an 8-lane mask (bits8), applied to the weights (or to ±scale
+// built from the sign bits) before the FMAs.
+template <bool SIGNED>
+AVX2_TARGET void gemm_small_avx2(const float* xt, int64_t B, const float* w, const int32_t* sign_words,
+                                 const int32_t* words, float scale, int64_t n, int64_t W, int64_t R,
+                                 const float* bias, float* y, int64_t r0, int64_t r1) {
+  const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
+  float buf[32];
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+      const int64_t bt = std::min<int64_t>(4, B - b0);
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t q = 0; q < W; ++q) {
+        const uint32_t word = static_cast<uint32_t>(words[r * W + q]) & valid_bits(n, q);
+        __m256 wv[4];
+        if (SIGNED) {
+          const uint32_t sgn = static_cast<uint32_t>(sign_words[r * W + q]);
+          for (int c = 0; c < 4; ++c)
+            wv[c] = _mm256_and_ps(bits8((word >> (8 * c)) & 0xFF),
+                                  _mm256_blendv_ps(minus, plus, bits8((sgn >> (8 * c)) & 0xFF)));
+        } else {
+          const int64_t len = std::min<int64_t>(32, n - 32 * q);
+          const float* wp = w + r * n + 32 * q;
+          if (len < 32) {  // last word of the row: never read past its end
+            std::fill(buf, buf + 32, 0.0f);
+            std::memcpy(buf, wp, sizeof(float) * len);
+            wp = buf;
+          }
+          for (int c = 0; c < 4; ++c) wv[c] = _mm256_and_ps(bits8((word >> (8 * c)) & 0xFF), _mm256_loadu_ps(wp + 8 * c));
+        }
+        for (int64_t b = 0; b < bt; ++b) {
+          const float* xp = xt + (q * B + b0 + b) * 32;
+          for (int c = 0; c < 4; ++c) acc[b] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(xp + 8 * c), acc[b]);
+        }
+      }
+      for (int64_t b = 0; b < bt; ++b) y[(b0 + b) * R + r] = hsum256(acc[b]) + (bias ? bias[r] : 0.0f);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // AVX-512
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
@@ -585,6 +626,7 @@ void masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t B, cons
   if (isa == Isa::Avx512 && B <= 16) {
     return gemm_small_any512<false>(xt, B, w, nullptr, words, 1.0f, n, W, R, bias, y, r0, r1);
   }
+  if (isa == Isa::Avx2 && B <= 16) return gemm_small_avx2<false>(xt, B, w, nullptr, words, 1.0f, n, W, R, bias, y, r0, r1);
   masked_gemm_small_scalar(x, B, w, words, n, W, R, bias, y, r0, r1);
 }
 
@@ -594,6 +636,8 @@ void signed_masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t 
   if (isa == Isa::Avx512 && B <= 16) {
     return gemm_small_any512<true>(xt, B, nullptr, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
   }
+  if (isa == Isa::Avx2 && B <= 16)
+    return gemm_small_avx2<true>(xt, B, nullptr, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
   signed_gemm_small_scalar(x, B, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
 }
 
