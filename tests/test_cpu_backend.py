@@ -105,7 +105,7 @@ def test_masked_linear(n, batch):
     assert torch.allclose(got, F.linear(x, w * mask, b), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("batch", [1, 5, 16])
+@pytest.mark.parametrize("batch", [1, 5, 16, 17, 300, 600])
 def test_signed_masked_linear(batch):
     n = 333
     signs, mask = torch.rand(21, n) > 0.5, torch.rand(21, n) > 0.5
@@ -123,6 +123,8 @@ def test_signed_layer_path_matches_generic_and_has_grad():
     snn.set_task(layer, 0)
     x = torch.randn(4, 100, requires_grad=True)
     y = layer(x)  # signed path (4 rows)
+    big = torch.randn(40, 100)
+    assert torch.allclose(layer(big), ss.ops.masked_linear(big, layer.weight, layer.bank.words[0], layer.bias), atol=1e-5)
     expect = ss.ops.masked_linear(x, layer.weight, layer.bank.words[0], layer.bias)
     assert torch.allclose(y, expect, atol=1e-5)
     (g,) = torch.autograd.grad(y.sum(), x)
@@ -193,6 +195,11 @@ def test_lower_isa_paths_agree(isa):
                 s = ss.pack_bits(W > 0)
                 expect = x @ (0.5 * (W > 0).float().mul(2).sub(1) * m[0]).T
                 assert torch.allclose(C.signed_masked_linear_small(x, s, w[0], 0.5), expect, atol=1e-4, rtol=1e-4)
+        sw, mw = ss.pack_bits(torch.rand(9, 77) > 0.5), ss.pack_bits(torch.rand(9, 77) > 0.5)
+        out = torch.empty(9, 77)
+        C.signed_masked_weight_into(sw, mw, 0.25, out)
+        su, mu = ss.unpack_bits(sw, 77).float(), ss.unpack_bits(mw, 77).float()
+        assert torch.equal(out, 0.25 * (2 * su - 1) * mu)
         sc, wt = torch.randn(1000 + 7), torch.randn(1000 + 7)
         assert torch.equal(C.threshold_masked_weight(sc, wt), wt * (sc >= 0))
         p, g, sq = torch.randn(1003), torch.randn(1003), torch.rand(1003)

@@ -203,6 +203,22 @@ at::Tensor signed_masked_linear_small_op(const at::Tensor& x, const at::Tensor& 
   return s.y;
 }
 
+void signed_masked_weight_into_op(const at::Tensor& sign_words, const at::Tensor& mask_words, double scale,
+                                  at::Tensor out) {
+  check_words(sign_words, "sign_words");
+  check_words(mask_words, "mask_words");
+  check_float(out, "out");
+  TORCH_CHECK(sign_words.sizes() == mask_words.sizes() && mask_words.dim() == 2, "sign_words and mask_words must both be [out, W]");
+  const int64_t R = mask_words.size(0), W = mask_words.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == R && words_for(out.size(1)) == W, "out must be [out, n] with ceil(n/32) = W");
+  const int64_t n = out.size(1);
+  const Isa isa = current_isa();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    signed_masked_weight(isa, sign_words.data_ptr<int32_t>(), mask_words.data_ptr<int32_t>(), static_cast<float>(scale), n,
+                         W, out.data_ptr<float>(), r0, r1);
+  });
+}
+
 void rmsprop_step_op(at::Tensor param, const at::Tensor& grad, at::Tensor square_avg, double lr, double alpha, double eps,
                      double weight_decay) {
   check_float(param, "param");
@@ -243,6 +259,7 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("masked_weight_into(Tensor weight, Tensor mask_words, Tensor(a!) out) -> ()");
   m.def("masked_linear_small(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias=None) -> Tensor");
   m.def("signed_masked_linear_small(Tensor x, Tensor sign_words, Tensor mask_words, float scale, Tensor? bias=None) -> Tensor");
+  m.def("signed_masked_weight_into(Tensor sign_words, Tensor mask_words, float scale, Tensor(a!) out) -> ()");
   m.def("threshold_masked_weight(Tensor scores, Tensor weight) -> Tensor");
   m.def("rmsprop_step_(Tensor(a!) param, Tensor grad, Tensor(b!) square_avg, float lr, float alpha, float eps, float weight_decay) -> ()");
 }
@@ -258,6 +275,7 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("signed_masked_linear_small", &signed_masked_linear_small_op);
   m.impl("rmsprop_step_", &rmsprop_step_op);
   m.impl("threshold_masked_weight", &threshold_masked_weight_op);
+  m.impl("signed_masked_weight_into", &signed_masked_weight_into_op);
 }
 
 }  // namespace supsup_cpu

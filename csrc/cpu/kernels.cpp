@@ -694,3 +694,36 @@ void threshold_masked_weight(Isa isa, const float* scores, const float* w, float
   }
 }
 }  // namespace supsup_cpu
+
+namespace supsup_cpu {
+namespace {
+AVX512_TARGET void signed_masked_weight_avx512(const int32_t* sign_words, const int32_t* mask_words, float scale,
+                                               int64_t n, int64_t W, float* out, int64_t r0, int64_t r1) {
+  const __m512 plus = _mm512_set1_ps(scale), minus = _mm512_set1_ps(-scale);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t q = 0; q < W; ++q) {
+      const uint32_t valid = valid_bits(n, q);
+      const uint32_t m = static_cast<uint32_t>(mask_words[r * W + q]) & valid;
+      const uint32_t s = static_cast<uint32_t>(sign_words[r * W + q]);
+      float* o = out + r * n + 32 * q;
+      const __m512 lo = _mm512_maskz_mov_ps(static_cast<__mmask16>(m), _mm512_mask_blend_ps(static_cast<__mmask16>(s), minus, plus));
+      const __m512 hi = _mm512_maskz_mov_ps(static_cast<__mmask16>(m >> 16),
+                                            _mm512_mask_blend_ps(static_cast<__mmask16>(s >> 16), minus, plus));
+      _mm512_mask_storeu_ps(o, static_cast<__mmask16>(valid), lo);
+      _mm512_mask_storeu_ps(o + 16, static_cast<__mmask16>(valid >> 16), hi);
+    }
+}
+}  // namespace
+
+void signed_masked_weight(Isa isa, const int32_t* sign_words, const int32_t* mask_words, float scale, int64_t n,
+                          int64_t W, float* out, int64_t r0, int64_t r1) {
+  if (isa == Isa::Avx512) return signed_masked_weight_avx512(sign_words, mask_words, scale, n, W, out, r0, r1);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t shift = j % 32;
+      const bool keep = (static_cast<uint32_t>(mask_words[r * W + j / 32]) >> shift) & 1u;
+      const bool pos = (static_cast<uint32_t>(sign_words[r * W + j / 32]) >> shift) & 1u;
+      out[r * n + j] = keep ? (pos ? scale : -scale) : 0.0f;
+    }
+}
+}  // namespace supsup_cpu

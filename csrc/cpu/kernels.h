@@ -62,3 +62,10 @@ namespace supsup_cpu {
 // out[i] = scores[i] >= 0 ? w[i] : 0 (the threshold supermask applied to the weight, one pass).
 void threshold_masked_weight(Isa isa, const float* scores, const float* w, float* out, int64_t i0, int64_t i1);
 }  // namespace supsup_cpu
+
+namespace supsup_cpu {
+// out[row, j] = bit(mask) ? scale * (bit(sign) ? +1 : -1) : 0 for rows [r0, r1); out is [R, n]:
+// a signed-constant layer's masked weight, built from 2 bits per weight.
+void signed_masked_weight(Isa isa, const int32_t* sign_words, const int32_t* mask_words, float scale, int64_t n,
+                          int64_t W, float* out, int64_t r0, int64_t r1);
+}  // namespace supsup_cpu

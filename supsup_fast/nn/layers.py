@@ -178,12 +178,6 @@ class SupermaskLayer(nn.Module):
                 f"mask_fn={self.mask_fn}, tasks={self.num_tasks}")
 
 
-# Up to this many rows of x, a signed-constant layer's single-task forward reads its weights as sign
-# bits (2 bits per weight with the mask, 16x less traffic than float32); above it, BLAS on the
-# materialised weight wins.
-SIGNED_BITS_MAX_ROWS = 16
-
-
 class SupermaskLinear(SupermaskLayer):
     """Drop-in for ``nn.Linear`` with frozen weights and per-task binary masks."""
 
@@ -201,8 +195,8 @@ class SupermaskLinear(SupermaskLayer):
         return F.linear(x, w, self.bias)
 
     def _masked(self, x, words):
-        rows = x.numel() // max(x.shape[-1], 1)
-        if self.init_kind == "signed_constant" and rows <= SIGNED_BITS_MAX_ROWS and x.dtype == self.weight.dtype:
+        # A signed-constant layer reads its frozen weights as sign bits: 2 bits per weight with the mask.
+        if self.init_kind == "signed_constant" and x.dtype == self.weight.dtype:
             sign_words, scale = self._sign_bits()
             return ops.signed_masked_linear(x, sign_words, words, scale, self.bias)
         return ops.masked_linear(x, self.weight, words, self.bias)

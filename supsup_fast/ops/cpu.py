@@ -95,21 +95,22 @@ class CpuBackend(ReferenceBackend):
             self._local.buf = buf
         return buf
 
-    def _blocked_linear(self, x, weight, mask_words, bias):
-        """y = x (W ⊙ M)ᵀ + b computed 256 output rows at a time: each unpacked block is still in L2
-        when BLAS multiplies it (yᵀ is filled block by block, then transposed once)."""
+    def _blocked_linear(self, x, out_features: int, unpack_rows, bias):
+        """y = x (W ⊙ M)ᵀ + b computed 256 output rows at a time: ``unpack_rows(r0, r1, block)``
+        writes rows [r0, r1) of W ⊙ M into an L2-resident block that BLAS multiplies right away
+        (yᵀ is filled block by block, then transposed once)."""
         x2 = x.reshape(-1, x.shape[-1])
-        out_t = torch.empty(weight.shape[0], x2.shape[0], dtype=x.dtype)
+        out_t = torch.empty(out_features, x2.shape[0], dtype=x.dtype)
         x_t = x2.t()
-        for r0 in range(0, weight.shape[0], BLOCK_ROWS):
-            r1 = min(r0 + BLOCK_ROWS, weight.shape[0])
-            block = self._scratch((r1 - r0, weight.shape[1]), weight.dtype)
-            self.ops.masked_weight_into(weight[r0:r1], mask_words[r0:r1], block)
+        for r0 in range(0, out_features, BLOCK_ROWS):
+            r1 = min(r0 + BLOCK_ROWS, out_features)
+            block = self._scratch((r1 - r0, x.shape[-1]), x.dtype)
+            unpack_rows(r0, r1, block)
             torch.mm(block, x_t, out=out_t[r0:r1])
         y = out_t.t().contiguous()
         if bias is not None:
             y += bias
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y.reshape(*x.shape[:-1], out_features)
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
@@ -145,7 +146,9 @@ class CpuBackend(ReferenceBackend):
         if isinstance(dense, DenseLinear) and x.dtype == torch.float32 and 0 < rows <= SMALL_BATCH:
             return self.ops.masked_linear_small(x.contiguous(), weight, mask_words, bias)
         if isinstance(dense, DenseLinear) and x.dtype == torch.float32 and weight.dtype == torch.float32 and rows <= BLOCKED_BATCH:
-            return self._blocked_linear(x, weight.contiguous(), mask_words.contiguous(), bias)
+            weight, mask_words = weight.contiguous(), mask_words.contiguous()
+            return self._blocked_linear(
+                x, weight.shape[0], lambda r0, r1, out: self.ops.masked_weight_into(weight[r0:r1], mask_words[r0:r1], out), bias)
         if weight.dtype == torch.float32 and x.dtype == torch.float32:
             w_eff = self._scratch(weight.shape, weight.dtype)
             self.ops.masked_weight_into(weight.contiguous(), mask_words.contiguous(), w_eff)
@@ -154,6 +157,16 @@ class CpuBackend(ReferenceBackend):
 
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
         rows = x.numel() // max(x.shape[-1], 1)
-        if x.dtype == torch.float32 and 0 < rows <= SMALL_BATCH:
+        if x.dtype != torch.float32:
+            return super().signed_masked_linear(x, sign_words, mask_words, scale, bias)
+        if 0 < rows <= SMALL_BATCH:
             return self.ops.signed_masked_linear_small(x.contiguous(), sign_words, mask_words, scale, bias)
-        return super().signed_masked_linear(x, sign_words, mask_words, scale, bias)
+        # Larger batches: build W ⊙ M from the sign and mask bits (2 bits read per weight) and call BLAS,
+        # blockwise up to BLOCKED_BATCH rows, in one piece above.
+        if rows <= BLOCKED_BATCH:
+            return self._blocked_linear(
+                x, mask_words.shape[0],
+                lambda r0, r1, out: self.ops.signed_masked_weight_into(sign_words[r0:r1], mask_words[r0:r1], scale, out), bias)
+        w_eff = self._scratch((mask_words.shape[0], x.shape[-1]), x.dtype)
+        self.ops.signed_masked_weight_into(sign_words, mask_words, scale, w_eff)
+        return torch.nn.functional.linear(x, w_eff, bias)
