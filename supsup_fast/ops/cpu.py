@@ -88,11 +88,11 @@ class CpuBackend(ReferenceBackend):
         # buffer per call costs page faults comparable to the unpacking itself.
         self._local = threading.local()
 
-    def _scratch(self, shape, dtype) -> torch.Tensor:
-        buf = getattr(self._local, "buf", None)
+    def _scratch(self, shape, dtype, name: str = "weight") -> torch.Tensor:
+        buf = getattr(self._local, name, None)
         if buf is None or buf.shape != torch.Size(shape) or buf.dtype != dtype:
             buf = torch.empty(shape, dtype=dtype)
-            self._local.buf = buf
+            setattr(self._local, name, buf)
         return buf
 
     def _blocked_linear(self, x, out_features: int, unpack_rows, bias):
@@ -100,7 +100,7 @@ class CpuBackend(ReferenceBackend):
         writes rows [r0, r1) of W ⊙ M into an L2-resident block that BLAS multiplies right away
         (yᵀ is filled block by block, then transposed once)."""
         x2 = x.reshape(-1, x.shape[-1])
-        out_t = torch.empty(out_features, x2.shape[0], dtype=x.dtype)
+        out_t = self._scratch((out_features, x2.shape[0]), x.dtype, "out_t")  # only the returned copy is fresh
         x_t = x2.t()
         for r0 in range(0, out_features, BLOCK_ROWS):
             r1 = min(r0 + BLOCK_ROWS, out_features)
