@@ -157,6 +157,25 @@ def test_superposed_and_conv_gradients_match_reference():
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("k", [1, 3, 4, 17])
+@pytest.mark.parametrize("n", [33, 784])
+def test_one_image_alpha_gradient_rank1_path(k, n):
+    """One image: the cpu backend forms v = (g xᵀ) ⊙ W inside mask_dot; same gradients as the reference."""
+    bank = ss.pack_bits(torch.rand(k, 9, n) > 0.5)
+    w, xb = torch.randn(9, n), torch.randn(1, n)
+
+    def run():
+        x, a = xb.clone().requires_grad_(), torch.full((k,), 1 / k, requires_grad=True)
+        y = ss.ops.superposed_linear(x, w, bank, a)
+        gx, ga = torch.autograd.grad(y.square().sum(), (x, a))
+        return torch.cat([gx.flatten(), ga])
+    got, ref = both(run)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+    C = torch.ops.supsup_cpu
+    g, x = torch.randn(9), torch.randn(n)
+    assert torch.allclose(C.mask_dot_rank1(bank, g, x, w), C.mask_dot(bank, torch.outer(g, x) * w), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", range(12))
 def test_opcheck_on_cpu_backend(case):
     from tests.test_ops import _opcheck_cases

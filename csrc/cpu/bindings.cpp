@@ -103,6 +103,34 @@ at::Tensor mask_dot_op(const at::Tensor& bank, const at::Tensor& v, const std::o
   return out;
 }
 
+at::Tensor mask_dot_rank1_op(const at::Tensor& bank, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w) {
+  check_words(bank, "bank");
+  check_float(g, "g");
+  check_float(x, "x");
+  check_float(w, "weight");
+  TORCH_CHECK(w.dim() == 2 && g.dim() == 1 && x.dim() == 1 && g.size(0) == w.size(0) && x.size(0) == w.size(1),
+              "mask_dot_rank1 needs g [R], x [n] and weight [R, n]");
+  const int64_t R = w.size(0), n = w.size(1), W = words_for(n), k = bank.size(0);
+  TORCH_CHECK(bank.dim() == 3 && bank.size(1) == R && bank.size(2) == W, "bank must be [k, R, ceil(n/32)]");
+  const Isa isa = current_isa();
+  if (isa != Isa::Avx512 || k < 4) return mask_dot_op(bank, at::outer(g, x).mul_(w), std::nullopt);
+  const int64_t total = R * W;
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (total + kMaskDotChunkWords - 1) / kMaskDotChunkWords));
+  int64_t chunk = (total + nthreads - 1) / nthreads;
+  chunk = (chunk + kMaskDotChunkWords - 1) / kMaskDotChunkWords * kMaskDotChunkWords;
+  at::Tensor parts = at::zeros({nthreads, k}, w.options());
+  float* pp = parts.data_ptr<float>();
+  at::parallel_for(0, nthreads, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t fw0 = c * chunk, fw1 = std::min(total, fw0 + chunk);
+      if (fw0 < fw1)
+        mask_dot_rank1(isa, bank.data_ptr<int32_t>(), R, W, n, g.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(),
+                       k, pp + c * k, fw0, fw1);
+    }
+  });
+  return parts.sum(0);
+}
+
 at::Tensor superpose_op(const at::Tensor& bank, const at::Tensor& alpha, int64_t n, const std::optional<at::Tensor>& active) {
   check_words(bank, "bank");
   check_float(alpha, "alpha");
@@ -254,6 +282,7 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("pack_bits(Tensor mask) -> Tensor");
   m.def("unpack_bits(Tensor words, int n) -> Tensor");
   m.def("mask_dot(Tensor bank, Tensor v, Tensor? active=None) -> Tensor");
+  m.def("mask_dot_rank1(Tensor bank, Tensor g, Tensor x, Tensor weight) -> Tensor");
   m.def("superpose(Tensor bank, Tensor alpha, int n, Tensor? active=None) -> Tensor");
   m.def("masked_weight(Tensor weight, Tensor mask_words) -> Tensor");
   m.def("masked_weight_into(Tensor weight, Tensor mask_words, Tensor(a!) out) -> ()");
@@ -269,6 +298,7 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("unpack_bits", &unpack_bits_op);
   m.impl("mask_dot", &mask_dot_op);
   m.impl("superpose", &superpose_op);
+  m.impl("mask_dot_rank1", &mask_dot_rank1_op);
   m.impl("masked_weight", &masked_weight_op);
   m.impl("masked_weight_into", &masked_weight_into_op);
   m.impl("masked_linear_small", &masked_linear_small_op);

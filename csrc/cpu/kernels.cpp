@@ -292,15 +292,42 @@ AVX512_TARGET void mask_dot_avx512(const int32_t* bank, int64_t R, int64_t W, in
 // at a time and transposed in registers (gathers are several times slower on Zen 4).
 constexpr int64_t kTableWords = 512;  // tables for 512 words = 256 KiB, L2-resident
 
-AVX512_TARGET void build_tables512(const float* v, int64_t n, int64_t W, int64_t fw0, int64_t fw1, float* tables) {
+// Where the 32 values of v for one mask word come from: a dense v [R, n], or the rank-1 product
+// g[r] · x[j] · w[r, j] of a one-image backward (v = G ⊙ W with G = g xᵀ, never materialised).
+struct DenseSource {
+  const float* v;
+  int64_t n;
+  AVX512_TARGET void load(int64_t r, int64_t q, uint32_t valid, float* vals) const {
+    const float* p = v + r * n + 32 * q;
+    _mm512_store_ps(vals, _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid), p));
+    _mm512_store_ps(vals + 16, _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid >> 16), p + 16));
+  }
+};
+
+struct Rank1Source {
+  const float* g;  // [R]
+  const float* x;  // [n]
+  const float* w;  // [R, n]
+  int64_t n;
+  AVX512_TARGET void load(int64_t r, int64_t q, uint32_t valid, float* vals) const {
+    const __m512 gr = _mm512_set1_ps(g[r]);
+    const float* xp = x + 32 * q;
+    const float* wp = w + r * n + 32 * q;
+    const __mmask16 lo = static_cast<__mmask16>(valid), hi = static_cast<__mmask16>(valid >> 16);
+    _mm512_store_ps(vals, _mm512_mul_ps(gr, _mm512_mul_ps(_mm512_maskz_loadu_ps(lo, xp), _mm512_maskz_loadu_ps(lo, wp))));
+    _mm512_store_ps(vals + 16, _mm512_mul_ps(gr, _mm512_mul_ps(_mm512_maskz_loadu_ps(hi, xp + 16), _mm512_maskz_loadu_ps(hi, wp + 16))));
+  }
+};
+
+template <class Source>
+AVX512_TARGET void build_tables512(const Source& src, int64_t n, int64_t W, int64_t fw0, int64_t fw1, float* tables) {
   // lanes e of a table that include bit b of the nibble
   const __mmask16 has_bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
   int64_t r = fw0 / W, q = fw0 % W;
   for (int64_t fw = fw0; fw < fw1; ++fw) {
     const uint32_t valid = valid_bits(n, q);
     alignas(64) float vals[32];
-    _mm512_store_ps(vals, _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid), v + r * n + 32 * q));
-    _mm512_store_ps(vals + 16, _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid >> 16), v + r * n + 32 * q + 16));
+    src.load(r, q, valid, vals);
     float* t = tables + (fw - fw0) * 128;
     for (int p = 0; p < 8; ++p) {
       __m512 tab = _mm512_setzero_ps();
@@ -337,7 +364,8 @@ AVX512_TARGET inline void transpose16(__m512i* r) {
     r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
   }
 }
-AVX512_TARGET void mask_dot_nibble512(const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v,
+template <class Source>
+AVX512_TARGET void mask_dot_nibble512(const int32_t* bank, int64_t R, int64_t W, int64_t n, const Source& src,
                                       const int64_t* active, int64_t k, float* out, int64_t fwa, int64_t fwb) {
   const int64_t stride = R * W, t0 = 0, t1 = k;
   const int64_t groups = (t1 - t0 + 15) / 16;
@@ -347,7 +375,7 @@ AVX512_TARGET void mask_dot_nibble512(const int32_t* bank, int64_t R, int64_t W,
   const __m512i nib = _mm512_set1_epi32(0xF);
   for (int64_t fw0 = fwa; fw0 < fwb; fw0 += kTableWords) {
     const int64_t fw1 = std::min(fwb, fw0 + kTableWords);
-    build_tables512(v, n, W, fw0, fw1, tables);
+    build_tables512(src, n, W, fw0, fw1, tables);
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t tg = t0 + 16 * g, cnt = std::min<int64_t>(16, t1 - tg);
       const int32_t* rows[16];
@@ -590,11 +618,18 @@ void mask_dot(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, con
               int64_t k, float* out, int64_t fw0, int64_t fw1) {
   if (isa == Isa::Avx512) {
     // The tables cost 8 vector ops per word of v, shared by all tasks: worth it from a few tasks on.
-    if (k >= 4) return mask_dot_nibble512(bank, R, W, n, v, active, k, out, fw0, fw1);
+    if (k >= 4) return mask_dot_nibble512(bank, R, W, n, DenseSource{v, n}, active, k, out, fw0, fw1);
     return mask_dot_avx512(bank, R, W, n, v, active, k, out, fw0, fw1);
   }
   if (isa == Isa::Avx2) return mask_dot_avx2(bank, R, W, n, v, active, k, out, fw0, fw1);
   mask_dot_scalar(bank, R, W, n, v, active, k, out, fw0, fw1);
+}
+
+bool mask_dot_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* g, const float* x,
+                    const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1) {
+  if (isa != Isa::Avx512 || k < 4) return false;
+  mask_dot_nibble512(bank, R, W, n, Rank1Source{g, x, w, n}, nullptr, k, out, fw0, fw1);
+  return true;
 }
 
 void superpose(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,

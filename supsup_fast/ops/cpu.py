@@ -155,6 +155,21 @@ class CpuBackend(ReferenceBackend):
             return dense.forward(x, w_eff, bias)  # a new tensor: the scratch never escapes
         return super().masked_forward(dense, x, weight, mask_words, bias)
 
+    def superposed_backward(self, dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if not (isinstance(dense, DenseLinear) and rows == 1 and need_alpha and not need_weight
+                and x.dtype == torch.float32 and weight.dtype == torch.float32 and grad.dtype == torch.float32):
+            return super().superposed_backward(dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight)
+        # One image (the paper's one-shot inference): G = g xᵀ is rank 1, so the α-gradient
+        # ⟨Mᵢ, G ⊙ W⟩ is computed with v formed on the fly inside mask_dot, never materialised.
+        dalpha = self.ops.mask_dot_rank1(bank, grad.reshape(-1).contiguous(), x.reshape(-1).contiguous(), weight)
+        dx = grad.new_empty(0)
+        if need_input:
+            if s is None:
+                s = self.superpose(bank, alpha.to(weight.dtype), weight.shape[1])
+            dx = dense.grad_input(grad, x, weight * s.view_as(weight))
+        return dx, dalpha.to(alpha.dtype), grad.new_empty(0)
+
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
         rows = x.numel() // max(x.shape[-1], 1)
         if x.dtype != torch.float32:
