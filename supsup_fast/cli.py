@@ -43,6 +43,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="reference, cpu, triton, cuda or auto")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--train-subset", type=int, help="train on the first N images of each task (smoke runs)")
+    p.add_argument("--transfer", action="store_true", default=None,
+                   help="Transfer: start each task's scores from the running mean of the previous tasks' scores")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

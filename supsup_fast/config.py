@@ -46,6 +46,7 @@ class RunConfig:
     backend: str = "auto"
     device: str = "cpu"
     train_subset: Optional[int] = None     # use only the first N training images per task (smoke runs)
+    transfer: bool = False                 # start each task's scores from the running mean of earlier tasks' scores
 
     # Fields that may change between an interrupted run and its --resume.
     RESUMABLE_CHANGES = ("backend", "device", "download", "data_root")

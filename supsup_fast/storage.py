@@ -94,6 +94,8 @@ def save_masks(model: nn.Module, path: Union[str, Path], first_task: int = 0, en
         tensors[f"bank/{name}"] = layer.bank.words[first_task:end_task].detach().cpu().contiguous()
         if layer.init_kind == "tensor":
             tensors[f"weight/{name}"] = layer.weight.detach().cpu().contiguous()
+        if layer.score_mean is not None and end_task == k:  # Transfer state after the file's last task
+            tensors[f"score_mean/{name}"] = layer.score_mean.detach().cpu().contiguous()
     for name, bn in _bn_layers(model).items():
         tensors[f"bn_mean/{name}"] = bn.means.rows[first_task:end_task].detach().cpu().contiguous()
         tensors[f"bn_var/{name}"] = bn.vars.rows[first_task:end_task].detach().cpu().contiguous()
@@ -166,6 +168,10 @@ def _apply(model: nn.Module, path, tensors: Dict[str, torch.Tensor], meta: Dict[
         if bank is None or bank.dtype != torch.int32 or tuple(bank.shape) != expect:
             raise MaskFileError(f"{path}: bank of layer {n} should be int32 {list(expect)}, got "
                                 f"{None if bank is None else (bank.dtype, list(bank.shape))}")
+    for n, layer in layers.items():
+        mean = tensors.get(f"score_mean/{n}")
+        if mean is not None and tuple(mean.shape) != tuple(layer.weight.shape):
+            raise MaskFileError(f"{path}: score_mean of layer {n} should be {list(layer.weight.shape)}")
     for n, bn in bns.items():
         for key in ("bn_mean", "bn_var"):
             t = tensors.get(f"{key}/{n}")
@@ -174,6 +180,8 @@ def _apply(model: nn.Module, path, tensors: Dict[str, torch.Tensor], meta: Dict[
     # Everything checked: now mutate.
     for n, layer in layers.items():
         layer.append_packed(tensors[f"bank/{n}"])
+        if f"score_mean/{n}" in tensors:
+            layer.score_mean = tensors[f"score_mean/{n}"].to(layer.weight.device)
     for n, bn in bns.items():
         bn.append_stats(tensors[f"bn_mean/{n}"].to(bn.means.storage.device), tensors[f"bn_var/{n}"].to(bn.means.storage.device))
     return json.loads(meta["extra"])

@@ -111,3 +111,30 @@ def test_every_shipped_preset_is_valid():
     assert presets
     for p in presets:
         make_config(load_yaml(p))
+
+
+def test_transfer_state_survives_resume(tmp_path, monkeypatch):
+    import supsup_fast.nn as snn
+    from supsup_fast.storage import load_model
+    cfg = make_config(overrides=dict(SMALL, tasks=3, eval_at=[], transfer=True))
+    full = run_experiment(cfg, tmp_path / "full", progress=False)
+    reference_model = load_model(tmp_path / "full" / "model.safetensors")
+    real_train = exp_mod.train_task
+    calls = []
+
+    def crashing(model, split, settings, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_train(model, split, settings, **kw)
+
+    monkeypatch.setattr(exp_mod, "train_task", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(exp_mod, "train_task", real_train)
+    resumed = run_experiment(cfg, tmp_path / "cut", resume=True, progress=False)
+    resumed_model = load_model(tmp_path / "cut" / "model.safetensors")
+    for a, b in zip(snn.supermask_layers(reference_model).values(), snn.supermask_layers(resumed_model).values()):
+        assert a.score_mean is not None and torch.equal(a.score_mean, b.score_mean)
+        assert torch.equal(a.bank.words, b.bank.words)  # same masks as the uninterrupted run
+    assert resumed["per_task_accuracy"] == full["per_task_accuracy"]

@@ -187,3 +187,27 @@ def test_active_counts_shrink_incrementally_and_match_sums():
     g1, = torch.autograd.grad(y1.square().sum(), a1)
     g2, = torch.autograd.grad(y2.square().sum(), a2)
     assert torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_transfer_initialises_scores_from_running_mean():
+    model = torch.nn.Sequential(snn.SupermaskLinear(30, 8), torch.nn.ReLU(), snn.SupermaskLinear(8, 4))
+    snn.enable_transfer(model)
+    assert snn.transfer_init_scores(model) is None  # first task: the usual random init
+    trained = []
+    for t in range(3):
+        snn.begin_task(model, init_scores=snn.transfer_init_scores(model), generator=torch.Generator().manual_seed(t))
+        for layer in snn.supermask_layers(model).values():
+            layer.scores.data += torch.randn_like(layer.scores) * 0.1  # "training"
+        trained.append({n: l.scores.detach().clone() for n, l in snn.supermask_layers(model).items()})
+        snn.finish_task(model)
+    init = snn.transfer_init_scores(model)
+    for name in init:
+        expect = torch.stack([tr[name] for tr in trained]).mean(0)
+        assert torch.allclose(init[name], expect, atol=1e-6)
+    snn.begin_task(model, init_scores=init)
+    for name, layer in snn.supermask_layers(model).items():
+        assert torch.allclose(layer.scores, init[name]) and layer.scores.data_ptr() != init[name].data_ptr()
+    plain = snn.SupermaskLinear(30, 8)
+    snn.begin_task(plain)
+    snn.finish_task(plain)
+    assert plain.score_mean is None  # nothing float kept per layer unless Transfer is on

@@ -22,7 +22,7 @@ from ..config import RunConfig
 from ..data import BENCHMARKS, load_mnist
 from ..data.tasks import TaskSplit
 from ..models import build_model
-from ..nn import bn_bytes, mask_bytes, num_tasks
+from ..nn import bn_bytes, enable_transfer, mask_bytes, num_tasks, transfer_init_scores
 from ..ops.registry import backend_for, use_backend
 from .evaluation import EvalSettings, evaluate_task
 from .metrics import average, cl_metrics
@@ -70,6 +70,8 @@ class Experiment:
                                 mask_fn=config.mask_fn, density=config.density,
                                 er_multiplier=config.er_multiplier, input_size=784)
         self.model = model.to(self.device)
+        if config.transfer:
+            enable_transfer(self.model)
         self.train_settings = TrainSettings(iters=config.iters, epochs=config.epochs, batch_size=config.batch_size,
                                             lr=config.lr, optimizer=config.optimizer,
                                             weight_decay=config.weight_decay, scheduler=config.scheduler)
@@ -135,7 +137,8 @@ class Experiment:
                 steps = cfg.iters if cfg.iters is not None else cfg.epochs * split.num_batches(cfg.batch_size)
                 step_bar = tqdm(total=steps, desc=f"task {t}", unit="it", leave=False, disable=not self.progress)
                 start = time.perf_counter()
-                train_task(self.model, split, self.train_settings, device=self.device, generator=gen,
+                init = transfer_init_scores(self.model) if cfg.transfer else None
+                train_task(self.model, split, self.train_settings, device=self.device, generator=gen, init_scores=init,
                            on_step=lambda s, loss: (step_bar.update(1), step_bar.set_postfix(loss=f"{loss:.3f}")) if s % 10 == 0 or s == steps else None)
                 seconds = time.perf_counter() - start
                 step_bar.close()

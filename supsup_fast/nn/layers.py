@@ -55,6 +55,10 @@ class SupermaskLayer(nn.Module):
         self.bank = MaskBank(weight_shape[0], math.prod(weight_shape[1:]), device=device)
         self.scores: Optional[nn.Parameter] = None
         self.register_buffer("_counts", None, persistent=False)  # Σᵢ Mᵢ, float, shaped like weight
+        # Transfer (paper §3.2): the running mean of the trained scores of all finished tasks, one
+        # float tensor per layer (not per task), kept only when track_score_mean is set.
+        self.track_score_mean = False
+        self.register_buffer("score_mean", None, persistent=False)
         self._mode = (Mode.TASK, 0)
 
     # -- task lifecycle -----------------------------------------------------------------------
@@ -86,6 +90,12 @@ class SupermaskLayer(nn.Module):
     def finish_task(self) -> None:
         """Pack the trained mask into the bank and drop the float scores."""
         mask = self.current_mask().reshape(self.weight.shape[0], -1)
+        if self.track_score_mean:
+            scores = self.scores.detach()
+            if self.score_mean is None or self.num_tasks == 0:
+                self.score_mean = scores.clone()
+            else:
+                self.score_mean = self.score_mean + (scores - self.score_mean) / (self.num_tasks + 1)
         self.bank.append(ops.pack_bits(mask))
         if self._counts is not None:
             self._counts += mask.view_as(self.weight).to(self._counts.dtype)

@@ -36,6 +36,22 @@ def begin_task(model: nn.Module, init_scores: Optional[Dict[str, torch.Tensor]] 
         m.begin_task(init, generator)
 
 
+def enable_transfer(model: nn.Module) -> None:
+    """Keep, per supermask layer, the running mean of the trained scores of finished tasks (the
+    Transfer variant, reference doc §1.10). Enable it before the first task."""
+    for layer in supermask_layers(model).values():
+        layer.track_score_mean = True
+
+
+def transfer_init_scores(model: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """Initial scores for the next task under Transfer: the running mean of all previous tasks'
+    scores (None before the first task, which starts from the usual random init)."""
+    layers = supermask_layers(model)
+    if not layers or any(l.score_mean is None for l in layers.values()):
+        return None
+    return {name: l.score_mean for name, l in layers.items()}
+
+
 def finish_task(model: nn.Module) -> None:
     """Pack the trained masks into the banks and drop the scores."""
     for m in task_modules(model):
