@@ -16,7 +16,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     from .algorithms.inference import METHODS
     from .algorithms.objectives import OBJECTIVES
     from .algorithms.training import OPTIMIZERS
-    from .data.tasks import BENCHMARKS
+    from .data import BENCHMARKS
     from .models import MODELS
 
     p.add_argument("--config", help="YAML preset (configs/*.yaml); flags override it")

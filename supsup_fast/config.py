@@ -12,7 +12,7 @@ from .algorithms.evaluation import SCENARIOS
 from .algorithms.inference import METHODS
 from .algorithms.objectives import OBJECTIVES
 from .algorithms.training import OPTIMIZERS, SCHEDULERS
-from .data.tasks import BENCHMARKS
+from .data import BENCHMARK_MODELS, BENCHMARKS
 from .models import MODELS
 
 
@@ -71,8 +71,9 @@ class RunConfig:
             raise ValueError(f"--output-size must be a positive int, got {self.output_size!r}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.model not in ("fc1024", "lenet"):
-            raise ValueError(f"--model {self.model} needs image inputs; the MNIST benchmarks run fc1024 or lenet")
+        fits = BENCHMARK_MODELS[self.benchmark]
+        if self.model not in fits:
+            raise ValueError(f"--model {self.model} does not fit the inputs of {self.benchmark}; use one of {list(fits)}")
         return self
 
     def resolved_output_size(self, num_labels: int) -> int:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import storage
 from ..config import RunConfig
-from ..data import BENCHMARKS, load_mnist
+from ..data import load_benchmark
 from ..data.tasks import TaskSplit
 from ..models import build_model
 from ..nn import bn_bytes, enable_transfer, mask_bytes, num_tasks, transfer_init_scores
@@ -62,13 +62,12 @@ class Experiment:
         self.config, self.out, self.resume, self.progress = config, Path(out), resume, progress
         self.ckpt_dir = self.out / "checkpoints"
         self.device = torch.device(config.device)
-        mnist = load_mnist(config.data_root, config.download)
-        self.tasks = BENCHMARKS[config.benchmark](mnist, config.tasks, config.seed)
+        self.tasks = load_benchmark(config.benchmark, config.tasks, config.seed, config.data_root, config.download)
         self.output_size = config.resolved_output_size(self.tasks.num_labels)
         if model is None:
             model = build_model(config.model, self.output_size, seed=config.seed, init=config.init,
                                 mask_fn=config.mask_fn, density=config.density,
-                                er_multiplier=config.er_multiplier, input_size=784)
+                                er_multiplier=config.er_multiplier, input_size=784, in_channels=3)
         self.model = model.to(self.device)
         if config.transfer:
             enable_transfer(self.model)
@@ -185,7 +184,7 @@ class Experiment:
                        "tasks_resumed": resumed},
             "backend": backend_name,
             "machine": machine_info(self.device),
-            "data": self.tasks.mnist.source,
+            "data": self.tasks.source,
             "config": cfg.to_dict(),
         }
         return results

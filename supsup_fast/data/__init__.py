@@ -1,6 +1,24 @@
 """Datasets and continual-learning task sequences."""
 from .mnist import MNIST, DataError, download_mnist, load_embedded, load_mnist, read_idx
-from .tasks import BENCHMARKS, PermutedMNIST, RotatedMNIST, SplitMNIST, TaskSequence, TaskSplit, rotate_images
+from .tasks import BENCHMARKS as MNIST_BENCHMARKS
+from .tasks import PermutedMNIST, RotatedMNIST, SplitMNIST, TaskSequence, TaskSplit, rotate_images
+from .cifar import SplitCIFAR100, load_cifar100
 
-__all__ = ["MNIST", "DataError", "download_mnist", "load_embedded", "load_mnist", "read_idx", "BENCHMARKS",
+BENCHMARKS = dict(MNIST_BENCHMARKS, **{"split-cifar100": SplitCIFAR100})
+# The models each benchmark's inputs fit: flat 784-pixel MNIST images or 3×32×32 CIFAR images.
+BENCHMARK_MODELS = {**{name: ("fc1024", "lenet") for name in MNIST_BENCHMARKS},
+                    "split-cifar100": ("gemresnet18", "resnet18")}
+
+
+def load_benchmark(name: str, num_tasks: int, seed: int, data_root=None, download: bool = False) -> TaskSequence:
+    """The task sequence ``name`` with its data (MNIST embedded subset when no data root is given)."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"--benchmark must be one of {sorted(BENCHMARKS)}, got {name!r}")
+    if name in MNIST_BENCHMARKS:
+        return MNIST_BENCHMARKS[name](load_mnist(data_root, download), num_tasks, seed)
+    if download:
+        raise DataError(f"--download fetches MNIST only; put the CIFAR-100 python version in --data-root for {name}")
+    return SplitCIFAR100(load_cifar100(data_root), num_tasks, seed)
+
+__all__ = ["BENCHMARK_MODELS", "SplitCIFAR100", "load_benchmark", "load_cifar100", "MNIST", "DataError", "download_mnist", "load_embedded", "load_mnist", "read_idx", "BENCHMARKS",
            "PermutedMNIST", "RotatedMNIST", "SplitMNIST", "TaskSequence", "TaskSplit", "rotate_images"]

@@ -54,6 +54,10 @@ class TaskSequence:
         self._train_x = normalise(mnist.train_images)
         self._test_x = normalise(mnist.test_images)
 
+    @property
+    def source(self) -> str:
+        return self.mnist.source
+
     def _check(self, t: int) -> None:
         if not 0 <= t < self.num_tasks:
             raise ValueError(f"task must be in [0, {self.num_tasks}), got {t}")
