@@ -42,6 +42,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--backend", help="reference, cpu, triton, cuda or auto")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--mask-fn", choices=("threshold", "topk"), help="threshold (GNu default) or edge-popup top-k")
+    p.add_argument("--density", type=float, help="top-k: fraction of weights kept per layer")
+    p.add_argument("--er-multiplier", type=float, help="top-k: Erdős–Rényi per-layer density with multiplier S")
     p.add_argument("--train-subset", type=int, help="train on the first N images of each task (smoke runs)")
     p.add_argument("--transfer", action="store_true", default=None,
                    help="Transfer: start each task's scores from the running mean of the previous tasks' scores")
