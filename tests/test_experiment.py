@@ -8,6 +8,22 @@ from supsup_fast.algorithms.experiment import RunDirError, evaluate_run, run_exp
 from supsup_fast.config import load_yaml, make_config
 from supsup_fast.storage import MaskFileError
 
+def interrupt_after(monkeypatch, tasks: int):
+    """Make the run stop with KeyboardInterrupt when it starts task number ``tasks``; returns the
+    real train_task so the test can restore it."""
+    real_train = exp_mod.train_task
+    calls = []
+
+    def crashing(model, split, settings, **kw):
+        if len(calls) == tasks:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_train(model, split, settings, **kw)
+
+    monkeypatch.setattr(exp_mod, "train_task", crashing)
+    return real_train
+
+
 SMALL = dict(model="lenet", tasks=3, iters=40, train_subset=1500, lr=1e-3, output_size=100, eval_at=[2])
 
 
@@ -34,16 +50,7 @@ def test_run_writes_all_outputs(tmp_path):
 def test_resume_keeps_finished_tasks(tmp_path, monkeypatch):
     cfg = make_config(overrides=SMALL)
     out = tmp_path / "run"
-    real_train = exp_mod.train_task
-    calls = []
-
-    def crashing(model, split, settings, **kw):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_train(model, split, settings, **kw)
-
-    monkeypatch.setattr(exp_mod, "train_task", crashing)
+    real_train = interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, out, progress=False)
     files = sorted((out / "checkpoints").glob("task_*.safetensors"))
@@ -119,16 +126,7 @@ def test_transfer_state_survives_resume(tmp_path, monkeypatch):
     cfg = make_config(overrides=dict(SMALL, tasks=3, eval_at=[], transfer=True))
     full = run_experiment(cfg, tmp_path / "full", progress=False)
     reference_model = load_model(tmp_path / "full" / "model.safetensors")
-    real_train = exp_mod.train_task
-    calls = []
-
-    def crashing(model, split, settings, **kw):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_train(model, split, settings, **kw)
-
-    monkeypatch.setattr(exp_mod, "train_task", crashing)
+    real_train = interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "cut", progress=False)
     monkeypatch.setattr(exp_mod, "train_task", real_train)

@@ -72,6 +72,25 @@ at::Tensor unpack_bits_op(const at::Tensor& words, int64_t n) {
   return out;
 }
 
+// Threads split the flat words of a bank row-set (each builds its own lookup tables once); their
+// partial sums [threads, k] are added in a fixed order, so results do not depend on timing.
+template <class Fn>
+at::Tensor sum_over_word_chunks(int64_t total, int64_t k, const at::TensorOptions& opts, Fn fn) {
+  const int64_t nthreads = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), (total + kMaskDotChunkWords - 1) / kMaskDotChunkWords));
+  int64_t chunk = (total + nthreads - 1) / nthreads;
+  chunk = (chunk + kMaskDotChunkWords - 1) / kMaskDotChunkWords * kMaskDotChunkWords;
+  at::Tensor parts = at::zeros({nthreads, k}, opts);
+  float* pp = parts.data_ptr<float>();
+  at::parallel_for(0, nthreads, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t fw0 = c * chunk, fw1 = std::min(total, fw0 + chunk);
+      if (fw0 < fw1 && k > 0) fn(pp + c * k, fw0, fw1);
+    }
+  });
+  return parts.sum(0);
+}
+
 at::Tensor mask_dot_op(const at::Tensor& bank, const at::Tensor& v, const std::optional<at::Tensor>& active) {
   check_words(bank, "bank");
   check_float(v, "v");
@@ -85,22 +104,9 @@ at::Tensor mask_dot_op(const at::Tensor& bank, const at::Tensor& v, const std::o
   const int32_t* b = bank.data_ptr<int32_t>();
   const float* vp = v.data_ptr<float>();
   const Isa isa = current_isa();
-  // Threads split the words (each builds its own lookup tables once), then the partial sums are
-  // added in a fixed order: the result does not depend on timing.
-  const int64_t total = R * W;
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (total + kMaskDotChunkWords - 1) / kMaskDotChunkWords));
-  int64_t chunk = (total + nthreads - 1) / nthreads;
-  chunk = (chunk + kMaskDotChunkWords - 1) / kMaskDotChunkWords * kMaskDotChunkWords;
-  at::Tensor parts = at::zeros({nthreads, m}, v.options());
-  float* pp = parts.data_ptr<float>();
-  at::parallel_for(0, nthreads, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t fw0 = c * chunk, fw1 = std::min(total, fw0 + chunk);
-      if (fw0 < fw1 && m > 0) mask_dot(isa, b, R, W, n, vp, act, m, pp + c * m, fw0, fw1);
-    }
+  return sum_over_word_chunks(R * W, m, v.options(), [&](float* out, int64_t fw0, int64_t fw1) {
+    mask_dot(isa, b, R, W, n, vp, act, m, out, fw0, fw1);
   });
-  at::Tensor out = parts.sum(0);
-  return out;
 }
 
 at::Tensor mask_dot_rank1_op(const at::Tensor& bank, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w) {
@@ -114,21 +120,10 @@ at::Tensor mask_dot_rank1_op(const at::Tensor& bank, const at::Tensor& g, const 
   TORCH_CHECK(bank.dim() == 3 && bank.size(1) == R && bank.size(2) == W, "bank must be [k, R, ceil(n/32)]");
   const Isa isa = current_isa();
   if (isa != Isa::Avx512 || k < 4) return mask_dot_op(bank, at::outer(g, x).mul_(w), std::nullopt);
-  const int64_t total = R * W;
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (total + kMaskDotChunkWords - 1) / kMaskDotChunkWords));
-  int64_t chunk = (total + nthreads - 1) / nthreads;
-  chunk = (chunk + kMaskDotChunkWords - 1) / kMaskDotChunkWords * kMaskDotChunkWords;
-  at::Tensor parts = at::zeros({nthreads, k}, w.options());
-  float* pp = parts.data_ptr<float>();
-  at::parallel_for(0, nthreads, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t fw0 = c * chunk, fw1 = std::min(total, fw0 + chunk);
-      if (fw0 < fw1)
-        mask_dot_rank1(isa, bank.data_ptr<int32_t>(), R, W, n, g.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(),
-                       k, pp + c * k, fw0, fw1);
-    }
+  return sum_over_word_chunks(R * W, k, w.options(), [&](float* out, int64_t fw0, int64_t fw1) {
+    mask_dot_rank1(isa, bank.data_ptr<int32_t>(), R, W, n, g.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(),
+                   k, out, fw0, fw1);
   });
-  return parts.sum(0);
 }
 
 at::Tensor superpose_op(const at::Tensor& bank, const at::Tensor& alpha, int64_t n, const std::optional<at::Tensor>& active) {
