@@ -80,6 +80,21 @@ def test_active_task_lists():
         C.masked_linear_small(torch.randn(17, n), torch.randn(4, n), words)
 
 
+@pytest.mark.parametrize("batch", [0, 3, 40])
+def test_masked_linear_odd_layouts(batch):
+    """Empty batches, 3-D inputs and a non-contiguous bias go through every path."""
+    n = 70
+    mask = torch.rand(12, n) > 0.5
+    words, w = ss.pack_bits(mask), torch.randn(12, n)
+    bias = torch.randn(12, 2)[:, 0]  # non-contiguous
+    x = torch.randn(batch, 2, n)
+    got, ref = both(lambda: ss.ops.masked_linear(x, w, words, bias))
+    assert got.shape == (batch, 2, 12) and torch.allclose(got, ref, atol=1e-5)
+    sw = ss.pack_bits(w > 0)
+    got, ref = both(lambda: ss.ops.signed_masked_linear(x, sw, words, 0.5, bias))
+    assert got.shape == (batch, 2, 12) and torch.allclose(got, ref, atol=1e-5)
+
+
 def test_garbage_pad_bits_are_ignored():
     n = 40  # 24 pad bits in the second word
     mask = torch.rand(3, 2, n) > 0.5

@@ -142,6 +142,7 @@ class CpuBackend(ReferenceBackend):
         return self.ops.threshold_masked_weight(scores.contiguous(), weight.contiguous())
 
     def masked_forward(self, dense, x, weight, mask_words, bias):
+        bias = None if bias is None else bias.contiguous()
         rows = x.numel() // max(x.shape[-1], 1)
         if isinstance(dense, DenseLinear) and x.dtype == torch.float32 and 0 < rows <= SMALL_BATCH:
             return self.ops.masked_linear_small(x.contiguous(), weight, mask_words, bias)
@@ -171,6 +172,7 @@ class CpuBackend(ReferenceBackend):
         return dx, dalpha.to(alpha.dtype), grad.new_empty(0)
 
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
+        bias = None if bias is None else bias.contiguous()
         rows = x.numel() // max(x.shape[-1], 1)
         if x.dtype != torch.float32:
             return super().signed_masked_linear(x, sign_words, mask_words, scale, bias)
