@@ -20,6 +20,8 @@ AUTO = "auto"
 # importing the package never builds or loads a kernel.
 _FACTORIES: Dict[str, tuple] = {}
 _INSTANCES: Dict[str, object] = {}
+_FAILURES: Dict[str, Exception] = {}  # backends whose factory failed: not retried on every op call
+_available: Optional[List[str]] = None
 _default_name = AUTO
 _scoped_name: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("supsup_backend", default=None)
 
@@ -27,27 +29,39 @@ _scoped_name: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("su
 def register_backend(name: str, factory: Callable[[], object], priority: int) -> None:
     """Register a backend. ``factory()`` returns the backend or raises ``RuntimeError`` if it
     cannot run on this machine (missing extension, no GPU...)."""
+    global _available
     _FACTORIES[name] = (factory, priority)
     _INSTANCES.pop(name, None)
+    _FAILURES.pop(name, None)
+    _available = None
 
 
 def _instance(name: str):
+    if name in _FAILURES:
+        raise RuntimeError(str(_FAILURES[name]))
     if name not in _INSTANCES:
         factory, _ = _FACTORIES[name]
-        _INSTANCES[name] = factory()
+        try:
+            _INSTANCES[name] = factory()
+        except (RuntimeError, ImportError) as exc:
+            _FAILURES[name] = exc
+            raise
     return _INSTANCES[name]
 
 
 def available() -> List[str]:
     """Names of the backends that load on this machine, fastest first ("reference" always)."""
-    names = []
-    for name, (_, prio) in sorted(_FACTORIES.items(), key=lambda kv: -kv[1][1]):
-        try:
-            _instance(name)
-        except (RuntimeError, ImportError):
-            continue
-        names.append(name)
-    return names
+    global _available
+    if _available is None:
+        names = []
+        for name, (_, prio) in sorted(_FACTORIES.items(), key=lambda kv: -kv[1][1]):
+            try:
+                _instance(name)
+            except (RuntimeError, ImportError):
+                continue
+            names.append(name)
+        _available = names
+    return list(_available)
 
 
 def _check_name(name: str) -> str:
@@ -93,8 +107,8 @@ def backend_for(device: torch.device):
         if not backend.supports(device):
             raise RuntimeError(f"backend {name!r} cannot run on device {device}")
         return backend
-    for cand in available():
-        backend = _instance(cand)
+    for cand in _available if _available is not None else available():
+        backend = _INSTANCES[cand]
         if backend.supports(device):
             return backend
     raise RuntimeError(f"no backend supports device {device}")
