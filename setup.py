@@ -12,11 +12,41 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def nvidia_include_dirs():
+    """Headers of the nvidia-* wheels (cusparse.h, cublas_v2.h ...) that torch's CUDA headers include."""
+    dirs = []
+    try:
+        import nvidia
+        for root in getattr(nvidia, "__path__", []):
+            dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
+    except ImportError:
+        pass
+    return dirs
+
+
+def cuda_extension(torch):
+    """The CUDA extension, or None with one line saying why it is skipped."""
+    import shutil
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+    sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + [os.path.join("csrc", "cuda", "bindings.cpp")]
+    if torch.version.cuda is None:
+        print("supsup_fast: skipping the CUDA kernels (this torch is a CPU build)")
+        return None
+    if CUDA_HOME is None and shutil.which("nvcc") is None:
+        print("supsup_fast: skipping the CUDA kernels (nvcc not found; set CUDA_HOME)")
+        return None
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    return CUDAExtension("supsup_fast._cuda", sources, include_dirs=nvidia_include_dirs(),
+                         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+                         define_macros=[("SUPSUP_PYTHON_MODULE", None)])
+
+
 def extensions():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not cpu_sources:
         return [], {}
     try:
+        import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         print("supsup_fast: torch is not importable at build time; the C++ CPU kernels will be compiled "
@@ -25,7 +55,11 @@ def extensions():
     ext = CppExtension("supsup_fast._C", cpu_sources,
                        extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wno-maybe-uninitialized"], extra_link_args=["-fopenmp"],
                        define_macros=[("SUPSUP_PYTHON_MODULE", None)])
-    return [ext], {"build_ext": BuildExtension}
+    exts = [ext]
+    cuda = cuda_extension(torch)
+    if cuda is not None:
+        exts.append(cuda)
+    return exts, {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = extensions()
@@ -40,9 +74,11 @@ setup(
     packages=["supsup_fast", "supsup_fast.ops", "supsup_fast.nn", "supsup_fast.data", "supsup_fast.algorithms",
               "supsup_fast.kernels", "supsup_fast.csrc"],
     package_dir={"supsup_fast.kernels": "kernels", "supsup_fast.csrc": "csrc"},
-    package_data={"supsup_fast.data": ["mnist_subset.npz"], "supsup_fast.csrc": ["cpu/*.cpp", "cpu/*.h"]},
+    package_data={"supsup_fast.data": ["mnist_subset.npz"], "supsup_fast.csrc": ["cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.cpp"],
+                  "supsup_fast.ops": ["gpu_op_table.json"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "matplotlib", "PyYAML", "ninja"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton>=3.6"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "triton>=3.6,<3.10; platform_system == 'Linux'"],
+                    "triton": ["triton>=3.6,<3.10"]},
     entry_points={"console_scripts": ["supsup-fast=supsup_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -93,7 +93,7 @@ class FloatStackMLP:
 
     def alpha_gradient(self, x: torch.Tensor) -> torch.Tensor:
         k = self.stacks[0].shape[0]
-        alpha = torch.full((k,), 1.0 / k, requires_grad=True)
+        alpha = torch.full((k,), 1.0 / k, device=x.device, requires_grad=True)
         h = x.flatten(1)
         for i, (layer, stack) in enumerate(zip(self.layers, self.stacks)):
             h = F.linear(h, layer.weight * (alpha.view(-1, 1, 1) * stack).sum(0))

@@ -13,9 +13,9 @@ DEMO = dict(scenario="GNu", benchmark="permuted-mnist", model="lenet", tasks=10,
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     from .algorithms.evaluation import SCENARIOS
-    from .algorithms.inference import METHODS
+    from .config import INFERENCE_METHODS as METHODS
     from .algorithms.objectives import OBJECTIVES
-    from .algorithms.training import OPTIMIZERS
+    from .algorithms.training import OPTIMIZERS, SCHEDULERS
     from .data import BENCHMARKS
     from .models import MODELS
 
@@ -31,10 +31,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--scheduler", choices=("none", "cosine"))
+    p.add_argument("--scheduler", choices=SCHEDULERS)
+    p.add_argument("--warmup-epochs", type=int, help="cosine_warmup: epochs of linear warmup (5)")
+    p.add_argument("--image-size", type=int, help="split-imagenet: training/test crop size (224)")
     p.add_argument("--inference", choices=METHODS)
     p.add_argument("--objective", choices=OBJECTIVES)
     p.add_argument("--infer-images", type=int, help="images of each test batch used to infer its task")
+    p.add_argument("--test-batch-size", type=int, help="test batch size (128; HopSupSup recovery: 64)")
     p.add_argument("--log-base", type=float, help="binary inference keeps 1/log_base of the tasks per round")
     p.add_argument("--eval-at", type=int, nargs="*", help="also evaluate all learned tasks after these many tasks")
     p.add_argument("--data-root", help="folder with the MNIST IDX files (default: the embedded subset)")
@@ -48,6 +51,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-subset", type=int, help="train on the first N images of each task (smoke runs)")
     p.add_argument("--transfer", action="store_true", default=None,
                    help="Transfer: start each task's scores from the running mean of the previous tasks' scores")
+    p.add_argument("--mask-budget", type=int, help="NNs: most masks ever allocated (paper: 2500)")
+    p.add_argument("--nns-epsilon", type=float, help="NNs: allocate a mask when K·max softmax(-∇αH) < 1 + ε (2^-3)")
+    p.add_argument("--nns-check-every", type=int, help="NNs: training batches between allocation decisions (100)")
+    p.add_argument("--nns-score-cache", type=int, help="NNs: masks whose float scores are kept for further training (4)")
+    p.add_argument("--hop-gamma", type=float, help="HopSupSup: weight γ of the Hopfield energy in recovery (1.5e-3)")
+    p.add_argument("--hop-recovery-lr", type=float, help="HopSupSup: SGD learning rate of the recovery (500)")
+    p.add_argument("--hop-recovery-trials", type=int, help="HopSupSup: recoveries per task, each over another test-batch order (1)")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -64,11 +74,24 @@ def _config_from(args: argparse.Namespace, base: Optional[dict] = None):
 
 def _summary(results: dict, out: Path) -> str:
     ti = results["task_inference_accuracy"]
-    lines = [f"average accuracy      {results['average_accuracy']:.4f} over {len(results['per_task_accuracy'])} tasks",
-             f"task inference        {'n/a (GG)' if ti is None else f'{ti:.4f}'}",
-             f"masks                 {results['num_masks']} ({results['mask_bytes'] / 1e6:.3f} MB packed)",
-             f"time                  train {results['timing']['train']:.1f} s, eval {results['timing']['eval']:.1f} s",
-             f"outputs               {out}/results.json, per_task.csv, accuracy.png, model.safetensors"]
+    lines = [f"average accuracy      {results['average_accuracy']:.4f} over {len(results['per_task_accuracy'])} tasks"]
+    if "hopsupsup" in results:
+        hop = results["hopsupsup"]
+        lines += [f"recovered exactly     {sum(hop['recovered_exactly']) / len(hop['recovered_exactly']):.4f} of "
+                  f"{len(hop['recovered_exactly']) * hop['recovery_trials']} recoveries "
+                  f"({ti:.4f} of test batches classified with the true masks)",
+                  f"steps to true mask    {hop['first_exact_step']}",
+                  f"Hopfield storage      {results['hopfield_bytes'] / 1e6:.1f} MB (fixed, any number of tasks)"]
+    else:
+        lines += [f"task inference        {'n/a (GG)' if ti is None else f'{ti:.4f}'}",
+                  f"masks                 {results['num_masks']} ({results['mask_bytes'] / 1e6:.3f} MB packed)"]
+        if "nns" in results:
+            lines.append(f"NNs                   mask per true task {results['nns']['mask_for_true_task']}, "
+                         f"new masks per true task {results['nns']['new_masks_per_true_task']}")
+    lines += [
+              f"time                  train {results['timing']['train']:.1f} s, eval {results['timing']['eval']:.1f} s",
+              f"outputs               {out}/results.json, per_task.csv, accuracy.png, "
+              f"{'hopfield' if 'hopsupsup' in results else 'model'}.safetensors"]
     return "\n".join(lines)
 
 

@@ -10,6 +10,8 @@ import yaml
 
 from .algorithms.evaluation import SCENARIOS
 from .algorithms.inference import METHODS
+
+INFERENCE_METHODS = METHODS + ("hopfield",)
 from .algorithms.objectives import OBJECTIVES
 from .algorithms.training import OPTIMIZERS, SCHEDULERS
 from .data import BENCHMARK_MODELS, BENCHMARKS
@@ -30,6 +32,8 @@ class RunConfig:
     optimizer: str = "rmsprop"
     weight_decay: float = 0.0
     scheduler: str = "none"
+    warmup_epochs: int = 5                 # cosine_warmup only
+    image_size: int = 224                  # split-imagenet only: crop size
     mask_fn: Optional[str] = None          # None: threshold for MLPs, topk for ResNets
     density: Optional[float] = None
     er_multiplier: Optional[float] = None
@@ -47,6 +51,13 @@ class RunConfig:
     device: str = "cpu"
     train_subset: Optional[int] = None     # use only the first N training images per task (smoke runs)
     transfer: bool = False                 # start each task's scores from the running mean of earlier tasks' scores
+    mask_budget: int = 2500                # NNs: most masks ever allocated
+    nns_epsilon: float = 0.125             # NNs: allocate when K · max softmax(-∇αH) < 1 + ε
+    nns_check_every: int = 100             # NNs: training batches between allocation decisions
+    nns_score_cache: int = 4               # NNs: masks whose float scores are kept for further training
+    hop_gamma: float = 1.5e-3              # HopSupSup: weight of the Hopfield energy in recovery
+    hop_recovery_lr: float = 500.0         # HopSupSup: SGD learning rate of the recovery
+    hop_recovery_trials: int = 1           # HopSupSup: recoveries per task, each over another test-batch order
 
     # Fields that may change between an interrupted run and its --resume.
     RESUMABLE_CHANGES = ("backend", "device", "download", "data_root")
@@ -60,7 +71,7 @@ class RunConfig:
         one_of("model", self.model, MODELS)
         one_of("optimizer", self.optimizer, OPTIMIZERS)
         one_of("scheduler", self.scheduler, SCHEDULERS)
-        one_of("inference", self.inference, METHODS)
+        one_of("inference", self.inference, INFERENCE_METHODS)
         one_of("objective", self.objective, OBJECTIVES)
         for name in ("tasks", "epochs", "batch_size", "infer_images", "test_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -69,12 +80,31 @@ class RunConfig:
             raise ValueError(f"--iters must be a positive int, got {self.iters!r}")
         if self.output_size is not None and (not isinstance(self.output_size, int) or self.output_size < 1):
             raise ValueError(f"--output-size must be a positive int, got {self.output_size!r}")
+        for name in ("warmup_epochs", "image_size", "mask_budget", "nns_check_every", "nns_score_cache", "hop_recovery_trials"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(self, name)!r}")
+        if not self.nns_epsilon >= 0:
+            raise ValueError(f"--nns-epsilon must be >= 0, got {self.nns_epsilon}")
+        if (self.inference == "hopfield") != (self.model == "bnnet"):
+            raise ValueError("--inference hopfield (HopSupSup) goes with --model bnnet, and bnnet only with hopfield; "
+                             f"got --inference {self.inference} --model {self.model}")
+        if self.inference == "hopfield" and self.scenario != "GNu":
+            raise ValueError(f"--inference hopfield runs scenario GNu, got --scenario {self.scenario}")
+        if self.scenario == "NNs" and self.model not in ("fc1024", "lenet"):
+            raise ValueError(f"--scenario NNs needs an MLP without per-task BN (fc1024 or lenet), got --model {self.model}")
+        if self.scenario == "NNs" and self.transfer:
+            raise ValueError("--transfer does not apply to --scenario NNs (a new mask starts from its slot's random scores)")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         fits = BENCHMARK_MODELS[self.benchmark]
         if self.model not in fits:
             raise ValueError(f"--model {self.model} does not fit the inputs of {self.benchmark}; use one of {list(fits)}")
         return self
+
+    def nns_settings(self):
+        from .algorithms.nns import NNsSettings
+        return NNsSettings(check_every=self.nns_check_every, epsilon=self.nns_epsilon, budget=self.mask_budget,
+                           score_cache=self.nns_score_cache)
 
     def resolved_output_size(self, num_labels: int) -> int:
         size = self.output_size if self.output_size is not None else (num_labels if self.scenario == "GG" else max(100, num_labels))

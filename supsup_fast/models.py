@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nn import MultitaskBatchNorm, SupermaskConv2d, SupermaskLinear, er_density
-from .nn.init import make_generator
+from .nn.hopfield import NeuronMaskBatchNorm
+from .nn.init import frozen_weight, make_generator
 
-MODELS = ("fc1024", "lenet", "gemresnet18", "resnet18", "resnet50")
+MODELS = ("fc1024", "lenet", "gemresnet18", "resnet18", "resnet50", "bnnet")
 
 
 class LayerFactory:
@@ -50,6 +51,24 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
+
+
+class BNNet(nn.Module):
+    """HopSupSup's network (reference doc §1.9): 784 → 2048 → BN-mask → Swish → 2048 → BN-mask →
+    Swish → s. The linear weights are frozen signed constants and are not masked; each task's
+    mask selects neurons through the BN weight."""
+
+    def __init__(self, gen: torch.Generator, sizes: List[int], init: str):
+        super().__init__()
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            self.register_buffer(f"w{i}", frozen_weight((b, a), a, init, gen))
+        self.bns = nn.ModuleList(NeuronMaskBatchNorm(h) for h in sizes[1:-1])
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for i, bn in enumerate(self.bns):
+            x = F.silu(bn(F.linear(x, getattr(self, f"w{i}"))))
+        return F.linear(x, getattr(self, f"w{len(self.bns)}"))
 
 
 class BasicBlock(nn.Module):
@@ -132,10 +151,12 @@ def build_model(name: str, output_size: int, *, seed: int = 0, init: str = "sign
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
     if not isinstance(output_size, int) or output_size < 1:
         raise ValueError(f"output_size must be a positive int, got {output_size!r}")
-    conv = name not in ("fc1024", "lenet")
+    conv = name not in ("fc1024", "lenet", "bnnet")
     mask_fn = mask_fn or ("topk" if conv else "threshold")
     f = LayerFactory(seed, init, mask_fn, density, er_multiplier)
-    if name == "fc1024":
+    if name == "bnnet":
+        model = BNNet(make_generator(seed), [input_size, 2048, 2048, output_size], init)
+    elif name == "fc1024":
         model = MLP(f, [input_size, 1024, 1024, output_size])
     elif name == "lenet":
         model = MLP(f, [input_size, 300, 100, output_size])

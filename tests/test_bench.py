@@ -33,3 +33,20 @@ def test_quick_report_writes_json_and_png(tmp_path, monkeypatch):
     assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     rows = report["alpha_gradient_fc1024_s500"]
     assert all(r["same_argmin"] and r["rel_err"] < 1e-3 for r in rows if "rel_err" in r)
+
+
+def test_gpu_check_script_runs_in_smoke_mode(tmp_path):
+    """benchmarks/gpu_check.py is only timed on a GPU machine; --smoke runs all of its code paths on
+    the CPU (Triton interpreter, tiny sizes) so that the script itself cannot rot."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu-cpu-smoke.json").read_text())
+    assert {"alpha_gradient", "bank_ops", "batched_inference", "forward", "training_step"} <= set(report)
+    assert report["batched_inference"]["same_argmin_first8"]
+    assert report["bank_ops"][0]["rel_err"] < 1e-5

@@ -191,7 +191,7 @@ def test_one_image_alpha_gradient_rank1_path(k, n):
     assert torch.allclose(C.mask_dot_rank1(bank, g, x, w), C.mask_dot(bank, torch.outer(g, x) * w), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(13))
 def test_opcheck_on_cpu_backend(case):
     from tests.test_ops import _opcheck_cases
     with ss.use_backend("cpu"):

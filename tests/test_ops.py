@@ -132,6 +132,7 @@ def _opcheck_cases():
         (lib.unpack_bits_op, (bank, n)),
         (lib.superpose_op, (bank, a, n)),
         (lib.mask_dot_op, (bank, torch.randn(out, n, requires_grad=True))),
+        (lib.mask_dot_batched_op, (bank, torch.randn(5, out, n))),
         (lib.masked_linear_op, (x, w, bank[0], b)),
         (lib.masked_linear_op, (x, w, bank[0], None)),
         (lib.masked_conv2d_op, (cx, cw, cbank[0], None, [1, 1], [1, 1], [1, 1], 1)),
@@ -143,7 +144,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(13))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -160,6 +161,17 @@ def test_compile_fullgraph_traces_ops():
     x, a = torch.randn(2, n), torch.rand(k)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.allclose(compiled(x, a), f(x, a))
+
+
+def test_mask_dot_batched_equals_separate_mask_dots():
+    _, bank = rand_bank(6, 3, 70)
+    v = torch.randn(4, 3, 70)
+    expect = torch.stack([ss.ops.mask_dot(bank, v[j]) for j in range(4)])
+    torch.testing.assert_close(ss.ops.mask_dot_batched(bank, v), expect, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"v must be \[q, \*lead, n\]"):
+        ss.ops.mask_dot_batched(bank, v[0])
+    with pytest.raises(ValueError, match="needs 1 words|words per row"):
+        ss.ops.mask_dot_batched(bank, torch.randn(4, 3, 20))
 
 
 def test_bad_inputs_name_the_argument():

@@ -22,10 +22,11 @@ from ..config import RunConfig
 from ..data import load_benchmark
 from ..data.tasks import TaskSplit
 from ..models import build_model
-from ..nn import bn_bytes, enable_transfer, mask_bytes, num_tasks, transfer_init_scores
+from ..nn import bn_bytes, enable_transfer, mask_bytes, mask_entropy_bytes, num_tasks, transfer_init_scores
 from ..ops.registry import backend_for, use_backend
 from .evaluation import EvalSettings, evaluate_task
 from .metrics import average, cl_metrics
+from .nns import AllocatorState, MaskAllocator
 from .training import TrainSettings, train_task
 
 
@@ -43,7 +44,7 @@ def _write_json(path: Path, data: dict) -> None:
 def _subset(split: TaskSplit, n: Optional[int]) -> TaskSplit:
     if n is None or n >= len(split):
         return split
-    return TaskSplit(split.x[:n], split.y[:n], split.transform)
+    return split.head(n)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -62,7 +63,8 @@ class Experiment:
         self.config, self.out, self.resume, self.progress = config, Path(out), resume, progress
         self.ckpt_dir = self.out / "checkpoints"
         self.device = torch.device(config.device)
-        self.tasks = load_benchmark(config.benchmark, config.tasks, config.seed, config.data_root, config.download)
+        self.tasks = load_benchmark(config.benchmark, config.tasks, config.seed, config.data_root, config.download,
+                                    image_size=config.image_size)
         self.output_size = config.resolved_output_size(self.tasks.num_labels)
         if model is None:
             model = build_model(config.model, self.output_size, seed=config.seed, init=config.init,
@@ -73,7 +75,8 @@ class Experiment:
             enable_transfer(self.model)
         self.train_settings = TrainSettings(iters=config.iters, epochs=config.epochs, batch_size=config.batch_size,
                                             lr=config.lr, optimizer=config.optimizer,
-                                            weight_decay=config.weight_decay, scheduler=config.scheduler)
+                                            weight_decay=config.weight_decay, scheduler=config.scheduler,
+                                            warmup_epochs=config.warmup_epochs)
         self.eval_settings = EvalSettings(scenario=config.scenario, inference=config.inference,
                                           objective=config.objective, infer_images=config.infer_images,
                                           batch_size=config.test_batch_size, log_base=config.log_base)
@@ -96,6 +99,13 @@ class Experiment:
     def _task_file(self, t: int) -> Path:
         return self.ckpt_dir / f"task_{t:05d}.safetensors"
 
+    def _expected_mask(self, t: int) -> Optional[int]:
+        """Under NNs the mask that task inference should pick for true task t; else t."""
+        if self.config.scenario != "NNs":
+            return t
+        m = self.nns_state.mask_for_task(t)
+        return -1 if m is None else m
+
     def _evaluate_all(self, k: int, bar_desc: str) -> dict:
         start = time.perf_counter()
         accs, inferred = [], []
@@ -103,7 +113,8 @@ class Experiment:
         bar = tqdm(total=total, desc=bar_desc, unit="batch", leave=False, disable=not self.progress)
         for t in range(k):
             res = evaluate_task(self.model, self.tasks.test(t), t, self.eval_settings, device=self.device,
-                                num_labels=self.tasks.num_labels, seed=self.config.seed, on_batch=bar.update)
+                                num_labels=self.tasks.num_labels, seed=self.config.seed, on_batch=bar.update,
+                                expected=self._expected_mask(t))
             accs.append(res.accuracy)
             inferred.append(res.inferred_correctly)
         bar.close()
@@ -113,6 +124,11 @@ class Experiment:
                 "seconds": time.perf_counter() - start}
 
     def run(self) -> dict:
+        if self.config.scenario == "NNs":
+            return self._run_nns()
+        if self.config.inference == "hopfield":
+            from .hopsupsup_run import run_hopsupsup
+            return run_hopsupsup(self)
         cfg = self.config
         self.prepare_out_dir()
         with use_backend(cfg.backend):
@@ -161,6 +177,60 @@ class Experiment:
         self._write_outputs(results)
         return results
 
+    def _run_nns(self) -> dict:
+        """NNs: the model never sees the task index; masks are allocated by the rule of
+        :mod:`.nns`. One checkpoint (all masks + allocator log) after each true task."""
+        cfg = self.config
+        self.prepare_out_dir()
+        ckpt = self.ckpt_dir / "nns_latest.safetensors"
+        done, after, train_seconds, state = 0, [], 0.0, None
+        if self.resume and ckpt.exists():
+            extra = storage.load_masks(self.model, ckpt)
+            done, after, train_seconds = extra["true_tasks_done"], extra["accuracy_after_training"], extra["train_seconds"]
+            state = AllocatorState.from_dict(extra["allocator"])
+        allocator = MaskAllocator(self.model, cfg.nns_settings(), cfg.seed, state)
+        self.nns_state = allocator.state
+        with use_backend(cfg.backend):
+            backend_name = backend_for(self.device).name
+            progress_path = self.out / "progress.json"
+            rows = json.loads(progress_path.read_text())["rows"] if (self.resume and progress_path.exists()) else []
+            eval_points = sorted({k for k in cfg.eval_at if 1 <= k < cfg.tasks} | {cfg.tasks})
+            task_bar = tqdm(range(cfg.tasks), desc=f"NNs {cfg.benchmark}", unit="true task", disable=not self.progress)
+            task_bar.update(done)
+            for t in range(done, cfg.tasks):
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + t)
+                split = _subset(self.tasks.train(t), cfg.train_subset)
+                steps = cfg.iters if cfg.iters is not None else cfg.epochs * split.num_batches(cfg.batch_size)
+                step_bar = tqdm(total=steps, desc=f"true task {t}", unit="it", leave=False, disable=not self.progress)
+                start = time.perf_counter()
+                allocator.train_true_task(t, split, self.train_settings, device=self.device, generator=gen,
+                                          on_step=lambda s, loss: step_bar.update(1))
+                train_seconds += time.perf_counter() - start
+                step_bar.close()
+                trained = allocator.state.mask_for_task(t) is not None  # False only past the mask budget
+                own = evaluate_task(self.model, self.tasks.test(t), t,
+                                    EvalSettings(scenario="GG" if trained else "NNs", batch_size=cfg.test_batch_size),
+                                    device=self.device, num_labels=self.tasks.num_labels, seed=cfg.seed,
+                                    expected=self._expected_mask(t))
+                after.append(own.accuracy)
+                storage.save_model(self.model, ckpt, extra={
+                    "true_tasks_done": t + 1, "accuracy_after_training": after, "train_seconds": train_seconds,
+                    "allocator": allocator.state.to_dict()})
+                task_bar.update(1)
+                task_bar.set_postfix(masks=num_tasks(self.model), acc=f"{own.accuracy:.4f}")
+                if t + 1 in eval_points and not any(r["tasks_learned"] == t + 1 for r in rows):
+                    rows.append(self._evaluate_all(t + 1, f"eval {t + 1} true tasks"))
+                    _write_json(progress_path, {"rows": rows})
+            allocator.finish()
+            for k in eval_points:
+                if not any(r["tasks_learned"] == k for r in rows):
+                    rows.append(self._evaluate_all(k, f"eval {k} true tasks"))
+                    _write_json(progress_path, {"rows": rows})
+            task_bar.close()
+        results = self._results(after, rows, train_seconds, done, backend_name)
+        self._write_outputs(results)
+        return results
+
     def _results(self, after: List[float], rows: List[dict], train_seconds: float, resumed: int, backend_name: str) -> dict:
         cfg = self.config
         rows = sorted(rows, key=lambda r: r["tasks_learned"])
@@ -176,6 +246,7 @@ class Experiment:
             **cl_metrics(after, final["accuracy"], history),
             "num_masks": num_tasks(self.model),
             "mask_bytes": mask_bytes(self.model),
+            "mask_entropy_bytes": mask_entropy_bytes(self.model),
             "bn_bytes": bn_bytes(self.model),
             "output_size": self.output_size,
             "num_labels": self.tasks.num_labels,
@@ -187,12 +258,20 @@ class Experiment:
             "data": self.tasks.source,
             "config": cfg.to_dict(),
         }
+        if cfg.scenario == "NNs":
+            state = self.nns_state
+            results["nns"] = {"mask_for_true_task": [state.mask_for_task(t) for t in range(len(after))],
+                              "new_masks_per_true_task": [sum(d.new and d.mask is not None for d in state.decisions
+                                                              if d.true_task == t) for t in range(len(after))],
+                              **state.to_dict()}
         return results
 
     def _write_outputs(self, results: dict) -> None:
         from ..report import write_csv, write_plot
-        storage.save_model(self.model, self.out / "model.safetensors",
-                           extra={"accuracy_after_training": results["accuracy_after_training"]})
+        extra = {"accuracy_after_training": results["accuracy_after_training"]}
+        if "nns" in results:
+            extra["allocator"] = {k: results["nns"][k] for k in ("decisions", "batches_per_mask")}
+        storage.save_model(self.model, self.out / "model.safetensors", extra=extra)
         _write_json(self.out / "results.json", results)
         write_csv(results, self.out / "per_task.csv")
         write_plot(results, self.out / "accuracy.png")
@@ -214,8 +293,13 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     values["download"] = False
     config = RunConfig(**values).validate()
     tensors, meta = storage.read_mask_file(model_path)
-    after = json.loads(meta["extra"])["accuracy_after_training"]
+    extra = json.loads(meta["extra"])
+    after = extra["accuracy_after_training"]
     exp = Experiment(config, out, progress=progress, model=storage.load_model(model_path))
+    if config.scenario == "NNs":
+        if "allocator" not in extra:
+            raise RunDirError(f"--scenario NNs needs the masks of an NNs run; {run_dir} was trained as {values['scenario']}")
+        exp.nns_state = AllocatorState.from_dict(extra["allocator"])
     Path(out).mkdir(parents=True, exist_ok=True)
     _write_json(Path(out) / "config.json", config.to_dict())
     with use_backend(config.backend):

@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn import num_tasks, superposition
+from .. import ops
+from ..nn import MultitaskBatchNorm, SupermaskLinear, num_tasks, superposition, supermask_layers
 from .objectives import get_objective
 
 METHODS = ("oneshot", "binary")
@@ -33,6 +34,63 @@ def infer_oneshot(model: nn.Module, x: torch.Tensor, objective: str = "entropy",
     if num_tasks(model) == 1:
         return 0
     return int(alpha_gradient(model, x, objective, num_labels).argmin())
+
+
+def supports_batched(model: nn.Module) -> bool:
+    """Batched task inference needs per-example weight gradients that are rank one: only
+    SupermaskLinear layers, and no layer that mixes examples (BatchNorm)."""
+    layers = supermask_layers(model)
+    return bool(layers) and all(isinstance(l, SupermaskLinear) for l in layers.values()) and \
+        not any(isinstance(m, (MultitaskBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
+
+
+def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str = "entropy", num_labels: int = 10,
+                            max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """The α-gradients of q independent one-image queries ``xs`` [q, ...]: row j equals
+    ``alpha_gradient(model, xs[j:j+1], ...)``. One superposed forward + backward for all q, then per
+    layer one pass over the bits for a chunk of queries (``ops.mask_dot_batched`` on the per-query
+    v_j = (g_j x_jᵀ) ⊙ W), instead of q passes."""
+    if not supports_batched(model):
+        raise ValueError("batched task inference needs a model of SupermaskLinear layers without BatchNorm "
+                         "(an MLP such as fc1024 or lenet)")
+    k = num_tasks(model)
+    q = xs.shape[0]
+    layers = supermask_layers(model)
+    device = next(iter(model.buffers())).device
+    alpha = torch.full((k,), 1.0 / k, device=device)
+    seen = {}
+    hooks = [layer.register_forward_hook(lambda m, inp, out, name=name: seen.__setitem__(name, (inp[0], out)))
+             for name, layer in layers.items()]
+    try:
+        xs = xs.detach().requires_grad_(True)  # gradients flow to every layer's output, not to alpha
+        with torch.enable_grad(), superposition(model, alpha, uniform=True):
+            logits = model(xs)
+        # Objectives are means over examples, so q × objective = Σ_j objective(example j).
+        total = get_objective(objective)(logits, num_labels) * q
+        names = list(layers)
+        grads = torch.autograd.grad(total, [seen[name][1] for name in names])
+    finally:
+        for h in hooks:
+            h.remove()
+    out = torch.zeros(q, k, dtype=torch.float32, device=device)
+    for name, g in zip(names, grads):
+        layer, x_in = layers[name], seen[name][0].detach()
+        w = layer.weight
+        x2, g2 = x_in.reshape(q, -1), g.detach().reshape(q, -1)
+        chunk = max(1, max_chunk_bytes // max(1, w.numel() * 4))
+        for j0 in range(0, q, chunk):
+            j1 = min(q, j0 + chunk)
+            v = g2[j0:j1, :, None] * x2[j0:j1, None, :] * w  # [c, out, in]
+            out[j0:j1] += ops.mask_dot_batched(layer.bank.words, v).float()
+    return out
+
+
+def infer_oneshot_batched(model: nn.Module, xs: torch.Tensor, objective: str = "entropy",
+                          num_labels: int = 10) -> torch.Tensor:
+    """One-shot task inference for q independent queries at once: LongTensor [q]."""
+    if num_tasks(model) == 1:
+        return torch.zeros(xs.shape[0], dtype=torch.long)
+    return alpha_gradients_batched(model, xs, objective, num_labels).argmin(1).cpu()
 
 
 def infer_binary(model: nn.Module, x: torch.Tensor, objective: str = "entropy", num_labels: int = 10,

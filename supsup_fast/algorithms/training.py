@@ -15,7 +15,7 @@ from ..nn import begin_task, finish_task, task_parameters
 from ..optim import FusedRMSprop
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
-SCHEDULERS = ("none", "cosine")
+SCHEDULERS = ("none", "cosine", "cosine_warmup")
 
 
 @dataclass
@@ -28,6 +28,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     momentum: float = 0.9                # SGD only
     scheduler: str = "none"              # cosine: CosineAnnealingLR(T_max=epochs), stepped per epoch
+    warmup_epochs: int = 5               # cosine_warmup: linear warmup, then cosine (SplitImageNet)
 
 
 def make_optimizer(params: List[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
@@ -43,6 +44,22 @@ def make_optimizer(params: List[nn.Parameter], s: TrainSettings) -> torch.optim.
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {s.optimizer!r}")
 
 
+def warmup_cosine_factor(epoch: int, epochs: int, warmup: int) -> float:
+    """The official ``cosine_lr``: lr·(e+1)/warmup for the first epochs, then a half cosine to 0."""
+    if epoch < warmup:
+        return (epoch + 1) / warmup
+    e, span = epoch - warmup, max(epochs - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * e / span))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, s: TrainSettings):
+    if s.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs)
+    if s.scheduler == "cosine_warmup":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: warmup_cosine_factor(e, s.epochs, s.warmup_epochs))
+    return None
+
+
 def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, device: torch.device,
                generator: Optional[torch.Generator] = None, init_scores: Optional[Dict[str, torch.Tensor]] = None,
                on_step: Optional[Callable[[int, float], None]] = None) -> Dict[str, float]:
@@ -52,7 +69,7 @@ def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, d
     begin_task(model, init_scores=init_scores, generator=generator)
     model.train()
     opt = make_optimizer(task_parameters(model), settings)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs) if settings.scheduler == "cosine" else None
+    sched = make_scheduler(opt, settings)
     step, last_loss = 0, float("nan")
     limit = settings.iters if settings.iters is not None else math.inf
     for _ in range(settings.epochs):

@@ -40,6 +40,10 @@ class TaskSplit:
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self) / batch_size)
 
+    def head(self, n: int) -> "TaskSplit":
+        """The first ``n`` examples (smoke runs)."""
+        return TaskSplit(self.x[:n], self.y[:n], self.transform)
+
 
 class TaskSequence:
     """Base class: ``train(t)`` / ``test(t)`` give a task's splits; ``num_labels`` is ℓ."""
@@ -157,4 +161,13 @@ class SplitMNIST(TaskSequence):
         return self._split(self._test_x, self.mnist.test_labels, t)
 
 
-BENCHMARKS = {"permuted-mnist": PermutedMNIST, "rotated-mnist": RotatedMNIST, "split-mnist": SplitMNIST}
+class SplitMNIST10(SplitMNIST):
+    """SplitMNIST with the digit labels kept (10 outputs shared by all tasks): HopSupSup's setting."""
+    name = "split-mnist-10"
+
+    def __init__(self, mnist: MNIST, num_tasks: int = 5, seed: int = 1):
+        super().__init__(mnist, num_tasks, seed, remap_labels=False)
+
+
+BENCHMARKS = {"permuted-mnist": PermutedMNIST, "rotated-mnist": RotatedMNIST, "split-mnist": SplitMNIST,
+              "split-mnist-10": SplitMNIST10}

@@ -48,6 +48,14 @@ class TaskRows(nn.Module):
         self.storage[self.count: self.count + m] = rows.to(self.storage.device)
         self.count += m
 
+    def set_row(self, index: int, row: torch.Tensor) -> None:
+        """Overwrite row ``index`` (< count) in place."""
+        if not 0 <= index < self.count:
+            raise IndexError(f"row index must be in [0, {self.count}), got {index}")
+        if tuple(row.shape) != self.row_shape or row.dtype != self.storage.dtype:
+            raise ValueError(f"row must be {self.storage.dtype}{list(self.row_shape)}, got {row.dtype}{list(row.shape)}")
+        self.storage[index] = row.to(self.storage.device)
+
     def truncate(self, count: int) -> None:
         self.count = min(self.count, int(count))
 

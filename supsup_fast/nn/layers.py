@@ -70,35 +70,72 @@ class SupermaskLayer(nn.Module):
     def n(self) -> int:
         return self.bank.n
 
+    def initial_scores(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Fresh scores for a new task: kaiming-uniform, as the official code's score init."""
+        bound = score_init_bound(self.fan_in)
+        s = torch.rand(self.weight.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
+        return s.to(self.weight.device)
+
     def begin_task(self, init_scores: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> None:
         """Create float scores for a new task (kaiming-uniform, or ``init_scores``) and enter train mode."""
         if init_scores is None:
-            bound = score_init_bound(self.fan_in)
-            s = torch.rand(self.weight.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
+            s = self.initial_scores(generator)
         else:
             if tuple(init_scores.shape) != tuple(self.weight.shape):
                 raise ValueError(f"init_scores must have shape {tuple(self.weight.shape)}, got {tuple(init_scores.shape)}")
             s = init_scores.detach().clone().float()
-        self.scores = nn.Parameter(s.to(self.weight.device))
+        self.train_scores(nn.Parameter(s.to(self.weight.device)))
+
+    def train_scores(self, scores: nn.Parameter) -> None:
+        """Train (or keep training) the mask given by ``scores``; the same Parameter keeps its
+        optimiser state."""
+        if tuple(scores.shape) != tuple(self.weight.shape):
+            raise ValueError(f"scores must have shape {tuple(self.weight.shape)}, got {tuple(scores.shape)}")
+        self.scores = scores
         self._mode = (Mode.TRAIN,)
+
+    def scores_from_bits(self, task: int, magnitude: Optional[float] = None) -> torch.Tensor:
+        """Scores that reproduce finished mask ``task``: +m where the bit is set, -m elsewhere
+        (m defaults to half the init bound, the mean |score| at init). Used when a stored mask is
+        trained further and its float scores are no longer kept."""
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"task must be in [0, {self.num_tasks}) (tasks learned), got {task}")
+        m = 0.5 * score_init_bound(self.fan_in) if magnitude is None else float(magnitude)
+        bits = ops.unpack_bits(self.bank.words[task], self.n).view_as(self.weight)
+        return (bits.float() * 2 - 1) * m
 
     def current_mask(self) -> torch.Tensor:
         if self.scores is None:
             raise RuntimeError("no task is being trained: call begin_task first")
         return mask_from_scores(self.scores.detach(), self.mask_fn, self.density)
 
+    def commit_mask(self, slot: int) -> None:
+        """Write the mask of the current scores into bank row ``slot`` (``slot == num_tasks``
+        appends a new task); the scores stay, so training can go on."""
+        mask = self.current_mask().reshape(self.weight.shape[0], -1)
+        words = ops.pack_bits(mask)
+        if slot == self.num_tasks:
+            self.bank.append(words)
+            if self._counts is not None:
+                self._counts += mask.view_as(self.weight).to(self._counts.dtype)
+        elif 0 <= slot < self.num_tasks:
+            self.bank.set_row(slot, words)
+            self._counts = None
+            self._active_cache = None
+        else:
+            raise ValueError(f"slot must be in [0, {self.num_tasks}] (tasks learned, or the next one), got {slot}")
+
     def finish_task(self) -> None:
         """Pack the trained mask into the bank and drop the float scores."""
-        mask = self.current_mask().reshape(self.weight.shape[0], -1)
+        if self.scores is None:
+            raise RuntimeError("no task is being trained: call begin_task first")
         if self.track_score_mean:
             scores = self.scores.detach()
             if self.score_mean is None or self.num_tasks == 0:
                 self.score_mean = scores.clone()
             else:
                 self.score_mean = self.score_mean + (scores - self.score_mean) / (self.num_tasks + 1)
-        self.bank.append(ops.pack_bits(mask))
-        if self._counts is not None:
-            self._counts += mask.view_as(self.weight).to(self._counts.dtype)
+        self.commit_mask(self.num_tasks)
         self.scores = None
         self._mode = (Mode.TASK, self.num_tasks - 1)
 
@@ -110,6 +147,7 @@ class SupermaskLayer(nn.Module):
     def truncate_tasks(self, k: int) -> None:
         self.bank.truncate(k)
         self._counts = None
+        self._active_cache = None
 
     def set_count_cache(self, enabled: bool) -> None:
         """Whether to keep Σᵢ Mᵢ per weight (float, one weight-sized tensor) for uniform α."""

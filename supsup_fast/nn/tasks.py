@@ -7,6 +7,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
+from .. import ops
 from .batchnorm import MultitaskBatchNorm
 from .layers import SupermaskLayer
 
@@ -34,6 +35,12 @@ def begin_task(model: nn.Module, init_scores: Optional[Dict[str, torch.Tensor]] 
     for m in task_modules(model):
         init = None if init_scores is None else init_scores.get(names[id(m)])
         m.begin_task(init, generator)
+
+
+def initial_scores(model: nn.Module, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+    """The scores ``begin_task(model, generator=generator)`` would start from, by layer name
+    (the generator is consumed layer by layer in the same order)."""
+    return {name: layer.initial_scores(generator) for name, layer in supermask_layers(model).items()}
 
 
 def enable_transfer(model: nn.Module) -> None:
@@ -108,6 +115,20 @@ def superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[torch.
 def mask_bytes(model: nn.Module) -> int:
     """Bytes of packed masks stored by the model (all tasks, all layers)."""
     return sum(m.bank.nbytes() for m in supermask_layers(model).values())
+
+
+def mask_entropy_bytes(model: nn.Module) -> float:
+    """What the stored masks would take entropy-coded: Σ over layers and tasks of n·H(p)/8 bytes,
+    p the task's density in the layer (how the paper's byte counts scale with sparsity)."""
+    total = 0.0
+    for layer in supermask_layers(model).values():
+        if layer.num_tasks == 0:
+            continue
+        ones = ops.unpack_bits(layer.bank.words, layer.n).reshape(layer.num_tasks, -1).float().mean(1)
+        p = ones.clamp(1e-12, 1 - 1e-12)
+        h = -(p * p.log2() + (1 - p) * (1 - p).log2())
+        total += float((h * layer.n * layer.weight.shape[0] / 8).sum())
+    return total
 
 
 def bn_bytes(model: nn.Module) -> int:

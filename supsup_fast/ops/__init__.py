@@ -2,13 +2,14 @@
 ``torch.ops.supsup.*`` custom op that normalises Python arguments (ints -> lists)."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from . import checks
-from .library import (mask_dot_op, masked_conv2d_op, masked_linear_op, pack_bits_op, superpose_op,
+from .library import (mask_dot_batched_op, mask_dot_op, masked_conv2d_op, masked_linear_op, pack_bits_op, superpose_op,
                       superposed_conv2d_op, superposed_given_s_op, superposed_linear_op, unpack_bits_op,
                       _flatten_conv)
 from .library import signed_masked_linear_op
@@ -23,10 +24,24 @@ def _cpu_backend():
     return CpuBackend()
 
 
+def _triton_backend():
+    from .triton import TritonBackend
+    return TritonBackend()
+
+
+def _cuda_backend():
+    from .cuda import CudaBackend
+    return CudaBackend()
+
+
 register_backend("reference", ReferenceBackend, priority=0)
 register_backend("cpu", _cpu_backend, priority=10)
+# On a GPU Triton is the default; under TRITON_INTERPRET=1 (CPU tests) it runs only when chosen.
+register_backend("triton", _triton_backend, priority=-1 if os.environ.get("TRITON_INTERPRET") == "1" else 20)
+# Above Triton: under "auto" it keeps only the ops the measured table (gpu_op_table.json) gives it.
+register_backend("cuda", _cuda_backend, priority=30)
 
-__all__ = ["signed_masked_linear", "pack_bits", "unpack_bits", "masked_linear", "masked_conv2d", "superpose", "mask_dot",
+__all__ = ["signed_masked_linear", "pack_bits", "unpack_bits", "masked_linear", "masked_conv2d", "superpose", "mask_dot", "mask_dot_batched",
            "superposed_linear", "superposed_conv2d", "superposed_with_s"]
 
 
@@ -74,6 +89,12 @@ def superpose(bank: Tensor, alpha: Tensor, n: int) -> Tensor:
 def mask_dot(bank: Tensor, v: Tensor) -> Tensor:
     """(⟨Mᵢ, v⟩)ᵢ: bank [k, *lead, W], v [*lead, n] -> float [k]."""
     return mask_dot_op(bank, v)
+
+
+def mask_dot_batched(bank: Tensor, v: Tensor) -> Tensor:
+    """(⟨Mᵢ, v_j⟩)ⱼᵢ for q vectors at once: bank [k, *lead, W], v [q, *lead, n] -> float [q, k].
+    One pass over the bits for all q (batched task inference: q α-gradients)."""
+    return mask_dot_batched_op(bank, v)
 
 
 def superposed_linear(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -119,12 +119,14 @@ def check_superpose(bank: torch.Tensor, alpha: torch.Tensor, n: int) -> None:
     same_device(bank=bank, alpha=alpha)
 
 
-def check_mask_dot(bank: torch.Tensor, v: torch.Tensor) -> None:
+def check_mask_dot(bank: torch.Tensor, v: torch.Tensor, batched: bool = False) -> None:
+    """v is [*lead, n] (``batched``: [q, *lead, n]) matching bank [k, *lead, ceil(n/32)]."""
     check_bank(bank)
     _floating("v", v)
-    if tuple(v.shape[:-1]) != tuple(bank.shape[1:-1]):
-        raise ValueError(f"v must be [*lead, n] with lead = {list(bank.shape[1:-1])} from bank "
-                         f"{list(bank.shape)}, got shape {tuple(v.shape)}")
+    lead = tuple(v.shape[1:-1]) if batched else tuple(v.shape[:-1])
+    if (batched and v.dim() < 2) or lead != tuple(bank.shape[1:-1]):
+        raise ValueError(f"v must be [{'q, ' if batched else ''}*lead, n] with lead = {list(bank.shape[1:-1])} "
+                         f"from bank {list(bank.shape)}, got shape {tuple(v.shape)}")
     if bank.shape[-1] != num_words(v.shape[-1]):
         raise ValueError(f"bank has {bank.shape[-1]} words per row but v has n = {v.shape[-1]} "
                          f"(needs {num_words(v.shape[-1])} words)")

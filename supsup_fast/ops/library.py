@@ -75,6 +75,18 @@ def _(bank, v):
     return v.new_empty(bank.shape[0])
 
 
+@torch.library.custom_op("supsup::mask_dot_batched", mutates_args=())
+def mask_dot_batched_op(bank: Tensor, v: Tensor) -> Tensor:
+    checks.check_mask_dot(bank, v, batched=True)
+    return backend_for(bank.device).mask_dot_batched(bank.contiguous(), v.contiguous())
+
+
+@mask_dot_batched_op.register_fake
+def _(bank, v):
+    checks.check_mask_dot(bank, v, batched=True)
+    return v.new_empty(v.shape[0], bank.shape[0])
+
+
 def _superpose_setup(ctx, inputs, output):
     bank, alpha, n = inputs
     ctx.save_for_backward(bank)

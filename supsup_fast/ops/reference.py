@@ -52,6 +52,9 @@ def _bias_grad(g: torch.Tensor, conv: bool) -> torch.Tensor:
 
 class ReferenceBackend:
     name = "reference"
+    # True where mask_dot_batched is a native one-pass kernel: evaluation then infers the tasks of
+    # all of a task's test batches in one batched call.
+    fast_batched_inference = False
 
     def supports(self, device: torch.device) -> bool:
         return True
@@ -98,6 +101,19 @@ class ReferenceBackend:
             for b in range(BITS_PER_WORD):
                 plane = ((chunk >> b) & 1).to(v.dtype)
                 out[s:e] += plane.matmul(vp[b])
+        return out
+
+    def mask_dot_batched(self, bank: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(⟨Mᵢ, v_j⟩): [k, *lead, W] x [q, *lead, n] -> [q, k], bit plane by bit plane."""
+        k, w = bank.shape[0], bank.shape[-1]
+        q, n = v.shape[0], v.shape[-1]
+        vp = F.pad(v, (0, w * BITS_PER_WORD - n)) if w * BITS_PER_WORD != n else v
+        vp = vp.reshape(q, -1, BITS_PER_WORD).permute(2, 1, 0).contiguous()  # [32, L*W, q]
+        out = torch.zeros(q, k, dtype=v.dtype, device=v.device)
+        for s, e in self._task_chunks(bank):
+            chunk = bank[s:e].reshape(e - s, -1)
+            for b in range(BITS_PER_WORD):
+                out[:, s:e] += (((chunk >> b) & 1).to(v.dtype).matmul(vp[b])).t()
         return out
 
     # -- masked (single task) -----------------------------------------------------------------

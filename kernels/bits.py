@@ -1,0 +1,76 @@
+"""Elementwise bit kernels over the canonical layout (row-major ``[rows, n]`` bits packed
+LSB-first into ``[rows, W]`` int32 words, W = ceil(n/32)): pack, unpack, masked-weight
+materialisation (float or signed-constant sign bits) and the training-time compare-and-pack."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def pack_bits_kernel(mask_ptr, words_ptr, n, W, BLOCK_W: tl.constexpr):
+    """words[r, w] = Σ_b mask[r, 32w + b] << b. Grid: (rows, cdiv(W, BLOCK_W))."""
+    r = tl.program_id(0).to(tl.int64)
+    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    shifts = tl.arange(0, 32)
+    j = offs_w[:, None] * 32 + shifts[None, :]
+    bits = tl.load(mask_ptr + r * n + j, mask=j < n, other=0).to(tl.int32)
+    words = tl.sum(bits << shifts[None, :], axis=1)
+    tl.store(words_ptr + r * W + offs_w, words, mask=offs_w < W)
+
+
+@triton.jit
+def compare_pack_kernel(values_ptr, words_ptr, threshold, n, W, ABS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Pack 1[v >= threshold] (or 1[|v| >= threshold]) straight from float scores: the mask of a
+    trained task goes to bits without a bool tensor in between."""
+    r = tl.program_id(0).to(tl.int64)
+    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    shifts = tl.arange(0, 32)
+    j = offs_w[:, None] * 32 + shifts[None, :]
+    v = tl.load(values_ptr + r * n + j, mask=j < n, other=0.0)
+    if ABS:
+        v = tl.abs(v)
+    bits = ((v >= threshold) & (j < n)).to(tl.int32)
+    tl.store(words_ptr + r * W + offs_w, tl.sum(bits << shifts[None, :], axis=1), mask=offs_w < W)
+
+
+@triton.jit
+def unpack_bits_kernel(words_ptr, out_ptr, n, W, BLOCK_N: tl.constexpr):
+    """out[r, j] = bit j of row r (uint8 0/1). Grid: (rows, cdiv(n, BLOCK_N))."""
+    r = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    word = tl.load(words_ptr + r * W + j // 32, mask=j < n, other=0)
+    tl.store(out_ptr + r * n + j, ((word >> (j % 32)) & 1).to(tl.uint8), mask=j < n)
+
+
+@triton.jit
+def masked_weight_kernel(w_ptr, words_ptr, out_ptr, n, W, BLOCK_N: tl.constexpr):
+    """out = W ⊙ M, one row of W per program row (any float dtype)."""
+    r = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = j < n
+    word = tl.load(words_ptr + r * W + j // 32, mask=inside, other=0)
+    w = tl.load(w_ptr + r * n + j, mask=inside, other=0.0)
+    tl.store(out_ptr + r * n + j, tl.where(((word >> (j % 32)) & 1) != 0, w, 0.0), mask=inside)
+
+
+@triton.jit
+def signed_masked_weight_kernel(sign_ptr, words_ptr, out_ptr, scale, n, W, BLOCK_N: tl.constexpr):
+    """out = scale · (2·sign − 1) ⊙ M from two bit planes (2 bits read per weight)."""
+    r = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = j < n
+    sw = tl.load(sign_ptr + r * W + j // 32, mask=inside, other=0)
+    mw = tl.load(words_ptr + r * W + j // 32, mask=inside, other=0)
+    shift = j % 32
+    val = tl.where(((sw >> shift) & 1) != 0, scale, -scale)
+    val = tl.where(((mw >> shift) & 1) != 0, val, 0.0)
+    tl.store(out_ptr + r * n + j, val.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def threshold_masked_weight_kernel(s_ptr, w_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """out = W ⊙ 1[s ≥ 0] (the training-time threshold supermask, one pass)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < numel
+    s = tl.load(s_ptr + i, mask=inside, other=-1.0)
+    w = tl.load(w_ptr + i, mask=inside, other=0.0)
+    tl.store(out_ptr + i, tl.where(s >= 0, w, 0.0), mask=inside)

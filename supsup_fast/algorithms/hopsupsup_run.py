@@ -1,0 +1,140 @@
+"""A HopSupSup run (``--model bnnet --inference hopfield``): train and store each task's neuron
+masks, then recover every task's masks from its test batches and classify with them.
+
+Checkpoints: after each task, ``checkpoints/hopfield.safetensors`` holds the Hopfield matrices and
+the true masks so far (kept only to measure recovery), written atomically; ``--resume`` continues
+after the last finished task."""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import storage
+from .hopsupsup import HopSettings, accuracy, hopfield_bytes, mask_layers, recover_masks, set_masks, train_task
+
+
+def _settings(cfg) -> HopSettings:
+    return HopSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                       gamma=cfg.hop_gamma, recovery_lr=cfg.hop_recovery_lr, test_batch_size=cfg.test_batch_size)
+
+
+def _save(path, model, true_masks, extra) -> None:
+    from safetensors.torch import save_file
+    tensors = {}
+    for i, l in enumerate(mask_layers(model)):
+        tensors[f"psi/{i}"] = l.hopfield.psi.detach().cpu().contiguous()
+        tensors[f"pattern_sum/{i}"] = l.hopfield.pattern_sum.detach().cpu().contiguous()
+        if true_masks:
+            tensors[f"true_masks/{i}"] = torch.stack([m[i] for m in true_masks]).to(torch.uint8).cpu().contiguous()
+    meta = {"format": "supsup_fast.hopfield", "spec": json.dumps(model.spec, sort_keys=True), "extra": json.dumps(extra)}
+    storage.atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def _load(path, model):
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise storage.MaskFileError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
+    if meta.get("format") != "supsup_fast.hopfield" or json.loads(meta.get("spec", "null")) != model.spec:
+        raise storage.MaskFileError(f"{path} is not a Hopfield checkpoint of this model ({model.spec})")
+    extra = json.loads(meta["extra"])
+    layers = mask_layers(model)
+    done = extra["tasks_done"]
+    for i, l in enumerate(layers):
+        psi, ps = tensors.get(f"psi/{i}"), tensors.get(f"pattern_sum/{i}")
+        tm = tensors.get(f"true_masks/{i}")
+        if psi is None or tuple(psi.shape) != (l.num_features,) * 2 or ps is None or tm is None \
+                or tuple(tm.shape) != (done, l.num_features):
+            raise storage.MaskFileError(f"{path}: layer {i} tensors are missing or have the wrong shape")
+    for i, l in enumerate(layers):
+        l.hopfield.psi.copy_(tensors[f"psi/{i}"])
+        l.hopfield.pattern_sum.copy_(tensors[f"pattern_sum/{i}"])
+        l.hopfield.count = done
+    true_masks = [[tensors[f"true_masks/{i}"][t].bool() for i in range(len(layers))] for t in range(done)]
+    return extra, true_masks
+
+
+def run_hopsupsup(exp) -> dict:
+    from .experiment import _subset, _write_json, machine_info
+
+    cfg, model, device = exp.config, exp.model, exp.device
+    s = _settings(cfg)
+    exp.prepare_out_dir()
+    ckpt = exp.ckpt_dir / "hopfield.safetensors"
+    exp.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    true_masks, after, train_seconds, done = [], [], 0.0, 0
+    if exp.resume and ckpt.exists():
+        extra, true_masks = _load(ckpt, model)
+        done, after, train_seconds = extra["tasks_done"], extra["accuracy_after_training"], extra["train_seconds"]
+    bar = tqdm(range(cfg.tasks), desc="HopSupSup train", unit="task", disable=not exp.progress)
+    bar.update(done)
+    for t in range(done, cfg.tasks):
+        start = time.perf_counter()
+        split = _subset(exp.tasks.train(t), cfg.train_subset)
+        masks = train_task(model, split, s, device=device, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + t))
+        train_seconds += time.perf_counter() - start
+        true_masks.append(masks)
+        set_masks(model, masks)
+        after.append(accuracy(model, exp.tasks.test(t), s.test_batch_size, device=device,
+                              generator=torch.Generator().manual_seed(10_000 * cfg.seed + t)))
+        _save(ckpt, model, true_masks, {"tasks_done": t + 1, "accuracy_after_training": after, "train_seconds": train_seconds})
+        bar.update(1)
+        bar.set_postfix(acc=f"{after[-1]:.4f}")
+    bar.close()
+    start = time.perf_counter()
+    trials = cfg.hop_recovery_trials
+    accs, exact, first, bit_errors, steps = [], [], [], [], []
+    bar = tqdm(total=cfg.tasks * trials, desc="HopSupSup recover", unit="recovery", disable=not exp.progress)
+    for t in range(cfg.tasks):
+        test = exp.tasks.test(t)
+        acc_t, exact_t, first_t, err_t = [], [], [], []
+        for trial in range(trials):  # each trial sees the test batches in another order
+            order = torch.Generator().manual_seed(20_000 * cfg.seed + 100 * t + trial)
+            rec = recover_masks(model, test, s, device=device, generator=order, true_masks=true_masks[t])
+            acc_t.append(accuracy(model, test, s.test_batch_size, device=device,
+                                  generator=torch.Generator().manual_seed(10_000 * cfg.seed + t)))
+            exact_t.append(rec.bit_errors == 0)
+            first_t.append(rec.first_exact_step)
+            err_t.append(rec.bit_errors)
+            bar.update(1)
+        accs.append(sum(acc_t) / trials)
+        exact.append(sum(exact_t) / trials)
+        first.append(first_t)
+        bit_errors.append(err_t)
+        steps.append(rec.steps)
+    bar.close()
+    eval_seconds = time.perf_counter() - start
+    # Every test batch of a task is classified with the masks recovered for it, so the share of
+    # test batches classified with exactly the true masks weighs each recovery by its batch count.
+    batches = [exp.tasks.test(t).num_batches(s.test_batch_size) for t in range(cfg.tasks)]
+    on_true = sum(b * e for b, e in zip(batches, exact)) / sum(batches)
+    per_task_inf = exact
+    avg = sum(accs) / len(accs)
+    results = {
+        "average_accuracy": avg, "per_task_accuracy": accs,
+        "task_inference_accuracy": on_true, "per_task_inference_accuracy": per_task_inf,
+        "accuracy_after_training": after,
+        "accuracy_matrix": [{"tasks_learned": cfg.tasks, "accuracy": accs, "task_inference": per_task_inf,
+                             "average_accuracy": avg, "task_inference_accuracy": on_true, "seconds": eval_seconds}],
+        "hopsupsup": {"recovered_exactly": exact, "recovery_trials": trials, "test_batches_with_true_mask": on_true,
+                      "first_exact_step": first, "recovery_steps": steps, "bit_errors": bit_errors,
+                      "gamma": s.gamma, "recovery_lr": s.recovery_lr, "test_batch_size": s.test_batch_size},
+        "num_masks": cfg.tasks, "mask_bytes": 0, "hopfield_bytes": hopfield_bytes(model), "bn_bytes": 0,
+        "output_size": exp.output_size, "num_labels": exp.tasks.num_labels,
+        "timing": {"train": train_seconds, "eval": eval_seconds, "eval_by_tasks_learned": {str(cfg.tasks): eval_seconds},
+                   "tasks_resumed": done},
+        "backend": "torch", "machine": machine_info(device), "data": exp.tasks.source, "config": cfg.to_dict(),
+    }
+    from ..report import write_csv, write_plot
+    _write_json(exp.out / "results.json", results)
+    _save(exp.out / "hopfield.safetensors", model, true_masks, {"tasks_done": cfg.tasks, "accuracy_after_training": after,
+                                                                 "train_seconds": train_seconds})
+    write_csv(results, exp.out / "per_task.csv")
+    write_plot(results, exp.out / "accuracy.png")
+    return results

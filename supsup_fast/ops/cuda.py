@@ -1,0 +1,150 @@
+"""The CUDA C++ backend (``csrc/cuda``): lookup-table ``mask_dot``, ``superpose``, the 2-bit
+signed-constant GEMV for batches of 1–16 and the masked-weight materialisation for convolutions.
+Every other op, and every op where the measured table says Triton is faster, goes to the Triton
+backend (or the reference one when Triton is missing).
+
+The extension is built by setup.py on machines with a CUDA torch and nvcc (``supsup_fast._cuda``),
+or JIT-compiled on first use there. ``auto`` consults ``gpu_op_table.json`` (written by
+``benchmarks/gpu_check.py``) to pick, per op, the faster of ``cuda`` and ``triton``; with no
+measurement for an op, Triton keeps it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from .reference import DenseLinear, ReferenceBackend
+from .registry import AUTO, get_backend_name
+
+TABLE = Path(__file__).with_name("gpu_op_table.json")
+_loaded = None
+
+
+def _sources():
+    import supsup_fast.csrc as csrc
+    root = Path(csrc.__file__).parent / "cuda"
+    return [str(p) for p in sorted(root.glob("*.cu"))] + [str(root / "bindings.cpp")]
+
+
+def load_cuda_extension() -> str:
+    """Load the CUDA kernels (prebuilt, else JIT); RuntimeError says why they cannot run here."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        raise RuntimeError("the CUDA backend needs a CUDA build of torch and a GPU")
+    try:
+        import supsup_fast._cuda  # noqa: F401  (built by setup.py)
+        _loaded = "prebuilt"
+    except ImportError:
+        if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+            raise RuntimeError("the CUDA extension is not built and nvcc is not on PATH to build it")
+        from torch.utils import cpp_extension
+        try:
+            cpp_extension.load(name="supsup_fast_cuda", sources=_sources(), is_python_module=False,
+                               extra_cuda_cflags=["-O3", "-std=c++17"], extra_cflags=["-O3", "-std=c++17"])
+        except Exception as exc:
+            raise RuntimeError(f"could not build the CUDA kernels: {exc}") from exc
+        _loaded = "jit"
+    if not hasattr(torch.ops, "supsup_cuda") or not hasattr(torch.ops.supsup_cuda, "mask_dot"):
+        raise RuntimeError("the CUDA extension loaded but registered no supsup_cuda ops")
+    return _loaded
+
+
+def op_table() -> Dict[str, str]:
+    """Measured winner per op ({"mask_dot": "cuda", ...}); empty when no GPU check has run."""
+    try:
+        data = json.loads(TABLE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.get("winner", {}).items() if v in ("cuda", "triton")}
+
+
+class CudaBackend(ReferenceBackend):
+    name = "cuda"
+
+    def __init__(self):
+        load_cuda_extension()
+        self.ops = torch.ops.supsup_cuda
+        try:
+            from .triton import TritonBackend
+            self.fallback = TritonBackend()
+        except RuntimeError:
+            self.fallback = ReferenceBackend()
+        self.fast_batched_inference = getattr(self.fallback, "fast_batched_inference", False)
+        self.table = op_table()
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def _mine(self, op: str) -> bool:
+        """Forced `cuda`: always the CUDA kernel. Under `auto`: only where it measured faster."""
+        return get_backend_name() != AUTO or self.table.get(op) == "cuda"
+
+    def mask_dot(self, bank, v):
+        if v.dtype != torch.float32 or not self._mine("mask_dot"):
+            return self.fallback.mask_dot(bank, v)
+        k, w = bank.shape[0], bank.shape[-1]
+        vp = torch.nn.functional.pad(v, (0, w * 32 - v.shape[-1])) if w * 32 != v.shape[-1] else v
+        return self.ops.mask_dot(bank.reshape(k, -1).contiguous(), vp.reshape(-1).contiguous(), None)
+
+    def superpose(self, bank, alpha, n):
+        if alpha.dtype != torch.float32 or not self._mine("superpose"):
+            return self.fallback.superpose(bank, alpha, n)
+        k, w = bank.shape[0], bank.shape[-1]
+        out = self.ops.superpose(bank.reshape(k, -1).contiguous(), alpha.contiguous(), None)
+        return out.view(*bank.shape[1:-1], w * 32)[..., :n].contiguous()
+
+    def masked_weight(self, weight, mask_words):
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not self._mine("masked_weight"):
+            return self.fallback.masked_weight(weight, mask_words)
+        return self.ops.masked_weight(weight.contiguous(), mask_words.contiguous(), False)
+
+    def signed_masked_linear(self, x, sign_words, mask_words, scale, bias):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if x.dtype != torch.float32 or not 1 <= rows <= 16 or not self._mine("signed_gemv"):
+            return self.fallback.signed_masked_linear(x, sign_words, mask_words, scale, bias)
+        y = self.ops.signed_gemv(x.reshape(rows, -1).contiguous(), sign_words.contiguous(), mask_words.contiguous(),
+                                 None if bias is None else bias.float().contiguous(), float(scale))
+        return y.reshape(*x.shape[:-1], mask_words.shape[0])
+
+    # Everything else: the fallback backend (Triton on a GPU).
+    def pack_bits(self, mask):
+        return self.fallback.pack_bits(mask)
+
+    def unpack_bits(self, words, n):
+        return self.fallback.unpack_bits(words, n)
+
+    def mask_dot_batched(self, bank, v):
+        return self.fallback.mask_dot_batched(bank, v)
+
+    def threshold_masked_weight(self, scores, weight):
+        return self.fallback.threshold_masked_weight(scores, weight)
+
+    def masked_forward(self, dense, x, weight, mask_words, bias):
+        if isinstance(dense, DenseLinear):
+            return self.fallback.masked_forward(dense, x, weight, mask_words, bias)
+        return super().masked_forward(dense, x, weight, mask_words, bias)  # conv: W ⊙ M (here) + cuDNN
+
+    def masked_backward(self, dense, grad, x, weight, mask_words, need_input, need_weight):
+        if isinstance(dense, DenseLinear):
+            return self.fallback.masked_backward(dense, grad, x, weight, mask_words, need_input, need_weight)
+        return super().masked_backward(dense, grad, x, weight, mask_words, need_input, need_weight)
+
+    def superposed_backward(self, dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight):
+        if isinstance(dense, DenseLinear) and hasattr(self.fallback, "k"):
+            # v = (Gᵀx) ⊙ W from Triton's GEMM epilogue; the pass over the bits is ours (or Triton's).
+            g2, x2 = grad.reshape(-1, grad.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous()
+            if need_alpha and not need_weight and grad.dtype == x.dtype == weight.dtype:
+                v = self.fallback.k.grad_weight(g2, x2, weight.contiguous(), None)
+                dalpha = self.mask_dot(bank, v).to(alpha.dtype)
+                dx = grad.new_empty(0)
+                if need_input:
+                    s = self.superpose(bank, alpha.to(weight.dtype), weight.shape[1]) if s is None else s
+                    dx = dense.grad_input(grad, x, weight * s.view_as(weight))
+                return dx, dalpha, grad.new_empty(0)
+        return super().superposed_backward(dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight)

@@ -1,0 +1,139 @@
+"""The Triton backend: the op contract on CUDA tensors through the kernels in
+``supsup_fast.kernels`` (``torch.library.triton_op``s). Linear layers run the fused unpack-GEMMs;
+conv layers materialise W ⊙ M with one bit kernel and call cuDNN; the α-gradient is one pass over
+the bits (``mask_dot`` on v = G ⊙ W, built in the weight-gradient GEMM's epilogue).
+
+Under ``TRITON_INTERPRET=1`` (tests on a CPU machine) it also runs on CPU tensors when chosen
+explicitly; ``auto`` never picks it there."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..bits import BITS_PER_WORD
+from .reference import DenseLinear, ReferenceBackend
+
+FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def load_kernels():
+    """Import the kernels, or raise RuntimeError saying why the backend cannot run here."""
+    try:
+        from ..kernels import ops as kernel_ops
+    except ImportError as exc:
+        raise RuntimeError(f"Triton is not installed: {exc}") from exc
+    if not kernel_ops.INTERPRET and not torch.cuda.is_available():
+        raise RuntimeError("the Triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 for tests)")
+    return kernel_ops
+
+
+def _padded(v: torch.Tensor, words: int) -> torch.Tensor:
+    """v [..., n] as a flat fp32 vector of 32·words per leading row (zero pad bits)."""
+    n = v.shape[-1]
+    v = v.float()
+    if words * BITS_PER_WORD != n:
+        v = F.pad(v, (0, words * BITS_PER_WORD - n))
+    return v.contiguous()
+
+
+class TritonBackend(ReferenceBackend):
+    name = "triton"
+    fast_batched_inference = True
+
+    def __init__(self):
+        self.k = load_kernels()
+        self.interpret = self.k.INTERPRET
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda" or (self.interpret and device.type == "cpu")
+
+    # -- bits ---------------------------------------------------------------------------------
+    def pack_bits(self, mask):
+        n = mask.shape[-1]
+        return self.k.pack_bits(mask.reshape(-1, n).contiguous()).reshape(*mask.shape[:-1], (n + 31) // 32)
+
+    def unpack_bits(self, words, n):
+        return self.k.unpack_bits(words.reshape(-1, words.shape[-1]).contiguous(), n).reshape(*words.shape[:-1], n)
+
+    def masked_weight(self, weight, mask_words):
+        if weight.dtype not in FLOAT_TYPES:
+            return super().masked_weight(weight, mask_words)
+        w2 = weight.reshape(weight.shape[0], -1).contiguous()
+        return self.k.masked_weight(w2, mask_words.contiguous()).view_as(weight)
+
+    def threshold_masked_weight(self, scores, weight):
+        if weight.dtype not in FLOAT_TYPES or scores.dtype != weight.dtype:
+            return super().threshold_masked_weight(scores, weight)
+        return self.k.threshold_masked_weight(scores.contiguous(), weight.contiguous())
+
+    def compare_pack(self, values: torch.Tensor, threshold: float, absolute: bool = False) -> torch.Tensor:
+        """Pack 1[v ≥ t] (or 1[|v| ≥ t]) of a [out, n] score tensor straight into words."""
+        v2 = values.reshape(values.shape[0], -1).float().contiguous()
+        return self.k.compare_pack(v2, float(threshold), bool(absolute))
+
+    # -- bank products ------------------------------------------------------------------------
+    def superpose(self, bank, alpha, n, active=None):
+        k = bank.shape[0]
+        lead, w = bank.shape[1:-1], bank.shape[-1]
+        flat = bank.reshape(k, -1).contiguous()
+        a = alpha.float().contiguous()
+        out = self.k.superpose(flat, a, None if active is None else active.to(torch.int64).contiguous())
+        return out.view(*lead, w * BITS_PER_WORD)[..., :n].to(alpha.dtype).contiguous()
+
+    def mask_dot(self, bank, v, active=None):
+        k, w = bank.shape[0], bank.shape[-1]
+        out = self.k.mask_dot(bank.reshape(k, -1).contiguous(), _padded(v, w).reshape(-1),
+                              None if active is None else active.to(torch.int64).contiguous())
+        return out.to(v.dtype)
+
+    def mask_dot_batched(self, bank, v, active=None):
+        k, w = bank.shape[0], bank.shape[-1]
+        q = v.shape[0]
+        out = self.k.mask_dot_batched(bank.reshape(k, -1).contiguous(), _padded(v, w).reshape(q, -1),
+                                      None if active is None else active.to(torch.int64).contiguous())
+        return out.to(v.dtype)
+
+    # -- single-task layers -------------------------------------------------------------------
+    def _linear_ok(self, dense, x, weight) -> bool:
+        return isinstance(dense, DenseLinear) and x.dtype in FLOAT_TYPES and weight.dtype == x.dtype
+
+    def masked_forward(self, dense, x, weight, mask_words, bias):
+        if not self._linear_ok(dense, x, weight):
+            return super().masked_forward(dense, x, weight, mask_words, bias)  # conv: W ⊙ M kernel + cuDNN
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y = self.k.masked_linear(x2, weight.contiguous(), None, mask_words.contiguous(),
+                                 None if bias is None else bias.to(x.dtype).contiguous(), 1.0, x.shape[-1])
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    def masked_backward(self, dense, grad, x, weight, mask_words, need_input, need_weight):
+        if not self._linear_ok(dense, x, weight) or grad.dtype != x.dtype:
+            return super().masked_backward(dense, grad, x, weight, mask_words, need_input, need_weight)
+        g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        words = mask_words.contiguous()
+        dx = self.k.masked_linear_dx(g2, weight.contiguous(), words).reshape(x.shape) if need_input else grad.new_empty(0)
+        dw = self.k.grad_weight(g2, x2, None, words).to(weight.dtype) if need_weight else grad.new_empty(0)
+        return dx, dw
+
+    def signed_masked_linear(self, x, sign_words, mask_words, scale, bias):
+        if x.dtype not in FLOAT_TYPES:
+            return super().signed_masked_linear(x, sign_words, mask_words, scale, bias)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y = self.k.masked_linear(x2, None, sign_words.contiguous(), mask_words.contiguous(),
+                                 None if bias is None else bias.to(x.dtype).contiguous(), float(scale), x.shape[-1])
+        return y.reshape(*x.shape[:-1], mask_words.shape[0])
+
+    # -- superposed ---------------------------------------------------------------------------
+    def superposed_backward(self, dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight):
+        if not (self._linear_ok(dense, x, weight) and need_alpha and not need_weight and grad.dtype == x.dtype):
+            return super().superposed_backward(dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight)
+        g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        v = self.k.grad_weight(g2, x2, weight.contiguous(), None)  # (Gᵀx) ⊙ W in the GEMM epilogue, fp32
+        dalpha = self.mask_dot(bank, v).to(alpha.dtype)
+        dx = grad.new_empty(0)
+        if need_input:
+            if s is None:
+                s = self.superpose(bank, alpha.to(weight.dtype), weight.shape[1])
+            dx = dense.grad_input(grad, x, weight * s.view_as(weight))
+        return dx, dalpha, grad.new_empty(0)

@@ -1,0 +1,67 @@
+"""CUDA C++ kernels: every .cu file must compile alone for sm_90 (nvcc, compile only). On a GPU
+machine the backend is also checked against the reference backend."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
+
+
+def test_cuda_sources_exist_and_include_no_torch_header():
+    assert {p.name for p in CU_FILES} >= {"bank.cu", "weights.cu"}
+    for p in CU_FILES + [CUDA_DIR / "kernels.cuh"]:
+        text = p.read_text()
+        assert "torch/" not in text and "ATen/" not in text and "c10/" not in text, p.name
+    assert "TORCH_LIBRARY(supsup_cuda" in (CUDA_DIR / "bindings.cpp").read_text()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed on this machine")
+@pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
+def test_cu_file_compiles_for_sm90(cu, tmp_path):
+    proc = subprocess.run(["nvcc", "-c", "-arch=sm_90", "-std=c++17", "-O3", "-Xptxas", "-warn-spills",
+                           str(cu), "-o", str(tmp_path / (cu.stem + ".o"))], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / (cu.stem + ".o")).stat().st_size > 0
+
+
+def test_cuda_backend_absent_without_gpu_and_table_is_valid():
+    from supsup_fast import ops
+    from supsup_fast.ops.cuda import op_table
+    assert all(v in ("cuda", "triton") for v in op_table().values())
+    if not torch.cuda.is_available():
+        assert "cuda" not in ops.available()
+        with pytest.raises(RuntimeError, match="not available on this machine"):
+            ops.set_backend("cuda")
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@gpu
+def test_cuda_kernels_match_reference():
+    from supsup_fast.ops.cuda import CudaBackend
+    from supsup_fast.ops.reference import ReferenceBackend
+    cb, ref = CudaBackend(), ReferenceBackend()
+    g = torch.Generator().manual_seed(0)
+    for k, rows, n in [(1, 3, 33), (37, 5, 784), (300, 2, 1000)]:
+        bank = ref.pack_bits(torch.rand(k, rows, n, generator=g) < 0.5)
+        v = torch.randn(rows, n, generator=g)
+        alpha = torch.rand(k, generator=g)
+        torch.testing.assert_close(cb.mask_dot(bank.cuda(), v.cuda()).cpu(), ref.mask_dot(bank, v), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(cb.superpose(bank.cuda(), alpha.cuda(), n).cpu(), ref.superpose(bank, alpha, n))
+    for batch in (1, 3, 16):
+        x = torch.randn(batch, 784, generator=g)
+        sign, mask = (ref.pack_bits(torch.rand(300, 784, generator=g) < 0.5) for _ in range(2))
+        torch.testing.assert_close(cb.signed_masked_linear(x.cuda(), sign.cuda(), mask.cuda(), 0.05, None).cpu(),
+                                   ref.signed_masked_linear(x, sign, mask, 0.05, None), rtol=1e-4, atol=1e-4)
+    w = torch.randn(8, 3, 3, 3, generator=g)
+    words = ref.pack_bits(torch.rand(8, 27, generator=g) < 0.5)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        assert torch.equal(cb.masked_weight(w.to(dt).cuda(), words.cuda()).cpu(), ref.masked_weight(w.to(dt), words))
+    cl = torch.ops.supsup_cuda.masked_weight(w.cuda(), words.cuda(), True)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cl.cpu(), ref.masked_weight(w, words))
