@@ -42,14 +42,24 @@ RUNS = [
      "recovers the true mask in < 30 steps (Fig 7); accuracy table not retrievable",
      f"supsup-fast run --config configs/hopsupsup_split_mnist.yaml {D} --out runs/hop"),
 ]
-ABLATION = [  # output-size ablation at 10 tasks (Fig 6): (model, s, H run, G run, command of the H run)
-    ("lenet", 25, "lenet-s25", "lenet-s25-g"),
-    ("lenet", 100, "lenet-s100-h10", "lenet-g"),
-    ("lenet", 200, "lenet-s200", "lenet-s200-g"),
-    ("fc1024", 25, "fc-s25", "fc-s25-g"),
-    ("fc1024", 100, "fc-s100", "fc-s100-g"),
-    ("fc1024", 200, "fc-s200", "fc-s200-g"),
-    ("fc1024", 500, "fc50@10", "fc50-g@10"),
+def _ablation_run(model: str, s: int) -> str:
+    cfg = "gnu_permuted_lenet_h.yaml" if model == "lenet" else "gnu_permuted_fc1024_h.yaml"
+    name = f"{'lenet' if model == 'lenet' else 'fc'}-s{s}"
+    return f"supsup-fast run --config configs/{cfg} --output-size {s} --tasks 10 {D} --out runs/{name}"
+
+
+# Output-size ablation at 10 tasks (Fig 6): (model, s, H run, G run, how the masks were made)
+ABLATION = [
+    ("lenet", 25, "lenet-s25", "lenet-s25-g", _ablation_run("lenet", 25)),
+    ("lenet", 100, "lenet-s100-h10", "lenet-g",
+     f"supsup-fast run --config configs/gnu_permuted_lenet_g.yaml {D} --out runs/lenet-g (G; H: "
+     f"supsup-fast evaluate runs/lenet-g --objective entropy --out runs/lenet-s100-h10)"),
+    ("lenet", 200, "lenet-s200", "lenet-s200-g", _ablation_run("lenet", 200)),
+    ("fc1024", 25, "fc-s25", "fc-s25-g", _ablation_run("fc1024", 25)),
+    ("fc1024", 100, "fc-s100", "fc-s100-g", _ablation_run("fc1024", 100)),
+    ("fc1024", 200, "fc-s200", "fc-s200-g", _ablation_run("fc1024", 200)),
+    ("fc1024", 500, "fc50@10", "gnu-fc1024-h-g", "the 50-task FC run above, row after 10 tasks (H); G: the 10-task "
+     "run of the previous session: supsup-fast evaluate runs/gnu-fc1024-h --objective superfluous"),
 ]
 
 
@@ -114,12 +124,10 @@ def report() -> str:
               "The paper gives no numbers in the text (appendix not retrievable); it says extra output neurons "
               "help significantly (§3.6). Same masks for H and G (G re-evaluates the H run's masks with "
               "`supsup-fast evaluate RUN --objective superfluous`).", "",
-              "| model | s | H: accuracy | H: task inference | G: accuracy | G: task inference | command (H) |", "|---|---|---|---|---|---|---|"]
-    for model, s, h, g in ABLATION:
+              "| model | s | H: accuracy | H: task inference | G: accuracy | G: task inference | command (masks; G: `evaluate RUN --objective superfluous --out RUN-g`) |",
+              "|---|---|---|---|---|---|---|"]
+    for model, s, h, g, cmd in ABLATION:
         rh, rg = load(h), load(g)
-        cfg = "gnu_permuted_lenet_h.yaml" if model == "lenet" else "gnu_permuted_fc1024_h.yaml"
-        cmd = (f"supsup-fast run --config configs/{cfg} --output-size {s} --tasks 10 {D} --out runs/{h}"
-               if "@" not in h else "(the 50-task FC run above, row after 10 tasks)")
         lines.append(f"| {model} | {s} | {fmt(rh and rh['average_accuracy'])} | {fmt(rh and rh['task_inference_accuracy'])} | "
                      f"{fmt(rg and rg['average_accuracy'])} | {fmt(rg and rg['task_inference_accuracy'])} | `{cmd}` |")
     lines += ["", "## Earlier runs (10 tasks, previous session; results in `benchmarks/results/mnist/`)", "",
@@ -161,7 +169,7 @@ def plot(path: Path) -> None:
     ax = axes[1]
     for model, marker in (("lenet", "o-"), ("fc1024", "s-")):
         for obj, idx in (("H", 2), ("G", 3)):
-            pts = [(s, load(row[idx])) for row in ABLATION if row[0] == model for s in [row[1]]]
+            pts = [(row[1], load(row[idx])) for row in ABLATION if row[0] == model]
             pts = [(s, r["average_accuracy"]) for s, r in pts if r is not None]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=f"{model} {obj}")
@@ -182,7 +190,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     STORE.mkdir(parents=True, exist_ok=True)
     if args.runs:
-        names = {n for n, *_ in RUNS} | {x.partition("@")[0] for row in ABLATION for x in row[2:]}
+        names = {n for n, *_ in RUNS} | {x.partition("@")[0] for row in ABLATION for x in row[2:4]}
         for name in sorted(names):
             src = Path(args.runs) / name / "results.json"
             if src.exists():

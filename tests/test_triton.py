@@ -242,3 +242,23 @@ def test_graphed_single_task_forward_matches_eager():
     torch.testing.assert_close(graphed(x), model(x))
     with pytest.raises(ValueError, match="captured shape"):
         graphed(torch.randn(2, 784, device="cuda"))
+
+
+def test_training_on_triton_packs_the_same_masks_as_reference():
+    """A layer trained under the Triton backend (threshold STE forward kernel, compare-and-pack of
+    the finished mask) ends with the same bits as under the reference backend."""
+    from supsup_fast.nn import SupermaskLinear, begin_task, finish_task, task_parameters
+    banks = {}
+    for name in ("reference", "triton"):
+        layer = SupermaskLinear(100, 33, seed=3).to(DEV)
+        with ops.use_backend(name):
+            begin_task(layer, generator=torch.Generator().manual_seed(0))
+            opt = torch.optim.SGD(task_parameters(layer), lr=0.5)
+            x = torch.randn(16, 100, generator=torch.Generator().manual_seed(1)).to(DEV)
+            for _ in range(3):
+                opt.zero_grad()
+                layer(x).pow(2).mean().backward()
+                opt.step()
+            finish_task(layer)
+        banks[name] = layer.bank.words.cpu()
+    assert torch.equal(banks["triton"], banks["reference"])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops.registry import backend_for
 from .bank import MaskBank
 from .init import frozen_bias, frozen_weight, make_generator
 from .masks import MASK_FUNCTIONS, mask_from_scores, masked_weight_from_scores, score_init_bound
@@ -113,7 +114,11 @@ class SupermaskLayer(nn.Module):
         """Write the mask of the current scores into bank row ``slot`` (``slot == num_tasks``
         appends a new task); the scores stay, so training can go on."""
         mask = self.current_mask().reshape(self.weight.shape[0], -1)
-        words = ops.pack_bits(mask)
+        backend = backend_for(self.weight.device)
+        if self.mask_fn == "threshold" and hasattr(backend, "compare_pack"):
+            words = backend.compare_pack(self.scores.detach(), 0.0)  # scores -> bits in one kernel
+        else:
+            words = ops.pack_bits(mask)
         if slot == self.num_tasks:
             self.bank.append(words)
             if self._counts is not None:
