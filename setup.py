@@ -37,7 +37,7 @@ def cuda_extension(torch):
         return None
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     return CUDAExtension("supsup_fast._cuda", sources, include_dirs=nvidia_include_dirs(),
-                         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]},
                          define_macros=[("SUPSUP_PYTHON_MODULE", None)])
 
 

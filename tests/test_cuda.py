@@ -65,3 +65,28 @@ def test_cuda_kernels_match_reference():
     cl = torch.ops.supsup_cuda.masked_weight(w.cuda(), words.cuda(), True)
     assert cl.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(cl.cpu(), ref.masked_weight(w, words))
+
+
+def _cuda_include():
+    import os
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_runtime.h").is_file():
+            return str(Path(root) / "include")
+    return None
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None,
+                    reason="needs g++ and the CUDA runtime headers (CUDA_HOME or /usr/local/cuda)")
+def test_bindings_compile_against_torch_headers(tmp_path):
+    """bindings.cpp against this torch's headers and the CUDA runtime headers (syntax and types,
+    no link). A CPU build of torch lacks one generated CUDA header, stubbed here."""
+    import sysconfig
+    from torch.utils.cpp_extension import include_paths
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", f"-I{tmp_path}", *[f"-I{p}" for p in include_paths()],
+           f"-I{_cuda_include()}", f"-I{sysconfig.get_paths()['include']}", "-DSUPSUP_PYTHON_MODULE",
+           str(CUDA_DIR / "bindings.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]

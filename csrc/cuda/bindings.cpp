@@ -1,6 +1,7 @@
 // Torch bindings of the CUDA kernels: TORCH_LIBRARY(supsup_cuda) + CUDA implementations. Argument
 // checks here (TORCH_CHECK names the argument); kernels run on the current CUDA stream.
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -36,7 +37,7 @@ at::Tensor mask_dot(const at::Tensor& bank, const at::Tensor& v, const c10::opti
   auto partial = at::empty({supsup_cuda::mask_dot_chunks(L), k}, v.options());
   if (k == 0 || L == 0) return at::zeros({k}, v.options());
   check_cuda(supsup_cuda::launch_mask_dot(bank.data_ptr<int32_t>(), v.data_ptr<float>(), active_ptr(active, bank.size(0)),
-                                          partial.data_ptr<float>(), k, L, at::cuda::getCurrentCUDAStream()),
+                                          partial.data_ptr<float>(), k, L, c10::cuda::getCurrentCUDAStream()),
              "mask_dot");
   return partial.sum(0);  // second stage: a fixed-order reduction over the word chunks
 }
@@ -51,7 +52,7 @@ at::Tensor superpose(const at::Tensor& bank, const at::Tensor& alpha, const c10:
   c10::cuda::CUDAGuard guard(bank.device());
   auto out = at::empty({bank.size(1) * 32}, alpha.options());
   check_cuda(supsup_cuda::launch_superpose(bank.data_ptr<int32_t>(), alpha.data_ptr<float>(), active_ptr(active, bank.size(0)),
-                                           out.data_ptr<float>(), k, bank.size(1), at::cuda::getCurrentCUDAStream()),
+                                           out.data_ptr<float>(), k, bank.size(1), c10::cuda::getCurrentCUDAStream()),
              "superpose");
   return out;
 }
@@ -77,7 +78,7 @@ at::Tensor signed_gemv(const at::Tensor& x, const at::Tensor& sign_words, const 
   auto y = at::empty({x.size(0), N}, x.options());
   check_cuda(supsup_cuda::launch_signed_gemv(x.data_ptr<float>(), sign_words.data_ptr<int32_t>(),
                                              mask_words.data_ptr<int32_t>(), b, y.data_ptr<float>(), x.size(0), N, K,
-                                             static_cast<float>(scale), at::cuda::getCurrentCUDAStream()),
+                                             static_cast<float>(scale), c10::cuda::getCurrentCUDAStream()),
              "signed_gemv");
   return y;
 }
@@ -100,7 +101,7 @@ at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& words, bool
   c10::cuda::CUDAGuard guard(weight.device());
   at::Tensor out = channels_last ? at::empty_like(weight, at::MemoryFormat::ChannelsLast) : at::empty_like(weight);
   check_cuda(supsup_cuda::launch_masked_weight(weight.data_ptr(), words.data_ptr<int32_t>(), out.data_ptr(), dt, rows, n,
-                                               channels, khw, channels_last, at::cuda::getCurrentCUDAStream()),
+                                               channels, khw, channels_last, c10::cuda::getCurrentCUDAStream()),
              "masked_weight");
   return out;
 }

@@ -46,7 +46,7 @@ def load_cuda_extension() -> str:
         from torch.utils import cpp_extension
         try:
             cpp_extension.load(name="supsup_fast_cuda", sources=_sources(), is_python_module=False,
-                               extra_cuda_cflags=["-O3", "-std=c++17"], extra_cflags=["-O3", "-std=c++17"])
+                               extra_cuda_cflags=["-O3", "-std=c++17"], extra_cflags=["-O3"])
         except Exception as exc:
             raise RuntimeError(f"could not build the CUDA kernels: {exc}") from exc
         _loaded = "jit"
