@@ -36,6 +36,10 @@ def test_yaml_preset_with_flag_override(tmp_path):
     (["--tasks", "0"], "--tasks must be a positive int"),
     (["--benchmark", "split-mnist", "--tasks", "9"], "SplitMNIST has 5 tasks"),
     (["--backend", "nope"], "unknown backend 'nope'"),
+    (["--scenario", "NNs", "--benchmark", "split-cifar100", "--model", "gemresnet18"], "NNs needs an MLP"),
+    (["--inference", "hopfield"], "--inference hopfield (HopSupSup) goes with --model bnnet"),
+    (["--mask-budget", "0"], "--mask-budget must be a positive int"),
+    (["--benchmark", "split-imagenet", "--model", "resnet50"], "split-imagenet needs --data-root"),
 ])
 def test_clear_errors(tmp_path, capsys, args, message):
     code = main(["run", *FAST, "--out", str(tmp_path / "r"), *args])
@@ -66,3 +70,18 @@ def test_corrupt_mask_file_on_resume_loses_nothing(tmp_path, capsys):
 def test_console_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "supsup_fast.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "demo" in res.stdout and "bench" in res.stdout
+
+
+def test_nns_and_hopsupsup_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "nns"
+    assert main(["run", *FAST, "--scenario", "NNs", "--nns-check-every", "10", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "NNs                   mask per true task" in text
+    res = json.loads((out / "results.json").read_text())
+    assert res["nns"]["new_masks_per_true_task"][0] >= 1 and sum(res["nns"]["new_masks_per_true_task"]) == res["num_masks"]
+    out = tmp_path / "hop"
+    assert main(["run", "--config", "configs/hopsupsup_split_mnist.yaml", "--tasks", "1", "--train-subset", "300",
+                 "--hop-recovery-trials", "1", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "recovered exactly" in text and "Hopfield storage      33.6 MB" in text
+    assert (out / "hopfield.safetensors").is_file()
