@@ -161,7 +161,7 @@ def mask_dot_batched(bank: Tensor, v: Tensor, active: Optional[Tensor]) -> Tenso
 # -- GEMMs -----------------------------------------------------------------------------------
 @triton_op("supsup_triton::masked_linear", mutates_args={})
 def masked_linear(x: Tensor, weight: Optional[Tensor], sign_words: Optional[Tensor], words: Tensor,
-                  bias: Optional[Tensor], scale: float, in_features: int) -> Tensor:
+                  bias: Optional[Tensor], scale: float) -> Tensor:
     """x [M, K] (W ⊙ M)ᵀ + b; W given as a float tensor or (sign_words, scale)."""
     dtype = x.dtype
     x, weight, bias = _upcast(x, weight, bias)

@@ -102,7 +102,7 @@ class TritonBackend(ReferenceBackend):
             return super().masked_forward(dense, x, weight, mask_words, bias)  # conv: W ⊙ M kernel + cuDNN
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         y = self.k.masked_linear(x2, weight.contiguous(), None, mask_words.contiguous(),
-                                 None if bias is None else bias.to(x.dtype).contiguous(), 1.0, x.shape[-1])
+                                 None if bias is None else bias.to(x.dtype).contiguous(), 1.0)
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     def masked_backward(self, dense, grad, x, weight, mask_words, need_input, need_weight):
@@ -120,7 +120,7 @@ class TritonBackend(ReferenceBackend):
             return super().signed_masked_linear(x, sign_words, mask_words, scale, bias)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         y = self.k.masked_linear(x2, None, sign_words.contiguous(), mask_words.contiguous(),
-                                 None if bias is None else bias.to(x.dtype).contiguous(), float(scale), x.shape[-1])
+                                 None if bias is None else bias.to(x.dtype).contiguous(), float(scale))
         return y.reshape(*x.shape[:-1], mask_words.shape[0])
 
     # -- superposed ---------------------------------------------------------------------------
