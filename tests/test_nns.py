@@ -52,7 +52,11 @@ def test_nns_resume_matches_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_mask_budget_stops_allocation(tmp_path):
+    from supsup_fast.algorithms.experiment import evaluate_run
     res = run_experiment(make_config(overrides=dict(NNS, tasks=2, mask_budget=1, eval_at=[])), tmp_path / "r", progress=False)
+    # Fewer masks than true tasks: re-evaluation still covers every true task.
+    again = evaluate_run(tmp_path / "r", {}, tmp_path / "e", progress=False)
+    assert len(again["per_task_accuracy"]) == 2 and again["num_masks"] == 1
     assert res["num_masks"] == 1
     second = [d for d in res["nns"]["decisions"] if d["true_task"] == 1]
     assert second[0]["new"] and second[0]["mask"] is None  # over budget: not trained

@@ -304,7 +304,9 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     _write_json(Path(out) / "config.json", config.to_dict())
     with use_backend(config.backend):
         backend_name = backend_for(exp.device).name
-        row = exp._evaluate_all(num_tasks(exp.model), "evaluate")
+        # NNs: the true tasks seen (one accuracy-after-training each), not the masks allocated.
+        learned = len(after) if config.scenario == "NNs" else num_tasks(exp.model)
+        row = exp._evaluate_all(learned, "evaluate")
     results = exp._results(after, [row], 0.0, 0, backend_name)
     results["evaluated_from"] = str(run_dir)
     exp._write_outputs(results)
