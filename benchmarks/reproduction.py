@@ -47,6 +47,10 @@ RUNS = [
     ("nns2500", "NNs PermutedMNIST, LeNet s=500, toward 2,500 true tasks (stopped when the session ended)",
      "≈ 0.936 → 0.9345 at 2,000 → ≈ 0.925 at 2,500 [fig-read, Fig 4]",
      f"supsup-fast run --config configs/nns_permuted_lenet_2500.yaml {D} --out runs/nns2500 (continue with --resume)"),
+    ("nns2500-eval399", "the same NNs run evaluated where it stopped (399 true tasks, 404 masks)",
+     "≈ 0.936 [fig-read, Fig 4]",
+     "supsup-fast evaluate runs/nns2500-at399 --out runs/nns2500-eval399 (runs/nns2500-at399 = the run's "
+     "checkpoints/nns_latest.safetensors as model.safetensors + its config.json with tasks: 399)"),
     ("hop", "HopSupSup SplitMNIST (digit labels kept), BNNet 2048-2048, Hopfield recovery, 8 test-batch orders per task",
      "recovers the true mask in < 30 steps (Fig 7); accuracy table not retrievable",
      f"supsup-fast run --config configs/hopsupsup_split_mnist.yaml {D} --out runs/hop"),
