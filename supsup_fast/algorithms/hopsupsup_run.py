@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import storage
-from .hopsupsup import HopSettings, accuracy, hopfield_bytes, mask_layers, recover_masks, set_masks, train_task
+from .hopsupsup import (HopSettings, accuracy, hopfield_bytes, mask_layers, recover_masks, set_masks, store_state,
+                        train_task)
 
 
 def _settings(cfg) -> HopSettings:
@@ -23,10 +24,8 @@ def _settings(cfg) -> HopSettings:
 
 def _save(path, model, true_masks, extra) -> None:
     from safetensors.torch import save_file
-    tensors = {}
-    for i, l in enumerate(mask_layers(model)):
-        tensors[f"psi/{i}"] = l.hopfield.psi.detach().cpu().contiguous()
-        tensors[f"pattern_sum/{i}"] = l.hopfield.pattern_sum.detach().cpu().contiguous()
+    tensors = store_state(model)
+    for i in range(len(mask_layers(model))):
         if true_masks:
             tensors[f"true_masks/{i}"] = torch.stack([m[i] for m in true_masks]).to(torch.uint8).cpu().contiguous()
     meta = {"format": "supsup_fast.hopfield", "spec": json.dumps(model.spec, sort_keys=True), "extra": json.dumps(extra)}

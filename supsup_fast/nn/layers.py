@@ -113,16 +113,15 @@ class SupermaskLayer(nn.Module):
     def commit_mask(self, slot: int) -> None:
         """Write the mask of the current scores into bank row ``slot`` (``slot == num_tasks``
         appends a new task); the scores stay, so training can go on."""
-        mask = self.current_mask().reshape(self.weight.shape[0], -1)
         backend = backend_for(self.weight.device)
         if self.mask_fn == "threshold" and hasattr(backend, "compare_pack"):
             words = backend.compare_pack(self.scores.detach(), 0.0)  # scores -> bits in one kernel
         else:
-            words = ops.pack_bits(mask)
+            words = ops.pack_bits(self.current_mask().reshape(self.weight.shape[0], -1))
         if slot == self.num_tasks:
             self.bank.append(words)
-            if self._counts is not None:
-                self._counts += mask.view_as(self.weight).to(self._counts.dtype)
+            if self._counts is not None:  # add the new mask's bits to the cached per-weight count
+                self._counts += ops.unpack_bits(words, self.n).view_as(self.weight).to(self._counts.dtype)
         elif 0 <= slot < self.num_tasks:
             self.bank.set_row(slot, words)
             self._counts = None

@@ -124,10 +124,12 @@ def mask_entropy_bytes(model: nn.Module) -> float:
     for layer in supermask_layers(model).values():
         if layer.num_tasks == 0:
             continue
-        ones = ops.unpack_bits(layer.bank.words, layer.n).reshape(layer.num_tasks, -1).float().mean(1)
-        p = ones.clamp(1e-12, 1 - 1e-12)
+        numel = layer.weight.numel()
+        # Set bits per task in one pass over the packed bank (⟨Mᵢ, 1⟩), never unpacking it.
+        ones = ops.mask_dot(layer.bank.words, torch.ones(layer.weight.shape[0], layer.n, device=layer.weight.device))
+        p = (ones.double() / numel).clamp(1e-12, 1 - 1e-12)
         h = -(p * p.log2() + (1 - p) * (1 - p).log2())
-        total += float((h * layer.n * layer.weight.shape[0] / 8).sum())
+        total += float((h * numel / 8).sum())
     return total
 
 

@@ -88,9 +88,9 @@ class CudaBackend(ReferenceBackend):
     def mask_dot(self, bank, v):
         if v.dtype != torch.float32 or not self._mine("mask_dot"):
             return self.fallback.mask_dot(bank, v)
+        from .triton import pad_to_words
         k, w = bank.shape[0], bank.shape[-1]
-        vp = torch.nn.functional.pad(v, (0, w * 32 - v.shape[-1])) if w * 32 != v.shape[-1] else v
-        return self.ops.mask_dot(bank.reshape(k, -1).contiguous(), vp.reshape(-1).contiguous(), None)
+        return self.ops.mask_dot(bank.reshape(k, -1).contiguous(), pad_to_words(v, w).reshape(-1), None)
 
     def superpose(self, bank, alpha, n):
         if alpha.dtype != torch.float32 or not self._mine("superpose"):
@@ -136,15 +136,8 @@ class CudaBackend(ReferenceBackend):
         return super().masked_backward(dense, grad, x, weight, mask_words, need_input, need_weight)
 
     def superposed_backward(self, dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight):
-        if isinstance(dense, DenseLinear) and hasattr(self.fallback, "k"):
-            # v = (Gᵀx) ⊙ W from Triton's GEMM epilogue; the pass over the bits is ours (or Triton's).
-            g2, x2 = grad.reshape(-1, grad.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous()
-            if need_alpha and not need_weight and grad.dtype == x.dtype == weight.dtype:
-                v = self.fallback.k.grad_weight(g2, x2, weight.contiguous(), None)
-                dalpha = self.mask_dot(bank, v).to(alpha.dtype)
-                dx = grad.new_empty(0)
-                if need_input:
-                    s = self.superpose(bank, alpha.to(weight.dtype), weight.shape[1]) if s is None else s
-                    dx = dense.grad_input(grad, x, weight * s.view_as(weight))
-                return dx, dalpha, grad.new_empty(0)
+        if (isinstance(dense, DenseLinear) and hasattr(self.fallback, "k") and need_alpha and not need_weight
+                and grad.dtype == x.dtype == weight.dtype):
+            from .triton import fused_alpha_backward
+            return fused_alpha_backward(self, self.fallback.k, dense, grad, x, weight, bank, alpha, s, need_input)
         return super().superposed_backward(dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight)

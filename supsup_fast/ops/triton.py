@@ -27,7 +27,7 @@ def load_kernels():
     return kernel_ops
 
 
-def _padded(v: torch.Tensor, words: int) -> torch.Tensor:
+def pad_to_words(v: torch.Tensor, words: int) -> torch.Tensor:
     """v [..., n] as a flat fp32 vector of 32·words per leading row (zero pad bits)."""
     n = v.shape[-1]
     v = v.float()
@@ -82,14 +82,14 @@ class TritonBackend(ReferenceBackend):
 
     def mask_dot(self, bank, v, active=None):
         k, w = bank.shape[0], bank.shape[-1]
-        out = self.k.mask_dot(bank.reshape(k, -1).contiguous(), _padded(v, w).reshape(-1),
+        out = self.k.mask_dot(bank.reshape(k, -1).contiguous(), pad_to_words(v, w).reshape(-1),
                               None if active is None else active.to(torch.int64).contiguous())
         return out.to(v.dtype)
 
     def mask_dot_batched(self, bank, v, active=None):
         k, w = bank.shape[0], bank.shape[-1]
         q = v.shape[0]
-        out = self.k.mask_dot_batched(bank.reshape(k, -1).contiguous(), _padded(v, w).reshape(q, -1),
+        out = self.k.mask_dot_batched(bank.reshape(k, -1).contiguous(), pad_to_words(v, w).reshape(q, -1),
                                       None if active is None else active.to(torch.int64).contiguous())
         return out.to(v.dtype)
 
@@ -127,13 +127,20 @@ class TritonBackend(ReferenceBackend):
     def superposed_backward(self, dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight):
         if not (self._linear_ok(dense, x, weight) and need_alpha and not need_weight and grad.dtype == x.dtype):
             return super().superposed_backward(dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight)
-        g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        v = self.k.grad_weight(g2, x2, weight.contiguous(), None)  # (Gᵀx) ⊙ W in the GEMM epilogue, fp32
-        dalpha = self.mask_dot(bank, v).to(alpha.dtype)
-        dx = grad.new_empty(0)
-        if need_input:
-            if s is None:
-                s = self.superpose(bank, alpha.to(weight.dtype), weight.shape[1])
-            dx = dense.grad_input(grad, x, weight * s.view_as(weight))
-        return dx, dalpha, grad.new_empty(0)
+        return fused_alpha_backward(self, self.k, dense, grad, x, weight, bank, alpha, s, need_input)
+
+
+def fused_alpha_backward(backend, kernels, dense, grad, x, weight, bank, alpha, s, need_input: bool):
+    """The α-gradient of a superposed linear layer: v = (Gᵀx) ⊙ W from the weight-gradient GEMM's
+    epilogue (Triton ``kernels``), then one pass over the bits with ``backend.mask_dot`` (Triton's
+    or the CUDA lookup-table kernel); dx through the dense path when asked."""
+    g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    v = kernels.grad_weight(g2, x2, weight.contiguous(), None)
+    dalpha = backend.mask_dot(bank, v).to(alpha.dtype)
+    dx = grad.new_empty(0)
+    if need_input:
+        if s is None:
+            s = backend.superpose(bank, alpha.to(weight.dtype), weight.shape[1])
+        dx = dense.grad_input(grad, x, weight * s.view_as(weight))
+    return dx, dalpha, grad.new_empty(0)
