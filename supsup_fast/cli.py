@@ -58,6 +58,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hop-gamma", type=float, help="HopSupSup: weight γ of the Hopfield energy in recovery (1.5e-3)")
     p.add_argument("--hop-recovery-lr", type=float, help="HopSupSup: SGD learning rate of the recovery (500)")
     p.add_argument("--hop-recovery-trials", type=int, help="HopSupSup: recoveries per task, each over another test-batch order (1)")
+    p.add_argument("--parallel", choices=("auto", "task", "data"),
+                   help="under torchrun: task (each rank trains whole tasks; GG/GNs/GNu) or data (DDP on one task; "
+                        "NNs, Transfer, large models); auto picks task where the scenario allows it")
+    p.add_argument("--shard-bank", action="store_true", default=None,
+                   help="under torchrun: each rank holds only its own range of tasks' bits during evaluation")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -107,7 +112,7 @@ def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") ->
 def cmd_evaluate(args) -> int:
     from .algorithms.experiment import evaluate_run
     overrides = {k: getattr(args, k) for k in ("scenario", "inference", "objective", "infer_images", "log_base",
-                                               "data_root", "device", "backend") if getattr(args, k) is not None}
+                                               "data_root", "device", "backend", "shard_bank") if getattr(args, k) is not None}
     out = Path(args.out or (Path(args.run) / f"eval-{overrides.get('scenario', 'same')}"))
     results = evaluate_run(args.run, overrides, out, progress=not args.no_progress)
     print(_summary(results, out))
@@ -138,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-root")
     ev.add_argument("--device")
     ev.add_argument("--backend")
+    ev.add_argument("--shard-bank", action="store_true", default=None,
+                    help="under torchrun: each rank loads and holds only its own range of tasks' bits")
     ev.add_argument("--out")
     ev.add_argument("--no-progress", action="store_true")
     bench = sub.add_parser("bench", help="benchmark the ops against float-stack and dense baselines")

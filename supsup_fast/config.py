@@ -12,6 +12,7 @@ from .algorithms.evaluation import SCENARIOS
 from .algorithms.inference import METHODS
 
 INFERENCE_METHODS = METHODS + ("hopfield",)
+PARALLEL_MODES = ("auto", "task", "data")
 from .algorithms.objectives import OBJECTIVES
 from .algorithms.training import OPTIMIZERS, SCHEDULERS
 from .data import BENCHMARK_MODELS, BENCHMARKS
@@ -58,9 +59,11 @@ class RunConfig:
     hop_gamma: float = 1.5e-3              # HopSupSup: weight of the Hopfield energy in recovery
     hop_recovery_lr: float = 500.0         # HopSupSup: SGD learning rate of the recovery
     hop_recovery_trials: int = 1           # HopSupSup: recoveries per task, each over another test-batch order
+    parallel: str = "auto"                 # world size > 1: "task" (GG/GNs/GNu), "data" (DDP; NNs, Transfer); auto picks
+    shard_bank: bool = False               # evaluations: each rank holds only its own range of tasks' bits
 
     # Fields that may change between an interrupted run and its --resume.
-    RESUMABLE_CHANGES = ("backend", "device", "download", "data_root")
+    RESUMABLE_CHANGES = ("backend", "device", "download", "data_root", "parallel", "shard_bank")
 
     def validate(self) -> "RunConfig":
         def one_of(name, value, options):
@@ -73,6 +76,7 @@ class RunConfig:
         one_of("scheduler", self.scheduler, SCHEDULERS)
         one_of("inference", self.inference, INFERENCE_METHODS)
         one_of("objective", self.objective, OBJECTIVES)
+        one_of("parallel", self.parallel, PARALLEL_MODES)
         for name in ("tasks", "epochs", "batch_size", "infer_images", "test_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(self, name)!r}")
