@@ -16,6 +16,23 @@ from .objectives import get_objective
 METHODS = ("oneshot", "binary")
 
 
+def _check_query(model: nn.Module, x: torch.Tensor, name: str = "x") -> int:
+    """The images a task is inferred from must be finite (a NaN image gives NaN gradients, whose
+    argmin is task 0), and the model must have learned a task. Returns the task count."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} (the images to infer the task from) must be a floating-point tensor, "
+                        f"got {type(x).__name__}{' of dtype ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} (the images to infer the task from) is empty, shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        what = "NaN" if bool(torch.isnan(x).any()) else "±inf"
+        raise ValueError(f"{name} (the images to infer the task from) holds {what}; task inference needs finite inputs")
+    k = num_tasks(model)
+    if k < 1:
+        raise ValueError("task inference needs at least one learned task; the model has none")
+    return k
+
+
 def alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_labels: int,
                    active: Optional[torch.Tensor] = None) -> torch.Tensor:
     """∂f/∂α at α = 1/k over the learned tasks (or the ``active`` subset): one forward, one backward."""
@@ -31,7 +48,7 @@ def alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_labels
 
 def infer_oneshot(model: nn.Module, x: torch.Tensor, objective: str = "entropy", num_labels: int = 10) -> int:
     """argminᵢ ∂f/∂αᵢ over the learned tasks (== argmax of -∇αH, paper Eq. 4)."""
-    if num_tasks(model) == 1:
+    if _check_query(model, x) == 1:
         return 0
     return int(alpha_gradient(model, x, objective, num_labels).argmin())
 
@@ -88,7 +105,7 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
 def infer_oneshot_batched(model: nn.Module, xs: torch.Tensor, objective: str = "entropy",
                           num_labels: int = 10) -> torch.Tensor:
     """One-shot task inference for q independent queries at once: LongTensor [q]."""
-    if num_tasks(model) == 1:
+    if _check_query(model, xs, "xs") == 1:
         return torch.zeros(xs.shape[0], dtype=torch.long)
     return alpha_gradients_batched(model, xs, objective, num_labels).argmin(1).cpu()
 
@@ -100,9 +117,10 @@ def infer_binary(model: nn.Module, x: torch.Tensor, objective: str = "entropy", 
 
     The official loop stops after ⌊log₂ k⌋ + 1 rounds and then reports a stale index; here, if ties
     keep more than one task after that many rounds, the lowest gradient among them is returned."""
-    if log_base <= 1:
-        raise ValueError(f"log_base must be > 1, got {log_base}")
-    k = num_tasks(model)
+    if isinstance(log_base, bool) or not isinstance(log_base, (int, float)) or not math.isfinite(log_base) \
+            or log_base <= 1:
+        raise ValueError(f"log_base must be a finite number > 1, got {log_base!r}")
+    k = _check_query(model, x)
     device = next(iter(model.buffers())).device
     good = torch.arange(k, device=device)
     grad = None

@@ -90,10 +90,23 @@ def set_train_mode(model: nn.Module) -> None:
 def set_superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[torch.Tensor] = None,
                       uniform: bool = False) -> None:
     """Superpose the learned masks with one α shared by all layers (reference doc §1.4).
-    ``active`` restricts it to a subset of tasks (alpha then has one entry per active task)."""
+    ``active`` restricts it to a subset of tasks (alpha then has one entry per active task).
+    ``uniform=True`` (the layers use their cached per-weight counts) is checked: alpha must be 1/k."""
     k = num_tasks(model) if active is None else active.numel()
+    if not isinstance(alpha, torch.Tensor) or not alpha.is_floating_point():
+        raise TypeError(f"alpha must be a floating-point tensor, got {type(alpha).__name__}"
+                        f"{'' if not isinstance(alpha, torch.Tensor) else ' of dtype ' + str(alpha.dtype)}")
     if alpha.dim() != 1 or alpha.shape[0] != k:
         raise ValueError(f"alpha must have shape [{k}], got {tuple(alpha.shape)}")
+    if k and not bool(torch.isfinite(alpha.detach()).all()):
+        raise ValueError("alpha contains NaN or ±inf; the superposition coefficients must be finite")
+    if uniform and k:
+        # The layers then use their cached counts Σᵢ Mᵢ / k and never read alpha in the forward:
+        # a non-uniform alpha would silently give the uniform superposition.
+        a = alpha.detach()
+        if not torch.allclose(a, torch.full_like(a, 1.0 / k), rtol=1e-5, atol=1e-8):
+            raise ValueError(f"uniform=True needs alpha = 1/k = {1.0 / k:.6g} for all {k} superposed tasks, "
+                             f"got values in [{float(a.min()):.6g}, {float(a.max()):.6g}]; pass uniform=False")
     for m in task_modules(model):
         m.set_mode_superpose(alpha, active, uniform)
 

@@ -127,10 +127,16 @@ def superposed_with_s(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, s:
 
 
 def signed_masked_linear(x: Tensor, sign_words: Tensor, mask_words: Tensor, scale: float,
-                         bias: Optional[Tensor] = None) -> Tensor:
+                         bias: Optional[Tensor] = None, in_features: Optional[int] = None) -> Tensor:
     """y = x (W ⊙ M)ᵀ + b for a signed-constant W = scale · (±1) given as sign bits
-    (bit set = +scale): two bits per weight, for the small-batch forward of signed-constant layers."""
-    return signed_masked_linear_op(x, sign_words, mask_words, float(scale), bias)
+    (bit set = +scale): two bits per weight, for the small-batch forward of signed-constant layers.
+
+    The words alone do not fix the feature count (65 and 70 features both take 3 words): x's last
+    dimension must equal ``in_features`` when given, and set bits past x's features in the words
+    (words built for a wider x) are refused."""
+    if in_features is not None and (isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1):
+        raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+    return signed_masked_linear_op(x, sign_words, mask_words, float(scale), bias, in_features)
 
 
 def threshold_masked_weight(scores: Tensor, weight: Tensor) -> Tensor:

@@ -56,8 +56,19 @@ def check_alpha(alpha: torch.Tensor, k: int) -> None:
 
 
 def check_no_nan_alpha(alpha: torch.Tensor) -> None:
-    if torch.isnan(alpha).any():
-        raise ValueError("alpha contains NaN")
+    """α must be finite: NaN and ±inf both make every output NaN. Checked by every op that takes α."""
+    if alpha.numel() and not bool(torch.isfinite(alpha).all()):
+        what = "NaN" if bool(torch.isnan(alpha).any()) else "±inf"
+        raise ValueError(f"alpha contains {what}; the superposition coefficients must be finite")
+
+
+check_finite_alpha = check_no_nan_alpha
+
+
+def degenerate(*sizes: int) -> bool:
+    """True when one of the sizes (k tasks, q queries, out rows, batch elements) is zero: the op
+    then runs on the reference backend, so every backend gives the same (empty or zero) result."""
+    return any(int(s) == 0 for s in sizes)
 
 
 def check_bias(bias: Optional[torch.Tensor], weight: torch.Tensor) -> None:

@@ -7,6 +7,7 @@ accelerates training and task inference without touching this file.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -14,10 +15,28 @@ from torch import Tensor
 
 from ..bits import BITS_PER_WORD, num_words
 from . import checks
-from .reference import DenseConv2d, DenseLinear, _bias_grad
+from .reference import DenseConv2d, DenseLinear, ReferenceBackend, _bias_grad
 from .registry import backend_for
 
 _LINEAR = DenseLinear()
+_REFERENCE = ReferenceBackend()
+
+
+def _pick(device: torch.device, *sizes: int):
+    """The backend for ``device``; the reference one when a size is zero (k = 0 tasks, q = 0
+    queries, out = 0 rows, an empty batch), so that every backend returns the same empty or zero
+    result (an empty sum is 0: superpose of k = 0 tasks is all zeros, a superposed layer over no
+    task outputs its bias)."""
+    backend = backend_for(device)  # a forced backend that cannot run here still says so
+    return _REFERENCE if checks.degenerate(*sizes) else backend
+
+
+def _finite(v: Tensor) -> bool:
+    return bool(torch.isfinite(v).all())
+
+
+def _lead(bank: Tensor) -> int:
+    return math.prod(bank.shape[1:-1])
 
 
 def _dense(conv_params):
@@ -54,7 +73,7 @@ def _(words, n):
 def superpose_op(bank: Tensor, alpha: Tensor, n: int) -> Tensor:
     checks.check_superpose(bank, alpha, n)
     checks.check_no_nan_alpha(alpha)
-    return backend_for(bank.device).superpose(bank.contiguous(), alpha.contiguous(), n)
+    return _pick(bank.device, bank.shape[0], _lead(bank)).superpose(bank.contiguous(), alpha.contiguous(), n)
 
 
 @superpose_op.register_fake
@@ -66,7 +85,10 @@ def _(bank, alpha, n):
 @torch.library.custom_op("supsup::mask_dot", mutates_args=())
 def mask_dot_op(bank: Tensor, v: Tensor) -> Tensor:
     checks.check_mask_dot(bank, v)
-    return backend_for(bank.device).mask_dot(bank.contiguous(), v.contiguous())
+    backend = _pick(bank.device, bank.shape[0], _lead(bank))
+    if backend is not _REFERENCE and not _finite(v):
+        backend = _REFERENCE  # IEEE semantics everywhere: 0·inf = NaN, inf - inf = NaN, NaN propagates
+    return backend.mask_dot(bank.contiguous(), v.contiguous())
 
 
 @mask_dot_op.register_fake
@@ -78,7 +100,10 @@ def _(bank, v):
 @torch.library.custom_op("supsup::mask_dot_batched", mutates_args=())
 def mask_dot_batched_op(bank: Tensor, v: Tensor) -> Tensor:
     checks.check_mask_dot(bank, v, batched=True)
-    return backend_for(bank.device).mask_dot_batched(bank.contiguous(), v.contiguous())
+    backend = _pick(bank.device, bank.shape[0], v.shape[0], _lead(bank))
+    if backend is not _REFERENCE and not _finite(v):
+        backend = _REFERENCE
+    return backend.mask_dot_batched(bank.contiguous(), v.contiguous())
 
 
 @mask_dot_batched_op.register_fake
@@ -119,7 +144,7 @@ mask_dot_op.register_autograd(_mask_dot_backward, setup_context=_mask_dot_setup)
 @torch.library.custom_op("supsup::masked_linear", mutates_args=())
 def masked_linear_op(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor]) -> Tensor:
     checks.check_masked(x, weight, mask_words, bias, conv=False)
-    return backend_for(x.device).masked_forward(_LINEAR, x, weight.contiguous(), mask_words.contiguous(), bias)
+    return _pick(x.device, x.numel(), weight.shape[0]).masked_forward(_LINEAR, x, weight.contiguous(), mask_words.contiguous(), bias)
 
 
 @masked_linear_op.register_fake
@@ -134,7 +159,7 @@ def masked_conv2d_op(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Option
     checks.check_masked(x, weight, mask_words, bias, conv=True)
     checks.check_conv_params(stride, padding, dilation, groups, x, weight)
     dense = DenseConv2d(stride, padding, dilation, groups)
-    return backend_for(x.device).masked_forward(dense, x, weight.contiguous(), mask_words.contiguous(), bias)
+    return _pick(x.device, x.numel(), weight.shape[0]).masked_forward(dense, x, weight.contiguous(), mask_words.contiguous(), bias)
 
 
 def _conv_out_fake(x, weight, stride, padding, dilation):
@@ -159,7 +184,7 @@ def masked_backward_op(grad: Tensor, x: Tensor, weight: Tensor, mask_words: Tens
     """Gradients of masked_linear (conv_params None) or masked_conv2d
     (conv_params = stride + padding + dilation + [groups]). Unrequested outputs are empty."""
     dense = _dense(_unflatten_conv(conv_params))
-    return backend_for(x.device).masked_backward(dense, grad.contiguous(), x, weight.contiguous(),
+    return _pick(x.device, x.numel(), grad.numel(), weight.shape[0]).masked_backward(dense, grad.contiguous(), x, weight.contiguous(),
                                                  mask_words.contiguous(), need_input, need_weight)
 
 
@@ -206,7 +231,7 @@ masked_conv2d_op.register_autograd(_masked_backward, setup_context=_masked_setup
 def superposed_linear_op(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bias: Optional[Tensor]) -> Tensor:
     checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
     checks.check_no_nan_alpha(alpha)
-    return backend_for(x.device).superposed_forward(_LINEAR, x, weight.contiguous(), bank.contiguous(),
+    return _pick(x.device, x.numel(), weight.shape[0], bank.shape[0]).superposed_forward(_LINEAR, x, weight.contiguous(), bank.contiguous(),
                                                     alpha.contiguous(), None, bias)
 
 
@@ -223,7 +248,7 @@ def superposed_conv2d_op(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor,
     checks.check_conv_params(stride, padding, dilation, groups, x, weight)
     checks.check_no_nan_alpha(alpha)
     dense = DenseConv2d(stride, padding, dilation, groups)
-    return backend_for(x.device).superposed_forward(dense, x, weight.contiguous(), bank.contiguous(),
+    return _pick(x.device, x.numel(), weight.shape[0], bank.shape[0]).superposed_forward(dense, x, weight.contiguous(), bank.contiguous(),
                                                     alpha.contiguous(), None, bias)
 
 
@@ -240,9 +265,13 @@ def superposed_given_s_op(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor
     """Superposed linear/conv whose superposition ``s`` = Σᵢ αᵢ Mᵢ (shaped like weight) the caller
     already has, e.g. the cached per-weight count of set bits / k for uniform α. The α-gradient
     still comes from the bank (one pass over the bits)."""
+    checks.check_superposed(x, weight, bank, alpha, bias, conv=conv_params is not None)
+    if tuple(s.shape) != tuple(weight.shape):
+        raise ValueError(f"s must be shaped like weight {tuple(weight.shape)}, got {tuple(s.shape)}")
+    checks.check_no_nan_alpha(alpha)  # the count-cache path validates α like every other path
     dense = _dense(_unflatten_conv(conv_params))
-    return backend_for(x.device).superposed_forward(dense, x, weight.contiguous(), bank, alpha,
-                                                    s.contiguous(), bias)
+    return _pick(x.device, x.numel(), weight.shape[0], bank.shape[0]).superposed_forward(
+        dense, x, weight.contiguous(), bank, alpha, s.contiguous(), bias)
 
 
 @superposed_given_s_op.register_fake
@@ -258,7 +287,7 @@ def superposed_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bank: Tensor
                            s: Optional[Tensor], conv_params: Optional[List[int]],
                            need_input: bool, need_alpha: bool, need_weight: bool) -> Tuple[Tensor, Tensor, Tensor]:
     dense = _dense(_unflatten_conv(conv_params))
-    return backend_for(x.device).superposed_backward(
+    return _pick(x.device, x.numel(), grad.numel(), weight.shape[0], bank.shape[0]).superposed_backward(
         dense, grad.contiguous(), x, weight.contiguous(), bank.contiguous(), alpha.contiguous(),
         None if s is None else s.contiguous(), need_input, need_alpha, need_weight)
 
@@ -310,28 +339,72 @@ superposed_given_s_op.register_autograd(_superposed_backward, setup_context=_giv
 
 # ---------------------------------------------------------------------------------------------
 # signed-constant weights as bits: W = scale · (2·sign − 1), two bits per weight with the mask
-@torch.library.custom_op("supsup::signed_masked_linear", mutates_args=())
-def signed_masked_linear_op(x: Tensor, sign_words: Tensor, mask_words: Tensor, scale: float,
-                            bias: Optional[Tensor]) -> Tensor:
+def _check_signed(x, sign_words, mask_words, bias, in_features) -> None:
+    _check_signed_shapes(x, sign_words, mask_words, bias, in_features)
+    checks.same_device(x=x, sign_words=sign_words, mask_words=mask_words, bias=bias)
+
+
+def _check_signed_shapes(x, sign_words, mask_words, bias, in_features) -> None:
+    checks._floating("x", x)
     checks.words_tensor("sign_words", sign_words)
     checks.words_tensor("mask_words", mask_words)
-    if sign_words.shape != mask_words.shape or mask_words.dim() != 2 or mask_words.shape[1] != num_words(x.shape[-1]):
-        raise ValueError(f"sign_words and mask_words must both be [out, ceil(in/32)] for x [*, {x.shape[-1]}], "
+    if x.dim() < 1:
+        raise ValueError(f"x must be [*, in], got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    if in_features is not None and n != in_features:
+        raise ValueError(f"x must be [*, {in_features}] (in_features of the words), got shape {tuple(x.shape)}")
+    if sign_words.shape != mask_words.shape or mask_words.dim() != 2 or mask_words.shape[1] != num_words(n):
+        raise ValueError(f"sign_words and mask_words must both be [out, ceil(in/32)] for x [*, {n}], "
                          f"got {tuple(sign_words.shape)} and {tuple(mask_words.shape)}")
-    if bias is not None and tuple(bias.shape) != (mask_words.shape[0],):
-        raise ValueError(f"bias must have shape [{mask_words.shape[0]}], got {tuple(bias.shape)}")
-    checks.same_device(x=x, sign_words=sign_words, mask_words=mask_words, bias=bias)
-    return backend_for(x.device).signed_masked_linear(x.contiguous(), sign_words.contiguous(),
-                                                      mask_words.contiguous(), scale, bias)
+    if bias is not None:
+        checks._floating("bias", bias)
+        if tuple(bias.shape) != (mask_words.shape[0],):
+            raise ValueError(f"bias must have shape [{mask_words.shape[0]}], got {tuple(bias.shape)}")
+
+
+# (data_ptr, version) pairs of sign/mask words whose pad bits were found clear for n features:
+# a layer's words are checked once, not on every small-batch forward (that would cost a sync).
+_PAD_CHECKED: dict = {}
+
+
+def _check_pad_bits(n: int, sign_words: Tensor, mask_words: Tensor) -> None:
+    """Words built for more features than x has (70 vs 65: the same 3 words) have bits set past
+    bit n; packed words hold zero pad bits. Catches x with too few features."""
+    r = n % BITS_PER_WORD
+    if r == 0 or mask_words.shape[0] == 0:
+        return
+    if sign_words.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    key = (sign_words.data_ptr(), sign_words._version, mask_words.data_ptr(), mask_words._version,
+           tuple(mask_words.shape), n)
+    if key in _PAD_CHECKED:
+        return
+    tail = (sign_words[:, -1] | mask_words[:, -1]) >> r
+    if bool((tail != 0).any()):
+        raise ValueError(f"sign_words/mask_words have bits set past bit {n}: they were built for more than "
+                         f"the {n} features of x [*, {n}]; pass x with the words' in_features (in_features= names it)")
+    if len(_PAD_CHECKED) > 1024:
+        _PAD_CHECKED.clear()
+    _PAD_CHECKED[key] = True
+
+
+@torch.library.custom_op("supsup::signed_masked_linear", mutates_args=())
+def signed_masked_linear_op(x: Tensor, sign_words: Tensor, mask_words: Tensor, scale: float,
+                            bias: Optional[Tensor], in_features: Optional[int] = None) -> Tensor:
+    _check_signed(x, sign_words, mask_words, bias, in_features)
+    _check_pad_bits(x.shape[-1], sign_words, mask_words)
+    return _pick(x.device, x.numel(), mask_words.shape[0]).signed_masked_linear(
+        x.contiguous(), sign_words.contiguous(), mask_words.contiguous(), scale, bias)
 
 
 @signed_masked_linear_op.register_fake
-def _(x, sign_words, mask_words, scale, bias):
+def _(x, sign_words, mask_words, scale, bias, in_features=None):
+    _check_signed_shapes(x, sign_words, mask_words, bias, in_features)
     return x.new_empty(*x.shape[:-1], mask_words.shape[0])
 
 
 def _signed_setup(ctx, inputs, output):
-    x, sign_words, mask_words, scale, bias = inputs
+    x, sign_words, mask_words, scale, bias = inputs[:5]
     ctx.scale, ctx.has_bias = scale, bias is not None
     ctx.save_for_backward(x, sign_words, mask_words)
 
@@ -341,7 +414,7 @@ def _signed_backward(ctx, grad):
     weight = (unpack_bits_op(sign_words, x.shape[-1]).to(x.dtype) * 2 - 1) * ctx.scale
     dx, _ = masked_backward_op(grad, x, weight, mask_words, None, True, False)
     db = _bias_grad(grad, False) if ctx.has_bias and ctx.needs_input_grad[4] else None
-    return dx if ctx.needs_input_grad[0] else None, None, None, None, db
+    return dx if ctx.needs_input_grad[0] else None, None, None, None, db, None
 
 
 signed_masked_linear_op.register_autograd(_signed_backward, setup_context=_signed_setup)

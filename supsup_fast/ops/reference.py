@@ -68,19 +68,19 @@ class ReferenceBackend:
 
     def masked_weight(self, weight: torch.Tensor, mask_words: torch.Tensor) -> torch.Tensor:
         """W ⊙ M for one packed mask, as a dense tensor shaped like W."""
-        n = weight[0].numel()
+        n = math.prod(weight.shape[1:])
         return weight * unpack_bits_float(mask_words, n, weight.dtype).view_as(weight)
 
     # -- bank products ------------------------------------------------------------------------
     def _task_chunks(self, bank: torch.Tensor) -> List[Tuple[int, int]]:
-        per_task = max(1, bank[0].numel())
+        per_task = max(1, math.prod(bank.shape[1:]))
         step = max(1, _PLANE_CHUNK // per_task)
         return [(s, min(s + step, bank.shape[0])) for s in range(0, bank.shape[0], step)]
 
     def superpose(self, bank: torch.Tensor, alpha: torch.Tensor, n: int) -> torch.Tensor:
         """Σᵢ αᵢ Mᵢ: [k, *lead, W] x [k] -> [*lead, n] (dtype of alpha)."""
         lead, w = bank.shape[1:-1], bank.shape[-1]
-        planes = torch.zeros(BITS_PER_WORD, bank[0].numel(), dtype=alpha.dtype, device=bank.device)
+        planes = torch.zeros(BITS_PER_WORD, math.prod(bank.shape[1:]), dtype=alpha.dtype, device=bank.device)
         for s, e in self._task_chunks(bank):
             chunk = bank[s:e].reshape(e - s, -1)
             a = alpha[s:e]
@@ -107,6 +107,8 @@ class ReferenceBackend:
         """(⟨Mᵢ, v_j⟩): [k, *lead, W] x [q, *lead, n] -> [q, k], bit plane by bit plane."""
         k, w = bank.shape[0], bank.shape[-1]
         q, n = v.shape[0], v.shape[-1]
+        if q == 0 or k == 0 or v.numel() == 0:
+            return torch.zeros(q, k, dtype=v.dtype, device=v.device)
         vp = F.pad(v, (0, w * BITS_PER_WORD - n)) if w * BITS_PER_WORD != n else v
         vp = vp.reshape(q, -1, BITS_PER_WORD).permute(2, 1, 0).contiguous()  # [32, L*W, q]
         out = torch.zeros(q, k, dtype=v.dtype, device=v.device)
@@ -142,12 +144,12 @@ class ReferenceBackend:
     # -- superposed ---------------------------------------------------------------------------
     def superposed_forward(self, dense, x, weight, bank, alpha, s: Optional[torch.Tensor], bias):
         if s is None:
-            s = self.superpose(bank, alpha.to(weight.dtype), weight[0].numel())
+            s = self.superpose(bank, alpha.to(weight.dtype), math.prod(weight.shape[1:]))
         return dense.forward(x, weight * s.view_as(weight), bias)
 
     def superposed_backward(self, dense, grad, x, weight, bank, alpha, s: Optional[torch.Tensor],
                             need_input: bool, need_alpha: bool, need_weight: bool):
-        n = weight[0].numel()
+        n = math.prod(weight.shape[1:])
         if (need_input or need_weight) and s is None:
             s = self.superpose(bank, alpha.to(weight.dtype), n)
         dx = dense.grad_input(grad, x, weight * s.view_as(weight)) if need_input else grad.new_empty(0)
