@@ -1,0 +1,124 @@
+"""Issue #16, config layer: every setting validated once, by type and range, naming the flag and
+the YAML key; numeric strings from YAML accepted; HopSupSup defaults; evaluation settings resumable."""
+import dataclasses
+import math
+
+import pytest
+import yaml
+
+from supsup_fast.cli import build_parser
+from supsup_fast.config import FIELDS, HOPFIELD_DEFAULTS, RunConfig, load_yaml, make_config
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(lr=float("inf")), r"--lr \(YAML key lr\) must be a finite number"),
+    (dict(lr=float("nan")), r"--lr \(YAML key lr\) must be a finite number"),
+    (dict(lr=0.0), r"--lr \(YAML key lr\) must be a finite number > 0"),
+    (dict(weight_decay=float("nan")), r"--weight-decay \(YAML key weight_decay\) must be a finite"),
+    (dict(weight_decay=-1e-4), r"--weight-decay .* >= 0"),
+    (dict(train_subset=0), r"--train-subset \(YAML key train_subset\) must be a positive int"),
+    (dict(train_subset=-5), r"--train-subset .* positive int"),
+    (dict(tasks=True), r"--tasks \(YAML key tasks\) must be an int, got True \(bool\)"),
+    (dict(iters=2.5), r"--iters .* must be an int, got 2.5 \(float\)"),
+    (dict(log_base=1.0), r"--log-base \(YAML key log_base\) must be a finite number > 1"),
+    (dict(log_base=float("nan")), r"--log-base .* finite"),
+    (dict(hop_recovery_lr=-5.0), r"--hop-recovery-lr \(YAML key hop_recovery_lr\) must be a finite number > 0"),
+    (dict(hop_recovery_lr=0.0), r"--hop-recovery-lr"),
+    (dict(hop_gamma=float("inf")), r"--hop-gamma"),
+    (dict(nns_epsilon=float("nan")), r"--nns-epsilon"),
+    (dict(density=0.5), r"--density \(YAML key density\) applies to the top-k mask function only"),
+    (dict(density=0.5, mask_fn="threshold"), r"--density .* top-k"),
+    (dict(er_multiplier=1.0), r"--er-multiplier .* top-k"),
+    (dict(density=1.5, mask_fn="topk"), r"--density .* fraction in \(0, 1\]"),
+    (dict(density=0.5, er_multiplier=1.0, mask_fn="topk"), r"exclude each other"),
+    (dict(eval_at=[0]), r"--eval-at \(YAML key eval_at\) points must lie in \[1, 10\]"),
+    (dict(eval_at=[2, 11]), r"--eval-at .* got \[11\]"),
+    (dict(infer_images=200), r"--infer-images .* 200 exceeds --test-batch-size .* 128"),
+    (dict(seed=-1), r"--seed .* int >= 0"),
+    (dict(lr="fast"), r"--lr \(YAML key lr\) must be a number, got the string 'fast'"),
+    (dict(lr=[1]), r"--lr .* must be a number"),
+    (dict(download="yes"), r"--download .* true or false"),
+    (dict(mask_fn="random"), r"--mask-fn .* one of"),
+    (dict(init="zeros"), r"--init .* one of"),
+    (dict(backend="gpu"), r"--backend .* one of"),
+    (dict(device="tpu:x"), r"--device .* torch device"),
+    (dict(data_root=3), r"--data-root .* string"),
+    (dict(epochs=0), r"--epochs"),
+    (dict(test_batch_size=0), r"--test-batch-size"),
+])
+def test_bad_settings_are_refused_naming_flag_and_key(overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        make_config(overrides=overrides)
+
+
+def test_good_edge_values_pass_and_are_normalised():
+    cfg = make_config(overrides=dict(lr="1e-4", weight_decay="0", tasks="3", eval_at=[3], train_subset=1,
+                                     infer_images=128, density=1.0, mask_fn="topk", log_base=1.5))
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
+    assert cfg.weight_decay == 0.0 and cfg.tasks == 3 and isinstance(cfg.tasks, int)
+    assert make_config(overrides=dict(lr=1)).lr == 1.0  # an int is a number
+
+
+def test_yaml_numeric_strings_and_bool_ints(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 1e-4\nweight_decay: 5e-5\ntasks: 4\n")  # PyYAML reads 1e-4 as a str
+    assert isinstance(yaml.safe_load(p.read_text())["lr"], str)
+    cfg = make_config(load_yaml(p))
+    assert cfg.lr == 1e-4 and cfg.weight_decay == 5e-5 and cfg.tasks == 4
+    p.write_text("tasks: true\n")
+    with pytest.raises(ValueError, match=r"\(YAML key tasks\) must be an int, got True"):
+        make_config(load_yaml(p))
+    p.write_text("lr: [1, 2]\n")
+    with pytest.raises(ValueError, match=r"YAML key lr"):
+        make_config(load_yaml(p))
+
+
+def test_every_shipped_preset_validates():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        make_config(load_yaml(path))
+
+
+def test_cli_flags_validated_before_any_work(tmp_path, capsys):
+    from supsup_fast.cli import main
+    for argv, needle in [(["--lr", "inf"], "--lr"), (["--train-subset", "0"], "--train-subset"),
+                         (["--log-base", "1"], "--log-base"), (["--hop-recovery-lr", "-5"], "--hop-recovery-lr"),
+                         (["--eval-at", "99"], "--eval-at"), (["--density", "0.3"], "--density")]:
+        out = tmp_path / "never"
+        assert main(["run", "--out", str(out), "--no-progress", *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()
+
+
+def test_hopfield_without_preset_gets_the_preset_training_settings():
+    preset = load_yaml(CONFIGS / "hopsupsup_split_mnist.yaml")
+    for key, value in HOPFIELD_DEFAULTS.items():
+        assert preset[key] == value, key
+    cfg = make_config(overrides=dict(model="bnnet", inference="hopfield", benchmark="split-mnist-10"))
+    for key, value in HOPFIELD_DEFAULTS.items():
+        assert getattr(cfg, key) == value, key
+    # A flag or a preset value still wins; other inference methods keep the generic defaults.
+    cfg = make_config(overrides=dict(model="bnnet", inference="hopfield", benchmark="split-mnist-10", lr=0.05))
+    assert cfg.lr == 0.05 and cfg.optimizer == "sgd"
+    assert make_config(dict(iters=7), dict(model="bnnet", inference="hopfield", benchmark="split-mnist-10")).iters == 7
+    assert make_config().lr == RunConfig().lr == 1e-4
+    help_text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()
+    assert "hopsupsup_split_mnist.yaml" in " ".join(help_text.split())
+
+
+def test_evaluation_settings_are_resumable_and_mask_shaping_ones_are_not():
+    for key in ("inference", "objective", "infer_images", "log_base", "test_batch_size", "hop_gamma",
+                "hop_recovery_lr", "hop_recovery_trials"):
+        assert key in RunConfig.RESUMABLE_CHANGES, key
+    for key in ("lr", "iters", "epochs", "batch_size", "optimizer", "weight_decay", "scheduler", "seed", "model",
+                "output_size", "mask_fn", "density", "er_multiplier", "init", "scenario", "benchmark", "tasks",
+                "train_subset", "transfer", "mask_budget", "nns_epsilon", "nns_check_every", "image_size"):
+        assert key not in RunConfig.RESUMABLE_CHANGES, key
+    assert set(RunConfig.RESUMABLE_CHANGES) <= FIELDS
+
+
+def test_validator_covers_every_field():
+    from supsup_fast.config import _SPEC
+    assert [n for n, _, _ in _SPEC] == [f.name for f in dataclasses.fields(RunConfig)]

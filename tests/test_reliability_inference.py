@@ -1,0 +1,79 @@
+"""Issue #16, inference: uniform superposition with a non-uniform α, images holding NaN/inf, and a
+model with no task are refused instead of giving a silently wrong task."""
+import pytest
+import torch
+
+import supsup_fast.nn as snn
+from supsup_fast.algorithms import infer_binary, infer_oneshot
+from supsup_fast.algorithms.inference import infer_oneshot_batched, infer_task
+from supsup_fast.models import build_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model("lenet", 100, seed=1)
+    for t in range(3):
+        snn.begin_task(m, generator=torch.Generator().manual_seed(t))
+        snn.finish_task(m)
+    m.eval()
+    return m
+
+
+def test_uniform_superposition_with_non_uniform_alpha_is_refused(model):
+    x = torch.randn(4, 784)
+    alpha = torch.tensor([0.98, 0.01, 0.01])
+    with pytest.raises(ValueError, match=r"uniform=True needs alpha = 1/k"):
+        with snn.superposition(model, alpha, uniform=True):
+            model(x)
+    # The same α without the promise is what the check protects: it differs from the uniform result.
+    with torch.no_grad():
+        with snn.superposition(model, alpha):
+            general = model(x)
+        with snn.superposition(model, torch.full((3,), 1 / 3), uniform=True):
+            uniform = model(x)
+        with snn.superposition(model, torch.full((3,), 1 / 3)):
+            uniform_general = model(x)
+    assert not torch.allclose(general, uniform)
+    torch.testing.assert_close(uniform, uniform_general, rtol=1e-4, atol=1e-5)
+    # An active subset is uniform over its own size.
+    active = torch.tensor([0, 2])
+    with snn.superposition(model, torch.full((2,), 0.5), active=active, uniform=True):
+        model(x)
+    with pytest.raises(ValueError, match="uniform=True"):
+        with snn.superposition(model, torch.full((2,), 1 / 3), active=active, uniform=True):
+            model(x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_superposition_refuses_non_finite_alpha(model, bad):
+    alpha = torch.full((3,), 1 / 3)
+    alpha[0] = bad
+    with pytest.raises(ValueError, match="alpha contains"):
+        with snn.superposition(model, alpha):
+            pass
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_infer_task_refuses_non_finite_images(model, bad):
+    x = torch.rand(2, 784)
+    x[1, 17] = bad
+    what = "NaN" if bad != bad else "±inf"
+    for call in (lambda: infer_task(model, x), lambda: infer_oneshot(model, x),
+                 lambda: infer_binary(model, x), lambda: infer_task(model, x, "binary"),
+                 lambda: infer_oneshot_batched(model, x)):
+        with pytest.raises(ValueError, match=f"holds {what}"):
+            call()
+    assert 0 <= infer_task(model, torch.rand(2, 784)) < 3  # finite images still work
+
+
+def test_infer_task_other_bad_inputs(model):
+    with pytest.raises(ValueError, match="is empty"):
+        infer_task(model, torch.zeros(0, 784))
+    with pytest.raises(TypeError, match="floating-point"):
+        infer_task(model, torch.zeros(2, 784, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="log_base must be a finite number > 1"):
+        infer_binary(model, torch.rand(2, 784), log_base=float("nan"))
+    empty = build_model("lenet", 100, seed=1)
+    with pytest.raises(ValueError, match="at least one learned task"):
+        infer_task(empty, torch.rand(2, 784))

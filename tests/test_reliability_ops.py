@@ -1,0 +1,161 @@
+"""Issue #16, op contract edge cases, identical on every backend: ±inf α refused on every path
+(the count-cache path included), k = 0 banks, q = 0 queries and out = 0 layers, IEEE 0·inf in
+mask_dot, and the exact feature count of signed_masked_linear."""
+import pytest
+import torch
+
+import supsup_fast as ss
+from supsup_fast import ops
+
+from tests.devices import backend_devices
+
+CASES = backend_devices()
+INF, NAN = float("inf"), float("nan")
+
+
+def _bank(k, out, n, g, p=0.5):
+    return ss.pack_bits(torch.rand(k, out, n, generator=g) < p)
+
+
+def _on(name, device, fn):
+    with ss.use_backend(name):
+        return fn(device)
+
+
+@pytest.mark.parametrize("name,device", CASES)
+@pytest.mark.parametrize("bad", [INF, -INF, NAN])
+def test_non_finite_alpha_refused_on_every_path(name, device, bad, rng):
+    k, out, n = 4, 3, 40
+    bank = _bank(k, out, n, rng).to(device)
+    x, w = torch.randn(2, n, generator=rng).to(device), torch.randn(out, n, generator=rng).to(device)
+    cx, cw = torch.randn(1, 2, 5, 5).to(device), torch.randn(3, 2, 2, 2).to(device)
+    cbank = _bank(k, 3, 8, rng).to(device)
+    a = torch.ones(k, device=device)
+    a[1] = bad
+    s = torch.ones(out, n, device=device)
+    what = "NaN" if bad != bad else "±inf"
+    with ss.use_backend(name):
+        for call in (lambda: ops.superpose(bank, a, n),
+                     lambda: ops.superposed_linear(x, w, bank, a),
+                     lambda: ops.superposed_conv2d(cx, cw, cbank, a),
+                     lambda: ops.superposed_with_s(x, w, bank, a, s),
+                     lambda: ops.superposed_with_s(cx, cw, cbank, a, torch.ones_like(cw), conv={}),
+                     lambda: torch.ops.supsup.superposed_given_s(x, w, bank, a, s, None, None)):
+            with pytest.raises(ValueError, match=f"alpha contains {what}"):
+                call()
+
+
+def _edge_results(device):
+    g = torch.Generator().manual_seed(3)
+    n = 40
+    bank0 = torch.zeros(0, 3, 2, dtype=torch.int32, device=device)
+    bank = _bank(4, 3, n, g).to(device)
+    x, w, b = (torch.randn(*shape, generator=g).to(device) for shape in ((2, n), (3, n), (3,)))
+    out0_bank = torch.zeros(4, 0, 2, dtype=torch.int32, device=device)
+    cx, cw = torch.randn(2, 2, 5, 5, generator=g).to(device), torch.randn(3, 2, 2, 2, generator=g).to(device)
+    cbank0 = torch.zeros(0, 3, 1, dtype=torch.int32, device=device)
+    sign = _bank(1, 3, n, g)[0].to(device)
+    return {
+        "superpose k=0": ops.superpose(bank0, torch.zeros(0, device=device), n),
+        "bias": b,
+        "mask_dot k=0": ops.mask_dot(bank0, torch.randn(3, n, generator=g).to(device)),
+        "mask_dot out=0": ops.mask_dot(out0_bank, torch.zeros(0, n, device=device)),
+        "mask_dot_batched k=0": ops.mask_dot_batched(bank0, torch.randn(2, 3, n, generator=g).to(device)),
+        "mask_dot_batched q=0": ops.mask_dot_batched(bank, torch.zeros(0, 3, n, device=device)),
+        "superposed_linear k=0": ops.superposed_linear(x, w, bank0, torch.zeros(0, device=device), b),
+        "superposed_linear out=0": ops.superposed_linear(x, torch.zeros(0, n, device=device), out0_bank,
+                                                         torch.ones(4, device=device)),
+        "superposed_linear batch=0": ops.superposed_linear(torch.zeros(0, n, device=device), w, bank,
+                                                           torch.ones(4, device=device)),
+        "superposed_conv2d k=0": ops.superposed_conv2d(cx, cw, cbank0, torch.zeros(0, device=device)),
+        "masked_linear out=0": ops.masked_linear(x, torch.zeros(0, n, device=device),
+                                                 torch.zeros(0, 2, dtype=torch.int32, device=device)),
+        "signed_masked_linear out=0": ops.signed_masked_linear(x, torch.zeros(0, 2, dtype=torch.int32, device=device),
+                                                               torch.zeros(0, 2, dtype=torch.int32, device=device), 1.0),
+        "signed_masked_linear batch=0": ops.signed_masked_linear(torch.zeros(0, n, device=device), sign, sign, 1.0),
+    }
+
+
+EXPECT_SHAPES = {"bias": (3,), "superpose k=0": (3, 40), "mask_dot k=0": (0,), "mask_dot out=0": (4,),
+                 "mask_dot_batched k=0": (2, 0), "mask_dot_batched q=0": (0, 4), "superposed_linear k=0": (2, 3),
+                 "superposed_linear out=0": (2, 0), "superposed_linear batch=0": (0, 3),
+                 "superposed_conv2d k=0": (2, 3, 4, 4), "masked_linear out=0": (2, 0),
+                 "signed_masked_linear out=0": (2, 0), "signed_masked_linear batch=0": (0, 3)}
+
+
+@pytest.mark.parametrize("name,device", CASES)
+def test_empty_sizes_defined_and_identical_on_every_backend(name, device):
+    got = _on(name, device, _edge_results)
+    ref = _on("reference", torch.device("cpu"), _edge_results)
+    assert set(got) == set(EXPECT_SHAPES)
+    for key, value in got.items():
+        assert tuple(value.shape) == EXPECT_SHAPES[key], key
+        assert torch.equal(value.cpu(), ref[key]), key
+    # An empty sum is zero: k = 0 superposes to zeros, a superposed layer over no task gives its bias.
+    assert torch.equal(ref["superpose k=0"], torch.zeros(3, 40))
+    assert torch.equal(ref["mask_dot out=0"], torch.zeros(4))
+    assert torch.equal(ref["superposed_linear k=0"], ref["bias"].expand(2, 3))
+    assert torch.equal(ref["superposed_conv2d k=0"], torch.zeros(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize("name,device", CASES)
+def test_empty_bank_backward(name, device):
+    with ss.use_backend(name):
+        x = torch.randn(2, 40, device=device, requires_grad=True)
+        a = torch.zeros(0, device=device, requires_grad=True)
+        y = ops.superposed_linear(x, torch.randn(3, 40, device=device), torch.zeros(0, 3, 2, dtype=torch.int32,
+                                                                                   device=device), a)
+        y.sum().backward()
+    assert torch.equal(x.grad.cpu(), torch.zeros(2, 40)) and a.grad.shape == (0,)
+
+
+@pytest.mark.parametrize("name,device", CASES)
+def test_mask_dot_non_finite_v_is_ieee_on_every_backend(name, device, rng):
+    out, n = 3, 40
+    masks = torch.rand(5, out, n, generator=rng) < 0.5
+    masks[0] = False                      # holds no bit: 0·inf = NaN
+    masks[1] = True                       # holds every bit: +inf + -inf = NaN
+    masks[2] = True
+    masks[2, 1, 5] = False                # holds the +inf, not the -inf (0·-inf): NaN
+    masks[3] = False
+    masks[3, 0, 0] = masks[3, 1, 5] = True  # both infs and nothing else: NaN
+    masks[4] = True
+    v = torch.zeros(out, n)
+    v[0, 0], v[0, 1], v[1, 5] = INF, 2.0, -INF
+    bank = ss.pack_bits(masks)
+    with ss.use_backend(name):
+        got = ops.mask_dot(bank.to(device), v.to(device)).cpu()
+        got_b = ops.mask_dot_batched(bank.to(device), torch.stack([v, torch.ones(out, n)]).to(device)).cpu()
+    expect = (masks.double() * v.double()).flatten(1).sum(1).float()  # Σⱼ Mᵢⱼ vⱼ in IEEE arithmetic
+    assert torch.isnan(expect).all()
+    torch.testing.assert_close(got, expect, equal_nan=True)
+    torch.testing.assert_close(got_b[0], expect, equal_nan=True)
+    assert torch.equal(got_b[1], masks.flatten(1).sum(1).float())
+    # Only +inf, every task holding it: +inf; a task missing it: NaN.
+    v2 = torch.zeros(out, n)
+    v2[0, 0] = INF
+    with ss.use_backend(name):
+        got2 = ops.mask_dot(bank.to(device), v2.to(device)).cpu()
+    assert torch.isnan(got2[0]) and got2[1] == INF and got2[3] == INF
+    v_nan = torch.zeros(out, n)
+    v_nan[2, 3] = NAN
+    with ss.use_backend(name):
+        assert torch.isnan(ops.mask_dot(bank.to(device), v_nan.to(device))).all()
+
+
+@pytest.mark.parametrize("name,device", CASES)
+def test_signed_masked_linear_checks_the_exact_feature_count(name, device, rng):
+    sign, mask = (ss.pack_bits(torch.rand(6, 70, generator=rng) < 0.5).to(device) for _ in range(2))
+    with ss.use_backend(name):
+        ops.signed_masked_linear(torch.randn(2, 70, device=device), sign, mask, 0.1)
+        with pytest.raises(ValueError, match="built for more than the 65 features"):
+            ops.signed_masked_linear(torch.randn(2, 65, device=device), sign, mask, 0.1)
+        with pytest.raises(ValueError, match=r"x must be \[\*, 70\]"):
+            ops.signed_masked_linear(torch.randn(2, 69, device=device), sign, mask, 0.1, in_features=70)
+        with pytest.raises(ValueError, match=r"ceil\(in/32\)"):
+            ops.signed_masked_linear(torch.randn(2, 97, device=device), sign, mask, 0.1)
+        with pytest.raises(TypeError, match="x must be a floating-point"):
+            ops.signed_masked_linear(torch.ones(2, 70, dtype=torch.int64, device=device), sign, mask, 0.1)
+        # Words packed for 65 features pass with x of 65 features (zero pad bits).
+        s65, m65 = (ss.pack_bits(torch.rand(6, 65, generator=rng) < 0.5).to(device) for _ in range(2))
+        ops.signed_masked_linear(torch.randn(2, 65, device=device), s65, m65, 0.1, in_features=65)
