@@ -20,8 +20,10 @@ SIZES = [1, 33, 784, 1000]
 
 
 def test_cpu_backend_builds_and_is_auto_for_cpu():
-    assert ss.backends.available()[0] == "cpu"
+    # On a GPU machine cuda/triton rank above cpu in available(); for CPU tensors auto still picks cpu.
+    assert "cpu" in ss.backends.available()
     assert ss.backends.backend_for(torch.device("cpu")).name == "cpu"
+    assert ss.backends.available().index("cpu") < ss.backends.available().index("reference")
     from supsup_fast.ops.cpu import cpu_isa
     assert cpu_isa() in ("avx512", "avx2", "scalar")
 
@@ -189,14 +191,6 @@ def test_one_image_alpha_gradient_rank1_path(k, n):
     C = torch.ops.supsup_cpu
     g, x = torch.randn(9), torch.randn(n)
     assert torch.allclose(C.mask_dot_rank1(bank, g, x, w), C.mask_dot(bank, torch.outer(g, x) * w), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("case", range(13))
-def test_opcheck_on_cpu_backend(case):
-    from tests.test_ops import _opcheck_cases
-    with ss.use_backend("cpu"):
-        op, args = _opcheck_cases()[case]
-        torch.library.opcheck(op, args)
 
 
 def test_float64_falls_back_to_reference():

@@ -41,11 +41,33 @@ def test_cuda_backend_absent_without_gpu_and_table_is_valid():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
 
+def test_forced_cuda_backend_runs_its_own_kernels():
+    """Under `auto` the CUDA backend hands an op to Triton unless the measured table says cuda; a
+    test of the CUDA kernels must force the backend by name (the table shipped may be empty)."""
+    from supsup_fast import ops
+    from supsup_fast.ops.cuda import CudaBackend
+    cb = CudaBackend.__new__(CudaBackend)  # no extension needed to check the routing rule
+    cb.table = {}
+    assert not cb._mine("mask_dot")
+    with ops.use_backend("reference"):  # any forced name: the rule reads only the name in force
+        assert cb._mine("mask_dot") and cb._mine("signed_gemv")
+    cb.table = {"mask_dot": "cuda"}
+    assert cb._mine("mask_dot") and not cb._mine("superpose")
+
+
 @gpu
 def test_cuda_kernels_match_reference():
+    from supsup_fast import ops
     from supsup_fast.ops.cuda import CudaBackend
     from supsup_fast.ops.reference import ReferenceBackend
     cb, ref = CudaBackend(), ReferenceBackend()
+    with ops.use_backend("cuda"):  # forced by name: every call below runs the CUDA kernels, not Triton
+        for op in ("mask_dot", "superpose", "signed_gemv", "masked_weight"):
+            assert cb._mine(op), op
+        _cuda_kernels_match_reference(cb, ref)
+
+
+def _cuda_kernels_match_reference(cb, ref):
     g = torch.Generator().manual_seed(0)
     for k, rows, n in [(1, 3, 33), (37, 5, 784), (300, 2, 1000)]:
         bank = ref.pack_bits(torch.rand(k, rows, n, generator=g) < 0.5)

@@ -1,0 +1,65 @@
+"""torch.library.opcheck for every supsup op, once per backend on each device it supports (the
+Triton ops too: under TRITON_INTERPRET=1 here, on the GPU there), signed_masked_linear included.
+Replaces the two copies that ran on one backend only."""
+import pytest
+import torch
+
+import supsup_fast as ss
+from supsup_fast.ops import library as lib
+
+from tests.devices import backend_devices, ids
+
+PAIRS = backend_devices()
+
+
+def opcheck_cases(device):
+    g = torch.Generator().manual_seed(7)
+    k, out, n = 3, 4, 37
+
+    def r(*shape, grad=False):
+        t = torch.randn(*shape, generator=g).to(device)
+        return t.requires_grad_() if grad else t
+
+    masks = (torch.rand(k, out, n, generator=g) < 0.5).to(device)
+    bank = ss.pack_bits(masks.cpu()).to(device)
+    cbank = ss.pack_bits(torch.rand(k, 3, 8, generator=g) < 0.5).to(device)
+    x, w, b = r(2, n, grad=True), r(out, n, grad=True), r(out, grad=True)
+    a = torch.rand(k, generator=g).to(device).requires_grad_()
+    cx, cw = r(1, 2, 5, 5, grad=True), r(3, 2, 2, 2, grad=True)
+    s = ss.ops.superpose(bank, a.detach(), n)
+    sign = ss.pack_bits(torch.rand(out, n, generator=g) < 0.5).to(device)
+    return {
+        "pack_bits": (lib.pack_bits_op, (masks,)),
+        "unpack_bits": (lib.unpack_bits_op, (bank, n)),
+        "superpose": (lib.superpose_op, (bank, a, n)),
+        "mask_dot": (lib.mask_dot_op, (bank, r(out, n, grad=True))),
+        "mask_dot_batched": (lib.mask_dot_batched_op, (bank, r(5, out, n))),
+        "masked_linear": (lib.masked_linear_op, (x, w, bank[0], b)),
+        "masked_linear_nobias": (lib.masked_linear_op, (x, w, bank[0], None)),
+        "masked_conv2d": (lib.masked_conv2d_op, (cx, cw, cbank[0], None, [1, 1], [1, 1], [1, 1], 1)),
+        "superposed_linear": (lib.superposed_linear_op, (x, w, bank, a, b)),
+        "superposed_conv2d": (lib.superposed_conv2d_op, (cx, cw, cbank, a, None, [2, 2], [0, 0], [1, 1], 1)),
+        "superposed_given_s": (lib.superposed_given_s_op, (x, w, bank, a, s, None, None)),
+        "masked_backward": (lib.masked_backward_op, (r(2, out), x.detach(), w.detach(), bank[0], None, True, True)),
+        "superposed_backward": (lib.superposed_backward_op, (r(2, out), x.detach(), w.detach(), bank, a.detach(),
+                                                             None, None, True, True, False)),
+        "signed_masked_linear": (lib.signed_masked_linear_op, (x, sign, bank[0], 0.25, b)),
+        "signed_masked_linear_small": (lib.signed_masked_linear_op, (r(1, n, grad=True), sign, bank[1], 0.5, None, n)),
+    }
+
+
+CASES = sorted(opcheck_cases(torch.device("cpu")))
+
+
+def test_every_backend_is_covered():
+    names = {name for name, _ in PAIRS}
+    assert {"reference", "cpu"} <= names
+    assert {"triton", "cuda"} & set(ss.backends.available()) <= names
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("name,device", PAIRS, ids=ids(PAIRS))
+def test_opcheck(name, device, case):
+    with ss.use_backend(name):
+        op, args = opcheck_cases(device)[case]
+        torch.library.opcheck(op, args)
