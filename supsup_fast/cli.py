@@ -69,6 +69,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="under torchrun: each rank holds only its own range of tasks' bits during evaluation")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--retrain-corrupt", action="store_true",
+                   help="with --resume: delete and retrain the tasks whose checkpoint is corrupt instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -104,22 +106,47 @@ def _summary(results: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def _launch(config):
+    """The torch.distributed context of this process (torchrun sets WORLD_SIZE > 1) and the
+    config with its device resolved (cuda:LOCAL_RANK under torchrun)."""
+    import dataclasses
+
+    from .distributed import init_from_env
+    ctx, device = init_from_env(config.device)
+    return ctx, dataclasses.replace(config, device=device) if device != config.device else config
+
+
 def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") -> int:
     from .algorithms.experiment import run_experiment
+    from .distributed import shutdown
     config = _config_from(args, base)
     out = Path(args.out or default_out)
-    results = run_experiment(config, out, resume=args.resume, progress=not args.no_progress)
-    print(_summary(results, out))
+    ctx, config = _launch(config)
+    try:
+        results = run_experiment(config, out, resume=args.resume, progress=not args.no_progress, ctx=ctx,
+                                 retrain_corrupt=bool(getattr(args, "retrain_corrupt", False)))
+    finally:
+        shutdown(ctx)
+    if ctx.is_main:
+        print(_summary(results, out))
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .algorithms.experiment import evaluate_run
+    from .distributed import init_from_env, shutdown
     overrides = {k: getattr(args, k) for k in ("scenario", "inference", "objective", "infer_images", "log_base",
                                                "data_root", "device", "backend", "shard_bank") if getattr(args, k) is not None}
     out = Path(args.out or (Path(args.run) / f"eval-{overrides.get('scenario', 'same')}"))
-    results = evaluate_run(args.run, overrides, out, progress=not args.no_progress)
-    print(_summary(results, out))
+    ctx, device = init_from_env(overrides.get("device", "cpu"))
+    if ctx.enabled:
+        overrides["device"] = device
+    try:
+        results = evaluate_run(args.run, overrides, out, progress=not args.no_progress, ctx=ctx)
+    finally:
+        shutdown(ctx)
+    if ctx.is_main:
+        print(_summary(results, out))
     return 0
 
 

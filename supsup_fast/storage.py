@@ -78,8 +78,10 @@ def atomic_write_bytes(path: Union[str, Path], writer) -> None:
 
 
 def save_masks(model: nn.Module, path: Union[str, Path], first_task: int = 0, end_task: Optional[int] = None,
-               extra: Optional[dict] = None) -> None:
-    """Write tasks [first_task, end_task) of ``model`` to ``path`` atomically."""
+               extra: Optional[dict] = None, label: Optional[int] = None) -> None:
+    """Write tasks [first_task, end_task) of ``model`` to ``path`` atomically. ``label``: the task
+    index the file records for its first row (default ``first_task``), for a rank whose bank holds
+    a task at another row (task-parallel training)."""
     from safetensors.torch import save_file
 
     k = num_tasks(model)
@@ -104,7 +106,7 @@ def save_masks(model: nn.Module, path: Union[str, Path], first_task: int = 0, en
         "format_version": str(FORMAT_VERSION),
         "model_spec": json.dumps(spec, sort_keys=True),
         "layout": json.dumps(_layout(model), sort_keys=True),
-        "first_task": str(first_task),
+        "first_task": str(first_task if label is None else label),
         "num_tasks": str(end_task - first_task),
         "weights_sha256": weights_digest(model),
         "extra": json.dumps(extra or {}, sort_keys=True),
@@ -136,24 +138,64 @@ def read_mask_file(path: Union[str, Path]) -> tuple:
     return tensors, metadata
 
 
-def load_masks(model: nn.Module, path: Union[str, Path]) -> dict:
-    """Append the tasks stored in ``path`` to ``model`` (the file's first task must be the model's
-    next task). Returns the file's ``extra`` dict."""
+def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
+    """The metadata of a supsup_fast mask file without reading its tensors (not checksummed:
+    use read_mask_file before trusting the tensors)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MaskFileError(f"mask file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+    except Exception as exc:
+        raise MaskFileError(f"mask file {path} is corrupt or not a safetensors file: {exc}") from exc
+    if metadata.get("format") != FORMAT:
+        raise MaskFileError(f"{path} is not a supsup_fast mask-bank file (format={metadata.get('format')!r})")
+    return metadata
+
+
+def load_masks(model: nn.Module, path: Union[str, Path], first_task: Optional[int] = None) -> dict:
+    """Append the tasks stored in ``path`` to ``model``. The file's first task must be
+    ``first_task`` (default: the model's next task; a rank holding a shard of the bank passes the
+    global index). Returns the file's ``extra`` dict."""
     tensors, meta = read_mask_file(path)
-    return _apply(model, path, tensors, meta)
+    return apply_mask_file(model, path, tensors, meta, first_task)
 
 
-def _apply(model: nn.Module, path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> dict:
-    spec = json.loads(meta["model_spec"])
+def parse_metadata(path, meta: Dict[str, str]) -> tuple:
+    """(spec, layout, first_task, num_tasks, extra) of a verified file's metadata, or a
+    MaskFileError if a field is missing or malformed (a file whose checksum was recomputed after
+    tampering)."""
+    try:
+        spec, layout, extra = json.loads(meta["model_spec"]), json.loads(meta["layout"]), json.loads(meta["extra"])
+        first, count = int(meta["first_task"]), int(meta["num_tasks"])
+        digest = meta["weights_sha256"]
+    except KeyError as exc:
+        raise MaskFileError(f"{path}: metadata field {exc.args[0]!r} is missing") from exc
+    except (ValueError, TypeError) as exc:
+        raise MaskFileError(f"{path}: malformed metadata ({exc})") from exc
+    if not isinstance(spec, dict) or not isinstance(layout, dict) or not isinstance(extra, dict):
+        raise MaskFileError(f"{path}: model_spec, layout and extra must be JSON objects")
+    if first < 0 or count < 0 or not isinstance(digest, str):
+        raise MaskFileError(f"{path}: first_task and num_tasks must be >= 0, got {first} and {count}")
+    return spec, layout, first, count, extra
+
+
+def apply_mask_file(model: nn.Module, path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str],
+                    first_task: Optional[int] = None) -> dict:
+    """Check a verified file (``read_mask_file``) against ``model`` and append its tasks."""
+    spec, layout, first, count, extra = parse_metadata(path, meta)
     if spec != getattr(model, "spec", None):
         raise MaskFileError(f"{path} was saved from model {spec}, not {getattr(model, 'spec', None)}")
-    if json.loads(meta["layout"]) != _layout(model):
+    if layout != _layout(model):
         raise MaskFileError(f"{path} has different layer names or shapes than the model")
-    first, count = int(meta["first_task"]), int(meta["num_tasks"])
     k = num_tasks(model)
-    if first != k:
-        raise MaskFileError(f"{path} holds tasks [{first}, {first + count}) but the model has {k} tasks "
-                            f"(the file must start at task {k})")
+    expect = k if first_task is None else first_task
+    if first != expect:
+        raise MaskFileError(f"{path} holds tasks [{first}, {first + count}) but the model's next task is {expect} "
+                            f"(the file must start at task {expect})")
     layers, bns = supermask_layers(model), _bn_layers(model)
     weights = {n: tensors.get(f"weight/{n}") for n, l in layers.items() if l.init_kind == "tensor"}
     for n, w in weights.items():
@@ -184,7 +226,7 @@ def _apply(model: nn.Module, path, tensors: Dict[str, torch.Tensor], meta: Dict[
             layer.score_mean = tensors[f"score_mean/{n}"].to(layer.weight.device)
     for n, bn in bns.items():
         bn.append_stats(tensors[f"bn_mean/{n}"].to(bn.means.storage.device), tensors[f"bn_var/{n}"].to(bn.means.storage.device))
-    return json.loads(meta["extra"])
+    return extra
 
 
 def save_model(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None) -> None:
@@ -197,8 +239,12 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
     from .models import build_model
 
     tensors, meta = read_mask_file(path)
-    if int(meta["first_task"]) != 0:
-        raise MaskFileError(f"{path} starts at task {meta['first_task']}; a whole-model file starts at 0")
-    model = build_model(**json.loads(meta["model_spec"])).to(device)
-    _apply(model, path, tensors, meta)
+    spec, _, first, _, _ = parse_metadata(path, meta)
+    if first != 0:
+        raise MaskFileError(f"{path} starts at task {first}; a whole-model file starts at 0")
+    try:
+        model = build_model(**spec).to(device)
+    except (TypeError, ValueError) as exc:
+        raise MaskFileError(f"{path}: its model_spec {spec} does not describe a model this package builds ({exc})") from exc
+    apply_mask_file(model, path, tensors, meta)
     return model

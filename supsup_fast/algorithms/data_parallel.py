@@ -1,0 +1,74 @@
+"""One task trained on all ranks at once with DistributedDataParallel (docs/design.md, "Scale-out").
+
+Only the current task's scores are Parameters, so they are all DDP synchronises: frozen weights
+and packed banks are buffers and are never broadcast (``broadcast_buffers=False``). Every rank
+draws the same batch from the task's generator and takes its own contiguous slice of it. The
+local loss is the *sum* over the slice divided by the global batch size, times the world size,
+so DDP's gradient average equals the gradient of the single-process mean loss on the whole batch
+for any split of it. Per-task BN statistics are averaged over the ranks before the task is
+packed, so every rank keeps the same ones.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data.tasks import TaskSplit
+from ..distributed import DistContext, all_reduce_mean_
+from ..nn import MultitaskBatchNorm, begin_task, finish_task, task_parameters
+from .training import TrainSettings, make_optimizer, make_scheduler
+
+
+def local_slice(n: int, ctx: DistContext) -> slice:
+    """Rank's contiguous share of a batch of n examples (sizes differ by at most one)."""
+    base, extra = divmod(n, ctx.world_size)
+    start = ctx.rank * base + min(ctx.rank, extra)
+    return slice(start, start + base + (ctx.rank < extra))
+
+
+def train_task_data_parallel(model: nn.Module, split: TaskSplit, settings: TrainSettings, ctx: DistContext, *,
+                             device: torch.device, generator: Optional[torch.Generator] = None,
+                             init_scores: Optional[Dict[str, torch.Tensor]] = None,
+                             on_step: Optional[Callable[[int, float], None]] = None) -> Dict[str, float]:
+    """:func:`.training.train_task` with the batch split over the ranks of ``ctx``."""
+    begin_task(model, init_scores=init_scores, generator=generator)
+    model.train()
+    with warnings.catch_warnings():  # newer torch renames the flag; its meaning here is unchanged
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+    opt = make_optimizer(task_parameters(model), settings)
+    sched = make_scheduler(opt, settings)
+    step, last_loss = 0, float("nan")
+    limit = settings.iters if settings.iters is not None else math.inf
+    for _ in range(settings.epochs):
+        for xb, yb in split.batches(settings.batch_size, shuffle=True, generator=generator):
+            if step >= limit:
+                break
+            part = local_slice(len(yb), ctx)
+            xl, yl = xb[part].to(device, non_blocking=True), yb[part].to(device, non_blocking=True)
+            loss = F.cross_entropy(ddp(xl), yl, reduction="sum") * (ctx.world_size / len(yb))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            last_loss = float(loss.detach()) / ctx.world_size
+            if on_step is not None:
+                on_step(step, last_loss)
+        if sched is not None:
+            sched.step()
+        if step >= limit:
+            break
+    for bn in (m for m in model.modules() if isinstance(m, MultitaskBatchNorm)):
+        all_reduce_mean_(ctx, bn.current_mean)
+        all_reduce_mean_(ctx, bn.current_var)
+    del ddp
+    finish_task(model)
+    model.eval()
+    return {"steps": step, "final_loss": last_loss}

@@ -1,0 +1,158 @@
+"""Real 2-rank gloo jobs on the CPU through torchrun, against one process on the same settings."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from supsup_fast import storage
+
+RUN = ["--scenario", "GNu", "--model", "lenet", "--output-size", "100", "--iters", "40", "--train-subset", "1000",
+       "--no-progress"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def single(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "supsup_fast", *args], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+def torchrun_cmd(*args: str, ranks: int = 2) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+            "-m", "supsup_fast", *args]
+
+
+def torchrun(*args: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_cmd(*args, ranks=ranks), env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+
+def results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    ok(single("run", *RUN, "--tasks", "4", "--eval-at", "2", "--out", str(out)))
+    return out
+
+
+def test_task_parallel_masks_and_results_equal_one_process(single_run, tmp_path):
+    out = tmp_path / "dist"
+    proc = ok(torchrun("run", *RUN, "--tasks", "4", "--eval-at", "2", "--out", str(out)))
+    assert proc.stdout.count("average accuracy") == 1  # rank 0 alone reports
+    assert_same_model(single_run, out)
+    a, b = results(single_run), results(out)
+    for key in ("per_task_accuracy", "per_task_inference_accuracy", "accuracy_after_training", "average_accuracy"):
+        assert a[key] == b[key], key
+    assert [r["accuracy"] for r in a["accuracy_matrix"]] == [r["accuracy"] for r in b["accuracy_matrix"]]
+    assert b["distributed"]["world_size"] == 2 and b["distributed"]["backend"] == "gloo"
+    assert b["distributed"]["parallel"] == "task"
+    assert set(b["timing"]["eval_by_tasks_learned"]) == {"2", "4"}
+    assert a["distributed"] == {"world_size": 1, "backend": None, "parallel": "single", "shard_bank": False,
+                                "bank_bytes_per_rank": [a["mask_bytes"]]}
+
+
+def test_resume_at_another_world_size(single_run, tmp_path):
+    out = tmp_path / "run"
+    ok(torchrun("run", *RUN, "--tasks", "4", "--eval-at", "2", "--out", str(out)))
+    # As if the run had stopped after two tasks: their checkpoints and config only.
+    for t in (2, 3):
+        (out / "checkpoints" / f"task_{t:05d}.safetensors").unlink()
+    for name in ("model.safetensors", "results.json", "progress.json"):
+        (out / name).unlink()
+    ok(single("run", *RUN, "--tasks", "4", "--eval-at", "2", "--out", str(out), "--resume"))
+    assert_same_model(single_run, out)
+    assert results(out)["per_task_accuracy"] == results(single_run)["per_task_accuracy"]
+    assert results(out)["timing"]["tasks_resumed"] == 2
+
+
+def test_data_parallel_trains_the_same_masks(single_run, tmp_path):
+    out = tmp_path / "dp"
+    ok(torchrun("run", *RUN, "--tasks", "4", "--eval-at", "2", "--parallel", "data", "--out", str(out)))
+    assert results(out)["distributed"]["parallel"] == "data"
+    # Each rank trains on its half of every batch; DDP's average is the whole-batch gradient, so the
+    # thresholded masks come out the same bits (the scores agree to float tolerance).
+    assert_same_model(single_run, out)
+
+
+def test_transfer_is_never_run_task_parallel(tmp_path):
+    proc = torchrun("run", *RUN, "--tasks", "2", "--transfer", "--parallel", "task", "--out", str(tmp_path / "t"))
+    assert proc.returncode != 0
+    assert "--parallel task cannot run --transfer" in proc.stderr
+
+
+def test_sharded_evaluation_equals_unsharded(single_run, tmp_path):
+    for extra in ([], ["--inference", "binary", "--objective", "superfluous"]):
+        plain, sharded = tmp_path / f"plain{len(extra)}", tmp_path / f"sharded{len(extra)}"
+        ok(single("evaluate", str(single_run), *extra, "--out", str(plain), "--no-progress"))
+        ok(torchrun("evaluate", str(single_run), *extra, "--shard-bank", "--out", str(sharded), "--no-progress"))
+        a, b = results(plain), results(sharded)
+        assert a["per_task_accuracy"] == b["per_task_accuracy"]
+        assert a["per_task_inference_accuracy"] == b["per_task_inference_accuracy"]
+        per_rank = b["distributed"]["bank_bytes_per_rank"]
+        assert len(per_rank) == 2 and max(per_rank) <= 0.6 * b["mask_bytes"] and sum(per_rank) == b["mask_bytes"]
+
+
+def _worker_pids(parent: int) -> list:
+    kids = Path(f"/proc/{parent}/task/{parent}/children")
+    return [int(p) for p in kids.read_text().split()] if kids.exists() else []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc to find torchrun's workers")
+def test_killed_rank_loses_no_finished_task(single_run, tmp_path):
+    out = tmp_path / "killed"
+    args = ("run", *RUN, "--tasks", "4", "--eval-at", "2", "--iters", "400", "--out", str(out))
+    proc = subprocess.Popen(torchrun_cmd(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = out / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts.exists() and any(ckpts.glob("task_*.safetensors"))):
+        time.sleep(0.2)
+    workers = _worker_pids(proc.pid)
+    assert workers, "torchrun started no workers"
+    os.kill(workers[-1], signal.SIGKILL)
+    proc.wait(timeout=300)
+    assert proc.returncode != 0
+    finished = sorted(ckpts.glob("task_*.safetensors"))
+    assert finished and not list(ckpts.glob("*.tmp"))
+    for f in finished:
+        storage.read_mask_file(f)  # whole and verified: written atomically
+    before = {f.name: f.read_bytes() for f in finished}
+    ok(single("run", *args[1:], "--resume"))
+    assert results(out)["timing"]["tasks_resumed"] >= len(finished)
+    for name, data in before.items():  # resume kept them, did not retrain them
+        assert (ckpts / name).read_bytes() == data
+    # The same settings with --iters 400 in one process give the same masks.
+    ref = tmp_path / "ref"
+    ok(single(*args[:-1], str(ref)))
+    assert_same_model(ref, out)
+
+
+def test_python_dash_m_is_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "supsup_fast", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "run" in proc.stdout and "evaluate" in proc.stdout
