@@ -1,0 +1,88 @@
+"""Official float-score checkpoints (``scores.{i}``, ``stacked``) <-> packed bits."""
+from __future__ import annotations
+
+import argparse
+import pathlib
+from collections import OrderedDict
+from typing import Dict, Mapping, Union
+
+import torch
+from torch import nn
+
+from .. import ops
+from .layers import MultitaskMaskMixin
+
+PathOrDict = Union[str, pathlib.Path, Mapping[str, object]]
+
+
+def _read(source: PathOrDict, weights_only: bool) -> Mapping[str, torch.Tensor]:
+    if isinstance(source, (str, pathlib.Path)):
+        path = pathlib.Path(source)
+        if not path.is_file():
+            raise ValueError(f"path {str(path)!r} is not a file")
+        # Official checkpoints pickle their argparse args (with paths and devices) beside the state dict.
+        with torch.serialization.safe_globals([argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, torch.device]):
+            source = torch.load(path, map_location="cpu", weights_only=weights_only)
+    if not isinstance(source, Mapping):
+        raise TypeError(f"path must be a file or a state dict / checkpoint dict, got {type(source).__name__}")
+    sd = source.get("state_dict", source)
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"the checkpoint's state_dict must be a mapping, got {type(sd).__name__}")
+    return sd
+
+
+def _strip_data_parallel(sd: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    own = set(model.state_dict().keys())
+    if sd and all(k.startswith("module.") for k in sd) and not any(k.startswith("module.") for k in own):
+        return OrderedDict((k[len("module."):], v) for k, v in sd.items())  # saved from nn.DataParallel
+    return OrderedDict(sd)
+
+
+def load_official_checkpoint(model: nn.Module, path: PathOrDict, strict: bool = True,
+                             weights_only: bool = True) -> nn.Module:
+    """Load an official SupSup checkpoint (a file written by its ``main.py``, or a state dict) into a
+    model built from :mod:`supsup_fast.compat` layers: every task's float scores become bits, and
+    no float scores are kept. ``weights_only=False`` unpickles anything: only for trusted files."""
+    sd = _strip_data_parallel(_read(path, weights_only), model)
+    result = model.load_state_dict(sd, strict=strict)
+    for m in model.modules():
+        if isinstance(m, MultitaskMaskMixin):
+            for t in m.scores.tasks():
+                m._commit(t)
+                m.scores.pop(t)
+            m._task = None
+    if not strict and (result.missing_keys or result.unexpected_keys):
+        print(f"load_official_checkpoint: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    return model
+
+
+def official_state_dict(model: nn.Module, stacked: bool = True) -> Dict[str, torch.Tensor]:
+    """The model's state in the official layout: ``scores.{i}`` for all ``num_tasks`` tasks (scores
+    rebuilt from the bits for packed tasks: same masks) and, if asked, the float ``stacked`` masks."""
+    sd = model.state_dict()
+    for name, m in model.named_modules():
+        if not isinstance(m, MultitaskMaskMixin):
+            continue
+        prefix = f"{name}." if name else ""
+        for key in [k for k in sd if k == prefix + "mask_bits" or k.startswith(prefix + "scores.")]:
+            del sd[key]
+        masks = []
+        for i in range(m.num_tasks):
+            if i in m.scores:
+                s = m.scores[i].detach().clone()
+            elif i < len(m.bank) and i not in m._filler:
+                s = m.scores_from_bits(i)
+            else:
+                s = m._stream.scores(i).to(m.weight.device)
+            sd[f"{prefix}scores.{i}"] = s
+            masks.append(m._pack(s))
+        if stacked:
+            bits = torch.stack(masks)
+            sd[prefix + "stacked"] = torch.stack([
+                ops.unpack_bits(b, m.bank.n).view_as(m.weight).to(m.weight.dtype) for b in bits])
+    return sd
+
+
+def save_official_checkpoint(model: nn.Module, path: Union[str, pathlib.Path], stacked: bool = True) -> None:
+    """Write ``{"state_dict": official_state_dict(model)}`` for the official code to load."""
+    torch.save({"state_dict": official_state_dict(model, stacked)}, path)

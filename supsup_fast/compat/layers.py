@@ -1,0 +1,278 @@
+"""The official SupSup layers (``MultitaskMaskLinear``, ``MultitaskMaskConv``,
+``FastMultitaskMaskConv``) on packed bits and the fused ops.
+
+Same constructor, attributes and forward as the official code: ``task`` (>= 0: that task's mask,
+< 0: the superposition of the first ``num_tasks_learned`` masks weighted by ``alphas`` of shape
+[k,1,1] or [k,1,1,1,1], entries <= 0 left out), ``scores`` named ``scores.{t}``,
+``cache_masks()``/``clear_masks()``. What differs is storage: a finished task keeps only its bits
+(``bank``, int32[k, out, ceil(n/32)]); the float scores of the task being trained alone exist.
+A task's scores are packed into its bank row when the model moves to another task or
+``cache_masks()`` is called. Training a packed task again starts from scores rebuilt from its
+bits (the official layer would keep the float scores).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..nn.bank import MaskBank
+from ..nn.masks import mask_from_scores, masked_weight_from_scores, score_init_bound
+from .scores import ScoreList, ScoreStream
+from .settings import resolve_num_tasks, resolve_sparsity
+
+
+def alpha_vector(alphas: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k entries of the official ``alphas`` ([N,1,1], [N,1,1,1,1] or [N]) as a [k]
+    vector, with entries <= 0 zeroed (the official forward leaves them out of the sum, so they
+    get no gradient either)."""
+    if not isinstance(alphas, torch.Tensor):
+        raise TypeError(f"alphas must be a tensor of shape [num_tasks, 1, 1] (set_alphas), got {type(alphas).__name__}")
+    if alphas.dim() < 1 or alphas.shape[0] < k or any(s != 1 for s in alphas.shape[1:]):
+        raise ValueError(f"alphas must have shape [N, 1, 1] (or [N, 1, 1, 1, 1]) with N >= num_tasks_learned = {k}, "
+                         f"got {tuple(alphas.shape)}")
+    a = alphas[:k].reshape(k)
+    return torch.where(a > 0, a, torch.zeros_like(a))
+
+
+class MultitaskMaskMixin:
+    """State and forward shared by the compat layers (mixed into nn.Linear / nn.Conv2d)."""
+
+    mask_fn = "threshold"
+
+    def _init_multitask(self, num_tasks: int) -> None:
+        self.weight.requires_grad_(False)
+        self.num_tasks = num_tasks
+        self.num_tasks_learned = 0
+        self.alphas: Optional[torch.Tensor] = None
+        self.scores = ScoreList()
+        n = self.weight[0].numel()
+        self.bank = MaskBank(self.weight.shape[0], n, device=self.weight.device)
+        self._stream = ScoreStream(tuple(self.weight.shape), num_tasks)
+        self._filler = set()  # bank rows holding an untrained task's initial mask
+        self._version = 0  # bumped whenever the bank changes (count cache key)
+        self._count_cache = None
+        self._task = None
+
+    # -- the official attributes ---------------------------------------------------------------
+    @property
+    def task(self) -> Optional[int]:
+        return self._task
+
+    @task.setter
+    def task(self, task: int) -> None:
+        if isinstance(task, torch.Tensor) and task.numel() == 1:
+            task = int(task)
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"task must be an int (>= 0: that task, < 0: superposition), got {task!r}")
+        if task >= self.num_tasks:
+            raise ValueError(f"task must be < num_tasks = {self.num_tasks}, got {task}")
+        for live in self.scores.tasks():
+            if live != task:  # moving on: the other task's mask becomes bits
+                self._commit(live)
+                self.scores.pop(live)
+        if task >= 0 and task not in self.scores and (task >= len(self.bank) or task in self._filler):
+            init = self._stream.scores(task).to(self.weight.device)
+            self.scores.put(task, nn.Parameter(init))
+        self._task = task
+
+    @property
+    def density(self) -> float:
+        return 1.0
+
+    def cache_masks(self) -> None:
+        """Pack the live scores into their bank rows (the official layer stacks float masks)."""
+        for live in self.scores.tasks():
+            self._commit(live)
+
+    def clear_masks(self) -> None:
+        """The official layer frees its stacked float masks here; the bits are the storage, so only
+        the cached bit counts are dropped."""
+        self._count_cache = None
+
+    def mask(self, task: int) -> torch.Tensor:
+        """Task ``task``'s binary mask (bool, shaped like weight)."""
+        if task in self.scores:
+            return mask_from_scores(self.scores[task].detach(), self.mask_fn, self.density)
+        if not 0 <= task < len(self.bank):
+            raise ValueError(f"task must be a trained task in [0, {len(self.bank)}), got {task}")
+        return ops.unpack_bits(self.bank.words[task], self.bank.n).view_as(self.weight)
+
+    def scores_from_bits(self, task: int) -> torch.Tensor:
+        """Float scores that give task ``task``'s mask back (exported to the official format):
+        ±bound/2 for a threshold mask, bound or bound/2 (kept or not) for a top-k mask."""
+        m = 0.5 * score_init_bound(self.weight[0].numel())
+        bits = self.mask(task).float()
+        return (bits * 2 - 1) * m if self.mask_fn == "threshold" else (bits + 1) * m
+
+    # -- state_dict: the bits travel as ``mask_bits``; an official ``stacked`` is read too ---------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "mask_bits"] = self.bank.words.clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        bits = state_dict.pop(prefix + "mask_bits", None)
+        stacked = state_dict.pop(prefix + "stacked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if bits is None and stacked is not None and not any(k.startswith(prefix + "scores.") for k in state_dict):
+            if tuple(stacked.shape[1:]) != tuple(self.weight.shape):
+                error_msgs.append(f"{prefix}stacked must be [k, {', '.join(map(str, self.weight.shape))}], got {tuple(stacked.shape)}")
+                return
+            bits = ops.pack_bits((stacked != 0).reshape(stacked.shape[0], self.weight.shape[0], -1))
+        if bits is not None:
+            expect = tuple(self.bank.row_shape)
+            if bits.dtype != torch.int32 or bits.dim() != 3 or tuple(bits.shape[1:]) != expect:
+                error_msgs.append(f"{prefix}mask_bits must be int32[k, {expect[0]}, {expect[1]}], got {bits.dtype}{list(bits.shape)}")
+                return
+            self.bank.truncate(0)
+            self.bank.append(bits.to(self.bank.storage.device))
+            self._filler.clear()
+            self._version += 1
+
+    # -- bank ----------------------------------------------------------------------------------
+    def _pack(self, scores: torch.Tensor) -> torch.Tensor:
+        mask = mask_from_scores(scores.detach(), self.mask_fn, self.density)
+        return ops.pack_bits(mask.reshape(self.weight.shape[0], -1))
+
+    def _ensure_rows(self, k: int) -> None:
+        """Bank rows 0..k-1 exist; an untrained task gets its initial scores' mask, as in the
+        official ``stacked``."""
+        while len(self.bank) < k:
+            j = len(self.bank)
+            if j in self.scores:
+                self.bank.append(self._pack(self.scores[j]))
+            else:
+                self.bank.append(self._pack(self._stream.scores(j).to(self.weight.device)))
+                self._filler.add(j)
+            self._version += 1
+
+    def _commit(self, task: int) -> None:
+        self._ensure_rows(task)
+        words = self._pack(self.scores[task])
+        if task == len(self.bank):
+            self.bank.append(words)
+        else:
+            self.bank.set_row(task, words)
+        self._filler.discard(task)
+        self._version += 1
+
+    def _counts(self, k: int) -> torch.Tensor:
+        """Σᵢ<k Mᵢ per weight (float), cached while the bank and k are unchanged."""
+        key = (k, self._version, self.weight.device)
+        if self._count_cache is None or self._count_cache[0] != key:
+            ones = torch.ones(k, dtype=self.weight.dtype, device=self.weight.device)
+            self._count_cache = (key, ops.superpose(self.bank.words[:k], ones, self.bank.n).view_as(self.weight))
+        return self._count_cache[1]
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._task is None:
+            raise RuntimeError("no task set: call set_model_task(model, t) (or set layer.task) first")
+        if self._task >= 0:
+            if self._task in self.scores:
+                w = masked_weight_from_scores(self.scores[self._task], self.weight, self.mask_fn, self.density)
+                return self._dense(x, w)
+            return self._masked(x, self.bank.words[self._task], None)
+        return self._superposed_forward(x)
+
+    def _superposed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = int(self.num_tasks_learned)
+        if not 1 <= k <= self.num_tasks:
+            raise RuntimeError(f"num_tasks_learned must be in [1, {self.num_tasks}] for the superposition "
+                               f"(set_num_tasks_learned), got {k}")
+        if self.alphas is None:
+            raise RuntimeError("alphas is not set: call set_alphas(model, alphas) before a task < 0 forward")
+        a = alpha_vector(self.alphas, k).to(self.weight.dtype)
+        self._ensure_rows(k)
+        bank = self.bank.words[:k]
+        if not (torch.is_grad_enabled() and a.requires_grad):
+            on = torch.nonzero(a).flatten()
+            if on.numel() == 1:  # a one-hot α (evaluation after inference): one task's bits
+                return self._masked(x, bank[int(on)], a[on])
+        a0 = a[0].detach()
+        if bool((a.detach() == a0).all()) and bool(a0 > 0):
+            # Uniform α (one-shot inference): W ⊙ α₀·counts is one dense product; the α-gradient
+            # still reads each bit once, in the fused op.
+            return ops.superposed_with_s(x, self.weight, bank, a, self._counts(k) * a0, self.bias, self._conv_kwargs())
+        return self._superposed(x, bank, a)
+
+    def _masked(self, x: torch.Tensor, words: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """x through W ⊙ (scale·M) + b, M one task's packed mask."""
+        if scale is None or bool(scale == 1):
+            return self._masked_op(x, words, self.bias)
+        y = self._masked_op(x, words, None) * scale.reshape(())
+        return y if self.bias is None else y + self._bias_view()
+
+
+class MultitaskMaskLinear(MultitaskMaskMixin, nn.Linear):
+    """The notebook's layer: ``MultitaskMaskLinear(in, out, num_tasks=N, bias=False)``.
+    The weight is made signed constant (±√2/√fan_in, the sign of nn.Linear's init), as there."""
+
+    def __init__(self, *args, num_tasks: Optional[int] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        with torch.no_grad():
+            std = nn.init.calculate_gain("relu") / self.in_features ** 0.5
+            self.weight.copy_(self.weight.sign() * std)
+        self._init_multitask(resolve_num_tasks(num_tasks, default=1))
+
+    def _conv_kwargs(self):
+        return None
+
+    def _bias_view(self):
+        return self.bias
+
+    def _dense(self, x, w):
+        return F.linear(x, w, self.bias)
+
+    def _masked_op(self, x, words, bias):
+        return ops.masked_linear(x, self.weight, words, bias)
+
+    def _superposed(self, x, bank, a):
+        return ops.superposed_linear(x, self.weight, bank, a, self.bias)
+
+
+class _MultitaskConvBase(MultitaskMaskMixin, nn.Conv2d):
+    def __init__(self, *args, num_tasks: Optional[int] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(self.padding, str) or self.padding_mode != "zeros":
+            raise ValueError(f"padding must be ints with padding_mode='zeros', got padding={self.padding!r}, "
+                             f"padding_mode={self.padding_mode!r}")
+        self._init_multitask(resolve_num_tasks(num_tasks))
+
+    def _conv_kwargs(self):
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+    def _bias_view(self):
+        return self.bias.view(1, -1, 1, 1)
+
+    def _dense(self, x, w):
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _masked_op(self, x, words, bias):
+        return ops.masked_conv2d(x, self.weight, words, bias, **self._conv_kwargs())
+
+    def _superposed(self, x, bank, a):
+        return ops.superposed_conv2d(x, self.weight, bank, a, self.bias, **self._conv_kwargs())
+
+
+class MultitaskMaskConv(_MultitaskConvBase):
+    """The main repository's edge-popup layer: top-k of |scores| keeping a ``sparsity`` fraction
+    (official name; ``args.sparsity``, 0.5 by default). Weights keep nn.Conv2d's init: the official
+    Builder applies ``conv_init`` (e.g. signed constant) afterwards."""
+
+    mask_fn = "topk"
+
+    def __init__(self, *args, num_tasks: Optional[int] = None, sparsity: Optional[float] = None, **kwargs):
+        super().__init__(*args, num_tasks=num_tasks, **kwargs)
+        self.sparsity = resolve_sparsity(sparsity)
+
+    @property
+    def density(self) -> float:
+        return float(self.sparsity)
+
+
+class FastMultitaskMaskConv(_MultitaskConvBase):
+    """The main repository's threshold layer (mask = 1[scores >= 0], Piggyback-style)."""

@@ -1,0 +1,88 @@
+"""Float scores of the compat layers: only the task being trained has them.
+
+``ScoreList`` names its Parameters by task index, so ``named_parameters()`` yields
+``scores.{t}`` exactly as the official ``nn.ParameterList`` does (the main repository picks the
+current task's parameters by that name). ``ScoreStream`` regenerates, on demand, the initial
+scores the official layer draws for every task at construction.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Tuple
+
+import torch
+from torch import nn
+
+
+class ScoreList(nn.Module):
+    """Live score Parameters by task index (at most one in the usual flow)."""
+
+    def __getitem__(self, task: int) -> nn.Parameter:
+        key = str(int(task))
+        if key not in self._parameters:
+            raise KeyError(f"task {task} has no float scores: finished tasks are kept as bits "
+                           f"(layer.mask(task) gives the mask); live scores: {self.tasks()}")
+        return self._parameters[key]
+
+    def __contains__(self, task: object) -> bool:
+        return isinstance(task, int) and str(task) in self._parameters
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def tasks(self) -> List[int]:
+        return sorted(int(k) for k in self._parameters)
+
+    def put(self, task: int, scores: nn.Parameter) -> None:
+        self.register_parameter(str(int(task)), scores)
+
+    def pop(self, task: int) -> nn.Parameter:
+        return self._parameters.pop(str(int(task)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A saved model may hold scores for tasks this one has not started: create them to load into.
+        for key, value in state_dict.items():
+            name = key[len(prefix):]
+            if key.startswith(prefix) and name.isdigit() and name not in self._parameters:
+                self.register_parameter(name, nn.Parameter(torch.empty_like(value, device="cpu")))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def _draw(out: torch.Tensor, generator=None) -> torch.Tensor:
+    # The official score init: kaiming_uniform_(a=√5), i.e. U(-1/√fan_in, 1/√fan_in).
+    return nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=generator)
+
+
+class ScoreStream:
+    """The official layer draws ``num_tasks`` score tensors from torch's global RNG when it is
+    built. We save the RNG state, advance the global RNG by the same draws (so the rest of a
+    script, e.g. DataLoader shuffling, sees the same random numbers as with the official layer)
+    and regenerate task t's draw when it is needed. Sequential tasks cost one draw each."""
+
+    def __init__(self, shape: Tuple[int, ...], num_tasks: int):
+        self.shape = tuple(shape)
+        self.num_tasks = num_tasks
+        self.start = torch.get_rng_state()
+        scratch = torch.empty(self.shape)
+        for _ in range(num_tasks):
+            _draw(scratch)
+        self._gen = None
+        self._next = 0
+
+    def scores(self, task: int) -> torch.Tensor:
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"task must be in [0, num_tasks={self.num_tasks}), got {task}")
+        if self._gen is None or task < self._next:
+            self._gen = torch.Generator()
+            self._gen.set_state(self.start)
+            self._next = 0
+        out = torch.empty(self.shape)
+        while self._next <= task:
+            _draw(out, self._gen)
+            self._next += 1
+        return out
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_gen"], state["_next"] = None, 0
+        return state

@@ -1,0 +1,144 @@
+"""``convert(model)``: give an existing PyTorch model supermasks without rewriting it.
+
+Each selected ``nn.Linear`` / ``nn.Conv2d`` becomes a :class:`~supsup_fast.nn.SupermaskLinear` /
+:class:`~supsup_fast.nn.SupermaskConv2d` (frozen weights, per-task packed masks) and, optionally,
+each BatchNorm a per-task :class:`~supsup_fast.nn.MultitaskBatchNorm`. The result is driven by
+``supsup_fast.nn.begin_task / finish_task / set_task / superposition`` like the package's own models.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import sys
+import types
+from typing import Iterable, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+from .nn import MultitaskBatchNorm, SupermaskConv2d, SupermaskLinear
+
+WEIGHT_MODES = ("keep", "signed_constant", "kaiming_normal")
+Selector = Union[str, Type[nn.Module]]
+
+
+class FrozenAffine(nn.Module):
+    """A pretrained BatchNorm's affine part (γ, β), frozen, applied after per-task statistics."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+def _selectors(name: str, value) -> Tuple[Selector, ...]:
+    if value is None:
+        return ()
+    items = (value,) if isinstance(value, (str, type)) else tuple(value)
+    for s in items:
+        if not isinstance(s, str) and not (isinstance(s, type) and issubclass(s, nn.Module)):
+            raise TypeError(f"{name} must hold module names (glob patterns allowed) or nn.Module types, got {s!r}")
+    return items
+
+
+def _matches(name: str, module: nn.Module, selectors: Sequence[Selector]) -> bool:
+    return any(fnmatch.fnmatchcase(name, s) if isinstance(s, str) else isinstance(module, s) for s in selectors)
+
+
+def _padding(name: str, conv: nn.Conv2d):
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"layer {name!r}: padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+    if conv.padding == "valid":
+        return 0
+    if conv.padding == "same":
+        if any(s != 1 for s in conv.stride):
+            raise ValueError(f"layer {name!r}: padding='same' needs stride 1, got {conv.stride}")
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError(f"layer {name!r}: padding='same' with an even effective kernel is not supported")
+        return tuple(t // 2 for t in total)
+    return conv.padding
+
+
+def _mask_layer(name: str, m: nn.Module, weights: str, seed: int, mask_fn: str, density: float) -> nn.Module:
+    keep = weights == "keep"
+    init = m.weight.detach() if keep else weights
+    has_bias = keep and m.bias is not None  # re-initialised layers have no bias, as in the paper
+    kw = dict(init=init, mask_fn=mask_fn, density=density, seed=seed, device=m.weight.device, dtype=m.weight.dtype)
+    if isinstance(m, nn.Linear):
+        new = SupermaskLinear(m.in_features, m.out_features, bias=has_bias, **kw)
+    else:
+        new = SupermaskConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, _padding(name, m), m.dilation,
+                              m.groups, bias=has_bias, **kw)
+    if has_bias:
+        new.bias.copy_(m.bias.detach())
+    return new
+
+
+def _task_bn(m: nn.modules.batchnorm._BatchNorm, weights: str) -> nn.Module:
+    bn = MultitaskBatchNorm(m.num_features, eps=m.eps, momentum=0.1 if m.momentum is None else m.momentum,
+                            device=m.weight.device if m.weight is not None else None)
+    if weights == "keep" and m.affine:
+        return nn.Sequential(bn, FrozenAffine(m.weight, m.bias))
+    return bn
+
+
+def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Iterable[Selector]] = None,
+            exclude: Optional[Iterable[Selector]] = None, batchnorm: bool = True, mask_fn: str = "threshold",
+            density: float = 0.5, seed: int = 0, inplace: bool = False, freeze_others: bool = True) -> nn.Module:
+    """Replace the ``nn.Linear`` / ``nn.Conv2d`` layers of ``module`` by supermask layers.
+
+    weights: ``"keep"`` masks the existing (e.g. pretrained) weights, Piggyback-style, biases kept
+    frozen; ``"signed_constant"`` (the paper) or ``"kaiming_normal"`` re-draw them from ``seed``
+    (layer i uses ``seed + i``) without bias.
+    include / exclude: module names (glob patterns, e.g. ``"features.*"``) or module types; by
+    default every Linear and Conv2d is converted. batchnorm: BatchNorm1d/2d become per-task
+    non-affine BN (with ``"keep"``, a pretrained affine γ, β is kept frozen after it).
+    mask_fn / density: ``"threshold"`` (scores >= 0) or ``"topk"`` (edge-popup, keep ``density``).
+    inplace: convert ``module`` itself instead of a deep copy. freeze_others: the parameters left
+    (unconverted layers) stop requiring grad, so only the task's scores are ever trained.
+    Returns the model, ready for ``supsup_fast.nn.begin_task(model)``.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+    include_s, exclude_s = _selectors("include", include), _selectors("exclude", exclude)
+    model = module if inplace else copy.deepcopy(module)
+    plan = []
+    for name, m in model.named_modules():
+        if type(m) in (nn.Linear, nn.Conv2d):
+            if (not include_s or _matches(name, m, include_s)) and not _matches(name, m, exclude_s):
+                plan.append((name, "mask", m))
+        elif batchnorm and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not _matches(name, m, exclude_s):
+            plan.append((name, "bn", m))
+    if not any(kind == "mask" for _, kind, _ in plan):
+        raise ValueError("no nn.Linear / nn.Conv2d layer matched include/exclude: nothing to convert")
+    if any(name == "" for name, _, _ in plan):
+        raise ValueError("module itself is a single layer: wrap it (e.g. nn.Sequential(layer)) to convert it")
+    index = 0
+    for name, kind, m in plan:
+        if kind == "mask":
+            new = _mask_layer(name, m, weights, seed + index, mask_fn, density)
+            index += 1
+        else:
+            new = _task_bn(m, weights)
+        parent_name, _, child = name.rpartition(".")
+        model.get_submodule(parent_name)._modules[child] = new
+    if freeze_others:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+class _CallableModule(types.ModuleType):
+    # ``import supsup_fast.convert`` binds this module as ``supsup_fast.convert``; keep it callable.
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,405 @@
+"""supsup_fast.compat against a float layer written here from the public description of the
+official SupSup notebook (RAIVNLab/supsup, mnist.ipynb): every task keeps float scores, the mask is
+1[scores >= 0] with a straight-through gradient, weights are signed constants, ``cache_masks``
+stacks float masks, and ``task < 0`` computes W ⊙ Σᵢ αᵢ Mᵢ over the tasks with αᵢ > 0."""
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from supsup_fast import compat, ops
+from supsup_fast.compat import settings
+from supsup_fast.data import load_benchmark
+
+
+# -- the float reference ------------------------------------------------------------------------
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores):
+        return (scores >= 0).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class FloatMultitaskMaskLinear(nn.Linear):
+    def __init__(self, *args, num_tasks=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_tasks = num_tasks
+        self.scores = nn.ParameterList()
+        for _ in range(num_tasks):
+            s = torch.empty(self.weight.shape)
+            nn.init.kaiming_uniform_(s, a=math.sqrt(5))
+            self.scores.append(nn.Parameter(s))
+        self.weight.requires_grad = False
+        with torch.no_grad():
+            self.weight.copy_(self.weight.sign() * math.sqrt(2.0) / math.sqrt(self.in_features))
+
+    @torch.no_grad()
+    def cache_masks(self):
+        self.register_buffer("stacked", torch.stack([(s >= 0).float() for s in self.scores]))
+
+    def forward(self, x):
+        if self.task < 0:
+            k = self.num_tasks_learned
+            a = self.alphas[:k]
+            keep = (a > 0).view(k)
+            subnet = (a[keep] * self.stacked[:k][keep]).sum(0)
+        else:
+            subnet = _StraightThrough.apply(self.scores[self.task])
+        return F.linear(x, self.weight * subnet, self.bias)
+
+
+def _setter(attr, cls):
+    def f(model, value, verbose=False):
+        for m in model.modules():
+            if isinstance(m, cls):
+                setattr(m, attr, value)
+    return f
+
+
+FLOAT_API = dict(layer=FloatMultitaskMaskLinear,
+                 set_model_task=_setter("task", FloatMultitaskMaskLinear),
+                 cache_masks=lambda model: [m.cache_masks() for m in model.modules() if isinstance(m, FloatMultitaskMaskLinear)],
+                 set_num_tasks_learned=_setter("num_tasks_learned", FloatMultitaskMaskLinear),
+                 set_alphas=_setter("alphas", FloatMultitaskMaskLinear))
+COMPAT_API = dict(layer=compat.MultitaskMaskLinear, set_model_task=compat.set_model_task, cache_masks=compat.cache_masks,
+                  set_num_tasks_learned=compat.set_num_tasks_learned, set_alphas=compat.set_alphas)
+
+
+class MultitaskFC(nn.Module):
+    """The notebook's model: 784-300-300-100, no bias, ReLU."""
+
+    def __init__(self, layer, hidden, num_tasks):
+        super().__init__()
+        self.model = nn.Sequential(layer(784, hidden, num_tasks=num_tasks, bias=False), nn.ReLU(),
+                                   layer(hidden, hidden, num_tasks=num_tasks, bias=False), nn.ReLU(),
+                                   layer(hidden, 100, num_tasks=num_tasks, bias=False))
+
+    def forward(self, x):
+        return self.model(x.flatten(1))
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct storage behind the model's parameters and buffers (capacity included)."""
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def oneshot(api, model, image, k):
+    api["set_model_task"](model, -1, verbose=False)
+    alphas = (torch.ones(k, 1, 1) / k).requires_grad_(True)
+    api["set_alphas"](model, alphas, verbose=False)
+    logits = model(image)
+    entropy = -(logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(1).mean()
+    (g,) = torch.autograd.grad(entropy, alphas)
+    assert g.shape == (k, 1, 1)
+    return int((-g).squeeze().argmax())
+
+
+def notebook_flow(api, bench, num_tasks=5, batches=25, trials=6):
+    torch.manual_seed(0)
+    model = MultitaskFC(api["layer"], 300, num_tasks)
+    for task in range(num_tasks):
+        api["set_model_task"](model, task)
+        opt = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        gen = torch.Generator().manual_seed(task)
+        for i, (x, y) in enumerate(bench.train(task).batches(128, shuffle=True, generator=gen)):
+            if i == batches:
+                break
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        api["cache_masks"](model)
+        api["set_num_tasks_learned"](model, task + 1)
+    gg = []
+    with torch.no_grad():
+        for task in range(num_tasks):
+            api["set_model_task"](model, task)
+            test = bench.test(task)
+            x, y = test.batch(torch.arange(len(test)))
+            gg.append(float((model(x).argmax(1) == y).float().mean()))
+    inferred = []
+    for task in range(num_tasks):
+        test = bench.test(task)
+        for j in range(trials):
+            x, _ = test.batch(torch.tensor([j * 97]))
+            inferred.append((task, oneshot(api, model, x, num_tasks)))
+    return model, gg, inferred
+
+
+@pytest.fixture(scope="module")
+def flows():
+    bench = load_benchmark("permuted-mnist", 5, seed=0)
+    return notebook_flow(FLOAT_API, bench), notebook_flow(COMPAT_API, bench)
+
+
+def test_notebook_flow_matches_float_layer(flows):
+    (ref, gg_ref, inf_ref), (ours, gg_ours, inf_ours) = flows
+    assert min(gg_ref) > 0.5  # the short epoch did learn every task
+    assert gg_ours == pytest.approx(gg_ref, abs=0.01)
+    acc = lambda inf: sum(t == p for t, p in inf) / len(inf)
+    assert acc(inf_ours) == pytest.approx(acc(inf_ref), abs=0.05)
+    assert acc(inf_ours) >= 0.8
+    assert sum(a == b for a, b in zip(inf_ref, inf_ours)) >= 0.9 * len(inf_ref)
+    # Same random init and training: the masks agree bit for bit (up to float ties at 0).
+    pairs = zip([m for m in ref.modules() if isinstance(m, FloatMultitaskMaskLinear)],
+                [m for m in ours.modules() if isinstance(m, compat.MultitaskMaskLinear)])
+    for r, o in pairs:
+        if True:
+            for t in range(5):
+                agree = (o.mask(t) == (r.stacked[t] > 0)).float().mean()
+                assert agree > 0.999
+
+
+def test_notebook_flow_holds_bits(flows):
+    (ref, _, _), (ours, _, _) = flows
+    for m in ours.modules():
+        if isinstance(m, compat.MultitaskMaskLinear):
+            assert m.bank.words.dtype == torch.int32
+            assert m.bank.words.shape == (5, m.out_features, math.ceil(m.in_features / 32))
+            floats = [t for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()]
+            assert sum(t.numel() for t in floats) == m.weight.numel()  # the weight; no float mask or score
+    assert tensor_bytes(ours) <= 0.25 * tensor_bytes(ref)
+
+
+# -- layer behaviour ---------------------------------------------------------------------------
+def test_rng_and_init_match_the_official_layer():
+    torch.manual_seed(3)
+    ref = FloatMultitaskMaskLinear(20, 7, num_tasks=3, bias=False)
+    after_ref = torch.rand(4)
+    torch.manual_seed(3)
+    ours = compat.MultitaskMaskLinear(20, 7, num_tasks=3, bias=False)
+    assert torch.equal(torch.rand(4), after_ref)  # the rest of a script sees the same random numbers
+    assert torch.equal(ours.weight, ref.weight) and not ours.weight.requires_grad
+    for t in (2, 0, 1):
+        ours.task = t
+        assert torch.equal(ours.scores[t], ref.scores[t])
+
+
+def test_optimizer_trains_exactly_the_current_task():
+    m = compat.MultitaskMaskLinear(40, 10, num_tasks=3, bias=False)
+    x, y = torch.randn(16, 40), torch.randint(0, 10, (16,))
+    for task in range(2):
+        compat.set_model_task(m, task, verbose=False)
+        params = [p for p in m.parameters() if p.requires_grad]
+        assert [n for n, p in m.named_parameters() if p.requires_grad] == [f"scores.{task}"]
+        opt = torch.optim.RMSprop(params, lr=1e-2)
+        bank_before = m.bank.words.clone()
+        before = params[0].detach().clone()
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        assert not torch.equal(params[0], before)
+        assert torch.equal(m.bank.words, bank_before)
+        compat.cache_masks(m)
+        assert torch.equal(m.mask(task), params[0].detach() >= 0)
+    compat.set_model_task(m, 0, verbose=False)  # evaluating task 0: its bits, and no float scores at all
+    assert len(m.scores) == 0 and len(m.bank) == 2
+    assert torch.allclose(m(x), F.linear(x, m.weight * m.mask(0)), atol=1e-5)
+
+
+def _float_stack_grad(m, x, alphas, k):
+    a = alphas.detach().clone().requires_grad_(True)
+    keep = (a[:k] > 0).view(k)
+    stack = torch.stack([m.mask(t).float() for t in range(k)])
+    out = F.linear(x, m.weight * (a[:k][keep] * stack[keep]).sum(0))
+    (g,) = torch.autograd.grad(out.square().sum(), a)
+    return out.detach(), g
+
+
+@pytest.mark.parametrize("alphas", [torch.ones(4, 1, 1) / 4, torch.tensor([0.5, -0.2, 0.0, 0.7]).view(4, 1, 1)],
+                         ids=["uniform", "general"])
+def test_superposed_alpha_gradient_goes_through_fused_ops(monkeypatch, alphas):
+    m = compat.MultitaskMaskLinear(70, 9, num_tasks=4, bias=False)
+    for t in range(4):
+        m.task = t
+        with torch.no_grad():
+            m.scores[t].normal_()
+    m.cache_masks()
+    calls = []
+    for name in ("superposed_linear", "superposed_with_s"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
+    compat.set_num_tasks_learned(m, 4)
+    compat.set_model_task(m, -1, verbose=False)
+    a = alphas.clone().requires_grad_(True)
+    compat.set_alphas(m, a, verbose=False)
+    x = torch.randn(3, 70)
+    out = m(x)
+    (g,) = torch.autograd.grad(out.square().sum(), a)
+    ref_out, ref_g = _float_stack_grad(m, x, alphas, 4)
+    assert calls and g.shape == (4, 1, 1)
+    assert torch.allclose(out, ref_out, atol=1e-4)
+    assert torch.allclose(g, ref_g, rtol=1e-4, atol=1e-3)
+
+
+def test_one_hot_alphas_evaluate_one_task_and_tasks_beyond_learned_are_ignored():
+    m = compat.MultitaskMaskLinear(33, 5, num_tasks=5, bias=True)
+    for t in range(3):
+        m.task = t
+    m.cache_masks()
+    compat.set_num_tasks_learned(m, 3)
+    m.task = -1
+    x = torch.randn(2, 33)
+    m.alphas = torch.tensor([0.0, 1.0, 0.0, 9.0, 9.0]).view(5, 1, 1)  # entries past num_tasks_learned unused
+    with torch.no_grad():
+        assert torch.allclose(m(x), F.linear(x, m.weight * m.mask(1), m.bias), atol=1e-5)
+        m.alphas = torch.tensor([0.0, 0.5, 0.0, 0.0, 0.0]).view(5, 1, 1)
+        assert torch.allclose(m(x), F.linear(x, m.weight * m.mask(1) * 0.5, m.bias), atol=1e-5)
+
+
+class FloatTopKConv(nn.Conv2d):
+    """The main repository's edge-popup mask: keep the largest |scores|, a ``sparsity`` fraction."""
+
+    def masked(self, scores, sparsity):
+        flat = scores.abs().flatten()
+        mask = torch.zeros_like(flat)
+        mask[flat.sort().indices[int((1 - sparsity) * flat.numel()):]] = 1
+        return self.weight * mask.view_as(scores)
+
+
+def test_conv_layers_1x1_mlp_and_5d_alphas(monkeypatch):
+    monkeypatch.setattr(settings, "_SETTINGS", dict(settings._SETTINGS))  # configure() is restored after the test
+    assert compat.configure(num_tasks=3, sparsity=0.3) == {"num_tasks": 3, "sparsity": 0.3}
+    convs = [compat.MultitaskMaskConv(784, 50, kernel_size=1, bias=False),
+             compat.FastMultitaskMaskConv(50, 10, kernel_size=1, bias=False)]
+    model = nn.Sequential(convs[0], nn.ReLU(), convs[1])
+    assert convs[0].num_tasks == 3 and convs[0].sparsity == 0.3 and not hasattr(convs[1], "sparsity")
+    x = torch.randn(4, 784, 1, 1)
+    compat.set_model_task(model, 0, verbose=False)
+    s0 = convs[0].scores[0].detach().clone()
+    ref = FloatTopKConv(784, 50, 1, bias=False)
+    ref.weight.data = convs[0].weight.data
+    expect = F.conv2d(x, ref.masked(s0, 0.3))
+    with torch.no_grad():
+        assert torch.allclose(convs[0](x), expect, atol=1e-5)
+    for t in (1, 2):
+        compat.set_model_task(model, t, verbose=False)
+    compat.cache_masks(model)
+    assert int(convs[0].mask(0).sum()) == 50 * 784 - int(0.7 * 50 * 784)
+    compat.set_model_task(model, 0, verbose=False)
+    with torch.no_grad():
+        assert torch.allclose(convs[0](x), expect, atol=1e-4)
+    compat.set_num_tasks_learned(model, 3)
+    compat.set_model_task(model, -1, verbose=False)
+    alphas = (torch.ones(3, 1, 1, 1, 1) / 3).requires_grad_(True)
+    compat.set_alphas(model, alphas, verbose=False)
+    (g,) = torch.autograd.grad(model(x[:1]).logsumexp(1).sum(), alphas)
+    a = (torch.ones(3, 1, 1, 1, 1) / 3).requires_grad_(True)
+    h = F.relu(F.conv2d(x[:1], convs[0].weight * (a * torch.stack([convs[0].mask(t).float() for t in range(3)])).sum(0)))
+    out = F.conv2d(h, convs[1].weight * (a * torch.stack([convs[1].mask(t).float() for t in range(3)])).sum(0))
+    (g_ref,) = torch.autograd.grad(out.logsumexp(1).sum(), a)
+    assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_multitask_bn_and_freezing_helpers():
+    bn = compat.MultitaskNonAffineBN(4, num_tasks=2)
+    conv = compat.FastMultitaskMaskConv(3, 4, 3, padding=1, num_tasks=2, bias=False)
+    model = nn.Sequential(conv, bn)
+    x = torch.randn(8, 3, 5, 5) * 3 + 1
+    for t in range(2):
+        compat.set_model_task(model, t, verbose=False)
+        model.train()
+        model(x + t)
+    assert not torch.allclose(bn.bns[0].running_mean, bn.bns[1].running_mean)
+    compat.set_model_task(model, 1, verbose=False)
+    compat.freeze_model_scores(model, 1)
+    assert not any(p.requires_grad for p in model.parameters())
+    compat.unfreeze_model_scores(model, 1)
+    compat.freeze_model_scores(model, 0)  # a packed task: nothing to freeze, no error
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.scores.1"]
+    compat.set_num_tasks_learned(model, 2)
+    compat.set_model_task(model, -1, verbose=False)
+    compat.set_alphas(model, torch.ones(2, 1, 1, 1, 1) / 2, verbose=False)
+    before = bn.bns[1].running_mean.clone()
+    y = model(x)
+    assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(4), atol=1e-4)  # batch statistics
+    assert torch.equal(bn.bns[1].running_mean, before)
+
+
+def test_state_dict_round_trip_and_official_checkpoint(tmp_path):
+    torch.manual_seed(5)
+    ref = nn.Sequential(FloatMultitaskMaskLinear(50, 20, num_tasks=3, bias=False), nn.ReLU(),
+                        FloatMultitaskMaskLinear(20, 10, num_tasks=3, bias=False))
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, FloatMultitaskMaskLinear):
+                for s in m.scores:
+                    s.normal_()
+                m.cache_masks()
+    path = tmp_path / "final.pt"
+    sd = {f"module.{k}": v for k, v in ref.state_dict().items()}  # saved from nn.DataParallel
+    torch.save({"epoch": 1, "state_dict": sd, "args": argparse.Namespace(num_tasks=3, sparsity=0.5)}, path)
+    ours = nn.Sequential(compat.MultitaskMaskLinear(50, 20, num_tasks=3, bias=False), nn.ReLU(),
+                         compat.MultitaskMaskLinear(20, 10, num_tasks=3, bias=False))
+    compat.load_official_checkpoint(ours, path)
+    x = torch.randn(5, 50)
+    for t in range(3):
+        for r, o in ((ref[0], ours[0]), (ref[2], ours[2])):
+            assert torch.equal(o.mask(t), r.scores[t] >= 0)
+            assert len(o.scores) == 0
+        compat.set_model_task(ours, t, verbose=False)
+        for m in (ref[0], ref[2]):
+            m.task = t
+        with torch.no_grad():
+            assert torch.allclose(ours(x), ref(x), atol=1e-5)
+    # our own state_dict carries the bits; a fresh model loads it
+    fresh = nn.Sequential(compat.MultitaskMaskLinear(50, 20, num_tasks=3, bias=False), nn.ReLU(),
+                          compat.MultitaskMaskLinear(20, 10, num_tasks=3, bias=False))
+    fresh.load_state_dict(ours.state_dict())
+    compat.set_model_task(fresh, 2, verbose=False)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), ours(x))
+    # and back to the official layout
+    out = tmp_path / "export.pt"
+    compat.save_official_checkpoint(ours, out)
+    back = nn.Sequential(FloatMultitaskMaskLinear(50, 20, num_tasks=3, bias=False), nn.ReLU(),
+                         FloatMultitaskMaskLinear(20, 10, num_tasks=3, bias=False))
+    for m in (back[0], back[2]):
+        m.cache_masks()  # registers the float layer's `stacked` buffer to load into
+    back.load_state_dict(torch.load(out)["state_dict"])
+    for t in range(3):
+        assert torch.equal(back[0].scores[t] >= 0, ref[0].scores[t] >= 0)
+        assert torch.equal(back[2].stacked[t], ref[2].stacked[t])
+
+
+def test_bad_input():
+    m = compat.MultitaskMaskLinear(10, 4, num_tasks=2)
+    with pytest.raises(ValueError, match="task must be < num_tasks"):
+        m.task = 2
+    with pytest.raises(TypeError, match="task must be an int"):
+        m.task = 0.5
+    m.task = 0
+    m.task = -1
+    with pytest.raises(RuntimeError, match="num_tasks_learned"):
+        m(torch.randn(1, 10))
+    m.num_tasks_learned = 1
+    with pytest.raises(RuntimeError, match="alphas is not set"):
+        m(torch.randn(1, 10))
+    m.alphas = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="alphas must have shape"):
+        m(torch.randn(1, 10))
+    with pytest.raises(ValueError, match="num_tasks must be an int"):
+        compat.MultitaskMaskLinear(10, 4, num_tasks=0)
+    with pytest.raises(ValueError, match="num_tasks is not set"):
+        compat.MultitaskMaskConv(3, 4, 1)
+    with pytest.raises(ValueError, match="sparsity"):
+        compat.configure(sparsity=1.5)
+    with pytest.raises(TypeError, match="alphas must be a torch.Tensor"):
+        compat.set_alphas(m, [0.5, 0.5])
+    with pytest.raises(ValueError, match="path"):
+        compat.load_official_checkpoint(m, "/nonexistent/final.pt")
+    with pytest.raises(RuntimeError, match="no task set"):
+        compat.MultitaskMaskLinear(10, 4, num_tasks=2)(torch.randn(1, 10))
