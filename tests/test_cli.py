@@ -33,12 +33,12 @@ def test_yaml_preset_with_flag_override(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--data-root", "/nonexistent/mnist"], "--data-root /nonexistent/mnist is not a folder"),
     (["--output-size", "5"], "--output-size 5 is smaller than the 10 labels"),
-    (["--tasks", "0"], "--tasks must be a positive int"),
+    (["--tasks", "0"], "--tasks (YAML key tasks) must be a positive int"),
     (["--benchmark", "split-mnist", "--tasks", "9"], "SplitMNIST has 5 tasks"),
-    (["--backend", "nope"], "unknown backend 'nope'"),
+    (["--backend", "nope"], "--backend (YAML key backend) must be one of"),
     (["--scenario", "NNs", "--benchmark", "split-cifar100", "--model", "gemresnet18"], "NNs needs an MLP"),
     (["--inference", "hopfield"], "--inference hopfield (HopSupSup) goes with --model bnnet"),
-    (["--mask-budget", "0"], "--mask-budget must be a positive int"),
+    (["--mask-budget", "0"], "--mask-budget (YAML key mask_budget) must be a positive int"),
     (["--benchmark", "split-imagenet", "--model", "resnet50"], "split-imagenet needs --data-root"),
 ])
 def test_clear_errors(tmp_path, capsys, args, message):

@@ -6,6 +6,7 @@ import torch
 from supsup_fast.algorithms import experiment as exp_mod
 from supsup_fast.algorithms.experiment import RunDirError, evaluate_run, run_experiment
 from supsup_fast.config import load_yaml, make_config
+from supsup_fast import storage
 from supsup_fast.storage import MaskFileError
 
 def interrupt_after(monkeypatch, tasks: int):
@@ -74,8 +75,14 @@ def test_resume_refuses_changed_settings_and_corrupt_checkpoint(tmp_path):
     blob = bytearray(ck.read_bytes())
     blob[-1] ^= 1
     ck.write_bytes(bytes(blob))
-    with pytest.raises(MaskFileError, match="checksum"):
+    with pytest.raises(RunDirError, match=r"checksum.*task_00001.safetensors or pass --retrain-corrupt"):
         run_experiment(make_config(overrides=dict(SMALL, tasks=2, eval_at=[])), out, resume=True, progress=False)
+    first = (out / "checkpoints" / "task_00000.safetensors").read_bytes()
+    res = run_experiment(make_config(overrides=dict(SMALL, tasks=2, eval_at=[])), out, resume=True, progress=False,
+                         retrain_corrupt=True)
+    assert res["timing"]["tasks_resumed"] == 1  # task 1 retrained, task 0 kept as it was
+    assert (out / "checkpoints" / "task_00000.safetensors").read_bytes() == first
+    storage.read_mask_file(ck)
 
 
 def test_evaluate_run_under_other_scenarios(tmp_path):

@@ -1,0 +1,155 @@
+"""Run folders: identity of every mask file, one run per folder, resumes on the same data only,
+evaluation rows tied to their checkpoints, and failures that come early and in one line."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from supsup_fast import storage
+from supsup_fast.algorithms import experiment as exp_mod
+from supsup_fast.algorithms.experiment import RunDirError, evaluate_run, run_experiment
+from supsup_fast.algorithms.rundir import RunLock
+from supsup_fast.cli import main
+from supsup_fast.config import make_config
+from supsup_fast.storage import MaskFileError
+
+SMALL = dict(model="lenet", tasks=2, iters=30, train_subset=1000, lr=1e-3, output_size=100, eval_at=[])
+
+
+def run(out, resume=False, **changes):
+    return run_experiment(make_config(overrides=dict(SMALL, **changes)), out, resume=resume, progress=False)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    return out, run(out)
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    (dst / ".lock").unlink(missing_ok=True)
+    return dst
+
+
+def test_checkpoint_from_another_run_is_refused_on_resume(finished, tmp_path):
+    other = tmp_path / "other"
+    run(other, lr=5e-3)
+    mine = copy_run(finished[0], tmp_path / "mine")
+    shutil.copy(other / "checkpoints" / "task_00001.safetensors", mine / "checkpoints" / "task_00001.safetensors")
+    with pytest.raises(RunDirError, match=r"task_00001.safetensors belongs to another run: the settings that shape"):
+        run(mine, resume=True)
+
+
+def test_checkpoint_of_another_task_is_refused(finished, tmp_path):
+    mine = copy_run(finished[0], tmp_path / "mine")
+    ck = mine / "checkpoints"
+    shutil.copy(ck / "task_00000.safetensors", ck / "task_00001.safetensors")
+    with pytest.raises(RunDirError, match="task index differ"):
+        run(mine, resume=True)
+
+
+def test_evaluate_refuses_a_model_file_from_another_run(finished, tmp_path):
+    other = tmp_path / "other"
+    run(other, lr=5e-3)
+    mine = copy_run(finished[0], tmp_path / "mine")
+    shutil.copy(other / "model.safetensors", mine / "model.safetensors")
+    with pytest.raises(RunDirError, match="model.safetensors belongs to another run"):
+        evaluate_run(mine, {}, tmp_path / "eval", progress=False)
+
+
+def test_second_run_on_a_locked_folder_is_refused_with_the_holders_pid(finished, tmp_path):
+    mine = copy_run(finished[0], tmp_path / "mine")
+    lock = RunLock(mine).acquire()
+    try:
+        with pytest.raises(RunDirError, match=r"in use by another run \(pid \d+\)"):
+            run(mine, resume=True)
+    finally:
+        lock.release()
+    run(mine, resume=True)  # free again once the holder let go
+
+
+def test_resume_on_other_training_data_is_refused(finished, tmp_path, monkeypatch):
+    mine = copy_run(finished[0], tmp_path / "mine")
+    real = exp_mod.load_benchmark
+
+    def other_data(*args, **kw):
+        tasks = real(*args, **kw)
+        tasks.mnist.train_images = tasks.mnist.train_images.clone()
+        tasks.mnist.train_images[0, 14, 14] ^= 1
+        return tasks
+
+    monkeypatch.setattr(exp_mod, "load_benchmark", other_data)
+    with pytest.raises(RunDirError, match="the training data"):
+        run(mine, resume=True)
+
+
+def test_stale_progress_rows_are_recomputed(tmp_path):
+    out = tmp_path / "r"
+    first = run(out, tasks=3, eval_at=[2])
+    progress = json.loads((out / "progress.json").read_text())
+    row = next(r for r in progress["rows"] if r["tasks_learned"] == 2)
+    row["accuracy"] = [0.0, 0.0]  # as if computed from masks that are no longer there
+    row["masks_sha256"] = "0" * 64
+    (out / "progress.json").write_text(json.dumps(progress))
+    again = run(out, resume=True, tasks=3, eval_at=[2])
+    assert again["accuracy_matrix"][0]["accuracy"] == first["accuracy_matrix"][0]["accuracy"]
+    # A row whose digest matches is reused, not recomputed.
+    progress = json.loads((out / "progress.json").read_text())
+    assert all(r["masks_sha256"] != "0" * 64 for r in progress["rows"])
+
+
+def test_corrupt_progress_file_is_named(finished, tmp_path):
+    mine = copy_run(finished[0], tmp_path / "mine")
+    (mine / "progress.json").write_text("{not json")
+    with pytest.raises(RunDirError, match=r"progress file .*progress.json is unreadable"):
+        run(mine, resume=True)
+
+
+def test_model_file_is_written_before_the_final_evaluation(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+
+    def crash(self, k, desc):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exp_mod.Experiment, "_evaluate_all", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(out)
+    monkeypatch.undo()
+    assert storage.load_model(out / "model.safetensors") is not None
+    res = evaluate_run(out, {}, tmp_path / "eval", progress=False)  # the masks are usable from the CLI
+    assert len(res["per_task_accuracy"]) == 2
+
+
+def test_tampered_metadata_with_a_recomputed_checksum_is_a_mask_file_error(finished, tmp_path):
+    from safetensors.torch import save_file
+    src = finished[0] / "model.safetensors"
+    tensors, meta = storage.read_mask_file(src)
+    for key, value in (("first_task", "zero"), ("layout", None), ("model_spec", json.dumps({"name": "nope"}))):
+        bad = dict(meta)
+        if value is None:
+            del bad[key]
+        else:
+            bad[key] = value
+        bad["checksum"] = storage._checksum(tensors, {k: v for k, v in bad.items() if k != "checksum"})
+        path = tmp_path / f"{key}.safetensors"
+        save_file(tensors, str(path), metadata=bad)
+        with pytest.raises(MaskFileError, match=key if value is None else ("malformed" if key == "first_task" else "model_spec")):
+            storage.load_model(path)
+
+
+@pytest.mark.parametrize("setup,args,message", [
+    ("file", [], "is a file, not a folder"),
+    (None, ["--device", "cuda"], "sees no CUDA GPU"),
+])
+def test_one_line_errors_before_any_data_is_loaded(tmp_path, capsys, monkeypatch, setup, args, message):
+    if args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("x")
+    out = blocker / "run" if setup == "file" else tmp_path / "run"
+    monkeypatch.setattr(exp_mod, "load_benchmark", lambda *a, **k: pytest.fail("data loaded before the check"))
+    code = main(["run", "--tasks", "1", "--iters", "1", "--out", str(out), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
