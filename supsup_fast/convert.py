@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Sequence, Tuple, Type, Union
 import torch
 from torch import nn
 
+from . import ops
 from .nn import MultitaskBatchNorm, SupermaskConv2d, SupermaskLinear
 
 WEIGHT_MODES = ("keep", "signed_constant", "kaiming_normal")
@@ -33,6 +34,17 @@ class FrozenAffine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+class CompilableSupermaskLinear(SupermaskLinear):
+    """SupermaskLinear whose single-task forward also traces under ``torch.compile(fullgraph=True)``:
+    the signed-constant 2-bit path reads its scale as a Python float from the weight, which a trace
+    cannot, so while compiling the general packed-mask op is used (same result)."""
+
+    def _masked(self, x, words):
+        if torch.compiler.is_compiling():
+            return ops.masked_linear(x, self.weight, words, self.bias)
+        return super()._masked(x, words)
 
 
 def _selectors(name: str, value) -> Tuple[Selector, ...]:
@@ -70,7 +82,7 @@ def _mask_layer(name: str, m: nn.Module, weights: str, seed: int, mask_fn: str, 
     has_bias = keep and m.bias is not None  # re-initialised layers have no bias, as in the paper
     kw = dict(init=init, mask_fn=mask_fn, density=density, seed=seed, device=m.weight.device, dtype=m.weight.dtype)
     if isinstance(m, nn.Linear):
-        new = SupermaskLinear(m.in_features, m.out_features, bias=has_bias, **kw)
+        new = CompilableSupermaskLinear(m.in_features, m.out_features, bias=has_bias, **kw)
     else:
         new = SupermaskConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, _padding(name, m), m.dilation,
                               m.groups, bias=has_bias, **kw)

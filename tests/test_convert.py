@@ -1,0 +1,130 @@
+"""supsup_fast.convert on a small CNN defined here: two tasks trained, one-shot inference,
+torch.compile of the converted model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import supsup_fast as ss
+from supsup_fast import nn as snn
+from supsup_fast.algorithms.inference import infer_oneshot
+from supsup_fast.convert import FrozenAffine
+from supsup_fast.data import load_benchmark
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16),
+                                      nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(16 * 7 * 7, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x.view(-1, 1, 28, 28)).flatten(1))
+
+
+def test_keep_mode_masks_the_existing_weights_on_a_copy():
+    cnn = SmallCNN()
+    model = ss.convert(cnn)  # weights="keep": Piggyback-style
+    assert isinstance(cnn.features[0], nn.Conv2d)  # the original is untouched
+    conv, fc = model.features[0], model.fc
+    assert isinstance(conv, snn.SupermaskConv2d) and isinstance(fc, snn.SupermaskLinear)
+    assert torch.equal(conv.weight, cnn.features[0].weight) and torch.equal(conv.bias, cnn.features[0].bias)
+    assert isinstance(model.features[1][0], snn.MultitaskBatchNorm) and isinstance(model.features[1][1], FrozenAffine)
+    assert list(model.parameters()) == []  # weights are frozen buffers; scores come with begin_task
+    snn.begin_task(model)
+    with torch.no_grad():  # all-ones scores: the mask keeps every weight, so the output is the network's
+        for layer in snn.supermask_layers(model).values():
+            layer.scores.fill_(1.0)
+    model.eval(), cnn.eval()
+    x = torch.randn(4, 784)
+    with torch.no_grad():  # a fresh BN's running stats are 0 / 1, as a new task's: same network
+        assert torch.allclose(model(x), cnn(x), atol=1e-4)
+
+
+def test_reinit_mode_selection_and_freezing():
+    cnn = SmallCNN()
+    model = ss.convert(cnn, weights="signed_constant", exclude=["fc"], batchnorm=False, seed=3)
+    conv = model.features[0]
+    std = math.sqrt(2.0) / math.sqrt(conv.weight[0].numel())
+    assert torch.allclose(conv.weight.abs(), torch.full_like(conv.weight, std)) and conv.bias is None
+    assert isinstance(model.fc, nn.Linear) and not model.fc.weight.requires_grad
+    assert isinstance(model.features[1], nn.BatchNorm2d)
+    only = ss.convert(cnn, include=[nn.Linear], weights="kaiming_normal")
+    assert isinstance(only.fc, snn.SupermaskLinear) and isinstance(only.features[0], nn.Conv2d)
+    by_name = ss.convert(cnn, include="features.*", mask_fn="topk", density=0.3)
+    assert isinstance(by_name.features[3], snn.SupermaskConv2d) and isinstance(by_name.fc, nn.Linear)
+    inplace = ss.convert(cnn, inplace=True)
+    assert inplace is cnn and isinstance(cnn.fc, snn.SupermaskLinear)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="module must be an nn.Module"):
+        ss.convert("resnet")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        ss.convert(SmallCNN(), weights="pretrained-ish")
+    with pytest.raises(TypeError, match="include must hold"):
+        ss.convert(SmallCNN(), include=[3])
+    with pytest.raises(ValueError, match="nothing to convert"):
+        ss.convert(SmallCNN(), include=["nope.*"])
+    with pytest.raises(ValueError, match="padding_mode"):
+        ss.convert(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")))
+    with pytest.raises(ValueError, match="single layer"):
+        ss.convert(nn.Linear(3, 4))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    bench = load_benchmark("permuted-mnist", 2, seed=0)
+    model = ss.convert(SmallCNN(), weights="signed_constant", seed=0)
+    for task in range(2):
+        snn.begin_task(model)
+        opt = torch.optim.RMSprop(snn.task_parameters(model), lr=1e-3)
+        model.train()
+        gen = torch.Generator().manual_seed(task)
+        for i, (x, y) in enumerate(bench.train(task).batches(64, shuffle=True, generator=gen)):
+            if i == 40:
+                break
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        snn.finish_task(model)
+    model.eval()
+    return model, bench
+
+
+def test_two_tasks_trained_and_inferred_one_shot(trained):
+    model, bench = trained
+    assert snn.num_tasks(model) == 2 and snn.mask_bytes(model) > 0
+    for task in range(2):
+        snn.set_task(model, task)
+        x, y = bench.test(task).batch(torch.arange(500))
+        with torch.no_grad():
+            assert float((model(x).argmax(1) == y).float().mean()) > 0.6
+    hits = 0
+    for task in range(2):
+        for j in range(4):
+            x, _ = bench.test(task).batch(torch.arange(j * 16, (j + 1) * 16))
+            hits += infer_oneshot(model, x, "entropy") == task
+    assert hits >= 7
+
+
+def test_torch_compile_of_the_converted_model(trained):
+    model, bench = trained
+    x, _ = bench.test(1).batch(torch.arange(8))
+    snn.set_task(model, 1)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)
+    alpha = torch.full((2,), 0.5, requires_grad=True)
+    with snn.superposition(model, alpha):
+        out = compiled(x)
+    (g,) = torch.autograd.grad(-(out.softmax(1) * out.log_softmax(1)).sum(1).mean(), alpha)
+    assert g.shape == (2,) and bool(torch.isfinite(g).all())
