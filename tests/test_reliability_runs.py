@@ -1,0 +1,254 @@
+"""Issue #16, behaviour checks for what the suite proved too little or not at all: forgetting /
+BWT values, conv nets with BN under superposition, a GNs run trained and scored, the superfluous
+objective and binary inference finding the task, `evaluate` errors, `demo`, `bench --quick`, a
+model file holding only some tasks, a Hopfield checkpoint from another model, GG and HopSupSup
+resumed between tasks."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import supsup_fast.nn as snn
+from supsup_fast import storage
+from supsup_fast.algorithms import experiment as exp_mod
+from supsup_fast.algorithms.experiment import evaluate_run, run_experiment
+from supsup_fast.algorithms.metrics import cl_metrics
+from supsup_fast.cli import main
+from supsup_fast.config import make_config
+from supsup_fast.models import build_model
+from supsup_fast.nn.batchnorm import MultitaskBatchNorm
+from supsup_fast.storage import MaskFileError
+
+SMALL = dict(model="lenet", tasks=3, iters=40, train_subset=1500, lr=1e-3, output_size=100)
+
+
+def interrupt_after(monkeypatch, module, tasks):
+    real = module.train_task
+    calls = []
+
+    def crashing(*args, **kw):
+        if len(calls) == tasks:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, "train_task", crashing)
+
+
+def banks(model):
+    return {n: l.bank.words.clone() for n, l in snn.supermask_layers(model).items()}
+
+
+# -- metrics --------------------------------------------------------------------------------------
+def test_forgetting_and_backward_transfer_on_a_hand_computed_example():
+    after = [0.90, 0.80, 0.70]        # R[j], right after training task j
+    final = [0.85, 0.60, 0.70]        # F[j], at the end
+    history = [[0.95, 0.70]]          # an eval_at point after 2 tasks: task 0 was best there
+    m = cl_metrics(after, final, history)
+    # BWT = ((0.85 - 0.90) + (0.60 - 0.80)) / 2; forgetting = ((0.95 - 0.85) + (0.80 - 0.60)) / 2
+    assert m["backward_transfer"] == pytest.approx(-0.125)
+    assert m["forgetting"] == pytest.approx(0.15)
+    assert cl_metrics(after, final) == pytest.approx({"backward_transfer": -0.125, "forgetting": 0.125})
+    assert cl_metrics([0.5], [0.4]) == {"backward_transfer": 0.0, "forgetting": 0.0}
+    assert cl_metrics([0.5, 0.5], [0.7, 0.1])["backward_transfer"] == pytest.approx(0.2)  # the last task never counts
+
+
+# -- conv nets and BatchNorm under superposition ----------------------------------------------------
+@pytest.fixture(scope="module")
+def conv_net():
+    torch.manual_seed(0)
+    model = build_model("gemresnet18", 10, seed=2)
+    for t in range(3):
+        snn.begin_task(model, generator=torch.Generator().manual_seed(t))
+        model.train()
+        with torch.no_grad():  # give each task its own BN statistics
+            model(torch.randn(8, 3, 32, 32) * (t + 1))
+        snn.finish_task(model)
+    model.eval()
+    return model
+
+
+def test_conv_net_superposition_of_one_task_is_that_task_with_batch_statistics(conv_net, monkeypatch):
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        superposed = []
+        for t in range(3):
+            with snn.superposition(conv_net, F.one_hot(torch.tensor(t), 3).float()):
+                superposed.append(conv_net(x))
+        with snn.superposition(conv_net, torch.full((3,), 1 / 3), uniform=True):
+            uniform_cached = conv_net(x)
+        with snn.superposition(conv_net, torch.full((3,), 1 / 3)):
+            uniform_general = conv_net(x)
+        snn.set_task(conv_net, 1)
+        own_stats = conv_net(x)
+        # Superposed BN normalises with the batch's own statistics; so does this reference:
+        monkeypatch.setattr(MultitaskBatchNorm, "forward",
+                            lambda self, h: F.batch_norm(h, None, None, None, None, True, 0.0, self.eps))
+        single = []
+        for t in range(3):
+            snn.set_task(conv_net, t)
+            single.append(conv_net(x))
+    for t in range(3):
+        torch.testing.assert_close(superposed[t], single[t], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(superposed[0], superposed[1])  # the masks differ
+    assert not torch.allclose(own_stats, single[1], atol=1e-3)  # task mode uses the task's own BN stats
+    torch.testing.assert_close(uniform_cached, uniform_general, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_net_alpha_gradient_is_finite_and_per_task(conv_net):
+    from supsup_fast.algorithms.inference import alpha_gradient
+    g = alpha_gradient(conv_net, torch.randn(2, 3, 32, 32), "entropy", 10)
+    assert g.shape == (3,) and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+# -- a trained GNu run, evaluated under other settings ---------------------------------------------
+@pytest.fixture(scope="module")
+def gnu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gnu") / "run"
+    res = run_experiment(make_config(overrides=SMALL), out, progress=False)
+    return out, res
+
+
+def test_gns_run_trained_and_scored(tmp_path):
+    gns = run_experiment(make_config(overrides=dict(SMALL, scenario="GNs")), tmp_path / "gns", progress=False)
+    gg = evaluate_run(tmp_path / "gns", {"scenario": "GG"}, tmp_path / "gg", progress=False)
+    assert gns["config"]["scenario"] == "GNs" and gns["task_inference_accuracy"] >= 0.9
+    assert gns["average_accuracy"] > 0.7  # chance is 0.1
+    # GNs differs from GG only on the batches whose task was inferred wrong.
+    assert abs(gns["average_accuracy"] - gg["average_accuracy"]) <= 1 - gns["task_inference_accuracy"] + 1e-9
+    if gns["task_inference_accuracy"] == 1.0:
+        assert gns["per_task_accuracy"] == gg["per_task_accuracy"]
+
+
+def test_superfluous_objective_and_binary_inference_find_the_task(gnu_run, tmp_path):
+    out, gnu = gnu_run
+    gg = evaluate_run(out, {"scenario": "GG"}, tmp_path / "gg", progress=False)
+    for overrides in ({"objective": "superfluous"}, {"inference": "binary"},
+                      {"inference": "binary", "infer_images": 16, "log_base": 3.0}):
+        r = evaluate_run(out, overrides, tmp_path / "_".join(map(str, overrides.values())), progress=False)
+        assert r["task_inference_accuracy"] >= 0.9, overrides
+        assert abs(r["average_accuracy"] - gg["average_accuracy"]) <= 1 - r["task_inference_accuracy"] + 1e-9
+        assert r["config"][list(overrides)[0]] == list(overrides.values())[0]
+
+
+def test_evaluate_errors_are_one_line(gnu_run, tmp_path, capsys):
+    out, _ = gnu_run
+    cases = [([str(tmp_path / "nothing")], "not a finished run"),
+             ([str(out), "--log-base", "1"], "--log-base"),
+             ([str(out), "--infer-images", "0"], "--infer-images"),
+             ([str(out), "--backend", "nope"], "--backend")]
+    for argv, needle in cases:
+        assert main(["evaluate", *argv, "--out", str(tmp_path / "ev"), "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_model_file_holding_only_some_tasks(gnu_run, tmp_path):
+    out, _ = gnu_run
+    model = storage.load_model(out / "model.safetensors")
+    storage.save_masks(model, tmp_path / "first2.safetensors", first_task=0, end_task=2)
+    part = storage.load_model(tmp_path / "first2.safetensors")
+    assert snn.num_tasks(part) == 2
+    for name, words in banks(part).items():
+        assert torch.equal(words, snn.supermask_layers(model)[name].bank.words[:2])
+    storage.save_masks(model, tmp_path / "last.safetensors", first_task=2, end_task=3)
+    with pytest.raises(MaskFileError, match="starts at task 2"):
+        storage.load_model(tmp_path / "last.safetensors")
+    # The tail appended to the two-task model completes it, bit for bit.
+    storage.load_masks(part, tmp_path / "last.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(banks(part).values(), banks(model).values()))
+    with pytest.raises(MaskFileError):
+        storage.load_masks(part, tmp_path / "last.safetensors")  # task 2 again: not the next task
+
+
+@pytest.mark.xfail(strict=True, reason="run layer (experiment.evaluate_run): a model.safetensors with the run's "
+                   "identity but only 2 of its 3 tasks is evaluated, then fails in the plot with matplotlib's "
+                   "'x and y must have same first dimension' instead of naming the missing tasks")
+def test_evaluate_refuses_a_run_whose_model_file_lacks_tasks(gnu_run, tmp_path):
+    """The run's own identity copied into a file that holds only 2 of its 3 tasks."""
+    out, _ = gnu_run
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    meta = storage.read_metadata(out / "model.safetensors")
+    extra = storage.parse_metadata(out / "model.safetensors", meta)[4]
+    model = storage.load_model(run / "model.safetensors")
+    storage.save_masks(model, run / "model.safetensors", first_task=0, end_task=2, extra=extra)
+    with pytest.raises(ValueError, match=r"model.safetensors.*\b(2|3)\b.*task|task.*model.safetensors"):
+        evaluate_run(run, {}, tmp_path / "ev", progress=False)
+
+
+# -- resume -----------------------------------------------------------------------------------------
+def test_gg_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    cfg = make_config(overrides=dict(SMALL, scenario="GG", benchmark="split-mnist", output_size=None))
+    full = run_experiment(cfg, tmp_path / "full", progress=False)
+    interrupt_after(monkeypatch, exp_mod, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    resumed = run_experiment(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert resumed["timing"]["tasks_resumed"] == 2
+    assert resumed["per_task_accuracy"] == full["per_task_accuracy"] and resumed["task_inference_accuracy"] is None
+    assert resumed["average_accuracy"] > 0.8
+    a = storage.load_model(tmp_path / "full" / "model.safetensors")
+    b = storage.load_model(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(x, y) for x, y in zip(banks(a).values(), banks(b).values()))
+
+
+HOP = dict(scenario="GNu", benchmark="split-mnist-10", model="bnnet", inference="hopfield", output_size=10, tasks=2,
+           test_batch_size=64, hop_recovery_trials=1, train_subset=1000)
+
+
+def test_hopsupsup_resumed_between_tasks_gives_the_same_recovery(tmp_path, monkeypatch):
+    from supsup_fast.algorithms import hopsupsup_run
+    cfg = make_config(overrides=HOP)
+    full = run_experiment(cfg, tmp_path / "full", progress=False)
+    interrupt_after(monkeypatch, hopsupsup_run, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    resumed = run_experiment(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert resumed["timing"]["tasks_resumed"] == 1
+    for key in ("accuracy_after_training", "per_task_accuracy", "task_inference_accuracy"):
+        assert resumed[key] == full[key], key
+    assert resumed["hopsupsup"]["recovered_exactly"] == full["hopsupsup"]["recovered_exactly"]
+    assert resumed["hopsupsup"]["first_exact_step"] == full["hopsupsup"]["first_exact_step"]
+    assert min(full["accuracy_after_training"]) > 0.8  # the preset's training settings (the defaults here) learn
+
+
+def test_hopfield_checkpoint_from_another_model_is_refused(tmp_path):
+    from supsup_fast.algorithms.hopsupsup_run import _load, _save
+    from supsup_fast.algorithms.hopsupsup import mask_layers
+    model = build_model("bnnet", 10, seed=1)
+    masks = [torch.rand(l.num_features) < 0.5 for l in mask_layers(model)]
+    _save(tmp_path / "hop.safetensors", model, [masks], {"tasks_done": 1, "accuracy_after_training": [0.9],
+                                                         "train_seconds": 1.0})
+    extra, true_masks = _load(tmp_path / "hop.safetensors", build_model("bnnet", 10, seed=1))
+    assert extra["tasks_done"] == 1 and all(torch.equal(a, b) for a, b in zip(true_masks[0], masks))
+    for other in (build_model("bnnet", 10, seed=2), build_model("bnnet", 12, seed=1)):
+        with pytest.raises(MaskFileError, match="not a Hopfield checkpoint of this model"):
+            _load(tmp_path / "hop.safetensors", other)
+
+
+# -- CLI: demo and bench ------------------------------------------------------------------------------
+def test_demo_runs_the_demo_settings(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--tasks", "2", "--iters", "30", "--train-subset", "1000", "--lr", "1e-3",
+                 "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    cfg = res["config"]
+    assert (cfg["scenario"], cfg["benchmark"], cfg["model"], cfg["output_size"]) == ("GNu", "permuted-mnist", "lenet", 100)
+    assert len(res["per_task_accuracy"]) == 2 and res["average_accuracy"] > 0.5
+    assert "average accuracy" in capsys.readouterr().out
+
+
+def test_bench_quick_from_the_cli(tmp_path, monkeypatch):
+    import supsup_fast.bench as bench
+    monkeypatch.setattr(bench, "read_bandwidth", lambda: 1e10)
+    calls = []
+    real = bench.run_report
+    monkeypatch.setattr(bench, "run_report", lambda out, quick, backend: calls.append((out, quick, backend)) or {})
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--backend", "reference"]) == 0
+    assert calls == [(tmp_path, True, "reference")]
+    assert real is not bench.run_report
