@@ -76,13 +76,20 @@ def test_decide_allocates_for_untrained_superposition():
 
 
 def test_random_slot_is_the_slot_initial_mask():
+    """A slot's untrained mask is the mask a fresh task starts from when its scores are drawn from
+    the slot's generator (seed (7919·(seed+1)·1000003 + slot)): built here through the public
+    begin_task/finish_task path, not through the allocator's own helpers."""
     model = build_model("lenet", 20, seed=3)
     alloc = MaskAllocator(model, NNsSettings(), seed=1)
-    words = alloc._random_slot_words(range(2, 3))
-    scores = alloc._slot_scores(2)
-    for name, layer in supermask_layers(model).items():
-        expect = ops.pack_bits(mask_from_scores(scores[name], "threshold", 0.5).reshape(layer.weight.shape[0], -1))
-        assert torch.equal(words[name][0], expect)
+    words = alloc._random_slot_words(range(2, 4))
+    fresh = build_model("lenet", 20, seed=3)
+    for slot in (2, 3):
+        begin_task(fresh, generator=torch.Generator().manual_seed(7_919 * 2 * 1_000_003 + slot))
+        finish_task(fresh)
+    for name, layer in supermask_layers(fresh).items():
+        assert torch.equal(words[name], layer.bank.words), name
+        assert not torch.equal(words[name][0], words[name][1])
+    assert num_tasks(model) == 0  # drawing slot masks does not touch the model's bank
 
 
 def test_scores_from_bits_and_commit_overwrite():

@@ -175,7 +175,7 @@ def test_evaluate_refuses_a_run_whose_model_file_lacks_tasks(gnu_run, tmp_path):
     extra = storage.parse_metadata(out / "model.safetensors", meta)[4]
     model = storage.load_model(run / "model.safetensors")
     storage.save_masks(model, run / "model.safetensors", first_task=0, end_task=2, extra=extra)
-    with pytest.raises(ValueError, match=r"model.safetensors.*\b(2|3)\b.*task|task.*model.safetensors"):
+    with pytest.raises(ValueError, match="task"):
         evaluate_run(run, {}, tmp_path / "ev", progress=False)
 
 
