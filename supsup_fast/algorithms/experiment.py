@@ -246,7 +246,7 @@ class Experiment:
                 res = evaluate_task(self.model, self.tasks.test(t), t, self.eval_settings, device=self.device,
                                     num_labels=self.tasks.num_labels, seed=self.config.seed, on_batch=bar.update,
                                     expected=self._expected_mask(t))
-                local[t] = (res.accuracy, res.inferred_correctly)
+                local[t] = (res.accuracy, res.inferred_correctly, res.batches)
             bar.close()
             per_task = {t: r for part in gather_objects(self.ctx, local) for t, r in part.items()}
         accs = [per_task[t][0] for t in range(k)]
@@ -254,7 +254,7 @@ class Experiment:
         gg = self.config.scenario == "GG"
         return {"tasks_learned": k, "accuracy": accs, "task_inference": None if gg else inferred,
                 "average_accuracy": average(accs), "task_inference_accuracy": None if gg else average(inferred),
-                "seconds": time.perf_counter() - start}
+                "queries": sum(per_task[t][2] for t in range(k)), "seconds": time.perf_counter() - start}
 
     def _evaluate_sharded(self, k: int, bar_desc: str) -> Dict[int, tuple]:
         if k < self.ctx.world_size:
@@ -271,7 +271,7 @@ class Experiment:
         for t in range(k):
             res = evaluate_task_sharded(sharded, self.tasks.test(t), t, self.eval_settings, device=self.device,
                                         num_labels=self.tasks.num_labels, seed=self.config.seed, on_batch=bar.update)
-            out[t] = (res.accuracy, res.inferred_correctly)
+            out[t] = (res.accuracy, res.inferred_correctly, res.batches)
         bar.close()
         return out
 
@@ -440,6 +440,7 @@ class Experiment:
             "num_labels": self.tasks.num_labels,
             "timing": {"train": train_seconds, "eval": final["seconds"],
                        "eval_by_tasks_learned": {str(r["tasks_learned"]): r["seconds"] for r in rows},
+                       "eval_queries": final.get("queries"),
                        "tasks_resumed": resumed},
             "backend": backend_name,
             "distributed": {"world_size": self.ctx.world_size, "backend": self.ctx.backend, "parallel": self.parallel,
