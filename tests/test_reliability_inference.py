@@ -77,3 +77,24 @@ def test_infer_task_other_bad_inputs(model):
     empty = build_model("lenet", 100, seed=1)
     with pytest.raises(ValueError, match="at least one learned task"):
         infer_task(empty, torch.rand(2, 784))
+
+
+def test_evaluate_task_refuses_more_inference_images_than_a_batch(model):
+    from supsup_fast.algorithms.evaluation import EvalSettings, evaluate_task
+    from supsup_fast.data.tasks import TaskSplit
+    split = TaskSplit(torch.rand(40, 784), torch.zeros(40, dtype=torch.long), None)
+    with pytest.raises(ValueError, match="infer_images 20 exceeds the test batch size 16"):
+        evaluate_task(model, split, 0, EvalSettings(infer_images=20, batch_size=16), device=torch.device("cpu"),
+                      num_labels=10)
+    r = evaluate_task(model, split, 0, EvalSettings(infer_images=16, batch_size=16), device=torch.device("cpu"),
+                      num_labels=10)
+    assert r.batches == 3
+
+
+@pytest.mark.parametrize("field,value", [("recovery_lr", -5.0), ("recovery_lr", float("nan")), ("lr", 0.0),
+                                         ("gamma", float("inf")), ("test_batch_size", 0), ("epochs", True)])
+def test_hopsupsup_settings_refuse_bad_values(field, value):
+    from supsup_fast.algorithms.hopsupsup import HopSettings
+    with pytest.raises(ValueError, match=f"HopSupSup {field}"):
+        HopSettings(**{field: value})
+    HopSettings()

@@ -61,6 +61,11 @@ def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalS
         raise ValueError(f"scenario must be one of {SCENARIOS}, got {settings.scenario!r}")
     if settings.infer_images < 1:
         raise ValueError(f"infer_images must be >= 1, got {settings.infer_images}")
+    if settings.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {settings.batch_size}")
+    if settings.scenario != "GG" and settings.infer_images > settings.batch_size:
+        raise ValueError(f"infer_images {settings.infer_images} exceeds the test batch size {settings.batch_size}: "
+                         f"the task is inferred from images of one test batch")
     model.eval()
     expected = task if expected is None else expected
     correct = total = right_task = batches = 0

@@ -37,6 +37,21 @@ class HopSettings:
     gamma: float = 1.5e-3
     test_batch_size: int = 64
 
+    def __post_init__(self):
+        import math
+        for name in ("epochs", "batch_size", "test_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"HopSupSup {name} must be a positive int, got {v!r}")
+        for name in ("lr", "recovery_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"HopSupSup {name} must be a finite number > 0, got {v!r}")
+        for name in ("momentum", "weight_decay", "recovery_momentum", "recovery_weight_decay", "gamma"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"HopSupSup {name} must be a finite number >= 0, got {v!r}")
+
 
 def mask_layers(model: nn.Module) -> List[NeuronMaskBatchNorm]:
     layers = [m for m in model.modules() if isinstance(m, NeuronMaskBatchNorm)]
