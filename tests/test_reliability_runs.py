@@ -252,3 +252,33 @@ def test_bench_quick_from_the_cli(tmp_path, monkeypatch):
     assert main(["bench", "--quick", "--out", str(tmp_path), "--backend", "reference"]) == 0
     assert calls == [(tmp_path, True, "reference")]
     assert real is not bench.run_report
+
+
+def test_resume_accepts_changed_evaluation_settings_only(tmp_path, monkeypatch):
+    cfg = make_config(overrides=SMALL)
+    interrupt_after(monkeypatch, exp_mod, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="lr"):
+        run_experiment(make_config(overrides=dict(SMALL, lr=5e-3)), tmp_path / "run", resume=True, progress=False)
+    changed = make_config(overrides=dict(SMALL, objective="superfluous", inference="binary", infer_images=8,
+                                         log_base=3.0, test_batch_size=100))
+    res = run_experiment(changed, tmp_path / "run", resume=True, progress=False)
+    assert res["timing"]["tasks_resumed"] == 2
+    assert (res["config"]["objective"], res["config"]["infer_images"], res["config"]["log_base"]) == ("superfluous", 8, 3.0)
+    assert res["task_inference_accuracy"] >= 0.9
+
+
+def test_ctrl_c_on_the_cli_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    interrupt_after(monkeypatch, exp_mod, 1)
+    out = tmp_path / "run"
+    argv = ["run", "--model", "lenet", "--tasks", "2", "--iters", "20", "--train-subset", "500", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    assert (out / "checkpoints" / "task_00000.safetensors").is_file()
+    monkeypatch.undo()
+    assert main(argv + ["--resume"]) == 0
+    assert len(json.loads((out / "results.json").read_text())["per_task_accuracy"]) == 2
