@@ -156,3 +156,15 @@ def test_killed_rank_loses_no_finished_task(single_run, tmp_path):
 def test_python_dash_m_is_the_cli():
     proc = subprocess.run([sys.executable, "-m", "supsup_fast", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "run" in proc.stdout and "evaluate" in proc.stdout
+
+
+def test_nns_runs_data_parallel_and_decides_as_one_process(tmp_path):
+    args = ["run", "--scenario", "NNs", "--model", "lenet", "--output-size", "100", "--tasks", "3", "--iters", "120",
+            "--train-subset", "1000", "--nns-check-every", "50", "--batch-size", "127", "--no-progress"]
+    ok(single(*args, "--out", str(tmp_path / "s")))
+    ok(torchrun(*args, "--out", str(tmp_path / "d")))  # 127 = 64 + 63 images per rank
+    a, b = results(tmp_path / "s"), results(tmp_path / "d")
+    assert b["distributed"]["parallel"] == "data"
+    assert a["nns"]["decisions"] == b["nns"]["decisions"]  # the same allocation decisions, all of them
+    assert_same_model(tmp_path / "s", tmp_path / "d")
+    assert a["per_task_accuracy"] == b["per_task_accuracy"]

@@ -66,8 +66,6 @@ def parallel_mode(config: RunConfig, ctx: DistContext) -> str:
         what = "NNs" if config.scenario == "NNs" else "--transfer"
         raise ValueError(f"--parallel task cannot run {what}: each task depends on the ones before it; "
                          f"use --parallel data (the default for it under torchrun)")
-    if config.scenario == "NNs":
-        raise ValueError("NNs under torchrun is not supported yet: run it in one process (supsup-fast run ...)")
     if config.parallel == "auto":
         return "data" if sequential else "task"
     return config.parallel
@@ -376,12 +374,13 @@ class Experiment:
             extra = storage.apply_mask_file(self.model, ckpt, tensors, meta)
             done, after, train_seconds = extra["true_tasks_done"], extra["accuracy_after_training"], extra["train_seconds"]
             state = AllocatorState.from_dict(extra["allocator"])
-        allocator = MaskAllocator(self.model, cfg.nns_settings(), cfg.seed, state)
+        allocator = MaskAllocator(self.model, cfg.nns_settings(), cfg.seed, state, ctx=self.ctx)
         self.nns_state = allocator.state
         with use_backend(cfg.backend):
             backend_name = backend_for(self.device).name
             progress_path = self.out / "progress.json"
-            rows = read_json(progress_path, "progress file").get("rows", []) if (self.resume and progress_path.exists()) else []
+            rows = self._on_main(lambda: read_json(progress_path, "progress file").get("rows", [])
+                                 if (self.resume and progress_path.exists()) else [])
             eval_points = sorted({k for k in cfg.eval_at if 1 <= k < cfg.tasks} | {cfg.tasks})
             task_bar = tqdm(range(cfg.tasks), desc=f"NNs {cfg.benchmark}", unit="true task", disable=not self.progress)
             task_bar.update(done)
@@ -401,23 +400,29 @@ class Experiment:
                                     device=self.device, num_labels=self.tasks.num_labels, seed=cfg.seed,
                                     expected=self._expected_mask(t))
                 after.append(own.accuracy)
-                storage.save_model(self.model, ckpt, extra={
+                self._on_main(lambda: storage.save_model(self.model, ckpt, extra={
                     "true_tasks_done": t + 1, "accuracy_after_training": after, "train_seconds": train_seconds,
-                    "allocator": allocator.state.to_dict(), "run_identity": self.identity()})
+                    "allocator": allocator.state.to_dict(), "run_identity": self.identity()}))
                 task_bar.update(1)
                 task_bar.set_postfix(masks=num_tasks(self.model), acc=f"{own.accuracy:.4f}")
-                if t + 1 in eval_points and not any(r["tasks_learned"] == t + 1 for r in rows):
+                if t + 1 in eval_points and t + 1 < cfg.tasks and not any(r["tasks_learned"] == t + 1 for r in rows):
                     rows.append(self._evaluate_all(t + 1, f"eval {t + 1} true tasks"))
-                    _write_json(progress_path, {"rows": rows})
+                    self._on_main(lambda: _write_json(progress_path, {"rows": rows}))
             allocator.finish()
+            self._on_main(lambda: storage.save_model(self.model, self.out / "model.safetensors",
+                                                     extra={**self._model_extra(after), **self._nns_extra()}))
             for k in eval_points:
                 if not any(r["tasks_learned"] == k for r in rows):
                     rows.append(self._evaluate_all(k, f"eval {k} true tasks"))
-                    _write_json(progress_path, {"rows": rows})
+                    self._on_main(lambda: _write_json(progress_path, {"rows": rows}))
             task_bar.close()
         results = self._results(after, rows, train_seconds, done, backend_name)
-        self._write_outputs(results)
+        self._on_main(lambda: self._write_outputs(results))
         return results
+
+    def _nns_extra(self) -> dict:
+        state = self.nns_state.to_dict()
+        return {"allocator": {k: state[k] for k in ("decisions", "batches_per_mask")}}
 
     def _results(self, after: List[float], rows: List[dict], train_seconds: float, resumed: int, backend_name: str) -> dict:
         cfg = self.config
@@ -460,10 +465,10 @@ class Experiment:
 
     def _write_outputs(self, results: dict) -> None:
         from ..report import write_csv, write_plot
-        if not (self.out / "model.safetensors").exists() or "nns" in results or "evaluated_from" in results:
+        if not (self.out / "model.safetensors").exists() or "evaluated_from" in results:
             extra = self._model_extra(results["accuracy_after_training"])
             if "nns" in results:
-                extra["allocator"] = {k: results["nns"][k] for k in ("decisions", "batches_per_mask")}
+                extra.update(self._nns_extra())
             storage.save_model(self.model, self.out / "model.safetensors", extra=extra)
         _write_json(self.out / "results.json", results)
         write_csv(results, self.out / "per_task.csv")

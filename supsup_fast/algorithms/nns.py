@@ -25,8 +25,10 @@ from torch import nn
 
 from ..data.tasks import TaskSplit
 from .. import ops
+from ..distributed import SINGLE, DistContext, all_reduce_mean_
 from ..nn import MultitaskBatchNorm, initial_scores, num_tasks, superposition, supermask_layers
 from ..nn.masks import mask_from_scores
+from .data_parallel import local_slice
 from .objectives import entropy
 from .training import TrainSettings, make_optimizer
 
@@ -81,13 +83,17 @@ class AllocatorState:
 class MaskAllocator:
     """Trains a model's masks under NNs, one true task's batches at a time."""
 
-    def __init__(self, model: nn.Module, settings: NNsSettings, seed: int, state: Optional[AllocatorState] = None):
+    def __init__(self, model: nn.Module, settings: NNsSettings, seed: int, state: Optional[AllocatorState] = None,
+                 ctx: DistContext = SINGLE):
         if any(isinstance(m, MultitaskBatchNorm) for m in model.modules()):
             raise ValueError("NNs needs a model without per-task BatchNorm (fc1024 or lenet): a reused mask "
                              "would have no per-mask BN statistics to continue from")
         if not supermask_layers(model):
             raise ValueError("NNs needs a model with supermask layers")
         self.model, self.settings, self.seed = model, settings.validate(), seed
+        # Under torchrun (data-parallel): every rank sees the same batches, trains on its slice of
+        # each, averages the score gradients, and takes every decision on all-reduced values.
+        self.ctx = ctx
         self.state = state or AllocatorState()
         self.layers = supermask_layers(model)
         self.current: Optional[int] = None
@@ -127,6 +133,7 @@ class MaskAllocator:
             with superposition(self.model, alpha):
                 logits = self.model(x)
             (grad,) = torch.autograd.grad(entropy(logits, logits.shape[1]), alpha)
+            grad = all_reduce_mean_(self.ctx, grad.detach().clone())  # every rank decides the same
         finally:
             for layer in self.layers.values():
                 layer.truncate_tasks(k)
@@ -203,9 +210,11 @@ class MaskAllocator:
                             opt.add_param_group({"params": group})
                         in_opt.add(id(group[0]))
                 if self.current is not None:
-                    loss = F.cross_entropy(self.model(xb), yb)
+                    loss = self._step_loss(xb, yb)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    for p in self._scores[self.current].values():
+                        all_reduce_mean_(self.ctx, p.grad)
                     opt.step()
                     last_loss = float(loss.detach())
                     counts[self.current] = counts.get(self.current, 0) + 1
@@ -217,6 +226,14 @@ class MaskAllocator:
         self._commit()
         self.model.eval()
         return {"steps": step, "final_loss": last_loss, "new_masks": new_masks}
+
+    def _step_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """The batch's mean cross-entropy; under torchrun this rank's share of it, scaled so that
+        the ranks' averaged gradient is the whole batch's (see algorithms/data_parallel.py)."""
+        if not self.ctx.enabled:
+            return F.cross_entropy(self.model(xb), yb)
+        part = local_slice(len(yb), self.ctx)
+        return F.cross_entropy(self.model(xb[part]), yb[part], reduction="sum") * (self.ctx.world_size / len(yb))
 
     def finish(self) -> None:
         """Commit the current mask and drop all float scores (masks stay as bits)."""
