@@ -115,8 +115,8 @@ def save_masks(model: nn.Module, path: Union[str, Path], first_task: int = 0, en
     atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_mask_file(path: Union[str, Path]) -> tuple:
-    """(tensors, metadata) of a verified file; raises MaskFileError if it is corrupt."""
+def _open(path: Union[str, Path], tensors: bool) -> tuple:
+    """(metadata, tensors or None) of a supsup_fast mask file, checked for format and version."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -125,7 +125,7 @@ def read_mask_file(path: Union[str, Path]) -> tuple:
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            data = {k: fh.get_tensor(k) for k in fh.keys()} if tensors else None
     except Exception as exc:  # safetensors raises its own error types for a damaged header/body
         raise MaskFileError(f"mask file {path} is corrupt or not a safetensors file: {exc}") from exc
     if metadata.get("format") != FORMAT:
@@ -133,27 +133,21 @@ def read_mask_file(path: Union[str, Path]) -> tuple:
     if metadata.get("format_version") != str(FORMAT_VERSION):
         raise MaskFileError(f"{path} has format version {metadata.get('format_version')}, this package reads "
                             f"version {FORMAT_VERSION}")
+    return metadata, data
+
+
+def read_mask_file(path: Union[str, Path]) -> tuple:
+    """(tensors, metadata) of a verified file; raises MaskFileError if it is corrupt."""
+    metadata, tensors = _open(path, tensors=True)
     if metadata.get("checksum") != _checksum(tensors, metadata):
         raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
     return tensors, metadata
 
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
-    """The metadata of a supsup_fast mask file without reading its tensors (not checksummed:
-    use read_mask_file before trusting the tensors)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise MaskFileError(f"mask file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-    except Exception as exc:
-        raise MaskFileError(f"mask file {path} is corrupt or not a safetensors file: {exc}") from exc
-    if metadata.get("format") != FORMAT:
-        raise MaskFileError(f"{path} is not a supsup_fast mask-bank file (format={metadata.get('format')!r})")
-    return metadata
+    """The metadata of a mask file without reading its tensors (not checksummed: use
+    read_mask_file before trusting the tensors)."""
+    return _open(path, tensors=False)[0]
 
 
 def load_masks(model: nn.Module, path: Union[str, Path], first_task: Optional[int] = None) -> dict:
