@@ -20,7 +20,7 @@ from ..data.tasks import TaskSplit
 from ..distributed import DistContext, ShardedSuperposition, all_reduce_sum, gather_objects
 from ..nn import num_tasks, set_task, superposition, supermask_layers
 from .evaluation import EvalSettings, TaskEval, test_order
-from .inference import supports_batched
+from .inference import alpha_gradients_batched, supports_batched
 from .objectives import get_objective
 
 
@@ -60,6 +60,15 @@ class ShardedModel:
         local = grad.detach().cpu()[:m] / self.sum.scale if m else grad.detach().cpu()[:0]
         return torch.cat(gather_objects(self.ctx, local))
 
+    def alpha_gradients_batched(self, xs: torch.Tensor, objective: str, num_labels: int) -> torch.Tensor:
+        """[q, total] α-gradients of q independent one-image queries (see
+        :func:`.inference.alpha_gradients_batched`): one sharded forward and backward for all of
+        them, so the collectives are per layer, not per query."""
+        self.sum.scale = self.local / self.total
+        with self.sum:
+            local = alpha_gradients_batched(self.model, xs, objective, num_labels).cpu()
+        return torch.cat(gather_objects(self.ctx, local), dim=1)
+
     def infer_oneshot(self, x: torch.Tensor, objective: str, num_labels: int) -> int:
         if self.total == 1:
             return 0
@@ -92,11 +101,20 @@ def evaluate_task_sharded(sharded: ShardedModel, split: TaskSplit, task: int, se
     model = sharded.model
     model.eval()
     correct = total = right_task = batches = 0
-    for xb, yb in split.batches(settings.batch_size, shuffle=True, generator=test_order(split, task, seed)):
-        xb, yb = xb.to(device), yb.to(device)
+    data = [(xb.to(device), yb.to(device))
+            for xb, yb in split.batches(settings.batch_size, shuffle=True, generator=test_order(split, task, seed))]
+    batched = None
+    if settings.scenario != "GG" and settings.inference == "oneshot" and settings.infer_images == 1 and sharded.total > 1:
+        with torch.enable_grad():  # every query of the task (first image of each batch) at once
+            grads = sharded.alpha_gradients_batched(torch.cat([xb[:1] for xb, _ in data]), settings.objective,
+                                                    num_labels)
+        batched = grads.argmin(1).tolist()
+    for xb, yb in data:
         batches += 1
         if settings.scenario == "GG":
             chosen = task
+        elif batched is not None:
+            chosen = batched[batches - 1]
         else:
             with torch.enable_grad():
                 chosen = sharded.infer(xb[: settings.infer_images], settings, num_labels)
