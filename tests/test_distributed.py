@@ -168,3 +168,39 @@ def test_nns_runs_data_parallel_and_decides_as_one_process(tmp_path):
     assert a["nns"]["decisions"] == b["nns"]["decisions"]  # the same allocation decisions, all of them
     assert_same_model(tmp_path / "s", tmp_path / "d")
     assert a["per_task_accuracy"] == b["per_task_accuracy"]
+
+
+BATCHED_CHECK = """
+import json, sys, torch
+from supsup_fast import storage
+from supsup_fast.algorithms.sharded import ShardedModel
+from supsup_fast.data import load_benchmark
+from supsup_fast.distributed import init_from_env, shard_range
+from supsup_fast.models import build_model
+run = sys.argv[1]
+ctx, _ = init_from_env("cpu")
+meta = storage.read_metadata(run + "/model.safetensors")
+model = build_model(**json.loads(meta["model_spec"]))
+own = shard_range(4, ctx)
+for t in own:
+    storage.load_masks(model, f"{run}/checkpoints/task_{t:05d}.safetensors", first_task=t)
+sharded = ShardedModel(model, ctx, own.start, 4)
+tasks = load_benchmark("permuted-mnist", 4, 1)
+xs = torch.cat([next(iter(tasks.test(t).batches(128, shuffle=False)))[0][:3] for t in range(4)])
+batched = sharded.alpha_gradients_batched(xs, "entropy", 10)
+one_by_one = torch.stack([sharded.alpha_gradients(xs[j:j + 1], "entropy", 10) for j in range(len(xs))])
+full = storage.load_model(run + "/model.safetensors")
+from supsup_fast.algorithms.inference import alpha_gradient
+single = torch.stack([alpha_gradient(full, xs[j:j + 1], "entropy", 10) for j in range(len(xs))])
+assert torch.allclose(batched, one_by_one, atol=1e-5), (batched - one_by_one).abs().max()
+assert torch.allclose(batched, single, atol=1e-5), (batched - single).abs().max()
+assert batched.argmin(1).tolist() == single.argmin(1).tolist()
+"""
+
+
+def test_sharded_alpha_gradients_equal_one_process(single_run, tmp_path):
+    script = tmp_path / "check.py"
+    script.write_text(BATCHED_CHECK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(single_run)]
+    ok(subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600))

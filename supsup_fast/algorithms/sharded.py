@@ -18,6 +18,7 @@ from torch import nn
 
 from ..data.tasks import TaskSplit
 from ..distributed import DistContext, ShardedSuperposition, all_reduce_sum, gather_objects
+from ..ops.registry import backend_for
 from ..nn import num_tasks, set_task, superposition, supermask_layers
 from .evaluation import EvalSettings, TaskEval, test_order
 from .inference import alpha_gradients_batched, supports_batched
@@ -104,7 +105,8 @@ def evaluate_task_sharded(sharded: ShardedModel, split: TaskSplit, task: int, se
     data = [(xb.to(device), yb.to(device))
             for xb, yb in split.batches(settings.batch_size, shuffle=True, generator=test_order(split, task, seed))]
     batched = None
-    if settings.scenario != "GG" and settings.inference == "oneshot" and settings.infer_images == 1 and sharded.total > 1:
+    if (settings.scenario != "GG" and settings.inference == "oneshot" and settings.infer_images == 1
+            and sharded.total > 1 and getattr(backend_for(device), "fast_batched_inference", False)):
         with torch.enable_grad():  # every query of the task (first image of each batch) at once
             grads = sharded.alpha_gradients_batched(torch.cat([xb[:1] for xb, _ in data]), settings.objective,
                                                     num_labels)
