@@ -159,3 +159,30 @@ def test_signed_masked_linear_checks_the_exact_feature_count(name, device, rng):
         # Words packed for 65 features pass with x of 65 features (zero pad bits).
         s65, m65 = (ss.pack_bits(torch.rand(6, 65, generator=rng) < 0.5).to(device) for _ in range(2))
         ops.signed_masked_linear(torch.randn(2, 65, device=device), s65, m65, 0.1, in_features=65)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_data_checks_do_not_break_cuda_graph_capture():
+    """The α and v checks are host syncs: inside a CUDA-graph capture they are skipped, so the
+    ops stay capturable (benchmarks/gpu_check.py times them in graphs)."""
+    g = torch.Generator().manual_seed(0)
+    bank = _bank(8, 16, 100, g).cuda()
+    v, alpha = torch.randn(16, 100, device="cuda"), torch.rand(8, device="cuda")
+    for name in ss.backends.available():
+        backend = ss.ops.registry._instance(name)
+        if not backend.supports(torch.device("cuda")):
+            continue
+        with ss.use_backend(name):
+            expect_dot, expect_sup = ops.mask_dot(bank, v), ops.superpose(bank, alpha, 100)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                ops.mask_dot(bank, v), ops.superpose(bank, alpha, 100)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                dot, sup = ops.mask_dot(bank, v), ops.superpose(bank, alpha, 100)
+            graph.replay()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(dot, expect_dot)
+            torch.testing.assert_close(sup, expect_sup)

@@ -98,9 +98,11 @@ def set_superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[to
                         f"{'' if not isinstance(alpha, torch.Tensor) else ' of dtype ' + str(alpha.dtype)}")
     if alpha.dim() != 1 or alpha.shape[0] != k:
         raise ValueError(f"alpha must have shape [{k}], got {tuple(alpha.shape)}")
-    if k and not bool(torch.isfinite(alpha.detach()).all()):
+    if ops.checks.capturing(alpha):
+        pass  # inside a CUDA-graph capture the data checks (host syncs) cannot run
+    elif k and not bool(torch.isfinite(alpha.detach()).all()):
         raise ValueError("alpha contains NaN or ±inf; the superposition coefficients must be finite")
-    if uniform and k:
+    if uniform and k and not ops.checks.capturing(alpha):
         # The layers then use their cached counts Σᵢ Mᵢ / k and never read alpha in the forward:
         # a non-uniform alpha would silently give the uniform superposition.
         a = alpha.detach()

@@ -55,9 +55,16 @@ def check_alpha(alpha: torch.Tensor, k: int) -> None:
         raise ValueError(f"alpha must have shape [k] = [{k}] to match the bank's {k} tasks, got {tuple(alpha.shape)}")
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on t's device: data checks (a host sync) are
+    skipped then, since they would fail the capture and could only see the capture-time values."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_no_nan_alpha(alpha: torch.Tensor) -> None:
-    """α must be finite: NaN and ±inf both make every output NaN. Checked by every op that takes α."""
-    if alpha.numel() and not bool(torch.isfinite(alpha).all()):
+    """α must be finite: NaN and ±inf both make every output NaN. Checked by every op that takes α
+    (not inside a CUDA-graph capture, see ``capturing``)."""
+    if alpha.numel() and not capturing(alpha) and not bool(torch.isfinite(alpha).all()):
         what = "NaN" if bool(torch.isnan(alpha).any()) else "±inf"
         raise ValueError(f"alpha contains {what}; the superposition coefficients must be finite")
 

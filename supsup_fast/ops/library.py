@@ -32,7 +32,8 @@ def _pick(device: torch.device, *sizes: int):
 
 
 def _finite(v: Tensor) -> bool:
-    return bool(torch.isfinite(v).all())
+    """Whether v is finite (True, unchecked, inside a CUDA-graph capture: the check is a host sync)."""
+    return checks.capturing(v) or bool(torch.isfinite(v).all())
 
 
 def _lead(bank: Tensor) -> int:
@@ -373,7 +374,7 @@ def _check_pad_bits(n: int, sign_words: Tensor, mask_words: Tensor) -> None:
     r = n % BITS_PER_WORD
     if r == 0 or mask_words.shape[0] == 0:
         return
-    if sign_words.is_cuda and torch.cuda.is_current_stream_capturing():
+    if checks.capturing(sign_words):
         return
     key = (sign_words.data_ptr(), sign_words._version, mask_words.data_ptr(), mask_words._version,
            tuple(mask_words.shape), n)
