@@ -41,7 +41,7 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _checksum(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> str:
+def checksum(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> str:
     h = hashlib.sha256()
     for key in sorted(metadata):
         if key != "checksum":
@@ -111,7 +111,7 @@ def save_masks(model: nn.Module, path: Union[str, Path], first_task: int = 0, en
         "weights_sha256": weights_digest(model),
         "extra": json.dumps(extra or {}, sort_keys=True),
     }
-    metadata["checksum"] = _checksum(tensors, metadata)
+    metadata["checksum"] = checksum(tensors, metadata)
     atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -139,7 +139,7 @@ def _open(path: Union[str, Path], tensors: bool) -> tuple:
 def read_mask_file(path: Union[str, Path]) -> tuple:
     """(tensors, metadata) of a verified file; raises MaskFileError if it is corrupt."""
     metadata, tensors = _open(path, tensors=True)
-    if metadata.get("checksum") != _checksum(tensors, metadata):
+    if metadata.get("checksum") != checksum(tensors, metadata):
         raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
     return tensors, metadata
 

@@ -162,9 +162,6 @@ def test_model_file_holding_only_some_tasks(gnu_run, tmp_path):
         storage.load_masks(part, tmp_path / "last.safetensors")  # task 2 again: not the next task
 
 
-@pytest.mark.xfail(strict=True, reason="run layer (experiment.evaluate_run): a model.safetensors with the run's "
-                   "identity but only 2 of its 3 tasks is evaluated, then fails in the plot with matplotlib's "
-                   "'x and y must have same first dimension' instead of naming the missing tasks")
 def test_evaluate_refuses_a_run_whose_model_file_lacks_tasks(gnu_run, tmp_path):
     """The run's own identity copied into a file that holds only 2 of its 3 tasks."""
     out, _ = gnu_run

@@ -132,7 +132,7 @@ def test_tampered_metadata_with_a_recomputed_checksum_is_a_mask_file_error(finis
             del bad[key]
         else:
             bad[key] = value
-        bad["checksum"] = storage._checksum(tensors, {k: v for k, v in bad.items() if k != "checksum"})
+        bad["checksum"] = storage.checksum(tensors, {k: v for k, v in bad.items() if k != "checksum"})
         path = tmp_path / f"{key}.safetensors"
         save_file(tensors, str(path), metadata=bad)
         with pytest.raises(MaskFileError, match=key if value is None else ("malformed" if key == "first_task" else "model_spec")):
@@ -153,3 +153,14 @@ def test_one_line_errors_before_any_data_is_loaded(tmp_path, capsys, monkeypatch
     code = main(["run", "--tasks", "1", "--iters", "1", "--out", str(out), "--no-progress", *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_hopfield_checkpoint_of_another_run_is_refused_on_resume(tmp_path):
+    hop = dict(model="bnnet", inference="hopfield", benchmark="split-mnist", tasks=2, epochs=1, train_subset=300,
+               iters=None, test_batch_size=64)
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_experiment(make_config(overrides=hop), a, progress=False)
+    run_experiment(make_config(overrides=dict(hop, lr=hop.get("lr", 0.1) * 0.5)), b, progress=False)
+    shutil.copy(b / "checkpoints" / "hopfield.safetensors", a / "checkpoints" / "hopfield.safetensors")
+    with pytest.raises(RunDirError, match="hopfield.safetensors belongs to another run"):
+        run_experiment(make_config(overrides=hop), a, resume=True, progress=False)

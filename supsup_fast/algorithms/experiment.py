@@ -500,6 +500,10 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     extra = storage.parse_metadata(model_path, meta)[4]
     check_identity(model_path, extra, {"settings_sha256": run_identity(config, "")["settings_sha256"]})
     after = extra["accuracy_after_training"]
+    held = int(meta["num_tasks"])
+    if config.scenario != "NNs" and not (held == len(after) == config.tasks):
+        raise RunDirError(f"{model_path} holds {held} tasks, but the run {run_dir} trained {config.tasks} "
+                          f"({len(after)} with accuracies recorded): the file is incomplete or from an unfinished run")
     sharded = config.shard_bank and ctx.enabled
     if sharded and config.scenario == "NNs":
         raise ValueError("--shard-bank does not apply to NNs runs (one checkpoint holds all masks)")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import storage
+from .rundir import check_identity
 from .hopsupsup import (HopSettings, accuracy, hopfield_bytes, mask_layers, recover_masks, set_masks, store_state,
                         train_task)
 
@@ -29,10 +31,12 @@ def _save(path, model, true_masks, extra) -> None:
         if true_masks:
             tensors[f"true_masks/{i}"] = torch.stack([m[i] for m in true_masks]).to(torch.uint8).cpu().contiguous()
     meta = {"format": "supsup_fast.hopfield", "spec": json.dumps(model.spec, sort_keys=True), "extra": json.dumps(extra)}
+    meta["checksum"] = storage.checksum(tensors, meta)
     storage.atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def _load(path, model):
+def _load(path, model, identity: Optional[dict] = None):
+    """Restore a checkpoint (of the run with ``identity``, checked before anything is changed)."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -42,7 +46,11 @@ def _load(path, model):
         raise storage.MaskFileError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
     if meta.get("format") != "supsup_fast.hopfield" or json.loads(meta.get("spec", "null")) != model.spec:
         raise storage.MaskFileError(f"{path} is not a Hopfield checkpoint of this model ({model.spec})")
+    if meta.get("checksum") != storage.checksum(tensors, meta):
+        raise storage.MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
     extra = json.loads(meta["extra"])
+    if identity is not None:
+        check_identity(path, extra, identity)
     layers = mask_layers(model)
     done = extra["tasks_done"]
     for i, l in enumerate(layers):
@@ -69,7 +77,7 @@ def run_hopsupsup(exp) -> dict:
     exp.ckpt_dir.mkdir(parents=True, exist_ok=True)
     true_masks, after, train_seconds, done = [], [], 0.0, 0
     if exp.resume and ckpt.exists():
-        extra, true_masks = _load(ckpt, model)
+        extra, true_masks = _load(ckpt, model, exp.identity())
         done, after, train_seconds = extra["tasks_done"], extra["accuracy_after_training"], extra["train_seconds"]
     bar = tqdm(range(cfg.tasks), desc="HopSupSup train", unit="task", disable=not exp.progress)
     bar.update(done)
@@ -82,7 +90,8 @@ def run_hopsupsup(exp) -> dict:
         set_masks(model, masks)
         after.append(accuracy(model, exp.tasks.test(t), s.test_batch_size, device=device,
                               generator=torch.Generator().manual_seed(10_000 * cfg.seed + t)))
-        _save(ckpt, model, true_masks, {"tasks_done": t + 1, "accuracy_after_training": after, "train_seconds": train_seconds})
+        _save(ckpt, model, true_masks, {"tasks_done": t + 1, "accuracy_after_training": after, "train_seconds": train_seconds,
+                                        "run_identity": exp.identity()})
         bar.update(1)
         bar.set_postfix(acc=f"{after[-1]:.4f}")
     bar.close()
@@ -133,7 +142,8 @@ def run_hopsupsup(exp) -> dict:
     from ..report import write_csv, write_plot
     _write_json(exp.out / "results.json", results)
     _save(exp.out / "hopfield.safetensors", model, true_masks, {"tasks_done": cfg.tasks, "accuracy_after_training": after,
-                                                                 "train_seconds": train_seconds})
+                                                                 "train_seconds": train_seconds,
+                                                                 "run_identity": exp.identity()})
     write_csv(results, exp.out / "per_task.csv")
     write_plot(results, exp.out / "accuracy.png")
     return results
