@@ -130,6 +130,7 @@ def evaluate_task_sharded(sharded: ShardedModel, split: TaskSplit, task: int, se
             set_task(model, chosen - sharded.offset)
             with torch.no_grad():
                 correct += int((model(xb).argmax(1) == yb).sum())
-    correct = int(all_reduce_sum(sharded.ctx, torch.tensor([correct], dtype=torch.long))[0])
+    # On the model's device: NCCL reduces CUDA tensors only.
+    correct = int(all_reduce_sum(sharded.ctx, torch.tensor([correct], dtype=torch.long, device=device))[0])
     inferred = None if settings.scenario == "GG" else right_task / max(batches, 1)
     return TaskEval(correct / max(total, 1), inferred, batches)
