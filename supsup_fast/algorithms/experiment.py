@@ -8,8 +8,6 @@ per finished task, written atomically: an interrupted run resumes without retrai
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
@@ -20,7 +18,6 @@ from tqdm.auto import tqdm
 from .. import storage
 from ..config import RunConfig
 from ..data import load_benchmark
-from ..data.tasks import TaskSplit
 from ..models import build_model
 from ..distributed import (SINGLE, DistContext, SharedCounter, TaskQueue, barrier, broadcast_object, gather_objects,
                            shard_range)
@@ -29,30 +26,12 @@ from ..nn import (bn_bytes, enable_transfer, mask_bytes, mask_entropy_bytes, num
 from ..ops.registry import backend_for, use_backend
 from .data_parallel import train_task_data_parallel
 from .evaluation import EvalSettings, evaluate_task
-from .rundir import (RunDirError, RunLock, check_identity, check_writable, data_fingerprint, read_json,
-                     masks_digest, run_identity, write_json)
+from .rundir import (RunDirError, RunLock, check_identity, check_writable, data_fingerprint, machine_info, masks_digest,
+                     read_json, run_identity, train_subset, write_json)
 from .sharded import ShardedModel, evaluate_task_sharded
 from .metrics import average, cl_metrics
 from .nns import AllocatorState, MaskAllocator
 from .training import TrainSettings, train_task
-
-
-def _write_json(path: Path, data: dict) -> None:
-    write_json(path, data)
-
-
-def _subset(split: TaskSplit, n: Optional[int]) -> TaskSplit:
-    if n is None or n >= len(split):
-        return split
-    return split.head(n)
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def parallel_mode(config: RunConfig, ctx: DistContext) -> str:
@@ -151,7 +130,7 @@ class Experiment:
                 if diff:
                     raise RunDirError(f"cannot resume {self.out}: settings differ from the interrupted run: "
                                       + ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in diff))
-            _write_json(cfg_path, self.config.to_dict())
+            write_json(cfg_path, self.config.to_dict())
         except BaseException:
             self.release()
             raise
@@ -206,7 +185,7 @@ class Experiment:
         rank trains it, at any world size."""
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + t)
-        split = _subset(self.tasks.train(t), cfg.train_subset)
+        split = train_subset(self.tasks.train(t), cfg.train_subset)
         steps = cfg.iters if cfg.iters is not None else cfg.epochs * split.num_batches(cfg.batch_size)
         show = self.progress and self.parallel != "task"
         step_bar = tqdm(total=steps, desc=f"task {t}", unit="it", leave=False, disable=not show)
@@ -343,7 +322,7 @@ class Experiment:
                 row = self._evaluate_all(hi, f"eval {hi} tasks")
                 row["masks_sha256"] = digest
                 rows = [r for r in rows if r["tasks_learned"] != hi] + [row]
-            self._on_main(lambda: _write_json(progress_path, {"rows": rows, "train_wall_seconds": train_wall}))
+            self._on_main(lambda: write_json(progress_path, {"rows": rows, "train_wall_seconds": train_wall}))
             lo = hi
         bar.close()
         rows = [r for r in rows if r["tasks_learned"] in eval_points]
@@ -386,7 +365,7 @@ class Experiment:
             task_bar.update(done)
             for t in range(done, cfg.tasks):
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + t)
-                split = _subset(self.tasks.train(t), cfg.train_subset)
+                split = train_subset(self.tasks.train(t), cfg.train_subset)
                 steps = cfg.iters if cfg.iters is not None else cfg.epochs * split.num_batches(cfg.batch_size)
                 step_bar = tqdm(total=steps, desc=f"true task {t}", unit="it", leave=False, disable=not self.progress)
                 start = time.perf_counter()
@@ -407,14 +386,14 @@ class Experiment:
                 task_bar.set_postfix(masks=num_tasks(self.model), acc=f"{own.accuracy:.4f}")
                 if t + 1 in eval_points and t + 1 < cfg.tasks and not any(r["tasks_learned"] == t + 1 for r in rows):
                     rows.append(self._evaluate_all(t + 1, f"eval {t + 1} true tasks"))
-                    self._on_main(lambda: _write_json(progress_path, {"rows": rows}))
+                    self._on_main(lambda: write_json(progress_path, {"rows": rows}))
             allocator.finish()
             self._on_main(lambda: storage.save_model(self.model, self.out / "model.safetensors",
                                                      extra={**self._model_extra(after), **self._nns_extra()}))
             for k in eval_points:
                 if not any(r["tasks_learned"] == k for r in rows):
                     rows.append(self._evaluate_all(k, f"eval {k} true tasks"))
-                    self._on_main(lambda: _write_json(progress_path, {"rows": rows}))
+                    self._on_main(lambda: write_json(progress_path, {"rows": rows}))
             task_bar.close()
         results = self._results(after, rows, train_seconds, done, backend_name)
         self._on_main(lambda: self._write_outputs(results))
@@ -470,7 +449,7 @@ class Experiment:
             if "nns" in results:
                 extra.update(self._nns_extra())
             storage.save_model(self.model, self.out / "model.safetensors", extra=extra)
-        _write_json(self.out / "results.json", results)
+        write_json(self.out / "results.json", results)
         write_csv(results, self.out / "per_task.csv")
         write_plot(results, self.out / "accuracy.png")
 
@@ -518,7 +497,7 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
         exp.nns_state = AllocatorState.from_dict(extra["allocator"])
     if ctx.is_main:
         Path(out).mkdir(parents=True, exist_ok=True)
-        _write_json(Path(out) / "config.json", config.to_dict())
+        write_json(Path(out) / "config.json", config.to_dict())
     with use_backend(config.backend):
         backend_name = backend_for(exp.device).name
         # NNs: the true tasks seen (one accuracy-after-training each), not the masks allocated.

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import storage
-from .rundir import check_identity
+from .rundir import check_identity, machine_info, train_subset, write_json
 from .hopsupsup import (HopSettings, accuracy, hopfield_bytes, mask_layers, recover_masks, set_masks, store_state,
                         train_task)
 
@@ -68,7 +68,6 @@ def _load(path, model, identity: Optional[dict] = None):
 
 
 def run_hopsupsup(exp) -> dict:
-    from .experiment import _subset, _write_json, machine_info
 
     cfg, model, device = exp.config, exp.model, exp.device
     s = _settings(cfg)
@@ -83,7 +82,7 @@ def run_hopsupsup(exp) -> dict:
     bar.update(done)
     for t in range(done, cfg.tasks):
         start = time.perf_counter()
-        split = _subset(exp.tasks.train(t), cfg.train_subset)
+        split = train_subset(exp.tasks.train(t), cfg.train_subset)
         masks = train_task(model, split, s, device=device, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + t))
         train_seconds += time.perf_counter() - start
         true_masks.append(masks)
@@ -140,7 +139,7 @@ def run_hopsupsup(exp) -> dict:
         "backend": "torch", "machine": machine_info(device), "data": exp.tasks.source, "config": cfg.to_dict(),
     }
     from ..report import write_csv, write_plot
-    _write_json(exp.out / "results.json", results)
+    write_json(exp.out / "results.json", results)
     _save(exp.out / "hopfield.safetensors", model, true_masks, {"tasks_done": cfg.tasks, "accuracy_after_training": after,
                                                                  "train_seconds": train_seconds,
                                                                  "run_identity": exp.identity()})

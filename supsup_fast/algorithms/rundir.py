@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .. import storage
+from ..data.tasks import TaskSplit
 
 # RunConfig fields that change what a task's mask is. Everything else (evaluation settings,
 # the number of tasks, evaluation points, where data is read from, backend, device, launch
@@ -82,6 +84,21 @@ def check_identity(path: Path, extra: dict, expected: dict) -> None:
         if key in expected and found.get(key) != expected[key]:
             raise RunDirError(f"{path} belongs to another run: {what} differ ({key} {found.get(key)!r} in the file, "
                               f"{expected[key]!r} in this run)")
+
+
+def train_subset(split: TaskSplit, n: Optional[int]) -> TaskSplit:
+    """The first n training images of a task (``--train-subset``), or all of them."""
+    if n is None or n >= len(split):
+        return split
+    return split.head(n)
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def masks_digest(checksums) -> str:
