@@ -204,3 +204,13 @@ def test_sharded_alpha_gradients_equal_one_process(single_run, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
            str(single_run)]
     ok(subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600))
+
+
+def test_run_with_a_sharded_bank_equals_one_process(single_run, tmp_path):
+    out = tmp_path / "sharded-run"
+    ok(torchrun("run", *RUN, "--tasks", "4", "--eval-at", "2", "--shard-bank", "--out", str(out)))
+    a, b = results(single_run), results(out)
+    assert [r["accuracy"] for r in a["accuracy_matrix"]] == [r["accuracy"] for r in b["accuracy_matrix"]]
+    assert a["per_task_inference_accuracy"] == b["per_task_inference_accuracy"]
+    assert b["distributed"]["shard_bank"] and max(b["distributed"]["bank_bytes_per_rank"]) <= 0.6 * b["mask_bytes"]
+    assert_same_model(single_run, out)

@@ -284,15 +284,19 @@ class Experiment:
         resumed, lo = 0, 0
         bar = tqdm(total=cfg.tasks, desc=f"{cfg.scenario} {cfg.benchmark}", unit="task", disable=not self.progress)
         finished = SharedCounter(ctx, "tasks_finished")
+        # Task-parallel ranks with a sharded bank never hold all the masks: training needs none of
+        # the finished ones, and each evaluation reads a rank's own range only.
+        hold_all = not (cfg.shard_bank and self.parallel == "task")
         for hi in eval_points:
             todo = self._on_main(lambda: self._scan(lo, hi))
             resumed += (hi - lo) - len(todo)
             start = time.perf_counter()
             if self.parallel == "task":
+                held = num_tasks(self.model)  # lo, or 0 with a sharded bank
                 for t in TaskQueue(ctx, f"segment-{hi}", todo):
-                    self._train_and_save(t, row=lo)
+                    self._train_and_save(t, row=held)
                     for m in task_modules(self.model):  # keep the bank in task order: reloaded below
-                        m.truncate_tasks(lo)
+                        m.truncate_tasks(held)
                     done = finished.add(1)
                     if self.progress:
                         bar.n = resumed + done
@@ -304,7 +308,10 @@ class Experiment:
                     barrier(ctx)  # rank 0 has written the checkpoint every rank reads below
                     for m in task_modules(self.model):
                         m.truncate_tasks(t)
-                extra, checksums[t] = self._load_task(self.model, t)
+                if hold_all:
+                    extra, checksums[t] = self._load_task(self.model, t)
+                else:  # the record only: each rank reads its own range of the bits when it evaluates
+                    extra, checksums[t] = self._task_record(t)
                 after[t], task_seconds[t] = extra["accuracy_after_training"], extra["train_seconds"]
                 if self.progress and self.parallel != "task":
                     bar.update(1)
@@ -314,8 +321,7 @@ class Experiment:
                 bar.n = hi
                 bar.refresh()
             if hi == cfg.tasks:  # the masks are usable (evaluate) before the final evaluation runs
-                self._on_main(lambda: storage.save_model(self.model, self.out / "model.safetensors",
-                                                         extra=self._model_extra(after)))
+                self._on_main(lambda: self._save_whole_model(after, loaded=hold_all))
             digest = masks_digest(checksums[:hi])
             fresh = [r for r in rows if r["tasks_learned"] == hi and r.get("masks_sha256") == digest]
             if not fresh:  # missing, or computed from other checkpoints than the ones now there
@@ -326,10 +332,30 @@ class Experiment:
             lo = hi
         bar.close()
         rows = [r for r in rows if r["tasks_learned"] in eval_points]
+        if not hold_all and not ctx.is_main:
+            self._on_main(lambda: None)
+            return {"rank": ctx.rank, **rows[-1]}
         results = self._results(after, rows, train_wall, resumed, backend_name)
         results["timing"]["train_task_seconds_sum"] = sum(task_seconds)
         self._on_main(lambda: self._write_outputs(results))
         return results
+
+    def _task_record(self, t: int) -> tuple:
+        """(extra, checksum) of checkpoint t from its header, after checking it is this run's."""
+        path = self._task_file(t)
+        meta = storage.read_metadata(path)
+        extra = storage.parse_metadata(path, meta)[4]
+        check_identity(path, extra, self.identity(t))
+        return extra, meta.get("checksum", "")
+
+    def _save_whole_model(self, after: List[float], loaded: bool) -> None:
+        """model.safetensors, on rank 0. With a sharded bank the ranks hold no whole model, so
+        rank 0 assembles it from the checkpoints for the file (and the results) alone."""
+        if not loaded:
+            self.model = self._fresh_model().to(self.device)
+            for t in range(self.config.tasks):
+                self._load_task(self.model, t)
+        storage.save_model(self.model, self.out / "model.safetensors", extra=self._model_extra(after))
 
     def _model_extra(self, after: List[float]) -> dict:
         return {"accuracy_after_training": after, "run_identity": self.identity()}
