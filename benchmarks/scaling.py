@@ -112,6 +112,7 @@ def plot(report: dict, path: Path) -> None:
     axes[1].set_xlabel("task-inference queries per second (measured)")
     axes[2].plot([p["ranks"] for p in pr], [p["projected_tasks_per_hour"] for p in pr], "o--")
     axes[2].set_xscale("log", base=2)
+    axes[2].set_yscale("log")
     axes[2].set_xlabel("ranks (projection)")
     axes[2].set_ylabel("tasks per hour")
     fig.suptitle(f"supsup_fast scale-out on {report['machine']['processor']} ({report['machine']['cpu_count']} cores, "
