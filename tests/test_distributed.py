@@ -214,3 +214,25 @@ def test_run_with_a_sharded_bank_equals_one_process(single_run, tmp_path):
     assert a["per_task_inference_accuracy"] == b["per_task_inference_accuracy"]
     assert b["distributed"]["shard_bank"] and max(b["distributed"]["bank_bytes_per_rank"]) <= 0.6 * b["mask_bytes"]
     assert_same_model(single_run, out)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_through_a_c10d_rendezvous(single_run, tmp_path):
+    """Multi-node launch without code changes: two torchrun agents (as on two hosts) meet at one
+    c10d rendezvous on loopback and share the run folder."""
+    out, port = tmp_path / "nodes", _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "supsup-test",
+           "-m", "supsup_fast", "run", *RUN, "--tasks", "4", "--eval-at", "2", "--out", str(out)]
+    agents = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    outputs = [a.communicate(timeout=600) for a in agents]
+    assert all(a.returncode == 0 for a in agents), outputs
+    assert results(out)["distributed"]["world_size"] == 2
+    assert_same_model(single_run, out)
