@@ -39,7 +39,8 @@ class FloatMultitaskMaskLinear(nn.Linear):
             self.scores.append(nn.Parameter(s))
         self.weight.requires_grad = False
         with torch.no_grad():
-            self.weight.copy_(self.weight.sign() * math.sqrt(2.0) / math.sqrt(self.in_features))
+            std = math.sqrt(2.0) / math.sqrt(self.in_features)  # ReLU gain / sqrt(fan_in)
+            self.weight.copy_(self.weight.sign() * std)
 
     @torch.no_grad()
     def cache_masks(self):

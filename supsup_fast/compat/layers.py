@@ -12,6 +12,7 @@ bits (the official layer would keep the float scores).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -214,7 +215,7 @@ class MultitaskMaskLinear(MultitaskMaskMixin, nn.Linear):
     def __init__(self, *args, num_tasks: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
         with torch.no_grad():
-            std = nn.init.calculate_gain("relu") / self.in_features ** 0.5
+            std = nn.init.calculate_gain("relu") / math.sqrt(self.in_features)  # one float32 rounding, as upstream
             self.weight.copy_(self.weight.sign() * std)
         self._init_multitask(resolve_num_tasks(num_tasks, default=1))
 
