@@ -404,3 +404,33 @@ def test_bad_input():
         compat.load_official_checkpoint(m, "/nonexistent/final.pt")
     with pytest.raises(RuntimeError, match="no task set"):
         compat.MultitaskMaskLinear(10, 4, num_tasks=2)(torch.randn(1, 10))
+
+
+def test_main_repository_flow_with_model_apply(monkeypatch):
+    """main.py / adaptors.py drive the layers with model.apply(setattr) and pick the task's
+    parameters by name (``*.scores.{idx}``); GG uses one-hot alphas [N,1,1,1,1] with task < 0."""
+    monkeypatch.setattr(settings, "_SETTINGS", dict(settings._SETTINGS))
+    compat.configure(num_tasks=3)
+    model = nn.Sequential(compat.FastMultitaskMaskConv(30, 20, kernel_size=1, bias=False), nn.ReLU(),
+                          compat.FastMultitaskMaskConv(20, 5, kernel_size=1, bias=False))
+    x, y = torch.randn(12, 30, 1, 1), torch.randint(0, 5, (12,))
+    for idx in range(3):
+        model.apply(lambda m: setattr(m, "task", idx))
+        params = [p for n, p in model.named_parameters()
+                  if p.requires_grad and n.split(".")[-2] == "scores" and int(n.split(".")[-1]) == idx]
+        assert len(params) == 2
+        opt = torch.optim.RMSprop(params, lr=1e-2)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x).flatten(1), y).backward()
+            opt.step()
+        model.apply(lambda m: setattr(m, "num_tasks_learned", idx + 1))
+    model.apply(lambda m: setattr(m, "task", -1))
+    compat.cache_masks(model)
+    alphas = torch.zeros(3, 1, 1, 1, 1)
+    alphas[1] = 1
+    model.apply(lambda m: setattr(m, "alphas", alphas))
+    with torch.no_grad():
+        h = F.relu(F.conv2d(x, model[0].weight * model[0].mask(1)))
+        assert torch.allclose(model(x), F.conv2d(h, model[2].weight * model[2].mask(1)), atol=1e-5)
+    model.apply(lambda m: setattr(m, "alphas", None))
