@@ -91,10 +91,8 @@ def test_evaluate_run_under_other_scenarios(tmp_path):
     gg = evaluate_run(out, {"scenario": "GG"}, tmp_path / "gg", progress=False)
     assert gg["task_inference_accuracy"] is None
     assert gg["per_task_accuracy"] == pytest.approx(gnu["accuracy_after_training"])
-    gns = evaluate_run(out, {"scenario": "GNs"}, tmp_path / "gns", progress=False)
-    assert gns["average_accuracy"] >= gnu["average_accuracy"] - 1e-9  # shared labels never score below GNu
-    g = evaluate_run(out, {"objective": "superfluous"}, tmp_path / "g", progress=False)
-    assert 0 <= g["average_accuracy"] <= 1
+    # GNs and the superfluous objective are checked on runs where they must succeed in
+    # tests/test_reliability_runs.py.
 
 
 def test_gg_split_and_rotated_binary_runs(tmp_path):
@@ -104,6 +102,7 @@ def test_gg_split_and_rotated_binary_runs(tmp_path):
     rot = run_experiment(make_config(overrides=dict(SMALL, benchmark="rotated-mnist", tasks=3, inference="binary",
                                                     infer_images=128, eval_at=[])), tmp_path / "rot", progress=False)
     assert rot["num_masks"] == 3
+    # binary inference picking the right task is checked in tests/test_reliability_runs.py
 
 
 def test_config_validation_and_presets(tmp_path):
