@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include "kernels.h"
+#include "lut.h"
 
 namespace supsup_cpu {
 namespace {
@@ -119,11 +120,39 @@ at::Tensor mask_dot_rank1_op(const at::Tensor& bank, const at::Tensor& g, const 
   const int64_t R = w.size(0), n = w.size(1), W = words_for(n), k = bank.size(0);
   TORCH_CHECK(bank.dim() == 3 && bank.size(1) == R && bank.size(2) == W, "bank must be [k, R, ceil(n/32)]");
   const Isa isa = current_isa();
-  if (isa != Isa::Avx512 || k < 4) return mask_dot_op(bank, at::outer(g, x).mul_(w), std::nullopt);
+  if (!lut_available(isa) || k < 4) return mask_dot_op(bank, at::outer(g, x).mul_(w), std::nullopt);
   return sum_over_word_chunks(R * W, k, w.options(), [&](float* out, int64_t fw0, int64_t fw1) {
     mask_dot_rank1(isa, bank.data_ptr<int32_t>(), R, W, n, g.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(),
                    k, out, fw0, fw1);
   });
+}
+
+// (⟨Mᵢ, v_j⟩)ⱼᵢ for q queries v [q, *lead, n] in one pass over the bits: [q, k].
+at::Tensor mask_dot_batched_op(const at::Tensor& bank, const at::Tensor& v, const std::optional<at::Tensor>& active) {
+  check_words(bank, "bank");
+  check_float(v, "v");
+  TORCH_CHECK(bank.dim() >= 2 && v.dim() >= 2, "bank must be [k, *lead, W] and v [q, *lead, n]");
+  const int64_t k = bank.size(0), W = bank.size(-1), n = v.size(-1), q = v.size(0);
+  TORCH_CHECK(W == words_for(n), "bank has ", W, " words per row but v has n = ", n);
+  const int64_t per_query = q ? v.numel() / q : 0;
+  const int64_t R = per_query / std::max<int64_t>(n, 1);
+  TORCH_CHECK(bank.numel() == k * R * W, "bank and v disagree on the leading dimensions");
+  const int64_t* act = active_ptr(active, k);
+  const int64_t m = act ? active->numel() : k;
+  if (q == 0 || m == 0 || R == 0) return at::zeros({q, m}, v.options());
+  const int32_t* b = bank.data_ptr<int32_t>();
+  const float* vp = v.data_ptr<float>();
+  const Isa isa = current_isa();
+  // Queries in blocks of 32: each block is one pass over the bits, with its tables in L2.
+  constexpr int64_t kQueryBlock = 32;
+  std::vector<at::Tensor> parts;
+  for (int64_t j0 = 0; j0 < q; j0 += kQueryBlock) {
+    const int64_t nq = std::min(kQueryBlock, q - j0);
+    parts.push_back(sum_over_word_chunks(R * W, nq * m, v.options(), [&](float* out, int64_t fw0, int64_t fw1) {
+      mask_dot_lut(isa, b, R, W, n, vp + j0 * per_query, nq, per_query, act, m, out, fw0, fw1);
+    }).view({nq, m}));
+  }
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 0);
 }
 
 at::Tensor superpose_op(const at::Tensor& bank, const at::Tensor& alpha, int64_t n, const std::optional<at::Tensor>& active) {
@@ -277,6 +306,7 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("pack_bits(Tensor mask) -> Tensor");
   m.def("unpack_bits(Tensor words, int n) -> Tensor");
   m.def("mask_dot(Tensor bank, Tensor v, Tensor? active=None) -> Tensor");
+  m.def("mask_dot_batched(Tensor bank, Tensor v, Tensor? active=None) -> Tensor");
   m.def("mask_dot_rank1(Tensor bank, Tensor g, Tensor x, Tensor weight) -> Tensor");
   m.def("superpose(Tensor bank, Tensor alpha, int n, Tensor? active=None) -> Tensor");
   m.def("masked_weight(Tensor weight, Tensor mask_words) -> Tensor");
@@ -293,6 +323,7 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("unpack_bits", &unpack_bits_op);
   m.impl("mask_dot", &mask_dot_op);
   m.impl("superpose", &superpose_op);
+  m.impl("mask_dot_batched", &mask_dot_batched_op);
   m.impl("mask_dot_rank1", &mask_dot_rank1_op);
   m.impl("masked_weight", &masked_weight_op);
   m.impl("masked_weight_into", &masked_weight_into_op);

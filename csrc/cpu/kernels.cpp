@@ -2,6 +2,7 @@
 // (function-level target attributes), chosen at run time. AVX-512 maps mask bits straight onto
 // opmask registers: a 32-bit word is two __mmask16 for two 16-lane float operations.
 #include "kernels.h"
+#include "lut.h"
 
 #include <immintrin.h>
 
@@ -284,128 +285,6 @@ AVX512_TARGET void mask_dot_avx512(const int32_t* bank, int64_t R, int64_t W, in
     out[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(&part[32 * t]), _mm512_loadu_ps(&part[32 * t + 16])));
 }
 
-// Nibble-table mask_dot: 16 tasks side by side in the lanes of one vector. For each mask word the
-// 32 values of v become 8 tables of 16 subset sums (one per nibble: table[e] = sum of v[4p+b]
-// over the bits b of e); each task's nibble then selects its partial sum with one vpermps. That
-// is 4 vector instructions per 64 task-bits instead of 2 masked adds per 32, and the tables are
-// built once per v block for every group of 16 tasks. The 16 tasks' words are read a cache line
-// at a time and transposed in registers (gathers are several times slower on Zen 4).
-constexpr int64_t kTableWords = 512;  // tables for 512 words = 256 KiB, L2-resident
-
-// Where the 32 values of v for one mask word come from: a dense v [R, n], or the rank-1 product
-// g[r] · x[j] · w[r, j] of a one-image backward (v = G ⊙ W with G = g xᵀ, never materialised).
-struct DenseSource {
-  const float* v;
-  int64_t n;
-  AVX512_TARGET void load(int64_t r, int64_t q, uint32_t valid, float* vals) const {
-    const float* p = v + r * n + 32 * q;
-    _mm512_store_ps(vals, _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid), p));
-    _mm512_store_ps(vals + 16, _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid >> 16), p + 16));
-  }
-};
-
-struct Rank1Source {
-  const float* g;  // [R]
-  const float* x;  // [n]
-  const float* w;  // [R, n]
-  int64_t n;
-  AVX512_TARGET void load(int64_t r, int64_t q, uint32_t valid, float* vals) const {
-    const __m512 gr = _mm512_set1_ps(g[r]);
-    const float* xp = x + 32 * q;
-    const float* wp = w + r * n + 32 * q;
-    const __mmask16 lo = static_cast<__mmask16>(valid), hi = static_cast<__mmask16>(valid >> 16);
-    _mm512_store_ps(vals, _mm512_mul_ps(gr, _mm512_mul_ps(_mm512_maskz_loadu_ps(lo, xp), _mm512_maskz_loadu_ps(lo, wp))));
-    _mm512_store_ps(vals + 16, _mm512_mul_ps(gr, _mm512_mul_ps(_mm512_maskz_loadu_ps(hi, xp + 16), _mm512_maskz_loadu_ps(hi, wp + 16))));
-  }
-};
-
-template <class Source>
-AVX512_TARGET void build_tables512(const Source& src, int64_t n, int64_t W, int64_t fw0, int64_t fw1, float* tables) {
-  // lanes e of a table that include bit b of the nibble
-  const __mmask16 has_bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
-  int64_t r = fw0 / W, q = fw0 % W;
-  for (int64_t fw = fw0; fw < fw1; ++fw) {
-    const uint32_t valid = valid_bits(n, q);
-    alignas(64) float vals[32];
-    src.load(r, q, valid, vals);
-    float* t = tables + (fw - fw0) * 128;
-    for (int p = 0; p < 8; ++p) {
-      __m512 tab = _mm512_setzero_ps();
-      for (int b = 0; b < 4; ++b) tab = _mm512_mask_add_ps(tab, has_bit[b], tab, _mm512_set1_ps(vals[4 * p + b]));
-      _mm512_store_ps(t + 16 * p, tab);
-    }
-    if (++q == W) {
-      q = 0;
-      ++r;
-    }
-  }
-}
-
-// In-register transpose of 16 rows of 16 int32: afterwards r[j] holds element j of every row.
-AVX512_TARGET inline void transpose16(__m512i* r) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 4; ++j) {
-      t[8 * i + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
-      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0xdd);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
-    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
-  }
-}
-template <class Source>
-AVX512_TARGET void mask_dot_nibble512(const int32_t* bank, int64_t R, int64_t W, int64_t n, const Source& src,
-                                      const int64_t* active, int64_t k, float* out, int64_t fwa, int64_t fwb) {
-  const int64_t stride = R * W, t0 = 0, t1 = k;
-  const int64_t groups = (t1 - t0 + 15) / 16;
-  std::vector<float> part(static_cast<size_t>(groups) * 16, 0.0f);
-  std::vector<float> table_buf(kTableWords * 128 + 16);
-  float* tables = table_buf.data() + ((16 - (reinterpret_cast<uintptr_t>(table_buf.data()) / 4) % 16) % 16);  // 64-byte aligned
-  const __m512i nib = _mm512_set1_epi32(0xF);
-  for (int64_t fw0 = fwa; fw0 < fwb; fw0 += kTableWords) {
-    const int64_t fw1 = std::min(fwb, fw0 + kTableWords);
-    build_tables512(src, n, W, fw0, fw1, tables);
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t tg = t0 + 16 * g, cnt = std::min<int64_t>(16, t1 - tg);
-      const int32_t* rows[16];
-      for (int i = 0; i < cnt; ++i) rows[i] = bank + (active ? active[tg + i] : tg + i) * stride;
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t fw = fw0; fw < fw1; fw += 16) {
-        // 16 consecutive words of each of the 16 tasks (one cache line each), then transposed so
-        // that words[j] holds word fw + j of every task; missing tasks/words are zero (table[0] = 0).
-        const int64_t len = std::min<int64_t>(16, fw1 - fw);
-        const __mmask16 lm = static_cast<__mmask16>((1u << len) - 1u);
-        __m512i words[16];
-        for (int i = 0; i < 16; ++i) words[i] = i < cnt ? _mm512_maskz_loadu_epi32(lm, rows[i] + fw) : _mm512_setzero_si512();
-        transpose16(words);
-        const float* tb = tables + (fw - fw0) * 128;
-        for (int64_t j = 0; j < len; ++j) {
-          const float* t = tb + j * 128;
-#pragma GCC unroll 8
-          for (int p = 0; p < 8; ++p) {
-            const __m512i idx = _mm512_and_si512(_mm512_srli_epi32(words[j], 4 * p), nib);
-            acc[p & 3] = _mm512_add_ps(acc[p & 3], _mm512_permutexvar_ps(idx, _mm512_load_ps(t + 16 * p)));
-          }
-        }
-      }
-      __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-      _mm512_storeu_ps(&part[16 * g], _mm512_add_ps(_mm512_loadu_ps(&part[16 * g]), sum));
-    }
-  }
-  for (int64_t t = t0; t < t1; ++t) out[t] = part[t - t0];
-}
-
 template <int NW>
 AVX512_TARGET void superpose_words512(const int32_t* bank, int64_t k, int64_t stride, int64_t off, int64_t q0,
                                       int64_t n, const float* alpha, const int64_t* active, float* o) {
@@ -617,18 +496,21 @@ void unpack_rows(const int32_t* words, int64_t n, int64_t W, bool* out, int64_t 
 void mask_dot(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v, const int64_t* active,
               int64_t k, float* out, int64_t fw0, int64_t fw1) {
   if (isa == Isa::Avx512) {
-    // The tables cost 8 vector ops per word of v, shared by all tasks: worth it from a few tasks on.
-    if (k >= 4) return mask_dot_nibble512(bank, R, W, n, DenseSource{v, n}, active, k, out, fw0, fw1);
+    // The tables cost a few vector ops per word of v, shared by all tasks: worth it from a few tasks on.
+    if (k >= 4) return mask_dot_lut(isa, bank, R, W, n, v, 1, 0, active, k, out, fw0, fw1);
     return mask_dot_avx512(bank, R, W, n, v, active, k, out, fw0, fw1);
   }
-  if (isa == Isa::Avx2) return mask_dot_avx2(bank, R, W, n, v, active, k, out, fw0, fw1);
+  if (isa == Isa::Avx2) {
+    if (k >= 4) return mask_dot_lut(isa, bank, R, W, n, v, 1, 0, active, k, out, fw0, fw1);
+    return mask_dot_avx2(bank, R, W, n, v, active, k, out, fw0, fw1);
+  }
   mask_dot_scalar(bank, R, W, n, v, active, k, out, fw0, fw1);
 }
 
 bool mask_dot_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* g, const float* x,
                     const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1) {
-  if (isa != Isa::Avx512 || k < 4) return false;
-  mask_dot_nibble512(bank, R, W, n, Rank1Source{g, x, w, n}, nullptr, k, out, fw0, fw1);
+  if (!lut_available(isa) || k < 4) return false;
+  mask_dot_lut_rank1(isa, bank, R, W, n, g, x, w, k, out, fw0, fw1);
   return true;
 }
 

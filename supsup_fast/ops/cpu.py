@@ -26,16 +26,17 @@ _loaded: Optional[str] = None
 
 
 def _sources() -> list:
-    candidates = []
+    # The checkout this module lives in first (a source tree or an editable install), then the
+    # installed package data.
+    candidates = [Path(__file__).resolve().parents[2] / "csrc" / "cpu"]
     try:
         from importlib import resources
         candidates.append(Path(str(resources.files("supsup_fast.csrc"))) / "cpu")
     except (ImportError, ModuleNotFoundError, TypeError):
         pass
-    candidates.append(Path(__file__).resolve().parents[2] / "csrc" / "cpu")
     for folder in candidates:
         if (folder / "kernels.cpp").is_file() and (folder / "bindings.cpp").is_file():
-            return [str(folder / "kernels.cpp"), str(folder / "bindings.cpp")]
+            return sorted(str(p) for p in folder.glob("*.cpp"))  # the same files setup.py globs
     raise RuntimeError("the C++ sources (csrc/cpu) are not installed with this package")
 
 
@@ -80,6 +81,9 @@ def cpu_isa() -> str:
 
 class CpuBackend(ReferenceBackend):
     name = "cpu"
+    # mask_dot_batched is a native one-pass lookup-table kernel (csrc/cpu/lut.cpp): evaluation infers
+    # the tasks of all of a task's test batches in one batched call.
+    fast_batched_inference = True
 
     def __init__(self):
         load_cpu_extension()
@@ -135,6 +139,11 @@ class CpuBackend(ReferenceBackend):
         if v.dtype != torch.float32:
             return super().mask_dot(bank, v)
         return self.ops.mask_dot(bank.contiguous(), v.contiguous())
+
+    def mask_dot_batched(self, bank, v):
+        if v.dtype != torch.float32:
+            return super().mask_dot_batched(bank, v)
+        return self.ops.mask_dot_batched(bank.contiguous(), v.contiguous())
 
     def threshold_masked_weight(self, scores, weight):
         if weight.dtype != torch.float32 or scores.dtype != torch.float32:

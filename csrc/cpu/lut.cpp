@@ -1,0 +1,319 @@
+// Lookup-table mask_dot kernels (see lut.h). AVX-512: 16 tasks per vector, nibble tables of 16
+// fp32 subset sums, one vpermps (which reads only the low 4 bits of each index, so a shifted word
+// needs no AND) and one add per 4 bits of 16 tasks. AVX2: 8 tasks per vector, 3-bit groups (11 per
+// word: ten of 3 bits, the last of 2), tables of 8 fp32 subset sums, one vpermps ymm (low 3 bits)
+// and one add per 3 bits of 8 tasks. Words of 16 (8) tasks are read a cache line (half) at a time
+// and transposed in registers so that one vector holds the same word of every task.
+#include "lut.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace supsup_cpu {
+namespace {
+
+#define LUT_AVX2 __attribute__((target("avx2,fma")))
+#define LUT_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+
+inline uint32_t valid_mask(int64_t n, int64_t q) {
+  const int64_t rem = n - 32 * q;
+  return rem >= 32 ? 0xFFFFFFFFu : ((1u << rem) - 1u);
+}
+
+// Values of v for one mask word: vals[i] for the 32 bits of word q of row r, zero where the bit
+// is padding. Plain loops: the table build is shared by every task and costs little.
+struct DenseSrc {
+  const float* v;
+  int64_t n;
+  inline void load(int64_t r, int64_t q, float* vals) const {
+    const int64_t len = std::min<int64_t>(32, n - 32 * q);
+    const float* p = v + r * n + 32 * q;
+    for (int64_t i = 0; i < len; ++i) vals[i] = p[i];
+    for (int64_t i = len; i < 32; ++i) vals[i] = 0.0f;
+  }
+};
+
+struct Rank1Src {
+  const float* g;
+  const float* x;
+  const float* w;
+  int64_t n;
+  inline void load(int64_t r, int64_t q, float* vals) const {
+    const int64_t len = std::min<int64_t>(32, n - 32 * q);
+    const float gr = g[r];
+    const float* xp = x + 32 * q;
+    const float* wp = w + r * n + 32 * q;
+    for (int64_t i = 0; i < len; ++i) vals[i] = gr * (xp[i] * wp[i]);
+    for (int64_t i = len; i < 32; ++i) vals[i] = 0.0f;
+  }
+};
+
+template <class T>
+T* align64(std::vector<T>& buf) {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<T*>((p + 63) & ~static_cast<uintptr_t>(63));
+}
+
+constexpr int64_t kLutBlockFloats = 512 * 128;  // table floats per block, all queries together (256 KiB)
+
+// ------------------------------------------------------------------------------------------------
+// AVX-512
+LUT_AVX512 inline void transpose16x16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+// 8 nibble tables (128 floats) per word for words [fw0, fw1).
+template <class Src>
+LUT_AVX512 void build512(const Src& src, int64_t W, int64_t fw0, int64_t fw1, float* tables) {
+  const __mmask16 has_bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
+  int64_t r = fw0 / W, q = fw0 % W;
+  alignas(64) float vals[32];
+  for (int64_t fw = fw0; fw < fw1; ++fw) {
+    src.load(r, q, vals);
+    float* t = tables + (fw - fw0) * 128;
+    for (int p = 0; p < 8; ++p) {
+      __m512 tab = _mm512_setzero_ps();
+      for (int b = 0; b < 4; ++b) tab = _mm512_mask_add_ps(tab, has_bit[b], tab, _mm512_set1_ps(vals[4 * p + b]));
+      _mm512_store_ps(t + 16 * p, tab);
+    }
+    if (++q == W) {
+      q = 0;
+      ++r;
+    }
+  }
+}
+
+template <class Src>
+LUT_AVX512 void lut512(const int32_t* bank, int64_t R, int64_t W, const Src* srcs, int64_t nq, const int64_t* active,
+                       int64_t k, float* out, int64_t fwa, int64_t fwb) {
+  const int64_t stride = R * W, groups = (k + 15) / 16;
+  int64_t bw = std::max<int64_t>(16, (kLutBlockFloats / 128 / std::max<int64_t>(nq, 1)) / 16 * 16);
+  std::vector<float> part(static_cast<size_t>(nq) * groups * 16, 0.0f);
+  std::vector<float> tbuf(static_cast<size_t>(nq) * bw * 128 + 16);
+  float* tables = align64(tbuf);
+  for (int64_t fw0 = fwa; fw0 < fwb; fw0 += bw) {
+    const int64_t fw1 = std::min(fwb, fw0 + bw);
+    for (int64_t j = 0; j < nq; ++j) build512(srcs[j], W, fw0, fw1, tables + j * bw * 128);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t tg = 16 * g, cnt = std::min<int64_t>(16, k - tg);
+      const int32_t* rows[16];
+      for (int i = 0; i < cnt; ++i) rows[i] = bank + (active ? active[tg + i] : tg + i) * stride;
+      for (int64_t fw = fw0; fw < fw1; fw += 16) {
+        const int64_t len = std::min<int64_t>(16, fw1 - fw);
+        const __mmask16 lm = static_cast<__mmask16>((1u << len) - 1u);
+        __m512i words[16];
+        for (int i = 0; i < 16; ++i) words[i] = i < cnt ? _mm512_maskz_loadu_epi32(lm, rows[i] + fw) : _mm512_setzero_si512();
+        transpose16x16(words);
+        for (int64_t jq = 0; jq < nq; ++jq) {
+          const float* tb = tables + jq * bw * 128 + (fw - fw0) * 128;
+          __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+          for (int64_t j = 0; j < len; ++j) {
+            const float* t = tb + j * 128;
+            const __m512i wj = words[j];
+            acc[0] = _mm512_add_ps(acc[0], _mm512_permutexvar_ps(wj, _mm512_load_ps(t)));
+            acc[1] = _mm512_add_ps(acc[1], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 4), _mm512_load_ps(t + 16)));
+            acc[2] = _mm512_add_ps(acc[2], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 8), _mm512_load_ps(t + 32)));
+            acc[3] = _mm512_add_ps(acc[3], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 12), _mm512_load_ps(t + 48)));
+            acc[0] = _mm512_add_ps(acc[0], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 16), _mm512_load_ps(t + 64)));
+            acc[1] = _mm512_add_ps(acc[1], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 20), _mm512_load_ps(t + 80)));
+            acc[2] = _mm512_add_ps(acc[2], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 24), _mm512_load_ps(t + 96)));
+            acc[3] = _mm512_add_ps(acc[3], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 28), _mm512_load_ps(t + 112)));
+          }
+          float* pp = part.data() + (jq * groups + g) * 16;
+          const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+          _mm512_storeu_ps(pp, _mm512_add_ps(_mm512_loadu_ps(pp), s));
+        }
+      }
+    }
+  }
+  for (int64_t jq = 0; jq < nq; ++jq)
+    for (int64_t t = 0; t < k; ++t) out[jq * k + t] = part[(jq * groups) * 16 + t];
+}
+
+// ------------------------------------------------------------------------------------------------
+// AVX2
+constexpr int kGroups3 = 11;  // 3-bit groups per 32-bit word (the last has 2 bits)
+constexpr int kTab2 = kGroups3 * 8;  // floats of tables per word
+
+LUT_AVX2 inline void transpose8x8(__m256i* r) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
+    r[4 + j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
+  }
+}
+
+template <class Src>
+LUT_AVX2 void build256(const Src& src, int64_t W, int64_t fw0, int64_t fw1, float* tables) {
+  const __m256 m0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+  const __m256 m1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
+  const __m256 m2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
+  int64_t r = fw0 / W, q = fw0 % W;
+  alignas(64) float vals[36];
+  for (int64_t fw = fw0; fw < fw1; ++fw) {
+    src.load(r, q, vals);
+    vals[32] = vals[33] = 0.0f;
+    float* t = tables + (fw - fw0) * kTab2;
+    for (int p = 0; p < kGroups3; ++p) {
+      __m256 tab = _mm256_and_ps(m0, _mm256_set1_ps(vals[3 * p]));
+      tab = _mm256_add_ps(tab, _mm256_and_ps(m1, _mm256_set1_ps(vals[3 * p + 1])));
+      tab = _mm256_add_ps(tab, _mm256_and_ps(m2, _mm256_set1_ps(vals[3 * p + 2])));
+      _mm256_store_ps(t + 8 * p, tab);
+    }
+    if (++q == W) {
+      q = 0;
+      ++r;
+    }
+  }
+}
+
+template <class Src>
+LUT_AVX2 void lut256(const int32_t* bank, int64_t R, int64_t W, const Src* srcs, int64_t nq, const int64_t* active,
+                     int64_t k, float* out, int64_t fwa, int64_t fwb) {
+  const int64_t stride = R * W, groups = (k + 7) / 8;
+  int64_t bw = std::max<int64_t>(8, (kLutBlockFloats / kTab2 / std::max<int64_t>(nq, 1)) / 8 * 8);
+  std::vector<float> part(static_cast<size_t>(nq) * groups * 8, 0.0f);
+  std::vector<float> tbuf(static_cast<size_t>(nq) * bw * kTab2 + 16);
+  float* tables = align64(tbuf);
+  alignas(32) int32_t tmp[8];
+  for (int64_t fw0 = fwa; fw0 < fwb; fw0 += bw) {
+    const int64_t fw1 = std::min(fwb, fw0 + bw);
+    for (int64_t j = 0; j < nq; ++j) build256(srcs[j], W, fw0, fw1, tables + j * bw * kTab2);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t tg = 8 * g, cnt = std::min<int64_t>(8, k - tg);
+      const int32_t* rows[8];
+      for (int i = 0; i < cnt; ++i) rows[i] = bank + (active ? active[tg + i] : tg + i) * stride;
+      for (int64_t fw = fw0; fw < fw1; fw += 8) {
+        const int64_t len = std::min<int64_t>(8, fw1 - fw);
+        __m256i words[8];
+        for (int i = 0; i < 8; ++i) {
+          if (i >= cnt) {
+            words[i] = _mm256_setzero_si256();
+          } else if (len == 8) {
+            words[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + fw));
+          } else {
+            std::memset(tmp, 0, sizeof(tmp));
+            std::memcpy(tmp, rows[i] + fw, sizeof(int32_t) * len);
+            words[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+          }
+        }
+        transpose8x8(words);
+        for (int64_t jq = 0; jq < nq; ++jq) {
+          const float* tb = tables + jq * bw * kTab2 + (fw - fw0) * kTab2;
+          __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+          for (int64_t j = 0; j < len; ++j) {
+            const float* t = tb + j * kTab2;
+            const __m256i wj = words[j];
+            acc[0] = _mm256_add_ps(acc[0], _mm256_permutevar8x32_ps(_mm256_load_ps(t), wj));
+            acc[1] = _mm256_add_ps(acc[1], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8), _mm256_srli_epi32(wj, 3)));
+            acc[2] = _mm256_add_ps(acc[2], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 16), _mm256_srli_epi32(wj, 6)));
+            acc[3] = _mm256_add_ps(acc[3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 24), _mm256_srli_epi32(wj, 9)));
+            acc[0] = _mm256_add_ps(acc[0], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 32), _mm256_srli_epi32(wj, 12)));
+            acc[1] = _mm256_add_ps(acc[1], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 40), _mm256_srli_epi32(wj, 15)));
+            acc[2] = _mm256_add_ps(acc[2], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 48), _mm256_srli_epi32(wj, 18)));
+            acc[3] = _mm256_add_ps(acc[3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 56), _mm256_srli_epi32(wj, 21)));
+            acc[0] = _mm256_add_ps(acc[0], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 64), _mm256_srli_epi32(wj, 24)));
+            acc[1] = _mm256_add_ps(acc[1], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 72), _mm256_srli_epi32(wj, 27)));
+            acc[2] = _mm256_add_ps(acc[2], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 80), _mm256_srli_epi32(wj, 30)));
+          }
+          float* pp = part.data() + (jq * groups + g) * 8;
+          const __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+          _mm256_storeu_ps(pp, _mm256_add_ps(_mm256_loadu_ps(pp), s));
+        }
+      }
+    }
+  }
+  for (int64_t jq = 0; jq < nq; ++jq)
+    for (int64_t t = 0; t < k; ++t) out[jq * k + t] = part[(jq * groups) * 8 + t];
+}
+
+// ------------------------------------------------------------------------------------------------
+// scalar: per task, per set bit (portable; the reference order of a plain loop).
+template <class Src>
+void lut_scalar(const int32_t* bank, int64_t R, int64_t W, int64_t n, const Src* srcs, int64_t nq,
+                const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1) {
+  const int64_t stride = R * W;
+  float vals[32];
+  std::vector<double> acc(static_cast<size_t>(nq * k), 0.0);
+  int64_t r = fw0 / W, q = fw0 % W;
+  for (int64_t fw = fw0; fw < fw1; ++fw) {
+    const uint32_t valid = valid_mask(n, q);
+    for (int64_t j = 0; j < nq; ++j) {
+      srcs[j].load(r, q, vals);
+      for (int64_t t = 0; t < k; ++t) {
+        uint32_t word = static_cast<uint32_t>(bank[(active ? active[t] : t) * stride + fw]) & valid;
+        double s = 0.0;
+        while (word) {
+          s += vals[__builtin_ctz(word)];
+          word &= word - 1;
+        }
+        acc[j * k + t] += s;
+      }
+    }
+    if (++q == W) {
+      q = 0;
+      ++r;
+    }
+  }
+  for (int64_t i = 0; i < nq * k; ++i) out[i] = static_cast<float>(acc[i]);
+}
+
+template <class Src>
+void dispatch(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const Src* srcs, int64_t nq,
+              const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1) {
+  if (isa == Isa::Avx512) return lut512(bank, R, W, srcs, nq, active, k, out, fw0, fw1);
+  if (isa == Isa::Avx2) return lut256(bank, R, W, srcs, nq, active, k, out, fw0, fw1);
+  lut_scalar(bank, R, W, n, srcs, nq, active, k, out, fw0, fw1);
+}
+
+}  // namespace
+
+bool lut_available(Isa isa) { return isa != Isa::Scalar; }
+
+void mask_dot_lut(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v, int64_t q,
+                  int64_t q_stride, const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1) {
+  std::vector<DenseSrc> srcs;
+  srcs.reserve(static_cast<size_t>(q));
+  for (int64_t j = 0; j < q; ++j) srcs.push_back(DenseSrc{v + j * q_stride, n});
+  dispatch(isa, bank, R, W, n, srcs.data(), q, active, k, out, fw0, fw1);
+}
+
+void mask_dot_lut_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* g,
+                        const float* x, const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1) {
+  const Rank1Src src{g, x, w, n};
+  dispatch(isa, bank, R, W, n, &src, 1, nullptr, k, out, fw0, fw1);
+}
+
+}  // namespace supsup_cpu

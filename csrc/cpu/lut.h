@@ -1,0 +1,28 @@
+// Lookup-table (T-MAC style, "Four Russians") kernels for ⟨Mᵢ, v⟩ over a bank of packed masks.
+// Per block of v, each group of G consecutive weights becomes a table of the 2^G subset sums of its
+// values; a task's G mask bits are then an index into that table, so one table lookup replaces G
+// masked adds. Lookups run for many tasks at once (16 per vector on AVX-512: vpermps over 16-entry
+// tables of nibbles; 8 per vector on AVX2: vpermps ymm over 8-entry tables of 3-bit groups). The
+// tables are fp32 subset sums, so the result is exact in fp32 up to summation order. Plain-pointer
+// code, no torch header; callers split the flat word range across threads.
+#pragma once
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace supsup_cpu {
+
+// out[j * k + t] = partial sum over the flat words [fw0, fw1) of the R*W words of a task of
+// bit(bank[task(t), row, i]) * v_j[row, i], for queries j < q (v_j = v + j * q_stride, each [R, n])
+// and tasks t < k. One pass over the bits serves all q queries (batched task inference).
+void mask_dot_lut(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v, int64_t q,
+                  int64_t q_stride, const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1);
+
+// The same for one query whose v = (g xᵀ) ⊙ w is formed on the fly (g [R], x [n], w [R, n]).
+void mask_dot_lut_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* g,
+                        const float* x, const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1);
+
+// Whether mask_dot_lut runs a table kernel for this ISA (scalar: a per-task loop instead).
+bool lut_available(Isa isa);
+
+}  // namespace supsup_cpu

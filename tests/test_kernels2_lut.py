@@ -1,0 +1,111 @@
+"""Lookup-table mask_dot kernels (csrc/cpu/lut.cpp) and the cpu backend's native batched queries,
+against the reference backend, on every instruction-set level this CPU has (SUPSUP_CPU_ISA caps it
+in a subprocess)."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                reason="no C++ compiler on this machine: the cpu backend cannot be built")
+
+SCRIPT = textwrap.dedent("""
+    import torch, supsup_fast as ss
+    from supsup_fast.ops.cpu import cpu_isa, CpuBackend
+    from supsup_fast.ops.reference import ReferenceBackend
+    torch.manual_seed(0)
+    ref = ReferenceBackend(); C = torch.ops.supsup_cpu
+    print(cpu_isa())
+    assert CpuBackend.fast_batched_inference
+    for n in (1, 33, 784, 1000):
+        for k in (1, 3, 4, 17, 33):
+            for lead in ((7,), (2, 3)):
+                m = torch.rand(k, *lead, n) > 0.5
+                bank = ss.pack_bits(m)
+                v = torch.randn(*lead, n)
+                exp = (m.double() * v.double()).flatten(1).sum(1).float()
+                assert torch.allclose(C.mask_dot(bank, v), exp, rtol=1e-4, atol=1e-3), (n, k, lead)
+                # small integers: every partial sum is exact in fp32, so the result is exact
+                vi = torch.randint(-3, 4, (*lead, n)).float()
+                assert torch.equal(C.mask_dot(bank, vi), ref.mask_dot(bank, vi)), (n, k, lead)
+                # pad bits set in the words are ignored
+                dirty = bank.clone()
+                if n % 32:
+                    dirty[..., -1] |= -(1 << (n % 32))
+                    assert torch.equal(C.mask_dot(dirty, vi), ref.mask_dot(bank, vi))
+                # q queries at once: row j is mask_dot of query j
+                for q in (1, 5, 40):
+                    vq = torch.randint(-3, 4, (q, *lead, n)).float()
+                    got = C.mask_dot_batched(bank, vq)
+                    assert got.shape == (q, k)
+                    assert torch.equal(got, ref.mask_dot_batched(bank, vq)), (n, k, lead, q)
+                vq = torch.randn(6, *lead, n)
+                assert torch.allclose(C.mask_dot_batched(bank, vq), ref.mask_dot_batched(bank, vq), rtol=1e-4, atol=1e-3)
+                # an active subset of the tasks
+                act = torch.randperm(k)[: max(1, k // 2)]
+                assert torch.equal(C.mask_dot(bank, vi, act), ref.mask_dot(bank[act], vi))
+                assert torch.equal(C.mask_dot_batched(bank, vq[:2].round(), act), ref.mask_dot_batched(bank[act], vq[:2].round()))
+            # rank 1: v = (g xᵀ) ⊙ W formed inside the kernel
+            R = 9
+            m = torch.rand(k, R, n) > 0.5
+            bank = ss.pack_bits(m)
+            g, x, W = torch.randn(R), torch.randn(n), torch.randn(R, n)
+            exp = (m.double() * (torch.outer(g, x) * W).double()).flatten(1).sum(1).float()
+            assert torch.allclose(C.mask_dot_rank1(bank, g, x, W), exp, rtol=1e-4, atol=1e-3), (n, k)
+    # the public ops on the cpu backend: mask_dot_batched and the one-image α-gradient
+    bank = ss.pack_bits(torch.rand(21, 13, 100) > 0.5)
+    v = torch.randn(4, 13, 100)
+    with ss.use_backend("cpu"):
+        got = ss.ops.mask_dot_batched(bank, v)
+    with ss.use_backend("reference"):
+        exp = ss.ops.mask_dot_batched(bank, v)
+    assert torch.allclose(got, exp, rtol=1e-4, atol=1e-4)
+    x, W = torch.randn(1, 100), torch.randn(13, 100)
+    grads = []
+    for b in ("cpu", "reference"):
+        with ss.use_backend(b):
+            a = torch.full((21,), 1 / 21, requires_grad=True)
+            y = ss.ops.superposed_linear(x, W, bank, a)
+            grads.append(torch.autograd.grad(y.square().sum(), a)[0])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+    print("ok")
+""")
+
+
+def _isas():
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    out = ["scalar"]
+    if " avx2" in flags and " fma" in flags:
+        out.append("avx2")
+    if " avx512f" in flags and " avx512bw" in flags and " avx512vl" in flags and " avx512dq" in flags:
+        out.append("avx512")
+    return out
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_lut_mask_dot_against_reference(isa):
+    if isa not in _isas():
+        pytest.skip(f"this CPU has no {isa}")
+    env = dict(os.environ, SUPSUP_CPU_ISA=isa, OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == [isa, "ok"]
+
+
+def test_batched_inference_on_cpu_matches_per_query():
+    """Evaluation's batched path (now taken on the cpu backend) gives each query's own α-gradient."""
+    import supsup_fast as ss
+    from supsup_fast.algorithms.inference import alpha_gradient, alpha_gradients_batched
+    from supsup_fast.bench import random_model_with_masks
+    model = random_model_with_masks("lenet", 20, 37, seed=3)
+    xs = torch.randn(5, 784)
+    with ss.use_backend("cpu"):
+        batched = alpha_gradients_batched(model, xs, "entropy", 10)
+    with ss.use_backend("reference"):
+        for j in range(5):
+            one = alpha_gradient(model, xs[j:j + 1], "entropy", 10)
+            assert torch.allclose(batched[j], one, rtol=1e-3, atol=1e-6)
