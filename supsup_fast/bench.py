@@ -154,14 +154,15 @@ def bench_single_task_forward(batches: List[int], size: int = 1024, repeats: int
 
 
 def bench_training_step(batch: int = 128, repeats: int = 10, device: str = "cpu",
-                        timer: Optional[Callable[[Callable[[], object]], float]] = None) -> dict:
-    """One mask-training step of FC1024 (s=500) through the layers vs the same STE step written
-    in plain torch (W * (s >= 0) straight through, three GEMMs per layer). ``timer`` (seconds per
-    call of a function) replaces the interleaved CPU timing, e.g. ``do_bench`` on a GPU."""
+                        timer: Optional[Callable[[Callable[[], object]], float]] = None,
+                        model_name: str = "fc1024") -> dict:
+    """One mask-training step of ``model_name`` (s=500) through the layers vs the same STE step
+    written in plain torch (W * (s >= 0) straight through, three GEMMs per layer). ``timer`` (seconds
+    per call of a function) replaces the interleaved CPU timing, e.g. ``do_bench`` on a GPU."""
     from .algorithms.training import TrainSettings, make_optimizer
 
     x, y = torch.randn(batch, 784, device=device), torch.randint(0, 10, (batch,), device=device)
-    model = build_model("fc1024", 500).to(device)
+    model = build_model(model_name, 500).to(device)
     snn.begin_task(model)
     model.train()
     opt = make_optimizer(snn.task_parameters(model), TrainSettings())
@@ -198,7 +199,7 @@ def bench_training_step(batch: int = 128, repeats: int = 10, device: str = "cpu"
     fns = {"ours": ours, "plain": plain, "gemm": gemms}
     t = interleaved_medians(fns, repeats=repeats) if timer is None else {k: timer(f) for k, f in fns.items()}
     t_ours, t_plain, t_gemm = t["ours"], t["plain"], t["gemm"]
-    return {"batch": batch, "ours_s": t_ours, "plain_torch_ste_s": t_plain, "three_gemms_s": t_gemm,
+    return {"model": model_name, "batch": batch, "ours_s": t_ours, "plain_torch_ste_s": t_plain, "three_gemms_s": t_gemm,
             "ours_vs_plain_speed": t_plain / t_ours, "ours_vs_gemm_floor": t_ours / t_gemm}
 
 

@@ -7,6 +7,7 @@
 
 #include "kernels.h"
 #include "lut.h"
+#include "gemv.h"
 
 namespace supsup_cpu {
 namespace {
@@ -271,6 +272,56 @@ void signed_masked_weight_into_op(const at::Tensor& sign_words, const at::Tensor
   });
 }
 
+// y = x (W ⊙ S)ᵀ + b and dx = g (W ⊙ S) for a few rows of x, W ⊙ S never materialised.
+void check_scaled(const at::Tensor& w, const at::Tensor& s) {
+  check_float(w, "weight");
+  check_float(s, "s");
+  TORCH_CHECK(w.dim() == 2 && s.sizes() == w.sizes(), "weight and s must both be [out, in]");
+}
+
+at::Tensor scaled_linear_small_op(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
+                                  const std::optional<at::Tensor>& bias) {
+  check_scaled(w, s);
+  check_float(x, "x");
+  const int64_t R = w.size(0), n = w.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == n, "x must be [*, in] for weight [out, in]");
+  const int64_t B = x.numel() / std::max<int64_t>(n, 1);
+  TORCH_CHECK(B <= 16, "scaled_linear_small takes at most 16 rows of x, got ", B);
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check_float(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == R, "bias must have shape [", R, "]");
+    bp = bias->data_ptr<float>();
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = R;
+  at::Tensor y = at::empty(sizes, x.options());
+  const Isa isa = current_isa();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    scaled_gemm_small(isa, x.data_ptr<float>(), B, w.data_ptr<float>(), s.data_ptr<float>(), n, R, bp,
+                      y.data_ptr<float>(), r0, r1);
+  });
+  return y;
+}
+
+at::Tensor scaled_linear_small_t_op(const at::Tensor& g, const at::Tensor& w, const at::Tensor& s) {
+  check_scaled(w, s);
+  check_float(g, "grad");
+  const int64_t R = w.size(0), n = w.size(1);
+  TORCH_CHECK(g.dim() >= 1 && g.size(-1) == R, "grad must be [*, out] for weight [out, in]");
+  const int64_t B = g.numel() / std::max<int64_t>(R, 1);
+  TORCH_CHECK(B <= 16, "scaled_linear_small_t takes at most 16 rows of grad, got ", B);
+  auto sizes = g.sizes().vec();
+  sizes.back() = n;
+  at::Tensor dx = at::empty(sizes, g.options());
+  const Isa isa = current_isa();
+  at::parallel_for(0, n, 256, [&](int64_t j0, int64_t j1) {
+    scaled_gemm_small_t(isa, g.data_ptr<float>(), B, w.data_ptr<float>(), s.data_ptr<float>(), n, R,
+                        dx.data_ptr<float>(), j0, j1);
+  });
+  return dx;
+}
+
 void rmsprop_step_op(at::Tensor param, const at::Tensor& grad, at::Tensor square_avg, double lr, double alpha, double eps,
                      double weight_decay) {
   check_float(param, "param");
@@ -306,6 +357,8 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("pack_bits(Tensor mask) -> Tensor");
   m.def("unpack_bits(Tensor words, int n) -> Tensor");
   m.def("mask_dot(Tensor bank, Tensor v, Tensor? active=None) -> Tensor");
+  m.def("scaled_linear_small(Tensor x, Tensor weight, Tensor s, Tensor? bias=None) -> Tensor");
+  m.def("scaled_linear_small_t(Tensor grad, Tensor weight, Tensor s) -> Tensor");
   m.def("mask_dot_batched(Tensor bank, Tensor v, Tensor? active=None) -> Tensor");
   m.def("mask_dot_rank1(Tensor bank, Tensor g, Tensor x, Tensor weight) -> Tensor");
   m.def("superpose(Tensor bank, Tensor alpha, int n, Tensor? active=None) -> Tensor");
@@ -323,6 +376,8 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("unpack_bits", &unpack_bits_op);
   m.impl("mask_dot", &mask_dot_op);
   m.impl("superpose", &superpose_op);
+  m.impl("scaled_linear_small", &scaled_linear_small_op);
+  m.impl("scaled_linear_small_t", &scaled_linear_small_t_op);
   m.impl("mask_dot_batched", &mask_dot_batched_op);
   m.impl("mask_dot_rank1", &mask_dot_rank1_op);
   m.impl("masked_weight", &masked_weight_op);

@@ -218,9 +218,18 @@ class SupermaskLayer(nn.Module):
         bank = self.bank.words if active is None else self.bank.words.index_select(0, active)
         if uniform:
             counts = self.counts() if active is None else self.active_counts(active)
-            s = counts * (1.0 / bank.shape[0])
+            s = self._uniform_s(counts, bank.shape[0])
             return ops.superposed_with_s(x, self.weight, bank, alpha, s, self.bias, self._conv_kwargs())
         return self._superposed(x, bank, alpha)
+
+    def _uniform_s(self, counts: torch.Tensor, k: int) -> torch.Tensor:
+        """counts / k, kept while the same count tensor (same version) and k are in use: every
+        one-shot query of an evaluation reuses it instead of rescaling a weight-sized tensor."""
+        cache = getattr(self, "_s_cache", None)
+        if cache is None or cache[0] is not counts or cache[1] != counts._version or cache[2] != k:
+            cache = (counts, counts._version, k, counts * (1.0 / k))
+            self._s_cache = cache
+        return cache[3]
 
     def _conv_kwargs(self) -> Optional[dict]:
         return None

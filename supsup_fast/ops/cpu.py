@@ -165,6 +165,18 @@ class CpuBackend(ReferenceBackend):
             return dense.forward(x, w_eff, bias)  # a new tensor: the scratch never escapes
         return super().masked_forward(dense, x, weight, mask_words, bias)
 
+    def superposed_forward(self, dense, x, weight, bank, alpha, s, bias):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if not (isinstance(dense, DenseLinear) and 0 < rows <= SMALL_BATCH and x.dtype == torch.float32
+                and weight.dtype == torch.float32 and alpha.dtype == torch.float32
+                and (s is None or s.dtype == torch.float32) and (bias is None or bias.dtype == torch.float32)):
+            return super().superposed_forward(dense, x, weight, bank, alpha, s, bias)
+        if s is None:
+            s = self.superpose(bank, alpha, weight.shape[1])
+        # y = x (W ⊙ S)ᵀ + b for a few images (task inference), W ⊙ S never materialised
+        return self.ops.scaled_linear_small(x.contiguous(), weight, s.view_as(weight).contiguous(),
+                                            None if bias is None else bias.contiguous())
+
     def superposed_backward(self, dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight):
         rows = x.numel() // max(x.shape[-1], 1)
         if not (isinstance(dense, DenseLinear) and rows == 1 and need_alpha and not need_weight
@@ -177,7 +189,10 @@ class CpuBackend(ReferenceBackend):
         if need_input:
             if s is None:
                 s = self.superpose(bank, alpha.to(weight.dtype), weight.shape[1])
-            dx = dense.grad_input(grad, x, weight * s.view_as(weight))
+            if s.dtype == torch.float32:  # dx = g (W ⊙ S), W ⊙ S never materialised
+                dx = self.ops.scaled_linear_small_t(grad.contiguous(), weight, s.view_as(weight).contiguous()).view_as(x)
+            else:
+                dx = dense.grad_input(grad, x, weight * s.view_as(weight))
         return dx, dalpha.to(alpha.dtype), grad.new_empty(0)
 
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
