@@ -23,6 +23,10 @@ inline uint32_t valid_bits(int64_t n, int64_t q) {
   return rem >= 32 ? 0xFFFFFFFFu : ((1u << rem) - 1u);
 }
 
+// superpose walks the tasks in blocks: within a block each task's rows are one sequential stream
+// (a few dozen pages in the TLB at a time); the output rows are re-read once per block.
+constexpr int64_t kSuperposeTaskBlock = 64;
+
 inline const int32_t* task_base(const int32_t* bank, const int64_t* active, int64_t t, int64_t stride) {
   return bank + (active ? active[t] : t) * stride;
 }
@@ -154,27 +158,62 @@ AVX2_TARGET void mask_dot_avx2(const int32_t* bank, int64_t R, int64_t W, int64_
   }
 }
 
+// Superpose on AVX2: a word is broadcast once, then for each byte one variable shift moves bit
+// 8c+i of the word into the sign bit of lane i, and blendv picks α or 0 from that sign bit: 3 vector
+// ops per 8 bits (instead of broadcast/and/compare/and/add). Two words per task at a time.
+template <int NW>
+AVX2_TARGET void superpose_words_avx2(const int32_t* bank, int64_t k, int64_t stride, int64_t off, int64_t q0, int64_t n,
+                                      const float* alpha, const int64_t* active, float* o, bool init) {
+  const __m256i sh[4] = {_mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24), _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
+                         _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8), _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)};
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc[4 * NW];
+  uint32_t valid[NW];
+  float buf[32];
+  for (int j = 0; j < NW; ++j) {
+    valid[j] = valid_bits(n, q0 + j);
+    if (init) {
+      for (int c = 0; c < 4; ++c) acc[4 * j + c] = zero;
+    } else if (valid[j] == 0xFFFFFFFFu) {
+      for (int c = 0; c < 4; ++c) acc[4 * j + c] = _mm256_loadu_ps(o + 32 * j + 8 * c);
+    } else {  // the row's last, partial word: never read past the row
+      std::fill(buf, buf + 32, 0.0f);
+      std::memcpy(buf, o + 32 * j, sizeof(float) * (n - 32 * (q0 + j)));
+      for (int c = 0; c < 4; ++c) acc[4 * j + c] = _mm256_loadu_ps(buf + 8 * c);
+    }
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    const int32_t* b = task_base(bank, active, t, stride) + off;
+    const __m256 a = _mm256_set1_ps(alpha[t]);
+    for (int j = 0; j < NW; ++j) {
+      const __m256i wv = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(b[j]) & valid[j]));
+      for (int c = 0; c < 4; ++c)
+        acc[4 * j + c] = _mm256_add_ps(acc[4 * j + c], _mm256_blendv_ps(zero, a, _mm256_castsi256_ps(_mm256_sllv_epi32(wv, sh[c]))));
+    }
+  }
+  for (int j = 0; j < NW; ++j) {
+    float* oj = o + 32 * j;
+    if (valid[j] == 0xFFFFFFFFu) {
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(oj + 8 * c, acc[4 * j + c]);
+    } else {
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(buf + 8 * c, acc[4 * j + c]);
+      std::memcpy(oj, buf, sizeof(float) * (n - 32 * (q0 + j)));
+    }
+  }
+}
+
 AVX2_TARGET void superpose_avx2(const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
                                 const int64_t* active, float* out, int64_t r0, int64_t r1) {
   const int64_t stride = R * W;
-  float buf[32];
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t q = 0; q < W; ++q) {
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      const uint32_t valid = valid_bits(n, q);
-      for (int64_t t = 0; t < k; ++t) {
-        const uint32_t word = static_cast<uint32_t>(task_base(bank, active, t, stride)[r * W + q]) & valid;
-        if (!word) continue;
-        const __m256 a = _mm256_set1_ps(alpha[t]);
-        for (int c = 0; c < 4; ++c) acc[c] = _mm256_add_ps(acc[c], _mm256_and_ps(bits8((word >> (8 * c)) & 0xFF), a));
-      }
-      float* o = out + r * n + 32 * q;
-      if (valid == 0xFFFFFFFFu) {
-        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o + 8 * c, acc[c]);
-      } else {
-        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(buf + 8 * c, acc[c]);
-        std::memcpy(o, buf, sizeof(float) * (n - 32 * q));
-      }
+  for (int64_t t0 = 0; t0 < k; t0 += kSuperposeTaskBlock) {
+    const int64_t kb = std::min(kSuperposeTaskBlock, k - t0);
+    const int32_t* bb = active ? bank : bank + t0 * stride;
+    const int64_t* ab = active ? active + t0 : nullptr;
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t q = 0;
+      for (; q + 2 <= W; q += 2)
+        superpose_words_avx2<2>(bb, kb, stride, r * W + q, q, n, alpha + t0, ab, out + r * n + 32 * q, t0 == 0);
+      for (; q < W; ++q) superpose_words_avx2<1>(bb, kb, stride, r * W + q, q, n, alpha + t0, ab, out + r * n + 32 * q, t0 == 0);
     }
   }
 }
@@ -287,9 +326,13 @@ AVX512_TARGET void mask_dot_avx512(const int32_t* bank, int64_t R, int64_t W, in
 
 template <int NW>
 AVX512_TARGET void superpose_words512(const int32_t* bank, int64_t k, int64_t stride, int64_t off, int64_t q0,
-                                      int64_t n, const float* alpha, const int64_t* active, float* o) {
+                                      int64_t n, const float* alpha, const int64_t* active, float* o, bool init) {
   __m512 acc[2 * NW];
-  for (int i = 0; i < 2 * NW; ++i) acc[i] = _mm512_setzero_ps();
+  for (int j = 0; j < NW; ++j) {
+    const uint32_t valid = valid_bits(n, q0 + j);
+    acc[2 * j] = init ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid), o + 32 * j);
+    acc[2 * j + 1] = init ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid >> 16), o + 32 * j + 16);
+  }
   for (int64_t t = 0; t < k; ++t) {
     const int32_t* b = task_base(bank, active, t, stride) + off;
     const __m512 a = _mm512_set1_ps(alpha[t]);
@@ -310,10 +353,16 @@ AVX512_TARGET void superpose_words512(const int32_t* bank, int64_t k, int64_t st
 AVX512_TARGET void superpose_avx512(const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R,
                                     const float* alpha, const int64_t* active, float* out, int64_t r0, int64_t r1) {
   const int64_t stride = R * W;
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t q = 0;
-    for (; q + 8 <= W; q += 8) superpose_words512<8>(bank, k, stride, r * W + q, q, n, alpha, active, out + r * n + 32 * q);
-    for (; q < W; ++q) superpose_words512<1>(bank, k, stride, r * W + q, q, n, alpha, active, out + r * n + 32 * q);
+  for (int64_t t0 = 0; t0 < k; t0 += kSuperposeTaskBlock) {
+    const int64_t kb = std::min(kSuperposeTaskBlock, k - t0);
+    const int32_t* bb = active ? bank : bank + t0 * stride;
+    const int64_t* ab = active ? active + t0 : nullptr;
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t q = 0;
+      for (; q + 8 <= W; q += 8)
+        superpose_words512<8>(bb, kb, stride, r * W + q, q, n, alpha + t0, ab, out + r * n + 32 * q, t0 == 0);
+      for (; q < W; ++q) superpose_words512<1>(bb, kb, stride, r * W + q, q, n, alpha + t0, ab, out + r * n + 32 * q, t0 == 0);
+    }
   }
 }
 
