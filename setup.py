@@ -1,15 +1,26 @@
 """supsup_fast: Supermasks in Superposition with bit-packed masks and fused kernels.
 
-The Triton kernels in ``kernels/`` install as ``supsup_fast.kernels``. C++/CUDA extensions in
-``csrc/`` are built only when sources exist and torch is importable at build time (install with
-``--no-build-isolation`` on machines that should build them); an empty or absent ``csrc/`` is fine.
+Install mapping (stated once, here): the folder ``kernels/`` (Triton) installs as the subpackage
+``supsup_fast.kernels`` and ``csrc/`` (C++/CUDA sources and their build list, ``csrc/build.py``) as
+``supsup_fast.csrc``. The C++/CUDA extensions are built only when sources exist and torch is
+importable at build time (install with ``--no-build-isolation`` on machines that should build
+them); otherwise the CPU kernels compile on first use.
 """
 import glob
+import importlib.util
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def csrc_build():
+    """csrc/build.py, loaded by path: the package is not importable while it is being built."""
+    spec = importlib.util.spec_from_file_location("supsup_fast_csrc_build", os.path.join(HERE, "csrc", "build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def nvidia_include_dirs():
@@ -24,11 +35,13 @@ def nvidia_include_dirs():
     return dirs
 
 
-def cuda_extension(torch):
+def cuda_extension(torch, build):
     """The CUDA extension, or None with one line saying why it is skipped."""
     import shutil
     from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
-    sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + [os.path.join("csrc", "cuda", "bindings.cpp")]
+    sources = build.cuda_sources("csrc")
+    if not sources:
+        return None
     if torch.version.cuda is None:
         print("supsup_fast: skipping the CUDA kernels (this torch is a CPU build)")
         return None
@@ -37,12 +50,13 @@ def cuda_extension(torch):
         return None
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     return CUDAExtension("supsup_fast._cuda", sources, include_dirs=nvidia_include_dirs(),
-                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]},
-                         define_macros=[("SUPSUP_PYTHON_MODULE", None)])
+                         extra_compile_args={"cxx": build.CUDA_CXXFLAGS, "nvcc": build.CUDA_NVCCFLAGS},
+                         define_macros=[build.PYTHON_MODULE_MACRO])
 
 
 def extensions():
-    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    build = csrc_build()
+    cpu_sources = build.cpu_sources("csrc")
     if not cpu_sources:
         return [], {}
     try:
@@ -52,11 +66,10 @@ def extensions():
         print("supsup_fast: torch is not importable at build time; the C++ CPU kernels will be compiled "
               "on first use instead (install with --no-build-isolation to build them now)")
         return [], {}
-    ext = CppExtension("supsup_fast._C", cpu_sources,
-                       extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wno-maybe-uninitialized"], extra_link_args=["-fopenmp"],
-                       define_macros=[("SUPSUP_PYTHON_MODULE", None)])
+    ext = CppExtension("supsup_fast._C", cpu_sources, extra_compile_args=build.CPU_CFLAGS,
+                       extra_link_args=build.CPU_LDFLAGS, define_macros=[build.PYTHON_MODULE_MACRO])
     exts = [ext]
-    cuda = cuda_extension(torch)
+    cuda = cuda_extension(torch, build)
     if cuda is not None:
         exts.append(cuda)
     return exts, {"build_ext": BuildExtension}
@@ -71,15 +84,14 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["supsup_fast", "supsup_fast.ops", "supsup_fast.nn", "supsup_fast.data", "supsup_fast.algorithms",
-              "supsup_fast.kernels", "supsup_fast.csrc"],
+    packages=find_packages(include=["supsup_fast", "supsup_fast.*"]) + ["supsup_fast.kernels", "supsup_fast.csrc"],
     package_dir={"supsup_fast.kernels": "kernels", "supsup_fast.csrc": "csrc"},
     package_data={"supsup_fast.data": ["mnist_subset.npz"], "supsup_fast.csrc": ["cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.cpp"],
                   "supsup_fast.ops": ["gpu_op_table.json"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "matplotlib", "PyYAML", "ninja"],
     # The tests run the Triton kernels in Triton's CPU interpreter, which needs Triton >= 3.8 with
     # numpy 2 (3.6's interpreter cannot loop over runtime ints); GPUs run compiled kernels from 3.6 on.
-    extras_require={"test": ["pytest", "pytest-benchmark", "triton>=3.8,<3.10; platform_system == 'Linux'"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.8,<3.10; platform_system == 'Linux'"],
                     "triton": ["triton>=3.6,<3.10"]},
     entry_points={"console_scripts": ["supsup-fast=supsup_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -166,7 +166,7 @@ def bench_forward(batches: List[int], size: int, backends: List[str]) -> List[di
                              "cublas_s": cublas, "speedup_vs_cublas": cublas / ours})
     # The launch-bound regime: a whole FC1024 single-task forward replayed from one CUDA graph.
     if DEV.type == "cuda":
-        from supsup_fast.graphs import GraphedCall
+        from supsup_fast.bench import GraphedCall
         from supsup_fast.nn import set_task
         model = model_with(1)
         set_task(model, 0)

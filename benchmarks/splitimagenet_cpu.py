@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from fake_imagenet import write_fake_imagenet  # noqa: E402
 
-from supsup_fast.algorithms.rundir import machine_info  # noqa: E402
+from supsup_fast.runs.results import machine_info  # noqa: E402
 from supsup_fast.algorithms.training import TrainSettings, make_optimizer  # noqa: E402
 from supsup_fast.data import load_benchmark  # noqa: E402
 from supsup_fast.models import build_model  # noqa: E402

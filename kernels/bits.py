@@ -1,8 +1,13 @@
 """Elementwise bit kernels over the canonical layout (row-major ``[rows, n]`` bits packed
 LSB-first into ``[rows, W]`` int32 words, W = ceil(n/32)): pack, unpack, masked-weight
 materialisation (float or signed-constant sign bits) and the training-time compare-and-pack."""
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 import triton
 import triton.language as tl
+
+from .common import INTERPRET, bit_at, num_words
 
 
 @triton.jit
@@ -38,7 +43,7 @@ def unpack_bits_kernel(words_ptr, out_ptr, n, W, BLOCK_N: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     word = tl.load(words_ptr + r * W + j // 32, mask=j < n, other=0)
-    tl.store(out_ptr + r * n + j, ((word >> (j % 32)) & 1).to(tl.uint8), mask=j < n)
+    tl.store(out_ptr + r * n + j, bit_at(word, j).to(tl.uint8), mask=j < n)
 
 
 @triton.jit
@@ -49,7 +54,7 @@ def masked_weight_kernel(w_ptr, words_ptr, out_ptr, n, W, BLOCK_N: tl.constexpr)
     inside = j < n
     word = tl.load(words_ptr + r * W + j // 32, mask=inside, other=0)
     w = tl.load(w_ptr + r * n + j, mask=inside, other=0.0)
-    tl.store(out_ptr + r * n + j, tl.where(((word >> (j % 32)) & 1) != 0, w, 0.0), mask=inside)
+    tl.store(out_ptr + r * n + j, tl.where(bit_at(word, j) != 0, w, 0.0), mask=inside)
 
 
 @triton.jit
@@ -74,3 +79,70 @@ def threshold_masked_weight_kernel(s_ptr, w_ptr, out_ptr, numel, BLOCK: tl.const
     s = tl.load(s_ptr + i, mask=inside, other=-1.0)
     w = tl.load(w_ptr + i, mask=inside, other=0.0)
     tl.store(out_ptr + i, tl.where(s >= 0, w, 0.0), mask=inside)
+
+
+# -- launchers (torch.library.triton_op, namespace supsup_triton) ------------------------------
+@triton_op("supsup_triton::pack_bits", mutates_args={})
+def pack_bits(mask: Tensor) -> Tensor:
+    """bool [R, n] -> int32 [R, W]."""
+    rows, n = mask.shape
+    out = torch.empty(rows, num_words(n), dtype=torch.int32, device=mask.device)
+    bw = 64 if INTERPRET else 32
+    if rows and n:
+        wrap_triton(pack_bits_kernel)[(rows, triton.cdiv(num_words(n), bw))](mask.view(torch.uint8), out, n, num_words(n), BLOCK_W=bw)
+    return out
+
+
+@triton_op("supsup_triton::compare_pack", mutates_args={})
+def compare_pack(values: Tensor, threshold: float, absolute: bool) -> Tensor:
+    """1[v >= threshold] (or |v|) packed: float [R, n] -> int32 [R, W]."""
+    rows, n = values.shape
+    out = torch.empty(rows, num_words(n), dtype=torch.int32, device=values.device)
+    bw = 64 if INTERPRET else 32
+    if rows and n:
+        wrap_triton(compare_pack_kernel)[(rows, triton.cdiv(num_words(n), bw))](values, out, threshold, n, num_words(n),
+                                                                            ABS=absolute, BLOCK_W=bw)
+    return out
+
+
+@triton_op("supsup_triton::unpack_bits", mutates_args={})
+def unpack_bits(words: Tensor, n: int) -> Tensor:
+    """int32 [R, W] -> bool [R, n]."""
+    rows = words.shape[0]
+    out = torch.empty(rows, n, dtype=torch.uint8, device=words.device)
+    bn = 2048 if INTERPRET else 1024
+    if rows and n:
+        wrap_triton(unpack_bits_kernel)[(rows, triton.cdiv(n, bn))](words, out, n, words.shape[1], BLOCK_N=bn)
+    return out.view(torch.bool)
+
+
+@triton_op("supsup_triton::masked_weight", mutates_args={})
+def masked_weight(weight: Tensor, words: Tensor) -> Tensor:
+    """W [R, n] ⊙ M -> [R, n] (W's dtype)."""
+    rows, n = weight.shape
+    out = torch.empty_like(weight)
+    bn = 2048 if INTERPRET else 1024
+    if rows and n:
+        wrap_triton(masked_weight_kernel)[(rows, triton.cdiv(n, bn))](weight, words, out, n, words.shape[1], BLOCK_N=bn)
+    return out
+
+
+@triton_op("supsup_triton::signed_masked_weight", mutates_args={})
+def signed_masked_weight(sign_words: Tensor, words: Tensor, scale: float, n: int, dtype: torch.dtype) -> Tensor:
+    rows = words.shape[0]
+    out = torch.empty(rows, n, dtype=dtype, device=words.device)
+    bn = 2048 if INTERPRET else 1024
+    if rows and n:
+        wrap_triton(signed_masked_weight_kernel)[(rows, triton.cdiv(n, bn))](sign_words, words, out, scale, n,
+                                                                            words.shape[1], BLOCK_N=bn)
+    return out
+
+
+@triton_op("supsup_triton::threshold_masked_weight", mutates_args={})
+def threshold_masked_weight(scores: Tensor, weight: Tensor) -> Tensor:
+    out = torch.empty_like(weight)
+    numel = weight.numel()
+    block = 4096 if INTERPRET else 1024
+    if numel:
+        wrap_triton(threshold_masked_weight_kernel)[(triton.cdiv(numel, block),)](scores, weight, out, numel, BLOCK=block)
+    return out

@@ -8,12 +8,15 @@
 - ``grad_weight_kernel``: V = (gᵀ x) ⊙ W [⊙ M] in the epilogue: with W it is the v of the α-gradient
   (⟨Mᵢ, V⟩) and the straight-through score gradient; with M it is the masked weight gradient.
 """
-import os
+from typing import Optional
 
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .common import INTERPRET, dot_precision, expand_bits, upcast
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). On a GPU the autotuner times them per shape
 # and skips those that need more shared memory than the card has (128×128 fp32 tiles on sm_90);
@@ -34,8 +37,7 @@ def _unpack_tile(words_ptr, rows, W, k0, n_rows, BLOCK_R: tl.constexpr, BLOCK_K:
     offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     words = tl.load(words_ptr + rows[:, None].to(tl.int64) * W + offs_w[None, :],
                     mask=(rows[:, None] < n_rows) & (offs_w[None, :] < W), other=0)
-    shifts = tl.arange(0, 32)
-    return tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 1, (BLOCK_R, BLOCK_K))
+    return tl.reshape(expand_bits(words), (BLOCK_R, BLOCK_K))
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K"])
@@ -106,3 +108,53 @@ def grad_weight_kernel(g_ptr, x_ptr, w_ptr, words_ptr, out_ptr, M, N, K, W,
         bits = _unpack_tile(words_ptr, rn, W, k0, N, BLOCK_N, BLOCK_K)
         acc = tl.where(bits != 0, acc, 0.0)
     tl.store(out_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+# -- launchers (torch.library.triton_op, namespace supsup_triton) ------------------------------
+@triton_op("supsup_triton::masked_linear", mutates_args={})
+def masked_linear(x: Tensor, weight: Optional[Tensor], sign_words: Optional[Tensor], words: Tensor,
+                  bias: Optional[Tensor], scale: float) -> Tensor:
+    """x [M, K] (W ⊙ M)ᵀ + b; W given as a float tensor or (sign_words, scale)."""
+    dtype = x.dtype
+    x, weight, bias = upcast(x, weight, bias)
+    m, k = x.shape
+    n = words.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m and n:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        wrap_triton(masked_linear_kernel)[grid](
+            x, weight if weight is not None else words, sign_words if sign_words is not None else words, words,
+            bias if bias is not None else x, y, m, n, k, words.shape[1], scale,
+            SIGNED=weight is None, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype))
+    return y.to(dtype)
+
+
+@triton_op("supsup_triton::masked_linear_dx", mutates_args={})
+def masked_linear_dx(g: Tensor, weight: Tensor, words: Tensor) -> Tensor:
+    """g [M, N] (W ⊙ M) -> [M, K]."""
+    dtype = g.dtype
+    g, weight = upcast(g, weight)
+    m, n = g.shape
+    k = weight.shape[1]
+    dx = torch.empty(m, k, dtype=g.dtype, device=g.device)
+    if m and k:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+        wrap_triton(masked_linear_dx_kernel)[grid](
+            g, weight, words, dx, m, n, k, words.shape[1], PRECISION=dot_precision(g.dtype))
+    return dx.to(dtype)
+
+
+@triton_op("supsup_triton::grad_weight", mutates_args={})
+def grad_weight(g: Tensor, x: Tensor, weight: Optional[Tensor], words: Optional[Tensor]) -> Tensor:
+    """(gᵀ x) ⊙ W (if weight) ⊙ M (if words): [N, K], always fp32 (the α-gradient's v; callers cast)."""
+    g, x, weight = upcast(g, x, weight)
+    m, n = g.shape
+    k = x.shape[1]
+    out = torch.empty(n, k, dtype=torch.float32, device=x.device)
+    if n and k:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+        wrap_triton(grad_weight_kernel)[grid](
+            g, x, weight if weight is not None else x, words if words is not None else g, out, m, n, k,
+            words.shape[1] if words is not None else 0,
+            MUL_W=weight is not None, HAS_MASK=words is not None, PRECISION=dot_precision(x.dtype))
+    return out

@@ -14,7 +14,7 @@ def __getattr__(name):
         from .convert import convert
         globals()["convert"] = convert  # importing the submodule bound its module object here
         return convert
-    if name in ("nn", "models", "algorithms", "data", "storage", "compat"):
+    if name in ("nn", "models", "algorithms", "data", "runs", "compat"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'supsup_fast' has no attribute {name!r}")

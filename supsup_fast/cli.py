@@ -13,7 +13,7 @@ DEMO = dict(scenario="GNu", benchmark="permuted-mnist", model="lenet", tasks=10,
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     from .algorithms.evaluation import SCENARIOS
-    from .config import INFERENCE_METHODS as METHODS
+    from .runs.config import INFERENCE_METHODS as METHODS
     from .algorithms.objectives import OBJECTIVES
     from .algorithms.training import OPTIMIZERS, SCHEDULERS
     from .data import BENCHMARKS
@@ -75,7 +75,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _config_from(args: argparse.Namespace, base: Optional[dict] = None):
-    from .config import FIELDS, load_yaml, make_config
+    from .runs.config import FIELDS, load_yaml, make_config
     preset = dict(base or {})
     if getattr(args, "config", None):
         preset.update(load_yaml(args.config))
@@ -117,7 +117,7 @@ def _launch(config):
 
 
 def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") -> int:
-    from .algorithms.experiment import run_experiment
+    from .runs import run_experiment
     from .distributed import shutdown
     config = _config_from(args, base)
     out = Path(args.out or default_out)
@@ -133,7 +133,7 @@ def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") ->
 
 
 def cmd_evaluate(args) -> int:
-    from .algorithms.experiment import evaluate_run
+    from .runs import evaluate_run
     from .distributed import init_from_env, shutdown
     overrides = {k: getattr(args, k) for k in ("scenario", "inference", "objective", "infer_images", "log_base",
                                                "data_root", "device", "backend", "shard_bank") if getattr(args, k) is not None}

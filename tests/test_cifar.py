@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from supsup_fast.config import make_config
+from supsup_fast.runs.config import make_config
 from supsup_fast.data import DataError, SplitCIFAR100, load_benchmark, load_cifar100
 from supsup_fast.data.cifar import random_crop_flip
 
@@ -66,8 +66,8 @@ def test_random_crop_flip_is_a_shifted_or_mirrored_crop():
 
 
 def test_split_cifar100_smoke_run_with_transfer(tmp_path):
-    from supsup_fast.algorithms.experiment import run_experiment
-    from supsup_fast.storage import load_model
+    from supsup_fast.runs import run_experiment
+    from supsup_fast.runs.maskfile import load_model
     import supsup_fast.nn as snn
     write_fake_cifar100(tmp_path / "data")
     cfg = make_config(overrides=dict(scenario="GG", benchmark="split-cifar100", model="gemresnet18", tasks=2,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from supsup_fast import storage
+from supsup_fast.runs import maskfile
 
 RUN = ["--scenario", "GNu", "--model", "lenet", "--output-size", "100", "--iters", "40", "--train-subset", "1000",
        "--no-progress"]
@@ -141,7 +141,7 @@ def test_killed_rank_loses_no_finished_task(single_run, tmp_path):
     finished = sorted(ckpts.glob("task_*.safetensors"))
     assert finished and not list(ckpts.glob("*.tmp"))
     for f in finished:
-        storage.read_mask_file(f)  # whole and verified: written atomically
+        maskfile.read_mask_file(f)  # whole and verified: written atomically
     before = {f.name: f.read_bytes() for f in finished}
     ok(single("run", *args[1:], "--resume"))
     assert results(out)["timing"]["tasks_resumed"] >= len(finished)
@@ -172,24 +172,24 @@ def test_nns_runs_data_parallel_and_decides_as_one_process(tmp_path):
 
 BATCHED_CHECK = """
 import json, sys, torch
-from supsup_fast import storage
+from supsup_fast.runs import maskfile
 from supsup_fast.algorithms.sharded import ShardedModel
 from supsup_fast.data import load_benchmark
 from supsup_fast.distributed import init_from_env, shard_range
 from supsup_fast.models import build_model
 run = sys.argv[1]
 ctx, _ = init_from_env("cpu")
-meta = storage.read_metadata(run + "/model.safetensors")
+meta = maskfile.read_metadata(run + "/model.safetensors")
 model = build_model(**json.loads(meta["model_spec"]))
 own = shard_range(4, ctx)
 for t in own:
-    storage.load_masks(model, f"{run}/checkpoints/task_{t:05d}.safetensors", first_task=t)
+    maskfile.load_masks(model, f"{run}/checkpoints/task_{t:05d}.safetensors", first_task=t)
 sharded = ShardedModel(model, ctx, own.start, 4)
 tasks = load_benchmark("permuted-mnist", 4, 1)
 xs = torch.cat([next(iter(tasks.test(t).batches(128, shuffle=False)))[0][:3] for t in range(4)])
 batched = sharded.alpha_gradients_batched(xs, "entropy", 10)
 one_by_one = torch.stack([sharded.alpha_gradients(xs[j:j + 1], "entropy", 10) for j in range(len(xs))])
-full = storage.load_model(run + "/model.safetensors")
+full = maskfile.load_model(run + "/model.safetensors")
 from supsup_fast.algorithms.inference import alpha_gradient
 single = torch.stack([alpha_gradient(full, xs[j:j + 1], "entropy", 10) for j in range(len(xs))])
 assert torch.allclose(batched, one_by_one, atol=1e-5), (batched - one_by_one).abs().max()

@@ -3,11 +3,12 @@ import json
 import pytest
 import torch
 
-from supsup_fast.algorithms import experiment as exp_mod
-from supsup_fast.algorithms.experiment import RunDirError, evaluate_run, run_experiment
-from supsup_fast.config import load_yaml, make_config
-from supsup_fast import storage
-from supsup_fast.storage import MaskFileError
+from supsup_fast.runs import supsup as exp_mod
+from supsup_fast.runs import evaluate_run, run_experiment
+from supsup_fast.runs.rundir import RunDirError
+from supsup_fast.runs.config import load_yaml, make_config
+from supsup_fast.runs import maskfile
+from supsup_fast.runs.maskfile import MaskFileError
 
 def interrupt_after(monkeypatch, tasks: int):
     """Make the run stop with KeyboardInterrupt when it starts task number ``tasks``; returns the
@@ -82,7 +83,7 @@ def test_resume_refuses_changed_settings_and_corrupt_checkpoint(tmp_path):
                          retrain_corrupt=True)
     assert res["timing"]["tasks_resumed"] == 1  # task 1 retrained, task 0 kept as it was
     assert (out / "checkpoints" / "task_00000.safetensors").read_bytes() == first
-    storage.read_mask_file(ck)
+    maskfile.read_mask_file(ck)
 
 
 def test_evaluate_run_under_other_scenarios(tmp_path):
@@ -128,7 +129,7 @@ def test_every_shipped_preset_is_valid():
 
 def test_transfer_state_survives_resume(tmp_path, monkeypatch):
     import supsup_fast.nn as snn
-    from supsup_fast.storage import load_model
+    from supsup_fast.runs.maskfile import load_model
     cfg = make_config(overrides=dict(SMALL, tasks=3, eval_at=[], transfer=True))
     full = run_experiment(cfg, tmp_path / "full", progress=False)
     reference_model = load_model(tmp_path / "full" / "model.safetensors")

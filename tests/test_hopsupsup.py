@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from supsup_fast.algorithms.experiment import run_experiment
+from supsup_fast.runs import run_experiment
 from supsup_fast.algorithms.hopsupsup import HopSettings, accuracy, recover_masks, set_masks, train_task
-from supsup_fast.config import make_config
+from supsup_fast.runs.config import make_config
 from supsup_fast.data import load_benchmark
 from supsup_fast.models import build_model
 from supsup_fast.nn.hopfield import HopfieldStore, NeuronMaskBatchNorm
@@ -107,6 +107,6 @@ def test_hopfield_config_errors(tmp_path):
     cfg = make_config(overrides=dict(benchmark="split-mnist-10", model="bnnet", inference="hopfield", output_size=10,
                                      tasks=1, iters=None, epochs=1))
     (tmp_path / "hop" / "config.json").write_text(json.dumps(cfg.to_dict()))
-    from supsup_fast.storage import MaskFileError
+    from supsup_fast.runs.maskfile import MaskFileError
     with pytest.raises(MaskFileError, match="corrupt"):
         run_experiment(cfg, tmp_path / "hop", resume=True, progress=False)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from supsup_fast.algorithms.experiment import run_experiment
+from supsup_fast.runs import run_experiment
 from supsup_fast.algorithms.training import warmup_cosine_factor
-from supsup_fast.config import load_yaml, make_config
+from supsup_fast.runs.config import load_yaml, make_config
 from supsup_fast.data import DataError, load_benchmark, load_imagenet
 from supsup_fast.data.imagenet import eval_transform, random_resized_crop_box, train_transform
 

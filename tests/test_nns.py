@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from supsup_fast import ops
-from supsup_fast.algorithms.experiment import run_experiment
+from supsup_fast.runs import run_experiment
 from supsup_fast.algorithms.nns import MaskAllocator, NNsSettings
-from supsup_fast.config import make_config
+from supsup_fast.runs.config import make_config
 from supsup_fast.models import build_model
 from supsup_fast.nn import begin_task, finish_task, mask_from_scores, num_tasks, supermask_layers
 
@@ -52,7 +52,7 @@ def test_nns_resume_matches_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_mask_budget_stops_allocation(tmp_path):
-    from supsup_fast.algorithms.experiment import evaluate_run
+    from supsup_fast.runs import evaluate_run
     res = run_experiment(make_config(overrides=dict(NNS, tasks=2, mask_budget=1, eval_at=[])), tmp_path / "r", progress=False)
     # Fewer masks than true tasks: re-evaluation still covers every true task.
     again = evaluate_run(tmp_path / "r", {}, tmp_path / "e", progress=False)

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import supsup_fast.nn as snn  # noqa: E402
-from supsup_fast import storage  # noqa: E402
-from supsup_fast.config import RunConfig, make_config  # noqa: E402
+from supsup_fast.runs import maskfile  # noqa: E402
+from supsup_fast.runs.config import RunConfig, make_config  # noqa: E402
 from supsup_fast.models import build_model  # noqa: E402
-from supsup_fast.storage import MaskFileError  # noqa: E402
+from supsup_fast.runs.maskfile import MaskFileError  # noqa: E402
 
 FIELD_NAMES = [f.name for f in dataclasses.fields(RunConfig)]
 CHOICES = ["GNu", "GG", "NNs", "permuted-mnist", "split-mnist-10", "lenet", "fc1024", "bnnet", "gemresnet18",
@@ -73,13 +73,13 @@ def mask_file(tmp_path_factory):
         snn.begin_task(model, generator=torch.Generator().manual_seed(t))
         snn.finish_task(model)
     path = tmp_path_factory.mktemp("masks") / "model.safetensors"
-    storage.save_model(model, path)
+    maskfile.save_model(model, path)
     return path.read_bytes()
 
 
 def _read(path):
     try:
-        return storage.read_mask_file(path), None
+        return maskfile.read_mask_file(path), None
     except ValueError as exc:
         assert isinstance(exc, MaskFileError), type(exc)
         _one_line(exc)
@@ -94,7 +94,7 @@ def test_random_bytes_are_refused_with_mask_file_error(tmp_path, data):
     result, exc = _read(path)
     assert result is None and exc is not None  # random bytes are never a valid mask file
     with pytest.raises(MaskFileError):
-        storage.load_model(path)
+        maskfile.load_model(path)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -114,7 +114,7 @@ def test_mutated_mask_files_are_refused_or_unchanged(tmp_path, mask_file, data):
     path = tmp_path / "mutated.safetensors"
     path.write_bytes(bytes(raw))
     try:
-        model = storage.load_model(path)
+        model = maskfile.load_model(path)
     except ValueError as exc:
         assert isinstance(exc, MaskFileError), type(exc)
         _one_line(exc)
@@ -122,7 +122,7 @@ def test_mutated_mask_files_are_refused_or_unchanged(tmp_path, mask_file, data):
     # Accepted only if it is the very same model (a byte in padding may change nothing).
     original = tmp_path / "original.safetensors"
     original.write_bytes(mask_file)
-    ref = storage.load_model(original)
+    ref = maskfile.load_model(original)
     assert snn.num_tasks(model) == snn.num_tasks(ref)
     for (n1, a), (n2, b) in zip(snn.supermask_layers(model).items(), snn.supermask_layers(ref).items()):
         assert n1 == n2 and torch.equal(a.bank.words, b.bank.words) and torch.equal(a.weight, b.weight)

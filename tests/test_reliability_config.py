@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from supsup_fast.cli import build_parser
-from supsup_fast.config import FIELDS, HOPFIELD_DEFAULTS, RunConfig, load_yaml, make_config
+from supsup_fast.runs.config import FIELDS, HOPFIELD_DEFAULTS, RunConfig, load_yaml, make_config
 
 CONFIGS = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"
 
@@ -120,5 +120,5 @@ def test_evaluation_settings_are_resumable_and_mask_shaping_ones_are_not():
 
 
 def test_validator_covers_every_field():
-    from supsup_fast.config import _SPEC
+    from supsup_fast.runs.config import _SPEC
     assert [n for n, _, _ in _SPEC] == [f.name for f in dataclasses.fields(RunConfig)]

@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 import supsup_fast.nn as snn
-from supsup_fast import storage
-from supsup_fast.algorithms import experiment as exp_mod
-from supsup_fast.algorithms.experiment import evaluate_run, run_experiment
+from supsup_fast.runs import maskfile
+from supsup_fast.runs import supsup as exp_mod
+from supsup_fast.runs import evaluate_run, run_experiment
 from supsup_fast.algorithms.metrics import cl_metrics
 from supsup_fast.cli import main
-from supsup_fast.config import make_config
+from supsup_fast.runs.config import make_config
 from supsup_fast.models import build_model
 from supsup_fast.nn.batchnorm import MultitaskBatchNorm
-from supsup_fast.storage import MaskFileError
+from supsup_fast.runs.maskfile import MaskFileError
 
 SMALL = dict(model="lenet", tasks=3, iters=40, train_subset=1500, lr=1e-3, output_size=100)
 
@@ -146,20 +146,20 @@ def test_evaluate_errors_are_one_line(gnu_run, tmp_path, capsys):
 
 def test_model_file_holding_only_some_tasks(gnu_run, tmp_path):
     out, _ = gnu_run
-    model = storage.load_model(out / "model.safetensors")
-    storage.save_masks(model, tmp_path / "first2.safetensors", first_task=0, end_task=2)
-    part = storage.load_model(tmp_path / "first2.safetensors")
+    model = maskfile.load_model(out / "model.safetensors")
+    maskfile.save_masks(model, tmp_path / "first2.safetensors", first_task=0, end_task=2)
+    part = maskfile.load_model(tmp_path / "first2.safetensors")
     assert snn.num_tasks(part) == 2
     for name, words in banks(part).items():
         assert torch.equal(words, snn.supermask_layers(model)[name].bank.words[:2])
-    storage.save_masks(model, tmp_path / "last.safetensors", first_task=2, end_task=3)
+    maskfile.save_masks(model, tmp_path / "last.safetensors", first_task=2, end_task=3)
     with pytest.raises(MaskFileError, match="starts at task 2"):
-        storage.load_model(tmp_path / "last.safetensors")
+        maskfile.load_model(tmp_path / "last.safetensors")
     # The tail appended to the two-task model completes it, bit for bit.
-    storage.load_masks(part, tmp_path / "last.safetensors")
+    maskfile.load_masks(part, tmp_path / "last.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(banks(part).values(), banks(model).values()))
     with pytest.raises(MaskFileError):
-        storage.load_masks(part, tmp_path / "last.safetensors")  # task 2 again: not the next task
+        maskfile.load_masks(part, tmp_path / "last.safetensors")  # task 2 again: not the next task
 
 
 def test_evaluate_refuses_a_run_whose_model_file_lacks_tasks(gnu_run, tmp_path):
@@ -168,10 +168,10 @@ def test_evaluate_refuses_a_run_whose_model_file_lacks_tasks(gnu_run, tmp_path):
     import shutil
     run = tmp_path / "run"
     shutil.copytree(out, run)
-    meta = storage.read_metadata(out / "model.safetensors")
-    extra = storage.parse_metadata(out / "model.safetensors", meta)[4]
-    model = storage.load_model(run / "model.safetensors")
-    storage.save_masks(model, run / "model.safetensors", first_task=0, end_task=2, extra=extra)
+    meta = maskfile.read_metadata(out / "model.safetensors")
+    extra = maskfile.parse_metadata(out / "model.safetensors", meta)[4]
+    model = maskfile.load_model(run / "model.safetensors")
+    maskfile.save_masks(model, run / "model.safetensors", first_task=0, end_task=2, extra=extra)
     with pytest.raises(ValueError, match="task"):
         evaluate_run(run, {}, tmp_path / "ev", progress=False)
 
@@ -188,8 +188,8 @@ def test_gg_resume_matches_uninterrupted(tmp_path, monkeypatch):
     assert resumed["timing"]["tasks_resumed"] == 2
     assert resumed["per_task_accuracy"] == full["per_task_accuracy"] and resumed["task_inference_accuracy"] is None
     assert resumed["average_accuracy"] > 0.8
-    a = storage.load_model(tmp_path / "full" / "model.safetensors")
-    b = storage.load_model(tmp_path / "cut" / "model.safetensors")
+    a = maskfile.load_model(tmp_path / "full" / "model.safetensors")
+    b = maskfile.load_model(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(x, y) for x, y in zip(banks(a).values(), banks(b).values()))
 
 
@@ -198,7 +198,7 @@ HOP = dict(scenario="GNu", benchmark="split-mnist-10", model="bnnet", inference=
 
 
 def test_hopsupsup_resumed_between_tasks_gives_the_same_recovery(tmp_path, monkeypatch):
-    from supsup_fast.algorithms import hopsupsup_run
+    from supsup_fast.runs import hopsupsup as hopsupsup_run
     cfg = make_config(overrides=HOP)
     full = run_experiment(cfg, tmp_path / "full", progress=False)
     interrupt_after(monkeypatch, hopsupsup_run, 1)
@@ -215,7 +215,7 @@ def test_hopsupsup_resumed_between_tasks_gives_the_same_recovery(tmp_path, monke
 
 
 def test_hopfield_checkpoint_from_another_model_is_refused(tmp_path):
-    from supsup_fast.algorithms.hopsupsup_run import _load, _save
+    from supsup_fast.runs.maskfile import load_hopfield_checkpoint as _load, save_hopfield_checkpoint as _save
     from supsup_fast.algorithms.hopsupsup import mask_layers
     model = build_model("bnnet", 10, seed=1)
     masks = [torch.rand(l.num_features) < 0.5 for l in mask_layers(model)]

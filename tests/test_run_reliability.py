@@ -6,13 +6,14 @@ import shutil
 import pytest
 import torch
 
-from supsup_fast import storage
-from supsup_fast.algorithms import experiment as exp_mod
-from supsup_fast.algorithms.experiment import RunDirError, evaluate_run, run_experiment
-from supsup_fast.algorithms.rundir import RunLock
+from supsup_fast.runs import maskfile
+from supsup_fast.runs import loop as exp_mod
+from supsup_fast.runs import evaluate_run, run_experiment
+from supsup_fast.runs.rundir import RunDirError
+from supsup_fast.runs.rundir import RunLock
 from supsup_fast.cli import main
-from supsup_fast.config import make_config
-from supsup_fast.storage import MaskFileError
+from supsup_fast.runs.config import make_config
+from supsup_fast.runs.maskfile import MaskFileError
 
 SMALL = dict(model="lenet", tasks=2, iters=30, train_subset=1000, lr=1e-3, output_size=100, eval_at=[])
 
@@ -117,7 +118,7 @@ def test_model_file_is_written_before_the_final_evaluation(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         run(out)
     monkeypatch.undo()
-    assert storage.load_model(out / "model.safetensors") is not None
+    assert maskfile.load_model(out / "model.safetensors") is not None
     res = evaluate_run(out, {}, tmp_path / "eval", progress=False)  # the masks are usable from the CLI
     assert len(res["per_task_accuracy"]) == 2
 
@@ -125,18 +126,18 @@ def test_model_file_is_written_before_the_final_evaluation(tmp_path, monkeypatch
 def test_tampered_metadata_with_a_recomputed_checksum_is_a_mask_file_error(finished, tmp_path):
     from safetensors.torch import save_file
     src = finished[0] / "model.safetensors"
-    tensors, meta = storage.read_mask_file(src)
+    tensors, meta = maskfile.read_mask_file(src)
     for key, value in (("first_task", "zero"), ("layout", None), ("model_spec", json.dumps({"name": "nope"}))):
         bad = dict(meta)
         if value is None:
             del bad[key]
         else:
             bad[key] = value
-        bad["checksum"] = storage.checksum(tensors, {k: v for k, v in bad.items() if k != "checksum"})
+        bad["checksum"] = maskfile.checksum(tensors, {k: v for k, v in bad.items() if k != "checksum"})
         path = tmp_path / f"{key}.safetensors"
         save_file(tensors, str(path), metadata=bad)
         with pytest.raises(MaskFileError, match=key if value is None else ("malformed" if key == "first_task" else "model_spec")):
-            storage.load_model(path)
+            maskfile.load_model(path)
 
 
 @pytest.mark.parametrize("setup,args,message", [

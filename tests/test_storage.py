@@ -5,7 +5,7 @@ import torch
 
 import supsup_fast.nn as snn
 from supsup_fast.models import build_model
-from supsup_fast.storage import MaskFileError, load_masks, load_model, read_mask_file, save_masks, save_model
+from supsup_fast.runs.maskfile import MaskFileError, load_masks, load_model, read_mask_file, save_masks, save_model
 
 
 def trained(name="lenet", k=3, out=100, seed=2):

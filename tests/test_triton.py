@@ -179,8 +179,8 @@ def test_batched_task_inference_matches_separate_one_shot_calls():
 
 
 def test_gnu_evaluation_same_on_triton_and_reference(tmp_path):
-    from supsup_fast.algorithms.experiment import evaluate_run, run_experiment
-    from supsup_fast.config import make_config
+    from supsup_fast.runs import evaluate_run, run_experiment
+    from supsup_fast.runs.config import make_config
     cfg = make_config(overrides=dict(model="lenet", tasks=2, iters=30, train_subset=800, lr=1e-3, output_size=50,
                                      backend="reference"))
     run_experiment(cfg, tmp_path / "run", progress=False)
@@ -228,14 +228,14 @@ def test_every_kernel_compiles_for_sm90():
 
 
 def test_graphed_call_refuses_cpu_tensors():
-    from supsup_fast.graphs import GraphedCall
+    from supsup_fast.bench import GraphedCall
     with pytest.raises(ValueError, match="CUDA tensor"):
         GraphedCall(lambda x: x * 2, torch.ones(3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")
 def test_graphed_single_task_forward_matches_eager():
-    from supsup_fast.graphs import GraphedCall
+    from supsup_fast.bench import GraphedCall
     from supsup_fast.models import build_model
     from supsup_fast.nn import begin_task, finish_task, set_task
     model = build_model("fc1024", 500, seed=0).cuda()

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ..csrc import build as csrc_build
 from .reference import DenseLinear, ReferenceBackend
 
 SMALL_BATCH = 16  # rows of x up to which the direct masked GEMV/GEMM beats materialise + BLAS
@@ -26,18 +26,10 @@ _loaded: Optional[str] = None
 
 
 def _sources() -> list:
-    # The checkout this module lives in first (a source tree or an editable install), then the
-    # installed package data.
-    candidates = [Path(__file__).resolve().parents[2] / "csrc" / "cpu"]
-    try:
-        from importlib import resources
-        candidates.append(Path(str(resources.files("supsup_fast.csrc"))) / "cpu")
-    except (ImportError, ModuleNotFoundError, TypeError):
-        pass
-    for folder in candidates:
-        if (folder / "kernels.cpp").is_file() and (folder / "bindings.cpp").is_file():
-            return sorted(str(p) for p in folder.glob("*.cpp"))  # the same files setup.py globs
-    raise RuntimeError("the C++ sources (csrc/cpu) are not installed with this package")
+    sources = csrc_build.cpu_sources()
+    if not any(p.endswith("bindings.cpp") for p in sources):
+        raise RuntimeError("the C++ sources (csrc/cpu) are not installed with this package")
+    return sources
 
 
 def _has_ops() -> bool:
@@ -64,8 +56,7 @@ def load_cpu_extension() -> str:
             print("supsup_fast: loading the C++ CPU kernels (compiled on first use, about a minute)", file=sys.stderr, flush=True)
             try:
                 cpp_extension.load(name="supsup_fast_cpu", sources=_sources(), is_python_module=False,
-                                   extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wno-maybe-uninitialized"],
-                                   extra_ldflags=["-fopenmp"], verbose=False)
+                                   extra_cflags=csrc_build.CPU_CFLAGS, extra_ldflags=csrc_build.CPU_LDFLAGS, verbose=False)
             except Exception as exc:  # no compiler, no ninja, headers missing...
                 raise RuntimeError(f"could not build the C++ CPU kernels: {exc}") from exc
             _loaded = "jit"

@@ -17,17 +17,12 @@ from typing import Dict
 
 import torch
 
+from ..csrc import build as csrc_build
 from .reference import DenseLinear, ReferenceBackend
 from .registry import AUTO, get_backend_name
 
 TABLE = Path(__file__).with_name("gpu_op_table.json")
 _loaded = None
-
-
-def _sources():
-    import supsup_fast.csrc as csrc
-    root = Path(csrc.__file__).parent / "cuda"
-    return [str(p) for p in sorted(root.glob("*.cu"))] + [str(root / "bindings.cpp")]
 
 
 def load_cuda_extension() -> str:
@@ -45,8 +40,8 @@ def load_cuda_extension() -> str:
             raise RuntimeError("the CUDA extension is not built and nvcc is not on PATH to build it")
         from torch.utils import cpp_extension
         try:
-            cpp_extension.load(name="supsup_fast_cuda", sources=_sources(), is_python_module=False,
-                               extra_cuda_cflags=["-O3", "-std=c++17"], extra_cflags=["-O3"])
+            cpp_extension.load(name="supsup_fast_cuda", sources=csrc_build.cuda_sources(), is_python_module=False,
+                               extra_cuda_cflags=csrc_build.CUDA_NVCCFLAGS, extra_cflags=csrc_build.CUDA_CXXFLAGS)
         except Exception as exc:
             raise RuntimeError(f"could not build the CUDA kernels: {exc}") from exc
         _loaded = "jit"
@@ -139,5 +134,5 @@ class CudaBackend(ReferenceBackend):
         if (isinstance(dense, DenseLinear) and hasattr(self.fallback, "k") and need_alpha and not need_weight
                 and grad.dtype == x.dtype == weight.dtype):
             from .triton import fused_alpha_backward
-            return fused_alpha_backward(self, self.fallback.k, dense, grad, x, weight, bank, alpha, s, need_input)
+            return fused_alpha_backward(self, self.fallback.kernels, dense, grad, x, weight, bank, alpha, s, need_input)
         return super().superposed_backward(dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight)

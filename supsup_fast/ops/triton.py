@@ -13,15 +13,18 @@ import torch.nn.functional as F
 from ..bits import BITS_PER_WORD
 from .reference import DenseLinear, ReferenceBackend
 
+try:  # the launchers need Triton; without it this backend is simply unavailable
+    from ..kernels import ops as kernel_ops
+except ImportError as exc:
+    kernel_ops, _IMPORT_ERROR = None, exc
+
 FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def load_kernels():
-    """Import the kernels, or raise RuntimeError saying why the backend cannot run here."""
-    try:
-        from ..kernels import ops as kernel_ops
-    except ImportError as exc:
-        raise RuntimeError(f"Triton is not installed: {exc}") from exc
+    """The kernels' launchers, or RuntimeError saying why the backend cannot run here."""
+    if kernel_ops is None:
+        raise RuntimeError(f"Triton is not installed: {_IMPORT_ERROR}") from _IMPORT_ERROR
     if not kernel_ops.INTERPRET and not torch.cuda.is_available():
         raise RuntimeError("the Triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 for tests)")
     return kernel_ops
@@ -41,8 +44,8 @@ class TritonBackend(ReferenceBackend):
     fast_batched_inference = True
 
     def __init__(self):
-        self.k = load_kernels()
-        self.interpret = self.k.INTERPRET
+        self.kernels = load_kernels()
+        self.interpret = self.kernels.INTERPRET
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda" or (self.interpret and device.type == "cpu")
@@ -50,26 +53,26 @@ class TritonBackend(ReferenceBackend):
     # -- bits ---------------------------------------------------------------------------------
     def pack_bits(self, mask):
         n = mask.shape[-1]
-        return self.k.pack_bits(mask.reshape(-1, n).contiguous()).reshape(*mask.shape[:-1], (n + 31) // 32)
+        return self.kernels.pack_bits(mask.reshape(-1, n).contiguous()).reshape(*mask.shape[:-1], (n + 31) // 32)
 
     def unpack_bits(self, words, n):
-        return self.k.unpack_bits(words.reshape(-1, words.shape[-1]).contiguous(), n).reshape(*words.shape[:-1], n)
+        return self.kernels.unpack_bits(words.reshape(-1, words.shape[-1]).contiguous(), n).reshape(*words.shape[:-1], n)
 
     def masked_weight(self, weight, mask_words):
         if weight.dtype not in FLOAT_TYPES:
             return super().masked_weight(weight, mask_words)
         w2 = weight.reshape(weight.shape[0], -1).contiguous()
-        return self.k.masked_weight(w2, mask_words.contiguous()).view_as(weight)
+        return self.kernels.masked_weight(w2, mask_words.contiguous()).view_as(weight)
 
     def threshold_masked_weight(self, scores, weight):
         if weight.dtype not in FLOAT_TYPES or scores.dtype != weight.dtype:
             return super().threshold_masked_weight(scores, weight)
-        return self.k.threshold_masked_weight(scores.contiguous(), weight.contiguous())
+        return self.kernels.threshold_masked_weight(scores.contiguous(), weight.contiguous())
 
     def compare_pack(self, values: torch.Tensor, threshold: float, absolute: bool = False) -> torch.Tensor:
         """Pack 1[v ≥ t] (or 1[|v| ≥ t]) of a [out, n] score tensor straight into words."""
         v2 = values.reshape(values.shape[0], -1).float().contiguous()
-        return self.k.compare_pack(v2, float(threshold), bool(absolute))
+        return self.kernels.compare_pack(v2, float(threshold), bool(absolute))
 
     # -- bank products ------------------------------------------------------------------------
     def superpose(self, bank, alpha, n, active=None):
@@ -77,19 +80,19 @@ class TritonBackend(ReferenceBackend):
         lead, w = bank.shape[1:-1], bank.shape[-1]
         flat = bank.reshape(k, -1).contiguous()
         a = alpha.float().contiguous()
-        out = self.k.superpose(flat, a, None if active is None else active.to(torch.int64).contiguous())
+        out = self.kernels.superpose(flat, a, None if active is None else active.to(torch.int64).contiguous())
         return out.view(*lead, w * BITS_PER_WORD)[..., :n].to(alpha.dtype).contiguous()
 
     def mask_dot(self, bank, v, active=None):
         k, w = bank.shape[0], bank.shape[-1]
-        out = self.k.mask_dot(bank.reshape(k, -1).contiguous(), pad_to_words(v, w).reshape(-1),
+        out = self.kernels.mask_dot(bank.reshape(k, -1).contiguous(), pad_to_words(v, w).reshape(-1),
                               None if active is None else active.to(torch.int64).contiguous())
         return out.to(v.dtype)
 
     def mask_dot_batched(self, bank, v, active=None):
         k, w = bank.shape[0], bank.shape[-1]
         q = v.shape[0]
-        out = self.k.mask_dot_batched(bank.reshape(k, -1).contiguous(), pad_to_words(v, w).reshape(q, -1),
+        out = self.kernels.mask_dot_batched(bank.reshape(k, -1).contiguous(), pad_to_words(v, w).reshape(q, -1),
                                       None if active is None else active.to(torch.int64).contiguous())
         return out.to(v.dtype)
 
@@ -101,7 +104,7 @@ class TritonBackend(ReferenceBackend):
         if not self._linear_ok(dense, x, weight):
             return super().masked_forward(dense, x, weight, mask_words, bias)  # conv: W ⊙ M kernel + cuDNN
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y = self.k.masked_linear(x2, weight.contiguous(), None, mask_words.contiguous(),
+        y = self.kernels.masked_linear(x2, weight.contiguous(), None, mask_words.contiguous(),
                                  None if bias is None else bias.to(x.dtype).contiguous(), 1.0)
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -111,15 +114,15 @@ class TritonBackend(ReferenceBackend):
         g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         words = mask_words.contiguous()
-        dx = self.k.masked_linear_dx(g2, weight.contiguous(), words).reshape(x.shape) if need_input else grad.new_empty(0)
-        dw = self.k.grad_weight(g2, x2, None, words).to(weight.dtype) if need_weight else grad.new_empty(0)
+        dx = self.kernels.masked_linear_dx(g2, weight.contiguous(), words).reshape(x.shape) if need_input else grad.new_empty(0)
+        dw = self.kernels.grad_weight(g2, x2, None, words).to(weight.dtype) if need_weight else grad.new_empty(0)
         return dx, dw
 
     def signed_masked_linear(self, x, sign_words, mask_words, scale, bias):
         if x.dtype not in FLOAT_TYPES:
             return super().signed_masked_linear(x, sign_words, mask_words, scale, bias)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y = self.k.masked_linear(x2, None, sign_words.contiguous(), mask_words.contiguous(),
+        y = self.kernels.masked_linear(x2, None, sign_words.contiguous(), mask_words.contiguous(),
                                  None if bias is None else bias.to(x.dtype).contiguous(), float(scale))
         return y.reshape(*x.shape[:-1], mask_words.shape[0])
 
@@ -127,7 +130,7 @@ class TritonBackend(ReferenceBackend):
     def superposed_backward(self, dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight):
         if not (self._linear_ok(dense, x, weight) and need_alpha and not need_weight and grad.dtype == x.dtype):
             return super().superposed_backward(dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight)
-        return fused_alpha_backward(self, self.k, dense, grad, x, weight, bank, alpha, s, need_input)
+        return fused_alpha_backward(self, self.kernels, dense, grad, x, weight, bank, alpha, s, need_input)
 
 
 def fused_alpha_backward(backend, kernels, dense, grad, x, weight, bank, alpha, s, need_input: bool):

@@ -1,9 +1,45 @@
-"""Run outputs beside results.json: a CSV per task and a PNG of accuracy per task."""
+"""A run's output files: results.json (and progress.json) written atomically, a CSV per task, a
+PNG of accuracy per task, and the machine a run was made on."""
 from __future__ import annotations
 
 import csv
+import json
+import os
+import platform
 from pathlib import Path
 from typing import Union
+
+import torch
+
+from .maskfile import atomic_write_bytes
+from .rundir import RunDirError
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_json(path: Path, data: dict) -> None:
+    def writer(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2)
+    atomic_write_bytes(path, writer)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{what} {path} is unreadable or not valid JSON ({exc}); delete it to rebuild it") from exc
+    if not isinstance(data, dict):
+        raise RunDirError(f"{what} {path} must hold a JSON object")
+    return data
+
+
 
 
 def write_csv(results: dict, path: Union[str, Path]) -> None:

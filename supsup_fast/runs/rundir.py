@@ -11,14 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .. import storage
-from ..data.tasks import TaskSplit
 
 # RunConfig fields that change what a task's mask is. Everything else (evaluation settings,
 # the number of tasks, evaluation points, where data is read from, backend, device, launch
@@ -86,41 +83,9 @@ def check_identity(path: Path, extra: dict, expected: dict) -> None:
                               f"{expected[key]!r} in this run)")
 
 
-def train_subset(split: TaskSplit, n: Optional[int]) -> TaskSplit:
-    """The first n training images of a task (``--train-subset``), or all of them."""
-    if n is None or n >= len(split):
-        return split
-    return split.head(n)
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def masks_digest(checksums) -> str:
     """Identifies the checkpoints an evaluation row was computed from."""
     return hashlib.sha256("\n".join(checksums).encode()).hexdigest()
-
-
-def write_json(path: Path, data: dict) -> None:
-    def writer(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2)
-    storage.atomic_write_bytes(path, writer)
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"{what} {path} is unreadable or not valid JSON ({exc}); delete it to rebuild it") from exc
-    if not isinstance(data, dict):
-        raise RunDirError(f"{what} {path} must hold a JSON object")
-    return data
 
 
 def check_writable(out: Path) -> None:

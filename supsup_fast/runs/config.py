@@ -9,16 +9,16 @@ from typing import List, Optional, Union
 
 import yaml
 
-from .algorithms.evaluation import SCENARIOS
-from .algorithms.inference import METHODS
+from ..algorithms.evaluation import SCENARIOS
+from ..algorithms.inference import METHODS
 
 INFERENCE_METHODS = METHODS + ("hopfield",)
 PARALLEL_MODES = ("auto", "task", "data")
-from .algorithms.objectives import OBJECTIVES
-from .algorithms.training import OPTIMIZERS, SCHEDULERS
-from .data import BENCHMARK_MODELS, BENCHMARKS
-from .models import MODELS
-from .nn.init import WEIGHT_INITS
+from ..algorithms.objectives import OBJECTIVES
+from ..algorithms.training import OPTIMIZERS, SCHEDULERS
+from ..data import BENCHMARK_MODELS, BENCHMARKS
+from ..models import MODELS
+from ..nn.init import WEIGHT_INITS
 
 
 @dataclass
@@ -89,7 +89,7 @@ class RunConfig:
         one_of("init", self.init, WEIGHT_INITS)
         if self.mask_fn is not None:
             one_of("mask_fn", self.mask_fn, MASK_FNS)
-        from .ops.registry import AUTO, _FACTORIES
+        from ..ops.registry import AUTO, _FACTORIES
         one_of("backend", self.backend, [AUTO] + sorted(_FACTORIES))
         try:
             import torch
@@ -131,7 +131,7 @@ class RunConfig:
         return self
 
     def nns_settings(self):
-        from .algorithms.nns import NNsSettings
+        from ..algorithms.nns import NNsSettings
         return NNsSettings(check_every=self.nns_check_every, epsilon=self.nns_epsilon, budget=self.mask_budget,
                            score_cache=self.nns_score_cache)
 

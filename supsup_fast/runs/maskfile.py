@@ -17,7 +17,9 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
-from .nn import MultitaskBatchNorm, num_tasks, supermask_layers
+from ..algorithms.hopsupsup import mask_layers, store_state
+from ..nn import MultitaskBatchNorm, num_tasks, supermask_layers
+from .rundir import check_identity
 
 FORMAT = "supsup_fast.maskbank"
 FORMAT_VERSION = 1
@@ -230,7 +232,7 @@ def save_model(model: nn.Module, path: Union[str, Path], extra: Optional[dict] =
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
     """Rebuild the model a file was saved from (frozen weights from the seed) and load its masks."""
-    from .models import build_model
+    from ..models import build_model
 
     tensors, meta = read_mask_file(path)
     spec, _, first, _, _ = parse_metadata(path, meta)
@@ -242,3 +244,48 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
         raise MaskFileError(f"{path}: its model_spec {spec} does not describe a model this package builds ({exc})") from exc
     apply_mask_file(model, path, tensors, meta)
     return model
+
+
+def save_hopfield_checkpoint(path, model, true_masks, extra) -> None:
+    """A HopSupSup checkpoint: the Hopfield matrices, the true masks so far (kept only to measure
+    recovery) and ``extra``, with a checksum, written atomically."""
+    from safetensors.torch import save_file
+    tensors = store_state(model)
+    for i in range(len(mask_layers(model))):
+        if true_masks:
+            tensors[f"true_masks/{i}"] = torch.stack([m[i] for m in true_masks]).to(torch.uint8).cpu().contiguous()
+    meta = {"format": "supsup_fast.hopfield", "spec": json.dumps(model.spec, sort_keys=True), "extra": json.dumps(extra)}
+    meta["checksum"] = checksum(tensors, meta)
+    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_hopfield_checkpoint(path, model, identity: Optional[dict] = None):
+    """Restore a checkpoint (of the run with ``identity``, checked before anything is changed)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise MaskFileError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
+    if meta.get("format") != "supsup_fast.hopfield" or json.loads(meta.get("spec", "null")) != model.spec:
+        raise MaskFileError(f"{path} is not a Hopfield checkpoint of this model ({model.spec})")
+    if meta.get("checksum") != checksum(tensors, meta):
+        raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
+    extra = json.loads(meta["extra"])
+    if identity is not None:
+        check_identity(path, extra, identity)
+    layers = mask_layers(model)
+    done = extra["tasks_done"]
+    for i, l in enumerate(layers):
+        psi, ps = tensors.get(f"psi/{i}"), tensors.get(f"pattern_sum/{i}")
+        tm = tensors.get(f"true_masks/{i}")
+        if psi is None or tuple(psi.shape) != (l.num_features,) * 2 or ps is None or tm is None \
+                or tuple(tm.shape) != (done, l.num_features):
+            raise MaskFileError(f"{path}: layer {i} tensors are missing or have the wrong shape")
+    for i, l in enumerate(layers):
+        l.hopfield.psi.copy_(tensors[f"psi/{i}"])
+        l.hopfield.pattern_sum.copy_(tensors[f"pattern_sum/{i}"])
+        l.hopfield.count = done
+    true_masks = [[tensors[f"true_masks/{i}"][t].bool() for i in range(len(layers))] for t in range(done)]
+    return extra, true_masks

@@ -6,17 +6,15 @@ the true masks so far (kept only to measure recovery), written atomically; ``--r
 after the last finished task."""
 from __future__ import annotations
 
-import json
 import time
-from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from .. import storage
-from .rundir import check_identity, machine_info, train_subset, write_json
-from .hopsupsup import (HopSettings, accuracy, hopfield_bytes, mask_layers, recover_masks, set_masks, store_state,
-                        train_task)
+from ..algorithms.hopsupsup import HopSettings, accuracy, hopfield_bytes, recover_masks, set_masks, train_task
+from .loop import Experiment, task_generator, train_subset
+from .maskfile import load_hopfield_checkpoint, save_hopfield_checkpoint
+from .results import machine_info, write_csv, write_json, write_plot
 
 
 def _settings(cfg) -> HopSettings:
@@ -24,72 +22,37 @@ def _settings(cfg) -> HopSettings:
                        gamma=cfg.hop_gamma, recovery_lr=cfg.hop_recovery_lr, test_batch_size=cfg.test_batch_size)
 
 
-def _save(path, model, true_masks, extra) -> None:
-    from safetensors.torch import save_file
-    tensors = store_state(model)
-    for i in range(len(mask_layers(model))):
-        if true_masks:
-            tensors[f"true_masks/{i}"] = torch.stack([m[i] for m in true_masks]).to(torch.uint8).cpu().contiguous()
-    meta = {"format": "supsup_fast.hopfield", "spec": json.dumps(model.spec, sort_keys=True), "extra": json.dumps(extra)}
-    meta["checksum"] = storage.checksum(tensors, meta)
-    storage.atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+class HopSupSupRun(Experiment):
+    def run(self) -> dict:
+        self.prepare_out_dir()
+        try:
+            return run_hopsupsup(self)
+        finally:
+            self.release()
 
 
-def _load(path, model, identity: Optional[dict] = None):
-    """Restore a checkpoint (of the run with ``identity``, checked before anything is changed)."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:
-        raise storage.MaskFileError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
-    if meta.get("format") != "supsup_fast.hopfield" or json.loads(meta.get("spec", "null")) != model.spec:
-        raise storage.MaskFileError(f"{path} is not a Hopfield checkpoint of this model ({model.spec})")
-    if meta.get("checksum") != storage.checksum(tensors, meta):
-        raise storage.MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
-    extra = json.loads(meta["extra"])
-    if identity is not None:
-        check_identity(path, extra, identity)
-    layers = mask_layers(model)
-    done = extra["tasks_done"]
-    for i, l in enumerate(layers):
-        psi, ps = tensors.get(f"psi/{i}"), tensors.get(f"pattern_sum/{i}")
-        tm = tensors.get(f"true_masks/{i}")
-        if psi is None or tuple(psi.shape) != (l.num_features,) * 2 or ps is None or tm is None \
-                or tuple(tm.shape) != (done, l.num_features):
-            raise storage.MaskFileError(f"{path}: layer {i} tensors are missing or have the wrong shape")
-    for i, l in enumerate(layers):
-        l.hopfield.psi.copy_(tensors[f"psi/{i}"])
-        l.hopfield.pattern_sum.copy_(tensors[f"pattern_sum/{i}"])
-        l.hopfield.count = done
-    true_masks = [[tensors[f"true_masks/{i}"][t].bool() for i in range(len(layers))] for t in range(done)]
-    return extra, true_masks
-
-
-def run_hopsupsup(exp) -> dict:
+def run_hopsupsup(exp: Experiment) -> dict:
 
     cfg, model, device = exp.config, exp.model, exp.device
     s = _settings(cfg)
-    exp.prepare_out_dir()
     ckpt = exp.ckpt_dir / "hopfield.safetensors"
     exp.ckpt_dir.mkdir(parents=True, exist_ok=True)
     true_masks, after, train_seconds, done = [], [], 0.0, 0
     if exp.resume and ckpt.exists():
-        extra, true_masks = _load(ckpt, model, exp.identity())
+        extra, true_masks = load_hopfield_checkpoint(ckpt, model, exp.identity())
         done, after, train_seconds = extra["tasks_done"], extra["accuracy_after_training"], extra["train_seconds"]
     bar = tqdm(range(cfg.tasks), desc="HopSupSup train", unit="task", disable=not exp.progress)
     bar.update(done)
     for t in range(done, cfg.tasks):
         start = time.perf_counter()
         split = train_subset(exp.tasks.train(t), cfg.train_subset)
-        masks = train_task(model, split, s, device=device, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + t))
+        masks = train_task(model, split, s, device=device, generator=task_generator(cfg.seed, t))
         train_seconds += time.perf_counter() - start
         true_masks.append(masks)
         set_masks(model, masks)
         after.append(accuracy(model, exp.tasks.test(t), s.test_batch_size, device=device,
                               generator=torch.Generator().manual_seed(10_000 * cfg.seed + t)))
-        _save(ckpt, model, true_masks, {"tasks_done": t + 1, "accuracy_after_training": after, "train_seconds": train_seconds,
+        save_hopfield_checkpoint(ckpt, model, true_masks, {"tasks_done": t + 1, "accuracy_after_training": after, "train_seconds": train_seconds,
                                         "run_identity": exp.identity()})
         bar.update(1)
         bar.set_postfix(acc=f"{after[-1]:.4f}")
@@ -138,9 +101,8 @@ def run_hopsupsup(exp) -> dict:
                    "tasks_resumed": done},
         "backend": "torch", "machine": machine_info(device), "data": exp.tasks.source, "config": cfg.to_dict(),
     }
-    from ..report import write_csv, write_plot
     write_json(exp.out / "results.json", results)
-    _save(exp.out / "hopfield.safetensors", model, true_masks, {"tasks_done": cfg.tasks, "accuracy_after_training": after,
+    save_hopfield_checkpoint(exp.out / "hopfield.safetensors", model, true_masks, {"tasks_done": cfg.tasks, "accuracy_after_training": after,
                                                                  "train_seconds": train_seconds,
                                                                  "run_identity": exp.identity()})
     write_csv(results, exp.out / "per_task.csv")

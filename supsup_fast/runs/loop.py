@@ -1,0 +1,290 @@
+"""The run layer's shared core: one run folder, its data and model, resume checks, per-task
+seeds, evaluation points and rows, and the output files. The scenario drivers build on it:
+:mod:`.supsup` (GG, GNs, GNu), :mod:`.nns` (NNs) and :mod:`.hopsupsup` (HopSupSup).
+
+Layout of ``out``: ``config.json``; ``checkpoints/`` (one verified file per finished task or a
+rolling checkpoint, written atomically: an interrupted run resumes without retraining);
+``progress.json`` (evaluation rows done so far); at the end ``results.json``, ``per_task.csv``,
+``accuracy.png`` and ``model.safetensors`` (all tasks in one file).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ..algorithms.evaluation import EvalSettings, evaluate_task
+from ..algorithms.metrics import average, cl_metrics
+from ..algorithms.sharded import ShardedModel, evaluate_task_sharded
+from ..algorithms.training import TrainSettings
+from ..data import load_benchmark
+from ..data.tasks import TaskSplit
+from ..distributed import SINGLE, DistContext, broadcast_object, gather_objects, shard_range
+from ..models import build_model
+from ..nn import bn_bytes, enable_transfer, mask_bytes, mask_entropy_bytes, num_tasks
+from . import maskfile
+from .config import RunConfig
+from .results import machine_info, read_json, write_csv, write_json, write_plot
+from .rundir import RunDirError, RunLock, check_identity, check_writable, data_fingerprint, run_identity
+
+
+def task_generator(seed: int, task: int) -> torch.Generator:
+    """Task ``task``'s randomness (score init, data order) derives from (seed, task) alone, so its
+    mask is the same bits whichever rank trains it, at any world size."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + task)
+
+
+def train_subset(split: TaskSplit, n: Optional[int]) -> TaskSplit:
+    """The first n training images of a task (``--train-subset``), or all of them."""
+    if n is None or n >= len(split):
+        return split
+    return split.head(n)
+
+
+def evaluation_points(config: RunConfig) -> List[int]:
+    """The task counts at which every task learned so far is evaluated; the last is all tasks."""
+    return sorted({k for k in config.eval_at if 1 <= k < config.tasks} | {config.tasks})
+
+
+def parallel_mode(config: RunConfig, ctx: DistContext) -> str:
+    """"single" (one process), "task" (each rank trains whole tasks) or "data" (DDP on one task)."""
+    if not ctx.enabled:
+        return "single"
+    sequential = config.scenario == "NNs" or config.transfer
+    if config.inference == "hopfield":
+        raise ValueError("HopSupSup (--inference hopfield) runs in one process; launch it without torchrun")
+    if config.parallel == "task" and sequential:
+        what = "NNs" if config.scenario == "NNs" else "--transfer"
+        raise ValueError(f"--parallel task cannot run {what}: each task depends on the ones before it; "
+                         f"use --parallel data (the default for it under torchrun)")
+    if config.parallel == "auto":
+        return "data" if sequential else "task"
+    return config.parallel
+
+
+class Experiment:
+    """The data, model, settings and folder of one run; a scenario driver subclasses it and
+    defines ``run``. ``model`` defaults to a fresh network. ``ctx`` is
+    the torch.distributed context (one process by default)."""
+
+    def __init__(self, config: RunConfig, out: Union[str, Path], resume: bool = False, progress: bool = True,
+                 model: Optional[torch.nn.Module] = None, ctx: DistContext = SINGLE, retrain_corrupt: bool = False):
+        self.config, self.out, self.resume, self.ctx = config, Path(out), resume, ctx
+        self.progress, self.retrain_corrupt = progress and ctx.is_main, retrain_corrupt
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"--device {config.device}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                               f"use --device cpu or install a CUDA build of torch")
+        check_writable(self.out)
+        self.parallel = parallel_mode(config, ctx)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.device = torch.device(config.device)
+        self.tasks = load_benchmark(config.benchmark, config.tasks, config.seed, config.data_root, config.download,
+                                    image_size=config.image_size)
+        self.output_size = config.resolved_output_size(self.tasks.num_labels)
+        self.data_sha256 = data_fingerprint(self.tasks)
+        if model is None:
+            model = self._fresh_model()
+        self.model = model.to(self.device)
+        if config.transfer:
+            enable_transfer(self.model)
+        self.train_settings = TrainSettings(iters=config.iters, epochs=config.epochs, batch_size=config.batch_size,
+                                            lr=config.lr, optimizer=config.optimizer,
+                                            weight_decay=config.weight_decay, scheduler=config.scheduler,
+                                            warmup_epochs=config.warmup_epochs)
+        self.eval_settings = EvalSettings(scenario=config.scenario, inference=config.inference,
+                                          objective=config.objective, infer_images=config.infer_images,
+                                          batch_size=config.test_batch_size, log_base=config.log_base)
+        self.lock: Optional[RunLock] = None
+        self.bank_bytes_per_rank: Optional[List[int]] = None
+
+    def _fresh_model(self) -> torch.nn.Module:
+        c = self.config
+        return build_model(c.model, self.output_size, seed=c.seed, init=c.init, mask_fn=c.mask_fn, density=c.density,
+                           er_multiplier=c.er_multiplier, input_size=784, in_channels=3)
+
+    def identity(self, task: Optional[int] = None) -> dict:
+        return run_identity(self.config, self.data_sha256, task)
+
+    # -- the run folder (rank 0 owns it; the other ranks learn its verdict) -------------------
+    def _on_main(self, fn: Callable[[], object]):
+        """Run ``fn`` on rank 0 and give every rank its result, or its error."""
+        value = error = None
+        if self.ctx.is_main:
+            try:
+                value = fn()
+            except (ValueError, RuntimeError, OSError) as exc:
+                error = exc
+        if not self.ctx.enabled:
+            if error is not None:
+                raise error
+            return value
+        shared = broadcast_object(self.ctx, (None if error is None else str(error), value))
+        if error is not None:
+            raise error
+        if shared[0] is not None:
+            raise RunDirError(shared[0])
+        return shared[1]
+
+    def prepare_out_dir(self) -> None:
+        self._on_main(self._prepare_out_dir)
+
+    def _prepare_out_dir(self) -> None:
+        cfg_path = self.out / "config.json"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.out).acquire()
+        try:
+            if cfg_path.exists():
+                if not self.resume:
+                    raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+                saved = read_json(cfg_path, "run config")
+                now = self.config.to_dict()
+                diff = sorted(k for k in set(saved) | set(now)
+                              if saved.get(k) != now.get(k) and k not in RunConfig.RESUMABLE_CHANGES)
+                if diff:
+                    raise RunDirError(f"cannot resume {self.out}: settings differ from the interrupted run: "
+                                      + ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in diff))
+            write_json(cfg_path, self.config.to_dict())
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _task_file(self, t: int) -> Path:
+        return self.ckpt_dir / f"task_{t:05d}.safetensors"
+
+    def _expected_mask(self, t: int) -> Optional[int]:
+        """Under NNs the mask that task inference should pick for true task t; else t."""
+        if self.config.scenario != "NNs":
+            return t
+        m = self.nns_state.mask_for_task(t)
+        return -1 if m is None else m
+
+    def _load_task(self, model: torch.nn.Module, t: int, first_task: Optional[int] = None) -> tuple:
+        """Append checkpoint t to ``model`` after checking it belongs to this run: (extra, checksum)."""
+        path = self._task_file(t)
+        tensors, meta = maskfile.read_mask_file(path)
+        check_identity(path, maskfile.parse_metadata(path, meta)[4], self.identity(t))
+        extra = maskfile.apply_mask_file(model, path, tensors, meta, first_task)
+        return extra, meta["checksum"]
+
+    def _evaluate_all(self, k: int, bar_desc: str) -> dict:
+        """Evaluate tasks [0, k). Under torchrun the tasks are spread over the ranks (or, with
+        --shard-bank, every rank holds a range of the masks and all evaluate each query together);
+        the rows are gathered on every rank and equal the single-process ones."""
+        start = time.perf_counter()
+        if self.config.shard_bank and self.config.scenario != "NNs":
+            per_task = self._evaluate_sharded(k, bar_desc)
+        else:
+            mine = [t for t in range(k) if t % self.ctx.world_size == self.ctx.rank]
+            total = sum(self.tasks.test(t).num_batches(self.config.test_batch_size) for t in mine) if self.progress else 0
+            bar = tqdm(total=total, desc=bar_desc, unit="batch", leave=False, disable=not self.progress)
+            local = {}
+            for t in mine:
+                res = evaluate_task(self.model, self.tasks.test(t), t, self.eval_settings, device=self.device,
+                                    num_labels=self.tasks.num_labels, seed=self.config.seed, on_batch=bar.update,
+                                    expected=self._expected_mask(t))
+                local[t] = (res.accuracy, res.inferred_correctly, res.batches)
+            bar.close()
+            per_task = {t: r for part in gather_objects(self.ctx, local) for t, r in part.items()}
+        accs = [per_task[t][0] for t in range(k)]
+        inferred = [per_task[t][1] for t in range(k)]
+        gg = self.config.scenario == "GG"
+        return {"tasks_learned": k, "accuracy": accs, "task_inference": None if gg else inferred,
+                "average_accuracy": average(accs), "task_inference_accuracy": None if gg else average(inferred),
+                "queries": sum(per_task[t][2] for t in range(k)), "seconds": time.perf_counter() - start}
+
+    def _evaluate_sharded(self, k: int, bar_desc: str) -> Dict[int, tuple]:
+        if k < self.ctx.world_size:
+            raise ValueError(f"--shard-bank needs at least one task per rank: {k} tasks on {self.ctx.world_size} ranks")
+        own = shard_range(k, self.ctx)
+        model = self._fresh_model().to(self.device)
+        for t in own:  # only this rank's range is ever read
+            self._load_task(model, t, first_task=t)
+        sharded = ShardedModel(model, self.ctx, own.start, k)
+        self.bank_bytes_per_rank = [int(b) for b in gather_objects(self.ctx, mask_bytes(model))]
+        total = sum(self.tasks.test(t).num_batches(self.config.test_batch_size) for t in range(k)) if self.progress else 0
+        bar = tqdm(total=total, desc=bar_desc + " (sharded)", unit="batch", leave=False, disable=not self.progress)
+        out = {}
+        for t in range(k):
+            res = evaluate_task_sharded(sharded, self.tasks.test(t), t, self.eval_settings, device=self.device,
+                                        num_labels=self.tasks.num_labels, seed=self.config.seed, on_batch=bar.update)
+            out[t] = (res.accuracy, res.inferred_correctly, res.batches)
+        bar.close()
+        return out
+
+    def run(self) -> dict:
+        raise NotImplementedError("a scenario driver (runs.supsup, runs.nns, runs.hopsupsup) defines run()")
+
+    def progress_rows(self) -> List[dict]:
+        """The evaluation rows an interrupted run already computed (rank 0 reads, all ranks get them)."""
+        path = self.out / "progress.json"
+        return self._on_main(lambda: read_json(path, "progress file").get("rows", [])
+                             if self.resume and path.exists() else [])
+
+    def save_progress(self, rows: List[dict], **extra) -> None:
+        self._on_main(lambda: write_json(self.out / "progress.json", {"rows": rows, **extra}))
+
+    def _model_extra(self, after: List[float]) -> dict:
+        return {"accuracy_after_training": after, "run_identity": self.identity()}
+
+    def _nns_extra(self) -> dict:
+        state = self.nns_state.to_dict()
+        return {"allocator": {k: state[k] for k in ("decisions", "batches_per_mask")}}
+
+    def _results(self, after: List[float], rows: List[dict], train_seconds: float, resumed: int, backend_name: str) -> dict:
+        cfg = self.config
+        rows = sorted(rows, key=lambda r: r["tasks_learned"])
+        final = rows[-1]
+        history = [r["accuracy"] for r in rows[:-1]]
+        results = {
+            "average_accuracy": final["average_accuracy"],
+            "per_task_accuracy": final["accuracy"],
+            "task_inference_accuracy": final["task_inference_accuracy"],
+            "per_task_inference_accuracy": final["task_inference"],
+            "accuracy_after_training": after,
+            "accuracy_matrix": rows,
+            **cl_metrics(after, final["accuracy"], history),
+            "num_masks": num_tasks(self.model),
+            "mask_bytes": mask_bytes(self.model),
+            "mask_entropy_bytes": mask_entropy_bytes(self.model),
+            "bn_bytes": bn_bytes(self.model),
+            "output_size": self.output_size,
+            "num_labels": self.tasks.num_labels,
+            "timing": {"train": train_seconds, "eval": final["seconds"],
+                       "eval_by_tasks_learned": {str(r["tasks_learned"]): r["seconds"] for r in rows},
+                       "eval_queries": final.get("queries"),
+                       "tasks_resumed": resumed},
+            "backend": backend_name,
+            "distributed": {"world_size": self.ctx.world_size, "backend": self.ctx.backend, "parallel": self.parallel,
+                            "shard_bank": bool(cfg.shard_bank and self.ctx.enabled),
+                            "bank_bytes_per_rank": self.bank_bytes_per_rank or [mask_bytes(self.model)] * self.ctx.world_size},
+            "machine": machine_info(self.device),
+            "data": self.tasks.source,
+            "config": cfg.to_dict(),
+        }
+        if cfg.scenario == "NNs":
+            state = self.nns_state
+            results["nns"] = {"mask_for_true_task": [state.mask_for_task(t) for t in range(len(after))],
+                              "new_masks_per_true_task": [sum(d.new and d.mask is not None for d in state.decisions
+                                                              if d.true_task == t) for t in range(len(after))],
+                              **state.to_dict()}
+        return results
+
+    def _write_outputs(self, results: dict) -> None:
+        if not (self.out / "model.safetensors").exists() or "evaluated_from" in results:
+            extra = self._model_extra(results["accuracy_after_training"])
+            if "nns" in results:
+                extra.update(self._nns_extra())
+            maskfile.save_model(self.model, self.out / "model.safetensors", extra=extra)
+        write_json(self.out / "results.json", results)
+        write_csv(results, self.out / "per_task.csv")
+        write_plot(results, self.out / "accuracy.png")
+
+
