@@ -4,7 +4,7 @@ baselines on the same card, print a short table and write JSON.
     pip install --no-deps --no-build-isolation -e .     # builds the CUDA extension where nvcc exists
     python benchmarks/gpu_check.py                      # writes benchmarks/results/gpu-<card>.json
 
-Baselines (DESIGN §8): the float-stack SupSup of the official code, cuBLAS on the materialised
+Baselines (docs/design.md, Performance): the float-stack SupSup of the official code, cuBLAS on the materialised
 masked weight in the same dtype, and the HBM floor (packed bytes ÷ the bandwidth of a measured
 device-to-device copy). Timings: ``triton.testing.do_bench`` (L2 flushed between runs, median)
 and CUDA graphs (``do_bench_cudagraph``) for µs-scale kernels. The winner of each op between the

@@ -206,9 +206,113 @@ def test_optimizer_trains_exactly_the_current_task():
         assert torch.equal(m.bank.words, bank_before)
         compat.cache_masks(m)
         assert torch.equal(m.mask(task), params[0].detach() >= 0)
-    compat.set_model_task(m, 0, verbose=False)  # evaluating task 0: its bits, and no float scores at all
-    assert len(m.scores) == 0 and len(m.bank) == 2
+    compat.set_model_task(m, 0, verbose=False)  # task 0 again: scores rebuilt from its bits; task 1 is bits only
+    assert m.scores.tasks() == [0] and len(m.bank) == 2
     assert torch.allclose(m(x), F.linear(x, m.weight * m.mask(0)), atol=1e-5)
+
+
+def _chain(layers, x, masks):
+    """The MLP's forward with the given masks (float reference, no fused op)."""
+    for i, (m, mask) in enumerate(zip(layers, masks)):
+        x = F.linear(x if i == 0 else F.relu(x), m.weight * mask.float(), m.bias)
+    return x
+
+
+def test_reselecting_a_finished_task_trains_it_again_from_its_bits():
+    torch.manual_seed(0)
+    model = MultitaskFC(compat.MultitaskMaskLinear, 64, num_tasks=3)
+    layers = [m for m in model.modules() if isinstance(m, compat.MultitaskMaskLinear)]
+    x, y = torch.randn(32, 784), torch.randint(0, 100, (32,))
+    for task in range(2):
+        compat.set_model_task(model, task, verbose=False)
+        opt = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        compat.cache_masks(model)
+        compat.set_num_tasks_learned(model, task + 1)
+    bits = [m.bank.words.clone() for m in layers]
+    masks0 = [m.mask(0) for m in layers]
+    # task 0's output from its cached bits (one-hot alphas: the packed-bits path)
+    compat.set_model_task(model, -1, verbose=False)
+    compat.set_alphas(model, torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1), verbose=False)
+    with torch.no_grad():
+        cached = model(x)
+    assert torch.allclose(cached, _chain(layers, x, masks0), atol=1e-5)
+
+    compat.set_model_task(model, 0, verbose=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [f"model.{i}.scores.0" for i in (0, 2, 4)]
+    for m, mask in zip(layers, masks0):
+        assert m.scores.tasks() == [0]  # only the current task holds float scores
+        half_bound = 0.5 / math.sqrt(m.in_features)
+        assert torch.equal(m.scores[0].detach(), (mask.float() * 2 - 1) * half_bound)
+        assert torch.equal(m.mask(0), mask)
+    with torch.no_grad():
+        out = model(x)
+    assert torch.equal(out, _chain(layers, x, masks0))  # the rebuilt scores give task 0's mask exactly
+    assert torch.allclose(out, cached, atol=1e-5)
+    compat.set_model_task(model, 0, verbose=False)  # selecting it again keeps the same Parameters
+    assert [p for p in model.parameters() if p.requires_grad] == params
+    compat.cache_masks(model)  # untouched rebuilt scores: the bank is as it was
+    assert all(torch.equal(m.bank.words, b) for m, b in zip(layers, bits))
+
+    # one small step (the notebook's lr): the bits change only where a score crossed 0
+    opt = torch.optim.RMSprop(params, lr=1e-4)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    compat.cache_masks(model)
+    for m, b, mask in zip(layers, bits, masks0):
+        assert len(m.bank) == 2
+        assert torch.equal(m.bank.words[1], b[1])
+        new = m.scores[0].detach() >= 0
+        assert torch.equal(ops.unpack_bits(m.bank.words[0], m.bank.n).view_as(m.weight), new)
+        assert torch.equal(m.bank.words[0], b[0]) == torch.equal(new, mask)
+    # large steps cross the threshold: task 0's row is replaced, task 1's stays
+    opt = torch.optim.RMSprop(params, lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    compat.set_model_task(model, 1, verbose=False)  # moving on packs task 0
+    for m, b in zip(layers, bits):
+        assert len(m.bank) == 2 and m.scores.tasks() == [1]
+        assert not torch.equal(m.bank.words[0], b[0])
+        assert torch.equal(m.bank.words[1], b[1])
+        assert torch.equal(m.mask(1), ops.unpack_bits(b[1], m.bank.n).view_as(m.weight))
+    trained0 = [m.bank.words[0].clone() for m in layers]
+
+    # a never-trained task still gets its fresh (official) initial scores
+    compat.set_model_task(model, 2, verbose=False)
+    for m, t0, b in zip(layers, trained0, bits):
+        assert torch.equal(m.scores[2], m._stream.scores(2))
+        assert torch.equal(m.bank.words[0], t0) and torch.equal(m.bank.words[1], b[1])
+    # ... also when the superposition gave it an initial-mask bank row
+    m = compat.MultitaskMaskLinear(10, 4, num_tasks=3, bias=False)
+    m.task = 0
+    m.task, m.num_tasks_learned, m.alphas = -1, 3, torch.ones(3, 1, 1) / 3
+    m(torch.randn(2, 10))
+    assert len(m.bank) == 3
+    m.task = 2
+    assert torch.equal(m.scores[2], m._stream.scores(2))
+
+
+def test_reselecting_a_finished_topk_task_reproduces_its_mask():
+    conv = compat.MultitaskMaskConv(40, 12, kernel_size=1, num_tasks=2, sparsity=0.3, bias=False)
+    x, y = torch.randn(8, 40, 1, 1), torch.randint(0, 12, (8,))
+    conv.task = 0
+    opt = torch.optim.SGD([conv.scores[0]], lr=1.0)
+    F.cross_entropy(conv(x).flatten(1), y).backward()
+    opt.step()
+    conv.task = 1  # packs task 0
+    mask0, bits0 = conv.mask(0), conv.bank.words[0].clone()
+    conv.task = 0
+    assert conv.scores[0].requires_grad and torch.equal(conv.mask(0), mask0)
+    with torch.no_grad():
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight * mask0.float()))
+    conv.cache_masks()
+    assert len(conv.bank) == 2 and torch.equal(conv.bank.words[0], bits0)
 
 
 def _float_stack_grad(m, x, alphas, k):
@@ -350,7 +454,7 @@ def test_state_dict_round_trip_and_official_checkpoint(tmp_path):
     for t in range(3):
         for r, o in ((ref[0], ours[0]), (ref[2], ours[2])):
             assert torch.equal(o.mask(t), r.scores[t] >= 0)
-            assert len(o.scores) == 0
+            assert o.scores.tasks() == ([] if t == 0 else [t - 1])  # only the selected task has scores
         compat.set_model_task(ours, t, verbose=False)
         for m in (ref[0], ref[2]):
             m.task = t

@@ -107,6 +107,6 @@ def test_hopfield_config_errors(tmp_path):
     cfg = make_config(overrides=dict(benchmark="split-mnist-10", model="bnnet", inference="hopfield", output_size=10,
                                      tasks=1, iters=None, epochs=1))
     (tmp_path / "hop" / "config.json").write_text(json.dumps(cfg.to_dict()))
-    from supsup_fast.runs.maskfile import MaskFileError
-    with pytest.raises(MaskFileError, match="corrupt"):
+    from supsup_fast.runs.rundir import RunDirError
+    with pytest.raises(RunDirError, match=r"hopfield.safetensors is unusable: .*corrupt.*Delete it"):
         run_experiment(cfg, tmp_path / "hop", resume=True, progress=False)

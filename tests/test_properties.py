@@ -1,14 +1,16 @@
 """Property tests (hypothesis): random settings to the config validator, random and mutated bytes
-to the mask-file reader. Every outcome is a result or a one-line ValueError (MaskFileError is
-one), never another exception type and never a silent acceptance of garbage."""
+to the mask-file reader (and metadata tampered with under a recomputed checksum). Every outcome is a
+result or a one-line ValueError (MaskFileError or RunDirError), never another exception type and
+never a silent acceptance of garbage."""
 import dataclasses
+import json
 import math
 
 import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import supsup_fast.nn as snn  # noqa: E402
@@ -16,6 +18,7 @@ from supsup_fast.runs import maskfile  # noqa: E402
 from supsup_fast.runs.config import RunConfig, make_config  # noqa: E402
 from supsup_fast.models import build_model  # noqa: E402
 from supsup_fast.runs.maskfile import MaskFileError  # noqa: E402
+from supsup_fast.runs.rundir import RunDirError, check_identity  # noqa: E402
 
 FIELD_NAMES = [f.name for f in dataclasses.fields(RunConfig)]
 CHOICES = ["GNu", "GG", "NNs", "permuted-mnist", "split-mnist-10", "lenet", "fc1024", "bnnet", "gemresnet18",
@@ -66,6 +69,14 @@ def test_config_validator_gives_a_config_or_one_line_value_error(values):
     assert dataclasses.replace(cfg).validate() == cfg  # validating again changes nothing
 
 
+IDENTITY = {"settings_sha256": "s" * 8, "data_sha256": "d" * 8}
+EXTRA = {"run_identity": IDENTITY, "accuracy_after_training": [0.5, 0.5], "train_seconds": 1.0,
+         "true_tasks_done": 2, "allocator": {}}
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats() | st.text(max_size=4),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                    max_leaves=6)
+
+
 @pytest.fixture(scope="module")
 def mask_file(tmp_path_factory):
     model = build_model("lenet", 20, seed=3)
@@ -73,7 +84,7 @@ def mask_file(tmp_path_factory):
         snn.begin_task(model, generator=torch.Generator().manual_seed(t))
         snn.finish_task(model)
     path = tmp_path_factory.mktemp("masks") / "model.safetensors"
-    maskfile.save_model(model, path)
+    maskfile.save_model(model, path, extra=EXTRA)
     return path.read_bytes()
 
 
@@ -97,28 +108,68 @@ def test_random_bytes_are_refused_with_mask_file_error(tmp_path, data):
         maskfile.load_model(path)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def _retamper(raw: bytes, path, data, inside_extra: bool) -> None:
+    """Write to ``path`` the file ``raw`` with a metadata field (``inside_extra``: a field of its
+    ``extra``) deleted or replaced, and the checksum recomputed (maskfile.checksum), so the reader's
+    checksum passes and the metadata checks behind it are what must refuse it."""
+    from safetensors.torch import load, save_file
+    path.write_bytes(raw)
+    tensors, meta = load(raw), dict(maskfile.read_metadata(path))
+    if inside_extra:
+        extra = json.loads(meta["extra"])
+        sub = data.draw(st.sampled_from(sorted(extra) + ["run_identity", "other"]))
+        if data.draw(st.integers(0, 3)) == 0:
+            extra.pop(sub, None)
+        else:
+            extra[sub] = data.draw(JSON)
+        meta["extra"] = json.dumps(extra)
+    else:
+        key = data.draw(st.sampled_from(sorted(k for k in meta if k != "checksum")))
+        action = data.draw(st.sampled_from(["delete", "text", "json"]))
+        if action == "delete":
+            del meta[key]
+        else:
+            meta[key] = data.draw(st.text(max_size=8)) if action == "text" else json.dumps(data.draw(JSON))
+    meta["checksum"] = maskfile.checksum(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _consume(path):
+    """Load ``path`` the way the run drivers do: the model, the identity check, the extra fields."""
+    model = maskfile.load_model(path)
+    extra = maskfile.parse_metadata(path, maskfile.read_metadata(path))[4]
+    check_identity(path, extra, IDENTITY)
+    maskfile.require_extra(path, extra, "accuracy_after_training", "train_seconds", "true_tasks_done", "allocator")
+    return model
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_mutated_mask_files_are_refused_or_unchanged(tmp_path, mask_file, data):
     raw = bytearray(mask_file)
-    kind = data.draw(st.sampled_from(["flip", "truncate", "splice"]))
+    kind = data.draw(st.sampled_from(["flip", "truncate", "splice", "metadata", "metadata", "extra", "extra"]))
+    path = tmp_path / "mutated.safetensors"
     if kind == "flip":
         for _ in range(data.draw(st.integers(1, 4))):
             i = data.draw(st.integers(0, len(raw) - 1))
             raw[i] ^= data.draw(st.integers(1, 255))
     elif kind == "truncate":
         raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
-    else:
+    elif kind == "splice":
         i = data.draw(st.integers(0, len(raw)))
         raw[i:i] = data.draw(st.binary(min_size=1, max_size=16))
-    path = tmp_path / "mutated.safetensors"
-    path.write_bytes(bytes(raw))
+    if kind in ("metadata", "extra"):
+        _retamper(bytes(raw), path, data, inside_extra=kind == "extra")
+    else:
+        path.write_bytes(bytes(raw))
     try:
-        model = maskfile.load_model(path)
-    except ValueError as exc:
-        assert isinstance(exc, MaskFileError), type(exc)
+        model = _consume(path)
+    except ValueError as exc:  # MaskFileError for the file, RunDirError for its run identity
+        assert isinstance(exc, (MaskFileError, RunDirError)), type(exc)
         _one_line(exc)
+        event(f"{kind}: refused ({type(exc).__name__})")
         return
+    event(f"{kind}: accepted")
     # Accepted only if it is the very same model (a byte in padding may change nothing).
     original = tmp_path / "original.safetensors"
     original.write_bytes(mask_file)

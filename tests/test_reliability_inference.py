@@ -45,6 +45,43 @@ def test_uniform_superposition_with_non_uniform_alpha_is_refused(model):
             model(x)
 
 
+def test_layer_level_uniform_superposition_checks_alpha_too():
+    """The layer method that takes ``uniform`` validates α itself: calling it directly (not through
+    snn.superposition) cannot give the uniform result for a non-uniform α."""
+    torch.manual_seed(0)
+    layer = snn.SupermaskLinear(30, 8, seed=1)
+    for t in range(2):
+        snn.begin_task(layer, generator=torch.Generator().manual_seed(t))
+        snn.finish_task(layer)
+    before = layer.mode()
+    with pytest.raises(ValueError, match=r"uniform=True needs alpha = 1/k = 0\.5 .*alpha values in \[0\.1, 0\.9\]"):
+        layer.set_mode_superpose(torch.tensor([0.9, 0.1]), None, True)
+    assert layer.mode() == before  # refused before the mode changed
+    with pytest.raises(ValueError, match="alpha"):  # over an active subset, uniform over its own size
+        layer.set_mode_superpose(torch.tensor([0.7, 0.3]), torch.tensor([0, 1]), True)
+    layer.set_mode_superpose(torch.tensor([1.0]), torch.tensor([1]), True)
+    with pytest.raises(ValueError, match=r"alpha must have shape \[k\] = \[2\]"):
+        layer.set_mode_superpose(torch.full((3,), 1 / 3), None, True)
+    # The uniform α passes, and gives the general superposition's output.
+    x = torch.randn(4, 30)
+    layer.set_mode_superpose(torch.full((2,), 0.5), None, True)
+    uniform = layer(x)
+    layer.set_mode_superpose(torch.full((2,), 0.5), None, False)
+    torch.testing.assert_close(uniform, layer(x), rtol=1e-5, atol=1e-6)
+    # The α the check passed once is checked again after an in-place change.
+    alpha = torch.full((2,), 0.5)
+    layer.set_mode_superpose(alpha, None, True)
+    alpha[0] = 0.9
+    with pytest.raises(ValueError, match="uniform=True needs alpha"):
+        layer.set_mode_superpose(alpha, None, True)
+    # A failed model-wide call leaves no layer switched (the check runs before any mode changes).
+    model = torch.nn.Sequential(layer)
+    snn.set_task(model, 1)
+    with pytest.raises(ValueError, match="uniform=True needs alpha"):
+        snn.set_superposition(model, torch.tensor([0.9, 0.1]), uniform=True)
+    assert layer.mode()[0] == "task"
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_superposition_refuses_non_finite_alpha(model, bad):
     alpha = torch.full((3,), 1 / 3)

@@ -19,6 +19,7 @@ from supsup_fast.runs.config import make_config
 from supsup_fast.models import build_model
 from supsup_fast.nn.batchnorm import MultitaskBatchNorm
 from supsup_fast.runs.maskfile import MaskFileError
+from supsup_fast.runs.rundir import RunDirError
 
 SMALL = dict(model="lenet", tasks=3, iters=40, train_subset=1500, lr=1e-3, output_size=100)
 
@@ -279,3 +280,51 @@ def test_ctrl_c_on_the_cli_says_how_to_continue(tmp_path, monkeypatch, capsys):
     monkeypatch.undo()
     assert main(argv + ["--resume"]) == 0
     assert len(json.loads((out / "results.json").read_text())["per_task_accuracy"]) == 2
+
+
+def test_resume_recomputes_evaluation_rows_of_other_evaluation_settings(tmp_path):
+    # A row of progress.json computed under other evaluation settings is never reported as one of
+    # these: an --eval-at point finished before the resume is evaluated again.
+    small = dict(SMALL, tasks=3, eval_at=[2])
+    first = run_experiment(make_config(overrides=small), tmp_path / "run", progress=False)
+    changed = make_config(overrides=dict(small, objective="superfluous", infer_images=8))
+    again = run_experiment(changed, tmp_path / "run", resume=True, progress=False)
+    assert again["timing"]["tasks_resumed"] == 3
+    old = {r["tasks_learned"]: r["eval_sha256"] for r in first["accuracy_matrix"]}
+    new = {r["tasks_learned"]: r["eval_sha256"] for r in again["accuracy_matrix"]}
+    assert set(new) == {2, 3} and all(new[k] != old[k] for k in new)
+    fresh = evaluate_run(tmp_path / "run", dict(objective="superfluous", infer_images=8), tmp_path / "eval", progress=False)
+    assert again["per_task_inference_accuracy"] == fresh["per_task_inference_accuracy"]
+
+
+def test_a_directly_built_config_is_validated(tmp_path):
+    from supsup_fast.runs.config import RunConfig
+    with pytest.raises(ValueError, match="lr"):
+        run_experiment(RunConfig(lr=float("inf"), tasks=1, iters=5), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_an_unavailable_backend_fails_before_any_file_is_written(tmp_path):
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        run_experiment(make_config(overrides=dict(SMALL, backend="cuda")), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_corrupt_nns_checkpoint_names_the_file_to_delete(tmp_path):
+    cfg = make_config(overrides=dict(SMALL, scenario="NNs", tasks=1))
+    ck = tmp_path / "run" / "checkpoints"
+    ck.mkdir(parents=True)
+    (ck / "nns_latest.safetensors").write_bytes(b"garbage")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    with pytest.raises(RunDirError, match=r"nns_latest.safetensors is unusable: .*Delete it"):
+        run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
+
+
+def test_shard_bank_refusals_come_before_training():
+    from supsup_fast.distributed import DistContext
+    from supsup_fast.runs.loop import parallel_mode
+    two_ranks = DistContext(world_size=2, rank=0, backend="gloo")
+    with pytest.raises(ValueError, match="--shard-bank does not apply to NNs"):
+        parallel_mode(make_config(overrides=dict(SMALL, scenario="NNs", shard_bank=True)), two_ranks)
+    assert parallel_mode(make_config(overrides=dict(SMALL, shard_bank=True)), two_ranks) == "task"

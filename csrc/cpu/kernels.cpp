@@ -280,7 +280,7 @@ AVX2_TARGET void gemm_small_avx2(const float* xt, int64_t B, const float* w, con
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 
 // v is streamed in blocks that stay in L2 while every task of this thread's range runs over it,
-// NT tasks at a time sharing each v load (DESIGN §8: the loop shape matters more than the ISA).
+// NT tasks at a time sharing each v load (docs/design.md, Performance: the loop shape matters more than the ISA).
 constexpr int64_t kVBlockWords = 512;  // 512 words = 16,384 floats = 64 KiB of v
 
 template <int NT>

@@ -1,4 +1,4 @@
-// Plain-pointer CPU kernels on the canonical bit layout (DESIGN §2): a row of n bits is packed
+// Plain-pointer CPU kernels on the canonical bit layout (docs/design.md, Bit layout): a row of n bits is packed
 // LSB-first into ceil(n/32) int32 words, pad bits zero. No torch header here: the bindings in
 // bindings.cpp own threading (at::parallel_for) and argument checks; each kernel processes one
 // range of its outer loop so that it can be called from any thread.

@@ -10,7 +10,6 @@ packed, so every rank keeps the same ones.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Dict, Optional
 
@@ -22,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data.tasks import TaskSplit
 from ..distributed import DistContext, all_reduce_mean_
 from ..nn import MultitaskBatchNorm, begin_task, finish_task, task_parameters
-from .training import TrainSettings, make_optimizer, make_scheduler
+from .training import TrainSettings, make_optimizer, run_steps
 
 
 def local_slice(n: int, ctx: DistContext) -> slice:
@@ -44,31 +43,18 @@ def train_task_data_parallel(model: nn.Module, split: TaskSplit, settings: Train
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       broadcast_buffers=False)
     opt = make_optimizer(task_parameters(model), settings)
-    sched = make_scheduler(opt, settings)
-    step, last_loss = 0, float("nan")
-    limit = settings.iters if settings.iters is not None else math.inf
-    for _ in range(settings.epochs):
-        for xb, yb in split.batches(settings.batch_size, shuffle=True, generator=generator):
-            if step >= limit:
-                break
-            part = local_slice(len(yb), ctx)
-            xl, yl = xb[part].to(device, non_blocking=True), yb[part].to(device, non_blocking=True)
-            loss = F.cross_entropy(ddp(xl), yl, reduction="sum") * (ctx.world_size / len(yb))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            last_loss = float(loss.detach()) / ctx.world_size
-            if on_step is not None:
-                on_step(step, last_loss)
-        if sched is not None:
-            sched.step()
-        if step >= limit:
-            break
+
+    def batch_loss(xb, yb):  # this rank's slice; the sum over ranks is the mean over the whole batch
+        part = local_slice(len(yb), ctx)
+        xl, yl = xb[part].to(device, non_blocking=True), yb[part].to(device, non_blocking=True)
+        loss = F.cross_entropy(ddp(xl), yl, reduction="sum") * (ctx.world_size / len(yb))
+        return loss, float(loss.detach()) / ctx.world_size
+
+    step, last_loss = run_steps(split, settings, opt, batch_loss, generator, on_step)
     for bn in (m for m in model.modules() if isinstance(m, MultitaskBatchNorm)):
         all_reduce_mean_(ctx, bn.current_mean)
         all_reduce_mean_(ctx, bn.current_var)
-    del ddp
+    ddp = None  # release DDP (its hooks on the scores) before the task is packed
     finish_task(model)
     model.eval()
     return {"steps": step, "final_loss": last_loss}

@@ -11,7 +11,7 @@ float summation order.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn

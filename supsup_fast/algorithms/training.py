@@ -69,6 +69,24 @@ def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, d
     begin_task(model, init_scores=init_scores, generator=generator)
     model.train()
     opt = make_optimizer(task_parameters(model), settings)
+
+    def batch_loss(xb, yb):
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(xb), yb)
+        return loss, float(loss.detach())
+
+    step, last_loss = run_steps(split, settings, opt, batch_loss, generator, on_step)
+    finish_task(model)
+    model.eval()
+    return {"steps": step, "final_loss": last_loss}
+
+
+def run_steps(split: TaskSplit, settings: TrainSettings, opt: torch.optim.Optimizer,
+              batch_loss: Callable[[torch.Tensor, torch.Tensor], tuple], generator: Optional[torch.Generator],
+              on_step: Optional[Callable[[int, float], None]]) -> tuple:
+    """The optimisation loop of one task: ``settings.iters`` steps (or ``settings.epochs`` epochs)
+    over shuffled batches, the scheduler stepped per epoch. ``batch_loss(x, y)`` returns the loss to
+    backpropagate and the value to report. Returns (steps, last reported loss)."""
     sched = make_scheduler(opt, settings)
     step, last_loss = 0, float("nan")
     limit = settings.iters if settings.iters is not None else math.inf
@@ -76,19 +94,15 @@ def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, d
         for xb, yb in split.batches(settings.batch_size, shuffle=True, generator=generator):
             if step >= limit:
                 break
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(xb), yb)
+            loss, last_loss = batch_loss(xb, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            last_loss = float(loss.detach())
             if on_step is not None:
                 on_step(step, last_loss)
         if sched is not None:
             sched.step()
         if step >= limit:
             break
-    finish_task(model)
-    model.eval()
-    return {"steps": step, "final_loss": last_loss}
+    return step, last_loss

@@ -7,8 +7,10 @@ Same constructor, attributes and forward as the official code: ``task`` (>= 0: t
 ``cache_masks()``/``clear_masks()``. What differs is storage: a finished task keeps only its bits
 (``bank``, int32[k, out, ceil(n/32)]); the float scores of the task being trained alone exist.
 A task's scores are packed into its bank row when the model moves to another task or
-``cache_masks()`` is called. Training a packed task again starts from scores rebuilt from its
-bits (the official layer would keep the float scores).
+``cache_masks()`` is called. Selecting a packed (finished) task again gives it float scores rebuilt
+from its bits (``scores_from_bits``: ±½ init bound, whose mask is exactly those bits), so it can be
+trained again; its next pack replaces its bank row (the official layer would keep the old float
+scores). An untrained task starts from its official initial scores.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class MultitaskMaskMixin:
         self._version = 0  # bumped whenever the bank changes (count cache key)
         self._count_cache = None
         self._task = None
+        self._rebuilt = None  # the live task whose scores were rebuilt from its bank row
 
     # -- the official attributes ---------------------------------------------------------------
     @property
@@ -75,8 +78,15 @@ class MultitaskMaskMixin:
             if live != task:  # moving on: the other task's mask becomes bits
                 self._commit(live)
                 self.scores.pop(live)
-        if task >= 0 and task not in self.scores and (task >= len(self.bank) or task in self._filler):
-            init = self._stream.scores(task).to(self.weight.device)
+                if live == self._rebuilt:
+                    self._rebuilt = None
+        if task >= 0 and task not in self.scores:
+            if task < len(self.bank) and task not in self._filler:
+                # A finished task: float scores rebuilt from its bits (same mask), trainable again.
+                init = self.scores_from_bits(task).to(self.weight.device)
+                self._rebuilt = task
+            else:  # new or untrained: the official initial scores
+                init = self._stream.scores(task).to(self.weight.device)
             self.scores.put(task, nn.Parameter(init))
         self._task = task
 
@@ -100,13 +110,20 @@ class MultitaskMaskMixin:
             return mask_from_scores(self.scores[task].detach(), self.mask_fn, self.density)
         if not 0 <= task < len(self.bank):
             raise ValueError(f"task must be a trained task in [0, {len(self.bank)}), got {task}")
+        return self._row_mask(task)
+
+    def _row_mask(self, task: int) -> torch.Tensor:
         return ops.unpack_bits(self.bank.words[task], self.bank.n).view_as(self.weight)
 
     def scores_from_bits(self, task: int) -> torch.Tensor:
-        """Float scores that give task ``task``'s mask back (exported to the official format):
-        ±bound/2 for a threshold mask, bound or bound/2 (kept or not) for a top-k mask."""
+        """Float scores that give task ``task``'s mask back (used when a packed task is selected
+        again, and exported to the official format): ±bound/2 for a threshold mask, bound or
+        bound/2 (kept or not) for a top-k mask."""
+        return self._scores_for(self.mask(task))
+
+    def _scores_for(self, mask: torch.Tensor) -> torch.Tensor:
         m = 0.5 * score_init_bound(self.weight[0].numel())
-        bits = self.mask(task).float()
+        bits = mask.float()
         return (bits * 2 - 1) * m if self.mask_fn == "threshold" else (bits + 1) * m
 
     # -- state_dict: the bits travel as ``mask_bits``; an official ``stacked`` is read too ---------
@@ -152,7 +169,13 @@ class MultitaskMaskMixin:
 
     def _commit(self, task: int) -> None:
         self._ensure_rows(task)
-        words = self._pack(self.scores[task])
+        s = self.scores[task].detach()
+        if (task == self._rebuilt and task < len(self.bank) and task not in self._filler
+                and torch.equal(s, self._scores_for(self._row_mask(task)).to(s))):
+            # Untouched scores rebuilt from this row: the row already holds the task's bits (and a
+            # top-k row whose count differs from kept_count, e.g. loaded, is not rewritten).
+            return
+        words = self._pack(s)
         if task == len(self.bank):
             self.bank.append(words)
         else:

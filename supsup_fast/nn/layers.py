@@ -9,6 +9,7 @@ A layer is in one of three modes, set model-wide by the helpers in :mod:`supsup_
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional, Sequence, Union
 
 import torch
@@ -26,6 +27,38 @@ class Mode:
     TRAIN = "train"
     TASK = "task"
     SUPERPOSE = "superpose"
+
+
+# The last alpha found uniform: (weak reference, version counter, k). set_superposition hands the
+# same alpha to every layer, so only the first one pays the check's host sync.
+_uniform_ok: Optional[tuple] = None
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter: never reuse a verdict then
+        return None
+
+
+def check_uniform_alpha(alpha: torch.Tensor, k: int) -> None:
+    """``uniform=True`` promises alpha = 1/k over the k superposed tasks: the layers then use their
+    cached counts Σᵢ Mᵢ / k and never read alpha in the forward, so a non-uniform alpha would
+    silently give the uniform superposition. Raises ValueError naming ``alpha`` if it is not.
+    The value check (a host sync) is skipped inside a CUDA-graph capture, like the other data checks."""
+    global _uniform_ok
+    ops.checks.check_alpha(alpha, k)
+    if k == 0 or ops.checks.capturing(alpha):
+        return
+    version, last = _version(alpha), _uniform_ok
+    if version is not None and last is not None and last[0]() is alpha and last[1] == version and last[2] == k:
+        return
+    a = alpha.detach()
+    if not torch.allclose(a, torch.full_like(a, 1.0 / k), rtol=1e-5, atol=1e-8):
+        raise ValueError(f"uniform=True needs alpha = 1/k = {1.0 / k:.6g} for all {k} superposed tasks, "
+                         f"got alpha values in [{float(a.min()):.6g}, {float(a.max()):.6g}]; pass uniform=False")
+    if version is not None:
+        _uniform_ok = (weakref.ref(alpha), version, k)
 
 
 class SupermaskLayer(nn.Module):
@@ -196,7 +229,10 @@ class SupermaskLayer(nn.Module):
 
     def set_mode_superpose(self, alpha: torch.Tensor, active: Optional[torch.Tensor] = None, uniform: bool = False) -> None:
         """Superpose the bank (or the tasks listed in ``active``) with coefficients ``alpha``.
-        ``uniform=True`` promises alpha = 1/k over the k superposed tasks (enables the count caches)."""
+        ``uniform=True`` promises alpha = 1/k over the k superposed tasks (enables the count caches);
+        the promise is checked here (``check_uniform_alpha``), whoever calls."""
+        if uniform:
+            check_uniform_alpha(alpha, self.num_tasks if active is None else active.numel())
         self._mode = (Mode.SUPERPOSE, alpha, active, bool(uniform))
 
     def mode(self):

@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import ops
 from .batchnorm import MultitaskBatchNorm
-from .layers import SupermaskLayer
+from .layers import SupermaskLayer, check_uniform_alpha
 
 
 def task_modules(model: nn.Module) -> List[nn.Module]:
@@ -102,13 +102,9 @@ def set_superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[to
         pass  # inside a CUDA-graph capture the data checks (host syncs) cannot run
     elif k and not bool(torch.isfinite(alpha.detach()).all()):
         raise ValueError("alpha contains NaN or ±inf; the superposition coefficients must be finite")
-    if uniform and k and not ops.checks.capturing(alpha):
-        # The layers then use their cached counts Σᵢ Mᵢ / k and never read alpha in the forward:
-        # a non-uniform alpha would silently give the uniform superposition.
-        a = alpha.detach()
-        if not torch.allclose(a, torch.full_like(a, 1.0 / k), rtol=1e-5, atol=1e-8):
-            raise ValueError(f"uniform=True needs alpha = 1/k = {1.0 / k:.6g} for all {k} superposed tasks, "
-                             f"got values in [{float(a.min()):.6g}, {float(a.max()):.6g}]; pass uniform=False")
+    if uniform:
+        # Every layer checks it too (set_mode_superpose); once here, so no layer is switched when it fails.
+        check_uniform_alpha(alpha, k)
     for m in task_modules(model):
         m.set_mode_superpose(alpha, active, uniform)
 
@@ -119,8 +115,8 @@ def superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[torch.
     """``with superposition(model, alpha): logits = model(x)``; restores the previous modes."""
     mods = task_modules(model)
     saved = [m._mode for m in mods]
-    set_superposition(model, alpha, active, uniform)
     try:
+        set_superposition(model, alpha, active, uniform)
         yield
     finally:
         for m, mode in zip(mods, saved):

@@ -1,4 +1,4 @@
-"""The public op contract (DESIGN §3). Every function here is a thin wrapper over a
+"""The public op contract (docs/design.md, Op contract). Every function here is a thin wrapper over a
 ``torch.ops.supsup.*`` custom op that normalises Python arguments (ints -> lists)."""
 from __future__ import annotations
 

@@ -65,10 +65,10 @@ class RunConfig:
     shard_bank: bool = False               # evaluations: each rank holds only its own range of tasks' bits
 
     # Fields that may change between an interrupted run and its --resume: where and how the run
-    # executes, and the evaluation settings, none of which shape the masks. Everything that decides
+    # executes, and the evaluation settings and points, none of which shape the masks. Everything that decides
     # the trained bits (lr, iters, epochs, batch size, optimiser, seed, model, output size, mask
     # function, density, scenario, tasks, benchmark, train_subset, transfer, NNs settings...) is fixed.
-    RESUMABLE_CHANGES = ("backend", "device", "download", "data_root", "parallel", "shard_bank",
+    RESUMABLE_CHANGES = ("eval_at", "backend", "device", "download", "data_root", "parallel", "shard_bank",
                          "inference", "objective", "infer_images", "log_base", "test_batch_size",
                          "hop_gamma", "hop_recovery_lr", "hop_recovery_trials")
 

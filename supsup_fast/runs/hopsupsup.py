@@ -12,8 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..algorithms.hopsupsup import HopSettings, accuracy, hopfield_bytes, recover_masks, set_masks, train_task
-from .loop import Experiment, task_generator, train_subset
-from .maskfile import load_hopfield_checkpoint, save_hopfield_checkpoint
+from .loop import Experiment, task_generator, train_subset, unusable_checkpoint
+from .maskfile import MaskFileError, load_hopfield_checkpoint, require_extra, save_hopfield_checkpoint
 from .results import machine_info, write_csv, write_json, write_plot
 
 
@@ -39,8 +39,11 @@ def run_hopsupsup(exp: Experiment) -> dict:
     exp.ckpt_dir.mkdir(parents=True, exist_ok=True)
     true_masks, after, train_seconds, done = [], [], 0.0, 0
     if exp.resume and ckpt.exists():
-        extra, true_masks = load_hopfield_checkpoint(ckpt, model, exp.identity())
-        done, after, train_seconds = extra["tasks_done"], extra["accuracy_after_training"], extra["train_seconds"]
+        try:
+            extra, true_masks = load_hopfield_checkpoint(ckpt, model, exp.identity())
+        except MaskFileError as exc:
+            raise unusable_checkpoint(ckpt, exc) from exc
+        done, after, train_seconds = require_extra(ckpt, extra, "tasks_done", "accuracy_after_training", "train_seconds")
     bar = tqdm(range(cfg.tasks), desc="HopSupSup train", unit="task", disable=not exp.progress)
     bar.update(done)
     for t in range(done, cfg.tasks):

@@ -9,6 +9,8 @@ rolling checkpoint, written atomically: an interrupted run resumes without retra
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
@@ -24,7 +26,8 @@ from ..data import load_benchmark
 from ..data.tasks import TaskSplit
 from ..distributed import SINGLE, DistContext, broadcast_object, gather_objects, shard_range
 from ..models import build_model
-from ..nn import bn_bytes, enable_transfer, mask_bytes, mask_entropy_bytes, num_tasks
+from ..nn import MultitaskBatchNorm, bn_bytes, enable_transfer, mask_bytes, mask_entropy_bytes, num_tasks
+from ..ops.registry import backend_for, use_backend
 from . import maskfile
 from .config import RunConfig
 from .results import machine_info, read_json, write_csv, write_json, write_plot
@@ -44,6 +47,18 @@ def train_subset(split: TaskSplit, n: Optional[int]) -> TaskSplit:
     return split.head(n)
 
 
+def unusable_checkpoint(path: Path, exc: Exception) -> RunDirError:
+    """The error for a rolling checkpoint (NNs, HopSupSup) that cannot be resumed from."""
+    return RunDirError(f"checkpoint {path} is unusable: {exc}. Delete it to retrain this run from its first task, "
+                       f"or choose another --out")
+
+
+def bank_summary(model: torch.nn.Module) -> dict:
+    """The mask count and bytes that results.json reports for a model's bank."""
+    return {"num_masks": num_tasks(model), "mask_bytes": mask_bytes(model),
+            "mask_entropy_bytes": mask_entropy_bytes(model), "bn_bytes": bn_bytes(model)}
+
+
 def evaluation_points(config: RunConfig) -> List[int]:
     """The task counts at which every task learned so far is evaluated; the last is all tasks."""
     return sorted({k for k in config.eval_at if 1 <= k < config.tasks} | {config.tasks})
@@ -53,6 +68,9 @@ def parallel_mode(config: RunConfig, ctx: DistContext) -> str:
     """"single" (one process), "task" (each rank trains whole tasks) or "data" (DDP on one task)."""
     if not ctx.enabled:
         return "single"
+    if config.shard_bank and config.scenario == "NNs":
+        raise ValueError("--shard-bank does not apply to NNs runs (one checkpoint holds all masks); "
+                         "launch without --shard-bank")
     sequential = config.scenario == "NNs" or config.transfer
     if config.inference == "hopfield":
         raise ValueError("HopSupSup (--inference hopfield) runs in one process; launch it without torchrun")
@@ -72,6 +90,7 @@ class Experiment:
 
     def __init__(self, config: RunConfig, out: Union[str, Path], resume: bool = False, progress: bool = True,
                  model: Optional[torch.nn.Module] = None, ctx: DistContext = SINGLE, retrain_corrupt: bool = False):
+        config.validate()  # also when the config was built directly, not through make_config / the CLI
         self.config, self.out, self.resume, self.ctx = config, Path(out), resume, ctx
         self.progress, self.retrain_corrupt = progress and ctx.is_main, retrain_corrupt
         if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -81,6 +100,8 @@ class Experiment:
         self.parallel = parallel_mode(config, ctx)
         self.ckpt_dir = self.out / "checkpoints"
         self.device = torch.device(config.device)
+        with use_backend(config.backend):  # an unavailable --backend fails now, not after loading data
+            backend_for(self.device)
         self.tasks = load_benchmark(config.benchmark, config.tasks, config.seed, config.data_root, config.download,
                                     image_size=config.image_size)
         self.output_size = config.resolved_output_size(self.tasks.num_labels)
@@ -88,6 +109,9 @@ class Experiment:
         if model is None:
             model = self._fresh_model()
         self.model = model.to(self.device)
+        if config.shard_bank and ctx.enabled and any(isinstance(m, MultitaskBatchNorm) for m in self.model.modules()):
+            raise ValueError("--shard-bank needs an MLP of supermask layers without BatchNorm (fc1024 or lenet); "
+                             f"--model {config.model} has per-task BatchNorm")
         if config.transfer:
             enable_transfer(self.model)
         self.train_settings = TrainSettings(iters=config.iters, epochs=config.epochs, batch_size=config.batch_size,
@@ -99,6 +123,14 @@ class Experiment:
                                           batch_size=config.test_batch_size, log_base=config.log_base)
         self.lock: Optional[RunLock] = None
         self.bank_bytes_per_rank: Optional[List[int]] = None
+        self.bank_summary: Optional[dict] = None  # of the whole bank, where this rank does not hold it
+
+    def eval_digest(self) -> str:
+        """Identifies the evaluation settings a progress row was computed under: rows computed
+        under other settings (changed on --resume) are recomputed, never reported as these."""
+        e = self.eval_settings
+        shaping = [e.scenario, e.inference, e.objective, e.infer_images, e.batch_size, e.log_base]
+        return hashlib.sha256(json.dumps(shaping).encode()).hexdigest()
 
     def _fresh_model(self) -> torch.nn.Module:
         c = self.config
@@ -198,7 +230,8 @@ class Experiment:
         gg = self.config.scenario == "GG"
         return {"tasks_learned": k, "accuracy": accs, "task_inference": None if gg else inferred,
                 "average_accuracy": average(accs), "task_inference_accuracy": None if gg else average(inferred),
-                "queries": sum(per_task[t][2] for t in range(k)), "seconds": time.perf_counter() - start}
+                "queries": sum(per_task[t][2] for t in range(k)), "seconds": time.perf_counter() - start,
+                "eval_sha256": self.eval_digest()}
 
     def _evaluate_sharded(self, k: int, bar_desc: str) -> Dict[int, tuple]:
         if k < self.ctx.world_size:
@@ -223,10 +256,12 @@ class Experiment:
         raise NotImplementedError("a scenario driver (runs.supsup, runs.nns, runs.hopsupsup) defines run()")
 
     def progress_rows(self) -> List[dict]:
-        """The evaluation rows an interrupted run already computed (rank 0 reads, all ranks get them)."""
+        """The evaluation rows an interrupted run already computed under the same evaluation
+        settings (rank 0 reads, all ranks get them)."""
         path = self.out / "progress.json"
-        return self._on_main(lambda: read_json(path, "progress file").get("rows", [])
+        rows = self._on_main(lambda: read_json(path, "progress file").get("rows", [])
                              if self.resume and path.exists() else [])
+        return [r for r in rows if r.get("eval_sha256") == self.eval_digest()]
 
     def save_progress(self, rows: List[dict], **extra) -> None:
         self._on_main(lambda: write_json(self.out / "progress.json", {"rows": rows, **extra}))
@@ -251,10 +286,7 @@ class Experiment:
             "accuracy_after_training": after,
             "accuracy_matrix": rows,
             **cl_metrics(after, final["accuracy"], history),
-            "num_masks": num_tasks(self.model),
-            "mask_bytes": mask_bytes(self.model),
-            "mask_entropy_bytes": mask_entropy_bytes(self.model),
-            "bn_bytes": bn_bytes(self.model),
+            **(self.bank_summary or bank_summary(self.model)),
             "output_size": self.output_size,
             "num_labels": self.tasks.num_labels,
             "timing": {"train": train_seconds, "eval": final["seconds"],

@@ -160,19 +160,59 @@ def load_masks(model: nn.Module, path: Union[str, Path], first_task: Optional[in
     return apply_mask_file(model, path, tensors, meta, first_task)
 
 
+def parse_extra(path, meta: Dict[str, str]) -> dict:
+    """The ``extra`` dict of a verified file's metadata, or a MaskFileError if it is missing, not
+    JSON or not a JSON object (a file whose checksum was recomputed after tampering)."""
+    if "extra" not in meta:
+        raise MaskFileError(f"{path}: metadata field 'extra' is missing")
+    try:
+        extra = json.loads(meta["extra"])
+    except (ValueError, TypeError) as exc:
+        raise MaskFileError(f"{path}: malformed metadata field 'extra' ({exc})") from exc
+    if not isinstance(extra, dict):
+        raise MaskFileError(f"{path}: metadata field 'extra' must be a JSON object, got {type(extra).__name__}")
+    return extra
+
+
+_MISSING = object()
+
+
+def require_extra(path, extra: dict, *keys: str, kind=None):
+    """``extra[key]`` of a mask file (one key: the value; several: a tuple of values), or a
+    MaskFileError naming the file and the key when the key is missing, or when ``kind`` (a type or
+    tuple of types, as for isinstance; bool never passes for int) is given and the value is not of it."""
+    if not isinstance(extra, dict):
+        raise MaskFileError(f"{path}: metadata field 'extra' must be a JSON object, got {type(extra).__name__}")
+    if not keys:
+        raise TypeError("require_extra needs at least one key")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    values = []
+    for key in keys:
+        value = extra.get(key, _MISSING)
+        if value is _MISSING:
+            raise MaskFileError(f"{path}: its metadata 'extra' lacks the field {key!r} (written by another "
+                                f"version, or modified)")
+        if kind is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise MaskFileError(f"{path}: field {key!r} of its metadata 'extra' has the wrong type "
+                                f"({type(value).__name__})")
+        values.append(value)
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 def parse_metadata(path, meta: Dict[str, str]) -> tuple:
     """(spec, layout, first_task, num_tasks, extra) of a verified file's metadata, or a
     MaskFileError if a field is missing or malformed (a file whose checksum was recomputed after
     tampering)."""
     try:
-        spec, layout, extra = json.loads(meta["model_spec"]), json.loads(meta["layout"]), json.loads(meta["extra"])
+        spec, layout = json.loads(meta["model_spec"]), json.loads(meta["layout"])
         first, count = int(meta["first_task"]), int(meta["num_tasks"])
         digest = meta["weights_sha256"]
     except KeyError as exc:
         raise MaskFileError(f"{path}: metadata field {exc.args[0]!r} is missing") from exc
     except (ValueError, TypeError) as exc:
         raise MaskFileError(f"{path}: malformed metadata ({exc})") from exc
-    if not isinstance(spec, dict) or not isinstance(layout, dict) or not isinstance(extra, dict):
+    extra = parse_extra(path, meta)
+    if not isinstance(spec, dict) or not isinstance(layout, dict):
         raise MaskFileError(f"{path}: model_spec, layout and extra must be JSON objects")
     if first < 0 or count < 0 or not isinstance(digest, str):
         raise MaskFileError(f"{path}: first_task and num_tasks must be >= 0, got {first} and {count}")
@@ -268,19 +308,26 @@ def load_hopfield_checkpoint(path, model, identity: Optional[dict] = None):
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:
         raise MaskFileError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
-    if meta.get("format") != "supsup_fast.hopfield" or json.loads(meta.get("spec", "null")) != model.spec:
+    try:
+        spec = json.loads(meta.get("spec", "null"))
+    except (ValueError, TypeError):
+        spec = None
+    if meta.get("format") != "supsup_fast.hopfield" or spec != model.spec:
         raise MaskFileError(f"{path} is not a Hopfield checkpoint of this model ({model.spec})")
     if meta.get("checksum") != checksum(tensors, meta):
         raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
-    extra = json.loads(meta["extra"])
+    extra = parse_extra(path, meta)
     if identity is not None:
         check_identity(path, extra, identity)
     layers = mask_layers(model)
-    done = extra["tasks_done"]
+    done = require_extra(path, extra, "tasks_done", kind=int)
+    if done < 0:
+        raise MaskFileError(f"{path}: field 'tasks_done' of its metadata 'extra' must be >= 0, got {done}")
     for i, l in enumerate(layers):
         psi, ps = tensors.get(f"psi/{i}"), tensors.get(f"pattern_sum/{i}")
         tm = tensors.get(f"true_masks/{i}")
-        if psi is None or tuple(psi.shape) != (l.num_features,) * 2 or ps is None or tm is None \
+        if psi is None or tuple(psi.shape) != (l.num_features,) * 2 or ps is None \
+                or tuple(ps.shape) != (l.num_features,) or tm is None \
                 or tuple(tm.shape) != (done, l.num_features):
             raise MaskFileError(f"{path}: layer {i} tensors are missing or have the wrong shape")
     for i, l in enumerate(layers):

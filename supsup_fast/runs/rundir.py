@@ -71,10 +71,13 @@ def run_identity(config, data_sha256: str, task: Optional[int] = None) -> dict:
 
 def check_identity(path: Path, extra: dict, expected: dict) -> None:
     """Refuse a mask file whose recorded identity differs from the run loading it."""
-    found = extra.get("run_identity")
+    found = extra.get("run_identity") if isinstance(extra, dict) else None
     if found is None:
         raise RunDirError(f"{path} carries no run identity (written by an older version or by hand); "
                           f"delete it to retrain, or start a new --out")
+    if not isinstance(found, dict):
+        raise RunDirError(f"{path} has a malformed run identity (a {type(found).__name__}, not a JSON object): "
+                          f"the file was modified; delete it to retrain, or start a new --out")
     names = {"settings_sha256": "the settings that shape the masks (lr, iters, seed, model, ...)",
              "data_sha256": "the training data (another --data-root or the embedded subset)", "task": "the task index"}
     for key, what in names.items():
