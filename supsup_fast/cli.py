@@ -125,8 +125,10 @@ def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") ->
     try:
         results = run_experiment(config, out, resume=args.resume, progress=not args.no_progress, ctx=ctx,
                                  retrain_corrupt=bool(getattr(args, "retrain_corrupt", False)))
-    finally:
-        shutdown(ctx)
+    except BaseException:
+        shutdown(ctx, wait_for_peers=False)
+        raise
+    shutdown(ctx)
     if ctx.is_main:
         print(_summary(results, out))
     return 0
@@ -143,8 +145,10 @@ def cmd_evaluate(args) -> int:
         overrides["device"] = device
     try:
         results = evaluate_run(args.run, overrides, out, progress=not args.no_progress, ctx=ctx)
-    finally:
-        shutdown(ctx)
+    except BaseException:
+        shutdown(ctx, wait_for_peers=False)
+        raise
+    shutdown(ctx)
     if ctx.is_main:
         print(_summary(results, out))
     return 0

@@ -74,8 +74,13 @@ def init_from_env(device: str, timeout_minutes: float = 60.0) -> tuple:
     return DistContext(world, rank, local_rank, backend), device
 
 
-def shutdown(ctx: DistContext) -> None:
+def shutdown(ctx: DistContext, wait_for_peers: bool = True) -> None:
+    """Tear the process group down. After a finished command every rank waits for the others
+    first: a rank that destroys its group while a peer still talks to it can abort that peer (gloo:
+    "terminate called without an active exception"). After an error it does not wait."""
     if ctx.enabled and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 
