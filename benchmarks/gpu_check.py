@@ -78,8 +78,8 @@ def copy_bandwidth() -> float:
 
 def run_tests() -> dict:
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_triton.py", "tests/test_cuda.py",
-           "tests/test_ops.py", "tests/test_layers.py", "tests/test_inference.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels/test_triton.py", "tests/ops/test_cuda.py",
+           "tests/ops/test_ops.py", "tests/nn/test_layers.py", "tests/algorithms/test_inference.py"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]

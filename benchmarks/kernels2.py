@@ -59,7 +59,7 @@ def child(isa: str, quick: bool, out: Path) -> dict:
     from supsup_fast.algorithms.objectives import entropy
     from supsup_fast.bench import (FloatStackMLP, bench_training_step, interleaved_medians, machine,
                                    median_time, random_model_with_masks, read_bandwidth)
-    from supsup_fast.ops.cpu import cpu_isa
+    from supsup_fast.ops.backends.cpu import cpu_isa
 
     threads = torch.get_num_threads()
     got = cpu_isa()

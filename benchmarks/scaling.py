@@ -47,7 +47,7 @@ def _run(ranks: int, threads: int, args: list) -> dict:
 
 def cpu_isa() -> str:
     try:
-        from supsup_fast.ops.cpu import cpu_isa as isa
+        from supsup_fast.ops.backends.cpu import cpu_isa as isa
         return isa()
     except Exception:  # the report still names the CPU below
         return "unknown"

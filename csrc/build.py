@@ -1,5 +1,5 @@
 """What the C++/CUDA extensions are built from, and how: the one list of sources and compiler flags
-that setup.py (ahead of time) and ``supsup_fast.ops.cpu`` / ``supsup_fast.ops.cuda`` (compile on
+that setup.py (ahead of time) and ``supsup_fast.ops.backends.cpu`` / ``supsup_fast.ops.backends.cuda`` (compile on
 first use) all read. Installed as ``supsup_fast.csrc.build``; setup.py loads it by path."""
 from __future__ import annotations
 

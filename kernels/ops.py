@@ -1,6 +1,6 @@
 """The launchers (each beside its kernel in ``bits``, ``bank``, ``gemm``), registered as ``torch.library.triton_op`` (namespace ``supsup_triton``) so
 ``torch.compile`` sees the kernels. The public ``supsup::*`` ops (fake impls, autograd) dispatch
-to these through :class:`supsup_fast.ops.triton.TritonBackend`.
+to these through :class:`supsup_fast.ops.backends.triton.TritonBackend`.
 
 Under ``TRITON_INTERPRET=1`` the same launchers run on CPU tensors (tests): large tiles, one
 autotune config, and fp16/bf16 computed in fp32 (the interpreter's low-precision ``tl.dot`` is wrong).

@@ -211,7 +211,7 @@ class ShardedSuperposition:
         self.ctx, self.layers, self.scale, self._handles = ctx, layers, 1.0, []
 
     def _hook(self, module, inputs, output):
-        if module.mode()[0] != "superpose":
+        if module.mode().kind != "superpose":
             return output
         if module.bias is not None and self.ctx.rank != 0:
             output = output - module.bias.view((1, -1) + (1,) * (output.dim() - 2))
@@ -219,7 +219,7 @@ class ShardedSuperposition:
         return ShardedSum.apply(output) if self.ctx.enabled else output
 
     def _pre_hook(self, module, inputs):
-        if module.mode()[0] != "superpose" or not self.ctx.enabled or not inputs[0].requires_grad:
+        if module.mode().kind != "superpose" or not self.ctx.enabled or not inputs[0].requires_grad:
             return None
         return (SharedInput.apply(inputs[0]),) + tuple(inputs[1:])
 

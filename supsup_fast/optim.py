@@ -15,7 +15,7 @@ import torch
 
 def _cpu_kernel():
     try:
-        from .ops.cpu import load_cpu_extension
+        from .ops.backends.cpu import load_cpu_extension
         load_cpu_extension()
         return torch.ops.supsup_cpu.rmsprop_step_
     except RuntimeError:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..ops.cpu import cpu_isa
+from ..ops.backends.cpu import cpu_isa
 from ..ops.registry import backend_for, use_backend
 from .suites import bench_alpha_gradient, bench_gnu_evaluation, bench_memory, bench_single_task_forward, bench_training_step
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bank import TaskRows
-from .layers import Mode
+from .modes import Mode, OneTask, Superposition, Train
 
 
 class MultitaskBatchNorm(nn.Module):
@@ -24,7 +24,7 @@ class MultitaskBatchNorm(nn.Module):
         self.vars = TaskRows((num_features,), torch.float32, device)
         self.register_buffer("current_mean", None, persistent=False)
         self.register_buffer("current_var", None, persistent=False)
-        self._mode = (Mode.TASK, 0)
+        self._mode: Mode = OneTask(0)
 
     @property
     def num_tasks(self) -> int:
@@ -34,13 +34,13 @@ class MultitaskBatchNorm(nn.Module):
         dev = self.means.storage.device
         self.current_mean = torch.zeros(self.num_features, device=dev)
         self.current_var = torch.ones(self.num_features, device=dev)
-        self._mode = (Mode.TRAIN,)
+        self._mode = Train()
 
     def finish_task(self) -> None:
         self.means.append(self.current_mean)
         self.vars.append(self.current_var)
         self.current_mean = self.current_var = None
-        self._mode = (Mode.TASK, self.num_tasks - 1)
+        self._mode = OneTask(self.num_tasks - 1)
 
     def append_stats(self, means: torch.Tensor, variances: torch.Tensor) -> None:
         self.means.append(means.float())
@@ -51,22 +51,22 @@ class MultitaskBatchNorm(nn.Module):
         self.vars.truncate(k)
 
     def set_mode_task(self, t: int) -> None:
-        self._mode = (Mode.TASK, int(t))
+        self._mode = OneTask(int(t))
 
     def set_mode_train(self) -> None:
-        self._mode = (Mode.TRAIN,)
+        self._mode = Train()
 
     def set_mode_superpose(self, alpha=None, active=None, uniform=False) -> None:
-        self._mode = (Mode.SUPERPOSE,)
+        self._mode = Superposition()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kind = self._mode[0]
-        if kind == Mode.TRAIN:
+        mode = self._mode
+        if isinstance(mode, Train):
             if self.training:
                 return F.batch_norm(x, self.current_mean, self.current_var, None, None, True, self.momentum, self.eps)
             return F.batch_norm(x, self.current_mean, self.current_var, None, None, False, 0.0, self.eps)
-        if kind == Mode.TASK:
-            t = self._mode[1]
+        if isinstance(mode, OneTask):
+            t = mode.task
             if t >= self.num_tasks:
                 raise RuntimeError(f"task {t} has no BN statistics yet ({self.num_tasks} learned)")
             return F.batch_norm(x, self.means.rows[t], self.vars.rows[t], None, None, False, 0.0, self.eps)

@@ -1,68 +1,30 @@
 """Drop-in supermask layers: frozen random weights, one binary mask per task stored as bits.
 
-A layer is in one of three modes, set model-wide by the helpers in :mod:`supsup_fast.nn.tasks`:
-- train: the float scores of the task being learned give the mask (straight-through estimator);
-- task t: the packed mask t of the bank (``masked_linear``/``masked_conv2d``);
-- superposition: W ⊙ Σᵢ αᵢ Mᵢ over the bank (optionally an active subset of tasks); with uniform α
-  the forward uses a cached per-weight count of set bits, so it reads no mask bit.
+A layer is in one of three modes (:mod:`.modes`: train, one task, superposition), set model-wide
+by the helpers in :mod:`supsup_fast.nn.tasks`; the uniform superposition uses the count caches of
+:mod:`.counts`. The concrete layers are in :mod:`.linear` and :mod:`.conv`.
 """
 from __future__ import annotations
 
 import math
-import weakref
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from ..ops.registry import backend_for
 from .bank import MaskBank
+from .counts import CountCaches
 from .init import frozen_bias, frozen_weight, make_generator
 from .masks import MASK_FUNCTIONS, mask_from_scores, masked_weight_from_scores, score_init_bound
+from .modes import Mode, OneTask, Superposition, Train, check_uniform_alpha
 
 
-class Mode:
-    TRAIN = "train"
-    TASK = "task"
-    SUPERPOSE = "superpose"
 
 
-# The last alpha found uniform: (weak reference, version counter, k). set_superposition hands the
-# same alpha to every layer, so only the first one pays the check's host sync.
-_uniform_ok: Optional[tuple] = None
-
-
-def _version(t: torch.Tensor) -> Optional[int]:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter: never reuse a verdict then
-        return None
-
-
-def check_uniform_alpha(alpha: torch.Tensor, k: int) -> None:
-    """``uniform=True`` promises alpha = 1/k over the k superposed tasks: the layers then use their
-    cached counts Σᵢ Mᵢ / k and never read alpha in the forward, so a non-uniform alpha would
-    silently give the uniform superposition. Raises ValueError naming ``alpha`` if it is not.
-    The value check (a host sync) is skipped inside a CUDA-graph capture, like the other data checks."""
-    global _uniform_ok
-    ops.checks.check_alpha(alpha, k)
-    if k == 0 or ops.checks.capturing(alpha):
-        return
-    version, last = _version(alpha), _uniform_ok
-    if version is not None and last is not None and last[0]() is alpha and last[1] == version and last[2] == k:
-        return
-    a = alpha.detach()
-    if not torch.allclose(a, torch.full_like(a, 1.0 / k), rtol=1e-5, atol=1e-8):
-        raise ValueError(f"uniform=True needs alpha = 1/k = {1.0 / k:.6g} for all {k} superposed tasks, "
-                         f"got alpha values in [{float(a.min()):.6g}, {float(a.max()):.6g}]; pass uniform=False")
-    if version is not None:
-        _uniform_ok = (weakref.ref(alpha), version, k)
-
-
-class SupermaskLayer(nn.Module):
-    """Shared state and logic of SupermaskLinear and SupermaskConv2d."""
+class SupermaskLayer(CountCaches, nn.Module):
+    """Shared state and logic of SupermaskLinear (nn/linear.py) and SupermaskConv2d (nn/conv.py)."""
 
     def _setup(self, weight_shape, fan_in: int, bias: bool, init: Union[str, torch.Tensor],
                mask_fn: str, density: float, seed: Optional[int], generator: Optional[torch.Generator],
@@ -93,7 +55,7 @@ class SupermaskLayer(nn.Module):
         # float tensor per layer (not per task), kept only when track_score_mean is set.
         self.track_score_mean = False
         self.register_buffer("score_mean", None, persistent=False)
-        self._mode = (Mode.TASK, 0)
+        self._mode: Mode = OneTask(0)
 
     # -- task lifecycle -----------------------------------------------------------------------
     @property
@@ -126,7 +88,7 @@ class SupermaskLayer(nn.Module):
         if tuple(scores.shape) != tuple(self.weight.shape):
             raise ValueError(f"scores must have shape {tuple(self.weight.shape)}, got {tuple(scores.shape)}")
         self.scores = scores
-        self._mode = (Mode.TRAIN,)
+        self._mode = Train()
 
     def scores_from_bits(self, task: int, magnitude: Optional[float] = None) -> torch.Tensor:
         """Scores that reproduce finished mask ``task``: +m where the bit is set, -m elsewhere
@@ -174,7 +136,7 @@ class SupermaskLayer(nn.Module):
                 self.score_mean = self.score_mean + (scores - self.score_mean) / (self.num_tasks + 1)
         self.commit_mask(self.num_tasks)
         self.scores = None
-        self._mode = (Mode.TASK, self.num_tasks - 1)
+        self._mode = OneTask(self.num_tasks - 1)
 
     def append_packed(self, words: torch.Tensor) -> None:
         """Append finished masks given as packed words ``[m, out, W]`` (loading a file)."""
@@ -186,46 +148,16 @@ class SupermaskLayer(nn.Module):
         self._counts = None
         self._active_cache = None
 
-    def set_count_cache(self, enabled: bool) -> None:
-        """Whether to keep Σᵢ Mᵢ per weight (float, one weight-sized tensor) for uniform α."""
-        if not enabled:
-            self._counts = None
-
-    def active_counts(self, active: torch.Tensor) -> torch.Tensor:
-        """Σ_{i ∈ active} Mᵢ per weight. Binary task inference shrinks the active set every round;
-        when the new set is a subset of the last one, the count is updated by subtracting only the
-        tasks just ruled out (bits read over a whole search ≈ k, not k·log k)."""
-        cache = getattr(self, "_active_cache", None)
-        ones = lambda m: torch.ones(m, dtype=self.weight.dtype, device=self.weight.device)
-        if cache is not None and cache[0] == self.num_tasks and bool(torch.isin(active, cache[1]).all()):
-            removed = cache[1][~torch.isin(cache[1], active)]
-            counts = cache[2]
-            if removed.numel():
-                counts = counts - ops.superpose(self.bank.words.index_select(0, removed), ones(removed.numel()), self.n).view_as(self.weight)
-        elif active.numel() == self.num_tasks:
-            counts = self.counts()
-        else:
-            counts = ops.superpose(self.bank.words.index_select(0, active), ones(active.numel()), self.n).view_as(self.weight)
-        self._active_cache = (self.num_tasks, active.clone(), counts)
-        return counts
-
-    def counts(self) -> torch.Tensor:
-        if self._counts is None:
-            k = self.num_tasks
-            ones = torch.ones(k, dtype=self.weight.dtype, device=self.weight.device)
-            self._counts = ops.superpose(self.bank.words, ones, self.n).view_as(self.weight)
-        return self._counts
-
     # -- modes --------------------------------------------------------------------------------
     def set_mode_task(self, t: int) -> None:
         if not 0 <= t < self.num_tasks:
             raise ValueError(f"task must be in [0, {self.num_tasks}) (tasks learned), got {t}")
-        self._mode = (Mode.TASK, int(t))
+        self._mode = OneTask(int(t))
 
     def set_mode_train(self) -> None:
         if self.scores is None:
             raise RuntimeError("no task is being trained: call begin_task first")
-        self._mode = (Mode.TRAIN,)
+        self._mode = Train()
 
     def set_mode_superpose(self, alpha: torch.Tensor, active: Optional[torch.Tensor] = None, uniform: bool = False) -> None:
         """Superpose the bank (or the tasks listed in ``active``) with coefficients ``alpha``.
@@ -233,39 +165,28 @@ class SupermaskLayer(nn.Module):
         the promise is checked here (``check_uniform_alpha``), whoever calls."""
         if uniform:
             check_uniform_alpha(alpha, self.num_tasks if active is None else active.numel())
-        self._mode = (Mode.SUPERPOSE, alpha, active, bool(uniform))
+        self._mode = Superposition(alpha, active, bool(uniform))
 
-    def mode(self):
+    def mode(self) -> Mode:
         return self._mode
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kind = self._mode[0]
-        if kind == Mode.TRAIN:
+        mode = self._mode
+        if isinstance(mode, Train):
             if self.scores is None:
                 raise RuntimeError("train mode needs scores: call begin_task first")
             return self._dense(x, masked_weight_from_scores(self.scores, self.weight, self.mask_fn, self.density))
-        if kind == Mode.TASK:
-            t = self._mode[1]
-            if t >= self.num_tasks:
-                raise RuntimeError(f"task {t} has no mask yet ({self.num_tasks} learned)")
-            return self._masked(x, self.bank.words[t])
-        _, alpha, active, uniform = self._mode
-        bank = self.bank.words if active is None else self.bank.words.index_select(0, active)
-        if uniform:
-            counts = self.counts() if active is None else self.active_counts(active)
+        if isinstance(mode, OneTask):
+            if mode.task >= self.num_tasks:
+                raise RuntimeError(f"task {mode.task} has no mask yet ({self.num_tasks} learned)")
+            return self._masked(x, self.bank.words[mode.task])
+        bank = self.bank.words if mode.active is None else self.bank.words.index_select(0, mode.active)
+        if mode.uniform:
+            counts = self.counts() if mode.active is None else self.active_counts(mode.active)
             s = self._uniform_s(counts, bank.shape[0])
-            return ops.superposed_with_s(x, self.weight, bank, alpha, s, self.bias, self._conv_kwargs())
-        return self._superposed(x, bank, alpha)
-
-    def _uniform_s(self, counts: torch.Tensor, k: int) -> torch.Tensor:
-        """counts / k, kept while the same count tensor (same version) and k are in use: every
-        one-shot query of an evaluation reuses it instead of rescaling a weight-sized tensor."""
-        cache = getattr(self, "_s_cache", None)
-        if cache is None or cache[0] is not counts or cache[1] != counts._version or cache[2] != k:
-            cache = (counts, counts._version, k, counts * (1.0 / k))
-            self._s_cache = cache
-        return cache[3]
+            return ops.superposed_with_s(x, self.weight, bank, mode.alpha, s, self.bias, self._conv_kwargs())
+        return self._superposed(x, bank, mode.alpha)
 
     def _conv_kwargs(self) -> Optional[dict]:
         return None
@@ -273,76 +194,3 @@ class SupermaskLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self._shape_repr()}, bias={self.bias is not None}, init={self.init_kind}, "
                 f"mask_fn={self.mask_fn}, tasks={self.num_tasks}")
-
-
-class SupermaskLinear(SupermaskLayer):
-    """Drop-in for ``nn.Linear`` with frozen weights and per-task binary masks."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
-                 init: Union[str, torch.Tensor] = "signed_constant", mask_fn: str = "threshold",
-                 density: float = 0.5, seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 device=None, dtype=None):
-        super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
-        self.in_features, self.out_features = in_features, out_features
-        self._setup((out_features, in_features), in_features, bias, init, mask_fn, density, seed, generator, device, dtype)
-
-    def _dense(self, x, w):
-        return F.linear(x, w, self.bias)
-
-    def _masked(self, x, words):
-        # A signed-constant layer reads its frozen weights as sign bits: 2 bits per weight with the mask.
-        if self.init_kind == "signed_constant" and x.dtype == self.weight.dtype:
-            sign_words, scale = self._sign_bits()
-            return ops.signed_masked_linear(x, sign_words, words, scale, self.bias)
-        return ops.masked_linear(x, self.weight, words, self.bias)
-
-    def _sign_bits(self):
-        """The frozen signed-constant weight as (sign bits, scale), rebuilt if the weight changes."""
-        key = (self.weight._version, self.weight.data_ptr())
-        if getattr(self, "_sign_cache", None) is None or self._sign_cache[0] != key:
-            scale = float(self.weight.abs().max())
-            self._sign_cache = (key, ops.pack_bits(self.weight > 0), scale)
-        return self._sign_cache[1], self._sign_cache[2]
-
-    def _superposed(self, x, bank, alpha):
-        return ops.superposed_linear(x, self.weight, bank, alpha, self.bias)
-
-    def _shape_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}"
-
-
-class SupermaskConv2d(SupermaskLayer):
-    """Drop-in for ``nn.Conv2d`` with frozen weights and per-task binary masks."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, *, init: Union[str, torch.Tensor] = "signed_constant",
-                 mask_fn: str = "threshold", density: float = 0.5, seed: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, device=None, dtype=None):
-        super().__init__()
-        from ..ops.checks import pair
-        kh, kw = pair("kernel_size", kernel_size)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
-        self.stride, self.padding = tuple(pair("stride", stride)), tuple(pair("padding", padding))
-        self.dilation, self.groups = tuple(pair("dilation", dilation)), groups
-        shape = (out_channels, in_channels // groups, kh, kw)
-        self._setup(shape, in_channels // groups * kh * kw, bias, init, mask_fn, density, seed, generator, device, dtype)
-
-    def _conv_kwargs(self) -> dict:
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
-
-    def _dense(self, x, w):
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def _masked(self, x, words):
-        return ops.masked_conv2d(x, self.weight, words, self.bias, **self._conv_kwargs())
-
-    def _superposed(self, x, bank, alpha):
-        return ops.superposed_conv2d(x, self.weight, bank, alpha, self.bias, **self._conv_kwargs())
-
-    def _shape_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}")

@@ -9,7 +9,8 @@ from torch import nn
 
 from .. import ops
 from .batchnorm import MultitaskBatchNorm
-from .layers import SupermaskLayer, check_uniform_alpha
+from .layers import SupermaskLayer
+from .modes import check_uniform_alpha
 
 
 def task_modules(model: nn.Module) -> List[nn.Module]:

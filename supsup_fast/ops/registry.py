@@ -1,6 +1,6 @@
 """Backend registry: which implementation of the op contract runs.
 
-A backend is an object with the methods of :class:`supsup_fast.ops.reference.ReferenceBackend`
+A backend is an object with the methods of :class:`supsup_fast.ops.backends.reference.ReferenceBackend`
 (kernel backends subclass it and override what they accelerate). ``use_backend`` scopes a choice
 to a ``with`` block (a context variable, so threads and async tasks do not leak into each other);
 ``set_backend`` changes the process default. ``"auto"`` picks the fastest backend that supports

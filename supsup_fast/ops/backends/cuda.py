@@ -17,11 +17,11 @@ from typing import Dict
 
 import torch
 
-from ..csrc import build as csrc_build
+from ...csrc import build as csrc_build
 from .reference import DenseLinear, ReferenceBackend
-from .registry import AUTO, get_backend_name
+from ..registry import AUTO, get_backend_name
 
-TABLE = Path(__file__).with_name("gpu_op_table.json")
+TABLE = Path(__file__).resolve().parent.parent / "gpu_op_table.json"
 _loaded = None
 
 

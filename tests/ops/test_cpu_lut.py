@@ -15,8 +15,8 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c+
 
 SCRIPT = textwrap.dedent("""
     import torch, supsup_fast as ss
-    from supsup_fast.ops.cpu import cpu_isa, CpuBackend
-    from supsup_fast.ops.reference import ReferenceBackend
+    from supsup_fast.ops.backends.cpu import cpu_isa, CpuBackend
+    from supsup_fast.ops.backends.reference import ReferenceBackend
     torch.manual_seed(0)
     ref = ReferenceBackend(); C = torch.ops.supsup_cpu
     print(cpu_isa())

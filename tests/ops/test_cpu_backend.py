@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 import supsup_fast as ss
 import supsup_fast.nn as snn
-from supsup_fast.ops import library as lib
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="no C++ compiler on this machine: the cpu backend cannot be built")
@@ -24,7 +23,7 @@ def test_cpu_backend_builds_and_is_auto_for_cpu():
     assert "cpu" in ss.backends.available()
     assert ss.backends.backend_for(torch.device("cpu")).name == "cpu"
     assert ss.backends.available().index("cpu") < ss.backends.available().index("reference")
-    from supsup_fast.ops.cpu import cpu_isa
+    from supsup_fast.ops.backends.cpu import cpu_isa
     assert cpu_isa() in ("avx512", "avx2", "scalar")
 
 
@@ -205,8 +204,8 @@ def test_lower_isa_paths_agree(isa):
     """Every kernel again with the instruction set capped (a CPU without AVX-512 / AVX2)."""
     script = textwrap.dedent("""
         import torch, torch.nn.functional as F, supsup_fast as ss
-        from supsup_fast.ops.cpu import cpu_isa
-        from supsup_fast.ops.reference import ReferenceBackend
+        from supsup_fast.ops.backends.cpu import cpu_isa
+        from supsup_fast.ops.backends.reference import ReferenceBackend
         ref = ReferenceBackend(); C = torch.ops.supsup_cpu
         print(cpu_isa())
         for n in (1, 33, 784, 1000):

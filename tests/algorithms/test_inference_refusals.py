@@ -79,7 +79,7 @@ def test_layer_level_uniform_superposition_checks_alpha_too():
     snn.set_task(model, 1)
     with pytest.raises(ValueError, match="uniform=True needs alpha"):
         snn.set_superposition(model, torch.tensor([0.9, 0.1]), uniform=True)
-    assert layer.mode()[0] == "task"
+    assert layer.mode().kind == "task"
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

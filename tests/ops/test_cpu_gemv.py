@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c+
 
 SCRIPT = textwrap.dedent("""
     import torch, supsup_fast as ss
-    from supsup_fast.ops.cpu import cpu_isa
+    from supsup_fast.ops.backends.cpu import cpu_isa
     torch.manual_seed(0)
     print(cpu_isa())
     C = torch.ops.supsup_cpu

@@ -88,7 +88,7 @@ def test_warmup_cosine_schedule():
 
 def test_splitimagenet_resnet50_smoke_run(tmp_path, fake_root):
     from pathlib import Path
-    preset = load_yaml(Path(__file__).parent.parent / "configs" / "gg_splitimagenet_resnet50_s4.yaml")
+    preset = load_yaml(Path(__file__).parents[2] / "configs" / "gg_splitimagenet_resnet50_s4.yaml")
     cfg = make_config(preset, dict(data_root=str(fake_root), tasks=2, epochs=1, image_size=32, batch_size=16,
                                    test_batch_size=16, train_subset=16))
     assert cfg.model == "resnet50" and cfg.scheduler == "cosine_warmup" and cfg.er_multiplier == 4

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..csrc import build as csrc_build
+from ...csrc import build as csrc_build
 from .reference import DenseLinear, ReferenceBackend
 
 SMALL_BATCH = 16  # rows of x up to which the direct masked GEMV/GEMM beats materialise + BLAS

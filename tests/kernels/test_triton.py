@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (pip inst
 
 import supsup_fast as ss  # noqa: E402
 from supsup_fast import ops  # noqa: E402
-from supsup_fast.ops.reference import ReferenceBackend  # noqa: E402
+from supsup_fast.ops.backends.reference import ReferenceBackend  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 R = ReferenceBackend()
@@ -21,7 +21,7 @@ SIZES = [1, 33, 784, 1000]
 
 @pytest.fixture
 def tb():
-    from supsup_fast.ops.triton import TritonBackend
+    from supsup_fast.ops.backends.triton import TritonBackend
     return TritonBackend()
 
 
@@ -117,7 +117,7 @@ def test_low_precision_forward(tb, rng):
     x = torch.randn(9, 100, generator=rng).to(DEV).bfloat16()
     w = torch.randn(40, 100, generator=rng).to(DEV).bfloat16()
     words = R.pack_bits(bits(40, 100, g=rng)).to(DEV)
-    from supsup_fast.ops.reference import DenseLinear
+    from supsup_fast.ops.backends.reference import DenseLinear
     got = tb.masked_forward(DenseLinear(), x, w, words, None)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float().cpu(), F.linear(x.float(), R.masked_weight(w.float(), words)).cpu(),

@@ -9,7 +9,7 @@ import yaml
 from supsup_fast.cli import build_parser
 from supsup_fast.runs.config import FIELDS, HOPFIELD_DEFAULTS, RunConfig, load_yaml, make_config
 
-CONFIGS = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("overrides,needle", [

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import supsup_fast as ss
-from supsup_fast.ops import library as lib
+from supsup_fast.ops import bank as bank_ops, bits as bits_ops, masked as masked_ops, signed as signed_ops, superposed as superposed_ops
 
 from tests.devices import backend_devices, ids
 
@@ -29,22 +29,22 @@ def opcheck_cases(device):
     s = ss.ops.superpose(bank, a.detach(), n)
     sign = ss.pack_bits(torch.rand(out, n, generator=g) < 0.5).to(device)
     return {
-        "pack_bits": (lib.pack_bits_op, (masks,)),
-        "unpack_bits": (lib.unpack_bits_op, (bank, n)),
-        "superpose": (lib.superpose_op, (bank, a, n)),
-        "mask_dot": (lib.mask_dot_op, (bank, r(out, n, grad=True))),
-        "mask_dot_batched": (lib.mask_dot_batched_op, (bank, r(5, out, n))),
-        "masked_linear": (lib.masked_linear_op, (x, w, bank[0], b)),
-        "masked_linear_nobias": (lib.masked_linear_op, (x, w, bank[0], None)),
-        "masked_conv2d": (lib.masked_conv2d_op, (cx, cw, cbank[0], None, [1, 1], [1, 1], [1, 1], 1)),
-        "superposed_linear": (lib.superposed_linear_op, (x, w, bank, a, b)),
-        "superposed_conv2d": (lib.superposed_conv2d_op, (cx, cw, cbank, a, None, [2, 2], [0, 0], [1, 1], 1)),
-        "superposed_given_s": (lib.superposed_given_s_op, (x, w, bank, a, s, None, None)),
-        "masked_backward": (lib.masked_backward_op, (r(2, out), x.detach(), w.detach(), bank[0], None, True, True)),
-        "superposed_backward": (lib.superposed_backward_op, (r(2, out), x.detach(), w.detach(), bank, a.detach(),
+        "pack_bits": (bits_ops.pack_bits_op, (masks,)),
+        "unpack_bits": (bits_ops.unpack_bits_op, (bank, n)),
+        "superpose": (bank_ops.superpose_op, (bank, a, n)),
+        "mask_dot": (bank_ops.mask_dot_op, (bank, r(out, n, grad=True))),
+        "mask_dot_batched": (bank_ops.mask_dot_batched_op, (bank, r(5, out, n))),
+        "masked_linear": (masked_ops.masked_linear_op, (x, w, bank[0], b)),
+        "masked_linear_nobias": (masked_ops.masked_linear_op, (x, w, bank[0], None)),
+        "masked_conv2d": (masked_ops.masked_conv2d_op, (cx, cw, cbank[0], None, [1, 1], [1, 1], [1, 1], 1)),
+        "superposed_linear": (superposed_ops.superposed_linear_op, (x, w, bank, a, b)),
+        "superposed_conv2d": (superposed_ops.superposed_conv2d_op, (cx, cw, cbank, a, None, [2, 2], [0, 0], [1, 1], 1)),
+        "superposed_given_s": (superposed_ops.superposed_given_s_op, (x, w, bank, a, s, None, None)),
+        "masked_backward": (masked_ops.masked_backward_op, (r(2, out), x.detach(), w.detach(), bank[0], None, True, True)),
+        "superposed_backward": (superposed_ops.superposed_backward_op, (r(2, out), x.detach(), w.detach(), bank, a.detach(),
                                                              None, None, True, True, False)),
-        "signed_masked_linear": (lib.signed_masked_linear_op, (x, sign, bank[0], 0.25, b)),
-        "signed_masked_linear_small": (lib.signed_masked_linear_op, (r(1, n, grad=True), sign, bank[1], 0.5, None, n)),
+        "signed_masked_linear": (signed_ops.signed_masked_linear_op, (x, sign, bank[0], 0.25, b)),
+        "signed_masked_linear_small": (signed_ops.signed_masked_linear_op, (r(1, n, grad=True), sign, bank[1], 0.5, None, n)),
     }
 
 

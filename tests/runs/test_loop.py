@@ -93,7 +93,7 @@ def test_evaluate_run_under_other_scenarios(tmp_path):
     assert gg["task_inference_accuracy"] is None
     assert gg["per_task_accuracy"] == pytest.approx(gnu["accuracy_after_training"])
     # GNs and the superfluous objective are checked on runs where they must succeed in
-    # tests/test_reliability_runs.py.
+    # tests/runs/test_resume_and_outputs.py.
 
 
 def test_gg_split_and_rotated_binary_runs(tmp_path):
@@ -103,7 +103,7 @@ def test_gg_split_and_rotated_binary_runs(tmp_path):
     rot = run_experiment(make_config(overrides=dict(SMALL, benchmark="rotated-mnist", tasks=3, inference="binary",
                                                     infer_images=128, eval_at=[])), tmp_path / "rot", progress=False)
     assert rot["num_masks"] == 3
-    # binary inference picking the right task is checked in tests/test_reliability_runs.py
+    # binary inference picking the right task is checked in tests/runs/test_resume_and_outputs.py
 
 
 def test_config_validation_and_presets(tmp_path):
@@ -121,7 +121,7 @@ def test_config_validation_and_presets(tmp_path):
 
 def test_every_shipped_preset_is_valid():
     from pathlib import Path
-    presets = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    presets = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
     assert presets
     for p in presets:
         make_config(load_yaml(p))

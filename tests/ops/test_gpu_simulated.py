@@ -7,7 +7,7 @@ import torch
 
 import supsup_fast as ss
 from supsup_fast.ops import registry
-from supsup_fast.ops.reference import ReferenceBackend
+from supsup_fast.ops.backends.reference import ReferenceBackend
 
 
 class _GpuOnly(ReferenceBackend):

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..bits import BITS_PER_WORD, pack_bits_torch, unpack_bits_float, unpack_bits_torch
+from ...bits import BITS_PER_WORD, pack_bits_torch, unpack_bits_float, unpack_bits_torch
 
 # Elements of one float bit plane processed at a time (bounds the transient memory to ~32 MiB).
 _PLANE_CHUNK = 1 << 23

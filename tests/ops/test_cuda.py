@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+CUDA_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
 
 
@@ -30,7 +30,7 @@ def test_cu_file_compiles_for_sm90(cu, tmp_path):
 
 def test_cuda_backend_absent_without_gpu_and_table_is_valid():
     from supsup_fast import ops
-    from supsup_fast.ops.cuda import op_table
+    from supsup_fast.ops.backends.cuda import op_table
     assert all(v in ("cuda", "triton") for v in op_table().values())
     if not torch.cuda.is_available():
         assert "cuda" not in ops.available()
@@ -45,7 +45,7 @@ def test_forced_cuda_backend_runs_its_own_kernels():
     """Under `auto` the CUDA backend hands an op to Triton unless the measured table says cuda; a
     test of the CUDA kernels must force the backend by name (the table shipped may be empty)."""
     from supsup_fast import ops
-    from supsup_fast.ops.cuda import CudaBackend
+    from supsup_fast.ops.backends.cuda import CudaBackend
     cb = CudaBackend.__new__(CudaBackend)  # no extension needed to check the routing rule
     cb.table = {}
     assert not cb._mine("mask_dot")
@@ -58,8 +58,8 @@ def test_forced_cuda_backend_runs_its_own_kernels():
 @gpu
 def test_cuda_kernels_match_reference():
     from supsup_fast import ops
-    from supsup_fast.ops.cuda import CudaBackend
-    from supsup_fast.ops.reference import ReferenceBackend
+    from supsup_fast.ops.backends.cuda import CudaBackend
+    from supsup_fast.ops.backends.reference import ReferenceBackend
     cb, ref = CudaBackend(), ReferenceBackend()
     with ops.use_backend("cuda"):  # forced by name: every call below runs the CUDA kernels, not Triton
         for op in ("mask_dot", "superpose", "signed_gemv", "masked_weight"):

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..bits import BITS_PER_WORD
+from ...bits import BITS_PER_WORD
 from .reference import DenseLinear, ReferenceBackend
 
 try:  # the launchers need Triton; without it this backend is simply unavailable
-    from ..kernels import ops as kernel_ops
+    from ...kernels import ops as kernel_ops
 except ImportError as exc:
     kernel_ops, _IMPORT_ERROR = None, exc
 

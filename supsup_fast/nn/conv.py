@@ -1,0 +1,45 @@
+"""``SupermaskConv2d``: a drop-in ``nn.Conv2d`` whose weight is frozen and masked per task."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .layers import SupermaskLayer
+
+
+class SupermaskConv2d(SupermaskLayer):
+    """Drop-in for ``nn.Conv2d`` with frozen weights and per-task binary masks."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = False, *, init: Union[str, torch.Tensor] = "signed_constant",
+                 mask_fn: str = "threshold", density: float = 0.5, seed: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, device=None, dtype=None):
+        super().__init__()
+        from ..ops.checks import pair
+        kh, kw = pair("kernel_size", kernel_size)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
+        self.stride, self.padding = tuple(pair("stride", stride)), tuple(pair("padding", padding))
+        self.dilation, self.groups = tuple(pair("dilation", dilation)), groups
+        shape = (out_channels, in_channels // groups, kh, kw)
+        self._setup(shape, in_channels // groups * kh * kw, bias, init, mask_fn, density, seed, generator, device, dtype)
+
+    def _conv_kwargs(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+    def _dense(self, x, w):
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _masked(self, x, words):
+        return ops.masked_conv2d(x, self.weight, words, self.bias, **self._conv_kwargs())
+
+    def _superposed(self, x, bank, alpha):
+        return ops.superposed_conv2d(x, self.weight, bank, alpha, self.bias, **self._conv_kwargs())
+
+    def _shape_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}")

@@ -1,0 +1,51 @@
+"""Count caches of a supermask layer: Σᵢ Mᵢ per weight over the whole bank or an active subset,
+and Σᵢ Mᵢ / k for the uniform superposition. With them a uniform-α forward reads no mask bit."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+
+class CountCaches:
+    """Mixed into :class:`supsup_fast.nn.layers.SupermaskLayer` (which owns ``bank``, ``weight``,
+    ``n``, ``num_tasks`` and resets ``_counts`` whenever the bank changes)."""
+
+    def set_count_cache(self, enabled: bool) -> None:
+        """Whether to keep Σᵢ Mᵢ per weight (float, one weight-sized tensor) for uniform α."""
+        if not enabled:
+            self._counts = None
+
+    def active_counts(self, active: torch.Tensor) -> torch.Tensor:
+        """Σ_{i ∈ active} Mᵢ per weight. Binary task inference shrinks the active set every round;
+        when the new set is a subset of the last one, the count is updated by subtracting only the
+        tasks just ruled out (bits read over a whole search ≈ k, not k·log k)."""
+        cache = getattr(self, "_active_cache", None)
+        ones = lambda m: torch.ones(m, dtype=self.weight.dtype, device=self.weight.device)
+        if cache is not None and cache[0] == self.num_tasks and bool(torch.isin(active, cache[1]).all()):
+            removed = cache[1][~torch.isin(cache[1], active)]
+            counts = cache[2]
+            if removed.numel():
+                counts = counts - ops.superpose(self.bank.words.index_select(0, removed), ones(removed.numel()), self.n).view_as(self.weight)
+        elif active.numel() == self.num_tasks:
+            counts = self.counts()
+        else:
+            counts = ops.superpose(self.bank.words.index_select(0, active), ones(active.numel()), self.n).view_as(self.weight)
+        self._active_cache = (self.num_tasks, active.clone(), counts)
+        return counts
+
+    def counts(self) -> torch.Tensor:
+        if self._counts is None:
+            k = self.num_tasks
+            ones = torch.ones(k, dtype=self.weight.dtype, device=self.weight.device)
+            self._counts = ops.superpose(self.bank.words, ones, self.n).view_as(self.weight)
+        return self._counts
+
+    def _uniform_s(self, counts: torch.Tensor, k: int) -> torch.Tensor:
+        """counts / k, kept while the same count tensor (same version) and k are in use: every
+        one-shot query of an evaluation reuses it instead of rescaling a weight-sized tensor."""
+        cache = getattr(self, "_s_cache", None)
+        if cache is None or cache[0] is not counts or cache[1] != counts._version or cache[2] != k:
+            cache = (counts, counts._version, k, counts * (1.0 / k))
+            self._s_cache = cache
+        return cache[3]

@@ -1,0 +1,48 @@
+"""``SupermaskLinear``: a drop-in ``nn.Linear`` whose weight is frozen and masked per task."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .layers import SupermaskLayer
+
+
+class SupermaskLinear(SupermaskLayer):
+    """Drop-in for ``nn.Linear`` with frozen weights and per-task binary masks."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
+                 init: Union[str, torch.Tensor] = "signed_constant", mask_fn: str = "threshold",
+                 density: float = 0.5, seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self._setup((out_features, in_features), in_features, bias, init, mask_fn, density, seed, generator, device, dtype)
+
+    def _dense(self, x, w):
+        return F.linear(x, w, self.bias)
+
+    def _masked(self, x, words):
+        # A signed-constant layer reads its frozen weights as sign bits: 2 bits per weight with the mask.
+        if self.init_kind == "signed_constant" and x.dtype == self.weight.dtype:
+            sign_words, scale = self._sign_bits()
+            return ops.signed_masked_linear(x, sign_words, words, scale, self.bias)
+        return ops.masked_linear(x, self.weight, words, self.bias)
+
+    def _sign_bits(self):
+        """The frozen signed-constant weight as (sign bits, scale), rebuilt if the weight changes."""
+        key = (self.weight._version, self.weight.data_ptr())
+        if getattr(self, "_sign_cache", None) is None or self._sign_cache[0] != key:
+            scale = float(self.weight.abs().max())
+            self._sign_cache = (key, ops.pack_bits(self.weight > 0), scale)
+        return self._sign_cache[1], self._sign_cache[2]
+
+    def _superposed(self, x, bank, alpha):
+        return ops.superposed_linear(x, self.weight, bank, alpha, self.bias)
+
+    def _shape_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -1,0 +1,97 @@
+"""A bank of k packed masks against a float vector: superpose (Σᵢ αᵢ Mᵢ), mask_dot ((⟨Mᵢ, v⟩)ᵢ,
+its adjoint) and the batched mask_dot of q vectors."""
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .dispatch import _REFERENCE, _finite, _lead, _pick
+
+
+@torch.library.custom_op("supsup::superpose", mutates_args=())
+def superpose_op(bank: Tensor, alpha: Tensor, n: int) -> Tensor:
+    checks.check_superpose(bank, alpha, n)
+    checks.check_no_nan_alpha(alpha)
+    return _pick(bank.device, bank.shape[0], _lead(bank)).superpose(bank.contiguous(), alpha.contiguous(), n)
+
+
+@superpose_op.register_fake
+def _(bank, alpha, n):
+    checks.check_superpose(bank, alpha, n)
+    return alpha.new_empty(*bank.shape[1:-1], n)
+
+
+@torch.library.custom_op("supsup::mask_dot", mutates_args=())
+def mask_dot_op(bank: Tensor, v: Tensor) -> Tensor:
+    checks.check_mask_dot(bank, v)
+    backend = _pick(bank.device, bank.shape[0], _lead(bank))
+    if backend is not _REFERENCE and not _finite(v):
+        backend = _REFERENCE  # IEEE semantics everywhere: 0·inf = NaN, inf - inf = NaN, NaN propagates
+    return backend.mask_dot(bank.contiguous(), v.contiguous())
+
+
+@mask_dot_op.register_fake
+def _(bank, v):
+    checks.check_mask_dot(bank, v)
+    return v.new_empty(bank.shape[0])
+
+
+@torch.library.custom_op("supsup::mask_dot_batched", mutates_args=())
+def mask_dot_batched_op(bank: Tensor, v: Tensor) -> Tensor:
+    checks.check_mask_dot(bank, v, batched=True)
+    backend = _pick(bank.device, bank.shape[0], v.shape[0], _lead(bank))
+    if backend is not _REFERENCE and not _finite(v):
+        backend = _REFERENCE
+    return backend.mask_dot_batched(bank.contiguous(), v.contiguous())
+
+
+@mask_dot_batched_op.register_fake
+def _(bank, v):
+    checks.check_mask_dot(bank, v, batched=True)
+    return v.new_empty(v.shape[0], bank.shape[0])
+
+
+def _superpose_setup(ctx, inputs, output):
+    bank, alpha, n = inputs
+    ctx.save_for_backward(bank)
+
+
+def _superpose_backward(ctx, grad):
+    (bank,) = ctx.saved_tensors
+    return None, mask_dot_op(bank, grad.contiguous()), None
+
+
+superpose_op.register_autograd(_superpose_backward, setup_context=_superpose_setup)
+
+
+def _mask_dot_setup(ctx, inputs, output):
+    bank, v = inputs
+    ctx.save_for_backward(bank)
+    ctx.n = v.shape[-1]
+
+
+def _mask_dot_backward(ctx, grad):
+    (bank,) = ctx.saved_tensors
+    return None, superpose_op(bank, grad.contiguous(), ctx.n)
+
+
+mask_dot_op.register_autograd(_mask_dot_backward, setup_context=_mask_dot_setup)
+
+
+# -- the public function ----------------------------------------------------------------------
+def superpose(bank: Tensor, alpha: Tensor, n: int) -> Tensor:
+    """Σᵢ αᵢ Mᵢ: bank [k, *lead, W], alpha [k] -> float [*lead, n]."""
+    return superpose_op(bank, alpha, n)
+
+
+def mask_dot(bank: Tensor, v: Tensor) -> Tensor:
+    """(⟨Mᵢ, v⟩)ᵢ: bank [k, *lead, W], v [*lead, n] -> float [k]."""
+    return mask_dot_op(bank, v)
+
+
+def mask_dot_batched(bank: Tensor, v: Tensor) -> Tensor:
+    """(⟨Mᵢ, v_j⟩)ⱼᵢ for q vectors at once: bank [k, *lead, W], v [q, *lead, n] -> float [q, k].
+    One pass over the bits for all q (batched task inference: q α-gradients)."""
+    return mask_dot_batched_op(bank, v)

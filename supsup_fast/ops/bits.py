@@ -1,0 +1,57 @@
+"""Packing: bool masks to the canonical int32 words and back."""
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor
+
+from ..bits import num_words
+from . import checks
+from .registry import backend_for
+
+
+@torch.library.custom_op("supsup::pack_bits", mutates_args=())
+def pack_bits_op(mask: Tensor) -> Tensor:
+    return backend_for(mask.device).pack_bits(mask.contiguous())
+
+
+@pack_bits_op.register_fake
+def _(mask):
+    return mask.new_empty(*mask.shape[:-1], num_words(mask.shape[-1]), dtype=torch.int32)
+
+
+@torch.library.custom_op("supsup::unpack_bits", mutates_args=())
+def unpack_bits_op(words: Tensor, n: int) -> Tensor:
+    checks.words_tensor("words", words)
+    return backend_for(words.device).unpack_bits(words.contiguous(), n)
+
+
+@unpack_bits_op.register_fake
+def _(words, n):
+    checks.words_tensor("words", words)
+    return words.new_empty(*words.shape[:-1], n, dtype=torch.bool)
+
+
+# -- the public function ----------------------------------------------------------------------
+def pack_bits(mask: Tensor) -> Tensor:
+    """bool[..., n] -> int32[..., ceil(n/32)] (LSB-first, zero pad bits)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dim() < 1 or mask.shape[-1] < 1:
+        raise ValueError(f"mask must be [..., n] with n >= 1, got shape {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() and torch.isnan(mask).any():
+            raise ValueError("mask contains NaN; expected 0/1 values")
+        mask = mask != 0
+    return pack_bits_op(mask)
+
+
+def unpack_bits(words: Tensor, n: int) -> Tensor:
+    """int32[..., W] -> bool[..., n]; W must equal ceil(n/32)."""
+    checks.words_tensor("words", words)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if words.dim() < 1 or words.shape[-1] != (n + 31) // 32:
+        raise ValueError(f"words must have ceil(n/32) = {(n + 31) // 32} words in its last dimension "
+                         f"for n = {n}, got shape {tuple(words.shape)}")
+    return unpack_bits_op(words, n)

@@ -1,0 +1,64 @@
+"""What every op family shares: picking the backend for a call, and the small argument helpers.
+
+Each op (one module per family: ``bits``, ``bank``, ``masked``, ``superposed``, ``signed``) is a
+``torch.library`` custom op in the ``supsup`` namespace with a fake implementation and autograd.
+It validates its arguments (in the real and in the fake implementation, so errors are the same
+eagerly and under torch.compile), then hands the work to the backend chosen by
+:mod:`supsup_fast.ops.registry`. Backward formulas call registered ops only, so a kernel backend
+accelerates training and task inference without touching the op modules.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .backends.reference import DenseConv2d, DenseLinear, ReferenceBackend
+from .registry import backend_for
+
+_LINEAR = DenseLinear()
+_REFERENCE = ReferenceBackend()
+
+
+def _pick(device: torch.device, *sizes: int):
+    """The backend for ``device``; the reference one when a size is zero (k = 0 tasks, q = 0
+    queries, out = 0 rows, an empty batch), so that every backend returns the same empty or zero
+    result (an empty sum is 0: superpose of k = 0 tasks is all zeros, a superposed layer over no
+    task outputs its bias)."""
+    backend = backend_for(device)  # a forced backend that cannot run here still says so
+    return _REFERENCE if checks.degenerate(*sizes) else backend
+
+
+def _finite(v: Tensor) -> bool:
+    """Whether v is finite (True, unchecked, inside a CUDA-graph capture: the check is a host sync)."""
+    return checks.capturing(v) or bool(torch.isfinite(v).all())
+
+
+def _lead(bank: Tensor) -> int:
+    return math.prod(bank.shape[1:-1])
+
+
+def _dense(conv_params):
+    return _LINEAR if conv_params is None else DenseConv2d(*conv_params)
+
+
+def _flatten_conv(stride, padding, dilation, groups) -> List[int]:
+    return list(stride) + list(padding) + list(dilation) + [int(groups)]
+
+
+def _unflatten_conv(p: Optional[List[int]]):
+    if p is None:
+        return None
+    return p[0:2], p[2:4], p[4:6], p[6]
+
+
+def _conv_out_fake(x, weight, stride, padding, dilation):
+    dims = []
+    for i in range(2):
+        size = x.shape[-2 + i]
+        k = dilation[i] * (weight.shape[2 + i] - 1) + 1
+        dims.append((size + 2 * padding[i] - k) // stride[i] + 1)
+    return x.new_empty(*x.shape[:-3], weight.shape[0], *dims)

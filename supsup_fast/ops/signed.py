@@ -1,0 +1,109 @@
+"""Signed-constant weights as bits: W = scale · (2·sign − 1), two bits per weight with the mask."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..bits import BITS_PER_WORD, num_words
+from . import checks
+from .backends.reference import _bias_grad
+from .bits import unpack_bits_op
+from .masked import masked_backward_op
+from .dispatch import _pick
+
+
+def _check_signed(x, sign_words, mask_words, bias, in_features) -> None:
+    _check_signed_shapes(x, sign_words, mask_words, bias, in_features)
+    checks.same_device(x=x, sign_words=sign_words, mask_words=mask_words, bias=bias)
+
+
+def _check_signed_shapes(x, sign_words, mask_words, bias, in_features) -> None:
+    checks._floating("x", x)
+    checks.words_tensor("sign_words", sign_words)
+    checks.words_tensor("mask_words", mask_words)
+    if x.dim() < 1:
+        raise ValueError(f"x must be [*, in], got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    if in_features is not None and n != in_features:
+        raise ValueError(f"x must be [*, {in_features}] (in_features of the words), got shape {tuple(x.shape)}")
+    if sign_words.shape != mask_words.shape or mask_words.dim() != 2 or mask_words.shape[1] != num_words(n):
+        raise ValueError(f"sign_words and mask_words must both be [out, ceil(in/32)] for x [*, {n}], "
+                         f"got {tuple(sign_words.shape)} and {tuple(mask_words.shape)}")
+    if bias is not None:
+        checks._floating("bias", bias)
+        if tuple(bias.shape) != (mask_words.shape[0],):
+            raise ValueError(f"bias must have shape [{mask_words.shape[0]}], got {tuple(bias.shape)}")
+
+
+# (data_ptr, version) pairs of sign/mask words whose pad bits were found clear for n features:
+# a layer's words are checked once, not on every small-batch forward (that would cost a sync).
+_PAD_CHECKED: dict = {}
+
+
+def _check_pad_bits(n: int, sign_words: Tensor, mask_words: Tensor) -> None:
+    """Words built for more features than x has (70 vs 65: the same 3 words) have bits set past
+    bit n; packed words hold zero pad bits. Catches x with too few features."""
+    r = n % BITS_PER_WORD
+    if r == 0 or mask_words.shape[0] == 0:
+        return
+    if checks.capturing(sign_words):
+        return
+    key = (sign_words.data_ptr(), sign_words._version, mask_words.data_ptr(), mask_words._version,
+           tuple(mask_words.shape), n)
+    if key in _PAD_CHECKED:
+        return
+    tail = (sign_words[:, -1] | mask_words[:, -1]) >> r
+    if bool((tail != 0).any()):
+        raise ValueError(f"sign_words/mask_words have bits set past bit {n}: they were built for more than "
+                         f"the {n} features of x [*, {n}]; pass x with the words' in_features (in_features= names it)")
+    if len(_PAD_CHECKED) > 1024:
+        _PAD_CHECKED.clear()
+    _PAD_CHECKED[key] = True
+
+
+@torch.library.custom_op("supsup::signed_masked_linear", mutates_args=())
+def signed_masked_linear_op(x: Tensor, sign_words: Tensor, mask_words: Tensor, scale: float,
+                            bias: Optional[Tensor], in_features: Optional[int] = None) -> Tensor:
+    _check_signed(x, sign_words, mask_words, bias, in_features)
+    _check_pad_bits(x.shape[-1], sign_words, mask_words)
+    return _pick(x.device, x.numel(), mask_words.shape[0]).signed_masked_linear(
+        x.contiguous(), sign_words.contiguous(), mask_words.contiguous(), scale, bias)
+
+
+@signed_masked_linear_op.register_fake
+def _(x, sign_words, mask_words, scale, bias, in_features=None):
+    _check_signed_shapes(x, sign_words, mask_words, bias, in_features)
+    return x.new_empty(*x.shape[:-1], mask_words.shape[0])
+
+
+def _signed_setup(ctx, inputs, output):
+    x, sign_words, mask_words, scale, bias = inputs[:5]
+    ctx.scale, ctx.has_bias = scale, bias is not None
+    ctx.save_for_backward(x, sign_words, mask_words)
+
+
+def _signed_backward(ctx, grad):
+    x, sign_words, mask_words = ctx.saved_tensors
+    weight = (unpack_bits_op(sign_words, x.shape[-1]).to(x.dtype) * 2 - 1) * ctx.scale
+    dx, _ = masked_backward_op(grad, x, weight, mask_words, None, True, False)
+    db = _bias_grad(grad, False) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    return dx if ctx.needs_input_grad[0] else None, None, None, None, db, None
+
+
+signed_masked_linear_op.register_autograd(_signed_backward, setup_context=_signed_setup)
+
+
+# -- the public function ----------------------------------------------------------------------
+def signed_masked_linear(x: Tensor, sign_words: Tensor, mask_words: Tensor, scale: float,
+                         bias: Optional[Tensor] = None, in_features: Optional[int] = None) -> Tensor:
+    """y = x (W ⊙ M)ᵀ + b for a signed-constant W = scale · (±1) given as sign bits
+    (bit set = +scale): two bits per weight, for the small-batch forward of signed-constant layers.
+
+    The words alone do not fix the feature count (65 and 70 features both take 3 words): x's last
+    dimension must equal ``in_features`` when given, and set bits past x's features in the words
+    (words built for a wider x) are refused."""
+    if in_features is not None and (isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1):
+        raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+    return signed_masked_linear_op(x, sign_words, mask_words, float(scale), bias, in_features)

@@ -1,0 +1,154 @@
+"""The superposed layer W ⊙ Σᵢ αᵢ Mᵢ (linear, conv, or with a caller-held S), differentiable in α:
+the α-gradient is one mask_dot per layer."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .backends.reference import DenseConv2d, _bias_grad
+from .dispatch import _conv_out_fake, _LINEAR, _dense, _flatten_conv, _pick, _unflatten_conv
+
+IntPair = Union[int, Sequence[int]]
+
+
+@torch.library.custom_op("supsup::superposed_linear", mutates_args=())
+def superposed_linear_op(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bias: Optional[Tensor]) -> Tensor:
+    checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
+    checks.check_no_nan_alpha(alpha)
+    return _pick(x.device, x.numel(), weight.shape[0], bank.shape[0]).superposed_forward(_LINEAR, x, weight.contiguous(), bank.contiguous(),
+                                                    alpha.contiguous(), None, bias)
+
+
+@superposed_linear_op.register_fake
+def _(x, weight, bank, alpha, bias):
+    checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("supsup::superposed_conv2d", mutates_args=())
+def superposed_conv2d_op(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bias: Optional[Tensor],
+                         stride: List[int], padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    checks.check_superposed(x, weight, bank, alpha, bias, conv=True)
+    checks.check_conv_params(stride, padding, dilation, groups, x, weight)
+    checks.check_no_nan_alpha(alpha)
+    dense = DenseConv2d(stride, padding, dilation, groups)
+    return _pick(x.device, x.numel(), weight.shape[0], bank.shape[0]).superposed_forward(dense, x, weight.contiguous(), bank.contiguous(),
+                                                    alpha.contiguous(), None, bias)
+
+
+@superposed_conv2d_op.register_fake
+def _(x, weight, bank, alpha, bias, stride, padding, dilation, groups):
+    checks.check_superposed(x, weight, bank, alpha, bias, conv=True)
+    checks.check_conv_params(stride, padding, dilation, groups, x, weight)
+    return _conv_out_fake(x, weight, stride, padding, dilation)
+
+
+@torch.library.custom_op("supsup::superposed_given_s", mutates_args=())
+def superposed_given_s_op(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, s: Tensor,
+                          bias: Optional[Tensor], conv_params: Optional[List[int]]) -> Tensor:
+    """Superposed linear/conv whose superposition ``s`` = Σᵢ αᵢ Mᵢ (shaped like weight) the caller
+    already has, e.g. the cached per-weight count of set bits / k for uniform α. The α-gradient
+    still comes from the bank (one pass over the bits)."""
+    checks.check_superposed(x, weight, bank, alpha, bias, conv=conv_params is not None)
+    if tuple(s.shape) != tuple(weight.shape):
+        raise ValueError(f"s must be shaped like weight {tuple(weight.shape)}, got {tuple(s.shape)}")
+    checks.check_no_nan_alpha(alpha)  # the count-cache path validates α like every other path
+    dense = _dense(_unflatten_conv(conv_params))
+    return _pick(x.device, x.numel(), weight.shape[0], bank.shape[0]).superposed_forward(
+        dense, x, weight.contiguous(), bank, alpha, s.contiguous(), bias)
+
+
+@superposed_given_s_op.register_fake
+def _(x, weight, bank, alpha, s, bias, conv_params):
+    if conv_params is None:
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+    st, pad, dil, _ = _unflatten_conv(conv_params)
+    return _conv_out_fake(x, weight, st, pad, dil)
+
+
+@torch.library.custom_op("supsup::superposed_backward", mutates_args=())
+def superposed_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor,
+                           s: Optional[Tensor], conv_params: Optional[List[int]],
+                           need_input: bool, need_alpha: bool, need_weight: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    dense = _dense(_unflatten_conv(conv_params))
+    return _pick(x.device, x.numel(), grad.numel(), weight.shape[0], bank.shape[0]).superposed_backward(
+        dense, grad.contiguous(), x, weight.contiguous(), bank.contiguous(), alpha.contiguous(),
+        None if s is None else s.contiguous(), need_input, need_alpha, need_weight)
+
+
+@superposed_backward_op.register_fake
+def _(grad, x, weight, bank, alpha, s, conv_params, need_input, need_alpha, need_weight):
+    return (torch.empty_like(x) if need_input else grad.new_empty(0),
+            alpha.new_empty(alpha.shape) if need_alpha else grad.new_empty(0),
+            torch.empty_like(weight) if need_weight else grad.new_empty(0))
+
+
+def _superposed_setup(ctx, inputs, output):
+    x, weight, bank, alpha, bias = inputs[:5]
+    ctx.conv_params = _flatten_conv(*inputs[5:9]) if len(inputs) > 5 else None
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, bank, alpha)
+    ctx.has_s = False
+
+
+def _given_s_setup(ctx, inputs, output):
+    x, weight, bank, alpha, s, bias, conv_params = inputs
+    ctx.conv_params = conv_params
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, bank, alpha, s)
+    ctx.has_s = True
+
+
+def _superposed_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    x, weight, bank, alpha = saved[:4]
+    s = saved[4] if ctx.has_s else None
+    need = ctx.needs_input_grad
+    need_x, need_w, need_a = need[0], need[1], need[3]
+    bias_idx = 5 if ctx.has_s else 4
+    need_b = ctx.has_bias and need[bias_idx]
+    dx, da, dw = superposed_backward_op(grad, x, weight, bank, alpha, s, ctx.conv_params, need_x, need_a, need_w)
+    db = _bias_grad(grad, ctx.conv_params is not None) if need_b else None
+    grads = [dx if need_x else None, dw if need_w else None, None, da if need_a else None]
+    if ctx.has_s:
+        return tuple(grads + [None, db, None])
+    rest = [None] * 4 if ctx.conv_params is not None else []
+    return tuple(grads + [db] + rest)
+
+
+superposed_linear_op.register_autograd(_superposed_backward, setup_context=_superposed_setup)
+superposed_conv2d_op.register_autograd(_superposed_backward, setup_context=_superposed_setup)
+superposed_given_s_op.register_autograd(_superposed_backward, setup_context=_given_s_setup)
+
+
+# -- the public function ----------------------------------------------------------------------
+def superposed_linear(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """y = x (W ⊙ Σᵢ αᵢ Mᵢ)ᵀ + b; differentiable in x, alpha, weight, bias."""
+    return superposed_linear_op(x, weight, bank, alpha, bias)
+
+
+def superposed_conv2d(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bias: Optional[Tensor] = None,
+                      stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1) -> Tensor:
+    """conv2d with weight W ⊙ Σᵢ αᵢ Mᵢ; differentiable in x, alpha, weight, bias."""
+    return superposed_conv2d_op(x, weight, bank, alpha, bias, checks.pair("stride", stride),
+                                checks.pair("padding", padding), checks.pair("dilation", dilation), int(groups))
+
+
+def superposed_with_s(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, s: Tensor,
+                      bias: Optional[Tensor] = None, conv: Optional[dict] = None) -> Tensor:
+    """Like ``superposed_linear``/``superposed_conv2d`` (``conv`` = their keyword arguments) when the
+    caller already holds ``s`` = Σᵢ αᵢ Mᵢ shaped like ``weight`` (e.g. a cached count of set bits
+    divided by k). The forward reads no mask bit; the α-gradient still reads each bit once."""
+    if conv is None:
+        checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
+        params = None
+    else:
+        checks.check_superposed(x, weight, bank, alpha, bias, conv=True)
+        params = _flatten_conv(checks.pair("stride", conv.get("stride", 1)), checks.pair("padding", conv.get("padding", 0)),
+                               checks.pair("dilation", conv.get("dilation", 1)), int(conv.get("groups", 1)))
+    if tuple(s.shape) != tuple(weight.shape):
+        raise ValueError(f"s must be shaped like weight {tuple(weight.shape)}, got {tuple(s.shape)}")
+    return superposed_given_s_op(x, weight, bank, alpha, s.to(weight.dtype), bias, params)

@@ -1,0 +1,72 @@
+"""Re-evaluation of a finished run (``supsup-fast evaluate``): its masks under other evaluation
+settings, in one process or under torchrun (tasks spread over ranks, or a sharded bank)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Union
+
+from ..algorithms.nns import AllocatorState
+from ..distributed import SINGLE, DistContext
+from ..ops.registry import backend_for, use_backend
+from . import maskfile
+from .config import RunConfig
+from .loop import Experiment
+from .results import read_json, write_json
+from .rundir import RunDirError, check_identity, run_identity
+
+
+def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Path], progress: bool = True,
+                 ctx: DistContext = SINGLE) -> dict:
+    """Re-evaluate a finished run's masks (its model.safetensors) under other evaluation settings,
+    e.g. the masks of a GNu run under GG or GNs. Training settings stay those of the run. With
+    ``shard_bank`` under torchrun each rank reads only its own range of the task checkpoints."""
+    run_dir = Path(run_dir)
+    cfg_path, model_path = run_dir / "config.json", run_dir / "model.safetensors"
+    if not cfg_path.is_file() or not model_path.is_file():
+        raise RunDirError(f"{run_dir} is not a finished run (needs config.json and model.safetensors)")
+    values = read_json(cfg_path, "run config")
+    values.update(overrides)
+    values["download"] = False
+    try:
+        config = RunConfig(**values).validate()
+    except TypeError as exc:
+        raise RunDirError(f"{cfg_path} is not a supsup_fast run config ({exc})") from exc
+    meta = maskfile.read_metadata(model_path)
+    extra = maskfile.parse_metadata(model_path, meta)[4]
+    check_identity(model_path, extra, {"settings_sha256": run_identity(config, "")["settings_sha256"]})
+    after = maskfile.require_extra(model_path, extra, "accuracy_after_training", kind=list)
+    held = int(meta["num_tasks"])
+    if config.scenario != "NNs" and not (held == len(after) == config.tasks):
+        raise RunDirError(f"{model_path} holds {held} tasks, but the run {run_dir} trained {config.tasks} "
+                          f"({len(after)} with accuracies recorded): the file is incomplete or from an unfinished run")
+    sharded = config.shard_bank and ctx.enabled
+    if sharded and config.scenario == "NNs":
+        raise ValueError("--shard-bank does not apply to NNs runs (one checkpoint holds all masks)")
+    model = None if sharded else maskfile.load_model(model_path)
+    exp = Experiment(config, run_dir if sharded else out, progress=progress, model=model, ctx=ctx)
+    if sharded:
+        exp.data_sha256 = extra["run_identity"].get("data_sha256", exp.data_sha256)  # the run's own checkpoints
+        exp.output_size = json.loads(meta["model_spec"]).get("output_size", exp.output_size)
+    if config.scenario == "NNs":
+        if "allocator" not in extra:
+            raise RunDirError(f"--scenario NNs needs the masks of an NNs run; {run_dir} was trained as {values['scenario']}")
+        exp.nns_state = AllocatorState.from_dict(maskfile.require_extra(model_path, extra, "allocator", kind=dict))
+    if ctx.is_main:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(out) / "config.json", config.to_dict())
+    with use_backend(config.backend):
+        backend_name = backend_for(exp.device).name
+        # NNs: the true tasks seen (one accuracy-after-training each), not the masks allocated.
+        learned = len(after) if config.scenario == "NNs" else int(meta["num_tasks"])
+        row = exp._evaluate_all(learned, "evaluate")
+    if sharded:  # results describe the whole model: rank 0 reads it once, for the file outputs
+        exp.out = Path(out)
+        if not ctx.is_main:
+            exp._on_main(lambda: None)
+            return {"rank": ctx.rank, **row}
+        exp.model = maskfile.load_model(model_path)
+    results = exp._results(after, [row], 0.0, 0, backend_name)
+    results["evaluated_from"] = str(run_dir)
+    exp._on_main(lambda: exp._write_outputs(results))
+    return results

@@ -1,0 +1,86 @@
+"""NNs: the model never sees the task index while training; masks are allocated by the rule of
+:mod:`supsup_fast.algorithms.nns`. One rolling checkpoint (all masks + the allocator log) after each
+true task. Under torchrun every true task is trained data-parallel."""
+from __future__ import annotations
+
+import time
+
+from tqdm.auto import tqdm
+
+from ..algorithms.evaluation import EvalSettings, evaluate_task
+from ..algorithms.nns import AllocatorState, MaskAllocator
+from ..nn import num_tasks
+from ..ops.registry import backend_for, use_backend
+from . import maskfile
+from .loop import Experiment, evaluation_points, task_generator, train_subset, unusable_checkpoint
+from .rundir import check_identity
+
+
+class NNsRun(Experiment):
+    def run(self) -> dict:
+        """NNs: the model never sees the task index; masks are allocated by the rule of
+        :mod:`.nns`. One checkpoint (all masks + allocator log) after each true task."""
+        self.prepare_out_dir()
+        try:
+            return self._run_nns_locked()
+        finally:
+            self.release()
+
+    def _run_nns_locked(self) -> dict:
+        cfg = self.config
+        ckpt = self.ckpt_dir / "nns_latest.safetensors"
+        done, after, train_seconds, state = 0, [], 0.0, None
+        if self.resume and ckpt.exists():
+            try:
+                tensors, meta = maskfile.read_mask_file(ckpt)
+            except maskfile.MaskFileError as exc:
+                raise unusable_checkpoint(ckpt, exc) from exc
+            check_identity(ckpt, maskfile.parse_metadata(ckpt, meta)[4], self.identity())
+            extra = maskfile.apply_mask_file(self.model, ckpt, tensors, meta)
+            done, after, train_seconds = maskfile.require_extra(ckpt, extra, "true_tasks_done", "accuracy_after_training",
+                                                                 "train_seconds")
+            state = AllocatorState.from_dict(maskfile.require_extra(ckpt, extra, "allocator", kind=dict))
+        allocator = MaskAllocator(self.model, cfg.nns_settings(), cfg.seed, state, ctx=self.ctx)
+        self.nns_state = allocator.state
+        with use_backend(cfg.backend):
+            backend_name = backend_for(self.device).name
+            rows = self.progress_rows()
+            eval_points = evaluation_points(cfg)
+            task_bar = tqdm(range(cfg.tasks), desc=f"NNs {cfg.benchmark}", unit="true task", disable=not self.progress)
+            task_bar.update(done)
+            for t in range(done, cfg.tasks):
+                gen = task_generator(cfg.seed, t)
+                split = train_subset(self.tasks.train(t), cfg.train_subset)
+                steps = cfg.iters if cfg.iters is not None else cfg.epochs * split.num_batches(cfg.batch_size)
+                step_bar = tqdm(total=steps, desc=f"true task {t}", unit="it", leave=False, disable=not self.progress)
+                start = time.perf_counter()
+                allocator.train_true_task(t, split, self.train_settings, device=self.device, generator=gen,
+                                          on_step=lambda s, loss: step_bar.update(1))
+                train_seconds += time.perf_counter() - start
+                step_bar.close()
+                trained = allocator.state.mask_for_task(t) is not None  # False only past the mask budget
+                own = evaluate_task(self.model, self.tasks.test(t), t,
+                                    EvalSettings(scenario="GG" if trained else "NNs", batch_size=cfg.test_batch_size),
+                                    device=self.device, num_labels=self.tasks.num_labels, seed=cfg.seed,
+                                    expected=self._expected_mask(t))
+                after.append(own.accuracy)
+                self._on_main(lambda: maskfile.save_model(self.model, ckpt, extra={
+                    "true_tasks_done": t + 1, "accuracy_after_training": after, "train_seconds": train_seconds,
+                    "allocator": allocator.state.to_dict(), "run_identity": self.identity()}))
+                task_bar.update(1)
+                task_bar.set_postfix(masks=num_tasks(self.model), acc=f"{own.accuracy:.4f}")
+                if t + 1 in eval_points and t + 1 < cfg.tasks and not any(r["tasks_learned"] == t + 1 for r in rows):
+                    rows.append(self._evaluate_all(t + 1, f"eval {t + 1} true tasks"))
+                    self.save_progress(rows)
+            allocator.finish()
+            self._on_main(lambda: maskfile.save_model(self.model, self.out / "model.safetensors",
+                                                     extra={**self._model_extra(after), **self._nns_extra()}))
+            for k in eval_points:
+                if not any(r["tasks_learned"] == k for r in rows):
+                    rows.append(self._evaluate_all(k, f"eval {k} true tasks"))
+                    self.save_progress(rows)
+            task_bar.close()
+        results = self._results(after, rows, train_seconds, done, backend_name)
+        self._on_main(lambda: self._write_outputs(results))
+        return results
+

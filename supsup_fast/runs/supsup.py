@@ -1,0 +1,172 @@
+"""GG, GNs and GNu: one mask per task, trained independently of the others (task-parallel under
+torchrun), one verified checkpoint per finished task."""
+from __future__ import annotations
+
+import time
+from typing import List
+
+from tqdm.auto import tqdm
+
+from ..algorithms.data_parallel import train_task_data_parallel
+from ..algorithms.evaluation import EvalSettings, evaluate_task
+from ..algorithms.training import train_task
+from ..distributed import SharedCounter, TaskQueue, barrier
+from ..nn import num_tasks, task_modules, transfer_init_scores
+from ..ops.registry import backend_for, use_backend
+from . import maskfile
+from .loop import Experiment, bank_summary, evaluation_points, task_generator, train_subset
+from .results import read_json
+from .rundir import RunDirError, check_identity, masks_digest
+
+
+class SupSupRun(Experiment):
+    def run(self) -> dict:
+        self.prepare_out_dir()
+        try:
+            with use_backend(self.config.backend):
+                return self._run_tasks()
+        finally:
+            self.release()
+
+    def _scan(self, lo: int, hi: int) -> List[int]:
+        """Tasks in [lo, hi) without a usable checkpoint. A corrupt one is refused with the file
+        named, or deleted for retraining under --retrain-corrupt; one from another run is refused."""
+        todo = []
+        for t in range(lo, hi):
+            path = self._task_file(t)
+            if not (self.resume and path.exists()):
+                todo.append(t)
+                continue
+            try:
+                _, meta = maskfile.read_mask_file(path)
+            except maskfile.MaskFileError as exc:
+                if not self.retrain_corrupt:
+                    raise RunDirError(f"checkpoint of task {t} is unusable: {exc}. Delete {path} or pass "
+                                      f"--retrain-corrupt to retrain that task") from exc
+                path.unlink()
+                todo.append(t)
+                continue
+            check_identity(path, maskfile.parse_metadata(path, meta)[4], self.identity(t))
+        return todo
+
+    def _train_and_save(self, t: int, row: int) -> None:
+        """Train task t (the model's bank holds ``row`` tasks before it) and write its checkpoint.
+        Task t's randomness derives from (seed, t) alone, so its mask is the same bits whichever
+        rank trains it, at any world size."""
+        cfg = self.config
+        gen = task_generator(cfg.seed, t)
+        split = train_subset(self.tasks.train(t), cfg.train_subset)
+        steps = cfg.iters if cfg.iters is not None else cfg.epochs * split.num_batches(cfg.batch_size)
+        show = self.progress and self.parallel != "task"
+        step_bar = tqdm(total=steps, desc=f"task {t}", unit="it", leave=False, disable=not show)
+        on_step = lambda s, loss: (step_bar.update(1), step_bar.set_postfix(loss=f"{loss:.3f}")) if s % 10 == 0 or s == steps else None
+        start = time.perf_counter()
+        init = transfer_init_scores(self.model) if cfg.transfer else None
+        if self.parallel == "data":
+            train_task_data_parallel(self.model, split, self.train_settings, self.ctx, device=self.device,
+                                     generator=gen, init_scores=init, on_step=on_step)
+        else:
+            train_task(self.model, split, self.train_settings, device=self.device, generator=gen,
+                       init_scores=init, on_step=on_step)
+        seconds = time.perf_counter() - start
+        step_bar.close()
+        own = evaluate_task(self.model, self.tasks.test(t), t, EvalSettings(scenario="GG", batch_size=cfg.test_batch_size),
+                            device=self.device, num_labels=self.tasks.num_labels, seed=cfg.seed, expected=row)
+        if self.ctx.is_main or self.parallel == "task":
+            maskfile.save_masks(self.model, self._task_file(t), row, row + 1, label=t,
+                               extra={"accuracy_after_training": own.accuracy, "train_seconds": seconds,
+                                      "run_identity": self.identity(t)})
+
+    def _run_tasks(self) -> dict:
+        """GG, GNs, GNu: one mask per task. The tasks are cut into segments at the evaluation
+        points; within a segment the ranks pull tasks from a shared queue (task-parallel) or all
+        train each task together (data-parallel); at a segment's end every rank loads the
+        segment's checkpoints in order, and all evaluate together."""
+        cfg, ctx = self.config, self.ctx
+        backend_name = backend_for(self.device).name
+        progress_path = self.out / "progress.json"
+        state = self._on_main(lambda: read_json(progress_path, "progress file")
+                              if self.resume and progress_path.exists() else {"rows": []})
+        rows, train_wall = list(state.get("rows", [])), float(state.get("train_wall_seconds", 0.0))
+        eval_points = evaluation_points(cfg)
+        after, task_seconds, checksums = [0.0] * cfg.tasks, [0.0] * cfg.tasks, [""] * cfg.tasks
+        resumed, lo = 0, 0
+        bar = tqdm(total=cfg.tasks, desc=f"{cfg.scenario} {cfg.benchmark}", unit="task", disable=not self.progress)
+        finished = SharedCounter(ctx, "tasks_finished")
+        # Task-parallel ranks with a sharded bank never hold all the masks: training needs none of
+        # the finished ones, and each evaluation reads a rank's own range only.
+        hold_all = not (cfg.shard_bank and self.parallel == "task")
+        for hi in eval_points:
+            todo = self._on_main(lambda: self._scan(lo, hi))
+            resumed += (hi - lo) - len(todo)
+            start = time.perf_counter()
+            if self.parallel == "task":
+                held = num_tasks(self.model)  # lo, or 0 with a sharded bank
+                for t in TaskQueue(ctx, f"segment-{hi}", todo):
+                    self._train_and_save(t, row=held)
+                    for m in task_modules(self.model):  # keep the bank in task order: reloaded below
+                        m.truncate_tasks(held)
+                    done = finished.add(1)
+                    if self.progress:
+                        bar.n = resumed + done
+                        bar.refresh()
+                barrier(ctx)
+            for t in range(lo, hi):
+                if self.parallel != "task" and t in todo:
+                    self._train_and_save(t, row=t)
+                    barrier(ctx)  # rank 0 has written the checkpoint every rank reads below
+                    for m in task_modules(self.model):
+                        m.truncate_tasks(t)
+                if hold_all:
+                    extra, checksums[t] = self._load_task(self.model, t)
+                else:  # the record only: each rank reads its own range of the bits when it evaluates
+                    extra, checksums[t] = self._task_record(t)
+                after[t], task_seconds[t] = maskfile.require_extra(self._task_file(t), extra, "accuracy_after_training",
+                                                                     "train_seconds")
+                if self.progress and self.parallel != "task":
+                    bar.update(1)
+                    bar.set_postfix(acc=f"{after[t]:.4f}")
+            train_wall += time.perf_counter() - start if todo else 0.0
+            if self.progress:
+                bar.n = hi
+                bar.refresh()
+            if hi == cfg.tasks:  # the masks are usable (evaluate) before the final evaluation runs
+                self._on_main(lambda: self._save_whole_model(after, loaded=hold_all))
+            digest = masks_digest(checksums[:hi])
+            fresh = [r for r in rows if r["tasks_learned"] == hi and r.get("masks_sha256") == digest
+                     and r.get("eval_sha256") == self.eval_digest()]
+            if not fresh:  # missing, or computed from other checkpoints than the ones now there
+                row = self._evaluate_all(hi, f"eval {hi} tasks")
+                row["masks_sha256"] = digest
+                rows = [r for r in rows if r["tasks_learned"] != hi] + [row]
+            self.save_progress(rows, train_wall_seconds=train_wall)
+            lo = hi
+        bar.close()
+        rows = [r for r in rows if r["tasks_learned"] in eval_points]
+        if not hold_all and not ctx.is_main:
+            self._on_main(lambda: None)
+            return {"rank": ctx.rank, **rows[-1]}
+        results = self._results(after, rows, train_wall, resumed, backend_name)
+        results["timing"]["train_task_seconds_sum"] = sum(task_seconds)
+        self._on_main(lambda: self._write_outputs(results))
+        return results
+
+    def _task_record(self, t: int) -> tuple:
+        """(extra, checksum) of checkpoint t from its header, after checking it is this run's."""
+        path = self._task_file(t)
+        meta = maskfile.read_metadata(path)
+        extra = maskfile.parse_metadata(path, meta)[4]
+        check_identity(path, extra, self.identity(t))
+        return extra, meta.get("checksum", "")
+
+    def _save_whole_model(self, after: List[float], loaded: bool) -> None:
+        """model.safetensors, on rank 0. With a sharded bank the ranks hold no whole model, so
+        rank 0 assembles one from the checkpoints for the file alone and frees it before evaluating."""
+        model = self.model
+        if not loaded:  # assembled for the file, then dropped: this rank evaluates its own range only
+            model = self._fresh_model().to(self.device)
+            for t in range(self.config.tasks):
+                self._load_task(model, t)
+            self.bank_summary = bank_summary(model)
+        maskfile.save_model(model, self.out / "model.safetensors", extra=self._model_extra(after))
+

@@ -1,0 +1,149 @@
+"""The op contract on every backend this machine has: each public op of ``supsup_fast.ops`` run under
+each (backend, device) pair against the reference backend, on fresh random inputs with odd sizes
+(1 and 33 bits: one word and a partial word; 784 and 1000: many words with and without a ragged
+end) and garbage pad bits. Integer results (bits, counts) are compared exactly, float results to
+fp32 summation-order tolerance. Backend-specific paths (ISA levels, batch-size regimes, tiles)
+stay in the backend's own test file."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import supsup_fast as ss
+from tests.devices import backend_devices, ids
+
+PAIRS = backend_devices()
+SIZES = [1, 33, 784, 1000]
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def on(pair, fn, *args):
+    """``fn(*args)`` under the backend of ``pair`` (inputs moved to its device) and under the
+    reference on the CPU; returns both, on the CPU."""
+    name, dev = pair
+    moved = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in args]
+    with ss.use_backend(name):
+        got = fn(*moved)
+    with ss.use_backend("reference"):
+        ref = fn(*args)
+    cpu = lambda t: tuple(x.cpu() for x in t) if isinstance(t, tuple) else t.cpu()
+    return cpu(got), ref
+
+
+def with_garbage_pad(words: torch.Tensor, n: int) -> torch.Tensor:
+    """The same mask with every pad bit of the last word set: the ops must ignore them."""
+    if n % 32:
+        words = words.clone()
+        words[..., -1] |= ~((1 << (n % 32)) - 1)
+    return words
+
+
+@pytest.fixture(params=PAIRS, ids=ids(PAIRS))
+def pair(request):
+    return request.param
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_pack_and_unpack_are_exact(pair, n):
+    mask = torch.rand(3, 5, n) > 0.5
+    got, ref = on(pair, ss.pack_bits, mask)
+    assert torch.equal(got, ref)
+    got, _ = on(pair, ss.unpack_bits, with_garbage_pad(ref, n), n)
+    assert torch.equal(got, mask)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_superpose_and_mask_dot(pair, n):
+    k = 7
+    bank = with_garbage_pad(ss.pack_bits(torch.rand(k, 3, n) > 0.5), n)
+    counts, ref_counts = on(pair, ss.superpose, bank, torch.ones(k), n)
+    assert torch.equal(counts, ref_counts)  # integer counts: exact
+    got, ref = on(pair, ss.superpose, bank, torch.rand(k), n)
+    torch.testing.assert_close(got, ref, **TOL)
+    got, ref = on(pair, ss.mask_dot, bank, torch.randn(3, n))
+    torch.testing.assert_close(got, ref, **TOL)
+    got, ref = on(pair, ss.mask_dot, bank, torch.randint(-3, 4, (3, n)).float())
+    assert torch.equal(got, ref)  # integer v: exact
+    got, ref = on(pair, ss.mask_dot_batched, bank, torch.randn(5, 3, n))
+    torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("batch", [1, 17, 130])
+def test_masked_linear_forward_and_backward(pair, n, batch):
+    out = 9
+    words = with_garbage_pad(ss.pack_bits(torch.rand(out, n) > 0.5), n)
+    w, b = torch.randn(out, n), torch.randn(out)
+
+    def fwd_bwd(x, w, words, b):
+        x = x.detach().requires_grad_(True)
+        y = ss.ops.masked_linear(x, w, words, b)
+        (gx,) = torch.autograd.grad((y * torch.arange(out, dtype=y.dtype, device=y.device)).sum(), x)
+        return y, gx
+
+    (y, gx), (y_ref, gx_ref) = on(pair, fwd_bwd, torch.randn(batch, n), w, words, b)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(gx, gx_ref, **TOL)
+
+
+@pytest.mark.parametrize("n", [33, 784])
+def test_signed_masked_linear(pair, n):
+    out = 11
+    sign = with_garbage_pad(ss.pack_bits(torch.rand(out, n) > 0.5), n)
+    mask = ss.pack_bits(torch.rand(out, n) > 0.5)
+    got, ref = on(pair, lambda x, s, m: ss.ops.signed_masked_linear(x, s, m, 0.25, in_features=n),
+                  torch.randn(3, n), sign, mask)
+    torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("n", [33, 784])
+def test_superposed_linear_alpha_gradient(pair, n):
+    k, out = 6, 10
+    bank = ss.pack_bits(torch.rand(k, out, n) > 0.5)
+    w = torch.randn(out, n)
+
+    def alpha_grad(x, w, bank, alpha):
+        alpha = alpha.detach().requires_grad_(True)
+        y = ss.ops.superposed_linear(x, w, bank, alpha)
+        (ga,) = torch.autograd.grad(-(F.softmax(y, -1) * F.log_softmax(y, -1)).sum(), alpha)
+        return y, ga
+
+    (y, ga), (y_ref, ga_ref) = on(pair, alpha_grad, torch.randn(2, n), w, bank, torch.rand(k))
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(ga, ga_ref, **TOL)
+
+
+def test_masked_and_superposed_conv2d(pair):
+    k, out, cin = 3, 5, 4
+    bank = ss.pack_bits(torch.rand(k, out, cin * 9) > 0.5)
+    w = torch.randn(out, cin, 3, 3)
+    got, ref = on(pair, lambda x, w, m: ss.ops.masked_conv2d(x, w, m, None, stride=2, padding=1), torch.randn(2, cin, 9, 9), w, bank[0])
+    torch.testing.assert_close(got, ref, **TOL)
+
+    def alpha_grad(x, w, bank, alpha):
+        alpha = alpha.detach().requires_grad_(True)
+        y = ss.ops.superposed_conv2d(x, w, bank, alpha, padding=1)
+        return y, torch.autograd.grad(y.square().sum(), alpha)[0]
+
+    (y, ga), (y_ref, ga_ref) = on(pair, alpha_grad, torch.randn(2, cin, 7, 7), w, bank, torch.rand(k))
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(ga, ga_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_threshold_masked_weight(pair):
+    scores, w = torch.randn(7, 45), torch.randn(7, 45)
+    got, ref = on(pair, ss.ops.threshold_masked_weight, scores, w)
+    assert torch.equal(got, ref)
+
+
+def test_every_backend_of_this_machine_is_covered():
+    # The contract is only as good as its list of backends: on a CPU machine with the C++ kernels
+    # and Triton's interpreter, all three CPU-capable backends must be in it.
+    names = {n for n, d in PAIRS if d.type == "cpu"}
+    assert "reference" in names
+    assert "cpu" in ss.backends.available() and "cpu" in names
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        assert "triton" in names
