@@ -43,17 +43,6 @@ def test_bit_kernels_exact(tb, rng, n):
     assert torch.equal(tb.threshold_masked_weight(scores, weight).cpu(), (weight * (scores >= 0)).cpu())
 
 
-def test_garbage_pad_bits_are_ignored(tb, rng):
-    n = 33
-    m = bits(4, n, g=rng)
-    w = R.pack_bits(m)
-    w[:, -1] |= ~((1 << (n % 32)) - 1)  # set every pad bit
-    w = w.to(DEV)
-    assert torch.equal(tb.unpack_bits(w, n).cpu(), m)
-    v = torch.randn(4, n, generator=rng).to(DEV)
-    torch.testing.assert_close(tb.mask_dot(w[None], v).cpu(), R.mask_dot(R.pack_bits(m)[None], v.cpu()))
-
-
 @pytest.mark.parametrize("k,n", [(1, 33), (7, 784), (40, 1000)])
 def test_superpose_and_mask_dot(tb, rng, k, n):
     bank = R.pack_bits(bits(k, 3, n, g=rng)).to(DEV)
@@ -122,40 +111,6 @@ def test_low_precision_forward(tb, rng):
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float().cpu(), F.linear(x.float(), R.masked_weight(w.float(), words)).cpu(),
                                rtol=2e-2, atol=5e-2)
-
-
-def test_superposed_linear_alpha_gradient(rng):
-    k, n_in, n_out = 9, 784, 50
-    x = torch.randn(3, n_in, generator=rng).to(DEV)
-    w = torch.randn(n_out, n_in, generator=rng).to(DEV)
-    bank = R.pack_bits(bits(k, n_out, n_in, g=rng)).to(DEV)
-    grads = {}
-    for name in ("reference", "triton"):
-        alpha = torch.full((k,), 1.0 / k, device=DEV, requires_grad=True)
-        xs = x.clone().requires_grad_(True)
-        with ops.use_backend(name):
-            y = ss.ops.superposed_linear(xs, w, bank, alpha)
-            torch.log_softmax(y, 1).exp().sum().backward()
-        grads[name] = (y.detach(), alpha.grad, xs.grad)
-    for got, exp in zip(grads["triton"], grads["reference"]):
-        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
-
-
-def test_conv_path(rng):
-    x = torch.randn(2, 3, 9, 9, generator=rng).to(DEV)
-    w = torch.randn(5, 3, 3, 3, generator=rng).to(DEV)
-    words = R.pack_bits(bits(5, 27, g=rng)).to(DEV)
-    bank = R.pack_bits(bits(4, 5, 27, g=rng)).to(DEV)
-    res = {}
-    for name in ("reference", "triton"):
-        alpha = torch.rand(4, generator=torch.Generator().manual_seed(0)).to(DEV).requires_grad_(True)
-        with ops.use_backend(name):
-            y1 = ss.ops.masked_conv2d(x, w, words, padding=1)
-            y2 = ss.ops.superposed_conv2d(x, w, bank, alpha, stride=2)
-            y2.sum().backward()
-        res[name] = (y1, y2.detach(), alpha.grad)
-    for got, exp in zip(res["triton"], res["reference"]):
-        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
 
 
 def test_batched_task_inference_matches_separate_one_shot_calls():
