@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 DEMO = dict(scenario="GNu", benchmark="permuted-mnist", model="lenet", tasks=10, output_size=100, iters=1000,
             lr=1e-4, optimizer="rmsprop", inference="oneshot", objective="entropy")
@@ -116,19 +115,26 @@ def _launch(config):
     return ctx, dataclasses.replace(config, device=device) if device != config.device else config
 
 
-def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") -> int:
-    from .runs import run_experiment
+def _then_shutdown(ctx, work: Callable[[], dict]) -> dict:
+    """``work()``, then the process group torn down: after waiting for the peers when it finished,
+    at once when it failed."""
     from .distributed import shutdown
-    config = _config_from(args, base)
-    out = Path(args.out or default_out)
-    ctx, config = _launch(config)
     try:
-        results = run_experiment(config, out, resume=args.resume, progress=not args.no_progress, ctx=ctx,
-                                 retrain_corrupt=bool(getattr(args, "retrain_corrupt", False)))
+        results = work()
     except BaseException:
         shutdown(ctx, wait_for_peers=False)
         raise
     shutdown(ctx)
+    return results
+
+
+def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") -> int:
+    from .runs import run_experiment
+    config = _config_from(args, base)
+    out = Path(args.out or default_out)
+    ctx, config = _launch(config)
+    results = _then_shutdown(ctx, lambda: run_experiment(config, out, resume=args.resume, progress=not args.no_progress,
+                                                         ctx=ctx, retrain_corrupt=bool(getattr(args, "retrain_corrupt", False))))
     if ctx.is_main:
         print(_summary(results, out))
     return 0
@@ -136,19 +142,14 @@ def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") ->
 
 def cmd_evaluate(args) -> int:
     from .runs import evaluate_run
-    from .distributed import init_from_env, shutdown
+    from .distributed import init_from_env
     overrides = {k: getattr(args, k) for k in ("scenario", "inference", "objective", "infer_images", "log_base",
                                                "data_root", "device", "backend", "shard_bank") if getattr(args, k) is not None}
     out = Path(args.out or (Path(args.run) / f"eval-{overrides.get('scenario', 'same')}"))
     ctx, device = init_from_env(overrides.get("device", "cpu"))
     if ctx.enabled:
         overrides["device"] = device
-    try:
-        results = evaluate_run(args.run, overrides, out, progress=not args.no_progress, ctx=ctx)
-    except BaseException:
-        shutdown(ctx, wait_for_peers=False)
-        raise
-    shutdown(ctx)
+    results = _then_shutdown(ctx, lambda: evaluate_run(args.run, overrides, out, progress=not args.no_progress, ctx=ctx))
     if ctx.is_main:
         print(_summary(results, out))
     return 0

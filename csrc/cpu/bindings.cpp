@@ -197,6 +197,14 @@ at::Tensor masked_weight_op(const at::Tensor& w, const at::Tensor& words) {
   return out;
 }
 
+// The optional bias [R] of a small-batch op, checked; nullptr when absent.
+const float* bias_pointer(const std::optional<at::Tensor>& bias, int64_t R) {
+  if (!bias.has_value()) return nullptr;
+  check_float(*bias, "bias");
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == R, "bias must have shape [", R, "]");
+  return bias->data_ptr<float>();
+}
+
 // Shared by the two small-batch ops: checks x and bias, allocates y [*, R] and the transposed,
 // zero-padded copy of x that the AVX-512 kernels read.
 struct SmallBatch {
@@ -210,12 +218,7 @@ SmallBatch prepare_small_batch(const at::Tensor& x, int64_t n, int64_t W, int64_
   check_float(x, "x");
   const int64_t B = x.numel() / n;
   TORCH_CHECK(B <= 16, op, " takes at most 16 rows of x, got ", B);
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    check_float(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == R, "bias must have shape [", R, "]");
-    bp = bias->data_ptr<float>();
-  }
+  const float* bp = bias_pointer(bias, R);
   auto sizes = x.sizes().vec();
   sizes.back() = R;
   SmallBatch s{at::empty(sizes, x.options()), at::empty({W * B * 32}, x.options()), bp, B};
@@ -287,12 +290,7 @@ at::Tensor scaled_linear_small_op(const at::Tensor& x, const at::Tensor& w, cons
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == n, "x must be [*, in] for weight [out, in]");
   const int64_t B = x.numel() / std::max<int64_t>(n, 1);
   TORCH_CHECK(B <= 16, "scaled_linear_small takes at most 16 rows of x, got ", B);
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    check_float(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == R, "bias must have shape [", R, "]");
-    bp = bias->data_ptr<float>();
-  }
+  const float* bp = bias_pointer(bias, R);
   auto sizes = x.sizes().vec();
   sizes.back() = R;
   at::Tensor y = at::empty(sizes, x.options());

@@ -83,21 +83,13 @@ def plot_report(report: dict, path: Path) -> None:
     fs = [r for r in rows if "float_stack_s" in r]
     ax.loglog([r["k"] for r in fs], [r["float_stack_s"] for r in fs], "s-", label="float-stack (official)")
     ax.loglog([r["k"] for r in rows], [r["memory_floor_s"] for r in rows], "--", label="memory floor (2 passes)")
-    ax.set_xlabel("tasks k")
-    ax.set_ylabel("seconds")
-    ax.set_title("α-gradient, FC1024 s=500, 1 image")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+    _label(ax, "tasks k", "seconds", "α-gradient, FC1024 s=500, 1 image")
     mem = report["memory_fc1024_s500"]
     ax = axes[1]
     ax.loglog([r["k"] for r in mem], [r["packed_bytes"] for r in mem], "o-", label="packed bits")
     ax.loglog([r["k"] for r in mem], [r["float_stack_bytes"] for r in mem], "s-", label="float32 masks (official)")
     ax.axhline(24 * 2 ** 30, color="gray", ls=":", label="24 GiB")
-    ax.set_xlabel("tasks k")
-    ax.set_ylabel("bytes of masks")
-    ax.set_title("mask memory, FC1024 s=500")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+    _label(ax, "tasks k", "bytes of masks", "mask memory, FC1024 s=500")
     fw = report["single_task_forward_1024"]
     ax = axes[2]
     ax.semilogx([r["batch"] for r in fw], [r["ours_vs_dense_speed"] for r in fw], "o-", label="SupermaskLinear (signed-constant)")
@@ -113,3 +105,11 @@ def plot_report(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")

@@ -52,9 +52,9 @@ def test_simulated_machine_ranks_gpu_backends_first(gpu_machine):
 
 
 def test_fixed_backend_tests_pass_on_a_gpu_machine(gpu_machine):
-    from tests.test_cpu_backend import test_cpu_backend_builds_and_is_auto_for_cpu
-    from tests.test_optim import test_threshold_masked_weight_backends_agree
-    from tests.test_triton import test_auto_never_picks_the_interpreter_for_cpu_tensors
+    from tests.ops.test_cpu_backend import test_cpu_backend_builds_and_is_auto_for_cpu
+    from tests.nn.test_optim import test_threshold_masked_weight_backends_agree
+    from tests.kernels.test_triton import test_auto_never_picks_the_interpreter_for_cpu_tensors
     test_cpu_backend_builds_and_is_auto_for_cpu()
     test_threshold_masked_weight_backends_agree()
     test_auto_never_picks_the_interpreter_for_cpu_tensors()
