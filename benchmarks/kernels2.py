@@ -87,7 +87,7 @@ def child(isa: str, quick: bool, out: Path) -> dict:
         layers = list(snn.supermask_layers(model).values())
         packed = sum(l.bank.words.numel() * 4 for l in layers)
         bits = sum(k * l.weight.numel() for l in layers)
-        alpha0 = torch.rand(k)
+        alpha0 = torch.rand(k) * (2.0 / k)  # a general α of mean 1/k (the logits stay in range)
 
         def ours():
             a = alpha0.clone().requires_grad_(True)
@@ -239,14 +239,19 @@ def main() -> None:
     p.add_argument("--isa", action="append", choices=["scalar", "avx2", "avx512"], help="default: every level this CPU has")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--threads", type=int, default=None, help="torch / kernel threads (default: torch's, the core count)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
+        if a.threads:
+            import torch
+            torch.set_num_threads(a.threads)
         child(a.isa[0], a.quick, a.out)
         return
     for isa in a.isa or _isas():
         env = dict(os.environ, SUPSUP_CPU_ISA=isa)
-        cmd = [sys.executable, __file__, "--child", "--isa", isa, "--out", str(a.out)] + (["--quick"] if a.quick else [])
+        cmd = [sys.executable, __file__, "--child", "--isa", isa, "--out", str(a.out)] + (["--quick"] if a.quick else []) \
+            + (["--threads", str(a.threads)] if a.threads else [])
         start = time.time()
         subprocess.run(cmd, env=env, check=True)
         print(f"({isa}: {time.time() - start:.0f} s)")

@@ -31,6 +31,28 @@ inline const int32_t* task_base(const int32_t* bank, const int64_t* active, int6
   return bank + (active ? active[t] : t) * stride;
 }
 
+// superpose's walk, shared by the ISA variants: tasks in blocks of kSuperposeTaskBlock, each output
+// row, NW words at a time through ``wide`` and the rest one by one through ``one`` (the ISA's word
+// kernels, which carry its target attribute; this loop has no vector code of its own).
+using SuperposeWords = void (*)(const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*,
+                                const int64_t*, float*, bool);
+
+template <int NW>
+void superpose_blocks(SuperposeWords wide, SuperposeWords one, const int32_t* bank, int64_t k, int64_t W, int64_t n,
+                      int64_t R, const float* alpha, const int64_t* active, float* out, int64_t r0, int64_t r1) {
+  const int64_t stride = R * W;
+  for (int64_t t0 = 0; t0 < k; t0 += kSuperposeTaskBlock) {
+    const int64_t kb = std::min(kSuperposeTaskBlock, k - t0);
+    const int32_t* bb = active ? bank : bank + t0 * stride;
+    const int64_t* ab = active ? active + t0 : nullptr;
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t q = 0;
+      for (; q + NW <= W; q += NW) wide(bb, kb, stride, r * W + q, q, n, alpha + t0, ab, out + r * n + 32 * q, t0 == 0);
+      for (; q < W; ++q) one(bb, kb, stride, r * W + q, q, n, alpha + t0, ab, out + r * n + 32 * q, t0 == 0);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // scalar
 void mask_dot_scalar(const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v, const int64_t* active,
@@ -202,20 +224,9 @@ AVX2_TARGET void superpose_words_avx2(const int32_t* bank, int64_t k, int64_t st
   }
 }
 
-AVX2_TARGET void superpose_avx2(const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
-                                const int64_t* active, float* out, int64_t r0, int64_t r1) {
-  const int64_t stride = R * W;
-  for (int64_t t0 = 0; t0 < k; t0 += kSuperposeTaskBlock) {
-    const int64_t kb = std::min(kSuperposeTaskBlock, k - t0);
-    const int32_t* bb = active ? bank : bank + t0 * stride;
-    const int64_t* ab = active ? active + t0 : nullptr;
-    for (int64_t r = r0; r < r1; ++r) {
-      int64_t q = 0;
-      for (; q + 2 <= W; q += 2)
-        superpose_words_avx2<2>(bb, kb, stride, r * W + q, q, n, alpha + t0, ab, out + r * n + 32 * q, t0 == 0);
-      for (; q < W; ++q) superpose_words_avx2<1>(bb, kb, stride, r * W + q, q, n, alpha + t0, ab, out + r * n + 32 * q, t0 == 0);
-    }
-  }
+void superpose_avx2(const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
+                    const int64_t* active, float* out, int64_t r0, int64_t r1) {
+  superpose_blocks<2>(superpose_words_avx2<2>, superpose_words_avx2<1>, bank, k, W, n, R, alpha, active, out, r0, r1);
 }
 
 AVX2_TARGET void masked_weight_avx2(const float* w, const int32_t* words, int64_t n, int64_t W, float* out, int64_t r0,
@@ -350,20 +361,9 @@ AVX512_TARGET void superpose_words512(const int32_t* bank, int64_t k, int64_t st
   }
 }
 
-AVX512_TARGET void superpose_avx512(const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R,
-                                    const float* alpha, const int64_t* active, float* out, int64_t r0, int64_t r1) {
-  const int64_t stride = R * W;
-  for (int64_t t0 = 0; t0 < k; t0 += kSuperposeTaskBlock) {
-    const int64_t kb = std::min(kSuperposeTaskBlock, k - t0);
-    const int32_t* bb = active ? bank : bank + t0 * stride;
-    const int64_t* ab = active ? active + t0 : nullptr;
-    for (int64_t r = r0; r < r1; ++r) {
-      int64_t q = 0;
-      for (; q + 8 <= W; q += 8)
-        superpose_words512<8>(bb, kb, stride, r * W + q, q, n, alpha + t0, ab, out + r * n + 32 * q, t0 == 0);
-      for (; q < W; ++q) superpose_words512<1>(bb, kb, stride, r * W + q, q, n, alpha + t0, ab, out + r * n + 32 * q, t0 == 0);
-    }
-  }
+void superpose_avx512(const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
+                      const int64_t* active, float* out, int64_t r0, int64_t r1) {
+  superpose_blocks<8>(superpose_words512<8>, superpose_words512<1>, bank, k, W, n, R, alpha, active, out, r0, r1);
 }
 
 AVX512_TARGET void masked_weight_avx512(const float* w, const int32_t* words, int64_t n, int64_t W, float* out,
