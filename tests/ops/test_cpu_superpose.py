@@ -1,4 +1,4 @@
-"""superpose in task blocks (csrc/cpu/kernels.cpp) against the reference backend on every ISA level
+"""superpose in task blocks (csrc/cpu/bank.cpp) against the reference backend on every ISA level
 of this CPU: k across several blocks, odd sizes, active subsets, exact integer counts."""
 import os
 import shutil

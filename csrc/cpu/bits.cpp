@@ -1,0 +1,125 @@
+// Bit packing and masked weights: pack/unpack rows, W ⊙ M from the bits, the threshold mask of
+// the training step, and the signed-constant weight from sign + mask bits.
+#include "kernels.h"
+#include "simd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace supsup_cpu {
+
+namespace {
+
+void masked_weight_scalar(const float* w, const int32_t* words, int64_t n, int64_t W, float* out, int64_t r0,
+                          int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t j = 0; j < n; ++j)
+      out[r * n + j] = ((static_cast<uint32_t>(words[r * W + j / 32]) >> (j % 32)) & 1u) ? w[r * n + j] : 0.0f;
+}
+
+AVX2_TARGET void masked_weight_avx2(const float* w, const int32_t* words, int64_t n, int64_t W, float* out, int64_t r0,
+                                    int64_t r1) {
+  const int64_t full = n / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* wr = w + r * n;
+    float* o = out + r * n;
+    for (int64_t q = 0; q < full; ++q) {
+      const uint32_t word = static_cast<uint32_t>(words[r * W + q]);
+      for (int c = 0; c < 4; ++c)
+        _mm256_storeu_ps(o + 32 * q + 8 * c, _mm256_and_ps(bits8((word >> (8 * c)) & 0xFF), _mm256_loadu_ps(wr + 32 * q + 8 * c)));
+    }
+    for (int64_t j = 32 * full; j < n; ++j)
+      o[j] = ((static_cast<uint32_t>(words[r * W + j / 32]) >> (j % 32)) & 1u) ? wr[j] : 0.0f;
+  }
+}
+
+AVX512_TARGET void masked_weight_avx512(const float* w, const int32_t* words, int64_t n, int64_t W, float* out,
+                                        int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t q = 0; q < W; ++q) {
+      const uint32_t valid = valid_bits(n, q);
+      const uint32_t word = static_cast<uint32_t>(words[r * W + q]) & valid;
+      const float* wp = w + r * n + 32 * q;
+      float* o = out + r * n + 32 * q;
+      _mm512_mask_storeu_ps(o, static_cast<__mmask16>(valid), _mm512_maskz_loadu_ps(static_cast<__mmask16>(word), wp));
+      _mm512_mask_storeu_ps(o + 16, static_cast<__mmask16>(valid >> 16),
+                            _mm512_maskz_loadu_ps(static_cast<__mmask16>(word >> 16), wp + 16));
+    }
+}
+
+AVX512_TARGET void threshold_avx512(const float* s, const float* w, float* out, int64_t i0, int64_t i1) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t i = i0; i < i1; i += 16) {
+    const __mmask16 m = i + 16 <= i1 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (i1 - i)) - 1u);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, s + i), zero, _CMP_GE_OQ);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_maskz_loadu_ps(keep, w + i));
+  }
+}
+
+AVX512_TARGET void signed_masked_weight_avx512(const int32_t* sign_words, const int32_t* mask_words, float scale,
+                                               int64_t n, int64_t W, float* out, int64_t r0, int64_t r1) {
+  const __m512 plus = _mm512_set1_ps(scale), minus = _mm512_set1_ps(-scale);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t q = 0; q < W; ++q) {
+      const uint32_t valid = valid_bits(n, q);
+      const uint32_t m = static_cast<uint32_t>(mask_words[r * W + q]) & valid;
+      const uint32_t s = static_cast<uint32_t>(sign_words[r * W + q]);
+      float* o = out + r * n + 32 * q;
+      const __m512 lo = _mm512_maskz_mov_ps(static_cast<__mmask16>(m), _mm512_mask_blend_ps(static_cast<__mmask16>(s), minus, plus));
+      const __m512 hi = _mm512_maskz_mov_ps(static_cast<__mmask16>(m >> 16),
+                                            _mm512_mask_blend_ps(static_cast<__mmask16>(s >> 16), minus, plus));
+      _mm512_mask_storeu_ps(o, static_cast<__mmask16>(valid), lo);
+      _mm512_mask_storeu_ps(o + 16, static_cast<__mmask16>(valid >> 16), hi);
+    }
+}
+
+}  // namespace
+
+void pack_rows(const bool* mask, int64_t n, int64_t W, int32_t* words, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const bool* m = mask + r * n;
+    for (int64_t q = 0; q < W; ++q) {
+      uint32_t word = 0;
+      const int64_t end = std::min<int64_t>(32, n - 32 * q);
+      for (int64_t j = 0; j < end; ++j) word |= static_cast<uint32_t>(m[32 * q + j]) << j;
+      words[r * W + q] = static_cast<int32_t>(word);
+    }
+  }
+}
+
+void unpack_rows(const int32_t* words, int64_t n, int64_t W, bool* out, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t j = 0; j < n; ++j) out[r * n + j] = (static_cast<uint32_t>(words[r * W + j / 32]) >> (j % 32)) & 1u;
+}
+
+void masked_weight(Isa isa, const float* w, const int32_t* words, int64_t n, int64_t W, float* out, int64_t r0,
+                   int64_t r1) {
+  if (isa == Isa::Avx512) return masked_weight_avx512(w, words, n, W, out, r0, r1);
+  if (isa == Isa::Avx2) return masked_weight_avx2(w, words, n, W, out, r0, r1);
+  masked_weight_scalar(w, words, n, W, out, r0, r1);
+}
+
+void threshold_masked_weight(Isa isa, const float* scores, const float* w, float* out, int64_t i0, int64_t i1) {
+  if (isa == Isa::Avx512) return threshold_avx512(scores, w, out, i0, i1);
+  for (int64_t i = i0; i < i1; ++i) {
+    const float wv = w[i];
+    out[i] = scores[i] >= 0.0f ? wv : 0.0f;
+  }
+}
+
+void signed_masked_weight(Isa isa, const int32_t* sign_words, const int32_t* mask_words, float scale, int64_t n,
+                          int64_t W, float* out, int64_t r0, int64_t r1) {
+  if (isa == Isa::Avx512) return signed_masked_weight_avx512(sign_words, mask_words, scale, n, W, out, r0, r1);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t shift = j % 32;
+      const bool keep = (static_cast<uint32_t>(mask_words[r * W + j / 32]) >> shift) & 1u;
+      const bool pos = (static_cast<uint32_t>(sign_words[r * W + j / 32]) >> shift) & 1u;
+      out[r * n + j] = keep ? (pos ? scale : -scale) : 0.0f;
+    }
+}
+
+}  // namespace supsup_cpu

@@ -1,0 +1,38 @@
+// Run-time choice of the instruction set (capped by SUPSUP_CPU_ISA).
+#include "kernels.h"
+#include "simd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace supsup_cpu {
+
+Isa detect_isa() {
+  __builtin_cpu_init();
+  Isa best = Isa::Scalar;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::Avx2;
+  if (best == Isa::Avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    best = Isa::Avx512;
+  if (const char* env = std::getenv("SUPSUP_CPU_ISA")) {
+    Isa want = best;
+    if (!std::strcmp(env, "scalar")) want = Isa::Scalar;
+    else if (!std::strcmp(env, "avx2")) want = Isa::Avx2;
+    else if (!std::strcmp(env, "avx512")) want = Isa::Avx512;
+    if (static_cast<int>(want) < static_cast<int>(best)) best = want;  // never above what the CPU has
+  }
+  return best;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+}  // namespace supsup_cpu

@@ -1,0 +1,42 @@
+// What every CPU kernel shares: the pad-bit rule of the canonical layout, the task addressing of a
+// bank, and the instruction-set attributes with their small helpers. Kernels for scalar, AVX2 and
+// AVX-512 live side by side in each translation unit (function-level target attributes) and are
+// chosen at run time (isa.cpp). AVX-512 maps mask bits straight onto opmask registers: a 32-bit
+// word is two __mmask16 for two 16-lane float operations.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace supsup_cpu {
+
+// Bits of word q of a row of n bits that are real (not padding). Padding is ignored even when
+// a caller's words have it set, so no kernel reads past the end of a row.
+inline uint32_t valid_bits(int64_t n, int64_t q) {
+  const int64_t rem = n - 32 * q;
+  return rem >= 32 ? 0xFFFFFFFFu : ((1u << rem) - 1u);
+}
+
+inline const int32_t* task_base(const int32_t* bank, const int64_t* active, int64_t t, int64_t stride) {
+  return bank + (active ? active[t] : t) * stride;
+}
+
+// AVX2: 8 bits -> an 8-lane all-ones/zeros mask by broadcast, AND with the lane's bit, compare.
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+
+AVX2_TARGET inline __m256 bits8(uint32_t byte) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i b = _mm256_set1_epi32(static_cast<int>(byte));
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(b, sel), sel));
+}
+
+AVX2_TARGET inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+
+}  // namespace supsup_cpu
