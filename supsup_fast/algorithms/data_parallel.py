@@ -5,8 +5,9 @@ and packed banks are buffers and are never broadcast (``broadcast_buffers=False`
 draws the same batch from the task's generator and takes its own contiguous slice of it. The
 local loss is the *sum* over the slice divided by the global batch size, times the world size,
 so DDP's gradient average equals the gradient of the single-process mean loss on the whole batch
-for any split of it. Per-task BN statistics are averaged over the ranks before the task is
-packed, so every rank keeps the same ones.
+for any split of it. Per-task BatchNorm normalises with the statistics of the whole batch (one
+differentiable all_reduce of the per-channel sums per layer and step), so a data-parallel step
+equals the one-process step and every rank keeps the same running statistics.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+import torch.distributed.nn.functional as dist_nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.tasks import TaskSplit
-from ..distributed import DistContext, all_reduce_mean_
+from ..distributed import DistContext
 from ..nn import MultitaskBatchNorm, begin_task, finish_task, task_parameters
 from .training import TrainSettings, make_optimizer, run_steps
 
@@ -50,10 +52,14 @@ def train_task_data_parallel(model: nn.Module, split: TaskSplit, settings: Train
         loss = F.cross_entropy(ddp(xl), yl, reduction="sum") * (ctx.world_size / len(yb))
         return loss, float(loss.detach()) / ctx.world_size
 
-    step, last_loss = run_steps(split, settings, opt, batch_loss, generator, on_step)
-    for bn in (m for m in model.modules() if isinstance(m, MultitaskBatchNorm)):
-        all_reduce_mean_(ctx, bn.current_mean)
-        all_reduce_mean_(ctx, bn.current_var)
+    norms = [m for m in model.modules() if isinstance(m, MultitaskBatchNorm)]
+    for bn in norms:
+        bn.sync_statistics(lambda t: dist_nn.all_reduce(t))
+    try:
+        step, last_loss = run_steps(split, settings, opt, batch_loss, generator, on_step)
+    finally:
+        for bn in norms:
+            bn.sync_statistics(None)
     ddp = None  # release DDP (its hooks on the scores) before the task is packed
     finish_task(model)
     model.eval()

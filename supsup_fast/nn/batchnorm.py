@@ -6,6 +6,8 @@ own statistics and evaluates with them; a superposed forward uses batch statisti
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,28 @@ class MultitaskBatchNorm(nn.Module):
         self.register_buffer("current_mean", None, persistent=False)
         self.register_buffer("current_var", None, persistent=False)
         self._mode: Mode = OneTask(0)
+        self._sum_over_ranks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    def sync_statistics(self, sum_over_ranks: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        """Data-parallel training: with ``sum_over_ranks`` (a differentiable all_reduce sum) the
+        training-mode statistics are those of the whole batch, not of this rank's slice, so a
+        data-parallel step equals the one-process step and every rank keeps the same running
+        statistics. ``None`` restores the local statistics."""
+        self._sum_over_ranks = sum_over_ranks
+
+    def _whole_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [0] + list(range(2, x.dim()))
+        c = self.num_features
+        local = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_full((1,), x.numel() / c)])
+        total = self._sum_over_ranks(local)
+        count = total[-1]
+        mean = total[:c] / count
+        var = total[c:2 * c] / count - mean * mean  # biased, as batch_norm normalises
+        with torch.no_grad():  # the running update uses the unbiased variance, as batch_norm does
+            self.current_mean.mul_(1 - self.momentum).add_(mean.detach(), alpha=self.momentum)
+            self.current_var.mul_(1 - self.momentum).add_(var.detach() * (count / (count - 1)), alpha=self.momentum)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
 
     @property
     def num_tasks(self) -> int:
@@ -62,6 +86,8 @@ class MultitaskBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self._mode
         if isinstance(mode, Train):
+            if self.training and self._sum_over_ranks is not None:
+                return self._whole_batch_norm(x)
             if self.training:
                 return F.batch_norm(x, self.current_mean, self.current_var, None, None, True, self.momentum, self.eps)
             return F.batch_norm(x, self.current_mean, self.current_var, None, None, False, 0.0, self.eps)

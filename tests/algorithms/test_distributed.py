@@ -236,3 +236,48 @@ def test_two_nodes_through_a_c10d_rendezvous(single_run, tmp_path):
     assert all(a.returncode == 0 for a in agents), outputs
     assert results(out)["distributed"]["world_size"] == 2
     assert_same_model(single_run, out)
+
+
+BN_STEP_CHECK = """
+import sys, torch
+from torch import nn
+from supsup_fast.algorithms.data_parallel import train_task_data_parallel
+from supsup_fast.algorithms.training import TrainSettings, train_task
+from supsup_fast.data.tasks import TaskSplit
+from supsup_fast.distributed import init_from_env, shutdown
+from supsup_fast.nn import MultitaskBatchNorm, SupermaskLinear, supermask_layers
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(SupermaskLinear(24, 32, seed=1), MultitaskBatchNorm(32), nn.ReLU(),
+                         SupermaskLinear(32, 5, seed=2))
+
+ctx, _ = init_from_env("cpu")
+g = torch.Generator().manual_seed(3)
+x = torch.randn(200, 24, generator=g) * 3 + 1  # batch statistics far from the init (0, 1)
+split = TaskSplit(x, torch.randint(0, 5, (200,), generator=g))
+settings = TrainSettings(iters=6, epochs=1, batch_size=50, lr=0.05, optimizer="sgd")
+dp = model()
+train_task_data_parallel(dp, split, settings, ctx, device=torch.device("cpu"), generator=torch.Generator().manual_seed(7))
+one = model()
+train_task(one, split, settings, device=torch.device("cpu"), generator=torch.Generator().manual_seed(7))
+bn_dp, bn_one = dp[1], one[1]
+torch.testing.assert_close(bn_dp.means.rows[0], bn_one.means.rows[0], rtol=1e-4, atol=1e-5)
+torch.testing.assert_close(bn_dp.vars.rows[0], bn_one.vars.rows[0], rtol=1e-4, atol=1e-5)
+for (name, a), b in zip(supermask_layers(dp).items(), supermask_layers(one).values()):
+    assert torch.equal(a.bank.words, b.bank.words), name
+shutdown(ctx)
+print("ok", ctx.rank)
+"""
+
+
+def test_data_parallel_step_with_batchnorm_equals_one_process(tmp_path):
+    # BatchNorm in training mode normalises with the statistics of the whole batch on every rank,
+    # so a data-parallel task (each rank trains on half of every batch) ends with the same masks and
+    # the same running statistics as one process on the whole batch. Per-rank statistics would
+    # not: the averaged variances miss the spread between the halves.
+    script = tmp_path / "bn_check.py"
+    script.write_text(BN_STEP_CHECK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    proc = ok(subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600))
+    assert "ok 0" in proc.stdout and "ok 1" in proc.stdout
