@@ -11,61 +11,10 @@ DEMO = dict(scenario="GNu", benchmark="permuted-mnist", model="lenet", tasks=10,
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    from .algorithms.evaluation import SCENARIOS
-    from .runs.config import INFERENCE_METHODS as METHODS
-    from .algorithms.objectives import OBJECTIVES
-    from .algorithms.training import OPTIMIZERS, SCHEDULERS
-    from .data import BENCHMARKS
-    from .models import MODELS
-
+    from .runs.config import SETTINGS
     p.add_argument("--config", help="YAML preset (configs/*.yaml); flags override it")
-    p.add_argument("--scenario", choices=SCENARIOS)
-    p.add_argument("--benchmark", choices=sorted(BENCHMARKS))
-    p.add_argument("--model", choices=MODELS)
-    p.add_argument("--tasks", type=int, help="number of tasks")
-    p.add_argument("--output-size", type=int, help="output neurons s (>= labels; extras are superfluous neurons)")
-    p.add_argument("--iters", type=int, help="training batches per task")
-    p.add_argument("--epochs", type=int, help="cap on epochs per task")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="learning rate, finite and > 0 (1e-4; HopSupSup: 0.1)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--weight-decay", type=float, help="finite and >= 0 (0; HopSupSup: 1e-4)")
-    p.add_argument("--scheduler", choices=SCHEDULERS)
-    p.add_argument("--warmup-epochs", type=int, help="cosine_warmup: epochs of linear warmup (5)")
-    p.add_argument("--image-size", type=int, help="split-imagenet: training/test crop size (224)")
-    p.add_argument("--inference", choices=METHODS,
-                   help="task inference: oneshot, binary, or hopfield (HopSupSup, with --model bnnet). With hopfield, "
-                        "settings that neither a preset nor a flag gives take configs/hopsupsup_split_mnist.yaml's "
-                        "training values: --optimizer sgd --lr 0.1 --weight-decay 1e-4 --scheduler cosine, "
-                        "full epochs (--epochs 1, no --iters), --batch-size 128, --test-batch-size 64")
-    p.add_argument("--objective", choices=OBJECTIVES)
-    p.add_argument("--infer-images", type=int, help="images of each test batch used to infer its task (1; at most --test-batch-size)")
-    p.add_argument("--test-batch-size", type=int, help="test batch size (128; HopSupSup recovery: 64)")
-    p.add_argument("--log-base", type=float, help="binary inference keeps 1/log_base of the tasks per round (> 1; 2)")
-    p.add_argument("--eval-at", type=int, nargs="*", help="also evaluate all learned tasks after these many tasks (each in [1, --tasks])")
-    p.add_argument("--data-root", help="folder with the MNIST IDX files (default: the embedded subset)")
-    p.add_argument("--download", action="store_true", default=None, help="download MNIST into --data-root first")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--backend", help="reference, cpu, triton, cuda or auto")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--mask-fn", choices=("threshold", "topk"), help="threshold (GNu default) or edge-popup top-k")
-    p.add_argument("--density", type=float, help="top-k: fraction of weights kept per layer, in (0, 1] (refused with the threshold mask function)")
-    p.add_argument("--er-multiplier", type=float, help="top-k: Erdős–Rényi per-layer density with multiplier S")
-    p.add_argument("--train-subset", type=int, help="train on the first N >= 1 images of each task (smoke runs)")
-    p.add_argument("--transfer", action="store_true", default=None,
-                   help="Transfer: start each task's scores from the running mean of the previous tasks' scores")
-    p.add_argument("--mask-budget", type=int, help="NNs: most masks ever allocated (paper: 2500)")
-    p.add_argument("--nns-epsilon", type=float, help="NNs: allocate a mask when K·max softmax(-∇αH) < 1 + ε (2^-3)")
-    p.add_argument("--nns-check-every", type=int, help="NNs: training batches between allocation decisions (100)")
-    p.add_argument("--nns-score-cache", type=int, help="NNs: masks whose float scores are kept for further training (4)")
-    p.add_argument("--hop-gamma", type=float, help="HopSupSup: weight γ of the Hopfield energy in recovery (1.5e-3)")
-    p.add_argument("--hop-recovery-lr", type=float, help="HopSupSup: SGD learning rate of the recovery (500)")
-    p.add_argument("--hop-recovery-trials", type=int, help="HopSupSup: recoveries per task, each over another test-batch order (1)")
-    p.add_argument("--parallel", choices=("auto", "task", "data"),
-                   help="under torchrun: task (each rank trains whole tasks; GG/GNs/GNu) or data (DDP on one task; "
-                        "NNs, Transfer, large models); auto picks task where the scenario allows it")
-    p.add_argument("--shard-bank", action="store_true", default=None,
-                   help="under torchrun: each rank holds only its own range of tasks' bits during evaluation")
+    for setting in SETTINGS:  # one flag per run setting, typed and described where the setting is declared
+        p.add_argument(setting.flag, **setting.argparse_kwargs())
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--retrain-corrupt", action="store_true",

@@ -9,13 +9,15 @@ from typing import List, Optional, Union
 
 import yaml
 
-from ..algorithms.evaluation import SCENARIOS
+from ..algorithms.evaluation import SCENARIOS, EvalSettings
+from ..algorithms.hopsupsup import HopSettings
+from ..algorithms.nns import NNsSettings
 from ..algorithms.inference import METHODS
 
 INFERENCE_METHODS = METHODS + ("hopfield",)
 PARALLEL_MODES = ("auto", "task", "data")
 from ..algorithms.objectives import OBJECTIVES
-from ..algorithms.training import OPTIMIZERS, SCHEDULERS
+from ..algorithms.training import OPTIMIZERS, SCHEDULERS, TrainSettings
 from ..data import BENCHMARK_MODELS, BENCHMARKS
 from ..models import MODELS
 from ..nn.init import WEIGHT_INITS
@@ -75,8 +77,8 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Check (and normalise: numeric strings, ints given for floats) every setting by type and
         range, naming the flag and YAML key. Raises ValueError."""
-        for name, kind, rule in _SPEC:
-            setattr(self, name, _check_field(name, getattr(self, name), kind, rule))
+        for setting in SETTINGS:
+            setattr(self, setting.name, _check_field(setting.name, getattr(self, setting.name), setting.kind, setting.rule))
         one_of = _one_of
         one_of("scenario", self.scenario, SCENARIOS)
         one_of("benchmark", self.benchmark, BENCHMARKS)
@@ -94,7 +96,7 @@ class RunConfig:
         try:
             import torch
             torch.device(self.device)
-        except (RuntimeError, ValueError, TypeError) as exc:
+        except (RuntimeError, ValueError, TypeError):
             raise ValueError(f"{_flag('device')} must name a torch device (cpu, cuda, cuda:1 ...), "
                              f"got {self.device!r}") from None
         bad_points = [p for p in self.eval_at if not 1 <= p <= self.tasks]
@@ -130,10 +132,23 @@ class RunConfig:
             raise ValueError(f"--model {self.model} does not fit the inputs of {self.benchmark}; use one of {list(fits)}")
         return self
 
-    def nns_settings(self):
-        from ..algorithms.nns import NNsSettings
+    # -- the parts each layer below takes: built here, once, from the flat settings -------------
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(iters=self.iters, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                             optimizer=self.optimizer, weight_decay=self.weight_decay, scheduler=self.scheduler,
+                             warmup_epochs=self.warmup_epochs)
+
+    def eval_settings(self) -> EvalSettings:
+        return EvalSettings(scenario=self.scenario, inference=self.inference, objective=self.objective,
+                            infer_images=self.infer_images, batch_size=self.test_batch_size, log_base=self.log_base)
+
+    def nns_settings(self) -> NNsSettings:
         return NNsSettings(check_every=self.nns_check_every, epsilon=self.nns_epsilon, budget=self.mask_budget,
                            score_cache=self.nns_score_cache)
+
+    def hop_settings(self) -> HopSettings:
+        return HopSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           gamma=self.hop_gamma, recovery_lr=self.hop_recovery_lr, test_batch_size=self.test_batch_size)
 
     def resolved_output_size(self, num_labels: int) -> int:
         size = self.output_size if self.output_size is not None else (num_labels if self.scenario == "GG" else max(100, num_labels))
@@ -224,27 +239,91 @@ def _check_field(name, value, kind, rule):
 _POS = (lambda v: v >= 1, "a positive int (>= 1)")
 _GT0 = (lambda v: v > 0, "a finite number > 0")
 _GE0 = (lambda v: v >= 0, "a finite number >= 0")
-_SPEC = [
-    ("scenario", "str", None), ("benchmark", "str", None), ("model", "str", None),
-    ("tasks", "int", _POS), ("output_size", "int?", _POS), ("iters", "int?", _POS), ("epochs", "int", _POS),
-    ("batch_size", "int", _POS), ("lr", "float", _GT0), ("optimizer", "str", None), ("weight_decay", "float", _GE0),
-    ("scheduler", "str", None), ("warmup_epochs", "int", _POS), ("image_size", "int", _POS),
-    ("mask_fn", "str?", None), ("density", "float?", (lambda v: 0 < v <= 1, "a fraction in (0, 1]")),
-    ("er_multiplier", "float?", _GT0), ("init", "str", None), ("inference", "str", None),
-    ("objective", "str", None), ("infer_images", "int", _POS),
-    ("log_base", "float", (lambda v: v > 1, "a finite number > 1 (binary inference keeps 1/log_base per round)")),
-    ("test_batch_size", "int", _POS), ("eval_at", "intlist", None), ("data_root", "str?", None),
-    ("download", "bool", None), ("seed", "int", (lambda v: 0 <= v < 2 ** 63, "an int >= 0")),
-    ("backend", "str", None), ("device", "str", None),
-    ("train_subset", "int?", (lambda v: v >= 1, "a positive int (>= 1 images per task)")),
-    ("transfer", "bool", None), ("mask_budget", "int", _POS), ("nns_epsilon", "float", _GE0),
-    ("nns_check_every", "int", _POS), ("nns_score_cache", "int", _POS), ("hop_gamma", "float", _GE0),
-    ("hop_recovery_lr", "float", _GT0), ("hop_recovery_trials", "int", _POS), ("parallel", "str", None),
-    ("shard_bank", "bool", None),
+_HOPFIELD_HELP = ("task inference: oneshot, binary, or hopfield (HopSupSup, with --model bnnet). With hopfield, "
+                  "settings that neither a preset nor a flag gives take configs/hopsupsup_split_mnist.yaml's "
+                  "training values: --optimizer sgd --lr 0.1 --weight-decay 1e-4 --scheduler cosine, "
+                  "full epochs (--epochs 1, no --iters), --batch-size 128, --test-batch-size 64")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run setting, declared once: its type (``kind``: int/float/str/bool/intlist, ``?`` for
+    None allowed), range rule, choices and help. Validation (``RunConfig.validate``) and the
+    command-line flags (``flag_arguments``) both derive from this table."""
+    name: str
+    kind: str
+    rule: Optional[tuple] = None
+    help: Optional[str] = None
+    choices: Optional[tuple] = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def argparse_kwargs(self) -> dict:
+        kind = self.kind.rstrip("?")
+        kw = {"help": self.help}
+        if kind == "bool":
+            kw.update(action="store_true", default=None)
+        elif kind == "intlist":
+            kw.update(type=int, nargs="*")
+        elif kind in ("int", "float"):
+            kw["type"] = int if kind == "int" else float
+        if self.choices is not None:
+            kw["choices"] = self.choices
+        return kw
+
+
+SETTINGS = [
+    Setting("scenario", "str", choices=SCENARIOS),
+    Setting("benchmark", "str", choices=tuple(sorted(BENCHMARKS))),
+    Setting("model", "str", choices=MODELS),
+    Setting("tasks", "int", _POS, "number of tasks"),
+    Setting("output_size", "int?", _POS, "output neurons s (>= labels; extras are superfluous neurons)"),
+    Setting("iters", "int?", _POS, "training batches per task"),
+    Setting("epochs", "int", _POS, "cap on epochs per task"),
+    Setting("batch_size", "int", _POS),
+    Setting("lr", "float", _GT0, "learning rate, finite and > 0 (1e-4; HopSupSup: 0.1)"),
+    Setting("optimizer", "str", choices=OPTIMIZERS),
+    Setting("weight_decay", "float", _GE0, "finite and >= 0 (0; HopSupSup: 1e-4)"),
+    Setting("scheduler", "str", choices=SCHEDULERS),
+    Setting("warmup_epochs", "int", _POS, "cosine_warmup: epochs of linear warmup (5)"),
+    Setting("image_size", "int", _POS, "split-imagenet: training/test crop size (224)"),
+    Setting("mask_fn", "str?", None, "threshold (GNu default) or edge-popup top-k", choices=MASK_FNS),
+    Setting("density", "float?", (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+            "top-k: fraction of weights kept per layer, in (0, 1] (refused with the threshold mask function)"),
+    Setting("er_multiplier", "float?", _GT0, "top-k: Erdős–Rényi per-layer density with multiplier S"),
+    Setting("init", "str", choices=WEIGHT_INITS),
+    Setting("inference", "str", None, _HOPFIELD_HELP, choices=INFERENCE_METHODS),
+    Setting("objective", "str", choices=OBJECTIVES),
+    Setting("infer_images", "int", _POS, "images of each test batch used to infer its task (1; at most --test-batch-size)"),
+    Setting("log_base", "float", (lambda v: v > 1, "a finite number > 1 (binary inference keeps 1/log_base per round)"),
+            "binary inference keeps 1/log_base of the tasks per round (> 1; 2)"),
+    Setting("test_batch_size", "int", _POS, "test batch size (128; HopSupSup recovery: 64)"),
+    Setting("eval_at", "intlist", None, "also evaluate all learned tasks after these many tasks (each in [1, --tasks])"),
+    Setting("data_root", "str?", None, "folder with the MNIST IDX files (default: the embedded subset)"),
+    Setting("download", "bool", None, "download MNIST into --data-root first"),
+    Setting("seed", "int", (lambda v: 0 <= v < 2 ** 63, "an int >= 0")),
+    Setting("backend", "str", None, "reference, cpu, triton, cuda or auto"),
+    Setting("device", "str", None, "cpu, cuda, cuda:1 ..."),
+    Setting("train_subset", "int?", (lambda v: v >= 1, "a positive int (>= 1 images per task)"),
+            "train on the first N >= 1 images of each task (smoke runs)"),
+    Setting("transfer", "bool", None, "Transfer: start each task's scores from the running mean of the previous tasks' scores"),
+    Setting("mask_budget", "int", _POS, "NNs: most masks ever allocated (paper: 2500)"),
+    Setting("nns_epsilon", "float", _GE0, "NNs: allocate a mask when K·max softmax(-∇αH) < 1 + ε (2^-3)"),
+    Setting("nns_check_every", "int", _POS, "NNs: training batches between allocation decisions (100)"),
+    Setting("nns_score_cache", "int", _POS, "NNs: masks whose float scores are kept for further training (4)"),
+    Setting("hop_gamma", "float", _GE0, "HopSupSup: weight γ of the Hopfield energy in recovery (1.5e-3)"),
+    Setting("hop_recovery_lr", "float", _GT0, "HopSupSup: SGD learning rate of the recovery (500)"),
+    Setting("hop_recovery_trials", "int", _POS, "HopSupSup: recoveries per task, each over another test-batch order (1)"),
+    Setting("parallel", "str", None, "under torchrun: task (each rank trains whole tasks; GG/GNs/GNu) or data (DDP on one "
+            "task; NNs, Transfer, large models); auto picks task where the scenario allows it", choices=PARALLEL_MODES),
+    Setting("shard_bank", "bool", None, "under torchrun: each rank holds only its own range of tasks' bits during evaluation"),
 ]
 
 
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+assert FIELDS == {s.name for s in SETTINGS}, "every RunConfig field needs its Setting (and no Setting is unused)"
 
 
 def load_yaml(path: Union[str, Path]) -> dict:

@@ -11,15 +11,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..algorithms.hopsupsup import HopSettings, accuracy, hopfield_bytes, recover_masks, set_masks, train_task
+from ..algorithms.hopsupsup import accuracy, hopfield_bytes, recover_masks, set_masks, train_task
 from .loop import Experiment, task_generator, train_subset, unusable_checkpoint
 from .maskfile import MaskFileError, load_hopfield_checkpoint, require_extra, save_hopfield_checkpoint
 from .results import machine_info, write_csv, write_json, write_plot
-
-
-def _settings(cfg) -> HopSettings:
-    return HopSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                       gamma=cfg.hop_gamma, recovery_lr=cfg.hop_recovery_lr, test_batch_size=cfg.test_batch_size)
 
 
 class HopSupSupRun(Experiment):
@@ -34,7 +29,7 @@ class HopSupSupRun(Experiment):
 def run_hopsupsup(exp: Experiment) -> dict:
 
     cfg, model, device = exp.config, exp.model, exp.device
-    s = _settings(cfg)
+    s = cfg.hop_settings()
     ckpt = exp.ckpt_dir / "hopfield.safetensors"
     exp.ckpt_dir.mkdir(parents=True, exist_ok=True)
     true_masks, after, train_seconds, done = [], [], 0.0, 0

@@ -18,10 +18,9 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..algorithms.evaluation import EvalSettings, evaluate_task
+from ..algorithms.evaluation import evaluate_task
 from ..algorithms.metrics import average, cl_metrics
 from ..algorithms.sharded import ShardedModel, evaluate_task_sharded
-from ..algorithms.training import TrainSettings
 from ..data import load_benchmark
 from ..data.tasks import TaskSplit
 from ..distributed import SINGLE, DistContext, broadcast_object, gather_objects, shard_range
@@ -114,13 +113,8 @@ class Experiment:
                              f"--model {config.model} has per-task BatchNorm")
         if config.transfer:
             enable_transfer(self.model)
-        self.train_settings = TrainSettings(iters=config.iters, epochs=config.epochs, batch_size=config.batch_size,
-                                            lr=config.lr, optimizer=config.optimizer,
-                                            weight_decay=config.weight_decay, scheduler=config.scheduler,
-                                            warmup_epochs=config.warmup_epochs)
-        self.eval_settings = EvalSettings(scenario=config.scenario, inference=config.inference,
-                                          objective=config.objective, infer_images=config.infer_images,
-                                          batch_size=config.test_batch_size, log_base=config.log_base)
+        self.train_settings = config.train_settings()
+        self.eval_settings = config.eval_settings()
         self.lock: Optional[RunLock] = None
         self.bank_bytes_per_rank: Optional[List[int]] = None
         self.bank_summary: Optional[dict] = None  # of the whole bank, where this rank does not hold it
