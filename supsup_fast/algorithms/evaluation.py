@@ -72,7 +72,7 @@ def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalS
     data = split.batches(settings.batch_size, shuffle=True, generator=test_order(split, task, seed))
     batched = None
     if (settings.scenario != "GG" and settings.inference == "oneshot" and settings.infer_images == 1
-            and getattr(backend_for(device), "fast_batched_inference", False) and supports_batched(model)):
+            and backend_for(device).fast_batched_inference and supports_batched(model)):
         # All of the task's queries (the first image of each test batch) in one batched pass.
         data = [(xb.to(device), yb.to(device)) for xb, yb in data]
         with torch.enable_grad():

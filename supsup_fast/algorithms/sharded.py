@@ -106,7 +106,7 @@ def evaluate_task_sharded(sharded: ShardedModel, split: TaskSplit, task: int, se
             for xb, yb in split.batches(settings.batch_size, shuffle=True, generator=test_order(split, task, seed))]
     batched = None
     if (settings.scenario != "GG" and settings.inference == "oneshot" and settings.infer_images == 1
-            and sharded.total > 1 and getattr(backend_for(device), "fast_batched_inference", False)):
+            and sharded.total > 1 and backend_for(device).fast_batched_inference):
         with torch.enable_grad():  # every query of the task (first image of each batch) at once
             grads = sharded.alpha_gradients_batched(torch.cat([xb[:1] for xb, _ in data]), settings.objective,
                                                     num_labels)

@@ -109,7 +109,7 @@ class SupermaskLayer(CountCaches, nn.Module):
         """Write the mask of the current scores into bank row ``slot`` (``slot == num_tasks``
         appends a new task); the scores stay, so training can go on."""
         backend = backend_for(self.weight.device)
-        if self.mask_fn == "threshold" and hasattr(backend, "compare_pack"):
+        if self.mask_fn == "threshold":
             words = backend.compare_pack(self.scores.detach(), 0.0)  # scores -> bits in one kernel
         else:
             words = ops.pack_bits(self.current_mask().reshape(self.weight.shape[0], -1))

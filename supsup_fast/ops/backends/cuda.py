@@ -70,7 +70,7 @@ class CudaBackend(ReferenceBackend):
             self.fallback = TritonBackend()
         except RuntimeError:
             self.fallback = ReferenceBackend()
-        self.fast_batched_inference = getattr(self.fallback, "fast_batched_inference", False)
+        self.fast_batched_inference = self.fallback.fast_batched_inference
         self.table = op_table()
 
     def supports(self, device: torch.device) -> bool:

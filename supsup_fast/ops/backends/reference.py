@@ -66,6 +66,12 @@ class ReferenceBackend:
     def unpack_bits(self, words: torch.Tensor, n: int) -> torch.Tensor:
         return unpack_bits_torch(words, n)
 
+    def compare_pack(self, values: torch.Tensor, threshold: float, absolute: bool = False) -> torch.Tensor:
+        """Pack 1[v ≥ t] (or 1[|v| ≥ t]) of a [out, *rest] score tensor into words [out, W]: a
+        training step's threshold mask straight to bits (fused into one kernel where a backend can)."""
+        v = values.reshape(values.shape[0], -1)
+        return self.pack_bits((v.abs() if absolute else v) >= threshold)
+
     def masked_weight(self, weight: torch.Tensor, mask_words: torch.Tensor) -> torch.Tensor:
         """W ⊙ M for one packed mask, as a dense tensor shaped like W."""
         n = math.prod(weight.shape[1:])
