@@ -38,7 +38,7 @@ import supsup_fast as ss  # noqa: E402
 from supsup_fast import compat  # noqa: E402
 from supsup_fast.data import load_mnist  # noqa: E402
 from supsup_fast.data.mnist import normalise  # noqa: E402
-from tests.test_compat import FLOAT_API, MultitaskFC, tensor_bytes  # noqa: E402  (the float original)
+from tests.nn.test_compat import FLOAT_API, MultitaskFC, tensor_bytes  # noqa: E402  (the float original)
 
 COMPAT_API = dict(layer=compat.MultitaskMaskLinear, set_model_task=compat.set_model_task, cache_masks=compat.cache_masks,
                   set_num_tasks_learned=compat.set_num_tasks_learned, set_alphas=compat.set_alphas)
