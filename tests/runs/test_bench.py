@@ -47,6 +47,9 @@ def test_gpu_check_script_runs_in_smoke_mode(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((tmp_path / "gpu-cpu-smoke.json").read_text())
-    assert {"alpha_gradient", "bank_ops", "batched_inference", "forward", "training_step"} <= set(report)
-    assert report["batched_inference"]["same_argmin_first8"]
+    assert {"alpha_gradient", "bank_ops", "batched_inference", "forward", "training_step", "nccl"} <= set(report)
+    assert report["errors"] == {}
+    assert all(b["same_argmin_first8"] for b in report["batched_inference"])
+    assert report["nccl"]["all_reduce_ok"] and report["nccl"]["same_argmin"]
+    assert report["nccl"]["sharded_alpha_max_abs_diff"] < 1e-5
     assert report["bank_ops"][0]["rel_err"] < 1e-5
