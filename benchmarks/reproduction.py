@@ -29,7 +29,7 @@ RUNS = [
      f"OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m supsup_fast run --config configs/gnu_permuted_fc1024_250_h.yaml {D} --out runs/fc250"),
     ("fc250-g", "same masks, one-shot G (superfluous neurons), 250 tasks",
      "G ≈ 0.962 at 10 → 0.959 at 250 [fig-read]",
-     f"supsup-fast evaluate runs/fc250 --objective superfluous {D} --out runs/fc250-g"),
+     f"OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m supsup_fast evaluate runs/fc250 --objective superfluous {D} --out runs/fc250-g"),
     ("lenet-50", "GNu PermutedMNIST, LeNet 300-100, s=100, one-shot H, 50 tasks",
      "H ≈ G ≈ 0.937, flat to 250 [fig-read, Fig 3 left]",
      f"supsup-fast run --config configs/gnu_permuted_lenet_linear_eval.yaml {D} --out runs/lenet-50"),

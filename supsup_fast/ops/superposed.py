@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import checks
+from .bank import superpose
 from .backends.reference import DenseConv2d, _bias_grad
 from .dispatch import _conv_out_fake, _LINEAR, _dense, _flatten_conv, _pick, _unflatten_conv
 
@@ -127,12 +128,27 @@ superposed_given_s_op.register_autograd(_superposed_backward, setup_context=_giv
 # -- the public function ----------------------------------------------------------------------
 def superposed_linear(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """y = x (W ⊙ Σᵢ αᵢ Mᵢ)ᵀ + b; differentiable in x, alpha, weight, bias."""
+    if _backward_needs_s(x, alpha):
+        checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
+        s = superpose(bank, alpha.detach(), weight.shape[1]).view_as(weight)
+        return superposed_given_s_op(x, weight, bank, alpha, s.to(weight.dtype), bias, None)
     return superposed_linear_op(x, weight, bank, alpha, bias)
+
+
+def _backward_needs_s(x: Tensor, alpha: Tensor) -> bool:
+    """Whether the backward will want both the α-gradient and the input gradient, which needs
+    S = Σᵢ αᵢ Mᵢ again: then S is computed once here and kept for the backward (one pass over the
+    bits instead of two)."""
+    return torch.is_grad_enabled() and x.requires_grad and alpha.requires_grad
 
 
 def superposed_conv2d(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bias: Optional[Tensor] = None,
                       stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1) -> Tensor:
     """conv2d with weight W ⊙ Σᵢ αᵢ Mᵢ; differentiable in x, alpha, weight, bias."""
+    if _backward_needs_s(x, alpha):
+        checks.check_superposed(x, weight, bank, alpha, bias, conv=True)
+        s = superpose(bank, alpha.detach(), weight[0].numel()).view_as(weight)
+        return superposed_with_s(x, weight, bank, alpha, s, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups))
     return superposed_conv2d_op(x, weight, bank, alpha, bias, checks.pair("stride", stride),
                                 checks.pair("padding", padding), checks.pair("dilation", dilation), int(groups))
 

@@ -119,14 +119,17 @@ def test_masked_and_superposed_conv2d(pair):
     got, ref = on(pair, lambda x, w, m: ss.ops.masked_conv2d(x, w, m, None, stride=2, padding=1), torch.randn(2, cin, 9, 9), w, bank[0])
     torch.testing.assert_close(got, ref, **TOL)
 
-    def alpha_grad(x, w, bank, alpha):
-        alpha = alpha.detach().requires_grad_(True)
+    def alpha_grad(x, w, bank, alpha, with_x):
+        alpha, x = alpha.detach().requires_grad_(True), x.detach().requires_grad_(with_x)
         y = ss.ops.superposed_conv2d(x, w, bank, alpha, padding=1)
-        return y, torch.autograd.grad(y.square().sum(), alpha)[0]
+        grads = torch.autograd.grad(y.square().sum(), (alpha, x) if with_x else (alpha,))
+        return (y, *grads)
 
-    (y, ga), (y_ref, ga_ref) = on(pair, alpha_grad, torch.randn(2, cin, 7, 7), w, bank, torch.rand(k))
-    torch.testing.assert_close(y, y_ref, **TOL)
-    torch.testing.assert_close(ga, ga_ref, rtol=1e-4, atol=1e-3)
+    for with_x in (False, True):  # with x: S is computed once and kept for the backward
+        got, ref = on(pair, lambda *a: alpha_grad(*a, with_x), torch.randn(2, cin, 7, 7), w, bank, torch.rand(k))
+        torch.testing.assert_close(got[0], ref[0], **TOL)
+        for a, b in zip(got[1:], ref[1:]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
 
 def test_threshold_masked_weight(pair):
