@@ -115,14 +115,25 @@ AVX2_TARGET void mask_dot_avx2(const int32_t* bank, int64_t R, int64_t W, int64_
   }
 }
 
-// Superpose on AVX2: a word is broadcast once, then for each byte one variable shift moves bit
-// 8c+i of the word into the sign bit of lane i, and blendv picks α or 0 from that sign bit: 3 vector
-// ops per 8 bits (instead of broadcast/and/compare/and/add). Two words per task at a time.
+// The 8 bits of every byte value as 8 floats 0.0f / 1.0f (8 KiB, L1-resident).
+struct ByteLanes {
+  alignas(32) float row[256][8];
+};
+
+const ByteLanes& byte_lanes() {
+  static const ByteLanes table = [] {
+    ByteLanes t{};
+    for (int v = 0; v < 256; ++v)
+      for (int i = 0; i < 8; ++i) t.row[v][i] = static_cast<float>((v >> i) & 1);
+    return t;
+  }();
+  return table;
+}
+
+// Superpose on AVX2: one table-row FMA per 8 bits of a task (see the loop). Two words per task at a time.
 template <int NW>
 AVX2_TARGET void superpose_words_avx2(const int32_t* bank, int64_t k, int64_t stride, int64_t off, int64_t q0, int64_t n,
                                       const float* alpha, const int64_t* active, float* o, bool init) {
-  const __m256i sh[4] = {_mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24), _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
-                         _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8), _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)};
   const __m256 zero = _mm256_setzero_ps();
   __m256 acc[4 * NW];
   uint32_t valid[NW];
@@ -139,14 +150,16 @@ AVX2_TARGET void superpose_words_avx2(const int32_t* bank, int64_t k, int64_t st
       for (int c = 0; c < 4; ++c) acc[4 * j + c] = _mm256_loadu_ps(buf + 8 * c);
     }
   }
+  const ByteLanes& lanes = byte_lanes();
   for (int64_t t = 0; t < k; ++t) {
-    const int32_t* b = task_base(bank, active, t, stride) + off;
+    // Each byte of the mask indexes a table row of its 8 bits as 0.0f / 1.0f, and one FMA (whose
+    // memory operand is that row) adds α to the lanes whose bit is set: exactly acc + α or acc.
+    // Pad bits are zero in the canonical layout, and pad lanes are never stored anyway.
+    const uint8_t* b = reinterpret_cast<const uint8_t*>(task_base(bank, active, t, stride) + off);
     const __m256 a = _mm256_set1_ps(alpha[t]);
-    for (int j = 0; j < NW; ++j) {
-      const __m256i wv = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(b[j]) & valid[j]));
+    for (int j = 0; j < NW; ++j)
       for (int c = 0; c < 4; ++c)
-        acc[4 * j + c] = _mm256_add_ps(acc[4 * j + c], _mm256_blendv_ps(zero, a, _mm256_castsi256_ps(_mm256_sllv_epi32(wv, sh[c]))));
-    }
+        acc[4 * j + c] = _mm256_fmadd_ps(_mm256_load_ps(lanes.row[b[4 * j + c]]), a, acc[4 * j + c]);
   }
   for (int j = 0; j < NW; ++j) {
     float* oj = o + 32 * j;
