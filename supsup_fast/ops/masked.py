@@ -10,13 +10,17 @@ from torch import Tensor
 from . import checks
 from .backends.reference import DenseConv2d, _bias_grad
 from .registry import backend_for
-from .dispatch import _conv_out_fake, _LINEAR, _dense, _flatten_conv, _pick, _unflatten_conv
+from .dispatch import _conv_out_fake, _LINEAR, _dense, _flatten_conv, _pick, _unflatten_conv, eager_without_grad
 
 IntPair = Union[int, Sequence[int]]
 
 
 @torch.library.custom_op("supsup::masked_linear", mutates_args=())
 def masked_linear_op(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _masked_linear(x, weight, mask_words, bias)
+
+
+def _masked_linear(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor]) -> Tensor:
     checks.check_masked(x, weight, mask_words, bias, conv=False)
     return _pick(x.device, x.numel(), weight.shape[0]).masked_forward(_LINEAR, x, weight.contiguous(), mask_words.contiguous(), bias)
 
@@ -83,6 +87,8 @@ masked_conv2d_op.register_autograd(_masked_backward, setup_context=_masked_setup
 # -- the public function ----------------------------------------------------------------------
 def masked_linear(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """y = x (W ⊙ M)ᵀ + b with M unpacked from ``mask_words`` [out, ceil(in/32)]."""
+    if eager_without_grad(x, weight, mask_words, bias):  # inference: the op's body, without the dispatcher
+        return _masked_linear(x, weight, mask_words, bias)
     return masked_linear_op(x, weight, mask_words, bias)
 
 

@@ -186,3 +186,26 @@ def test_data_checks_do_not_break_cuda_graph_capture():
             torch.cuda.synchronize()
             torch.testing.assert_close(dot, expect_dot)
             torch.testing.assert_close(sup, expect_sup)
+
+
+def test_inference_fast_path_is_the_op_body():
+    """Without autograd, masked_linear runs the op's body directly (no custom-op dispatcher): same
+    result and same argument errors as the op; with a gradient to record, under a dispatch mode
+    (fake tensors) or on meta tensors it goes through the op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from supsup_fast.ops.dispatch import eager_without_grad
+    from supsup_fast.ops.masked import masked_linear_op
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(3, 45, generator=g), torch.randn(7, 45, generator=g), torch.randn(7, generator=g)
+    words = ss.pack_bits(torch.rand(7, 45, generator=g) > 0.5)
+    with torch.no_grad():
+        assert eager_without_grad(x, w, words, b)
+        assert torch.equal(ss.ops.masked_linear(x, w, words, b), masked_linear_op(x, w, words, b))
+        with pytest.raises(ValueError, match="mask_words"):
+            ss.ops.masked_linear(x, w, words[:, :1], b)
+    assert eager_without_grad(x, w, words, b)  # grad mode on, but nothing requires grad
+    assert not eager_without_grad(x.clone().requires_grad_(), w, words, b)
+    assert not eager_without_grad(torch.empty(3, 45, device="meta"), w, words, b)
+    with FakeTensorMode():
+        assert not eager_without_grad(torch.empty(3, 45), w, words, b)
