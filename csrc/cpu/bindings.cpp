@@ -128,6 +128,36 @@ at::Tensor mask_dot_rank1_op(const at::Tensor& bank, const at::Tensor& g, const 
   });
 }
 
+at::Tensor mask_dot_batched_op(const at::Tensor& bank, const at::Tensor& v, const std::optional<at::Tensor>& active);
+
+// (⟨Mᵢ, (g_j x_jᵀ) ⊙ w⟩)ⱼᵢ for q one-image queries (g [q, R], x [q, n], w [R, n]): [q, k], in one
+// pass over the bits per block of 32 queries, v_j formed inside the table build (never materialised).
+at::Tensor mask_dot_rank1_batched_op(const at::Tensor& bank, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w) {
+  check_words(bank, "bank");
+  check_float(g, "g");
+  check_float(x, "x");
+  check_float(w, "weight");
+  TORCH_CHECK(w.dim() == 2 && g.dim() == 2 && x.dim() == 2 && g.size(0) == x.size(0) && g.size(1) == w.size(0) &&
+                  x.size(1) == w.size(1),
+              "mask_dot_rank1_batched needs g [q, R], x [q, n] and weight [R, n]");
+  const int64_t R = w.size(0), n = w.size(1), W = words_for(n), k = bank.size(0), q = g.size(0);
+  TORCH_CHECK(bank.dim() == 3 && bank.size(1) == R && bank.size(2) == W, "bank must be [k, R, ceil(n/32)]");
+  if (q == 0 || k == 0 || R == 0) return at::zeros({q, k}, w.options());
+  const Isa isa = current_isa();
+  if (!lut_available(isa) || k < 4)
+    return mask_dot_batched_op(bank, g.unsqueeze(2).mul(x.unsqueeze(1)).mul_(w), std::nullopt);
+  constexpr int64_t kQueryBlock = 32;
+  std::vector<at::Tensor> parts;
+  for (int64_t j0 = 0; j0 < q; j0 += kQueryBlock) {
+    const int64_t nq = std::min(kQueryBlock, q - j0);
+    parts.push_back(sum_over_word_chunks(R * W, nq * k, w.options(), [&](float* out, int64_t fw0, int64_t fw1) {
+      mask_dot_lut_rank1(isa, bank.data_ptr<int32_t>(), R, W, n, g.data_ptr<float>() + j0 * R, x.data_ptr<float>() + j0 * n,
+                         w.data_ptr<float>(), nq, k, out, fw0, fw1);
+    }).view({nq, k}));
+  }
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 0);
+}
+
 // (⟨Mᵢ, v_j⟩)ⱼᵢ for q queries v [q, *lead, n] in one pass over the bits: [q, k].
 at::Tensor mask_dot_batched_op(const at::Tensor& bank, const at::Tensor& v, const std::optional<at::Tensor>& active) {
   check_words(bank, "bank");
@@ -359,6 +389,7 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("scaled_linear_small_t(Tensor grad, Tensor weight, Tensor s) -> Tensor");
   m.def("mask_dot_batched(Tensor bank, Tensor v, Tensor? active=None) -> Tensor");
   m.def("mask_dot_rank1(Tensor bank, Tensor g, Tensor x, Tensor weight) -> Tensor");
+  m.def("mask_dot_rank1_batched(Tensor bank, Tensor g, Tensor x, Tensor weight) -> Tensor");
   m.def("superpose(Tensor bank, Tensor alpha, int n, Tensor? active=None) -> Tensor");
   m.def("masked_weight(Tensor weight, Tensor mask_words) -> Tensor");
   m.def("masked_weight_into(Tensor weight, Tensor mask_words, Tensor(a!) out) -> ()");
@@ -378,6 +409,7 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("scaled_linear_small_t", &scaled_linear_small_t_op);
   m.impl("mask_dot_batched", &mask_dot_batched_op);
   m.impl("mask_dot_rank1", &mask_dot_rank1_op);
+  m.impl("mask_dot_rank1_batched", &mask_dot_rank1_batched_op);
   m.impl("masked_weight", &masked_weight_op);
   m.impl("masked_weight_into", &masked_weight_into_op);
   m.impl("masked_linear_small", &masked_linear_small_op);

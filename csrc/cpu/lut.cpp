@@ -311,9 +311,11 @@ void mask_dot_lut(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n,
 }
 
 void mask_dot_lut_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* g,
-                        const float* x, const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1) {
-  const Rank1Src src{g, x, w, n};
-  dispatch(isa, bank, R, W, n, &src, 1, nullptr, k, out, fw0, fw1);
+                        const float* x, const float* w, int64_t q, int64_t k, float* out, int64_t fw0, int64_t fw1) {
+  std::vector<Rank1Src> srcs;
+  srcs.reserve(static_cast<size_t>(q));
+  for (int64_t j = 0; j < q; ++j) srcs.push_back(Rank1Src{g + j * R, x + j * n, w, n});
+  dispatch(isa, bank, R, W, n, srcs.data(), q, nullptr, k, out, fw0, fw1);
 }
 
 }  // namespace supsup_cpu

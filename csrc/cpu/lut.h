@@ -18,9 +18,10 @@ namespace supsup_cpu {
 void mask_dot_lut(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v, int64_t q,
                   int64_t q_stride, const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1);
 
-// The same for one query whose v = (g xᵀ) ⊙ w is formed on the fly (g [R], x [n], w [R, n]).
+// The same for q queries whose v_j = (g_j x_jᵀ) ⊙ w is formed on the fly while the tables are built
+// (g [q, R], x [q, n], w [R, n]): v is never materialised.
 void mask_dot_lut_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* g,
-                        const float* x, const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1);
+                        const float* x, const float* w, int64_t q, int64_t k, float* out, int64_t fw0, int64_t fw1);
 
 // Whether mask_dot_lut runs a table kernel for this ISA (scalar: a per-task loop instead).
 bool lut_available(Isa isa);

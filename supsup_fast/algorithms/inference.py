@@ -65,8 +65,8 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
                             max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
     """The α-gradients of q independent one-image queries ``xs`` [q, ...]: row j equals
     ``alpha_gradient(model, xs[j:j+1], ...)``. One superposed forward + backward for all q, then per
-    layer one pass over the bits for a chunk of queries (``ops.mask_dot_batched`` on the per-query
-    v_j = (g_j x_jᵀ) ⊙ W), instead of q passes."""
+    layer one pass over the bits for a chunk of queries (``ops.mask_dot_outer``: the mask_dot of
+    the per-query v_j = (g_j x_jᵀ) ⊙ W, which the CPU kernels never materialise), instead of q passes."""
     if not supports_batched(model):
         raise ValueError("batched task inference needs a model of SupermaskLinear layers without BatchNorm "
                          "(an MLP such as fc1024 or lenet)")
@@ -97,8 +97,7 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
         chunk = max(1, max_chunk_bytes // max(1, w.numel() * 4))
         for j0 in range(0, q, chunk):
             j1 = min(q, j0 + chunk)
-            v = g2[j0:j1, :, None] * x2[j0:j1, None, :] * w  # [c, out, in]
-            out[j0:j1] += ops.mask_dot_batched(layer.bank.words, v).float()
+            out[j0:j1] += ops.mask_dot_outer(layer.bank.words, g2[j0:j1], x2[j0:j1].to(w.dtype), w).float()
     return out
 
 

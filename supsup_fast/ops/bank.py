@@ -1,7 +1,9 @@
 """A bank of k packed masks against a float vector: superpose (Σᵢ αᵢ Mᵢ), mask_dot ((⟨Mᵢ, v⟩)ᵢ,
-its adjoint) and the batched mask_dot of q vectors."""
+its adjoint), the batched mask_dot of q vectors, and mask_dot_outer, the batched mask_dot of q
+rank-1 vectors (g_j x_jᵀ) ⊙ W (the α-gradients of q one-image queries through one linear layer)."""
 from __future__ import annotations
 
+import math
 
 import torch
 from torch import Tensor
@@ -53,6 +55,32 @@ def _(bank, v):
     return v.new_empty(v.shape[0], bank.shape[0])
 
 
+def _outer_in_range(g: Tensor, x: Tensor, weight: Tensor) -> bool:
+    """Whether every product g·x·w is finite (then the kernels' sums follow IEEE like the reference;
+    otherwise the reference runs: 0·inf = NaN, NaN propagates). True unchecked in a CUDA-graph capture."""
+    if checks.capturing(g):
+        return True
+    if g.numel() == 0 or x.numel() == 0 or weight.numel() == 0:
+        return True
+    bound = float(g.abs().max()) * float(x.abs().max()) * float(weight.abs().max())
+    return math.isfinite(bound) and bound < torch.finfo(weight.dtype).max
+
+
+@torch.library.custom_op("supsup::mask_dot_outer", mutates_args=())
+def mask_dot_outer_op(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    checks.check_mask_dot_outer(bank, g, x, weight)
+    backend = _pick(bank.device, bank.shape[0], g.shape[0], weight.shape[0])
+    if backend is not _REFERENCE and not _outer_in_range(g, x, weight):
+        backend = _REFERENCE
+    return backend.mask_dot_outer(bank.contiguous(), g.contiguous(), x.contiguous(), weight.contiguous())
+
+
+@mask_dot_outer_op.register_fake
+def _(bank, g, x, weight):
+    checks.check_mask_dot_outer(bank, g, x, weight)
+    return g.new_empty(g.shape[0], bank.shape[0])
+
+
 def _superpose_setup(ctx, inputs, output):
     bank, alpha, n = inputs
     ctx.save_for_backward(bank)
@@ -89,6 +117,13 @@ def superpose(bank: Tensor, alpha: Tensor, n: int) -> Tensor:
 def mask_dot(bank: Tensor, v: Tensor) -> Tensor:
     """(⟨Mᵢ, v⟩)ᵢ: bank [k, *lead, W], v [*lead, n] -> float [k]."""
     return mask_dot_op(bank, v)
+
+
+def mask_dot_outer(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """``mask_dot_batched(bank, g[:, :, None] * x[:, None, :] * weight)`` without materialising the
+    q products: bank [k, R, W], g [q, R], x [q, n], weight [R, n] -> float [q, k]. Row j is the
+    α-gradient of a linear layer for one image with input x_j and output gradient g_j."""
+    return mask_dot_outer_op(bank, g, x, weight)
 
 
 def mask_dot_batched(bank: Tensor, v: Tensor) -> Tensor:

@@ -151,6 +151,25 @@ def check_mask_dot(bank: torch.Tensor, v: torch.Tensor, batched: bool = False) -
     same_device(bank=bank, v=v)
 
 
+def check_mask_dot_outer(bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """bank [k, R, ceil(n/32)], g [q, R], x [q, n], weight [R, n], all of one float dtype."""
+    check_bank(bank)
+    for name, t in (("g", g), ("x", x), ("weight", weight)):
+        _floating(name, t)
+    if weight.dim() != 2 or g.dim() != 2 or x.dim() != 2:
+        raise ValueError(f"mask_dot_outer needs g [q, R], x [q, n] and weight [R, n], got g {tuple(g.shape)}, "
+                         f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    R, n = weight.shape
+    if g.shape[1] != R or x.shape[1] != n or g.shape[0] != x.shape[0]:
+        raise ValueError(f"g must be [q, {R}] and x [q, {n}] for weight {tuple(weight.shape)}, got g {tuple(g.shape)}, "
+                         f"x {tuple(x.shape)}")
+    if bank.dim() != 3 or tuple(bank.shape[1:]) != (R, num_words(n)):
+        raise ValueError(f"bank must be [k, {R}, {num_words(n)}] for weight {tuple(weight.shape)}, got {tuple(bank.shape)}")
+    if not (g.dtype == x.dtype == weight.dtype):
+        raise ValueError(f"g, x and weight must share one dtype, got {g.dtype}, {x.dtype}, {weight.dtype}")
+    same_device(bank=bank, g=g, x=x, weight=weight)
+
+
 def pair(name: str, value, n: int = 2) -> list:
     if isinstance(value, int):
         return [value] * n

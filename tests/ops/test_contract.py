@@ -67,6 +67,23 @@ def test_superpose_and_mask_dot(pair, n):
     torch.testing.assert_close(got, ref, **TOL)
 
 
+@pytest.mark.parametrize("n", [33, 784])
+@pytest.mark.parametrize("k,q", [(3, 2), (7, 1), (7, 37)])
+def test_mask_dot_outer(pair, n, k, q):
+    """The α-gradients of q one-image queries through one layer, v never materialised: equal to
+    mask_dot_batched of the materialised products (exactly for integer g, x, w), garbage pad bits
+    ignored, more queries than one block of 32."""
+    R = 5
+    bank = with_garbage_pad(ss.pack_bits(torch.rand(k, R, n) > 0.5), n)
+    g, x, w = torch.randn(q, R), torch.randn(q, n), torch.randn(R, n)
+    got, ref = on(pair, ss.ops.mask_dot_outer, bank, g, x, w)
+    torch.testing.assert_close(got, ref, **TOL)
+    torch.testing.assert_close(ref, ss.ops.mask_dot_batched(bank, g[:, :, None] * x[:, None, :] * w), **TOL)
+    gi, xi, wi = (torch.randint(-3, 4, t.shape).float() for t in (g, x, w))
+    got, ref = on(pair, ss.ops.mask_dot_outer, bank, gi, xi, wi)
+    assert torch.equal(got, ref)
+
+
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("batch", [1, 17, 130])
 def test_masked_linear_forward_and_backward(pair, n, batch):

@@ -136,6 +136,12 @@ class CpuBackend(ReferenceBackend):
             return super().mask_dot_batched(bank, v)
         return self.ops.mask_dot_batched(bank.contiguous(), v.contiguous())
 
+    def mask_dot_outer(self, bank, g, x, weight):
+        if weight.dtype != torch.float32:
+            return super().mask_dot_outer(bank, g, x, weight)
+        # v_j = (g_j x_jᵀ) ⊙ W is formed inside the lookup-table build, never materialised.
+        return self.ops.mask_dot_rank1_batched(bank.contiguous(), g.contiguous(), x.contiguous(), weight.contiguous())
+
     def threshold_masked_weight(self, scores, weight):
         if weight.dtype != torch.float32 or scores.dtype != torch.float32:
             return super().threshold_masked_weight(scores, weight)

@@ -109,6 +109,10 @@ class ReferenceBackend:
                 out[s:e] += plane.matmul(vp[b])
         return out
 
+    def mask_dot_outer(self, bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """mask_dot_batched of the q products (g_j x_jᵀ) ⊙ W: [k, R, W] x g [q, R], x [q, n] -> [q, k]."""
+        return self.mask_dot_batched(bank, g[:, :, None] * x[:, None, :] * weight)
+
     def mask_dot_batched(self, bank: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(⟨Mᵢ, v_j⟩): [k, *lead, W] x [q, *lead, n] -> [q, k], bit plane by bit plane."""
         k, w = bank.shape[0], bank.shape[-1]
