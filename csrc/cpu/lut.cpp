@@ -57,7 +57,7 @@ T* align64(std::vector<T>& buf) {
   return reinterpret_cast<T*>((p + 63) & ~static_cast<uintptr_t>(63));
 }
 
-constexpr int64_t kLutBlockFloats = 512 * 128;  // table floats per block, all queries together (256 KiB)
+constexpr int64_t kLutBlockFloats = 1024 * 128;  // table floats per block, all queries together (512 KiB; 256 KiB read 10 % slower)
 
 // ------------------------------------------------------------------------------------------------
 // AVX-512
