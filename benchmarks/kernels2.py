@@ -49,7 +49,7 @@ def _ghz() -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-def child(isa: str, quick: bool, out: Path) -> dict:
+def child(isa: str, quick: bool, out: Path, note: str = "") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -58,7 +58,7 @@ def child(isa: str, quick: bool, out: Path) -> dict:
     from supsup_fast.algorithms.inference import alpha_gradient, alpha_gradients_batched
     from supsup_fast.algorithms.objectives import entropy
     from supsup_fast.bench import (FloatStackMLP, bench_training_step, interleaved_medians, machine,
-                                   median_time, random_model_with_masks, read_bandwidth)
+                                   random_model_with_masks, read_bandwidth)
     from supsup_fast.ops.backends.cpu import cpu_isa
 
     threads = torch.get_num_threads()
@@ -68,7 +68,7 @@ def child(isa: str, quick: bool, out: Path) -> dict:
     ghz = _ghz()
     bw = read_bandwidth()
     rep = {"isa": isa, "machine": machine(), "quick": quick, "read_bandwidth_GBps": bw / 1e9, "nominal_GHz": ghz,
-           "note": "machine possibly shared with other jobs: ratios are interleaved medians in one process"}
+           "note": note or "machine possibly shared with other jobs: ratios are interleaved medians in one process"}
 
     def add_floor(bits: int) -> float:
         return bits / (lanes * threads * ghz * 1e9)
@@ -180,7 +180,7 @@ def child(isa: str, quick: bool, out: Path) -> dict:
 def print_table(rep: dict) -> None:
     isa = rep["isa"]
     print(f"== {isa} ({rep['machine'].get('cpu_model', '?')}, {rep['machine']['threads']} threads, "
-          f"read {rep['read_bandwidth_GBps']:.1f} GB/s; machine possibly shared)")
+          f"read {rep['read_bandwidth_GBps']:.1f} GB/s; {rep['note']})")
     for r in rep["training_step_b128_s500"]:
         print(f"  training step {r['model']:7s} ours {r['ours_s']*1e3:7.2f} ms  plain {r['plain_torch_ste_s']*1e3:7.2f} ms  "
               f"{r['ours_vs_plain_speed']:.2f}x (bar {r['bar']}x)  three-GEMM floor {r['three_gemms_s']*1e3:.2f} ms")
@@ -239,6 +239,7 @@ def main() -> None:
     p.add_argument("--isa", action="append", choices=["scalar", "avx2", "avx512"], help="default: every level this CPU has")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--note", default="", help="how the machine was used meanwhile (stored in the JSON), e.g. 'quiet machine'")
     p.add_argument("--threads", type=int, default=None, help="torch / kernel threads (default: torch's, the core count)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -246,12 +247,12 @@ def main() -> None:
         if a.threads:
             import torch
             torch.set_num_threads(a.threads)
-        child(a.isa[0], a.quick, a.out)
+        child(a.isa[0], a.quick, a.out, a.note)
         return
     for isa in a.isa or _isas():
         env = dict(os.environ, SUPSUP_CPU_ISA=isa)
         cmd = [sys.executable, __file__, "--child", "--isa", isa, "--out", str(a.out)] + (["--quick"] if a.quick else []) \
-            + (["--threads", str(a.threads)] if a.threads else [])
+            + (["--threads", str(a.threads)] if a.threads else []) + (["--note", a.note] if a.note else [])
         start = time.time()
         subprocess.run(cmd, env=env, check=True)
         print(f"({isa}: {time.time() - start:.0f} s)")
