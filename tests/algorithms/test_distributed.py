@@ -239,7 +239,7 @@ def test_two_nodes_through_a_c10d_rendezvous(single_run, tmp_path):
 
 
 BN_STEP_CHECK = """
-import sys, torch
+import os, sys, torch
 from torch import nn
 from supsup_fast.algorithms.data_parallel import train_task_data_parallel
 from supsup_fast.algorithms.training import TrainSettings, train_task
@@ -267,7 +267,8 @@ torch.testing.assert_close(bn_dp.vars.rows[0], bn_one.vars.rows[0], rtol=1e-4, a
 for (name, a), b in zip(supermask_layers(dp).items(), supermask_layers(one).values()):
     assert torch.equal(a.bank.words, b.bank.words), name
 shutdown(ctx)
-print("ok", ctx.rank)
+# One file per rank: two ranks printing to one pipe can interleave their lines.
+open(os.path.join(sys.argv[1], f"ok{ctx.rank}"), "w").close()
 """
 
 
@@ -278,6 +279,6 @@ def test_data_parallel_step_with_batchnorm_equals_one_process(tmp_path):
     # not: the averaged variances miss the spread between the halves.
     script = tmp_path / "bn_check.py"
     script.write_text(BN_STEP_CHECK)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
-    proc = ok(subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600))
-    assert "ok 0" in proc.stdout and "ok 1" in proc.stdout
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path)]
+    ok(subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600))
+    assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
