@@ -1,12 +1,11 @@
 """superpose in task blocks (csrc/cpu/bank.cpp) against the reference backend on every ISA level
 of this CPU: k across several blocks, odd sizes, active subsets, exact integer counts."""
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.ops.isa_runner import ISAS, run_on_isa
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="no C++ compiler on this machine: the cpu backend cannot be built")
@@ -35,21 +34,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _isas():
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    out = ["scalar"]
-    if " avx2" in flags and " fma" in flags:
-        out.append("avx2")
-    if " avx512f" in flags and " avx512bw" in flags and " avx512vl" in flags and " avx512dq" in flags:
-        out.append("avx512")
-    return out
-
-
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_blocked_superpose_against_reference(isa):
-    if isa not in _isas():
-        pytest.skip(f"this CPU has no {isa}")
-    env = dict(os.environ, SUPSUP_CPU_ISA=isa, OMP_NUM_THREADS="2")
-    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.split() == [isa, "ok"]
+    run_on_isa(SCRIPT, isa)

@@ -1,0 +1,31 @@
+"""Running a check script under each x86 ISA level the C++ CPU kernels have (scalar, AVX2,
+AVX-512): the level is fixed per process (SUPSUP_CPU_ISA), so each runs in a child process."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ISAS = ["scalar", "avx2", "avx512"]
+
+
+def cpu_isas() -> list:
+    """The ISA levels this CPU can run."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    out = ["scalar"]
+    if " avx2" in flags and " fma" in flags:
+        out.append("avx2")
+    if " avx512f" in flags and " avx512bw" in flags and " avx512vl" in flags and " avx512dq" in flags:
+        out.append("avx512")
+    return out
+
+
+def run_on_isa(script: str, isa: str) -> None:
+    """Run ``script`` with the kernels capped to ``isa`` (skipped where the CPU lacks it); the
+    script prints the ISA it ran and then "ok"."""
+    if isa not in cpu_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    env = dict(os.environ, SUPSUP_CPU_ISA=isa, OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == [isa, "ok"]
