@@ -91,8 +91,10 @@ setup(
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "matplotlib", "PyYAML", "ninja"],
     # The tests run the Triton kernels in Triton's CPU interpreter, which needs Triton >= 3.8 with
     # numpy 2 (3.6's interpreter cannot loop over runtime ints); GPUs run compiled kernels from 3.6 on.
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.8,<3.10; platform_system == 'Linux'"],
-                    "triton": ["triton>=3.6,<3.10"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "triton>=3.8,<3.10; platform_system == 'Linux'"],
+                    "triton": ["triton>=3.6,<3.10"],
+                    # benchmark mixed-domains (sklearn's bundled 8x8 digits), benchmarks/questions*.py
+                    "questions": ["scikit-learn"]},
     entry_points={"console_scripts": ["supsup-fast=supsup_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

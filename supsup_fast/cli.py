@@ -10,6 +10,9 @@ DEMO = dict(scenario="GNu", benchmark="permuted-mnist", model="lenet", tasks=10,
             lr=1e-4, optimizer="rmsprop", inference="oneshot", objective="entropy")
 
 
+CALIBRATIONS = ("none", "entropy", "logit-norm")  # supsup_fast.algorithms.calibration (imported lazily there)
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     from .runs.config import SETTINGS
     p.add_argument("--config", help="YAML preset (configs/*.yaml); flags override it")
@@ -92,7 +95,7 @@ def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") ->
 def cmd_evaluate(args) -> int:
     from .runs import evaluate_run
     from .distributed import init_from_env
-    overrides = {k: getattr(args, k) for k in ("scenario", "inference", "objective", "infer_images", "log_base",
+    overrides = {k: getattr(args, k) for k in ("scenario", "inference", "objective", "calibration", "infer_images", "log_base",
                                                "data_root", "device", "backend", "shard_bank") if getattr(args, k) is not None}
     out = Path(args.out or (Path(args.run) / f"eval-{overrides.get('scenario', 'same')}"))
     ctx, device = init_from_env(overrides.get("device", "cpu"))
@@ -123,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scenario", choices=SCENARIOS)
     ev.add_argument("--inference", choices=("oneshot", "binary"))
     ev.add_argument("--objective", choices=("entropy", "superfluous"))
+    ev.add_argument("--calibration", choices=CALIBRATIONS,
+                    help="divide each mask's α-gradient by the size of its logits (GNs/GNu; default none)")
     ev.add_argument("--infer-images", type=int)
     ev.add_argument("--log-base", type=float)
     ev.add_argument("--data-root")

@@ -11,7 +11,7 @@ instead of the official code's O(k) batches that each touch k float masks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ class EvalSettings:
     infer_images: int = 1
     batch_size: int = 128
     log_base: float = 2.0
+    calibration: str = "none"  # per-mask scaling of the α-gradient (algorithms.calibration)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class TaskEval:
     accuracy: float
     inferred_correctly: Optional[float]  # fraction of test batches whose task was inferred right
     batches: int
+    inferred_tasks: Optional[List[int]] = None  # the task (mask) inferred for each test batch
 
 
 def test_order(split: TaskSplit, task: int, seed: int) -> torch.Generator:
@@ -54,9 +56,10 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalSettings, *, device: torch.device,
                   num_labels: int, seed: int = 0, on_batch: Optional[Callable[[], None]] = None,
-                  expected: Optional[int] = None) -> TaskEval:
+                  expected: Optional[int] = None, alpha_scale: Optional[torch.Tensor] = None) -> TaskEval:
     """Accuracy on one task's test split (shuffled batches, fixed order per task and seed).
-    ``expected``: the mask that counts as inferred correctly (default ``task``)."""
+    ``expected``: the mask that counts as inferred correctly (default ``task``). ``alpha_scale`` [k]:
+    per-mask factors of the α-gradient (``settings.calibration``, from :func:`.calibration.alpha_scale`)."""
     if settings.scenario not in SCENARIOS:
         raise ValueError(f"scenario must be one of {SCENARIOS}, got {settings.scenario!r}")
     if settings.infer_images < 1:
@@ -66,9 +69,12 @@ def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalS
     if settings.scenario != "GG" and settings.infer_images > settings.batch_size:
         raise ValueError(f"infer_images {settings.infer_images} exceeds the test batch size {settings.batch_size}: "
                          f"the task is inferred from images of one test batch")
+    if settings.calibration != "none" and settings.scenario != "GG" and alpha_scale is None:
+        raise ValueError(f"calibration {settings.calibration!r} needs alpha_scale (algorithms.calibration.alpha_scale)")
     model.eval()
     expected = task if expected is None else expected
     correct = total = right_task = batches = 0
+    chosen_per_batch: List[int] = []
     data = split.batches(settings.batch_size, shuffle=True, generator=test_order(split, task, seed))
     batched = None
     if (settings.scenario != "GG" and settings.inference == "oneshot" and settings.infer_images == 1
@@ -77,7 +83,7 @@ def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalS
         data = [(xb.to(device), yb.to(device)) for xb, yb in data]
         with torch.enable_grad():
             batched = infer_oneshot_batched(model, torch.cat([xb[:1] for xb, _ in data]), settings.objective,
-                                            num_labels).tolist()
+                                            num_labels, alpha_scale).tolist()
     for xb, yb in data:
         xb, yb = xb.to(device), yb.to(device)
         batches += 1
@@ -88,7 +94,8 @@ def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalS
         else:
             with torch.enable_grad():
                 chosen = infer_task(model, xb[: settings.infer_images], settings.inference, settings.objective,
-                                    num_labels, settings.log_base)
+                                    num_labels, settings.log_base, alpha_scale)
+        chosen_per_batch.append(int(chosen))
         right_task += int(chosen == expected)
         total += len(yb)
         if on_batch is not None:
@@ -97,5 +104,6 @@ def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalS
             continue
         set_task(model, chosen)
         correct += int((_predict(model, xb) == yb).sum())
-    inferred = None if settings.scenario == "GG" else right_task / max(batches, 1)
-    return TaskEval(correct / max(total, 1), inferred, batches)
+    gg = settings.scenario == "GG"
+    return TaskEval(correct / max(total, 1), None if gg else right_task / max(batches, 1), batches,
+                    None if gg else chosen_per_batch)

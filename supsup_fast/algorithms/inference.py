@@ -46,11 +46,21 @@ def alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_labels
     return grad
 
 
-def infer_oneshot(model: nn.Module, x: torch.Tensor, objective: str = "entropy", num_labels: int = 10) -> int:
-    """argminᵢ ∂f/∂αᵢ over the learned tasks (== argmax of -∇αH, paper Eq. 4)."""
+def _scaled(grad: torch.Tensor, scale: Optional[torch.Tensor], active: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The α-gradient times a per-mask calibration factor (:mod:`.calibration`), if any."""
+    if scale is None:
+        return grad
+    scale = scale.to(grad.device, grad.dtype)
+    return grad * (scale if active is None else scale[active])
+
+
+def infer_oneshot(model: nn.Module, x: torch.Tensor, objective: str = "entropy", num_labels: int = 10,
+                  scale: Optional[torch.Tensor] = None) -> int:
+    """argminᵢ ∂f/∂αᵢ over the learned tasks (== argmax of -∇αH, paper Eq. 4); with ``scale`` [k],
+    argminᵢ scaleᵢ · ∂f/∂αᵢ."""
     if _check_query(model, x) == 1:
         return 0
-    return int(alpha_gradient(model, x, objective, num_labels).argmin())
+    return int(_scaled(alpha_gradient(model, x, objective, num_labels), scale).argmin())
 
 
 def supports_batched(model: nn.Module) -> bool:
@@ -102,15 +112,15 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
 
 
 def infer_oneshot_batched(model: nn.Module, xs: torch.Tensor, objective: str = "entropy",
-                          num_labels: int = 10) -> torch.Tensor:
+                          num_labels: int = 10, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One-shot task inference for q independent queries at once: LongTensor [q]."""
     if _check_query(model, xs, "xs") == 1:
         return torch.zeros(xs.shape[0], dtype=torch.long)
-    return alpha_gradients_batched(model, xs, objective, num_labels).argmin(1).cpu()
+    return _scaled(alpha_gradients_batched(model, xs, objective, num_labels), scale).argmin(1).cpu()
 
 
 def infer_binary(model: nn.Module, x: torch.Tensor, objective: str = "entropy", num_labels: int = 10,
-                 log_base: float = 2.0) -> int:
+                 log_base: float = 2.0, scale: Optional[torch.Tensor] = None) -> int:
     """Repeatedly keep the 1/log_base of the surviving tasks whose gradient is lowest (for base 2
     the official code keeps g ≤ lower median), until one remains.
 
@@ -126,7 +136,8 @@ def infer_binary(model: nn.Module, x: torch.Tensor, objective: str = "entropy", 
     for _ in range(int(math.floor(math.log(max(k, 1), log_base))) + 1):
         if good.numel() == 1:
             return int(good[0])
-        grad = alpha_gradient(model, x, objective, num_labels, active=None if good.numel() == k else good)
+        active = None if good.numel() == k else good
+        grad = _scaled(alpha_gradient(model, x, objective, num_labels, active=active), scale, active)
         keep = max(1, math.ceil(good.numel() / log_base))
         thr = grad.sort().values[keep - 1]
         sel = grad <= thr
@@ -137,9 +148,10 @@ def infer_binary(model: nn.Module, x: torch.Tensor, objective: str = "entropy", 
 
 
 def infer_task(model: nn.Module, x: torch.Tensor, method: str = "oneshot", objective: str = "entropy",
-               num_labels: int = 10, log_base: float = 2.0) -> int:
+               num_labels: int = 10, log_base: float = 2.0, scale: Optional[torch.Tensor] = None) -> int:
+    """The inferred task of images ``x``; ``scale`` [k]: per-mask calibration factors of the gradient."""
     if method == "oneshot":
-        return infer_oneshot(model, x, objective, num_labels)
+        return infer_oneshot(model, x, objective, num_labels, scale)
     if method == "binary":
-        return infer_binary(model, x, objective, num_labels, log_base)
+        return infer_binary(model, x, objective, num_labels, log_base, scale)
     raise ValueError(f"inference must be one of {METHODS}, got {method!r}")

@@ -100,8 +100,11 @@ def evaluate_task_sharded(sharded: ShardedModel, split: TaskSplit, task: int, se
     """:func:`.evaluation.evaluate_task` on a sharded bank: the task is inferred by all ranks
     together; the batch is classified by the rank that holds the chosen mask."""
     model = sharded.model
+    if settings.calibration != "none":
+        raise ValueError(f"calibration {settings.calibration!r} is not supported with a sharded bank (--shard-bank)")
     model.eval()
     correct = total = right_task = batches = 0
+    chosen_per_batch = []
     data = [(xb.to(device), yb.to(device))
             for xb, yb in split.batches(settings.batch_size, shuffle=True, generator=test_order(split, task, seed))]
     batched = None
@@ -120,6 +123,7 @@ def evaluate_task_sharded(sharded: ShardedModel, split: TaskSplit, task: int, se
         else:
             with torch.enable_grad():
                 chosen = sharded.infer(xb[: settings.infer_images], settings, num_labels)
+        chosen_per_batch.append(int(chosen))
         right_task += int(chosen == task)
         total += len(yb)
         if on_batch is not None:
@@ -132,5 +136,6 @@ def evaluate_task_sharded(sharded: ShardedModel, split: TaskSplit, task: int, se
                 correct += int((model(xb).argmax(1) == yb).sum())
     # On the model's device: NCCL reduces CUDA tensors only.
     correct = int(all_reduce_sum(sharded.ctx, torch.tensor([correct], dtype=torch.long, device=device))[0])
-    inferred = None if settings.scenario == "GG" else right_task / max(batches, 1)
-    return TaskEval(correct / max(total, 1), inferred, batches)
+    gg = settings.scenario == "GG"
+    return TaskEval(correct / max(total, 1), None if gg else right_task / max(batches, 1), batches,
+                    None if gg else chosen_per_batch)

@@ -1,4 +1,5 @@
-"""Continual-learning task sequences over MNIST: PermutedMNIST, RotatedMNIST, SplitMNIST."""
+"""Continual-learning task sequences over MNIST: PermutedMNIST, RotatedMNIST, SplitMNIST, and the
+sequences of tasks of controlled, unequal difficulty (label noise, training-set size, digit pairs)."""
 from __future__ import annotations
 
 import math
@@ -65,6 +66,11 @@ class TaskSequence:
     def _check(self, t: int) -> None:
         if not 0 <= t < self.num_tasks:
             raise ValueError(f"task must be in [0, {self.num_tasks}), got {t}")
+
+    def task_name(self, t: int) -> str:
+        """A short description of task t for reports (its difficulty or domain)."""
+        self._check(t)
+        return f"task {t}"
 
     def train(self, t: int) -> TaskSplit:
         raise NotImplementedError
@@ -152,7 +158,7 @@ class SplitMNIST(TaskSequence):
         a, b = self.classes(t)
         idx = torch.nonzero((labels == a) | (labels == b)).squeeze(1)
         y = labels.index_select(0, idx)
-        return TaskSplit(x.index_select(0, idx), y - a if self.remap else y)
+        return TaskSplit(x.index_select(0, idx), (y == b).long() if self.remap else y)
 
     def train(self, t):
         return self._split(self._train_x, self.mnist.train_labels, t)
@@ -169,5 +175,69 @@ class SplitMNIST10(SplitMNIST):
         super().__init__(mnist, num_tasks, seed, remap_labels=False)
 
 
+class NoisyPermutedMNIST(PermutedMNIST):
+    """PermutedMNIST whose tasks cycle through training-label noise 0 / 20 / 40 / 60 %: task t
+    replaces a fraction ``noise(t)`` of its training labels by a uniformly drawn *other* label
+    (fixed per seed and task). Test labels stay clean, so accuracy measures the true task."""
+    name = "permuted-mnist-noisy"
+    NOISE_LEVELS = (0.0, 0.2, 0.4, 0.6)
+
+    def noise(self, t: int) -> float:
+        self._check(t)
+        return self.NOISE_LEVELS[t % len(self.NOISE_LEVELS)]
+
+    def task_name(self, t: int) -> str:
+        return f"{round(100 * self.noise(t))}% label noise"
+
+    def train(self, t):
+        split = super().train(t)
+        rate = self.noise(t)
+        if rate == 0:
+            return split
+        rs = np.random.RandomState((self.seed * 7919 + t) % 2 ** 32)
+        y = split.y.numpy().copy()
+        flip = rs.rand(len(y)) < rate
+        y[flip] = (y[flip] + rs.randint(1, self.num_labels, size=int(flip.sum()))) % self.num_labels
+        return TaskSplit(split.x, torch.from_numpy(y), split.transform)
+
+
+class SizedPermutedMNIST(PermutedMNIST):
+    """PermutedMNIST whose tasks cycle through 100 / 1,000 / 60,000 training images: task t trains on
+    a fixed random subset of ``train_size(t)`` images (per seed and task). Test sets are whole."""
+    name = "permuted-mnist-sizes"
+    TRAIN_SIZES = (100, 1000, 60000)
+
+    def train_size(self, t: int) -> int:
+        self._check(t)
+        return min(self.TRAIN_SIZES[t % len(self.TRAIN_SIZES)], len(self.mnist.train_labels))
+
+    def task_name(self, t: int) -> str:
+        return f"{self.train_size(t)} training images"
+
+    def train(self, t):
+        split = super().train(t)
+        n = self.train_size(t)
+        if n >= len(split):
+            return split
+        idx = torch.from_numpy(np.random.RandomState((self.seed * 7919 + t) % 2 ** 32).permutation(len(split))[:n])
+        return TaskSplit(split.x.index_select(0, idx), split.y.index_select(0, idx), split.transform)
+
+
+class SplitMNISTPairs(SplitMNIST):
+    """SplitMNIST over digit pairs of known difficulty: 0 vs 1 (the easiest), 4 vs 9 and 3 vs 5 (the
+    most confused MNIST pairs), then 2 vs 7 and 6 vs 8. Labels 0/1 (the pair's first/second digit)."""
+    name = "split-mnist-pairs"
+    PAIRS = ((0, 1), (4, 9), (3, 5), (2, 7), (6, 8))
+
+    def classes(self, t: int) -> Tuple[int, int]:
+        self._check(t)
+        return self.PAIRS[t]
+
+    def task_name(self, t: int) -> str:
+        return "{} vs {}".format(*self.classes(t))
+
+
 BENCHMARKS = {"permuted-mnist": PermutedMNIST, "rotated-mnist": RotatedMNIST, "split-mnist": SplitMNIST,
-              "split-mnist-10": SplitMNIST10}
+              "split-mnist-10": SplitMNIST10,
+              "permuted-mnist-noisy": NoisyPermutedMNIST, "permuted-mnist-sizes": SizedPermutedMNIST,
+              "split-mnist-pairs": SplitMNISTPairs}

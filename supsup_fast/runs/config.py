@@ -9,6 +9,7 @@ from typing import List, Optional, Union
 
 import yaml
 
+from ..algorithms.calibration import CALIBRATIONS
 from ..algorithms.evaluation import SCENARIOS, EvalSettings
 from ..algorithms.hopsupsup import HopSettings
 from ..algorithms.nns import NNsSettings
@@ -45,6 +46,7 @@ class RunConfig:
     init: str = "signed_constant"
     inference: str = "oneshot"
     objective: str = "entropy"
+    calibration: str = "none"              # per-mask scaling of the α-gradient before the argmin
     infer_images: int = 1
     log_base: float = 2.0
     test_batch_size: int = 128
@@ -71,7 +73,7 @@ class RunConfig:
     # the trained bits (lr, iters, epochs, batch size, optimiser, seed, model, output size, mask
     # function, density, scenario, tasks, benchmark, train_subset, transfer, NNs settings...) is fixed.
     RESUMABLE_CHANGES = ("eval_at", "backend", "device", "download", "data_root", "parallel", "shard_bank",
-                         "inference", "objective", "infer_images", "log_base", "test_batch_size",
+                         "inference", "objective", "calibration", "infer_images", "log_base", "test_batch_size",
                          "hop_gamma", "hop_recovery_lr", "hop_recovery_trials")
 
     def validate(self) -> "RunConfig":
@@ -87,6 +89,13 @@ class RunConfig:
         one_of("scheduler", self.scheduler, SCHEDULERS)
         one_of("inference", self.inference, INFERENCE_METHODS)
         one_of("objective", self.objective, OBJECTIVES)
+        one_of("calibration", self.calibration, CALIBRATIONS)
+        if self.calibration != "none" and (self.scenario not in ("GNs", "GNu") or self.inference == "hopfield"
+                                           or self.shard_bank):
+            raise ValueError(f"--calibration {self.calibration} scales the α-gradients of one-shot or binary task "
+                             f"inference in scenarios GNs/GNu without --shard-bank; got --scenario {self.scenario}"
+                             f"{' --inference hopfield' if self.inference == 'hopfield' else ''}"
+                             f"{' --shard-bank' if self.shard_bank else ''}")
         one_of("parallel", self.parallel, PARALLEL_MODES)
         one_of("init", self.init, WEIGHT_INITS)
         if self.mask_fn is not None:
@@ -140,7 +149,8 @@ class RunConfig:
 
     def eval_settings(self) -> EvalSettings:
         return EvalSettings(scenario=self.scenario, inference=self.inference, objective=self.objective,
-                            infer_images=self.infer_images, batch_size=self.test_batch_size, log_base=self.log_base)
+                            infer_images=self.infer_images, batch_size=self.test_batch_size, log_base=self.log_base,
+                            calibration=self.calibration)
 
     def nns_settings(self) -> NNsSettings:
         return NNsSettings(check_every=self.nns_check_every, epsilon=self.nns_epsilon, budget=self.mask_budget,
@@ -296,6 +306,9 @@ SETTINGS = [
     Setting("init", "str", choices=WEIGHT_INITS),
     Setting("inference", "str", None, _HOPFIELD_HELP, choices=INFERENCE_METHODS),
     Setting("objective", "str", choices=OBJECTIVES),
+    Setting("calibration", "str", None, "task inference: divide each mask's α-gradient by the size of its logits, "
+            "from its baseline entropy (entropy) or measured (logit-norm), on its task's training images "
+            "(none; GNs/GNu)", choices=CALIBRATIONS),
     Setting("infer_images", "int", _POS, "images of each test batch used to infer its task (1; at most --test-batch-size)"),
     Setting("log_base", "float", (lambda v: v > 1, "a finite number > 1 (binary inference keeps 1/log_base per round)"),
             "binary inference keeps 1/log_base of the tasks per round (> 1; 2)"),

@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
+from ..algorithms.calibration import alpha_scale, mask_baselines
 from ..algorithms.evaluation import evaluate_task
 from ..algorithms.metrics import average, cl_metrics
 from ..algorithms.sharded import ShardedModel, evaluate_task_sharded
@@ -44,6 +45,15 @@ def train_subset(split: TaskSplit, n: Optional[int]) -> TaskSplit:
     if n is None or n >= len(split):
         return split
     return split.head(n)
+
+
+def confusions(inferred: Optional[List[int]], expected: int) -> Dict[str, int]:
+    """The queries whose task was inferred wrong, counted by the task inferred: {str(task): count}."""
+    out: Dict[str, int] = {}
+    for chosen in inferred or []:
+        if chosen != expected:
+            out[str(chosen)] = out.get(str(chosen), 0) + 1
+    return out
 
 
 def unusable_checkpoint(path: Path, exc: Exception) -> RunDirError:
@@ -124,6 +134,8 @@ class Experiment:
         under other settings (changed on --resume) are recomputed, never reported as these."""
         e = self.eval_settings
         shaping = [e.scenario, e.inference, e.objective, e.infer_images, e.batch_size, e.log_base]
+        if e.calibration != "none":  # rows computed before the setting existed keep their digest
+            shaping.append(e.calibration)
         return hashlib.sha256(json.dumps(shaping).encode()).hexdigest()
 
     def _fresh_model(self) -> torch.nn.Module:
@@ -205,6 +217,10 @@ class Experiment:
         --shard-bank, every rank holds a range of the masks and all evaluate each query together);
         the rows are gathered on every rank and equal the single-process ones."""
         start = time.perf_counter()
+        scale, baselines = None, None
+        if self.eval_settings.calibration != "none":
+            baselines = mask_baselines(self.model, [self.tasks.train(t) for t in range(k)], self.device)
+            scale = alpha_scale(self.eval_settings.calibration, baselines, self.output_size)
         if self.config.shard_bank and self.config.scenario != "NNs":
             per_task = self._evaluate_sharded(k, bar_desc)
         else:
@@ -215,17 +231,24 @@ class Experiment:
             for t in mine:
                 res = evaluate_task(self.model, self.tasks.test(t), t, self.eval_settings, device=self.device,
                                     num_labels=self.tasks.num_labels, seed=self.config.seed, on_batch=bar.update,
-                                    expected=self._expected_mask(t))
-                local[t] = (res.accuracy, res.inferred_correctly, res.batches)
+                                    expected=self._expected_mask(t), alpha_scale=scale)
+                local[t] = (res.accuracy, res.inferred_correctly, res.batches, confusions(res.inferred_tasks,
+                                                                                          self._expected_mask(t)))
             bar.close()
             per_task = {t: r for part in gather_objects(self.ctx, local) for t, r in part.items()}
         accs = [per_task[t][0] for t in range(k)]
         inferred = [per_task[t][1] for t in range(k)]
         gg = self.config.scenario == "GG"
-        return {"tasks_learned": k, "accuracy": accs, "task_inference": None if gg else inferred,
-                "average_accuracy": average(accs), "task_inference_accuracy": None if gg else average(inferred),
-                "queries": sum(per_task[t][2] for t in range(k)), "seconds": time.perf_counter() - start,
-                "eval_sha256": self.eval_digest()}
+        row = {"tasks_learned": k, "accuracy": accs, "task_inference": None if gg else inferred,
+               "average_accuracy": average(accs), "task_inference_accuracy": None if gg else average(inferred),
+               "queries": sum(per_task[t][2] for t in range(k)), "seconds": time.perf_counter() - start,
+               "eval_sha256": self.eval_digest()}
+        if not gg:  # the wrongly inferred queries: {true task: {inferred task: count}} (JSON keys are strings)
+            row["queries_per_task"] = [per_task[t][2] for t in range(k)]
+            row["task_confusions"] = {str(t): per_task[t][3] for t in range(k) if per_task[t][3]}
+        if baselines is not None:
+            row["mask_baselines"] = {name: [round(float(v), 6) for v in values] for name, values in baselines.items()}
+        return row
 
     def _evaluate_sharded(self, k: int, bar_desc: str) -> Dict[int, tuple]:
         if k < self.ctx.world_size:
@@ -242,7 +265,7 @@ class Experiment:
         for t in range(k):
             res = evaluate_task_sharded(sharded, self.tasks.test(t), t, self.eval_settings, device=self.device,
                                         num_labels=self.tasks.num_labels, seed=self.config.seed, on_batch=bar.update)
-            out[t] = (res.accuracy, res.inferred_correctly, res.batches)
+            out[t] = (res.accuracy, res.inferred_correctly, res.batches, confusions(res.inferred_tasks, t))
         bar.close()
         return out
 
@@ -281,6 +304,7 @@ class Experiment:
             "accuracy_matrix": rows,
             **cl_metrics(after, final["accuracy"], history),
             **(self.bank_summary or bank_summary(self.model)),
+            "task_names": [self.tasks.task_name(t) for t in range(len(final["accuracy"]))],
             "output_size": self.output_size,
             "num_labels": self.tasks.num_labels,
             "timing": {"train": train_seconds, "eval": final["seconds"],

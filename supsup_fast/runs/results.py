@@ -43,13 +43,14 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def write_csv(results: dict, path: Union[str, Path]) -> None:
-    rows = zip(range(len(results["per_task_accuracy"])), results["accuracy_after_training"],
-               results["per_task_accuracy"], results["per_task_inference_accuracy"] or [None] * len(results["per_task_accuracy"]))
+    k = len(results["per_task_accuracy"])
+    rows = zip(range(k), results["accuracy_after_training"], results["per_task_accuracy"],
+               results["per_task_inference_accuracy"] or [None] * k, results.get("task_names") or [""] * k)
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["task", "accuracy_after_training", "final_accuracy", "task_inference_accuracy"])
-        for t, a, f, i in rows:
-            w.writerow([t, f"{a:.6f}", f"{f:.6f}", "" if i is None else f"{i:.6f}"])
+        w.writerow(["task", "accuracy_after_training", "final_accuracy", "task_inference_accuracy", "task_name"])
+        for t, a, f, i, name in rows:
+            w.writerow([t, f"{a:.6f}", f"{f:.6f}", "" if i is None else f"{i:.6f}", name])
 
 
 def write_plot(results: dict, path: Union[str, Path]) -> None:

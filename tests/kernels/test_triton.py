@@ -69,11 +69,15 @@ def test_mask_dot_batched(tb, rng, k, q, n):
     bank = R.pack_bits(bits(k, 2, n, g=rng)).to(DEV)
     v = torch.randn(q, 2, n, generator=rng).to(DEV)
     expect = torch.stack([R.mask_dot(bank.cpu(), v[j].cpu()) for j in range(q)])
-    torch.testing.assert_close(tb.mask_dot_batched(bank, v).cpu(), expect, rtol=1e-5, atol=1e-4)
+    # On a GPU the kernel runs bf16x3 products on tensor cores, whose fp32 accumulation truncates:
+    # measured on an H200 (benchmarks/gpu_debug_mask_dot.py) the error is up to 1e-5 of the largest
+    # |result| (fp32 CUDA-core sums: 2e-7), so the tolerance scales with it there. Integer inputs stay exact.
+    atol = 1e-4 + (3e-5 * float(expect.abs().max()) if DEV.type == "cuda" else 0.0)
+    torch.testing.assert_close(tb.mask_dot_batched(bank, v).cpu(), expect, rtol=1e-5, atol=atol)
     vi = torch.randint(-8, 9, (q, 2, n), generator=rng).float().to(DEV)
     assert torch.equal(tb.mask_dot_batched(bank, vi).cpu(), R.mask_dot_batched(bank.cpu(), vi.cpu()))
     with ops.use_backend("triton"):
-        torch.testing.assert_close(ops.mask_dot_batched(bank, v).cpu(), expect, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(ops.mask_dot_batched(bank, v).cpu(), expect, rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("batch,n_in,n_out", [(1, 33, 7), (5, 784, 100), (130, 100, 65)])
