@@ -1,7 +1,7 @@
 """Builds benchmarks/results/reproduction.md (+ plots) from the results.json of the runs listed
 below, each beside the paper's number and the command that produced it.
 
-    python benchmarks/reproduction.py --runs runs     # copies each run's results.json into
+    python benchmarks/reproduction.py --runs runs     # copies each run's results.json (+ per_task.csv, plot) into
                                                       # benchmarks/results/reproduction/ and writes the report
     python benchmarks/reproduction.py                 # rebuilds the report from the committed copies
 """
@@ -38,9 +38,9 @@ RUNS = [
      f"supsup-fast run --config configs/gnu_permuted_lenet_h.yaml --tasks 250 --eval-at 10 50 100 150 200 {D} --out runs/lenet250"),
     ("lenet250-g", "same masks, one-shot G, 250 tasks", "≈ 0.937 [fig-read]",
      f"supsup-fast evaluate runs/lenet250 --objective superfluous {D} --out runs/lenet250-g"),
-    ("lenet2500", "GNu PermutedMNIST, LeNet 300-100, s=500, one-shot H, toward 2,500 tasks (stopped when the session ended)",
+    ("lenet2500", "GNu PermutedMNIST, LeNet 300-100, s=500, one-shot H, 2,500 tasks (2 ranks x 1 thread, task-parallel)",
      "H ≈ G ≈ 0.935 at 10 → 0.9345 at 2,500 [fig-read, Fig 4]",
-     f"supsup-fast run --config configs/gnu_permuted_lenet_2500_h.yaml {D} --out runs/lenet2500 (continue with --resume)"),
+     f"OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m supsup_fast run --config configs/gnu_permuted_lenet_2500_h.yaml {D} --out runs/lenet2500"),
     ("rot36", "GNu RotatedMNIST (10°/task), FC 1024-1024, s=200, binary H on the full batch, 36 tasks",
      "no number in the text (appendix table not retrievable); SupSup GNu above PSP and BatchE (GG)",
      f"supsup-fast run --config configs/gnu_rotated_fc1024_binary.yaml --tasks 36 --eval-at 10 20 {D} --out runs/rot36"),
@@ -133,8 +133,8 @@ def fmt(x):
 def report() -> str:
     lines = ["# Reproduction report: the paper's MNIST experiments, run here", "",
              "Every number below comes from the run whose command is beside it (folder names under `runs/`), on the "
-             "full MNIST (`../shared/data/mnist`). Machine: the project's 2-core AMD EPYC (Zen 4, AVX-512) "
-             "development VM, torch 2.13.0 CPU build, `OMP_NUM_THREADS=1` (two runs shared the 2 cores with "
+             "full MNIST (`../shared/data/mnist`). Machine: the project's 2-core development VM (AMD EPYC "
+             "Zen 4 in earlier sessions; fc250, fc250-g and lenet2500 on a 2-core Intel Xeon, both AVX-512), torch 2.13.0 CPU build, `OMP_NUM_THREADS=1` (two runs shared the 2 cores with "
              "development work, so wall times are upper bounds). Backend `cpu` (the C++ kernels) for all runs except "
              "HopSupSup (plain torch: its masks are per neuron). Paper numbers: reference doc §3; values marked "
              "[fig-read] were read off the authors' figures (±0.002). Result files: `benchmarks/results/reproduction/`.",
@@ -183,10 +183,10 @@ def report() -> str:
               "GNu FC1024 s=500 H 0.9625 (task inference 1.000); G 0.9625; GNs 0.9625; LeNet s=100 G 0.9370; "
               "RotatedMNIST binary 10 tasks 0.9620; GG SplitMNIST 0.9959; GG PermutedMNIST FC1024 0.9653 — commands in the README.",
               "", "## Not run here", "",
-              "- 2,500 tasks end to end (the GNu LeNet s=500 and NNs runs above stopped part way, Fig 4): "
-              "4–6 s of training per task on this machine with two runs sharing it gives 3–4 h of training plus the "
-              "evaluations; presets `configs/gnu_permuted_lenet_2500_{h,g}.yaml` and `configs/nns_permuted_lenet_2500.yaml`.",
-              "- FC1024 to 250 tasks (Fig 3 right): ~26 s per task here (1.8 h); stopped at 50.",
+              "- NNs to 2,500 true tasks (Fig 4; the run above stopped part way): NNs trains each true task "
+              "data-parallel only (its masks depend on the tasks before), about 2–4 s per true task here, so 1.5–3 h of "
+              "training plus about 45 min of evaluations; preset `configs/nns_permuted_lenet_2500.yaml`. "
+              "(GNu LeNet at 2,500 tasks and FC1024 at 250 tasks are finished, above.)",
               "- SplitCIFAR100 / SplitImageNet (no copies of those datasets on this machine): smoke runs on fake data "
               "in the real formats only; see the README for CPU time per epoch and bytes per task.",
               "", "![accuracy vs tasks](reproduction.png)", ""]
@@ -249,6 +249,9 @@ def main(argv=None) -> int:
             src = Path(args.runs) / name / "results.json"
             if src.exists():
                 shutil.copy(src, STORE / f"{name}.json")
+                for extra, suffix in (("per_task.csv", ".per_task.csv"), ("accuracy.png", ".png")):
+                    if (src.parent / extra).exists():
+                        shutil.copy(src.parent / extra, STORE / f"{name}{suffix}")
             elif (Path(args.runs) / name / "config.json").exists():  # interrupted: record how far it got
                 (STORE / f"{name}.json").write_text(json.dumps(partial_results(Path(args.runs) / name), indent=2))
     (HERE / "results" / "reproduction.md").write_text(report())

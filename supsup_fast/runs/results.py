@@ -63,10 +63,13 @@ def write_plot(results: dict, path: Union[str, Path]) -> None:
     rows = results["accuracy_matrix"]
     fig, axes = plt.subplots(1, 2 if len(rows) > 1 else 1, figsize=(11 if len(rows) > 1 else 6.5, 4), squeeze=False)
     ax = axes[0][0]
-    ax.plot(tasks, results["accuracy_after_training"], "o-", label="right after training (own mask)")
-    ax.plot(tasks, results["per_task_accuracy"], "s-", label=f"final ({cfg['scenario']})")
+    many = len(tasks) > 100  # thousands of tasks: dots, no lines
+    style = dict(linestyle="none", markersize=2) if many else {}
+    ax.plot(tasks, results["accuracy_after_training"], "o" if many else "o-", label="right after training (own mask)", **style)
+    ax.plot(tasks, results["per_task_accuracy"], "s" if many else "s-", label=f"final ({cfg['scenario']})", **style)
     if results["per_task_inference_accuracy"] is not None:
-        ax.plot(tasks, results["per_task_inference_accuracy"], "^--", label="task inferred correctly")
+        ax.plot(tasks, results["per_task_inference_accuracy"], "^" if many else "^--", label="task inferred correctly",
+                **style)
     ax.set_xlabel("task")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{cfg['scenario']} {cfg['benchmark']} {cfg['model']} s={results['output_size']}: "
