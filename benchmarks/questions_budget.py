@@ -18,7 +18,7 @@ weights if stored, or 8 bytes (a seed) if regenerated. Byte conventions: supsup_
     python benchmarks/questions_budget.py --quick --embedded --out /tmp/q3   # smoke run
 
 Writes OUT/q3-budget.json, OUT/q3-budget.png, OUT/q3-budget.partial.json (finished (method, seed)
-entries, for --resume) and OUT/supsup-runs/ (each SupSup run's folder and log).
+entries, for --resume); each SupSup run's folder and log go under --runs (runs/questions/q3).
 """
 from __future__ import annotations
 
@@ -118,9 +118,9 @@ def supsup_argv(job: Job, cfg: dict, out: Path) -> List[str]:
     return argv + ["--out", str(out), "--no-progress"]
 
 
-def run_supsup(job: Job, cfg: dict, out_dir: Path, resume: bool) -> dict:
+def run_supsup(job: Job, cfg: dict, runs_dir: Path, resume: bool) -> dict:
     from supsup_fast.cli import main as cli_main
-    run_dir = out_dir / "supsup-runs" / job.key.replace("/", "-")
+    run_dir = runs_dir / job.key.replace("/", "-")
     log = run_dir.parent / (run_dir.name + ".log")
     argv = supsup_argv(job, cfg, run_dir)
     results_path = run_dir / "results.json"
@@ -362,6 +362,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--be-init", choices=("ones", "signs"), default="ones", help="BatchEnsemble factor init")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "questions")
+    p.add_argument("--runs", type=Path, default=Path("runs/questions/q3"),
+                   help="folder for the SupSup runs' folders and logs (mask files: keep it out of the repository's results)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 task, 1 seed, 30 iters, fewer sizes, LeNet only")
     p.add_argument("--resume", action="store_true", help="skip the (method, seed) entries already in the partial JSON")
     return p.parse_args(argv)
@@ -407,7 +409,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         bar.set_postfix_str(job.key)
         t0 = time.perf_counter()
         if job.kind == "supsup":
-            variants = run_supsup(job, cfg, out, a.resume)
+            variants = run_supsup(job, cfg, a.runs, a.resume)
         else:
             variants = run_pertask(job, cfg, mnist)
         done[job.key] = dict(variants=variants, seconds=time.perf_counter() - t0)

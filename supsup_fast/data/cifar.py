@@ -103,6 +103,9 @@ class SplitCIFAR100(TaskSequence):
         self._check(t)
         return [int(c) for c in self.perm[5 * t: 5 * t + 5]]
 
+    def task_name(self, t: int) -> str:
+        return "classes " + ", ".join(map(str, self.classes(t)))
+
     def _split(self, split: str, t: int, augment: bool) -> TaskSplit:
         x, y = self._data[split]
         classes = torch.tensor(self.classes(t))

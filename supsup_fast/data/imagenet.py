@@ -179,6 +179,10 @@ class SplitImageNet:
             raise ValueError(f"task must be in [0, {self.num_tasks}), got {t}")
         return [self.data["classes"][i] for i in self.perm[CLASSES_PER_TASK * t: CLASSES_PER_TASK * (t + 1)]]
 
+    def task_name(self, t: int) -> str:
+        """The task's classes (for reports)."""
+        return "classes " + ", ".join(self.classes(t))
+
     def _split(self, split: str, t: int) -> ImageFileSplit:
         files, labels = [], []
         for label, c in enumerate(self.classes(t)):
