@@ -48,7 +48,7 @@ from supsup_fast.runs.results import machine_info
 
 HERE = Path(__file__).resolve().parent
 NAME = "q3-budget"
-FULL = dict(tasks=3, seeds=[1, 2, 3], iters=1000, widths=[4, 8, 16, 32, 64, 128], ranks=[1, 2, 4, 8],
+FULL = dict(tasks=3, seeds=[1, 2, 3], iters=1000, widths=[4, 8, 16, 32, 64, 128, 256], ranks=[1, 2, 4, 8],
             densities=[0.02, 0.05, 0.1, 0.25, 0.5], models=["lenet", "fc1024"])
 QUICK = dict(tasks=1, seeds=[1], iters=30, widths=[8, 32], ranks=[1, 4], densities=[0.05, 0.5], models=["lenet"])
 # Settings that shape every finished entry: a --resume under other values is refused.
@@ -351,7 +351,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", help="(1 2 3; --quick 1)")
     p.add_argument("--iters", type=int, help="training steps per task, every method (1000; --quick 30)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--widths", type=int, nargs="+", help="small-MLP hidden widths (4 8 16 32 64 128)")
+    p.add_argument("--widths", type=int, nargs="+", help="small-MLP hidden widths (4 8 16 32 64 128 256)")
     p.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks (1 2 4 8)")
     p.add_argument("--densities", type=float, nargs="+", help="SupSup top-k densities (0.02 0.05 0.1 0.25 0.5)")
     p.add_argument("--models", nargs="+", choices=("lenet", "fc1024"), help="SupSup networks (lenet fc1024)")
