@@ -208,7 +208,7 @@ def plot_difficulty(result: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"Q1: tasks of unequal difficulty (LeNet, GNu, s=100; mean ± std over seeds {result['seeds']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -284,7 +284,7 @@ def plot_domains(result: dict, path: Path) -> None:
     panels.append(("NNs, H oneshot: masks allocated without task identity",
                    [[sum(n["confusion"][i][j] if j < len(n["confusion"][i]) else 0 for n in nns) for j in range(width)]
                     for i in range(len(names))], [f"mask {j}" for j in range(width)], "inferred mask"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5.5))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 6))
     for ax, (title, m, cols, xlabel) in zip(axes, panels):
         totals = [max(1, sum(r)) for r in m]
         frac = [[c / tot for c in r] for r, tot in zip(m, totals)]
@@ -301,7 +301,7 @@ def plot_domains(result: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"Q2: test queries by true and inferred task, summed over seeds {result['seeds']} (LeNet, s=100)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
