@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -44,7 +42,8 @@ from supsup_fast.bench.pertask import (RECOMMENDED_LR, BatchEnsembleMLP, LoRAMLP
 from supsup_fast.data import PermutedMNIST, load_mnist
 from supsup_fast.models import build_model
 from supsup_fast.runs.loop import task_generator
-from supsup_fast.runs.results import machine_info
+from supsup_fast.runs.maskfile import atomic_write_bytes
+from supsup_fast.runs.results import machine_info, write_json
 
 HERE = Path(__file__).resolve().parent
 NAME = "q3-budget"
@@ -67,27 +66,6 @@ class Job:
     @property
     def key(self) -> str:
         return f"{self.name}/seed{self.seed}"
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, data: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2)
-    atomic_write(path, write)
 
 
 def jobs_for(cfg: dict) -> List[Job]:
@@ -336,7 +314,7 @@ def plot(methods: Dict[str, dict], cfg: dict, frozen: dict, path: Path) -> None:
                 va="top", color="grey")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout(rect=(0, 0.03 + 0.025 * len(frozen), 1, 1))
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 

@@ -10,9 +10,6 @@ DEMO = dict(scenario="GNu", benchmark="permuted-mnist", model="lenet", tasks=10,
             lr=1e-4, optimizer="rmsprop", inference="oneshot", objective="entropy")
 
 
-CALIBRATIONS = ("none", "entropy", "logit-norm")  # supsup_fast.algorithms.calibration (imported lazily there)
-
-
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     from .runs.config import SETTINGS
     p.add_argument("--config", help="YAML preset (configs/*.yaml); flags override it")
@@ -126,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scenario", choices=SCENARIOS)
     ev.add_argument("--inference", choices=("oneshot", "binary"))
     ev.add_argument("--objective", choices=("entropy", "superfluous"))
+    from .algorithms.calibration import CALIBRATIONS  # torch is already loaded: the run flags above import it
     ev.add_argument("--calibration", choices=CALIBRATIONS,
                     help="divide each mask's α-gradient by the size of its logits (GNs/GNu; default none)")
     ev.add_argument("--infer-images", type=int)

@@ -229,11 +229,11 @@ class Experiment:
             bar = tqdm(total=total, desc=bar_desc, unit="batch", leave=False, disable=not self.progress)
             local = {}
             for t in mine:
+                expected = self._expected_mask(t)
                 res = evaluate_task(self.model, self.tasks.test(t), t, self.eval_settings, device=self.device,
                                     num_labels=self.tasks.num_labels, seed=self.config.seed, on_batch=bar.update,
-                                    expected=self._expected_mask(t), alpha_scale=scale)
-                local[t] = (res.accuracy, res.inferred_correctly, res.batches, confusions(res.inferred_tasks,
-                                                                                          self._expected_mask(t)))
+                                    expected=expected, alpha_scale=scale)
+                local[t] = (res.accuracy, res.inferred_correctly, res.batches, confusions(res.inferred_tasks, expected))
             bar.close()
             per_task = {t: r for part in gather_objects(self.ctx, local) for t, r in part.items()}
         accs = [per_task[t][0] for t in range(k)]
