@@ -1,6 +1,7 @@
 """The checks of issue #14 ("Kernels, round 2"), on every x86 ISA level this CPU has.
 
-    python benchmarks/kernels2.py [--quick] [--isa avx2 --isa avx512] [--out benchmarks/results]
+    python benchmarks/kernels2.py [--quick] [--isa avx2 --isa avx512] [--parts training,alpha,oneshot,masked_linear]
+                                  [--out benchmarks/results]
 
 For each ISA a child process runs with SUPSUP_CPU_ISA=<isa> (the C++ kernels capped to that
 instruction set; torch's own BLAS is not capped) and writes ``kernels2-cpu-<isa>.json`` and a
@@ -10,6 +11,8 @@ instruction set; torch's own BLAS is not capped) and writes ``kernels2-cpu-<isa>
   thread at the nominal clock (an estimate of the ALU bound of the plain masked-add kernel);
 - the training step beside the plain-torch official-style loop and three plain GEMMs per layer.
 Ratios come from interleaved medians (the contenders take turns), as the machine may be shared.
+``--parts`` re-measures some sections only: the others are kept from the JSON already there, and
+each section records when, at which commit and with which note it was measured.
 """
 from __future__ import annotations
 
@@ -49,16 +52,23 @@ def _ghz() -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-def child(isa: str, quick: bool, out: Path, note: str = "") -> dict:
-    import torch
-    import torch.nn.functional as F
+PARTS = ("training", "alpha", "oneshot", "masked_linear")
+SECTIONS = {"training": "training_step_b128_s500", "alpha": "superposed_fc1024_s500_general_alpha",
+            "oneshot": "oneshot_query_lenet_s500", "masked_linear": "masked_linear_1024"}
 
-    import supsup_fast as ss
-    from supsup_fast import nn as snn
-    from supsup_fast.algorithms.inference import alpha_gradient, alpha_gradients_batched
-    from supsup_fast.algorithms.objectives import entropy
-    from supsup_fast.bench import (FloatStackMLP, bench_training_step, interleaved_medians, machine,
-                                   random_model_with_masks, read_bandwidth)
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def child(isa: str, quick: bool, out: Path, note: str = "", parts: tuple = PARTS) -> dict:
+    import torch
+
+    from supsup_fast.bench import bench_training_step, machine, read_bandwidth
     from supsup_fast.ops.backends.cpu import cpu_isa
 
     threads = torch.get_num_threads()
@@ -73,12 +83,47 @@ def child(isa: str, quick: bool, out: Path, note: str = "") -> dict:
     def add_floor(bits: int) -> float:
         return bits / (lanes * threads * ghz * 1e9)
 
-    # 1. training step
-    rep["training_step_b128_s500"] = [bench_training_step(model_name=m, repeats=5 if quick else 15) for m in ("lenet", "fc1024")]
-    for r in rep["training_step_b128_s500"]:
-        r["bar"] = 1.8 if r["model"] == "lenet" else 1.5
+    path = out / f"kernels2-cpu-{isa}{'-quick' if quick else ''}.json"
+    if set(parts) != set(PARTS):  # keep the sections not re-measured now
+        if not path.exists():
+            raise SystemExit(f"--parts {','.join(parts)}: {path} has no earlier sections to keep; run all parts first")
+        old = json.loads(path.read_text())
+        for part in PARTS:
+            if part not in parts:
+                rep[SECTIONS[part]] = old[SECTIONS[part]]
+                rep.setdefault("measured", {})[part] = old.get("measured", {}).get(part, {"note": old.get("note", "")})
+    stamp = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(), "note": rep["note"]}
+    for part in parts:
+        rep.setdefault("measured", {})[part] = stamp
 
-    # 2. superposed_linear general α, FC1024 s=500, 1 image
+    # 1. training step
+    if "training" in parts:
+        rep["training_step_b128_s500"] = [bench_training_step(model_name=m, repeats=5 if quick else 15) for m in ("lenet", "fc1024")]
+        for r in rep["training_step_b128_s500"]:
+            r["bar"] = 1.8 if r["model"] == "lenet" else 1.5
+    if "alpha" in parts:
+        rep["superposed_fc1024_s500_general_alpha"] = _alpha_gradient(isa, quick, bw, add_floor)
+    if "oneshot" in parts:
+        rep["oneshot_query_lenet_s500"] = _oneshot(isa, quick, bw, add_floor)
+    if "masked_linear" in parts:
+        rep["masked_linear_1024"] = _masked_linear(quick)
+
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rep, indent=2))
+    plot(rep, path.with_suffix(".png"))
+    print_table(rep)
+    return rep
+
+
+def _alpha_gradient(isa: str, quick: bool, bw: float, add_floor) -> list:
+    """superposed_linear with a general α, FC1024 s=500, 1 image, beside the float-stack and the floors."""
+    import torch
+    import torch.nn.functional as F
+
+    import supsup_fast as ss
+    from supsup_fast import nn as snn
+    from supsup_fast.algorithms.objectives import entropy
+    from supsup_fast.bench import FloatStackMLP, interleaved_medians, random_model_with_masks
     ks = [10, 250] if quick else [10, 250, 1000, 2500]
     rows = []
     x = torch.randn(1, 784)
@@ -132,9 +177,16 @@ def child(isa: str, quick: bool, out: Path, note: str = "") -> dict:
         rows.append(row)
         print(isa, "alpha-grad", {a: (round(b, 5) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
         del model, layers, fs, fns
-    rep["superposed_fc1024_s500_general_alpha"] = rows
+    return rows
 
-    # 3. one-shot query, LeNet s=500
+
+def _oneshot(isa: str, quick: bool, bw: float, add_floor) -> list:
+    """One-shot and batched task-inference queries, LeNet s=500."""
+    import torch
+
+    from supsup_fast import nn as snn
+    from supsup_fast.algorithms.inference import alpha_gradient, alpha_gradients_batched
+    from supsup_fast.bench import interleaved_medians, random_model_with_masks
     qrows = []
     for k in ([250] if quick else [250, 2500]):
         model = random_model_with_masks("lenet", 500, k)
@@ -153,9 +205,16 @@ def child(isa: str, quick: bool, out: Path, note: str = "") -> dict:
                       "fig4_final_eval_projection_s": 197_500 * t["batched"] / nq})
         print(isa, "oneshot", qrows[-1], flush=True)
         del model, layers
-    rep["oneshot_query_lenet_s500"] = qrows
+    return qrows
 
-    # 4. masked_linear 1024x1024 vs dense
+
+def _masked_linear(quick: bool) -> list:
+    """masked_linear 1024x1024 against dense F.linear on the materialised weight."""
+    import torch
+    import torch.nn.functional as F
+
+    import supsup_fast as ss
+    from supsup_fast.bench import interleaved_medians
     mrows = []
     w = torch.randn(1024, 1024)
     words = ss.pack_bits(torch.rand(1024, 1024) > 0.5)
@@ -167,20 +226,15 @@ def child(isa: str, quick: bool, out: Path, note: str = "") -> dict:
                                     repeats=15, min_seconds=0.5 if quick else 1.5)
             mrows.append({"batch": b, "ours_s": t["ours"], "dense_s": t["dense"], "speed_vs_dense": t["dense"] / t["ours"],
                           "bar": 1.0 if b <= 16 else 0.95})
-    rep["masked_linear_1024"] = mrows
-
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"kernels2-cpu-{isa}{'-quick' if quick else ''}.json"
-    path.write_text(json.dumps(rep, indent=2))
-    plot(rep, path.with_suffix(".png"))
-    print_table(rep)
-    return rep
+    return mrows
 
 
 def print_table(rep: dict) -> None:
     isa = rep["isa"]
     print(f"== {isa} ({rep['machine'].get('cpu_model', '?')}, {rep['machine']['threads']} threads, "
           f"read {rep['read_bandwidth_GBps']:.1f} GB/s; {rep['note']})")
+    for part, stamp in rep.get("measured", {}).items():
+        print(f"  {part}: measured {stamp.get('date', '?')} at {stamp.get('commit', '?')} ({stamp.get('note', '')})")
     for r in rep["training_step_b128_s500"]:
         print(f"  training step {r['model']:7s} ours {r['ours_s']*1e3:7.2f} ms  plain {r['plain_torch_ste_s']*1e3:7.2f} ms  "
               f"{r['ours_vs_plain_speed']:.2f}x (bar {r['bar']}x)  three-GEMM floor {r['three_gemms_s']*1e3:.2f} ms")
@@ -241,17 +295,24 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--note", default="", help="how the machine was used meanwhile (stored in the JSON), e.g. 'quiet machine'")
     p.add_argument("--threads", type=int, default=None, help="torch / kernel threads (default: torch's, the core count)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated sections to measure (default: all of {','.join(PARTS)}); the rest are kept from the JSON")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    parts = tuple(x.strip() for x in a.parts.split(",") if x.strip())
+    bad = [x for x in parts if x not in PARTS]
+    if bad or not parts:
+        p.error(f"--parts: expected a comma-separated subset of {','.join(PARTS)}, got {a.parts!r}")
     if a.child:
         if a.threads:
             import torch
             torch.set_num_threads(a.threads)
-        child(a.isa[0], a.quick, a.out, a.note)
+        child(a.isa[0], a.quick, a.out, a.note, parts)
         return
     for isa in a.isa or _isas():
         env = dict(os.environ, SUPSUP_CPU_ISA=isa)
-        cmd = [sys.executable, __file__, "--child", "--isa", isa, "--out", str(a.out)] + (["--quick"] if a.quick else []) \
+        cmd = [sys.executable, __file__, "--child", "--isa", isa, "--out", str(a.out), "--parts", ",".join(parts)] \
+            + (["--quick"] if a.quick else []) \
             + (["--threads", str(a.threads)] if a.threads else []) + (["--note", a.note] if a.note else [])
         start = time.time()
         subprocess.run(cmd, env=env, check=True)

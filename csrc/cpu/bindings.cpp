@@ -366,6 +366,53 @@ void rmsprop_step_op(at::Tensor param, const at::Tensor& grad, at::Tensor square
   });
 }
 
+void ste_rmsprop_step_op(at::Tensor param, const at::Tensor& weight_grad, const at::Tensor& weight, at::Tensor square_avg,
+                         at::Tensor masked_weight, double lr, double alpha, double eps, double weight_decay) {
+  check_float(param, "param");
+  check_float(weight_grad, "weight_grad");
+  check_float(weight, "weight");
+  check_float(square_avg, "square_avg");
+  check_float(masked_weight, "masked_weight");
+  const int64_t n = param.numel();
+  TORCH_CHECK(weight_grad.numel() == n && weight.numel() == n && square_avg.numel() == n && masked_weight.numel() == n,
+              "param, weight_grad, weight, square_avg and masked_weight must have the same number of elements");
+  float* p = param.data_ptr<float>();
+  const float* dw = weight_grad.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* s = square_avg.data_ptr<float>();
+  float* out = masked_weight.data_ptr<float>();
+  at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
+    ste_rmsprop_step(current_isa(), p, dw, w, s, out, static_cast<float>(lr), static_cast<float>(alpha),
+                     static_cast<float>(eps), static_cast<float>(weight_decay), i0, i1);
+  });
+}
+
+void ste_adam_step_op(at::Tensor param, const at::Tensor& weight_grad, const at::Tensor& weight, at::Tensor exp_avg,
+                      at::Tensor exp_avg_sq, at::Tensor masked_weight, int64_t step, double lr, double beta1, double beta2,
+                      double eps, double weight_decay) {
+  const std::pair<const at::Tensor*, const char*> all[] = {{&param, "param"}, {&weight_grad, "weight_grad"}, {&weight, "weight"},
+                                                           {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"},
+                                                           {&masked_weight, "masked_weight"}};
+  for (const auto& [t, name] : all) {
+    check_float(*t, name);
+    TORCH_CHECK(t->numel() == param.numel(), name, " must have as many elements as param (", param.numel(), "), got ", t->numel());
+  }
+  TORCH_CHECK(step >= 1, "step must be >= 1 (the count of updates including this one), got ", step);
+  const AdamScalars c{static_cast<float>(1.0 - beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
+                      static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(step)))),
+                      static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)))),
+                      static_cast<float>(eps), static_cast<float>(weight_decay)};
+  float* p = param.data_ptr<float>();
+  const float* dw = weight_grad.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* m = exp_avg.data_ptr<float>();
+  float* v = exp_avg_sq.data_ptr<float>();
+  float* out = masked_weight.data_ptr<float>();
+  at::parallel_for(0, param.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
+    ste_adam_step(current_isa(), p, dw, w, m, v, out, c, i0, i1);
+  });
+}
+
 at::Tensor threshold_masked_weight_op(const at::Tensor& scores, const at::Tensor& w) {
   check_float(scores, "scores");
   check_float(w, "weight");
@@ -398,6 +445,10 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("signed_masked_weight_into(Tensor sign_words, Tensor mask_words, float scale, Tensor(a!) out) -> ()");
   m.def("threshold_masked_weight(Tensor scores, Tensor weight) -> Tensor");
   m.def("rmsprop_step_(Tensor(a!) param, Tensor grad, Tensor(b!) square_avg, float lr, float alpha, float eps, float weight_decay) -> ()");
+  m.def("ste_rmsprop_step_(Tensor(a!) param, Tensor weight_grad, Tensor weight, Tensor(b!) square_avg, Tensor(c!) masked_weight, "
+        "float lr, float alpha, float eps, float weight_decay) -> ()");
+  m.def("ste_adam_step_(Tensor(a!) param, Tensor weight_grad, Tensor weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+        "Tensor(d!) masked_weight, int step, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
@@ -415,6 +466,8 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("masked_linear_small", &masked_linear_small_op);
   m.impl("signed_masked_linear_small", &signed_masked_linear_small_op);
   m.impl("rmsprop_step_", &rmsprop_step_op);
+  m.impl("ste_rmsprop_step_", &ste_rmsprop_step_op);
+  m.impl("ste_adam_step_", &ste_adam_step_op);
   m.impl("threshold_masked_weight", &threshold_masked_weight_op);
   m.impl("signed_masked_weight_into", &signed_masked_weight_into_op);
 }

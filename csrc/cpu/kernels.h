@@ -65,6 +65,27 @@ void rmsprop_step(Isa isa, float* param, const float* grad, float* square_avg, f
 }  // namespace supsup_cpu
 
 namespace supsup_cpu {
+// The straight-through RMSprop step of a threshold supermask layer, fused into one pass that also
+// writes the next step's masked weight: g = weight_grad * w + wd * p (the score gradient: dL/dW_eff ⊙ W),
+// the rmsprop_step rule on p, then masked_weight = p_new >= 0 ? w : 0.
+void ste_rmsprop_step(Isa isa, float* param, const float* weight_grad, const float* weight, float* square_avg,
+                      float* masked_weight, float lr, float alpha, float eps, float weight_decay, int64_t i0, int64_t i1);
+void ste_rmsprop_scalar(float* param, const float* weight_grad, const float* weight, float* square_avg,
+                        float* masked_weight, float lr, float alpha, float eps, float weight_decay, int64_t i0, int64_t i1);
+
+// The same with torch.optim.Adam's rule (no amsgrad). The caller computes the scalars in double,
+// as torch does (1 - beta in float would be off by up to 5e-5 relative for beta2 = 0.999):
+// step_size = lr / (1 - beta1^step), bias_correction2_sqrt = sqrt(1 - beta2^step).
+struct AdamScalars {
+  float one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, weight_decay;
+};
+void ste_adam_step(Isa isa, float* param, const float* weight_grad, const float* weight, float* exp_avg,
+                   float* exp_avg_sq, float* masked_weight, const AdamScalars& c, int64_t i0, int64_t i1);
+void ste_adam_scalar(float* param, const float* weight_grad, const float* weight, float* exp_avg, float* exp_avg_sq,
+                     float* masked_weight, const AdamScalars& c, int64_t i0, int64_t i1);
+}  // namespace supsup_cpu
+
+namespace supsup_cpu {
 // out[i] = scores[i] >= 0 ? w[i] : 0 (the threshold supermask applied to the weight, one pass).
 void threshold_masked_weight(Isa isa, const float* scores, const float* w, float* out, int64_t i0, int64_t i1);
 }  // namespace supsup_cpu

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.tasks import TaskSplit
-from ..nn import begin_task, finish_task, task_parameters
+from ..nn import InBackwardAdam, InBackwardOptimizer, InBackwardRMSprop, begin_task, finish_task, fused_step_unsupported, task_parameters
 from ..optim import FusedRMSprop
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
@@ -29,6 +29,7 @@ class TrainSettings:
     momentum: float = 0.9                # SGD only
     scheduler: str = "none"              # cosine: CosineAnnealingLR(T_max=epochs), stepped per epoch
     warmup_epochs: int = 5               # cosine_warmup: linear warmup, then cosine (SplitImageNet)
+    fused_step: bool = True              # RMSprop/Adam with threshold masks: the optimiser runs inside the backward
 
 
 def make_optimizer(params: List[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
@@ -42,6 +43,18 @@ def make_optimizer(params: List[nn.Parameter], s: TrainSettings) -> torch.optim.
     if s.optimizer == "sgd":
         return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {s.optimizer!r}")
+
+
+def make_task_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """The optimiser of the task being trained in ``model``: for RMSprop and Adam the fused
+    in-backward one (nn.fused_step, the same rule as :func:`make_optimizer`'s) where
+    ``s.fused_step`` is set and the layers allow it, else :func:`make_optimizer` over the scores."""
+    if s.fused_step and fused_step_unsupported(model) is None:
+        if s.optimizer == "rmsprop":
+            return InBackwardRMSprop(model, lr=s.lr, weight_decay=s.weight_decay)
+        if s.optimizer == "adam":
+            return InBackwardAdam(model, lr=s.lr, weight_decay=s.weight_decay)
+    return make_optimizer(task_parameters(model), s)
 
 
 def warmup_cosine_factor(epoch: int, epochs: int, warmup: int) -> float:
@@ -68,14 +81,18 @@ def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, d
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {settings.scheduler!r}")
     begin_task(model, init_scores=init_scores, generator=generator)
     model.train()
-    opt = make_optimizer(task_parameters(model), settings)
+    opt = make_task_optimizer(model, settings)
 
     def batch_loss(xb, yb):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         loss = F.cross_entropy(model(xb), yb)
         return loss, float(loss.detach())
 
-    step, last_loss = run_steps(split, settings, opt, batch_loss, generator, on_step)
+    try:
+        step, last_loss = run_steps(split, settings, opt, batch_loss, generator, on_step)
+    finally:
+        if isinstance(opt, InBackwardOptimizer):
+            opt.close()
     finish_task(model)
     model.eval()
     return {"steps": step, "final_loss": last_loss}

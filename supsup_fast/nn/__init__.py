@@ -2,6 +2,7 @@
 from .bank import MaskBank, TaskRows
 from .batchnorm import MultitaskBatchNorm
 from .conv import SupermaskConv2d
+from .fused_step import InBackwardAdam, InBackwardOptimizer, InBackwardRMSprop, fused_step_unsupported
 from .layers import SupermaskLayer
 from .linear import SupermaskLinear
 from .modes import OneTask, Superposition, Train
@@ -13,4 +14,5 @@ __all__ = ["MaskBank", "TaskRows", "MultitaskBatchNorm", "SupermaskConv2d", "Sup
            "er_density", "kept_count", "mask_from_scores", "ste_mask", "topk_mask", "begin_task", "bn_bytes",
            "finish_task", "mask_bytes", "num_tasks", "set_superposition", "set_task", "set_train_mode",
            "supermask_layers", "superposition", "task_modules", "task_parameters", "enable_transfer",
-           "transfer_init_scores", "initial_scores", "mask_entropy_bytes", "OneTask", "Superposition", "Train"]
+           "transfer_init_scores", "initial_scores", "mask_entropy_bytes", "OneTask", "Superposition", "Train",
+           "InBackwardAdam", "InBackwardOptimizer", "InBackwardRMSprop", "fused_step_unsupported"]

@@ -34,6 +34,13 @@ class SupermaskConv2d(SupermaskLayer):
     def _dense(self, x, w):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def _dense_grads(self, grad, x, w, need_input: bool):
+        """(dL/dx or None, dL/dW) of ``_dense`` at weight ``w``."""
+        dx, dw, _ = torch.ops.aten.convolution_backward(grad, x, w, None, list(self.stride), list(self.padding),
+                                                        list(self.dilation), False, [0, 0], self.groups,
+                                                        [need_input, True, False])
+        return (dx if need_input else None), dw
+
     def _masked(self, x, words):
         return ops.masked_conv2d(x, self.weight, words, self.bias, **self._conv_kwargs())
 

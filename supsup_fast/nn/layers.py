@@ -16,6 +16,7 @@ from .. import ops
 from ..ops.registry import backend_for
 from .bank import MaskBank
 from .counts import CountCaches
+from .fused_autograd import fused_train_forward
 from .init import frozen_bias, frozen_weight, make_generator
 from .masks import MASK_FUNCTIONS, mask_from_scores, masked_weight_from_scores, score_init_bound
 from .modes import Mode, OneTask, Superposition, Train, check_uniform_alpha
@@ -154,10 +155,12 @@ class SupermaskLayer(CountCaches, nn.Module):
             raise ValueError(f"task must be in [0, {self.num_tasks}) (tasks learned), got {t}")
         self._mode = OneTask(int(t))
 
-    def set_mode_train(self) -> None:
+    def set_mode_train(self, fused=None) -> None:
+        """Train the current scores; ``fused`` (a :class:`.fused_step.FusedScoreState`) applies the
+        optimiser inside the backward pass (:class:`.fused_step.InBackwardRMSprop` sets it)."""
         if self.scores is None:
             raise RuntimeError("no task is being trained: call begin_task first")
-        self._mode = Train()
+        self._mode = Train(fused)
 
     def set_mode_superpose(self, alpha: torch.Tensor, active: Optional[torch.Tensor] = None, uniform: bool = False) -> None:
         """Superpose the bank (or the tasks listed in ``active``) with coefficients ``alpha``.
@@ -176,6 +179,8 @@ class SupermaskLayer(CountCaches, nn.Module):
         if isinstance(mode, Train):
             if self.scores is None:
                 raise RuntimeError("train mode needs scores: call begin_task first")
+            if mode.fused is not None:
+                return fused_train_forward(self, x, mode.fused)
             return self._dense(x, masked_weight_from_scores(self.scores, self.weight, self.mask_fn, self.density))
         if isinstance(mode, OneTask):
             if mode.task >= self.num_tasks:

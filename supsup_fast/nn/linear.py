@@ -26,6 +26,11 @@ class SupermaskLinear(SupermaskLayer):
     def _dense(self, x, w):
         return F.linear(x, w, self.bias)
 
+    def _dense_grads(self, grad, x, w, need_input: bool):
+        """(dL/dx or None, dL/dW) of ``_dense`` at weight ``w``."""
+        dw = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+        return (grad.matmul(w) if need_input else None), dw
+
     def _masked(self, x, words):
         # A signed-constant layer reads its frozen weights as sign bits: 2 bits per weight with the mask.
         if self.init_kind == "signed_constant" and x.dtype == self.weight.dtype:

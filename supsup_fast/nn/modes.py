@@ -1,7 +1,8 @@
 """The modes of a supermask layer and of per-task BatchNorm, set model-wide by the helpers in
 :mod:`supsup_fast.nn.tasks`:
 
-- ``Train()``: the float scores of the task being learned give the mask (straight-through estimator);
+- ``Train(fused)``: the float scores of the task being learned give the mask (straight-through estimator;
+  with ``fused``, :mod:`.fused_step`'s in-backward optimiser);
 - ``OneTask(t)``: the packed mask t of the bank;
 - ``Superposition(alpha, active, uniform)``: W ⊙ Σᵢ αᵢ Mᵢ over the bank (optionally an active subset
   of tasks); with ``uniform`` (α = 1/k, checked by :func:`check_uniform_alpha`) the forward uses a
@@ -21,8 +22,9 @@ import torch
 from .. import ops
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Train:
+    fused: Optional[object] = None  # a fused_step.FusedScoreState: the optimiser runs inside the backward
     kind = "train"
 
 

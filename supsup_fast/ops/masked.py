@@ -105,3 +105,50 @@ def threshold_masked_weight(scores: Tensor, weight: Tensor) -> Tensor:
     if scores.shape != weight.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and weight {tuple(weight.shape)} must have the same shape")
     return backend_for(weight.device).threshold_masked_weight(scores.detach(), weight)
+
+
+def ste_rmsprop_step_(scores: Tensor, weight_grad: Tensor, weight: Tensor, square_avg: Tensor, masked_weight: Tensor,
+                      lr: float, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    """One training step of a threshold supermask layer's scores, fused into one pass, in place:
+    the straight-through score gradient g = ``weight_grad`` ⊙ W (``weight_grad`` = dL/d(W ⊙ M)),
+    torch.optim.RMSprop's update of ``scores`` and ``square_avg`` (no momentum, not centred:
+    g += wd·s; v = α·v + (1-α)·g²; s -= lr·g/(√v + ε)), and ``masked_weight`` = W ⊙ 1[s_new ≥ 0],
+    the next step's effective weight. All five tensors have the weight's shape and device."""
+    _check_step_tensors(weight, scores=scores, weight_grad=weight_grad, square_avg=square_avg, masked_weight=masked_weight)
+    if lr < 0 or not 0 <= alpha < 1 or eps < 0 or weight_decay < 0:
+        raise ValueError(f"expected lr >= 0, 0 <= alpha < 1, eps >= 0, weight_decay >= 0; got lr={lr} alpha={alpha} "
+                         f"eps={eps} weight_decay={weight_decay}")
+    with torch.no_grad():
+        backend_for(weight.device).ste_rmsprop_step_(scores.detach(), weight_grad.detach(), weight, square_avg,
+                                                     masked_weight, float(lr), float(alpha), float(eps), float(weight_decay))
+
+
+def ste_adam_step_(scores: Tensor, weight_grad: Tensor, weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                   masked_weight: Tensor, step: int, lr: float, betas: Tuple[float, float] = (0.9, 0.999),
+                   eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    """:func:`ste_rmsprop_step_` with torch.optim.Adam's rule (no amsgrad, L2 weight decay):
+    g = ``weight_grad`` ⊙ W + wd·s; m ← m + (1-β₁)(g - m); v ← β₂v + (1-β₂)g²;
+    s ← s - lr/(1-β₁ᵗ) · m / (√v/√(1-β₂ᵗ) + ε), t = ``step`` (the updates so far, this one included);
+    then ``masked_weight`` = W ⊙ 1[s ≥ 0]."""
+    _check_step_tensors(weight, scores=scores, weight_grad=weight_grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                        masked_weight=masked_weight)
+    beta1, beta2 = betas
+    if int(step) < 1:
+        raise ValueError(f"step must be >= 1 (the updates so far, this one included), got {step}")
+    if lr < 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1 or eps < 0 or weight_decay < 0:
+        raise ValueError(f"expected lr >= 0, 0 <= betas < 1, eps >= 0, weight_decay >= 0; got lr={lr} betas={betas} "
+                         f"eps={eps} weight_decay={weight_decay}")
+    with torch.no_grad():
+        backend_for(weight.device).ste_adam_step_(scores.detach(), weight_grad.detach(), weight, exp_avg, exp_avg_sq,
+                                                  masked_weight, int(step), float(lr), float(beta1), float(beta2),
+                                                  float(eps), float(weight_decay))
+
+
+def _check_step_tensors(weight: Tensor, **named: Tensor) -> None:
+    for name, t in named.items():
+        if t.shape != weight.shape:
+            raise ValueError(f"{name} must have the weight's shape {tuple(weight.shape)}, got {tuple(t.shape)}")
+        if t.device != weight.device:
+            raise ValueError(f"{name} must be on the weight's device {weight.device}, got {t.device}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")

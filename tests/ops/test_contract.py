@@ -155,6 +155,58 @@ def test_threshold_masked_weight(pair):
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("shape,wd", [((7, 45), 0.0), ((3, 5, 3, 3), 1e-3), ((1, 1), 0.0)])
+def test_ste_rmsprop_step(pair, shape, wd):
+    scores, dw, w, sq = torch.randn(shape), torch.randn(shape), torch.randn(shape), torch.rand(shape)
+
+    def step(scores, dw, w, sq):
+        scores, sq, out = scores.clone(), sq.clone(), torch.full_like(w, float("nan"))
+        ss.ops.ste_rmsprop_step_(scores, dw, w, sq, out, 1e-2, 0.9, 1e-8, wd)
+        return scores, sq, out
+
+    (s1, q1, o1), (s0, q0, o0) = on(pair, step, scores, dw, w, sq)
+    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(q1, q0, rtol=1e-5, atol=1e-7)
+    assert torch.equal(o1, w * (s1 >= 0))  # the masked weight follows the backend's own new scores exactly
+    assert torch.equal(o0, w * (s0 >= 0))
+
+
+@pytest.mark.parametrize("shape,wd,step", [((7, 45), 0.0, 1), ((3, 5, 3, 3), 1e-3, 4), ((1, 1), 0.0, 100)])
+def test_ste_adam_step(pair, shape, wd, step):
+    scores, dw, w = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    m, v = 0.1 * torch.randn(shape), torch.rand(shape)
+
+    def adam(scores, dw, w, m, v):
+        scores, m, v, out = scores.clone(), m.clone(), v.clone(), torch.full_like(w, float("nan"))
+        ss.ops.ste_adam_step_(scores, dw, w, m, v, out, step, 1e-2, (0.8, 0.95), 1e-8, wd)
+        return scores, m, v, out
+
+    got, ref = on(pair, adam, scores, dw, w, m, v)
+    for a, b in zip(got[:3], ref[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert torch.equal(got[3], w * (got[0] >= 0)) and torch.equal(ref[3], w * (ref[0] >= 0))
+
+
+def test_ste_rmsprop_step_refuses_bad_arguments():
+    w = torch.randn(4, 6)
+    good = dict(scores=torch.randn(4, 6), weight_grad=torch.randn(4, 6), weight=w, square_avg=torch.zeros(4, 6),
+                masked_weight=torch.empty(4, 6), lr=1e-3)
+    with pytest.raises(ValueError, match="square_avg must have the weight's shape"):
+        ss.ops.ste_rmsprop_step_(**dict(good, square_avg=torch.zeros(4, 5)))
+    with pytest.raises(ValueError, match="scores must be a floating-point tensor"):
+        ss.ops.ste_rmsprop_step_(**dict(good, scores=torch.zeros(4, 6, dtype=torch.int32)))
+    with pytest.raises(ValueError, match="lr >= 0"):
+        ss.ops.ste_rmsprop_step_(**dict(good, lr=-1.0))
+    adam = dict(scores=good["scores"], weight_grad=good["weight_grad"], weight=w, exp_avg=torch.zeros(4, 6),
+                exp_avg_sq=torch.zeros(4, 6), masked_weight=torch.empty(4, 6), step=1, lr=1e-3)
+    with pytest.raises(ValueError, match="exp_avg_sq must have the weight's shape"):
+        ss.ops.ste_adam_step_(**dict(adam, exp_avg_sq=torch.zeros(6, 4)))
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        ss.ops.ste_adam_step_(**dict(adam, step=0))
+    with pytest.raises(ValueError, match="betas < 1"):
+        ss.ops.ste_adam_step_(**dict(adam, betas=(0.9, 1.0)))
+
+
 def test_every_backend_of_this_machine_is_covered():
     # The contract is only as good as its list of backends: on a CPU machine with the C++ kernels
     # and Triton's interpreter, all three CPU-capable backends must be in it.

@@ -210,6 +210,25 @@ def test_lower_isa_paths_agree(isa):
         g2 = g + 1e-4 * p2
         sq2 = sq2 * 0.99 + 0.01 * g2 * g2
         assert torch.allclose(sq, sq2, rtol=1e-5) and torch.allclose(p, p2 - 1e-3 * g2 / (sq2.sqrt() + 1e-8), rtol=1e-5, atol=1e-7)
+        for n in (1, 15, 17, 1003):  # the fused STE step: vector body and every tail length
+            p, dw, wt, sq = torch.randn(n), torch.randn(n), torch.randn(n), torch.rand(n)
+            out = torch.full((n,), float("nan"))
+            p2, sq2 = p.clone(), sq.clone()
+            C.ste_rmsprop_step_(p, dw, wt, sq, out, 1e-2, 0.9, 1e-8, 1e-3)
+            g2 = dw * wt + 1e-3 * p2
+            sq2 = sq2 * 0.9 + 0.1 * g2 * g2
+            p2 = p2 - 1e-2 * g2 / (sq2.sqrt() + 1e-8)
+            assert torch.allclose(sq, sq2, rtol=1e-5) and torch.allclose(p, p2, rtol=1e-5, atol=1e-7)
+            assert torch.equal(out, wt * (p >= 0))
+            p, m, v = torch.randn(n), 0.1 * torch.randn(n), torch.rand(n)
+            p2, m2, v2 = p.clone(), m.clone(), v.clone()
+            C.ste_adam_step_(p, dw, wt, m, v, out, 3, 1e-2, 0.9, 0.99, 1e-8, 1e-3)
+            g2 = dw * wt + 1e-3 * p2
+            m2 = m2 + 0.1 * (g2 - m2)
+            v2 = v2 * 0.99 + 0.01 * g2 * g2
+            p2 = p2 - (1e-2 / (1 - 0.9 ** 3)) * m2 / (v2.sqrt() / (1 - 0.99 ** 3) ** 0.5 + 1e-8)
+            assert torch.allclose(m, m2, rtol=1e-5, atol=1e-7) and torch.allclose(v, v2, rtol=1e-5, atol=1e-7)
+            assert torch.allclose(p, p2, rtol=1e-5, atol=1e-6) and torch.equal(out, wt * (p >= 0))
         print("ok")
     """)
     env = dict(os.environ, SUPSUP_CPU_ISA=isa)

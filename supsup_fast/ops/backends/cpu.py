@@ -147,6 +147,19 @@ class CpuBackend(ReferenceBackend):
             return super().threshold_masked_weight(scores, weight)
         return self.ops.threshold_masked_weight(scores.contiguous(), weight.contiguous())
 
+    def ste_adam_step_(self, param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, step, lr, beta1, beta2, eps,
+                       weight_decay):
+        tensors = (param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight)
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+            return super().ste_adam_step_(*tensors, step, lr, beta1, beta2, eps, weight_decay)
+        self.ops.ste_adam_step_(*tensors, int(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
+
+    def ste_rmsprop_step_(self, param, weight_grad, weight, square_avg, masked_weight, lr, alpha, eps, weight_decay):
+        tensors = (param, weight_grad, weight, square_avg, masked_weight)
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+            return super().ste_rmsprop_step_(*tensors, lr, alpha, eps, weight_decay)
+        self.ops.ste_rmsprop_step_(*tensors, float(lr), float(alpha), float(eps), float(weight_decay))
+
     def masked_forward(self, dense, x, weight, mask_words, bias):
         bias = None if bias is None else bias.contiguous()
         rows = x.numel() // max(x.shape[-1], 1)

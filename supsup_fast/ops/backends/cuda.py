@@ -120,6 +120,12 @@ class CudaBackend(ReferenceBackend):
     def threshold_masked_weight(self, scores, weight):
         return self.fallback.threshold_masked_weight(scores, weight)
 
+    def ste_rmsprop_step_(self, param, weight_grad, weight, square_avg, masked_weight, lr, alpha, eps, weight_decay):
+        return self.fallback.ste_rmsprop_step_(param, weight_grad, weight, square_avg, masked_weight, lr, alpha, eps, weight_decay)
+
+    def ste_adam_step_(self, *args):
+        return self.fallback.ste_adam_step_(*args)
+
     def masked_forward(self, dense, x, weight, mask_words, bias):
         if isinstance(dense, DenseLinear):
             return self.fallback.masked_forward(dense, x, weight, mask_words, bias)

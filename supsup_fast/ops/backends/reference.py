@@ -145,6 +145,33 @@ class ReferenceBackend:
         """W ⊙ 1[scores ≥ 0] (the training-time threshold supermask)."""
         return weight * (scores >= 0).to(weight.dtype)
 
+    def ste_rmsprop_step_(self, param: torch.Tensor, weight_grad: torch.Tensor, weight: torch.Tensor,
+                          square_avg: torch.Tensor, masked_weight: torch.Tensor, lr: float, alpha: float, eps: float,
+                          weight_decay: float) -> None:
+        """One straight-through RMSprop step of a threshold layer's scores, in place: the score
+        gradient dL/dW_eff ⊙ W, torch.optim.RMSprop's rule (no momentum, not centred), then the next
+        step's masked weight W ⊙ 1[param ≥ 0]."""
+        g = weight_grad * weight
+        if weight_decay != 0:
+            g = g.add(param, alpha=weight_decay)
+        square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+        param.addcdiv_(g, square_avg.sqrt().add_(eps), value=-lr)
+        masked_weight.copy_(self.threshold_masked_weight(param, weight))
+
+    def ste_adam_step_(self, param: torch.Tensor, weight_grad: torch.Tensor, weight: torch.Tensor,
+                       exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, masked_weight: torch.Tensor, step: int,
+                       lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+        """:meth:`ste_rmsprop_step_` with torch.optim.Adam's rule (no amsgrad); ``step`` counts
+        the updates including this one."""
+        g = weight_grad * weight
+        if weight_decay != 0:
+            g = g.add(param, alpha=weight_decay)
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+        masked_weight.copy_(self.threshold_masked_weight(param, weight))
+
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
         """x (W ⊙ M)ᵀ + b for signed-constant W = scale · (2·sign − 1), W given as sign bits."""
         n = x.shape[-1]

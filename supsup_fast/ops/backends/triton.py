@@ -69,6 +69,19 @@ class TritonBackend(ReferenceBackend):
             return super().threshold_masked_weight(scores, weight)
         return self.kernels.threshold_masked_weight(scores.contiguous(), weight.contiguous())
 
+    def ste_adam_step_(self, param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, step, lr, beta1, beta2, eps,
+                       weight_decay):
+        tensors = (param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight)
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+            return super().ste_adam_step_(*tensors, step, lr, beta1, beta2, eps, weight_decay)
+        self.kernels.ste_adam_step_(*tensors, int(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
+
+    def ste_rmsprop_step_(self, param, weight_grad, weight, square_avg, masked_weight, lr, alpha, eps, weight_decay):
+        tensors = (param, weight_grad, weight, square_avg, masked_weight)
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+            return super().ste_rmsprop_step_(*tensors, lr, alpha, eps, weight_decay)
+        self.kernels.ste_rmsprop_step_(*tensors, float(lr), float(alpha), float(eps), float(weight_decay))
+
     def compare_pack(self, values: torch.Tensor, threshold: float, absolute: bool = False) -> torch.Tensor:
         """Pack 1[v ≥ t] (or 1[|v| ≥ t]) of a [out, n] score tensor straight into words."""
         v2 = values.reshape(values.shape[0], -1).float().contiguous()

@@ -1,0 +1,115 @@
+"""The fused training step of threshold supermask layers: RMSprop or Adam applied inside the backward pass.
+
+The plain step makes four passes over every layer's weight-sized tensors besides its GEMMs: the
+masked weight W ⊙ 1[s ≥ 0] in the forward, the straight-through product dL/dW_eff ⊙ W in the
+backward, and the optimiser's read and write of the scores and its running average. Here each layer
+keeps its masked weight from one step to the next, and its backward computes the weight gradient
+(one GEMM; the input gradient only where an earlier layer needs it) and hands it to one fused pass
+(:func:`supsup_fast.ops.ste_rmsprop_step_`) that forms the score gradient, updates the scores and
+their average as ``torch.optim.RMSprop`` does (no momentum, not centred) and writes the next step's
+masked weight (Adam: the same with its two averages). The math equals the plain step's to float rounding (tests/nn/test_fused_step.py).
+
+Like PyTorch's optimizer-in-backward recipe, the update happens during ``loss.backward()``:
+``step()`` does nothing, the scores get no ``.grad``, and each forward must be followed by exactly
+one backward before the next forward (a backward of an older forward is refused).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .. import ops
+from .fused_autograd import FusedScoreState, ScoreUpdate
+from .tasks import supermask_layers
+
+
+def fused_step_unsupported(model: nn.Module) -> Optional[str]:
+    """Why the fused step cannot train ``model``'s current task (None when it can): it needs
+    threshold masks and float32 frozen weights in every layer being trained."""
+    layers = {n: m for n, m in supermask_layers(model).items() if m.scores is not None}
+    if not layers:
+        return "no task is being trained: call begin_task first"
+    for name, m in layers.items():
+        if m.mask_fn != "threshold":
+            return f"layer {name!r} uses mask_fn={m.mask_fn!r}; the fused step needs 'threshold'"
+        if m.weight.dtype != torch.float32 or m.scores.dtype != torch.float32:
+            return f"layer {name!r} is {m.weight.dtype}; the fused step needs float32"
+    return None
+
+
+class InBackwardOptimizer(torch.optim.Optimizer):
+    """An optimiser over the scores of the task being trained in ``model`` whose update the layers
+    apply inside the backward pass (module docstring). Subclasses give the per-layer update."""
+
+    def __init__(self, model: nn.Module, defaults: dict):
+        reason = fused_step_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"model: {reason}")
+        self._layers = [m for m in supermask_layers(model).values() if m.scores is not None]
+        super().__init__([m.scores for m in self._layers], defaults)
+        group = self.param_groups[0]
+        for m in self._layers:
+            m.set_mode_train(fused=FusedScoreState(m, self._bind(m.scores, group)))
+
+    def _bind(self, scores: torch.Tensor, group: dict) -> ScoreUpdate:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+        """Nothing to do: the update was applied in the backward pass. Returns the closure's loss."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def close(self) -> None:
+        """Return the layers to the plain training step (their scores keep what was learned)."""
+        for m in self._layers:
+            if m.scores is not None:
+                m.set_mode_train()
+
+
+class InBackwardRMSprop(InBackwardOptimizer):
+    """``torch.optim.RMSprop(scores, lr, alpha, eps, weight_decay)`` (no momentum, not centred) on
+    the scores of the task being trained in ``model``, applied by the layers inside the backward
+    pass. Call ``close()`` (or finish the task) to return the layers to the plain training step."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        if lr < 0 or not 0 <= alpha < 1 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"invalid RMSprop settings lr={lr} alpha={alpha} eps={eps} weight_decay={weight_decay}")
+        super().__init__(model, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay))
+
+    def _bind(self, scores, group):
+        state = self.state[scores]
+        state["square_avg"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
+
+        def update(scores, weight, weight_grad, masked_weight):
+            ops.ste_rmsprop_step_(scores, weight_grad, weight, state["square_avg"], masked_weight,
+                                  group["lr"], group["alpha"], group["eps"], group["weight_decay"])
+        return update
+
+
+class InBackwardAdam(InBackwardOptimizer):
+    """``torch.optim.Adam(scores, lr, betas, eps, weight_decay)`` (no amsgrad) on the scores of the
+    task being trained in ``model``, applied by the layers inside the backward pass."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0):
+        if lr < 0 or not all(0 <= b < 1 for b in betas) or eps < 0 or weight_decay < 0:
+            raise ValueError(f"invalid Adam settings lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
+        super().__init__(model, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def _bind(self, scores, group):
+        state = self.state[scores]
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
+
+        def update(scores, weight, weight_grad, masked_weight):
+            state["step"] += 1
+            ops.ste_adam_step_(scores, weight_grad, weight, state["exp_avg"], state["exp_avg_sq"], masked_weight,
+                               state["step"], group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        return update

@@ -1,0 +1,151 @@
+"""The fused training step (nn.fused_step): the in-backward RMSprop of threshold supermask layers
+against the plain step (autograd through W ⊙ 1[s ≥ 0], FusedRMSprop), on an MLP with odd sizes and
+a conv net, and through algorithms.train_task."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import supsup_fast.nn as snn
+from supsup_fast.algorithms.training import TrainSettings, make_optimizer, make_task_optimizer, train_task
+from supsup_fast.data.tasks import TaskSplit
+from supsup_fast.nn import InBackwardAdam, InBackwardOptimizer, InBackwardRMSprop, SupermaskConv2d, SupermaskLinear
+
+
+class Mlp(nn.Module):
+    def __init__(self, mask_fn="threshold", bias=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.a = SupermaskLinear(37, 29, bias=bias, generator=g, mask_fn=mask_fn, init="kaiming_normal")
+        self.b = SupermaskLinear(29, 5, generator=g, mask_fn=mask_fn)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)))
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.c1 = SupermaskConv2d(3, 6, 3, padding=1, generator=g)
+        self.c2 = SupermaskConv2d(6, 4, 3, stride=2, generator=g, bias=True)
+        self.fc = SupermaskLinear(4 * 3 * 3, 7, generator=g)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).flatten(1))
+
+
+def twins(make):
+    a, b = make(), make()
+    snn.begin_task(a, generator=torch.Generator().manual_seed(1))
+    snn.begin_task(b, generator=torch.Generator().manual_seed(1))
+    return a, b
+
+
+def scores(model):
+    return [m.scores.detach().clone() for m in snn.supermask_layers(model).values()]
+
+
+FUSED = {"rmsprop": InBackwardRMSprop, "adam": InBackwardAdam}
+
+
+@pytest.mark.parametrize("make,shape,classes", [(Mlp, (13, 37), 5), (ConvNet, (6, 3, 7, 7), 7)])
+@pytest.mark.parametrize("wd", [0.0, 1e-3])
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
+def test_fused_step_equals_plain_step(make, shape, classes, wd, optimizer):
+    plain, fused = twins(make)
+    opt_plain = make_optimizer(snn.task_parameters(plain), TrainSettings(lr=1e-2, weight_decay=wd, optimizer=optimizer))
+    opt_fused = FUSED[optimizer](fused, lr=1e-2, weight_decay=wd)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        x, y = torch.randn(shape, generator=gen), torch.randint(0, classes, (shape[0],), generator=gen)
+        losses = []
+        for model, opt in ((plain, opt_plain), (fused, opt_fused)):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(scores(plain), scores(fused)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    for m in snn.supermask_layers(fused).values():
+        assert m.scores.grad is None  # the update happened in the backward; nothing is left for step()
+        assert torch.equal(m.mode().fused.masked_weight, m.weight * (m.scores >= 0))
+
+
+def test_the_first_layer_computes_no_input_gradient(monkeypatch):
+    _, model = twins(Mlp)
+    InBackwardRMSprop(model, lr=1e-2)
+    asked = {}
+
+    def recording(name, real):
+        def dense_grads(grad, x, w, need_input):
+            asked[name] = need_input
+            return real(grad, x, w, need_input)
+        return dense_grads
+
+    for name in ("a", "b"):
+        layer = getattr(model, name)
+        monkeypatch.setattr(layer, "_dense_grads", recording(name, layer._dense_grads))
+    F.cross_entropy(model(torch.randn(4, 37)), torch.tensor([0, 1, 2, 3])).backward()
+    assert asked == {"a": False, "b": True}
+
+
+def test_input_gradient_matches_autograd():
+    plain, fused = twins(Mlp)
+    InBackwardRMSprop(fused, lr=0.0)  # lr 0: the scores stay, so both models stay equal
+    x1 = torch.randn(5, 37, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    plain(x1).square().sum().backward()
+    fused(x2).square().sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_backward_of_an_old_forward_is_refused():
+    _, model = twins(Mlp)
+    InBackwardRMSprop(model, lr=1e-2)
+    x = torch.randn(3, 37)
+    first, second = model(x).sum(), model(x).sum()
+    first.backward()
+    with pytest.raises(RuntimeError, match="exactly one backward per forward"):
+        second.backward()
+
+
+def test_scores_changed_outside_the_step_are_seen():
+    _, model = twins(Mlp)
+    InBackwardRMSprop(model, lr=1e-2)
+    x = torch.randn(3, 37)
+    with torch.no_grad():
+        model.a.scores.neg_()  # an in-place edit bumps the version: the masked weight is rebuilt
+        expect = model.b(F.relu(F.linear(x, model.a.weight * (model.a.scores >= 0))))
+        assert torch.equal(model(x), expect)
+
+
+def test_topk_layers_are_refused_and_train_task_falls_back():
+    _, model = twins(lambda: Mlp(mask_fn="topk"))
+    with pytest.raises(ValueError, match="model: layer 'a' uses mask_fn='topk'"):
+        InBackwardRMSprop(model, lr=1e-2)
+    with pytest.raises(ValueError, match="model: layer 'a' uses mask_fn='topk'"):
+        InBackwardAdam(model, lr=1e-2)
+    assert not isinstance(make_task_optimizer(model, TrainSettings()), InBackwardOptimizer)
+    assert not isinstance(make_task_optimizer(twins(Mlp)[1], TrainSettings(optimizer="sgd")), InBackwardOptimizer)
+    assert not isinstance(make_task_optimizer(twins(Mlp)[1], TrainSettings(fused_step=False)), InBackwardOptimizer)
+    assert isinstance(make_task_optimizer(twins(Mlp)[1], TrainSettings()), InBackwardRMSprop)
+    assert isinstance(make_task_optimizer(twins(Mlp)[1], TrainSettings(optimizer="adam")), InBackwardAdam)
+
+
+@pytest.mark.parametrize("scheduler,optimizer", [("none", "rmsprop"), ("cosine", "rmsprop"), ("cosine_warmup", "adam")])
+def test_train_task_fused_and_plain_learn_the_same_mask(scheduler, optimizer):
+    gen = torch.Generator().manual_seed(5)
+    split = TaskSplit(torch.randn(200, 37, generator=gen), torch.randint(0, 5, (200,), generator=gen))
+    masks = []
+    for fused in (False, True):
+        model = Mlp(bias=True)
+        s = TrainSettings(iters=None, epochs=3, batch_size=32, lr=1e-2, scheduler=scheduler, optimizer=optimizer,
+                          warmup_epochs=1, fused_step=fused)
+        train_task(model, split, s, device=torch.device("cpu"), generator=torch.Generator().manual_seed(2))
+        masks.append([m.bank.words.clone() for m in snn.supermask_layers(model).values()])
+        assert all(isinstance(m.mode(), snn.OneTask) for m in snn.supermask_layers(model).values())
+    for a, b in zip(*masks):
+        assert torch.equal(a, b)
