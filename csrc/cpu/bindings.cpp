@@ -413,6 +413,47 @@ void ste_adam_step_op(at::Tensor param, const at::Tensor& weight_grad, const at:
   });
 }
 
+// The mean cross-entropy of a chain of linear layers with ReLU between them (no biases), and the
+// gradient of every weight, without autograd: the training step of the paper's MNIST MLPs
+// (LeNet-300-100, FC1024) costs its GEMMs plus a few elementwise passes, with no per-op Python or
+// autograd-graph overhead. The input gradient of the first layer is never formed.
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_grads_op(const at::Tensor& x, const at::Tensor& y,
+                                                                           at::TensorList weights) {
+  TORCH_CHECK(!weights.empty(), "weights must hold at least one layer");
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 2, "x must be [batch, features], got ", x.dim(), " dims");
+  TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kLong && y.dim() == 1 && y.size(0) == x.size(0),
+              "y must be a CPU int64 vector of one label per row of x");
+  std::vector<at::Tensor> inputs{x};
+  at::Tensor h = x;
+  const int64_t L = static_cast<int64_t>(weights.size());
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& w = weights[l];
+    check_float(w, "weights");
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == h.size(1), "weights[", l, "] must be [out, ", h.size(1), "], got ", w.sizes());
+    at::Tensor z = at::mm(h, w.t());
+    h = l + 1 < L ? at::relu_(z) : z;
+    if (l + 1 < L) inputs.push_back(h);
+  }
+  const int64_t B = x.size(0), C = h.size(1);
+  TORCH_CHECK(B > 0, "x must have at least one row");
+  TORCH_CHECK(y.min().item<int64_t>() >= 0 && y.max().item<int64_t>() < C, "y must hold class indices in [0, ", C, ")");
+  const at::Tensor log_probs = at::log_softmax(h, 1);
+  const at::Tensor loss = at::nll_loss(log_probs, y);
+  // d(mean CE)/d logits = (softmax - onehot) / B
+  at::Tensor dz = log_probs.exp();
+  float* d = dz.data_ptr<float>();
+  const int64_t* lab = y.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) d[i * C + lab[i]] -= 1.0f;
+  dz.div_(static_cast<double>(B));
+  std::vector<at::Tensor> grads(L);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    grads[l] = at::mm(dz.t(), inputs[l]);
+    if (l > 0) dz = at::threshold_backward(at::mm(dz, weights[l]), inputs[l], 0);
+  }
+  return {loss, grads};
+}
+
 at::Tensor threshold_masked_weight_op(const at::Tensor& scores, const at::Tensor& w) {
   check_float(scores, "scores");
   check_float(w, "weight");
@@ -447,6 +488,7 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("rmsprop_step_(Tensor(a!) param, Tensor grad, Tensor(b!) square_avg, float lr, float alpha, float eps, float weight_decay) -> ()");
   m.def("ste_rmsprop_step_(Tensor(a!) param, Tensor weight_grad, Tensor weight, Tensor(b!) square_avg, Tensor(c!) masked_weight, "
         "float lr, float alpha, float eps, float weight_decay) -> ()");
+  m.def("mlp_cross_entropy_grads(Tensor x, Tensor y, Tensor[] weights) -> (Tensor, Tensor[])");
   m.def("ste_adam_step_(Tensor(a!) param, Tensor weight_grad, Tensor weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         "Tensor(d!) masked_weight, int step, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
 }
@@ -468,6 +510,7 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("rmsprop_step_", &rmsprop_step_op);
   m.impl("ste_rmsprop_step_", &ste_rmsprop_step_op);
   m.impl("ste_adam_step_", &ste_adam_step_op);
+  m.impl("mlp_cross_entropy_grads", &mlp_cross_entropy_grads_op);
   m.impl("threshold_masked_weight", &threshold_masked_weight_op);
   m.impl("signed_masked_weight_into", &signed_masked_weight_into_op);
 }

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data.tasks import TaskSplit
 from ..distributed import DistContext
 from ..nn import MultitaskBatchNorm, begin_task, finish_task, task_parameters
-from .training import TrainSettings, make_optimizer, run_steps
+from .training import TrainSettings, backprop_step, make_optimizer, run_steps
 
 
 def local_slice(n: int, ctx: DistContext) -> slice:
@@ -56,7 +56,7 @@ def train_task_data_parallel(model: nn.Module, split: TaskSplit, settings: Train
     for bn in norms:
         bn.sync_statistics(lambda t: dist_nn.all_reduce(t))
     try:
-        step, last_loss = run_steps(split, settings, opt, batch_loss, generator, on_step)
+        step, last_loss = run_steps(split, settings, opt, backprop_step(opt, batch_loss), generator, on_step)
     finally:
         for bn in norms:
             bn.sync_statistics(None)

@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.tasks import TaskSplit
-from ..nn import InBackwardAdam, InBackwardOptimizer, InBackwardRMSprop, begin_task, finish_task, fused_step_unsupported, task_parameters
+from .. import ops
+from ..models import MLP
+from ..nn import (InBackwardAdam, InBackwardOptimizer, InBackwardRMSprop, Train, begin_task, finish_task,
+                  fused_step_unsupported, task_parameters)
 from ..optim import FusedRMSprop
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
@@ -89,7 +92,8 @@ def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, d
         return loss, float(loss.detach())
 
     try:
-        step, last_loss = run_steps(split, settings, opt, batch_loss, generator, on_step)
+        one_step = mlp_step_without_autograd(model, opt, device) or backprop_step(opt, batch_loss)
+        step, last_loss = run_steps(split, settings, opt, one_step, generator, on_step)
     finally:
         if isinstance(opt, InBackwardOptimizer):
             opt.close()
@@ -98,12 +102,53 @@ def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, d
     return {"steps": step, "final_loss": last_loss}
 
 
-def run_steps(split: TaskSplit, settings: TrainSettings, opt: torch.optim.Optimizer,
-              batch_loss: Callable[[torch.Tensor, torch.Tensor], tuple], generator: Optional[torch.Generator],
-              on_step: Optional[Callable[[int, float], None]]) -> tuple:
+Step = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+def backprop_step(opt: torch.optim.Optimizer, batch_loss: Callable[[torch.Tensor, torch.Tensor], tuple]) -> Step:
+    """One optimisation step on a batch: ``batch_loss(x, y)`` gives the loss to backpropagate and
+    the value to report; zero_grad, backward, ``opt.step()``. Returns the reported value."""
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> float:
+        loss, value = batch_loss(xb, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return value
+    return step
+
+
+def mlp_step_without_autograd(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> Optional[Step]:
+    """The whole training step of a :class:`~supsup_fast.models.MLP` (LeNet-300-100, FC1024) whose
+    scores a fused in-backward optimiser trains: the loss and every weight gradient from one op
+    (:func:`supsup_fast.ops.mlp_cross_entropy_grads`: the GEMMs and a few elementwise passes, no
+    autograd graph), then each layer's fused update, as the layers' backward would apply it. None
+    where it does not apply (another model, biases, a plain optimiser)."""
+    if not isinstance(opt, InBackwardOptimizer) or type(model) is not MLP:
+        return None
+    layers = list(model.layers)
+    states = []
+    for layer in layers:
+        mode = layer.mode()
+        if layer.bias is not None or not isinstance(mode, Train) or mode.fused is None:
+            return None
+        states.append(mode.fused)
+    grads_of = ops.backend_for(device).mlp_cross_entropy_grads
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> float:
+        xb, yb = xb.to(device, non_blocking=True).flatten(1), yb.to(device, non_blocking=True)
+        weights = [state.effective_weight(layer.scores, layer.weight) for state, layer in zip(states, layers)]
+        loss, grads = grads_of(xb, yb, weights)
+        for state, layer, grad in zip(states, layers, grads):
+            state.apply(layer.scores, layer.weight, grad)
+        return float(loss)
+    return step
+
+
+def run_steps(split: TaskSplit, settings: TrainSettings, opt: torch.optim.Optimizer, one_step: Step,
+              generator: Optional[torch.Generator], on_step: Optional[Callable[[int, float], None]]) -> tuple:
     """The optimisation loop of one task: ``settings.iters`` steps (or ``settings.epochs`` epochs)
-    over shuffled batches, the scheduler stepped per epoch. ``batch_loss(x, y)`` returns the loss to
-    backpropagate and the value to report. Returns (steps, last reported loss)."""
+    over shuffled batches, the scheduler (of ``opt``) stepped per epoch. ``one_step(x, y)`` makes
+    one optimisation step and returns the loss to report. Returns (steps, last reported loss)."""
     sched = make_scheduler(opt, settings)
     step, last_loss = 0, float("nan")
     limit = settings.iters if settings.iters is not None else math.inf
@@ -111,10 +156,7 @@ def run_steps(split: TaskSplit, settings: TrainSettings, opt: torch.optim.Optimi
         for xb, yb in split.batches(settings.batch_size, shuffle=True, generator=generator):
             if step >= limit:
                 break
-            loss, last_loss = batch_loss(xb, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            last_loss = one_step(xb, yb)
             step += 1
             if on_step is not None:
                 on_step(step, last_loss)

@@ -12,7 +12,7 @@ from .. import ops
 
 from .. import nn as snn
 from ..algorithms.inference import alpha_gradient, infer_oneshot
-from ..algorithms.training import TrainSettings, make_task_optimizer
+from ..algorithms.training import TrainSettings, backprop_step, make_task_optimizer, mlp_step_without_autograd
 from ..models import build_model
 from .baselines import FloatStackMLP, random_model_with_masks
 from .timing import interleaved_medians, median_time, read_bandwidth
@@ -72,7 +72,8 @@ def bench_single_task_forward(batches: List[int], size: int = 1024, repeats: int
 def bench_training_step(batch: int = 128, repeats: int = 10, device: str = "cpu",
                         timer: Optional[Callable[[Callable[[], object]], float]] = None,
                         model_name: str = "fc1024") -> dict:
-    """One mask-training step of ``model_name`` (s=500) through the layers vs the same STE step
+    """One mask-training step of ``model_name`` (s=500) as ``train_task`` makes it (for the MLPs: the
+    fused step without autograd) vs the same STE step
     written in plain torch (W * (s >= 0) straight through, three GEMMs per layer). ``timer`` (seconds
     per call of a function) replaces the interleaved CPU timing, e.g. ``do_bench`` on a GPU."""
 
@@ -82,11 +83,14 @@ def bench_training_step(batch: int = 128, repeats: int = 10, device: str = "cpu"
     model.train()
     opt = make_task_optimizer(model, TrainSettings())  # what train_task uses: the fused step here
 
+    def batch_loss(xb, yb):
+        loss = F.cross_entropy(model(xb), yb)
+        return loss, loss.detach()
+
+    one_step = mlp_step_without_autograd(model, opt, torch.device(device)) or backprop_step(opt, batch_loss)
+
     def ours():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        one_step(x, y)
 
     weights = [l.weight for l in snn.supermask_layers(model).values()]
     scores = [l.scores.detach().clone().requires_grad_() for l in snn.supermask_layers(model).values()]

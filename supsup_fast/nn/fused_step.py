@@ -56,13 +56,12 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     def _bind(self, scores: torch.Tensor, group: dict) -> ScoreUpdate:
         raise NotImplementedError
 
-    @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """Nothing to do: the update was applied in the backward pass. Returns the closure's loss."""
-        if closure is None:
-            return None
-        with torch.enable_grad():
-            return closure()
+        return None if closure is None else closure()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to do: the layers give the scores no ``.grad``."""
 
     def close(self) -> None:
         """Return the layers to the plain training step (their scores keep what was learned)."""
@@ -74,7 +73,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
 class InBackwardRMSprop(InBackwardOptimizer):
     """``torch.optim.RMSprop(scores, lr, alpha, eps, weight_decay)`` (no momentum, not centred) on
     the scores of the task being trained in ``model``, applied by the layers inside the backward
-    pass. Call ``close()`` (or finish the task) to return the layers to the plain training step."""
+    pass with the backend chosen for the scores' device when it is made. Call ``close()`` (or finish
+    the task) to return the layers to the plain training step."""
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0):
@@ -84,11 +84,12 @@ class InBackwardRMSprop(InBackwardOptimizer):
 
     def _bind(self, scores, group):
         state = self.state[scores]
-        state["square_avg"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
+        square_avg = state["square_avg"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
+        kernel = ops.backend_for(scores.device).ste_rmsprop_step_  # the op's checks hold by construction
 
         def update(scores, weight, weight_grad, masked_weight):
-            ops.ste_rmsprop_step_(scores, weight_grad, weight, state["square_avg"], masked_weight,
-                                  group["lr"], group["alpha"], group["eps"], group["weight_decay"])
+            kernel(scores.detach(), weight_grad, weight, square_avg, masked_weight,
+                   group["lr"], group["alpha"], group["eps"], group["weight_decay"])
         return update
 
 
@@ -105,11 +106,13 @@ class InBackwardAdam(InBackwardOptimizer):
     def _bind(self, scores, group):
         state = self.state[scores]
         state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
-        state["exp_avg_sq"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
+        exp_avg = state["exp_avg"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
+        exp_avg_sq = state["exp_avg_sq"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
+        kernel = ops.backend_for(scores.device).ste_adam_step_  # the op's checks hold by construction
 
         def update(scores, weight, weight_grad, masked_weight):
             state["step"] += 1
-            ops.ste_adam_step_(scores, weight_grad, weight, state["exp_avg"], state["exp_avg_sq"], masked_weight,
-                               state["step"], group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            beta1, beta2 = group["betas"]
+            kernel(scores.detach(), weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, state["step"],
+                   group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
         return update

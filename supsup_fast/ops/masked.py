@@ -152,3 +152,26 @@ def _check_step_tensors(weight: Tensor, **named: Tensor) -> None:
             raise ValueError(f"{name} must be on the weight's device {weight.device}, got {t.device}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def mlp_cross_entropy_grads(x: Tensor, y: Tensor, weights: Sequence[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+    """The mean cross-entropy of ``x`` [B, in] through linear layers with ReLU between them
+    (``weights`` [out, in] in order, no biases; logits = the last layer's output) against labels
+    ``y`` [B], and the gradient of every weight, without autograd: the whole backward of an MLP
+    training step (the weights are the effective, masked ones). Returns (loss, [dL/dW per layer])."""
+    weights = list(weights)
+    if not weights:
+        raise ValueError("weights must hold at least one layer")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [batch, features], got shape {tuple(x.shape)}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype != torch.int64:
+        raise ValueError(f"y must be an int64 vector of {x.shape[0]} labels, got {y.dtype} of shape {tuple(y.shape)}")
+    width = x.shape[1]
+    for i, w in enumerate(weights):
+        if w.dim() != 2 or w.shape[1] != width:
+            raise ValueError(f"weights[{i}] must be [out, {width}], got shape {tuple(w.shape)}")
+        if w.device != x.device or not w.is_floating_point():
+            raise ValueError(f"weights[{i}] must be a floating-point tensor on {x.device}, got {w.dtype} on {w.device}")
+        width = w.shape[0]
+    with torch.no_grad():
+        return backend_for(x.device).mlp_cross_entropy_grads(x.detach(), y, [w.detach() for w in weights])

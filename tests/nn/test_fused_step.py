@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import supsup_fast.nn as snn
-from supsup_fast.algorithms.training import TrainSettings, make_optimizer, make_task_optimizer, train_task
+from supsup_fast.algorithms.training import (TrainSettings, make_optimizer, make_task_optimizer, mlp_step_without_autograd,
+                                             train_task)
+from supsup_fast.models import build_model
 from supsup_fast.data.tasks import TaskSplit
 from supsup_fast.nn import InBackwardAdam, InBackwardOptimizer, InBackwardRMSprop, SupermaskConv2d, SupermaskLinear
 
@@ -149,3 +151,35 @@ def test_train_task_fused_and_plain_learn_the_same_mask(scheduler, optimizer):
         assert all(isinstance(m.mode(), snn.OneTask) for m in snn.supermask_layers(model).values())
     for a, b in zip(*masks):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
+def test_the_mlp_step_without_autograd_follows_the_plain_step(optimizer):
+    # models.MLP (LeNet-300-100 here) trained by a fused optimiser takes the whole step from
+    # ops.mlp_cross_entropy_grads: the same math as autograd's, to float rounding.
+    plain, fused = twins(lambda: build_model("lenet", 10))
+    settings = TrainSettings(lr=1e-3, optimizer=optimizer)
+    opt_plain, opt_fused = make_optimizer(snn.task_parameters(plain), settings), make_task_optimizer(fused, settings)
+    step = mlp_step_without_autograd(fused, opt_fused, torch.device("cpu"))
+    assert step is not None
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x, y = torch.randn(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        loss = F.cross_entropy(plain(x), y)
+        opt_plain.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_plain.step()
+        assert step(x, y) == pytest.approx(loss.item(), rel=1e-5)
+    # An RMSprop/Adam step is lr·g/(|g| + ε)-sized: where |g| is near ε a rounding difference in g
+    # moves the step by a part of lr, so the tolerance is 1 % of lr.
+    for a, b in zip(scores(plain), scores(fused)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-2 * settings.lr)
+
+
+def test_the_mlp_step_is_only_taken_where_it_applies():
+    model = build_model("lenet", 10)
+    snn.begin_task(model)
+    assert mlp_step_without_autograd(model, make_optimizer(snn.task_parameters(model), TrainSettings()),
+                                     torch.device("cpu")) is None  # a plain optimiser: autograd
+    _, conv = twins(ConvNet)
+    assert mlp_step_without_autograd(conv, InBackwardRMSprop(conv, lr=1e-3), torch.device("cpu")) is None

@@ -187,6 +187,41 @@ def test_ste_adam_step(pair, shape, wd, step):
     assert torch.equal(got[3], w * (got[0] >= 0)) and torch.equal(ref[3], w * (ref[0] >= 0))
 
 
+@pytest.mark.parametrize("sizes", [(13, 11, 5, 3), (37, 1), (784, 300, 100, 10)])
+def test_mlp_cross_entropy_grads_equal_autograd(pair, sizes):
+    gen = torch.Generator().manual_seed(sum(sizes))
+    x = torch.randn(9, sizes[0], generator=gen)
+    y = torch.randint(0, sizes[-1], (9,), generator=gen)
+    weights = [torch.randn(o, i, generator=gen) / i ** 0.5 for i, o in zip(sizes[:-1], sizes[1:])]
+    def loss_and_grads(x, y, *weights):
+        loss, grads = ss.ops.mlp_cross_entropy_grads(x, y, weights)
+        return (loss, *grads)
+
+    got, ref = on(pair, loss_and_grads, x, y, *weights)
+    leaves = [w.clone().requires_grad_() for w in weights]
+    h = x
+    for i, w in enumerate(leaves):
+        h = F.linear(h, w)
+        if i + 1 < len(leaves):
+            h = F.relu(h)
+    expect = F.cross_entropy(h, y)
+    expect = (expect.detach(), *torch.autograd.grad(expect, leaves))
+    for result in (got, ref):
+        assert len(result) == len(expect)
+        for a, e in zip(result, expect):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+
+
+def test_mlp_cross_entropy_grads_refuses_bad_arguments():
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"weights\[1\] must be \[out, 5\]"):
+        ss.ops.mlp_cross_entropy_grads(x, y, [torch.randn(5, 6), torch.randn(3, 4)])
+    with pytest.raises(ValueError, match="y must be an int64 vector of 4 labels"):
+        ss.ops.mlp_cross_entropy_grads(x, y[:3], [torch.randn(3, 6)])
+    with pytest.raises(ValueError, match="at least one layer"):
+        ss.ops.mlp_cross_entropy_grads(x, y, [])
+
+
 def test_ste_rmsprop_step_refuses_bad_arguments():
     w = torch.randn(4, 6)
     good = dict(scores=torch.randn(4, 6), weight_grad=torch.randn(4, 6), weight=w, square_avg=torch.zeros(4, 6),

@@ -147,6 +147,12 @@ class CpuBackend(ReferenceBackend):
             return super().threshold_masked_weight(scores, weight)
         return self.ops.threshold_masked_weight(scores.contiguous(), weight.contiguous())
 
+    def mlp_cross_entropy_grads(self, x, y, weights):
+        if x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights):
+            return super().mlp_cross_entropy_grads(x, y, weights)
+        loss, grads = self.ops.mlp_cross_entropy_grads(x.contiguous(), y.contiguous(), [w.contiguous() for w in weights])
+        return loss, list(grads)
+
     def ste_adam_step_(self, param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, step, lr, beta1, beta2, eps,
                        weight_decay):
         tensors = (param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight)

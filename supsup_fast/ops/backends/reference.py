@@ -172,6 +172,28 @@ class ReferenceBackend:
         param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
         masked_weight.copy_(self.threshold_masked_weight(param, weight))
 
+    def mlp_cross_entropy_grads(self, x: torch.Tensor, y: torch.Tensor,
+                                weights: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Mean cross-entropy of the chain x → linear → ReLU → … → linear (no biases) and the
+        gradient of every weight, by hand (no autograd); the first layer's input gradient is not formed."""
+        inputs, h = [x], x
+        for i, w in enumerate(weights):
+            h = h.mm(w.t())
+            if i + 1 < len(weights):
+                h = h.relu_()
+                inputs.append(h)
+        log_probs = torch.log_softmax(h, 1)
+        loss = F.nll_loss(log_probs, y)
+        dz = log_probs.exp()
+        dz[torch.arange(len(y), device=y.device), y] -= 1
+        dz /= len(y)
+        grads: List[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+        for i in range(len(weights) - 1, -1, -1):
+            grads[i] = dz.t().mm(inputs[i])
+            if i > 0:
+                dz = torch.ops.aten.threshold_backward(dz.mm(weights[i]), inputs[i], 0)
+        return loss, grads
+
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
         """x (W ⊙ M)ᵀ + b for signed-constant W = scale · (2·sign − 1), W given as sign bits."""
         n = x.shape[-1]
