@@ -234,7 +234,8 @@ def print_table(rep: dict) -> None:
     print(f"== {isa} ({rep['machine'].get('cpu_model', '?')}, {rep['machine']['threads']} threads, "
           f"read {rep['read_bandwidth_GBps']:.1f} GB/s; {rep['note']})")
     for part, stamp in rep.get("measured", {}).items():
-        print(f"  {part}: measured {stamp.get('date', '?')} at {stamp.get('commit', '?')} ({stamp.get('note', '')})")
+        when = f"measured {stamp['date']} at {stamp['commit']}" if "date" in stamp else "kept from the earlier full run"
+        print(f"  {part}: {when} ({stamp.get('note', '')})")
     for r in rep["training_step_b128_s500"]:
         print(f"  training step {r['model']:7s} ours {r['ours_s']*1e3:7.2f} ms  plain {r['plain_torch_ste_s']*1e3:7.2f} ms  "
               f"{r['ours_vs_plain_speed']:.2f}x (bar {r['bar']}x)  three-GEMM floor {r['three_gemms_s']*1e3:.2f} ms")

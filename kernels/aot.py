@@ -12,7 +12,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import bank, bits, gemm
+from . import bank, bits, gemm, optim
 
 
 def _raw(fn):
@@ -49,6 +49,13 @@ def variants() -> List[Tuple[str, str, object, Dict[str, str], Dict[str, object]
               "BLOCK_N": "constexpr"}, {"BLOCK_N": 1024})
     plain("threshold_masked_weight", bits.threshold_masked_weight_kernel,
           {"s_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32", "numel": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
+    plain("ste_rmsprop", optim.ste_rmsprop_kernel,
+          {"p_ptr": "*fp32", "dw_ptr": "*fp32", "w_ptr": "*fp32", "sq_ptr": "*fp32", "out_ptr": "*fp32", "numel": "i32",
+           "lr": "fp32", "alpha": "fp32", "eps": "fp32", "wd": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
+    plain("ste_adam", optim.ste_adam_kernel,
+          {"p_ptr": "*fp32", "dw_ptr": "*fp32", "w_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "out_ptr": "*fp32",
+           "numel": "i32", "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "step_size": "fp32",
+           "bc2_sqrt": "fp32", "eps": "fp32", "wd": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
     for active in (False, True):
         plain(f"superpose active={active}", bank.superpose_kernel,
               {"bank_ptr": "*i32", "alpha_ptr": "*fp32", "active_ptr": "*i64", "out_ptr": "*fp32", "k": "i32", "L": "i32",
