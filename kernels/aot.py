@@ -51,7 +51,8 @@ def variants() -> List[Tuple[str, str, object, Dict[str, str], Dict[str, object]
           {"s_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32", "numel": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
     plain("ste_rmsprop", optim.ste_rmsprop_kernel,
           {"p_ptr": "*fp32", "dw_ptr": "*fp32", "w_ptr": "*fp32", "sq_ptr": "*fp32", "out_ptr": "*fp32", "numel": "i32",
-           "lr": "fp32", "alpha": "fp32", "eps": "fp32", "wd": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
+           "lr": "fp32", "alpha": "fp32", "one_minus_alpha": "fp32", "eps": "fp32", "wd": "fp32", "BLOCK": "constexpr"},
+          {"BLOCK": 1024})
     plain("ste_adam", optim.ste_adam_kernel,
           {"p_ptr": "*fp32", "dw_ptr": "*fp32", "w_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "out_ptr": "*fp32",
            "numel": "i32", "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "step_size": "fp32",

@@ -13,14 +13,18 @@ from .common import INTERPRET
 
 
 @triton.jit
-def ste_rmsprop_kernel(p_ptr, dw_ptr, w_ptr, sq_ptr, out_ptr, numel, lr, alpha, eps, wd, BLOCK: tl.constexpr):
+def ste_rmsprop_kernel(p_ptr, dw_ptr, w_ptr, sq_ptr, out_ptr, numel, lr, alpha, one_minus_alpha, eps, wd,
+                       BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = i < numel
     p = tl.load(p_ptr + i, mask=inside, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + i, mask=inside, other=0.0).to(tl.float32)
-    g = tl.load(dw_ptr + i, mask=inside, other=0.0).to(tl.float32) * w + wd * p
-    sq = tl.load(sq_ptr + i, mask=inside, other=0.0).to(tl.float32) * alpha + (1.0 - alpha) * g * g
-    p = p - lr * g / (tl.sqrt(sq) + eps)
+    g = tl.load(dw_ptr + i, mask=inside, other=0.0).to(tl.float32) * w
+    if wd != 0:
+        g = g + wd * p
+    sq = tl.load(sq_ptr + i, mask=inside, other=0.0).to(tl.float32) * alpha + one_minus_alpha * g * g
+    # IEEE-rounded sqrt and division (Triton's defaults are approximate on NVIDIA), as torch computes them
+    p = p + tl.div_rn(-lr * g, tl.sqrt_rn(sq) + eps)
     tl.store(sq_ptr + i, sq, mask=inside)
     tl.store(p_ptr + i, p, mask=inside)
     tl.store(out_ptr + i, tl.where(p >= 0, w, 0.0), mask=inside)
@@ -33,7 +37,8 @@ def ste_rmsprop_step_(param: Tensor, weight_grad: Tensor, weight: Tensor, square
     block = 4096 if INTERPRET else 1024
     if numel:
         wrap_triton(ste_rmsprop_kernel)[(triton.cdiv(numel, block),)](param, weight_grad, weight, square_avg, masked_weight,
-                                                                      numel, lr, alpha, eps, weight_decay, BLOCK=block)
+                                                                      numel, lr, alpha, 1 - alpha, eps, weight_decay,
+                                                                      BLOCK=block)
 
 
 @triton.jit
@@ -43,11 +48,13 @@ def ste_adam_kernel(p_ptr, dw_ptr, w_ptr, m_ptr, v_ptr, out_ptr, numel, one_minu
     inside = i < numel
     p = tl.load(p_ptr + i, mask=inside, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + i, mask=inside, other=0.0).to(tl.float32)
-    g = tl.load(dw_ptr + i, mask=inside, other=0.0).to(tl.float32) * w + wd * p
+    g = tl.load(dw_ptr + i, mask=inside, other=0.0).to(tl.float32) * w
+    if wd != 0:
+        g = g + wd * p
     m = tl.load(m_ptr + i, mask=inside, other=0.0).to(tl.float32)
     m = m + one_minus_beta1 * (g - m)
     v = tl.load(v_ptr + i, mask=inside, other=0.0).to(tl.float32) * beta2 + one_minus_beta2 * g * g
-    p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+    p = p + tl.div_rn(-step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
     tl.store(m_ptr + i, m, mask=inside)
     tl.store(v_ptr + i, v, mask=inside)
     tl.store(p_ptr + i, p, mask=inside)

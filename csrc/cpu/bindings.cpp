@@ -350,6 +350,11 @@ at::Tensor scaled_linear_small_t_op(const at::Tensor& g, const at::Tensor& w, co
   return dx;
 }
 
+RmspropScalars rmsprop_scalars(double lr, double alpha, double eps, double weight_decay) {
+  return {static_cast<float>(lr), static_cast<float>(alpha), static_cast<float>(1.0 - alpha), static_cast<float>(eps),
+          static_cast<float>(weight_decay)};
+}
+
 void rmsprop_step_op(at::Tensor param, const at::Tensor& grad, at::Tensor square_avg, double lr, double alpha, double eps,
                      double weight_decay) {
   check_float(param, "param");
@@ -359,11 +364,8 @@ void rmsprop_step_op(at::Tensor param, const at::Tensor& grad, at::Tensor square
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   float* s = square_avg.data_ptr<float>();
-  const int64_t n = param.numel();
-  at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
-    rmsprop_step(current_isa(), p, g, s, static_cast<float>(lr), static_cast<float>(alpha), static_cast<float>(eps),
-                 static_cast<float>(weight_decay), i0, i1);
-  });
+  const RmspropScalars c = rmsprop_scalars(lr, alpha, eps, weight_decay);
+  at::parallel_for(0, param.numel(), 1 << 14, [&](int64_t i0, int64_t i1) { rmsprop_step(current_isa(), p, g, s, c, i0, i1); });
 }
 
 void ste_rmsprop_step_op(at::Tensor param, const at::Tensor& weight_grad, const at::Tensor& weight, at::Tensor square_avg,
@@ -381,10 +383,8 @@ void ste_rmsprop_step_op(at::Tensor param, const at::Tensor& weight_grad, const 
   const float* w = weight.data_ptr<float>();
   float* s = square_avg.data_ptr<float>();
   float* out = masked_weight.data_ptr<float>();
-  at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
-    ste_rmsprop_step(current_isa(), p, dw, w, s, out, static_cast<float>(lr), static_cast<float>(alpha),
-                     static_cast<float>(eps), static_cast<float>(weight_decay), i0, i1);
-  });
+  const RmspropScalars c = rmsprop_scalars(lr, alpha, eps, weight_decay);
+  at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) { ste_rmsprop_step(current_isa(), p, dw, w, s, out, c, i0, i1); });
 }
 
 void ste_adam_step_op(at::Tensor param, const at::Tensor& weight_grad, const at::Tensor& weight, at::Tensor exp_avg,
@@ -443,7 +443,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_grads_op(const
   // d(mean CE)/d logits = (softmax - onehot) / B
   at::Tensor dz = log_probs.exp();
   float* d = dz.data_ptr<float>();
-  const int64_t* lab = y.data_ptr<int64_t>();
+  const at::Tensor labels = y.contiguous();
+  const int64_t* lab = labels.data_ptr<int64_t>();
   for (int64_t i = 0; i < B; ++i) d[i * C + lab[i]] -= 1.0f;
   dz.div_(static_cast<double>(B));
   std::vector<at::Tensor> grads(L);

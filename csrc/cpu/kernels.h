@@ -58,31 +58,26 @@ void signed_masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t 
 }  // namespace supsup_cpu
 
 namespace supsup_cpu {
-// One RMSprop step (torch.optim.RMSprop semantics without momentum or centering), fused into a
-// single pass: g = grad + wd * p; sq = alpha * sq + (1 - alpha) * g * g; p -= lr * g / (sqrt(sq) + eps).
-void rmsprop_step(Isa isa, float* param, const float* grad, float* square_avg, float lr, float alpha, float eps,
-                  float weight_decay, int64_t i0, int64_t i1);
-}  // namespace supsup_cpu
-
-namespace supsup_cpu {
-// The straight-through RMSprop step of a threshold supermask layer, fused into one pass that also
-// writes the next step's masked weight: g = weight_grad * w + wd * p (the score gradient: dL/dW_eff ⊙ W),
-// the rmsprop_step rule on p, then masked_weight = p_new >= 0 ? w : 0.
-void ste_rmsprop_step(Isa isa, float* param, const float* weight_grad, const float* weight, float* square_avg,
-                      float* masked_weight, float lr, float alpha, float eps, float weight_decay, int64_t i0, int64_t i1);
-void ste_rmsprop_scalar(float* param, const float* weight_grad, const float* weight, float* square_avg,
-                        float* masked_weight, float lr, float alpha, float eps, float weight_decay, int64_t i0, int64_t i1);
-
-// The same with torch.optim.Adam's rule (no amsgrad). The caller computes the scalars in double,
-// as torch does (1 - beta in float would be off by up to 5e-5 relative for beta2 = 0.999):
-// step_size = lr / (1 - beta1^step), bias_correction2_sqrt = sqrt(1 - beta2^step).
+// The optimiser steps of optim.cpp. Their scalars are computed by the caller in double and rounded
+// once, as torch does: one_minus_alpha = 1 - alpha; Adam's step_size = lr / (1 - beta1^step) and
+// bias_correction2_sqrt = sqrt(1 - beta2^step).
+struct RmspropScalars {
+  float lr, alpha, one_minus_alpha, eps, weight_decay;
+};
 struct AdamScalars {
   float one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, weight_decay;
 };
+// One RMSprop step (torch.optim.RMSprop without momentum or centering) in one pass:
+// g = grad + wd * p; sq = alpha * sq + (1 - alpha) * g * g; p -= lr * g / (sqrt(sq) + eps).
+void rmsprop_step(Isa isa, float* param, const float* grad, float* square_avg, const RmspropScalars& c, int64_t i0,
+                  int64_t i1);
+// The straight-through steps of a threshold supermask layer, one pass each, which also write the next
+// step's masked weight: g = weight_grad * w + wd * p (the score gradient dL/dW_eff ⊙ W), the RMSprop
+// (or Adam, no amsgrad) rule on p, then masked_weight = p_new >= 0 ? w : 0.
+void ste_rmsprop_step(Isa isa, float* param, const float* weight_grad, const float* weight, float* square_avg,
+                      float* masked_weight, const RmspropScalars& c, int64_t i0, int64_t i1);
 void ste_adam_step(Isa isa, float* param, const float* weight_grad, const float* weight, float* exp_avg,
                    float* exp_avg_sq, float* masked_weight, const AdamScalars& c, int64_t i0, int64_t i1);
-void ste_adam_scalar(float* param, const float* weight_grad, const float* weight, float* exp_avg, float* exp_avg_sq,
-                     float* masked_weight, const AdamScalars& c, int64_t i0, int64_t i1);
 }  // namespace supsup_cpu
 
 namespace supsup_cpu {

@@ -1,84 +1,105 @@
-// The fused optimiser step of score training.
+// The fused optimiser steps of score training: RMSprop on a gradient (FusedRMSprop), and the
+// straight-through RMSprop / Adam steps of a threshold supermask layer, which start from the weight
+// gradient and also write the next step's masked weight. The scalars come from the caller, computed
+// in double as torch computes them (1 - beta in float would be off by up to 5e-5 relative).
 #include "kernels.h"
 #include "simd.h"
 
-#include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
-#include <vector>
 
 namespace supsup_cpu {
 
 namespace {
 
-// Elementwise kernels: AVX-512 where the CPU has it (the translation unit's baseline is SSE2), a
-// branch-free scalar loop otherwise. Both read every input unconditionally so they vectorise.
-AVX512_TARGET void rmsprop_avx512(float* p, const float* g, float* sq, float lr, float alpha, float eps, float wd,
-                                  int64_t i0, int64_t i1) {
-  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(1.0f - alpha), vlr = _mm512_set1_ps(-lr),
-               ve = _mm512_set1_ps(eps), vwd = _mm512_set1_ps(wd);
-  int64_t i = i0;
-  for (; i < i1; i += 16) {
-    const __mmask16 m = i + 16 <= i1 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (i1 - i)) - 1u);
+inline __mmask16 tail_mask(int64_t i, int64_t i1) {
+  return i + 16 <= i1 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (i1 - i)) - 1u);
+}
+
+// RMSprop on p from gradient g: v = a v + (1 - a) g²; p += -lr g / (√v + eps). Returns the new p.
+AVX512_TARGET inline __m512 rmsprop16(__m512 pv, __m512 gv, float* sq, __mmask16 m, const RmspropScalars& c) {
+  const __m512 s = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, sq), _mm512_set1_ps(c.alpha)),
+                                 _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(c.one_minus_alpha), gv), gv));
+  _mm512_mask_storeu_ps(sq, m, s);
+  const __m512 upd = _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(-c.lr), gv),
+                                   _mm512_add_ps(_mm512_sqrt_ps(s), _mm512_set1_ps(c.eps)));
+  return _mm512_add_ps(pv, upd);
+}
+
+AVX2_TARGET inline __m256 rmsprop8(__m256 pv, __m256 gv, float* sq, const RmspropScalars& c) {
+  const __m256 s = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(sq), _mm256_set1_ps(c.alpha)),
+                                 _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(c.one_minus_alpha), gv), gv));
+  _mm256_storeu_ps(sq, s);
+  const __m256 upd = _mm256_div_ps(_mm256_mul_ps(_mm256_set1_ps(-c.lr), gv),
+                                   _mm256_add_ps(_mm256_sqrt_ps(s), _mm256_set1_ps(c.eps)));
+  return _mm256_add_ps(pv, upd);
+}
+
+inline float rmsprop1(float p, float g, float* sq, const RmspropScalars& c) {
+  const float s = *sq * c.alpha + c.one_minus_alpha * g * g;
+  *sq = s;
+  return p + (-c.lr) * g / (std::sqrt(s) + c.eps);
+}
+
+AVX512_TARGET void rmsprop_avx512(float* p, const float* g, float* sq, const RmspropScalars& c, int64_t i0, int64_t i1) {
+  const __m512 vwd = _mm512_set1_ps(c.weight_decay);
+  for (int64_t i = i0; i < i1; i += 16) {
+    const __mmask16 m = tail_mask(i, i1);
     const __m512 pv = _mm512_maskz_loadu_ps(m, p + i);
     __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
-    if (wd != 0.0f) gv = _mm512_add_ps(gv, _mm512_mul_ps(vwd, pv));
-    const __m512 s = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, sq + i), va), _mm512_mul_ps(_mm512_mul_ps(vb, gv), gv));
-    _mm512_mask_storeu_ps(sq + i, m, s);
-    const __m512 upd = _mm512_div_ps(_mm512_mul_ps(vlr, gv), _mm512_add_ps(_mm512_sqrt_ps(s), ve));
-    _mm512_mask_storeu_ps(p + i, m, _mm512_add_ps(pv, upd));
+    if (c.weight_decay != 0.0f) gv = _mm512_add_ps(gv, _mm512_mul_ps(vwd, pv));
+    _mm512_mask_storeu_ps(p + i, m, rmsprop16(pv, gv, sq + i, m, c));
   }
 }
 
-// The fused straight-through RMSprop step of a threshold supermask layer (one pass per element):
-// g = dW * w + wd * p (the score gradient of W ⊙ 1[p ≥ 0] is dL/dW_eff ⊙ W), the RMSprop update of p,
-// and the next step's masked weight out = p_new ≥ 0 ? w : 0.
-AVX512_TARGET void ste_rmsprop_avx512(float* p, const float* dw, const float* w, float* sq, float* out, float lr,
-                                      float alpha, float eps, float wd, int64_t i0, int64_t i1) {
-  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(1.0f - alpha), vlr = _mm512_set1_ps(-lr),
-               ve = _mm512_set1_ps(eps), vwd = _mm512_set1_ps(wd), zero = _mm512_setzero_ps();
+// The straight-through step: g = dW ⊙ w (+ wd p), then the rule, then out = p_new ≥ 0 ? w : 0.
+AVX512_TARGET void ste_rmsprop_avx512(float* p, const float* dw, const float* w, float* sq, float* out,
+                                      const RmspropScalars& c, int64_t i0, int64_t i1) {
+  const __m512 vwd = _mm512_set1_ps(c.weight_decay), zero = _mm512_setzero_ps();
   for (int64_t i = i0; i < i1; i += 16) {
-    const __mmask16 m = i + 16 <= i1 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (i1 - i)) - 1u);
+    const __mmask16 m = tail_mask(i, i1);
     const __m512 pv = _mm512_maskz_loadu_ps(m, p + i), wv = _mm512_maskz_loadu_ps(m, w + i);
     __m512 gv = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dw + i), wv);
-    if (wd != 0.0f) gv = _mm512_add_ps(gv, _mm512_mul_ps(vwd, pv));
-    const __m512 s = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, sq + i), va), _mm512_mul_ps(_mm512_mul_ps(vb, gv), gv));
-    _mm512_mask_storeu_ps(sq + i, m, s);
-    const __m512 pn = _mm512_add_ps(pv, _mm512_div_ps(_mm512_mul_ps(vlr, gv), _mm512_add_ps(_mm512_sqrt_ps(s), ve)));
+    if (c.weight_decay != 0.0f) gv = _mm512_add_ps(gv, _mm512_mul_ps(vwd, pv));
+    const __m512 pn = rmsprop16(pv, gv, sq + i, m, c);
     _mm512_mask_storeu_ps(p + i, m, pn);
-    const __mmask16 keep = _mm512_mask_cmp_ps_mask(m, pn, zero, _CMP_GE_OQ);
-    _mm512_mask_storeu_ps(out + i, m, _mm512_maskz_mov_ps(keep, wv));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(m, pn, zero, _CMP_GE_OQ), wv));
   }
 }
 
-AVX2_TARGET void ste_rmsprop_avx2(float* p, const float* dw, const float* w, float* sq, float* out, float lr,
-                                  float alpha, float eps, float wd, int64_t i0, int64_t i1) {
-  const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(1.0f - alpha), vlr = _mm256_set1_ps(-lr),
-               ve = _mm256_set1_ps(eps), vwd = _mm256_set1_ps(wd), zero = _mm256_setzero_ps();
+void ste_rmsprop_scalar(float* p, const float* dw, const float* w, float* sq, float* out, const RmspropScalars& c,
+                        int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float g = dw[i] * w[i];
+    if (c.weight_decay != 0.0f) g += c.weight_decay * p[i];
+    const float pn = rmsprop1(p[i], g, sq + i, c);
+    p[i] = pn;
+    out[i] = pn >= 0.0f ? w[i] : 0.0f;
+  }
+}
+
+AVX2_TARGET void ste_rmsprop_avx2(float* p, const float* dw, const float* w, float* sq, float* out,
+                                  const RmspropScalars& c, int64_t i0, int64_t i1) {
+  const __m256 vwd = _mm256_set1_ps(c.weight_decay), zero = _mm256_setzero_ps();
   int64_t i = i0;
   for (; i + 8 <= i1; i += 8) {
     const __m256 pv = _mm256_loadu_ps(p + i), wv = _mm256_loadu_ps(w + i);
     __m256 gv = _mm256_mul_ps(_mm256_loadu_ps(dw + i), wv);
-    if (wd != 0.0f) gv = _mm256_add_ps(gv, _mm256_mul_ps(vwd, pv));
-    const __m256 s = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(sq + i), va), _mm256_mul_ps(_mm256_mul_ps(vb, gv), gv));
-    _mm256_storeu_ps(sq + i, s);
-    const __m256 pn = _mm256_add_ps(pv, _mm256_div_ps(_mm256_mul_ps(vlr, gv), _mm256_add_ps(_mm256_sqrt_ps(s), ve)));
+    if (c.weight_decay != 0.0f) gv = _mm256_add_ps(gv, _mm256_mul_ps(vwd, pv));
+    const __m256 pn = rmsprop8(pv, gv, sq + i, c);
     _mm256_storeu_ps(p + i, pn);
     _mm256_storeu_ps(out + i, _mm256_and_ps(_mm256_cmp_ps(pn, zero, _CMP_GE_OQ), wv));
   }
-  ste_rmsprop_scalar(p, dw, w, sq, out, lr, alpha, eps, wd, i, i1);
+  ste_rmsprop_scalar(p, dw, w, sq, out, c, i, i1);
 }
 
-// The same for Adam (torch.optim.Adam without amsgrad): g = dW * w + wd * p; m += (1 - b1)(g - m);
-// v = b2 v + (1 - b2) g²; p -= step_size · m / (√v / bc2_sqrt + eps); out = p ≥ 0 ? w : 0.
+// Adam: m += (1 - b1)(g - m); v = b2 v + (1 - b2) g²; p += -step_size m / (√v / bc2_sqrt + eps).
 AVX512_TARGET void ste_adam_avx512(float* p, const float* dw, const float* w, float* m, float* v, float* out,
                                    const AdamScalars& c, int64_t i0, int64_t i1) {
   const __m512 vb1 = _mm512_set1_ps(c.one_minus_beta1), vb2 = _mm512_set1_ps(c.beta2), vc2 = _mm512_set1_ps(c.one_minus_beta2),
                vstep = _mm512_set1_ps(-c.step_size), vbc2 = _mm512_set1_ps(c.bias_correction2_sqrt),
                ve = _mm512_set1_ps(c.eps), vwd = _mm512_set1_ps(c.weight_decay), zero = _mm512_setzero_ps();
   for (int64_t i = i0; i < i1; i += 16) {
-    const __mmask16 k = i + 16 <= i1 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (i1 - i)) - 1u);
+    const __mmask16 k = tail_mask(i, i1);
     const __m512 pv = _mm512_maskz_loadu_ps(k, p + i), wv = _mm512_maskz_loadu_ps(k, w + i);
     __m512 gv = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, dw + i), wv);
     if (c.weight_decay != 0.0f) gv = _mm512_add_ps(gv, _mm512_mul_ps(vwd, pv));
@@ -91,6 +112,21 @@ AVX512_TARGET void ste_adam_avx512(float* p, const float* dw, const float* w, fl
     const __m512 pn = _mm512_add_ps(pv, _mm512_div_ps(_mm512_mul_ps(vstep, mv), denom));
     _mm512_mask_storeu_ps(p + i, k, pn);
     _mm512_mask_storeu_ps(out + i, k, _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(k, pn, zero, _CMP_GE_OQ), wv));
+  }
+}
+
+void ste_adam_scalar(float* p, const float* dw, const float* w, float* m, float* v, float* out, const AdamScalars& c,
+                     int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float g = dw[i] * w[i];
+    if (c.weight_decay != 0.0f) g += c.weight_decay * p[i];
+    const float mi = m[i] + c.one_minus_beta1 * (g - m[i]);
+    const float vi = v[i] * c.beta2 + c.one_minus_beta2 * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    const float pn = p[i] + (-c.step_size) * mi / (std::sqrt(vi) / c.bias_correction2_sqrt + c.eps);
+    p[i] = pn;
+    out[i] = pn >= 0.0f ? w[i] : 0.0f;
   }
 }
 
@@ -119,18 +155,21 @@ AVX2_TARGET void ste_adam_avx2(float* p, const float* dw, const float* w, float*
 
 }  // namespace
 
-void ste_adam_scalar(float* p, const float* dw, const float* w, float* m, float* v, float* out, const AdamScalars& c,
-                     int64_t i0, int64_t i1) {
+void rmsprop_step(Isa isa, float* param, const float* grad, float* square_avg, const RmspropScalars& c, int64_t i0,
+                  int64_t i1) {
+  if (isa == Isa::Avx512) return rmsprop_avx512(param, grad, square_avg, c, i0, i1);
   for (int64_t i = i0; i < i1; ++i) {
-    const float g = dw[i] * w[i] + c.weight_decay * p[i];
-    const float mi = m[i] + c.one_minus_beta1 * (g - m[i]);
-    const float vi = v[i] * c.beta2 + c.one_minus_beta2 * g * g;
-    m[i] = mi;
-    v[i] = vi;
-    const float pn = p[i] + (-c.step_size) * mi / (std::sqrt(vi) / c.bias_correction2_sqrt + c.eps);
-    p[i] = pn;
-    out[i] = pn >= 0.0f ? w[i] : 0.0f;
+    float g = grad[i];
+    if (c.weight_decay != 0.0f) g += c.weight_decay * param[i];
+    param[i] = rmsprop1(param[i], g, square_avg + i, c);
   }
+}
+
+void ste_rmsprop_step(Isa isa, float* param, const float* weight_grad, const float* weight, float* square_avg,
+                      float* masked_weight, const RmspropScalars& c, int64_t i0, int64_t i1) {
+  if (isa == Isa::Avx512) return ste_rmsprop_avx512(param, weight_grad, weight, square_avg, masked_weight, c, i0, i1);
+  if (isa == Isa::Avx2) return ste_rmsprop_avx2(param, weight_grad, weight, square_avg, masked_weight, c, i0, i1);
+  ste_rmsprop_scalar(param, weight_grad, weight, square_avg, masked_weight, c, i0, i1);
 }
 
 void ste_adam_step(Isa isa, float* param, const float* weight_grad, const float* weight, float* exp_avg,
@@ -138,40 +177,6 @@ void ste_adam_step(Isa isa, float* param, const float* weight_grad, const float*
   if (isa == Isa::Avx512) return ste_adam_avx512(param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, c, i0, i1);
   if (isa == Isa::Avx2) return ste_adam_avx2(param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, c, i0, i1);
   ste_adam_scalar(param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, c, i0, i1);
-}
-
-void ste_rmsprop_scalar(float* p, const float* dw, const float* w, float* sq, float* out, float lr, float alpha,
-                        float eps, float wd, int64_t i0, int64_t i1) {
-  const float one_minus_alpha = 1.0f - alpha;
-  for (int64_t i = i0; i < i1; ++i) {
-    const float g = dw[i] * w[i] + wd * p[i];
-    const float s = sq[i] * alpha + one_minus_alpha * g * g;
-    sq[i] = s;
-    const float pn = p[i] + (-lr) * g / (std::sqrt(s) + eps);
-    p[i] = pn;
-    out[i] = pn >= 0.0f ? w[i] : 0.0f;
-  }
-}
-
-void ste_rmsprop_step(Isa isa, float* param, const float* weight_grad, const float* weight, float* square_avg,
-                      float* masked_weight, float lr, float alpha, float eps, float weight_decay, int64_t i0, int64_t i1) {
-  if (isa == Isa::Avx512)
-    return ste_rmsprop_avx512(param, weight_grad, weight, square_avg, masked_weight, lr, alpha, eps, weight_decay, i0, i1);
-  if (isa == Isa::Avx2)
-    return ste_rmsprop_avx2(param, weight_grad, weight, square_avg, masked_weight, lr, alpha, eps, weight_decay, i0, i1);
-  ste_rmsprop_scalar(param, weight_grad, weight, square_avg, masked_weight, lr, alpha, eps, weight_decay, i0, i1);
-}
-
-void rmsprop_step(Isa isa, float* param, const float* grad, float* square_avg, float lr, float alpha, float eps,
-                  float weight_decay, int64_t i0, int64_t i1) {
-  if (isa == Isa::Avx512) return rmsprop_avx512(param, grad, square_avg, lr, alpha, eps, weight_decay, i0, i1);
-  const float one_minus_alpha = 1.0f - alpha;
-  for (int64_t i = i0; i < i1; ++i) {
-    const float g = grad[i] + weight_decay * param[i];
-    const float sq = square_avg[i] * alpha + one_minus_alpha * g * g;
-    square_avg[i] = sq;
-    param[i] = param[i] + (-lr) * g / (std::sqrt(sq) + eps);
-  }
 }
 
 }  // namespace supsup_cpu

@@ -14,8 +14,8 @@ from .. import ops
 ScoreUpdate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-def _key(scores: torch.Tensor) -> tuple:
-    return scores.data_ptr(), scores._version
+def _key(scores: torch.Tensor, weight: torch.Tensor) -> tuple:
+    return scores.data_ptr(), scores._version, weight.data_ptr(), weight._version
 
 
 class FusedScoreState:
@@ -26,36 +26,40 @@ class FusedScoreState:
     def __init__(self, layer, update: ScoreUpdate):
         self.update = update
         self.masked_weight = ops.threshold_masked_weight(layer.scores, layer.weight)
-        self._scores_key = _key(layer.scores)
-        self.generation = 0  # steps applied; a forward's backward must see the generation it was made in
+        self._key = _key(layer.scores, layer.weight)
+        # Bumped whenever the masked weight changes: a forward's backward must see the generation it was made in.
+        self.generation = 0
 
     def effective_weight(self, scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if _key(scores) != self._scores_key:  # the scores were changed outside the fused step
+        if _key(scores, weight) != self._key:  # scores or weight changed outside the fused step
             self.masked_weight = ops.threshold_masked_weight(scores, weight)
-            self._scores_key = _key(scores)
+            self._key = _key(scores, weight)
+            self.generation += 1
         return self.masked_weight
 
     def apply(self, scores: torch.Tensor, weight: torch.Tensor, weight_grad: torch.Tensor) -> None:
         self.update(scores, weight, weight_grad, self.masked_weight)
-        self._scores_key = _key(scores)
+        self._key = _key(scores, weight)
         self.generation += 1
 
 
 class _FusedThresholdStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scores, layer, state):
+        masked_weight = state.effective_weight(scores, layer.weight)
         ctx.layer, ctx.state, ctx.generation = layer, state, state.generation
         ctx.scores = scores
         ctx.save_for_backward(x)
-        return layer._dense(x, state.effective_weight(scores, layer.weight))
+        return layer._dense(x, masked_weight)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         layer, state = ctx.layer, ctx.state
         if state.generation != ctx.generation:
-            raise RuntimeError("fused training step: this forward's scores were already updated by another backward; "
-                               "run exactly one backward per forward (or train with a plain optimiser)")
+            raise RuntimeError("fused training step: the masked weight changed after this forward (another backward "
+                               "updated the scores, or they were edited); run one backward per forward, in order "
+                               "(or train with a plain optimiser)")
         dx, dw = layer._dense_grads(grad, x, state.masked_weight, need_input=ctx.needs_input_grad[0])
         state.apply(ctx.scores, layer.weight, dw)
         return dx, None, None, None

@@ -5,13 +5,15 @@ masked weight W ⊙ 1[s ≥ 0] in the forward, the straight-through product dL/d
 backward, and the optimiser's read and write of the scores and its running average. Here each layer
 keeps its masked weight from one step to the next, and its backward computes the weight gradient
 (one GEMM; the input gradient only where an earlier layer needs it) and hands it to one fused pass
-(:func:`supsup_fast.ops.ste_rmsprop_step_`) that forms the score gradient, updates the scores and
-their average as ``torch.optim.RMSprop`` does (no momentum, not centred) and writes the next step's
-masked weight (Adam: the same with its two averages). The math equals the plain step's to float rounding (tests/nn/test_fused_step.py).
+(the backend's ``ste_rmsprop_step_`` / ``ste_adam_step_``, the kernels behind the ops of those names)
+that forms the score gradient, updates the scores and their averages as ``torch.optim.RMSprop`` (no
+momentum, not centred) or ``torch.optim.Adam`` (no amsgrad) does and writes the next step's masked
+weight. The math equals the plain step's to float rounding (tests/nn/test_fused_step.py).
 
 Like PyTorch's optimizer-in-backward recipe, the update happens during ``loss.backward()``:
-``step()`` does nothing, the scores get no ``.grad``, and each forward must be followed by exactly
-one backward before the next forward (a backward of an older forward is refused).
+``step()`` and ``zero_grad()`` do nothing and the scores get no ``.grad``. Every backward through a
+layer trains it (a ``torch.autograd.grad`` for a saliency map would too), and a backward of a forward
+made before the masked weight last changed is refused: run one backward per forward, in order.
 """
 from __future__ import annotations
 
@@ -49,12 +51,17 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             raise ValueError(f"model: {reason}")
         self._layers = [m for m in supermask_layers(model).values() if m.scores is not None]
         super().__init__([m.scores for m in self._layers], defaults)
-        group = self.param_groups[0]
         for m in self._layers:
-            m.set_mode_train(fused=FusedScoreState(m, self._bind(m.scores, group)))
+            m.set_mode_train(fused=FusedScoreState(m, self._bind(m.scores)))
 
-    def _bind(self, scores: torch.Tensor, group: dict) -> ScoreUpdate:
+    def _bind(self, scores: torch.Tensor) -> ScoreUpdate:
+        """The fused update of ``scores``: it reads this optimiser's group and state at each call."""
         raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self.param_groups:
+            raise ValueError("an in-backward optimiser trains the scores its model gave it; it takes no other groups")
+        super().add_param_group(param_group)
 
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """Nothing to do: the update was applied in the backward pass. Returns the closure's loss."""
@@ -82,13 +89,13 @@ class InBackwardRMSprop(InBackwardOptimizer):
             raise ValueError(f"invalid RMSprop settings lr={lr} alpha={alpha} eps={eps} weight_decay={weight_decay}")
         super().__init__(model, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay))
 
-    def _bind(self, scores, group):
-        state = self.state[scores]
-        square_avg = state["square_avg"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
+    def _bind(self, scores):
+        self.state[scores]["square_avg"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
         kernel = ops.backend_for(scores.device).ste_rmsprop_step_  # the op's checks hold by construction
 
         def update(scores, weight, weight_grad, masked_weight):
-            kernel(scores.detach(), weight_grad, weight, square_avg, masked_weight,
+            group, state = self.param_groups[0], self.state[scores]  # looked up each time: load_state_dict swaps them
+            kernel(scores.detach(), weight_grad, weight, state["square_avg"], masked_weight,
                    group["lr"], group["alpha"], group["eps"], group["weight_decay"])
         return update
 
@@ -103,16 +110,17 @@ class InBackwardAdam(InBackwardOptimizer):
             raise ValueError(f"invalid Adam settings lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
         super().__init__(model, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
-    def _bind(self, scores, group):
+    def _bind(self, scores):
         state = self.state[scores]
         state["step"] = 0
-        exp_avg = state["exp_avg"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
-        exp_avg_sq = state["exp_avg_sq"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
+        state["exp_avg"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(scores, memory_format=torch.contiguous_format)
         kernel = ops.backend_for(scores.device).ste_adam_step_  # the op's checks hold by construction
 
         def update(scores, weight, weight_grad, masked_weight):
+            group, state = self.param_groups[0], self.state[scores]  # looked up each time: load_state_dict swaps them
             state["step"] += 1
             beta1, beta2 = group["betas"]
-            kernel(scores.detach(), weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, state["step"],
-                   group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+            kernel(scores.detach(), weight_grad, weight, state["exp_avg"], state["exp_avg_sq"], masked_weight,
+                   int(state["step"]), group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
         return update

@@ -173,5 +173,8 @@ def mlp_cross_entropy_grads(x: Tensor, y: Tensor, weights: Sequence[Tensor]) -> 
         if w.device != x.device or not w.is_floating_point():
             raise ValueError(f"weights[{i}] must be a floating-point tensor on {x.device}, got {w.dtype} on {w.device}")
         width = w.shape[0]
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= width):
+        raise ValueError(f"y must hold class indices in [0, {width}) (the last layer's outputs), "
+                         f"got values in [{int(y.min())}, {int(y.max())}]")
     with torch.no_grad():
         return backend_for(x.device).mlp_cross_entropy_grads(x.detach(), y, [w.detach() for w in weights])

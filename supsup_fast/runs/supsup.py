@@ -52,7 +52,8 @@ class SupSupRun(Experiment):
     def _train_and_save(self, t: int, row: int) -> None:
         """Train task t (the model's bank holds ``row`` tasks before it) and write its checkpoint.
         Task t's randomness derives from (seed, t) alone, so its mask is the same bits whichever
-        rank trains it, at any world size."""
+        rank trains it, at any world size (with ``--parallel task``; a data-parallel step sums the
+        gradient over ranks and takes the plain, unfused step, so its masks agree to float rounding)."""
         cfg = self.config
         gen = task_generator(cfg.seed, t)
         split = train_subset(self.tasks.train(t), cfg.train_subset)

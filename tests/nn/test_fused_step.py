@@ -110,8 +110,20 @@ def test_a_second_backward_of_an_old_forward_is_refused():
     x = torch.randn(3, 37)
     first, second = model(x).sum(), model(x).sum()
     first.backward()
-    with pytest.raises(RuntimeError, match="exactly one backward per forward"):
+    with pytest.raises(RuntimeError, match="one backward per forward, in order"):
         second.backward()
+
+
+def test_a_backward_after_the_scores_were_edited_is_refused():
+    _, model = twins(Mlp)
+    InBackwardRMSprop(model, lr=1e-2)
+    x = torch.randn(3, 37)
+    old = model(x).sum()
+    with torch.no_grad():
+        model.a.scores.neg_()
+    model(x)  # rebuilds the masked weight from the edited scores
+    with pytest.raises(RuntimeError, match="masked weight changed after this forward"):
+        old.backward()
 
 
 def test_scores_changed_outside_the_step_are_seen():
@@ -138,7 +150,11 @@ def test_topk_layers_are_refused_and_train_task_falls_back():
 
 
 @pytest.mark.parametrize("scheduler,optimizer", [("none", "rmsprop"), ("cosine", "rmsprop"), ("cosine_warmup", "adam")])
-def test_train_task_fused_and_plain_learn_the_same_mask(scheduler, optimizer):
+def test_train_task_fused_and_plain_learn_the_same_mask(scheduler, optimizer, monkeypatch):
+    import supsup_fast.algorithms.training as training
+    made = []
+    real = training.make_task_optimizer
+    monkeypatch.setattr(training, "make_task_optimizer", lambda *a: made.append(real(*a)) or made[-1])
     gen = torch.Generator().manual_seed(5)
     split = TaskSplit(torch.randn(200, 37, generator=gen), torch.randint(0, 5, (200,), generator=gen))
     masks = []
@@ -149,8 +165,38 @@ def test_train_task_fused_and_plain_learn_the_same_mask(scheduler, optimizer):
         train_task(model, split, s, device=torch.device("cpu"), generator=torch.Generator().manual_seed(2))
         masks.append([m.bank.words.clone() for m in snn.supermask_layers(model).values()])
         assert all(isinstance(m.mode(), snn.OneTask) for m in snn.supermask_layers(model).values())
+    assert [isinstance(o, InBackwardOptimizer) for o in made] == [False, True]  # both paths really ran
     for a, b in zip(*masks):
         assert torch.equal(a, b)
+
+
+def test_load_state_dict_and_the_lr_reach_the_fused_update():
+    _, model = twins(Mlp)
+    opt = InBackwardRMSprop(model, lr=1e-2)
+    x, y = torch.randn(8, 37), torch.randint(0, 5, (8,))
+    F.cross_entropy(model(x), y).backward()
+    saved = opt.state_dict()
+    saved["param_groups"][0]["lr"] = 0.0
+    opt.load_state_dict(saved)  # new group and state dicts: the layers' updates must read these
+    before = scores(model)
+    F.cross_entropy(model(x), y).backward()
+    for a, b in zip(before, scores(model)):
+        assert torch.equal(a, b)  # lr 0 from the loaded group: nothing moved
+    assert opt.state[model.a.scores]["square_avg"].abs().sum() > 0  # the loaded state was updated
+    with pytest.raises(ValueError, match="takes no other groups"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+
+
+def test_the_mlp_step_with_a_scheduler_through_train_task_warns_nothing():
+    import warnings
+    gen = torch.Generator().manual_seed(5)
+    split = TaskSplit(torch.randn(64, 784, generator=gen), torch.randint(0, 10, (64,), generator=gen))
+    model = build_model("lenet", 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        train_task(model, split, TrainSettings(iters=None, epochs=2, batch_size=32, scheduler="cosine"),
+                   device=torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+    assert model.layers[0].num_tasks == 1
 
 
 @pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
@@ -183,3 +229,5 @@ def test_the_mlp_step_is_only_taken_where_it_applies():
                                      torch.device("cpu")) is None  # a plain optimiser: autograd
     _, conv = twins(ConvNet)
     assert mlp_step_without_autograd(conv, InBackwardRMSprop(conv, lr=1e-3), torch.device("cpu")) is None
+    model.layers[0].bias = torch.zeros(300)  # a bias: the by-hand gradients do not cover it
+    assert mlp_step_without_autograd(model, InBackwardRMSprop(model, lr=1e-3), torch.device("cpu")) is None

@@ -220,6 +220,8 @@ def test_mlp_cross_entropy_grads_refuses_bad_arguments():
         ss.ops.mlp_cross_entropy_grads(x, y[:3], [torch.randn(3, 6)])
     with pytest.raises(ValueError, match="at least one layer"):
         ss.ops.mlp_cross_entropy_grads(x, y, [])
+    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 2\)"):
+        ss.ops.mlp_cross_entropy_grads(x, y, [torch.randn(2, 6)])
 
 
 def test_ste_rmsprop_step_refuses_bad_arguments():
