@@ -13,15 +13,22 @@ from .common import INTERPRET
 
 
 @triton.jit
-def ste_rmsprop_kernel(p_ptr, dw_ptr, w_ptr, sq_ptr, out_ptr, numel, lr, alpha, one_minus_alpha, eps, wd,
-                       BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = i < numel
+def _score_gradient(p_ptr, dw_ptr, w_ptr, i, inside, wd):
+    """The scores p, the weight w and the straight-through score gradient g = dW ⊙ w (+ wd·p) at i."""
     p = tl.load(p_ptr + i, mask=inside, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + i, mask=inside, other=0.0).to(tl.float32)
     g = tl.load(dw_ptr + i, mask=inside, other=0.0).to(tl.float32) * w
     if wd != 0:
         g = g + wd * p
+    return p, w, g
+
+
+@triton.jit
+def ste_rmsprop_kernel(p_ptr, dw_ptr, w_ptr, sq_ptr, out_ptr, numel, lr, alpha, one_minus_alpha, eps, wd,
+                       BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < numel
+    p, w, g = _score_gradient(p_ptr, dw_ptr, w_ptr, i, inside, wd)
     sq = tl.load(sq_ptr + i, mask=inside, other=0.0).to(tl.float32) * alpha + one_minus_alpha * g * g
     # IEEE-rounded sqrt and division (Triton's defaults are approximate on NVIDIA), as torch computes them
     p = p + tl.div_rn(-lr * g, tl.sqrt_rn(sq) + eps)
@@ -46,11 +53,7 @@ def ste_adam_kernel(p_ptr, dw_ptr, w_ptr, m_ptr, v_ptr, out_ptr, numel, one_minu
                     step_size, bc2_sqrt, eps, wd, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = i < numel
-    p = tl.load(p_ptr + i, mask=inside, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + i, mask=inside, other=0.0).to(tl.float32)
-    g = tl.load(dw_ptr + i, mask=inside, other=0.0).to(tl.float32) * w
-    if wd != 0:
-        g = g + wd * p
+    p, w, g = _score_gradient(p_ptr, dw_ptr, w_ptr, i, inside, wd)
     m = tl.load(m_ptr + i, mask=inside, other=0.0).to(tl.float32)
     m = m + one_minus_beta1 * (g - m)
     v = tl.load(v_ptr + i, mask=inside, other=0.0).to(tl.float32) * beta2 + one_minus_beta2 * g * g
