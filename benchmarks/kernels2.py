@@ -9,7 +9,8 @@ instruction set; torch's own BLAS is not capped) and writes ``kernels2-cpu-<isa>
 - one read of the packed bits = packed bytes ÷ the streaming read bandwidth measured here;
 - the fp32 add floor = k·n masked adds at one vector add (8 lanes AVX2, 16 AVX-512) per cycle per
   thread at the nominal clock (an estimate of the ALU bound of the plain masked-add kernel);
-- the training step beside the plain-torch official-style loop and three plain GEMMs per layer.
+- the training step beside the plain-torch official-style loop and three plain GEMMs per layer, and whole
+  tasks through `train_task` with and without the fused step.
 Ratios come from interleaved medians (the contenders take turns), as the machine may be shared.
 ``--parts`` re-measures some sections only: the others are kept from the JSON already there, and
 each section records when, at which commit and with which note it was measured.
@@ -53,8 +54,9 @@ def _ghz() -> float:
 
 # ------------------------------------------------------------------------------------------------
 PARTS = ("training", "alpha", "oneshot", "masked_linear")
-SECTIONS = {"training": "training_step_b128_s500", "alpha": "superposed_fc1024_s500_general_alpha",
-            "oneshot": "oneshot_query_lenet_s500", "masked_linear": "masked_linear_1024"}
+SECTIONS = {"training": ("training_step_b128_s500", "train_task_1000_iters"),
+            "alpha": ("superposed_fc1024_s500_general_alpha",), "oneshot": ("oneshot_query_lenet_s500",),
+            "masked_linear": ("masked_linear_1024",)}
 
 
 def _commit() -> str:
@@ -90,7 +92,9 @@ def child(isa: str, quick: bool, out: Path, note: str = "", parts: tuple = PARTS
         old = json.loads(path.read_text())
         for part in PARTS:
             if part not in parts:
-                rep[SECTIONS[part]] = old[SECTIONS[part]]
+                for key in SECTIONS[part]:
+                    if key in old:
+                        rep[key] = old[key]
                 rep.setdefault("measured", {})[part] = old.get("measured", {}).get(part, {"note": old.get("note", "")})
     stamp = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(), "note": rep["note"]}
     for part in parts:
@@ -101,6 +105,7 @@ def child(isa: str, quick: bool, out: Path, note: str = "", parts: tuple = PARTS
         rep["training_step_b128_s500"] = [bench_training_step(model_name=m, repeats=5 if quick else 15) for m in ("lenet", "fc1024")]
         for r in rep["training_step_b128_s500"]:
             r["bar"] = 1.8 if r["model"] == "lenet" else 1.5
+        rep["train_task_1000_iters"] = _whole_task(quick)
     if "alpha" in parts:
         rep["superposed_fc1024_s500_general_alpha"] = _alpha_gradient(isa, quick, bw, add_floor)
     if "oneshot" in parts:
@@ -113,6 +118,31 @@ def child(isa: str, quick: bool, out: Path, note: str = "", parts: tuple = PARTS
     plot(rep, path.with_suffix(".png"))
     print_table(rep)
     return rep
+
+
+def _whole_task(quick: bool) -> list:
+    """``algorithms.train_task`` end to end (1,000 iterations of batch 128, s=500, on a 60,000-image
+    task of random data: the time does not depend on the pixels), with the fused step and without it
+    (``TrainSettings(fused_step=False)``: autograd through the layers and FusedRMSprop, the path
+    before the fused step). Interleaved medians of whole tasks."""
+    import torch
+
+    from supsup_fast.algorithms.training import TrainSettings, train_task
+    from supsup_fast.bench import interleaved_medians
+    from supsup_fast.data.tasks import TaskSplit
+    from supsup_fast.models import build_model
+    iters = 100 if quick else 1000
+    gen = torch.Generator().manual_seed(0)
+    split = TaskSplit(torch.randn(60_000, 784, generator=gen), torch.randint(0, 10, (60_000,), generator=gen))
+    rows = []
+    for name in ("lenet", "fc1024"):
+        def task(fused: bool):
+            return lambda: train_task(build_model(name, 500), split, TrainSettings(iters=iters, fused_step=fused),
+                                      device=torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+        t = interleaved_medians({"fused": task(True), "unfused": task(False)}, repeats=2 if quick else 3)
+        rows.append({"model": name, "iters": iters, "fused_s": t["fused"], "unfused_s": t["unfused"],
+                     "speedup": t["unfused"] / t["fused"]})
+    return rows
 
 
 def _alpha_gradient(isa: str, quick: bool, bw: float, add_floor) -> list:
@@ -239,6 +269,9 @@ def print_table(rep: dict) -> None:
     for r in rep["training_step_b128_s500"]:
         print(f"  training step {r['model']:7s} ours {r['ours_s']*1e3:7.2f} ms  plain {r['plain_torch_ste_s']*1e3:7.2f} ms  "
               f"{r['ours_vs_plain_speed']:.2f}x (bar {r['bar']}x)  three-GEMM floor {r['three_gemms_s']*1e3:.2f} ms")
+    for r in rep.get("train_task_1000_iters", []):
+        print(f"  train_task {r['model']:7s} {r['iters']} iterations: fused {r['fused_s']:.2f} s, "
+              f"unfused {r['unfused_s']:.2f} s ({r['speedup']:.2f}x)")
     for r in rep["superposed_fc1024_s500_general_alpha"]:
         fs = f"{r['speedup_vs_float_stack']:7.1f}x float-stack" if "float_stack_s" in r else "      (no float-stack)"
         print(f"  k={r['k']:5d} α-grad {r['ours_s']*1e3:8.2f} ms {fs}  {r['ours_vs_two_reads']:5.2f}x two reads ({r['two_reads_s']*1e3:.2f} ms)"
