@@ -50,9 +50,9 @@ RUNS = [
     ("nns100", "NNs PermutedMNIST, LeNet s=500, no task identity, 100 true tasks",
      "≈ 0.936 [fig-read, Fig 4]",
      f"supsup-fast run --config configs/nns_permuted_lenet.yaml --tasks 100 --eval-at 10 20 50 {D} --out runs/nns100"),
-    ("nns2500", "NNs PermutedMNIST, LeNet s=500, toward 2,500 true tasks (stopped when the session ended)",
+    ("nns2500", "NNs PermutedMNIST, LeNet s=500, no task identity, 2,500 true tasks (one process, 2 threads)",
      "≈ 0.936 → 0.9345 at 2,000 → ≈ 0.925 at 2,500 [fig-read, Fig 4]",
-     f"supsup-fast run --config configs/nns_permuted_lenet_2500.yaml {D} --out runs/nns2500 (continue with --resume)"),
+     f"supsup-fast run --config configs/nns_permuted_lenet_2500.yaml {D} --out runs/nns2500 (resumed with --resume across sessions)"),
     ("nns2500-eval399", "the same NNs run evaluated where it stopped (399 true tasks, 404 masks)",
      "≈ 0.936 [fig-read, Fig 4]",
      "supsup-fast evaluate runs/nns2500-at399 --out runs/nns2500-eval399 (runs/nns2500-at399 = the run's "
