@@ -20,6 +20,10 @@ namespace {
 // FC1024, on this project's AVX-512 Xeon), 32 about the same as 16.
 constexpr int64_t kSuperposeTaskBlock = 16;
 
+// From this many tasks the table kernel (superpose_lut.cpp) is faster than the masked adds below
+// (break-even near 24 on this project's AVX-512 Xeon).
+constexpr int64_t kSuperposeLutMinTasks = 32;
+
 // superpose's walk, shared by the ISA variants: tasks in blocks of kSuperposeTaskBlock, each output
 // row, NW words at a time through ``wide`` and the rest one by one through ``one`` (the ISA's word
 // kernels, which carry its target attribute; this loop has no vector code of its own).
@@ -278,6 +282,8 @@ bool mask_dot_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t 
 
 void superpose(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
                const int64_t* active, float* out, int64_t r0, int64_t r1) {
+  if (k >= kSuperposeLutMinTasks && superpose_lut_available(isa))
+    return superpose_lut(bank, k, W, n, R, alpha, active, out, r0, r1);
   if (isa == Isa::Avx512) return superpose_avx512(bank, k, W, n, R, alpha, active, out, r0, r1);
   if (isa == Isa::Avx2) return superpose_avx2(bank, k, W, n, R, alpha, active, out, r0, r1);
   superpose_scalar(bank, k, W, n, R, alpha, active, out, r0, r1);

@@ -20,12 +20,18 @@ def cpu_isas() -> list:
     return out
 
 
-def run_on_isa(script: str, isa: str) -> None:
+def cpu_has_gfni_vbmi() -> bool:
+    """Whether this CPU runs the GFNI table kernels (AVX-512 with GFNI and VBMI)."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return " gfni" in flags and " avx512vbmi" in flags and "avx512" in cpu_isas()
+
+
+def run_on_isa(script: str, isa: str, extra_env: dict = None) -> None:
     """Run ``script`` with the kernels capped to ``isa`` (skipped where the CPU lacks it); the
     script prints the ISA it ran and then "ok"."""
     if isa not in cpu_isas():
         pytest.skip(f"this CPU has no {isa}")
-    env = dict(os.environ, SUPSUP_CPU_ISA=isa, OMP_NUM_THREADS="2")
+    env = dict(os.environ, SUPSUP_CPU_ISA=isa, OMP_NUM_THREADS="2", **(extra_env or {}))
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split() == [isa, "ok"]

@@ -1,11 +1,13 @@
-"""superpose in task blocks (csrc/cpu/bank.cpp) against the reference backend on every ISA level
-of this CPU: k across several blocks, odd sizes, active subsets, exact integer counts."""
+"""superpose in task blocks (csrc/cpu/bank.cpp) and by GFNI table lookups (csrc/cpu/superpose_lut.cpp,
+from 32 tasks on AVX-512 with GFNI) against the reference backend on every ISA level of this CPU: k
+across several blocks and the table kernel's threshold, odd sizes, rows long enough to span several
+of its stream blocks, active subsets, exact integer counts."""
 import shutil
 import textwrap
 
 import pytest
 
-from tests.ops.isa_runner import ISAS, run_on_isa
+from tests.ops.isa_runner import ISAS, cpu_has_gfni_vbmi, run_on_isa
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="no C++ compiler on this machine: the cpu backend cannot be built")
@@ -17,9 +19,9 @@ SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     ref = ReferenceBackend(); C = torch.ops.supsup_cpu
     print(cpu_isa())
-    for n in (1, 33, 784, 1000):
-        for k in (1, 63, 64, 65, 200):
-            bank = ss.pack_bits(torch.rand(k, 5, n) > 0.5)
+    for n, R in ((1, 5), (33, 5), (784, 5), (1000, 5), (4099, 7), (1000, 400), (63, 700)):
+        for k in ((1, 31, 32, 63, 64, 65, 200) if R == 5 else (17, 40)):
+            bank = ss.pack_bits(torch.rand(k, R, n) > 0.5)
             ones = torch.ones(k)
             assert torch.equal(C.superpose(bank, ones, n), ref.superpose(bank, ones, n)), (n, k)
             a = torch.rand(k)
@@ -37,3 +39,10 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("isa", ISAS)
 def test_blocked_superpose_against_reference(isa):
     run_on_isa(SCRIPT, isa)
+
+
+def test_avx512_superpose_without_gfni_against_reference():
+    """The AVX-512 masked-add kernel, which CPUs without GFNI (Skylake-X, Cascade Lake) run."""
+    if not cpu_has_gfni_vbmi():
+        pytest.skip("this CPU has no GFNI: the plain AVX-512 superpose already runs in the avx512 case")
+    run_on_isa(SCRIPT, "avx512", {"SUPSUP_CPU_GFNI": "0"})

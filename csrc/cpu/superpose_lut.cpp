@@ -1,0 +1,237 @@
+// superpose (sum_i alpha_i M_i) as table lookups, for AVX-512 CPUs with GFNI and VBMI (Ice Lake and
+// later, Zen 4). The masked-add kernel of bank.cpp moves every 16 mask bits into an opmask register
+// (kmov, one port: about 14 bits per cycle). Here the bits of 8 tasks at one weight are gathered into
+// one byte instead: byte permutes (vpermt2b) put the 8 tasks' bytes of 8 consecutive weights side by
+// side in a qword, and one GFNI affine transform transposes that 8x8 bit block. Each nibble of such a
+// byte (4 tasks) then indexes a 16-entry table of the subset sums of their alphas, so one vpermps adds
+// 4 tasks' alphas at 16 weights. Exact in fp32 up to summation order (the tables are fp32 subset sums).
+//
+// Layout of the work. A thread owns rows [r0, r1); each task's words for those rows are one
+// contiguous stream. The stream is cut in blocks of kBlockWords; for each block every task runs over it
+// 16 at a time (16 sequential streams), adding into a float scratch of the block (L2-resident). The
+// shifts that pick one byte of each dword leave the weights of a 64-weight group in a 4x16 transposed
+// order in the scratch; that is undone once per block, when the scratch is copied into the rows.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "kernels.h"
+#include "lut.h"
+#include "simd.h"
+
+namespace supsup_cpu {
+
+namespace {
+
+#define AVX512_GFNI_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,gfni,fma")))
+
+constexpr int64_t kBlockWords = 4096;  // 16 KiB of each task's stream, 512 KiB of float scratch (L2)
+constexpr int64_t kTasksPerPass = 16;  // more streams at once are slower (32: 1.1-1.4x, 64: 1.9x at k = 2,500)
+constexpr int64_t kChunkWords = 16;  // one 64-byte load per task: 512 weights
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+
+template <typename T>
+std::unique_ptr<T[], AlignedFree> aligned_uninitialised(int64_t count) {
+  const size_t bytes = ((static_cast<size_t>(count) * sizeof(T) + 63) / 64) * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(p));
+}
+
+template <typename T>
+std::unique_ptr<T[], AlignedFree> aligned_zeros(int64_t count) {
+  auto p = aligned_uninitialised<T>(count);
+  std::memset(p.get(), 0, ((static_cast<size_t>(count) * sizeof(T) + 63) / 64) * 64);
+  return p;
+}
+
+// The byte-transpose indices: three rounds of vpermt2b that turn 8 tasks' 64 bytes into 8 vectors
+// whose qword m holds byte (8j + m) of task 0..7 (vector j). Round 1 interleaves task pairs byte by
+// byte, round 2 pairs of pairs, round 3 quads; each round's vector h takes the lower or upper half.
+struct TransposeIndices {
+  __m512i round[3][2];
+};
+
+AVX512_GFNI_TARGET TransposeIndices make_transpose_indices() {
+  TransposeIndices t;
+  alignas(64) uint8_t idx[64];
+  for (int h = 0; h < 2; ++h) {
+    for (int m = 0; m < 32; ++m)
+      for (int e = 0; e < 2; ++e) idx[2 * m + e] = static_cast<uint8_t>(64 * e + 32 * h + m);
+    t.round[0][h] = _mm512_load_si512(idx);
+    for (int m = 0; m < 16; ++m)
+      for (int f = 0; f < 4; ++f) idx[4 * m + f] = static_cast<uint8_t>(64 * (f >> 1) + 2 * (16 * h + m) + (f & 1));
+    t.round[1][h] = _mm512_load_si512(idx);
+    for (int m = 0; m < 8; ++m)
+      for (int f = 0; f < 8; ++f) idx[8 * m + f] = static_cast<uint8_t>(64 * (f >> 2) + 4 * (8 * h + m) + (f & 3));
+    t.round[2][h] = _mm512_load_si512(idx);
+  }
+  return t;
+}
+
+// in[0..7]: 64 bytes of tasks 0..7 (bit b of byte p = weight 8p + b). out[j]: byte (b) of the 64 = weight
+// 64j + b, whose bit i is task (7 - i)'s bit (GFNI's row order: result bit i reads matrix byte 7 - i).
+AVX512_GFNI_TARGET inline void transpose_8_tasks(const __m512i* in, const TransposeIndices& ix, __m512i* out) {
+  __m512i pair[8], quad[8];
+  for (int a = 0; a < 4; ++a)
+    for (int h = 0; h < 2; ++h) pair[2 * a + h] = _mm512_permutex2var_epi8(in[2 * a], ix.round[0][h], in[2 * a + 1]);
+  // pair[2a + h]: tasks 2a, 2a+1, bytes 32h..32h+31
+  for (int c = 0; c < 2; ++c)
+    for (int h = 0; h < 2; ++h)
+      for (int h2 = 0; h2 < 2; ++h2)
+        quad[4 * c + 2 * h + h2] = _mm512_permutex2var_epi8(pair[4 * c + h], ix.round[1][h2], pair[4 * c + 2 + h]);
+  // quad[4c + 2h + h2]: tasks 4c..4c+3, bytes 32h + 16h2 .. +15
+  const __m512i bit_columns = _mm512_set1_epi64(0x8040201008040201LL);
+  for (int h = 0; h < 2; ++h)
+    for (int h2 = 0; h2 < 2; ++h2)
+      for (int h3 = 0; h3 < 2; ++h3) {
+        const __m512i bytes = _mm512_permutex2var_epi8(quad[2 * h + h2], ix.round[2][h3], quad[4 + 2 * h + h2]);
+        out[4 * h + 2 * h2 + h3] = _mm512_gf2p8affine_epi64_epi8(bit_columns, bytes, 0);
+      }
+}
+
+// The 16-entry tables of one pass: table[2g] for the low nibble of group g's bytes (tasks 8g+7 ..
+// 8g+4 at bits 0..3), table[2g + 1] for the high nibble (tasks 8g+3 .. 8g). Absent tasks have alpha 0.
+AVX512_GFNI_TARGET void make_tables(const float* alpha, int64_t kb, float* table) {
+  for (int g = 0; g < 2; ++g)
+    for (int half = 0; half < 2; ++half) {
+      float a[4];
+      for (int i = 0; i < 4; ++i) {
+        const int64_t t = 8 * g + (half == 0 ? 7 - i : 3 - i);
+        a[i] = t < kb ? alpha[t] : 0.0f;
+      }
+      for (int idx = 0; idx < 16; ++idx) {
+        float s = 0.0f;
+        for (int i = 0; i < 4; ++i)
+          if (idx >> i & 1) s += a[i];
+        table[16 * (2 * g + half) + idx] = s;
+      }
+    }
+}
+
+// One pass of up to kTasksPerPass tasks over the stream words [w0, w1) (a block), adding into scratch:
+// for each 512-weight chunk, 16 tasks at a time (their tables: 64 floats per 16 tasks), so the chunk's
+// scratch lines stay in L1 while the pass's tasks add into them.
+// The block's first pass (Init) writes the scratch instead of adding to it.
+template <bool Init>
+AVX512_GFNI_TARGET void superpose_pass(const int32_t* const* task, int64_t w0, int64_t w1, const float* tables,
+                                       const TransposeIndices& ix, float* scratch) {
+  for (int64_t w = w0; w < w1; w += kChunkWords) {  // w: the word within the block
+    const int64_t nw = std::min<int64_t>(kChunkWords, w1 - w);
+    const __mmask16 load = static_cast<__mmask16>((1u << nw) - 1u);
+    float* s = scratch + 32 * w;  // a partial chunk adds zeros past its words: the scratch has room
+    for (int64_t t0 = 0; t0 < kTasksPerPass; t0 += 16) {
+      const float* tb = tables + 4 * t0;
+      const __m512 table0 = _mm512_load_ps(tb), table1 = _mm512_load_ps(tb + 16), table2 = _mm512_load_ps(tb + 32),
+                   table3 = _mm512_load_ps(tb + 48);
+      __m512i in[16], grp[2][8];
+      for (int t = 0; t < 16; ++t) in[t] = _mm512_maskz_loadu_epi32(load, task[t0 + t] + (w - w0));
+      transpose_8_tasks(in, ix, grp[0]);
+      transpose_8_tasks(in + 8, ix, grp[1]);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+#pragma GCC unroll 4
+        for (int sh = 0; sh < 4; ++sh) {
+          // dword lane i of grp holds weights 64j + 4i .. 4i+3; shifting by 8 sh brings weight 4i + sh's
+          // byte down, and vpermps reads only the index's low 4 bits.
+          const __m512i a_lo = _mm512_srli_epi32(grp[0][j], 8 * sh), a_hi = _mm512_srli_epi32(grp[0][j], 8 * sh + 4);
+          const __m512i b_lo = _mm512_srli_epi32(grp[1][j], 8 * sh), b_hi = _mm512_srli_epi32(grp[1][j], 8 * sh + 4);
+          const __m512 x = _mm512_add_ps(_mm512_permutexvar_ps(a_lo, table0), _mm512_permutexvar_ps(a_hi, table1));
+          const __m512 y = _mm512_add_ps(_mm512_permutexvar_ps(b_lo, table2), _mm512_permutexvar_ps(b_hi, table3));
+          float* p = s + 64 * j + 16 * sh;
+          const __m512 sum = _mm512_add_ps(x, y);
+          _mm512_store_ps(p, Init && t0 == 0 ? sum : _mm512_add_ps(_mm512_load_ps(p), sum));
+        }
+      }
+    }
+  }
+}
+
+// scratch group layout -> weight order: group[16 sh + i] is weight 4i + sh.
+AVX512_GFNI_TARGET void unpermute_groups(float* scratch, int64_t groups) {
+  // Output vector m, lane u is weight 16m + u = 4i + sh: row sh, lane i = 4m + u / 4. Rows 0 and 1 give
+  // the lanes with sh < 2 (one two-source permute), rows 2 and 3 the others, with the same indices.
+  alignas(64) int32_t from_pair[4][16];
+  for (int m = 0; m < 4; ++m)
+    for (int u = 0; u < 16; ++u) from_pair[m][u] = (u % 4 & 1) * 16 + 4 * m + u / 4;
+  __m512i idx[4];
+  for (int m = 0; m < 4; ++m) idx[m] = _mm512_load_si512(from_pair[m]);
+  const __mmask16 upper = 0xCCCC;  // lanes whose sh is 2 or 3
+  for (int64_t g = 0; g < groups; ++g) {
+    float* p = scratch + 64 * g;
+    const __m512 r0 = _mm512_load_ps(p), r1 = _mm512_load_ps(p + 16), r2 = _mm512_load_ps(p + 32),
+                 r3 = _mm512_load_ps(p + 48);
+    __m512 o[4];
+    for (int m = 0; m < 4; ++m)
+      o[m] = _mm512_mask_blend_ps(upper, _mm512_permutex2var_ps(r0, idx[m], r1), _mm512_permutex2var_ps(r2, idx[m], r3));
+    for (int m = 0; m < 4; ++m) _mm512_store_ps(p + 16 * m, o[m]);
+  }
+}
+
+// Stream weights [p0, p1) of the thread's rows (row length 32W in the stream) into out's rows (length n).
+void copy_to_rows(const float* scratch, int64_t p0, int64_t p1, int64_t W, int64_t n, int64_t r0, float* out) {
+  const int64_t row_len = 32 * W;
+  for (int64_t p = p0; p < p1;) {
+    const int64_t r = p / row_len, c = p % row_len;
+    const int64_t end = std::min(p1 - p, row_len - c);  // this row's part of the block
+    if (c < n) std::memcpy(out + (r0 + r) * n + c, scratch + (p - p0), sizeof(float) * std::min(end, n - c));
+    p += end;
+  }
+}
+
+alignas(64) const int32_t kZeroWords[kBlockWords + kChunkWords] = {};
+
+AVX512_GFNI_TARGET void superpose_lut_rows(const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R,
+                                           const float* alpha, const int64_t* active, float* out, int64_t r0,
+                                           int64_t r1) {
+  if (r1 <= r0) return;
+  const int64_t stride = R * W, words = (r1 - r0) * W;
+  // One block of scratch per thread, kept between calls (a fresh 512 KiB costs page faults every call).
+  thread_local auto scratch = aligned_uninitialised<float>(32 * kBlockWords + 512);
+  const TransposeIndices ix = make_transpose_indices();
+  const int64_t sixteens = (k + kTasksPerPass - 1) / kTasksPerPass * (kTasksPerPass / 16);
+  auto tables = aligned_zeros<float>(64 * sixteens);  // absent tasks: alpha 0
+  for (int64_t p = 0; p < sixteens && 16 * p < k; ++p)
+    make_tables(alpha + 16 * p, std::min<int64_t>(16, k - 16 * p), tables.get() + 64 * p);
+  for (int64_t b0 = 0; b0 < words; b0 += kBlockWords) {
+    const int64_t b1 = std::min(words, b0 + kBlockWords);
+    for (int64_t t0 = 0; t0 < k; t0 += kTasksPerPass) {
+      const int64_t kb = std::min(kTasksPerPass, k - t0);
+      const int32_t* task[kTasksPerPass];
+      for (int64_t t = 0; t < kTasksPerPass; ++t)
+        task[t] = t < kb ? task_base(bank, active, t0 + t, stride) + r0 * W + b0 : kZeroWords;
+      if (t0 == 0)
+        superpose_pass<true>(task, 0, b1 - b0, tables.get() + 4 * t0, ix, scratch.get());
+      else
+        superpose_pass<false>(task, 0, b1 - b0, tables.get() + 4 * t0, ix, scratch.get());
+    }
+    unpermute_groups(scratch.get(), (32 * (b1 - b0) + 63) / 64);
+    copy_to_rows(scratch.get(), 32 * b0, 32 * b1, W, n, r0, out);
+  }
+}
+
+}  // namespace
+
+bool superpose_lut_available(Isa isa) {
+  if (isa != Isa::Avx512) return false;
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    const char* env = std::getenv("SUPSUP_CPU_GFNI");
+    if (env && !std::strcmp(env, "0")) return false;
+    return __builtin_cpu_supports("gfni") && __builtin_cpu_supports("avx512vbmi");
+  }();
+  return ok;
+}
+
+void superpose_lut(const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
+                   const int64_t* active, float* out, int64_t r0, int64_t r1) {
+  superpose_lut_rows(bank, k, W, n, R, alpha, active, out, r0, r1);
+}
+
+}  // namespace supsup_cpu
