@@ -283,7 +283,7 @@ bool mask_dot_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t 
 void superpose(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
                const int64_t* active, float* out, int64_t r0, int64_t r1) {
   if (k >= kSuperposeLutMinTasks && superpose_lut_available(isa))
-    return superpose_lut(bank, k, W, n, R, alpha, active, out, r0, r1);
+    return superpose_lut(isa, bank, k, W, n, R, alpha, active, out, r0, r1);
   if (isa == Isa::Avx512) return superpose_avx512(bank, k, W, n, R, alpha, active, out, r0, r1);
   if (isa == Isa::Avx2) return superpose_avx2(bank, k, W, n, R, alpha, active, out, r0, r1);
   superpose_scalar(bank, k, W, n, R, alpha, active, out, r0, r1);

@@ -24,10 +24,10 @@ void mask_dot_lut_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int6
                         const float* x, const float* w, int64_t q, int64_t k, float* out, int64_t fw0, int64_t fw1);
 
 // superpose (out[row, j] = sum_t alpha[t] * bit(bank[task(t), row, j]), rows [r0, r1)) by table
-// lookups over GFNI bit transposes (superpose_lut.cpp); only where superpose_lut_available(isa): AVX-512
-// with GFNI and VBMI, unless SUPSUP_CPU_GFNI=0.
+// lookups over bit transposes (superpose_lut.cpp); only where superpose_lut_available(isa): AVX2, and
+// AVX-512 with GFNI and VBMI (unless SUPSUP_CPU_GFNI=0).
 bool superpose_lut_available(Isa isa);
-void superpose_lut(const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
+void superpose_lut(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
                    const int64_t* active, float* out, int64_t r0, int64_t r1);
 
 // Whether mask_dot_lut runs a table kernel for this ISA (scalar: a per-task loop instead).

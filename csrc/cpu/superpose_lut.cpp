@@ -1,10 +1,14 @@
-// superpose (sum_i alpha_i M_i) as table lookups, for AVX-512 CPUs with GFNI and VBMI (Ice Lake and
-// later, Zen 4). The masked-add kernel of bank.cpp moves every 16 mask bits into an opmask register
-// (kmov, one port: about 14 bits per cycle). Here the bits of 8 tasks at one weight are gathered into
-// one byte instead: byte permutes (vpermt2b) put the 8 tasks' bytes of 8 consecutive weights side by
-// side in a qword, and one GFNI affine transform transposes that 8x8 bit block. Each nibble of such a
-// byte (4 tasks) then indexes a 16-entry table of the subset sums of their alphas, so one vpermps adds
-// 4 tasks' alphas at 16 weights. Exact in fp32 up to summation order (the tables are fp32 subset sums).
+// superpose (sum_i alpha_i M_i) as table lookups. The masked-add kernels of bank.cpp spend a few
+// instructions per 16 (8) mask bits of one task: on AVX-512 a kmov to an opmask register (one port,
+// about 14 bits per cycle). Here the bits of 8 tasks at one weight are gathered into one byte instead,
+// and a few bits of that byte index a table of the subset sums of those tasks' alphas, so one
+// vpermps adds the alphas of several tasks at 16 (8) weights. Exact in fp32 up to summation order.
+//
+// AVX-512 with GFNI and VBMI (Ice Lake and later, Zen 4): byte permutes (vpermt2b) put 8 tasks' bytes
+// of 8 consecutive weights side by side in a qword, one GFNI affine transform transposes that 8x8 bit
+// block, and each nibble (4 tasks) indexes a 16-entry table. AVX2: unpacks do the byte transpose,
+// three delta swaps per qword the bit transpose, and 3-bit groups (3 + 3 + 2 tasks) index 8-entry
+// tables (vpermps ymm).
 //
 // Layout of the work. A thread owns rows [r0, r1); each task's words for those rows are one
 // contiguous stream. The stream is cut in blocks of kBlockWords; for each block every task runs over it
@@ -28,9 +32,11 @@ namespace {
 
 #define AVX512_GFNI_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,gfni,fma")))
 
+#define AVX2_LUT_TARGET __attribute__((target("avx2,fma")))
+
 constexpr int64_t kBlockWords = 4096;  // 16 KiB of each task's stream, 512 KiB of float scratch (L2)
 constexpr int64_t kTasksPerPass = 16;  // more streams at once are slower (32: 1.1-1.4x, 64: 1.9x at k = 2,500)
-constexpr int64_t kChunkWords = 16;  // one 64-byte load per task: 512 weights
+constexpr int64_t kChunkWords = 16;  // AVX-512: one 64-byte load per task, 512 weights (AVX2: half)
 
 struct AlignedFree {
   void operator()(void* p) const { std::free(p); }
@@ -98,7 +104,7 @@ AVX512_GFNI_TARGET inline void transpose_8_tasks(const __m512i* in, const Transp
 
 // The 16-entry tables of one pass: table[2g] for the low nibble of group g's bytes (tasks 8g+7 ..
 // 8g+4 at bits 0..3), table[2g + 1] for the high nibble (tasks 8g+3 .. 8g). Absent tasks have alpha 0.
-AVX512_GFNI_TARGET void make_tables(const float* alpha, int64_t kb, float* table) {
+void make_tables512(const float* alpha, int64_t kb, float* table) {
   for (int g = 0; g < 2; ++g)
     for (int half = 0; half < 2; ++half) {
       float a[4];
@@ -115,46 +121,43 @@ AVX512_GFNI_TARGET void make_tables(const float* alpha, int64_t kb, float* table
     }
 }
 
-// One pass of up to kTasksPerPass tasks over the stream words [w0, w1) (a block), adding into scratch:
-// for each 512-weight chunk, 16 tasks at a time (their tables: 64 floats per 16 tasks), so the chunk's
-// scratch lines stay in L1 while the pass's tasks add into them.
-// The block's first pass (Init) writes the scratch instead of adding to it.
-template <bool Init>
-AVX512_GFNI_TARGET void superpose_pass(const int32_t* const* task, int64_t w0, int64_t w1, const float* tables,
-                                       const TransposeIndices& ix, float* scratch) {
-  for (int64_t w = w0; w < w1; w += kChunkWords) {  // w: the word within the block
-    const int64_t nw = std::min<int64_t>(kChunkWords, w1 - w);
+// One pass of 16 tasks over a block's words [0, words), adding into scratch (writing, if init): for each
+// 512-weight chunk, both groups of 8 tasks are transposed and their lookups summed before the scratch
+// is touched. A partial chunk adds zeros past its words: the scratch has room.
+AVX512_GFNI_TARGET void pass512(const int32_t* const* task, int64_t words, const float* tables, float* scratch,
+                                bool init) {
+  static const TransposeIndices ix = make_transpose_indices();
+  const __m512 table0 = _mm512_load_ps(tables), table1 = _mm512_load_ps(tables + 16),
+               table2 = _mm512_load_ps(tables + 32), table3 = _mm512_load_ps(tables + 48);
+  for (int64_t w = 0; w < words; w += kChunkWords) {
+    const int64_t nw = std::min<int64_t>(kChunkWords, words - w);
     const __mmask16 load = static_cast<__mmask16>((1u << nw) - 1u);
-    float* s = scratch + 32 * w;  // a partial chunk adds zeros past its words: the scratch has room
-    for (int64_t t0 = 0; t0 < kTasksPerPass; t0 += 16) {
-      const float* tb = tables + 4 * t0;
-      const __m512 table0 = _mm512_load_ps(tb), table1 = _mm512_load_ps(tb + 16), table2 = _mm512_load_ps(tb + 32),
-                   table3 = _mm512_load_ps(tb + 48);
-      __m512i in[16], grp[2][8];
-      for (int t = 0; t < 16; ++t) in[t] = _mm512_maskz_loadu_epi32(load, task[t0 + t] + (w - w0));
-      transpose_8_tasks(in, ix, grp[0]);
-      transpose_8_tasks(in + 8, ix, grp[1]);
+    float* s = scratch + 32 * w;
+    __m512i in[16], grp[2][8];
+    for (int t = 0; t < 16; ++t) in[t] = _mm512_maskz_loadu_epi32(load, task[t] + w);
+    transpose_8_tasks(in, ix, grp[0]);
+    transpose_8_tasks(in + 8, ix, grp[1]);
 #pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < 8; ++j) {
 #pragma GCC unroll 4
-        for (int sh = 0; sh < 4; ++sh) {
-          // dword lane i of grp holds weights 64j + 4i .. 4i+3; shifting by 8 sh brings weight 4i + sh's
-          // byte down, and vpermps reads only the index's low 4 bits.
-          const __m512i a_lo = _mm512_srli_epi32(grp[0][j], 8 * sh), a_hi = _mm512_srli_epi32(grp[0][j], 8 * sh + 4);
-          const __m512i b_lo = _mm512_srli_epi32(grp[1][j], 8 * sh), b_hi = _mm512_srli_epi32(grp[1][j], 8 * sh + 4);
-          const __m512 x = _mm512_add_ps(_mm512_permutexvar_ps(a_lo, table0), _mm512_permutexvar_ps(a_hi, table1));
-          const __m512 y = _mm512_add_ps(_mm512_permutexvar_ps(b_lo, table2), _mm512_permutexvar_ps(b_hi, table3));
-          float* p = s + 64 * j + 16 * sh;
-          const __m512 sum = _mm512_add_ps(x, y);
-          _mm512_store_ps(p, Init && t0 == 0 ? sum : _mm512_add_ps(_mm512_load_ps(p), sum));
-        }
+      for (int sh = 0; sh < 4; ++sh) {
+        // dword lane i of grp holds weights 64j + 4i .. 4i+3; shifting by 8 sh brings weight 4i + sh's
+        // byte down, and vpermps reads only the index's low 4 bits.
+        const __m512i a_lo = _mm512_srli_epi32(grp[0][j], 8 * sh), a_hi = _mm512_srli_epi32(grp[0][j], 8 * sh + 4);
+        const __m512i b_lo = _mm512_srli_epi32(grp[1][j], 8 * sh), b_hi = _mm512_srli_epi32(grp[1][j], 8 * sh + 4);
+        const __m512 x = _mm512_add_ps(_mm512_permutexvar_ps(a_lo, table0), _mm512_permutexvar_ps(a_hi, table1));
+        const __m512 y = _mm512_add_ps(_mm512_permutexvar_ps(b_lo, table2), _mm512_permutexvar_ps(b_hi, table3));
+        float* p = s + 64 * j + 16 * sh;
+        const __m512 sum = _mm512_add_ps(x, y);
+        _mm512_store_ps(p, init ? sum : _mm512_add_ps(_mm512_load_ps(p), sum));
       }
     }
   }
 }
 
-// scratch group layout -> weight order: group[16 sh + i] is weight 4i + sh.
-AVX512_GFNI_TARGET void unpermute_groups(float* scratch, int64_t groups) {
+// scratch -> weight order, for chunks [0, chunks): in each 64-weight group, slot 16 sh + i is weight 4i + sh.
+AVX512_GFNI_TARGET void unpermute512(float* scratch, int64_t chunks) {
+  const int64_t groups = chunks * 8;
   // Output vector m, lane u is weight 16m + u = 4i + sh: row sh, lane i = 4m + u / 4. Rows 0 and 1 give
   // the lanes with sh < 2 (one two-source permute), rows 2 and 3 the others, with the same indices.
   alignas(64) int32_t from_pair[4][16];
@@ -187,38 +190,155 @@ void copy_to_rows(const float* scratch, int64_t p0, int64_t p1, int64_t W, int64
 
 alignas(64) const int32_t kZeroWords[kBlockWords + kChunkWords] = {};
 
-AVX512_GFNI_TARGET void superpose_lut_rows(const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R,
-                                           const float* alpha, const int64_t* active, float* out, int64_t r0,
-                                           int64_t r1) {
+// ------------------------------------------------------------------------------------------------
+// AVX2. A chunk is 8 words (256 weights) of each task.
+constexpr int64_t kChunkWords2 = 8;
+
+// Tables of 16 tasks: for group g (tasks 8g..8g+7), table 3g + c holds the subset sums of tasks
+// 8g + 3c .. 8g + 3c + 2 indexed by their bits; the last (2 tasks) repeats its 4 entries, so a third
+// index bit (the next weight's bit, shifted in) is ignored.
+void make_tables256(const float* alpha, int64_t kb, float* table) {
+  for (int g = 0; g < 2; ++g)
+    for (int c = 0; c < 3; ++c)
+      for (int idx = 0; idx < 8; ++idx) {
+        float s = 0.0f;
+        for (int i = 0; i < 3; ++i) {
+          const int64_t t = 8 * g + 3 * c + i;
+          if ((c < 2 || i < 2) && (idx >> i & 1) && t < kb) s += alpha[t];
+        }
+        table[8 * (3 * g + c) + idx] = s;
+      }
+}
+
+// Slot -> weight within a 256-weight chunk (see pass256): slot 32 v + 8 sh + d.
+struct ChunkOrder256 {
+  int16_t weight[256];
+};
+
+const ChunkOrder256& chunk_order256() {
+  static const ChunkOrder256 order = [] {
+    ChunkOrder256 o{};
+    for (int v = 0; v < 8; ++v)
+      for (int sh = 0; sh < 4; ++sh)
+        for (int d = 0; d < 8; ++d) {
+          const int byte = 4 * d + sh, Q = byte / 8, j = byte % 8;  // qword Q of vector v, bit column j
+          const int L = Q / 2, m = Q % 2, h = v >> 2 & 1, h2 = v >> 1 & 1, h3 = v & 1;
+          const int p = 16 * L + 8 * h + 4 * h2 + 2 * h3 + m;  // the tasks' byte in the qword
+          o.weight[32 * v + 8 * sh + d] = static_cast<int16_t>(8 * p + j);
+        }
+    return o;
+  }();
+  return order;
+}
+
+// 8 tasks' 32 bytes -> 8 vectors of 4 qwords; qword (2L + m) of vector v = 4h + 2h2 + h3 holds byte
+// p = 16L + 8h + 4h2 + 2h3 + m of tasks 0..7 (in-lane unpacks: L is the 128-bit lane), and after the
+// bit transpose its byte j is weight 8p + j with bit t = task t.
+AVX2_LUT_TARGET inline void transpose_8_tasks256(const __m256i* in, __m256i* out) {
+  __m256i a[8], b[8];
+  for (int i = 0; i < 4; ++i) {
+    a[2 * i] = _mm256_unpacklo_epi8(in[2 * i], in[2 * i + 1]);      // h = 0
+    a[2 * i + 1] = _mm256_unpackhi_epi8(in[2 * i], in[2 * i + 1]);  // h = 1
+  }
+  for (int c = 0; c < 2; ++c)
+    for (int h = 0; h < 2; ++h) {
+      b[4 * c + 2 * h] = _mm256_unpacklo_epi16(a[4 * c + h], a[4 * c + 2 + h]);
+      b[4 * c + 2 * h + 1] = _mm256_unpackhi_epi16(a[4 * c + h], a[4 * c + 2 + h]);
+    }
+  const __m256i m1 = _mm256_set1_epi64x(0x00AA00AA00AA00AALL), m2 = _mm256_set1_epi64x(0x0000CCCC0000CCCCLL),
+                m3 = _mm256_set1_epi64x(0x00000000F0F0F0F0LL);
+  for (int hh = 0; hh < 4; ++hh)  // hh = 2h + h2
+    for (int h3 = 0; h3 < 2; ++h3) {
+      __m256i x = h3 ? _mm256_unpackhi_epi32(b[hh], b[4 + hh]) : _mm256_unpacklo_epi32(b[hh], b[4 + hh]);
+      __m256i t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi64(x, 7), x), m1);
+      x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 7)));
+      t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi64(x, 14), x), m2);
+      x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 14)));
+      t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi64(x, 28), x), m3);
+      out[2 * hh + h3] = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 28)));
+    }
+}
+
+AVX2_LUT_TARGET void pass256(const int32_t* const* task, int64_t words, const float* tables, float* scratch,
+                             bool init) {
+  for (int64_t w = 0; w < words; w += kChunkWords2) {
+    const int64_t nw = std::min<int64_t>(kChunkWords2, words - w);
+    const __m256i load = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nw)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    float* s = scratch + 32 * w;
+    for (int g = 0; g < 2; ++g) {
+      __m256i in[8], tr[8];
+      for (int t = 0; t < 8; ++t) in[t] = _mm256_maskload_epi32(task[8 * g + t] + w, load);
+      transpose_8_tasks256(in, tr);
+      const float* tb = tables + 24 * g;
+      const __m256 t0 = _mm256_load_ps(tb), t1 = _mm256_load_ps(tb + 8), t2 = _mm256_load_ps(tb + 16);
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v) {
+#pragma GCC unroll 4
+        for (int sh = 0; sh < 4; ++sh) {
+          // vpermps ymm reads the index's low 3 bits: tasks 0-2, 3-5 and 6-7 of weight byte 4d + sh.
+          const __m256 x = _mm256_add_ps(
+              _mm256_add_ps(_mm256_permutevar8x32_ps(t0, _mm256_srli_epi32(tr[v], 8 * sh)),
+                            _mm256_permutevar8x32_ps(t1, _mm256_srli_epi32(tr[v], 8 * sh + 3))),
+              _mm256_permutevar8x32_ps(t2, _mm256_srli_epi32(tr[v], 8 * sh + 6)));
+          float* p = s + 32 * v + 8 * sh;
+          _mm256_store_ps(p, init && g == 0 ? x : _mm256_add_ps(_mm256_load_ps(p), x));
+        }
+      }
+    }
+  }
+}
+
+void unpermute256(float* scratch, int64_t chunks) {
+  const ChunkOrder256& order = chunk_order256();
+  alignas(64) float tmp[256];
+  for (int64_t c = 0; c < chunks; ++c) {
+    float* p = scratch + 256 * c;
+    for (int i = 0; i < 256; ++i) tmp[order.weight[i]] = p[i];
+    std::memcpy(p, tmp, sizeof(tmp));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The walk shared by both: blocks of each thread's stream, 16 tasks a pass, then the scratch to the rows.
+struct LutKernel {
+  int64_t chunk_words;   // words of each task per step
+  int64_t table_floats;  // per 16 tasks
+  void (*make_tables)(const float* alpha, int64_t kb, float* table);
+  void (*pass)(const int32_t* const* task, int64_t words, const float* tables, float* scratch, bool init);
+  void (*unpermute)(float* scratch, int64_t chunks);
+};
+
+void superpose_lut_rows(const LutKernel& kern, const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R,
+                        const float* alpha, const int64_t* active, float* out, int64_t r0, int64_t r1) {
   if (r1 <= r0) return;
   const int64_t stride = R * W, words = (r1 - r0) * W;
   // One block of scratch per thread, kept between calls (a fresh 512 KiB costs page faults every call).
   thread_local auto scratch = aligned_uninitialised<float>(32 * kBlockWords + 512);
-  const TransposeIndices ix = make_transpose_indices();
-  const int64_t sixteens = (k + kTasksPerPass - 1) / kTasksPerPass * (kTasksPerPass / 16);
-  auto tables = aligned_zeros<float>(64 * sixteens);  // absent tasks: alpha 0
-  for (int64_t p = 0; p < sixteens && 16 * p < k; ++p)
-    make_tables(alpha + 16 * p, std::min<int64_t>(16, k - 16 * p), tables.get() + 64 * p);
+  const int64_t passes = (k + kTasksPerPass - 1) / kTasksPerPass;
+  auto tables = aligned_zeros<float>(kern.table_floats * passes);
+  for (int64_t p = 0; p < passes; ++p)
+    kern.make_tables(alpha + 16 * p, std::min<int64_t>(16, k - 16 * p), tables.get() + kern.table_floats * p);
   for (int64_t b0 = 0; b0 < words; b0 += kBlockWords) {
     const int64_t b1 = std::min(words, b0 + kBlockWords);
-    for (int64_t t0 = 0; t0 < k; t0 += kTasksPerPass) {
-      const int64_t kb = std::min(kTasksPerPass, k - t0);
+    for (int64_t p = 0; p < passes; ++p) {
+      const int64_t t0 = kTasksPerPass * p, kb = std::min(kTasksPerPass, k - t0);
       const int32_t* task[kTasksPerPass];
       for (int64_t t = 0; t < kTasksPerPass; ++t)
         task[t] = t < kb ? task_base(bank, active, t0 + t, stride) + r0 * W + b0 : kZeroWords;
-      if (t0 == 0)
-        superpose_pass<true>(task, 0, b1 - b0, tables.get() + 4 * t0, ix, scratch.get());
-      else
-        superpose_pass<false>(task, 0, b1 - b0, tables.get() + 4 * t0, ix, scratch.get());
+      kern.pass(task, b1 - b0, tables.get() + kern.table_floats * p, scratch.get(), p == 0);
     }
-    unpermute_groups(scratch.get(), (32 * (b1 - b0) + 63) / 64);
+    kern.unpermute(scratch.get(), (b1 - b0 + kern.chunk_words - 1) / kern.chunk_words);
     copy_to_rows(scratch.get(), 32 * b0, 32 * b1, W, n, r0, out);
   }
 }
 
+constexpr LutKernel kLut512{kChunkWords, 64, make_tables512, pass512, unpermute512};
+constexpr LutKernel kLut256{kChunkWords2, 48, make_tables256, pass256, unpermute256};
+
 }  // namespace
 
 bool superpose_lut_available(Isa isa) {
+  if (isa == Isa::Avx2) return true;
   if (isa != Isa::Avx512) return false;
   static const bool ok = [] {
     __builtin_cpu_init();
@@ -229,9 +349,10 @@ bool superpose_lut_available(Isa isa) {
   return ok;
 }
 
-void superpose_lut(const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
+void superpose_lut(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
                    const int64_t* active, float* out, int64_t r0, int64_t r1) {
-  superpose_lut_rows(bank, k, W, n, R, alpha, active, out, r0, r1);
+  // AVX-512 without GFNI keeps the masked adds (superpose_lut_available is false there).
+  superpose_lut_rows(isa == Isa::Avx512 ? kLut512 : kLut256, bank, k, W, n, R, alpha, active, out, r0, r1);
 }
 
 }  // namespace supsup_cpu

@@ -1,7 +1,7 @@
-"""superpose in task blocks (csrc/cpu/bank.cpp) and by GFNI table lookups (csrc/cpu/superpose_lut.cpp,
-from 32 tasks on AVX-512 with GFNI) against the reference backend on every ISA level of this CPU: k
-across several blocks and the table kernel's threshold, odd sizes, rows long enough to span several
-of its stream blocks, active subsets, exact integer counts."""
+"""superpose in task blocks (csrc/cpu/bank.cpp) and by table lookups over bit transposes
+(csrc/cpu/superpose_lut.cpp, from 32 tasks on AVX2 and on AVX-512 with GFNI) against the reference
+backend on every ISA level of this CPU: k across several blocks and the table kernel's threshold, odd
+sizes, rows long enough to span several of its stream blocks, active subsets, exact integer counts."""
 import shutil
 import textwrap
 
