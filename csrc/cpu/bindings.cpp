@@ -34,15 +34,21 @@ void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32 for the cpu backend, got ", t.scalar_type());
 }
 
+// Whether every entry of a contiguous int64 tensor is in [0, hi): one plain loop, no ATen reductions
+// (they cost more than the check on the per-step paths).
+bool all_in_range(const at::Tensor& t, int64_t hi) {
+  const int64_t* p = t.data_ptr<int64_t>();
+  bool ok = true;
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) ok &= (p[i] >= 0) & (p[i] < hi);
+  return ok;
+}
+
 const int64_t* active_ptr(const std::optional<at::Tensor>& active, int64_t k) {
   if (!active.has_value()) return nullptr;
   const at::Tensor& a = *active;
   check_cpu_contiguous(a, "active");
   TORCH_CHECK(a.scalar_type() == at::kLong && a.dim() == 1, "active must be a 1-D int64 tensor");
-  if (a.numel()) {
-    TORCH_CHECK(a.min().item<int64_t>() >= 0 && a.max().item<int64_t>() < k,
-                "active task indices must be in [0, ", k, ")");
-  }
+  TORCH_CHECK(all_in_range(a, k), "active task indices must be in [0, ", k, ")");
   return a.data_ptr<int64_t>();
 }
 
@@ -102,7 +108,7 @@ at::Tensor mask_dot_op(const at::Tensor& bank, const at::Tensor& v, const std::o
   const int64_t R = v.numel() / std::max<int64_t>(n, 1);
   TORCH_CHECK(bank.numel() == k * R * W, "bank and v disagree on the leading dimensions");
   const int64_t* act = active_ptr(active, k);
-  const int64_t m = act ? active->numel() : k;
+  const int64_t m = active.has_value() ? active->numel() : k;  // an empty list: no task (act is null then)
   const int32_t* b = bank.data_ptr<int32_t>();
   const float* vp = v.data_ptr<float>();
   const Isa isa = current_isa();
@@ -169,7 +175,7 @@ at::Tensor mask_dot_batched_op(const at::Tensor& bank, const at::Tensor& v, cons
   const int64_t R = per_query / std::max<int64_t>(n, 1);
   TORCH_CHECK(bank.numel() == k * R * W, "bank and v disagree on the leading dimensions");
   const int64_t* act = active_ptr(active, k);
-  const int64_t m = act ? active->numel() : k;
+  const int64_t m = active.has_value() ? active->numel() : k;  // an empty list: no task (act is null then)
   if (q == 0 || m == 0 || R == 0) return at::zeros({q, m}, v.options());
   const int32_t* b = bank.data_ptr<int32_t>();
   const float* vp = v.data_ptr<float>();
@@ -192,7 +198,7 @@ at::Tensor superpose_op(const at::Tensor& bank, const at::Tensor& alpha, int64_t
   TORCH_CHECK(bank.dim() >= 2 && bank.size(-1) == words_for(n), "bank must be [k, *lead, ceil(n/32)]");
   const int64_t k = bank.size(0), W = bank.size(-1), R = bank.numel() / std::max<int64_t>(k * W, 1);
   const int64_t* act = active_ptr(active, k);
-  const int64_t m = act ? active->numel() : k;
+  const int64_t m = active.has_value() ? active->numel() : k;  // an empty list: no task (act is null then)
   TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == m, "alpha must have one entry per (active) task");
   auto sizes = bank.sizes().vec();
   sizes.erase(sizes.begin());
@@ -437,7 +443,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_grads_op(const
   }
   const int64_t B = x.size(0), C = h.size(1);
   TORCH_CHECK(B > 0, "x must have at least one row");
-  TORCH_CHECK(y.min().item<int64_t>() >= 0 && y.max().item<int64_t>() < C, "y must hold class indices in [0, ", C, ")");
+  TORCH_CHECK(all_in_range(y.contiguous(), C), "y must hold class indices in [0, ", C, ")");
   const at::Tensor log_probs = at::log_softmax(h, 1);
   const at::Tensor loss = at::nll_loss(log_probs, y);
   // d(mean CE)/d logits = (softmax - onehot) / B

@@ -104,10 +104,15 @@ def test_input_gradient_matches_autograd():
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_a_second_backward_of_an_old_forward_is_refused():
+def in_backward_mlp():
+    """An MLP whose layers take InBackwardRMSprop steps, and an input batch for it."""
     _, model = twins(Mlp)
     InBackwardRMSprop(model, lr=1e-2)
-    x = torch.randn(3, 37)
+    return model, torch.randn(3, 37)
+
+
+def test_a_second_backward_of_an_old_forward_is_refused():
+    model, x = in_backward_mlp()
     first, second = model(x).sum(), model(x).sum()
     first.backward()
     with pytest.raises(RuntimeError, match="one backward per forward, in order"):
@@ -115,9 +120,7 @@ def test_a_second_backward_of_an_old_forward_is_refused():
 
 
 def test_a_backward_after_the_scores_were_edited_is_refused():
-    _, model = twins(Mlp)
-    InBackwardRMSprop(model, lr=1e-2)
-    x = torch.randn(3, 37)
+    model, x = in_backward_mlp()
     old = model(x).sum()
     with torch.no_grad():
         model.a.scores.neg_()
@@ -127,9 +130,7 @@ def test_a_backward_after_the_scores_were_edited_is_refused():
 
 
 def test_scores_changed_outside_the_step_are_seen():
-    _, model = twins(Mlp)
-    InBackwardRMSprop(model, lr=1e-2)
-    x = torch.randn(3, 37)
+    model, x = in_backward_mlp()
     with torch.no_grad():
         model.a.scores.neg_()  # an in-place edit bumps the version: the masked weight is rebuilt
         expect = model.b(F.relu(F.linear(x, model.a.weight * (model.a.scores >= 0))))

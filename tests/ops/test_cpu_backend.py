@@ -47,6 +47,10 @@ def test_active_task_lists():
         assert torch.allclose(C.superpose(bank, a, n, active), ss.ops.superpose(bank[active], a, n), atol=1e-6)
     with pytest.raises(RuntimeError, match="active task indices"):
         C.mask_dot(bank, v, torch.tensor([9]))
+    none = torch.zeros(0, dtype=torch.long)  # an empty list selects no task (not all of them)
+    assert C.mask_dot(bank, v, none).shape == (0,)
+    assert torch.equal(C.superpose(bank, torch.zeros(0), n, none), torch.zeros(4, n))
+    assert C.mask_dot_batched(bank, v[None], none).shape == (1, 0)
     words = bank[0]
     with pytest.raises(RuntimeError, match="bias must have shape"):
         C.masked_linear_small(torch.randn(2, n), torch.randn(4, n), words, torch.randn(3))

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ...csrc import build as csrc_build
-from .reference import DenseLinear, ReferenceBackend
+from .reference import DenseLinear, ReferenceBackend, fused_step_ready
 
 SMALL_BATCH = 16  # rows of x up to which the direct masked GEMV/GEMM beats materialise + BLAS
 BLOCKED_BATCH = 256  # up to here, unpack 256 rows of W ⊙ M at a time (L2-resident) and GEMM each block
@@ -156,13 +156,13 @@ class CpuBackend(ReferenceBackend):
     def ste_adam_step_(self, param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, step, lr, beta1, beta2, eps,
                        weight_decay):
         tensors = (param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight)
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        if not fused_step_ready(tensors):
             return super().ste_adam_step_(*tensors, step, lr, beta1, beta2, eps, weight_decay)
         self.ops.ste_adam_step_(*tensors, int(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
 
     def ste_rmsprop_step_(self, param, weight_grad, weight, square_avg, masked_weight, lr, alpha, eps, weight_decay):
         tensors = (param, weight_grad, weight, square_avg, masked_weight)
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        if not fused_step_ready(tensors):
             return super().ste_rmsprop_step_(*tensors, lr, alpha, eps, weight_decay)
         self.ops.ste_rmsprop_step_(*tensors, float(lr), float(alpha), float(eps), float(weight_decay))
 

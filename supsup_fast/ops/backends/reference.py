@@ -46,6 +46,12 @@ class DenseConv2d:
         return torch.nn.grad.conv2d_weight(x, w.shape, g, self.stride, self.padding, self.dilation, self.groups)
 
 
+def fused_step_ready(tensors) -> bool:
+    """Whether a kernel backend's fused optimiser step can take these tensors in place (float32 and
+    contiguous); otherwise it falls back to the reference step."""
+    return all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
 def _bias_grad(g: torch.Tensor, conv: bool) -> torch.Tensor:
     return g.sum(dim=(0, 2, 3) if g.dim() == 4 else (1, 2)) if conv else g.reshape(-1, g.shape[-1]).sum(0)
 

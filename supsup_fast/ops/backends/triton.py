@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ...bits import BITS_PER_WORD
-from .reference import DenseLinear, ReferenceBackend
+from .reference import DenseLinear, ReferenceBackend, fused_step_ready
 
 try:  # the launchers need Triton; without it this backend is simply unavailable
     from ...kernels import ops as kernel_ops
@@ -72,13 +72,13 @@ class TritonBackend(ReferenceBackend):
     def ste_adam_step_(self, param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, step, lr, beta1, beta2, eps,
                        weight_decay):
         tensors = (param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight)
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        if not fused_step_ready(tensors):
             return super().ste_adam_step_(*tensors, step, lr, beta1, beta2, eps, weight_decay)
         self.kernels.ste_adam_step_(*tensors, int(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
 
     def ste_rmsprop_step_(self, param, weight_grad, weight, square_avg, masked_weight, lr, alpha, eps, weight_decay):
         tensors = (param, weight_grad, weight, square_avg, masked_weight)
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        if not fused_step_ready(tensors):
             return super().ste_rmsprop_step_(*tensors, lr, alpha, eps, weight_decay)
         self.kernels.ste_rmsprop_step_(*tensors, float(lr), float(alpha), float(eps), float(weight_decay))
 
