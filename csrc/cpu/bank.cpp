@@ -21,8 +21,8 @@ namespace {
 constexpr int64_t kSuperposeTaskBlock = 16;
 
 // From this many tasks the table kernel (superpose_lut.cpp) is faster than the masked adds below
-// (break-even near 24 on this project's AVX-512 Xeon).
-constexpr int64_t kSuperposeLutMinTasks = 32;
+// (break-even at 16-20 tasks with AVX-512 and with AVX2 on this project's Xeon).
+constexpr int64_t kSuperposeLutMinTasks = 24;
 
 // superpose's walk, shared by the ISA variants: tasks in blocks of kSuperposeTaskBlock, each output
 // row, NW words at a time through ``wide`` and the rest one by one through ``one`` (the ISA's word
