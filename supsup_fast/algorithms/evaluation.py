@@ -54,6 +54,41 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(1)
 
 
+class _SameMaskBatches:
+    """Consecutive test batches classified with the same mask, run as one forward of up to
+    ``max_bytes`` of input: on LeNet, 79 batches of 128 take 34 ms in 1,280-image forwards against 76
+    ms one by one. Each image's prediction does not depend on its neighbours (eval mode)."""
+
+    def __init__(self, model: nn.Module, max_bytes: int = 4 << 20):
+        self.model, self.max_bytes = model, max_bytes
+        self.task: Optional[int] = None
+        self.xs: List[torch.Tensor] = []
+        self.ys: List[torch.Tensor] = []
+        self.bytes = self.correct = 0
+
+    def add(self, task: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        size = xb.numel() * xb.element_size()
+        if self.xs and (task != self.task or self.bytes + size > self.max_bytes):
+            self._run()
+        self.task = task
+        self.xs.append(xb)
+        self.ys.append(yb)
+        self.bytes += size
+
+    def _run(self) -> None:
+        set_task(self.model, self.task)
+        x = self.xs[0] if len(self.xs) == 1 else torch.cat(self.xs)
+        y = self.ys[0] if len(self.ys) == 1 else torch.cat(self.ys)
+        self.correct += int((_predict(self.model, x) == y).sum())
+        self.xs, self.ys, self.bytes = [], [], 0
+
+    def finish(self) -> int:
+        """The number of correct predictions over every batch added."""
+        if self.xs:
+            self._run()
+        return self.correct
+
+
 def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalSettings, *, device: torch.device,
                   num_labels: int, seed: int = 0, on_batch: Optional[Callable[[], None]] = None,
                   expected: Optional[int] = None, alpha_scale: Optional[torch.Tensor] = None) -> TaskEval:
@@ -84,6 +119,7 @@ def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalS
         with torch.enable_grad():
             batched = infer_oneshot_batched(model, torch.cat([xb[:1] for xb, _ in data]), settings.objective,
                                             num_labels, alpha_scale).tolist()
+    pending = _SameMaskBatches(model)
     for xb, yb in data:
         xb, yb = xb.to(device), yb.to(device)
         batches += 1
@@ -102,8 +138,8 @@ def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalS
             on_batch()
         if settings.scenario == "GNu" and chosen != task:
             continue
-        set_task(model, chosen)
-        correct += int((_predict(model, xb) == yb).sum())
+        pending.add(int(chosen), xb, yb)
+    correct = pending.finish()
     gg = settings.scenario == "GG"
     return TaskEval(correct / max(total, 1), None if gg else right_task / max(batches, 1), batches,
                     None if gg else chosen_per_batch)
