@@ -105,6 +105,51 @@ LUT_AVX512 void build512(const Src& src, int64_t W, int64_t fw0, int64_t fw1, fl
   }
 }
 
+// Many queries (batched task inference) over len words of ng <= 4 groups of 16 tasks. Each query's
+// tables (512 bytes a word) come from L2, and with one group per table load that traffic bound the
+// batched path; here each table row is loaded once for all ng groups. The nibble indices of every
+// word are shifted out once into an L1 buffer that all queries read. tables: query jq's rows at
+// jq * q_stride; part: query jq's partial sums of group gi at jq * part_stride + 16 gi.
+constexpr int kQueryGroups = 4;
+
+LUT_AVX512 void lookup_queries512(const __m512i (*words)[16], int ng, int64_t len, const float* tables,
+                                  int64_t q_stride, int64_t nq, float* part, int64_t part_stride) {
+  alignas(64) __m512i idx[16][kQueryGroups][8];  // 32 KiB
+  for (int64_t j = 0; j < len; ++j)
+    for (int gi = 0; gi < ng; ++gi) {
+      idx[j][gi][0] = words[gi][j];
+      for (int p = 1; p < 8; ++p) idx[j][gi][p] = _mm512_srli_epi32(words[gi][j], 4 * p);
+    }
+  for (int64_t jq = 0; jq < nq; ++jq) {
+    const float* tb = tables + jq * q_stride;
+    __m512 acc[kQueryGroups][2];
+    for (int gi = 0; gi < kQueryGroups; ++gi) acc[gi][0] = acc[gi][1] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; ++j) {
+      const float* t = tb + j * 128;
+#pragma GCC unroll 8
+      for (int p = 0; p < 8; ++p) {
+        const __m512 tab = _mm512_load_ps(t + 16 * p);
+#pragma GCC unroll 4
+        for (int gi = 0; gi < kQueryGroups; ++gi)
+          if (gi < ng)
+            acc[gi][p & 1] = _mm512_add_ps(acc[gi][p & 1], _mm512_permutexvar_ps(_mm512_load_si512(&idx[j][gi][p]), tab));
+      }
+    }
+    for (int gi = 0; gi < ng; ++gi) {
+      float* pp = part + jq * part_stride + 16 * gi;
+      _mm512_storeu_ps(pp, _mm512_add_ps(_mm512_loadu_ps(pp), _mm512_add_ps(acc[gi][0], acc[gi][1])));
+    }
+  }
+}
+
+// 16 tasks' words [fw, fw + len) as 16 vectors, vector j holding word j of every task (zero past len
+// and for absent tasks).
+LUT_AVX512 inline void load_words16(const int32_t* const* rows, int64_t cnt, int64_t fw, int64_t len, __m512i* words) {
+  const __mmask16 lm = static_cast<__mmask16>((1u << len) - 1u);
+  for (int i = 0; i < 16; ++i) words[i] = i < cnt ? _mm512_maskz_loadu_epi32(lm, rows[i] + fw) : _mm512_setzero_si512();
+  transpose16x16(words);
+}
+
 template <class Src>
 LUT_AVX512 void lut512(const int32_t* bank, int64_t R, int64_t W, const Src* srcs, int64_t nq, const int64_t* active,
                        int64_t k, float* out, int64_t fwa, int64_t fwb) {
@@ -116,16 +161,33 @@ LUT_AVX512 void lut512(const int32_t* bank, int64_t R, int64_t W, const Src* src
   for (int64_t fw0 = fwa; fw0 < fwb; fw0 += bw) {
     const int64_t fw1 = std::min(fwb, fw0 + bw);
     for (int64_t j = 0; j < nq; ++j) build512(srcs[j], W, fw0, fw1, tables + j * bw * 128);
+    if (nq > 1) {  // batched queries: up to 4 groups share each table load
+      for (int64_t g = 0; g < groups; g += kQueryGroups) {
+        const int ng = static_cast<int>(std::min<int64_t>(kQueryGroups, groups - g));
+        const int32_t* rows[kQueryGroups][16];
+        int64_t cnt[kQueryGroups];
+        for (int gi = 0; gi < ng; ++gi) {
+          const int64_t tg = 16 * (g + gi);
+          cnt[gi] = std::min<int64_t>(16, k - tg);
+          for (int i = 0; i < cnt[gi]; ++i) rows[gi][i] = bank + (active ? active[tg + i] : tg + i) * stride;
+        }
+        for (int64_t fw = fw0; fw < fw1; fw += 16) {
+          const int64_t len = std::min<int64_t>(16, fw1 - fw);
+          __m512i words[kQueryGroups][16];
+          for (int gi = 0; gi < ng; ++gi) load_words16(rows[gi], cnt[gi], fw, len, words[gi]);
+          lookup_queries512(words, ng, len, tables + (fw - fw0) * 128, bw * 128, nq, part.data() + g * 16, groups * 16);
+        }
+      }
+      continue;
+    }
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t tg = 16 * g, cnt = std::min<int64_t>(16, k - tg);
       const int32_t* rows[16];
       for (int i = 0; i < cnt; ++i) rows[i] = bank + (active ? active[tg + i] : tg + i) * stride;
       for (int64_t fw = fw0; fw < fw1; fw += 16) {
         const int64_t len = std::min<int64_t>(16, fw1 - fw);
-        const __mmask16 lm = static_cast<__mmask16>((1u << len) - 1u);
         __m512i words[16];
-        for (int i = 0; i < 16; ++i) words[i] = i < cnt ? _mm512_maskz_loadu_epi32(lm, rows[i] + fw) : _mm512_setzero_si512();
-        transpose16x16(words);
+        load_words16(rows, cnt, fw, len, words);
         for (int64_t jq = 0; jq < nq; ++jq) {
           const float* tb = tables + jq * bw * 128 + (fw - fw0) * 128;
           __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     print(cpu_isa())
     assert CpuBackend.fast_batched_inference
     for n in (1, 33, 784, 1000):
-        for k in (1, 3, 4, 17, 33):
+        for k in (1, 3, 4, 17, 33, 100):  # 100: batched queries run 4 groups of 16 tasks per table load, and a rest
             for lead in ((7,), (2, 3)):
                 m = torch.rand(k, *lead, n) > 0.5
                 bank = ss.pack_bits(m)
