@@ -261,6 +261,56 @@ LUT_AVX2 void build256(const Src& src, int64_t W, int64_t fw0, int64_t fw1, floa
   }
 }
 
+// Batched queries on AVX2, as lookup_queries512: each table row (8 floats) is loaded once for ng <= 4
+// groups of 8 tasks, and the 11 3-bit indices of every word are shifted out once for all queries.
+LUT_AVX2 void lookup_queries256(const __m256i (*words)[8], int ng, int64_t len, const float* tables,
+                                int64_t q_stride, int64_t nq, float* part, int64_t part_stride) {
+  alignas(32) __m256i idx[8][kQueryGroups][kGroups3];  // 11 KiB
+  for (int64_t j = 0; j < len; ++j)
+    for (int gi = 0; gi < ng; ++gi) {
+      idx[j][gi][0] = words[gi][j];
+      for (int c = 1; c < kGroups3; ++c) idx[j][gi][c] = _mm256_srli_epi32(words[gi][j], 3 * c);
+    }
+  for (int64_t jq = 0; jq < nq; ++jq) {
+    const float* tb = tables + jq * q_stride;
+    __m256 acc[kQueryGroups][2];
+    for (int gi = 0; gi < kQueryGroups; ++gi) acc[gi][0] = acc[gi][1] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < len; ++j) {
+      const float* t = tb + j * kTab2;
+#pragma GCC unroll 11
+      for (int c = 0; c < kGroups3; ++c) {
+        const __m256 tab = _mm256_load_ps(t + 8 * c);
+#pragma GCC unroll 4
+        for (int gi = 0; gi < kQueryGroups; ++gi)
+          if (gi < ng)
+            acc[gi][c & 1] = _mm256_add_ps(acc[gi][c & 1], _mm256_permutevar8x32_ps(tab, _mm256_load_si256(&idx[j][gi][c])));
+      }
+    }
+    for (int gi = 0; gi < ng; ++gi) {
+      float* pp = part + jq * part_stride + 8 * gi;
+      _mm256_storeu_ps(pp, _mm256_add_ps(_mm256_loadu_ps(pp), _mm256_add_ps(acc[gi][0], acc[gi][1])));
+    }
+  }
+}
+
+// 8 tasks' words [fw, fw + len) (len <= 8) as 8 vectors, vector j holding word j of every task (zero
+// past len and for absent tasks).
+LUT_AVX2 inline void load_words8(const int32_t* const* rows, int64_t cnt, int64_t fw, int64_t len, __m256i* words) {
+  alignas(32) int32_t tmp[8];
+  for (int i = 0; i < 8; ++i) {
+    if (i >= cnt) {
+      words[i] = _mm256_setzero_si256();
+    } else if (len == 8) {
+      words[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + fw));
+    } else {
+      std::memset(tmp, 0, sizeof(tmp));
+      std::memcpy(tmp, rows[i] + fw, sizeof(int32_t) * len);
+      words[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+    }
+  }
+  transpose8x8(words);
+}
+
 template <class Src>
 LUT_AVX2 void lut256(const int32_t* bank, int64_t R, int64_t W, const Src* srcs, int64_t nq, const int64_t* active,
                      int64_t k, float* out, int64_t fwa, int64_t fwb) {
@@ -269,10 +319,28 @@ LUT_AVX2 void lut256(const int32_t* bank, int64_t R, int64_t W, const Src* srcs,
   std::vector<float> part(static_cast<size_t>(nq) * groups * 8, 0.0f);
   std::vector<float> tbuf(static_cast<size_t>(nq) * bw * kTab2 + 16);
   float* tables = align64(tbuf);
-  alignas(32) int32_t tmp[8];
   for (int64_t fw0 = fwa; fw0 < fwb; fw0 += bw) {
     const int64_t fw1 = std::min(fwb, fw0 + bw);
     for (int64_t j = 0; j < nq; ++j) build256(srcs[j], W, fw0, fw1, tables + j * bw * kTab2);
+    if (nq > 1) {  // batched queries: up to 4 groups share each table load
+      for (int64_t g = 0; g < groups; g += kQueryGroups) {
+        const int ng = static_cast<int>(std::min<int64_t>(kQueryGroups, groups - g));
+        const int32_t* rows[kQueryGroups][8];
+        int64_t cnt[kQueryGroups];
+        for (int gi = 0; gi < ng; ++gi) {
+          const int64_t tg = 8 * (g + gi);
+          cnt[gi] = std::min<int64_t>(8, k - tg);
+          for (int i = 0; i < cnt[gi]; ++i) rows[gi][i] = bank + (active ? active[tg + i] : tg + i) * stride;
+        }
+        for (int64_t fw = fw0; fw < fw1; fw += 8) {
+          const int64_t len = std::min<int64_t>(8, fw1 - fw);
+          __m256i words[kQueryGroups][8];
+          for (int gi = 0; gi < ng; ++gi) load_words8(rows[gi], cnt[gi], fw, len, words[gi]);
+          lookup_queries256(words, ng, len, tables + (fw - fw0) * kTab2, bw * kTab2, nq, part.data() + g * 8, groups * 8);
+        }
+      }
+      continue;
+    }
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t tg = 8 * g, cnt = std::min<int64_t>(8, k - tg);
       const int32_t* rows[8];
@@ -280,18 +348,7 @@ LUT_AVX2 void lut256(const int32_t* bank, int64_t R, int64_t W, const Src* srcs,
       for (int64_t fw = fw0; fw < fw1; fw += 8) {
         const int64_t len = std::min<int64_t>(8, fw1 - fw);
         __m256i words[8];
-        for (int i = 0; i < 8; ++i) {
-          if (i >= cnt) {
-            words[i] = _mm256_setzero_si256();
-          } else if (len == 8) {
-            words[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + fw));
-          } else {
-            std::memset(tmp, 0, sizeof(tmp));
-            std::memcpy(tmp, rows[i] + fw, sizeof(int32_t) * len);
-            words[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
-          }
-        }
-        transpose8x8(words);
+        load_words8(rows, cnt, fw, len, words);
         for (int64_t jq = 0; jq < nq; ++jq) {
           const float* tb = tables + jq * bw * kTab2 + (fw - fw0) * kTab2;
           __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
