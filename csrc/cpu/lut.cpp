@@ -5,6 +5,7 @@
 // and one add per 3 bits of 8 tasks. Words of 16 (8) tasks are read a cache line (half) at a time
 // and transposed in registers so that one vector holds the same word of every task.
 #include "lut.h"
+#include "simd.h"
 
 #include <immintrin.h>
 
@@ -51,10 +52,15 @@ struct Rank1Src {
   }
 };
 
-template <class T>
-T* align64(std::vector<T>& buf) {
-  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
-  return reinterpret_cast<T*>((p + 63) & ~static_cast<uintptr_t>(63));
+// The rows of ng groups of Width tasks from group g on (cnt[gi] tasks in group gi; the last may be short).
+template <int Width>
+void group_rows(const int32_t* bank, const int64_t* active, int64_t stride, int64_t k, int64_t g, int ng,
+                const int32_t* (*rows)[Width], int64_t* cnt) {
+  for (int gi = 0; gi < ng; ++gi) {
+    const int64_t tg = Width * (g + gi);
+    cnt[gi] = std::min<int64_t>(Width, k - tg);
+    for (int i = 0; i < cnt[gi]; ++i) rows[gi][i] = task_base(bank, active, tg + i, stride);
+  }
 }
 
 constexpr int64_t kLutBlockFloats = 1024 * 128;  // table floats per block, all queries together (512 KiB; 256 KiB read 10 % slower)
@@ -166,11 +172,7 @@ LUT_AVX512 void lut512(const int32_t* bank, int64_t R, int64_t W, const Src* src
         const int ng = static_cast<int>(std::min<int64_t>(kQueryGroups, groups - g));
         const int32_t* rows[kQueryGroups][16];
         int64_t cnt[kQueryGroups];
-        for (int gi = 0; gi < ng; ++gi) {
-          const int64_t tg = 16 * (g + gi);
-          cnt[gi] = std::min<int64_t>(16, k - tg);
-          for (int i = 0; i < cnt[gi]; ++i) rows[gi][i] = bank + (active ? active[tg + i] : tg + i) * stride;
-        }
+        group_rows<16>(bank, active, stride, k, g, ng, rows, cnt);
         for (int64_t fw = fw0; fw < fw1; fw += 16) {
           const int64_t len = std::min<int64_t>(16, fw1 - fw);
           __m512i words[kQueryGroups][16];
@@ -181,13 +183,13 @@ LUT_AVX512 void lut512(const int32_t* bank, int64_t R, int64_t W, const Src* src
       continue;
     }
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t tg = 16 * g, cnt = std::min<int64_t>(16, k - tg);
-      const int32_t* rows[16];
-      for (int i = 0; i < cnt; ++i) rows[i] = bank + (active ? active[tg + i] : tg + i) * stride;
+      const int32_t* rows[1][16];
+      int64_t cnt;
+      group_rows<16>(bank, active, stride, k, g, 1, rows, &cnt);
       for (int64_t fw = fw0; fw < fw1; fw += 16) {
         const int64_t len = std::min<int64_t>(16, fw1 - fw);
         __m512i words[16];
-        load_words16(rows, cnt, fw, len, words);
+        load_words16(rows[0], cnt, fw, len, words);
         for (int64_t jq = 0; jq < nq; ++jq) {
           const float* tb = tables + jq * bw * 128 + (fw - fw0) * 128;
           __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -327,11 +329,7 @@ LUT_AVX2 void lut256(const int32_t* bank, int64_t R, int64_t W, const Src* srcs,
         const int ng = static_cast<int>(std::min<int64_t>(kQueryGroups, groups - g));
         const int32_t* rows[kQueryGroups][8];
         int64_t cnt[kQueryGroups];
-        for (int gi = 0; gi < ng; ++gi) {
-          const int64_t tg = 8 * (g + gi);
-          cnt[gi] = std::min<int64_t>(8, k - tg);
-          for (int i = 0; i < cnt[gi]; ++i) rows[gi][i] = bank + (active ? active[tg + i] : tg + i) * stride;
-        }
+        group_rows<8>(bank, active, stride, k, g, ng, rows, cnt);
         for (int64_t fw = fw0; fw < fw1; fw += 8) {
           const int64_t len = std::min<int64_t>(8, fw1 - fw);
           __m256i words[kQueryGroups][8];
@@ -342,13 +340,13 @@ LUT_AVX2 void lut256(const int32_t* bank, int64_t R, int64_t W, const Src* srcs,
       continue;
     }
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t tg = 8 * g, cnt = std::min<int64_t>(8, k - tg);
-      const int32_t* rows[8];
-      for (int i = 0; i < cnt; ++i) rows[i] = bank + (active ? active[tg + i] : tg + i) * stride;
+      const int32_t* rows[1][8];
+      int64_t cnt;
+      group_rows<8>(bank, active, stride, k, g, 1, rows, &cnt);
       for (int64_t fw = fw0; fw < fw1; fw += 8) {
         const int64_t len = std::min<int64_t>(8, fw1 - fw);
         __m256i words[8];
-        load_words8(rows, cnt, fw, len, words);
+        load_words8(rows[0], cnt, fw, len, words);
         for (int64_t jq = 0; jq < nq; ++jq) {
           const float* tb = tables + jq * bw * kTab2 + (fw - fw0) * kTab2;
           __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};

@@ -7,8 +7,16 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace supsup_cpu {
+
+// The first 64-byte aligned element of buf (allocate 64 bytes more than needed).
+template <class T>
+T* align64(std::vector<T>& buf) {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<T*>((p + 63) & ~static_cast<uintptr_t>(63));
+}
 
 // Bits of word q of a row of n bits that are real (not padding). Padding is ignored even when
 // a caller's words have it set, so no kernel reads past the end of a row.

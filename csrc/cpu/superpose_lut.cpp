@@ -20,7 +20,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
+#include <vector>
 
 #include "kernels.h"
 #include "lut.h"
@@ -37,25 +37,6 @@ namespace {
 constexpr int64_t kBlockWords = 4096;  // 16 KiB of each task's stream, 512 KiB of float scratch (L2)
 constexpr int64_t kTasksPerPass = 16;  // more streams at once are slower (32: 1.1-1.4x, 64: 1.9x at k = 2,500)
 constexpr int64_t kChunkWords = 16;  // AVX-512: one 64-byte load per task, 512 weights (AVX2: half)
-
-struct AlignedFree {
-  void operator()(void* p) const { std::free(p); }
-};
-
-template <typename T>
-std::unique_ptr<T[], AlignedFree> aligned_uninitialised(int64_t count) {
-  const size_t bytes = ((static_cast<size_t>(count) * sizeof(T) + 63) / 64) * 64;
-  void* p = std::aligned_alloc(64, bytes);
-  if (!p) throw std::bad_alloc();
-  return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(p));
-}
-
-template <typename T>
-std::unique_ptr<T[], AlignedFree> aligned_zeros(int64_t count) {
-  auto p = aligned_uninitialised<T>(count);
-  std::memset(p.get(), 0, ((static_cast<size_t>(count) * sizeof(T) + 63) / 64) * 64);
-  return p;
-}
 
 // The byte-transpose indices: three rounds of vpermt2b that turn 8 tasks' 64 bytes into 8 vectors
 // whose qword m holds byte (8j + m) of task 0..7 (vector j). Round 1 interleaves task pairs byte by
@@ -313,11 +294,13 @@ void superpose_lut_rows(const LutKernel& kern, const int32_t* bank, int64_t k, i
   if (r1 <= r0) return;
   const int64_t stride = R * W, words = (r1 - r0) * W;
   // One block of scratch per thread, kept between calls (a fresh 512 KiB costs page faults every call).
-  thread_local auto scratch = aligned_uninitialised<float>(32 * kBlockWords + 512);
+  thread_local std::vector<float> scratch_buf(32 * kBlockWords + 512 + 16);
+  float* scratch = align64(scratch_buf);
   const int64_t passes = (k + kTasksPerPass - 1) / kTasksPerPass;
-  auto tables = aligned_zeros<float>(kern.table_floats * passes);
+  std::vector<float> tables_buf(kern.table_floats * passes + 16, 0.0f);
+  float* tables = align64(tables_buf);
   for (int64_t p = 0; p < passes; ++p)
-    kern.make_tables(alpha + 16 * p, std::min<int64_t>(16, k - 16 * p), tables.get() + kern.table_floats * p);
+    kern.make_tables(alpha + 16 * p, std::min<int64_t>(16, k - 16 * p), tables + kern.table_floats * p);
   for (int64_t b0 = 0; b0 < words; b0 += kBlockWords) {
     const int64_t b1 = std::min(words, b0 + kBlockWords);
     for (int64_t p = 0; p < passes; ++p) {
@@ -325,10 +308,10 @@ void superpose_lut_rows(const LutKernel& kern, const int32_t* bank, int64_t k, i
       const int32_t* task[kTasksPerPass];
       for (int64_t t = 0; t < kTasksPerPass; ++t)
         task[t] = t < kb ? task_base(bank, active, t0 + t, stride) + r0 * W + b0 : kZeroWords;
-      kern.pass(task, b1 - b0, tables.get() + kern.table_floats * p, scratch.get(), p == 0);
+      kern.pass(task, b1 - b0, tables + kern.table_floats * p, scratch, p == 0);
     }
-    kern.unpermute(scratch.get(), (b1 - b0 + kern.chunk_words - 1) / kern.chunk_words);
-    copy_to_rows(scratch.get(), 32 * b0, 32 * b1, W, n, r0, out);
+    kern.unpermute(scratch, (b1 - b0 + kern.chunk_words - 1) / kern.chunk_words);
+    copy_to_rows(scratch, 32 * b0, 32 * b1, W, n, r0, out);
   }
 }
 
