@@ -4,7 +4,8 @@
                                   [--out benchmarks/results]
 
 For each ISA a child process runs with SUPSUP_CPU_ISA=<isa> (the C++ kernels capped to that
-instruction set; torch's own BLAS is not capped) and writes ``kernels2-cpu-<isa>.json`` and a
+instruction set) and torch capped to it as well (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA,
+ATEN_CPU_CAPABILITY: an AVX2-only machine's BLAS runs AVX2 too), and writes ``kernels2-cpu-<isa>.json`` and a
 ``.png`` plot against k. Every figure stands beside its floor, all measured in the same process:
 - one read of the packed bits = packed bytes ÷ the streaming read bandwidth measured here;
 - the fp32 add floor = k·n masked adds at one vector add (8 lanes AVX2, 16 AVX-512) per cycle per
@@ -26,6 +27,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# What an AVX2-only machine runs for torch's side too: MKL, oneDNN and ATen's own kernels capped to
+# AVX2, so a ratio against torch compares like with like (uncapped, MKL kept using AVX-512 while our
+# kernels were capped: dense 1024 x 1024 at batch 1024 took 6.5 ms here instead of 10.9).
+_TORCH_ISA_CAPS = {"avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+                   "scalar": {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default"}}
 
 
 def _cpu_flags() -> str:
@@ -96,7 +102,9 @@ def child(isa: str, quick: bool, out: Path, note: str = "", parts: tuple = PARTS
                     if key in old:
                         rep[key] = old[key]
                 rep.setdefault("measured", {})[part] = old.get("measured", {}).get(part, {"note": old.get("note", "")})
-    stamp = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(), "note": rep["note"]}
+    stamp = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(), "note": rep["note"],
+             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "(not capped)")}
     for part in parts:
         rep.setdefault("measured", {})[part] = stamp
 
@@ -265,7 +273,8 @@ def print_table(rep: dict) -> None:
           f"read {rep['read_bandwidth_GBps']:.1f} GB/s; {rep['note']})")
     for part, stamp in rep.get("measured", {}).items():
         when = f"measured {stamp['date']} at {stamp['commit']}" if "date" in stamp else "kept from the earlier full run"
-        print(f"  {part}: {when} ({stamp.get('note', '')})")
+        torch_isa = stamp.get("torch_cpu_capability", "not capped (before the torch cap)")
+        print(f"  {part}: {when} ({stamp.get('note', '')}; torch: {torch_isa})")
     for r in rep["training_step_b128_s500"]:
         print(f"  training step {r['model']:7s} ours {r['ours_s']*1e3:7.2f} ms  plain {r['plain_torch_ste_s']*1e3:7.2f} ms  "
               f"{r['ours_vs_plain_speed']:.2f}x (bar {r['bar']}x)  three-GEMM floor {r['three_gemms_s']*1e3:.2f} ms")
@@ -344,7 +353,7 @@ def main() -> None:
         child(a.isa[0], a.quick, a.out, a.note, parts)
         return
     for isa in a.isa or _isas():
-        env = dict(os.environ, SUPSUP_CPU_ISA=isa)
+        env = dict(os.environ, SUPSUP_CPU_ISA=isa, **_TORCH_ISA_CAPS.get(isa, {}))
         cmd = [sys.executable, __file__, "--child", "--isa", isa, "--out", str(a.out), "--parts", ",".join(parts)] \
             + (["--quick"] if a.quick else []) \
             + (["--threads", str(a.threads)] if a.threads else []) + (["--note", a.note] if a.note else [])

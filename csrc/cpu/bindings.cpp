@@ -295,6 +295,52 @@ at::Tensor signed_masked_linear_small_op(const at::Tensor& x, const at::Tensor& 
   return s.y;
 }
 
+// y = x (W ⊙ M)ᵀ + b for any number of rows of x (masked_gemm.cpp): the mask applied while packing
+// W, so W ⊙ M is never written to memory. Rows of the output are split across threads.
+at::Tensor masked_linear_gemm_op(const at::Tensor& x, const at::Tensor& w, const at::Tensor& words,
+                                 const std::optional<at::Tensor>& bias) {
+  check_float(w, "weight");
+  check_words(words, "mask_words");
+  check_float(x, "x");
+  TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "x must be [*, in] for weight [out, in]");
+  const int64_t R = w.size(0), n = w.size(1), W = words_for(n);
+  TORCH_CHECK(words.dim() == 2 && words.size(0) == R && words.size(1) == W, "mask_words must be [out, ceil(in/32)]");
+  const int64_t B = n ? x.numel() / n : 0;
+  const float* bp = bias_pointer(bias, R);
+  auto sizes = x.sizes().vec();
+  sizes.back() = R;
+  at::Tensor y = at::empty(sizes, x.options());
+  if (B == 0 || R == 0) return y;
+  const Isa isa = current_isa();
+  at::parallel_for(0, R, 32, [&](int64_t r0, int64_t r1) {
+    masked_gemm(isa, x.data_ptr<float>(), B, w.data_ptr<float>(), words.data_ptr<int32_t>(), n, W, R, bp,
+                y.data_ptr<float>(), r0, r1);
+  });
+  return y;
+}
+
+at::Tensor signed_masked_linear_gemm_op(const at::Tensor& x, const at::Tensor& sign_words, const at::Tensor& mask_words,
+                                        double scale, const std::optional<at::Tensor>& bias) {
+  check_words(sign_words, "sign_words");
+  check_words(mask_words, "mask_words");
+  check_float(x, "x");
+  TORCH_CHECK(sign_words.sizes() == mask_words.sizes() && mask_words.dim() == 2, "sign_words and mask_words must both be [out, W]");
+  const int64_t R = mask_words.size(0), W = mask_words.size(1), n = x.size(-1);
+  TORCH_CHECK(W == words_for(n), "mask_words has ", W, " words per row but x has ", n, " features");
+  const int64_t B = n ? x.numel() / n : 0;
+  const float* bp = bias_pointer(bias, R);
+  auto sizes = x.sizes().vec();
+  sizes.back() = R;
+  at::Tensor y = at::empty(sizes, x.options());
+  if (B == 0 || R == 0) return y;
+  const Isa isa = current_isa();
+  at::parallel_for(0, R, 32, [&](int64_t r0, int64_t r1) {
+    signed_masked_gemm(isa, x.data_ptr<float>(), B, sign_words.data_ptr<int32_t>(), mask_words.data_ptr<int32_t>(),
+                       static_cast<float>(scale), n, W, R, bp, y.data_ptr<float>(), r0, r1);
+  });
+  return y;
+}
+
 void signed_masked_weight_into_op(const at::Tensor& sign_words, const at::Tensor& mask_words, double scale,
                                   at::Tensor out) {
   check_words(sign_words, "sign_words");
@@ -490,6 +536,8 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("masked_weight_into(Tensor weight, Tensor mask_words, Tensor(a!) out) -> ()");
   m.def("masked_linear_small(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias=None) -> Tensor");
   m.def("signed_masked_linear_small(Tensor x, Tensor sign_words, Tensor mask_words, float scale, Tensor? bias=None) -> Tensor");
+  m.def("masked_linear_gemm(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias=None) -> Tensor");
+  m.def("signed_masked_linear_gemm(Tensor x, Tensor sign_words, Tensor mask_words, float scale, Tensor? bias=None) -> Tensor");
   m.def("signed_masked_weight_into(Tensor sign_words, Tensor mask_words, float scale, Tensor(a!) out) -> ()");
   m.def("threshold_masked_weight(Tensor scores, Tensor weight) -> Tensor");
   m.def("rmsprop_step_(Tensor(a!) param, Tensor grad, Tensor(b!) square_avg, float lr, float alpha, float eps, float weight_decay) -> ()");
@@ -514,6 +562,8 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("masked_weight_into", &masked_weight_into_op);
   m.impl("masked_linear_small", &masked_linear_small_op);
   m.impl("signed_masked_linear_small", &signed_masked_linear_small_op);
+  m.impl("masked_linear_gemm", &masked_linear_gemm_op);
+  m.impl("signed_masked_linear_gemm", &signed_masked_linear_gemm_op);
   m.impl("rmsprop_step_", &rmsprop_step_op);
   m.impl("ste_rmsprop_step_", &ste_rmsprop_step_op);
   m.impl("ste_adam_step_", &ste_adam_step_op);

@@ -55,6 +55,16 @@ void signed_masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t 
                               const int32_t* mask_words, float scale, int64_t n, int64_t W, int64_t R,
                               const float* bias, float* y, int64_t r0, int64_t r1);
 
+// Masked GEMM for any batch (masked_gemm.cpp): y[b, row] = sum_j x[b, j] * w[row, j] * bit(words[row, j])
+// (+ bias[row]) for b < B, rows [r0, r1); x is [B, n], y is [B, R]. W ⊙ M is packed per cache block,
+// never materialised whole.
+void masked_gemm(Isa isa, const float* x, int64_t B, const float* w, const int32_t* words, int64_t n, int64_t W,
+                 int64_t R, const float* bias, float* y, int64_t r0, int64_t r1);
+// The same with signed-constant weights kept as bits: w[row, j] = scale * (sign bit ? +1 : -1).
+void signed_masked_gemm(Isa isa, const float* x, int64_t B, const int32_t* sign_words, const int32_t* mask_words,
+                        float scale, int64_t n, int64_t W, int64_t R, const float* bias, float* y, int64_t r0,
+                        int64_t r1);
+
 }  // namespace supsup_cpu
 
 namespace supsup_cpu {

@@ -1,4 +1,5 @@
 // Small-batch GEMM (batch <= 16) over one packed mask, with float or signed-constant weights.
+// Larger batches: masked_gemm.cpp.
 #include "kernels.h"
 #include "simd.h"
 
@@ -40,45 +41,112 @@ void signed_gemm_small_scalar(const float* x, int64_t B, const int32_t* sign_wor
     }
 }
 
-// Small-batch GEMM on AVX2, reading the same transposed xt[W][B][32] layout as the AVX-512 path:
-// each byte of the mask word becomes an 8-lane mask (bits8), applied to the weights (or to ±scale
-// built from the sign bits) before the FMAs.
+// AVX2: the 32 weights of word q of one row with the mask applied, as 4 x 8 lanes: each byte of the
+// mask word becomes an 8-lane mask (bits8) that drives a masked load of the weights (masked-off lanes
+// never fault, so the tail of the last row is never read) or selects ±scale from the sign bits.
+template <bool SIGNED>
+AVX2_TARGET inline void masked_word256(const float* wrow, const int32_t* srow, const int32_t* mrow, float scale,
+                                       int64_t n, int64_t q, __m256 out[4]) {
+  const uint32_t word = static_cast<uint32_t>(mrow[q]) & valid_bits(n, q);
+  if constexpr (SIGNED) {
+    const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
+    const uint32_t sgn = static_cast<uint32_t>(srow[q]);
+    for (int c = 0; c < 4; ++c)
+      out[c] = _mm256_and_ps(bits8((word >> (8 * c)) & 0xFF), _mm256_blendv_ps(minus, plus, bits8((sgn >> (8 * c)) & 0xFF)));
+  } else {
+    for (int c = 0; c < 4; ++c)
+      out[c] = _mm256_maskload_ps(wrow + 32 * q + 8 * c, _mm256_castps_si256(bits8((word >> (8 * c)) & 0xFF)));
+  }
+}
+
+// One or two rows of x (memory-bound): one row of W at a time, four accumulators per x row so no
+// FMA waits on the one before (one accumulator per x row chained 4 FMAs per word: 16 cycles a word).
+template <bool SIGNED, int B>
+AVX2_TARGET void gemm_direct256(const float* xt, const float* w, const int32_t* sign_words, const int32_t* words,
+                                float scale, int64_t n, int64_t W, int64_t R, const float* bias, float* y, int64_t r0,
+                                int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    __m256 acc[B][4];
+    for (int b = 0; b < B; ++b)
+      for (int c = 0; c < 4; ++c) acc[b][c] = _mm256_setzero_ps();
+    for (int64_t q = 0; q < W; ++q) {
+      __m256 wv[4];
+      masked_word256<SIGNED>(SIGNED ? nullptr : w + r * n, SIGNED ? sign_words + r * W : nullptr, words + r * W, scale, n, q, wv);
+      for (int b = 0; b < B; ++b) {
+        const float* xq = xt + (q * B + b) * 32;
+        for (int c = 0; c < 4; ++c) acc[b][c] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(xq + 8 * c), acc[b][c]);
+      }
+    }
+    for (int b = 0; b < B; ++b)
+      y[b * R + r] = hsum256(_mm256_add_ps(_mm256_add_ps(acc[b][0], acc[b][1]), _mm256_add_ps(acc[b][2], acc[b][3]))) +
+                     (bias ? bias[r] : 0.0f);
+  }
+}
+
+// 3..16 rows of x: as on AVX-512 (gemm_packed512), 4 rows of W ⊙ M unpacked into an L1 buffer
+// pw[W][4][32], then 4 x 2 tiles (8 accumulators, 6 loads per 8 FMAs; 16 ymm registers allow no more).
+template <bool SIGNED>
+AVX2_TARGET void pack_rows256(const float* w, const int32_t* sign_words, const int32_t* words, float scale, int64_t n,
+                              int64_t W, int64_t r, int rows, float* pw) {
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = r + std::min(i, rows - 1);  // a short last tile repeats its last row
+    for (int64_t q = 0; q < W; ++q) {
+      __m256 wv[4];
+      masked_word256<SIGNED>(SIGNED ? nullptr : w + row * n, SIGNED ? sign_words + row * W : nullptr, words + row * W, scale,
+                             n, q, wv);
+      for (int c = 0; c < 4; ++c) _mm256_store_ps(pw + 128 * q + 32 * i + 8 * c, wv[c]);
+    }
+  }
+}
+
+template <int BT>
+AVX2_TARGET void tile4_256(const float* pw, int64_t W, const float* xt, int64_t B, int64_t b0, float* sums) {
+  __m256 acc[4][BT];
+  for (int i = 0; i < 4; ++i)
+    for (int b = 0; b < BT; ++b) acc[i][b] = _mm256_setzero_ps();
+  for (int64_t q = 0; q < W; ++q) {
+    const float* xq = xt + (q * B + b0) * 32;
+    const float* wq = pw + 128 * q;
+    for (int h = 0; h < 4; ++h) {
+      __m256 x[BT];
+      for (int b = 0; b < BT; ++b) x[b] = _mm256_loadu_ps(xq + 32 * b + 8 * h);
+      for (int i = 0; i < 4; ++i) {
+        const __m256 wv = _mm256_load_ps(wq + 32 * i + 8 * h);
+        for (int b = 0; b < BT; ++b) acc[i][b] = _mm256_fmadd_ps(wv, x[b], acc[i][b]);
+      }
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int b = 0; b < BT; ++b) sums[i * BT + b] = hsum256(acc[i][b]);
+}
+
+template <bool SIGNED>
+AVX2_TARGET void gemm_packed256(const float* xt, int64_t B, const float* w, const int32_t* sign_words,
+                                const int32_t* words, float scale, int64_t n, int64_t W, int64_t R, const float* bias,
+                                float* y, int64_t r0, int64_t r1) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < static_cast<size_t>(128 * W + 16)) buf.resize(128 * W + 16);
+  float* pw = align64(buf);
+  float sums[8];
+  for (int64_t r = r0; r < r1; r += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, r1 - r));
+    pack_rows256<SIGNED>(w, sign_words, words, scale, n, W, r, rows, pw);
+    for (int64_t b0 = 0; b0 < B; b0 += 2) {
+      const int bt = static_cast<int>(std::min<int64_t>(2, B - b0));
+      if (bt == 2) tile4_256<2>(pw, W, xt, B, b0, sums); else tile4_256<1>(pw, W, xt, B, b0, sums);
+      for (int i = 0; i < rows; ++i)
+        for (int b = 0; b < bt; ++b) y[(b0 + b) * R + r + i] = sums[i * bt + b] + (bias ? bias[r + i] : 0.0f);
+    }
+  }
+}
+
 template <bool SIGNED>
 AVX2_TARGET void gemm_small_avx2(const float* xt, int64_t B, const float* w, const int32_t* sign_words,
                                  const int32_t* words, float scale, int64_t n, int64_t W, int64_t R,
                                  const float* bias, float* y, int64_t r0, int64_t r1) {
-  const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
-  float buf[32];
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t b0 = 0; b0 < B; b0 += 4) {
-      const int64_t bt = std::min<int64_t>(4, B - b0);
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t q = 0; q < W; ++q) {
-        const uint32_t word = static_cast<uint32_t>(words[r * W + q]) & valid_bits(n, q);
-        __m256 wv[4];
-        if (SIGNED) {
-          const uint32_t sgn = static_cast<uint32_t>(sign_words[r * W + q]);
-          for (int c = 0; c < 4; ++c)
-            wv[c] = _mm256_and_ps(bits8((word >> (8 * c)) & 0xFF),
-                                  _mm256_blendv_ps(minus, plus, bits8((sgn >> (8 * c)) & 0xFF)));
-        } else {
-          const int64_t len = std::min<int64_t>(32, n - 32 * q);
-          const float* wp = w + r * n + 32 * q;
-          if (len < 32) {  // last word of the row: never read past its end
-            std::fill(buf, buf + 32, 0.0f);
-            std::memcpy(buf, wp, sizeof(float) * len);
-            wp = buf;
-          }
-          for (int c = 0; c < 4; ++c) wv[c] = _mm256_and_ps(bits8((word >> (8 * c)) & 0xFF), _mm256_loadu_ps(wp + 8 * c));
-        }
-        for (int64_t b = 0; b < bt; ++b) {
-          const float* xp = xt + (q * B + b0 + b) * 32;
-          for (int c = 0; c < 4; ++c) acc[b] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(xp + 8 * c), acc[b]);
-        }
-      }
-      for (int64_t b = 0; b < bt; ++b) y[(b0 + b) * R + r] = hsum256(acc[b]) + (bias ? bias[r] : 0.0f);
-    }
-  }
+  if (B == 1) return gemm_direct256<SIGNED, 1>(xt, w, sign_words, words, scale, n, W, R, bias, y, r0, r1);
+  if (B == 2) return gemm_direct256<SIGNED, 2>(xt, w, sign_words, words, scale, n, W, R, bias, y, r0, r1);
+  gemm_packed256<SIGNED>(xt, B, w, sign_words, words, scale, n, W, R, bias, y, r0, r1);
 }
 
 // Small-batch GEMM over packed masks. x arrives transposed and zero-padded as xt[W][B][32], so
@@ -135,46 +203,103 @@ AVX512_TARGET void gemm_small512(const float* xt, const float* w, const int32_t*
   }
 }
 
-// For B > 2 a weight row would re-read all of xt (B·128 bytes per word) from L2: tile two rows
-// of W against up to eight rows of x (16 accumulators) so each load feeds several FMAs.
-template <bool SIGNED, int BT>
-AVX512_TARGET void gemm_tile512(const float* xt, int64_t B, int64_t b0, const float* w, const int32_t* sign_words,
-                                const int32_t* words, float scale, int64_t n, int64_t W, int64_t R, const float* bias,
-                                float* y, int64_t r0, int64_t r1) {
+// Sixteen 16-lane accumulators to their sixteen lane sums, in one vector (lane s = sum of v[s]):
+// four halving rounds of shuffles and adds instead of sixteen separate horizontal reductions.
+AVX512_TARGET inline __m512 reduce16x16(const __m512 v[16]) {
+  __m512 c[8], d[4], e[2];
+  for (int i = 0; i < 8; ++i)  // 256-bit halves: lanes 0-7 from v[2i], 8-15 from v[2i+1]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit block m holds 4 partials of v[4i + m]
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88), _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    e[i] = _mm512_add_ps(_mm512_shuffle_ps(d[2 * i], d[2 * i + 1], 0x44), _mm512_shuffle_ps(d[2 * i], d[2 * i + 1], 0xEE));
+  const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
+  // f lane 4m + t holds the sum of v[4t + m]
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, f);
+}
+
+// Rows [r, r + 4) of W ⊙ M (or of the signed-constant weight) as plain floats, word-major
+// pw[W][4][32] (the tile's rows of one word are one contiguous 512 bytes), zero where masked or past
+// n. A short last tile repeats its last row; its sums are never stored.
+template <bool SIGNED>
+AVX512_TARGET void pack_rows512(const float* w, const int32_t* sign_words, const int32_t* words, float scale, int64_t n,
+                                int64_t W, int64_t r, int rows, float* pw) {
   const __m512 plus = _mm512_set1_ps(scale), minus = _mm512_set1_ps(-scale);
-  for (int64_t r = r0; r < r1; r += 2) {
-    const int rows = r + 1 < r1 ? 2 : 1;
-    __m512 acc[2][BT];
-    for (int i = 0; i < 2; ++i)
-      for (int b = 0; b < BT; ++b) acc[i][b] = _mm512_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = r + std::min(i, rows - 1);
     for (int64_t q = 0; q < W; ++q) {
-      const uint32_t valid = valid_bits(n, q);
-      __m512 wv[2][2];
-      for (int i = 0; i < 2; ++i) {
-        const int64_t row = i < rows ? r + i : r;  // a lone last row computes twice, stores once
-        const uint32_t word = static_cast<uint32_t>(words[row * W + q]) & valid;
-        if constexpr (SIGNED) {
-          const uint32_t s = static_cast<uint32_t>(sign_words[row * W + q]);
-          wv[i][0] = _mm512_maskz_mov_ps(static_cast<__mmask16>(word), _mm512_mask_blend_ps(static_cast<__mmask16>(s), minus, plus));
-          wv[i][1] = _mm512_maskz_mov_ps(static_cast<__mmask16>(word >> 16),
-                                         _mm512_mask_blend_ps(static_cast<__mmask16>(s >> 16), minus, plus));
-        } else {
-          const float* wp = w + row * n + 32 * q;
-          wv[i][0] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(word), wp);
-          wv[i][1] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(word >> 16), wp + 16);
-        }
+      const uint32_t word = static_cast<uint32_t>(words[row * W + q]) & valid_bits(n, q);
+      __m512 lo, hi;
+      if constexpr (SIGNED) {
+        const uint32_t s = static_cast<uint32_t>(sign_words[row * W + q]);
+        lo = _mm512_maskz_mov_ps(static_cast<__mmask16>(word), _mm512_mask_blend_ps(static_cast<__mmask16>(s), minus, plus));
+        hi = _mm512_maskz_mov_ps(static_cast<__mmask16>(word >> 16),
+                                 _mm512_mask_blend_ps(static_cast<__mmask16>(s >> 16), minus, plus));
+      } else {
+        const float* wp = w + row * n + 32 * q;
+        lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(word), wp);
+        hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(word >> 16), wp + 16);
       }
-      const float* xq = xt + (q * B + b0) * 32;
-#pragma GCC unroll 8
-      for (int b = 0; b < BT; ++b) {
-        const __m512 x0 = _mm512_loadu_ps(xq + 32 * b), x1 = _mm512_loadu_ps(xq + 32 * b + 16);
-        acc[0][b] = _mm512_fmadd_ps(wv[0][1], x1, _mm512_fmadd_ps(wv[0][0], x0, acc[0][b]));
-        acc[1][b] = _mm512_fmadd_ps(wv[1][1], x1, _mm512_fmadd_ps(wv[1][0], x0, acc[1][b]));
+      _mm512_store_ps(pw + 128 * q + 32 * i, lo);
+      _mm512_store_ps(pw + 128 * q + 32 * i + 16, hi);
+    }
+  }
+}
+
+// 4 packed rows against BT (<= 5) rows of x, all of K: 4·BT accumulators, each load feeding 4 or
+// BT FMAs. This project's Xeon sustains only ~1.2 512-bit loads per cycle, so loads per FMA, not
+// FMAs, set the pace: 8 loads per 16 FMAs at BT = 4 against 20 per 32 for the 2 x 8 tile this
+// replaced (6 x 4 ran no faster: the compiler spilled). sums[i·BT + b] = row i · x row b.
+template <int BT>
+AVX512_TARGET void tile4_512(const float* pw, int64_t W, const float* xt, int64_t B, int64_t b0, float* sums) {
+  __m512 acc[4][BT];
+  for (int i = 0; i < 4; ++i)
+    for (int b = 0; b < BT; ++b) acc[i][b] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < W; ++q) {
+    const float* xq = xt + (q * B + b0) * 32;
+    const float* wq = pw + 128 * q;
+    for (int h = 0; h < 2; ++h) {
+      __m512 x[BT];
+      for (int b = 0; b < BT; ++b) x[b] = _mm512_loadu_ps(xq + 32 * b + 16 * h);
+      for (int i = 0; i < 4; ++i) {
+        const __m512 wv = _mm512_load_ps(wq + 32 * i + 16 * h);
+        for (int b = 0; b < BT; ++b) acc[i][b] = _mm512_fmadd_ps(wv, x[b], acc[i][b]);
       }
     }
-    for (int i = 0; i < rows; ++i)
-      for (int b = 0; b < BT; ++b)
-        y[(b0 + b) * R + r + i] = _mm512_reduce_add_ps(acc[i][b]) + (bias ? bias[r + i] : 0.0f);
+  }
+  __m512 v[32];
+  for (int s = 0; s < 32; ++s) v[s] = s < 4 * BT ? acc[s / BT][s % BT] : _mm512_setzero_ps();
+  _mm512_storeu_ps(sums, reduce16x16(v));
+  if constexpr (4 * BT > 16) _mm512_storeu_ps(sums + 16, reduce16x16(v + 16));
+}
+
+// 3..16 rows of x: each tile of 4 weight rows is unpacked once into an L1 buffer and reused by
+// every group of up to 5 x rows (the rows split evenly: 16 = 4 x 4).
+template <bool SIGNED>
+AVX512_TARGET void gemm_packed512(const float* xt, int64_t B, const float* w, const int32_t* sign_words,
+                                  const int32_t* words, float scale, int64_t n, int64_t W, int64_t R,
+                                  const float* bias, float* y, int64_t r0, int64_t r1) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < static_cast<size_t>(128 * W + 16)) buf.resize(128 * W + 16);
+  float* pw = align64(buf);
+  float sums[32];
+  const int64_t group = (B + (B + 4) / 5 - 1) / ((B + 4) / 5);  // x rows split evenly into groups of <= 5
+  for (int64_t r = r0; r < r1; r += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, r1 - r));
+    pack_rows512<SIGNED>(w, sign_words, words, scale, n, W, r, rows, pw);
+    for (int64_t b0 = 0; b0 < B; b0 += group) {
+      const int bt = static_cast<int>(std::min<int64_t>(group, B - b0));
+      switch (bt) {
+        case 1: tile4_512<1>(pw, W, xt, B, b0, sums); break;
+        case 2: tile4_512<2>(pw, W, xt, B, b0, sums); break;
+        case 3: tile4_512<3>(pw, W, xt, B, b0, sums); break;
+        case 4: tile4_512<4>(pw, W, xt, B, b0, sums); break;
+        default: tile4_512<5>(pw, W, xt, B, b0, sums); break;
+      }
+      for (int i = 0; i < rows; ++i)
+        for (int b = 0; b < bt; ++b) y[(b0 + b) * R + r + i] = sums[i * bt + b] + (bias ? bias[r + i] : 0.0f);
+    }
   }
 }
 
@@ -184,18 +309,7 @@ AVX512_TARGET void gemm_small_any512(const float* xt, int64_t B, const float* w,
                                      const float* bias, float* y, int64_t r0, int64_t r1) {
   if (B == 1) return gemm_small512<SIGNED, 1>(xt, w, sign_words, words, scale, n, W, R, bias, y, r0, r1);
   if (B == 2) return gemm_small512<SIGNED, 2>(xt, w, sign_words, words, scale, n, W, R, bias, y, r0, r1);
-  for (int64_t b0 = 0; b0 < B; b0 += 8) {
-    switch (std::min<int64_t>(8, B - b0)) {
-      case 1: gemm_tile512<SIGNED, 1>(xt, B, b0, w, sign_words, words, scale, n, W, R, bias, y, r0, r1); break;
-      case 2: gemm_tile512<SIGNED, 2>(xt, B, b0, w, sign_words, words, scale, n, W, R, bias, y, r0, r1); break;
-      case 3: gemm_tile512<SIGNED, 3>(xt, B, b0, w, sign_words, words, scale, n, W, R, bias, y, r0, r1); break;
-      case 4: gemm_tile512<SIGNED, 4>(xt, B, b0, w, sign_words, words, scale, n, W, R, bias, y, r0, r1); break;
-      case 5: gemm_tile512<SIGNED, 5>(xt, B, b0, w, sign_words, words, scale, n, W, R, bias, y, r0, r1); break;
-      case 6: gemm_tile512<SIGNED, 6>(xt, B, b0, w, sign_words, words, scale, n, W, R, bias, y, r0, r1); break;
-      case 7: gemm_tile512<SIGNED, 7>(xt, B, b0, w, sign_words, words, scale, n, W, R, bias, y, r0, r1); break;
-      default: gemm_tile512<SIGNED, 8>(xt, B, b0, w, sign_words, words, scale, n, W, R, bias, y, r0, r1); break;
-    }
-  }
+  gemm_packed512<SIGNED>(xt, B, w, sign_words, words, scale, n, W, R, bias, y, r0, r1);
 }
 
 }  // namespace

@@ -38,22 +38,17 @@ def eager_without_grad(*tensors: Optional[Tensor]) -> bool:
     dispatch mode such as opcheck's) and no gradient to record. The body is the very function the
     op runs, so the result is the same; the dispatcher's Python overhead (about 70 µs a call on
     this project's CPU) is most of a batch-1 layer's time."""
-    if torch.compiler.is_compiling() or _dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # the C call: ~0.1 µs, not ~0.7
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t is None:
             continue
-        if not (type(t) is Tensor or type(t) is torch.nn.Parameter) or t.device.type == "meta":
+        if not (type(t) is Tensor or type(t) is torch.nn.Parameter) or t.is_meta:
             return False
         if grad and t.requires_grad:
             return False
     return True
-
-
-def _dispatch_mode():
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-    return _get_current_dispatch_mode()
 
 
 def _finite(v: Tensor) -> bool:

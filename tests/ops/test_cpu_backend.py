@@ -100,6 +100,35 @@ def test_masked_linear(n, batch):
     assert torch.allclose(got, F.linear(x, w * mask, b), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows,n,batch", [(64, 1024, 17), (70, 77, 25), (97, 513, 130), (300, 257, 256), (65, 1, 40),
+                                          (64, 96, 12), (129, 1000, 9)])
+def test_packed_masked_gemm(rows, n, batch):
+    """The packed masked GEMM (batches above 16, layers of 64+ outputs) and the small-batch kernel
+    on tails of every tile size: rows not a multiple of 32, K not a multiple of 16 or of the 256-wide
+    chunk, x rows not a multiple of 12 or 6. Checked against float64."""
+    mask, signs = torch.rand(rows, n) > 0.5, torch.rand(rows, n) > 0.5
+    w, x, b = torch.randn(rows, n), torch.randn(batch, n), torch.randn(rows)
+    expect = F.linear(x.double(), (w * mask).double(), b.double()).float()
+    got = ss.ops.masked_linear(x, w, ss.pack_bits(mask), b)
+    assert torch.allclose(got, expect, rtol=1e-4, atol=1e-4)
+    expect = F.linear(x.double(), 0.07 * (signs.double() * 2 - 1) * mask, b.double()).float()
+    got = ss.ops.signed_masked_linear(x, ss.pack_bits(signs), ss.pack_bits(mask), 0.07, b)
+    assert torch.allclose(got, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_gemm_checks_its_arguments():
+    C = torch.ops.supsup_cpu
+    words = ss.pack_bits(torch.rand(70, 40) > 0.5)
+    with pytest.raises(RuntimeError, match="mask_words must be"):
+        C.masked_linear_gemm(torch.randn(20, 40), torch.randn(70, 40), words[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        C.masked_linear_gemm(torch.randn(20, 40), torch.randn(70, 40), words, torch.randn(3))
+    with pytest.raises(RuntimeError, match="x must be"):
+        C.masked_linear_gemm(torch.randn(20, 41), torch.randn(70, 40), words)
+    with pytest.raises(RuntimeError, match="words per row"):
+        C.signed_masked_linear_gemm(torch.randn(20, 70), words, words, 0.5)
+
+
 @pytest.mark.parametrize("batch", [1, 5, 16, 17, 300, 600])
 def test_signed_masked_linear(batch):
     n = 333
@@ -201,6 +230,14 @@ def test_lower_isa_paths_agree(isa):
                 s = ss.pack_bits(W > 0)
                 expect = x @ (0.5 * (W > 0).float().mul(2).sub(1) * m[0]).T
                 assert torch.allclose(C.signed_masked_linear_small(x, s, w[0], 0.5), expect, atol=1e-4, rtol=1e-4)
+        for R, n, B in ((70, 77, 25), (33, 300, 13), (1, 40, 200)):  # the packed GEMM: row/K/batch tails
+            m, s = torch.rand(R, n) > 0.5, torch.rand(R, n) > 0.5
+            W, x, b = torch.randn(R, n), torch.randn(B, n), torch.randn(R)
+            expect = F.linear(x.double(), (W * m).double(), b.double()).float()
+            assert torch.allclose(C.masked_linear_gemm(x, W, ss.pack_bits(m), b), expect, atol=1e-4, rtol=1e-4)
+            expect = F.linear(x.double(), 0.5 * (s.double() * 2 - 1) * m, b.double()).float()
+            got = C.signed_masked_linear_gemm(x, ss.pack_bits(s), ss.pack_bits(m), 0.5, b)
+            assert torch.allclose(got, expect, atol=1e-4, rtol=1e-4)
         sw, mw = ss.pack_bits(torch.rand(9, 77) > 0.5), ss.pack_bits(torch.rand(9, 77) > 0.5)
         out = torch.empty(9, 77)
         C.signed_masked_weight_into(sw, mw, 0.25, out)

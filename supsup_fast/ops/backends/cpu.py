@@ -18,9 +18,13 @@ import torch
 from ...csrc import build as csrc_build
 from .reference import DenseLinear, ReferenceBackend, fused_step_ready
 
-SMALL_BATCH = 16  # rows of x up to which the direct masked GEMV/GEMM beats materialise + BLAS
-BLOCKED_BATCH = 256  # up to here, unpack 256 rows of W ⊙ M at a time (L2-resident) and GEMM each block
-BLOCK_ROWS = 256
+SMALL_BATCH = 16  # rows of x up to which the small-batch masked GEMM (small_gemm.cpp) runs
+# Rows of x up to which the packed masked GEMM (masked_gemm.cpp) runs, for layers of at least
+# GEMM_MIN_OUT outputs; above, W ⊙ M is materialised once and BLAS runs. Measured on this project's
+# AVX-512 Xeon, 1024 x 1024: the packed GEMM was 0.95-0.97x dense BLAS at 128-256 rows (materialise
+# + BLAS 0.78-0.87x) and 0.88-0.91x at 512-2048 (materialise + BLAS 0.92-0.96x).
+GEMM_BATCH = 256
+GEMM_MIN_OUT = 64
 _lock = threading.Lock()
 _loaded: Optional[str] = None
 
@@ -90,23 +94,6 @@ class CpuBackend(ReferenceBackend):
             setattr(self._local, name, buf)
         return buf
 
-    def _blocked_linear(self, x, out_features: int, unpack_rows, bias):
-        """y = x (W ⊙ M)ᵀ + b computed 256 output rows at a time: ``unpack_rows(r0, r1, block)``
-        writes rows [r0, r1) of W ⊙ M into an L2-resident block that BLAS multiplies right away
-        (yᵀ is filled block by block, then transposed once)."""
-        x2 = x.reshape(-1, x.shape[-1])
-        out_t = self._scratch((out_features, x2.shape[0]), x.dtype, "out_t")  # only the returned copy is fresh
-        x_t = x2.t()
-        for r0 in range(0, out_features, BLOCK_ROWS):
-            r1 = min(r0 + BLOCK_ROWS, out_features)
-            block = self._scratch((r1 - r0, x.shape[-1]), x.dtype)
-            unpack_rows(r0, r1, block)
-            torch.mm(block, x_t, out=out_t[r0:r1])
-        y = out_t.t().contiguous()
-        if bias is not None:
-            y += bias
-        return y.reshape(*x.shape[:-1], out_features)
-
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
 
@@ -169,11 +156,11 @@ class CpuBackend(ReferenceBackend):
     def masked_forward(self, dense, x, weight, mask_words, bias):
         bias = None if bias is None else bias.contiguous()
         rows = x.numel() // max(x.shape[-1], 1)
-        if isinstance(dense, DenseLinear) and x.dtype == torch.float32 and 0 < rows <= SMALL_BATCH:
-            return self.ops.masked_linear_small(x.contiguous(), weight, mask_words, bias)
-        # Above that, W ⊙ M is materialised in one pass and BLAS runs once: measured faster than
-        # unpacking and multiplying 256 rows at a time (0.82x against 0.70x dense at 128 rows of a
-        # 1024 x 1024 layer on this project's AVX-512 Xeon; one large GEMM beats four small ones).
+        if isinstance(dense, DenseLinear) and x.dtype == torch.float32 and weight.dtype == torch.float32:
+            if 0 < rows <= SMALL_BATCH:
+                return self.ops.masked_linear_small(x.contiguous(), weight, mask_words, bias)
+            if rows <= GEMM_BATCH and weight.shape[0] >= GEMM_MIN_OUT:
+                return self.ops.masked_linear_gemm(x.contiguous(), weight, mask_words, bias)
         if weight.dtype == torch.float32 and x.dtype == torch.float32:
             w_eff = self._scratch(weight.shape, weight.dtype)
             self.ops.masked_weight_into(weight.contiguous(), mask_words.contiguous(), w_eff)
@@ -217,12 +204,10 @@ class CpuBackend(ReferenceBackend):
             return super().signed_masked_linear(x, sign_words, mask_words, scale, bias)
         if 0 < rows <= SMALL_BATCH:
             return self.ops.signed_masked_linear_small(x.contiguous(), sign_words, mask_words, scale, bias)
-        # Larger batches: build W ⊙ M from the sign and mask bits (2 bits read per weight) and call BLAS,
-        # blockwise up to BLOCKED_BATCH rows, in one piece above.
-        if rows <= BLOCKED_BATCH:
-            return self._blocked_linear(
-                x, mask_words.shape[0],
-                lambda r0, r1, out: self.ops.signed_masked_weight_into(sign_words[r0:r1], mask_words[r0:r1], scale, out), bias)
+        # Larger batches: the packed GEMM builds each block of W ⊙ M from the sign and mask bits (2 bits
+        # read per weight); above GEMM_BATCH, W ⊙ M is built once and BLAS runs.
+        if rows <= GEMM_BATCH and mask_words.shape[0] >= GEMM_MIN_OUT:
+            return self.ops.signed_masked_linear_gemm(x.contiguous(), sign_words, mask_words, scale, bias)
         w_eff = self._scratch((mask_words.shape[0], x.shape[-1]), x.dtype)
         self.ops.signed_masked_weight_into(sign_words, mask_words, scale, w_eff)
         return torch.nn.functional.linear(x, w_eff, bias)

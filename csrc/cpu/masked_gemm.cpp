@@ -1,0 +1,307 @@
+// Masked GEMM for batches above the small-batch kernels: y = x (W ⊙ M)ᵀ + b with W ⊙ M never
+// materialised in memory. The BLIS scheme: one K chunk of a block of rows of W is packed,
+// transposed and masked, into an L2 buffer (a BLAS packs its operand anyway, so the mask costs
+// nothing extra); a register-tiled outer-product micro-kernel then broadcasts x straight from its
+// row-major rows: 32 weight rows x 12 x rows (24 zmm accumulators) on AVX-512, 16 x 6 on AVX2.
+// Signed-constant weights are packed from their 2 bits the same way.
+#include "kernels.h"
+#include "simd.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace supsup_cpu {
+namespace {
+
+// Block sizes, tuned on this project's AVX-512 Xeon (1024 x 1024, batch 128 and 1024): K chunks of
+// 384 or 512, 128 or 512 packed rows and 48 to 480 x rows per pass were no better; a K chunk of the
+// whole row (P tiles from L2) and packing x into micro-panels were slower.
+constexpr int64_t kChunk = 256;      // K per packed chunk: one 32-row tile is 32 KiB, stays in L1
+constexpr int64_t kRowBlock = 256;   // rows packed per chunk: 256 KiB of panels, stays in L2
+constexpr int64_t kBatchBlock = 96;  // rows of x per pass over the packed block (96 KiB of x chunk, L2)
+
+// Initialise y[b, r0:r1] to the bias (or 0); the micro-kernels accumulate into it chunk by chunk.
+void init_rows(const float* bias, int64_t B, int64_t R, float* y, int64_t r0, int64_t r1) {
+  for (int64_t b = 0; b < B; ++b) {
+    float* yb = y + b * R;
+    if (bias) std::copy(bias + r0, bias + r1, yb + r0);
+    else std::fill(yb + r0, yb + r1, 0.0f);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512
+
+AVX512_TARGET void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+  }
+}
+
+// Columns [j, j + 16) of one row with its mask applied (j a multiple of 16); zero past n. Masked-off
+// lanes of a masked load never fault, so the tail of the last row is never read.
+template <bool SIGNED>
+AVX512_TARGET inline __m512 masked16(const float* w, const int32_t* sign_words, const int32_t* words, float scale,
+                                     int64_t n, int64_t W, int64_t row, int64_t j) {
+  const int64_t q = j / 32;
+  const int shift = static_cast<int>(j % 32);
+  const __mmask16 m = static_cast<__mmask16>((static_cast<uint32_t>(words[row * W + q]) & valid_bits(n, q)) >> shift);
+  if constexpr (SIGNED) {
+    const __mmask16 s = static_cast<__mmask16>(static_cast<uint32_t>(sign_words[row * W + q]) >> shift);
+    return _mm512_maskz_mov_ps(m, _mm512_mask_blend_ps(s, _mm512_set1_ps(-scale), _mm512_set1_ps(scale)));
+  } else {
+    return _mm512_maskz_loadu_ps(m, w + row * n + j);
+  }
+}
+
+// P[jj][i] = (W ⊙ M)[rt + i, j0 + jj] for i < 32, jj < kc; rows past `rows` are zero.
+template <bool SIGNED>
+AVX512_TARGET void pack_tile512(const float* w, const int32_t* sign_words, const int32_t* words, float scale, int64_t n,
+                                int64_t W, int64_t rt, int64_t rows, int64_t j0, int64_t kc, float* P) {
+  for (int h = 0; h < 2; ++h)
+    for (int64_t jb = 0; jb < kc; jb += 16) {
+      __m512 v[16];
+      for (int t = 0; t < 16; ++t)
+        v[t] = 16 * h + t < rows ? masked16<SIGNED>(w, sign_words, words, scale, n, W, rt + 16 * h + t, j0 + jb)
+                                 : _mm512_setzero_ps();
+      transpose16(v);
+      const int64_t cols = std::min<int64_t>(16, kc - jb);
+      for (int64_t c = 0; c < cols; ++c) _mm512_store_ps(P + (jb + c) * 32 + 16 * h, v[c]);
+    }
+}
+
+// y[b, 0:32] += sum over jj < kc of x[b, jj] * P[jj, 0:32] for b < BT (x and y already offset),
+// only the rows in m0 | m1 stored.
+template <int BT>
+AVX512_TARGET void micro512(const float* P, int64_t kc, const float* x, int64_t n, float* y, int64_t R, __mmask16 m0,
+                            __mmask16 m1) {
+  for (int b = 0; b < BT; ++b) {  // the y tile is read at the end: start fetching it now
+    _mm_prefetch(reinterpret_cast<const char*>(y + b * R), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(y + b * R + 16), _MM_HINT_T0);
+  }
+  __m512 acc[BT][2];
+  for (int b = 0; b < BT; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
+  for (int64_t jj = 0; jj < kc; ++jj) {
+    const __m512 w0 = _mm512_load_ps(P + 32 * jj), w1 = _mm512_load_ps(P + 32 * jj + 16);
+#pragma GCC unroll 12
+    for (int b = 0; b < BT; ++b) {
+      const __m512 xb = _mm512_set1_ps(x[b * n + jj]);
+      acc[b][0] = _mm512_fmadd_ps(w0, xb, acc[b][0]);
+      acc[b][1] = _mm512_fmadd_ps(w1, xb, acc[b][1]);
+    }
+  }
+  for (int b = 0; b < BT; ++b) {
+    float* yb = y + b * R;
+    _mm512_mask_storeu_ps(yb, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, yb), acc[b][0]));
+    _mm512_mask_storeu_ps(yb + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, yb + 16), acc[b][1]));
+  }
+}
+
+using Micro512 = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, __mmask16, __mmask16);
+constexpr Micro512 kMicro512[13] = {nullptr,       micro512<1>, micro512<2>, micro512<3>,  micro512<4>,
+                                    micro512<5>,   micro512<6>, micro512<7>, micro512<8>,  micro512<9>,
+                                    micro512<10>, micro512<11>, micro512<12>};
+
+template <bool SIGNED>
+AVX512_TARGET void masked_gemm512(const float* x, int64_t B, const float* w, const int32_t* sign_words,
+                                  const int32_t* words, float scale, int64_t n, int64_t W, int64_t R,
+                                  const float* bias, float* y, int64_t r0, int64_t r1) {
+  init_rows(bias, B, R, y, r0, r1);
+  thread_local std::vector<float> buf;
+  if (buf.size() < static_cast<size_t>(kRowBlock * kChunk + 16)) buf.resize(kRowBlock * kChunk + 16);
+  float* P = align64(buf);
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+    const int64_t re = std::min(r1, rb + kRowBlock);
+    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+      const int64_t kc = std::min(kChunk, n - j0), tile = 32 * ((kc + 15) / 16 * 16);
+      for (int64_t rt = rb, t = 0; rt < re; rt += 32, ++t)
+        pack_tile512<SIGNED>(w, sign_words, words, scale, n, W, rt, std::min<int64_t>(32, re - rt), j0, kc, P + t * tile);
+      for (int64_t b0 = 0; b0 < B; b0 += kBatchBlock) {
+        const int64_t be = std::min(B, b0 + kBatchBlock);
+        for (int64_t rt = rb, t = 0; rt < re; rt += 32, ++t) {
+          const int64_t rows = std::min<int64_t>(32, re - rt);
+          const __mmask16 m0 = static_cast<__mmask16>(rows >= 16 ? 0xFFFF : (1u << rows) - 1u);
+          const __mmask16 m1 = static_cast<__mmask16>(rows >= 32 ? 0xFFFF : rows <= 16 ? 0 : (1u << (rows - 16)) - 1u);
+          for (int64_t bb = b0; bb < be; bb += 12)
+            kMicro512[std::min<int64_t>(12, be - bb)](P + t * tile, kc, x + bb * n + j0, n, y + bb * R + rt, R, m0, m1);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2: the same scheme with 8-lane vectors, 16-row tiles and 6 x rows (12 ymm accumulators).
+
+AVX2_TARGET void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+  }
+}
+
+template <bool SIGNED>
+AVX2_TARGET inline __m256 masked8(const float* w, const int32_t* sign_words, const int32_t* words, float scale,
+                                  int64_t n, int64_t W, int64_t row, int64_t j) {
+  const int64_t q = j / 32;
+  const int shift = static_cast<int>(j % 32);
+  const __m256 m = bits8(((static_cast<uint32_t>(words[row * W + q]) & valid_bits(n, q)) >> shift) & 0xFFu);
+  if constexpr (SIGNED) {
+    const __m256 s = bits8((static_cast<uint32_t>(sign_words[row * W + q]) >> shift) & 0xFFu);
+    return _mm256_and_ps(m, _mm256_blendv_ps(_mm256_set1_ps(-scale), _mm256_set1_ps(scale), s));
+  } else {
+    return _mm256_maskload_ps(w + row * n + j, _mm256_castps_si256(m));  // masked-off lanes never fault
+  }
+}
+
+template <bool SIGNED>
+AVX2_TARGET void pack_tile256(const float* w, const int32_t* sign_words, const int32_t* words, float scale, int64_t n,
+                              int64_t W, int64_t rt, int64_t rows, int64_t j0, int64_t kc, float* P) {
+  for (int h = 0; h < 2; ++h)
+    for (int64_t jb = 0; jb < kc; jb += 8) {
+      __m256 v[8];
+      for (int t = 0; t < 8; ++t)
+        v[t] = 8 * h + t < rows ? masked8<SIGNED>(w, sign_words, words, scale, n, W, rt + 8 * h + t, j0 + jb)
+                                : _mm256_setzero_ps();
+      transpose8(v);
+      const int64_t cols = std::min<int64_t>(8, kc - jb);
+      for (int64_t c = 0; c < cols; ++c) _mm256_store_ps(P + (jb + c) * 16 + 8 * h, v[c]);
+    }
+}
+
+AVX2_TARGET inline __m256i first_lanes(int64_t count) {  // lanes [0, count) all ones
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(count, 0, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// y[b, 0:16] += sum over jj < kc of x[b, jj] * P[jj, 0:16] for b < BT, only the first `rows` of the
+// 16 stored. 12 accumulators, 2 weight vectors and a broadcast fill 15 of the 16 ymm registers, so
+// the store masks are made after the loop. x is broadcast by value: _mm256_broadcast_ss(pointer)
+// made GCC assume the float pointer may alias the accumulators and store all twelve every step.
+template <int BT>
+AVX2_TARGET void micro256(const float* P, int64_t kc, const float* x, int64_t n, float* y, int64_t R, int64_t rows) {
+  __m256 acc[BT][2];
+  for (int b = 0; b < BT; ++b) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
+  for (int64_t jj = 0; jj < kc; ++jj) {
+    const __m256 w0 = _mm256_load_ps(P + 16 * jj), w1 = _mm256_load_ps(P + 16 * jj + 8);
+#pragma GCC unroll 6
+    for (int b = 0; b < BT; ++b) {
+      const __m256 xb = _mm256_set1_ps(x[b * n + jj]);
+      acc[b][0] = _mm256_fmadd_ps(w0, xb, acc[b][0]);
+      acc[b][1] = _mm256_fmadd_ps(w1, xb, acc[b][1]);
+    }
+  }
+  const __m256i m0 = first_lanes(rows), m1 = first_lanes(rows - 8);
+  for (int b = 0; b < BT; ++b) {
+    float* yb = y + b * R;
+    _mm256_maskstore_ps(yb, m0, _mm256_add_ps(_mm256_maskload_ps(yb, m0), acc[b][0]));
+    _mm256_maskstore_ps(yb + 8, m1, _mm256_add_ps(_mm256_maskload_ps(yb + 8, m1), acc[b][1]));
+  }
+}
+
+using Micro256 = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t);
+constexpr Micro256 kMicro256[7] = {nullptr, micro256<1>, micro256<2>, micro256<3>, micro256<4>, micro256<5>, micro256<6>};
+
+template <bool SIGNED>
+AVX2_TARGET void masked_gemm256(const float* x, int64_t B, const float* w, const int32_t* sign_words,
+                                const int32_t* words, float scale, int64_t n, int64_t W, int64_t R, const float* bias,
+                                float* y, int64_t r0, int64_t r1) {
+  init_rows(bias, B, R, y, r0, r1);
+  thread_local std::vector<float> buf;
+  if (buf.size() < static_cast<size_t>(kRowBlock * kChunk + 16)) buf.resize(kRowBlock * kChunk + 16);
+  float* P = align64(buf);
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+    const int64_t re = std::min(r1, rb + kRowBlock);
+    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+      const int64_t kc = std::min(kChunk, n - j0), tile = 16 * ((kc + 7) / 8 * 8);
+      for (int64_t rt = rb, t = 0; rt < re; rt += 16, ++t)
+        pack_tile256<SIGNED>(w, sign_words, words, scale, n, W, rt, std::min<int64_t>(16, re - rt), j0, kc, P + t * tile);
+      for (int64_t b0 = 0; b0 < B; b0 += kBatchBlock) {
+        const int64_t be = std::min(B, b0 + kBatchBlock);
+        for (int64_t rt = rb, t = 0; rt < re; rt += 16, ++t) {
+          const int64_t rows = std::min<int64_t>(16, re - rt);
+          for (int64_t bb = b0; bb < be; bb += 6)
+            kMicro256[std::min<int64_t>(6, be - bb)](P + t * tile, kc, x + bb * n + j0, n, y + bb * R + rt, R, rows);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar: the definition, for CPUs without AVX2.
+
+template <bool SIGNED>
+void masked_gemm_scalar(const float* x, int64_t B, const float* w, const int32_t* sign_words, const int32_t* words,
+                        float scale, int64_t n, int64_t W, const float* bias, float* y, int64_t R, int64_t r0,
+                        int64_t r1) {
+  std::vector<float> row(n);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t bit = (static_cast<uint32_t>(words[r * W + j / 32]) >> (j % 32)) & 1u;
+      if constexpr (SIGNED) {
+        const bool pos = (static_cast<uint32_t>(sign_words[r * W + j / 32]) >> (j % 32)) & 1u;
+        row[j] = bit ? (pos ? scale : -scale) : 0.0f;
+      } else {
+        row[j] = bit ? w[r * n + j] : 0.0f;
+      }
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < n; ++j) acc += x[b * n + j] * row[j];
+      y[b * R + r] = acc + (bias ? bias[r] : 0.0f);
+    }
+  }
+}
+
+}  // namespace
+
+void masked_gemm(Isa isa, const float* x, int64_t B, const float* w, const int32_t* words, int64_t n, int64_t W,
+                 int64_t R, const float* bias, float* y, int64_t r0, int64_t r1) {
+  if (isa == Isa::Avx512) return masked_gemm512<false>(x, B, w, nullptr, words, 1.0f, n, W, R, bias, y, r0, r1);
+  if (isa == Isa::Avx2) return masked_gemm256<false>(x, B, w, nullptr, words, 1.0f, n, W, R, bias, y, r0, r1);
+  masked_gemm_scalar<false>(x, B, w, nullptr, words, 1.0f, n, W, bias, y, R, r0, r1);
+}
+
+void signed_masked_gemm(Isa isa, const float* x, int64_t B, const int32_t* sign_words, const int32_t* mask_words,
+                        float scale, int64_t n, int64_t W, int64_t R, const float* bias, float* y, int64_t r0,
+                        int64_t r1) {
+  if (isa == Isa::Avx512)
+    return masked_gemm512<true>(x, B, nullptr, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
+  if (isa == Isa::Avx2)
+    return masked_gemm256<true>(x, B, nullptr, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
+  masked_gemm_scalar<true>(x, B, nullptr, sign_words, mask_words, scale, n, W, bias, y, R, r0, r1);
+}
+
+}  // namespace supsup_cpu
