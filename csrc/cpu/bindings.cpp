@@ -136,6 +136,26 @@ at::Tensor mask_dot_rank1_op(const at::Tensor& bank, const at::Tensor& g, const 
 
 at::Tensor mask_dot_batched_op(const at::Tensor& bank, const at::Tensor& v, const std::optional<at::Tensor>& active);
 
+// Every task's masked linear layer on one input: [R, k], out[r, t] = x · (w[r] ⊙ M_t[r]). Rows are
+// split across threads; each row's sums are written once (no reduction).
+at::Tensor mask_dot_rows_op(const at::Tensor& bank, const at::Tensor& x, const at::Tensor& w) {
+  check_words(bank, "bank");
+  check_float(x, "x");
+  check_float(w, "weight");
+  TORCH_CHECK(w.dim() == 2 && x.dim() == 1 && x.size(0) == w.size(1), "mask_dot_rows needs x [n] and weight [R, n]");
+  const int64_t R = w.size(0), n = w.size(1), W = words_for(n), k = bank.size(0);
+  TORCH_CHECK(bank.dim() == 3 && bank.size(1) == R && bank.size(2) == W, "bank must be [k, R, ceil(n/32)]");
+  at::Tensor out = at::empty({R, k}, w.options());
+  if (R == 0 || k == 0) return out.zero_();
+  const Isa isa = current_isa();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    mask_dot_rows(isa, bank.data_ptr<int32_t>(), R, W, n, x.data_ptr<float>(), w.data_ptr<float>(), k,
+                  out.data_ptr<float>(), r0, r1);
+  });
+  return out;
+}
+
+
 // (⟨Mᵢ, (g_j x_jᵀ) ⊙ w⟩)ⱼᵢ for q one-image queries (g [q, R], x [q, n], w [R, n]): [q, k], in one
 // pass over the bits per block of 32 queries, v_j formed inside the table build (never materialised).
 at::Tensor mask_dot_rank1_batched_op(const at::Tensor& bank, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w) {
@@ -530,6 +550,7 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("scaled_linear_small_t(Tensor grad, Tensor weight, Tensor s) -> Tensor");
   m.def("mask_dot_batched(Tensor bank, Tensor v, Tensor? active=None) -> Tensor");
   m.def("mask_dot_rank1(Tensor bank, Tensor g, Tensor x, Tensor weight) -> Tensor");
+  m.def("mask_dot_rows(Tensor bank, Tensor x, Tensor weight) -> Tensor");
   m.def("mask_dot_rank1_batched(Tensor bank, Tensor g, Tensor x, Tensor weight) -> Tensor");
   m.def("superpose(Tensor bank, Tensor alpha, int n, Tensor? active=None) -> Tensor");
   m.def("masked_weight(Tensor weight, Tensor mask_words) -> Tensor");
@@ -558,6 +579,7 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("mask_dot_batched", &mask_dot_batched_op);
   m.impl("mask_dot_rank1", &mask_dot_rank1_op);
   m.impl("mask_dot_rank1_batched", &mask_dot_rank1_batched_op);
+  m.impl("mask_dot_rows", &mask_dot_rows_op);
   m.impl("masked_weight", &masked_weight_op);
   m.impl("masked_weight_into", &masked_weight_into_op);
   m.impl("masked_linear_small", &masked_linear_small_op);

@@ -52,6 +52,20 @@ struct Rank1Src {
   }
 };
 
+// v = w ⊙ x row by row (every task's masked layer on one input x): Rank1Src with g = 1.
+struct RowSrc {
+  const float* x;
+  const float* w;
+  int64_t n;
+  inline void load(int64_t r, int64_t q, float* vals) const {
+    const int64_t len = std::min<int64_t>(32, n - 32 * q);
+    const float* xp = x + 32 * q;
+    const float* wp = w + r * n + 32 * q;
+    for (int64_t i = 0; i < len; ++i) vals[i] = xp[i] * wp[i];
+    for (int64_t i = len; i < 32; ++i) vals[i] = 0.0f;
+  }
+};
+
 // The rows of ng groups of Width tasks from group g on (cnt[gi] tasks in group gi; the last may be short).
 template <int Width>
 void group_rows(const int32_t* bank, const int64_t* active, int64_t stride, int64_t k, int64_t g, int ng,
@@ -216,6 +230,53 @@ LUT_AVX512 void lut512(const int32_t* bank, int64_t R, int64_t W, const Src* src
     for (int64_t t = 0; t < k; ++t) out[jq * k + t] = part[(jq * groups) * 16 + t];
 }
 
+// Per-row sums (mask_dot_rows): out[r * k + t] = ⟨M_t[r], w[r] ⊙ x⟩ for rows [r0, r1). The same
+// tables, word loads and lookups as lut512 over the same 16-word chunks; the four accumulators are
+// flushed to a row's output where its words end (row-aligned chunks wasted most of a 16-word load
+// and transpose on a 25-word row: 1.2x slower).
+LUT_AVX512 inline void flush_row512(__m512* acc, float* dst, __mmask16 lanes) {
+  _mm512_mask_storeu_ps(dst, lanes, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+  for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
+}
+
+LUT_AVX512 void rows512(const int32_t* bank, int64_t R, int64_t W, const RowSrc& src, int64_t k, float* out, int64_t r0,
+                        int64_t r1) {
+  const int64_t stride = R * W, groups = (k + 15) / 16;
+  const int64_t rows_per_block = std::max<int64_t>(1, kLutBlockFloats / 128 / W);
+  thread_local std::vector<float> tbuf;
+  if (tbuf.size() < static_cast<size_t>(rows_per_block * W * 128 + 16)) tbuf.resize(rows_per_block * W * 128 + 16);
+  float* tables = align64(tbuf);
+  for (int64_t rb = r0; rb < r1; rb += rows_per_block) {
+    const int64_t re = std::min(r1, rb + rows_per_block), fwa = rb * W, fwb = re * W;
+    build512(src, W, fwa, fwb, tables);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int32_t* rows[1][16];
+      int64_t cnt;
+      group_rows<16>(bank, nullptr, stride, k, g, 1, rows, &cnt);
+      const __mmask16 lanes = static_cast<__mmask16>(cnt >= 16 ? 0xFFFFu : (1u << cnt) - 1u);
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      int64_t row = rb, row_end = fwa + W;
+      for (int64_t fw = fwa; fw < fwb; fw += 16) {
+        const int64_t len = std::min<int64_t>(16, fwb - fw);
+        __m512i words[16];
+        load_words16(rows[0], cnt, fw, len, words);
+        for (int64_t j = 0; j < len; ++j) {
+          if (fw + j == row_end) {
+            flush_row512(acc, out + row * k + 16 * g, lanes);
+            ++row;
+            row_end += W;
+          }
+          const float* t = tables + (fw + j - fwa) * 128;
+          const __m512i wj = words[j];
+          for (int p = 0; p < 8; ++p)
+            acc[p & 3] = _mm512_add_ps(acc[p & 3], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 4 * p), _mm512_load_ps(t + 16 * p)));
+        }
+      }
+      flush_row512(acc, out + row * k + 16 * g, lanes);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // AVX2
 constexpr int kGroups3 = 11;  // 3-bit groups per 32-bit word (the last has 2 bits)
@@ -376,6 +437,51 @@ LUT_AVX2 void lut256(const int32_t* bank, int64_t R, int64_t W, const Src* srcs,
     for (int64_t t = 0; t < k; ++t) out[jq * k + t] = part[(jq * groups) * 8 + t];
 }
 
+LUT_AVX2 inline void flush_row256(__m256* acc, float* dst, int64_t cnt) {
+  alignas(32) float sums[8];
+  _mm256_store_ps(sums, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  std::copy(sums, sums + cnt, dst);
+  for (int i = 0; i < 4; ++i) acc[i] = _mm256_setzero_ps();
+}
+
+// mask_dot_rows on AVX2: as rows512, 8 tasks per vector.
+LUT_AVX2 void rows256(const int32_t* bank, int64_t R, int64_t W, const RowSrc& src, int64_t k, float* out, int64_t r0,
+                      int64_t r1) {
+  const int64_t stride = R * W, groups = (k + 7) / 8;
+  const int64_t rows_per_block = std::max<int64_t>(1, kLutBlockFloats / kTab2 / W);
+  thread_local std::vector<float> tbuf;
+  if (tbuf.size() < static_cast<size_t>(rows_per_block * W * kTab2 + 16)) tbuf.resize(rows_per_block * W * kTab2 + 16);
+  float* tables = align64(tbuf);
+  for (int64_t rb = r0; rb < r1; rb += rows_per_block) {
+    const int64_t re = std::min(r1, rb + rows_per_block), fwa = rb * W, fwb = re * W;
+    build256(src, W, fwa, fwb, tables);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int32_t* rows[1][8];
+      int64_t cnt;
+      group_rows<8>(bank, nullptr, stride, k, g, 1, rows, &cnt);
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      int64_t row = rb, row_end = fwa + W;
+      for (int64_t fw = fwa; fw < fwb; fw += 8) {
+        const int64_t len = std::min<int64_t>(8, fwb - fw);
+        __m256i words[8];
+        load_words8(rows[0], cnt, fw, len, words);
+        for (int64_t j = 0; j < len; ++j) {
+          if (fw + j == row_end) {
+            flush_row256(acc, out + row * k + 8 * g, cnt);
+            ++row;
+            row_end += W;
+          }
+          const float* t = tables + (fw + j - fwa) * kTab2;
+          const __m256i wj = words[j];
+          for (int p = 0; p < kGroups3; ++p)
+            acc[p & 3] = _mm256_add_ps(acc[p & 3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8 * p), _mm256_srli_epi32(wj, 3 * p)));
+        }
+      }
+      flush_row256(acc, out + row * k + 8 * g, cnt);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // scalar: per task, per set bit (portable; the reference order of a plain loop).
 template <class Src>
@@ -415,9 +521,35 @@ void dispatch(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, con
   lut_scalar(bank, R, W, n, srcs, nq, active, k, out, fw0, fw1);
 }
 
+void rows_scalar(const int32_t* bank, int64_t R, int64_t W, int64_t n, const RowSrc& src, int64_t k, float* out,
+                 int64_t r0, int64_t r1) {
+  float vals[32];
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t t = 0; t < k; ++t) {
+      double s = 0.0;
+      for (int64_t q = 0; q < W; ++q) {
+        src.load(r, q, vals);
+        uint32_t word = static_cast<uint32_t>(bank[(t * R + r) * W + q]) & valid_mask(n, q);
+        while (word) {
+          s += vals[__builtin_ctz(word)];
+          word &= word - 1;
+        }
+      }
+      out[r * k + t] = static_cast<float>(s);
+    }
+}
+
 }  // namespace
 
 bool lut_available(Isa isa) { return isa != Isa::Scalar; }
+
+void mask_dot_rows(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* x, const float* w,
+                   int64_t k, float* out, int64_t r0, int64_t r1) {
+  const RowSrc src{x, w, n};
+  if (isa == Isa::Avx512) return rows512(bank, R, W, src, k, out, r0, r1);
+  if (isa == Isa::Avx2) return rows256(bank, R, W, src, k, out, r0, r1);
+  rows_scalar(bank, R, W, n, src, k, out, r0, r1);
+}
 
 void mask_dot_lut(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v, int64_t q,
                   int64_t q_stride, const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1) {

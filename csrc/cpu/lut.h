@@ -23,6 +23,12 @@ void mask_dot_lut(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n,
 void mask_dot_lut_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* g,
                         const float* x, const float* w, int64_t q, int64_t k, float* out, int64_t fw0, int64_t fw1);
 
+// Every task's masked linear layer on one input, all at once: out[r * k + t] = sum over j of
+// bit(bank[t, r, j]) * w[r, j] * x[j] for rows [r0, r1) (bank [k, R, W], w [R, n], x [n], out [R, k]).
+// The tables of w ⊙ x are built once per block of rows and shared by all k tasks, as in mask_dot_lut.
+void mask_dot_rows(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* x, const float* w,
+                   int64_t k, float* out, int64_t r0, int64_t r1);
+
 // superpose (out[row, j] = sum_t alpha[t] * bit(bank[task(t), row, j]), rows [r0, r1)) by table
 // lookups over bit transposes (superpose_lut.cpp); only where superpose_lut_available(isa): AVX2, and
 // AVX-512 with GFNI and VBMI (unless SUPSUP_CPU_GFNI=0).

@@ -1,6 +1,7 @@
 """A bank of k packed masks against a float vector: superpose (Σᵢ αᵢ Mᵢ), mask_dot ((⟨Mᵢ, v⟩)ᵢ,
 its adjoint), the batched mask_dot of q vectors, and mask_dot_outer, the batched mask_dot of q
-rank-1 vectors (g_j x_jᵀ) ⊙ W (the α-gradients of q one-image queries through one linear layer)."""
+rank-1 vectors (g_j x_jᵀ) ⊙ W (the α-gradients of q one-image queries through one linear layer), and
+bank_linear, every task's masked linear layer on one input at once."""
 from __future__ import annotations
 
 import math
@@ -81,6 +82,21 @@ def _(bank, g, x, weight):
     return g.new_empty(g.shape[0], bank.shape[0])
 
 
+@torch.library.custom_op("supsup::bank_linear", mutates_args=())
+def bank_linear_op(x: Tensor, weight: Tensor, bank: Tensor) -> Tensor:
+    checks.check_bank_linear(x, weight, bank)
+    backend = _pick(x.device, x.numel(), weight.shape[0], bank.shape[0])
+    if backend is not _REFERENCE and not (_finite(x) and _finite(weight)):
+        backend = _REFERENCE  # IEEE semantics: a masked-out inf still gives 0·inf = NaN
+    return backend.bank_linear(x, weight.contiguous(), bank.contiguous())
+
+
+@bank_linear_op.register_fake
+def _(x, weight, bank):
+    checks.check_bank_linear(x, weight, bank)
+    return x.new_empty(*x.shape[:-1], weight.shape[0], bank.shape[0])
+
+
 def _superpose_setup(ctx, inputs, output):
     bank, alpha, n = inputs
     ctx.save_for_backward(bank)
@@ -124,6 +140,17 @@ def mask_dot_outer(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor) -> Tensor
     q products: bank [k, R, W], g [q, R], x [q, n], weight [R, n] -> float [q, k]. Row j is the
     α-gradient of a linear layer for one image with input x_j and output gradient g_j."""
     return mask_dot_outer_op(bank, g, x, weight)
+
+
+def bank_linear(x: Tensor, weight: Tensor, bank: Tensor) -> Tensor:
+    """Every task's masked linear layer on x at once: out[..., r, t] = (x (W ⊙ Mₜ)ᵀ)[..., r]
+    (no bias); x [*, in], weight [out, in], bank [k, out, ceil(in/32)] -> [*, out, k]. One pass over
+    the bits per row of x on the cpu backend. Not differentiable: call it on tensors that need no
+    gradient (superposed_linear uses it, under no_grad, for a first layer's α-gradient)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight) if isinstance(t, Tensor)):
+        raise RuntimeError("bank_linear is not differentiable: call it under torch.no_grad() or on x and weight "
+                           "that do not require grad")
+    return bank_linear_op(x, weight, bank)
 
 
 def mask_dot_batched(bank: Tensor, v: Tensor) -> Tensor:

@@ -168,6 +168,13 @@ def check_mask_dot(bank: torch.Tensor, v: torch.Tensor, batched: bool = False) -
     same_device(bank=bank, v=v)
 
 
+def check_bank_linear(x: torch.Tensor, weight: torch.Tensor, bank: torch.Tensor) -> None:
+    """x [*, in] through every task's masked linear layer: weight [out, in], bank [k, out, ceil(in/32)]."""
+    check_x_weight(x, weight, conv=False)
+    check_words_for_weight("bank", bank, weight, banked=True)
+    same_device(x=x, weight=weight, bank=bank)
+
+
 def check_mask_dot_outer(bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
     """bank [k, R, ceil(n/32)], g [q, R], x [q, n], weight [R, n], all of one float dtype."""
     check_bank(bank)

@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .bank import superpose
+from .bank import bank_linear_op, superpose
 from .backends.reference import DenseConv2d, _bias_grad
 from .dispatch import _conv_out_fake, _LINEAR, _dense, _flatten_conv, _pick, _unflatten_conv, eager_without_grad
+from .registry import backend_for
 
 IntPair = Union[int, Sequence[int]]
 
@@ -140,7 +141,27 @@ def superposed_linear(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bi
         checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
         s = superpose(bank, alpha.detach(), weight.shape[1]).view_as(weight)
         return superposed_given_s_op(x, weight, bank, alpha, s.to(weight.dtype), bias, None)
+    if _per_task_outputs_pay(x, weight, alpha):
+        checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
+        checks.check_no_nan_alpha(alpha)
+        with torch.no_grad():
+            d = bank_linear_op(x, weight, bank)  # [*, out, k]: every task's output of this layer
+        y = torch.matmul(d, alpha.to(d.dtype))  # autograd: dα = Σ dᵀ g, no second pass over the bits
+        return y if bias is None else y + bias
     return superposed_linear_op(x, weight, bank, alpha, bias)
+
+
+def _per_task_outputs_pay(x: Tensor, weight: Tensor, alpha: Tensor) -> bool:
+    """Whether to run a layer as y = D α with D = every task's output (bank_linear): when only α
+    needs a gradient (the first layer of task inference: x and W need none) and the backend has a
+    native bank_linear, D costs one pass over the bits and gives both the output and, through
+    autograd, the α-gradient Dᵀg. Otherwise S = Σᵢ αᵢ Mᵢ (one pass) then a mask_dot in the backward
+    (another pass)."""
+    if not (torch.is_grad_enabled() and alpha.requires_grad and not x.requires_grad and not weight.requires_grad):
+        return False
+    if torch.compiler.is_compiling() or x.dim() == 0 or x.numel() != x.shape[-1]:  # one row of x
+        return False
+    return bool(getattr(backend_for(x.device), "fast_bank_linear", False))
 
 
 def _backward_needs_s(x: Tensor, alpha: Tensor) -> bool:

@@ -79,6 +79,7 @@ class CpuBackend(ReferenceBackend):
     # mask_dot_batched is a native one-pass lookup-table kernel (csrc/cpu/lut.cpp): evaluation infers
     # the tasks of all of a task's test batches in one batched call.
     fast_batched_inference = True
+    fast_bank_linear = True  # csrc/cpu/lut.cpp mask_dot_rows
 
     def __init__(self):
         load_cpu_extension()
@@ -152,6 +153,15 @@ class CpuBackend(ReferenceBackend):
         if not fused_step_ready(tensors):
             return super().ste_rmsprop_step_(*tensors, lr, alpha, eps, weight_decay)
         self.ops.ste_rmsprop_step_(*tensors, float(lr), float(alpha), float(eps), float(weight_decay))
+
+    def bank_linear(self, x, weight, bank):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if not (x.dtype == torch.float32 and weight.dtype == torch.float32 and 0 < rows <= SMALL_BATCH):
+            return super().bank_linear(x, weight, bank)
+        # one lookup-table pass over the bits per row of x (tables of W ⊙ x shared by all k tasks)
+        x2 = x.reshape(rows, x.shape[-1]).contiguous()
+        out = torch.stack([self.ops.mask_dot_rows(bank, x2[i], weight) for i in range(rows)])
+        return out.reshape(*x.shape[:-1], weight.shape[0], bank.shape[0])
 
     def masked_forward(self, dense, x, weight, mask_words, bias):
         bias = None if bias is None else bias.contiguous()

@@ -61,6 +61,9 @@ class ReferenceBackend:
     # True where mask_dot_batched is a native one-pass kernel: evaluation then infers the tasks of
     # all of a task's test batches in one batched call.
     fast_batched_inference = False
+    # bank_linear (every task's output of a layer) is a native one-pass kernel: superposed_linear then
+    # computes a first layer's y = D α and, through autograd, its α-gradient Dᵀg from one pass.
+    fast_bank_linear = False
 
     def supports(self, device: torch.device) -> bool:
         return True
@@ -114,6 +117,23 @@ class ReferenceBackend:
                 plane = ((chunk >> b) & 1).to(v.dtype)
                 out[s:e] += plane.matmul(vp[b])
         return out
+
+    def bank_linear(self, x: torch.Tensor, weight: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        """Every task's masked linear layer on x: out[..., r, t] = Σⱼ x[..., j] W[r, j] Mₜ[r, j];
+        x [*, n], bank [k, R, W] -> [*, R, k], bit plane by bit plane."""
+        k, rows, w = bank.shape
+        n = weight.shape[1]
+        x2 = x.reshape(-1, n)
+        v = x2[:, None, :] * weight  # [B, R, n]
+        if w * BITS_PER_WORD != n:
+            v = F.pad(v, (0, w * BITS_PER_WORD - n))
+        v = v.reshape(x2.shape[0], rows, w, BITS_PER_WORD)
+        out = torch.zeros(x2.shape[0], rows, k, dtype=v.dtype, device=v.device)
+        for s, e in self._task_chunks(bank):
+            chunk = bank[s:e]
+            for b in range(BITS_PER_WORD):
+                out[:, :, s:e] += torch.einsum("crw,brw->brc", ((chunk >> b) & 1).to(v.dtype), v[..., b])
+        return out.reshape(*x.shape[:-1], rows, k)
 
     def mask_dot_outer(self, bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """mask_dot_batched of the q products (g_j x_jᵀ) ⊙ W: [k, R, W] x g [q, R], x [q, n] -> [q, k]."""

@@ -1,0 +1,131 @@
+"""bank_linear (every task's masked linear layer on one input at once) against float64 einsum on
+every backend and every ISA level of the C++ kernels, and the superposed_linear route that uses it:
+a first layer's output D α and α-gradient Dᵀg from one pass over the bits."""
+import shutil
+import textwrap
+
+import pytest
+import torch
+
+import supsup_fast as ss
+from supsup_fast.ops.backends.cpu import CpuBackend
+
+from tests.devices import backend_devices, ids
+from tests.ops.isa_runner import ISAS, run_on_isa
+
+PAIRS = backend_devices()
+needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                               reason="no C++ compiler on this machine: the cpu backend cannot be built")
+
+
+def expected(x, w, masks):
+    return torch.einsum("...n,trn->...rt", x.double(), (w * masks).double()).float()
+
+
+@pytest.mark.parametrize("name,device", PAIRS, ids=ids(PAIRS))
+@pytest.mark.parametrize("k,rows,n,lead", [(1, 3, 5, ()), (17, 33, 70, (1,)), (40, 10, 1000, (3,)), (250, 64, 784, ()),
+                                           (16, 7, 32, (2, 2)), (33, 1, 1, (1,))])
+def test_bank_linear_matches_einsum(name, device, k, rows, n, lead):
+    g = torch.Generator().manual_seed(k * 1000 + n)
+    masks = torch.rand(k, rows, n, generator=g) > 0.5
+    w, x = torch.randn(rows, n, generator=g), torch.randn(*lead, n, generator=g)
+    with ss.use_backend(name):
+        got = ss.ops.bank_linear(x.to(device), w.to(device), ss.pack_bits(masks).to(device)).cpu()
+    assert got.shape == (*lead, rows, k)
+    assert torch.allclose(got, expected(x, w, masks), rtol=1e-4, atol=1e-4)
+
+
+ISA_SCRIPT = textwrap.dedent("""
+    import torch, supsup_fast as ss
+    from supsup_fast.ops.backends.cpu import cpu_isa
+    torch.manual_seed(0)
+    C = torch.ops.supsup_cpu
+    print(cpu_isa())
+    # k across 8/16-task groups, rows across table blocks (rows of 25 and 32 words, 1000 words a block)
+    for k, R, n in ((1, 3, 5), (9, 41, 784), (17, 100, 1024), (250, 64, 784), (16, 7, 33), (33, 1, 1)):
+        m = torch.rand(k, R, n) > 0.5
+        bank, w, x = ss.pack_bits(m), torch.randn(R, n), torch.randn(n)
+        ref = torch.einsum("n,trn->rt", x.double(), (w * m).double()).float()
+        assert torch.allclose(C.mask_dot_rows(bank, x, w), ref, rtol=1e-4, atol=1e-4), (k, R, n)
+        if n % 32:  # set pad bits are ignored
+            dirty = bank.clone(); dirty[..., -1] |= -(1 << (n % 32))
+            assert torch.allclose(C.mask_dot_rows(dirty, x, w), ref, rtol=1e-4, atol=1e-4)
+    print("ok")
+""")
+
+
+@needs_cxx
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_row_kernel_on_every_isa(isa):
+    run_on_isa(ISA_SCRIPT, isa)
+
+
+@needs_cxx
+def test_non_finite_inputs_follow_the_reference():
+    """A masked-out inf still gives 0·inf = NaN: the cpu backend hands such inputs to the reference."""
+    masks = torch.rand(20, 4, 40) > 0.5
+    bank, w, x = ss.pack_bits(masks), torch.randn(4, 40), torch.randn(40)
+    x[3] = float("inf")
+    with ss.use_backend("cpu"):
+        got = ss.ops.bank_linear(x, w, bank)
+    with ss.use_backend("reference"):
+        ref = ss.ops.bank_linear(x, w, bank)
+    assert torch.equal(got.isnan(), ref.isnan()) and got.isnan().any()
+    assert torch.equal(got[~got.isnan()], ref[~ref.isnan()])
+
+
+def test_bad_arguments_are_named():
+    bank = ss.pack_bits(torch.rand(5, 4, 40) > 0.5)
+    with pytest.raises(ValueError, match="bank must be"):
+        ss.ops.bank_linear(torch.randn(40), torch.randn(4, 40), bank[:, :3])
+    with pytest.raises(ValueError, match="x must be"):
+        ss.ops.bank_linear(torch.randn(41), torch.randn(4, 40), bank)
+    with pytest.raises(TypeError, match="bank must hold int32"):
+        ss.ops.bank_linear(torch.randn(40), torch.randn(4, 40), bank.long())
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        ss.ops.bank_linear(torch.randn(40, requires_grad=True), torch.randn(4, 40), bank)
+
+
+def _alpha_grad(x, layers, alpha):
+    a = alpha.clone().requires_grad_(True)
+    h = x
+    for i, (w, bank, b) in enumerate(layers):
+        h = ss.ops.superposed_linear(h, w, bank, a, b)
+        if i < len(layers) - 1:
+            h = torch.relu(h)
+    out = torch.log_softmax(h, -1)
+    loss = -(out.exp() * out).sum()
+    return h.detach(), torch.autograd.grad(loss, a)[0]
+
+
+@needs_cxx
+@pytest.mark.parametrize("k", [5, 40])
+def test_first_layer_route_gives_the_same_output_and_alpha_gradient(k, monkeypatch):
+    """superposed_linear on an input needing no gradient runs y = D α (one pass over the bits) on the
+    cpu backend; output and α-gradient agree with the reference backend and the float computation."""
+    g = torch.Generator().manual_seed(k)
+    sizes = [(37, 70), (20, 37), (10, 20)]
+    layers = [(torch.randn(o, i, generator=g) * 0.3, ss.pack_bits(torch.rand(k, o, i, generator=g) > 0.5),
+               torch.randn(o, generator=g)) for o, i in sizes]
+    x, alpha = torch.randn(1, 70, generator=g), torch.rand(k, generator=g) / k
+    calls = []
+    real = CpuBackend.bank_linear
+    monkeypatch.setattr(CpuBackend, "bank_linear", lambda self, *a: calls.append(1) or real(self, *a))
+    with ss.use_backend("cpu"):
+        y, da = _alpha_grad(x, layers, alpha)
+    assert len(calls) == 1  # the first layer only: the others need an input gradient
+    with ss.use_backend("reference"):
+        y_ref, da_ref = _alpha_grad(x, layers, alpha)
+    assert len(calls) == 1
+    assert torch.allclose(y, y_ref, rtol=1e-4, atol=1e-5) and torch.allclose(da, da_ref, rtol=1e-3, atol=1e-5)
+    # the float computation: W ⊙ Σ αᵢ Mᵢ as a float tensor, plain autograd
+    a = alpha.clone().requires_grad_(True)
+    h = x
+    for i, (w, bank, b) in enumerate(layers):
+        m = ss.unpack_bits(bank, w.shape[1]).float()
+        h = torch.nn.functional.linear(h, w * (a[:, None, None] * m).sum(0), b)
+        if i < len(layers) - 1:
+            h = torch.relu(h)
+    out = torch.log_softmax(h, -1)
+    da_float = torch.autograd.grad(-(out.exp() * out).sum(), a)[0]
+    assert torch.allclose(da, da_float, rtol=1e-3, atol=1e-5)
