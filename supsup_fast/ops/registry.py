@@ -24,6 +24,7 @@ _FAILURES: Dict[str, Exception] = {}  # backends whose factory failed: not retri
 _available: Optional[List[str]] = None
 _default_name = AUTO
 _scoped_name: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("supsup_backend", default=None)
+_RESOLVED: Dict[tuple, object] = {}  # (name in force, device) -> backend: every op call asks, a batch-1 layer feels it
 
 
 def register_backend(name: str, factory: Callable[[], object], priority: int) -> None:
@@ -33,6 +34,7 @@ def register_backend(name: str, factory: Callable[[], object], priority: int) ->
     _FACTORIES[name] = (factory, priority)
     _INSTANCES.pop(name, None)
     _FAILURES.pop(name, None)
+    _RESOLVED.clear()
     _available = None
 
 
@@ -102,6 +104,15 @@ def use_backend(name: str) -> Iterator[None]:
 def backend_for(device: torch.device):
     """The backend that runs an op whose tensors live on ``device``."""
     name = get_backend_name()
+    if _available is None:  # the set of backends was (re)built: resolve again
+        _RESOLVED.clear()
+    found = _RESOLVED.get((name, device))
+    if found is None:
+        found = _RESOLVED[(name, device)] = _resolve(name, device)
+    return found
+
+
+def _resolve(name: str, device: torch.device):
     if name != AUTO:
         backend = _instance(name)
         if not backend.supports(device):
