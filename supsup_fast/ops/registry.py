@@ -55,6 +55,7 @@ def available() -> List[str]:
     """Names of the backends that load on this machine, fastest first ("reference" always)."""
     global _available
     if _available is None:
+        _RESOLVED.clear()
         names = []
         for name, (_, prio) in sorted(_FACTORIES.items(), key=lambda kv: -kv[1][1]):
             try:
