@@ -116,6 +116,15 @@ def test_packed_masked_gemm(rows, n, batch):
     assert torch.allclose(got, expect, rtol=1e-4, atol=1e-5)
 
 
+def test_packed_gemm_takes_3d_and_non_contiguous_inputs():
+    mask = torch.rand(70, 96) > 0.5
+    w, b = torch.randn(96, 70).t(), torch.randn(70, 2)[:, 0]  # both non-contiguous
+    x = torch.randn(3, 96, 7).transpose(1, 2)  # [3, 7, 96], 21 rows, non-contiguous
+    expect = F.linear(x.double(), (w * mask).double(), b.double()).float()
+    got = ss.ops.masked_linear(x, w, ss.pack_bits(mask), b)
+    assert got.shape == (3, 7, 70) and torch.allclose(got, expect, rtol=1e-4, atol=1e-4)
+
+
 def test_packed_gemm_checks_its_arguments():
     C = torch.ops.supsup_cpu
     words = ss.pack_bits(torch.rand(70, 40) > 0.5)
