@@ -489,8 +489,12 @@ void ste_adam_step_op(at::Tensor param, const at::Tensor& weight_grad, const at:
 // gradient of every weight, without autograd: the training step of the paper's MNIST MLPs
 // (LeNet-300-100, FC1024) costs its GEMMs plus a few elementwise passes, with no per-op Python or
 // autograd-graph overhead. The input gradient of the first layer is never formed.
-std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_grads_op(const at::Tensor& x, const at::Tensor& y,
-                                                                           at::TensorList weights) {
+// The loss of an MLP of linear layers (ReLU between, no biases) under mean cross-entropy, and each
+// layer's weight gradient, by hand: on_grad(l, grad) runs once layer l's gradient is formed and
+// weights[l] has been used for the last time (the input gradient of layer l - 1 comes first), so it
+// may overwrite weights[l]. The first layer's input gradient is not formed.
+template <class OnGrad>
+at::Tensor mlp_backward(const at::Tensor& x, const at::Tensor& y, at::TensorList weights, OnGrad on_grad) {
   TORCH_CHECK(!weights.empty(), "weights must hold at least one layer");
   check_float(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [batch, features], got ", x.dim(), " dims");
@@ -519,12 +523,40 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_grads_op(const
   const int64_t* lab = labels.data_ptr<int64_t>();
   for (int64_t i = 0; i < B; ++i) d[i * C + lab[i]] -= 1.0f;
   dz.div_(static_cast<double>(B));
-  std::vector<at::Tensor> grads(L);
   for (int64_t l = L - 1; l >= 0; --l) {
-    grads[l] = at::mm(dz.t(), inputs[l]);
+    at::Tensor grad = at::mm(dz.t(), inputs[l]);
     if (l > 0) dz = at::threshold_backward(at::mm(dz, weights[l]), inputs[l], 0);
+    on_grad(l, grad);
   }
+  return loss;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_grads_op(const at::Tensor& x, const at::Tensor& y,
+                                                                           at::TensorList weights) {
+  std::vector<at::Tensor> grads(weights.size());
+  at::Tensor loss = mlp_backward(x, y, weights, [&](int64_t l, const at::Tensor& g) { grads[l] = g; });
   return {loss, grads};
+}
+
+// One straight-through RMSprop training step of such an MLP in one call: each layer's weight
+// gradient goes to its fused update (ste_rmsprop_step_) as soon as it is formed, while it is still
+// in cache, and masked_weights[l] is rewritten for the next step. Returns the loss (of the masked
+// weights given).
+at::Tensor mlp_ste_rmsprop_step_op(const at::Tensor& x, const at::Tensor& y, at::TensorList masked_weights,
+                                   at::TensorList weights, at::TensorList params, at::TensorList square_avgs, double lr,
+                                   double alpha, double eps, double weight_decay) {
+  const size_t L = masked_weights.size();
+  TORCH_CHECK(weights.size() == L && params.size() == L && square_avgs.size() == L,
+              "masked_weights, weights, params and square_avgs must hold one tensor per layer");
+  for (size_t l = 0; l < L; ++l) {
+    TORCH_CHECK(masked_weights[l].is_contiguous() && params[l].is_contiguous() && square_avgs[l].is_contiguous() &&
+                    weights[l].is_contiguous(),
+                "layer ", l, ": masked weight, weight, param and square_avg must be contiguous");
+    TORCH_CHECK(weights[l].sizes() == masked_weights[l].sizes(), "weights[", l, "] must be shaped like masked_weights[", l, "]");
+  }
+  return mlp_backward(x, y, masked_weights, [&](int64_t l, const at::Tensor& g) {
+    ste_rmsprop_step_op(params[l], g, weights[l], square_avgs[l], masked_weights[l], lr, alpha, eps, weight_decay);
+  });
 }
 
 at::Tensor threshold_masked_weight_op(const at::Tensor& scores, const at::Tensor& w) {
@@ -564,6 +596,8 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("rmsprop_step_(Tensor(a!) param, Tensor grad, Tensor(b!) square_avg, float lr, float alpha, float eps, float weight_decay) -> ()");
   m.def("ste_rmsprop_step_(Tensor(a!) param, Tensor weight_grad, Tensor weight, Tensor(b!) square_avg, Tensor(c!) masked_weight, "
         "float lr, float alpha, float eps, float weight_decay) -> ()");
+  m.def("mlp_ste_rmsprop_step_(Tensor x, Tensor y, Tensor(a!)[] masked_weights, Tensor[] weights, Tensor(b!)[] params, "
+        "Tensor(c!)[] square_avgs, float lr, float alpha, float eps, float weight_decay) -> Tensor");
   m.def("mlp_cross_entropy_grads(Tensor x, Tensor y, Tensor[] weights) -> (Tensor, Tensor[])");
   m.def("ste_adam_step_(Tensor(a!) param, Tensor weight_grad, Tensor weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         "Tensor(d!) masked_weight, int step, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
@@ -590,6 +624,7 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("ste_rmsprop_step_", &ste_rmsprop_step_op);
   m.impl("ste_adam_step_", &ste_adam_step_op);
   m.impl("mlp_cross_entropy_grads", &mlp_cross_entropy_grads_op);
+  m.impl("mlp_ste_rmsprop_step_", &mlp_ste_rmsprop_step_op);
   m.impl("threshold_masked_weight", &threshold_masked_weight_op);
   m.impl("signed_masked_weight_into", &signed_masked_weight_into_op);
 }

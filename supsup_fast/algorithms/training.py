@@ -132,7 +132,10 @@ def mlp_step_without_autograd(model: nn.Module, opt: torch.optim.Optimizer, devi
         if layer.bias is not None or not isinstance(mode, Train) or mode.fused is None:
             return None
         states.append(mode.fused)
-    grads_of = ops.backend_for(device).mlp_cross_entropy_grads
+    backend = ops.backend_for(device)
+    grads_of = backend.mlp_cross_entropy_grads
+    if isinstance(opt, InBackwardRMSprop):
+        return _mlp_rmsprop_step(layers, states, opt, backend, device)
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> float:
         xb, yb = xb.to(device, non_blocking=True).flatten(1), yb.to(device, non_blocking=True)
@@ -140,6 +143,24 @@ def mlp_step_without_autograd(model: nn.Module, opt: torch.optim.Optimizer, devi
         loss, grads = grads_of(xb, yb, weights)
         for state, layer, grad in zip(states, layers, grads):
             state.apply(layer.scores, layer.weight, grad)
+        opt.step()  # a no-op that keeps the optimiser's step hooks and LR schedulers' bookkeeping as usual
+        return float(loss)
+    return step
+
+
+def _mlp_rmsprop_step(layers: list, states: list, opt: InBackwardRMSprop, backend, device: torch.device) -> Step:
+    """The same step for RMSprop in one backend call (``mlp_ste_rmsprop_step_``): each layer's weight
+    gradient meets its fused update as soon as it is formed, with no Python between the layers."""
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> float:
+        xb, yb = xb.to(device, non_blocking=True).flatten(1), yb.to(device, non_blocking=True)
+        scores = [layer.scores for layer in layers]
+        weights = [layer.weight for layer in layers]
+        masked = [state.effective_weight(s, w) for state, s, w in zip(states, scores, weights)]
+        square_avg, lr, alpha, eps, weight_decay = zip(*(opt.rmsprop_state(s) for s in scores))
+        loss = backend.mlp_ste_rmsprop_step_(xb, yb, masked, weights, [s.detach() for s in scores], list(square_avg),
+                                             lr[0], alpha[0], eps[0], weight_decay[0])
+        for state, s, w in zip(states, scores, weights):
+            state.applied(s, w)
         opt.step()  # a no-op that keeps the optimiser's step hooks and LR schedulers' bookkeeping as usual
         return float(loss)
     return step

@@ -39,6 +39,11 @@ class FusedScoreState:
 
     def apply(self, scores: torch.Tensor, weight: torch.Tensor, weight_grad: torch.Tensor) -> None:
         self.update(scores, weight, weight_grad, self.masked_weight)
+        self.applied(scores, weight)
+
+    def applied(self, scores: torch.Tensor, weight: torch.Tensor) -> None:
+        """Record that an update of ``scores`` (made here or by a whole-model fused step) rewrote the
+        masked weight."""
         self._key = _key(scores, weight)
         self.generation += 1
 

@@ -100,6 +100,13 @@ class InBackwardRMSprop(InBackwardOptimizer):
         return update
 
 
+    def rmsprop_state(self, scores: torch.Tensor) -> tuple:
+        """(square_avg, lr, alpha, eps, weight_decay) of ``scores`` now, for a step that updates
+        every layer in one call (algorithms.training.mlp_step_without_autograd)."""
+        group = self.param_groups[0]
+        return self.state[scores]["square_avg"], group["lr"], group["alpha"], group["eps"], group["weight_decay"]
+
+
 class InBackwardAdam(InBackwardOptimizer):
     """``torch.optim.Adam(scores, lr, betas, eps, weight_decay)`` (no amsgrad) on the scores of the
     task being trained in ``model``, applied by the layers inside the backward pass."""

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import supsup_fast as ss
 import supsup_fast.nn as snn
 from supsup_fast.algorithms.training import (TrainSettings, make_optimizer, make_task_optimizer, mlp_step_without_autograd,
                                              train_task)
@@ -232,3 +233,29 @@ def test_the_mlp_step_is_only_taken_where_it_applies():
     assert mlp_step_without_autograd(conv, InBackwardRMSprop(conv, lr=1e-3), torch.device("cpu")) is None
     model.layers[0].bias = torch.zeros(300)  # a bias: the by-hand gradients do not cover it
     assert mlp_step_without_autograd(model, InBackwardRMSprop(model, lr=1e-3), torch.device("cpu")) is None
+
+
+def test_the_whole_model_rmsprop_step_matches_on_both_backends_and_reads_the_group():
+    """RMSprop's MLP step is one backend call (mlp_ste_rmsprop_step_): the cpu kernel and the
+    reference composition agree, and a learning rate loaded into the optimiser reaches it."""
+    results = []
+    for backend in ("cpu", "reference"):
+        torch.manual_seed(3)
+        model = build_model("lenet", 10)
+        snn.begin_task(model)
+        with ss.use_backend(backend):
+            opt = make_task_optimizer(model, TrainSettings(lr=1e-3, optimizer="rmsprop"))
+            step = mlp_step_without_autograd(model, opt, torch.device("cpu"))
+        gen = torch.Generator().manual_seed(0)
+        losses = [step(torch.randn(16, 784, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(3)]
+        results.append((losses, scores(model), model))
+        saved = opt.state_dict()
+        saved["param_groups"][0]["lr"] = 0.0
+        opt.load_state_dict(saved)
+        before = scores(model)
+        step(torch.randn(16, 784, generator=gen), torch.randint(0, 10, (16,), generator=gen))
+        assert all(torch.equal(a, b) for a, b in zip(before, scores(model)))  # lr 0: nothing moved
+    (l_cpu, s_cpu, _), (l_ref, s_ref, _) = results
+    assert l_cpu == pytest.approx(l_ref, rel=1e-5)
+    for a, b in zip(s_cpu, s_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -141,6 +141,14 @@ class CpuBackend(ReferenceBackend):
         loss, grads = self.ops.mlp_cross_entropy_grads(x.contiguous(), y.contiguous(), [w.contiguous() for w in weights])
         return loss, list(grads)
 
+    def mlp_ste_rmsprop_step_(self, x, y, masked_weights, weights, params, square_avgs, lr, alpha, eps, weight_decay):
+        # one C++ call for the step: each weight gradient meets its update while still in cache, and
+        # the Python glue of three layers' updates (~0.1 ms of a 1.4 ms LeNet step) is gone
+        if x.dtype != torch.float32 or not all(fused_step_ready(ts) for ts in (masked_weights, weights, params, square_avgs)):
+            return super().mlp_ste_rmsprop_step_(x, y, masked_weights, weights, params, square_avgs, lr, alpha, eps, weight_decay)
+        return self.ops.mlp_ste_rmsprop_step_(x.contiguous(), y.contiguous(), masked_weights, weights, params, square_avgs,
+                                              float(lr), float(alpha), float(eps), float(weight_decay))
+
     def ste_adam_step_(self, param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, step, lr, beta1, beta2, eps,
                        weight_decay):
         tensors = (param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight)

@@ -220,6 +220,17 @@ class ReferenceBackend:
                 dz = torch.ops.aten.threshold_backward(dz.mm(weights[i]), inputs[i], 0)
         return loss, grads
 
+    def mlp_ste_rmsprop_step_(self, x: torch.Tensor, y: torch.Tensor, masked_weights: List[torch.Tensor],
+                              weights: List[torch.Tensor], params: List[torch.Tensor], square_avgs: List[torch.Tensor],
+                              lr: float, alpha: float, eps: float, weight_decay: float) -> torch.Tensor:
+        """A whole straight-through RMSprop step of such an MLP: the loss at ``masked_weights`` and
+        every weight gradient (``mlp_cross_entropy_grads``), then each layer's
+        ``ste_rmsprop_step_``, which rewrites its masked weight. Returns the loss."""
+        loss, grads = self.mlp_cross_entropy_grads(x, y, masked_weights)
+        for p, g, w, sq, mw in zip(params, grads, weights, square_avgs, masked_weights):
+            self.ste_rmsprop_step_(p, g, w, sq, mw, lr, alpha, eps, weight_decay)
+        return loss
+
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
         """x (W ⊙ M)ᵀ + b for signed-constant W = scale · (2·sign − 1), W given as sign bits."""
         n = x.shape[-1]
