@@ -316,7 +316,22 @@ at::Tensor signed_masked_linear_small_op(const at::Tensor& x, const at::Tensor& 
 }
 
 // y = x (W ⊙ M)ᵀ + b for any number of rows of x (masked_gemm.cpp): the mask applied while packing
-// W, so W ⊙ M is never written to memory. Rows of the output are split across threads.
+// W, so W ⊙ M is never written to memory. gemm(B, bias, y, r0, r1) fills rows [r0, r1) of the
+// outputs; they are split across threads.
+template <class Gemm>
+at::Tensor packed_gemm_output(const at::Tensor& x, int64_t n, int64_t R, const std::optional<at::Tensor>& bias, Gemm gemm) {
+  const float* bp = bias_pointer(bias, R);
+  auto sizes = x.sizes().vec();
+  sizes.back() = R;
+  at::Tensor y = at::empty(sizes, x.options());
+  const int64_t B = R ? y.numel() / R : 0;
+  if (B == 0 || R == 0) return y;
+  if (n == 0) return bias.has_value() ? y.copy_(*bias) : y.zero_();  // an empty sum: the bias alone
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, R, 32, [&](int64_t r0, int64_t r1) { gemm(B, bp, yp, r0, r1); });
+  return y;
+}
+
 at::Tensor masked_linear_gemm_op(const at::Tensor& x, const at::Tensor& w, const at::Tensor& words,
                                  const std::optional<at::Tensor>& bias) {
   check_float(w, "weight");
@@ -325,18 +340,10 @@ at::Tensor masked_linear_gemm_op(const at::Tensor& x, const at::Tensor& w, const
   TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "x must be [*, in] for weight [out, in]");
   const int64_t R = w.size(0), n = w.size(1), W = words_for(n);
   TORCH_CHECK(words.dim() == 2 && words.size(0) == R && words.size(1) == W, "mask_words must be [out, ceil(in/32)]");
-  const int64_t B = n ? x.numel() / n : 0;
-  const float* bp = bias_pointer(bias, R);
-  auto sizes = x.sizes().vec();
-  sizes.back() = R;
-  at::Tensor y = at::empty(sizes, x.options());
-  if (B == 0 || R == 0) return y;
   const Isa isa = current_isa();
-  at::parallel_for(0, R, 32, [&](int64_t r0, int64_t r1) {
-    masked_gemm(isa, x.data_ptr<float>(), B, w.data_ptr<float>(), words.data_ptr<int32_t>(), n, W, R, bp,
-                y.data_ptr<float>(), r0, r1);
+  return packed_gemm_output(x, n, R, bias, [&](int64_t B, const float* bp, float* y, int64_t r0, int64_t r1) {
+    masked_gemm(isa, x.data_ptr<float>(), B, w.data_ptr<float>(), words.data_ptr<int32_t>(), n, W, R, bp, y, r0, r1);
   });
-  return y;
 }
 
 at::Tensor signed_masked_linear_gemm_op(const at::Tensor& x, const at::Tensor& sign_words, const at::Tensor& mask_words,
@@ -347,18 +354,11 @@ at::Tensor signed_masked_linear_gemm_op(const at::Tensor& x, const at::Tensor& s
   TORCH_CHECK(sign_words.sizes() == mask_words.sizes() && mask_words.dim() == 2, "sign_words and mask_words must both be [out, W]");
   const int64_t R = mask_words.size(0), W = mask_words.size(1), n = x.size(-1);
   TORCH_CHECK(W == words_for(n), "mask_words has ", W, " words per row but x has ", n, " features");
-  const int64_t B = n ? x.numel() / n : 0;
-  const float* bp = bias_pointer(bias, R);
-  auto sizes = x.sizes().vec();
-  sizes.back() = R;
-  at::Tensor y = at::empty(sizes, x.options());
-  if (B == 0 || R == 0) return y;
   const Isa isa = current_isa();
-  at::parallel_for(0, R, 32, [&](int64_t r0, int64_t r1) {
+  return packed_gemm_output(x, n, R, bias, [&](int64_t B, const float* bp, float* y, int64_t r0, int64_t r1) {
     signed_masked_gemm(isa, x.data_ptr<float>(), B, sign_words.data_ptr<int32_t>(), mask_words.data_ptr<int32_t>(),
-                       static_cast<float>(scale), n, W, R, bp, y.data_ptr<float>(), r0, r1);
+                       static_cast<float>(scale), n, W, R, bp, y, r0, r1);
   });
-  return y;
 }
 
 void signed_masked_weight_into_op(const at::Tensor& sign_words, const at::Tensor& mask_words, double scale,

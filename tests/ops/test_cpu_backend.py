@@ -127,6 +127,11 @@ def test_packed_gemm_takes_3d_and_non_contiguous_inputs():
 
 def test_packed_gemm_checks_its_arguments():
     C = torch.ops.supsup_cpu
+    b = torch.randn(70)  # no input features: an empty sum, the bias alone (never uninitialised memory)
+    assert torch.equal(C.masked_linear_gemm(torch.randn(5, 0), torch.randn(70, 0), torch.zeros(70, 0, dtype=torch.int32), b),
+                       b.expand(5, 70))
+    assert torch.equal(C.masked_linear_gemm(torch.randn(5, 0), torch.randn(70, 0), torch.zeros(70, 0, dtype=torch.int32)),
+                       torch.zeros(5, 70))
     words = ss.pack_bits(torch.rand(70, 40) > 0.5)
     with pytest.raises(RuntimeError, match="mask_words must be"):
         C.masked_linear_gemm(torch.randn(20, 40), torch.randn(70, 40), words[:, :1].contiguous())
