@@ -146,7 +146,7 @@ at::Tensor mask_dot_rows_op(const at::Tensor& bank, const at::Tensor& x, const a
   const int64_t R = w.size(0), n = w.size(1), W = words_for(n), k = bank.size(0);
   TORCH_CHECK(bank.dim() == 3 && bank.size(1) == R && bank.size(2) == W, "bank must be [k, R, ceil(n/32)]");
   at::Tensor out = at::empty({R, k}, w.options());
-  if (R == 0 || k == 0) return out.zero_();
+  if (R == 0 || k == 0 || n == 0) return out.zero_();  // an empty sum
   const Isa isa = current_isa();
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     mask_dot_rows(isa, bank.data_ptr<int32_t>(), R, W, n, x.data_ptr<float>(), w.data_ptr<float>(), k,
@@ -272,6 +272,7 @@ struct SmallBatch {
 SmallBatch prepare_small_batch(const at::Tensor& x, int64_t n, int64_t W, int64_t R,
                                const std::optional<at::Tensor>& bias, const char* op) {
   check_float(x, "x");
+  TORCH_CHECK(n > 0, op, " needs at least one input feature");
   const int64_t B = x.numel() / n;
   TORCH_CHECK(B <= 16, op, " takes at most 16 rows of x, got ", B);
   const float* bp = bias_pointer(bias, R);

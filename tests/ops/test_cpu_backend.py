@@ -132,6 +132,10 @@ def test_packed_gemm_checks_its_arguments():
                        b.expand(5, 70))
     assert torch.equal(C.masked_linear_gemm(torch.randn(5, 0), torch.randn(70, 0), torch.zeros(70, 0, dtype=torch.int32)),
                        torch.zeros(5, 70))
+    with pytest.raises(RuntimeError, match="at least one input feature"):
+        C.masked_linear_small(torch.randn(2, 0), torch.randn(4, 0), torch.zeros(4, 0, dtype=torch.int32))
+    assert torch.equal(C.mask_dot_rows(torch.zeros(3, 4, 0, dtype=torch.int32), torch.randn(0), torch.randn(4, 0)),
+                       torch.zeros(4, 3))
     words = ss.pack_bits(torch.rand(70, 40) > 0.5)
     with pytest.raises(RuntimeError, match="mask_words must be"):
         C.masked_linear_gemm(torch.randn(20, 40), torch.randn(70, 40), words[:, :1].contiguous())
