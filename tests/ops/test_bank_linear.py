@@ -129,3 +129,16 @@ def test_first_layer_route_gives_the_same_output_and_alpha_gradient(k, monkeypat
     out = torch.log_softmax(h, -1)
     da_float = torch.autograd.grad(-(out.exp() * out).sum(), a)[0]
     assert torch.allclose(da, da_float, rtol=1e-3, atol=1e-5)
+
+
+def test_reference_walks_many_rows_of_x_in_bounded_passes(monkeypatch):
+    """Above 16 rows of x (and on GPU backends) the reference runs; it takes the rows of x a few at a
+    time so that W ⊙ x never holds more than a bounded number of floats."""
+    from supsup_fast.ops.backends import reference
+    monkeypatch.setattr(reference, "_PLANE_CHUNK", 64 * 3)  # one row of x per pass here
+    masks = torch.rand(5, 3, 40) > 0.5
+    w, x = torch.randn(3, 40), torch.randn(20, 40)
+    got = reference.ReferenceBackend().bank_linear(x, w, ss.pack_bits(masks))
+    assert torch.allclose(got, expected(x, w, masks), rtol=1e-4, atol=1e-4)
+    with ss.use_backend("cpu"):
+        assert torch.allclose(ss.ops.bank_linear(x, w, ss.pack_bits(masks)), expected(x, w, masks), rtol=1e-4, atol=1e-4)

@@ -124,15 +124,17 @@ class ReferenceBackend:
         k, rows, w = bank.shape
         n = weight.shape[1]
         x2 = x.reshape(-1, n)
-        v = x2[:, None, :] * weight  # [B, R, n]
-        if w * BITS_PER_WORD != n:
-            v = F.pad(v, (0, w * BITS_PER_WORD - n))
-        v = v.reshape(x2.shape[0], rows, w, BITS_PER_WORD)
-        out = torch.zeros(x2.shape[0], rows, k, dtype=v.dtype, device=v.device)
-        for s, e in self._task_chunks(bank):
-            chunk = bank[s:e]
-            for b in range(BITS_PER_WORD):
-                out[:, :, s:e] += torch.einsum("crw,brw->brc", ((chunk >> b) & 1).to(v.dtype), v[..., b])
+        out = torch.zeros(x2.shape[0], rows, k, dtype=torch.result_type(x2, weight), device=x.device)
+        step = max(1, _PLANE_CHUNK // max(1, rows * w * BITS_PER_WORD))  # rows of x per pass: v stays bounded
+        for r0 in range(0, x2.shape[0], step):
+            v = x2[r0:r0 + step, None, :] * weight  # [b, R, n]
+            if w * BITS_PER_WORD != n:
+                v = F.pad(v, (0, w * BITS_PER_WORD - n))
+            v = v.reshape(v.shape[0], rows, w, BITS_PER_WORD)
+            for s, e in self._task_chunks(bank):
+                chunk = bank[s:e]
+                for b in range(BITS_PER_WORD):
+                    out[r0:r0 + step, :, s:e] += torch.einsum("crw,brw->brc", ((chunk >> b) & 1).to(v.dtype), v[..., b])
         return out.reshape(*x.shape[:-1], rows, k)
 
     def mask_dot_outer(self, bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
