@@ -32,6 +32,15 @@ def _pick(device: torch.device, *sizes: int):
     return _REFERENCE if checks.degenerate(*sizes) else backend
 
 
+def eager_plain(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call may run its op's bodies eagerly through a plain ``torch.autograd.Function``
+    instead of the custom-op dispatcher: plain eager tensors (no torch.compile/FX tracing, no fake,
+    meta or subclass tensors, no dispatch mode such as opcheck's). Gradients may be recorded."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(t is None or ((type(t) is Tensor or type(t) is torch.nn.Parameter) and not t.is_meta) for t in tensors)
+
+
 def eager_without_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether a call may run its op's body directly instead of through the custom-op dispatcher:
     plain eager tensors (no torch.compile/FX tracing, no fake, meta or subclass tensors, no
@@ -58,7 +67,7 @@ def _finite(v: Tensor) -> bool:
     is always right. On CPU it is 30x cheaper than ``isfinite(v).all()`` (1.4 ms for 1M floats)."""
     if checks.capturing(v) or v.numel() == 0:
         return True
-    return math.isfinite(float(v.sum(dtype=torch.float64 if v.dtype == torch.float64 else torch.float32)))
+    return math.isfinite(float(v.detach().sum(dtype=torch.float64 if v.dtype == torch.float64 else torch.float32)))
 
 
 def _lead(bank: Tensor) -> int:

@@ -142,3 +142,35 @@ def test_reference_walks_many_rows_of_x_in_bounded_passes(monkeypatch):
     assert torch.allclose(got, expected(x, w, masks), rtol=1e-4, atol=1e-4)
     with ss.use_backend("cpu"):
         assert torch.allclose(ss.ops.bank_linear(x, w, ss.pack_bits(masks)), expected(x, w, masks), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,device", PAIRS, ids=ids(PAIRS))
+def test_eager_superposed_with_s_matches_the_custom_op(name, device):
+    """superposed_with_s (and superposed_linear when x needs a gradient) run eagerly through a plain
+    autograd.Function with the op's own bodies; output and every gradient equal the custom op's."""
+    from supsup_fast.ops import superposed as S
+    g = torch.Generator().manual_seed(11)
+    k, out, n = 6, 9, 45
+    bank = ss.pack_bits(torch.rand(k, out, n, generator=g) > 0.5).to(device)
+    w0, b0, x0 = torch.randn(out, n, generator=g), torch.randn(out, generator=g), torch.randn(3, n, generator=g)
+    a0 = torch.rand(k, generator=g)
+    results = []
+    with ss.use_backend(name):
+        for run in ("eager", "op"):
+            x, w, b, a = (t.clone().to(device).requires_grad_() for t in (x0, w0, b0, a0))
+            s = ss.ops.superpose(bank, a.detach(), n).view(out, n)
+            y = (ss.ops.superposed_with_s(x, w, bank, a, s, b) if run == "eager"
+                 else S.superposed_given_s_op(x, w, bank, a, s, b, None))
+            grads = torch.autograd.grad((y * torch.arange(out, device=device)).sum(), (x, w, b, a))
+            results.append([y.detach().cpu()] + [t.cpu() for t in grads])
+    for e, o in zip(*results):
+        assert torch.allclose(e, o, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_superposed_refuses_double_backward():
+    bank = ss.pack_bits(torch.rand(4, 3, 10) > 0.5)
+    x, w, a = torch.randn(1, 10, requires_grad=True), torch.randn(3, 10), torch.rand(4, requires_grad=True)
+    y = ss.ops.superposed_linear(x, w, bank, a)
+    (ga,) = torch.autograd.grad(y.sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(ga.sum(), x)
