@@ -25,6 +25,7 @@ _available: Optional[List[str]] = None
 _default_name = AUTO
 _scoped_name: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("supsup_backend", default=None)
 _RESOLVED: Dict[tuple, object] = {}  # (name in force, device) -> backend: every op call asks, a batch-1 layer feels it
+_resolved_for: tuple = ()  # the registry state _RESOLVED was filled in
 
 
 def register_backend(name: str, factory: Callable[[], object], priority: int) -> None:
@@ -104,9 +105,12 @@ def use_backend(name: str) -> Iterator[None]:
 
 def backend_for(device: torch.device):
     """The backend that runs an op whose tensors live on ``device``."""
+    global _resolved_for
     name = get_backend_name()
-    if _available is None:  # the set of backends was (re)built: resolve again
+    state = (id(_FACTORIES), id(_INSTANCES), id(_FAILURES), id(_available))
+    if state != _resolved_for:  # the registry was rebuilt or swapped (tests do): resolve again
         _RESOLVED.clear()
+        _resolved_for = state
     found = _RESOLVED.get((name, device))
     if found is None:
         found = _RESOLVED[(name, device)] = _resolve(name, device)

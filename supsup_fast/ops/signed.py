@@ -1,6 +1,7 @@
 """Signed-constant weights as bits: W = scale · (2·sign − 1), two bits per weight with the mask."""
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -37,9 +38,15 @@ def _check_signed_shapes(x, sign_words, mask_words, bias, in_features) -> None:
             raise ValueError(f"bias must have shape [{mask_words.shape[0]}], got {tuple(bias.shape)}")
 
 
-# (data_ptr, version) pairs of sign/mask words whose pad bits were found clear for n features:
-# a layer's words are checked once, not on every small-batch forward (that would cost a sync).
+# Sign/mask words whose pad bits were found clear for n features: a layer's words are checked once,
+# not on every small-batch forward (that would cost a sync). Keyed by address and version, and held
+# by weak references to the tensors that own the memory: a new tensor at a freed tensor's address
+# (same data_ptr, version 0) is not the one that was checked, and is checked again.
 _PAD_CHECKED: dict = {}
+
+
+def _owner(t: Tensor) -> Tensor:
+    return t if t._base is None else t._base  # a view (bank.words[i]) lives as long as its base
 
 
 def _check_pad_bits(n: int, sign_words: Tensor, mask_words: Tensor) -> None:
@@ -52,7 +59,8 @@ def _check_pad_bits(n: int, sign_words: Tensor, mask_words: Tensor) -> None:
         return
     key = (sign_words.data_ptr(), sign_words._version, mask_words.data_ptr(), mask_words._version,
            tuple(mask_words.shape), n)
-    if key in _PAD_CHECKED:
+    owners = _PAD_CHECKED.get(key)
+    if owners is not None and owners[0]() is _owner(sign_words) and owners[1]() is _owner(mask_words):
         return
     tail = (sign_words[:, -1] | mask_words[:, -1]) >> r
     if bool((tail != 0).any()):
@@ -60,7 +68,7 @@ def _check_pad_bits(n: int, sign_words: Tensor, mask_words: Tensor) -> None:
                          f"the {n} features of x [*, {n}]; pass x with the words' in_features (in_features= names it)")
     if len(_PAD_CHECKED) > 1024:
         _PAD_CHECKED.clear()
-    _PAD_CHECKED[key] = True
+    _PAD_CHECKED[key] = (weakref.ref(_owner(sign_words)), weakref.ref(_owner(mask_words)))
 
 
 @torch.library.custom_op("supsup::signed_masked_linear", mutates_args=())

@@ -209,3 +209,18 @@ def test_inference_fast_path_is_the_op_body():
     assert not eager_without_grad(torch.empty(3, 45, device="meta"), w, words, b)
     with FakeTensorMode():
         assert not eager_without_grad(torch.empty(3, 45), w, words, b)
+
+
+def test_pad_bit_check_is_not_fooled_by_a_reused_address():
+    """The pad-bit check of signed_masked_linear is done once per words tensor; a different tensor
+    at the same address and version (here: two tensors over one numpy buffer) is checked again."""
+    import numpy as np
+    buf_s = ss.pack_bits(torch.rand(6, 65) < 0.5).numpy().copy()
+    buf_m = ss.pack_bits(torch.rand(6, 65) < 0.5).numpy().copy()
+    clean_s, clean_m = torch.from_numpy(buf_s), torch.from_numpy(buf_m)
+    ops.signed_masked_linear(torch.randn(2, 65), clean_s, clean_m, 0.1)
+    del clean_s, clean_m
+    buf_m[:, -1] |= np.int32(1 << 5)  # a bit past feature 65, written behind torch's back
+    dirty_s, dirty_m = torch.from_numpy(buf_s), torch.from_numpy(buf_m)  # same addresses, version 0
+    with pytest.raises(ValueError, match="built for more than the 65 features"):
+        ops.signed_masked_linear(torch.randn(2, 65), dirty_s, dirty_m, 0.1)
