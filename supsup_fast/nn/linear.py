@@ -40,7 +40,8 @@ class SupermaskLinear(SupermaskLayer):
 
     def _sign_bits(self):
         """The frozen signed-constant weight as (sign bits, scale), rebuilt if the weight changes."""
-        key = (self.weight._version, self.weight.data_ptr())
+        # id() too: a new weight tensor can land at a freed one's address with version 0
+        key = (id(self.weight), self.weight._version, self.weight.data_ptr())
         if getattr(self, "_sign_cache", None) is None or self._sign_cache[0] != key:
             scale = float(self.weight.abs().max())
             self._sign_cache = (key, ops.pack_bits(self.weight > 0), scale)

@@ -294,3 +294,16 @@ def test_lower_isa_paths_agree(isa):
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == [isa, "ok"]
+
+
+def test_signed_layer_sees_a_replaced_weight():
+    """The layer's cached sign bits follow a new weight tensor, even one that reuses an old address."""
+    layer = snn.SupermaskLinear(100, 30, bias=False)
+    snn.begin_task(layer)
+    snn.finish_task(layer)
+    snn.set_task(layer, 0)
+    x = torch.randn(2, 100)
+    layer(x)  # fills the sign-bit cache
+    layer.weight = torch.nn.Parameter(-layer.weight.detach().clone(), requires_grad=False)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), ss.ops.masked_linear(x, layer.weight, layer.bank.words[0]), atol=1e-5)
