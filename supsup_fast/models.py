@@ -3,7 +3,7 @@ no biases, as the official code). ``build_model`` records its arguments in ``mod
 mask-bank file can rebuild the frozen weights bit-exactly."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F

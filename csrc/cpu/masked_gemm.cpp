@@ -58,22 +58,6 @@ AVX512_TARGET void transpose16(__m512 r[16]) {
   }
 }
 
-// Columns [j, j + 16) of one row with its mask applied (j a multiple of 16); zero past n. Masked-off
-// lanes of a masked load never fault, so the tail of the last row is never read.
-template <bool SIGNED>
-AVX512_TARGET inline __m512 masked16(const float* w, const int32_t* sign_words, const int32_t* words, float scale,
-                                     int64_t n, int64_t W, int64_t row, int64_t j) {
-  const int64_t q = j / 32;
-  const int shift = static_cast<int>(j % 32);
-  const __mmask16 m = static_cast<__mmask16>((static_cast<uint32_t>(words[row * W + q]) & valid_bits(n, q)) >> shift);
-  if constexpr (SIGNED) {
-    const __mmask16 s = static_cast<__mmask16>(static_cast<uint32_t>(sign_words[row * W + q]) >> shift);
-    return _mm512_maskz_mov_ps(m, _mm512_mask_blend_ps(s, _mm512_set1_ps(-scale), _mm512_set1_ps(scale)));
-  } else {
-    return _mm512_maskz_loadu_ps(m, w + row * n + j);
-  }
-}
-
 // P[jj][i] = (W ⊙ M)[rt + i, j0 + jj] for i < 32, jj < kc; rows past `rows` are zero.
 template <bool SIGNED>
 AVX512_TARGET void pack_tile512(const float* w, const int32_t* sign_words, const int32_t* words, float scale, int64_t n,
@@ -82,7 +66,7 @@ AVX512_TARGET void pack_tile512(const float* w, const int32_t* sign_words, const
     for (int64_t jb = 0; jb < kc; jb += 16) {
       __m512 v[16];
       for (int t = 0; t < 16; ++t)
-        v[t] = 16 * h + t < rows ? masked16<SIGNED>(w, sign_words, words, scale, n, W, rt + 16 * h + t, j0 + jb)
+        v[t] = 16 * h + t < rows ? masked_weights16<SIGNED>(w, sign_words, words, scale, n, W, rt + 16 * h + t, j0 + jb)
                                  : _mm512_setzero_ps();
       transpose16(v);
       const int64_t cols = std::min<int64_t>(16, kc - jb);
@@ -175,27 +159,13 @@ AVX2_TARGET void transpose8(__m256 r[8]) {
 }
 
 template <bool SIGNED>
-AVX2_TARGET inline __m256 masked8(const float* w, const int32_t* sign_words, const int32_t* words, float scale,
-                                  int64_t n, int64_t W, int64_t row, int64_t j) {
-  const int64_t q = j / 32;
-  const int shift = static_cast<int>(j % 32);
-  const __m256 m = bits8(((static_cast<uint32_t>(words[row * W + q]) & valid_bits(n, q)) >> shift) & 0xFFu);
-  if constexpr (SIGNED) {
-    const __m256 s = bits8((static_cast<uint32_t>(sign_words[row * W + q]) >> shift) & 0xFFu);
-    return _mm256_and_ps(m, _mm256_blendv_ps(_mm256_set1_ps(-scale), _mm256_set1_ps(scale), s));
-  } else {
-    return _mm256_maskload_ps(w + row * n + j, _mm256_castps_si256(m));  // masked-off lanes never fault
-  }
-}
-
-template <bool SIGNED>
 AVX2_TARGET void pack_tile256(const float* w, const int32_t* sign_words, const int32_t* words, float scale, int64_t n,
                               int64_t W, int64_t rt, int64_t rows, int64_t j0, int64_t kc, float* P) {
   for (int h = 0; h < kTile256 / 8; ++h)
     for (int64_t jb = 0; jb < kc; jb += 8) {
       __m256 v[8];
       for (int t = 0; t < 8; ++t)
-        v[t] = 8 * h + t < rows ? masked8<SIGNED>(w, sign_words, words, scale, n, W, rt + 8 * h + t, j0 + jb)
+        v[t] = 8 * h + t < rows ? masked_weights8<SIGNED>(w, sign_words, words, scale, n, W, rt + 8 * h + t, j0 + jb)
                                 : _mm256_setzero_ps();
       transpose8(v);
       const int64_t cols = std::min<int64_t>(8, kc - jb);

@@ -47,4 +47,36 @@ AVX2_TARGET inline float hsum256(__m256 v) {
 
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 
+// The weights of row `row`, columns [j, j + 16) (AVX-512; j a multiple of 16) or [j, j + 8) (AVX2; j
+// a multiple of 8), with its mask applied: W ⊙ M, or for a signed-constant layer (SIGNED, w unused)
+// ±scale from the sign bits. Zero where masked or past n; masked-off lanes of a masked load never
+// fault, so the tail of the last row is never read. The packing step of the masked GEMMs.
+template <bool SIGNED>
+AVX512_TARGET inline __m512 masked_weights16(const float* w, const int32_t* sign_words, const int32_t* words, float scale,
+                                             int64_t n, int64_t W, int64_t row, int64_t j) {
+  const int64_t q = j / 32;
+  const int shift = static_cast<int>(j % 32);
+  const __mmask16 m = static_cast<__mmask16>((static_cast<uint32_t>(words[row * W + q]) & valid_bits(n, q)) >> shift);
+  if constexpr (SIGNED) {
+    const __mmask16 s = static_cast<__mmask16>(static_cast<uint32_t>(sign_words[row * W + q]) >> shift);
+    return _mm512_maskz_mov_ps(m, _mm512_mask_blend_ps(s, _mm512_set1_ps(-scale), _mm512_set1_ps(scale)));
+  } else {
+    return _mm512_maskz_loadu_ps(m, w + row * n + j);
+  }
+}
+
+template <bool SIGNED>
+AVX2_TARGET inline __m256 masked_weights8(const float* w, const int32_t* sign_words, const int32_t* words, float scale,
+                                          int64_t n, int64_t W, int64_t row, int64_t j) {
+  const int64_t q = j / 32;
+  const int shift = static_cast<int>(j % 32);
+  const __m256 m = bits8(((static_cast<uint32_t>(words[row * W + q]) & valid_bits(n, q)) >> shift) & 0xFFu);
+  if constexpr (SIGNED) {
+    const __m256 s = bits8((static_cast<uint32_t>(sign_words[row * W + q]) >> shift) & 0xFFu);
+    return _mm256_and_ps(m, _mm256_blendv_ps(_mm256_set1_ps(-scale), _mm256_set1_ps(scale), s));
+  } else {
+    return _mm256_maskload_ps(w + row * n + j, _mm256_castps_si256(m));
+  }
+}
+
 }  // namespace supsup_cpu

@@ -41,24 +41,6 @@ void signed_gemm_small_scalar(const float* x, int64_t B, const int32_t* sign_wor
     }
 }
 
-// AVX2: the 32 weights of word q of one row with the mask applied, as 4 x 8 lanes: each byte of the
-// mask word becomes an 8-lane mask (bits8) that drives a masked load of the weights (masked-off lanes
-// never fault, so the tail of the last row is never read) or selects ±scale from the sign bits.
-template <bool SIGNED>
-AVX2_TARGET inline void masked_word256(const float* wrow, const int32_t* srow, const int32_t* mrow, float scale,
-                                       int64_t n, int64_t q, __m256 out[4]) {
-  const uint32_t word = static_cast<uint32_t>(mrow[q]) & valid_bits(n, q);
-  if constexpr (SIGNED) {
-    const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
-    const uint32_t sgn = static_cast<uint32_t>(srow[q]);
-    for (int c = 0; c < 4; ++c)
-      out[c] = _mm256_and_ps(bits8((word >> (8 * c)) & 0xFF), _mm256_blendv_ps(minus, plus, bits8((sgn >> (8 * c)) & 0xFF)));
-  } else {
-    for (int c = 0; c < 4; ++c)
-      out[c] = _mm256_maskload_ps(wrow + 32 * q + 8 * c, _mm256_castps_si256(bits8((word >> (8 * c)) & 0xFF)));
-  }
-}
-
 // One or two rows of x (memory-bound): one row of W at a time, four accumulators per x row so no
 // FMA waits on the one before (one accumulator per x row chained 4 FMAs per word: 16 cycles a word).
 template <bool SIGNED, int B>
@@ -71,7 +53,7 @@ AVX2_TARGET void gemm_direct256(const float* xt, const float* w, const int32_t* 
       for (int c = 0; c < 4; ++c) acc[b][c] = _mm256_setzero_ps();
     for (int64_t q = 0; q < W; ++q) {
       __m256 wv[4];
-      masked_word256<SIGNED>(SIGNED ? nullptr : w + r * n, SIGNED ? sign_words + r * W : nullptr, words + r * W, scale, n, q, wv);
+      for (int c = 0; c < 4; ++c) wv[c] = masked_weights8<SIGNED>(w, sign_words, words, scale, n, W, r, 32 * q + 8 * c);
       for (int b = 0; b < B; ++b) {
         const float* xq = xt + (q * B + b) * 32;
         for (int c = 0; c < 4; ++c) acc[b][c] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(xq + 8 * c), acc[b][c]);
@@ -92,10 +74,8 @@ AVX2_TARGET void pack_rows256(const float* w, const int32_t* sign_words, const i
   for (int i = 0; i < 4; ++i) {
     const int64_t row = r + std::min(i, rows - 1);  // a short last tile repeats its last row
     for (int64_t q = 0; q < W; ++q) {
-      __m256 wv[4];
-      masked_word256<SIGNED>(SIGNED ? nullptr : w + row * n, SIGNED ? sign_words + row * W : nullptr, words + row * W, scale,
-                             n, q, wv);
-      for (int c = 0; c < 4; ++c) _mm256_store_ps(pw + 128 * q + 32 * i + 8 * c, wv[c]);
+      for (int c = 0; c < 4; ++c)
+        _mm256_store_ps(pw + 128 * q + 32 * i + 8 * c, masked_weights8<SIGNED>(w, sign_words, words, scale, n, W, row, 32 * q + 8 * c));
     }
   }
 }
@@ -229,24 +209,11 @@ AVX512_TARGET inline __m512 reduce16x16(const __m512 v[16]) {
 template <bool SIGNED>
 AVX512_TARGET void pack_rows512(const float* w, const int32_t* sign_words, const int32_t* words, float scale, int64_t n,
                                 int64_t W, int64_t r, int rows, float* pw) {
-  const __m512 plus = _mm512_set1_ps(scale), minus = _mm512_set1_ps(-scale);
   for (int i = 0; i < 4; ++i) {
     const int64_t row = r + std::min(i, rows - 1);
     for (int64_t q = 0; q < W; ++q) {
-      const uint32_t word = static_cast<uint32_t>(words[row * W + q]) & valid_bits(n, q);
-      __m512 lo, hi;
-      if constexpr (SIGNED) {
-        const uint32_t s = static_cast<uint32_t>(sign_words[row * W + q]);
-        lo = _mm512_maskz_mov_ps(static_cast<__mmask16>(word), _mm512_mask_blend_ps(static_cast<__mmask16>(s), minus, plus));
-        hi = _mm512_maskz_mov_ps(static_cast<__mmask16>(word >> 16),
-                                 _mm512_mask_blend_ps(static_cast<__mmask16>(s >> 16), minus, plus));
-      } else {
-        const float* wp = w + row * n + 32 * q;
-        lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(word), wp);
-        hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(word >> 16), wp + 16);
-      }
-      _mm512_store_ps(pw + 128 * q + 32 * i, lo);
-      _mm512_store_ps(pw + 128 * q + 32 * i + 16, hi);
+      _mm512_store_ps(pw + 128 * q + 32 * i, masked_weights16<SIGNED>(w, sign_words, words, scale, n, W, row, 32 * q));
+      _mm512_store_ps(pw + 128 * q + 32 * i + 16, masked_weights16<SIGNED>(w, sign_words, words, scale, n, W, row, 32 * q + 16));
     }
   }
 }

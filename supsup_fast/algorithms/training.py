@@ -121,7 +121,8 @@ def mlp_step_without_autograd(model: nn.Module, opt: torch.optim.Optimizer, devi
     """The whole training step of a :class:`~supsup_fast.models.MLP` (LeNet-300-100, FC1024) whose
     scores a fused in-backward optimiser trains: the loss and every weight gradient from one op
     (:func:`supsup_fast.ops.mlp_cross_entropy_grads`: the GEMMs and a few elementwise passes, no
-    autograd graph), then each layer's fused update, as the layers' backward would apply it. None
+    autograd graph), then each layer's fused update, as the layers' backward would apply it (RMSprop: all in
+    one backend call, mlp_ste_rmsprop_step_). None
     where it does not apply (another model, biases, a plain optimiser)."""
     if not isinstance(opt, InBackwardOptimizer) or type(model) is not MLP:
         return None
@@ -133,34 +134,22 @@ def mlp_step_without_autograd(model: nn.Module, opt: torch.optim.Optimizer, devi
             return None
         states.append(mode.fused)
     backend = ops.backend_for(device)
-    grads_of = backend.mlp_cross_entropy_grads
-    if isinstance(opt, InBackwardRMSprop):
-        return _mlp_rmsprop_step(layers, states, opt, backend, device)
+    rmsprop = isinstance(opt, InBackwardRMSprop)  # then the whole step is one backend call
 
-    def step(xb: torch.Tensor, yb: torch.Tensor) -> float:
-        xb, yb = xb.to(device, non_blocking=True).flatten(1), yb.to(device, non_blocking=True)
-        weights = [state.effective_weight(layer.scores, layer.weight) for state, layer in zip(states, layers)]
-        loss, grads = grads_of(xb, yb, weights)
-        for state, layer, grad in zip(states, layers, grads):
-            state.apply(layer.scores, layer.weight, grad)
-        opt.step()  # a no-op that keeps the optimiser's step hooks and LR schedulers' bookkeeping as usual
-        return float(loss)
-    return step
-
-
-def _mlp_rmsprop_step(layers: list, states: list, opt: InBackwardRMSprop, backend, device: torch.device) -> Step:
-    """The same step for RMSprop in one backend call (``mlp_ste_rmsprop_step_``): each layer's weight
-    gradient meets its fused update as soon as it is formed, with no Python between the layers."""
     def step(xb: torch.Tensor, yb: torch.Tensor) -> float:
         xb, yb = xb.to(device, non_blocking=True).flatten(1), yb.to(device, non_blocking=True)
         scores = [layer.scores for layer in layers]
         weights = [layer.weight for layer in layers]
         masked = [state.effective_weight(s, w) for state, s, w in zip(states, scores, weights)]
-        square_avg, lr, alpha, eps, weight_decay = zip(*(opt.rmsprop_state(s) for s in scores))
-        loss = backend.mlp_ste_rmsprop_step_(xb, yb, masked, weights, [s.detach() for s in scores], list(square_avg),
-                                             lr[0], alpha[0], eps[0], weight_decay[0])
-        for state, s, w in zip(states, scores, weights):
-            state.applied(s, w)
+        if rmsprop:  # each gradient meets its update as soon as it is formed, no Python between the layers
+            loss = backend.mlp_ste_rmsprop_step_(xb, yb, masked, weights, [s.detach() for s in scores],
+                                                 *opt.rmsprop_state(scores))
+            for state, s, w in zip(states, scores, weights):
+                state.applied(s, w)
+        else:
+            loss, grads = backend.mlp_cross_entropy_grads(xb, yb, masked)
+            for state, s, w, grad in zip(states, scores, weights, grads):
+                state.apply(s, w, grad)
         opt.step()  # a no-op that keeps the optimiser's step hooks and LR schedulers' bookkeeping as usual
         return float(loss)
     return step

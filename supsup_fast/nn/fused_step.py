@@ -17,7 +17,7 @@ made before the masked weight last changed is refused: run one backward per forw
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -100,11 +100,12 @@ class InBackwardRMSprop(InBackwardOptimizer):
         return update
 
 
-    def rmsprop_state(self, scores: torch.Tensor) -> tuple:
-        """(square_avg, lr, alpha, eps, weight_decay) of ``scores`` now, for a step that updates
-        every layer in one call (algorithms.training.mlp_step_without_autograd)."""
+    def rmsprop_state(self, scores: List[torch.Tensor]) -> tuple:
+        """([square_avg of each of ``scores``], lr, alpha, eps, weight_decay) now, for a step that
+        updates every layer in one call (algorithms.training.mlp_step_without_autograd)."""
         group = self.param_groups[0]
-        return self.state[scores]["square_avg"], group["lr"], group["alpha"], group["eps"], group["weight_decay"]
+        return ([self.state[s]["square_avg"] for s in scores], group["lr"], group["alpha"], group["eps"],
+                group["weight_decay"])
 
 
 class InBackwardAdam(InBackwardOptimizer):

@@ -62,12 +62,8 @@ def eager_without_grad(*tensors: Optional[Tensor]) -> bool:
 
 def _finite(v: Tensor) -> bool:
     """Whether v is surely finite (True, unchecked, inside a CUDA-graph capture: the check is a host
-    sync). Tested through the sum: a NaN or an infinity in v makes it NaN or infinite, so a finite
-    sum proves v finite; a sum that overflows only sends the call to the reference backend, which
-    is always right. On CPU it is 30x cheaper than ``isfinite(v).all()`` (1.4 ms for 1M floats)."""
-    if checks.capturing(v) or v.numel() == 0:
-        return True
-    return math.isfinite(float(v.detach().sum(dtype=torch.float64 if v.dtype == torch.float64 else torch.float32)))
+    sync). A sum that overflows only sends the call to the reference backend, which is always right."""
+    return checks.capturing(v) or v.numel() == 0 or checks.surely_finite(v)
 
 
 def _lead(bank: Tensor) -> int:

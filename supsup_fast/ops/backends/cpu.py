@@ -174,12 +174,11 @@ class CpuBackend(ReferenceBackend):
     def masked_forward(self, dense, x, weight, mask_words, bias):
         bias = None if bias is None else bias.contiguous()
         rows = x.numel() // max(x.shape[-1], 1)
-        if isinstance(dense, DenseLinear) and x.dtype == torch.float32 and weight.dtype == torch.float32:
-            if 0 < rows <= SMALL_BATCH:
-                return self.ops.masked_linear_small(x.contiguous(), weight, mask_words, bias)
-            if rows <= GEMM_BATCH and weight.shape[0] >= GEMM_MIN_OUT:
-                return self.ops.masked_linear_gemm(x.contiguous(), weight, mask_words, bias)
         if weight.dtype == torch.float32 and x.dtype == torch.float32:
+            if isinstance(dense, DenseLinear) and 0 < rows <= SMALL_BATCH:
+                return self.ops.masked_linear_small(x.contiguous(), weight, mask_words, bias)
+            if isinstance(dense, DenseLinear) and rows <= GEMM_BATCH and weight.shape[0] >= GEMM_MIN_OUT:
+                return self.ops.masked_linear_gemm(x.contiguous(), weight, mask_words, bias)
             w_eff = self._scratch(weight.shape, weight.dtype)
             self.ops.masked_weight_into(weight.contiguous(), mask_words.contiguous(), w_eff)
             return dense.forward(x, w_eff, bias)  # a new tensor: the scratch never escapes
