@@ -486,23 +486,21 @@ void ste_adam_step_op(at::Tensor param, const at::Tensor& weight_grad, const at:
   });
 }
 
-// The mean cross-entropy of a chain of linear layers with ReLU between them (no biases), and the
-// gradient of every weight, without autograd: the training step of the paper's MNIST MLPs
-// (LeNet-300-100, FC1024) costs its GEMMs plus a few elementwise passes, with no per-op Python or
-// autograd-graph overhead. The input gradient of the first layer is never formed.
-// The loss of an MLP of linear layers (ReLU between, no biases) under mean cross-entropy, and each
-// layer's weight gradient, by hand: on_grad(l, grad) runs once layer l's gradient is formed and
-// weights[l] has been used for the last time (the input gradient of layer l - 1 comes first), so it
-// may overwrite weights[l]. The first layer's input gradient is not formed.
-template <class OnGrad>
-at::Tensor mlp_backward(const at::Tensor& x, const at::Tensor& y, at::TensorList weights, OnGrad on_grad) {
+// The loss of an MLP of linear layers (ReLU between, no biases) under mean cross-entropy, by hand,
+// without autograd: the training step of the paper's MNIST MLPs (LeNet-300-100, FC1024) costs its
+// GEMMs plus a few elementwise passes. weight_step(l, dz, input) runs once per layer, last layer
+// first, with the layer's output gradient dz [B, out] and its input [B, in] (its weight gradient
+// is dzᵀ input); weights[l] has then been used for the last time (the input gradient of layer l - 1
+// is formed first), so it may overwrite weights[l]. The first layer's input gradient is not formed.
+template <class WeightStep>
+at::Tensor mlp_backward(const at::Tensor& x, const at::Tensor& y, at::TensorList weights, WeightStep weight_step) {
   TORCH_CHECK(!weights.empty(), "weights must hold at least one layer");
   check_float(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [batch, features], got ", x.dim(), " dims");
   TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kLong && y.dim() == 1 && y.size(0) == x.size(0),
               "y must be a CPU int64 vector of one label per row of x");
-  std::vector<at::Tensor> inputs{x};
-  at::Tensor h = x;
+  std::vector<at::Tensor> inputs{x.contiguous()};
+  at::Tensor h = inputs[0];
   const int64_t L = static_cast<int64_t>(weights.size());
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor& w = weights[l];
@@ -525,9 +523,9 @@ at::Tensor mlp_backward(const at::Tensor& x, const at::Tensor& y, at::TensorList
   for (int64_t i = 0; i < B; ++i) d[i * C + lab[i]] -= 1.0f;
   dz.div_(static_cast<double>(B));
   for (int64_t l = L - 1; l >= 0; --l) {
-    at::Tensor grad = at::mm(dz.t(), inputs[l]);
-    if (l > 0) dz = at::threshold_backward(at::mm(dz, weights[l]), inputs[l], 0);
-    on_grad(l, grad);
+    at::Tensor dz_below = l > 0 ? at::threshold_backward(at::mm(dz, weights[l]), inputs[l], 0) : at::Tensor();
+    weight_step(l, dz, inputs[l]);
+    dz = dz_below;
   }
   return loss;
 }
@@ -535,14 +533,54 @@ at::Tensor mlp_backward(const at::Tensor& x, const at::Tensor& y, at::TensorList
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_grads_op(const at::Tensor& x, const at::Tensor& y,
                                                                            at::TensorList weights) {
   std::vector<at::Tensor> grads(weights.size());
-  at::Tensor loss = mlp_backward(x, y, weights, [&](int64_t l, const at::Tensor& g) { grads[l] = g; });
+  at::Tensor loss = mlp_backward(x, y, weights, [&](int64_t l, const at::Tensor& dz, const at::Tensor& input) {
+    grads[l] = at::mm(dz.t(), input);
+  });
   return {loss, grads};
 }
 
+// ste_rmsprop_step_ of one [O, I] layer with its weight gradient dzᵀ x (dz [B, O], x [B, I]): on
+// AVX-512 formed tile by tile inside the step (wgrad_step.cpp), never stored; elsewhere BLAS's GEMM,
+// then the step.
+void ste_rmsprop_wgrad_step_op(const at::Tensor& dz, const at::Tensor& x, at::Tensor param, const at::Tensor& weight,
+                               at::Tensor square_avg, at::Tensor masked_weight, double lr, double alpha, double eps,
+                               double weight_decay) {
+  check_float(dz, "dz");
+  check_float(x, "x");
+  TORCH_CHECK(dz.dim() == 2 && x.dim() == 2 && dz.size(0) == x.size(0), "dz must be [B, out] and x [B, in], got ",
+              dz.sizes(), " and ", x.sizes());
+  const int64_t B = x.size(0), O = dz.size(1), I = x.size(1);
+  const std::pair<const at::Tensor*, const char*> state[] = {{&param, "param"}, {&weight, "weight"},
+                                                             {&square_avg, "square_avg"}, {&masked_weight, "masked_weight"}};
+  for (const auto& [t, name] : state) {
+    check_float(*t, name);
+    TORCH_CHECK(t->is_contiguous() && t->dim() == 2 && t->size(0) == O && t->size(1) == I, name,
+                " must be a contiguous [", O, ", ", I, "] tensor, got ", t->sizes());
+  }
+  if (current_isa() != Isa::Avx512 || B == 0) {
+    ste_rmsprop_step_op(param, at::mm(dz.t(), x), weight, square_avg, masked_weight, lr, alpha, eps, weight_decay);
+    return;
+  }
+  const at::Tensor dzc = dz.contiguous(), xc = x.contiguous();
+  const float* dzp = dzc.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
+  const int64_t ct = wgrad_tile_cols(), panels = (I + ct - 1) / ct;
+  at::Tensor packed = at::empty({panels * B * ct + 16}, x.options());  // + 16: room to align to 64 bytes
+  float* xpk = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(packed.data_ptr<float>()) + 63) & ~uintptr_t{63});
+  at::parallel_for(0, panels, 1, [&](int64_t t0, int64_t t1) { wgrad_pack_x(xp, B, I, xpk, t0, t1); });
+  float* p = param.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* s = square_avg.data_ptr<float>();
+  float* out = masked_weight.data_ptr<float>();
+  const RmspropScalars c = rmsprop_scalars(lr, alpha, eps, weight_decay);
+  at::parallel_for(0, O, 8, [&](int64_t o0, int64_t o1) {
+    ste_rmsprop_wgrad_avx512(dzp, xpk, B, O, I, p, w, s, out, c, o0, o1);
+  });
+}
+
 // One straight-through RMSprop training step of such an MLP in one call: each layer's weight
-// gradient goes to its fused update (ste_rmsprop_step_) as soon as it is formed, while it is still
-// in cache, and masked_weights[l] is rewritten for the next step. Returns the loss (of the masked
-// weights given).
+// gradient is formed inside its fused update (ste_rmsprop_wgrad_step_), and masked_weights[l] is
+// rewritten for the next step. Returns the loss (of the masked weights given).
 at::Tensor mlp_ste_rmsprop_step_op(const at::Tensor& x, const at::Tensor& y, at::TensorList masked_weights,
                                    at::TensorList weights, at::TensorList params, at::TensorList square_avgs, double lr,
                                    double alpha, double eps, double weight_decay) {
@@ -555,8 +593,9 @@ at::Tensor mlp_ste_rmsprop_step_op(const at::Tensor& x, const at::Tensor& y, at:
                 "layer ", l, ": masked weight, weight, param and square_avg must be contiguous");
     TORCH_CHECK(weights[l].sizes() == masked_weights[l].sizes(), "weights[", l, "] must be shaped like masked_weights[", l, "]");
   }
-  return mlp_backward(x, y, masked_weights, [&](int64_t l, const at::Tensor& g) {
-    ste_rmsprop_step_op(params[l], g, weights[l], square_avgs[l], masked_weights[l], lr, alpha, eps, weight_decay);
+  return mlp_backward(x, y, masked_weights, [&](int64_t l, const at::Tensor& dz, const at::Tensor& input) {
+    ste_rmsprop_wgrad_step_op(dz, input, params[l], weights[l], square_avgs[l], masked_weights[l], lr, alpha, eps,
+                              weight_decay);
   });
 }
 
@@ -597,6 +636,8 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("rmsprop_step_(Tensor(a!) param, Tensor grad, Tensor(b!) square_avg, float lr, float alpha, float eps, float weight_decay) -> ()");
   m.def("ste_rmsprop_step_(Tensor(a!) param, Tensor weight_grad, Tensor weight, Tensor(b!) square_avg, Tensor(c!) masked_weight, "
         "float lr, float alpha, float eps, float weight_decay) -> ()");
+  m.def("ste_rmsprop_wgrad_step_(Tensor dz, Tensor x, Tensor(a!) param, Tensor weight, Tensor(b!) square_avg, "
+        "Tensor(c!) masked_weight, float lr, float alpha, float eps, float weight_decay) -> ()");
   m.def("mlp_ste_rmsprop_step_(Tensor x, Tensor y, Tensor(a!)[] masked_weights, Tensor[] weights, Tensor(b!)[] params, "
         "Tensor(c!)[] square_avgs, float lr, float alpha, float eps, float weight_decay) -> Tensor");
   m.def("mlp_cross_entropy_grads(Tensor x, Tensor y, Tensor[] weights) -> (Tensor, Tensor[])");
@@ -625,6 +666,7 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("ste_rmsprop_step_", &ste_rmsprop_step_op);
   m.impl("ste_adam_step_", &ste_adam_step_op);
   m.impl("mlp_cross_entropy_grads", &mlp_cross_entropy_grads_op);
+  m.impl("ste_rmsprop_wgrad_step_", &ste_rmsprop_wgrad_step_op);
   m.impl("mlp_ste_rmsprop_step_", &mlp_ste_rmsprop_step_op);
   m.impl("threshold_masked_weight", &threshold_masked_weight_op);
   m.impl("signed_masked_weight_into", &signed_masked_weight_into_op);

@@ -88,6 +88,15 @@ void ste_rmsprop_step(Isa isa, float* param, const float* weight_grad, const flo
                       float* masked_weight, const RmspropScalars& c, int64_t i0, int64_t i1);
 void ste_adam_step(Isa isa, float* param, const float* weight_grad, const float* weight, float* exp_avg,
                    float* exp_avg_sq, float* masked_weight, const AdamScalars& c, int64_t i0, int64_t i1);
+// ste_rmsprop_step with the weight gradient formed in place (wgrad_step.cpp, AVX-512): weight_grad[o, i]
+// = sum over b < B of dz[b, o] * x[b, i] (dz [B, O], x [B, I]), one register tile at a time, never
+// stored; rows [o0, o1) of the [O, I] param, weight, square_avg and masked_weight. xp is x packed by
+// wgrad_pack_x: ceil(I / wgrad_tile_cols()) panels of [B][wgrad_tile_cols()], panels [t0, t1) per call.
+int64_t wgrad_tile_cols();
+void wgrad_pack_x(const float* x, int64_t B, int64_t I, float* xp, int64_t t0, int64_t t1);
+void ste_rmsprop_wgrad_avx512(const float* dz, const float* xp, int64_t B, int64_t O, int64_t I, float* param,
+                              const float* weight, float* square_avg, float* masked_weight, const RmspropScalars& c,
+                              int64_t o0, int64_t o1);
 }  // namespace supsup_cpu
 
 namespace supsup_cpu {

@@ -1,9 +1,6 @@
 """The C++ CPU backend's own paths (ISA levels, batch-size regimes, raw kernels) against the reference
 backend; the op contract on every backend is in test_contract.py."""
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,6 +9,7 @@ import torch.nn.functional as F
 
 import supsup_fast as ss
 import supsup_fast.nn as snn
+from tests.ops.isa_runner import ISAS, run_on_isa
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="no C++ compiler on this machine: the cpu backend cannot be built")
@@ -225,9 +223,9 @@ def test_float64_falls_back_to_reference():
     assert got.dtype == torch.float64 and torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "scalar"])
-def test_lower_isa_paths_agree(isa):
-    """Every kernel again with the instruction set capped (a CPU without AVX-512 / AVX2)."""
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_isa_path_agrees(isa):
+    """Every kernel under each instruction-set level (capped: a CPU without AVX-512 / AVX2)."""
     script = textwrap.dedent("""
         import torch, torch.nn.functional as F, supsup_fast as ss
         from supsup_fast.ops.backends.cpu import cpu_isa
@@ -269,6 +267,16 @@ def test_lower_isa_paths_agree(isa):
         g2 = g + 1e-4 * p2
         sq2 = sq2 * 0.99 + 0.01 * g2 * g2
         assert torch.allclose(sq, sq2, rtol=1e-5) and torch.allclose(p, p2 - 1e-3 * g2 / (sq2.sqrt() + 1e-8), rtol=1e-5, atol=1e-7)
+        for B, O, I in ((128, 300, 784), (7, 13, 50), (1, 1, 1), (33, 9, 97), (5, 17, 48)):
+            # the step with its weight gradient formed inside it (AVX-512: tile by tile, never stored):
+            # the same as BLAS's dzᵀx then the step, on odd sizes, every tile tail included
+            dz, xb, wt = torch.randn(B, O), torch.randn(B, I), torch.randn(O, I)
+            p, sq = torch.randn(O, I), torch.rand(O, I)
+            p2, sq2, out, out2 = p.clone(), sq.clone(), torch.full((O, I), float("nan")), torch.empty(O, I)
+            C.ste_rmsprop_wgrad_step_(dz, xb, p, wt, sq, out, 1e-2, 0.9, 1e-8, 1e-3)
+            C.ste_rmsprop_step_(p2, (dz.double().t() @ xb.double()).float(), wt, sq2, out2, 1e-2, 0.9, 1e-8, 1e-3)
+            assert torch.allclose(sq, sq2, rtol=1e-4, atol=1e-5) and torch.allclose(p, p2, rtol=1e-5, atol=1e-5)
+            assert torch.equal(out, wt * (p >= 0))
         for n in (1, 15, 17, 1003):  # the fused STE step: vector body and every tail length
             p, dw, wt, sq = torch.randn(n), torch.randn(n), torch.randn(n), torch.rand(n)
             out = torch.full((n,), float("nan"))
@@ -290,10 +298,7 @@ def test_lower_isa_paths_agree(isa):
             assert torch.allclose(p, p2, rtol=1e-5, atol=1e-6) and torch.equal(out, wt * (p >= 0))
         print("ok")
     """)
-    env = dict(os.environ, SUPSUP_CPU_ISA=isa)
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split() == [isa, "ok"]
+    run_on_isa(script, isa)
 
 
 def test_signed_layer_sees_a_replaced_weight():
