@@ -92,6 +92,11 @@ def _(bank, g, x, weight):
 
 @torch.library.custom_op("supsup::bank_linear", mutates_args=())
 def bank_linear_op(x: Tensor, weight: Tensor, bank: Tensor) -> Tensor:
+    return bank_linear_body(x, weight, bank)
+
+
+def bank_linear_body(x: Tensor, weight: Tensor, bank: Tensor) -> Tensor:
+    """The op's body, for eager callers that skip the dispatcher (no autograd: it has none)."""
     checks.check_bank_linear(x, weight, bank)
     backend = _pick(x.device, x.numel(), weight.shape[0], bank.shape[0])
     if backend is not _REFERENCE and not (_finite(x) and _finite(weight)):
@@ -162,6 +167,8 @@ def bank_linear(x: Tensor, weight: Tensor, bank: Tensor) -> Tensor:
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight) if isinstance(t, Tensor)):
         raise RuntimeError("bank_linear is not differentiable: call it under torch.no_grad() or on x and weight "
                            "that do not require grad")
+    if eager_without_grad(x, weight, bank):
+        return bank_linear_body(x, weight, bank)
     return bank_linear_op(x, weight, bank)
 
 

@@ -36,28 +36,19 @@ def eager_plain(*tensors: Optional[Tensor]) -> bool:
     """Whether a call may run its op's bodies eagerly through a plain ``torch.autograd.Function``
     instead of the custom-op dispatcher: plain eager tensors (no torch.compile/FX tracing, no fake,
     meta or subclass tensors, no dispatch mode such as opcheck's). Gradients may be recorded."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # the C call: ~0.1 µs, not ~0.7
         return False
     return all(t is None or ((type(t) is Tensor or type(t) is torch.nn.Parameter) and not t.is_meta) for t in tensors)
 
 
 def eager_without_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether a call may run its op's body directly instead of through the custom-op dispatcher:
-    plain eager tensors (no torch.compile/FX tracing, no fake, meta or subclass tensors, no
-    dispatch mode such as opcheck's) and no gradient to record. The body is the very function the
-    op runs, so the result is the same; the dispatcher's Python overhead (about 70 µs a call on
+    plain eager tensors (``eager_plain``) and no gradient to record. The body is the very function
+    the op runs, so the result is the same; the dispatcher's Python overhead (about 70 µs a call on
     this project's CPU) is most of a batch-1 layer's time."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # the C call: ~0.1 µs, not ~0.7
+    if not eager_plain(*tensors):
         return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is None:
-            continue
-        if not (type(t) is Tensor or type(t) is torch.nn.Parameter) or t.is_meta:
-            return False
-        if grad and t.requires_grad:
-            return False
-    return True
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
 def _finite(v: Tensor) -> bool:

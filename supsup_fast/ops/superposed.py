@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .bank import bank_linear_op, superpose
+from .bank import bank_linear_body, bank_linear_op, superpose
 from .backends.reference import DenseConv2d, _bias_grad
 from .dispatch import _conv_out_fake, _LINEAR, _dense, _flatten_conv, _pick, _unflatten_conv, eager_plain, eager_without_grad
 from .registry import backend_for
@@ -177,8 +177,8 @@ def superposed_linear(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bi
     if _per_task_outputs_pay(x, weight, alpha):
         checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
         checks.check_no_nan_alpha(alpha)
-        with torch.no_grad():
-            d = bank_linear_op(x, weight, bank)  # [*, out, k]: every task's output of this layer
+        with torch.no_grad():  # [*, out, k]: every task's output of this layer
+            d = bank_linear_body(x, weight, bank) if eager_plain(x, weight, bank) else bank_linear_op(x, weight, bank)
         y = torch.matmul(d, alpha.to(d.dtype))  # autograd: dα = Σ dᵀ g, no second pass over the bits
         return y if bias is None else y + bias
     return superposed_linear_op(x, weight, bank, alpha, bias)

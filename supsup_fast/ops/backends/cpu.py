@@ -168,7 +168,8 @@ class CpuBackend(ReferenceBackend):
             return super().bank_linear(x, weight, bank)
         # one lookup-table pass over the bits per row of x (tables of W ⊙ x shared by all k tasks)
         x2 = x.reshape(rows, x.shape[-1]).contiguous()
-        out = torch.stack([self.ops.mask_dot_rows(bank, x2[i], weight) for i in range(rows)])
+        per_row = [self.ops.mask_dot_rows(bank, x2[i], weight) for i in range(rows)]
+        out = per_row[0].unsqueeze(0) if rows == 1 else torch.stack(per_row)  # one image: no copy
         return out.reshape(*x.shape[:-1], weight.shape[0], bank.shape[0])
 
     def masked_forward(self, dense, x, weight, mask_words, bias):
