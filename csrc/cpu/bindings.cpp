@@ -553,17 +553,16 @@ void ste_rmsprop_wgrad_step_op(const at::Tensor& dz, const at::Tensor& x, at::Te
   const std::pair<const at::Tensor*, const char*> state[] = {{&param, "param"}, {&weight, "weight"},
                                                              {&square_avg, "square_avg"}, {&masked_weight, "masked_weight"}};
   for (const auto& [t, name] : state) {
-    check_float(*t, name);
-    TORCH_CHECK(t->is_contiguous() && t->dim() == 2 && t->size(0) == O && t->size(1) == I, name,
-                " must be a contiguous [", O, ", ", I, "] tensor, got ", t->sizes());
+    check_float(*t, name);  // float32, CPU, contiguous
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == O && t->size(1) == I, name, " must be [", O, ", ", I, "], got ",
+                t->sizes());
   }
   if (current_isa() != Isa::Avx512 || B == 0) {
     ste_rmsprop_step_op(param, at::mm(dz.t(), x), weight, square_avg, masked_weight, lr, alpha, eps, weight_decay);
     return;
   }
-  const at::Tensor dzc = dz.contiguous(), xc = x.contiguous();
-  const float* dzp = dzc.data_ptr<float>();
-  const float* xp = xc.data_ptr<float>();
+  const float* dzp = dz.data_ptr<float>();  // both contiguous (check_float)
+  const float* xp = x.data_ptr<float>();
   const int64_t ct = wgrad_tile_cols(), panels = (I + ct - 1) / ct;
   at::Tensor packed = at::empty({panels * B * ct + 16}, x.options());  // + 16: room to align to 64 bytes
   float* xpk = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(packed.data_ptr<float>()) + 63) & ~uintptr_t{63});

@@ -49,9 +49,10 @@ AVX512_TARGET void tile512(const float* dzp, const float* xp, int64_t B, float* 
 }
 
 // The tiles of output rows [o0, o1), all columns: each row segment g[r][0:cols] of each tile goes
-// to step(o, j, cols, g_row) at once. Rows [o0, o1) are split in panels of the ISA's tile height.
-// The step's [O, I] arrays (`streams`) are prefetched a tile ahead: the hardware prefetchers do not
-// follow that many row streams, and a miss in the step stalls the next tile's arithmetic.
+// to step(o, j, cols, g_row) at once. Rows [o0, o1) are split in panels of 8.
+// The step's [O, I] arrays (`streams`) are prefetched as each tile starts, so they are in L1 when its
+// arithmetic ends: the hardware prefetchers do not follow 32 row streams. Without it the fused LeNet
+// step measured 1.0-1.06x the GEMM + separate pass, with it 0.93-0.97x (Zen 4, three A/B pairs).
 template <class Step>
 void wgrad_rows(const float* dz, const float* xp, int64_t B, int64_t O, int64_t I, int64_t o0, int64_t o1,
                 std::initializer_list<const float*> streams, Step step) {
