@@ -274,9 +274,9 @@ void mask_dot(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, con
 }
 
 bool mask_dot_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* g, const float* x,
-                    const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1) {
+                    const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1, bool skip_zero_rows) {
   if (!lut_available(isa) || k < 4) return false;
-  mask_dot_lut_rank1(isa, bank, R, W, n, g, x, w, 1, k, out, fw0, fw1);
+  mask_dot_lut_rank1(isa, bank, R, W, n, g, x, w, 1, k, out, fw0, fw1, skip_zero_rows);
   return true;
 }
 

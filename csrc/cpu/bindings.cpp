@@ -2,6 +2,8 @@
 // argument checks and threading. Python's CpuBackend calls these; the public supsup:: ops,
 // their fake implementations and autograd stay in supsup_fast/ops/library.py.
 #include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
 #include <torch/library.h>
 #include <torch/torch.h>
 
@@ -80,24 +82,56 @@ at::Tensor unpack_bits_op(const at::Tensor& words, int64_t n) {
   return out;
 }
 
-// Threads split the flat words of a bank row-set (each builds its own lookup tables once); their
-// partial sums [threads, k] are added in a fixed order, so results do not depend on timing.
+// Threads take the flat word ranges [bounds[c], bounds[c + 1]) of a bank row-set (each builds its
+// own lookup tables once); their partial sums [parts, k] are added in a fixed order, so results do
+// not depend on timing.
 template <class Fn>
-at::Tensor sum_over_word_chunks(int64_t total, int64_t k, const at::TensorOptions& opts, Fn fn) {
+at::Tensor sum_over_ranges(const std::vector<int64_t>& bounds, int64_t k, const at::TensorOptions& opts, Fn fn) {
+  const int64_t nparts = static_cast<int64_t>(bounds.size()) - 1;
+  at::Tensor parts = at::zeros({nparts, k}, opts);
+  float* pp = parts.data_ptr<float>();
+  at::parallel_for(0, nparts, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      if (bounds[c] < bounds[c + 1] && k > 0) fn(pp + c * k, bounds[c], bounds[c + 1]);
+  });
+  return nparts == 1 ? parts.squeeze(0) : parts.sum(0);
+}
+
+// Equal shares of total words, in multiples of kMaskDotChunkWords, one per thread.
+std::vector<int64_t> even_word_bounds(int64_t total) {
   const int64_t nthreads = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), (total + kMaskDotChunkWords - 1) / kMaskDotChunkWords));
   int64_t chunk = (total + nthreads - 1) / nthreads;
   chunk = (chunk + kMaskDotChunkWords - 1) / kMaskDotChunkWords * kMaskDotChunkWords;
-  at::Tensor parts = at::zeros({nthreads, k}, opts);
-  float* pp = parts.data_ptr<float>();
-  at::parallel_for(0, nthreads, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t fw0 = c * chunk, fw1 = std::min(total, fw0 + chunk);
-      if (fw0 < fw1 && k > 0) fn(pp + c * k, fw0, fw1);
-    }
-  });
-  return parts.sum(0);
+  std::vector<int64_t> bounds;
+  for (int64_t c = 0; c <= nthreads; ++c) bounds.push_back(std::min(total, c * chunk));
+  return bounds;
 }
+
+template <class Fn>
+at::Tensor sum_over_word_chunks(int64_t total, int64_t k, const at::TensorOptions& opts, Fn fn) {
+  return sum_over_ranges(even_word_bounds(total), k, opts, fn);
+}
+
+// Row-aligned shares of the R * W words with about equal numbers of rows where g[r] != 0 (the rows
+// that a one-query rank-1 mask_dot reads when it skips the others).
+std::vector<int64_t> active_row_bounds(const float* g, int64_t R, int64_t W) {
+  int64_t active = 0;
+  for (int64_t r = 0; r < R; ++r) active += g[r] != 0.0f;
+  const int64_t nthreads = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), (active * W + kMaskDotChunkWords - 1) / kMaskDotChunkWords));
+  std::vector<int64_t> bounds{0};
+  for (int64_t r = 0, seen = 0; r < R && static_cast<int64_t>(bounds.size()) < nthreads; ++r) {
+    seen += g[r] != 0.0f;
+    if (seen * nthreads >= active * static_cast<int64_t>(bounds.size())) bounds.push_back((r + 1) * W);
+  }
+  bounds.push_back(R * W);
+  return bounds;
+}
+
+// Whether every element of t is finite, through one sum (a non-finite sum may also be a finite
+// overflow: then "no", which only costs the callers a shortcut).
+bool surely_finite(const at::Tensor& t) { return t.numel() == 0 || std::isfinite(t.sum().item<float>()); }
 
 at::Tensor mask_dot_op(const at::Tensor& bank, const at::Tensor& v, const std::optional<at::Tensor>& active) {
   check_words(bank, "bank");
@@ -128,9 +162,14 @@ at::Tensor mask_dot_rank1_op(const at::Tensor& bank, const at::Tensor& g, const 
   TORCH_CHECK(bank.dim() == 3 && bank.size(1) == R && bank.size(2) == W, "bank must be [k, R, ceil(n/32)]");
   const Isa isa = current_isa();
   if (!lut_available(isa) || k < 4) return mask_dot_op(bank, at::outer(g, x).mul_(w), std::nullopt);
-  return sum_over_word_chunks(R * W, k, w.options(), [&](float* out, int64_t fw0, int64_t fw1) {
-    mask_dot_rank1(isa, bank.data_ptr<int32_t>(), R, W, n, g.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(),
-                   k, out, fw0, fw1);
+  // Rows with g[r] == 0 (dead ReLUs, logits the objective ignores) add exactly zero unless x or w
+  // holds inf/NaN; then every row is read, so that 0 · inf gives NaN as in the reference.
+  const bool skip = surely_finite(x) && surely_finite(w);
+  const float* gp = g.data_ptr<float>();
+  const std::vector<int64_t> bounds = skip ? active_row_bounds(gp, R, W) : even_word_bounds(R * W);
+  return sum_over_ranges(bounds, k, w.options(), [&](float* out, int64_t fw0, int64_t fw1) {
+    mask_dot_rank1(isa, bank.data_ptr<int32_t>(), R, W, n, gp, x.data_ptr<float>(), w.data_ptr<float>(), k, out, fw0,
+                   fw1, skip);
   });
 }
 
@@ -172,13 +211,14 @@ at::Tensor mask_dot_rank1_batched_op(const at::Tensor& bank, const at::Tensor& g
   const Isa isa = current_isa();
   if (!lut_available(isa) || k < 4)
     return mask_dot_batched_op(bank, g.unsqueeze(2).mul(x.unsqueeze(1)).mul_(w), std::nullopt);
+  const bool skip = surely_finite(x) && surely_finite(w);  // as in mask_dot_rank1_op
   constexpr int64_t kQueryBlock = 32;
   std::vector<at::Tensor> parts;
   for (int64_t j0 = 0; j0 < q; j0 += kQueryBlock) {
     const int64_t nq = std::min(kQueryBlock, q - j0);
     parts.push_back(sum_over_word_chunks(R * W, nq * k, w.options(), [&](float* out, int64_t fw0, int64_t fw1) {
       mask_dot_lut_rank1(isa, bank.data_ptr<int32_t>(), R, W, n, g.data_ptr<float>() + j0 * R, x.data_ptr<float>() + j0 * n,
-                         w.data_ptr<float>(), nq, k, out, fw0, fw1);
+                         w.data_ptr<float>(), nq, k, out, fw0, fw1, skip);
     }).view({nq, k}));
   }
   return parts.size() == 1 ? parts[0] : at::cat(parts, 0);

@@ -24,13 +24,14 @@ void unpack_rows(const int32_t* words, int64_t n, int64_t W, bool* out, int64_t 
 void mask_dot(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v,
               const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1);
 
-constexpr int64_t kMaskDotChunkWords = 512;
+constexpr int64_t kMaskDotChunkWords = 512;  // split granularity of the word range across threads
 
 // mask_dot with v = (g xᵀ) ⊙ w computed on the fly (the α-gradient of a one-image backward through a
-// linear layer: g [R], x [n], w [R, n]). Returns false where only the dense path exists (no AVX-512
-// or fewer than 4 tasks): the caller then materialises v.
+// linear layer: g [R], x [n], w [R, n]); with skip_zero_rows (x and w finite) the rows with g[r] == 0
+// are not read. Returns false where only the dense path exists (no table kernel or fewer than 4
+// tasks): the caller then materialises v.
 bool mask_dot_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* g, const float* x,
-                    const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1);  // split granularity of the word range across threads
+                    const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1, bool skip_zero_rows);
 
 // out[row, j] = sum over t of alpha[t] * bit(bank[task(t), row, j]) for rows [r0, r1); out is [R, n].
 void superpose(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R,

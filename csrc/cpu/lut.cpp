@@ -4,6 +4,11 @@
 // word: ten of 3 bits, the last of 2), tables of 8 fp32 subset sums, one vpermps ymm (low 3 bits)
 // and one add per 3 bits of 8 tasks. Words of 16 (8) tasks are read a cache line (half) at a time
 // and transposed in registers so that one vector holds the same word of every task.
+//
+// Rank-1 sources (the α-gradient of one image, v = (g xᵀ) ⊙ w) skip the rows where g is zero: a
+// single query packs the words of its live rows back to back into chunks (rows between dead ones
+// are often shorter than a chunk) and never reads the others; batched queries look up, per query,
+// only the words of its own live rows.
 #include "lut.h"
 #include "simd.h"
 
@@ -29,6 +34,7 @@ inline uint32_t valid_mask(int64_t n, int64_t q) {
 struct DenseSrc {
   const float* v;
   int64_t n;
+  static bool active(int64_t) { return true; }
   inline void load(int64_t r, int64_t q, float* vals) const {
     const int64_t len = std::min<int64_t>(32, n - 32 * q);
     const float* p = v + r * n + 32 * q;
@@ -37,11 +43,15 @@ struct DenseSrc {
   }
 };
 
+// Rows with g[r] == 0 (a dead ReLU, or a logit the objective ignores) add exactly zero when x and w
+// are finite: with skip_zero_rows their bits are neither read nor looked up.
 struct Rank1Src {
   const float* g;
   const float* x;
   const float* w;
   int64_t n;
+  bool skip_zero_rows;
+  bool active(int64_t r) const { return !skip_zero_rows || g[r] != 0.0f; }
   inline void load(int64_t r, int64_t q, float* vals) const {
     const int64_t len = std::min<int64_t>(32, n - 32 * q);
     const float gr = g[r];
@@ -57,6 +67,7 @@ struct RowSrc {
   const float* x;
   const float* w;
   int64_t n;
+  static bool active(int64_t) { return true; }
   inline void load(int64_t r, int64_t q, float* vals) const {
     const int64_t len = std::min<int64_t>(32, n - 32 * q);
     const float* xp = x + 32 * q;
@@ -74,6 +85,104 @@ void group_rows(const int32_t* bank, const int64_t* active, int64_t stride, int6
     const int64_t tg = Width * (g + gi);
     cnt[gi] = std::min<int64_t>(Width, k - tg);
     for (int i = 0; i < cnt[gi]; ++i) rows[gi][i] = task_base(bank, active, tg + i, stride);
+  }
+}
+
+// The next run [*ra, *rb) of flat words of consecutive active rows of src at or after fw, within fwb.
+template <class Src>
+bool next_active_run(const Src& src, int64_t W, int64_t fw, int64_t fwb, int64_t* ra, int64_t* rb) {
+  while (fw < fwb && !src.active(fw / W)) fw = (fw / W + 1) * W;
+  if (fw >= fwb) return false;
+  int64_t end = (fw / W + 1) * W;
+  while (end < fwb && src.active(end / W)) end += W;
+  *ra = fw;
+  *rb = std::min(end, fwb);
+  return true;
+}
+
+// Bit j set where word fw + j (j < len <= 32) lies in an active row of src.
+template <class Src>
+uint32_t active_words(const Src& src, int64_t W, int64_t fw, int64_t len) {
+  uint32_t m = 0;
+  for (int64_t a = fw; a < fw + len;) {
+    const int64_t e = std::min(fw + len, (a / W + 1) * W);
+    if (src.active(a / W)) m |= static_cast<uint32_t>(((uint64_t{1} << (e - fw)) - 1) & ~((uint64_t{1} << (a - fw)) - 1));
+    a = e;
+  }
+  return m;
+}
+
+// A block of one query's words: runs [a, b) of active words whose tables lie back to back.
+struct Run {
+  int64_t a, b;
+};
+
+// Fill runs with the active runs of src from *fw on (advancing it) until they hold bw words, building
+// each run's tables behind the last; returns the number of runs (0: no active word left before fwb).
+template <class Src, class Build>
+int64_t gather_runs(const Src& src, int64_t W, int64_t* fw, int64_t fwb, int64_t bw, int64_t tab, float* tables,
+                    std::vector<Run>& runs, Build build) {
+  runs.clear();
+  int64_t filled = 0, ra, rb;
+  while (filled < bw && next_active_run(src, W, *fw, fwb, &ra, &rb)) {
+    rb = std::min(rb, ra + bw - filled);
+    build(src, W, ra, rb, tables + filled * tab);
+    runs.push_back(Run{ra, rb});
+    filled += rb - ra;
+    *fw = rb;
+  }
+  return static_cast<int64_t>(runs.size());
+}
+
+// The block's active words, back to back, in chunks of `width` lanes (the last may be short): lanes
+// [l0, l1) of a chunk read the words off + l0 .. off + l1 - 1 of a task, one piece per run it spans.
+// Chunks that cross runs keep rows of a few words (a hidden layer between dead units) from wasting
+// most of a load and transpose.
+struct Piece {
+  int64_t off;
+  int l0, l1;
+};
+
+struct Chunks {
+  std::vector<Piece> pieces;
+  std::vector<int64_t> first;  // chunk c: pieces [first[c], first[c + 1])
+  int last_len = 0;            // lanes of the last chunk
+  int64_t count() const { return static_cast<int64_t>(first.size()) - 1; }
+  int len(int64_t c, int width) const { return c + 1 < count() ? width : last_len; }
+};
+
+inline void chunk_runs(const std::vector<Run>& runs, int width, Chunks& ch) {
+  ch.pieces.clear();
+  ch.first.assign(1, 0);
+  int lane = 0;
+  for (const Run& r : runs)
+    for (int64_t fw = r.a; fw < r.b;) {
+      const int take = static_cast<int>(std::min<int64_t>(r.b - fw, width - lane));
+      ch.pieces.push_back(Piece{fw - lane, lane, lane + take});
+      lane += take;
+      fw += take;
+      if (lane == width) {
+        ch.first.push_back(static_cast<int64_t>(ch.pieces.size()));
+        lane = 0;
+      }
+    }
+  ch.last_len = width;
+  if (lane > 0) {
+    ch.first.push_back(static_cast<int64_t>(ch.pieces.size()));
+    ch.last_len = lane;
+  }
+}
+
+// Ask for the next group's words of chunk c (into L2) while this group's chunk c is looked up: the
+// loads of short runs (rows between dead ones) defeat the hardware prefetcher and would otherwise
+// wait on memory one group at a time.
+inline void prefetch_chunk(const int32_t* const* rows, int64_t cnt, const Chunks& ch, int64_t c) {
+  for (int64_t p = ch.first[c]; p < ch.first[c + 1]; ++p) {
+    const Piece& pc = ch.pieces[p];
+    for (int64_t i = 0; i < cnt; ++i) {
+      __builtin_prefetch(rows[i] + pc.off + pc.l0, 0, 2);
+      __builtin_prefetch(rows[i] + pc.off + pc.l1 - 1, 0, 2);
+    }
   }
 }
 
@@ -104,23 +213,22 @@ LUT_AVX512 inline void transpose16x16(__m512i* r) {
   }
 }
 
-// 8 nibble tables (128 floats) per word for words [fw0, fw1).
+// 8 nibble tables (128 floats) per word for words [fw0, fw1); the words of inactive rows, never
+// looked up, are left unwritten.
 template <class Src>
 LUT_AVX512 void build512(const Src& src, int64_t W, int64_t fw0, int64_t fw1, float* tables) {
   const __mmask16 has_bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
-  int64_t r = fw0 / W, q = fw0 % W;
   alignas(64) float vals[32];
-  for (int64_t fw = fw0; fw < fw1; ++fw) {
-    src.load(r, q, vals);
-    float* t = tables + (fw - fw0) * 128;
-    for (int p = 0; p < 8; ++p) {
-      __m512 tab = _mm512_setzero_ps();
-      for (int b = 0; b < 4; ++b) tab = _mm512_mask_add_ps(tab, has_bit[b], tab, _mm512_set1_ps(vals[4 * p + b]));
-      _mm512_store_ps(t + 16 * p, tab);
-    }
-    if (++q == W) {
-      q = 0;
-      ++r;
+  for (int64_t r = fw0 / W; r * W < fw1; ++r) {
+    if (!src.active(r)) continue;
+    for (int64_t fw = std::max(fw0, r * W); fw < std::min(fw1, (r + 1) * W); ++fw) {
+      src.load(r, fw - r * W, vals);
+      float* t = tables + (fw - fw0) * 128;
+      for (int p = 0; p < 8; ++p) {
+        __m512 tab = _mm512_setzero_ps();
+        for (int b = 0; b < 4; ++b) tab = _mm512_mask_add_ps(tab, has_bit[b], tab, _mm512_set1_ps(vals[4 * p + b]));
+        _mm512_store_ps(t + 16 * p, tab);
+      }
     }
   }
 }
@@ -133,7 +241,7 @@ LUT_AVX512 void build512(const Src& src, int64_t W, int64_t fw0, int64_t fw1, fl
 constexpr int kQueryGroups = 4;
 
 LUT_AVX512 void lookup_queries512(const __m512i (*words)[16], int ng, int64_t len, const float* tables,
-                                  int64_t q_stride, int64_t nq, float* part, int64_t part_stride) {
+                                  int64_t q_stride, int64_t nq, const uint32_t* wmask, float* part, int64_t part_stride) {
   alignas(64) __m512i idx[16][kQueryGroups][8];  // 32 KiB
   for (int64_t j = 0; j < len; ++j)
     for (int gi = 0; gi < ng; ++gi) {
@@ -141,10 +249,12 @@ LUT_AVX512 void lookup_queries512(const __m512i (*words)[16], int ng, int64_t le
       for (int p = 1; p < 8; ++p) idx[j][gi][p] = _mm512_srli_epi32(words[gi][j], 4 * p);
     }
   for (int64_t jq = 0; jq < nq; ++jq) {
+    if (!wmask[jq]) continue;
     const float* tb = tables + jq * q_stride;
     __m512 acc[kQueryGroups][2];
     for (int gi = 0; gi < kQueryGroups; ++gi) acc[gi][0] = acc[gi][1] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < len; ++j) {
+    for (uint32_t m = wmask[jq]; m; m &= m - 1) {
+      const int j = __builtin_ctz(m);
       const float* t = tb + j * 128;
 #pragma GCC unroll 8
       for (int p = 0; p < 8; ++p) {
@@ -170,58 +280,91 @@ LUT_AVX512 inline void load_words16(const int32_t* const* rows, int64_t cnt, int
   transpose16x16(words);
 }
 
+// 16 tasks' words of chunk c (see Chunks) as 16 vectors, vector j holding lane j of every task.
+LUT_AVX512 inline void load_chunk16(const int32_t* const* rows, int64_t cnt, const Chunks& ch, int64_t c, __m512i* words) {
+  for (int i = 0; i < 16; ++i) words[i] = _mm512_setzero_si512();
+  for (int64_t p = ch.first[c]; p < ch.first[c + 1]; ++p) {
+    const Piece& pc = ch.pieces[p];
+    const __mmask16 lanes = static_cast<__mmask16>(((1u << pc.l1) - 1u) & ~((1u << pc.l0) - 1u));
+    for (int i = 0; i < 16; ++i)  // lanes outside [l0, l1) are not read
+      if (i < cnt) words[i] = _mm512_mask_loadu_epi32(words[i], lanes, rows[i] + pc.off);
+  }
+  transpose16x16(words);
+}
+
+// One query over a block's chunks (tables: the block's, back to back), all groups of 16 tasks.
+LUT_AVX512 void single512(const int32_t* bank, int64_t stride, const int64_t* active, int64_t k, const float* tables,
+                          const Chunks& ch, float* part) {
+  const int64_t groups = (k + 15) / 16;
+  const int32_t* rows[2][1][16];
+  int64_t cnt[2];
+  group_rows<16>(bank, active, stride, k, 0, 1, rows[0], &cnt[0]);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int cur = g & 1;
+    if (g + 1 < groups)
+      group_rows<16>(bank, active, stride, k, g + 1, 1, rows[cur ^ 1], &cnt[cur ^ 1]);
+    else
+      cnt[cur ^ 1] = 0;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t c = 0; c < ch.count(); ++c) {
+      prefetch_chunk(rows[cur ^ 1][0], cnt[cur ^ 1], ch, c);
+      __m512i words[16];
+      load_chunk16(rows[cur][0], cnt[cur], ch, c, words);
+      const float* tb = tables + c * 16 * 128;
+      for (int j = 0; j < ch.len(c, 16); ++j) {
+        const float* t = tb + j * 128;
+        const __m512i wj = words[j];
+        acc[0] = _mm512_add_ps(acc[0], _mm512_permutexvar_ps(wj, _mm512_load_ps(t)));
+        acc[1] = _mm512_add_ps(acc[1], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 4), _mm512_load_ps(t + 16)));
+        acc[2] = _mm512_add_ps(acc[2], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 8), _mm512_load_ps(t + 32)));
+        acc[3] = _mm512_add_ps(acc[3], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 12), _mm512_load_ps(t + 48)));
+        acc[0] = _mm512_add_ps(acc[0], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 16), _mm512_load_ps(t + 64)));
+        acc[1] = _mm512_add_ps(acc[1], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 20), _mm512_load_ps(t + 80)));
+        acc[2] = _mm512_add_ps(acc[2], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 24), _mm512_load_ps(t + 96)));
+        acc[3] = _mm512_add_ps(acc[3], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 28), _mm512_load_ps(t + 112)));
+      }
+    }
+    float* pp = part + g * 16;
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_storeu_ps(pp, _mm512_add_ps(_mm512_loadu_ps(pp), s));
+  }
+}
+
 template <class Src>
 LUT_AVX512 void lut512(const int32_t* bank, int64_t R, int64_t W, const Src* srcs, int64_t nq, const int64_t* active,
                        int64_t k, float* out, int64_t fwa, int64_t fwb) {
   const int64_t stride = R * W, groups = (k + 15) / 16;
-  int64_t bw = std::max<int64_t>(16, (kLutBlockFloats / 128 / std::max<int64_t>(nq, 1)) / 16 * 16);
+  const int64_t bw = std::max<int64_t>(16, (kLutBlockFloats / 128 / std::max<int64_t>(nq, 1)) / 16 * 16);
   std::vector<float> part(static_cast<size_t>(nq) * groups * 16, 0.0f);
   std::vector<float> tbuf(static_cast<size_t>(nq) * bw * 128 + 16);
   float* tables = align64(tbuf);
-  for (int64_t fw0 = fwa; fw0 < fwb; fw0 += bw) {
-    const int64_t fw1 = std::min(fwb, fw0 + bw);
-    for (int64_t j = 0; j < nq; ++j) build512(srcs[j], W, fw0, fw1, tables + j * bw * 128);
-    if (nq > 1) {  // batched queries: up to 4 groups share each table load
+  if (nq == 1) {  // one query: the words of inactive rows are not even read
+    std::vector<Run> runs;
+    Chunks ch;
+    for (int64_t fw = fwa; gather_runs(srcs[0], W, &fw, fwb, bw, 128, tables, runs, build512<Src>);) {
+      chunk_runs(runs, 16, ch);
+      single512(bank, stride, active, k, tables, ch, part.data());
+    }
+  } else {  // batched queries: up to 4 groups share each table load; each query looks up its active words
+    std::vector<uint32_t> wmask(static_cast<size_t>(nq) * (bw / 16));
+    for (int64_t fw0 = fwa; fw0 < fwb; fw0 += bw) {
+      const int64_t fw1 = std::min(fwb, fw0 + bw);
+      for (int64_t j = 0; j < nq; ++j) build512(srcs[j], W, fw0, fw1, tables + j * bw * 128);
+      for (int64_t fw = fw0; fw < fw1; fw += 16)
+        for (int64_t j = 0; j < nq; ++j)
+          wmask[(fw - fw0) / 16 * nq + j] = active_words(srcs[j], W, fw, std::min<int64_t>(16, fw1 - fw));
       for (int64_t g = 0; g < groups; g += kQueryGroups) {
         const int ng = static_cast<int>(std::min<int64_t>(kQueryGroups, groups - g));
         const int32_t* rows[kQueryGroups][16];
         int64_t cnt[kQueryGroups];
         group_rows<16>(bank, active, stride, k, g, ng, rows, cnt);
         for (int64_t fw = fw0; fw < fw1; fw += 16) {
+          const uint32_t* wm = wmask.data() + (fw - fw0) / 16 * nq;
+          if (std::all_of(wm, wm + nq, [](uint32_t m) { return m == 0; })) continue;
           const int64_t len = std::min<int64_t>(16, fw1 - fw);
           __m512i words[kQueryGroups][16];
           for (int gi = 0; gi < ng; ++gi) load_words16(rows[gi], cnt[gi], fw, len, words[gi]);
-          lookup_queries512(words, ng, len, tables + (fw - fw0) * 128, bw * 128, nq, part.data() + g * 16, groups * 16);
-        }
-      }
-      continue;
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      const int32_t* rows[1][16];
-      int64_t cnt;
-      group_rows<16>(bank, active, stride, k, g, 1, rows, &cnt);
-      for (int64_t fw = fw0; fw < fw1; fw += 16) {
-        const int64_t len = std::min<int64_t>(16, fw1 - fw);
-        __m512i words[16];
-        load_words16(rows[0], cnt, fw, len, words);
-        for (int64_t jq = 0; jq < nq; ++jq) {
-          const float* tb = tables + jq * bw * 128 + (fw - fw0) * 128;
-          __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-          for (int64_t j = 0; j < len; ++j) {
-            const float* t = tb + j * 128;
-            const __m512i wj = words[j];
-            acc[0] = _mm512_add_ps(acc[0], _mm512_permutexvar_ps(wj, _mm512_load_ps(t)));
-            acc[1] = _mm512_add_ps(acc[1], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 4), _mm512_load_ps(t + 16)));
-            acc[2] = _mm512_add_ps(acc[2], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 8), _mm512_load_ps(t + 32)));
-            acc[3] = _mm512_add_ps(acc[3], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 12), _mm512_load_ps(t + 48)));
-            acc[0] = _mm512_add_ps(acc[0], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 16), _mm512_load_ps(t + 64)));
-            acc[1] = _mm512_add_ps(acc[1], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 20), _mm512_load_ps(t + 80)));
-            acc[2] = _mm512_add_ps(acc[2], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 24), _mm512_load_ps(t + 96)));
-            acc[3] = _mm512_add_ps(acc[3], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 28), _mm512_load_ps(t + 112)));
-          }
-          float* pp = part.data() + (jq * groups + g) * 16;
-          const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-          _mm512_storeu_ps(pp, _mm512_add_ps(_mm512_loadu_ps(pp), s));
+          lookup_queries512(words, ng, len, tables + (fw - fw0) * 128, bw * 128, nq, wm, part.data() + g * 16, groups * 16);
         }
       }
     }
@@ -305,21 +448,19 @@ LUT_AVX2 void build256(const Src& src, int64_t W, int64_t fw0, int64_t fw1, floa
   const __m256 m0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
   const __m256 m1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
   const __m256 m2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
-  int64_t r = fw0 / W, q = fw0 % W;
   alignas(64) float vals[36];
-  for (int64_t fw = fw0; fw < fw1; ++fw) {
-    src.load(r, q, vals);
-    vals[32] = vals[33] = 0.0f;
-    float* t = tables + (fw - fw0) * kTab2;
-    for (int p = 0; p < kGroups3; ++p) {
-      __m256 tab = _mm256_and_ps(m0, _mm256_set1_ps(vals[3 * p]));
-      tab = _mm256_add_ps(tab, _mm256_and_ps(m1, _mm256_set1_ps(vals[3 * p + 1])));
-      tab = _mm256_add_ps(tab, _mm256_and_ps(m2, _mm256_set1_ps(vals[3 * p + 2])));
-      _mm256_store_ps(t + 8 * p, tab);
-    }
-    if (++q == W) {
-      q = 0;
-      ++r;
+  for (int64_t r = fw0 / W; r * W < fw1; ++r) {
+    if (!src.active(r)) continue;  // never looked up
+    for (int64_t fw = std::max(fw0, r * W); fw < std::min(fw1, (r + 1) * W); ++fw) {
+      src.load(r, fw - r * W, vals);
+      vals[32] = vals[33] = 0.0f;
+      float* t = tables + (fw - fw0) * kTab2;
+      for (int p = 0; p < kGroups3; ++p) {
+        __m256 tab = _mm256_and_ps(m0, _mm256_set1_ps(vals[3 * p]));
+        tab = _mm256_add_ps(tab, _mm256_and_ps(m1, _mm256_set1_ps(vals[3 * p + 1])));
+        tab = _mm256_add_ps(tab, _mm256_and_ps(m2, _mm256_set1_ps(vals[3 * p + 2])));
+        _mm256_store_ps(t + 8 * p, tab);
+      }
     }
   }
 }
@@ -327,7 +468,7 @@ LUT_AVX2 void build256(const Src& src, int64_t W, int64_t fw0, int64_t fw1, floa
 // Batched queries on AVX2, as lookup_queries512: each table row (8 floats) is loaded once for ng <= 4
 // groups of 8 tasks, and the 11 3-bit indices of every word are shifted out once for all queries.
 LUT_AVX2 void lookup_queries256(const __m256i (*words)[8], int ng, int64_t len, const float* tables,
-                                int64_t q_stride, int64_t nq, float* part, int64_t part_stride) {
+                                int64_t q_stride, int64_t nq, const uint32_t* wmask, float* part, int64_t part_stride) {
   alignas(32) __m256i idx[8][kQueryGroups][kGroups3];  // 11 KiB
   for (int64_t j = 0; j < len; ++j)
     for (int gi = 0; gi < ng; ++gi) {
@@ -335,10 +476,12 @@ LUT_AVX2 void lookup_queries256(const __m256i (*words)[8], int ng, int64_t len, 
       for (int c = 1; c < kGroups3; ++c) idx[j][gi][c] = _mm256_srli_epi32(words[gi][j], 3 * c);
     }
   for (int64_t jq = 0; jq < nq; ++jq) {
+    if (!wmask[jq]) continue;
     const float* tb = tables + jq * q_stride;
     __m256 acc[kQueryGroups][2];
     for (int gi = 0; gi < kQueryGroups; ++gi) acc[gi][0] = acc[gi][1] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < len; ++j) {
+    for (uint32_t m = wmask[jq]; m; m &= m - 1) {
+      const int j = __builtin_ctz(m);
       const float* t = tb + j * kTab2;
 #pragma GCC unroll 11
       for (int c = 0; c < kGroups3; ++c) {
@@ -374,61 +517,100 @@ LUT_AVX2 inline void load_words8(const int32_t* const* rows, int64_t cnt, int64_
   transpose8x8(words);
 }
 
+// 8 tasks' words of chunk c (see Chunks) as 8 vectors, vector j holding lane j of every task.
+LUT_AVX2 inline void load_chunk8(const int32_t* const* rows, int64_t cnt, const Chunks& ch, int64_t c, __m256i* words) {
+  alignas(32) int32_t tmp[8];
+  for (int i = 0; i < 8; ++i) {
+    if (i >= cnt) {
+      words[i] = _mm256_setzero_si256();
+      continue;
+    }
+    std::memset(tmp, 0, sizeof(tmp));
+    for (int64_t p = ch.first[c]; p < ch.first[c + 1]; ++p) {
+      const Piece& pc = ch.pieces[p];
+      std::memcpy(tmp + pc.l0, rows[i] + pc.off + pc.l0, sizeof(int32_t) * (pc.l1 - pc.l0));
+    }
+    words[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+  }
+  transpose8x8(words);
+}
+
+// One query over a block's chunks (tables: the block's, back to back), all groups of 8 tasks.
+LUT_AVX2 void single256(const int32_t* bank, int64_t stride, const int64_t* active, int64_t k, const float* tables,
+                        const Chunks& ch, float* part) {
+  const int64_t groups = (k + 7) / 8;
+  const int32_t* rows[2][1][8];
+  int64_t cnt[2];
+  group_rows<8>(bank, active, stride, k, 0, 1, rows[0], &cnt[0]);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int cur = g & 1;
+    if (g + 1 < groups)
+      group_rows<8>(bank, active, stride, k, g + 1, 1, rows[cur ^ 1], &cnt[cur ^ 1]);
+    else
+      cnt[cur ^ 1] = 0;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t c = 0; c < ch.count(); ++c) {
+      prefetch_chunk(rows[cur ^ 1][0], cnt[cur ^ 1], ch, c);
+      __m256i words[8];
+      load_chunk8(rows[cur][0], cnt[cur], ch, c, words);
+      const float* tb = tables + c * 8 * kTab2;
+      for (int j = 0; j < ch.len(c, 8); ++j) {
+        const float* t = tb + j * kTab2;
+        const __m256i wj = words[j];
+        acc[0] = _mm256_add_ps(acc[0], _mm256_permutevar8x32_ps(_mm256_load_ps(t), wj));
+        acc[1] = _mm256_add_ps(acc[1], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8), _mm256_srli_epi32(wj, 3)));
+        acc[2] = _mm256_add_ps(acc[2], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 16), _mm256_srli_epi32(wj, 6)));
+        acc[3] = _mm256_add_ps(acc[3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 24), _mm256_srli_epi32(wj, 9)));
+        acc[0] = _mm256_add_ps(acc[0], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 32), _mm256_srli_epi32(wj, 12)));
+        acc[1] = _mm256_add_ps(acc[1], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 40), _mm256_srli_epi32(wj, 15)));
+        acc[2] = _mm256_add_ps(acc[2], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 48), _mm256_srli_epi32(wj, 18)));
+        acc[3] = _mm256_add_ps(acc[3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 56), _mm256_srli_epi32(wj, 21)));
+        acc[0] = _mm256_add_ps(acc[0], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 64), _mm256_srli_epi32(wj, 24)));
+        acc[1] = _mm256_add_ps(acc[1], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 72), _mm256_srli_epi32(wj, 27)));
+        acc[2] = _mm256_add_ps(acc[2], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 80), _mm256_srli_epi32(wj, 30)));
+      }
+    }
+    float* pp = part + g * 8;
+    const __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    _mm256_storeu_ps(pp, _mm256_add_ps(_mm256_loadu_ps(pp), s));
+  }
+}
+
 template <class Src>
 LUT_AVX2 void lut256(const int32_t* bank, int64_t R, int64_t W, const Src* srcs, int64_t nq, const int64_t* active,
                      int64_t k, float* out, int64_t fwa, int64_t fwb) {
   const int64_t stride = R * W, groups = (k + 7) / 8;
-  int64_t bw = std::max<int64_t>(8, (kLutBlockFloats / kTab2 / std::max<int64_t>(nq, 1)) / 8 * 8);
+  const int64_t bw = std::max<int64_t>(8, (kLutBlockFloats / kTab2 / std::max<int64_t>(nq, 1)) / 8 * 8);
   std::vector<float> part(static_cast<size_t>(nq) * groups * 8, 0.0f);
   std::vector<float> tbuf(static_cast<size_t>(nq) * bw * kTab2 + 16);
   float* tables = align64(tbuf);
-  for (int64_t fw0 = fwa; fw0 < fwb; fw0 += bw) {
-    const int64_t fw1 = std::min(fwb, fw0 + bw);
-    for (int64_t j = 0; j < nq; ++j) build256(srcs[j], W, fw0, fw1, tables + j * bw * kTab2);
-    if (nq > 1) {  // batched queries: up to 4 groups share each table load
+  if (nq == 1) {  // one query: the words of inactive rows are not even read
+    std::vector<Run> runs;
+    Chunks ch;
+    for (int64_t fw = fwa; gather_runs(srcs[0], W, &fw, fwb, bw, kTab2, tables, runs, build256<Src>);) {
+      chunk_runs(runs, 8, ch);
+      single256(bank, stride, active, k, tables, ch, part.data());
+    }
+  } else {  // batched queries: up to 4 groups share each table load; each query looks up its active words
+    std::vector<uint32_t> wmask(static_cast<size_t>(nq) * (bw / 8));
+    for (int64_t fw0 = fwa; fw0 < fwb; fw0 += bw) {
+      const int64_t fw1 = std::min(fwb, fw0 + bw);
+      for (int64_t j = 0; j < nq; ++j) build256(srcs[j], W, fw0, fw1, tables + j * bw * kTab2);
+      for (int64_t fw = fw0; fw < fw1; fw += 8)
+        for (int64_t j = 0; j < nq; ++j)
+          wmask[(fw - fw0) / 8 * nq + j] = active_words(srcs[j], W, fw, std::min<int64_t>(8, fw1 - fw));
       for (int64_t g = 0; g < groups; g += kQueryGroups) {
         const int ng = static_cast<int>(std::min<int64_t>(kQueryGroups, groups - g));
         const int32_t* rows[kQueryGroups][8];
         int64_t cnt[kQueryGroups];
         group_rows<8>(bank, active, stride, k, g, ng, rows, cnt);
         for (int64_t fw = fw0; fw < fw1; fw += 8) {
+          const uint32_t* wm = wmask.data() + (fw - fw0) / 8 * nq;
+          if (std::all_of(wm, wm + nq, [](uint32_t m) { return m == 0; })) continue;
           const int64_t len = std::min<int64_t>(8, fw1 - fw);
           __m256i words[kQueryGroups][8];
           for (int gi = 0; gi < ng; ++gi) load_words8(rows[gi], cnt[gi], fw, len, words[gi]);
-          lookup_queries256(words, ng, len, tables + (fw - fw0) * kTab2, bw * kTab2, nq, part.data() + g * 8, groups * 8);
-        }
-      }
-      continue;
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      const int32_t* rows[1][8];
-      int64_t cnt;
-      group_rows<8>(bank, active, stride, k, g, 1, rows, &cnt);
-      for (int64_t fw = fw0; fw < fw1; fw += 8) {
-        const int64_t len = std::min<int64_t>(8, fw1 - fw);
-        __m256i words[8];
-        load_words8(rows[0], cnt, fw, len, words);
-        for (int64_t jq = 0; jq < nq; ++jq) {
-          const float* tb = tables + jq * bw * kTab2 + (fw - fw0) * kTab2;
-          __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-          for (int64_t j = 0; j < len; ++j) {
-            const float* t = tb + j * kTab2;
-            const __m256i wj = words[j];
-            acc[0] = _mm256_add_ps(acc[0], _mm256_permutevar8x32_ps(_mm256_load_ps(t), wj));
-            acc[1] = _mm256_add_ps(acc[1], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8), _mm256_srli_epi32(wj, 3)));
-            acc[2] = _mm256_add_ps(acc[2], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 16), _mm256_srli_epi32(wj, 6)));
-            acc[3] = _mm256_add_ps(acc[3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 24), _mm256_srli_epi32(wj, 9)));
-            acc[0] = _mm256_add_ps(acc[0], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 32), _mm256_srli_epi32(wj, 12)));
-            acc[1] = _mm256_add_ps(acc[1], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 40), _mm256_srli_epi32(wj, 15)));
-            acc[2] = _mm256_add_ps(acc[2], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 48), _mm256_srli_epi32(wj, 18)));
-            acc[3] = _mm256_add_ps(acc[3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 56), _mm256_srli_epi32(wj, 21)));
-            acc[0] = _mm256_add_ps(acc[0], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 64), _mm256_srli_epi32(wj, 24)));
-            acc[1] = _mm256_add_ps(acc[1], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 72), _mm256_srli_epi32(wj, 27)));
-            acc[2] = _mm256_add_ps(acc[2], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 80), _mm256_srli_epi32(wj, 30)));
-          }
-          float* pp = part.data() + (jq * groups + g) * 8;
-          const __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-          _mm256_storeu_ps(pp, _mm256_add_ps(_mm256_loadu_ps(pp), s));
+          lookup_queries256(words, ng, len, tables + (fw - fw0) * kTab2, bw * kTab2, nq, wm, part.data() + g * 8, groups * 8);
         }
       }
     }
@@ -494,6 +676,7 @@ void lut_scalar(const int32_t* bank, int64_t R, int64_t W, int64_t n, const Src*
   for (int64_t fw = fw0; fw < fw1; ++fw) {
     const uint32_t valid = valid_mask(n, q);
     for (int64_t j = 0; j < nq; ++j) {
+      if (!srcs[j].active(r)) continue;
       srcs[j].load(r, q, vals);
       for (int64_t t = 0; t < k; ++t) {
         uint32_t word = static_cast<uint32_t>(bank[(active ? active[t] : t) * stride + fw]) & valid;
@@ -560,10 +743,11 @@ void mask_dot_lut(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n,
 }
 
 void mask_dot_lut_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* g,
-                        const float* x, const float* w, int64_t q, int64_t k, float* out, int64_t fw0, int64_t fw1) {
+                        const float* x, const float* w, int64_t q, int64_t k, float* out, int64_t fw0, int64_t fw1,
+                        bool skip_zero_rows) {
   std::vector<Rank1Src> srcs;
   srcs.reserve(static_cast<size_t>(q));
-  for (int64_t j = 0; j < q; ++j) srcs.push_back(Rank1Src{g + j * R, x + j * n, w, n});
+  for (int64_t j = 0; j < q; ++j) srcs.push_back(Rank1Src{g + j * R, x + j * n, w, n, skip_zero_rows});
   dispatch(isa, bank, R, W, n, srcs.data(), q, nullptr, k, out, fw0, fw1);
 }
 

@@ -19,9 +19,12 @@ void mask_dot_lut(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n,
                   int64_t q_stride, const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1);
 
 // The same for q queries whose v_j = (g_j x_jᵀ) ⊙ w is formed on the fly while the tables are built
-// (g [q, R], x [q, n], w [R, n]): v is never materialised.
+// (g [q, R], x [q, n], w [R, n]): v is never materialised. With skip_zero_rows (for finite x and w
+// only, where such rows add exactly zero) the rows r with g_j[r] == 0 are skipped: one query reads
+// none of their bits, and batched queries look up only their own active rows.
 void mask_dot_lut_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* g,
-                        const float* x, const float* w, int64_t q, int64_t k, float* out, int64_t fw0, int64_t fw1);
+                        const float* x, const float* w, int64_t q, int64_t k, float* out, int64_t fw0, int64_t fw1,
+                        bool skip_zero_rows);
 
 // Every task's masked linear layer on one input, all at once: out[r * k + t] = sum over j of
 // bit(bank[t, r, j]) * w[r, j] * x[j] for rows [r0, r1) (bank [k, R, W], w [R, n], x [n], out [R, k]).

@@ -55,6 +55,31 @@ SCRIPT = textwrap.dedent("""
             g, x, W = torch.randn(R), torch.randn(n), torch.randn(R, n)
             exp = (m.double() * (torch.outer(g, x) * W).double()).flatten(1).sum(1).float()
             assert torch.allclose(C.mask_dot_rank1(bank, g, x, W), exp, rtol=1e-4, atol=1e-3), (n, k)
+    # rank 1 with rows where g = 0 (dead ReLUs, ignored logits): those rows are skipped, and the result
+    # is exactly that of summing them (small integers: every partial sum is exact in fp32)
+    ri = lambda *shape: torch.randint(-3, 4, shape).float()
+    for n, R in ((1, 37), (33, 37), (784, 61)):  # 61 rows of 25 words: two threads' shares
+        for k in (4, 17, 100):
+            m = torch.rand(k, R, n) > 0.5
+            bank, W = ss.pack_bits(m), ri(R, n)
+            for q in (1, 5, 40):
+                g, x = ri(q, R), ri(q, n)
+                g[:, 5:17] = 0  # a run of dead rows
+                g[g.abs() < 2] = 0  # and scattered ones
+                if q > 1:
+                    g[1] = 0  # a query with no live row
+                exp = ref.mask_dot_outer(bank, g, x, W)
+                assert torch.equal(C.mask_dot_rank1_batched(bank, g, x, W), exp), (n, R, k, q)
+                assert torch.equal(C.mask_dot_rank1(bank, g[0], x[0], W), exp[0]), (n, R, k, q)
+            assert torch.equal(C.mask_dot_rank1(bank, torch.zeros(R), x[0], W), torch.zeros(k))
+            # 0 · inf is NaN, as in the reference: with x or w not finite no row is skipped
+            xi, Wi = x[0].clone(), W.clone()
+            xi[n // 2] = float("inf")
+            Wi[2, n - 1] = float("-inf")
+            for gz, xx, WW, hit in ((torch.zeros(R), xi, W, m[:, :, n // 2].any(1)), (torch.zeros(R), x[0], Wi, m[:, 2, n - 1])):
+                assert torch.equal(C.mask_dot_rank1(bank, gz, xx, WW).isnan(), hit), (n, k)
+                assert torch.equal(C.mask_dot_rank1_batched(bank, gz[None].repeat(3, 1), xx[None].repeat(3, 1), WW).isnan(),
+                                   hit[None].repeat(3, 1)), (n, k)
     # the public ops on the cpu backend: mask_dot_batched and the one-image α-gradient
     bank = ss.pack_bits(torch.rand(21, 13, 100) > 0.5)
     v = torch.randn(4, 13, 100)
