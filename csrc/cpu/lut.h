@@ -26,6 +26,15 @@ void mask_dot_lut_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int6
                         const float* x, const float* w, int64_t q, int64_t k, float* out, int64_t fw0, int64_t fw1,
                         bool skip_zero_rows);
 
+// The same for 16 queries at once with the queries in the vector lanes (lut_lanes.cpp): byte tables
+// of the 256 subset sums of 8 weights per word, an entry holding 16 queries' sums, so a task's byte
+// is an address and one vector add serves 16 queries. gT [R, 16] and xT [n, 16] hold the queries'
+// g and x with the query last; out[t * 16 + l] (k tasks) gains the sums over words [fw0, fw1).
+// Only where lanes_available(isa) (AVX2, AVX-512).
+bool lanes_available(Isa isa);
+void mask_dot_rank1_lanes(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* gT,
+                          const float* xT, const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1);
+
 // Every task's masked linear layer on one input, all at once: out[r * k + t] = sum over j of
 // bit(bank[t, r, j]) * w[r, j] * x[j] for rows [r0, r1) (bank [k, R, W], w [R, n], x [n], out [R, k]).
 // The tables of w ⊙ x are built once per block of rows and shared by all k tasks, as in mask_dot_lut.

@@ -80,6 +80,20 @@ SCRIPT = textwrap.dedent("""
                 assert torch.equal(C.mask_dot_rank1(bank, gz, xx, WW).isnan(), hit), (n, k)
                 assert torch.equal(C.mask_dot_rank1_batched(bank, gz[None].repeat(3, 1), xx[None].repeat(3, 1), WW).isnan(),
                                    hit[None].repeat(3, 1)), (n, k)
+        # 500 tasks, every row live: 16 queries at a time in the vector lanes (lut_lanes.cpp), the rest as above;
+        # pad bits set in the words are ignored there too
+        m = torch.rand(500, R, n) > 0.5
+        bank, W = ss.pack_bits(m), ri(R, n)
+        dirty = bank.clone()
+        if n % 32:
+            dirty[..., -1] |= -(1 << (n % 32))
+        for q in (16, 37):
+            g, x = ri(q, R), ri(q, n)
+            g[g == 0] = 1
+            assert torch.equal(C.mask_dot_rank1_batched(dirty, g, x, W), ref.mask_dot_outer(bank, g, x, W)), (n, R, q)
+        x[3, n // 2] = float("nan")
+        got = C.mask_dot_rank1_batched(bank, g, x, W)
+        assert torch.equal(got.isnan(), torch.arange(37)[:, None].eq(3) & m[:, :, n // 2].any(1)[None]), n
     # the public ops on the cpu backend: mask_dot_batched and the one-image α-gradient
     bank = ss.pack_bits(torch.rand(21, 13, 100) > 0.5)
     v = torch.randn(4, 13, 100)
