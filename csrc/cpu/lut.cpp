@@ -147,11 +147,13 @@ struct Chunks {
   std::vector<Piece> pieces;
   std::vector<int64_t> first;  // chunk c: pieces [first[c], first[c + 1])
   int last_len = 0;            // lanes of the last chunk
+  int64_t one_run = -1;        // where there is one run: its first word (chunk c starts at one_run + width * c)
   int64_t count() const { return static_cast<int64_t>(first.size()) - 1; }
   int len(int64_t c, int width) const { return c + 1 < count() ? width : last_len; }
 };
 
 inline void chunk_runs(const std::vector<Run>& runs, int width, Chunks& ch) {
+  ch.one_run = runs.size() == 1 ? runs[0].a : -1;
   ch.pieces.clear();
   ch.first.assign(1, 0);
   int lane = 0;
@@ -307,9 +309,13 @@ LUT_AVX512 void single512(const int32_t* bank, int64_t stride, const int64_t* ac
       cnt[cur ^ 1] = 0;
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t c = 0; c < ch.count(); ++c) {
-      prefetch_chunk(rows[cur ^ 1][0], cnt[cur ^ 1], ch, c);
       __m512i words[16];
-      load_chunk16(rows[cur][0], cnt[cur], ch, c, words);
+      if (ch.one_run >= 0) {  // contiguous words: the hardware prefetcher follows them
+        load_words16(rows[cur][0], cnt[cur], ch.one_run + 16 * c, ch.len(c, 16), words);
+      } else {
+        prefetch_chunk(rows[cur ^ 1][0], cnt[cur ^ 1], ch, c);
+        load_chunk16(rows[cur][0], cnt[cur], ch, c, words);
+      }
       const float* tb = tables + c * 16 * 128;
       for (int j = 0; j < ch.len(c, 16); ++j) {
         const float* t = tb + j * 128;
@@ -519,19 +525,12 @@ LUT_AVX2 inline void load_words8(const int32_t* const* rows, int64_t cnt, int64_
 
 // 8 tasks' words of chunk c (see Chunks) as 8 vectors, vector j holding lane j of every task.
 LUT_AVX2 inline void load_chunk8(const int32_t* const* rows, int64_t cnt, const Chunks& ch, int64_t c, __m256i* words) {
-  alignas(32) int32_t tmp[8];
-  for (int i = 0; i < 8; ++i) {
-    if (i >= cnt) {
-      words[i] = _mm256_setzero_si256();
-      continue;
-    }
-    std::memset(tmp, 0, sizeof(tmp));
-    for (int64_t p = ch.first[c]; p < ch.first[c + 1]; ++p) {
-      const Piece& pc = ch.pieces[p];
-      std::memcpy(tmp + pc.l0, rows[i] + pc.off + pc.l0, sizeof(int32_t) * (pc.l1 - pc.l0));
-    }
-    words[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+  alignas(32) int32_t tmp[8][8] = {};
+  for (int64_t p = ch.first[c]; p < ch.first[c + 1]; ++p) {
+    const Piece& pc = ch.pieces[p];
+    for (int i = 0; i < cnt; ++i) std::memcpy(tmp[i] + pc.l0, rows[i] + pc.off + pc.l0, sizeof(int32_t) * (pc.l1 - pc.l0));
   }
+  for (int i = 0; i < 8; ++i) words[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp[i]));
   transpose8x8(words);
 }
 
@@ -550,9 +549,13 @@ LUT_AVX2 void single256(const int32_t* bank, int64_t stride, const int64_t* acti
       cnt[cur ^ 1] = 0;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t c = 0; c < ch.count(); ++c) {
-      prefetch_chunk(rows[cur ^ 1][0], cnt[cur ^ 1], ch, c);
       __m256i words[8];
-      load_chunk8(rows[cur][0], cnt[cur], ch, c, words);
+      if (ch.one_run >= 0) {  // contiguous words: the hardware prefetcher follows them
+        load_words8(rows[cur][0], cnt[cur], ch.one_run + 8 * c, ch.len(c, 8), words);
+      } else {
+        prefetch_chunk(rows[cur ^ 1][0], cnt[cur ^ 1], ch, c);
+        load_chunk8(rows[cur][0], cnt[cur], ch, c, words);
+      }
       const float* tb = tables + c * 8 * kTab2;
       for (int j = 0; j < ch.len(c, 8); ++j) {
         const float* t = tb + j * kTab2;
