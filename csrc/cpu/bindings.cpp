@@ -196,11 +196,11 @@ at::Tensor mask_dot_rows_op(const at::Tensor& bank, const at::Tensor& x, const a
 
 
 constexpr int64_t kLanes = 16;          // queries per lane group of mask_dot_rank1_lanes
-// Below this many tasks the tables cost more than the lookups they save; below this fraction of
-// live (query, row) pairs the tasks-in-lanes kernel, which skips the dead ones, is faster (with every
-// row live the queries-in-lanes kernel took 0.6-0.7 of its time on Zen 4 with AVX-512, 0.58 with
-// AVX2, at k = 2,500).
-constexpr int64_t kLanesMinTasks = 500;
+// Below this many tasks the tables cost more than the lookups they save (64 is the least measured);
+// below this fraction of live (query, row) pairs the tasks-in-lanes kernel, which skips the dead
+// ones, is faster (with every row live the queries-in-lanes kernel took 0.52-0.6 of its time on
+// Zen 4, AVX-512 and AVX2, at k = 64, 250 and 2,500; with half the rows live, a little more).
+constexpr int64_t kLanesMinTasks = 64;
 constexpr double kLanesMinLive = 0.65;
 
 // (⟨Mᵢ, (g_j x_jᵀ) ⊙ w⟩)ⱼᵢ for q one-image queries (g [q, R], x [q, n], w [R, n]): [q, k], in one

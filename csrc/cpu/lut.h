@@ -26,8 +26,8 @@ void mask_dot_lut_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int6
                         const float* x, const float* w, int64_t q, int64_t k, float* out, int64_t fw0, int64_t fw1,
                         bool skip_zero_rows);
 
-// The same for 16 queries at once with the queries in the vector lanes (lut_lanes.cpp): byte tables
-// of the 256 subset sums of 8 weights per word, an entry holding 16 queries' sums, so a task's byte
+// The same for 16 queries at once with the queries in the vector lanes (lut_lanes.cpp): nibble tables
+// of the 16 subset sums of 4 weights per word, an entry holding 16 queries' sums, so a task's nibble
 // is an address and one vector add serves 16 queries. gT [R, 16] and xT [n, 16] hold the queries'
 // g and x with the query last; out[t * 16 + l] (k tasks) gains the sums over words [fw0, fw1).
 // Only where lanes_available(isa) (AVX2, AVX-512).

@@ -1,13 +1,12 @@
 // Batched rank-1 mask_dot with the queries in the vector lanes (see lut.h, mask_dot_rank1_lanes).
 // The task-lane kernels of lut.cpp spend one vpermps per nibble of 16 tasks, and vpermps is what
-// bounds them. Here the bits are addresses instead: per word of the bank, four tables of the 256
-// subset sums of 8 weights, each entry holding those sums for 16 queries (one zmm, or two ymm);
-// a task's byte picks the entry, and one vector add (with its load) serves 16 queries. A word costs
-// a task four adds for 16 queries, against eight lookups for one query per task-lane.
+// bounds them. Here the bits are addresses instead: per word of the bank, eight tables of the 16
+// subset sums of 4 weights, each entry holding those sums for 16 queries (one zmm, or two ymm); a
+// task's nibble picks the entry, and one vector add (with its load) serves 16 queries.
 //
-// The tables of a word are 64 KiB (L2); a block of words is built once and then read by every task,
-// whose bytes are loaded directly. Building costs about 1,000 vector adds and stores per word, which
-// the lookups of a few hundred tasks repay.
+// The tables of a word are 8 KiB; a block of 4 words is built and then read by every task, whose
+// words are loaded directly. Byte tables (256 entries, 64 KiB a word, four adds a word) measured
+// slower: they live in L2. Building costs 128 vector stores a word, repaid from a few dozen tasks.
 #include "lut.h"
 #include "simd.h"
 
@@ -23,21 +22,21 @@ namespace {
 #define LANES_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
 
 constexpr int kLanes = 16;                           // queries per table entry
-constexpr int64_t kWordFloats = 4 * 256 * kLanes;    // tables of one word: 64 KiB
+constexpr int64_t kWordFloats = 8 * 16 * kLanes;    // the tables of one word: 8 KiB
 constexpr int64_t kBlockWords = 4;                   // words whose tables are built before the tasks read them
 
 // ------------------------------------------------------------------------------------------------
 // AVX-512: an entry is one zmm.
-// The 4 byte tables of word (r, qw): vals[c] = g_l[r] * (x_l[32 qw + c] * w[r, 32 qw + c]) over lanes l
-// (zero past n), and entry e of byte table p the sum of vals[8 p + b] over the set bits b of e.
+// The 8 nibble tables of word (r, qw): vals[c] = g_l[r] * (x_l[32 qw + c] * w[r, 32 qw + c]) over lanes l
+// (zero past n), and entry e of table p the sum of vals[4 p + b] over the set bits b of e.
 LANES_AVX512 void build_word512(const float* gT, const float* xT, const float* w, int64_t n, int64_t r, int64_t qw,
                                 float* t) {
   const __m512 g = _mm512_loadu_ps(gT + r * kLanes);
-  for (int p = 0; p < 4; ++p) {
-    float* tp = t + p * 256 * kLanes;
+  for (int p = 0; p < 8; ++p) {
+    float* tp = t + p * 16 * kLanes;
     _mm512_store_ps(tp, _mm512_setzero_ps());
-    for (int b = 0; b < 8; ++b) {
-      const int64_t col = 32 * qw + 8 * p + b;
+    for (int b = 0; b < 4; ++b) {
+      const int64_t col = 32 * qw + 4 * p + b;
       const __m512 v = col < n ? _mm512_mul_ps(g, _mm512_mul_ps(_mm512_loadu_ps(xT + col * kLanes), _mm512_set1_ps(w[r * n + col])))
                                : _mm512_setzero_ps();
       const int half = 1 << b;
@@ -49,15 +48,21 @@ LANES_AVX512 void build_word512(const float* gT, const float* xT, const float* w
 LANES_AVX512 void lookup512(const int32_t* bank, int64_t stride, int64_t k, const float* tables, int64_t fw, int64_t len,
                             float* out) {
   for (int64_t t = 0; t < k; ++t) {
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(bank + t * stride + fw);
+    const uint32_t* wp = reinterpret_cast<const uint32_t*>(bank + t * stride + fw);
     if (t + 8 < k) __builtin_prefetch(bank + (t + 8) * stride + fw, 0, 1);
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     for (int64_t j = 0; j < len; ++j) {
-      const float* tj = tables + j * kWordFloats;
-      a0 = _mm512_add_ps(a0, _mm512_load_ps(tj + (0 * 256 + bytes[4 * j + 0]) * kLanes));
-      a1 = _mm512_add_ps(a1, _mm512_load_ps(tj + (1 * 256 + bytes[4 * j + 1]) * kLanes));
-      a0 = _mm512_add_ps(a0, _mm512_load_ps(tj + (2 * 256 + bytes[4 * j + 2]) * kLanes));
-      a1 = _mm512_add_ps(a1, _mm512_load_ps(tj + (3 * 256 + bytes[4 * j + 3]) * kLanes));
+      const char* tj = reinterpret_cast<const char*>(tables + j * kWordFloats);
+      const uint32_t x = wp[j];
+      // byte offset of nibble p's entry: ((x >> 4p) & 15) * 64 + p * 1024
+      a0 = _mm512_add_ps(a0, _mm512_load_ps(tj + ((x << 6) & 0x3C0)));
+      a1 = _mm512_add_ps(a1, _mm512_load_ps(tj + 1024 + ((x << 2) & 0x3C0)));
+      a0 = _mm512_add_ps(a0, _mm512_load_ps(tj + 2048 + ((x >> 2) & 0x3C0)));
+      a1 = _mm512_add_ps(a1, _mm512_load_ps(tj + 3072 + ((x >> 6) & 0x3C0)));
+      a0 = _mm512_add_ps(a0, _mm512_load_ps(tj + 4096 + ((x >> 10) & 0x3C0)));
+      a1 = _mm512_add_ps(a1, _mm512_load_ps(tj + 5120 + ((x >> 14) & 0x3C0)));
+      a0 = _mm512_add_ps(a0, _mm512_load_ps(tj + 6144 + ((x >> 18) & 0x3C0)));
+      a1 = _mm512_add_ps(a1, _mm512_load_ps(tj + 7168 + ((x >> 22) & 0x3C0)));
     }
     float* o = out + t * kLanes;
     _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_add_ps(a0, a1)));
@@ -69,12 +74,12 @@ LANES_AVX512 void lookup512(const int32_t* bank, int64_t stride, int64_t k, cons
 LANES_AVX2 void build_word256(const float* gT, const float* xT, const float* w, int64_t n, int64_t r, int64_t qw,
                               float* t) {
   const __m256 g0 = _mm256_loadu_ps(gT + r * kLanes), g1 = _mm256_loadu_ps(gT + r * kLanes + 8);
-  for (int p = 0; p < 4; ++p) {
-    float* tp = t + p * 256 * kLanes;
+  for (int p = 0; p < 8; ++p) {
+    float* tp = t + p * 16 * kLanes;
     _mm256_store_ps(tp, _mm256_setzero_ps());
     _mm256_store_ps(tp + 8, _mm256_setzero_ps());
-    for (int b = 0; b < 8; ++b) {
-      const int64_t col = 32 * qw + 8 * p + b;
+    for (int b = 0; b < 4; ++b) {
+      const int64_t col = 32 * qw + 4 * p + b;
       __m256 v0 = _mm256_setzero_ps(), v1 = _mm256_setzero_ps();
       if (col < n) {
         const __m256 wc = _mm256_set1_ps(w[r * n + col]);
@@ -93,14 +98,15 @@ LANES_AVX2 void build_word256(const float* gT, const float* xT, const float* w, 
 LANES_AVX2 void lookup256(const int32_t* bank, int64_t stride, int64_t k, const float* tables, int64_t fw, int64_t len,
                           float* out) {
   for (int64_t t = 0; t < k; ++t) {
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(bank + t * stride + fw);
+    const uint32_t* wp = reinterpret_cast<const uint32_t*>(bank + t * stride + fw);
     if (t + 8 < k) __builtin_prefetch(bank + (t + 8) * stride + fw, 0, 1);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
     for (int64_t j = 0; j < len; ++j) {
-      const float* tj = tables + j * kWordFloats;
-      for (int p = 0; p < 4; p += 2) {
-        const float* e0 = tj + (p * 256 + bytes[4 * j + p]) * kLanes;
-        const float* e1 = tj + ((p + 1) * 256 + bytes[4 * j + p + 1]) * kLanes;
+      const char* tj = reinterpret_cast<const char*>(tables + j * kWordFloats);
+      const uint32_t x = wp[j];
+      for (int p = 0; p < 8; p += 2) {
+        const float* e0 = reinterpret_cast<const float*>(tj + p * 1024 + (((x >> (4 * p)) & 15u) << 6));
+        const float* e1 = reinterpret_cast<const float*>(tj + (p + 1) * 1024 + (((x >> (4 * p + 4)) & 15u) << 6));
         a0 = _mm256_add_ps(a0, _mm256_load_ps(e0));
         a1 = _mm256_add_ps(a1, _mm256_load_ps(e0 + 8));
         b0 = _mm256_add_ps(b0, _mm256_load_ps(e1));

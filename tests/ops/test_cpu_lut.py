@@ -80,7 +80,7 @@ SCRIPT = textwrap.dedent("""
                 assert torch.equal(C.mask_dot_rank1(bank, gz, xx, WW).isnan(), hit), (n, k)
                 assert torch.equal(C.mask_dot_rank1_batched(bank, gz[None].repeat(3, 1), xx[None].repeat(3, 1), WW).isnan(),
                                    hit[None].repeat(3, 1)), (n, k)
-        # 500 tasks, every row live: 16 queries at a time in the vector lanes (lut_lanes.cpp), the rest as above;
+        # 500 tasks, every row live: 16 queries at a time in the vector lanes (lut_lanes.cpp, from 64 tasks), the rest as above;
         # pad bits set in the words are ignored there too
         m = torch.rand(500, R, n) > 0.5
         bank, W = ss.pack_bits(m), ri(R, n)
