@@ -114,12 +114,15 @@ at::Tensor sum_over_word_chunks(int64_t total, int64_t k, const at::TensorOption
 }
 
 // Row-aligned shares of the R * W words with about equal numbers of rows where g[r] != 0 (the rows
-// that a one-query rank-1 mask_dot reads when it skips the others).
-std::vector<int64_t> active_row_bounds(const float* g, int64_t R, int64_t W) {
+// that a one-query rank-1 mask_dot reads when it skips the others), one per thread once the k tasks'
+// live words are worth splitting (a hidden layer of 50 live 10-word rows at k = 2,500 is: on one
+// thread it waited on memory, its short runs scattered over 10 MB).
+std::vector<int64_t> active_row_bounds(const float* g, int64_t R, int64_t W, int64_t k) {
+  constexpr int64_t kTaskWordsPerThread = kMaskDotChunkWords * 16;
   int64_t active = 0;
   for (int64_t r = 0; r < R; ++r) active += g[r] != 0.0f;
   const int64_t nthreads = std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(), (active * W + kMaskDotChunkWords - 1) / kMaskDotChunkWords));
+      1, std::min<int64_t>(at::get_num_threads(), (active * W * k + kTaskWordsPerThread - 1) / kTaskWordsPerThread));
   std::vector<int64_t> bounds{0};
   for (int64_t r = 0, seen = 0; r < R && static_cast<int64_t>(bounds.size()) < nthreads; ++r) {
     seen += g[r] != 0.0f;
@@ -166,7 +169,7 @@ at::Tensor mask_dot_rank1_op(const at::Tensor& bank, const at::Tensor& g, const 
   // holds inf/NaN; then every row is read, so that 0 · inf gives NaN as in the reference.
   const bool skip = surely_finite(x) && surely_finite(w);
   const float* gp = g.data_ptr<float>();
-  const std::vector<int64_t> bounds = skip ? active_row_bounds(gp, R, W) : even_word_bounds(R * W);
+  const std::vector<int64_t> bounds = skip ? active_row_bounds(gp, R, W, k) : even_word_bounds(R * W);
   return sum_over_ranges(bounds, k, w.options(), [&](float* out, int64_t fw0, int64_t fw1) {
     mask_dot_rank1(isa, bank.data_ptr<int32_t>(), R, W, n, gp, x.data_ptr<float>(), w.data_ptr<float>(), k, out, fw0,
                    fw1, skip);
