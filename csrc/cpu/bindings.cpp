@@ -198,7 +198,6 @@ at::Tensor mask_dot_rows_op(const at::Tensor& bank, const at::Tensor& x, const a
 }
 
 
-constexpr int64_t kLanes = 16;          // queries per lane group of mask_dot_rank1_lanes
 // Below this many tasks the tables cost more than the lookups they save (64 is the least measured);
 // below this fraction of live (query, row) pairs the tasks-in-lanes kernel, which skips the dead
 // ones, is faster (with every row live the queries-in-lanes kernel took 0.52-0.6 of its time on
@@ -230,12 +229,13 @@ at::Tensor mask_dot_rank1_batched_op(const at::Tensor& bank, const at::Tensor& g
   const bool skip = surely_finite(x) && surely_finite(w);  // as in mask_dot_rank1_op
   const double live = skip ? g.ne(0).sum().item<double>() / static_cast<double>(g.numel()) : 1.0;
   if (lanes_available(isa) && k >= kLanesMinTasks && live >= kLanesMinLive)
-    for (; j0 + kLanes <= q; j0 += kLanes) {
-      const at::Tensor gT = g.narrow(0, j0, kLanes).t().contiguous(), xT = x.narrow(0, j0, kLanes).t().contiguous();
-      parts.push_back(sum_over_word_chunks(R * W, k * kLanes, w.options(), [&](float* out, int64_t fw0, int64_t fw1) {
+    for (; j0 + kQueryLanes <= q; j0 += kQueryLanes) {
+      const at::Tensor gT = g.narrow(0, j0, kQueryLanes).t().contiguous();
+      const at::Tensor xT = x.narrow(0, j0, kQueryLanes).t().contiguous();
+      parts.push_back(sum_over_word_chunks(R * W, k * kQueryLanes, w.options(), [&](float* out, int64_t fw0, int64_t fw1) {
         mask_dot_rank1_lanes(isa, bank.data_ptr<int32_t>(), R, W, n, gT.data_ptr<float>(), xT.data_ptr<float>(),
                              w.data_ptr<float>(), k, out, fw0, fw1);
-      }).view({k, kLanes}).t());
+      }).view({k, kQueryLanes}).t());
     }
   // The rest, up to 32 queries a pass, with the tasks in the lanes.
   constexpr int64_t kQueryBlock = 32;

@@ -31,6 +31,7 @@ void mask_dot_lut_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int6
 // is an address and one vector add serves 16 queries. gT [R, 16] and xT [n, 16] hold the queries'
 // g and x with the query last; out[t * 16 + l] (k tasks) gains the sums over words [fw0, fw1).
 // Only where lanes_available(isa) (AVX2, AVX-512).
+constexpr int64_t kQueryLanes = 16;
 bool lanes_available(Isa isa);
 void mask_dot_rank1_lanes(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* gT,
                           const float* xT, const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1);

@@ -21,7 +21,8 @@ namespace {
 #define LANES_AVX2 __attribute__((target("avx2,fma")))
 #define LANES_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
 
-constexpr int kLanes = 16;                           // queries per table entry
+constexpr int64_t kLanes = kQueryLanes;              // queries per table entry
+static_assert(kLanes == 16, "an entry is one zmm or two ymm");
 constexpr int64_t kWordFloats = 8 * 16 * kLanes;    // the tables of one word: 8 KiB
 constexpr int64_t kBlockWords = 4;                   // words whose tables are built before the tasks read them
 
