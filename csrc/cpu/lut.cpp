@@ -274,6 +274,14 @@ LUT_AVX512 void lookup_queries512(const __m512i (*words)[16], int ng, int64_t le
   }
 }
 
+// One word of 16 tasks against its 8 nibble tables t, into four accumulators (the shifted index
+// needs no AND: vpermps reads its low 4 bits).
+LUT_AVX512 inline void lookup_word512(__m512* acc, __m512i wj, const float* t) {
+#pragma GCC unroll 8
+  for (int p = 0; p < 8; ++p)
+    acc[p & 3] = _mm512_add_ps(acc[p & 3], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 4 * p), _mm512_load_ps(t + 16 * p)));
+}
+
 // 16 tasks' words [fw, fw + len) as 16 vectors, vector j holding word j of every task (zero past len
 // and for absent tasks).
 LUT_AVX512 inline void load_words16(const int32_t* const* rows, int64_t cnt, int64_t fw, int64_t len, __m512i* words) {
@@ -318,16 +326,7 @@ LUT_AVX512 void single512(const int32_t* bank, int64_t stride, const int64_t* ac
       }
       const float* tb = tables + c * 16 * 128;
       for (int j = 0; j < ch.len(c, 16); ++j) {
-        const float* t = tb + j * 128;
-        const __m512i wj = words[j];
-        acc[0] = _mm512_add_ps(acc[0], _mm512_permutexvar_ps(wj, _mm512_load_ps(t)));
-        acc[1] = _mm512_add_ps(acc[1], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 4), _mm512_load_ps(t + 16)));
-        acc[2] = _mm512_add_ps(acc[2], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 8), _mm512_load_ps(t + 32)));
-        acc[3] = _mm512_add_ps(acc[3], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 12), _mm512_load_ps(t + 48)));
-        acc[0] = _mm512_add_ps(acc[0], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 16), _mm512_load_ps(t + 64)));
-        acc[1] = _mm512_add_ps(acc[1], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 20), _mm512_load_ps(t + 80)));
-        acc[2] = _mm512_add_ps(acc[2], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 24), _mm512_load_ps(t + 96)));
-        acc[3] = _mm512_add_ps(acc[3], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 28), _mm512_load_ps(t + 112)));
+        lookup_word512(acc, words[j], tb + j * 128);
       }
     }
     float* pp = part + g * 16;
@@ -415,10 +414,7 @@ LUT_AVX512 void rows512(const int32_t* bank, int64_t R, int64_t W, const RowSrc&
             ++row;
             row_end += W;
           }
-          const float* t = tables + (fw + j - fwa) * 128;
-          const __m512i wj = words[j];
-          for (int p = 0; p < 8; ++p)
-            acc[p & 3] = _mm512_add_ps(acc[p & 3], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 4 * p), _mm512_load_ps(t + 16 * p)));
+          lookup_word512(acc, words[j], tables + (fw + j - fwa) * 128);
         }
       }
       flush_row512(acc, out + row * k + 16 * g, lanes);
@@ -505,6 +501,13 @@ LUT_AVX2 void lookup_queries256(const __m256i (*words)[8], int ng, int64_t len, 
   }
 }
 
+// One word of 8 tasks against its 11 tables of 3-bit groups t, into four accumulators.
+LUT_AVX2 inline void lookup_word256(__m256* acc, __m256i wj, const float* t) {
+#pragma GCC unroll 11
+  for (int p = 0; p < kGroups3; ++p)
+    acc[p & 3] = _mm256_add_ps(acc[p & 3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8 * p), _mm256_srli_epi32(wj, 3 * p)));
+}
+
 // 8 tasks' words [fw, fw + len) (len <= 8) as 8 vectors, vector j holding word j of every task (zero
 // past len and for absent tasks).
 LUT_AVX2 inline void load_words8(const int32_t* const* rows, int64_t cnt, int64_t fw, int64_t len, __m256i* words) {
@@ -558,19 +561,7 @@ LUT_AVX2 void single256(const int32_t* bank, int64_t stride, const int64_t* acti
       }
       const float* tb = tables + c * 8 * kTab2;
       for (int j = 0; j < ch.len(c, 8); ++j) {
-        const float* t = tb + j * kTab2;
-        const __m256i wj = words[j];
-        acc[0] = _mm256_add_ps(acc[0], _mm256_permutevar8x32_ps(_mm256_load_ps(t), wj));
-        acc[1] = _mm256_add_ps(acc[1], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8), _mm256_srli_epi32(wj, 3)));
-        acc[2] = _mm256_add_ps(acc[2], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 16), _mm256_srli_epi32(wj, 6)));
-        acc[3] = _mm256_add_ps(acc[3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 24), _mm256_srli_epi32(wj, 9)));
-        acc[0] = _mm256_add_ps(acc[0], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 32), _mm256_srli_epi32(wj, 12)));
-        acc[1] = _mm256_add_ps(acc[1], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 40), _mm256_srli_epi32(wj, 15)));
-        acc[2] = _mm256_add_ps(acc[2], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 48), _mm256_srli_epi32(wj, 18)));
-        acc[3] = _mm256_add_ps(acc[3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 56), _mm256_srli_epi32(wj, 21)));
-        acc[0] = _mm256_add_ps(acc[0], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 64), _mm256_srli_epi32(wj, 24)));
-        acc[1] = _mm256_add_ps(acc[1], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 72), _mm256_srli_epi32(wj, 27)));
-        acc[2] = _mm256_add_ps(acc[2], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 80), _mm256_srli_epi32(wj, 30)));
+        lookup_word256(acc, words[j], tb + j * kTab2);
       }
     }
     float* pp = part + g * 8;
@@ -656,10 +647,7 @@ LUT_AVX2 void rows256(const int32_t* bank, int64_t R, int64_t W, const RowSrc& s
             ++row;
             row_end += W;
           }
-          const float* t = tables + (fw + j - fwa) * kTab2;
-          const __m256i wj = words[j];
-          for (int p = 0; p < kGroups3; ++p)
-            acc[p & 3] = _mm256_add_ps(acc[p & 3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8 * p), _mm256_srli_epi32(wj, 3 * p)));
+          lookup_word256(acc, words[j], tables + (fw + j - fwa) * kTab2);
         }
       }
       flush_row256(acc, out + row * k + 8 * g, cnt);
