@@ -29,6 +29,18 @@ inline uint32_t valid_mask(int64_t n, int64_t q) {
   return rem >= 32 ? 0xFFFFFFFFu : ((1u << rem) - 1u);
 }
 
+// Lookups that a row's last word needs, its valid bits taken `bits` at a time: fewer than a whole
+// word's where n is not a multiple of 32 (a 100-wide row's last word holds 4 bits: one nibble of
+// eight). The tables past them hold only padding's zeros and are skipped.
+inline int tail_lookups(int64_t n, int64_t W, int bits) { return static_cast<int>((n - 32 * (W - 1) + bits - 1) / bits); }
+
+// Bit j set where flat word fw + j (j < len <= 32) is the last word of its row.
+inline uint32_t tail_words(int64_t W, int64_t fw, int64_t len) {
+  uint32_t m = 0;
+  for (int64_t e = (fw / W + 1) * W - 1; e < fw + len; e += W) m |= 1u << (e - fw);
+  return m;
+}
+
 // Values of v for one mask word: vals[i] for the 32 bits of word q of row r, zero where the bit
 // is padding. Plain loops: the table build is shared by every task and costs little.
 struct DenseSrc {
@@ -146,25 +158,29 @@ struct Piece {
 struct Chunks {
   std::vector<Piece> pieces;
   std::vector<int64_t> first;  // chunk c: pieces [first[c], first[c + 1])
+  std::vector<uint32_t> tails; // chunk c: bit l set where lane l holds the last word of a row
   int last_len = 0;            // lanes of the last chunk
   int64_t one_run = -1;        // where there is one run: its first word (chunk c starts at one_run + width * c)
   int64_t count() const { return static_cast<int64_t>(first.size()) - 1; }
   int len(int64_t c, int width) const { return c + 1 < count() ? width : last_len; }
 };
 
-inline void chunk_runs(const std::vector<Run>& runs, int width, Chunks& ch) {
+inline void chunk_runs(const std::vector<Run>& runs, int width, int64_t W, Chunks& ch) {
   ch.one_run = runs.size() == 1 ? runs[0].a : -1;
   ch.pieces.clear();
   ch.first.assign(1, 0);
+  ch.tails.assign(1, 0);
   int lane = 0;
   for (const Run& r : runs)
     for (int64_t fw = r.a; fw < r.b;) {
       const int take = static_cast<int>(std::min<int64_t>(r.b - fw, width - lane));
       ch.pieces.push_back(Piece{fw - lane, lane, lane + take});
+      ch.tails.back() |= tail_words(W, fw, take) << lane;
       lane += take;
       fw += take;
       if (lane == width) {
         ch.first.push_back(static_cast<int64_t>(ch.pieces.size()));
+        ch.tails.push_back(0);
         lane = 0;
       }
     }
@@ -243,12 +259,13 @@ LUT_AVX512 void build512(const Src& src, int64_t W, int64_t fw0, int64_t fw1, fl
 constexpr int kQueryGroups = 4;
 
 LUT_AVX512 void lookup_queries512(const __m512i (*words)[16], int ng, int64_t len, const float* tables,
-                                  int64_t q_stride, int64_t nq, const uint32_t* wmask, float* part, int64_t part_stride) {
+                                  int64_t q_stride, int64_t nq, const uint32_t* wmask, uint32_t tails, int tail_np,
+                                  float* part, int64_t part_stride) {
   alignas(64) __m512i idx[16][kQueryGroups][8];  // 32 KiB
   for (int64_t j = 0; j < len; ++j)
     for (int gi = 0; gi < ng; ++gi) {
       idx[j][gi][0] = words[gi][j];
-      for (int p = 1; p < 8; ++p) idx[j][gi][p] = _mm512_srli_epi32(words[gi][j], 4 * p);
+      for (int p = 1; p < 8; ++p) idx[j][gi][p] = index_bits_at(words[gi][j], 4 * p);
     }
   for (int64_t jq = 0; jq < nq; ++jq) {
     if (!wmask[jq]) continue;
@@ -258,6 +275,15 @@ LUT_AVX512 void lookup_queries512(const __m512i (*words)[16], int ng, int64_t le
     for (uint32_t m = wmask[jq]; m; m &= m - 1) {
       const int j = __builtin_ctz(m);
       const float* t = tb + j * 128;
+      if (tails >> j & 1) {  // a row's last word: only its valid nibbles
+        for (int p = 0; p < tail_np; ++p) {
+          const __m512 tab = _mm512_load_ps(t + 16 * p);
+#pragma GCC unroll 4
+          for (int gi = 0; gi < kQueryGroups; ++gi)
+            if (gi < ng) acc[gi][0] = _mm512_add_ps(acc[gi][0], _mm512_permutexvar_ps(_mm512_load_si512(&idx[j][gi][p]), tab));
+        }
+        continue;
+      }
 #pragma GCC unroll 8
       for (int p = 0; p < 8; ++p) {
         const __m512 tab = _mm512_load_ps(t + 16 * p);
@@ -274,12 +300,17 @@ LUT_AVX512 void lookup_queries512(const __m512i (*words)[16], int ng, int64_t le
   }
 }
 
-// One word of 16 tasks against its 8 nibble tables t, into four accumulators (the shifted index
-// needs no AND: vpermps reads its low 4 bits).
+// One word of 16 tasks against its 8 nibble tables t, into four accumulators.
 LUT_AVX512 inline void lookup_word512(__m512* acc, __m512i wj, const float* t) {
 #pragma GCC unroll 8
   for (int p = 0; p < 8; ++p)
-    acc[p & 3] = _mm512_add_ps(acc[p & 3], _mm512_permutexvar_ps(_mm512_srli_epi32(wj, 4 * p), _mm512_load_ps(t + 16 * p)));
+    acc[p & 3] = _mm512_add_ps(acc[p & 3], _mm512_permutexvar_ps(index_bits_at(wj, 4 * p), _mm512_load_ps(t + 16 * p)));
+}
+
+// A row's last word: its first np nibbles only (the rest are padding).
+LUT_AVX512 inline void lookup_tail512(__m512* acc, __m512i wj, const float* t, int np) {
+  for (int p = 0; p < np; ++p, wj = index_bits_at(wj, 4))
+    acc[0] = _mm512_add_ps(acc[0], _mm512_permutexvar_ps(wj, _mm512_load_ps(t + 16 * p)));
 }
 
 // 16 tasks' words [fw, fw + len) as 16 vectors, vector j holding word j of every task (zero past len
@@ -304,7 +335,7 @@ LUT_AVX512 inline void load_chunk16(const int32_t* const* rows, int64_t cnt, con
 
 // One query over a block's chunks (tables: the block's, back to back), all groups of 16 tasks.
 LUT_AVX512 void single512(const int32_t* bank, int64_t stride, const int64_t* active, int64_t k, const float* tables,
-                          const Chunks& ch, float* part) {
+                          const Chunks& ch, int tail_np, float* part) {
   const int64_t groups = (k + 15) / 16;
   const int32_t* rows[2][1][16];
   int64_t cnt[2];
@@ -325,8 +356,12 @@ LUT_AVX512 void single512(const int32_t* bank, int64_t stride, const int64_t* ac
         load_chunk16(rows[cur][0], cnt[cur], ch, c, words);
       }
       const float* tb = tables + c * 16 * 128;
+      const uint32_t tails = tail_np < 8 ? ch.tails[c] : 0;
       for (int j = 0; j < ch.len(c, 16); ++j) {
-        lookup_word512(acc, words[j], tb + j * 128);
+        if (tails >> j & 1)
+          lookup_tail512(acc, words[j], tb + j * 128, tail_np);
+        else
+          lookup_word512(acc, words[j], tb + j * 128);
       }
     }
     float* pp = part + g * 16;
@@ -343,12 +378,13 @@ LUT_AVX512 void lut512(const int32_t* bank, int64_t R, int64_t W, const Src* src
   std::vector<float> part(static_cast<size_t>(nq) * groups * 16, 0.0f);
   std::vector<float> tbuf(static_cast<size_t>(nq) * bw * 128 + 16);
   float* tables = align64(tbuf);
+  const int tail_np = nq > 0 ? tail_lookups(srcs[0].n, W, 4) : 8;
   if (nq == 1) {  // one query: the words of inactive rows are not even read
     std::vector<Run> runs;
     Chunks ch;
     for (int64_t fw = fwa; gather_runs(srcs[0], W, &fw, fwb, bw, 128, tables, runs, build512<Src>);) {
-      chunk_runs(runs, 16, ch);
-      single512(bank, stride, active, k, tables, ch, part.data());
+      chunk_runs(runs, 16, W, ch);
+      single512(bank, stride, active, k, tables, ch, tail_np, part.data());
     }
   } else {  // batched queries: up to 4 groups share each table load; each query looks up its active words
     std::vector<uint32_t> wmask(static_cast<size_t>(nq) * (bw / 16));
@@ -369,7 +405,9 @@ LUT_AVX512 void lut512(const int32_t* bank, int64_t R, int64_t W, const Src* src
           const int64_t len = std::min<int64_t>(16, fw1 - fw);
           __m512i words[kQueryGroups][16];
           for (int gi = 0; gi < ng; ++gi) load_words16(rows[gi], cnt[gi], fw, len, words[gi]);
-          lookup_queries512(words, ng, len, tables + (fw - fw0) * 128, bw * 128, nq, wm, part.data() + g * 16, groups * 16);
+          const uint32_t tails = tail_np < 8 ? tail_words(W, fw, len) : 0;
+          lookup_queries512(words, ng, len, tables + (fw - fw0) * 128, bw * 128, nq, wm, tails, tail_np, part.data() + g * 16,
+                            groups * 16);
         }
       }
     }
@@ -391,6 +429,7 @@ LUT_AVX512 void rows512(const int32_t* bank, int64_t R, int64_t W, const RowSrc&
                         int64_t r1) {
   const int64_t stride = R * W, groups = (k + 15) / 16;
   const int64_t rows_per_block = std::max<int64_t>(1, kLutBlockFloats / 128 / W);
+  const int tail_np = tail_lookups(src.n, W, 4);
   thread_local std::vector<float> tbuf;
   if (tbuf.size() < static_cast<size_t>(rows_per_block * W * 128 + 16)) tbuf.resize(rows_per_block * W * 128 + 16);
   float* tables = align64(tbuf);
@@ -414,7 +453,10 @@ LUT_AVX512 void rows512(const int32_t* bank, int64_t R, int64_t W, const RowSrc&
             ++row;
             row_end += W;
           }
-          lookup_word512(acc, words[j], tables + (fw + j - fwa) * 128);
+          if (tail_np < 8 && fw + j == row_end - 1)
+            lookup_tail512(acc, words[j], tables + (fw + j - fwa) * 128, tail_np);
+          else
+            lookup_word512(acc, words[j], tables + (fw + j - fwa) * 128);
         }
       }
       flush_row512(acc, out + row * k + 16 * g, lanes);
@@ -426,6 +468,7 @@ LUT_AVX512 void rows512(const int32_t* bank, int64_t R, int64_t W, const RowSrc&
 // AVX2
 constexpr int kGroups3 = 11;  // 3-bit groups per 32-bit word (the last has 2 bits)
 constexpr int kTab2 = kGroups3 * 8;  // floats of tables per word
+
 
 LUT_AVX2 inline void transpose8x8(__m256i* r) {
   __m256i t[8], u[8];
@@ -470,12 +513,14 @@ LUT_AVX2 void build256(const Src& src, int64_t W, int64_t fw0, int64_t fw1, floa
 // Batched queries on AVX2, as lookup_queries512: each table row (8 floats) is loaded once for ng <= 4
 // groups of 8 tasks, and the 11 3-bit indices of every word are shifted out once for all queries.
 LUT_AVX2 void lookup_queries256(const __m256i (*words)[8], int ng, int64_t len, const float* tables,
-                                int64_t q_stride, int64_t nq, const uint32_t* wmask, float* part, int64_t part_stride) {
+                                int64_t q_stride, int64_t nq, const uint32_t* wmask, uint32_t tails, int tail_nc,
+                                float* part, int64_t part_stride) {
   alignas(32) __m256i idx[8][kQueryGroups][kGroups3];  // 11 KiB
   for (int64_t j = 0; j < len; ++j)
     for (int gi = 0; gi < ng; ++gi) {
-      idx[j][gi][0] = words[gi][j];
-      for (int c = 1; c < kGroups3; ++c) idx[j][gi][c] = _mm256_srli_epi32(words[gi][j], 3 * c);
+      const __m256i hi = _mm256_srli_epi32(words[gi][j], 16);
+#pragma GCC unroll 11
+      for (int c = 0; c < kGroups3; ++c) idx[j][gi][c] = index3_bits_at(words[gi][j], hi, 3 * c);
     }
   for (int64_t jq = 0; jq < nq; ++jq) {
     if (!wmask[jq]) continue;
@@ -485,6 +530,15 @@ LUT_AVX2 void lookup_queries256(const __m256i (*words)[8], int ng, int64_t len, 
     for (uint32_t m = wmask[jq]; m; m &= m - 1) {
       const int j = __builtin_ctz(m);
       const float* t = tb + j * kTab2;
+      if (tails >> j & 1) {  // a row's last word: only its valid groups
+        for (int c = 0; c < tail_nc; ++c) {
+          const __m256 tab = _mm256_load_ps(t + 8 * c);
+#pragma GCC unroll 4
+          for (int gi = 0; gi < kQueryGroups; ++gi)
+            if (gi < ng) acc[gi][0] = _mm256_add_ps(acc[gi][0], _mm256_permutevar8x32_ps(tab, _mm256_load_si256(&idx[j][gi][c])));
+        }
+        continue;
+      }
 #pragma GCC unroll 11
       for (int c = 0; c < kGroups3; ++c) {
         const __m256 tab = _mm256_load_ps(t + 8 * c);
@@ -503,9 +557,16 @@ LUT_AVX2 void lookup_queries256(const __m256i (*words)[8], int ng, int64_t len, 
 
 // One word of 8 tasks against its 11 tables of 3-bit groups t, into four accumulators.
 LUT_AVX2 inline void lookup_word256(__m256* acc, __m256i wj, const float* t) {
+  const __m256i hi = _mm256_srli_epi32(wj, 16);
 #pragma GCC unroll 11
   for (int p = 0; p < kGroups3; ++p)
-    acc[p & 3] = _mm256_add_ps(acc[p & 3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8 * p), _mm256_srli_epi32(wj, 3 * p)));
+    acc[p & 3] = _mm256_add_ps(acc[p & 3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8 * p), index3_bits_at(wj, hi, 3 * p)));
+}
+
+// A row's last word: its first nc groups only (the rest are padding).
+LUT_AVX2 inline void lookup_tail256(__m256* acc, __m256i wj, const float* t, int nc) {
+  for (int p = 0; p < nc; ++p, wj = _mm256_srli_epi32(wj, 3))
+    acc[0] = _mm256_add_ps(acc[0], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8 * p), wj));
 }
 
 // 8 tasks' words [fw, fw + len) (len <= 8) as 8 vectors, vector j holding word j of every task (zero
@@ -539,7 +600,7 @@ LUT_AVX2 inline void load_chunk8(const int32_t* const* rows, int64_t cnt, const 
 
 // One query over a block's chunks (tables: the block's, back to back), all groups of 8 tasks.
 LUT_AVX2 void single256(const int32_t* bank, int64_t stride, const int64_t* active, int64_t k, const float* tables,
-                        const Chunks& ch, float* part) {
+                        const Chunks& ch, int tail_nc, float* part) {
   const int64_t groups = (k + 7) / 8;
   const int32_t* rows[2][1][8];
   int64_t cnt[2];
@@ -560,8 +621,12 @@ LUT_AVX2 void single256(const int32_t* bank, int64_t stride, const int64_t* acti
         load_chunk8(rows[cur][0], cnt[cur], ch, c, words);
       }
       const float* tb = tables + c * 8 * kTab2;
+      const uint32_t tails = tail_nc < kGroups3 ? ch.tails[c] : 0;
       for (int j = 0; j < ch.len(c, 8); ++j) {
-        lookup_word256(acc, words[j], tb + j * kTab2);
+        if (tails >> j & 1)
+          lookup_tail256(acc, words[j], tb + j * kTab2, tail_nc);
+        else
+          lookup_word256(acc, words[j], tb + j * kTab2);
       }
     }
     float* pp = part + g * 8;
@@ -578,12 +643,13 @@ LUT_AVX2 void lut256(const int32_t* bank, int64_t R, int64_t W, const Src* srcs,
   std::vector<float> part(static_cast<size_t>(nq) * groups * 8, 0.0f);
   std::vector<float> tbuf(static_cast<size_t>(nq) * bw * kTab2 + 16);
   float* tables = align64(tbuf);
+  const int tail_nc = nq > 0 ? tail_lookups(srcs[0].n, W, 3) : kGroups3;
   if (nq == 1) {  // one query: the words of inactive rows are not even read
     std::vector<Run> runs;
     Chunks ch;
     for (int64_t fw = fwa; gather_runs(srcs[0], W, &fw, fwb, bw, kTab2, tables, runs, build256<Src>);) {
-      chunk_runs(runs, 8, ch);
-      single256(bank, stride, active, k, tables, ch, part.data());
+      chunk_runs(runs, 8, W, ch);
+      single256(bank, stride, active, k, tables, ch, tail_nc, part.data());
     }
   } else {  // batched queries: up to 4 groups share each table load; each query looks up its active words
     std::vector<uint32_t> wmask(static_cast<size_t>(nq) * (bw / 8));
@@ -604,7 +670,9 @@ LUT_AVX2 void lut256(const int32_t* bank, int64_t R, int64_t W, const Src* srcs,
           const int64_t len = std::min<int64_t>(8, fw1 - fw);
           __m256i words[kQueryGroups][8];
           for (int gi = 0; gi < ng; ++gi) load_words8(rows[gi], cnt[gi], fw, len, words[gi]);
-          lookup_queries256(words, ng, len, tables + (fw - fw0) * kTab2, bw * kTab2, nq, wm, part.data() + g * 8, groups * 8);
+          const uint32_t tails = tail_nc < kGroups3 ? tail_words(W, fw, len) : 0;
+          lookup_queries256(words, ng, len, tables + (fw - fw0) * kTab2, bw * kTab2, nq, wm, tails, tail_nc, part.data() + g * 8,
+                            groups * 8);
         }
       }
     }
@@ -625,6 +693,7 @@ LUT_AVX2 void rows256(const int32_t* bank, int64_t R, int64_t W, const RowSrc& s
                       int64_t r1) {
   const int64_t stride = R * W, groups = (k + 7) / 8;
   const int64_t rows_per_block = std::max<int64_t>(1, kLutBlockFloats / kTab2 / W);
+  const int tail_nc = tail_lookups(src.n, W, 3);
   thread_local std::vector<float> tbuf;
   if (tbuf.size() < static_cast<size_t>(rows_per_block * W * kTab2 + 16)) tbuf.resize(rows_per_block * W * kTab2 + 16);
   float* tables = align64(tbuf);
@@ -647,7 +716,10 @@ LUT_AVX2 void rows256(const int32_t* bank, int64_t R, int64_t W, const RowSrc& s
             ++row;
             row_end += W;
           }
-          lookup_word256(acc, words[j], tables + (fw + j - fwa) * kTab2);
+          if (tail_nc < kGroups3 && fw + j == row_end - 1)
+            lookup_tail256(acc, words[j], tables + (fw + j - fwa) * kTab2, tail_nc);
+          else
+            lookup_word256(acc, words[j], tables + (fw + j - fwa) * kTab2);
         }
       }
       flush_row256(acc, out + row * k + 8 * g, cnt);

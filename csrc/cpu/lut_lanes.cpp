@@ -46,8 +46,9 @@ LANES_AVX512 void build_word512(const float* gT, const float* xT, const float* w
   }
 }
 
+// tails: bit j set where word j is a row's last, of which only the first tail_np nibbles are looked up.
 LANES_AVX512 void lookup512(const int32_t* bank, int64_t stride, int64_t k, const float* tables, int64_t fw, int64_t len,
-                            float* out) {
+                            uint32_t tails, int tail_np, float* out) {
   for (int64_t t = 0; t < k; ++t) {
     const uint32_t* wp = reinterpret_cast<const uint32_t*>(bank + t * stride + fw);
     if (t + 8 < k) __builtin_prefetch(bank + (t + 8) * stride + fw, 0, 1);
@@ -55,6 +56,11 @@ LANES_AVX512 void lookup512(const int32_t* bank, int64_t stride, int64_t k, cons
     for (int64_t j = 0; j < len; ++j) {
       const char* tj = reinterpret_cast<const char*>(tables + j * kWordFloats);
       const uint32_t x = wp[j];
+      if (tails >> j & 1) {
+        for (int p = 0; p < tail_np; ++p)
+          a0 = _mm512_add_ps(a0, _mm512_load_ps(tj + p * 1024 + (((x >> (4 * p)) & 15u) << 6)));
+        continue;
+      }
       // byte offset of nibble p's entry: ((x >> 4p) & 15) * 64 + p * 1024
       a0 = _mm512_add_ps(a0, _mm512_load_ps(tj + ((x << 6) & 0x3C0)));
       a1 = _mm512_add_ps(a1, _mm512_load_ps(tj + 1024 + ((x << 2) & 0x3C0)));
@@ -97,7 +103,7 @@ LANES_AVX2 void build_word256(const float* gT, const float* xT, const float* w, 
 }
 
 LANES_AVX2 void lookup256(const int32_t* bank, int64_t stride, int64_t k, const float* tables, int64_t fw, int64_t len,
-                          float* out) {
+                          uint32_t tails, int tail_np, float* out) {
   for (int64_t t = 0; t < k; ++t) {
     const uint32_t* wp = reinterpret_cast<const uint32_t*>(bank + t * stride + fw);
     if (t + 8 < k) __builtin_prefetch(bank + (t + 8) * stride + fw, 0, 1);
@@ -105,6 +111,14 @@ LANES_AVX2 void lookup256(const int32_t* bank, int64_t stride, int64_t k, const 
     for (int64_t j = 0; j < len; ++j) {
       const char* tj = reinterpret_cast<const char*>(tables + j * kWordFloats);
       const uint32_t x = wp[j];
+      if (tails >> j & 1) {
+        for (int p = 0; p < tail_np; ++p) {
+          const float* e = reinterpret_cast<const float*>(tj + p * 1024 + (((x >> (4 * p)) & 15u) << 6));
+          a0 = _mm256_add_ps(a0, _mm256_load_ps(e));
+          a1 = _mm256_add_ps(a1, _mm256_load_ps(e + 8));
+        }
+        continue;
+      }
       for (int p = 0; p < 8; p += 2) {
         const float* e0 = reinterpret_cast<const float*>(tj + p * 1024 + (((x >> (4 * p)) & 15u) << 6));
         const float* e1 = reinterpret_cast<const float*>(tj + (p + 1) * 1024 + (((x >> (4 * p + 4)) & 15u) << 6));
@@ -130,8 +144,12 @@ void mask_dot_rank1_lanes(Isa isa, const int32_t* bank, int64_t R, int64_t W, in
   thread_local std::vector<float> tbuf;
   if (tbuf.size() < static_cast<size_t>(kBlockWords * kWordFloats + 16)) tbuf.resize(kBlockWords * kWordFloats + 16);
   float* tables = align64(tbuf);
+  const int tail_np = static_cast<int>((n - 32 * (W - 1) + 3) / 4);  // nibbles of a row's last word
   for (int64_t fw = fw0; fw < fw1; fw += kBlockWords) {
     const int64_t len = std::min(kBlockWords, fw1 - fw);
+    uint32_t tails = 0;  // the words of the block that end a row, when their padding fills whole nibbles
+    for (int64_t j = 0; j < len && tail_np < 8; ++j)
+      if ((fw + j) % W == W - 1) tails |= 1u << j;
     for (int64_t j = 0; j < len; ++j) {
       const int64_t r = (fw + j) / W, qw = (fw + j) % W;
       if (isa == Isa::Avx512)
@@ -140,9 +158,9 @@ void mask_dot_rank1_lanes(Isa isa, const int32_t* bank, int64_t R, int64_t W, in
         build_word256(gT, xT, w, n, r, qw, tables + j * kWordFloats);
     }
     if (isa == Isa::Avx512)
-      lookup512(bank, stride, k, tables, fw, len, out);
+      lookup512(bank, stride, k, tables, fw, len, tails, tail_np, out);
     else
-      lookup256(bank, stride, k, tables, fw, len, out);
+      lookup256(bank, stride, k, tables, fw, len, tails, tail_np, out);
   }
 }
 

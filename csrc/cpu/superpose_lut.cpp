@@ -122,10 +122,9 @@ AVX512_GFNI_TARGET void pass512(const int32_t* const* task, int64_t words, const
     for (int j = 0; j < 8; ++j) {
 #pragma GCC unroll 4
       for (int sh = 0; sh < 4; ++sh) {
-        // dword lane i of grp holds weights 64j + 4i .. 4i+3; shifting by 8 sh brings weight 4i + sh's
-        // byte down, and vpermps reads only the index's low 4 bits.
-        const __m512i a_lo = _mm512_srli_epi32(grp[0][j], 8 * sh), a_hi = _mm512_srli_epi32(grp[0][j], 8 * sh + 4);
-        const __m512i b_lo = _mm512_srli_epi32(grp[1][j], 8 * sh), b_hi = _mm512_srli_epi32(grp[1][j], 8 * sh + 4);
+        // dword lane i of grp holds weights 64j + 4i .. 4i+3: weight 4i + sh's byte, a nibble at a time
+        const __m512i a_lo = index_bits_at(grp[0][j], 8 * sh), a_hi = index_bits_at(grp[0][j], 8 * sh + 4);
+        const __m512i b_lo = index_bits_at(grp[1][j], 8 * sh), b_hi = index_bits_at(grp[1][j], 8 * sh + 4);
         const __m512 x = _mm512_add_ps(_mm512_permutexvar_ps(a_lo, table0), _mm512_permutexvar_ps(a_hi, table1));
         const __m512 y = _mm512_add_ps(_mm512_permutexvar_ps(b_lo, table2), _mm512_permutexvar_ps(b_hi, table3));
         float* p = s + 64 * j + 16 * sh;
@@ -254,13 +253,14 @@ AVX2_LUT_TARGET void pass256(const int32_t* const* task, int64_t words, const fl
       const __m256 t0 = _mm256_load_ps(tb), t1 = _mm256_load_ps(tb + 8), t2 = _mm256_load_ps(tb + 16);
 #pragma GCC unroll 8
       for (int v = 0; v < 8; ++v) {
+        const __m256i hi = _mm256_srli_epi32(tr[v], 16);
 #pragma GCC unroll 4
         for (int sh = 0; sh < 4; ++sh) {
-          // vpermps ymm reads the index's low 3 bits: tasks 0-2, 3-5 and 6-7 of weight byte 4d + sh.
+          // tasks 0-2, 3-5 and 6-7 of weight byte 4d + sh
           const __m256 x = _mm256_add_ps(
-              _mm256_add_ps(_mm256_permutevar8x32_ps(t0, _mm256_srli_epi32(tr[v], 8 * sh)),
-                            _mm256_permutevar8x32_ps(t1, _mm256_srli_epi32(tr[v], 8 * sh + 3))),
-              _mm256_permutevar8x32_ps(t2, _mm256_srli_epi32(tr[v], 8 * sh + 6)));
+              _mm256_add_ps(_mm256_permutevar8x32_ps(t0, index3_bits_at(tr[v], hi, 8 * sh)),
+                            _mm256_permutevar8x32_ps(t1, index3_bits_at(tr[v], hi, 8 * sh + 3))),
+              _mm256_permutevar8x32_ps(t2, index3_bits_at(tr[v], hi, 8 * sh + 6)));
           float* p = s + 32 * v + 8 * sh;
           _mm256_store_ps(p, init && g == 0 ? x : _mm256_add_ps(_mm256_load_ps(p), x));
         }

@@ -62,6 +62,9 @@ SCRIPT = textwrap.dedent("""
         for k in (4, 17, 100):
             m = torch.rand(k, R, n) > 0.5
             bank, W = ss.pack_bits(m), ri(R, n)
+            dirty = bank.clone()  # set pad bits: a row's last word is looked up only for its valid nibbles
+            if n % 32:
+                dirty[..., -1] |= -(1 << (n % 32))
             for q in (1, 5, 40):
                 g, x = ri(q, R), ri(q, n)
                 g[:, 5:17] = 0  # a run of dead rows
@@ -69,8 +72,8 @@ SCRIPT = textwrap.dedent("""
                 if q > 1:
                     g[1] = 0  # a query with no live row
                 exp = ref.mask_dot_outer(bank, g, x, W)
-                assert torch.equal(C.mask_dot_rank1_batched(bank, g, x, W), exp), (n, R, k, q)
-                assert torch.equal(C.mask_dot_rank1(bank, g[0], x[0], W), exp[0]), (n, R, k, q)
+                assert torch.equal(C.mask_dot_rank1_batched(dirty, g, x, W), exp), (n, R, k, q)
+                assert torch.equal(C.mask_dot_rank1(dirty, g[0], x[0], W), exp[0]), (n, R, k, q)
             assert torch.equal(C.mask_dot_rank1(bank, torch.zeros(R), x[0], W), torch.zeros(k))
             # 0 · inf is NaN, as in the reference: with x or w not finite no row is skipped
             xi, Wi = x[0].clone(), W.clone()
