@@ -29,10 +29,15 @@ inline uint32_t valid_mask(int64_t n, int64_t q) {
   return rem >= 32 ? 0xFFFFFFFFu : ((1u << rem) - 1u);
 }
 
-// Lookups that a row's last word needs, its valid bits taken `bits` at a time: fewer than a whole
-// word's where n is not a multiple of 32 (a 100-wide row's last word holds 4 bits: one nibble of
-// eight). The tables past them hold only padding's zeros and are skipped.
-inline int tail_lookups(int64_t n, int64_t W, int bits) { return static_cast<int>((n - 32 * (W - 1) + bits - 1) / bits); }
+// Lookups that a row's last word needs, its valid bits taken `bits` at a time (full: a whole word's).
+// Where that saves an eighth of a row's lookups or more (a 100-wide row's last word holds 4 bits: one
+// nibble of eight, 22 % of the row), the kernels skip the rest, whose tables hold only padding's
+// zeros. Below that the test in the inner loop costs more than it saves (784-wide rows, 2 % of the
+// lookups: 2-5 % slower on Zen 4), and every word takes the full lookup.
+inline int tail_lookups(int64_t n, int64_t W, int bits, int full) {
+  const int need = static_cast<int>((n - 32 * (W - 1) + bits - 1) / bits);
+  return 8 * (full - need) >= W * full ? need : full;
+}
 
 // Bit j set where flat word fw + j (j < len <= 32) is the last word of its row.
 inline uint32_t tail_words(int64_t W, int64_t fw, int64_t len) {
@@ -378,7 +383,7 @@ LUT_AVX512 void lut512(const int32_t* bank, int64_t R, int64_t W, const Src* src
   std::vector<float> part(static_cast<size_t>(nq) * groups * 16, 0.0f);
   std::vector<float> tbuf(static_cast<size_t>(nq) * bw * 128 + 16);
   float* tables = align64(tbuf);
-  const int tail_np = nq > 0 ? tail_lookups(srcs[0].n, W, 4) : 8;
+  const int tail_np = nq > 0 ? tail_lookups(srcs[0].n, W, 4, 8) : 8;
   if (nq == 1) {  // one query: the words of inactive rows are not even read
     std::vector<Run> runs;
     Chunks ch;
@@ -429,7 +434,7 @@ LUT_AVX512 void rows512(const int32_t* bank, int64_t R, int64_t W, const RowSrc&
                         int64_t r1) {
   const int64_t stride = R * W, groups = (k + 15) / 16;
   const int64_t rows_per_block = std::max<int64_t>(1, kLutBlockFloats / 128 / W);
-  const int tail_np = tail_lookups(src.n, W, 4);
+  const int tail_np = tail_lookups(src.n, W, 4, 8);
   thread_local std::vector<float> tbuf;
   if (tbuf.size() < static_cast<size_t>(rows_per_block * W * 128 + 16)) tbuf.resize(rows_per_block * W * 128 + 16);
   float* tables = align64(tbuf);
@@ -518,9 +523,8 @@ LUT_AVX2 void lookup_queries256(const __m256i (*words)[8], int ng, int64_t len, 
   alignas(32) __m256i idx[8][kQueryGroups][kGroups3];  // 11 KiB
   for (int64_t j = 0; j < len; ++j)
     for (int gi = 0; gi < ng; ++gi) {
-      const __m256i hi = _mm256_srli_epi32(words[gi][j], 16);
-#pragma GCC unroll 11
-      for (int c = 0; c < kGroups3; ++c) idx[j][gi][c] = index3_bits_at(words[gi][j], hi, 3 * c);
+      idx[j][gi][0] = words[gi][j];
+      for (int c = 1; c < kGroups3; ++c) idx[j][gi][c] = _mm256_srli_epi32(words[gi][j], 3 * c);
     }
   for (int64_t jq = 0; jq < nq; ++jq) {
     if (!wmask[jq]) continue;
@@ -555,12 +559,13 @@ LUT_AVX2 void lookup_queries256(const __m256i (*words)[8], int ng, int64_t len, 
   }
 }
 
-// One word of 8 tasks against its 11 tables of 3-bit groups t, into four accumulators.
+// One word of 8 tasks against its 11 tables of 3-bit groups t, into four accumulators. The indices
+// are shifts: simd.h's multiply-high (index3_bits_at), faster in an isolated loop, made this kernel
+// 4-5 % slower on Zen 4 (sixteen ymm registers hold its constants and the tables poorly).
 LUT_AVX2 inline void lookup_word256(__m256* acc, __m256i wj, const float* t) {
-  const __m256i hi = _mm256_srli_epi32(wj, 16);
 #pragma GCC unroll 11
   for (int p = 0; p < kGroups3; ++p)
-    acc[p & 3] = _mm256_add_ps(acc[p & 3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8 * p), index3_bits_at(wj, hi, 3 * p)));
+    acc[p & 3] = _mm256_add_ps(acc[p & 3], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8 * p), _mm256_srli_epi32(wj, 3 * p)));
 }
 
 // A row's last word: its first nc groups only (the rest are padding).
@@ -643,7 +648,7 @@ LUT_AVX2 void lut256(const int32_t* bank, int64_t R, int64_t W, const Src* srcs,
   std::vector<float> part(static_cast<size_t>(nq) * groups * 8, 0.0f);
   std::vector<float> tbuf(static_cast<size_t>(nq) * bw * kTab2 + 16);
   float* tables = align64(tbuf);
-  const int tail_nc = nq > 0 ? tail_lookups(srcs[0].n, W, 3) : kGroups3;
+  const int tail_nc = nq > 0 ? tail_lookups(srcs[0].n, W, 3, kGroups3) : kGroups3;
   if (nq == 1) {  // one query: the words of inactive rows are not even read
     std::vector<Run> runs;
     Chunks ch;
@@ -693,7 +698,7 @@ LUT_AVX2 void rows256(const int32_t* bank, int64_t R, int64_t W, const RowSrc& s
                       int64_t r1) {
   const int64_t stride = R * W, groups = (k + 7) / 8;
   const int64_t rows_per_block = std::max<int64_t>(1, kLutBlockFloats / kTab2 / W);
-  const int tail_nc = tail_lookups(src.n, W, 3);
+  const int tail_nc = tail_lookups(src.n, W, 3, kGroups3);
   thread_local std::vector<float> tbuf;
   if (tbuf.size() < static_cast<size_t>(rows_per_block * W * kTab2 + 16)) tbuf.resize(rows_per_block * W * kTab2 + 16);
   float* tables = align64(tbuf);
