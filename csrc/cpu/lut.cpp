@@ -29,23 +29,6 @@ inline uint32_t valid_mask(int64_t n, int64_t q) {
   return rem >= 32 ? 0xFFFFFFFFu : ((1u << rem) - 1u);
 }
 
-// Lookups that a row's last word needs, its valid bits taken `bits` at a time (full: a whole word's).
-// Where that saves an eighth of a row's lookups or more (a 100-wide row's last word holds 4 bits: one
-// nibble of eight, 22 % of the row), the kernels skip the rest, whose tables hold only padding's
-// zeros. Below that the test in the inner loop costs more than it saves (784-wide rows, 2 % of the
-// lookups: 2-5 % slower on Zen 4), and every word takes the full lookup.
-inline int tail_lookups(int64_t n, int64_t W, int bits, int full) {
-  const int need = static_cast<int>((n - 32 * (W - 1) + bits - 1) / bits);
-  return 8 * (full - need) >= W * full ? need : full;
-}
-
-// Bit j set where flat word fw + j (j < len <= 32) is the last word of its row.
-inline uint32_t tail_words(int64_t W, int64_t fw, int64_t len) {
-  uint32_t m = 0;
-  for (int64_t e = (fw / W + 1) * W - 1; e < fw + len; e += W) m |= 1u << (e - fw);
-  return m;
-}
-
 // Values of v for one mask word: vals[i] for the 32 bits of word q of row r, zero where the bit
 // is padding. Plain loops: the table build is shared by every task and costs little.
 struct DenseSrc {
@@ -560,7 +543,7 @@ LUT_AVX2 void lookup_queries256(const __m256i (*words)[8], int ng, int64_t len, 
 }
 
 // One word of 8 tasks against its 11 tables of 3-bit groups t, into four accumulators. The indices
-// are shifts: simd.h's multiply-high (index3_bits_at), faster in an isolated loop, made this kernel
+// are shifts: the multiply-high of superpose_lut.cpp (index3_bits_at), faster in an isolated loop, made this kernel
 // 4-5 % slower on Zen 4 (sixteen ymm registers hold its constants and the tables poorly).
 LUT_AVX2 inline void lookup_word256(__m256* acc, __m256i wj, const float* t) {
 #pragma GCC unroll 11

@@ -49,6 +49,23 @@ bool superpose_lut_available(Isa isa);
 void superpose_lut(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
                    const int64_t* active, float* out, int64_t r0, int64_t r1);
 
+// Lookups that a row's last word needs, its valid bits taken `bits` at a time (full: a whole word's).
+// Where that saves an eighth of a row's lookups or more (a 100-wide row's last word holds 4 bits: one
+// nibble of eight, 22 % of the row), the kernels skip the rest, whose tables hold only padding's
+// zeros. Below that the test in the inner loop costs more than it saves (784-wide rows, 2 % of the
+// lookups: 2-5 % slower on Zen 4), and every word takes the full lookup.
+inline int tail_lookups(int64_t n, int64_t W, int bits, int full) {
+  const int need = static_cast<int>((n - 32 * (W - 1) + bits - 1) / bits);
+  return 8 * (full - need) >= W * full ? need : full;
+}
+
+// Bit j set where flat word fw + j (j < len <= 32) is the last word of its row.
+inline uint32_t tail_words(int64_t W, int64_t fw, int64_t len) {
+  uint32_t m = 0;
+  for (int64_t e = (fw / W + 1) * W - 1; e < fw + len; e += W) m |= 1u << (e - fw);
+  return m;
+}
+
 // Whether mask_dot_lut runs a table kernel for this ISA (scalar: a per-task loop instead).
 bool lut_available(Isa isa);
 

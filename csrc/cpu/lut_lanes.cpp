@@ -144,13 +144,10 @@ void mask_dot_rank1_lanes(Isa isa, const int32_t* bank, int64_t R, int64_t W, in
   thread_local std::vector<float> tbuf;
   if (tbuf.size() < static_cast<size_t>(kBlockWords * kWordFloats + 16)) tbuf.resize(kBlockWords * kWordFloats + 16);
   float* tables = align64(tbuf);
-  // the nibbles of a row's last word, where skipping the rest saves an eighth of a row (lut.cpp tail_lookups)
-  const int need = static_cast<int>((n - 32 * (W - 1) + 3) / 4), tail_np = 8 * (8 - need) >= 8 * W ? need : 8;
+  const int tail_np = tail_lookups(n, W, 4, 8);
   for (int64_t fw = fw0; fw < fw1; fw += kBlockWords) {
     const int64_t len = std::min(kBlockWords, fw1 - fw);
-    uint32_t tails = 0;  // the words of the block that end a row, when their padding fills whole nibbles
-    for (int64_t j = 0; j < len && tail_np < 8; ++j)
-      if ((fw + j) % W == W - 1) tails |= 1u << j;
+    const uint32_t tails = tail_np < 8 ? tail_words(W, fw, len) : 0;
     for (int64_t j = 0; j < len; ++j) {
       const int64_t r = (fw + j) / W, qw = (fw + j) % W;
       if (isa == Isa::Avx512)

@@ -32,19 +32,6 @@ inline const int32_t* task_base(const int32_t* bank, const int64_t* active, int6
 // AVX2: 8 bits -> an 8-lane all-ones/zeros mask by broadcast, AND with the lane's bit, compare.
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
 
-// Bits [b, b + 3) of every dword lane of w moved to the lane's low bits, for vpermps ymm, which
-// reads only those: a table index (hi: w shifted right by 16, formed once per w). Inside one 16-bit
-// half this is a multiply-high, w16 · 2^(16 - s) >> 16 = w16 >> s, which on Zen 4 issues on other
-// pipes than shifts and vpermps (a 3-bit lookup loop ran 1.15x faster). b must be a compile-time
-// constant once inlined.
-AVX2_TARGET inline __m256i index3_bits_at(__m256i w, __m256i hi, int b) {
-  if (b == 0) return w;
-  if (b == 16) return hi;
-  if (b == 14 || b == 15) return _mm256_srli_epi32(w, b);  // the bits straddle the two halves
-  return b < 16 ? _mm256_mulhi_epu16(w, _mm256_set1_epi16(static_cast<int16_t>(1u << (16 - b))))
-                : _mm256_mulhi_epu16(hi, _mm256_set1_epi16(static_cast<int16_t>(1u << (32 - b))));
-}
-
 AVX2_TARGET inline __m256 bits8(uint32_t byte) {
   const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const __m256i b = _mm256_set1_epi32(static_cast<int>(byte));
