@@ -36,6 +36,18 @@ bool lanes_available(Isa isa);
 void mask_dot_rank1_lanes(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* gT,
                           const float* xT, const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1);
 
+// The task-interleaved copy of a bank (lut_interleaved.cpp): bank_t[f * kp + t] = bank[t * RW + f]
+// for the RW = R * W words f of a task, tasks t < k, and zero for k <= t < kp (kp: k rounded up to
+// 16). Flat words [fw0, fw1).
+void interleave_tasks(const int32_t* bank, int64_t k, int64_t RW, int64_t kp, int32_t* bank_t, int64_t fw0, int64_t fw1);
+
+// mask_dot_lut_rank1 over the task-interleaved copy, for q queries (g [q, R], x [q, n], w [R, n]):
+// acc[j * kp + t] gains the sums over rows [r0, r1) for task t (entries t >= k gain zero). With
+// skip_zero_rows (finite x and w only) a query's rows with g_j[r] == 0 are skipped whole.
+void mask_dot_rank1_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int64_t R, int64_t W, int64_t n,
+                                const float* g, const float* x, const float* w, int64_t q, float* acc, int64_t r0,
+                                int64_t r1, bool skip_zero_rows);
+
 // Every task's masked linear layer on one input, all at once: out[r * k + t] = sum over j of
 // bit(bank[t, r, j]) * w[r, j] * x[j] for rows [r0, r1) (bank [k, R, W], w [R, n], x [n], out [R, k]).
 // The tables of w ⊙ x are built once per block of rows and shared by all k tasks, as in mask_dot_lut.

@@ -35,9 +35,15 @@ def _check_query(model: nn.Module, x: torch.Tensor, name: str = "x") -> int:
 
 def alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_labels: int,
                    active: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """∂f/∂α at α = 1/k over the learned tasks (or the ``active`` subset): one forward, one backward."""
+    """∂f/∂α at α = 1/k over the learned tasks (or the ``active`` subset): one forward, one backward.
+    One image through an MLP, on a backend that reads the banks' task-interleaved copies, goes the
+    batched way (``alpha_gradients_batched`` of one query), which skips the bits of the dead rows."""
     k = num_tasks(model) if active is None else active.numel()
     device = next(iter(model.buffers())).device
+    if active is None and x.dim() >= 1 and x.shape[0] == 1 and ops.backend_for(device).reads_interleaved:
+        layers = supermask_layers(model)
+        if _rank1_model(model, layers):
+            return _rank1_alpha_gradients(model, layers, k, x, objective, num_labels)[0]
     alpha = torch.full((k,), 1.0 / k, device=device, requires_grad=True)
     with superposition(model, alpha, active=active, uniform=True):
         logits = model(x)
@@ -66,7 +72,10 @@ def infer_oneshot(model: nn.Module, x: torch.Tensor, objective: str = "entropy",
 def supports_batched(model: nn.Module) -> bool:
     """Batched task inference needs per-example weight gradients that are rank one: only
     SupermaskLinear layers, and no layer that mixes examples (BatchNorm)."""
-    layers = supermask_layers(model)
+    return _rank1_model(model, supermask_layers(model))
+
+
+def _rank1_model(model: nn.Module, layers: dict) -> bool:
     return bool(layers) and all(isinstance(l, SupermaskLinear) for l in layers.values()) and \
         not any(isinstance(m, (MultitaskBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
 
@@ -77,12 +86,16 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
     ``alpha_gradient(model, xs[j:j+1], ...)``. One superposed forward + backward for all q, then per
     layer one pass over the bits for a chunk of queries (``ops.mask_dot_outer``: the mask_dot of
     the per-query v_j = (g_j x_jᵀ) ⊙ W, which the CPU kernels never materialise), instead of q passes."""
-    if not supports_batched(model):
+    layers = supermask_layers(model)
+    if not _rank1_model(model, layers):
         raise ValueError("batched task inference needs a model of SupermaskLinear layers without BatchNorm "
                          "(an MLP such as fc1024 or lenet)")
-    k = num_tasks(model)
+    return _rank1_alpha_gradients(model, layers, num_tasks(model), xs, objective, num_labels, max_chunk_bytes)
+
+
+def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Tensor, objective: str, num_labels: int,
+                           max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
     q = xs.shape[0]
-    layers = supermask_layers(model)
     device = next(iter(model.buffers())).device
     alpha = torch.full((k,), 1.0 / k, device=device)
     seen = {}
@@ -100,14 +113,17 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
         for h in hooks:
             h.remove()
     out = torch.zeros(q, k, dtype=torch.float32, device=device)
+    # Where the backend reads it, each bank's task-interleaved copy (kept by the bank until it changes)
+    interleaved = ops.backend_for(device).reads_interleaved
     for name, g in zip(names, grads):
         layer, x_in = layers[name], seen[name][0].detach()
         w = layer.weight
         x2, g2 = x_in.reshape(q, -1), g.detach().reshape(q, -1)
+        bank_t = layer.bank.interleaved() if interleaved else None
         chunk = max(1, max_chunk_bytes // max(1, w.numel() * 4))
         for j0 in range(0, q, chunk):
             j1 = min(q, j0 + chunk)
-            out[j0:j1] += ops.mask_dot_outer(layer.bank.words, g2[j0:j1], x2[j0:j1].to(w.dtype), w).float()
+            out[j0:j1] += ops.mask_dot_outer(layer.bank.words, g2[j0:j1], x2[j0:j1].to(w.dtype), w, bank_t).float()
     return out
 
 

@@ -6,6 +6,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from .. import ops
 from ..bits import num_words
 
 
@@ -69,10 +70,39 @@ class MaskBank(TaskRows):
     def __init__(self, out_features: int, n: int, device=None):
         super().__init__((out_features, num_words(n)), torch.int32, device)
         self.n = int(n)
+        self._interleaved = None  # (key, tensor): see interleaved()
 
     @property
     def words(self) -> torch.Tensor:
         return self.rows
+
+    def interleaved(self) -> torch.Tensor:
+        """``ops.interleave_tasks(words)``, kept until the bank changes (a task appended, a row
+        rewritten, the bank truncated or moved): the layout in which one-image task inference on the
+        CPU reads only each query's live rows (``ops.mask_dot_outer(bank_t=)``). It holds as much
+        memory as the bank; ``drop_interleaved()`` frees it."""
+        key = (self.count, self.storage.data_ptr(), self.storage._version, self.storage.device)
+        if self._interleaved is None or self._interleaved[0] != key:
+            self._interleaved = None  # free the stale copy before building the new one
+            self._interleaved = (key, ops.interleave_tasks(self.words))
+        return self._interleaved[1]
+
+    def drop_interleaved(self) -> None:
+        self._interleaved = None
+
+    # A change frees the copy at once (training goes on without holding a stale one); the key in
+    # interleaved() also catches writes through the words view.
+    def append(self, rows: torch.Tensor) -> None:
+        self.drop_interleaved()
+        super().append(rows)
+
+    def set_row(self, index: int, row: torch.Tensor) -> None:
+        self.drop_interleaved()
+        super().set_row(index, row)
+
+    def truncate(self, count: int) -> None:
+        self.drop_interleaved()
+        super().truncate(count)
 
     def nbytes(self) -> int:
         return self.count * self.row_shape[0] * self.row_shape[1] * 4

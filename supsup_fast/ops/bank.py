@@ -5,12 +5,14 @@ bank_linear, every task's masked linear layer on one input at once."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import checks
 from .dispatch import _REFERENCE, _finite, _lead, _pick, eager_without_grad
+from .registry import backend_for
 
 
 @torch.library.custom_op("supsup::superpose", mutates_args=())
@@ -76,17 +78,23 @@ def _outer_in_range(g: Tensor, x: Tensor, weight: Tensor) -> bool:
 
 
 @torch.library.custom_op("supsup::mask_dot_outer", mutates_args=())
-def mask_dot_outer_op(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor) -> Tensor:
-    checks.check_mask_dot_outer(bank, g, x, weight)
+def mask_dot_outer_op(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor, bank_t: Optional[Tensor] = None) -> Tensor:
+    return _mask_dot_outer_body(bank, g, x, weight, bank_t)
+
+
+def _mask_dot_outer_body(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor, bank_t: Optional[Tensor]) -> Tensor:
+    checks.check_mask_dot_outer(bank, g, x, weight, bank_t)
     backend = _pick(bank.device, bank.shape[0], g.shape[0], weight.shape[0])
     if backend is not _REFERENCE and not _outer_in_range(g, x, weight):
         backend = _REFERENCE
-    return backend.mask_dot_outer(bank.contiguous(), g.contiguous(), x.contiguous(), weight.contiguous())
+    if bank_t is None or not backend.reads_interleaved:
+        return backend.mask_dot_outer(bank.contiguous(), g.contiguous(), x.contiguous(), weight.contiguous())
+    return backend.mask_dot_outer(bank.contiguous(), g.contiguous(), x.contiguous(), weight.contiguous(), bank_t.contiguous())
 
 
 @mask_dot_outer_op.register_fake
-def _(bank, g, x, weight):
-    checks.check_mask_dot_outer(bank, g, x, weight)
+def _(bank, g, x, weight, bank_t=None):
+    checks.check_mask_dot_outer(bank, g, x, weight, bank_t)
     return g.new_empty(g.shape[0], bank.shape[0])
 
 
@@ -152,11 +160,25 @@ def mask_dot(bank: Tensor, v: Tensor) -> Tensor:
     return mask_dot_op(bank, v)
 
 
-def mask_dot_outer(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+def mask_dot_outer(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor, bank_t: Optional[Tensor] = None) -> Tensor:
     """``mask_dot_batched(bank, g[:, :, None] * x[:, None, :] * weight)`` without materialising the
     q products: bank [k, R, W], g [q, R], x [q, n], weight [R, n] -> float [q, k]. Row j is the
-    α-gradient of a linear layer for one image with input x_j and output gradient g_j."""
-    return mask_dot_outer_op(bank, g, x, weight)
+    α-gradient of a linear layer for one image with input x_j and output gradient g_j.
+
+    ``bank_t``, optional, is ``interleave_tasks(bank)`` held by the caller (a cache, like ``s`` of
+    ``superposed_with_s``): a backend that reads it (``reads_interleaved``: cpu) skips each query's
+    rows with g_j = 0 whole and transposes no word; the result is the same."""
+    if eager_without_grad(bank, g, x, weight, bank_t):
+        return _mask_dot_outer_body(bank, g, x, weight, bank_t)
+    return mask_dot_outer_op(bank, g, x, weight, bank_t)
+
+
+def interleave_tasks(bank: Tensor) -> Tensor:
+    """The task-interleaved copy of a bank: [k, *lead, W] -> int32 [*lead, W, kp] with
+    ``out[..., w, t] = bank[t, ..., w]``, kp = k rounded up to 16 and zero words for t >= k. Word w of
+    16 consecutive tasks is one 64-byte vector there. As much memory as the bank."""
+    checks.check_bank(bank)
+    return backend_for(bank.device).interleave_tasks(bank)
 
 
 def bank_linear(x: Tensor, weight: Tensor, bank: Tensor) -> Tensor:

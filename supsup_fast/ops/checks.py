@@ -185,8 +185,10 @@ def check_bank_linear(x: torch.Tensor, weight: torch.Tensor, bank: torch.Tensor)
     same_device(x=x, weight=weight, bank=bank)
 
 
-def check_mask_dot_outer(bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
-    """bank [k, R, ceil(n/32)], g [q, R], x [q, n], weight [R, n], all of one float dtype."""
+def check_mask_dot_outer(bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         bank_t: Optional[torch.Tensor] = None) -> None:
+    """bank [k, R, ceil(n/32)], g [q, R], x [q, n], weight [R, n], all of one float dtype; bank_t, if
+    given, shaped as interleave_tasks(bank): [R, ceil(n/32), k rounded up to 16]."""
     check_bank(bank)
     for name, t in (("g", g), ("x", x), ("weight", weight)):
         _floating(name, t)
@@ -202,6 +204,12 @@ def check_mask_dot_outer(bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, w
     if not (g.dtype == x.dtype == weight.dtype):
         raise ValueError(f"g, x and weight must share one dtype, got {g.dtype}, {x.dtype}, {weight.dtype}")
     same_device(bank=bank, g=g, x=x, weight=weight)
+    if bank_t is not None:
+        words_tensor("bank_t", bank_t)
+        want = (R, num_words(n), -bank.shape[0] // 16 * -16)
+        if tuple(bank_t.shape) != want:
+            raise ValueError(f"bank_t must be interleave_tasks(bank), shape {want}, got {tuple(bank_t.shape)}")
+        same_device(bank=bank, bank_t=bank_t)
 
 
 def pair(name: str, value, n: int = 2) -> list:

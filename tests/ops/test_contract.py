@@ -82,6 +82,12 @@ def test_mask_dot_outer(pair, n, k, q):
     gi, xi, wi = (torch.randint(-3, 4, t.shape).float() for t in (g, x, w))
     got, ref = on(pair, ss.ops.mask_dot_outer, bank, gi, xi, wi)
     assert torch.equal(got, ref)
+    # given the bank's task-interleaved copy (read by the cpu backend, ignored by the others): the same
+    gi[:, 1] = 0  # a dead row, skipped whole in that layout
+    with_copy = lambda b, *a: ss.ops.mask_dot_outer(b, *a, ss.ops.interleave_tasks(b))
+    got, ref = on(pair, with_copy, bank, gi, xi, wi)
+    assert torch.equal(got, ref)
+    assert torch.equal(ref, ss.ops.mask_dot_outer(bank, gi, xi, wi))
 
 
 @pytest.mark.parametrize("n", SIZES)

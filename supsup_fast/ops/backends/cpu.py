@@ -80,6 +80,7 @@ class CpuBackend(ReferenceBackend):
     # the tasks of all of a task's test batches in one batched call.
     fast_batched_inference = True
     fast_bank_linear = True  # csrc/cpu/lut.cpp mask_dot_rows
+    reads_interleaved = True  # csrc/cpu/lut_interleaved.cpp
 
     def __init__(self):
         load_cpu_extension()
@@ -124,11 +125,15 @@ class CpuBackend(ReferenceBackend):
             return super().mask_dot_batched(bank, v)
         return self.ops.mask_dot_batched(bank.contiguous(), v.contiguous())
 
-    def mask_dot_outer(self, bank, g, x, weight):
+    def mask_dot_outer(self, bank, g, x, weight, bank_t=None):
         if weight.dtype != torch.float32:
             return super().mask_dot_outer(bank, g, x, weight)
         # v_j = (g_j x_jᵀ) ⊙ W is formed inside the lookup-table build, never materialised.
-        return self.ops.mask_dot_rank1_batched(bank.contiguous(), g.contiguous(), x.contiguous(), weight.contiguous())
+        return self.ops.mask_dot_rank1_batched(bank.contiguous(), g.contiguous(), x.contiguous(), weight.contiguous(),
+                                               None if bank_t is None else bank_t.contiguous())
+
+    def interleave_tasks(self, bank):
+        return self.ops.interleave_tasks(bank.contiguous())
 
     def threshold_masked_weight(self, scores, weight):
         if weight.dtype != torch.float32 or scores.dtype != torch.float32:

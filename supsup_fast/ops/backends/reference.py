@@ -64,6 +64,9 @@ class ReferenceBackend:
     # bank_linear (every task's output of a layer) is a native one-pass kernel: superposed_linear then
     # computes a first layer's y = D α and, through autograd, its α-gradient Dᵀg from one pass.
     fast_bank_linear = False
+    # mask_dot_outer reads a bank's task-interleaved copy (interleave_tasks) when given one: task
+    # inference then keeps that copy (as much memory as the bank) for its one-image queries.
+    reads_interleaved = False
 
     def supports(self, device: torch.device) -> bool:
         return True
@@ -137,9 +140,18 @@ class ReferenceBackend:
                     out[r0:r0 + step, :, s:e] += torch.einsum("crw,brw->brc", ((chunk >> b) & 1).to(v.dtype), v[..., b])
         return out.reshape(*x.shape[:-1], rows, k)
 
-    def mask_dot_outer(self, bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """mask_dot_batched of the q products (g_j x_jᵀ) ⊙ W: [k, R, W] x g [q, R], x [q, n] -> [q, k]."""
+    def mask_dot_outer(self, bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                       bank_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mask_dot_batched of the q products (g_j x_jᵀ) ⊙ W: [k, R, W] x g [q, R], x [q, n] -> [q, k]
+        (bank_t, the bank's task-interleaved copy, is not needed here)."""
         return self.mask_dot_batched(bank, g[:, :, None] * x[:, None, :] * weight)
+
+    def interleave_tasks(self, bank: torch.Tensor) -> torch.Tensor:
+        """[k, *lead, W] -> [*lead, W, kp]: word w of every task side by side, kp = k rounded up to 16,
+        zero words for the tasks past k."""
+        k = bank.shape[0]
+        out = bank.movedim(0, -1)
+        return F.pad(out, (0, -k % 16)).contiguous()
 
     def mask_dot_batched(self, bank: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(⟨Mᵢ, v_j⟩): [k, *lead, W] x [q, *lead, n] -> [q, k], bit plane by bit plane."""

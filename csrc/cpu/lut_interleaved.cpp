@@ -1,0 +1,187 @@
+// Rank-1 mask_dot over a task-interleaved bank (lut.h, mask_dot_rank1_interleaved): word q of row r
+// of every task lies in one run of kp int32, so 16 tasks' word is one aligned 64-byte load (no
+// transpose), the rows that a query skips are skipped whole (in the canonical layout a dead 25-word
+// row lies between live ones, and skipping it saved almost no memory traffic), and a word's nibble
+// tables, built once per query and word, stay in registers while every task streams past them.
+// AVX-512: 8 tables of 16 fp32 subset sums, one vpermps per nibble of 16 tasks. AVX2: 11 tables of
+// 8 (3-bit groups), one vpermps ymm per group of 8 tasks. Scalar: a per-task loop. Loads are
+// unaligned: a view's data need not start on 64 bytes.
+#include "lut.h"
+#include "simd.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace supsup_cpu {
+namespace {
+
+#define IL_AVX2 __attribute__((target("avx2,fma")))
+#define IL_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+
+// Tasks per block of a word's run: its bits (16 KiB) stay in L1 while every query of the call reads them.
+constexpr int64_t kTaskBlock = 4096;
+
+// g_r * x[j] * w[r, j] for the 32 columns of word q, zero past n.
+inline void rank1_word(float gr, const float* x, const float* w_row, int64_t n, int64_t q, float* vals) {
+  const int64_t len = std::min<int64_t>(32, n - 32 * q);
+  for (int64_t i = 0; i < len; ++i) vals[i] = gr * (x[32 * q + i] * w_row[32 * q + i]);
+  for (int64_t i = len; i < 32; ++i) vals[i] = 0.0f;
+}
+
+struct Query {
+  const float* g;  // [R]
+  const float* x;  // [n]
+  float* acc;      // [kp]
+};
+
+// The loop shared by every ISA: rows [r0, r1), each word, each block of tasks, each query whose row is
+// live; `word` looks one query's word up for tasks [t0, t1) (t0, t1 multiples of 16) with np table
+// groups (fewer than full only in a row's last word, where the rest hold padding).
+template <class Word>
+void for_each_query_word(int64_t kp, int64_t R, int64_t W, int64_t n, const float* w, const Query* qs, int64_t nq,
+                         int64_t r0, int64_t r1, bool skip_zero_rows, int tail_np, int full_np, Word word) {
+  alignas(64) float vals[36];
+  (void)R;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t q = 0; q < W; ++q) {
+      const int np = q == W - 1 ? tail_np : full_np;
+      for (int64_t t0 = 0; t0 < kp; t0 += kTaskBlock) {
+        const int64_t t1 = std::min(kp, t0 + kTaskBlock);
+        for (int64_t j = 0; j < nq; ++j) {
+          const float gr = qs[j].g[r];
+          if (skip_zero_rows && gr == 0.0f) continue;
+          rank1_word(gr, qs[j].x, w + r * n, n, q, vals);
+          vals[32] = vals[33] = 0.0f;
+          word(vals, np, (r * W + q) * kp, t0, t1, qs[j].acc);
+        }
+      }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// AVX-512
+IL_AVX512 inline void tables16(const float* vals, __m512* t) {
+  const __mmask16 has_bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
+  for (int p = 0; p < 8; ++p) {
+    __m512 tab = _mm512_setzero_ps();
+    for (int b = 0; b < 4; ++b) tab = _mm512_mask_add_ps(tab, has_bit[b], tab, _mm512_set1_ps(vals[4 * p + b]));
+    t[p] = tab;
+  }
+}
+
+IL_AVX512 inline __m512 lookup8(__m512i b, const __m512* t) {
+  __m512 s0 = _mm512_permutexvar_ps(b, t[0]);
+  __m512 s1 = _mm512_permutexvar_ps(index_bits_at(b, 4), t[1]);
+  __m512 s2 = _mm512_permutexvar_ps(index_bits_at(b, 8), t[2]);
+  __m512 s3 = _mm512_permutexvar_ps(index_bits_at(b, 12), t[3]);
+  s0 = _mm512_add_ps(s0, _mm512_permutexvar_ps(index_bits_at(b, 16), t[4]));
+  s1 = _mm512_add_ps(s1, _mm512_permutexvar_ps(index_bits_at(b, 20), t[5]));
+  s2 = _mm512_add_ps(s2, _mm512_permutexvar_ps(index_bits_at(b, 24), t[6]));
+  s3 = _mm512_add_ps(s3, _mm512_permutexvar_ps(index_bits_at(b, 28), t[7]));
+  return _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+}
+
+IL_AVX512 void word512(const int32_t* bank_t, const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* acc) {
+  __m512 t[8];
+  tables16(vals, t);
+  const int32_t* bits = bank_t + base;
+  if (np == 8) {
+    for (int64_t i = t0; i < t1; i += 16)
+      _mm512_storeu_ps(acc + i, _mm512_add_ps(_mm512_loadu_ps(acc + i), lookup8(_mm512_loadu_si512(bits + i), t)));
+    return;
+  }
+  for (int64_t i = t0; i < t1; i += 16) {
+    __m512i b = _mm512_loadu_si512(bits + i);
+    __m512 s = _mm512_loadu_ps(acc + i);
+    for (int p = 0; p < np; ++p, b = index_bits_at(b, 4)) s = _mm512_add_ps(s, _mm512_permutexvar_ps(b, t[p]));
+    _mm512_storeu_ps(acc + i, s);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// AVX2: 3-bit groups (lut.cpp's kGroups3 layout: ten of 3 bits, the last of 2)
+constexpr int kGroups3 = 11;
+
+IL_AVX2 inline void tables8(const float* vals, __m256* t) {
+  const __m256 m0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+  const __m256 m1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
+  const __m256 m2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
+  for (int p = 0; p < kGroups3; ++p) {
+    __m256 tab = _mm256_and_ps(m0, _mm256_set1_ps(vals[3 * p]));
+    tab = _mm256_add_ps(tab, _mm256_and_ps(m1, _mm256_set1_ps(vals[3 * p + 1])));
+    t[p] = _mm256_add_ps(tab, _mm256_and_ps(m2, _mm256_set1_ps(vals[3 * p + 2])));
+  }
+}
+
+IL_AVX2 void word256(const int32_t* bank_t, const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* acc) {
+  __m256 t[kGroups3];
+  tables8(vals, t);
+  const int32_t* bits = bank_t + base;
+  if (np == kGroups3) {
+    for (int64_t i = t0; i < t1; i += 8) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i));
+      __m256 s0 = _mm256_permutevar8x32_ps(t[0], b), s1 = _mm256_permutevar8x32_ps(t[1], _mm256_srli_epi32(b, 3));
+#pragma GCC unroll 9
+      for (int p = 2; p < kGroups3; ++p) {
+        const __m256 v = _mm256_permutevar8x32_ps(t[p], _mm256_srli_epi32(b, 3 * p));
+        if (p & 1) s1 = _mm256_add_ps(s1, v); else s0 = _mm256_add_ps(s0, v);
+      }
+      _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), _mm256_add_ps(s0, s1)));
+    }
+    return;
+  }
+  for (int64_t i = t0; i < t1; i += 8) {
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i));
+    __m256 s = _mm256_loadu_ps(acc + i);
+    for (int p = 0; p < np; ++p, b = _mm256_srli_epi32(b, 3)) s = _mm256_add_ps(s, _mm256_permutevar8x32_ps(t[p], b));
+    _mm256_storeu_ps(acc + i, s);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// vals is zero past n, so set pad bits add nothing.
+void word_scalar(const int32_t* bank_t, const float* vals, int64_t base, int64_t t0, int64_t t1, float* acc) {
+  for (int64_t i = t0; i < t1; ++i) {
+    uint32_t word = static_cast<uint32_t>(bank_t[base + i]);
+    float s = 0.0f;
+    for (; word; word &= word - 1) s += vals[__builtin_ctz(word)];
+    acc[i] += s;
+  }
+}
+
+}  // namespace
+
+void interleave_tasks(const int32_t* bank, int64_t k, int64_t RW, int64_t kp, int32_t* bank_t, int64_t fw0, int64_t fw1) {
+  constexpr int64_t kTile = 64;  // a tile of 64 words x 64 tasks: both sides touch whole cache lines
+  for (int64_t f0 = fw0; f0 < fw1; f0 += kTile)
+    for (int64_t t0 = 0; t0 < kp; t0 += kTile)
+      for (int64_t f = f0; f < std::min(fw1, f0 + kTile); ++f)
+        for (int64_t t = t0; t < std::min(kp, t0 + kTile); ++t) bank_t[f * kp + t] = t < k ? bank[t * RW + f] : 0;
+}
+
+void mask_dot_rank1_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int64_t R, int64_t W, int64_t n,
+                                const float* g, const float* x, const float* w, int64_t q, float* acc, int64_t r0,
+                                int64_t r1, bool skip_zero_rows) {
+  std::vector<Query> qs;
+  qs.reserve(static_cast<size_t>(q));
+  for (int64_t j = 0; j < q; ++j) qs.push_back(Query{g + j * R, x + j * n, acc + j * kp});
+  if (isa == Isa::Avx512) {
+    for_each_query_word(kp, R, W, n, w, qs.data(), q, r0, r1, skip_zero_rows, tail_lookups(n, W, 4, 8), 8,
+                        [&](const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* a) {
+                          word512(bank_t, vals, np, base, t0, t1, a);
+                        });
+  } else if (isa == Isa::Avx2) {
+    for_each_query_word(kp, R, W, n, w, qs.data(), q, r0, r1, skip_zero_rows, tail_lookups(n, W, 3, kGroups3), kGroups3,
+                        [&](const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* a) {
+                          word256(bank_t, vals, np, base, t0, t1, a);
+                        });
+  } else {
+    for_each_query_word(kp, R, W, n, w, qs.data(), q, r0, r1, skip_zero_rows, 0, 0,
+                        [&](const float* vals, int, int64_t base, int64_t t0, int64_t t1, float* a) {
+                          word_scalar(bank_t, vals, base, t0, t1, a);
+                        });
+  }
+}
+
+}  // namespace supsup_cpu
