@@ -7,11 +7,13 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..models import MLP
 from ..nn import MultitaskBatchNorm, SupermaskLinear, num_tasks, superposition, supermask_layers
-from .objectives import get_objective
+from .objectives import get_objective, logit_gradients
 
 METHODS = ("oneshot", "binary")
 
@@ -41,6 +43,8 @@ def alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_labels
     k = num_tasks(model) if active is None else active.numel()
     device = next(iter(model.buffers())).device
     if active is None and x.dim() >= 1 and x.shape[0] == 1 and ops.backend_for(device).reads_interleaved:
+        if _plain_mlp(model):
+            return _mlp_alpha_gradients(model, k, x, objective, num_labels)[0]
         layers = supermask_layers(model)
         if _rank1_model(model, layers):
             return _rank1_alpha_gradients(model, layers, k, x, objective, num_labels)[0]
@@ -90,7 +94,60 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
     if not _rank1_model(model, layers):
         raise ValueError("batched task inference needs a model of SupermaskLinear layers without BatchNorm "
                          "(an MLP such as fc1024 or lenet)")
+    if _plain_mlp(model):
+        return _mlp_alpha_gradients(model, num_tasks(model), xs, objective, num_labels, max_chunk_bytes)
     return _rank1_alpha_gradients(model, layers, num_tasks(model), xs, objective, num_labels, max_chunk_bytes)
+
+
+def _plain_mlp(model: nn.Module) -> bool:
+    """This package's MLP with nothing hooked into its modules (the sharded bank's all-reduce, a
+    user's probe): only then may the α-gradients multiply the layers' weights without calling them."""
+    if type(model) is not MLP:
+        return False
+    from torch.nn.modules import module as nn_module
+    if any((nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks, nn_module._global_backward_hooks,
+            nn_module._global_backward_pre_hooks)):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in model.modules())
+
+
+def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, num_labels: int,
+                         max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """``_rank1_alpha_gradients`` for this package's MLP (linear layers with ReLU between them), with
+    no autograd through the network and no layer mode switched: each layer's cached uniform weight
+    W ⊙ Σᵢ Mᵢ / k, one forward, the objective's gradient w.r.t. the logits in closed form, the ReLU
+    backward by hand. On a small query the Python and autograd glue of the general path cost as much as the bits."""
+    layers = list(model.layers)
+    q = xs.shape[0]
+    with torch.no_grad():
+        weights = [layer.uniform_weight() for layer in layers]
+        hs = [xs.flatten(1).to(weights[0].dtype)]  # hs[i]: the input of layer i
+        for i, (layer, w) in enumerate(zip(layers, weights)):
+            z = F.linear(hs[-1], w, layer.bias)
+            hs.append(z.relu() if i < len(layers) - 1 else z)
+    out = torch.zeros(q, k, dtype=torch.float32, device=xs.device)
+    with torch.no_grad():
+        g = logit_gradients(objective, hs.pop(), num_labels)
+        for i in reversed(range(len(layers))):
+            _add_layer_alpha_gradients(out, layers[i], g, hs[i], max_chunk_bytes)
+            if i > 0:
+                g = (g @ weights[i]) * (hs[i] > 0)  # through ReLU: where its output is positive
+    return out
+
+
+def _add_layer_alpha_gradients(out: torch.Tensor, layer, g: torch.Tensor, x_in: torch.Tensor, max_chunk_bytes: int) -> None:
+    """out [q, k] += the α-gradients of q queries through one linear layer: g [q, out] the gradients
+    of its outputs, x_in [q, in] its inputs. Where the backend reads it, the bank's task-interleaved
+    copy (kept by the bank until it changes)."""
+    w = layer.weight
+    q = out.shape[0]
+    x2, g2 = x_in.reshape(q, -1).to(w.dtype), g.detach().reshape(q, -1)
+    bank_t = layer.bank.interleaved() if ops.backend_for(w.device).reads_interleaved else None
+    chunk = max(1, max_chunk_bytes // max(1, w.numel() * 4))
+    for j0 in range(0, q, chunk):
+        j1 = min(q, j0 + chunk)
+        out[j0:j1] += ops.mask_dot_outer(layer.bank.words, g2[j0:j1], x2[j0:j1], w, bank_t).float()
 
 
 def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Tensor, objective: str, num_labels: int,
@@ -113,17 +170,8 @@ def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Ten
         for h in hooks:
             h.remove()
     out = torch.zeros(q, k, dtype=torch.float32, device=device)
-    # Where the backend reads it, each bank's task-interleaved copy (kept by the bank until it changes)
-    interleaved = ops.backend_for(device).reads_interleaved
     for name, g in zip(names, grads):
-        layer, x_in = layers[name], seen[name][0].detach()
-        w = layer.weight
-        x2, g2 = x_in.reshape(q, -1), g.detach().reshape(q, -1)
-        bank_t = layer.bank.interleaved() if interleaved else None
-        chunk = max(1, max_chunk_bytes // max(1, w.numel() * 4))
-        for j0 in range(0, q, chunk):
-            j1 = min(q, j0 + chunk)
-            out[j0:j1] += ops.mask_dot_outer(layer.bank.words, g2[j0:j1], x2[j0:j1].to(w.dtype), w, bank_t).float()
+        _add_layer_alpha_gradients(out, layers[name], g, seen[name][0].detach(), max_chunk_bytes)
     return out
 
 

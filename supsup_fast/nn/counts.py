@@ -49,3 +49,17 @@ class CountCaches:
             cache = (counts, counts._version, k, counts * (1.0 / k))
             self._s_cache = cache
         return cache[3]
+
+    def uniform_weight(self) -> torch.Tensor:
+        """W ⊙ Σᵢ Mᵢ / k over the whole bank, the weight of the uniform superposition (the same fp32
+        products as W ⊙ s in the superposed forward), kept while the weight, the counts and k stay:
+        one more weight-sized tensor. Task inference through an MLP multiplies by it directly."""
+        counts, k = self.counts(), self.num_tasks
+        key = (counts._version, k, self.weight._version)
+        cache = getattr(self, "_ws_cache", None)
+        if cache is None or cache[0] is not counts or cache[1] is not self.weight or cache[2] != key:
+            cache = None  # free the stale one first
+            self._ws_cache = None
+            cache = (counts, self.weight, key, self.weight * (counts * (1.0 / k)))
+            self._ws_cache = cache
+        return cache[3]

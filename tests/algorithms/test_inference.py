@@ -41,10 +41,11 @@ def float_stack_alpha_grad(model, x, objective, num_labels):
     return torch.autograd.grad(obj, alpha)[0]
 
 
+@pytest.mark.parametrize("images", [3, 1])  # one image: the MLP path over the interleaved copies on the cpu backend
 @pytest.mark.parametrize("objective,fn", [("entropy", entropy), ("superfluous", superfluous)])
-def test_alpha_gradient_equals_float_stack(trained, objective, fn):
+def test_alpha_gradient_equals_float_stack(trained, objective, fn, images):
     model, tasks = trained
-    x, _ = tasks.test(2).batch(torch.arange(3))
+    x, _ = tasks.test(2).batch(torch.arange(images))
     got = alpha_gradient(model, x, objective, 10)
     expect = float_stack_alpha_grad(model, x, fn, 10)
     assert torch.allclose(got, expect, rtol=1e-3, atol=1e-6)
@@ -80,3 +81,53 @@ def test_binary_log_base_and_errors(trained):
     assert infer_binary(model, x, "entropy", 10, log_base=4) == 1
     with pytest.raises(ValueError, match="log_base"):
         infer_binary(model, x, log_base=1)
+
+
+@pytest.mark.parametrize("name", ["entropy", "superfluous"])
+def test_logit_gradients_are_the_objectives_gradients(name):
+    """The closed forms of the MLP task-inference path equal autograd through the objectives: row j
+    is the gradient of example j's own objective."""
+    from supsup_fast.algorithms.objectives import get_objective, logit_gradients
+    logits = (torch.randn(7, 30, dtype=torch.float64) * 3).requires_grad_(True)
+    (expect,) = torch.autograd.grad(get_objective(name)(logits, 10) * 7, logits)
+    torch.testing.assert_close(logit_gradients(name, logits.detach(), 10), expect)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        logit_gradients("cross_entropy", logits.detach(), 10)
+
+
+def test_batched_alpha_gradients_of_a_hooked_or_custom_mlp_equal_one_query_each():
+    """The MLP shortcut (no module called) is taken only for this package's MLP with nothing hooked
+    in; a forward hook that changes a layer's output, and an MLP of another class (tanh), go the
+    general way through the modules, and each row still equals that query's own α-gradient."""
+    from supsup_fast.algorithms.inference import alpha_gradients_batched
+    from supsup_fast.bench import random_model_with_masks
+    model = random_model_with_masks("lenet", 20, 9, seed=4)
+    xs = torch.randn(3, 784)
+    plain = alpha_gradients_batched(model, xs, "entropy", 10)
+    handle = model.layers[1].register_forward_hook(lambda m, i, o: o * 2)
+    try:
+        hooked = alpha_gradients_batched(model, xs, "entropy", 10)
+        for j in range(3):
+            torch.testing.assert_close(hooked[j], alpha_gradient(model, xs[j:j + 1], "entropy", 10), rtol=1e-3, atol=1e-6)
+    finally:
+        handle.remove()
+    assert not torch.allclose(hooked, plain, rtol=1e-3, atol=1e-6)  # the hook was honoured
+    for j in range(3):
+        torch.testing.assert_close(plain[j], alpha_gradient(model, xs[j:j + 1], "entropy", 10), rtol=1e-3, atol=1e-6)
+
+    class TanhMLP(torch.nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x):
+            for i, layer in enumerate(self.layers):
+                x = layer(x)
+                x = torch.tanh(x) if i < len(self.layers) - 1 else x
+            return x
+
+    custom = TanhMLP(model.layers)
+    got = alpha_gradients_batched(custom, xs, "entropy", 10)
+    with ss.use_backend("reference"):
+        for j in range(3):
+            torch.testing.assert_close(got[j], alpha_gradient(custom, xs[j:j + 1], "entropy", 10), rtol=1e-3, atol=1e-6)

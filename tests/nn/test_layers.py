@@ -211,3 +211,23 @@ def test_transfer_initialises_scores_from_running_mean():
     snn.begin_task(plain)
     snn.finish_task(plain)
     assert plain.score_mean is None  # nothing float kept per layer unless Transfer is on
+
+
+def test_uniform_weight_follows_the_bank():
+    """uniform_weight() = W ⊙ Σᵢ Mᵢ / k, rebuilt when a task is added or a mask rewritten."""
+    from supsup_fast.nn import SupermaskLinear
+    torch.manual_seed(0)
+    layer = SupermaskLinear(20, 6, seed=1)
+    masks = [torch.rand(6, 20) > 0.5 for _ in range(3)]
+    expect = lambda ms: layer.weight * torch.stack(ms).float().mean(0)
+    for m in masks[:2]:
+        layer.append_packed(ss.pack_bits(m)[None])
+    first = layer.uniform_weight()
+    torch.testing.assert_close(first, expect(masks[:2]))
+    assert layer.uniform_weight() is first
+    layer.append_packed(ss.pack_bits(masks[2])[None])
+    torch.testing.assert_close(layer.uniform_weight(), expect(masks))
+    layer.begin_task()
+    layer.commit_mask(0)
+    masks[0] = layer.current_mask().reshape(6, 20)
+    torch.testing.assert_close(layer.uniform_weight(), expect(masks))
