@@ -239,19 +239,6 @@ AVX2_LUT_TARGET inline void transpose_8_tasks256(const __m256i* in, __m256i* out
     }
 }
 
-// Bits [b, b + 3) of every dword lane of w moved to the lane's low bits, for vpermps ymm, which
-// reads only those: a table index (hi: w shifted right by 16, formed once per w). Inside one 16-bit
-// half this is a multiply-high, w16 · 2^(16 - s) >> 16 = w16 >> s, which on Zen 4 issues on other
-// pipes than shifts and vpermps (a 3-bit lookup loop ran 1.15x faster; lut.cpp's mask_dot loop
-// keeps shifts, see lookup_word256). b must be a compile-time constant once inlined.
-AVX2_LUT_TARGET inline __m256i index3_bits_at(__m256i w, __m256i hi, int b) {
-  if (b == 0) return w;
-  if (b == 16) return hi;
-  if (b == 14 || b == 15) return _mm256_srli_epi32(w, b);  // the bits straddle the two halves
-  return b < 16 ? _mm256_mulhi_epu16(w, _mm256_set1_epi16(static_cast<int16_t>(1u << (16 - b))))
-                : _mm256_mulhi_epu16(hi, _mm256_set1_epi16(static_cast<int16_t>(1u << (32 - b))));
-}
-
 AVX2_LUT_TARGET void pass256(const int32_t* const* task, int64_t words, const float* tables, float* scratch,
                              bool init) {
   for (int64_t w = 0; w < words; w += kChunkWords2) {
