@@ -73,8 +73,15 @@ def _outer_in_range(g: Tensor, x: Tensor, weight: Tensor) -> bool:
         return True
     if g.numel() == 0 or x.numel() == 0 or weight.numel() == 0:
         return True
-    bound = float(g.abs().max()) * float(x.abs().max()) * float(weight.abs().max())
+    bound = _abs_max(g) * _abs_max(x) * _abs_max(weight)
     return math.isfinite(bound) and bound < torch.finfo(weight.dtype).max
+
+
+def _abs_max(t: Tensor) -> float:
+    """max |t| from one min-max reduction, with no |t| temporary (NaN where t holds one: then both
+    ends are NaN)."""
+    lo, hi = torch.aminmax(t.detach())
+    return max(-float(lo), float(hi)) if not math.isnan(float(hi)) else math.nan
 
 
 @torch.library.custom_op("supsup::mask_dot_outer", mutates_args=())
