@@ -138,12 +138,13 @@ def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, n
 
 def _add_layer_alpha_gradients(out: torch.Tensor, layer, g: torch.Tensor, x_in: torch.Tensor, max_chunk_bytes: int) -> None:
     """out [q, k] += the α-gradients of q queries through one linear layer: g [q, out] the gradients
-    of its outputs, x_in [q, in] its inputs. Where the backend reads it, the bank's task-interleaved
-    copy (kept by the bank until it changes)."""
+    of its outputs, x_in [q, in] its inputs. Where the backend reads it and the bank may keep it, the
+    bank's task-interleaved copy (kept by the bank until it changes)."""
     w = layer.weight
     q = out.shape[0]
     x2, g2 = x_in.reshape(q, -1).to(w.dtype), g.detach().reshape(q, -1)
-    bank_t = layer.bank.interleaved() if ops.backend_for(w.device).reads_interleaved else None
+    use_copy = layer.bank.keep_interleaved and ops.backend_for(w.device).reads_interleaved
+    bank_t = layer.bank.interleaved() if use_copy else None
     chunk = max(1, max_chunk_bytes // max(1, w.numel() * 4))
     for j0 in range(0, q, chunk):
         j1 = min(q, j0 + chunk)

@@ -34,6 +34,8 @@ class ShardedModel:
         if not supports_batched(model):  # per-task BN statistics do not superpose across shards
             raise ValueError("--shard-bank needs an MLP of supermask layers without BatchNorm (fc1024 or lenet)")
         self.model, self.ctx, self.offset, self.total = model, ctx, offset, total_tasks
+        for layer in layers.values():  # the bank is split to save memory: no second, interleaved copy
+            layer.bank.keep_interleaved = False
         self.local = num_tasks(model)
         self.sum = ShardedSuperposition(ctx, layers)
 

@@ -71,6 +71,9 @@ class MaskBank(TaskRows):
         super().__init__((out_features, num_words(n)), torch.int32, device)
         self.n = int(n)
         self._interleaved = None  # (key, tensor): see interleaved()
+        # Whether task inference may keep interleaved() (as much memory as the bank); a sharded bank,
+        # split across ranks to save memory, does not.
+        self.keep_interleaved = True
 
     @property
     def words(self) -> torch.Tensor:

@@ -147,3 +147,10 @@ def test_one_image_task_inference_reads_the_copy_and_matches_the_reference():
     torch.testing.assert_close(got, exp, rtol=1e-3, atol=1e-6)
     assert torch.equal(again, got)
     assert all(l.bank.interleaved() is c for l, c in zip(layers, copies))
+    # a bank that may not keep the copy (a sharded one, split to save memory) is read in place
+    for layer in layers:
+        layer.bank.drop_interleaved()
+        layer.bank.keep_interleaved = False
+    with ss.use_backend("cpu"):
+        torch.testing.assert_close(alpha_gradient(model, x, "entropy", 10), exp, rtol=1e-3, atol=1e-6)
+    assert all(layer.bank._interleaved is None for layer in layers)
