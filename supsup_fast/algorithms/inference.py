@@ -38,16 +38,14 @@ def _check_query(model: nn.Module, x: torch.Tensor, name: str = "x") -> int:
 def alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_labels: int,
                    active: Optional[torch.Tensor] = None) -> torch.Tensor:
     """∂f/∂α at α = 1/k over the learned tasks (or the ``active`` subset): one forward, one backward.
-    One image through an MLP, on a backend that reads the banks' task-interleaved copies, goes the
-    batched way (``alpha_gradients_batched`` of one query), which skips the bits of the dead rows."""
+    One image through this package's MLP (nothing hooked into it), on a backend that reads the banks'
+    task-interleaved copies, goes the batched MLP way (one query), which skips the bits of the dead
+    rows; every other model and call takes autograd through the superposed modules."""
     k = num_tasks(model) if active is None else active.numel()
     device = next(iter(model.buffers())).device
-    if active is None and x.dim() >= 1 and x.shape[0] == 1 and ops.backend_for(device).reads_interleaved:
-        if _plain_mlp(model):
-            return _mlp_alpha_gradients(model, k, x, objective, num_labels)[0]
-        layers = supermask_layers(model)
-        if _rank1_model(model, layers):
-            return _rank1_alpha_gradients(model, layers, k, x, objective, num_labels)[0]
+    if active is None and x.dim() >= 1 and x.shape[0] == 1 and ops.backend_for(device).reads_interleaved \
+            and _plain_mlp(model):
+        return _mlp_alpha_gradients(model, k, x, objective, num_labels)[0]
     alpha = torch.full((k,), 1.0 / k, device=device, requires_grad=True)
     with superposition(model, alpha, active=active, uniform=True):
         logits = model(x)
@@ -89,7 +87,10 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
     """The α-gradients of q independent one-image queries ``xs`` [q, ...]: row j equals
     ``alpha_gradient(model, xs[j:j+1], ...)``. One superposed forward + backward for all q, then per
     layer one pass over the bits for a chunk of queries (``ops.mask_dot_outer``: the mask_dot of
-    the per-query v_j = (g_j x_jᵀ) ⊙ W, which the CPU kernels never materialise), instead of q passes."""
+    the per-query v_j = (g_j x_jᵀ) ⊙ W, which the CPU kernels never materialise), instead of q passes.
+    Outside this package's plain MLP the layers' inputs and outputs are recorded by forward hooks and
+    the gradient is taken at each layer's output as its hooks leave it: a hook may all-reduce it (the
+    sharded bank's does), not otherwise transform it."""
     layers = supermask_layers(model)
     if not _rank1_model(model, layers):
         raise ValueError("batched task inference needs a model of SupermaskLinear layers without BatchNorm "
@@ -100,9 +101,12 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
 
 
 def _plain_mlp(model: nn.Module) -> bool:
-    """This package's MLP with nothing hooked into its modules (the sharded bank's all-reduce, a
-    user's probe): only then may the α-gradients multiply the layers' weights without calling them."""
-    if type(model) is not MLP:
+    """This package's MLP as built (SupermaskLinear layers with ReLU between them, no forward replaced),
+    with nothing hooked into its modules (the sharded bank's all-reduce, a user's probe): only then may
+    the α-gradients multiply the layers' weights without calling them."""
+    if type(model) is not MLP or "forward" in vars(model):
+        return False
+    if not all(type(layer) is SupermaskLinear and "forward" not in vars(layer) for layer in model.layers):
         return False
     from torch.nn.modules import module as nn_module
     if any((nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks, nn_module._global_backward_hooks,
@@ -120,9 +124,11 @@ def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, n
     backward by hand. On a small query the Python and autograd glue of the general path cost as much as the bits."""
     layers = list(model.layers)
     q = xs.shape[0]
+    if xs.dtype != layers[0].weight.dtype:  # as the superposed layers say it
+        raise TypeError(f"x dtype {xs.dtype} must match weight dtype {layers[0].weight.dtype}")
     with torch.no_grad():
         weights = [layer.uniform_weight() for layer in layers]
-        hs = [xs.flatten(1).to(weights[0].dtype)]  # hs[i]: the input of layer i
+        hs = [xs.flatten(1)]  # hs[i]: the input of layer i
         for i, (layer, w) in enumerate(zip(layers, weights)):
             z = F.linear(hs[-1], w, layer.bias)
             hs.append(z.relu() if i < len(layers) - 1 else z)
@@ -143,7 +149,8 @@ def _add_layer_alpha_gradients(out: torch.Tensor, layer, g: torch.Tensor, x_in: 
     w = layer.weight
     q = out.shape[0]
     x2, g2 = x_in.reshape(q, -1).to(w.dtype), g.detach().reshape(q, -1)
-    use_copy = layer.bank.keep_interleaved and ops.backend_for(w.device).reads_interleaved
+    # (the cpu kernels, the only ones that read the copy, are float32)
+    use_copy = layer.bank.keep_interleaved and w.dtype == torch.float32 and ops.backend_for(w.device).reads_interleaved
     bank_t = layer.bank.interleaved() if use_copy else None
     chunk = max(1, max_chunk_bytes // max(1, w.numel() * 4))
     for j0 in range(0, q, chunk):

@@ -71,27 +71,48 @@ class MaskBank(TaskRows):
         super().__init__((out_features, num_words(n)), torch.int32, device)
         self.n = int(n)
         self._interleaved = None  # (key, tensor): see interleaved()
-        # Whether task inference may keep interleaved() (as much memory as the bank); a sharded bank,
-        # split across ranks to save memory, does not.
-        self.keep_interleaved = True
+        self._keep_interleaved = True
 
     @property
     def words(self) -> torch.Tensor:
         return self.rows
 
+    @property
+    def keep_interleaved(self) -> bool:
+        """Whether task inference may keep ``interleaved()`` (as much memory as the bank). A sharded
+        bank, split across ranks to save memory, does not; setting False frees the copy."""
+        return self._keep_interleaved
+
+    @keep_interleaved.setter
+    def keep_interleaved(self, keep: bool) -> None:
+        self._keep_interleaved = bool(keep)
+        if not keep:
+            self.drop_interleaved()
+
     def interleaved(self) -> torch.Tensor:
         """``ops.interleave_tasks(words)``, kept until the bank changes (a task appended, a row
-        rewritten, the bank truncated or moved): the layout in which one-image task inference on the
-        CPU reads only each query's live rows (``ops.mask_dot_outer(bank_t=)``). It holds as much
-        memory as the bank; ``drop_interleaved()`` frees it."""
-        key = (self.count, self.storage.data_ptr(), self.storage._version, self.storage.device)
-        if self._interleaved is None or self._interleaved[0] != key:
-            self._interleaved = None  # free the stale copy before building the new one
-            self._interleaved = (key, ops.interleave_tasks(self.words))
-        return self._interleaved[1]
+        rewritten, the bank truncated, moved or copied): the layout in which one-image task inference
+        on the CPU reads only each query's live rows (``ops.mask_dot_outer(bank_t=)``). It holds as
+        much memory as the bank; ``drop_interleaved()`` frees it."""
+        key = (self.count, id(self.storage), self.storage.data_ptr(), self.storage._version, self.storage.device)
+        cached = self._interleaved  # one read: another thread may drop or rebuild it meanwhile
+        if cached is None or cached[0] != key:
+            self._interleaved = cached = None  # free the stale copy before building the new one
+            cached = (key, ops.interleave_tasks(self.words))
+            self._interleaved = cached
+        return cached[1]
 
     def drop_interleaved(self) -> None:
         self._interleaved = None
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .float(), ...: the copy stays behind otherwise
+        self.drop_interleaved()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # copy.deepcopy and pickle: a copy of the model does not carry the cache
+        state = dict(super().__getstate__())
+        state["_interleaved"] = None
+        return state
 
     # A change frees the copy at once (training goes on without holding a stale one); the key in
     # interleaved() also catches writes through the words view.

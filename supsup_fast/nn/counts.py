@@ -53,7 +53,9 @@ class CountCaches:
     def uniform_weight(self) -> torch.Tensor:
         """W ⊙ Σᵢ Mᵢ / k over the whole bank, the weight of the uniform superposition (the same fp32
         products as W ⊙ s in the superposed forward), kept while the weight, the counts and k stay:
-        one more weight-sized tensor. Task inference through an MLP multiplies by it directly."""
+        one more weight-sized tensor. Task inference through an MLP multiplies by it directly. A
+        change to the frozen weight is seen through its version counter, so not through ``.data``
+        (the convention of the layers' other caches)."""
         counts, k = self.counts(), self.num_tasks
         key = (counts._version, k, self.weight._version)
         cache = getattr(self, "_ws_cache", None)

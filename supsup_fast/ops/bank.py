@@ -180,12 +180,29 @@ def mask_dot_outer(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor, bank_t: O
     return mask_dot_outer_op(bank, g, x, weight, bank_t)
 
 
+@torch.library.custom_op("supsup::interleave_tasks", mutates_args=())
+def interleave_tasks_op(bank: Tensor) -> Tensor:
+    return _interleave_tasks_body(bank)
+
+
+def _interleave_tasks_body(bank: Tensor) -> Tensor:
+    checks.check_bank(bank)
+    return backend_for(bank.device).interleave_tasks(bank.contiguous())
+
+
+@interleave_tasks_op.register_fake
+def _(bank):
+    checks.check_bank(bank)
+    return bank.new_empty(*bank.shape[1:], (bank.shape[0] + 15) // 16 * 16)
+
+
 def interleave_tasks(bank: Tensor) -> Tensor:
     """The task-interleaved copy of a bank: [k, *lead, W] -> int32 [*lead, W, kp] with
     ``out[..., w, t] = bank[t, ..., w]``, kp = k rounded up to 16 and zero words for t >= k. Word w of
     16 consecutive tasks is one 64-byte vector there. As much memory as the bank."""
-    checks.check_bank(bank)
-    return backend_for(bank.device).interleave_tasks(bank)
+    if eager_without_grad(bank):
+        return _interleave_tasks_body(bank)
+    return interleave_tasks_op(bank)
 
 
 def bank_linear(x: Tensor, weight: Tensor, bank: Tensor) -> Tensor:

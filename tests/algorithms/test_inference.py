@@ -95,25 +95,36 @@ def test_logit_gradients_are_the_objectives_gradients(name):
         logit_gradients("cross_entropy", logits.detach(), 10)
 
 
-def test_batched_alpha_gradients_of_a_hooked_or_custom_mlp_equal_one_query_each():
-    """The MLP shortcut (no module called) is taken only for this package's MLP with nothing hooked
-    in; a forward hook that changes a layer's output, and an MLP of another class (tanh), go the
-    general way through the modules, and each row still equals that query's own α-gradient."""
+def test_task_inference_shortcut_is_taken_only_for_the_plain_mlp():
+    """The MLP shortcut (no module called) is for this package's MLP as built with nothing hooked in.
+    A forward hook that changes a layer's output, a layer replaced by another module, or an MLP of
+    another class (tanh) go the general way, and the cpu backend's one-image α-gradient still equals
+    the reference backend's; batched queries of the tanh MLP equal one query each."""
     from supsup_fast.algorithms.inference import alpha_gradients_batched
     from supsup_fast.bench import random_model_with_masks
+
+    def check_one_image(model):
+        x = torch.randn(1, 784)
+        with ss.use_backend("reference"):
+            expect = alpha_gradient(model, x, "entropy", 10)
+        with ss.use_backend("cpu"):
+            got = alpha_gradient(model, x, "entropy", 10)
+        torch.testing.assert_close(got, expect, rtol=1e-3, atol=1e-6)
+        return got
+
     model = random_model_with_masks("lenet", 20, 9, seed=4)
-    xs = torch.randn(3, 784)
-    plain = alpha_gradients_batched(model, xs, "entropy", 10)
+    plain = check_one_image(model)
     handle = model.layers[1].register_forward_hook(lambda m, i, o: o * 2)
     try:
-        hooked = alpha_gradients_batched(model, xs, "entropy", 10)
-        for j in range(3):
-            torch.testing.assert_close(hooked[j], alpha_gradient(model, xs[j:j + 1], "entropy", 10), rtol=1e-3, atol=1e-6)
+        torch.manual_seed(0)
+        hooked = check_one_image(model)
     finally:
         handle.remove()
-    assert not torch.allclose(hooked, plain, rtol=1e-3, atol=1e-6)  # the hook was honoured
-    for j in range(3):
-        torch.testing.assert_close(plain[j], alpha_gradient(model, xs[j:j + 1], "entropy", 10), rtol=1e-3, atol=1e-6)
+    torch.manual_seed(0)
+    assert not torch.allclose(hooked, check_one_image(model), rtol=1e-3, atol=1e-6)  # the hook was honoured
+    replaced = random_model_with_masks("lenet", 20, 9, seed=4)
+    replaced.layers[2] = torch.nn.Linear(100, 20)
+    check_one_image(replaced)
 
     class TanhMLP(torch.nn.Module):
         def __init__(self, layers):
@@ -127,7 +138,21 @@ def test_batched_alpha_gradients_of_a_hooked_or_custom_mlp_equal_one_query_each(
             return x
 
     custom = TanhMLP(model.layers)
+    check_one_image(custom)
+    xs = torch.randn(3, 784)
     got = alpha_gradients_batched(custom, xs, "entropy", 10)
     with ss.use_backend("reference"):
         for j in range(3):
             torch.testing.assert_close(got[j], alpha_gradient(custom, xs[j:j + 1], "entropy", 10), rtol=1e-3, atol=1e-6)
+    assert plain.shape == (9,)
+
+
+def test_batched_queries_refuse_another_dtype_like_the_layers():
+    from supsup_fast.algorithms.inference import alpha_gradients_batched
+    from supsup_fast.bench import random_model_with_masks
+    model = random_model_with_masks("lenet", 20, 5, seed=1)
+    for backend in ("cpu", "reference"):
+        with ss.use_backend(backend), pytest.raises(TypeError, match="x dtype torch.float64 must match weight dtype"):
+            alpha_gradients_batched(model, torch.randn(2, 784, dtype=torch.float64))
+        with ss.use_backend(backend), pytest.raises(TypeError, match="x dtype torch.float64 must match weight dtype"):
+            alpha_gradient(model, torch.randn(1, 784, dtype=torch.float64), "entropy", 10)

@@ -231,3 +231,5 @@ def test_uniform_weight_follows_the_bank():
     layer.commit_mask(0)
     masks[0] = layer.current_mask().reshape(6, 20)
     torch.testing.assert_close(layer.uniform_weight(), expect(masks))
+    layer.weight.mul_(-2)  # an in-place change of the frozen weight
+    torch.testing.assert_close(layer.uniform_weight(), expect(masks))

@@ -2,6 +2,7 @@
 (csrc/cpu/lut_interleaved.cpp, through mask_dot_outer's bank_t), against the reference backend on
 every instruction-set level this CPU has; the copy kept by MaskBank; one-image task inference,
 which reads it on the cpu backend."""
+import copy
 import shutil
 import textwrap
 
@@ -60,6 +61,11 @@ SCRIPT = textwrap.dedent("""
             for xx, WW, hit in ((xi, W, m[:, :, n // 2].any(1)), (x[:3], Wi, m[:, 2, n - 1])):
                 assert torch.equal(C.mask_dot_rank1_batched(bank, gz, xx, WW, C.interleave_tasks(bank)).isnan(),
                                    hit[None].repeat(3, 1)), (n, k)
+    # 4,100 tasks: a word's run of tasks is looked up in blocks of 4,096
+    m = torch.rand(4100, 3, 70) > 0.5
+    bank, W = ss.pack_bits(m), ri(3, 70)
+    g, x = ri(3, 3), ri(3, 70)
+    assert torch.equal(C.mask_dot_rank1_batched(bank, g, x, W, C.interleave_tasks(bank)), ref.mask_dot_outer(bank, g, x, W))
     # 1,600 tasks with every row live: from 1,500 tasks the copy is read instead of the queries-in-lanes kernel
     m = torch.rand(1600, 6, 44) > 0.5
     bank, W = ss.pack_bits(m), ri(6, 44)
@@ -124,6 +130,13 @@ def test_mask_bank_keeps_its_copy_until_the_bank_changes():
         assert bank.interleaved() is after
     bank.drop_interleaved()
     assert torch.equal(bank.interleaved(), ss.ops.interleave_tasks(bank.words))
+    # nothing carries a copy along: a move, a deep copy, or a bank that may not keep one
+    bank.to(torch.device("cpu"))
+    assert bank._interleaved is None
+    bank.interleaved()
+    assert copy.deepcopy(bank)._interleaved is None and bank._interleaved is not None
+    bank.keep_interleaved = False
+    assert bank._interleaved is None
 
 
 @needs_compiler

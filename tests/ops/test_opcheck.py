@@ -37,6 +37,7 @@ def opcheck_cases(device):
         "mask_dot_outer": (bank_ops.mask_dot_outer_op, (bank, r(5, out), r(5, n), w.detach())),
         "mask_dot_outer_interleaved": (bank_ops.mask_dot_outer_op, (bank, r(5, out), r(5, n), w.detach(),
                                                                    ss.ops.interleave_tasks(bank))),
+        "interleave_tasks": (bank_ops.interleave_tasks_op, (bank,)),
         "bank_linear": (bank_ops.bank_linear_op, (r(2, n), w.detach(), bank)),
         "masked_linear": (masked_ops.masked_linear_op, (x, w, bank[0], b)),
         "masked_linear_nobias": (masked_ops.masked_linear_op, (x, w, bank[0], None)),

@@ -141,6 +141,16 @@ def test_compile_fullgraph_traces_ops():
     torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-4, atol=1e-3)
 
 
+def test_compile_fullgraph_traces_the_interleaved_copy():
+    """interleave_tasks and mask_dot_outer(bank_t=) are ops too: a compiled query builds and reads the
+    copy and gives the eager result without it."""
+    _, bank = rand_bank(19, 5, 70)
+    w, g, x = torch.randn(5, 70), torch.randn(3, 5), torch.randn(3, 70)
+    compiled = torch.compile(lambda g, x: ss.ops.mask_dot_outer(bank, g, x, w, ss.ops.interleave_tasks(bank)),
+                             fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(g, x), ss.ops.mask_dot_outer(bank, g, x, w), rtol=1e-4, atol=1e-4)
+
+
 def test_mask_dot_batched_equals_separate_mask_dots():
     _, bank = rand_bank(6, 3, 70)
     v = torch.randn(4, 3, 70)
