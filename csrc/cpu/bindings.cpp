@@ -136,16 +136,6 @@ std::vector<int64_t> active_row_bounds(const float* g, int64_t R, int64_t W, int
 // overflow: then "no", which only costs the callers a shortcut).
 bool surely_finite(const at::Tensor& t) { return t.numel() == 0 || std::isfinite(t.sum().item<float>()); }
 
-// Whether every element of a contiguous float32 tensor is finite: one plain pass over the exponent
-// bits, which the compiler vectorises. On the one-image paths an ATen reduction's hand-off to the
-// thread pool cost more than the pass.
-bool all_finite(const at::Tensor& t) {
-  const uint32_t* p = reinterpret_cast<const uint32_t*>(t.data_ptr<float>());
-  uint32_t bad = 0;
-  for (int64_t i = 0, n = t.numel(); i < n; ++i) bad |= (p[i] & 0x7f800000u) == 0x7f800000u;
-  return bad == 0;
-}
-
 at::Tensor mask_dot_op(const at::Tensor& bank, const at::Tensor& v, const std::optional<at::Tensor>& active) {
   check_words(bank, "bank");
   check_float(v, "v");
@@ -311,7 +301,7 @@ at::Tensor mask_dot_rank1_batched_op(const at::Tensor& bank, const at::Tensor& g
   // Full groups of 16 queries go to the queries-in-lanes kernel (lut_lanes.cpp) when there are enough
   // tasks to repay its tables, and enough live rows: the tasks-in-lanes kernel skips each query's
   // rows with g = 0 (about half of a ReLU layer's), the other cannot.
-  const bool skip = all_finite(x) && all_finite(w);  // as in mask_dot_rank1_op
+  const bool skip = surely_finite(x) && surely_finite(w);  // as in mask_dot_rank1_op
   int64_t live_pairs = 0;
   for (int64_t i = 0; i < q * R; ++i) live_pairs += g.data_ptr<float>()[i] != 0.0f;
   const double live = skip ? static_cast<double>(live_pairs) / static_cast<double>(q * R) : 1.0;
