@@ -113,22 +113,33 @@ at::Tensor sum_over_word_chunks(int64_t total, int64_t k, const at::TensorOption
   return sum_over_ranges(even_word_bounds(total), k, opts, fn);
 }
 
+// Row bounds [b[c], b[c + 1]) with about equal numbers of live (query, row) pairs (live[r] of row r),
+// one per thread once each thread has kTaskWordsPerThread task words to look up.
+std::vector<int64_t> live_row_bounds(const std::vector<int64_t>& live, int64_t W, int64_t k) {
+  constexpr int64_t kTaskWordsPerThread = kMaskDotChunkWords * 16;
+  const int64_t R = static_cast<int64_t>(live.size());
+  int64_t total = 0;
+  for (int64_t v : live) total += v;
+  const int64_t nthreads = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), (total * W * k + kTaskWordsPerThread - 1) / kTaskWordsPerThread));
+  std::vector<int64_t> bounds{0};
+  for (int64_t r = 0, seen = 0; r < R && static_cast<int64_t>(bounds.size()) < nthreads; ++r) {
+    seen += live[r];
+    if (seen * nthreads >= total * static_cast<int64_t>(bounds.size())) bounds.push_back(r + 1);
+  }
+  bounds.push_back(R);
+  return bounds;
+}
+
 // Row-aligned shares of the R * W words with about equal numbers of rows where g[r] != 0 (the rows
 // that a one-query rank-1 mask_dot reads when it skips the others), one per thread once the k tasks'
 // live words are worth splitting (a hidden layer of 50 live 10-word rows at k = 2,500 is: on one
 // thread it waited on memory, its short runs scattered over 10 MB).
 std::vector<int64_t> active_row_bounds(const float* g, int64_t R, int64_t W, int64_t k) {
-  constexpr int64_t kTaskWordsPerThread = kMaskDotChunkWords * 16;
-  int64_t active = 0;
-  for (int64_t r = 0; r < R; ++r) active += g[r] != 0.0f;
-  const int64_t nthreads = std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(), (active * W * k + kTaskWordsPerThread - 1) / kTaskWordsPerThread));
-  std::vector<int64_t> bounds{0};
-  for (int64_t r = 0, seen = 0; r < R && static_cast<int64_t>(bounds.size()) < nthreads; ++r) {
-    seen += g[r] != 0.0f;
-    if (seen * nthreads >= active * static_cast<int64_t>(bounds.size())) bounds.push_back((r + 1) * W);
-  }
-  bounds.push_back(R * W);
+  std::vector<int64_t> live(static_cast<size_t>(R));
+  for (int64_t r = 0; r < R; ++r) live[r] = g[r] != 0.0f;
+  std::vector<int64_t> bounds = live_row_bounds(live, W, k);
+  for (int64_t& b : bounds) b *= W;
   return bounds;
 }
 
@@ -229,24 +240,6 @@ at::Tensor interleave_tasks_op(const at::Tensor& bank) {
   return out;
 }
 
-// Row bounds [b[c], b[c + 1]) with about equal numbers of live (query, row) pairs (live[r] of row r),
-// one per thread once each thread has kTaskWordsPerThread task words to look up.
-std::vector<int64_t> live_row_bounds(const std::vector<int64_t>& live, int64_t W, int64_t k) {
-  constexpr int64_t kTaskWordsPerThread = kMaskDotChunkWords * 16;
-  const int64_t R = static_cast<int64_t>(live.size());
-  int64_t total = 0;
-  for (int64_t v : live) total += v;
-  const int64_t nthreads = std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(), (total * W * k + kTaskWordsPerThread - 1) / kTaskWordsPerThread));
-  std::vector<int64_t> bounds{0};
-  for (int64_t r = 0, seen = 0; r < R && static_cast<int64_t>(bounds.size()) < nthreads; ++r) {
-    seen += live[r];
-    if (seen * nthreads >= total * static_cast<int64_t>(bounds.size())) bounds.push_back(r + 1);
-  }
-  bounds.push_back(R);
-  return bounds;
-}
-
 // mask_dot_rank1_batched over the task-interleaved copy bank_t [R, W, kp] of a k-task bank: every
 // query's dead rows are skipped whole, and no word is transposed. Threads take rows with equal
 // shares of the live (query, row) pairs and their partial sums are added in a fixed order.
@@ -303,7 +296,8 @@ at::Tensor mask_dot_rank1_batched_op(const at::Tensor& bank, const at::Tensor& g
   // rows with g = 0 (about half of a ReLU layer's), the other cannot.
   const bool skip = surely_finite(x) && surely_finite(w);  // as in mask_dot_rank1_op
   int64_t live_pairs = 0;
-  for (int64_t i = 0; i < q * R; ++i) live_pairs += g.data_ptr<float>()[i] != 0.0f;
+  const float* gp = g.data_ptr<float>();
+  for (int64_t i = 0; i < q * R; ++i) live_pairs += gp[i] != 0.0f;
   const double live = skip ? static_cast<double>(live_pairs) / static_cast<double>(q * R) : 1.0;
   if (lanes_available(isa) && k >= kLanesMinTasks && live >= kLanesMinLive &&
       !(bank_t.has_value() && k >= kInterleavedOverLanesTasks))

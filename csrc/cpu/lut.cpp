@@ -52,14 +52,7 @@ struct Rank1Src {
   int64_t n;
   bool skip_zero_rows;
   bool active(int64_t r) const { return !skip_zero_rows || g[r] != 0.0f; }
-  inline void load(int64_t r, int64_t q, float* vals) const {
-    const int64_t len = std::min<int64_t>(32, n - 32 * q);
-    const float gr = g[r];
-    const float* xp = x + 32 * q;
-    const float* wp = w + r * n + 32 * q;
-    for (int64_t i = 0; i < len; ++i) vals[i] = gr * (xp[i] * wp[i]);
-    for (int64_t i = len; i < 32; ++i) vals[i] = 0.0f;
-  }
+  inline void load(int64_t r, int64_t q, float* vals) const { rank1_values(g[r], x, w + r * n, n, q, vals); }
 };
 
 // v = w ⊙ x row by row (every task's masked layer on one input x): Rank1Src with g = 1.
@@ -454,7 +447,6 @@ LUT_AVX512 void rows512(const int32_t* bank, int64_t R, int64_t W, const RowSrc&
 
 // ------------------------------------------------------------------------------------------------
 // AVX2
-constexpr int kGroups3 = 11;  // 3-bit groups per 32-bit word (the last has 2 bits)
 constexpr int kTab2 = kGroups3 * 8;  // floats of tables per word
 
 
@@ -478,22 +470,15 @@ LUT_AVX2 inline void transpose8x8(__m256i* r) {
 
 template <class Src>
 LUT_AVX2 void build256(const Src& src, int64_t W, int64_t fw0, int64_t fw1, float* tables) {
-  const __m256 m0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
-  const __m256 m1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
-  const __m256 m2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
   alignas(64) float vals[36];
   for (int64_t r = fw0 / W; r * W < fw1; ++r) {
     if (!src.active(r)) continue;  // never looked up
     for (int64_t fw = std::max(fw0, r * W); fw < std::min(fw1, (r + 1) * W); ++fw) {
       src.load(r, fw - r * W, vals);
       vals[32] = vals[33] = 0.0f;
-      float* t = tables + (fw - fw0) * kTab2;
-      for (int p = 0; p < kGroups3; ++p) {
-        __m256 tab = _mm256_and_ps(m0, _mm256_set1_ps(vals[3 * p]));
-        tab = _mm256_add_ps(tab, _mm256_and_ps(m1, _mm256_set1_ps(vals[3 * p + 1])));
-        tab = _mm256_add_ps(tab, _mm256_and_ps(m2, _mm256_set1_ps(vals[3 * p + 2])));
-        _mm256_store_ps(t + 8 * p, tab);
-      }
+      __m256 t[kGroups3];
+      subset_sums3(vals, t);
+      for (int p = 0; p < kGroups3; ++p) _mm256_store_ps(tables + (fw - fw0) * kTab2 + 8 * p, t[p]);
     }
   }
 }

@@ -61,6 +61,17 @@ bool superpose_lut_available(Isa isa);
 void superpose_lut(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
                    const int64_t* active, float* out, int64_t r0, int64_t r1);
 
+// AVX2 lookups take a 32-bit word in 3-bit groups: ten of 3 bits, the last of 2.
+constexpr int kGroups3 = 11;
+
+// g_r * (x[j] * w_row[j]) for the 32 columns j of word q of a row, zero past n: the values whose
+// subset sums a rank-1 query's tables hold.
+inline void rank1_values(float gr, const float* x, const float* w_row, int64_t n, int64_t q, float* vals) {
+  const int64_t len = n - 32 * q < 32 ? n - 32 * q : 32;
+  for (int64_t i = 0; i < len; ++i) vals[i] = gr * (x[32 * q + i] * w_row[32 * q + i]);
+  for (int64_t i = len; i < 32; ++i) vals[i] = 0.0f;
+}
+
 // Lookups that a row's last word needs, its valid bits taken `bits` at a time (full: a whole word's).
 // Where that saves an eighth of a row's lookups or more (a 100-wide row's last word holds 4 bits: one
 // nibble of eight, 22 % of the row), the kernels skip the rest, whose tables hold only padding's

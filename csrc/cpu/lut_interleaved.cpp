@@ -22,13 +22,6 @@ namespace {
 // Tasks per block of a word's run: its bits (16 KiB) stay in L1 while every query of the call reads them.
 constexpr int64_t kTaskBlock = 4096;
 
-// g_r * x[j] * w[r, j] for the 32 columns of word q, zero past n.
-inline void rank1_word(float gr, const float* x, const float* w_row, int64_t n, int64_t q, float* vals) {
-  const int64_t len = std::min<int64_t>(32, n - 32 * q);
-  for (int64_t i = 0; i < len; ++i) vals[i] = gr * (x[32 * q + i] * w_row[32 * q + i]);
-  for (int64_t i = len; i < 32; ++i) vals[i] = 0.0f;
-}
-
 struct Query {
   const float* g;  // [R]
   const float* x;  // [n]
@@ -51,7 +44,7 @@ void for_each_query_word(int64_t kp, int64_t R, int64_t W, int64_t n, const floa
         for (int64_t j = 0; j < nq; ++j) {
           const float gr = qs[j].g[r];
           if (skip_zero_rows && gr == 0.0f) continue;
-          rank1_word(gr, qs[j].x, w + r * n, n, q, vals);
+          rank1_values(gr, qs[j].x, w + r * n, n, q, vals);
           vals[32] = vals[33] = vals[34] = vals[35] = 0.0f;
           word(vals, np, (r * W + q) * kp, t0, t1, qs[j].acc);
         }
@@ -108,20 +101,7 @@ IL_AVX512 void word512(const int32_t* bank_t, const float* vals, int np, int64_t
 }
 
 // ------------------------------------------------------------------------------------------------
-// AVX2: 3-bit groups (lut.cpp's kGroups3 layout: ten of 3 bits, the last of 2)
-constexpr int kGroups3 = 11;
-
-IL_AVX2 inline void tables8(const float* vals, __m256* t) {
-  const __m256 m0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
-  const __m256 m1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
-  const __m256 m2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
-  for (int p = 0; p < kGroups3; ++p) {
-    __m256 tab = _mm256_and_ps(m0, _mm256_set1_ps(vals[3 * p]));
-    tab = _mm256_add_ps(tab, _mm256_and_ps(m1, _mm256_set1_ps(vals[3 * p + 1])));
-    t[p] = _mm256_add_ps(tab, _mm256_and_ps(m2, _mm256_set1_ps(vals[3 * p + 2])));
-  }
-}
-
+// AVX2: 3-bit groups (lut.h kGroups3)
 // The tables are read from L1 as vpermps memory operands: in registers, 11 of them leave no room
 // for the multiply-high constants of index3_bits_at, whose indices (on other pipes than the shifts
 // that share vpermps's) made this loop 1.1x faster on Zen 4.
@@ -129,7 +109,7 @@ IL_AVX2 void word256(const int32_t* bank_t, const float* vals, int np, int64_t b
   alignas(32) float tab[kGroups3 * 8];
   {
     __m256 t[kGroups3];
-    tables8(vals, t);
+    subset_sums3(vals, t);
     for (int p = 0; p < kGroups3; ++p) _mm256_store_ps(tab + 8 * p, t[p]);
   }
   const int32_t* bits = bank_t + base;

@@ -59,6 +59,19 @@ AVX2_TARGET inline __m256i index3_bits_at(__m256i w, __m256i hi, int b) {
                 : _mm256_mulhi_epu16(hi, _mm256_set1_epi16(static_cast<int16_t>(1u << (32 - b))));
 }
 
+// The 8-entry subset-sum tables of the 11 3-bit groups of 32 values (vals[32], vals[33] read as
+// zero by the caller's padding): entry e of table p is the sum of vals[3p + b] over the bits b of e.
+AVX2_TARGET inline void subset_sums3(const float* vals, __m256* t) {
+  const __m256 m0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+  const __m256 m1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
+  const __m256 m2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
+  for (int p = 0; p < 11; ++p) {
+    __m256 tab = _mm256_and_ps(m0, _mm256_set1_ps(vals[3 * p]));
+    tab = _mm256_add_ps(tab, _mm256_and_ps(m1, _mm256_set1_ps(vals[3 * p + 1])));
+    t[p] = _mm256_add_ps(tab, _mm256_and_ps(m2, _mm256_set1_ps(vals[3 * p + 2])));
+  }
+}
+
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 
 // Bits [b, b + 4) of every dword lane moved to the lane's low bits, for vpermps, which reads only

@@ -60,8 +60,6 @@ class CountCaches:
         key = (counts._version, k, self.weight._version)
         cache = getattr(self, "_ws_cache", None)
         if cache is None or cache[0] is not counts or cache[1] is not self.weight or cache[2] != key:
-            cache = None  # free the stale one first
-            self._ws_cache = None
-            cache = (counts, self.weight, key, self.weight * (counts * (1.0 / k)))
-            self._ws_cache = cache
+            self._ws_cache = cache = None  # free the stale one before building the new one
+            self._ws_cache = cache = (counts, self.weight, key, self.weight * (counts * (1.0 / k)))
         return cache[3]

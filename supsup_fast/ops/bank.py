@@ -94,9 +94,8 @@ def _mask_dot_outer_body(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor, ban
     backend = _pick(bank.device, bank.shape[0], g.shape[0], weight.shape[0])
     if backend is not _REFERENCE and not _outer_in_range(g, x, weight):
         backend = _REFERENCE
-    if bank_t is None or not backend.reads_interleaved:
-        return backend.mask_dot_outer(bank.contiguous(), g.contiguous(), x.contiguous(), weight.contiguous())
-    return backend.mask_dot_outer(bank.contiguous(), g.contiguous(), x.contiguous(), weight.contiguous(), bank_t.contiguous())
+    bank_t = bank_t.contiguous() if bank_t is not None and backend.reads_interleaved else None
+    return backend.mask_dot_outer(bank.contiguous(), g.contiguous(), x.contiguous(), weight.contiguous(), bank_t)
 
 
 @mask_dot_outer_op.register_fake

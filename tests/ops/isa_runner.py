@@ -1,12 +1,26 @@
 """Running a check script under each x86 ISA level the C++ CPU kernels have (scalar, AVX2,
 AVX-512): the level is fixed per process (SUPSUP_CPU_ISA), so each runs in a child process."""
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 ISAS = ["scalar", "avx2", "avx512"]
+
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                    reason="no C++ compiler on this machine: the cpu backend cannot be built")
+
+# How each check script starts: the C++ ops (C), the reference they are checked against (ref), a
+# fixed seed, and the ISA line that run_on_isa expects first.
+SCRIPT_HEAD = """import torch, supsup_fast as ss
+from supsup_fast.ops.backends.cpu import cpu_isa
+from supsup_fast.ops.backends.reference import ReferenceBackend
+torch.manual_seed(0)
+ref = ReferenceBackend(); C = torch.ops.supsup_cpu
+print(cpu_isa())
+"""
 
 
 def cpu_isas() -> list:

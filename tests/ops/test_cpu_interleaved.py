@@ -3,7 +3,6 @@
 every instruction-set level this CPU has; the copy kept by MaskBank; one-image task inference,
 which reads it on the cpu backend."""
 import copy
-import shutil
 import textwrap
 
 import pytest
@@ -12,18 +11,9 @@ import torch
 import supsup_fast as ss
 from supsup_fast.nn.bank import MaskBank
 
-from tests.ops.isa_runner import ISAS, run_on_isa
+from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, needs_compiler, run_on_isa
 
-needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                    reason="no C++ compiler on this machine: the cpu backend cannot be built")
-
-SCRIPT = textwrap.dedent("""
-    import torch, supsup_fast as ss
-    from supsup_fast.ops.backends.cpu import cpu_isa
-    from supsup_fast.ops.backends.reference import ReferenceBackend
-    torch.manual_seed(0)
-    ref = ReferenceBackend(); C = torch.ops.supsup_cpu
-    print(cpu_isa())
+SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
     # the copy: word w of task t at [..., w, t], tasks padded with zero words to a multiple of 16
     for shape in ((0, 3, 2), (1, 1), (15, 4, 3), (16, 2, 5), (17, 3, 2, 4), (70, 130, 3)):
         bank = torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32)

@@ -1,24 +1,17 @@
 """Lookup-table mask_dot kernels (csrc/cpu/lut.cpp) and the cpu backend's native batched queries,
 against the reference backend, on every instruction-set level this CPU has (SUPSUP_CPU_ISA caps it
 in a subprocess)."""
-import shutil
 import textwrap
 
 import pytest
 import torch
 
-from tests.ops.isa_runner import ISAS, run_on_isa
+from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, needs_compiler, run_on_isa
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="no C++ compiler on this machine: the cpu backend cannot be built")
+pytestmark = needs_compiler
 
-SCRIPT = textwrap.dedent("""
-    import torch, supsup_fast as ss
-    from supsup_fast.ops.backends.cpu import cpu_isa, CpuBackend
-    from supsup_fast.ops.backends.reference import ReferenceBackend
-    torch.manual_seed(0)
-    ref = ReferenceBackend(); C = torch.ops.supsup_cpu
-    print(cpu_isa())
+SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
+    from supsup_fast.ops.backends.cpu import CpuBackend
     assert CpuBackend.fast_batched_inference
     for n in (1, 33, 784, 1000):
         for k in (1, 3, 4, 17, 33, 100):  # 100: batched queries run 4 groups of 16 tasks per table load, and a rest

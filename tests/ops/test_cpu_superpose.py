@@ -2,23 +2,15 @@
 (csrc/cpu/superpose_lut.cpp, from 24 tasks on AVX2 and on AVX-512 with GFNI) against the reference
 backend on every ISA level of this CPU: k across several blocks and the table kernel's threshold, odd
 sizes, rows long enough to span several of its stream blocks, active subsets, exact integer counts."""
-import shutil
 import textwrap
 
 import pytest
 
-from tests.ops.isa_runner import ISAS, cpu_has_gfni_vbmi, run_on_isa
+from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, cpu_has_gfni_vbmi, needs_compiler, run_on_isa
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="no C++ compiler on this machine: the cpu backend cannot be built")
+pytestmark = needs_compiler
 
-SCRIPT = textwrap.dedent("""
-    import torch, supsup_fast as ss
-    from supsup_fast.ops.backends.cpu import cpu_isa
-    from supsup_fast.ops.backends.reference import ReferenceBackend
-    torch.manual_seed(0)
-    ref = ReferenceBackend(); C = torch.ops.supsup_cpu
-    print(cpu_isa())
+SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
     for n, R in ((1, 5), (33, 5), (784, 5), (1000, 5), (4099, 7), (1000, 400), (63, 700)):
         for k in ((1, 23, 24, 63, 64, 65, 200) if R == 5 else (17, 40)):
             bank = ss.pack_bits(torch.rand(k, R, n) > 0.5)
