@@ -20,6 +20,16 @@ from supsup_fast.ops.backends.reference import ReferenceBackend
 torch.manual_seed(0)
 ref = ReferenceBackend(); C = torch.ops.supsup_cpu
 print(cpu_isa())
+ri = lambda *shape: torch.randint(-3, 4, shape).float()  # small integers: every partial sum is exact in fp32
+
+def rank1_queries(q, R, n):
+    # g [q, R] and x [q, n] of q one-image queries: a run of dead rows, scattered ones, one query with none live
+    g, x = ri(q, R), ri(q, n)
+    g[:, 5:17] = 0
+    g[g.abs() < 2] = 0
+    if q > 1:
+        g[1] = 0
+    return g, x
 """
 
 

@@ -50,7 +50,6 @@ SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
             assert torch.allclose(C.mask_dot_rank1(bank, g, x, W), exp, rtol=1e-4, atol=1e-3), (n, k)
     # rank 1 with rows where g = 0 (dead ReLUs, ignored logits): those rows are skipped, and the result
     # is exactly that of summing them (small integers: every partial sum is exact in fp32)
-    ri = lambda *shape: torch.randint(-3, 4, shape).float()
     # 61 rows of 25 words: two threads' shares; 44: a last word of 12 bits, 3 of 8 nibbles (4 of 11 3-bit groups) looked up
     for n, R in ((1, 37), (33, 37), (44, 29), (784, 61)):
         for k in (4, 17, 100):
@@ -60,11 +59,7 @@ SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
             if n % 32:
                 dirty[..., -1] |= -(1 << (n % 32))
             for q in (1, 5, 40):
-                g, x = ri(q, R), ri(q, n)
-                g[:, 5:17] = 0  # a run of dead rows
-                g[g.abs() < 2] = 0  # and scattered ones
-                if q > 1:
-                    g[1] = 0  # a query with no live row
+                g, x = rank1_queries(q, R, n)
                 exp = ref.mask_dot_outer(bank, g, x, W)
                 assert torch.equal(C.mask_dot_rank1_batched(dirty, g, x, W), exp), (n, R, k, q)
                 assert torch.equal(C.mask_dot_rank1(dirty, g[0], x[0], W), exp[0]), (n, R, k, q)
