@@ -3,6 +3,8 @@
 // their fake implementations and autograd stay in supsup_fast/ops/library.py.
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <limits>
+#include <tuple>
 #include <vector>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -79,6 +81,24 @@ at::Tensor unpack_bits_op(const at::Tensor& words, int64_t n) {
   const int32_t* w = words.data_ptr<int32_t>();
   bool* o = out.data_ptr<bool>();
   at::parallel_for(0, rows, 256, [&](int64_t b, int64_t e) { unpack_rows(w, n, W, o, b, e); });
+  return out;
+}
+
+// The packed masks of the transposed weights: words [*, R, ceil(n/32)] -> [*, n, ceil(R/32)].
+at::Tensor transpose_masks_op(const at::Tensor& words, int64_t n) {
+  check_words(words, "words");
+  TORCH_CHECK(n >= 0 && words.dim() >= 2 && words.size(-1) == words_for(n),
+              "words must be [*, R, ceil(n/32)] for n = ", n, ", got ", words.sizes());
+  auto sizes = words.sizes().vec();
+  const int64_t R = sizes[sizes.size() - 2], W = sizes.back();
+  const int64_t mats = R * W ? words.numel() / (R * W) : 0;
+  sizes[sizes.size() - 2] = n;
+  sizes.back() = words_for(R);
+  at::Tensor out = at::empty(sizes, words.options());
+  if (mats == 0) return out.zero_();
+  const int32_t* w = words.data_ptr<int32_t>();
+  int32_t* o = out.data_ptr<int32_t>();
+  at::parallel_for(0, mats, 1, [&](int64_t b, int64_t e) { transpose_masks(w, R, n, o, b, e); });
   return out;
 }
 
@@ -264,6 +284,29 @@ at::Tensor rank1_interleaved(const at::Tensor& bank_t, int64_t k, const at::Tens
   return (nparts == 1 ? parts[0] : parts.sum(0)).narrow(1, 0, k);
 }
 
+// mask_dot_rank1_batched read from the task-interleaved copy alone: bank_t [R, ceil(n/32), kp] of a
+// k-task bank, g [q, R], x [q, n], w [R, n] -> [q, k]. Task inference reads the copy of a layer's
+// transposed masks this way (x and g swapped, w transposed): then its dead inputs are skipped.
+at::Tensor mask_dot_rank1_interleaved_op(const at::Tensor& bank_t, int64_t k, const at::Tensor& g, const at::Tensor& x,
+                                         const at::Tensor& w) {
+  check_words(bank_t, "bank_t");
+  check_float(g, "g");
+  check_float(x, "x");
+  check_float(w, "weight");
+  TORCH_CHECK(w.dim() == 2 && g.dim() == 2 && x.dim() == 2 && g.size(0) == x.size(0) && g.size(1) == w.size(0) &&
+                  x.size(1) == w.size(1),
+              "mask_dot_rank1_interleaved needs g [q, R], x [q, n] and weight [R, n]");
+  const int64_t R = w.size(0), n = w.size(1), W = words_for(n), q = g.size(0);
+  TORCH_CHECK(k >= 0 && bank_t.dim() == 3 && bank_t.size(0) == R && bank_t.size(1) == W && bank_t.size(2) == (k + 15) / 16 * 16,
+              "bank_t must be the task-interleaved copy of a ", k, "-task bank: [", R, ", ", W, ", ", (k + 15) / 16 * 16,
+              "], got ", bank_t.sizes());
+  if (q == 0 || k == 0 || R == 0 || n == 0) return at::zeros({q, k}, w.options());
+  return rank1_interleaved(bank_t, k, g, x, w, 0, q, surely_finite(x) && surely_finite(w)).contiguous();
+}
+
+at::Tensor rank1_batched(const at::Tensor& bank, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                         const std::optional<at::Tensor>& bank_t, bool skip);
+
 // (⟨Mᵢ, (g_j x_jᵀ) ⊙ w⟩)ⱼᵢ for q one-image queries (g [q, R], x [q, n], w [R, n]): [q, k], in one
 // pass over the bits per block of 32 queries, v_j formed inside the table build (never materialised).
 // With bank_t, the bank's task-interleaved copy (interleave_tasks), the queries that the
@@ -286,6 +329,14 @@ at::Tensor mask_dot_rank1_batched_op(const at::Tensor& bank, const at::Tensor& g
                 bank_t->sizes());
   }
   if (q == 0 || k == 0 || R == 0) return at::zeros({q, k}, w.options());
+  return rank1_batched(bank, g, x, w, bank_t, surely_finite(x) && surely_finite(w));  // as in mask_dot_rank1_op
+}
+
+// The body of mask_dot_rank1_batched (checked, q, k and R > 0); skip: x and w are finite, so the
+// rows with g = 0 may be skipped.
+at::Tensor rank1_batched(const at::Tensor& bank, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                         const std::optional<at::Tensor>& bank_t, bool skip) {
+  const int64_t R = w.size(0), n = w.size(1), W = words_for(n), k = bank.size(0), q = g.size(0);
   const Isa isa = current_isa();
   if (!bank_t.has_value() && (!lut_available(isa) || k < 4))
     return mask_dot_batched_op(bank, g.unsqueeze(2).mul(x.unsqueeze(1)).mul_(w), std::nullopt);
@@ -294,7 +345,6 @@ at::Tensor mask_dot_rank1_batched_op(const at::Tensor& bank, const at::Tensor& g
   // Full groups of 16 queries go to the queries-in-lanes kernel (lut_lanes.cpp) when there are enough
   // tasks to repay its tables, and enough live rows: the tasks-in-lanes kernel skips each query's
   // rows with g = 0 (about half of a ReLU layer's), the other cannot.
-  const bool skip = surely_finite(x) && surely_finite(w);  // as in mask_dot_rank1_op
   int64_t live_pairs = 0;
   const float* gp = g.data_ptr<float>();
   for (int64_t i = 0; i < q * R; ++i) live_pairs += gp[i] != 0.0f;
@@ -323,6 +373,76 @@ at::Tensor mask_dot_rank1_batched_op(const at::Tensor& bank, const at::Tensor& g
     }).view({nq, k}));
   }
   return parts.size() == 1 ? parts[0].contiguous() : at::cat(parts, 0);
+}
+
+// max |t| of a contiguous float tensor, NaN if t holds one: a plain loop where t is small (a query's
+// activations: ATen's reduction costs more than it), else one min-max reduction.
+double abs_max(const at::Tensor& t) {
+  if (t.numel() <= 4096) {
+    const float* p = t.data_ptr<float>();
+    float m = 0.0f;
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      if (std::isnan(p[i])) return NAN;
+      m = std::max(m, std::fabs(p[i]));
+    }
+    return m;
+  }
+  const auto [lo, hi] = at::aminmax(t);
+  const double l = lo.item<double>(), h = hi.item<double>();
+  return std::isnan(l) || std::isnan(h) ? NAN : std::max(-l, h);
+}
+
+// The α-gradients of q one-image queries through a ReLU MLP, the backward of task inference in one
+// call: layer i, last first, adds mask_dot_rank1_batched(banks[i], g_i, inputs[i], weights[i],
+// copies[i]), or where transposed[i] the same sums read from the copy of its transposed masks,
+// mask_dot_rank1_interleaved(copies[i], k, inputs[i], g_i, weights[i] = Wᵢᵀ), and passes down
+// g_{i-1} = (g_i backward_weights[i]) ⊙ 1[inputs[i] > 0]. g is the last layer's g. Returns
+// (out [q, k], true), or (empty, false) where a layer's products g·x·w might not be finite: the
+// caller then goes op by op, whose reference follows IEEE there.
+std::tuple<at::Tensor, bool> mlp_mask_dot_outer_op(const std::vector<at::Tensor>& banks, const std::vector<at::Tensor>& copies,
+                                                   const c10::List<bool>& transposed, const std::vector<at::Tensor>& weights,
+                                                   const std::vector<at::Tensor>& backward_weights,
+                                                   const std::vector<at::Tensor>& inputs, const at::Tensor& g) {
+  const size_t L = banks.size();
+  TORCH_CHECK(L >= 1 && copies.size() == L && transposed.size() == L && weights.size() == L && backward_weights.size() == L &&
+                  inputs.size() == L,
+              "mlp_mask_dot_outer needs one bank, copy, orientation, weight, backward weight and input per layer");
+  check_float(g, "g");
+  const int64_t k = banks[0].size(0), q = g.size(0);
+  for (size_t i = 0; i < L; ++i) {
+    check_words(banks[i], "banks");
+    check_words(copies[i], "copies");
+    check_float(weights[i], "weights");
+    check_float(backward_weights[i], "backward_weights");
+    check_float(inputs[i], "inputs");
+    const at::Tensor& u = backward_weights[i];
+    TORCH_CHECK(u.dim() == 2 && inputs[i].dim() == 2 && inputs[i].size(0) == q && inputs[i].size(1) == u.size(1),
+                "layer ", i, ": inputs must be [q, n] and backward_weights [R, n]");
+    const int64_t R = u.size(0), n = u.size(1);
+    TORCH_CHECK(banks[i].dim() == 3 && banks[i].size(0) == k && banks[i].size(1) == R && banks[i].size(2) == words_for(n),
+                "layer ", i, ": banks must be [k, R, ceil(n/32)] with one k");
+    const int64_t a = transposed.get(i) ? n : R, b = transposed.get(i) ? R : n;
+    TORCH_CHECK(weights[i].dim() == 2 && weights[i].size(0) == a && weights[i].size(1) == b, "layer ", i,
+                ": weights must be [R, n], or [n, R] for a transposed copy");
+    TORCH_CHECK(copies[i].dim() == 3 && copies[i].size(0) == a && copies[i].size(1) == words_for(b) &&
+                    copies[i].size(2) == (k + 15) / 16 * 16,
+                "layer ", i, ": copies must be interleave_tasks(bank), or of transpose_masks(bank) where transposed");
+    TORCH_CHECK(i + 1 == L ? g.dim() == 2 && g.size(1) == R : inputs[i + 1].size(1) == R, "layer ", i,
+                ": its R outputs must be the next layer's inputs (g [q, R] for the last)");
+  }
+  at::Tensor out = at::zeros({q, k}, g.options());
+  if (q == 0 || k == 0) return {out, true};
+  at::Tensor gi = g;
+  for (size_t i = L; i-- > 0;) {
+    const at::Tensor& x = inputs[i];
+    const double bound = abs_max(gi) * abs_max(x) * abs_max(weights[i]);
+    if (!(bound < std::numeric_limits<float>::max())) return {at::empty({0}, g.options()), false};
+    if (gi.size(1) > 0 && x.size(1) > 0)
+      out += transposed.get(i) ? rank1_interleaved(copies[i], k, x, gi, weights[i], 0, q, true)
+                           : rank1_batched(banks[i], gi, x, weights[i], copies[i], true);
+    if (i > 0) gi = at::mm(gi, backward_weights[i]).mul_(x.gt(0));
+  }
+  return {out, true};
 }
 
 // (⟨Mᵢ, v_j⟩)ⱼᵢ for q queries v [q, *lead, n] in one pass over the bits: [q, k].
@@ -765,6 +885,10 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("mask_dot_rows(Tensor bank, Tensor x, Tensor weight) -> Tensor");
   m.def("mask_dot_rank1_batched(Tensor bank, Tensor g, Tensor x, Tensor weight, Tensor? bank_t=None) -> Tensor");
   m.def("interleave_tasks(Tensor bank) -> Tensor");
+  m.def("mask_dot_rank1_interleaved(Tensor bank_t, int k, Tensor g, Tensor x, Tensor weight) -> Tensor");
+  m.def("transpose_masks(Tensor words, int n) -> Tensor");
+  m.def("mlp_mask_dot_outer(Tensor[] banks, Tensor[] copies, bool[] transposed, Tensor[] weights, Tensor[] backward_weights, "
+        "Tensor[] inputs, Tensor g) -> (Tensor, bool)");
   m.def("superpose(Tensor bank, Tensor alpha, int n, Tensor? active=None) -> Tensor");
   m.def("masked_weight(Tensor weight, Tensor mask_words) -> Tensor");
   m.def("masked_weight_into(Tensor weight, Tensor mask_words, Tensor(a!) out) -> ()");
@@ -797,6 +921,9 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("mask_dot_rank1", &mask_dot_rank1_op);
   m.impl("mask_dot_rank1_batched", &mask_dot_rank1_batched_op);
   m.impl("interleave_tasks", &interleave_tasks_op);
+  m.impl("mask_dot_rank1_interleaved", &mask_dot_rank1_interleaved_op);
+  m.impl("transpose_masks", &transpose_masks_op);
+  m.impl("mlp_mask_dot_outer", &mlp_mask_dot_outer_op);
   m.impl("mask_dot_rows", &mask_dot_rows_op);
   m.impl("masked_weight", &masked_weight_op);
   m.impl("masked_weight_into", &masked_weight_into_op);

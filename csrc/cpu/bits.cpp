@@ -95,6 +95,38 @@ void unpack_rows(const int32_t* words, int64_t n, int64_t W, bool* out, int64_t 
     for (int64_t j = 0; j < n; ++j) out[r * n + j] = (static_cast<uint32_t>(words[r * W + j / 32]) >> (j % 32)) & 1u;
 }
 
+namespace {
+
+// A 32 x 32 bit matrix, bit j of a[i] at row i, column j, transposed in place by swapping
+// ever smaller off-diagonal blocks (Hacker's Delight 7-3, in the LSB-first order).
+inline void transpose32(uint32_t* a) {
+  uint32_t m = 0x0000FFFFu;
+  for (int j = 16; j != 0; j >>= 1, m ^= m << j)
+    for (int i = 0; i < 32; i = (i + j + 1) & ~j) {
+      const uint32_t t = ((a[i] >> j) ^ a[i + j]) & m;
+      a[i] ^= t << j;
+      a[i + j] ^= t;
+    }
+}
+
+}  // namespace
+
+void transpose_masks(const int32_t* words, int64_t R, int64_t n, int32_t* out, int64_t m0, int64_t m1) {
+  const int64_t W = (n + 31) / 32, W2 = (R + 31) / 32;
+  for (int64_t m = m0; m < m1; ++m) {
+    const int32_t* src = words + m * R * W;
+    int32_t* dst = out + m * n * W2;
+    for (int64_t rb = 0; rb < W2; ++rb)
+      for (int64_t w = 0; w < W; ++w) {
+        uint32_t a[32];
+        for (int64_t i = 0; i < 32; ++i) a[i] = 32 * rb + i < R ? static_cast<uint32_t>(src[(32 * rb + i) * W + w]) : 0u;
+        transpose32(a);  // the pad bits of row words (columns >= n) land in a[j >= n - 32w]: not written
+        const int64_t cols = std::min<int64_t>(32, n - 32 * w);
+        for (int64_t j = 0; j < cols; ++j) dst[(32 * w + j) * W2 + rb] = static_cast<int32_t>(a[j]);
+      }
+  }
+}
+
 void masked_weight(Isa isa, const float* w, const int32_t* words, int64_t n, int64_t W, float* out, int64_t r0,
                    int64_t r1) {
   if (isa == Isa::Avx512) return masked_weight_avx512(w, words, n, W, out, r0, r1);

@@ -17,6 +17,9 @@ const char* isa_name(Isa isa);
 void pack_rows(const bool* mask, int64_t n, int64_t W, int32_t* words, int64_t r0, int64_t r1);
 // words[rows, W] -> bool[rows, n]; rows [r0, r1).
 void unpack_rows(const int32_t* words, int64_t n, int64_t W, bool* out, int64_t r0, int64_t r1);
+// The masks of the transposed weights: matrices [m0, m1) of words [*, R, ceil(n/32)] (bits M[r, c]) ->
+// out [*, n, ceil(R/32)] (bits Mᵀ[c, r]), pad bits zero.
+void transpose_masks(const int32_t* words, int64_t R, int64_t n, int32_t* out, int64_t m0, int64_t m1);
 
 // out[t] = sum over the flat words [fw0, fw1) of the R*W words of a task (row = fw / W) of
 // bit(bank[task(t), row, j]) * v[row, j], for all t < k. bank is [*, R, W]; v is [R, n] (float);

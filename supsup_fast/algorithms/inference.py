@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..bits import num_words
 from ..models import MLP
 from ..nn import MultitaskBatchNorm, SupermaskLinear, num_tasks, superposition, supermask_layers
 from .objectives import get_objective, logit_gradients
@@ -41,11 +42,11 @@ def alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_labels
     One image through this package's MLP (nothing hooked into it), on a backend that reads the banks'
     task-interleaved copies, goes the batched MLP way (one query), which skips the bits of the dead
     rows; every other model and call takes autograd through the superposed modules."""
+    if active is None and x.dim() >= 1 and x.shape[0] == 1 and _plain_mlp(model) \
+            and ops.backend_for(model.layers[0].weight.device).reads_interleaved:
+        return _mlp_alpha_gradients(model, num_tasks(model), x, objective, num_labels)[0]
     k = num_tasks(model) if active is None else active.numel()
     device = next(iter(model.buffers())).device
-    if active is None and x.dim() >= 1 and x.shape[0] == 1 and ops.backend_for(device).reads_interleaved \
-            and _plain_mlp(model):
-        return _mlp_alpha_gradients(model, k, x, objective, num_labels)[0]
     alpha = torch.full((k,), 1.0 / k, device=device, requires_grad=True)
     with superposition(model, alpha, active=active, uniform=True):
         logits = model(x)
@@ -102,8 +103,9 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
 
 def _plain_mlp(model: nn.Module) -> bool:
     """This package's MLP as built (SupermaskLinear layers with ReLU between them, no forward replaced),
-    with nothing hooked into its modules (the sharded bank's all-reduce, a user's probe): only then may
-    the α-gradients multiply the layers' weights without calling them."""
+    with nothing hooked into the modules its forward calls, itself and its layers (the sharded bank's
+    all-reduce, a user's probe): only then may the α-gradients multiply the layers' weights without
+    calling them."""
     if type(model) is not MLP or "forward" in vars(model):
         return False
     if not all(type(layer) is SupermaskLinear and "forward" not in vars(layer) for layer in model.layers):
@@ -113,15 +115,17 @@ def _plain_mlp(model: nn.Module) -> bool:
             nn_module._global_backward_pre_hooks)):
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in model.modules())
+                   for m in (model, *model.layers))
 
 
 def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, num_labels: int,
                          max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
     """``_rank1_alpha_gradients`` for this package's MLP (linear layers with ReLU between them), with
     no autograd through the network and no layer mode switched: each layer's cached uniform weight
-    W ⊙ Σᵢ Mᵢ / k, one forward, the objective's gradient w.r.t. the logits in closed form, the ReLU
-    backward by hand. On a small query the Python and autograd glue of the general path cost as much as the bits."""
+    W ⊙ Σᵢ Mᵢ / k, one forward, the objective's gradient w.r.t. the logits in closed form, then the
+    backward in one call over the banks' task-interleaved copies (``ops.mlp_mask_dot_outer``) where
+    the backend reads them, else layer by layer. On a small query the Python and autograd glue of
+    the general path cost as much as the bits."""
     layers = list(model.layers)
     q = xs.shape[0]
     if xs.dtype != layers[0].weight.dtype:  # as the superposed layers say it
@@ -132,9 +136,19 @@ def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, n
         for i, (layer, w) in enumerate(zip(layers, weights)):
             z = F.linear(hs[-1], w, layer.bias)
             hs.append(z.relu() if i < len(layers) - 1 else z)
-    out = torch.zeros(q, k, dtype=torch.float32, device=xs.device)
-    with torch.no_grad():
         g = logit_gradients(objective, hs.pop(), num_labels)
+        if all(_reads_copy(layer) for layer in layers):
+            # nonzero inputs, and live outputs as the forward tells them: g_i = 0 where ReLU gave 0
+            inputs = [int(torch.count_nonzero(h)) for h in hs]
+            outputs = inputs[1:] + [int(torch.count_nonzero(g))]
+            kept = [layer.bank.kept_interleaved() for layer in layers]
+            transposed = [_read_transposed(kept[i], outputs[i], inputs[i], layer.weight) for i, layer in enumerate(layers)]
+            copies = [kept[i][t] if kept[i][t] is not None else layer.bank.interleaved(t)
+                      for i, (layer, t) in enumerate(zip(layers, transposed))]
+            return ops.mlp_mask_dot_outer([layer.bank.words for layer in layers], copies, transposed,
+                                          [layer.transposed_weight() if t else layer.weight for layer, t in zip(layers, transposed)],
+                                          weights, hs, g)
+        out = torch.zeros(q, k, dtype=torch.float32, device=xs.device)
         for i in reversed(range(len(layers))):
             _add_layer_alpha_gradients(out, layers[i], g, hs[i], max_chunk_bytes)
             if i > 0:
@@ -142,20 +156,47 @@ def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, n
     return out
 
 
+def _reads_copy(layer) -> bool:
+    """Whether task inference reads the layer's bank through a task-interleaved copy: where the bank
+    may keep one and the backend reads it (cpu, whose kernels are float32)."""
+    w = layer.weight
+    return layer.bank.keep_interleaved and w.dtype == torch.float32 and ops.backend_for(w.device).reads_interleaved
+
+
 def _add_layer_alpha_gradients(out: torch.Tensor, layer, g: torch.Tensor, x_in: torch.Tensor, max_chunk_bytes: int) -> None:
     """out [q, k] += the α-gradients of q queries through one linear layer: g [q, out] the gradients
-    of its outputs, x_in [q, in] its inputs. Where the backend reads it and the bank may keep it, the
-    bank's task-interleaved copy (kept by the bank until it changes)."""
+    of its outputs, x_in [q, in] its inputs. Where the layer reads one, through one of its bank's
+    task-interleaved copies (kept by the bank until it changes): the row copy skips each query's
+    outputs with g = 0, the transposed one its inputs with x = 0 (``_read_transposed``)."""
     w = layer.weight
     q = out.shape[0]
     x2, g2 = x_in.reshape(q, -1).to(w.dtype), g.detach().reshape(q, -1)
-    # (the cpu kernels, the only ones that read the copy, are float32)
-    use_copy = layer.bank.keep_interleaved and w.dtype == torch.float32 and ops.backend_for(w.device).reads_interleaved
+    use_copy = _reads_copy(layer)
+    if use_copy and _read_transposed(layer.bank.kept_interleaved(), int(torch.count_nonzero(g2)), int(torch.count_nonzero(x2)), w):
+        out += ops.mask_dot_outer_interleaved(layer.bank.interleaved(transposed=True), out.shape[1], x2, g2,
+                                              layer.transposed_weight())
+        return
     bank_t = layer.bank.interleaved() if use_copy else None
     chunk = max(1, max_chunk_bytes // max(1, w.numel() * 4))
     for j0 in range(0, q, chunk):
         j1 = min(q, j0 + chunk)
         out[j0:j1] += ops.mask_dot_outer(layer.bank.words, g2[j0:j1], x2[j0:j1], w, bank_t).float()
+
+
+def _read_transposed(kept: tuple, live_outputs: int, live_inputs: int, weight: torch.Tensor) -> bool:
+    """Whether queries with these counts of nonzero output gradients and inputs (over all queries)
+    read the layer through its transposed copy: the copy that reads fewer words, ceil(in/32) per
+    live output through the row copy, ceil(out/32) per nonzero input through the transposed one (an
+    entropy gradient reaches every logit, but about half of a ReLU's outputs, the next layer's
+    inputs, are 0). A second copy of one bank is built only where it reads at most 3/4 as much."""
+    row_words = live_outputs * num_words(weight.shape[1])
+    col_words = live_inputs * num_words(weight.shape[0])
+    have_row, have_col = (c is not None for c in kept)  # the bank's kept_interleaved()
+    if have_row and not have_col:
+        return col_words <= 0.75 * row_words
+    if have_col and not have_row:
+        return not row_words <= 0.75 * col_words
+    return col_words < row_words
 
 
 def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Tensor, objective: str, num_labels: int,

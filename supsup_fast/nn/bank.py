@@ -1,7 +1,7 @@
 """Per-layer storage that grows one task at a time with amortised (capacity-doubling) growth."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ class MaskBank(TaskRows):
     def __init__(self, out_features: int, n: int, device=None):
         super().__init__((out_features, num_words(n)), torch.int32, device)
         self.n = int(n)
-        self._interleaved = None  # (key, tensor): see interleaved()
+        self._interleaved = (None, None)  # (key, tensor) or None per orientation: see interleaved()
         self._keep_interleaved = True
 
     @property
@@ -89,21 +89,43 @@ class MaskBank(TaskRows):
         if not keep:
             self.drop_interleaved()
 
-    def interleaved(self) -> torch.Tensor:
+    def interleaved(self, transposed: bool = False) -> torch.Tensor:
         """``ops.interleave_tasks(words)``, kept until the bank changes (a task appended, a row
         rewritten, the bank truncated, moved or copied): the layout in which one-image task inference
-        on the CPU reads only each query's live rows (``ops.mask_dot_outer(bank_t=)``). It holds as
-        much memory as the bank; ``drop_interleaved()`` frees it."""
-        key = (self.count, id(self.storage), self.storage.data_ptr(), self.storage._version, self.storage.device)
-        cached = self._interleaved  # one read: another thread may drop or rebuild it meanwhile
+        on the CPU reads only each query's live rows (``ops.mask_dot_outer(bank_t=)``). With
+        ``transposed``, the copy of the transposed masks, ``interleave_tasks(transpose_masks(words,
+        n))`` [n, ceil(out/32), kp], read by the layer's nonzero inputs instead
+        (``ops.mask_dot_outer_interleaved``). Each holds about as much memory as the bank;
+        ``drop_interleaved()`` frees them."""
+        key = self._copy_key()
+        cached = self._interleaved[transposed]  # one read: another thread may drop or rebuild it meanwhile
         if cached is None or cached[0] != key:
-            self._interleaved = cached = None  # free the stale copy before building the new one
-            cached = (key, ops.interleave_tasks(self.words))
-            self._interleaved = cached
+            # free the stale copies before building the new one
+            self._interleaved = tuple(c if c is not None and c[0] == key else None for c in self._interleaved)
+            words = self.words
+            if transposed:
+                words = ops.transpose_masks(words, self.n)
+            cached = (key, ops.interleave_tasks(words))
+            del words
+            self._set_copy(transposed, cached)
         return cached[1]
 
+    def kept_interleaved(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The current copies kept, ``interleaved(False)`` and ``interleaved(True)``, each None where
+        not kept or stale (returning it would build it)."""
+        key = self._copy_key()
+        return tuple(c[1] if c is not None and c[0] == key else None for c in self._interleaved)
+
+    def _copy_key(self) -> tuple:
+        return (self.count, id(self.storage), self.storage.data_ptr(), self.storage._version, self.storage.device)
+
+    def _set_copy(self, transposed: bool, cached) -> None:
+        copies = list(self._interleaved)  # a new tuple: a reader holds the old one whole
+        copies[transposed] = cached
+        self._interleaved = tuple(copies)
+
     def drop_interleaved(self) -> None:
-        self._interleaved = None
+        self._interleaved = (None, None)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .float(), ...: the copy stays behind otherwise
         self.drop_interleaved()
@@ -111,7 +133,7 @@ class MaskBank(TaskRows):
 
     def __getstate__(self):  # copy.deepcopy and pickle: a copy of the model does not carry the cache
         state = dict(super().__getstate__())
-        state["_interleaved"] = None
+        state["_interleaved"] = (None, None)
         return state
 
     # A change frees the copy at once (training goes on without holding a stale one); the key in

@@ -1,5 +1,6 @@
 """Count caches of a supermask layer: Σᵢ Mᵢ per weight over the whole bank or an active subset,
-and Σᵢ Mᵢ / k for the uniform superposition. With them a uniform-α forward reads no mask bit."""
+and Σᵢ Mᵢ / k for the uniform superposition. With them a uniform-α forward reads no mask bit. Also
+the transposed frozen weight, which task inference reads with a bank's transposed copy."""
 from __future__ import annotations
 
 import torch
@@ -49,6 +50,16 @@ class CountCaches:
             cache = (counts, counts._version, k, counts * (1.0 / k))
             self._s_cache = cache
         return cache[3]
+
+    def transposed_weight(self) -> torch.Tensor:
+        """Wᵀ of a linear layer (contiguous [in, out]), kept while the weight stays (its version counter,
+        as in ``uniform_weight``): task inference reads a bank's transposed copy with it."""
+        cache = getattr(self, "_wt_cache", None)
+        if cache is None or cache[0] is not self.weight or cache[1] != self.weight._version:
+            self._wt_cache = cache = None  # free the stale one before building the new one
+            w = self.weight.detach()
+            self._wt_cache = cache = (self.weight, self.weight._version, w.reshape(w.shape[0], -1).t().contiguous())
+        return cache[2]
 
     def uniform_weight(self) -> torch.Tensor:
         """W ⊙ Σᵢ Mᵢ / k over the whole bank, the weight of the uniform superposition (the same fp32

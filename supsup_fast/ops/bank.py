@@ -5,7 +5,7 @@ bank_linear, every task's masked linear layer on one input at once."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -177,6 +177,69 @@ def mask_dot_outer(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor, bank_t: O
     if eager_without_grad(bank, g, x, weight, bank_t):
         return _mask_dot_outer_body(bank, g, x, weight, bank_t)
     return mask_dot_outer_op(bank, g, x, weight, bank_t)
+
+
+@torch.library.custom_op("supsup::mask_dot_outer_interleaved", mutates_args=())
+def mask_dot_outer_interleaved_op(bank_t: Tensor, k: int, g: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    return _mask_dot_outer_interleaved_body(bank_t, k, g, x, weight)
+
+
+def _mask_dot_outer_interleaved_body(bank_t: Tensor, k: int, g: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    checks.check_mask_dot_outer_interleaved(bank_t, k, g, x, weight)
+    backend = _pick(bank_t.device, k, g.shape[0], weight.shape[0])
+    if not backend.reads_interleaved or not _outer_in_range(g, x, weight):
+        backend = _REFERENCE
+    return backend.mask_dot_outer_interleaved(bank_t.contiguous(), k, g.contiguous(), x.contiguous(), weight.contiguous())
+
+
+@mask_dot_outer_interleaved_op.register_fake
+def _(bank_t, k, g, x, weight):
+    checks.check_mask_dot_outer_interleaved(bank_t, k, g, x, weight)
+    return g.new_empty(g.shape[0], k)
+
+
+def mask_dot_outer_interleaved(bank_t: Tensor, k: int, g: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """``mask_dot_outer(bank, g, x, weight)`` read from ``bank_t = interleave_tasks(bank)`` alone (bank
+    [k, R, ceil(n/32)]): [q, k]. Task inference reads a layer through the copy of its transposed
+    masks this way, ``mask_dot_outer_interleaved(interleave_tasks(transpose_masks(bank, n)), k, x, g,
+    weight.t())``, the same sums, where more of the inputs x than of the output gradients g are zero:
+    only the rows of a nonzero g_j are read."""
+    if eager_without_grad(bank_t, g, x, weight):
+        return _mask_dot_outer_interleaved_body(bank_t, k, g, x, weight)
+    return mask_dot_outer_interleaved_op(bank_t, k, g, x, weight)
+
+
+def mlp_mask_dot_outer(banks: Sequence[Tensor], copies: Sequence[Tensor], transposed: Sequence[bool],
+                       weights: Sequence[Tensor], backward_weights: Sequence[Tensor], inputs: Sequence[Tensor],
+                       g: Tensor) -> Tensor:
+    """The α-gradients of q one-image queries through a ReLU MLP of L layers, its backward in one
+    call: [q, k] = Σᵢ ``mask_dot_outer(banks[i], g_i, inputs[i], W_i)``, last layer first, with g_{L-1}
+    = ``g`` and g_{i-1} = (g_i ``backward_weights[i]``) ⊙ 1[``inputs[i]`` > 0]. ``copies[i]`` is the
+    bank's task-interleaved copy, ``interleave_tasks(banks[i])`` with ``weights[i]`` = W_i, or where
+    ``transposed[i]`` that of its transposed masks, ``interleave_tasks(transpose_masks(banks[i], n))``
+    with ``weights[i]`` = W_iᵀ (read by the queries' nonzero inputs). On the cpu backend one C++ call;
+    elsewhere, traced, or where a product may overflow, op by op (the same sums)."""
+    lists = (banks, copies, transposed, weights, backward_weights, inputs)
+    fused = getattr(backend_for(g.device), "mlp_mask_dot_outer", None)
+    if fused is not None and all(isinstance(v, (list, tuple)) for v in lists) and \
+            eager_without_grad(g, *banks, *copies, *weights, *backward_weights, *inputs):
+        try:  # the C++ op checks every shape; on a refusal, the checks below name what was wrong
+            out = fused(list(banks), list(copies), [bool(t) for t in transposed], list(weights), list(backward_weights),
+                        list(inputs), g)
+        except RuntimeError:
+            checks.check_mlp_mask_dot_outer(*lists, g)
+            raise
+        if out is not None:
+            return out
+    checks.check_mlp_mask_dot_outer(*lists, g)
+    k = banks[0].shape[0]
+    out = g.new_zeros(g.shape[0], k)
+    for i in reversed(range(len(banks))):
+        out += (mask_dot_outer_interleaved(copies[i], k, inputs[i], g, weights[i]) if transposed[i]
+                else mask_dot_outer(banks[i], g, inputs[i], weights[i], copies[i]))
+        if i > 0:
+            g = (g @ backward_weights[i]) * (inputs[i] > 0)
+    return out
 
 
 @torch.library.custom_op("supsup::interleave_tasks", mutates_args=())

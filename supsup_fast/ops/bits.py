@@ -1,4 +1,4 @@
-"""Packing: bool masks to the canonical int32 words and back."""
+"""Packing: bool masks to the canonical int32 words and back, and the words of the transposed masks."""
 from __future__ import annotations
 
 
@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ..bits import num_words
 from . import checks
+from .dispatch import eager_without_grad
 from .registry import backend_for
 
 
@@ -32,7 +33,19 @@ def _(words, n):
     return words.new_empty(*words.shape[:-1], n, dtype=torch.bool)
 
 
-# -- the public function ----------------------------------------------------------------------
+@torch.library.custom_op("supsup::transpose_masks", mutates_args=())
+def transpose_masks_op(words: Tensor, n: int) -> Tensor:
+    checks.check_transpose_masks(words, n)
+    return backend_for(words.device).transpose_masks(words.contiguous(), n)
+
+
+@transpose_masks_op.register_fake
+def _(words, n):
+    checks.check_transpose_masks(words, n)
+    return words.new_empty(*words.shape[:-2], n, num_words(words.shape[-2]))
+
+
+# -- the public functions ---------------------------------------------------------------------
 def pack_bits(mask: Tensor) -> Tensor:
     """bool[..., n] -> int32[..., ceil(n/32)] (LSB-first, zero pad bits)."""
     if not isinstance(mask, Tensor):
@@ -55,3 +68,13 @@ def unpack_bits(words: Tensor, n: int) -> Tensor:
         raise ValueError(f"words must have ceil(n/32) = {(n + 31) // 32} words in its last dimension "
                          f"for n = {n}, got shape {tuple(words.shape)}")
     return unpack_bits_op(words, n)
+
+
+def transpose_masks(words: Tensor, n: int) -> Tensor:
+    """The packed masks of the transposed weights: the words [*, R, ceil(n/32)] of masks M [*, R, n]
+    -> the words [*, n, ceil(R/32)] of Mᵀ. With ``interleave_tasks``, the copy of a bank in which
+    task inference reads a layer by its nonzero inputs instead of its live outputs."""
+    checks.check_transpose_masks(words, n)
+    if eager_without_grad(words):
+        return backend_for(words.device).transpose_masks(words.contiguous(), n)
+    return transpose_masks_op(words, n)

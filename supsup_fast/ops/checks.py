@@ -185,24 +185,30 @@ def check_bank_linear(x: torch.Tensor, weight: torch.Tensor, bank: torch.Tensor)
     same_device(x=x, weight=weight, bank=bank)
 
 
-def check_mask_dot_outer(bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                         bank_t: Optional[torch.Tensor] = None) -> None:
-    """bank [k, R, ceil(n/32)], g [q, R], x [q, n], weight [R, n], all of one float dtype; bank_t, if
-    given, shaped as interleave_tasks(bank): [R, ceil(n/32), k rounded up to 16]."""
-    check_bank(bank)
+def _check_outer_operands(op: str, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """g [q, R], x [q, n] and weight [R, n] of one float dtype."""
     for name, t in (("g", g), ("x", x), ("weight", weight)):
         _floating(name, t)
     if weight.dim() != 2 or g.dim() != 2 or x.dim() != 2:
-        raise ValueError(f"mask_dot_outer needs g [q, R], x [q, n] and weight [R, n], got g {tuple(g.shape)}, "
+        raise ValueError(f"{op} needs g [q, R], x [q, n] and weight [R, n], got g {tuple(g.shape)}, "
                          f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     R, n = weight.shape
     if g.shape[1] != R or x.shape[1] != n or g.shape[0] != x.shape[0]:
         raise ValueError(f"g must be [q, {R}] and x [q, {n}] for weight {tuple(weight.shape)}, got g {tuple(g.shape)}, "
                          f"x {tuple(x.shape)}")
-    if bank.dim() != 3 or tuple(bank.shape[1:]) != (R, num_words(n)):
-        raise ValueError(f"bank must be [k, {R}, {num_words(n)}] for weight {tuple(weight.shape)}, got {tuple(bank.shape)}")
     if not (g.dtype == x.dtype == weight.dtype):
         raise ValueError(f"g, x and weight must share one dtype, got {g.dtype}, {x.dtype}, {weight.dtype}")
+
+
+def check_mask_dot_outer(bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         bank_t: Optional[torch.Tensor] = None) -> None:
+    """bank [k, R, ceil(n/32)], g [q, R], x [q, n], weight [R, n], all of one float dtype; bank_t, if
+    given, shaped as interleave_tasks(bank): [R, ceil(n/32), k rounded up to 16]."""
+    check_bank(bank)
+    _check_outer_operands("mask_dot_outer", g, x, weight)
+    R, n = weight.shape
+    if bank.dim() != 3 or tuple(bank.shape[1:]) != (R, num_words(n)):
+        raise ValueError(f"bank must be [k, {R}, {num_words(n)}] for weight {tuple(weight.shape)}, got {tuple(bank.shape)}")
     same_device(bank=bank, g=g, x=x, weight=weight)
     if bank_t is not None:
         words_tensor("bank_t", bank_t)
@@ -210,6 +216,71 @@ def check_mask_dot_outer(bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, w
         if tuple(bank_t.shape) != want:
             raise ValueError(f"bank_t must be interleave_tasks(bank), shape {want}, got {tuple(bank_t.shape)}")
         same_device(bank=bank, bank_t=bank_t)
+
+
+def check_mask_dot_outer_interleaved(bank_t: torch.Tensor, k: int, g: torch.Tensor, x: torch.Tensor,
+                                     weight: torch.Tensor) -> None:
+    """bank_t = interleave_tasks(bank) of a k-task bank [k, R, ceil(n/32)]: [R, ceil(n/32), k rounded
+    up to 16]; g [q, R], x [q, n], weight [R, n] of one float dtype."""
+    words_tensor("bank_t", bank_t)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k (the tasks of the bank that bank_t interleaves) must be an int >= 0, got {k!r}")
+    _check_outer_operands("mask_dot_outer_interleaved", g, x, weight)
+    R, n = weight.shape
+    want = (R, num_words(n), -k // 16 * -16)
+    if tuple(bank_t.shape) != want:
+        raise ValueError(f"bank_t must be interleave_tasks of a [{k}, {R}, {num_words(n)}] bank for weight "
+                         f"{tuple(weight.shape)}, shape {want}, got {tuple(bank_t.shape)}")
+    same_device(bank_t=bank_t, g=g, x=x, weight=weight)
+
+
+def check_mlp_mask_dot_outer(banks, copies, transposed, weights, backward_weights, inputs, g: torch.Tensor) -> None:
+    """Per layer i of L >= 1: banks[i] [k, R_i, ceil(n_i/32)] (one k), backward_weights[i] [R_i, n_i],
+    inputs[i] [q, n_i], weights[i] [R_i, n_i] with copies[i] = interleave_tasks(banks[i]), or where
+    transposed[i], weights[i] [n_i, R_i] with copies[i] of transpose_masks(banks[i], n_i); n_{i+1} =
+    R_i, and g [q, R_{L-1}]; all floats of one dtype."""
+    lists = dict(banks=banks, copies=copies, transposed=transposed, weights=weights, backward_weights=backward_weights,
+                 inputs=inputs)
+    L = len(banks)
+    if L < 1 or any(len(v) != L for v in lists.values()):
+        raise ValueError("mlp_mask_dot_outer needs one bank, copy, orientation, weight, backward weight and input "
+                         f"per layer, got {', '.join(f'{name}: {len(v)}' for name, v in lists.items())}")
+    _floating("g", g)
+    for i in range(L):
+        check_bank(banks[i])
+        _floating(f"inputs[{i}]", inputs[i])
+        if banks[i].dim() != 3 or inputs[i].dim() != 2:
+            raise ValueError(f"layer {i}: banks[{i}] must be [k, R, W] and inputs[{i}] [q, n], got "
+                             f"{tuple(banks[i].shape)} and {tuple(inputs[i].shape)}")
+        R, n = banks[i].shape[1], inputs[i].shape[1]
+        u = backward_weights[i]
+        _floating(f"backward_weights[{i}]", u)
+        if tuple(u.shape) != (R, n) or u.dtype != g.dtype:
+            raise ValueError(f"backward_weights[{i}] must be {g.dtype} [{R}, {n}], got {u.dtype} {tuple(u.shape)}")
+        check_mask_dot_outer(banks[i], g.new_empty(g.shape[0], R) if i + 1 < L else g, inputs[i],
+                             weights[i].t() if transposed[i] else weights[i])
+        if banks[i].shape[0] != banks[0].shape[0]:
+            raise ValueError(f"banks must share one k, got {banks[0].shape[0]} and {banks[i].shape[0]} (layer {i})")
+        if inputs[i].shape[0] != g.shape[0]:
+            raise ValueError(f"inputs[{i}] must be [{g.shape[0]}, {n}] (q = g's rows), got {tuple(inputs[i].shape)}")
+        if i + 1 < L and inputs[i + 1].shape[1] != R:
+            raise ValueError(f"layer {i} has {R} outputs but inputs[{i + 1}] is {tuple(inputs[i + 1].shape)}")
+        words_tensor(f"copies[{i}]", copies[i])
+        a, b = (n, R) if transposed[i] else (R, n)
+        want = (a, num_words(b), -banks[i].shape[0] // 16 * -16)
+        if tuple(copies[i].shape) != want:
+            what = "interleave_tasks(transpose_masks(banks[i], n))" if transposed[i] else "interleave_tasks(banks[i])"
+            raise ValueError(f"copies[{i}] must be {what}, shape {want}, got {tuple(copies[i].shape)}")
+
+
+def check_transpose_masks(words: torch.Tensor, n: int) -> None:
+    """words [*, R, ceil(n/32)], n >= 1 bits per row."""
+    words_tensor("words", words)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int (bits per row), got {n!r}")
+    if words.dim() < 2 or words.shape[-1] != num_words(n):
+        raise ValueError(f"words must be [*, R, ceil(n/32)] = [*, R, {num_words(n)}] for n = {n}, "
+                         f"got shape {tuple(words.shape)}")
 
 
 def pair(name: str, value, n: int = 2) -> list:

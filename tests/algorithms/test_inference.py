@@ -156,3 +156,37 @@ def test_batched_queries_refuse_another_dtype_like_the_layers():
             alpha_gradients_batched(model, torch.randn(2, 784, dtype=torch.float64))
         with ss.use_backend(backend), pytest.raises(TypeError, match="x dtype torch.float64 must match weight dtype"):
             alpha_gradient(model, torch.randn(1, 784, dtype=torch.float64), "entropy", 10)
+
+
+def test_each_layer_is_read_through_the_copy_that_reads_less():
+    """On the cpu backend task inference reads each layer through the copy with fewer words for the
+    query: the logits layer (every logit has a gradient, about half its inputs are 0) through the
+    copy of the transposed masks; a first layer fed mostly-zero inputs (raw pixels, not normalised)
+    through it too, dense inputs through the plain copy. Every result equals the reference backend's."""
+    from supsup_fast.algorithms.inference import alpha_gradients_batched
+    from supsup_fast.bench import random_model_with_masks
+    model = random_model_with_masks("lenet", 200, 37, seed=6)
+    torch.manual_seed(6)
+    dense = torch.randn(1, 784)
+    sparse = dense * (torch.rand(1, 784) < 0.2)
+    kept = lambda i: tuple(c is not None for c in model.layers[i].bank.kept_interleaved())
+    for x, first_layer in ((dense, (True, False)), (sparse, (True, True))):
+        with ss.use_backend("reference"):
+            expect = alpha_gradient(model, x, "entropy", 10)
+        with ss.use_backend("cpu"):
+            got = alpha_gradient(model, x, "entropy", 10)
+            batched = alpha_gradients_batched(model, torch.cat([dense, sparse, x]), "entropy", 10)
+        torch.testing.assert_close(got, expect, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(batched[2], expect, rtol=1e-3, atol=1e-6)
+        assert kept(0) == first_layer and kept(2) == (False, True)
+
+
+def test_a_second_copy_is_built_only_where_it_reads_at_most_three_quarters():
+    from supsup_fast.algorithms.inference import _read_transposed
+    w = torch.empty(64, 320)  # a row: 10 words; a column: 2 words
+    copy = torch.empty(0)
+    assert _read_transposed((None, None), 10, 49, w)  # 100 words through the row copy, 98 through the other
+    assert not _read_transposed((None, None), 10, 50, w)  # a tie keeps the row copy
+    assert _read_transposed((copy, None), 10, 37, w) and not _read_transposed((copy, None), 10, 38, w)  # 74 / 76 of 100
+    assert not _read_transposed((None, copy), 7, 50, w) and _read_transposed((None, copy), 8, 50, w)  # 70 / 80 of 100
+    assert _read_transposed((copy, copy), 10, 49, w) and not _read_transposed((copy, copy), 10, 51, w)

@@ -57,6 +57,45 @@ SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
     g, x = ri(16, 6), ri(16, 44)
     g[g == 0] = 1
     assert torch.equal(C.mask_dot_rank1_batched(bank, g, x, W, C.interleave_tasks(bank)), ref.mask_dot_outer(bank, g, x, W))
+    # the copy of the transposed masks (transpose_masks: pad bits dropped, rows past R zero) read with
+    # x and g swapped and w transposed, and the plain copy read alone: the same sums, exactly
+    for n, R in ((1, 37), (33, 5), (44, 29), (100, 64), (70, 33), (5, 100)):
+        for k in (1, 17, 40):
+            m = torch.rand(k, R, n) > 0.5
+            bank, W = ss.pack_bits(m), ri(R, n)
+            dirty = bank.clone()
+            if n % 32:
+                dirty[..., -1] |= -(1 << (n % 32))
+            tb = C.transpose_masks(dirty, n)
+            assert torch.equal(tb, ss.pack_bits(m.transpose(1, 2).contiguous())), (n, R, k)
+            assert torch.equal(tb, ref.transpose_masks(dirty, n)), (n, R, k)
+            tc, Wt = C.interleave_tasks(tb), W.t().contiguous()
+            for q in (1, 5):
+                g, x = rank1_queries(q, R, n)
+                x[:, ::3] = 0  # dead inputs: the rows of the transposed copy that are skipped
+                exp = ref.mask_dot_outer(bank, g, x, W)
+                assert torch.equal(C.mask_dot_rank1_interleaved(tc, k, x, g, Wt), exp), (n, R, k, q)
+                assert torch.equal(C.mask_dot_rank1_interleaved(C.interleave_tasks(dirty), k, g, x, W), exp), (n, R, k, q)
+    # a whole ReLU MLP's backward in one call, layers in either orientation: the sums of the reference
+    # layer by layer, with g passed down through the backward weights and the ReLU
+    sizes, k, q = (45, 37, 33, 20), 23, 4
+    banks = [ss.pack_bits(torch.rand(k, o, i) > 0.5) for i, o in zip(sizes[:-1], sizes[1:])]
+    Ws = [ri(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
+    Us = [ri(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
+    hs = [ri(q, i).clamp(min=0) for i in sizes[:-1]]
+    g = ri(q, sizes[-1])
+    exp, gi = torch.zeros(q, k), g
+    for i in reversed(range(3)):
+        exp += ref.mask_dot_outer(banks[i], gi, hs[i], Ws[i])
+        gi = (gi @ Us[i]) * (hs[i] > 0)
+    for tr in ([False] * 3, [True] * 3, [True, False, True]):
+        copies = [C.interleave_tasks(C.transpose_masks(b, sizes[i]) if t else b) for i, (b, t) in enumerate(zip(banks, tr))]
+        kw = [w.t().contiguous() if t else w for w, t in zip(Ws, tr)]
+        out, ok = C.mlp_mask_dot_outer(banks, copies, tr, kw, Us, hs, g)
+        assert ok and torch.equal(out, exp), tr
+    # products that may overflow: no result, the caller goes the reference way
+    out, ok = C.mlp_mask_dot_outer(banks, copies, tr, [w * 1e30 for w in kw], Us, hs, g * 1e10)
+    assert not ok and out.numel() == 0
     # float inputs: equal to float tolerance
     bank = ss.pack_bits(torch.rand(300, 20, 70) > 0.5)
     g, x, W = torch.randn(3, 20), torch.randn(3, 70), torch.randn(20, 70)
@@ -117,11 +156,128 @@ def test_mask_bank_keeps_its_copy_until_the_bank_changes():
     assert torch.equal(bank.interleaved(), ss.ops.interleave_tasks(bank.words))
     # nothing carries a copy along: a move, a deep copy, or a bank that may not keep one
     bank.to(torch.device("cpu"))
-    assert bank._interleaved is None
+    assert bank.kept_interleaved() == (None, None)
     bank.interleaved()
-    assert copy.deepcopy(bank)._interleaved is None and bank._interleaved is not None
+    assert copy.deepcopy(bank).kept_interleaved() == (None, None) and bank.kept_interleaved()[0] is not None
     bank.keep_interleaved = False
-    assert bank._interleaved is None
+    assert bank.kept_interleaved() == (None, None)
+
+
+def test_mask_bank_keeps_both_orientations_and_frees_a_stale_one():
+    """interleaved(transposed=True) is the copy of the transposed masks, kept beside the plain one;
+    building either after a change frees the other's stale copy."""
+    torch.manual_seed(1)
+    bank = MaskBank(37, 45)
+    bank.append(ss.pack_bits(torch.rand(19, 37, 45) > 0.5))
+    plain, trans = bank.interleaved(), bank.interleaved(transposed=True)
+    assert torch.equal(trans, ss.ops.interleave_tasks(ss.ops.transpose_masks(bank.words, 45)))
+    assert trans.shape == (45, 2, 32) and bank.kept_interleaved() == (plain, trans)
+    bank.words[3].zero_()  # in place, through the public view: both copies stale
+    assert bank.kept_interleaved() == (None, None)
+    rebuilt = bank.interleaved(transposed=True)
+    assert torch.equal(rebuilt, ss.ops.interleave_tasks(ss.ops.transpose_masks(bank.words, 45)))
+    assert bank._interleaved[0] is None  # the stale plain copy was freed, not kept beside the new one
+    bank.append(ss.pack_bits(torch.rand(37, 45) > 0.5))
+    assert bank._interleaved == (None, None)
+
+
+def test_transpose_masks_on_every_backend_and_its_refusals():
+    torch.manual_seed(2)
+    m = torch.rand(2, 3, 37, 70) > 0.5  # leading dimensions, rows and columns not multiples of 32
+    words = ss.pack_bits(m)
+    exp = ss.pack_bits(m.transpose(-1, -2).contiguous())
+    for backend in ("reference", "cpu"):
+        with ss.use_backend(backend):
+            assert torch.equal(ss.ops.transpose_masks(words, 70), exp), backend
+            assert ss.ops.transpose_masks(words[:, :, :0], 70).shape == (2, 3, 70, 0)
+    with pytest.raises(ValueError, match=r"words must be \[\*, R, ceil\(n/32\)\] = \[\*, R, 3\] for n = 70"):
+        ss.ops.transpose_masks(words[..., :1], 70)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        ss.ops.transpose_masks(words, 0)
+    with pytest.raises(TypeError, match="int32"):
+        ss.ops.transpose_masks(words.long(), 70)
+
+
+def test_mask_dot_outer_interleaved_matches_mask_dot_outer_and_refuses_a_mismatch():
+    """Read from a copy alone, plain or of the transposed masks (x and g swapped), the α-gradients
+    equal mask_dot_outer's; not finite products go the reference way (0 · inf = NaN)."""
+    torch.manual_seed(3)
+    k, R, n = 21, 30, 50
+    bank = ss.pack_bits(torch.rand(k, R, n) > 0.5)
+    g, x, w = torch.randn(3, R), torch.randn(3, n), torch.randn(R, n)
+    g[:, ::2] = 0
+    x[:, 1::3] = 0
+    with ss.use_backend("reference"):
+        exp = ss.ops.mask_dot_outer(bank, g, x, w)
+    plain, trans = ss.ops.interleave_tasks(bank), ss.ops.interleave_tasks(ss.ops.transpose_masks(bank, n))
+    for backend in ("reference", "cpu"):
+        with ss.use_backend(backend):
+            torch.testing.assert_close(ss.ops.mask_dot_outer_interleaved(plain, k, g, x, w), exp)
+            torch.testing.assert_close(ss.ops.mask_dot_outer_interleaved(trans, k, x, g, w.t().contiguous()), exp)
+            assert ss.ops.mask_dot_outer_interleaved(plain[..., :0], 0, g, x, w).shape == (3, 0)
+    xi = x.clone()
+    xi[0, 0] = float("inf")
+    with ss.use_backend("reference"):
+        exp_inf = ss.ops.mask_dot_outer(bank, g, xi, w)
+    assert exp_inf.isnan().any()
+    torch.testing.assert_close(ss.ops.mask_dot_outer_interleaved(plain, k, g, xi, w), exp_inf, equal_nan=True)
+    with pytest.raises(ValueError, match=r"bank_t must be interleave_tasks of a \[21, 30, 2\] bank .* shape \(30, 2, 32\)"):
+        ss.ops.mask_dot_outer_interleaved(plain[:, :1], k, g, x, w)
+    with pytest.raises(ValueError, match="bank_t"):
+        ss.ops.mask_dot_outer_interleaved(trans, k, g, x, w)  # the transposed copy read the plain way
+    with pytest.raises(ValueError, match="k .* must be an int >= 0"):
+        ss.ops.mask_dot_outer_interleaved(plain, -1, g, x, w)
+
+
+def _mlp_case(seed=4, k=19, sizes=(40, 33, 20, 17), q=3):
+    torch.manual_seed(seed)
+    layers = list(zip(sizes[:-1], sizes[1:]))
+    banks = [ss.pack_bits(torch.rand(k, o, i) > 0.5) for i, o in layers]
+    ws = [torch.randn(o, i) for i, o in layers]
+    us = [torch.randn(o, i) for i, o in layers]
+    hs = [torch.randn(q, i).relu() for i, _ in layers]
+    return banks, ws, us, hs, torch.randn(q, sizes[-1])
+
+
+def test_mlp_mask_dot_outer_equals_the_op_by_op_sums():
+    """One call for an MLP's backward gives exactly the op-by-op sums on the cpu backend (the same
+    kernels, added in the same order), and the reference's to float tolerance, in any orientation."""
+    banks, ws, us, hs, g = _mlp_case()
+    k = banks[0].shape[0]
+    for tr in ([False, False, False], [True, True, True], [False, True, True]):
+        copies = [ss.ops.interleave_tasks(ss.ops.transpose_masks(b, hs[i].shape[1]) if t else b)
+                  for i, (b, t) in enumerate(zip(banks, tr))]
+        kw = [w.t().contiguous() if t else w for w, t in zip(ws, tr)]
+        op_by_op, gi = torch.zeros(g.shape[0], k), g
+        for i in reversed(range(3)):
+            op_by_op += (ss.ops.mask_dot_outer_interleaved(copies[i], k, hs[i], gi, kw[i]) if tr[i]
+                         else ss.ops.mask_dot_outer(banks[i], gi, hs[i], ws[i], copies[i]))
+            gi = (gi @ us[i]) * (hs[i] > 0)
+        got = ss.ops.mlp_mask_dot_outer(banks, copies, tr, kw, us, hs, g)
+        assert torch.equal(got, op_by_op), tr
+        with ss.use_backend("reference"):
+            torch.testing.assert_close(ss.ops.mlp_mask_dot_outer(banks, copies, tr, kw, us, hs, g), got, rtol=1e-4, atol=1e-5)
+    # a product that may overflow: the reference way, NaN where the reference has it
+    big = [w * 1e30 for w in kw]
+    with ss.use_backend("reference"):
+        exp = ss.ops.mlp_mask_dot_outer(banks, copies, tr, big, us, hs, g * 1e10)
+    torch.testing.assert_close(ss.ops.mlp_mask_dot_outer(banks, copies, tr, big, us, hs, g * 1e10), exp, equal_nan=True)
+
+
+def test_mlp_mask_dot_outer_names_what_is_wrong():
+    banks, ws, us, hs, g = _mlp_case()
+    copies = [ss.ops.interleave_tasks(b) for b in banks]
+    tr = [False] * 3
+    with pytest.raises(ValueError, match="one bank, copy, orientation, weight, backward weight and input per layer"):
+        ss.ops.mlp_mask_dot_outer(banks, copies[:2], tr, ws, us, hs, g)
+    with pytest.raises(ValueError, match=r"copies\[1\] must be interleave_tasks\(banks\[i\]\)"):
+        ss.ops.mlp_mask_dot_outer(banks, [copies[0], copies[2], copies[2]], tr, ws, us, hs, g)
+    with pytest.raises(ValueError, match=r"copies\[2\] must be interleave_tasks\(transpose_masks"):
+        ss.ops.mlp_mask_dot_outer(banks, copies, [False, False, True], [ws[0], ws[1], ws[2].t().contiguous()], us, hs, g)
+    with pytest.raises(ValueError, match=r"backward_weights\[1\]"):
+        ss.ops.mlp_mask_dot_outer(banks, copies, tr, ws, [us[0], us[1].t(), us[2]], hs, g)
+    with pytest.raises(ValueError, match=r"g must be \[q, 17\]"):
+        ss.ops.mlp_mask_dot_outer(banks, copies, tr, ws, us, hs, g[:, :5])
 
 
 @needs_compiler
@@ -151,4 +307,4 @@ def test_one_image_task_inference_reads_the_copy_and_matches_the_reference():
         layer.bank.keep_interleaved = False
     with ss.use_backend("cpu"):
         torch.testing.assert_close(alpha_gradient(model, x, "entropy", 10), exp, rtol=1e-3, atol=1e-6)
-    assert all(layer.bank._interleaved is None for layer in layers)
+    assert all(layer.bank.kept_interleaved() == (None, None) for layer in layers)

@@ -135,6 +135,24 @@ class CpuBackend(ReferenceBackend):
     def interleave_tasks(self, bank):
         return self.ops.interleave_tasks(bank.contiguous())
 
+    def mask_dot_outer_interleaved(self, bank_t, k, g, x, weight):
+        if weight.dtype != torch.float32:
+            return super().mask_dot_outer_interleaved(bank_t, k, g, x, weight)
+        return self.ops.mask_dot_rank1_interleaved(bank_t.contiguous(), k, g.contiguous(), x.contiguous(), weight.contiguous())
+
+    def mlp_mask_dot_outer(self, banks, copies, transposed, weights, backward_weights, inputs, g):
+        """ops.mlp_mask_dot_outer in one C++ call; None where it cannot run (not float32, or a layer's
+        products may not be finite): the caller then goes op by op."""
+        if any(t.dtype != torch.float32 for t in (g, *weights, *backward_weights, *inputs)):
+            return None
+        contiguous = lambda ts: [t.contiguous() for t in ts]
+        out, ok = self.ops.mlp_mask_dot_outer(contiguous(banks), contiguous(copies), transposed, contiguous(weights),
+                                              contiguous(backward_weights), contiguous(inputs), g.contiguous())
+        return out if ok else None
+
+    def transpose_masks(self, words, n):
+        return self.ops.transpose_masks(words.contiguous(), n)
+
     def threshold_masked_weight(self, scores, weight):
         if weight.dtype != torch.float32 or scores.dtype != torch.float32:
             return super().threshold_masked_weight(scores, weight)

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ...bits import BITS_PER_WORD, pack_bits_torch, unpack_bits_float, unpack_bits_torch
+from ...bits import BITS_PER_WORD, num_words, pack_bits_torch, unpack_bits_float, unpack_bits_torch
 
 # Elements of one float bit plane processed at a time (bounds the transient memory to ~32 MiB).
 _PLANE_CHUNK = 1 << 23
@@ -145,6 +145,23 @@ class ReferenceBackend:
         """mask_dot_batched of the q products (g_j x_jᵀ) ⊙ W: [k, R, W] x g [q, R], x [q, n] -> [q, k]
         (bank_t, the bank's task-interleaved copy, is not needed here)."""
         return self.mask_dot_batched(bank, g[:, :, None] * x[:, None, :] * weight)
+
+    def mask_dot_outer_interleaved(self, bank_t: torch.Tensor, k: int, g: torch.Tensor, x: torch.Tensor,
+                                   weight: torch.Tensor) -> torch.Tensor:
+        """mask_dot_outer of the k-task bank that bank_t [R, W, kp] interleaves."""
+        return self.mask_dot_outer(bank_t[..., :k].permute(2, 0, 1).contiguous(), g, x, weight)
+
+    def transpose_masks(self, words: torch.Tensor, n: int) -> torch.Tensor:
+        """[*, R, ceil(n/32)] -> [*, n, ceil(R/32)], the words of the transposed masks; unpacked a
+        block of matrices at a time (a byte per bit)."""
+        lead, (R, W) = words.shape[:-2], words.shape[-2:]
+        flat = words.reshape(math.prod(lead), R, W)
+        out = flat.new_zeros(flat.shape[0], n, num_words(R))
+        step = max(1, (1 << 26) // max(1, R * n))
+        for m0 in range(0, flat.shape[0], step):
+            mask = self.unpack_bits(flat[m0:m0 + step], n)
+            out[m0:m0 + step] = self.pack_bits(mask.transpose(-1, -2).contiguous())
+        return out.reshape(*lead, n, num_words(R))
 
     def interleave_tasks(self, bank: torch.Tensor) -> torch.Tensor:
         """[k, *lead, W] -> [*lead, W, kp]: word w of every task side by side, kp = k rounded up to 16,
