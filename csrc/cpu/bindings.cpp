@@ -445,6 +445,51 @@ std::tuple<at::Tensor, bool> mlp_mask_dot_outer_op(const std::vector<at::Tensor>
   return {out, true};
 }
 
+int64_t nonzero_floats(const at::Tensor& t) {
+  const float* p = t.data_ptr<float>();
+  int64_t c = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) c += p[i] != 0.0f;
+  return c;
+}
+
+// The forward of task inference through a ReLU MLP and its objective's gradient w.r.t. the logits,
+// with the same ATen ops as the Python way (algorithms.inference, objectives.logit_gradients), so the
+// same floats: returns each layer's input [x, h_1, ..., h_{L-1}], g [q, out] and the count of
+// nonzeros of each input and of g (L + 1 counts).
+std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<int64_t>> mlp_logit_gradients_op(
+    const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<std::optional<at::Tensor>>& biases,
+    c10::string_view objective, int64_t num_labels) {
+  TORCH_CHECK(!weights.empty() && biases.size() == weights.size(), "mlp_logit_gradients needs one weight and bias per layer");
+  TORCH_CHECK(objective == "entropy" || objective == "superfluous", "objective must be entropy or superfluous, got ", objective);
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 2, "x must be [q, n], got ", x.sizes());
+  std::vector<at::Tensor> inputs{x};
+  std::vector<int64_t> nonzero{nonzero_floats(x)};
+  at::Tensor h = x;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    check_float(weights[i], "weights");
+    TORCH_CHECK(weights[i].dim() == 2 && weights[i].size(1) == h.size(1), "layer ", i, ": weights must be [out, ", h.size(1),
+                "], got ", weights[i].sizes());
+    h = at::linear(h, weights[i], biases[i]);
+    if (i + 1 < weights.size()) {
+      h = h.relu();
+      inputs.push_back(h);
+      nonzero.push_back(nonzero_floats(h));
+    }
+  }
+  at::Tensor g;
+  if (objective == "entropy") {  // -p ⊙ (log p + H)
+    const at::Tensor logp = at::log_softmax(h, 1), p = logp.exp();
+    const at::Tensor ent = -(p * logp).sum(1, true);
+    g = -p * (logp + ent);
+  } else {  // softmax on the superfluous neurons, 0 on the real ones
+    g = at::softmax(h, 1);
+    g.narrow(1, 0, std::min<int64_t>(std::max<int64_t>(num_labels, 0), g.size(1))).zero_();
+  }
+  nonzero.push_back(nonzero_floats(g));
+  return {inputs, g, nonzero};
+}
+
 // (⟨Mᵢ, v_j⟩)ⱼᵢ for q queries v [q, *lead, n] in one pass over the bits: [q, k].
 at::Tensor mask_dot_batched_op(const at::Tensor& bank, const at::Tensor& v, const std::optional<at::Tensor>& active) {
   check_words(bank, "bank");
@@ -889,6 +934,8 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("transpose_masks(Tensor words, int n) -> Tensor");
   m.def("mlp_mask_dot_outer(Tensor[] banks, Tensor[] copies, bool[] transposed, Tensor[] weights, Tensor[] backward_weights, "
         "Tensor[] inputs, Tensor g) -> (Tensor, bool)");
+  m.def("mlp_logit_gradients(Tensor x, Tensor[] weights, Tensor?[] biases, str objective, int num_labels) "
+        "-> (Tensor[], Tensor, int[])");
   m.def("superpose(Tensor bank, Tensor alpha, int n, Tensor? active=None) -> Tensor");
   m.def("masked_weight(Tensor weight, Tensor mask_words) -> Tensor");
   m.def("masked_weight_into(Tensor weight, Tensor mask_words, Tensor(a!) out) -> ()");
@@ -924,6 +971,7 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("mask_dot_rank1_interleaved", &mask_dot_rank1_interleaved_op);
   m.impl("transpose_masks", &transpose_masks_op);
   m.impl("mlp_mask_dot_outer", &mlp_mask_dot_outer_op);
+  m.impl("mlp_logit_gradients", &mlp_logit_gradients_op);
   m.impl("mask_dot_rows", &mask_dot_rows_op);
   m.impl("masked_weight", &masked_weight_op);
   m.impl("masked_weight_into", &masked_weight_into_op);

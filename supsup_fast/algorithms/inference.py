@@ -7,14 +7,13 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from ..bits import num_words
 from ..models import MLP
 from ..nn import MultitaskBatchNorm, SupermaskLinear, num_tasks, superposition, supermask_layers
-from .objectives import get_objective, logit_gradients
+from .objectives import get_objective
 
 METHODS = ("oneshot", "binary")
 
@@ -132,15 +131,12 @@ def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, n
         raise TypeError(f"x dtype {xs.dtype} must match weight dtype {layers[0].weight.dtype}")
     with torch.no_grad():
         weights = [layer.uniform_weight() for layer in layers]
-        hs = [xs.flatten(1)]  # hs[i]: the input of layer i
-        for i, (layer, w) in enumerate(zip(layers, weights)):
-            z = F.linear(hs[-1], w, layer.bias)
-            hs.append(z.relu() if i < len(layers) - 1 else z)
-        g = logit_gradients(objective, hs.pop(), num_labels)
+        # hs[i]: the input of layer i; nonzero[i]: its nonzeros, nonzero[-1] those of g
+        hs, g, nonzero = ops.mlp_logit_gradients(xs.flatten(1), weights, [layer.bias for layer in layers], objective,
+                                                 num_labels)
         if all(_reads_copy(layer) for layer in layers):
             # nonzero inputs, and live outputs as the forward tells them: g_i = 0 where ReLU gave 0
-            inputs = [int(torch.count_nonzero(h)) for h in hs]
-            outputs = inputs[1:] + [int(torch.count_nonzero(g))]
+            inputs, outputs = nonzero[:-1], nonzero[1:]
             kept = [layer.bank.kept_interleaved() for layer in layers]
             transposed = [_read_transposed(kept[i], outputs[i], inputs[i], layer.weight) for i, layer in enumerate(layers)]
             copies = [kept[i][t] if kept[i][t] is not None else layer.bank.interleaved(t)

@@ -5,7 +5,9 @@ from typing import Callable
 
 import torch
 
-OBJECTIVES = ("entropy", "superfluous")
+from ..ops.inference import OBJECTIVES, logit_gradients  # the closed forms live beside the op that runs them in C++
+
+__all__ = ["OBJECTIVES", "entropy", "get_objective", "logit_gradients", "superfluous"]
 
 
 def entropy(logits: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -21,23 +23,6 @@ def superfluous(logits: torch.Tensor, num_labels: int) -> torch.Tensor:
     real[:num_labels] = 1
     z = (logits * real).detach() + logits * (1 - real)
     return torch.logsumexp(z, dim=1).mean()
-
-
-def logit_gradients(name: str, logits: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """Row j: the gradient of objective ``name`` of example j alone w.r.t. its logits (that of
-    ``objective(logits) * q``), in closed form: no autograd graph for a query's few hundred logits.
-    Entropy: ∂H/∂z = -p ⊙ (log p + H). Superfluous: softmax(z) on the superfluous neurons, 0 on the
-    real ones (their logits are detached)."""
-    if name == "entropy":
-        logp = torch.log_softmax(logits, dim=1)
-        p = logp.exp()
-        h = -(p * logp).sum(1, keepdim=True)
-        return -p * (logp + h)
-    if name == "superfluous":
-        g = torch.softmax(logits, dim=1)
-        g[:, :num_labels] = 0
-        return g
-    raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
 
 
 def get_objective(name: str) -> Callable[[torch.Tensor, int], torch.Tensor]:

@@ -150,6 +150,15 @@ class CpuBackend(ReferenceBackend):
                                               contiguous(backward_weights), contiguous(inputs), g.contiguous())
         return out if ok else None
 
+    def mlp_logit_gradients(self, x, weights, biases, objective, num_labels):
+        """ops.mlp_logit_gradients in one C++ call; None where it cannot run (not float32)."""
+        if any(t is not None and t.dtype != torch.float32 for t in (x, *weights, *biases)):
+            return None
+        inputs, g, nonzero = self.ops.mlp_logit_gradients(
+            x.contiguous(), [w.contiguous() for w in weights], [None if b is None else b.contiguous() for b in biases],
+            objective, num_labels)
+        return list(inputs), g, list(nonzero)
+
     def transpose_masks(self, words, n):
         return self.ops.transpose_masks(words.contiguous(), n)
 

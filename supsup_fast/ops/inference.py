@@ -1,0 +1,72 @@
+"""Task inference's forward through a ReLU MLP: each layer's input, the logits' gradient of the
+inference objective in closed form, and how many of them are nonzero (the copies task inference reads
+are picked by it). One C++ call on the cpu backend."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import checks
+from .dispatch import eager_without_grad
+from .registry import backend_for
+
+OBJECTIVES = ("entropy", "superfluous")
+
+
+def logit_gradients(name: str, logits: Tensor, num_labels: int) -> Tensor:
+    """Row j: the gradient of objective ``name`` of example j alone w.r.t. its logits (that of
+    ``objective(logits) * q``), in closed form: no autograd graph for a query's few hundred logits.
+    Entropy: ∂H/∂z = -p ⊙ (log p + H). Superfluous: softmax(z) on the superfluous neurons (index ≥
+    ``num_labels``), 0 on the real ones (their logits are detached)."""
+    if name == "entropy":
+        logp = torch.log_softmax(logits, dim=1)
+        p = logp.exp()
+        h = -(p * logp).sum(1, keepdim=True)
+        return -p * (logp + h)
+    if name == "superfluous":
+        _check_num_labels(num_labels)
+        g = torch.softmax(logits, dim=1)
+        g[:, :num_labels] = 0
+        return g
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
+
+
+def _check_num_labels(num_labels: int) -> None:
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 0:
+        raise ValueError(f"num_labels (the real classes, before the superfluous neurons) must be an int >= 0, "
+                         f"got {num_labels!r}")
+
+
+def mlp_logit_gradients(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], objective: str,
+                        num_labels: int) -> Tuple[List[Tensor], Tensor, List[int]]:
+    """x [q, n] through the linear layers ``weights`` / ``biases`` with ReLU between them: returns
+    each layer's input [x, h_1, ..., h_{L-1}], the logits' gradient g [q, out] of ``objective``
+    (``logit_gradients``) and the count of nonzeros of each input and of g (L + 1 ints). The cpu
+    backend runs the same ATen ops in one C++ call (the same floats)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "superfluous":
+        _check_num_labels(num_labels)
+    if len(weights) < 1 or len(biases) != len(weights):
+        raise ValueError(f"mlp_logit_gradients needs one weight and one bias (or None) per layer, got {len(weights)} "
+                         f"weights and {len(biases)} biases")
+    checks._floating("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [q, n], got shape {tuple(x.shape)}")
+    fused = getattr(backend_for(x.device), "mlp_logit_gradients", None)
+    if fused is not None and eager_without_grad(x, *weights, *biases):
+        out = fused(x, list(weights), list(biases), objective, num_labels)
+        if out is not None:
+            return out
+    inputs = [x]
+    h = x
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        h = F.linear(h, w, b)
+        if i + 1 < len(weights):
+            h = h.relu()
+            inputs.append(h)
+    g = logit_gradients(objective, h, num_labels)
+    return inputs, g, [int(torch.count_nonzero(t)) for t in (*inputs, g)]
