@@ -284,18 +284,23 @@ at::Tensor rank1_interleaved(const at::Tensor& bank_t, int64_t k, const at::Tens
   return (nparts == 1 ? parts[0] : parts.sum(0)).narrow(1, 0, k);
 }
 
+// g [q, R], x [q, n] and w [R, n], float32 on the CPU: the operands of the rank-1 ops.
+void check_rank1_operands(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const char* op) {
+  check_float(g, "g");
+  check_float(x, "x");
+  check_float(w, "weight");
+  TORCH_CHECK(w.dim() == 2 && g.dim() == 2 && x.dim() == 2 && g.size(0) == x.size(0) && g.size(1) == w.size(0) &&
+                  x.size(1) == w.size(1),
+              op, " needs g [q, R], x [q, n] and weight [R, n]");
+}
+
 // mask_dot_rank1_batched read from the task-interleaved copy alone: bank_t [R, ceil(n/32), kp] of a
 // k-task bank, g [q, R], x [q, n], w [R, n] -> [q, k]. Task inference reads the copy of a layer's
 // transposed masks this way (x and g swapped, w transposed): then its dead inputs are skipped.
 at::Tensor mask_dot_rank1_interleaved_op(const at::Tensor& bank_t, int64_t k, const at::Tensor& g, const at::Tensor& x,
                                          const at::Tensor& w) {
   check_words(bank_t, "bank_t");
-  check_float(g, "g");
-  check_float(x, "x");
-  check_float(w, "weight");
-  TORCH_CHECK(w.dim() == 2 && g.dim() == 2 && x.dim() == 2 && g.size(0) == x.size(0) && g.size(1) == w.size(0) &&
-                  x.size(1) == w.size(1),
-              "mask_dot_rank1_interleaved needs g [q, R], x [q, n] and weight [R, n]");
+  check_rank1_operands(g, x, w, "mask_dot_rank1_interleaved");
   const int64_t R = w.size(0), n = w.size(1), W = words_for(n), q = g.size(0);
   TORCH_CHECK(k >= 0 && bank_t.dim() == 3 && bank_t.size(0) == R && bank_t.size(1) == W && bank_t.size(2) == (k + 15) / 16 * 16,
               "bank_t must be the task-interleaved copy of a ", k, "-task bank: [", R, ", ", W, ", ", (k + 15) / 16 * 16,
@@ -314,12 +319,7 @@ at::Tensor rank1_batched(const at::Tensor& bank, const at::Tensor& g, const at::
 at::Tensor mask_dot_rank1_batched_op(const at::Tensor& bank, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                                      const std::optional<at::Tensor>& bank_t) {
   check_words(bank, "bank");
-  check_float(g, "g");
-  check_float(x, "x");
-  check_float(w, "weight");
-  TORCH_CHECK(w.dim() == 2 && g.dim() == 2 && x.dim() == 2 && g.size(0) == x.size(0) && g.size(1) == w.size(0) &&
-                  x.size(1) == w.size(1),
-              "mask_dot_rank1_batched needs g [q, R], x [q, n] and weight [R, n]");
+  check_rank1_operands(g, x, w, "mask_dot_rank1_batched");
   const int64_t R = w.size(0), n = w.size(1), W = words_for(n), k = bank.size(0), q = g.size(0);
   TORCH_CHECK(bank.dim() == 3 && bank.size(1) == R && bank.size(2) == W, "bank must be [k, R, ceil(n/32)]");
   if (bank_t.has_value()) {
