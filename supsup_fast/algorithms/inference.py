@@ -132,16 +132,17 @@ def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, n
     with torch.no_grad():
         weights = [layer.uniform_weight() for layer in layers]
         # hs[i]: the input of layer i; nonzero[i]: its nonzeros, nonzero[-1] those of g
+        copies = all(_reads_copy(layer) for layer in layers)
         hs, g, nonzero = ops.mlp_logit_gradients(xs.flatten(1), weights, [layer.bias for layer in layers], objective,
-                                                 num_labels)
-        if all(_reads_copy(layer) for layer in layers):
+                                                 num_labels, count_nonzero=copies)
+        if copies:
             # nonzero inputs, and live outputs as the forward tells them: g_i = 0 where ReLU gave 0
             inputs, outputs = nonzero[:-1], nonzero[1:]
             kept = [layer.bank.kept_interleaved() for layer in layers]
             transposed = [_read_transposed(kept[i], outputs[i], inputs[i], layer.weight) for i, layer in enumerate(layers)]
-            copies = [kept[i][t] if kept[i][t] is not None else layer.bank.interleaved(t)
-                      for i, (layer, t) in enumerate(zip(layers, transposed))]
-            return ops.mlp_mask_dot_outer([layer.bank.words for layer in layers], copies, transposed,
+            read = [kept[i][t] if kept[i][t] is not None else layer.bank.interleaved(t)
+                    for i, (layer, t) in enumerate(zip(layers, transposed))]
+            return ops.mlp_mask_dot_outer([layer.bank.words for layer in layers], read, transposed,
                                           [layer.transposed_weight() if t else layer.weight for layer, t in zip(layers, transposed)],
                                           weights, hs, g)
         out = torch.zeros(q, k, dtype=torch.float32, device=xs.device)
@@ -188,6 +189,8 @@ def _read_transposed(kept: tuple, live_outputs: int, live_inputs: int, weight: t
     row_words = live_outputs * num_words(weight.shape[1])
     col_words = live_inputs * num_words(weight.shape[0])
     have_row, have_col = (c is not None for c in kept)  # the bank's kept_interleaved()
+    if row_words == 0 or col_words == 0:  # the layer adds nothing: read what is kept, the row copy if none
+        return have_col and not have_row
     if have_row and not have_col:
         return col_words <= 0.75 * row_words
     if have_col and not have_row:

@@ -136,6 +136,11 @@ class MaskBank(TaskRows):
         state["_interleaved"] = (None, None)
         return state
 
+    def __setstate__(self, state):  # a pickle from before the transposed copy held one copy or None
+        super().__setstate__(state)
+        if not isinstance(self._interleaved, tuple) or len(self._interleaved) != 2:
+            self._interleaved = (None, None)
+
     # A change frees the copy at once (training goes on without holding a stale one); the key in
     # interleaved() also catches writes through the words view.
     def append(self, rows: torch.Tensor) -> None:

@@ -1,9 +1,11 @@
 """The public op contract (docs/design.md, Op contract).
 
-One module per op family (``bits``, ``bank``, ``masked``, ``superposed``, ``signed``, ``inference``), each holding
+One module per op family (``bits``, ``bank``, ``masked``, ``superposed``, ``signed``), each holding
 its ``torch.ops.supsup.*`` custom op (fake implementation, autograd) and the public function that
 normalises Python arguments. The backends (``backends/``: reference, cpu, triton, cuda) register
-beneath them with :mod:`.registry`; ``dispatch`` picks one per call."""
+beneath them with :mod:`.registry`; ``dispatch`` picks one per call. ``inference`` holds task
+inference's MLP forward (``mlp_logit_gradients``), and ``bank`` its backward (``mlp_mask_dot_outer``):
+eager fast paths over the ops, one C++ call each on the cpu backend, not registered ops."""
 from . import backends  # noqa: F401  (registers the backends)
 from . import checks
 from .bank import bank_linear, interleave_tasks, mask_dot, mask_dot_batched, mask_dot_outer, mask_dot_outer_interleaved, mlp_mask_dot_outer, superpose

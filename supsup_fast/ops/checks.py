@@ -257,6 +257,13 @@ def check_mlp_mask_dot_outer(banks, copies, transposed, weights, backward_weight
         _floating(f"backward_weights[{i}]", u)
         if tuple(u.shape) != (R, n) or u.dtype != g.dtype:
             raise ValueError(f"backward_weights[{i}] must be {g.dtype} [{R}, {n}], got {u.dtype} {tuple(u.shape)}")
+        _floating(f"weights[{i}]", weights[i])
+        want = (n, R) if transposed[i] else (R, n)
+        if tuple(weights[i].shape) != want:
+            raise ValueError(f"layer {i}: weights[{i}] must be {'Wᵀ ' if transposed[i] else 'W '}{list(want)} "
+                             f"(transposed[{i}] = {bool(transposed[i])}), got {tuple(weights[i].shape)}")
+        if i + 1 == L and (g.dim() != 2 or g.shape[1] != R):
+            raise ValueError(f"g must be [q, {R}], the last layer's output gradients, got {tuple(g.shape)}")
         check_mask_dot_outer(banks[i], g.new_empty(g.shape[0], R) if i + 1 < L else g, inputs[i],
                              weights[i].t() if transposed[i] else weights[i])
         if banks[i].shape[0] != banks[0].shape[0]:

@@ -41,11 +41,12 @@ def _check_num_labels(num_labels: int) -> None:
 
 
 def mlp_logit_gradients(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], objective: str,
-                        num_labels: int) -> Tuple[List[Tensor], Tensor, List[int]]:
+                        num_labels: int, count_nonzero: bool = True) -> Tuple[List[Tensor], Tensor, Optional[List[int]]]:
     """x [q, n] through the linear layers ``weights`` / ``biases`` with ReLU between them: returns
     each layer's input [x, h_1, ..., h_{L-1}], the logits' gradient g [q, out] of ``objective``
-    (``logit_gradients``) and the count of nonzeros of each input and of g (L + 1 ints). The cpu
-    backend runs the same ATen ops in one C++ call (the same floats)."""
+    (``logit_gradients``) and, with ``count_nonzero``, the count of nonzeros of each input and of g
+    (L + 1 ints; None without). The cpu backend runs the same ATen ops on contiguous operands in one
+    C++ call (the same floats). An eager fast path, not a registered op: the counts are host ints."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if objective == "superfluous":
@@ -60,13 +61,13 @@ def mlp_logit_gradients(x: Tensor, weights: Sequence[Tensor], biases: Sequence[O
     if fused is not None and eager_without_grad(x, *weights, *biases):
         out = fused(x, list(weights), list(biases), objective, num_labels)
         if out is not None:
-            return out
-    inputs = [x]
-    h = x
+            return out if count_nonzero else (out[0], out[1], None)
+    inputs = [x.contiguous()]
+    h = inputs[0]
     for i, (w, b) in enumerate(zip(weights, biases)):
-        h = F.linear(h, w, b)
+        h = F.linear(h, w.contiguous(), b)
         if i + 1 < len(weights):
             h = h.relu()
             inputs.append(h)
     g = logit_gradients(objective, h, num_labels)
-    return inputs, g, [int(torch.count_nonzero(t)) for t in (*inputs, g)]
+    return inputs, g, [int(torch.count_nonzero(t)) for t in (*inputs, g)] if count_nonzero else None

@@ -10,6 +10,8 @@ from supsup_fast.data import PermutedMNIST, load_embedded
 from supsup_fast.data.tasks import TaskSplit
 from supsup_fast.models import build_model
 
+from tests.ops.isa_runner import needs_compiler
+
 
 @pytest.fixture(scope="module")
 def trained():
@@ -158,7 +160,8 @@ def test_batched_queries_refuse_another_dtype_like_the_layers():
             alpha_gradient(model, torch.randn(1, 784, dtype=torch.float64), "entropy", 10)
 
 
-def test_each_layer_is_read_through_the_copy_that_reads_less():
+@needs_compiler
+def test_each_layer_is_read_through_the_copy_that_reads_less(monkeypatch):
     """On the cpu backend task inference reads each layer through the copy with fewer words for the
     query: the logits layer (every logit has a gradient, about half its inputs are 0) through the
     copy of the transposed masks; a first layer fed mostly-zero inputs (raw pixels, not normalised)
@@ -170,6 +173,9 @@ def test_each_layer_is_read_through_the_copy_that_reads_less():
     dense = torch.randn(1, 784)
     sparse = dense * (torch.rand(1, 784) < 0.2)
     kept = lambda i: tuple(c is not None for c in model.layers[i].bank.kept_interleaved())
+    from supsup_fast.ops.backends.cpu import CpuBackend
+    fused, ran = CpuBackend.mlp_mask_dot_outer, []
+    monkeypatch.setattr(CpuBackend, "mlp_mask_dot_outer", lambda self, *a: ran.append(fused(self, *a)) or ran[-1])
     for x, first_layer in ((dense, (True, False)), (sparse, (True, True))):
         with ss.use_backend("reference"):
             expect = alpha_gradient(model, x, "entropy", 10)
@@ -179,6 +185,11 @@ def test_each_layer_is_read_through_the_copy_that_reads_less():
         torch.testing.assert_close(got, expect, rtol=1e-3, atol=1e-6)
         torch.testing.assert_close(batched[2], expect, rtol=1e-3, atol=1e-6)
         assert kept(0) == first_layer and kept(2) == (False, True)
+    assert len(ran) == 4 and all(r is not None for r in ran)  # the backward was one C++ call each time
+    # a blank image reads nothing: no second copy is built for it
+    with ss.use_backend("cpu"):
+        alpha_gradient(model, torch.zeros(1, 784), "entropy", 10)
+    assert kept(0) == (True, True) and kept(1) == (True, False) and kept(2) == (False, True)
 
 
 def test_a_second_copy_is_built_only_where_it_reads_at_most_three_quarters():
@@ -190,3 +201,6 @@ def test_a_second_copy_is_built_only_where_it_reads_at_most_three_quarters():
     assert _read_transposed((copy, None), 10, 37, w) and not _read_transposed((copy, None), 10, 38, w)  # 74 / 76 of 100
     assert not _read_transposed((None, copy), 7, 50, w) and _read_transposed((None, copy), 8, 50, w)  # 70 / 80 of 100
     assert _read_transposed((copy, copy), 10, 49, w) and not _read_transposed((copy, copy), 10, 51, w)
+    # a layer that adds nothing (no live output or no nonzero input) reads what is kept, the row copy if none
+    assert not _read_transposed((None, None), 0, 50, w) and not _read_transposed((None, None), 10, 0, w)
+    assert _read_transposed((None, copy), 10, 0, w) and not _read_transposed((copy, None), 0, 50, w)

@@ -181,6 +181,7 @@ def test_mask_bank_keeps_both_orientations_and_frees_a_stale_one():
     assert bank._interleaved == (None, None)
 
 
+@needs_compiler
 def test_transpose_masks_on_every_backend_and_its_refusals():
     torch.manual_seed(2)
     m = torch.rand(2, 3, 37, 70) > 0.5  # leading dimensions, rows and columns not multiples of 32
@@ -198,6 +199,7 @@ def test_transpose_masks_on_every_backend_and_its_refusals():
         ss.ops.transpose_masks(words.long(), 70)
 
 
+@needs_compiler
 def test_mask_dot_outer_interleaved_matches_mask_dot_outer_and_refuses_a_mismatch():
     """Read from a copy alone, plain or of the transposed masks (x and g swapped), the α-gradients
     equal mask_dot_outer's; not finite products go the reference way (0 · inf = NaN)."""
@@ -239,6 +241,7 @@ def _mlp_case(seed=4, k=19, sizes=(40, 33, 20, 17), q=3):
     return banks, ws, us, hs, torch.randn(q, sizes[-1])
 
 
+@needs_compiler
 def test_mlp_mask_dot_outer_equals_the_op_by_op_sums():
     """One call for an MLP's backward gives exactly the op-by-op sums on the cpu backend (the same
     kernels, added in the same order), and the reference's to float tolerance, in any orientation."""
@@ -255,6 +258,8 @@ def test_mlp_mask_dot_outer_equals_the_op_by_op_sums():
             gi = (gi @ us[i]) * (hs[i] > 0)
         got = ss.ops.mlp_mask_dot_outer(banks, copies, tr, kw, us, hs, g)
         assert torch.equal(got, op_by_op), tr
+        with ss.use_backend("cpu"):  # the one C++ call ran (it returns None where it cannot)
+            assert torch.equal(ss.ops.backend_for(g.device).mlp_mask_dot_outer(banks, copies, tr, kw, us, hs, g), got), tr
         with ss.use_backend("reference"):
             torch.testing.assert_close(ss.ops.mlp_mask_dot_outer(banks, copies, tr, kw, us, hs, g), got, rtol=1e-4, atol=1e-5)
     # a product that may overflow: the reference way, NaN where the reference has it
@@ -264,6 +269,7 @@ def test_mlp_mask_dot_outer_equals_the_op_by_op_sums():
     torch.testing.assert_close(ss.ops.mlp_mask_dot_outer(banks, copies, tr, big, us, hs, g * 1e10), exp, equal_nan=True)
 
 
+@needs_compiler
 def test_mlp_mask_dot_outer_names_what_is_wrong():
     banks, ws, us, hs, g = _mlp_case()
     copies = [ss.ops.interleave_tasks(b) for b in banks]
@@ -276,6 +282,9 @@ def test_mlp_mask_dot_outer_names_what_is_wrong():
         ss.ops.mlp_mask_dot_outer(banks, copies, [False, False, True], [ws[0], ws[1], ws[2].t().contiguous()], us, hs, g)
     with pytest.raises(ValueError, match=r"backward_weights\[1\]"):
         ss.ops.mlp_mask_dot_outer(banks, copies, tr, ws, [us[0], us[1].t(), us[2]], hs, g)
+    with pytest.raises(ValueError, match=r"layer 2: weights\[2\] must be Wᵀ \[20, 17\] \(transposed\[2\] = True\), got \(17, 20\)"):
+        ss.ops.mlp_mask_dot_outer(banks, [copies[0], copies[1], ss.ops.interleave_tasks(ss.ops.transpose_masks(banks[2], 20))],
+                                  [False, False, True], ws, us, hs, g)
     with pytest.raises(ValueError, match=r"g must be \[q, 17\]"):
         ss.ops.mlp_mask_dot_outer(banks, copies, tr, ws, us, hs, g[:, :5])
 

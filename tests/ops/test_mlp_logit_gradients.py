@@ -6,6 +6,8 @@ import torch
 import supsup_fast as ss
 from supsup_fast.algorithms.objectives import get_objective
 
+from tests.ops.isa_runner import needs_compiler
+
 
 def _mlp(seed=0, sizes=(30, 21, 17, 12), q=4, bias=True):
     torch.manual_seed(seed)
@@ -14,12 +16,15 @@ def _mlp(seed=0, sizes=(30, 21, 17, 12), q=4, bias=True):
     return torch.randn(q, sizes[0]), ws, bs
 
 
+@needs_compiler
 @pytest.mark.parametrize("objective", ["entropy", "superfluous"])
 def test_cpu_equals_the_python_way_and_autograd(objective):
     x, ws, bs = _mlp()
     x[0, :5] = 0  # zeros in the input count for nothing
     with ss.use_backend("cpu"):
+        assert ss.ops.backend_for(x.device).mlp_logit_gradients(x, ws, bs, objective, 5) is not None  # the C++ call ran
         hs, g, nonzero = ss.ops.mlp_logit_gradients(x, ws, bs, objective, 5)
+        assert ss.ops.mlp_logit_gradients(x, ws, bs, objective, 5, count_nonzero=False)[2] is None
     with ss.use_backend("reference"):
         hs_ref, g_ref, nonzero_ref = ss.ops.mlp_logit_gradients(x, ws, bs, objective, 5)
     assert len(hs) == 3 and all(torch.equal(a, b) for a, b in zip(hs, hs_ref))
@@ -34,6 +39,7 @@ def test_cpu_equals_the_python_way_and_autograd(objective):
         assert not g[:, :5].any() and g[:, 5:].any()
 
 
+@needs_compiler
 def test_refusals_name_the_argument():
     x, ws, bs = _mlp()
     with pytest.raises(ValueError, match="objective must be one of"):
