@@ -131,8 +131,8 @@ def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, n
         raise TypeError(f"x dtype {xs.dtype} must match weight dtype {layers[0].weight.dtype}")
     with torch.no_grad():
         weights = [layer.uniform_weight() for layer in layers]
-        # hs[i]: the input of layer i; nonzero[i]: its nonzeros, nonzero[-1] those of g
         copies = all(_reads_copy(layer) for layer in layers)
+        # hs[i]: the input of layer i; nonzero[i]: its nonzeros, nonzero[-1] those of g
         hs, g, nonzero = ops.mlp_logit_gradients(xs.flatten(1), weights, [layer.bias for layer in layers], objective,
                                                  num_labels, count_nonzero=copies)
         if copies:
@@ -142,9 +142,15 @@ def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, n
             transposed = [_read_transposed(kept[i], outputs[i], inputs[i], layer.weight) for i, layer in enumerate(layers)]
             read = [kept[i][t] if kept[i][t] is not None else layer.bank.interleaved(t)
                     for i, (layer, t) in enumerate(zip(layers, transposed))]
-            return ops.mlp_mask_dot_outer([layer.bank.words for layer in layers], read, transposed,
-                                          [layer.transposed_weight() if t else layer.weight for layer, t in zip(layers, transposed)],
-                                          weights, hs, g)
+            banks = [layer.bank.words for layer in layers]
+            kernel_weights = [layer.transposed_weight() if t else layer.weight for layer, t in zip(layers, transposed)]
+            # queries in chunks: where a product may overflow it goes op by op, and the reference then
+            # materialises each query's (g xᵀ) ⊙ W
+            chunk = max(1, max_chunk_bytes // max(4 * layer.weight.numel() for layer in layers))
+            parts = [ops.mlp_mask_dot_outer(banks, read, transposed, kernel_weights, weights,
+                                            [h[j0:j0 + chunk] for h in hs], g[j0:j0 + chunk])
+                     for j0 in range(0, max(q, 1), chunk)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
         out = torch.zeros(q, k, dtype=torch.float32, device=xs.device)
         for i in reversed(range(len(layers))):
             _add_layer_alpha_gradients(out, layers[i], g, hs[i], max_chunk_bytes)

@@ -182,10 +182,12 @@ def test_each_layer_is_read_through_the_copy_that_reads_less(monkeypatch):
         with ss.use_backend("cpu"):
             got = alpha_gradient(model, x, "entropy", 10)
             batched = alpha_gradients_batched(model, torch.cat([dense, sparse, x]), "entropy", 10)
+            one_by_one = alpha_gradients_batched(model, torch.cat([dense, sparse, x]), "entropy", 10, max_chunk_bytes=1)
+        torch.testing.assert_close(one_by_one, batched)  # queries in chunks of one (threads split them otherwise)
         torch.testing.assert_close(got, expect, rtol=1e-3, atol=1e-6)
         torch.testing.assert_close(batched[2], expect, rtol=1e-3, atol=1e-6)
         assert kept(0) == first_layer and kept(2) == (False, True)
-    assert len(ran) == 4 and all(r is not None for r in ran)  # the backward was one C++ call each time
+    assert len(ran) == 10 and all(r is not None for r in ran)  # the backward was one C++ call each time
     # a blank image reads nothing: no second copy is built for it
     with ss.use_backend("cpu"):
         alpha_gradient(model, torch.zeros(1, 784), "entropy", 10)
