@@ -100,8 +100,7 @@ class MaskBank(TaskRows):
         key = self._copy_key()
         cached = self._interleaved[transposed]  # one read: another thread may drop or rebuild it meanwhile
         if cached is None or cached[0] != key:
-            # free the stale copies before building the new one
-            self._interleaved = tuple(c if c is not None and c[0] == key else None for c in self._interleaved)
+            self._interleaved = self._current_copies(key)  # free the stale copies before building the new one
             words = self.words
             if transposed:
                 words = ops.transpose_masks(words, self.n)
@@ -113,11 +112,14 @@ class MaskBank(TaskRows):
     def kept_interleaved(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The current copies kept, ``interleaved(False)`` and ``interleaved(True)``, each None where
         not kept or stale (returning it would build it)."""
-        key = self._copy_key()
-        return tuple(c[1] if c is not None and c[0] == key else None for c in self._interleaved)
+        return tuple(c if c is None else c[1] for c in self._current_copies(self._copy_key()))
 
     def _copy_key(self) -> tuple:
         return (self.count, id(self.storage), self.storage.data_ptr(), self.storage._version, self.storage.device)
+
+    def _current_copies(self, key: tuple) -> tuple:
+        """The (key, copy) entries built under ``key``, None for the stale or missing ones."""
+        return tuple(c if c is not None and c[0] == key else None for c in self._interleaved)
 
     def _set_copy(self, transposed: bool, cached) -> None:
         copies = list(self._interleaved)  # a new tuple: a reader holds the old one whole
