@@ -792,27 +792,25 @@ void ste_adam_step_op(at::Tensor param, const at::Tensor& weight_grad, const at:
   });
 }
 
-// The loss of an MLP of linear layers (ReLU between, no biases) under mean cross-entropy, by hand,
+// The loss of an MLP of L linear layers (ReLU between, no biases) under mean cross-entropy, by hand,
 // without autograd: the training step of the paper's MNIST MLPs (LeNet-300-100, FC1024) costs its
-// GEMMs plus a few elementwise passes. weight_step(l, dz, input) runs once per layer, last layer
-// first, with the layer's output gradient dz [B, out] and its input [B, in] (its weight gradient
-// is dzᵀ input); weights[l] has then been used for the last time (the input gradient of layer l - 1
-// is formed first), so it may overwrite weights[l]. The first layer's input gradient is not formed.
-template <class WeightStep>
-at::Tensor mlp_backward(const at::Tensor& x, const at::Tensor& y, at::TensorList weights, WeightStep weight_step) {
-  TORCH_CHECK(!weights.empty(), "weights must hold at least one layer");
+// GEMMs plus a few elementwise passes. forward(l, h) is layer l's output h Wₗᵀ and input_grad(l, dz)
+// its input gradient dz Wₗ. weight_step(l, dz, input) runs once per layer, last layer first, with
+// the layer's output gradient dz [B, out] and its input [B, in] (its weight gradient is dzᵀ input);
+// layer l has then been used for the last time (the input gradient of layer l - 1 is formed first),
+// so the step may overwrite its weight. The first layer's input gradient is not formed.
+template <class Forward, class InputGrad, class WeightStep>
+at::Tensor mlp_backward(const at::Tensor& x, const at::Tensor& y, int64_t L, Forward forward, InputGrad input_grad,
+                        WeightStep weight_step) {
+  TORCH_CHECK(L > 0, "the MLP must have at least one layer");
   check_float(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [batch, features], got ", x.dim(), " dims");
   TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kLong && y.dim() == 1 && y.size(0) == x.size(0),
               "y must be a CPU int64 vector of one label per row of x");
   std::vector<at::Tensor> inputs{x.contiguous()};
   at::Tensor h = inputs[0];
-  const int64_t L = static_cast<int64_t>(weights.size());
   for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor& w = weights[l];
-    check_float(w, "weights");
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == h.size(1), "weights[", l, "] must be [out, ", h.size(1), "], got ", w.sizes());
-    at::Tensor z = at::mm(h, w.t());
+    at::Tensor z = forward(l, h);
     h = l + 1 < L ? at::relu_(z) : z;
     if (l + 1 < L) inputs.push_back(h);
   }
@@ -829,11 +827,24 @@ at::Tensor mlp_backward(const at::Tensor& x, const at::Tensor& y, at::TensorList
   for (int64_t i = 0; i < B; ++i) d[i * C + lab[i]] -= 1.0f;
   dz.div_(static_cast<double>(B));
   for (int64_t l = L - 1; l >= 0; --l) {
-    at::Tensor dz_below = l > 0 ? at::threshold_backward(at::mm(dz, weights[l]), inputs[l], 0) : at::Tensor();
+    at::Tensor dz_below = l > 0 ? at::threshold_backward(input_grad(l, dz), inputs[l], 0) : at::Tensor();
     weight_step(l, dz, inputs[l]);
     dz = dz_below;
   }
   return loss;
+}
+
+// mlp_backward with float weights [out, in] and BLAS GEMMs.
+template <class WeightStep>
+at::Tensor mlp_backward(const at::Tensor& x, const at::Tensor& y, at::TensorList weights, WeightStep weight_step) {
+  auto forward = [&](int64_t l, const at::Tensor& h) {
+    const at::Tensor& w = weights[l];
+    check_float(w, "weights");
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == h.size(1), "weights[", l, "] must be [out, ", h.size(1), "], got ", w.sizes());
+    return at::mm(h, w.t());
+  };
+  auto input_grad = [&](int64_t l, const at::Tensor& dz) { return at::mm(dz, weights[l]); };
+  return mlp_backward(x, y, static_cast<int64_t>(weights.size()), forward, input_grad, weight_step);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_grads_op(const at::Tensor& x, const at::Tensor& y,
@@ -904,6 +915,103 @@ at::Tensor mlp_ste_rmsprop_step_op(const at::Tensor& x, const at::Tensor& y, at:
   });
 }
 
+// mlp_ste_rmsprop_step_ for layers whose masks are kept as bits, never as a masked float weight:
+// layer l's weight is weights[l] [out, in] (float), or, where sign_words[l] is given, the
+// signed-constant scales[l] * (sign bit ? 1 : -1) with weights[l] giving only its shape. Its forward
+// and input gradient unpack the bits inside the GEMM's packing (masked_gemm.cpp); its fused step
+// reads the weight gradient tile by tile (AVX-512) or from BLAS's GEMM (elsewhere) and writes the
+// next mask (params[l] >= 0) into mask_words[l]. Per step it moves two float arrays (scores,
+// square_avg) and bits, against four and a masked weight for mlp_ste_rmsprop_step_.
+at::Tensor mlp_ste_rmsprop_bits_step_op(const at::Tensor& x, const at::Tensor& y, at::TensorList weights,
+                                        const c10::List<std::optional<at::Tensor>>& sign_words, at::ArrayRef<double> scales,
+                                        at::TensorList mask_words, at::TensorList params, at::TensorList square_avgs,
+                                        double lr, double alpha, double eps, double weight_decay) {
+  const size_t L = weights.size();
+  TORCH_CHECK(sign_words.size() == L && scales.size() == L && mask_words.size() == L && params.size() == L &&
+                  square_avgs.size() == L,
+              "weights, sign_words, scales, mask_words, params and square_avgs must hold one entry per layer");
+  std::vector<FrozenWeight> frozen(L);
+  std::vector<at::Tensor> signs(L);
+  for (size_t l = 0; l < L; ++l) {
+    const at::Tensor& w = weights[l];
+    check_float(w, "weights");
+    TORCH_CHECK(w.dim() == 2, "weights[", l, "] must be [out, in], got ", w.sizes());
+    const int64_t O = w.size(0), I = w.size(1), W = words_for(I);
+    check_words(mask_words[l], "mask_words");
+    TORCH_CHECK(mask_words[l].dim() == 2 && mask_words[l].size(0) == O && mask_words[l].size(1) == W,
+                "mask_words[", l, "] must be [", O, ", ", W, "], got ", mask_words[l].sizes());
+    for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&params[l], "params"}, {&square_avgs[l], "square_avgs"}}) {
+      check_float(*t, name);
+      TORCH_CHECK(t->sizes() == w.sizes(), name, "[", l, "] must be shaped like weights[", l, "]");
+    }
+    if (sign_words.get(l).has_value()) {
+      signs[l] = *sign_words.get(l);
+      check_words(signs[l], "sign_words");
+      TORCH_CHECK(signs[l].sizes() == mask_words[l].sizes(), "sign_words[", l, "] must be shaped like mask_words[", l, "]");
+      TORCH_CHECK(std::isfinite(scales[l]) && scales[l] > 0, "scales[", l, "] must be a positive number, got ", scales[l]);
+    }
+    frozen[l] = FrozenWeight{signs[l].defined() ? nullptr : w.data_ptr<float>(),
+                             signs[l].defined() ? signs[l].data_ptr<int32_t>() : nullptr,
+                             static_cast<float>(scales[l]), I, W};
+  }
+  const Isa isa = current_isa();
+  auto forward = [&](int64_t l, const at::Tensor& h) {
+    const FrozenWeight& fw = frozen[l];
+    const int64_t O = weights[l].size(0), B = h.size(0);
+    TORCH_CHECK(h.size(1) == fw.in_features, "weights[", l, "] must be [out, ", h.size(1), "], got ", weights[l].sizes());
+    at::Tensor z = at::empty({B, O}, h.options());
+    const float* hp = h.data_ptr<float>();
+    const int32_t* mw = mask_words[l].data_ptr<int32_t>();
+    float* zp = z.data_ptr<float>();
+    at::parallel_for(0, O, 32, [&](int64_t r0, int64_t r1) {
+      if (fw.sign_words) signed_masked_gemm(isa, hp, B, fw.sign_words, mw, fw.scale, fw.in_features, fw.words_per_row, O, nullptr, zp, r0, r1);
+      else masked_gemm(isa, hp, B, fw.weight, mw, fw.in_features, fw.words_per_row, O, nullptr, zp, r0, r1);
+    });
+    return z;
+  };
+  auto input_grad = [&](int64_t l, const at::Tensor& dz) {
+    const FrozenWeight& fw = frozen[l];
+    const int64_t O = weights[l].size(0), I = fw.in_features, B = dz.size(0);
+    at::Tensor dx = at::empty({B, I}, dz.options());
+    const float* dp = dz.data_ptr<float>();
+    const int32_t* mw = mask_words[l].data_ptr<int32_t>();
+    float* xp = dx.data_ptr<float>();
+    // columns in blocks of 32: the kernels read each row's bits from a word boundary
+    at::parallel_for(0, words_for(I), 1, [&](int64_t q0, int64_t q1) {
+      const int64_t c0 = 32 * q0, c1 = std::min(I, 32 * q1);
+      if (fw.sign_words) signed_masked_gemm_rows(isa, dp, B, fw.sign_words, mw, fw.scale, O, fw.words_per_row, I, xp, c0, c1);
+      else masked_gemm_rows(isa, dp, B, fw.weight, mw, O, fw.words_per_row, I, xp, c0, c1);
+    });
+    return dx;
+  };
+  const RmspropScalars c = rmsprop_scalars(lr, alpha, eps, weight_decay);
+  auto weight_step = [&](int64_t l, const at::Tensor& dz, const at::Tensor& input) {
+    const FrozenWeight& fw = frozen[l];
+    const int64_t B = input.size(0), O = dz.size(1), I = input.size(1);
+    float* p = params[l].data_ptr<float>();
+    float* s = square_avgs[l].data_ptr<float>();
+    int32_t* mw = mask_words[l].data_ptr<int32_t>();
+    if (isa == Isa::Avx512 && B > 0) {
+      const float* dzp = dz.data_ptr<float>();
+      const int64_t ct = wgrad_tile_cols(), panels = (I + ct - 1) / ct;
+      at::Tensor packed = at::empty({panels * B * ct + 16}, input.options());  // + 16: room to align to 64 bytes
+      float* xpk = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(packed.data_ptr<float>()) + 63) & ~uintptr_t{63});
+      const float* xp = input.data_ptr<float>();
+      at::parallel_for(0, panels, 1, [&](int64_t t0, int64_t t1) { wgrad_pack_x(xp, B, I, xpk, t0, t1); });
+      at::parallel_for(0, O, 8, [&](int64_t o0, int64_t o1) {
+        ste_rmsprop_bits_wgrad_avx512(dzp, xpk, B, O, I, p, fw, s, mw, c, o0, o1);
+      });
+      return;
+    }
+    const at::Tensor grad = at::mm(dz.t(), input);
+    const float* g = grad.data_ptr<float>();
+    at::parallel_for(0, O, 8, [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o) ste_rmsprop_bits_step(isa, p, g + o * I, fw, s, mw, c, o, 0, I);
+    });
+  };
+  return mlp_backward(x, y, static_cast<int64_t>(L), forward, input_grad, weight_step);
+}
+
 at::Tensor threshold_masked_weight_op(const at::Tensor& scores, const at::Tensor& w) {
   check_float(scores, "scores");
   check_float(w, "weight");
@@ -953,6 +1061,9 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("mlp_ste_rmsprop_step_(Tensor x, Tensor y, Tensor(a!)[] masked_weights, Tensor[] weights, Tensor(b!)[] params, "
         "Tensor(c!)[] square_avgs, float lr, float alpha, float eps, float weight_decay) -> Tensor");
   m.def("mlp_cross_entropy_grads(Tensor x, Tensor y, Tensor[] weights) -> (Tensor, Tensor[])");
+  m.def("mlp_ste_rmsprop_bits_step_(Tensor x, Tensor y, Tensor[] weights, Tensor?[] sign_words, float[] scales, "
+        "Tensor(a!)[] mask_words, Tensor(b!)[] params, Tensor(c!)[] square_avgs, float lr, float alpha, float eps, "
+        "float weight_decay) -> Tensor");
   m.def("ste_adam_step_(Tensor(a!) param, Tensor weight_grad, Tensor weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         "Tensor(d!) masked_weight, int step, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
 }
@@ -985,6 +1096,7 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("mlp_cross_entropy_grads", &mlp_cross_entropy_grads_op);
   m.impl("ste_rmsprop_wgrad_step_", &ste_rmsprop_wgrad_step_op);
   m.impl("mlp_ste_rmsprop_step_", &mlp_ste_rmsprop_step_op);
+  m.impl("mlp_ste_rmsprop_bits_step_", &mlp_ste_rmsprop_bits_step_op);
   m.impl("threshold_masked_weight", &threshold_masked_weight_op);
   m.impl("signed_masked_weight_into", &signed_masked_weight_into_op);
 }

@@ -68,6 +68,12 @@ void masked_gemm(Isa isa, const float* x, int64_t B, const float* w, const int32
 void signed_masked_gemm(Isa isa, const float* x, int64_t B, const int32_t* sign_words, const int32_t* mask_words,
                         float scale, int64_t n, int64_t W, int64_t R, const float* bias, float* y, int64_t r0,
                         int64_t r1);
+// The same with the weight's rows taken as they are: y[b, col] = sum_j x[b, j] * w[j, col] * bit(words[j, col])
+// for columns [r0, r1) of y [B, R]; w is [n, R] with W = ceil(R / 32) words a row (a layer's input gradient).
+void masked_gemm_rows(Isa isa, const float* x, int64_t B, const float* w, const int32_t* words, int64_t n, int64_t W,
+                      int64_t R, float* y, int64_t r0, int64_t r1);
+void signed_masked_gemm_rows(Isa isa, const float* x, int64_t B, const int32_t* sign_words, const int32_t* mask_words,
+                             float scale, int64_t n, int64_t W, int64_t R, float* y, int64_t r0, int64_t r1);
 
 }  // namespace supsup_cpu
 
@@ -92,6 +98,19 @@ void ste_rmsprop_step(Isa isa, float* param, const float* weight_grad, const flo
                       float* masked_weight, const RmspropScalars& c, int64_t i0, int64_t i1);
 void ste_adam_step(Isa isa, float* param, const float* weight_grad, const float* weight, float* exp_avg,
                    float* exp_avg_sq, float* masked_weight, const AdamScalars& c, int64_t i0, int64_t i1);
+// The frozen weight of a layer whose masks are kept as bits (W = ceil(in_features / 32) words a row):
+// float (`weight`, [out, in]), or signed-constant bits (`sign_words`, w = sign bit ? scale : -scale).
+struct FrozenWeight {
+  const float* weight;
+  const int32_t* sign_words;
+  float scale;
+  int64_t in_features, words_per_row;
+};
+// ste_rmsprop_step on row o, columns [j, j + cols) of an [O, I] layer whose mask is kept as bits:
+// weight_grad holds that segment's weight gradient, param and square_avg are the [O, I] arrays, and
+// the new mask (p_new >= 0) is written into mask_words [O, W] instead of a masked weight.
+void ste_rmsprop_bits_step(Isa isa, float* param, const float* weight_grad, const FrozenWeight& fw, float* square_avg,
+                           int32_t* mask_words, const RmspropScalars& c, int64_t o, int64_t j, int64_t cols);
 // ste_rmsprop_step with the weight gradient formed in place (wgrad_step.cpp, AVX-512): weight_grad[o, i]
 // = sum over b < B of dz[b, o] * x[b, i] (dz [B, O], x [B, I]), one register tile at a time, never
 // stored; rows [o0, o1) of the [O, I] param, weight, square_avg and masked_weight. xp is x packed by
@@ -101,6 +120,10 @@ void wgrad_pack_x(const float* x, int64_t B, int64_t I, float* xp, int64_t t0, i
 void ste_rmsprop_wgrad_avx512(const float* dz, const float* xp, int64_t B, int64_t O, int64_t I, float* param,
                               const float* weight, float* square_avg, float* masked_weight, const RmspropScalars& c,
                               int64_t o0, int64_t o1);
+// The same for a layer whose masks are bits (ste_rmsprop_bits_step).
+void ste_rmsprop_bits_wgrad_avx512(const float* dz, const float* xp, int64_t B, int64_t O, int64_t I, float* param,
+                                   const FrozenWeight& fw, float* square_avg, int32_t* mask_words, const RmspropScalars& c,
+                                   int64_t o0, int64_t o1);
 }  // namespace supsup_cpu
 
 namespace supsup_cpu {

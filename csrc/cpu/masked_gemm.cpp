@@ -74,6 +74,16 @@ AVX512_TARGET void pack_tile512(const float* w, const int32_t* sign_words, const
     }
 }
 
+// P[jj][i] = (W ⊙ M)[j0 + jj, rt + i] for i < 32, jj < kc, with W ⊙ M [K, R] (W words a row): its
+// rows as they are, for y = x (W ⊙ M) (a layer's input gradient). Columns past R are zero.
+template <bool SIGNED>
+AVX512_TARGET void pack_rows512(const float* w, const int32_t* sign_words, const int32_t* words, float scale, int64_t R,
+                                int64_t W, int64_t rt, int64_t j0, int64_t kc, float* P) {
+  for (int64_t jj = 0; jj < kc; ++jj)
+    for (int h = 0; h < 2; ++h)  // rt is a multiple of 32, so rt + 16 < R or its bits are all past R
+      _mm512_store_ps(P + 32 * jj + 16 * h, masked_weights16<SIGNED>(w, sign_words, words, scale, R, W, j0 + jj, rt + 16 * h));
+}
+
 // y[b, 0:32] += sum over jj < kc of x[b, jj] * P[jj, 0:32] for b < BT (x and y already offset),
 // only the rows in m0 | m1 stored.
 template <int BT>
@@ -106,7 +116,8 @@ constexpr Micro512 kMicro512[13] = {nullptr,       micro512<1>, micro512<2>, mic
                                     micro512<5>,   micro512<6>, micro512<7>, micro512<8>,  micro512<9>,
                                     micro512<10>, micro512<11>, micro512<12>};
 
-template <bool SIGNED>
+// ROWS: the weight is [n, R] and y = x (W ⊙ M) (pack_rows512), else it is [R, n] and y = x (W ⊙ M)ᵀ.
+template <bool SIGNED, bool ROWS = false>
 AVX512_TARGET void masked_gemm512(const float* x, int64_t B, const float* w, const int32_t* sign_words,
                                   const int32_t* words, float scale, int64_t n, int64_t W, int64_t R,
                                   const float* bias, float* y, int64_t r0, int64_t r1) {
@@ -119,7 +130,8 @@ AVX512_TARGET void masked_gemm512(const float* x, int64_t B, const float* w, con
     for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
       const int64_t kc = std::min(kChunk, n - j0), tile = 32 * ((kc + 15) / 16 * 16);
       for (int64_t rt = rb, t = 0; rt < re; rt += 32, ++t)
-        pack_tile512<SIGNED>(w, sign_words, words, scale, n, W, rt, std::min<int64_t>(32, re - rt), j0, kc, P + t * tile);
+        if constexpr (ROWS) pack_rows512<SIGNED>(w, sign_words, words, scale, R, W, rt, j0, kc, P + t * tile);
+        else pack_tile512<SIGNED>(w, sign_words, words, scale, n, W, rt, std::min<int64_t>(32, re - rt), j0, kc, P + t * tile);
       for (int64_t b0 = 0; b0 < B; b0 += kBatchBlock) {
         const int64_t be = std::min(B, b0 + kBatchBlock);
         for (int64_t rt = rb, t = 0; rt < re; rt += 32, ++t) {
@@ -173,6 +185,16 @@ AVX2_TARGET void pack_tile256(const float* w, const int32_t* sign_words, const i
     }
 }
 
+// The rows of a [K, R] W ⊙ M as they are (pack_rows512), 24 columns from rt.
+template <bool SIGNED>
+AVX2_TARGET void pack_rows256(const float* w, const int32_t* sign_words, const int32_t* words, float scale, int64_t R,
+                              int64_t W, int64_t rt, int64_t j0, int64_t kc, float* P) {
+  for (int64_t jj = 0; jj < kc; ++jj)
+    for (int h = 0; h < kTile256 / 8; ++h)  // rt is a multiple of 24, not 32: past R may be past the row's words
+      _mm256_store_ps(P + kTile256 * jj + 8 * h, rt + 8 * h < R ? masked_weights8<SIGNED>(w, sign_words, words, scale, R, W, j0 + jj, rt + 8 * h)
+                                                              : _mm256_setzero_ps());
+}
+
 AVX2_TARGET inline __m256i first_lanes(int64_t count) {  // lanes [0, count) all ones
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(count, 0, 8))),
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -209,7 +231,7 @@ AVX2_TARGET void micro256(const float* P, int64_t kc, const float* x, int64_t n,
 using Micro256 = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t);
 constexpr Micro256 kMicro256[kXRows256 + 1] = {nullptr, micro256<1>, micro256<2>, micro256<3>, micro256<4>};
 
-template <bool SIGNED>
+template <bool SIGNED, bool ROWS = false>
 AVX2_TARGET void masked_gemm256(const float* x, int64_t B, const float* w, const int32_t* sign_words,
                                 const int32_t* words, float scale, int64_t n, int64_t W, int64_t R, const float* bias,
                                 float* y, int64_t r0, int64_t r1) {
@@ -222,7 +244,8 @@ AVX2_TARGET void masked_gemm256(const float* x, int64_t B, const float* w, const
     for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
       const int64_t kc = std::min(kChunk, n - j0), tile = kTile256 * ((kc + 7) / 8 * 8);
       for (int64_t rt = rb, t = 0; rt < re; rt += kTile256, ++t)
-        pack_tile256<SIGNED>(w, sign_words, words, scale, n, W, rt, std::min<int64_t>(kTile256, re - rt), j0, kc, P + t * tile);
+        if constexpr (ROWS) pack_rows256<SIGNED>(w, sign_words, words, scale, R, W, rt, j0, kc, P + t * tile);
+        else pack_tile256<SIGNED>(w, sign_words, words, scale, n, W, rt, std::min<int64_t>(kTile256, re - rt), j0, kc, P + t * tile);
       for (int64_t b0 = 0; b0 < B; b0 += kBatchBlock) {
         const int64_t be = std::min(B, b0 + kBatchBlock);
         for (int64_t rt = rb, t = 0; rt < re; rt += kTile256, ++t) {
@@ -238,19 +261,20 @@ AVX2_TARGET void masked_gemm256(const float* x, int64_t B, const float* w, const
 // ---------------------------------------------------------------------------------------------
 // Scalar: the definition, for CPUs without AVX2.
 
-template <bool SIGNED>
+template <bool SIGNED, bool ROWS = false>
 void masked_gemm_scalar(const float* x, int64_t B, const float* w, const int32_t* sign_words, const int32_t* words,
                         float scale, int64_t n, int64_t W, const float* bias, float* y, int64_t R, int64_t r0,
                         int64_t r1) {
   std::vector<float> row(n);
   for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t bit = (static_cast<uint32_t>(words[r * W + j / 32]) >> (j % 32)) & 1u;
+    for (int64_t j = 0; j < n; ++j) {  // element (r, j) of W ⊙ M [R, n], or (j, r) of W ⊙ M [n, R] (ROWS)
+      const int64_t word = ROWS ? j * W + r / 32 : r * W + j / 32, bit_at = ROWS ? r % 32 : j % 32;
+      const uint32_t bit = (static_cast<uint32_t>(words[word]) >> bit_at) & 1u;
       if constexpr (SIGNED) {
-        const bool pos = (static_cast<uint32_t>(sign_words[r * W + j / 32]) >> (j % 32)) & 1u;
+        const bool pos = (static_cast<uint32_t>(sign_words[word]) >> bit_at) & 1u;
         row[j] = bit ? (pos ? scale : -scale) : 0.0f;
       } else {
-        row[j] = bit ? w[r * n + j] : 0.0f;
+        row[j] = bit ? w[ROWS ? j * R + r : r * n + j] : 0.0f;
       }
     }
     for (int64_t b = 0; b < B; ++b) {
@@ -278,6 +302,22 @@ void signed_masked_gemm(Isa isa, const float* x, int64_t B, const int32_t* sign_
   if (isa == Isa::Avx2)
     return masked_gemm256<true>(x, B, nullptr, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
   masked_gemm_scalar<true>(x, B, nullptr, sign_words, mask_words, scale, n, W, bias, y, R, r0, r1);
+}
+
+void masked_gemm_rows(Isa isa, const float* x, int64_t B, const float* w, const int32_t* words, int64_t n, int64_t W,
+                      int64_t R, float* y, int64_t r0, int64_t r1) {
+  if (isa == Isa::Avx512) return masked_gemm512<false, true>(x, B, w, nullptr, words, 1.0f, n, W, R, nullptr, y, r0, r1);
+  if (isa == Isa::Avx2) return masked_gemm256<false, true>(x, B, w, nullptr, words, 1.0f, n, W, R, nullptr, y, r0, r1);
+  masked_gemm_scalar<false, true>(x, B, w, nullptr, words, 1.0f, n, W, nullptr, y, R, r0, r1);
+}
+
+void signed_masked_gemm_rows(Isa isa, const float* x, int64_t B, const int32_t* sign_words, const int32_t* mask_words,
+                             float scale, int64_t n, int64_t W, int64_t R, float* y, int64_t r0, int64_t r1) {
+  if (isa == Isa::Avx512)
+    return masked_gemm512<true, true>(x, B, nullptr, sign_words, mask_words, scale, n, W, R, nullptr, y, r0, r1);
+  if (isa == Isa::Avx2)
+    return masked_gemm256<true, true>(x, B, nullptr, sign_words, mask_words, scale, n, W, R, nullptr, y, r0, r1);
+  masked_gemm_scalar<true, true>(x, B, nullptr, sign_words, mask_words, scale, n, W, nullptr, y, R, r0, r1);
 }
 
 }  // namespace supsup_cpu

@@ -6,6 +6,8 @@
 #include "simd.h"
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 namespace supsup_cpu {
 
@@ -92,6 +94,85 @@ AVX2_TARGET void ste_rmsprop_avx2(float* p, const float* dw, const float* w, flo
   ste_rmsprop_scalar(p, dw, w, sq, out, c, i, i1);
 }
 
+// The straight-through RMSprop step on row o, columns [j, j + cols) of a layer whose masks are bits
+// (ste_rmsprop_bits_step): the frozen weight is read from `fw`, and the next mask is written as
+// bits. Bits are read and written as the 16-bit (AVX-512) or 8-bit (AVX2) pieces of the row's
+// little-endian 32-bit words, each piece by one lane group of one thread.
+inline uint32_t bit_piece(const int32_t* row_words, int64_t col, int width) {  // bits [col, col + width), col % width == 0
+  uint32_t word;
+  std::memcpy(&word, row_words + col / 32, sizeof word);
+  return (word >> (col % 32)) & ((1u << width) - 1u);
+}
+
+inline void set_bits(int32_t* row_words, int64_t col, uint32_t bits, int width) {  // the same piece, written
+  uint32_t word;
+  std::memcpy(&word, row_words + col / 32, sizeof word);
+  const uint32_t keep = ~(((1u << width) - 1u) << (col % 32));
+  word = (word & keep) | (bits << (col % 32));
+  std::memcpy(row_words + col / 32, &word, sizeof word);
+}
+
+template <bool SIGNED>
+AVX512_TARGET void ste_rmsprop_bits_avx512(float* p, const float* dw, const FrozenWeight& fw, float* sq, int32_t* mask_words,
+                                           const RmspropScalars& c, int64_t o, int64_t j, int64_t cols) {
+  const __m512 vwd = _mm512_set1_ps(c.weight_decay), zero = _mm512_setzero_ps();
+  const __m512 pos = _mm512_set1_ps(fw.scale), neg = _mm512_set1_ps(-fw.scale);
+  const int64_t at = o * fw.in_features + j;
+  int32_t* mrow = mask_words + o * fw.words_per_row;
+  for (int64_t i = 0; i < cols; i += 16) {
+    const __mmask16 m = tail_mask(i, cols);
+    const __m512 pv = _mm512_maskz_loadu_ps(m, p + at + i);
+    __m512 wv;
+    if constexpr (SIGNED) wv = _mm512_mask_blend_ps(static_cast<__mmask16>(bit_piece(fw.sign_words + o * fw.words_per_row, j + i, 16)), neg, pos);
+    else wv = _mm512_maskz_loadu_ps(m, fw.weight + at + i);
+    __m512 gv = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dw + i), wv);
+    if (c.weight_decay != 0.0f) gv = _mm512_add_ps(gv, _mm512_mul_ps(vwd, pv));
+    const __m512 pn = rmsprop16(pv, gv, sq + at + i, m, c);
+    _mm512_mask_storeu_ps(p + at + i, m, pn);
+    set_bits(mrow, j + i, _mm512_mask_cmp_ps_mask(m, pn, zero, _CMP_GE_OQ), 16);
+  }
+}
+
+inline float frozen_weight(const FrozenWeight& fw, int64_t o, int64_t col) {
+  if (!fw.sign_words) return fw.weight[o * fw.in_features + col];
+  return bit_piece(fw.sign_words + o * fw.words_per_row, col, 1) ? fw.scale : -fw.scale;
+}
+
+void ste_rmsprop_bits_scalar(float* p, const float* dw, const FrozenWeight& fw, float* sq, int32_t* mask_words,
+                             const RmspropScalars& c, int64_t o, int64_t j, int64_t cols) {
+  int32_t* mrow = mask_words + o * fw.words_per_row;
+  for (int64_t i = 0; i < cols; ++i) {
+    const int64_t at = o * fw.in_features + j + i;
+    float g = dw[i] * frozen_weight(fw, o, j + i);
+    if (c.weight_decay != 0.0f) g += c.weight_decay * p[at];
+    const float pn = rmsprop1(p[at], g, sq + at, c);
+    p[at] = pn;
+    set_bits(mrow, j + i, pn >= 0.0f ? 1u : 0u, 1);
+  }
+}
+
+template <bool SIGNED>
+AVX2_TARGET void ste_rmsprop_bits_avx2(float* p, const float* dw, const FrozenWeight& fw, float* sq, int32_t* mask_words,
+                                       const RmspropScalars& c, int64_t o, int64_t j, int64_t cols) {
+  const __m256 vwd = _mm256_set1_ps(c.weight_decay), zero = _mm256_setzero_ps();
+  const __m256 pos = _mm256_set1_ps(fw.scale), neg = _mm256_set1_ps(-fw.scale);
+  const int64_t at = o * fw.in_features + j;
+  int32_t* mrow = mask_words + o * fw.words_per_row;
+  int64_t i = 0;
+  for (; i + 8 <= cols; i += 8) {
+    const __m256 pv = _mm256_loadu_ps(p + at + i);
+    __m256 wv;
+    if constexpr (SIGNED) wv = _mm256_blendv_ps(neg, pos, bits8(bit_piece(fw.sign_words + o * fw.words_per_row, j + i, 8)));
+    else wv = _mm256_loadu_ps(fw.weight + at + i);
+    __m256 gv = _mm256_mul_ps(_mm256_loadu_ps(dw + i), wv);
+    if (c.weight_decay != 0.0f) gv = _mm256_add_ps(gv, _mm256_mul_ps(vwd, pv));
+    const __m256 pn = rmsprop8(pv, gv, sq + at + i, c);
+    _mm256_storeu_ps(p + at + i, pn);
+    set_bits(mrow, j + i, static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(pn, zero, _CMP_GE_OQ))), 8);
+  }
+  ste_rmsprop_bits_scalar(p, dw + i, fw, sq, mask_words, c, o, j + i, cols - i);
+}
+
 // Adam: m += (1 - b1)(g - m); v = b2 v + (1 - b2) g²; p += -step_size m / (√v / bc2_sqrt + eps).
 AVX512_TARGET void ste_adam_avx512(float* p, const float* dw, const float* w, float* m, float* v, float* out,
                                    const AdamScalars& c, int64_t i0, int64_t i1) {
@@ -170,6 +251,18 @@ void ste_rmsprop_step(Isa isa, float* param, const float* weight_grad, const flo
   if (isa == Isa::Avx512) return ste_rmsprop_avx512(param, weight_grad, weight, square_avg, masked_weight, c, i0, i1);
   if (isa == Isa::Avx2) return ste_rmsprop_avx2(param, weight_grad, weight, square_avg, masked_weight, c, i0, i1);
   ste_rmsprop_scalar(param, weight_grad, weight, square_avg, masked_weight, c, i0, i1);
+}
+
+void ste_rmsprop_bits_step(Isa isa, float* param, const float* weight_grad, const FrozenWeight& fw, float* square_avg,
+                           int32_t* mask_words, const RmspropScalars& c, int64_t o, int64_t j, int64_t cols) {
+  const bool sign = fw.sign_words != nullptr;
+  if (isa == Isa::Avx512 && j % 16 == 0)
+    return sign ? ste_rmsprop_bits_avx512<true>(param, weight_grad, fw, square_avg, mask_words, c, o, j, cols)
+                : ste_rmsprop_bits_avx512<false>(param, weight_grad, fw, square_avg, mask_words, c, o, j, cols);
+  if (isa != Isa::Scalar && j % 8 == 0)
+    return sign ? ste_rmsprop_bits_avx2<true>(param, weight_grad, fw, square_avg, mask_words, c, o, j, cols)
+                : ste_rmsprop_bits_avx2<false>(param, weight_grad, fw, square_avg, mask_words, c, o, j, cols);
+  ste_rmsprop_bits_scalar(param, weight_grad, fw, square_avg, mask_words, c, o, j, cols);
 }
 
 void ste_adam_step(Isa isa, float* param, const float* weight_grad, const float* weight, float* exp_avg,

@@ -103,4 +103,14 @@ void ste_rmsprop_wgrad_avx512(const float* dz, const float* xp, int64_t B, int64
   });
 }
 
+void ste_rmsprop_bits_wgrad_avx512(const float* dz, const float* xp, int64_t B, int64_t O, int64_t I, float* param,
+                                   const FrozenWeight& fw, float* square_avg, int32_t* mask_words, const RmspropScalars& c,
+                                   int64_t o0, int64_t o1) {
+  auto step = [&](int64_t o, int64_t j, int64_t cols, const float* g) {
+    ste_rmsprop_bits_step(Isa::Avx512, param, g, fw, square_avg, mask_words, c, o, j, cols);
+  };
+  if (fw.weight) wgrad_rows(dz, xp, B, O, I, o0, o1, {param, fw.weight, square_avg}, step);
+  else wgrad_rows(dz, xp, B, O, I, o0, o1, {param, square_avg}, step);
+}
+
 }  // namespace supsup_cpu

@@ -122,8 +122,10 @@ def mlp_step_without_autograd(model: nn.Module, opt: torch.optim.Optimizer, devi
     scores a fused in-backward optimiser trains: the loss and every weight gradient from one op
     (:func:`supsup_fast.ops.mlp_cross_entropy_grads`: the GEMMs and a few elementwise passes, no
     autograd graph), then each layer's fused update, as the layers' backward would apply it (RMSprop: all in
-    one backend call, mlp_ste_rmsprop_step_). None
-    where it does not apply (another model, biases, a plain optimiser)."""
+    one backend call, mlp_ste_rmsprop_step_; where the backend says it is faster,
+    mlp_ste_rmsprop_bits_step_, which keeps each mask as bits and reads signed-constant weights as
+    their sign bits, so no masked float weight is formed). None where it does not apply (another
+    model, biases, a plain optimiser)."""
     if not isinstance(opt, InBackwardOptimizer) or type(model) is not MLP:
         return None
     layers = list(model.layers)
@@ -140,13 +142,22 @@ def mlp_step_without_autograd(model: nn.Module, opt: torch.optim.Optimizer, devi
         xb, yb = xb.to(device, non_blocking=True).flatten(1), yb.to(device, non_blocking=True)
         scores = [layer.scores for layer in layers]
         weights = [layer.weight for layer in layers]
-        masked = [state.effective_weight(s, w) for state, s, w in zip(states, scores, weights)]
-        if rmsprop:  # each gradient meets its update as soon as it is formed, no Python between the layers
+        if rmsprop and backend.mask_bits_training_step(xb.shape[0]):  # no masked weight: the masks stay bits
+            words = [state.mask_words(s, w) for state, s, w in zip(states, scores, weights)]
+            signs = [layer.signed_weight_bits() for layer in layers]
+            loss = backend.mlp_ste_rmsprop_bits_step_(xb, yb, weights, [sg[0] if sg else None for sg in signs],
+                                                      [sg[1] if sg else 1.0 for sg in signs], words,
+                                                      [s.detach() for s in scores], *opt.rmsprop_state(scores))
+            for state, s, w in zip(states, scores, weights):
+                state.bits_applied(s, w)
+        elif rmsprop:  # each gradient meets its update as soon as it is formed, no Python between the layers
+            masked = [state.effective_weight(s, w) for state, s, w in zip(states, scores, weights)]
             loss = backend.mlp_ste_rmsprop_step_(xb, yb, masked, weights, [s.detach() for s in scores],
                                                  *opt.rmsprop_state(scores))
             for state, s, w in zip(states, scores, weights):
                 state.applied(s, w)
         else:
+            masked = [state.effective_weight(s, w) for state, s, w in zip(states, scores, weights)]
             loss, grads = backend.mlp_cross_entropy_grads(xb, yb, masked)
             for state, s, w, grad in zip(states, scores, weights, grads):
                 state.apply(s, w, grad)

@@ -4,7 +4,7 @@ computes the weight gradient (and the input gradient only where it is needed) an
 ``state.update``, the optimiser's fused pass, which also refreshes the masked weight."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -19,23 +19,35 @@ def _key(scores: torch.Tensor, weight: torch.Tensor) -> tuple:
 
 
 class FusedScoreState:
-    """One layer's part of the fused step: its current masked weight and ``update(scores, weight,
-    weight_grad, masked_weight)``, the optimiser's fused pass bound to this layer's state (it reads
-    the learning rate and the rest from the parameter group at every call, so LR schedulers work)."""
+    """One layer's part of the fused step: its current mask, kept as the masked weight W ⊙ 1[s ≥ 0]
+    (``effective_weight``) or as bits (``mask_words``, for a whole-model step that never forms the
+    masked weight), and ``update(scores, weight, weight_grad, masked_weight)``, the optimiser's fused
+    pass bound to this layer's state (it reads the learning rate and the rest from the parameter
+    group at every call, so LR schedulers work). Each form is rebuilt from the scores when it is
+    asked for after the other was updated, or after the scores changed outside the step."""
 
     def __init__(self, layer, update: ScoreUpdate):
         self.update = update
-        self.masked_weight = ops.threshold_masked_weight(layer.scores, layer.weight)
-        self._key = _key(layer.scores, layer.weight)
-        # Bumped whenever the masked weight changes: a forward's backward must see the generation it was made in.
+        self.masked_weight: Optional[torch.Tensor] = ops.threshold_masked_weight(layer.scores, layer.weight)
+        self._key: Optional[tuple] = _key(layer.scores, layer.weight)
+        self._words: Optional[torch.Tensor] = None
+        self._words_key: Optional[tuple] = None
+        # Bumped whenever the mask changes: a forward's backward must see the generation it was made in.
         self.generation = 0
 
     def effective_weight(self, scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if _key(scores, weight) != self._key:  # scores or weight changed outside the fused step
+        if self.masked_weight is None or _key(scores, weight) != self._key:  # stale, or scores or weight changed
             self.masked_weight = ops.threshold_masked_weight(scores, weight)
             self._key = _key(scores, weight)
             self.generation += 1
         return self.masked_weight
+
+    def mask_words(self, scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The mask 1[s ≥ 0] as bits [out, ceil(in / 32)], for a step that updates it in place."""
+        if self._words is None or _key(scores, weight) != self._words_key:
+            self._words = ops.pack_bits(scores.detach() >= 0)
+            self._words_key = _key(scores, weight)
+        return self._words
 
     def apply(self, scores: torch.Tensor, weight: torch.Tensor, weight_grad: torch.Tensor) -> None:
         self.update(scores, weight, weight_grad, self.masked_weight)
@@ -45,6 +57,14 @@ class FusedScoreState:
         """Record that an update of ``scores`` (made here or by a whole-model fused step) rewrote the
         masked weight."""
         self._key = _key(scores, weight)
+        self._words_key = None
+        self.generation += 1
+
+    def bits_applied(self, scores: torch.Tensor, weight: torch.Tensor) -> None:
+        """Record that a whole-model step rewrote the scores and ``mask_words``: the masked weight is
+        stale, and its memory is freed until a forward asks for it again."""
+        self._words_key = _key(scores, weight)
+        self.masked_weight, self._key = None, None
         self.generation += 1
 
 

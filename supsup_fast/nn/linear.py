@@ -1,7 +1,7 @@
 """``SupermaskLinear``: a drop-in ``nn.Linear`` whose weight is frozen and masked per task."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,17 @@ class SupermaskLinear(SupermaskLayer):
             scale = float(self.weight.abs().max())
             self._sign_cache = (key, ops.pack_bits(self.weight > 0), scale)
         return self._sign_cache[1], self._sign_cache[2]
+
+    def signed_weight_bits(self) -> Optional[Tuple[torch.Tensor, float]]:
+        """(sign bits, scale) of the frozen weight where it is exactly signed-constant (every |w| the
+        same nonzero scale), else None: what a step may read in place of the float weight."""
+        if self.init_kind != "signed_constant":
+            return None
+        sign_words, scale = self._sign_bits()
+        key = self._sign_cache[0]
+        if getattr(self, "_sign_exact", None) is None or self._sign_exact[0] != key:
+            self._sign_exact = (key, scale > 0 and bool((self.weight.abs() == scale).all()))
+        return (sign_words, scale) if self._sign_exact[1] else None
 
     def _superposed(self, x, bank, alpha):
         return ops.superposed_linear(x, self.weight, bank, alpha, self.bias)

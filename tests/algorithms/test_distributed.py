@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -92,13 +93,39 @@ def test_resume_at_another_world_size(single_run, tmp_path):
     assert results(out)["timing"]["tasks_resumed"] == 2
 
 
-def test_data_parallel_trains_the_same_masks(single_run, tmp_path):
+SGD = ["--optimizer", "sgd", "--lr", "0.1"]
+
+
+def differing_mask_bits(a: Path, b: Path) -> tuple:
+    """(mask bits that differ, mask bits in all) between two runs' models."""
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    banks = [key for key in ta if key.startswith("bank/")]
+    differ = sum(int(np.unpackbits(torch.bitwise_xor(ta[k], tb[k]).numpy().view(np.uint8)).sum()) for k in banks)
+    return differ, sum(32 * ta[k].numel() for k in banks)
+
+
+def test_data_parallel_trains_the_same_masks(tmp_path):
+    # With SGD one process and each rank take the same autograd step; DDP's average is the
+    # whole-batch gradient, so the thresholded masks come out the same bits (the scores agree to
+    # float tolerance, and an SGD step is proportional to the gradient).
+    alone, out = tmp_path / "one", tmp_path / "dp"
+    ok(single("run", *RUN, *SGD, "--tasks", "4", "--eval-at", "2", "--out", str(alone)))
+    ok(torchrun("run", *RUN, *SGD, "--tasks", "4", "--eval-at", "2", "--parallel", "data", "--out", str(out)))
+    assert results(out)["distributed"]["parallel"] == "data"
+    assert_same_model(alone, out)
+
+
+def test_data_parallel_rmsprop_agrees_with_the_fused_step(single_run, tmp_path):
+    # With RMSprop one process takes the fused step, whose GEMMs may sum in another order than the
+    # ranks' autograd (the CPU bits step does), and RMSprop's first steps are lr·g/|g|-sized: where
+    # g is near 0 a rounding difference becomes a whole step, and a mask bit flipped by it changes
+    # every later gradient. So the masks agree to a fraction of a percent, the accuracies to a point.
     out = tmp_path / "dp"
     ok(torchrun("run", *RUN, "--tasks", "4", "--eval-at", "2", "--parallel", "data", "--out", str(out)))
-    assert results(out)["distributed"]["parallel"] == "data"
-    # Each rank trains on its half of every batch; DDP's average is the whole-batch gradient, so the
-    # thresholded masks come out the same bits (the scores agree to float tolerance).
-    assert_same_model(single_run, out)
+    differ, total = differing_mask_bits(single_run, out)
+    assert differ <= 0.005 * total, (differ, total)
+    for a, b in zip(results(single_run)["per_task_accuracy"], results(out)["per_task_accuracy"]):
+        assert abs(a - b) <= 0.02, (a, b)
 
 
 def test_transfer_is_never_run_task_parallel(tmp_path):

@@ -219,9 +219,10 @@ def test_the_mlp_step_without_autograd_follows_the_plain_step(optimizer):
         opt_plain.step()
         assert step(x, y) == pytest.approx(loss.item(), rel=1e-5)
     # An RMSprop/Adam step is lr·g/(|g| + ε)-sized: where |g| is near ε a rounding difference in g
-    # moves the step by a part of lr, so the tolerance is 1 % of lr.
+    # moves the step by a part of lr, so the tolerance is a few % of lr (the bits step's GEMMs, where
+    # the backend takes it, sum in another order than autograd's BLAS).
     for a, b in zip(scores(plain), scores(fused)):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-2 * settings.lr)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=3e-2 * settings.lr)
 
 
 def test_the_mlp_step_is_only_taken_where_it_applies():
@@ -257,5 +258,55 @@ def test_the_whole_model_rmsprop_step_matches_on_both_backends_and_reads_the_gro
         assert all(torch.equal(a, b) for a, b in zip(before, scores(model)))  # lr 0: nothing moved
     (l_cpu, s_cpu, _), (l_ref, s_ref, _) = results
     assert l_cpu == pytest.approx(l_ref, rel=1e-5)
-    for a, b in zip(s_cpu, s_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(s_cpu, s_ref):  # 3 % of lr: see test_the_mlp_step_without_autograd_follows_the_plain_step
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=3e-5)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_mlp_step_that_keeps_masks_as_bits_follows_the_float_step(monkeypatch, signed):
+    """Where the backend prefers it (mask_bits_training_step), the MLP's RMSprop step keeps each mask
+    as bits (mlp_ste_rmsprop_bits_step_) and frees the masked weight; signed-constant layers are
+    read as their sign bits, others as float. It follows the float step, and a forward or a
+    per-layer backward between such steps sees the mask they wrote."""
+    cpu = ss.ops.backend_for(torch.device("cpu"))
+    calls = []
+    real = type(cpu).mlp_ste_rmsprop_bits_step_
+
+    def counted(self, *args):
+        calls.append(args[3])  # the sign bits given, per layer
+        return real(self, *args)
+
+    float_twin, bits_twin = twins(lambda: build_model("lenet", 10))
+    if not signed:
+        for model in (float_twin, bits_twin):
+            model.layers[1].weight.mul_(torch.linspace(0.5, 1.5, 300))  # no longer signed-constant
+    assert (bits_twin.layers[1].signed_weight_bits() is not None) == signed
+    settings = TrainSettings(lr=1e-3)
+    steps = []
+    for model, bits in ((float_twin, False), (bits_twin, True)):
+        monkeypatch.setattr(type(cpu), "mask_bits_training_step", lambda self, batch, bits=bits: bits)
+        monkeypatch.setattr(type(cpu), "mlp_ste_rmsprop_bits_step_", counted)
+        opt = make_task_optimizer(model, settings)
+        steps.append((model, opt, mlp_step_without_autograd(model, opt, torch.device("cpu")), bits))
+    gen = torch.Generator().manual_seed(0)
+    for i in range(4):
+        x, y = torch.randn(32, 784, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+        losses = []
+        for model, opt, step, bits in steps:
+            monkeypatch.setattr(type(cpu), "mask_bits_training_step", lambda self, batch, bits=bits: bits)
+            if i == 2:  # a per-layer (autograd) step in between: it must see the mask the bits step wrote
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                losses.append(loss.item())
+            else:
+                losses.append(step(x, y))
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert len(calls) == 3 and all((c is not None) == (signed or l != 1) for l, c in enumerate(calls[-1]))
+    for layer in bits_twin.layers:
+        assert layer.mode().fused.masked_weight is None  # freed: the last step kept the mask as bits
+    for a, b in zip(scores(float_twin), scores(bits_twin)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=3e-2 * settings.lr)
+    for layer in bits_twin.layers:  # a forward after the steps rebuilds the masked weight from the scores
+        state = layer.mode().fused
+        assert torch.equal(state.effective_weight(layer.scores, layer.weight), layer.weight * (layer.scores >= 0))
+        assert torch.equal(state.mask_words(layer.scores, layer.weight), ss.pack_bits(layer.scores >= 0))

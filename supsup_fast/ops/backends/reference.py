@@ -262,6 +262,29 @@ class ReferenceBackend:
             self.ste_rmsprop_step_(p, g, w, sq, mw, lr, alpha, eps, weight_decay)
         return loss
 
+    def mlp_ste_rmsprop_bits_step_(self, x: torch.Tensor, y: torch.Tensor, weights: List[torch.Tensor],
+                                   sign_words: List[Optional[torch.Tensor]], scales: List[float],
+                                   mask_words: List[torch.Tensor], params: List[torch.Tensor],
+                                   square_avgs: List[torch.Tensor], lr: float, alpha: float, eps: float,
+                                   weight_decay: float) -> torch.Tensor:
+        """``mlp_ste_rmsprop_step_`` for layers whose masks are kept as bits, not as a masked float
+        weight: layer l's mask is ``mask_words[l]`` (rewritten to the new ``params[l] >= 0``), its
+        frozen weight ``weights[l]``, or, where ``sign_words[l]`` is given, the signed-constant
+        ``scales[l] · (sign bit ? 1 : -1)`` (``weights[l]`` then gives only the shape). Returns the loss."""
+        frozen = [w if sw is None else (unpack_bits_float(sw, w.shape[1], w.dtype) * 2 - 1) * scale
+                  for w, sw, scale in zip(weights, sign_words, scales)]
+        masked = [self.masked_weight(w, m) for w, m in zip(frozen, mask_words)]
+        loss = self.mlp_ste_rmsprop_step_(x, y, masked, frozen, params, square_avgs, lr, alpha, eps, weight_decay)
+        for m, p in zip(mask_words, params):
+            m.copy_(self.pack_bits(p >= 0))
+        return loss
+
+    def mask_bits_training_step(self, batch: int) -> bool:
+        """Whether ``mlp_ste_rmsprop_bits_step_`` is this backend's faster whole-MLP step at this
+        batch size (else ``mlp_ste_rmsprop_step_`` on masked float weights). Here it is a composition
+        of the float step, so no."""
+        return False
+
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
         """x (W ⊙ M)ᵀ + b for signed-constant W = scale · (2·sign − 1), W given as sign bits."""
         n = x.shape[-1]
