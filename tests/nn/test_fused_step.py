@@ -310,3 +310,6 @@ def test_the_mlp_step_that_keeps_masks_as_bits_follows_the_float_step(monkeypatc
         state = layer.mode().fused
         assert torch.equal(state.effective_weight(layer.scores, layer.weight), layer.weight * (layer.scores >= 0))
         assert torch.equal(state.mask_words(layer.scores, layer.weight), ss.pack_bits(layer.scores >= 0))
+        with torch.no_grad():
+            layer.scores.neg_()  # an edit outside the step (it bumps the version): the bits are rebuilt
+        assert torch.equal(state.mask_words(layer.scores, layer.weight), ss.pack_bits(layer.scores >= 0))
