@@ -137,12 +137,13 @@ def mlp_step_without_autograd(model: nn.Module, opt: torch.optim.Optimizer, devi
         states.append(mode.fused)
     backend = ops.backend_for(device)
     rmsprop = isinstance(opt, InBackwardRMSprop)  # then the whole step is one backend call
+    num_weights = sum(layer.weight.numel() for layer in layers)
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> float:
         xb, yb = xb.to(device, non_blocking=True).flatten(1), yb.to(device, non_blocking=True)
         scores = [layer.scores for layer in layers]
         weights = [layer.weight for layer in layers]
-        if rmsprop and backend.mask_bits_training_step(xb.shape[0]):  # no masked weight: the masks stay bits
+        if rmsprop and backend.mask_bits_training_step(xb.shape[0], num_weights):  # no masked weight: the masks stay bits
             words = [state.mask_words(s, w) for state, s, w in zip(states, scores, weights)]
             signs = [layer.signed_weight_bits() for layer in layers]
             loss = backend.mlp_ste_rmsprop_bits_step_(xb, yb, weights, [sg[0] if sg else None for sg in signs],

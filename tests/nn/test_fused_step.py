@@ -284,7 +284,7 @@ def test_the_mlp_step_that_keeps_masks_as_bits_follows_the_float_step(monkeypatc
     settings = TrainSettings(lr=1e-3)
     steps = []
     for model, bits in ((float_twin, False), (bits_twin, True)):
-        monkeypatch.setattr(type(cpu), "mask_bits_training_step", lambda self, batch, bits=bits: bits)
+        monkeypatch.setattr(type(cpu), "mask_bits_training_step", lambda self, batch, num_weights, bits=bits: bits)
         monkeypatch.setattr(type(cpu), "mlp_ste_rmsprop_bits_step_", counted)
         opt = make_task_optimizer(model, settings)
         steps.append((model, opt, mlp_step_without_autograd(model, opt, torch.device("cpu")), bits))
@@ -293,7 +293,7 @@ def test_the_mlp_step_that_keeps_masks_as_bits_follows_the_float_step(monkeypatc
         x, y = torch.randn(32, 784, generator=gen), torch.randint(0, 10, (32,), generator=gen)
         losses = []
         for model, opt, step, bits in steps:
-            monkeypatch.setattr(type(cpu), "mask_bits_training_step", lambda self, batch, bits=bits: bits)
+            monkeypatch.setattr(type(cpu), "mask_bits_training_step", lambda self, batch, num_weights, bits=bits: bits)
             if i == 2:  # a per-layer (autograd) step in between: it must see the mask the bits step wrote
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
@@ -313,3 +313,18 @@ def test_the_mlp_step_that_keeps_masks_as_bits_follows_the_float_step(monkeypatc
         with torch.no_grad():
             layer.scores.neg_()  # an edit outside the step (it bumps the version): the bits are rebuilt
         assert torch.equal(state.mask_words(layer.scores, layer.weight), ss.pack_bits(layer.scores >= 0))
+
+
+def test_the_cpu_backend_keeps_masks_as_bits_where_that_measured_faster(monkeypatch):
+    # AVX-512: always (batch <= 256); AVX2: only for models whose float step state leaves the cache
+    # (FC1024, not LeNet); scalar CPUs and large batches keep the float step.
+    from supsup_fast.ops.backends import cpu as cpu_module
+    backend = cpu_module.CpuBackend()
+    lenet = sum(m.weight.numel() for m in build_model("lenet", 500).layers)
+    fc1024 = sum(m.weight.numel() for m in build_model("fc1024", 500).layers)
+    expected = {"avx512": (True, True), "avx2": (False, True), "scalar": (False, False)}
+    for isa, (small, large) in expected.items():
+        monkeypatch.setattr(cpu_module, "cpu_isa", lambda isa=isa: isa)
+        assert backend.mask_bits_training_step(128, lenet) is small, isa
+        assert backend.mask_bits_training_step(128, fc1024) is large, isa
+        assert backend.mask_bits_training_step(512, fc1024) is False, isa

@@ -24,6 +24,9 @@ SMALL_BATCH = 16  # rows of x up to which the small-batch masked GEMM (small_gem
 # AVX-512 Xeon, 1024 x 1024: the packed GEMM was 0.95-0.97x dense BLAS at 128-256 rows (materialise
 # + BLAS 0.78-0.87x) and 0.88-0.91x at 512-2048 (materialise + BLAS 0.92-0.96x).
 GEMM_BATCH = 256
+# Weights (all layers) from which the AVX2 MLP training step keeps its masks as bits: there the
+# float step's 16 bytes a weight of state no longer stay in cache (mask_bits_training_step).
+BITS_STEP_MIN_WEIGHTS_AVX2 = 1 << 20
 GEMM_MIN_OUT = 64
 _lock = threading.Lock()
 _loaded: Optional[str] = None
@@ -191,10 +194,14 @@ class CpuBackend(ReferenceBackend):
                                                    [float(s) for s in scales], mask_words, params, square_avgs,
                                                    float(lr), float(alpha), float(eps), float(weight_decay))
 
-    def mask_bits_training_step(self, batch: int) -> bool:
-        # Measured on the Zen 4 VM, batch 128: the bits step took 0.89x the float step's time on LeNet
-        # and 0.85x on FC1024 with AVX-512; with AVX2, whose bit-unpacking GEMM trails BLAS, 1.14x on LeNet.
-        return batch <= GEMM_BATCH and cpu_isa() == "avx512"
+    def mask_bits_training_step(self, batch: int, num_weights: int) -> bool:
+        # Measured on the Zen 4 VM, batch 128. AVX-512: the bits step took 0.89x the float step's time
+        # on LeNet and 0.85x on FC1024. AVX2, whose bit-unpacking GEMM trails BLAS's: 1.05-1.14x on
+        # LeNet (315 K weights, its float state stays in cache), 0.72x on FC1024 (1.9 M weights).
+        if batch > GEMM_BATCH:
+            return False
+        isa = cpu_isa()
+        return isa == "avx512" or (isa == "avx2" and num_weights >= BITS_STEP_MIN_WEIGHTS_AVX2)
 
     def ste_adam_step_(self, param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, step, lr, beta1, beta2, eps,
                        weight_decay):

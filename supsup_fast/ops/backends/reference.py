@@ -279,10 +279,10 @@ class ReferenceBackend:
             m.copy_(self.pack_bits(p >= 0))
         return loss
 
-    def mask_bits_training_step(self, batch: int) -> bool:
+    def mask_bits_training_step(self, batch: int, num_weights: int) -> bool:
         """Whether ``mlp_ste_rmsprop_bits_step_`` is this backend's faster whole-MLP step at this
-        batch size (else ``mlp_ste_rmsprop_step_`` on masked float weights). Here it is a composition
-        of the float step, so no."""
+        batch size, for an MLP of ``num_weights`` weights in all (else ``mlp_ste_rmsprop_step_`` on
+        masked float weights). Here it is a composition of the float step, so no."""
         return False
 
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
