@@ -856,6 +856,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_grads_op(const
   return {loss, grads};
 }
 
+// x [B, I] (contiguous) packed into the 64-byte-aligned column panels the AVX-512 weight-gradient
+// tiles read (wgrad_pack_x); `storage` keeps them alive.
+const float* packed_wgrad_panels(const at::Tensor& x, at::Tensor& storage) {
+  const int64_t B = x.size(0), I = x.size(1), ct = wgrad_tile_cols(), panels = (I + ct - 1) / ct;
+  storage = at::empty({panels * B * ct + 16}, x.options());  // + 16: room to align to 64 bytes
+  float* xpk = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data_ptr<float>()) + 63) & ~uintptr_t{63});
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t t0, int64_t t1) { wgrad_pack_x(xp, B, I, xpk, t0, t1); });
+  return xpk;
+}
+
 // ste_rmsprop_step_ of one [O, I] layer with its weight gradient dzᵀ x (dz [B, O], x [B, I]): on
 // AVX-512 formed tile by tile inside the step (wgrad_step.cpp), never stored; elsewhere BLAS's GEMM,
 // then the step.
@@ -879,11 +890,8 @@ void ste_rmsprop_wgrad_step_op(const at::Tensor& dz, const at::Tensor& x, at::Te
     return;
   }
   const float* dzp = dz.data_ptr<float>();  // both contiguous (check_float)
-  const float* xp = x.data_ptr<float>();
-  const int64_t ct = wgrad_tile_cols(), panels = (I + ct - 1) / ct;
-  at::Tensor packed = at::empty({panels * B * ct + 16}, x.options());  // + 16: room to align to 64 bytes
-  float* xpk = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(packed.data_ptr<float>()) + 63) & ~uintptr_t{63});
-  at::parallel_for(0, panels, 1, [&](int64_t t0, int64_t t1) { wgrad_pack_x(xp, B, I, xpk, t0, t1); });
+  at::Tensor packed;
+  const float* xpk = packed_wgrad_panels(x, packed);
   float* p = param.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* s = square_avg.data_ptr<float>();
@@ -993,11 +1001,8 @@ at::Tensor mlp_ste_rmsprop_bits_step_op(const at::Tensor& x, const at::Tensor& y
     int32_t* mw = mask_words[l].data_ptr<int32_t>();
     if (isa == Isa::Avx512 && B > 0) {
       const float* dzp = dz.data_ptr<float>();
-      const int64_t ct = wgrad_tile_cols(), panels = (I + ct - 1) / ct;
-      at::Tensor packed = at::empty({panels * B * ct + 16}, input.options());  // + 16: room to align to 64 bytes
-      float* xpk = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(packed.data_ptr<float>()) + 63) & ~uintptr_t{63});
-      const float* xp = input.data_ptr<float>();
-      at::parallel_for(0, panels, 1, [&](int64_t t0, int64_t t1) { wgrad_pack_x(xp, B, I, xpk, t0, t1); });
+      at::Tensor packed;
+      const float* xpk = packed_wgrad_panels(input, packed);
       at::parallel_for(0, O, 8, [&](int64_t o0, int64_t o1) {
         ste_rmsprop_bits_wgrad_avx512(dzp, xpk, B, O, I, p, fw, s, mw, c, o0, o1);
       });

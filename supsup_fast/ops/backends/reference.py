@@ -52,6 +52,11 @@ def fused_step_ready(tensors) -> bool:
     return all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
+def _signed_weight(sign_words: torch.Tensor, n: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The signed-constant weight scale · (sign bit ? 1 : -1) of rows of n sign bits."""
+    return (unpack_bits_float(sign_words, n, dtype) * 2 - 1) * scale
+
+
 def _bias_grad(g: torch.Tensor, conv: bool) -> torch.Tensor:
     return g.sum(dim=(0, 2, 3) if g.dim() == 4 else (1, 2)) if conv else g.reshape(-1, g.shape[-1]).sum(0)
 
@@ -271,7 +276,7 @@ class ReferenceBackend:
         weight: layer l's mask is ``mask_words[l]`` (rewritten to the new ``params[l] >= 0``), its
         frozen weight ``weights[l]``, or, where ``sign_words[l]`` is given, the signed-constant
         ``scales[l] · (sign bit ? 1 : -1)`` (``weights[l]`` then gives only the shape). Returns the loss."""
-        frozen = [w if sw is None else (unpack_bits_float(sw, w.shape[1], w.dtype) * 2 - 1) * scale
+        frozen = [w if sw is None else _signed_weight(sw, w.shape[1], scale, w.dtype)
                   for w, sw, scale in zip(weights, sign_words, scales)]
         masked = [self.masked_weight(w, m) for w, m in zip(frozen, mask_words)]
         loss = self.mlp_ste_rmsprop_step_(x, y, masked, frozen, params, square_avgs, lr, alpha, eps, weight_decay)
@@ -288,8 +293,7 @@ class ReferenceBackend:
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
         """x (W ⊙ M)ᵀ + b for signed-constant W = scale · (2·sign − 1), W given as sign bits."""
         n = x.shape[-1]
-        w = (unpack_bits_float(sign_words, n, x.dtype) * 2 - 1) * scale
-        return F.linear(x, self.masked_weight(w, mask_words), bias)
+        return F.linear(x, self.masked_weight(_signed_weight(sign_words, n, scale, x.dtype), mask_words), bias)
 
     # -- superposed ---------------------------------------------------------------------------
     def superposed_forward(self, dense, x, weight, bank, alpha, s: Optional[torch.Tensor], bias):
