@@ -792,6 +792,34 @@ void ste_adam_step_op(at::Tensor param, const at::Tensor& weight_grad, const at:
   });
 }
 
+// Mean cross-entropy of logits h [B, C] against labels y (in range) and its gradient (softmax - onehot) / B
+// in one pass per row. Logits that are not all finite go through ATen's log_softmax, whose NaN and
+// infinity semantics the loss and gradient then follow.
+std::pair<at::Tensor, at::Tensor> cross_entropy_and_grad(const at::Tensor& h, const at::Tensor& y) {
+  const int64_t B = h.size(0), C = h.size(1);
+  const at::Tensor z = h.contiguous(), labels = y.contiguous();
+  at::Tensor dz = at::empty_like(z);
+  const float* zp = z.data_ptr<float>();
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  float* d = dz.data_ptr<float>();
+  const Isa isa = current_isa();
+  const float scale = static_cast<float>(1.0 / static_cast<double>(B));
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, B * C / 16384));
+  std::vector<double> part(chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) part[c] = softmax_cross_entropy_rows(isa, zp, C, lab, scale, d, B * c / chunks, B * (c + 1) / chunks);
+  });
+  double total = 0.0;
+  for (double p : part) total += p;
+  if (std::isfinite(total)) return {at::scalar_tensor(total / static_cast<double>(B), h.options()), dz};
+  const at::Tensor log_probs = at::log_softmax(h, 1);
+  dz = log_probs.exp();
+  d = dz.data_ptr<float>();
+  for (int64_t i = 0; i < B; ++i) d[i * C + lab[i]] -= 1.0f;
+  dz.div_(static_cast<double>(B));
+  return {at::nll_loss(log_probs, y), dz};
+}
+
 // The loss of an MLP of L linear layers (ReLU between, no biases) under mean cross-entropy, by hand,
 // without autograd: the training step of the paper's MNIST MLPs (LeNet-300-100, FC1024) costs its
 // GEMMs plus a few elementwise passes. forward(l, h) is layer l's output h Wₗᵀ and input_grad(l, dz)
@@ -817,15 +845,7 @@ at::Tensor mlp_backward(const at::Tensor& x, const at::Tensor& y, int64_t L, For
   const int64_t B = x.size(0), C = h.size(1);
   TORCH_CHECK(B > 0, "x must have at least one row");
   TORCH_CHECK(all_in_range(y.contiguous(), C), "y must hold class indices in [0, ", C, ")");
-  const at::Tensor log_probs = at::log_softmax(h, 1);
-  const at::Tensor loss = at::nll_loss(log_probs, y);
-  // d(mean CE)/d logits = (softmax - onehot) / B
-  at::Tensor dz = log_probs.exp();
-  float* d = dz.data_ptr<float>();
-  const at::Tensor labels = y.contiguous();
-  const int64_t* lab = labels.data_ptr<int64_t>();
-  for (int64_t i = 0; i < B; ++i) d[i * C + lab[i]] -= 1.0f;
-  dz.div_(static_cast<double>(B));
+  auto [loss, dz] = cross_entropy_and_grad(h, y);
   for (int64_t l = L - 1; l >= 0; --l) {
     at::Tensor dz_below = l > 0 ? at::threshold_backward(input_grad(l, dz), inputs[l], 0) : at::Tensor();
     weight_step(l, dz, inputs[l]);

@@ -137,3 +137,11 @@ namespace supsup_cpu {
 void signed_masked_weight(Isa isa, const int32_t* sign_words, const int32_t* mask_words, float scale, int64_t n,
                           int64_t W, float* out, int64_t r0, int64_t r1);
 }  // namespace supsup_cpu
+
+namespace supsup_cpu {
+// Rows [r0, r1) of z [*, C] (logits) with their labels: dz[r, c] = scale * (softmax(z[r])[c] - [c ==
+// labels[r]]) (scale = 1 / batch for the mean), and the return value is the sum over those rows of
+// -log softmax(z[r])[labels[r]] (cross_entropy.cpp). Finite logits only: the caller checks the sum.
+double softmax_cross_entropy_rows(Isa isa, const float* z, int64_t C, const int64_t* labels, float scale, float* dz,
+                                  int64_t r0, int64_t r1);
+}  // namespace supsup_cpu
