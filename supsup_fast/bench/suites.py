@@ -71,11 +71,14 @@ def bench_single_task_forward(batches: List[int], size: int = 1024, repeats: int
 
 def bench_training_step(batch: int = 128, repeats: int = 10, device: str = "cpu",
                         timer: Optional[Callable[[Callable[[], object]], float]] = None,
-                        model_name: str = "fc1024") -> dict:
+                        model_name: str = "fc1024", block: int = 10) -> dict:
     """One mask-training step of ``model_name`` (s=500) as ``train_task`` makes it (for the MLPs: the
     fused step without autograd) vs the same STE step
-    written in plain torch (W * (s >= 0) straight through, three GEMMs per layer). ``timer`` (seconds
-    per call of a function) replaces the interleaved CPU timing, e.g. ``do_bench`` on a GPU."""
+    written in plain torch (W * (s >= 0) straight through, three GEMMs per layer). On the CPU each
+    contender runs ``block`` steps back to back, as a training loop does, the blocks of the
+    contenders interleaved (the median step of a block is reported); ``single_call`` times each step
+    alone between the others', its state evicted by theirs. ``timer`` (seconds per call of a
+    function) replaces the interleaved CPU timing, e.g. ``do_bench`` on a GPU."""
 
     x, y = torch.randn(batch, 784, device=device), torch.randint(0, 10, (batch,), device=device)
     model = build_model(model_name, 500).to(device)
@@ -116,10 +119,30 @@ def bench_training_step(batch: int = 128, repeats: int = 10, device: str = "cpu"
             out.matmul(w)      # dX
             h = out[:, : w.shape[0]]
     fns = {"ours": ours, "plain": plain, "gemm": gemms}
-    t = interleaved_medians(fns, repeats=repeats) if timer is None else {k: timer(f) for k, f in fns.items()}
+    single = None
+    if timer is not None:
+        t = {k: timer(f) for k, f in fns.items()}
+    else:
+        if block < 1:
+            raise ValueError(f"block must be >= 1 step, got {block}")
+        blocks = {k: _repeated(f, block) for k, f in fns.items()}
+        t = {k: v / block for k, v in interleaved_medians(blocks, repeats=repeats).items()}
+        cold = interleaved_medians(fns, repeats=repeats)
+        single = {"ours_s": cold["ours"], "plain_torch_ste_s": cold["plain"], "three_gemms_s": cold["gemm"],
+                  "ours_vs_plain_speed": cold["plain"] / cold["ours"]}
     t_ours, t_plain, t_gemm = t["ours"], t["plain"], t["gemm"]
-    return {"model": model_name, "batch": batch, "ours_s": t_ours, "plain_torch_ste_s": t_plain, "three_gemms_s": t_gemm,
-            "ours_vs_plain_speed": t_plain / t_ours, "ours_vs_gemm_floor": t_ours / t_gemm}
+    out = {"model": model_name, "batch": batch, "ours_s": t_ours, "plain_torch_ste_s": t_plain, "three_gemms_s": t_gemm,
+           "ours_vs_plain_speed": t_plain / t_ours, "ours_vs_gemm_floor": t_ours / t_gemm}
+    if single is not None:
+        out.update(steps_per_sample=block, single_call=single)
+    return out
+
+
+def _repeated(fn: Callable[[], object], times: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(times):
+            fn()
+    return run
 
 
 def bench_gnu_evaluation(model_name: str, output_size: int, k: int, tasks_timed: int = 2, batches: int = 79,
