@@ -40,12 +40,13 @@ class SupermaskLinear(SupermaskLayer):
 
     def _sign_bits(self):
         """The frozen signed-constant weight as (sign bits, scale), rebuilt if the weight changes."""
+        w = self.weight
         # id() too: a new weight tensor can land at a freed one's address with version 0
-        key = (id(self.weight), self.weight._version, self.weight.data_ptr())
-        if getattr(self, "_sign_cache", None) is None or self._sign_cache[0] != key:
-            scale = float(self.weight.abs().max())
-            self._sign_cache = (key, ops.pack_bits(self.weight > 0), scale)
-        return self._sign_cache[1], self._sign_cache[2]
+        key = (id(w), w._version, w.data_ptr())
+        cache = self.__dict__.get("_sign_cache")
+        if cache is None or cache[0] != key:
+            self._sign_cache = cache = (key, ops.pack_bits(w > 0), float(w.abs().max()))
+        return cache[1], cache[2]
 
     def signed_weight_bits(self) -> Optional[Tuple[torch.Tensor, float]]:
         """(sign bits, scale) of the frozen weight where it is exactly signed-constant (every |w| the
@@ -54,9 +55,10 @@ class SupermaskLinear(SupermaskLayer):
             return None
         sign_words, scale = self._sign_bits()
         key = self._sign_cache[0]
-        if getattr(self, "_sign_exact", None) is None or self._sign_exact[0] != key:
-            self._sign_exact = (key, scale > 0 and bool((self.weight.abs() == scale).all()))
-        return (sign_words, scale) if self._sign_exact[1] else None
+        exact = self.__dict__.get("_sign_exact")
+        if exact is None or exact[0] != key:
+            self._sign_exact = exact = (key, scale > 0 and bool((self.weight.abs() == scale).all()))
+        return (sign_words, scale) if exact[1] else None
 
     def _superposed(self, x, bank, alpha):
         return ops.superposed_linear(x, self.weight, bank, alpha, self.bias)

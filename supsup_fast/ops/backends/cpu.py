@@ -88,6 +88,7 @@ class CpuBackend(ReferenceBackend):
     def __init__(self):
         load_cpu_extension()
         self.ops = torch.ops.supsup_cpu
+        self.isa = cpu_isa()  # fixed when the extension loads (SUPSUP_CPU_ISA is read once)
         # Per-thread scratch for the materialised W ⊙ M of a large-batch forward: a fresh multi-MB
         # buffer per call costs page faults comparable to the unpacking itself.
         self._local = threading.local()
@@ -200,8 +201,7 @@ class CpuBackend(ReferenceBackend):
         # LeNet (315 K weights, its float state stays in cache), 0.94-0.97x on FC1024 (1.9 M weights).
         if batch > GEMM_BATCH:
             return False
-        isa = cpu_isa()
-        return isa == "avx512" or (isa == "avx2" and num_weights >= BITS_STEP_MIN_WEIGHTS_AVX2)
+        return self.isa == "avx512" or (self.isa == "avx2" and num_weights >= BITS_STEP_MIN_WEIGHTS_AVX2)
 
     def ste_adam_step_(self, param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, step, lr, beta1, beta2, eps,
                        weight_decay):
