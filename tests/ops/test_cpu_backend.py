@@ -99,11 +99,12 @@ def test_masked_linear(n, batch):
 
 
 @pytest.mark.parametrize("rows,n,batch", [(64, 1024, 17), (70, 77, 25), (97, 513, 130), (300, 257, 256), (65, 1, 40),
-                                          (64, 96, 12), (129, 1000, 9)])
+                                          (64, 96, 12), (129, 1000, 9), (40, 784, 50)])
 def test_packed_masked_gemm(rows, n, batch):
     """The packed masked GEMM (batches above 16, layers of 64+ outputs) and the small-batch kernel
     on tails of every tile size: rows not a multiple of 32, K not a multiple of 16 or of the 256-wide
-    chunk, x rows not a multiple of 12 or 6. Checked against float64."""
+    chunk (784 = 3 x 256 + 16, MNIST's width), x rows not a multiple of 12 or 6. Checked against
+    float64."""
     mask, signs = torch.rand(rows, n) > 0.5, torch.rand(rows, n) > 0.5
     w, x, b = torch.randn(rows, n), torch.randn(batch, n), torch.randn(rows)
     expect = F.linear(x.double(), (w * mask).double(), b.double()).float()
