@@ -1,4 +1,5 @@
 """The benchmark helpers measure the right things (no timings asserted here)."""
+import pytest
 import torch
 
 import supsup_fast as ss
@@ -53,3 +54,14 @@ def test_gpu_check_script_runs_in_smoke_mode(tmp_path):
     assert report["nccl"]["all_reduce_ok"] and report["nccl"]["same_argmin"]
     assert report["nccl"]["sharded_alpha_max_abs_diff"] < 1e-5
     assert report["bank_ops"][0]["rel_err"] < 1e-5
+
+
+def test_training_step_benchmark_times_loops_and_single_steps():
+    from supsup_fast.bench import bench_training_step
+    r = bench_training_step(batch=8, repeats=1, model_name="lenet", block=3)
+    assert r["steps_per_sample"] == 3 and r["model"] == "lenet" and r["batch"] == 8
+    for key in ("ours_s", "plain_torch_ste_s", "three_gemms_s"):
+        assert r[key] > 0 and r["single_call"][key] > 0
+    assert r["ours_vs_plain_speed"] == r["plain_torch_ste_s"] / r["ours_s"]
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        bench_training_step(batch=8, repeats=1, model_name="lenet", block=0)
