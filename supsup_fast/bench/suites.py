@@ -125,8 +125,7 @@ def bench_training_step(batch: int = 128, repeats: int = 10, device: str = "cpu"
     else:
         if block < 1:
             raise ValueError(f"block must be >= 1 step, got {block}")
-        blocks = {k: _repeated(f, block) for k, f in fns.items()}
-        t = {k: v / block for k, v in interleaved_medians(blocks, repeats=repeats).items()}
+        t = interleaved_medians(fns, repeats=repeats, calls_per_sample=block)
         cold = interleaved_medians(fns, repeats=repeats)
         single = {"ours_s": cold["ours"], "plain_torch_ste_s": cold["plain"], "three_gemms_s": cold["gemm"],
                   "ours_vs_plain_speed": cold["plain"] / cold["ours"]}
@@ -136,13 +135,6 @@ def bench_training_step(batch: int = 128, repeats: int = 10, device: str = "cpu"
     if single is not None:
         out.update(steps_per_sample=block, single_call=single)
     return out
-
-
-def _repeated(fn: Callable[[], object], times: int) -> Callable[[], None]:
-    def run() -> None:
-        for _ in range(times):
-            fn()
-    return run
 
 
 def bench_gnu_evaluation(model_name: str, output_size: int, k: int, tasks_timed: int = 2, batches: int = 79,

@@ -23,9 +23,12 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, min
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1,
-                        min_seconds: float = 0.0) -> Dict[str, float]:
-    """Median time of each function, taking one sample of each in turn, so that a slow phase of a
-    shared, noisy machine hits every contender alike."""
+                        min_seconds: float = 0.0, calls_per_sample: int = 1) -> Dict[str, float]:
+    """Median time of one call of each function, taking one sample of each in turn, so that a slow
+    phase of a shared, noisy machine hits every contender alike. A sample times ``calls_per_sample``
+    calls back to back (as a loop runs them, each call finding what the last one left in cache)."""
+    if calls_per_sample < 1:
+        raise ValueError(f"calls_per_sample must be >= 1, got {calls_per_sample}")
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -34,8 +37,9 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 7, 
     while rounds < repeats or sum(samples[next(iter(fns))]) < min_seconds:
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(calls_per_sample):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls_per_sample)
         rounds += 1
         if rounds >= 50 * repeats:
             break
