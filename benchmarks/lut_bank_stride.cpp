@@ -21,41 +21,15 @@
 #include <cstdio>
 #include <vector>
 
+#include "../csrc/cpu/simd.h"  // the kernels' transpose16x16 and lookup_word512
+
+using supsup_cpu::lookup_word512;
+using supsup_cpu::transpose16x16;
+
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"), noinline))
-#define AVX512_INLINE __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"), always_inline)) inline
 
 constexpr int64_t kTasks = 1024, kRows = 1024, kWordsPerRow = 32, kLayerWords = kRows * kWordsPerRow;
 constexpr int64_t kBlockWords = 1024;  // tables: 128 floats a word, 512 KiB a block (lut.cpp)
-
-AVX512_INLINE void transpose16x16(__m512i* r) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 4; ++j) {
-      t[8 * i + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
-      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0xdd);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
-    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
-  }
-}
-
-// One word of 16 tasks against its 8 nibble tables.
-AVX512_INLINE void lookup_word(__m512* acc, __m512i w, const float* t) {
-#pragma GCC unroll 8
-  for (int p = 0; p < 8; ++p)
-    acc[p & 3] = _mm512_add_ps(acc[p & 3], _mm512_permutexvar_ps(_mm512_ror_epi32(w, 4 * p), _mm512_load_ps(t + 16 * p)));
-}
 
 AVX512 float floor_loop(const uint32_t* words, const float* tables, int64_t n_words) {
   __m512 tab[8], acc[4];
@@ -80,7 +54,7 @@ AVX512 float bank_loop(const uint32_t* bank, int64_t stride, const float* tables
         __m512i w[16];
         for (int i = 0; i < 16; ++i) w[i] = _mm512_loadu_si512(bank + (g + i) * stride + c);
         transpose16x16(w);
-        for (int j = 0; j < 16; ++j) lookup_word(acc, w[j], tables + (c - b0 + j) * 128);
+        for (int j = 0; j < 16; ++j) lookup_word512(acc, w[j], tables + (c - b0 + j) * 128);
       }
       total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
     }

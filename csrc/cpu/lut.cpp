@@ -189,29 +189,6 @@ constexpr int64_t kLutBlockFloats = 1024 * 128;  // table floats per block, all 
 
 // ------------------------------------------------------------------------------------------------
 // AVX-512
-LUT_AVX512 inline void transpose16x16(__m512i* r) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 4; ++j) {
-      t[8 * i + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
-      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0xdd);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
-    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
-  }
-}
-
 // 8 nibble tables (128 floats) per word for words [fw0, fw1); the words of inactive rows, never
 // looked up, are left unwritten.
 template <class Src>
@@ -279,13 +256,6 @@ LUT_AVX512 void lookup_queries512(const __m512i (*words)[16], int ng, int64_t le
       _mm512_storeu_ps(pp, _mm512_add_ps(_mm512_loadu_ps(pp), _mm512_add_ps(acc[gi][0], acc[gi][1])));
     }
   }
-}
-
-// One word of 16 tasks against its 8 nibble tables t, into four accumulators.
-LUT_AVX512 inline void lookup_word512(__m512* acc, __m512i wj, const float* t) {
-#pragma GCC unroll 8
-  for (int p = 0; p < 8; ++p)
-    acc[p & 3] = _mm512_add_ps(acc[p & 3], _mm512_permutexvar_ps(index_bits_at(wj, 4 * p), _mm512_load_ps(t + 16 * p)));
 }
 
 // A row's last word: its first np nibbles only (the rest are padding).

@@ -80,6 +80,38 @@ AVX2_TARGET inline void subset_sums3(const float* vals, __m256* t) {
 // be a compile-time constant once inlined (an immediate).
 AVX512_TARGET inline __m512i index_bits_at(__m512i w, int b) { return _mm512_ror_epi32(w, b); }
 
+// r[j] <- the dwords j of r[0..15]: 16 tasks' runs of 16 mask words turned into 16 vectors, vector j
+// holding word j of every task (the table kernels of lut.cpp).
+AVX512_TARGET inline void transpose16x16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+// One word of 16 tasks against its 8 nibble tables t, into four accumulators.
+AVX512_TARGET inline void lookup_word512(__m512* acc, __m512i wj, const float* t) {
+#pragma GCC unroll 8
+  for (int p = 0; p < 8; ++p)
+    acc[p & 3] = _mm512_add_ps(acc[p & 3], _mm512_permutexvar_ps(index_bits_at(wj, 4 * p), _mm512_load_ps(t + 16 * p)));
+}
+
 // The weights of row `row`, columns [j, j + 16) (AVX-512; j a multiple of 16) or [j, j + 8) (AVX2; j
 // a multiple of 8), with its mask applied: W ⊙ M, or for a signed-constant layer (SIGNED, w unused)
 // ±scale from the sign bits. Zero where masked or past n; masked-off lanes of a masked load never
