@@ -185,7 +185,10 @@ at::Tensor mask_dot_op(const at::Tensor& bank, const at::Tensor& v, const std::o
   });
 }
 
-at::Tensor mask_dot_rank1_op(const at::Tensor& bank, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w) {
+// inputs_finite: the caller has checked that x and w are finite (CpuBackend checks the bound of
+// every product g·x·w), so the rows with g[r] == 0 are skipped without reading x and w again.
+at::Tensor mask_dot_rank1_op(const at::Tensor& bank, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                             bool inputs_finite) {
   check_words(bank, "bank");
   check_float(g, "g");
   check_float(x, "x");
@@ -198,7 +201,7 @@ at::Tensor mask_dot_rank1_op(const at::Tensor& bank, const at::Tensor& g, const 
   if (!lut_available(isa) || k < 4) return mask_dot_op(bank, at::outer(g, x).mul_(w), std::nullopt);
   // Rows with g[r] == 0 (dead ReLUs, logits the objective ignores) add exactly zero unless x or w
   // holds inf/NaN; then every row is read, so that 0 · inf gives NaN as in the reference.
-  const bool skip = surely_finite(x) && surely_finite(w);
+  const bool skip = inputs_finite || (surely_finite(x) && surely_finite(w));
   const float* gp = g.data_ptr<float>();
   const std::vector<int64_t> bounds = skip ? active_row_bounds(gp, R, W, k) : even_word_bounds(R * W);
   return sum_over_ranges(bounds, k, w.options(), [&](float* out, int64_t fw0, int64_t fw1) {
@@ -1059,7 +1062,7 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("scaled_linear_small(Tensor x, Tensor weight, Tensor s, Tensor? bias=None) -> Tensor");
   m.def("scaled_linear_small_t(Tensor grad, Tensor weight, Tensor s) -> Tensor");
   m.def("mask_dot_batched(Tensor bank, Tensor v, Tensor? active=None) -> Tensor");
-  m.def("mask_dot_rank1(Tensor bank, Tensor g, Tensor x, Tensor weight) -> Tensor");
+  m.def("mask_dot_rank1(Tensor bank, Tensor g, Tensor x, Tensor weight, bool inputs_finite=False) -> Tensor");
   m.def("mask_dot_rows(Tensor bank, Tensor x, Tensor weight) -> Tensor");
   m.def("mask_dot_rank1_batched(Tensor bank, Tensor g, Tensor x, Tensor weight, Tensor? bank_t=None) -> Tensor");
   m.def("interleave_tasks(Tensor bank) -> Tensor");

@@ -4,7 +4,6 @@ rank-1 vectors (g_j x_jᵀ) ⊙ W (the α-gradients of q one-image queries throu
 bank_linear, every task's masked linear layer on one input at once."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -66,24 +65,6 @@ def _(bank, v):
     return v.new_empty(v.shape[0], bank.shape[0])
 
 
-def _outer_in_range(g: Tensor, x: Tensor, weight: Tensor) -> bool:
-    """Whether every product g·x·w is finite (then the kernels' sums follow IEEE like the reference;
-    otherwise the reference runs: 0·inf = NaN, NaN propagates). True unchecked in a CUDA-graph capture."""
-    if checks.capturing(g):
-        return True
-    if g.numel() == 0 or x.numel() == 0 or weight.numel() == 0:
-        return True
-    bound = _abs_max(g) * _abs_max(x) * _abs_max(weight)
-    return math.isfinite(bound) and bound < torch.finfo(weight.dtype).max
-
-
-def _abs_max(t: Tensor) -> float:
-    """max |t| from one min-max reduction, with no |t| temporary (NaN where t holds one: then both
-    ends are NaN)."""
-    lo, hi = torch.aminmax(t.detach())
-    return max(-float(lo), float(hi)) if not math.isnan(float(hi)) else math.nan
-
-
 @torch.library.custom_op("supsup::mask_dot_outer", mutates_args=())
 def mask_dot_outer_op(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor, bank_t: Optional[Tensor] = None) -> Tensor:
     return _mask_dot_outer_body(bank, g, x, weight, bank_t)
@@ -92,7 +73,7 @@ def mask_dot_outer_op(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor, bank_t
 def _mask_dot_outer_body(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor, bank_t: Optional[Tensor]) -> Tensor:
     checks.check_mask_dot_outer(bank, g, x, weight, bank_t)
     backend = _pick(bank.device, bank.shape[0], g.shape[0], weight.shape[0])
-    if backend is not _REFERENCE and not _outer_in_range(g, x, weight):
+    if backend is not _REFERENCE and not checks.outer_in_range(g, x, weight):
         backend = _REFERENCE
     bank_t = bank_t.contiguous() if bank_t is not None and backend.reads_interleaved else None
     return backend.mask_dot_outer(bank.contiguous(), g.contiguous(), x.contiguous(), weight.contiguous(), bank_t)
@@ -187,7 +168,7 @@ def mask_dot_outer_interleaved_op(bank_t: Tensor, k: int, g: Tensor, x: Tensor, 
 def _mask_dot_outer_interleaved_body(bank_t: Tensor, k: int, g: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     checks.check_mask_dot_outer_interleaved(bank_t, k, g, x, weight)
     backend = _pick(bank_t.device, k, g.shape[0], weight.shape[0])
-    if not backend.reads_interleaved or not _outer_in_range(g, x, weight):
+    if not backend.reads_interleaved or not checks.outer_in_range(g, x, weight):
         backend = _REFERENCE
     return backend.mask_dot_outer_interleaved(bank_t.contiguous(), k, g.contiguous(), x.contiguous(), weight.contiguous())
 

@@ -69,6 +69,26 @@ def surely_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(t.detach().sum(dtype=acc)))
 
 
+def outer_in_range(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether every product g·x·w of a rank-1 α-gradient is finite: max|g| · max|x| · max|w| below
+    the dtype's largest value. Then the lookup kernels, which add only the set bits, agree with the
+    contract's Σ Mᵢⱼ vⱼ; otherwise 0·inf must give NaN for the tasks whose bit is clear, and the
+    reference runs. True, unchecked, inside a CUDA-graph capture."""
+    if capturing(g):
+        return True
+    if g.numel() == 0 or x.numel() == 0 or weight.numel() == 0:
+        return True
+    bound = _abs_max(g) * _abs_max(x) * _abs_max(weight)
+    return math.isfinite(bound) and bound < torch.finfo(weight.dtype).max
+
+
+def _abs_max(t: torch.Tensor) -> float:
+    """max |t| from one min-max reduction, with no |t| temporary (NaN where t holds one: then both
+    ends are NaN)."""
+    lo, hi = torch.aminmax(t.detach())
+    return max(-float(lo), float(hi)) if not math.isnan(float(hi)) else math.nan
+
+
 def check_no_nan_alpha(alpha: torch.Tensor) -> None:
     """α must be finite: NaN and ±inf both make every output NaN. Checked by every op that takes α
     (not inside a CUDA-graph capture, see ``capturing``)."""

@@ -143,6 +143,56 @@ def test_mask_dot_non_finite_v_is_ieee_on_every_backend(name, device, rng):
         assert torch.isnan(ops.mask_dot(bank.to(device), v_nan.to(device))).all()
 
 
+# (batch, x needs grad, big weight). One image with x needing no grad runs as y = D α (bank_linear),
+# which never forms g·x·w: there a finite weight whose product overflows is not a case of the
+# contract (D gives the clear tasks a finite gradient, the S path NaN), so only inf is checked.
+NON_FINITE_ALPHA_GRAD = [(1, False, INF), (1, True, INF), (1, True, 3e38), (3, False, INF), (3, False, 3e38),
+                         (3, True, INF)]
+
+
+@pytest.mark.parametrize("name,device", CASES)
+@pytest.mark.parametrize("batch,x_grad,big", NON_FINITE_ALPHA_GRAD)
+def test_superposed_alpha_grad_non_finite_products_are_ieee(name, device, batch, x_grad, big, rng):
+    """A weight of inf, or a product g·x·w that overflows, makes Σⱼ Mᵢⱼ vⱼ NaN for each task whose bit
+    there is clear (0·inf), as in the reference, on every path: the one-image rank-1 kernel (batch 1,
+    x needing grad), every task's outputs (batch 1) and the lookup over a materialised v (batch 3)."""
+    k, out, n = 6, 5, 40
+    masks = torch.rand(k, out, n, generator=rng) < 0.5
+    masks[:3, 3, n - 1] = True
+    masks[3:, 3, n - 1] = False
+    w = torch.randn(out, n, generator=rng)
+    w[3, n - 1] = big
+    x = torch.randn(batch, n, generator=rng) + 4.0  # no zero: each product at (3, n-1) is ±big or beyond
+    gout = torch.randn(batch, out, generator=rng).abs() + 2.0
+    alpha = torch.full((k,), 1.0 / k, device=device, requires_grad=True)
+    with ss.use_backend(name):
+        xd = x.to(device).requires_grad_(x_grad)
+        y = ops.superposed_linear(xd, w.to(device), ss.pack_bits(masks).to(device), alpha)
+        y.backward(gout.to(device))
+    v = (gout.t() @ x) * w  # ∂L/∂W_eff ⊙ W in fp32, as the contract forms it: (3, n-1) is +inf
+    assert v[3, n - 1] == INF
+    expect = (masks.double() * v.double()).flatten(1).sum(1).float()
+    assert torch.isnan(expect[3:]).all() and (expect[:3] == INF).all()
+    torch.testing.assert_close(alpha.grad.cpu(), expect, equal_nan=True)
+
+
+@pytest.mark.parametrize("name,device", CASES)
+def test_superposed_conv_alpha_grad_non_finite_weight_is_ieee(name, device, rng):
+    k = 5
+    masks = torch.rand(k, 4, 3 * 3 * 3, generator=rng) < 0.5
+    masks[:2, 1, 0] = True
+    masks[2:, 1, 0] = False
+    w = torch.randn(4, 3, 3, 3, generator=rng)
+    w[1, 0, 0, 0] = -INF
+    x = torch.rand(2, 3, 6, 6, generator=rng) + 1.0
+    alpha = torch.full((k,), 0.2, device=device, requires_grad=True)
+    with ss.use_backend(name):
+        y = ops.superposed_conv2d(x.to(device), w.to(device), ss.pack_bits(masks).to(device), alpha)
+        y.backward(torch.ones_like(y))
+    got = alpha.grad.cpu()
+    assert (got[:2] == -INF).all() and torch.isnan(got[2:]).all(), got
+
+
 @pytest.mark.parametrize("name,device", CASES)
 def test_signed_masked_linear_checks_the_exact_feature_count(name, device, rng):
     sign, mask = (ss.pack_bits(torch.rand(6, 70, generator=rng) < 0.5).to(device) for _ in range(2))

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ...csrc import build as csrc_build
+from ..checks import outer_in_range
 from .reference import DenseLinear, ReferenceBackend, fused_step_ready
 
 SMALL_BATCH = 16  # rows of x up to which the small-batch masked GEMM (small_gemm.cpp) runs
@@ -254,11 +255,13 @@ class CpuBackend(ReferenceBackend):
     def superposed_backward(self, dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight):
         rows = x.numel() // max(x.shape[-1], 1)
         if not (isinstance(dense, DenseLinear) and rows == 1 and need_alpha and not need_weight
-                and x.dtype == torch.float32 and weight.dtype == torch.float32 and grad.dtype == torch.float32):
+                and x.dtype == torch.float32 and weight.dtype == torch.float32 and grad.dtype == torch.float32
+                and outer_in_range(grad, x, weight)):  # else 0·inf must be NaN for clear bits: the generic path
             return super().superposed_backward(dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight)
         # One image (the paper's one-shot inference): G = g xᵀ is rank 1, so the α-gradient
         # ⟨Mᵢ, G ⊙ W⟩ is computed with v formed on the fly inside mask_dot, never materialised.
-        dalpha = self.ops.mask_dot_rank1(bank, grad.reshape(-1).contiguous(), x.reshape(-1).contiguous(), weight)
+        dalpha = self.ops.mask_dot_rank1(bank, grad.reshape(-1).contiguous(), x.reshape(-1).contiguous(), weight,
+                                         inputs_finite=True)
         dx = grad.new_empty(0)
         if need_input:
             if s is None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ...bits import BITS_PER_WORD, num_words, pack_bits_torch, unpack_bits_float, unpack_bits_torch
+from ..checks import capturing, surely_finite
 
 # Elements of one float bit plane processed at a time (bounds the transient memory to ~32 MiB).
 _PLANE_CHUNK = 1 << 23
@@ -312,7 +313,16 @@ class ReferenceBackend:
             g_eff = dense.grad_weight(grad, x, weight)  # ∂L/∂W_eff
             if need_alpha:
                 # One pass over the bits: ∂L/∂αᵢ = ⟨Mᵢ, G ⊙ W⟩.
-                dalpha = self.mask_dot(bank, (g_eff * weight).reshape(weight.shape[0], n)).to(alpha.dtype)
+                dalpha = mask_dot_ieee(self, bank, (g_eff * weight).reshape(weight.shape[0], n)).to(alpha.dtype)
             if need_weight:
                 dw = g_eff * s.view_as(weight)
         return dx, dalpha, dw
+
+
+def mask_dot_ieee(backend: ReferenceBackend, bank: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``backend.mask_dot(bank, v)`` where v is surely finite, else the reference's sum: the kernels
+    add only the set bits, while the contract's Σ Mᵢⱼ vⱼ makes 0·inf and 0·NaN NaN for the tasks
+    whose bit is clear (as ``ops.mask_dot`` does for its callers). Unchecked in a CUDA-graph capture."""
+    if capturing(v) or v.numel() == 0 or surely_finite(v):
+        return backend.mask_dot(bank, v)
+    return ReferenceBackend.mask_dot(backend, bank, v)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ...bits import BITS_PER_WORD
-from .reference import DenseLinear, ReferenceBackend, fused_step_ready
+from .reference import DenseLinear, ReferenceBackend, fused_step_ready, mask_dot_ieee
 
 try:  # the launchers need Triton; without it this backend is simply unavailable
     from ...kernels import ops as kernel_ops
@@ -149,11 +149,12 @@ class TritonBackend(ReferenceBackend):
 def fused_alpha_backward(backend, kernels, dense, grad, x, weight, bank, alpha, s, need_input: bool):
     """The α-gradient of a superposed linear layer: v = (Gᵀx) ⊙ W from the weight-gradient GEMM's
     epilogue (Triton ``kernels``), then one pass over the bits with ``backend.mask_dot`` (Triton's
-    or the CUDA lookup-table kernel); dx through the dense path when asked."""
+    or the CUDA lookup-table kernel; the reference's where v is not finite); dx through the dense
+    path when asked."""
     g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     v = kernels.grad_weight(g2, x2, weight.contiguous(), None)
-    dalpha = backend.mask_dot(bank, v).to(alpha.dtype)
+    dalpha = mask_dot_ieee(backend, bank, v).to(alpha.dtype)
     dx = grad.new_empty(0)
     if need_input:
         if s is None:
