@@ -171,17 +171,20 @@ def _alpha_gradient(isa: str, quick: bool, bw: float, add_floor) -> list:
         packed = sum(l.bank.words.numel() * 4 for l in layers)
         bits = sum(k * l.weight.numel() for l in layers)
         alpha0 = torch.rand(k) * (2.0 / k)  # a general α of mean 1/k (the logits stay in range)
+        # The task-interleaved copies the layers keep for task inference (MaskBank.interleaved(), as
+        # much memory as the bank): the ops read them where given (bank_t=).
+        copies = [l.bank.interleaved() for l in layers]
 
-        def ours():
+        def ours(use_copies: bool = False):
             a = alpha0.clone().requires_grad_(True)
             h = x
             for i, l in enumerate(layers):
-                h = ss.ops.superposed_linear(h, l.weight, l.bank.words, a)
+                h = ss.ops.superposed_linear(h, l.weight, l.bank.words, a, bank_t=copies[i] if use_copies else None)
                 if i < len(layers) - 1:
                     h = F.relu(h)
             return torch.autograd.grad(entropy(h, 10), a)[0]
 
-        fns = {"ours": ours}
+        fns = {"ours": ours, "ours_copy": lambda: ours(True)}
         fs = None
         if k <= 250:
             fs = FloatStackMLP(model)
@@ -196,25 +199,31 @@ def _alpha_gradient(isa: str, quick: bool, bw: float, add_floor) -> list:
                 return torch.autograd.grad(entropy(h, 10), a)[0]
             fns["float_stack"] = float_stack
             ref = float_stack()
-            mine = ours()
-            err = float((mine - ref).abs().max() / ref.abs().max())
+            err = float((ours() - ref).abs().max() / ref.abs().max())
+            err_copy = float((ours(True) - ref).abs().max() / ref.abs().max())
         t = interleaved_medians(fns, repeats=3 if k >= 1000 else 5)
-        row = {"k": k, "packed_bytes": packed, "ours_s": t["ours"], "two_reads_s": 2 * packed / bw,
-               "add_floor_s": 2 * add_floor(bits)}
+        row = {"k": k, "packed_bytes": packed, "ours_s": t["ours"], "ours_copy_s": t["ours_copy"],
+               "two_reads_s": 2 * packed / bw, "add_floor_s": 2 * add_floor(bits)}
         row["ours_vs_two_reads"] = row["ours_s"] / row["two_reads_s"]
+        row["ours_copy_vs_two_reads"] = row["ours_copy_s"] / row["two_reads_s"]
         if fs is not None:
-            row.update(float_stack_s=t["float_stack"], speedup_vs_float_stack=t["float_stack"] / t["ours"], rel_err=err)
+            row.update(float_stack_s=t["float_stack"], speedup_vs_float_stack=t["float_stack"] / t["ours"], rel_err=err,
+                       speedup_copy_vs_float_stack=t["float_stack"] / t["ours_copy"], rel_err_copy=err_copy)
         # superpose and mask_dot alone, general α, all three layers
         v = [torch.randn(l.weight.shape) for l in layers]
         sup = lambda: [ss.ops.superpose(l.bank.words, alpha0, l.n) for l in layers]
         dot = lambda: [ss.ops.mask_dot(l.bank.words, vi) for l, vi in zip(layers, v)]
-        t2 = interleaved_medians({"superpose": sup, "mask_dot": dot}, repeats=3 if k >= 1000 else 5)
-        row.update(superpose_s=t2["superpose"], mask_dot_s=t2["mask_dot"], one_read_s=packed / bw, add_floor_one_pass_s=add_floor(bits))
+        dot_copy = lambda: [ss.ops.mask_dot(l.bank.words, vi, c) for l, vi, c in zip(layers, v, copies)]
+        t2 = interleaved_medians({"superpose": sup, "mask_dot": dot, "mask_dot_copy": dot_copy},
+                                 repeats=3 if k >= 1000 else 5)
+        row.update(superpose_s=t2["superpose"], mask_dot_s=t2["mask_dot"], mask_dot_copy_s=t2["mask_dot_copy"],
+                   one_read_s=packed / bw, add_floor_one_pass_s=add_floor(bits))
         row["superpose_vs_one_read"] = row["superpose_s"] / row["one_read_s"]
         row["mask_dot_vs_one_read"] = row["mask_dot_s"] / row["one_read_s"]
+        row["mask_dot_copy_vs_one_read"] = row["mask_dot_copy_s"] / row["one_read_s"]
         rows.append(row)
         print(isa, "alpha-grad", {a: (round(b, 5) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
-        del model, layers, fs, fns
+        del model, layers, fs, fns, copies
     return rows
 
 
@@ -291,6 +300,10 @@ def print_table(rep: dict) -> None:
         print(f"  k={r['k']:5d} α-grad {r['ours_s']*1e3:8.2f} ms {fs}  {r['ours_vs_two_reads']:5.2f}x two reads ({r['two_reads_s']*1e3:.2f} ms)"
               f" | superpose {r['superpose_vs_one_read']:5.2f}x  mask_dot {r['mask_dot_vs_one_read']:5.2f}x one read ({r['one_read_s']*1e3:.2f} ms)"
               f", add floor {r['add_floor_one_pass_s']*1e3:.2f} ms")
+        if "ours_copy_s" in r:  # the same ops given the layers' task-interleaved copies (bank_t=)
+            fs = f"{r['speedup_copy_vs_float_stack']:7.1f}x float-stack" if "float_stack_s" in r else "      (no float-stack)"
+            print(f"  {'':7s} with copies {r['ours_copy_s']*1e3:8.2f} ms {fs}  {r['ours_copy_vs_two_reads']:5.2f}x two reads"
+                  f" | mask_dot {r['mask_dot_copy_vs_one_read']:5.2f}x one read")
     for r in rep["oneshot_query_lenet_s500"]:
         print(f"  one-shot LeNet s=500 k={r['k']}: {r['oneshot_query_s']*1e3:.2f} ms per query, {r['batched_per_query_s']*1e3:.2f} ms "
               f"per query batched ({r['batch_queries']}); one read {r['one_read_s']*1e3:.2f} ms, add floor {r['add_floor_s']*1e3:.2f} ms, "
@@ -310,6 +323,9 @@ def plot(rep: dict, path: Path) -> None:
     ax.loglog(ks, [r["ours_s"] for r in rows], "o-", label="α-gradient (superposed_linear fwd+bwd)")
     ax.loglog(ks, [r["superpose_s"] for r in rows], "s-", label="superpose")
     ax.loglog(ks, [r["mask_dot_s"] for r in rows], "^-", label="mask_dot")
+    cp = [r for r in rows if "ours_copy_s" in r]
+    ax.loglog([r["k"] for r in cp], [r["ours_copy_s"] for r in cp], "o--", label="α-gradient, task-interleaved copies")
+    ax.loglog([r["k"] for r in cp], [r["mask_dot_copy_s"] for r in cp], "^--", label="mask_dot, task-interleaved copy")
     fs = [r for r in rows if "float_stack_s" in r]
     ax.loglog([r["k"] for r in fs], [r["float_stack_s"] for r in fs], "x--", label="α-gradient, float-stack")
     ax.loglog(ks, [r["one_read_s"] for r in rows], "k:", label="one read of the bits")

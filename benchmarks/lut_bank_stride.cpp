@@ -7,7 +7,12 @@
 //             of 16 tasks loads its rows 16 words at a time, transposes them in registers and looks
 //             them up; 1,024 tasks of a 1,024 x 1,024 layer (128 MiB of bits, from DRAM), their rows
 //             R * W = 32,768 words (128 KiB) apart, as in the [k, R, W] bank of an FC1024 layer;
-//   padded  — the same with the tasks 16 words further apart.
+//   padded  — the same with the tasks 16 words further apart;
+// and, to see which part of the kernel's shape costs what, the bank loop with its tables or its
+// words kept in cache:
+//   L1 tables    — the tables of 32 words (16 KiB, in L1) reused across the block, words from DRAM;
+//   cached words — 16 tasks' rows (64 KiB a block, in L2) read by every group, tables from L2;
+//   both         — both of these.
 // With a stride that is a multiple of 4 KiB (and here of 128 KiB) the 16 rows of a group fall in
 // one L1 set (and one L2 set) of 8 ways, so the lines the prefetchers fetch ahead evict each other.
 //
@@ -43,8 +48,10 @@ AVX512 float floor_loop(const uint32_t* words, const float* tables, int64_t n_wo
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
-// words [f0, f1) of every task (rows `stride` words apart), a block of tables at a time
-AVX512 float bank_loop(const uint32_t* bank, int64_t stride, const float* tables, int64_t f0, int64_t f1) {
+// words [f0, f1) of every task (rows `stride` words apart), a block of tables at a time; task t reads
+// the rows of task t % hot_tasks, word c the tables of word c % table_words (both powers of 2)
+AVX512 float bank_loop(const uint32_t* bank, int64_t stride, const float* tables, int64_t f0, int64_t f1,
+                       int64_t hot_tasks = kTasks, int64_t table_words = kBlockWords) {
   float total = 0.0f;
   for (int64_t b0 = f0; b0 < f1; b0 += kBlockWords) {
     const int64_t b1 = std::min(f1, b0 + kBlockWords);
@@ -52,9 +59,9 @@ AVX512 float bank_loop(const uint32_t* bank, int64_t stride, const float* tables
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       for (int64_t c = b0; c < b1; c += 16) {
         __m512i w[16];
-        for (int i = 0; i < 16; ++i) w[i] = _mm512_loadu_si512(bank + (g + i) * stride + c);
+        for (int i = 0; i < 16; ++i) w[i] = _mm512_loadu_si512(bank + ((g + i) & (hot_tasks - 1)) * stride + c);
         transpose16x16(w);
-        for (int j = 0; j < 16; ++j) lookup_word512(acc, w[j], tables + (c - b0 + j) * 128);
+        for (int j = 0; j < 16; ++j) lookup_word512(acc, w[j], tables + ((c - b0 + j) & (table_words - 1)) * 128);
       }
       total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
     }
@@ -94,20 +101,32 @@ int main() {
   }, 5);
   std::printf("floor (tables in registers, 2 threads): %.1f GB/s of bits\n", 2.0 * n_floor * 8 * bits_per_lookup / 8 / t_floor / 1e9);
 
+  auto time_bank = [&](const std::vector<uint32_t>& bank, int64_t stride, int64_t hot_tasks, int64_t table_words) {
+    return best_seconds([&] {
+#pragma omp parallel num_threads(2)
+      {
+        const int64_t id = omp_get_thread_num(), n = omp_get_num_threads();
+        sink = sink + bank_loop(bank.data(), stride, tab, kLayerWords * id / n, kLayerWords * (id + 1) / n, hot_tasks,
+                                table_words);
+      }
+    }, 5);
+  };
+  const double bytes = kTasks * kLayerWords * 4.0;
   for (int64_t pad : {int64_t{0}, int64_t{16}}) {
     const int64_t stride = kLayerWords + pad;
     std::vector<uint32_t> bank(static_cast<size_t>(kTasks * stride));
     for (uint32_t& w : bank) w = x = x * 1664525u + 1013904223u;
-    const double t = best_seconds([&] {
-#pragma omp parallel num_threads(2)
-      {
-        const int64_t id = omp_get_thread_num(), n = omp_get_num_threads();
-        sink = sink + bank_loop(bank.data(), stride, tab, kLayerWords * id / n, kLayerWords * (id + 1) / n);
-      }
-    }, 5);
+    const double t = time_bank(bank, stride, kTasks, kBlockWords);
     std::printf("bank, task stride %ld words (%s): %.1f GB/s of bits (%.1f ms for %ld MiB)\n", static_cast<long>(stride),
-                stride * 4 % 4096 ? "not a multiple of 4 KiB" : "a multiple of 4 KiB", kTasks * kLayerWords * 4 / t / 1e9,
-                t * 1e3, static_cast<long>(kTasks * kLayerWords * 4 >> 20));
+                stride * 4 % 4096 ? "not a multiple of 4 KiB" : "a multiple of 4 KiB", bytes / t / 1e9, t * 1e3,
+                static_cast<long>(kTasks * kLayerWords * 4 >> 20));
+    if (pad != 0) continue;
+    const struct { const char* what; int64_t hot_tasks, table_words; } parts[] = {
+        {"L1 tables (32 words), words from DRAM", kTasks, 32},
+        {"cached words (16 tasks' rows), tables from L2", 16, kBlockWords},
+        {"both: L1 tables and cached words", 16, 32}};
+    for (const auto& part : parts)
+      std::printf("  %s: %.1f GB/s of bits\n", part.what, bytes / time_bank(bank, stride, part.hot_tasks, part.table_words) / 1e9);
   }
   return 0;
 }

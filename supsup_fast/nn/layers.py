@@ -187,11 +187,16 @@ class SupermaskLayer(CountCaches, nn.Module):
                 raise RuntimeError(f"task {mode.task} has no mask yet ({self.num_tasks} learned)")
             return self._masked(x, self.bank.words[mode.task])
         bank = self.bank.words if mode.active is None else self.bank.words.index_select(0, mode.active)
+        bank_t = self._interleaved_copy(x, mode)
         if mode.uniform:
             counts = self.counts() if mode.active is None else self.active_counts(mode.active)
             s = self._uniform_s(counts, bank.shape[0])
-            return ops.superposed_with_s(x, self.weight, bank, mode.alpha, s, self.bias, self._conv_kwargs())
-        return self._superposed(x, bank, mode.alpha)
+            return ops.superposed_with_s(x, self.weight, bank, mode.alpha, s, self.bias, self._conv_kwargs(), bank_t)
+        return self._superposed(x, bank, mode.alpha, bank_t)
+
+    def _interleaved_copy(self, x: torch.Tensor, mode: Superposition) -> Optional[torch.Tensor]:
+        """The bank's task-interleaved copy where this layer's α-gradient would read it, else None."""
+        return None
 
     def _conv_kwargs(self) -> Optional[dict]:
         return None

@@ -32,21 +32,27 @@ def _(bank, alpha, n):
 
 
 @torch.library.custom_op("supsup::mask_dot", mutates_args=())
-def mask_dot_op(bank: Tensor, v: Tensor) -> Tensor:
-    return _mask_dot_body(bank, v)
+def mask_dot_op(bank: Tensor, v: Tensor, bank_t: Optional[Tensor] = None) -> Tensor:
+    return _mask_dot_body(bank, v, bank_t)
 
 
-def _mask_dot_body(bank: Tensor, v: Tensor) -> Tensor:
+def _mask_dot_body(bank: Tensor, v: Tensor, bank_t: Optional[Tensor] = None) -> Tensor:
     checks.check_mask_dot(bank, v)
+    if bank_t is not None:
+        checks.check_bank_t(bank, bank_t)
     backend = _pick(bank.device, bank.shape[0], _lead(bank))
     if backend is not _REFERENCE and not _finite(v):
         backend = _REFERENCE  # IEEE semantics everywhere: 0·inf = NaN, inf - inf = NaN, NaN propagates
+    if bank_t is not None and backend.reads_interleaved:
+        return backend.mask_dot_interleaved(bank_t.contiguous(), bank.shape[0], v.contiguous())
     return backend.mask_dot(bank.contiguous(), v.contiguous())
 
 
 @mask_dot_op.register_fake
-def _(bank, v):
+def _(bank, v, bank_t=None):
     checks.check_mask_dot(bank, v)
+    if bank_t is not None:
+        checks.check_bank_t(bank, bank_t)
     return v.new_empty(bank.shape[0])
 
 
@@ -119,14 +125,14 @@ superpose_op.register_autograd(_superpose_backward, setup_context=_superpose_set
 
 
 def _mask_dot_setup(ctx, inputs, output):
-    bank, v = inputs
+    bank, v = inputs[:2]
     ctx.save_for_backward(bank)
     ctx.n = v.shape[-1]
 
 
 def _mask_dot_backward(ctx, grad):
     (bank,) = ctx.saved_tensors
-    return None, superpose_op(bank, grad.contiguous(), ctx.n)
+    return None, superpose_op(bank, grad.contiguous(), ctx.n), None
 
 
 mask_dot_op.register_autograd(_mask_dot_backward, setup_context=_mask_dot_setup)
@@ -140,11 +146,16 @@ def superpose(bank: Tensor, alpha: Tensor, n: int) -> Tensor:
     return superpose_op(bank, alpha, n)
 
 
-def mask_dot(bank: Tensor, v: Tensor) -> Tensor:
-    """(⟨Mᵢ, v⟩)ᵢ: bank [k, *lead, W], v [*lead, n] -> float [k]."""
-    if eager_without_grad(bank, v):
-        return _mask_dot_body(bank, v)
-    return mask_dot_op(bank, v)
+def mask_dot(bank: Tensor, v: Tensor, bank_t: Optional[Tensor] = None) -> Tensor:
+    """(⟨Mᵢ, v⟩)ᵢ: bank [k, *lead, W], v [*lead, n] -> float [k].
+
+    ``bank_t``, optional, is ``interleave_tasks(bank)`` held by the caller (``MaskBank.interleaved()``
+    keeps one): a backend that reads it (``reads_interleaved``: cpu) loads 16 tasks' words per vector
+    with each word's tables held in registers across all tasks, about twice as fast as the bank's own
+    layout (which it must transpose); the result is the same up to summation order."""
+    if eager_without_grad(bank, v, bank_t):
+        return _mask_dot_body(bank, v, bank_t)
+    return mask_dot_op(bank, v, bank_t)
 
 
 def mask_dot_outer(bank: Tensor, g: Tensor, x: Tensor, weight: Tensor, bank_t: Optional[Tensor] = None) -> Tensor:

@@ -231,11 +231,16 @@ def check_mask_dot_outer(bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, w
         raise ValueError(f"bank must be [k, {R}, {num_words(n)}] for weight {tuple(weight.shape)}, got {tuple(bank.shape)}")
     same_device(bank=bank, g=g, x=x, weight=weight)
     if bank_t is not None:
-        words_tensor("bank_t", bank_t)
-        want = (R, num_words(n), -bank.shape[0] // 16 * -16)
-        if tuple(bank_t.shape) != want:
-            raise ValueError(f"bank_t must be interleave_tasks(bank), shape {want}, got {tuple(bank_t.shape)}")
-        same_device(bank=bank, bank_t=bank_t)
+        check_bank_t(bank, bank_t)
+
+
+def check_bank_t(bank: torch.Tensor, bank_t: torch.Tensor) -> None:
+    """bank_t shaped as interleave_tasks(bank): [*bank.shape[1:], k rounded up to 16], words, on bank's device."""
+    words_tensor("bank_t", bank_t)
+    want = (*bank.shape[1:], -bank.shape[0] // 16 * -16)
+    if tuple(bank_t.shape) != want:
+        raise ValueError(f"bank_t must be interleave_tasks(bank), shape {want}, got {tuple(bank_t.shape)}")
+    same_device(bank=bank, bank_t=bank_t)
 
 
 def check_mask_dot_outer_interleaved(bank_t: torch.Tensor, k: int, g: torch.Tensor, x: torch.Tensor,

@@ -50,10 +50,12 @@ def _(x, weight, bank, alpha, bias, stride, padding, dilation, groups):
 
 @torch.library.custom_op("supsup::superposed_given_s", mutates_args=())
 def superposed_given_s_op(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, s: Tensor,
-                          bias: Optional[Tensor], conv_params: Optional[List[int]]) -> Tensor:
+                          bias: Optional[Tensor], conv_params: Optional[List[int]],
+                          bank_t: Optional[Tensor] = None) -> Tensor:
     """Superposed linear/conv whose superposition ``s`` = Σᵢ αᵢ Mᵢ (shaped like weight) the caller
     already has, e.g. the cached per-weight count of set bits / k for uniform α. The α-gradient
-    still comes from the bank (one pass over the bits)."""
+    still comes from the bank (one pass over the bits), or from ``bank_t`` = interleave_tasks(bank)
+    where given and the backend reads it."""
     return _given_s_body(x, weight, bank, alpha, s, bias, conv_params)
 
 
@@ -68,7 +70,7 @@ def _given_s_body(x, weight, bank, alpha, s, bias, conv_params):
 
 
 @superposed_given_s_op.register_fake
-def _(x, weight, bank, alpha, s, bias, conv_params):
+def _(x, weight, bank, alpha, s, bias, conv_params, bank_t=None):
     if conv_params is None:
         return x.new_empty(*x.shape[:-1], weight.shape[0])
     st, pad, dil, _ = _unflatten_conv(conv_params)
@@ -78,19 +80,25 @@ def _(x, weight, bank, alpha, s, bias, conv_params):
 @torch.library.custom_op("supsup::superposed_backward", mutates_args=())
 def superposed_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor,
                            s: Optional[Tensor], conv_params: Optional[List[int]],
-                           need_input: bool, need_alpha: bool, need_weight: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return _superposed_backward_body(grad, x, weight, bank, alpha, s, conv_params, need_input, need_alpha, need_weight)
+                           need_input: bool, need_alpha: bool, need_weight: bool,
+                           bank_t: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    return _superposed_backward_body(grad, x, weight, bank, alpha, s, conv_params, need_input, need_alpha, need_weight,
+                                     bank_t)
 
 
-def _superposed_backward_body(grad, x, weight, bank, alpha, s, conv_params, need_input, need_alpha, need_weight):
+def _superposed_backward_body(grad, x, weight, bank, alpha, s, conv_params, need_input, need_alpha, need_weight,
+                              bank_t=None):
     dense = _dense(_unflatten_conv(conv_params))
-    return _pick(x.device, x.numel(), grad.numel(), weight.shape[0], bank.shape[0]).superposed_backward(
+    backend = _pick(x.device, x.numel(), grad.numel(), weight.shape[0], bank.shape[0])
+    # the task-interleaved copy goes only to a backend that reads it (cpu: the one-image α-gradient)
+    copy = {"bank_t": bank_t.contiguous()} if bank_t is not None and backend.reads_interleaved else {}
+    return backend.superposed_backward(
         dense, grad.contiguous(), x, weight.contiguous(), bank.contiguous(), alpha.contiguous(),
-        None if s is None else s.contiguous(), need_input, need_alpha, need_weight)
+        None if s is None else s.contiguous(), need_input, need_alpha, need_weight, **copy)
 
 
 @superposed_backward_op.register_fake
-def _(grad, x, weight, bank, alpha, s, conv_params, need_input, need_alpha, need_weight):
+def _(grad, x, weight, bank, alpha, s, conv_params, need_input, need_alpha, need_weight, bank_t=None):
     return (torch.empty_like(x) if need_input else grad.new_empty(0),
             alpha.new_empty(alpha.shape) if need_alpha else grad.new_empty(0),
             torch.empty_like(weight) if need_weight else grad.new_empty(0))
@@ -105,10 +113,11 @@ def _superposed_setup(ctx, inputs, output):
 
 
 def _given_s_setup(ctx, inputs, output):
-    x, weight, bank, alpha, s, bias, conv_params = inputs
+    x, weight, bank, alpha, s, bias, conv_params = inputs[:7]
+    bank_t = inputs[7] if len(inputs) > 7 else None
     ctx.conv_params = conv_params
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, bank, alpha, s)
+    ctx.save_for_backward(x, weight, bank, alpha, s, *([] if bank_t is None else [bank_t]))
     ctx.has_s = True
 
 
@@ -116,19 +125,20 @@ def _superposed_backward(ctx, grad):
     saved = ctx.saved_tensors
     x, weight, bank, alpha = saved[:4]
     s = saved[4] if ctx.has_s else None
+    bank_t = saved[5] if len(saved) > 5 else None
     need = ctx.needs_input_grad
     need_x, need_w, need_a = need[0], need[1], need[3]
     bias_idx = 5 if ctx.has_s else 4
     need_b = ctx.has_bias and need[bias_idx]
     # Eagerly (no compile, no dispatch mode, no double backward) the op's body runs without the custom-op
     # dispatcher, whose overhead (about 0.1 ms a call) is a visible part of a one-image α-gradient.
-    backward = (_superposed_backward_body if eager_without_grad(grad, x, weight, bank, alpha, s)
+    backward = (_superposed_backward_body if eager_without_grad(grad, x, weight, bank, alpha, s, bank_t)
                 else superposed_backward_op)
-    dx, da, dw = backward(grad, x, weight, bank, alpha, s, ctx.conv_params, need_x, need_a, need_w)
+    dx, da, dw = backward(grad, x, weight, bank, alpha, s, ctx.conv_params, need_x, need_a, need_w, bank_t)
     db = _bias_grad(grad, ctx.conv_params is not None) if need_b else None
     grads = [dx if need_x else None, dw if need_w else None, None, da if need_a else None]
     if ctx.has_s:
-        return tuple(grads + [None, db, None])
+        return tuple(grads + [None, db, None, None])
     rest = [None] * 4 if ctx.conv_params is not None else []
     return tuple(grads + [db] + rest)
 
@@ -145,35 +155,43 @@ class _GivenSEager(torch.autograd.Function):
     Only for plain eager tensors (no torch.compile, no dispatch mode such as opcheck's)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bank, alpha, s, bias, conv_params):
+    def forward(ctx, x, weight, bank, alpha, s, bias, conv_params, bank_t):
         ctx.conv_params, ctx.has_bias = conv_params, bias is not None
-        ctx.save_for_backward(x, weight, bank, alpha, s)
+        ctx.save_for_backward(x, weight, bank, alpha, s, bank_t)
         return _given_s_body(x, weight, bank, alpha, s, bias, conv_params)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, weight, bank, alpha, s = ctx.saved_tensors
+        x, weight, bank, alpha, s, bank_t = ctx.saved_tensors
         need_x, need_w, need_a, need_b = (ctx.needs_input_grad[i] for i in (0, 1, 3, 5))
         dx, da, dw = _superposed_backward_body(grad.contiguous(), x, weight, bank, alpha, s, ctx.conv_params,
-                                               need_x, need_a, need_w)
+                                               need_x, need_a, need_w, bank_t)
         db = _bias_grad(grad, ctx.conv_params is not None) if need_b and ctx.has_bias else None
-        return dx if need_x else None, dw if need_w else None, None, da if need_a else None, None, db, None
+        return dx if need_x else None, dw if need_w else None, None, da if need_a else None, None, db, None, None
 
 
-def _given_s(x, weight, bank, alpha, s, bias, conv_params):
-    if eager_plain(x, weight, bank, alpha, s, bias):
-        return _GivenSEager.apply(x, weight, bank, alpha, s, bias, conv_params)
-    return superposed_given_s_op(x, weight, bank, alpha, s, bias, conv_params)
+def _given_s(x, weight, bank, alpha, s, bias, conv_params, bank_t=None):
+    if eager_plain(x, weight, bank, alpha, s, bias, bank_t):
+        return _GivenSEager.apply(x, weight, bank, alpha, s, bias, conv_params, bank_t)
+    return superposed_given_s_op(x, weight, bank, alpha, s, bias, conv_params, bank_t)
 
 
 # -- the public function ----------------------------------------------------------------------
-def superposed_linear(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """y = x (W ⊙ Σᵢ αᵢ Mᵢ)ᵀ + b; differentiable in x, alpha, weight, bias."""
+def superposed_linear(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bias: Optional[Tensor] = None,
+                      bank_t: Optional[Tensor] = None) -> Tensor:
+    """y = x (W ⊙ Σᵢ αᵢ Mᵢ)ᵀ + b; differentiable in x, alpha, weight, bias.
+
+    ``bank_t``, optional, is ``interleave_tasks(bank)`` held by the caller (``MaskBank.interleaved()``
+    keeps one): where x and α both need gradients (task inference past the first layer), the cpu
+    backend reads the α-gradient of one image from it, about twice as fast as from the bank; the
+    result is the same up to summation order. Other paths and backends ignore it."""
+    if bank_t is not None:
+        checks.check_bank_t(bank, bank_t)
     if _backward_needs_s(x, alpha):
         checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
         s = superpose(bank, alpha.detach(), weight.shape[1]).view_as(weight)
-        return _given_s(x, weight, bank, alpha, s.to(weight.dtype), bias, None)
+        return _given_s(x, weight, bank, alpha, s.to(weight.dtype), bias, None, bank_t)
     if _per_task_outputs_pay(x, weight, alpha):
         checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
         checks.check_no_nan_alpha(alpha)
@@ -216,10 +234,14 @@ def superposed_conv2d(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bi
 
 
 def superposed_with_s(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, s: Tensor,
-                      bias: Optional[Tensor] = None, conv: Optional[dict] = None) -> Tensor:
+                      bias: Optional[Tensor] = None, conv: Optional[dict] = None,
+                      bank_t: Optional[Tensor] = None) -> Tensor:
     """Like ``superposed_linear``/``superposed_conv2d`` (``conv`` = their keyword arguments) when the
     caller already holds ``s`` = Σᵢ αᵢ Mᵢ shaped like ``weight`` (e.g. a cached count of set bits
-    divided by k). The forward reads no mask bit; the α-gradient still reads each bit once."""
+    divided by k). The forward reads no mask bit; the α-gradient still reads each bit once (from
+    ``bank_t``, the task-interleaved copy, where given: see ``superposed_linear``)."""
+    if bank_t is not None:
+        checks.check_bank_t(bank, bank_t)
     if conv is None:
         checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
         params = None
@@ -229,4 +251,4 @@ def superposed_with_s(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, s:
                                checks.pair("dilation", conv.get("dilation", 1)), int(conv.get("groups", 1)))
     if tuple(s.shape) != tuple(weight.shape):
         raise ValueError(f"s must be shaped like weight {tuple(weight.shape)}, got {tuple(s.shape)}")
-    return _given_s(x, weight, bank, alpha, s.to(weight.dtype), bias, params)
+    return _given_s(x, weight, bank, alpha, s.to(weight.dtype), bias, params, bank_t)

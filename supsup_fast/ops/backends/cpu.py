@@ -125,6 +125,17 @@ class CpuBackend(ReferenceBackend):
             return super().mask_dot(bank, v)
         return self.ops.mask_dot(bank.contiguous(), v.contiguous())
 
+    def mask_dot_interleaved(self, bank_t, k, v):
+        if v.dtype != torch.float32:
+            return super().mask_dot_interleaved(bank_t, k, v)
+        # ⟨Mᵢ, v⟩ = ⟨Mᵢ, (1 1ᵀ) ⊙ v⟩: the rank-1 kernel over the task-interleaved copy, whose tables
+        # (of 1 · 1 · v, exactly v) stay in registers while all tasks' words stream past
+        n = v.shape[-1]
+        rows = v.numel() // max(n, 1)
+        ones_r, ones_n = v.new_ones(1, rows), v.new_ones(1, n)
+        return self.ops.mask_dot_rank1_interleaved(bank_t.reshape(rows, bank_t.shape[-2], bank_t.shape[-1]), k, ones_r,
+                                                   ones_n, v.reshape(rows, n))[0]
+
     def mask_dot_batched(self, bank, v):
         if v.dtype != torch.float32:
             return super().mask_dot_batched(bank, v)
@@ -252,7 +263,8 @@ class CpuBackend(ReferenceBackend):
         return self.ops.scaled_linear_small(x.contiguous(), weight, s.view_as(weight).contiguous(),
                                             None if bias is None else bias.contiguous())
 
-    def superposed_backward(self, dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight):
+    def superposed_backward(self, dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight,
+                            bank_t=None):
         rows = x.numel() // max(x.shape[-1], 1)
         if not (isinstance(dense, DenseLinear) and rows == 1 and need_alpha and not need_weight
                 and x.dtype == torch.float32 and weight.dtype == torch.float32 and grad.dtype == torch.float32
@@ -260,8 +272,12 @@ class CpuBackend(ReferenceBackend):
             return super().superposed_backward(dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight)
         # One image (the paper's one-shot inference): G = g xᵀ is rank 1, so the α-gradient
         # ⟨Mᵢ, G ⊙ W⟩ is computed with v formed on the fly inside mask_dot, never materialised.
-        dalpha = self.ops.mask_dot_rank1(bank, grad.reshape(-1).contiguous(), x.reshape(-1).contiguous(), weight,
-                                         inputs_finite=True)
+        if bank_t is not None:  # the task-interleaved copy: no transpose, tables held across all tasks
+            dalpha = self.ops.mask_dot_rank1_interleaved(bank_t, bank.shape[0], grad.reshape(1, -1).contiguous(),
+                                                         x.reshape(1, -1).contiguous(), weight)[0]
+        else:
+            dalpha = self.ops.mask_dot_rank1(bank, grad.reshape(-1).contiguous(), x.reshape(-1).contiguous(), weight,
+                                             inputs_finite=True)
         dx = grad.new_empty(0)
         if need_input:
             if s is None:

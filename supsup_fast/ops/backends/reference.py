@@ -146,6 +146,10 @@ class ReferenceBackend:
                     out[r0:r0 + step, :, s:e] += torch.einsum("crw,brw->brc", ((chunk >> b) & 1).to(v.dtype), v[..., b])
         return out.reshape(*x.shape[:-1], rows, k)
 
+    def mask_dot_interleaved(self, bank_t: torch.Tensor, k: int, v: torch.Tensor) -> torch.Tensor:
+        """mask_dot of the k-task bank that bank_t [*lead, W, kp] interleaves."""
+        return self.mask_dot(bank_t[..., :k].movedim(-1, 0).contiguous(), v)
+
     def mask_dot_outer(self, bank: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                        bank_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """mask_dot_batched of the q products (g_j x_jᵀ) ⊙ W: [k, R, W] x g [q, R], x [q, n] -> [q, k]

@@ -1,0 +1,101 @@
+"""The task-interleaved copy of a bank (``bank_t = interleave_tasks(bank)``, which ``MaskBank.interleaved()``
+keeps) passed to ``mask_dot`` and to ``superposed_linear``: the cpu backend reads it instead of the bank,
+the others ignore it, and every result equals the one without it (exactly, on small integers, where
+every partial sum is exact in fp32). A copy of the wrong shape is refused by name."""
+import pytest
+import torch
+
+import supsup_fast as ss
+from supsup_fast import ops
+from supsup_fast.nn.bank import MaskBank
+
+from tests.devices import backend_devices
+
+CASES = backend_devices()
+SIZES = [(1, (3,), 1), (4, (7,), 40), (17, (5,), 33), (100, (2, 3), 100), (250, (64,), 784)]
+
+
+def _ints(g, *shape):
+    return torch.randint(-3, 4, shape, generator=g).float()
+
+
+@pytest.mark.parametrize("name,device", CASES)
+@pytest.mark.parametrize("k,lead,n", SIZES)
+def test_mask_dot_with_the_copy_equals_mask_dot(name, device, k, lead, n):
+    g = torch.Generator().manual_seed(k + n)
+    bank = ss.pack_bits(torch.rand(k, *lead, n, generator=g) < 0.5).to(device)
+    v = _ints(g, *lead, n).to(device)
+    with ss.use_backend(name):
+        expect = ops.mask_dot(bank, v)
+        got = ops.mask_dot(bank, v, ops.interleave_tasks(bank))
+    assert torch.equal(got, expect)
+
+
+@pytest.mark.parametrize("name,device", CASES)
+@pytest.mark.parametrize("k,R,n", [(4, 7, 40), (17, 33, 100), (250, 64, 784)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_superposed_linear_with_the_copy_equals_without(name, device, k, R, n, batch):
+    """Output, α-gradient and input gradient; one image with x needing a gradient is the path that
+    reads the copy on the cpu backend (rows of g = 0 included: a dead unit), three images ignore it."""
+    g = torch.Generator().manual_seed(k * R + batch)
+    bank = ss.pack_bits(torch.rand(k, R, n, generator=g) < 0.5).to(device)
+    w, bias, x0 = _ints(g, R, n).to(device), _ints(g, R).to(device), _ints(g, batch, n).to(device)
+    a0 = torch.randint(1, 4, (k,), generator=g).float().to(device)
+    gout = _ints(g, batch, R).to(device)
+    gout[:, 1] = 0
+    results = []
+    for copy in (None, ops.interleave_tasks(bank)):
+        a, x = a0.clone().requires_grad_(), x0.clone().requires_grad_()
+        with ss.use_backend(name):
+            y = ops.superposed_linear(x, w, bank, a, bias, bank_t=copy)
+        y.backward(gout)
+        results.append((y.detach(), a.grad, x.grad))
+    for got, expect in zip(*results):
+        assert torch.equal(got, expect)
+
+
+def test_a_copy_of_the_wrong_shape_is_refused():
+    g = torch.Generator().manual_seed(0)
+    bank = ss.pack_bits(torch.rand(20, 6, 70, generator=g) < 0.5)
+    other = ops.interleave_tasks(bank[:16])  # [6, 3, 16], not [6, 3, 32]
+    with pytest.raises(ValueError, match=r"bank_t must be interleave_tasks\(bank\)"):
+        ops.mask_dot(bank, torch.ones(6, 70), other)
+    with pytest.raises(ValueError, match=r"bank_t must be interleave_tasks\(bank\)"):
+        ops.superposed_linear(torch.ones(1, 70), torch.ones(6, 70), bank, torch.ones(20), bank_t=other)
+    with pytest.raises(TypeError, match="bank_t"):
+        ops.mask_dot(bank, torch.ones(6, 70), ops.interleave_tasks(bank).float())
+
+
+def test_mask_bank_copy_serves_mask_dot():
+    """The copy a MaskBank keeps for task inference is the one these ops take."""
+    g = torch.Generator().manual_seed(3)
+    bank = MaskBank(8, 50)
+    bank.append(ss.pack_bits(torch.rand(40, 8, 50, generator=g) < 0.5))
+    v = _ints(g, 8, 50)
+    assert torch.equal(ops.mask_dot(bank.words, v, bank.interleaved()), ops.mask_dot(bank.words, v))
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_linear_layer_reads_its_kept_copy_in_one_image_inference(uniform):
+    """A SupermaskLinear in superposition, one image whose input needs a gradient: the layer builds its
+    bank's copy and hands it to the op, and the α- and input gradients are those computed from the
+    bank alone (keep_interleaved=False)."""
+    from supsup_fast import nn as snn
+    from supsup_fast.bench import random_model_with_masks
+    model = random_model_with_masks("lenet", 50, 37, seed=5)
+    layer = list(snn.supermask_layers(model).values())[1]  # 300 -> 100: its input is a hidden layer's
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(1, layer.weight.shape[1], generator=g)
+    k = layer.num_tasks
+    alpha0 = torch.full((k,), 1.0 / k) if uniform else torch.rand(k, generator=g)
+    grads = []
+    for keep in (True, False):
+        layer.bank.keep_interleaved = keep
+        a, x = alpha0.clone().requires_grad_(), x0.clone().requires_grad_()
+        with snn.superposition(layer, a, uniform=uniform):
+            y = layer(x)
+        built = layer.bank.kept_interleaved()[0] is not None
+        assert built == (keep and ss.ops.backend_for(x.device).reads_interleaved)
+        grads.append(torch.autograd.grad(y.square().sum(), (a, x)))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)
