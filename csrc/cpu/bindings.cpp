@@ -300,8 +300,9 @@ void check_rank1_operands(const at::Tensor& g, const at::Tensor& x, const at::Te
 // mask_dot_rank1_batched read from the task-interleaved copy alone: bank_t [R, ceil(n/32), kp] of a
 // k-task bank, g [q, R], x [q, n], w [R, n] -> [q, k]. Task inference reads the copy of a layer's
 // transposed masks this way (x and g swapped, w transposed): then its dead inputs are skipped.
+// inputs_finite: as in mask_dot_rank1_op (the caller has checked x and w; they are not read again).
 at::Tensor mask_dot_rank1_interleaved_op(const at::Tensor& bank_t, int64_t k, const at::Tensor& g, const at::Tensor& x,
-                                         const at::Tensor& w) {
+                                         const at::Tensor& w, bool inputs_finite) {
   check_words(bank_t, "bank_t");
   check_rank1_operands(g, x, w, "mask_dot_rank1_interleaved");
   const int64_t R = w.size(0), n = w.size(1), W = words_for(n), q = g.size(0);
@@ -309,7 +310,7 @@ at::Tensor mask_dot_rank1_interleaved_op(const at::Tensor& bank_t, int64_t k, co
               "bank_t must be the task-interleaved copy of a ", k, "-task bank: [", R, ", ", W, ", ", (k + 15) / 16 * 16,
               "], got ", bank_t.sizes());
   if (q == 0 || k == 0 || R == 0 || n == 0) return at::zeros({q, k}, w.options());
-  return rank1_interleaved(bank_t, k, g, x, w, 0, q, surely_finite(x) && surely_finite(w)).contiguous();
+  return rank1_interleaved(bank_t, k, g, x, w, 0, q, inputs_finite || (surely_finite(x) && surely_finite(w))).contiguous();
 }
 
 at::Tensor rank1_batched(const at::Tensor& bank, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
@@ -1066,7 +1067,7 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("mask_dot_rows(Tensor bank, Tensor x, Tensor weight) -> Tensor");
   m.def("mask_dot_rank1_batched(Tensor bank, Tensor g, Tensor x, Tensor weight, Tensor? bank_t=None) -> Tensor");
   m.def("interleave_tasks(Tensor bank) -> Tensor");
-  m.def("mask_dot_rank1_interleaved(Tensor bank_t, int k, Tensor g, Tensor x, Tensor weight) -> Tensor");
+  m.def("mask_dot_rank1_interleaved(Tensor bank_t, int k, Tensor g, Tensor x, Tensor weight, bool inputs_finite=False) -> Tensor");
   m.def("transpose_masks(Tensor words, int n) -> Tensor");
   m.def("mlp_mask_dot_outer(Tensor[] banks, Tensor[] copies, bool[] transposed, Tensor[] weights, Tensor[] backward_weights, "
         "Tensor[] inputs, Tensor g) -> (Tensor, bool)");

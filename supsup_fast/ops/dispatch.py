@@ -52,9 +52,8 @@ def eager_without_grad(*tensors: Optional[Tensor]) -> bool:
 
 
 def _finite(v: Tensor) -> bool:
-    """Whether v is surely finite (True, unchecked, inside a CUDA-graph capture: the check is a host
-    sync). A sum that overflows only sends the call to the reference backend, which is always right."""
-    return checks.capturing(v) or v.numel() == 0 or checks.surely_finite(v)
+    """checks.finite_unless_capturing: v surely finite, or a CUDA-graph capture under way."""
+    return checks.finite_unless_capturing(v)
 
 
 def _lead(bank: Tensor) -> int:

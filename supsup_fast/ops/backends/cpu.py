@@ -133,8 +133,9 @@ class CpuBackend(ReferenceBackend):
         n = v.shape[-1]
         rows = v.numel() // max(n, 1)
         ones_r, ones_n = v.new_ones(1, rows), v.new_ones(1, n)
+        # (v is finite: ops.mask_dot sends any other v to the reference)
         return self.ops.mask_dot_rank1_interleaved(bank_t.reshape(rows, bank_t.shape[-2], bank_t.shape[-1]), k, ones_r,
-                                                   ones_n, v.reshape(rows, n))[0]
+                                                   ones_n, v.reshape(rows, n), inputs_finite=True)[0]
 
     def mask_dot_batched(self, bank, v):
         if v.dtype != torch.float32:
@@ -274,7 +275,7 @@ class CpuBackend(ReferenceBackend):
         # ⟨Mᵢ, G ⊙ W⟩ is computed with v formed on the fly inside mask_dot, never materialised.
         if bank_t is not None:  # the task-interleaved copy: no transpose, tables held across all tasks
             dalpha = self.ops.mask_dot_rank1_interleaved(bank_t, bank.shape[0], grad.reshape(1, -1).contiguous(),
-                                                         x.reshape(1, -1).contiguous(), weight)[0]
+                                                         x.reshape(1, -1).contiguous(), weight, inputs_finite=True)[0]
         else:
             dalpha = self.ops.mask_dot_rank1(bank, grad.reshape(-1).contiguous(), x.reshape(-1).contiguous(), weight,
                                              inputs_finite=True)

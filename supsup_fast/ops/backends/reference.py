@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ...bits import BITS_PER_WORD, num_words, pack_bits_torch, unpack_bits_float, unpack_bits_torch
-from ..checks import capturing, surely_finite
+from ..checks import finite_unless_capturing
 
 # Elements of one float bit plane processed at a time (bounds the transient memory to ~32 MiB).
 _PLANE_CHUNK = 1 << 23
@@ -327,6 +327,6 @@ def mask_dot_ieee(backend: ReferenceBackend, bank: torch.Tensor, v: torch.Tensor
     """``backend.mask_dot(bank, v)`` where v is surely finite, else the reference's sum: the kernels
     add only the set bits, while the contract's Σ Mᵢⱼ vⱼ makes 0·inf and 0·NaN NaN for the tasks
     whose bit is clear (as ``ops.mask_dot`` does for its callers). Unchecked in a CUDA-graph capture."""
-    if capturing(v) or v.numel() == 0 or surely_finite(v):
+    if finite_unless_capturing(v):
         return backend.mask_dot(bank, v)
     return ReferenceBackend.mask_dot(backend, bank, v)
