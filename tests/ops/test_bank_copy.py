@@ -99,3 +99,24 @@ def test_linear_layer_reads_its_kept_copy_in_one_image_inference(uniform):
         grads.append(torch.autograd.grad(y.square().sum(), (a, x)))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,device", CASES)
+def test_the_copy_is_what_a_reading_backend_reads(name, device):
+    """Given the copy of another bank of the same shape, a backend that reads copies (cpu) returns that
+    bank's sums, and the others the given bank's: the equality tests above cannot tell a copy ignored."""
+    g = torch.Generator().manual_seed(9)
+    bank, other = (ss.pack_bits(torch.rand(20, 6, 70, generator=g) < 0.5).to(device) for _ in range(2))
+    v, w, x0, gout = (_ints(g, *shape).to(device) for shape in ((6, 70), (6, 70), (1, 70), (1, 6)))
+    reads = ss.ops.registry._instance(name).reads_interleaved
+    with ss.use_backend(name):
+        got = ops.mask_dot(bank, v, ops.interleave_tasks(other))
+        expect = ops.mask_dot(other if reads else bank, v)
+        grads = []
+        for b, copy in ((bank, ops.interleave_tasks(other)), (other if reads else bank, None)):
+            a, x = torch.ones(20, device=device, requires_grad=True), x0.clone().requires_grad_()
+            ops.superposed_linear(x, w, b, a, bank_t=copy).backward(gout)
+            grads.append(a.grad)
+    assert torch.equal(got, expect)
+    assert torch.equal(grads[0], grads[1])
+    assert reads == (name == "cpu")
