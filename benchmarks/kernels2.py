@@ -171,15 +171,19 @@ def _alpha_gradient(isa: str, quick: bool, bw: float, add_floor) -> list:
         packed = sum(l.bank.words.numel() * 4 for l in layers)
         bits = sum(k * l.weight.numel() for l in layers)
         alpha0 = torch.rand(k) * (2.0 / k)  # a general α of mean 1/k (the logits stay in range)
-        # The task-interleaved copies the layers keep for task inference (MaskBank.interleaved(), as
-        # much memory as the bank): the ops read them where given (bank_t=).
+        # The layers' copies (each as much memory as the bank): the task-interleaved one kept for task
+        # inference (MaskBank.interleaved(), read by mask_dot and the α-gradient, bank_t=) and the
+        # weight-interleaved one (MaskBank.interleaved_weights(), keep_interleaved_weights: read by
+        # superpose, bank_w=). The ops read them where given.
         copies = [l.bank.interleaved() for l in layers]
+        wcopies = [ss.ops.interleave_weights(l.bank.words, l.n) for l in layers]
 
         def ours(use_copies: bool = False):
             a = alpha0.clone().requires_grad_(True)
             h = x
             for i, l in enumerate(layers):
-                h = ss.ops.superposed_linear(h, l.weight, l.bank.words, a, bank_t=copies[i] if use_copies else None)
+                h = ss.ops.superposed_linear(h, l.weight, l.bank.words, a, bank_t=copies[i] if use_copies else None,
+                                             bank_w=wcopies[i] if use_copies else None)
                 if i < len(layers) - 1:
                     h = F.relu(h)
             return torch.autograd.grad(entropy(h, 10), a)[0]
@@ -212,18 +216,21 @@ def _alpha_gradient(isa: str, quick: bool, bw: float, add_floor) -> list:
         # superpose and mask_dot alone, general α, all three layers
         v = [torch.randn(l.weight.shape) for l in layers]
         sup = lambda: [ss.ops.superpose(l.bank.words, alpha0, l.n) for l in layers]
+        sup_copy = lambda: [ss.ops.superpose(l.bank.words, alpha0, l.n, c) for l, c in zip(layers, wcopies)]
         dot = lambda: [ss.ops.mask_dot(l.bank.words, vi) for l, vi in zip(layers, v)]
         dot_copy = lambda: [ss.ops.mask_dot(l.bank.words, vi, c) for l, vi, c in zip(layers, v, copies)]
-        t2 = interleaved_medians({"superpose": sup, "mask_dot": dot, "mask_dot_copy": dot_copy},
+        t2 = interleaved_medians({"superpose": sup, "superpose_copy": sup_copy, "mask_dot": dot, "mask_dot_copy": dot_copy},
                                  repeats=3 if k >= 1000 else 5)
-        row.update(superpose_s=t2["superpose"], mask_dot_s=t2["mask_dot"], mask_dot_copy_s=t2["mask_dot_copy"],
+        row.update(superpose_s=t2["superpose"], superpose_copy_s=t2["superpose_copy"], mask_dot_s=t2["mask_dot"],
+                   mask_dot_copy_s=t2["mask_dot_copy"],
                    one_read_s=packed / bw, add_floor_one_pass_s=add_floor(bits))
         row["superpose_vs_one_read"] = row["superpose_s"] / row["one_read_s"]
         row["mask_dot_vs_one_read"] = row["mask_dot_s"] / row["one_read_s"]
         row["mask_dot_copy_vs_one_read"] = row["mask_dot_copy_s"] / row["one_read_s"]
+        row["superpose_copy_vs_one_read"] = row["superpose_copy_s"] / row["one_read_s"]
         rows.append(row)
         print(isa, "alpha-grad", {a: (round(b, 5) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
-        del model, layers, fs, fns, copies
+        del model, layers, fs, fns, copies, wcopies
     return rows
 
 
@@ -300,10 +307,11 @@ def print_table(rep: dict) -> None:
         print(f"  k={r['k']:5d} α-grad {r['ours_s']*1e3:8.2f} ms {fs}  {r['ours_vs_two_reads']:5.2f}x two reads ({r['two_reads_s']*1e3:.2f} ms)"
               f" | superpose {r['superpose_vs_one_read']:5.2f}x  mask_dot {r['mask_dot_vs_one_read']:5.2f}x one read ({r['one_read_s']*1e3:.2f} ms)"
               f", add floor {r['add_floor_one_pass_s']*1e3:.2f} ms")
-        if "ours_copy_s" in r:  # the same ops given the layers' task-interleaved copies (bank_t=)
+        if "ours_copy_s" in r:  # the same ops given the layers' copies (bank_t=, and bank_w= where superpose_copy_s is)
             fs = f"{r['speedup_copy_vs_float_stack']:7.1f}x float-stack" if "float_stack_s" in r else "      (no float-stack)"
+            sup = f"superpose {r['superpose_copy_vs_one_read']:5.2f}x  " if "superpose_copy_s" in r else ""
             print(f"  {'':7s} with copies {r['ours_copy_s']*1e3:8.2f} ms {fs}  {r['ours_copy_vs_two_reads']:5.2f}x two reads"
-                  f" | mask_dot {r['mask_dot_copy_vs_one_read']:5.2f}x one read")
+                  f" | {sup}mask_dot {r['mask_dot_copy_vs_one_read']:5.2f}x one read")
     for r in rep["oneshot_query_lenet_s500"]:
         print(f"  one-shot LeNet s=500 k={r['k']}: {r['oneshot_query_s']*1e3:.2f} ms per query, {r['batched_per_query_s']*1e3:.2f} ms "
               f"per query batched ({r['batch_queries']}); one read {r['one_read_s']*1e3:.2f} ms, add floor {r['add_floor_s']*1e3:.2f} ms, "
@@ -324,8 +332,10 @@ def plot(rep: dict, path: Path) -> None:
     ax.loglog(ks, [r["superpose_s"] for r in rows], "s-", label="superpose")
     ax.loglog(ks, [r["mask_dot_s"] for r in rows], "^-", label="mask_dot")
     cp = [r for r in rows if "ours_copy_s" in r]
-    ax.loglog([r["k"] for r in cp], [r["ours_copy_s"] for r in cp], "o--", label="α-gradient, task-interleaved copies")
+    ax.loglog([r["k"] for r in cp], [r["ours_copy_s"] for r in cp], "o--", label="α-gradient, with copies")
     ax.loglog([r["k"] for r in cp], [r["mask_dot_copy_s"] for r in cp], "^--", label="mask_dot, task-interleaved copy")
+    sc = [r for r in rows if "superpose_copy_s" in r]
+    ax.loglog([r["k"] for r in sc], [r["superpose_copy_s"] for r in sc], "s--", label="superpose, weight-interleaved copy")
     fs = [r for r in rows if "float_stack_s" in r]
     ax.loglog([r["k"] for r in fs], [r["float_stack_s"] for r in fs], "x--", label="α-gradient, float-stack")
     ax.loglog(ks, [r["one_read_s"] for r in rows], "k:", label="one read of the bits")

@@ -263,6 +263,51 @@ at::Tensor interleave_tasks_op(const at::Tensor& bank) {
   return out;
 }
 
+// The weight-interleaved copy of bank [k, *lead, ceil(n/32)]: [*lead, ceil(k/32), np] int32, np = n
+// rounded up to 16 (lut.h interleave_weights).
+at::Tensor interleave_weights_op(const at::Tensor& bank, int64_t n) {
+  check_words(bank, "bank");
+  TORCH_CHECK(n >= 0 && bank.dim() >= 2 && bank.size(-1) == words_for(n), "bank must be [k, *lead, ceil(n/32)] for n = ", n,
+              ", got ", bank.sizes());
+  auto sizes = bank.sizes().vec();
+  const int64_t k = sizes[0], W = sizes.back(), KW = (k + 31) / 32, np = (n + 15) / 16 * 16;
+  sizes.erase(sizes.begin());
+  sizes.pop_back();
+  int64_t R = 1;
+  for (int64_t s : sizes) R *= s;
+  sizes.push_back(KW);
+  sizes.push_back(np);
+  at::Tensor out = at::empty(sizes, bank.options());
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    interleave_weights(bank.data_ptr<int32_t>(), k, R, W, n, KW, np, out.data_ptr<int32_t>(), r0, r1);
+  });
+  return out;
+}
+
+// superpose of the k-task bank whose weight-interleaved copy is bank_w [*lead, ceil(k/32), np]:
+// alpha [k] -> [*lead, n] (lut.h superpose_interleaved). Threads take rows.
+at::Tensor superpose_interleaved_op(const at::Tensor& bank_w, int64_t k, const at::Tensor& alpha, int64_t n) {
+  check_words(bank_w, "bank_w");
+  check_float(alpha, "alpha");
+  const int64_t KW = (k + 31) / 32, np = (n + 15) / 16 * 16;
+  TORCH_CHECK(k >= 0 && n >= 0 && bank_w.dim() >= 2 && bank_w.size(-2) == KW && bank_w.size(-1) == np,
+              "bank_w must be the weight-interleaved copy of a ", k, "-task bank of ", n, "-wide rows: [*lead, ", KW, ", ",
+              np, "], got ", bank_w.sizes());
+  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == k, "alpha must be [", k, "], got ", alpha.sizes());
+  auto sizes = bank_w.sizes().vec();
+  sizes.pop_back();
+  sizes.back() = n;
+  const int64_t R = bank_w.numel() / std::max<int64_t>(KW * np, 1);
+  at::Tensor out = at::empty(sizes, alpha.options());
+  if (k == 0 || R == 0 || n == 0) return out.zero_();
+  const Isa isa = current_isa();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    superpose_interleaved(isa, bank_w.data_ptr<int32_t>(), k, KW, n, np, alpha.data_ptr<float>(), out.data_ptr<float>(),
+                          r0, r1);
+  });
+  return out;
+}
+
 // mask_dot_rank1_batched over the task-interleaved copy bank_t [R, W, kp] of a k-task bank: every
 // query's dead rows are skipped whole, and no word is transposed. Threads take rows with equal
 // shares of the live (query, row) pairs and their partial sums are added in a fixed order.
@@ -1067,6 +1112,8 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("mask_dot_rows(Tensor bank, Tensor x, Tensor weight) -> Tensor");
   m.def("mask_dot_rank1_batched(Tensor bank, Tensor g, Tensor x, Tensor weight, Tensor? bank_t=None) -> Tensor");
   m.def("interleave_tasks(Tensor bank) -> Tensor");
+  m.def("interleave_weights(Tensor bank, int n) -> Tensor");
+  m.def("superpose_interleaved(Tensor bank_w, int k, Tensor alpha, int n) -> Tensor");
   m.def("mask_dot_rank1_interleaved(Tensor bank_t, int k, Tensor g, Tensor x, Tensor weight, bool inputs_finite=False) -> Tensor");
   m.def("transpose_masks(Tensor words, int n) -> Tensor");
   m.def("mlp_mask_dot_outer(Tensor[] banks, Tensor[] copies, bool[] transposed, Tensor[] weights, Tensor[] backward_weights, "
@@ -1108,6 +1155,8 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("mask_dot_rank1", &mask_dot_rank1_op);
   m.impl("mask_dot_rank1_batched", &mask_dot_rank1_batched_op);
   m.impl("interleave_tasks", &interleave_tasks_op);
+  m.impl("interleave_weights", &interleave_weights_op);
+  m.impl("superpose_interleaved", &superpose_interleaved_op);
   m.impl("mask_dot_rank1_interleaved", &mask_dot_rank1_interleaved_op);
   m.impl("transpose_masks", &transpose_masks_op);
   m.impl("mlp_mask_dot_outer", &mlp_mask_dot_outer_op);

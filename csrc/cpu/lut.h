@@ -48,6 +48,19 @@ void mask_dot_rank1_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int6
                                 const float* g, const float* x, const float* w, int64_t q, float* acc, int64_t r0,
                                 int64_t r1, bool skip_zero_rows);
 
+// The weight-interleaved copy of a bank [k, R, W] of n-wide rows: bank_w[(r * KW + q) * np + c]
+// holds, in bit i, weight (r, c)'s bit of task 32 q + i (KW = ceil(k/32); np = n rounded up to 16;
+// zero for tasks past k and columns past n). Its words are the bank's bits transposed per 32 x 32
+// block; 16 weights' words are one 64-byte vector. Rows [r0, r1).
+void interleave_weights(const int32_t* bank, int64_t k, int64_t R, int64_t W, int64_t n, int64_t KW, int64_t np,
+                        int32_t* bank_w, int64_t r0, int64_t r1);
+
+// superpose read from that copy: out[r * n + c] = sum_t alpha[t] * bit(task t, r, c) for rows [r0, r1)
+// (alpha [k]). The mask_dot_rank1_interleaved loop with tasks and weights swapped: tables of α's
+// subset sums, 16 weights per lookup, as fast as mask_dot over the task-interleaved copy.
+void superpose_interleaved(Isa isa, const int32_t* bank_w, int64_t k, int64_t KW, int64_t n, int64_t np,
+                           const float* alpha, float* out, int64_t r0, int64_t r1);
+
 // Every task's masked linear layer on one input, all at once: out[r * k + t] = sum over j of
 // bit(bank[t, r, j]) * w[r, j] * x[j] for rows [r0, r1) (bank [k, R, W], w [R, n], x [n], out [R, k]).
 // The tables of w ⊙ x are built once per block of rows and shared by all k tasks, as in mask_dot_lut.

@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace supsup_cpu {
 namespace {
@@ -83,10 +84,8 @@ IL_AVX512 inline __m512 lookup7(__m512i b, const __m512* t) {
   return _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
 }
 
-IL_AVX512 void word512(const int32_t* bank_t, const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* acc) {
-  __m512 t[2 * kGroups5];
-  tables32(vals, t);
-  const int32_t* bits = bank_t + base;
+// Tasks [t0, t1) of one word's run (bits) through the tables t, np groups of them (lookup7 for all 7).
+IL_AVX512 inline void stream512(const int32_t* bits, const __m512* t, int np, int64_t t0, int64_t t1, float* acc) {
   if (np == kGroups5) {
     for (int64_t i = t0; i < t1; i += 16)
       _mm512_storeu_ps(acc + i, _mm512_add_ps(_mm512_loadu_ps(acc + i), lookup7(_mm512_loadu_si512(bits + i), t)));
@@ -100,19 +99,24 @@ IL_AVX512 void word512(const int32_t* bank_t, const float* vals, int np, int64_t
   }
 }
 
+IL_AVX512 void word512(const int32_t* bank_t, const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* acc) {
+  __m512 t[2 * kGroups5];
+  tables32(vals, t);
+  stream512(bank_t + base, t, np, t0, t1, acc);
+}
+
 // ------------------------------------------------------------------------------------------------
 // AVX2: 3-bit groups (lut.h kGroups3)
 // The tables are read from L1 as vpermps memory operands: in registers, 11 of them leave no room
 // for the multiply-high constants of index3_bits_at, whose indices (on other pipes than the shifts
 // that share vpermps's) made this loop 1.1x faster on Zen 4.
-IL_AVX2 void word256(const int32_t* bank_t, const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* acc) {
-  alignas(32) float tab[kGroups3 * 8];
-  {
-    __m256 t[kGroups3];
-    subset_sums3(vals, t);
-    for (int p = 0; p < kGroups3; ++p) _mm256_store_ps(tab + 8 * p, t[p]);
-  }
-  const int32_t* bits = bank_t + base;
+IL_AVX2 inline void tables256(const float* vals, float* tab) {
+  __m256 t[kGroups3];
+  subset_sums3(vals, t);
+  for (int p = 0; p < kGroups3; ++p) _mm256_store_ps(tab + 8 * p, t[p]);
+}
+
+IL_AVX2 inline void stream256(const int32_t* bits, const float* tab, int np, int64_t t0, int64_t t1, float* acc) {
   if (np == kGroups3) {
     for (int64_t i = t0; i < t1; i += 8) {
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i));
@@ -136,6 +140,12 @@ IL_AVX2 void word256(const int32_t* bank_t, const float* vals, int np, int64_t b
   }
 }
 
+IL_AVX2 void word256(const int32_t* bank_t, const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* acc) {
+  alignas(32) float tab[kGroups3 * 8];
+  tables256(vals, tab);
+  stream256(bank_t + base, tab, np, t0, t1, acc);
+}
+
 // ------------------------------------------------------------------------------------------------
 // vals is zero past n, so set pad bits add nothing.
 void word_scalar(const int32_t* bank_t, const float* vals, int64_t base, int64_t t0, int64_t t1, float* acc) {
@@ -144,6 +154,51 @@ void word_scalar(const int32_t* bank_t, const float* vals, int64_t base, int64_t
     float s = 0.0f;
     for (; word; word &= word - 1) s += vals[__builtin_ctz(word)];
     acc[i] += s;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// superpose over the weight-interleaved copy (lut.h interleave_weights): Σ_t α_t M_t[r, c] is
+// mask_dot with the roles of tasks and weights swapped. Word q of weight c holds tasks 32q..32q+31,
+// so the tables are of α's subset sums (built once per call for every q), and 16 (8) weights' words
+// stream past them per vector, each lane accumulating one weight of the row.
+float* align64(std::vector<float>& buf) {
+  const auto p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<float*>((p + 63) & ~static_cast<uintptr_t>(63));
+}
+
+IL_AVX512 void superpose_rows512(const int32_t* bank_w, int64_t KW, int64_t n, int64_t np, const float* vals,
+                                 int tail_np, float* acc, float* out, int64_t r0, int64_t r1) {
+  constexpr int kT = 2 * kGroups5;
+  std::vector<float> buf(static_cast<size_t>(KW * kT * 16 + 16));
+  float* tabs = align64(buf);
+  for (int64_t q = 0; q < KW; ++q) {
+    __m512 t[kT];
+    tables32(vals + 36 * q, t);
+    for (int p = 0; p < kT; ++p) _mm512_store_ps(tabs + (q * kT + p) * 16, t[p]);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    std::fill(acc, acc + np, 0.0f);
+    for (int64_t q = 0; q < KW; ++q) {
+      __m512 t[kT];
+      for (int p = 0; p < kT; ++p) t[p] = _mm512_load_ps(tabs + (q * kT + p) * 16);
+      stream512(bank_w + (r * KW + q) * np, t, q == KW - 1 ? tail_np : kGroups5, 0, np, acc);
+    }
+    std::copy(acc, acc + n, out + r * n);
+  }
+}
+
+IL_AVX2 void superpose_rows256(const int32_t* bank_w, int64_t KW, int64_t n, int64_t np, const float* vals,
+                               int tail_np, float* acc, float* out, int64_t r0, int64_t r1) {
+  constexpr int kT = kGroups3 * 8;
+  std::vector<float> buf(static_cast<size_t>(KW * kT + 16));
+  float* tabs = align64(buf);
+  for (int64_t q = 0; q < KW; ++q) tables256(vals + 36 * q, tabs + q * kT);
+  for (int64_t r = r0; r < r1; ++r) {
+    std::fill(acc, acc + np, 0.0f);
+    for (int64_t q = 0; q < KW; ++q)
+      stream256(bank_w + (r * KW + q) * np, tabs + q * kT, q == KW - 1 ? tail_np : kGroups3, 0, np, acc);
+    std::copy(acc, acc + n, out + r * n);
   }
 }
 
@@ -179,6 +234,60 @@ void mask_dot_rank1_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int6
                         [&](const float* vals, int, int64_t base, int64_t t0, int64_t t1, float* a) {
                           word_scalar(bank_t, vals, base, t0, t1, a);
                         });
+  }
+}
+
+}  // namespace supsup_cpu
+
+namespace supsup_cpu {
+namespace {
+
+// b[j] bit i <- a[i] bit j for a 32 x 32 bit matrix (Hacker's Delight 7-3, bit 0 first): five rounds
+// of swapping the off-diagonal blocks of half the size.
+void transpose32(uint32_t* a) {
+  uint32_t m = 0x0000FFFFu;
+  for (int j = 16; j != 0; j >>= 1, m ^= m << j)
+    for (int i = 0; i < 32; i = ((i | j) + 1) & ~j) {
+      const uint32_t t = ((a[i] >> j) ^ a[i | j]) & m;
+      a[i] ^= t << j;
+      a[i | j] ^= t;
+    }
+}
+
+}  // namespace
+
+void interleave_weights(const int32_t* bank, int64_t k, int64_t R, int64_t W, int64_t n, int64_t KW, int64_t np,
+                        int32_t* bank_w, int64_t r0, int64_t r1) {
+  uint32_t a[32];
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t q = 0; q < KW; ++q) {
+      int32_t* dst = bank_w + (r * KW + q) * np;
+      for (int64_t w = 0; w < W; ++w) {
+        for (int64_t i = 0; i < 32; ++i)
+          a[i] = 32 * q + i < k ? static_cast<uint32_t>(bank[((32 * q + i) * R + r) * W + w]) : 0u;
+        transpose32(a);
+        for (int64_t j = 0; j < 32 && 32 * w + j < n; ++j) dst[32 * w + j] = static_cast<int32_t>(a[j]);
+      }
+      std::fill(dst + n, dst + np, 0);  // padding columns (the bank's pad bits, which may be set, stay out)
+    }
+}
+
+void superpose_interleaved(Isa isa, const int32_t* bank_w, int64_t k, int64_t KW, int64_t n, int64_t np,
+                           const float* alpha, float* out, int64_t r0, int64_t r1) {
+  std::vector<float> vals(static_cast<size_t>(KW * 36), 0.0f);  // α of word q at 36 q, zeros past k
+  for (int64_t q = 0; q < KW; ++q)
+    for (int64_t i = 0; i < 32 && 32 * q + i < k; ++i) vals[36 * q + i] = alpha[32 * q + i];
+  std::vector<float> acc(static_cast<size_t>(np));
+  if (isa == Isa::Avx512) {
+    superpose_rows512(bank_w, KW, n, np, vals.data(), tail_lookups(k, KW, 5, kGroups5), acc.data(), out, r0, r1);
+  } else if (isa == Isa::Avx2) {
+    superpose_rows256(bank_w, KW, n, np, vals.data(), tail_lookups(k, KW, 3, kGroups3), acc.data(), out, r0, r1);
+  } else {
+    for (int64_t r = r0; r < r1; ++r) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t q = 0; q < KW; ++q) word_scalar(bank_w, vals.data() + 36 * q, (r * KW + q) * np, 0, np, acc.data());
+      std::copy(acc.begin(), acc.begin() + n, out + r * n);
+    }
   }
 }
 

@@ -70,8 +70,10 @@ class MaskBank(TaskRows):
     def __init__(self, out_features: int, n: int, device=None):
         super().__init__((out_features, num_words(n)), torch.int32, device)
         self.n = int(n)
-        self._interleaved = (None, None)  # (key, tensor) or None per orientation: see interleaved()
+        # (key, tensor) or None per copy: interleaved(False), interleaved(True), interleaved_weights()
+        self._interleaved = (None, None, None)
         self._keep_interleaved = True
+        self._keep_interleaved_weights = False
 
     @property
     def words(self) -> torch.Tensor:
@@ -89,6 +91,30 @@ class MaskBank(TaskRows):
         if not keep:
             self.drop_interleaved()
 
+    @property
+    def keep_interleaved_weights(self) -> bool:
+        """Whether a layer in superposition with a general α may keep ``interleaved_weights()`` (as much
+        memory as the bank) to compute S = Σᵢ αᵢ Mᵢ from it. Off by default; setting False frees it."""
+        return self._keep_interleaved_weights
+
+    @keep_interleaved_weights.setter
+    def keep_interleaved_weights(self, keep: bool) -> None:
+        self._keep_interleaved_weights = bool(keep)
+        if not keep:
+            self._set_copy(2, None)
+
+    def interleaved_weights(self) -> torch.Tensor:
+        """``ops.interleave_weights(words, n)``, kept until the bank changes (as ``interleaved()``): the
+        layout from which ``ops.superpose(bank_w=)`` reads S = Σᵢ αᵢ Mᵢ on the CPU, 16 weights' 32 tasks
+        per vector. As much memory as the bank; ``drop_interleaved()`` frees it."""
+        key = self._copy_key()
+        cached = self._interleaved[2]
+        if cached is None or cached[0] != key:
+            self._interleaved = self._current_copies(key)
+            cached = (key, ops.interleave_weights(self.words, self.n))
+            self._set_copy(2, cached)
+        return cached[1]
+
     def interleaved(self, transposed: bool = False) -> torch.Tensor:
         """``ops.interleave_tasks(words)``, kept until the bank changes (a task appended, a row
         rewritten, the bank truncated, moved or copied): the layout in which one-image task inference
@@ -98,7 +124,7 @@ class MaskBank(TaskRows):
         (``ops.mask_dot_outer_interleaved``). Each holds about as much memory as the bank;
         ``drop_interleaved()`` frees them."""
         key = self._copy_key()
-        cached = self._interleaved[transposed]  # one read: another thread may drop or rebuild it meanwhile
+        cached = self._interleaved[int(transposed)]  # one read: another thread may drop or rebuild it meanwhile
         if cached is None or cached[0] != key:
             self._interleaved = self._current_copies(key)  # free the stale copies before building the new one
             words = self.words
@@ -106,13 +132,13 @@ class MaskBank(TaskRows):
                 words = ops.transpose_masks(words, self.n)
             cached = (key, ops.interleave_tasks(words))
             del words
-            self._set_copy(transposed, cached)
+            self._set_copy(int(transposed), cached)
         return cached[1]
 
     def kept_interleaved(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The current copies kept, ``interleaved(False)`` and ``interleaved(True)``, each None where
         not kept or stale (returning it would build it)."""
-        return tuple(c if c is None else c[1] for c in self._current_copies(self._copy_key()))
+        return tuple(c if c is None else c[1] for c in self._current_copies(self._copy_key())[:2])
 
     def _copy_key(self) -> tuple:
         return (self.count, id(self.storage), self.storage.data_ptr(), self.storage._version, self.storage.device)
@@ -121,13 +147,13 @@ class MaskBank(TaskRows):
         """The (key, copy) entries built under ``key``, None for the stale or missing ones."""
         return tuple(c if c is not None and c[0] == key else None for c in self._interleaved)
 
-    def _set_copy(self, transposed: bool, cached) -> None:
+    def _set_copy(self, which: int, cached) -> None:
         copies = list(self._interleaved)  # a new tuple: a reader holds the old one whole
-        copies[transposed] = cached
+        copies[which] = cached
         self._interleaved = tuple(copies)
 
     def drop_interleaved(self) -> None:
-        self._interleaved = (None, None)
+        self._interleaved = (None, None, None)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .float(), ...: the copy stays behind otherwise
         self.drop_interleaved()
@@ -135,13 +161,14 @@ class MaskBank(TaskRows):
 
     def __getstate__(self):  # copy.deepcopy and pickle: a copy of the model does not carry the cache
         state = dict(super().__getstate__())
-        state["_interleaved"] = (None, None)
+        state["_interleaved"] = (None, None, None)
         return state
 
-    def __setstate__(self, state):  # a pickle from before the transposed copy held one copy or None
+    def __setstate__(self, state):  # a pickle from before the weight copy held two copies (or one, or None)
         super().__setstate__(state)
-        if not isinstance(self._interleaved, tuple) or len(self._interleaved) != 2:
-            self._interleaved = (None, None)
+        if not isinstance(self._interleaved, tuple) or len(self._interleaved) != 3:
+            self._interleaved = (None, None, None)
+        self.__dict__.setdefault("_keep_interleaved_weights", False)
 
     # A change frees the copy at once (training goes on without holding a stale one); the key in
     # interleaved() also catches writes through the words view.

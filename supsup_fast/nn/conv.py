@@ -44,7 +44,7 @@ class SupermaskConv2d(SupermaskLayer):
     def _masked(self, x, words):
         return ops.masked_conv2d(x, self.weight, words, self.bias, **self._conv_kwargs())
 
-    def _superposed(self, x, bank, alpha, bank_t=None):  # the copy serves linear layers only
+    def _superposed(self, x, bank, alpha, bank_t=None, bank_w=None):  # the copies serve linear layers only
         return ops.superposed_conv2d(x, self.weight, bank, alpha, self.bias, **self._conv_kwargs())
 
     def _shape_repr(self):

@@ -192,10 +192,14 @@ class SupermaskLayer(CountCaches, nn.Module):
             counts = self.counts() if mode.active is None else self.active_counts(mode.active)
             s = self._uniform_s(counts, bank.shape[0])
             return ops.superposed_with_s(x, self.weight, bank, mode.alpha, s, self.bias, self._conv_kwargs(), bank_t)
-        return self._superposed(x, bank, mode.alpha, bank_t)
+        return self._superposed(x, bank, mode.alpha, bank_t, self._weight_copy(x, mode))
 
     def _interleaved_copy(self, x: torch.Tensor, mode: Superposition) -> Optional[torch.Tensor]:
         """The bank's task-interleaved copy where this layer's α-gradient would read it, else None."""
+        return None
+
+    def _weight_copy(self, x: torch.Tensor, mode: Superposition) -> Optional[torch.Tensor]:
+        """The bank's weight-interleaved copy where this layer's S = Σᵢ αᵢ Mᵢ would be read from it, else None."""
         return None
 
     def _conv_kwargs(self) -> Optional[dict]:

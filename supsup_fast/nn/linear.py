@@ -60,8 +60,18 @@ class SupermaskLinear(SupermaskLayer):
             self._sign_exact = exact = (key, scale > 0 and bool((self.weight.abs() == scale).all()))
         return (sign_words, scale) if exact[1] else None
 
-    def _superposed(self, x, bank, alpha, bank_t=None):
-        return ops.superposed_linear(x, self.weight, bank, alpha, self.bias, bank_t=bank_t)
+    def _superposed(self, x, bank, alpha, bank_t=None, bank_w=None):
+        return ops.superposed_linear(x, self.weight, bank, alpha, self.bias, bank_t=bank_t, bank_w=bank_w)
+
+    def _weight_copy(self, x, mode):
+        """``bank.interleaved_weights()`` where the bank keeps it (``keep_interleaved_weights``, off by
+        default) and S is computed from the bank (x and a general α both need gradients, the whole bank
+        active) on a backend that reads the copy (ops.superposed_linear's bank_w)."""
+        if not (mode.active is None and self.bank.keep_interleaved_weights and torch.is_grad_enabled() and x.requires_grad
+                and mode.alpha.requires_grad and self.weight.dtype == torch.float32
+                and ops.backend_for(x.device).reads_interleaved):
+            return None
+        return self.bank.interleaved_weights()
 
     def _interleaved_copy(self, x, mode):
         """``bank.interleaved()`` (kept while the bank is unchanged; ``keep_interleaved`` turns it off)

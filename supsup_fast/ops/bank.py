@@ -15,19 +15,26 @@ from .registry import backend_for
 
 
 @torch.library.custom_op("supsup::superpose", mutates_args=())
-def superpose_op(bank: Tensor, alpha: Tensor, n: int) -> Tensor:
-    return _superpose_body(bank, alpha, n)
+def superpose_op(bank: Tensor, alpha: Tensor, n: int, bank_w: Optional[Tensor] = None) -> Tensor:
+    return _superpose_body(bank, alpha, n, bank_w)
 
 
-def _superpose_body(bank: Tensor, alpha: Tensor, n: int) -> Tensor:
+def _superpose_body(bank: Tensor, alpha: Tensor, n: int, bank_w: Optional[Tensor] = None) -> Tensor:
     checks.check_superpose(bank, alpha, n)
+    if bank_w is not None:
+        checks.check_bank_w(bank, bank_w, n)
     checks.check_no_nan_alpha(alpha)
-    return _pick(bank.device, bank.shape[0], _lead(bank)).superpose(bank.contiguous(), alpha.contiguous(), n)
+    backend = _pick(bank.device, bank.shape[0], _lead(bank))
+    if bank_w is not None and backend.reads_interleaved:
+        return backend.superpose_interleaved(bank_w.contiguous(), bank.shape[0], alpha.contiguous(), n)
+    return backend.superpose(bank.contiguous(), alpha.contiguous(), n)
 
 
 @superpose_op.register_fake
-def _(bank, alpha, n):
+def _(bank, alpha, n, bank_w=None):
     checks.check_superpose(bank, alpha, n)
+    if bank_w is not None:
+        checks.check_bank_w(bank, bank_w, n)
     return alpha.new_empty(*bank.shape[1:-1], n)
 
 
@@ -112,13 +119,12 @@ def _(x, weight, bank):
 
 
 def _superpose_setup(ctx, inputs, output):
-    bank, alpha, n = inputs
-    ctx.save_for_backward(bank)
+    ctx.save_for_backward(inputs[0])
 
 
 def _superpose_backward(ctx, grad):
     (bank,) = ctx.saved_tensors
-    return None, mask_dot_op(bank, grad.contiguous()), None
+    return None, mask_dot_op(bank, grad.contiguous()), None, None
 
 
 superpose_op.register_autograd(_superpose_backward, setup_context=_superpose_setup)
@@ -139,11 +145,16 @@ mask_dot_op.register_autograd(_mask_dot_backward, setup_context=_mask_dot_setup)
 
 
 # -- the public function ----------------------------------------------------------------------
-def superpose(bank: Tensor, alpha: Tensor, n: int) -> Tensor:
-    """Σᵢ αᵢ Mᵢ: bank [k, *lead, W], alpha [k] -> float [*lead, n]."""
-    if eager_without_grad(bank, alpha):  # the op's body, without the dispatcher (~50 µs a call)
-        return _superpose_body(bank, alpha, n)
-    return superpose_op(bank, alpha, n)
+def superpose(bank: Tensor, alpha: Tensor, n: int, bank_w: Optional[Tensor] = None) -> Tensor:
+    """Σᵢ αᵢ Mᵢ: bank [k, *lead, W], alpha [k] -> float [*lead, n].
+
+    ``bank_w``, optional, is ``interleave_weights(bank, n)`` held by the caller
+    (``MaskBank.interleaved_weights()`` keeps one): a backend that reads it (``reads_interleaved``:
+    cpu) looks 32 tasks' bits of 16 weights up per vector in tables of α's subset sums, about 1.4x
+    (AVX-512) to 2.3x (AVX2) as fast as from the bank; the result is the same up to summation order."""
+    if eager_without_grad(bank, alpha, bank_w):  # the op's body, without the dispatcher (~50 µs a call)
+        return _superpose_body(bank, alpha, n, bank_w)
+    return superpose_op(bank, alpha, n, bank_w)
 
 
 def mask_dot(bank: Tensor, v: Tensor, bank_t: Optional[Tensor] = None) -> Tensor:
@@ -257,6 +268,33 @@ def interleave_tasks(bank: Tensor) -> Tensor:
     if eager_without_grad(bank):
         return _interleave_tasks_body(bank)
     return interleave_tasks_op(bank)
+
+
+@torch.library.custom_op("supsup::interleave_weights", mutates_args=())
+def interleave_weights_op(bank: Tensor, n: int) -> Tensor:
+    return _interleave_weights_body(bank, n)
+
+
+def _interleave_weights_body(bank: Tensor, n: int) -> Tensor:
+    checks.check_bank_rows(bank, n)
+    return backend_for(bank.device).interleave_weights(bank.contiguous(), n)
+
+
+@interleave_weights_op.register_fake
+def _(bank, n):
+    checks.check_bank_rows(bank, n)
+    return bank.new_empty(*bank.shape[1:-1], -bank.shape[0] // 32 * -32 // 32, -n // 16 * -16)
+
+
+def interleave_weights(bank: Tensor, n: int) -> Tensor:
+    """The weight-interleaved copy of a bank of n-wide rows: [k, *lead, ceil(n/32)] -> int32 [*lead,
+    ceil(k/32), np], np = n rounded up to 16, where bit i of ``out[..., q, c]`` is weight c's bit of
+    task 32q + i (zero for tasks past k and columns past n). Each word holds 32 tasks of one weight,
+    16 weights' words are one 64-byte vector: ``superpose(bank_w=)`` reads it as mask_dot reads
+    ``interleave_tasks``, with tasks and weights swapped. As much memory as the bank."""
+    if eager_without_grad(bank):
+        return _interleave_weights_body(bank, n)
+    return interleave_weights_op(bank, n)
 
 
 def bank_linear(x: Tensor, weight: Tensor, bank: Tensor) -> Tensor:

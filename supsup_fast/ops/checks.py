@@ -180,12 +180,17 @@ def check_bank(bank: torch.Tensor) -> None:
         raise ValueError(f"bank must be [k, *lead, words], got shape {tuple(bank.shape)}")
 
 
-def check_superpose(bank: torch.Tensor, alpha: torch.Tensor, n: int) -> None:
+def check_bank_rows(bank: torch.Tensor, n: int) -> None:
+    """bank [k, *lead, ceil(n/32)] of n-bit rows."""
     check_bank(bank)
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int (bits per row), got {n!r}")
     if bank.shape[-1] != num_words(n):
         raise ValueError(f"bank has {bank.shape[-1]} words per row but n = {n} needs {num_words(n)}")
+
+
+def check_superpose(bank: torch.Tensor, alpha: torch.Tensor, n: int) -> None:
+    check_bank_rows(bank, n)
     check_alpha(alpha, bank.shape[0])
     same_device(bank=bank, alpha=alpha)
 
@@ -247,6 +252,16 @@ def check_bank_t(bank: torch.Tensor, bank_t: torch.Tensor) -> None:
     if tuple(bank_t.shape) != want:
         raise ValueError(f"bank_t must be interleave_tasks(bank), shape {want}, got {tuple(bank_t.shape)}")
     same_device(bank=bank, bank_t=bank_t)
+
+
+def check_bank_w(bank: torch.Tensor, bank_w: torch.Tensor, n: int) -> None:
+    """bank_w shaped as interleave_weights(bank, n): [*bank.shape[1:-1], ceil(k/32), n rounded up to 16],
+    words, on bank's device."""
+    words_tensor("bank_w", bank_w)
+    want = (*bank.shape[1:-1], -bank.shape[0] // 32 * -32 // 32, -n // 16 * -16)
+    if tuple(bank_w.shape) != want:
+        raise ValueError(f"bank_w must be interleave_weights(bank, n={n}), shape {want}, got {tuple(bank_w.shape)}")
+    same_device(bank=bank, bank_w=bank_w)
 
 
 def check_mask_dot_outer_interleaved(bank_t: torch.Tensor, k: int, g: torch.Tensor, x: torch.Tensor,

@@ -179,18 +179,22 @@ def _given_s(x, weight, bank, alpha, s, bias, conv_params, bank_t=None):
 
 # -- the public function ----------------------------------------------------------------------
 def superposed_linear(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bias: Optional[Tensor] = None,
-                      bank_t: Optional[Tensor] = None) -> Tensor:
+                      bank_t: Optional[Tensor] = None, bank_w: Optional[Tensor] = None) -> Tensor:
     """y = x (W ⊙ Σᵢ αᵢ Mᵢ)ᵀ + b; differentiable in x, alpha, weight, bias.
 
-    ``bank_t``, optional, is ``interleave_tasks(bank)`` held by the caller (``MaskBank.interleaved()``
-    keeps one): where x and α both need gradients (task inference past the first layer), the cpu
-    backend reads the α-gradient of one image from it, about twice as fast as from the bank; the
-    result is the same up to summation order. Other paths and backends ignore it."""
+    ``bank_t`` and ``bank_w``, optional, are ``interleave_tasks(bank)`` and ``interleave_weights(bank,
+    n)`` held by the caller (``MaskBank.interleaved()`` and ``interleaved_weights()`` keep them). Where
+    x and α both need gradients (task inference past the first layer), the cpu backend reads the
+    α-gradient of one image from ``bank_t`` (about twice as fast as from the bank) and S = Σᵢ αᵢ Mᵢ
+    from ``bank_w`` (``superpose(bank_w=)``); the result is the same up to summation order. Other
+    paths and backends ignore them."""
     if bank_t is not None:
         checks.check_bank_t(bank, bank_t)
+    if bank_w is not None:
+        checks.check_bank_w(bank, bank_w, weight.shape[-1])
     if _backward_needs_s(x, alpha):
         checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
-        s = superpose(bank, alpha.detach(), weight.shape[1]).view_as(weight)
+        s = superpose(bank, alpha.detach(), weight.shape[1], bank_w).view_as(weight)
         return _given_s(x, weight, bank, alpha, s.to(weight.dtype), bias, None, bank_t)
     if _per_task_outputs_pay(x, weight, alpha):
         checks.check_superposed(x, weight, bank, alpha, bias, conv=False)

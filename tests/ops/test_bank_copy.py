@@ -120,3 +120,105 @@ def test_the_copy_is_what_a_reading_backend_reads(name, device):
     assert torch.equal(got, expect)
     assert torch.equal(grads[0], grads[1])
     assert reads == (name == "cpu")
+
+
+# -- the weight-interleaved copy (bank_w = interleave_weights(bank, n)) read by superpose ------------
+@pytest.mark.parametrize("name,device", CASES)
+@pytest.mark.parametrize("k,lead,n", SIZES + [(33, (3,), 70)])
+def test_superpose_with_the_weight_copy_equals_superpose(name, device, k, lead, n):
+    """Output and α-gradient (superpose's backward is mask_dot, from the bank)."""
+    g = torch.Generator().manual_seed(k * n + 1)
+    bank = ss.pack_bits(torch.rand(k, *lead, n, generator=g) < 0.5).to(device)
+    a0, gout = _ints(g, k).to(device), _ints(g, *lead, n).to(device)
+    with ss.use_backend(name):
+        copy = ops.interleave_weights(bank, n)
+        assert copy.shape == (*lead, -k // 32 * -1, -n // 16 * -16) and copy.dtype == torch.int32
+        results = []
+        for bank_w in (None, copy):
+            a = a0.clone().requires_grad_()
+            s = ops.superpose(bank, a, n, bank_w)
+            s.backward(gout)
+            results.append((s.detach(), a.grad))
+    for got, expect in zip(*results):
+        assert torch.equal(got, expect)
+
+
+@pytest.mark.parametrize("name,device", CASES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_superposed_linear_with_both_copies_equals_without(name, device, batch):
+    g = torch.Generator().manual_seed(batch)
+    k, R, n = 40, 33, 100
+    bank = ss.pack_bits(torch.rand(k, R, n, generator=g) < 0.5).to(device)
+    w, bias, x0 = _ints(g, R, n).to(device), _ints(g, R).to(device), _ints(g, batch, n).to(device)
+    a0, gout = torch.randint(1, 4, (k,), generator=g).float().to(device), _ints(g, batch, R).to(device)
+    results = []
+    for copies in ({}, {"bank_t": ops.interleave_tasks(bank), "bank_w": ops.interleave_weights(bank, n)}):
+        a, x = a0.clone().requires_grad_(), x0.clone().requires_grad_()
+        with ss.use_backend(name):
+            y = ops.superposed_linear(x, w, bank, a, bias, **copies)
+        y.backward(gout)
+        results.append((y.detach(), a.grad, x.grad))
+    for got, expect in zip(*results):
+        assert torch.equal(got, expect)
+
+
+@pytest.mark.parametrize("name,device", CASES)
+def test_the_weight_copy_is_what_a_reading_backend_reads(name, device):
+    """Given another bank's weight copy, the cpu backend returns that bank's S, the others the given bank's."""
+    g = torch.Generator().manual_seed(11)
+    bank, other = (ss.pack_bits(torch.rand(40, 6, 70, generator=g) < 0.5).to(device) for _ in range(2))
+    a = _ints(g, 40).to(device)
+    reads = ss.ops.registry._instance(name).reads_interleaved
+    with ss.use_backend(name):
+        got = ops.superpose(bank, a, 70, ops.interleave_weights(other, 70))
+        expect = ops.superpose(other if reads else bank, a, 70)
+    assert torch.equal(got, expect)
+    assert not torch.equal(ops.superpose(bank, a, 70), ops.superpose(other, a, 70))
+
+
+def test_a_weight_copy_of_the_wrong_shape_is_refused():
+    g = torch.Generator().manual_seed(0)
+    bank = ss.pack_bits(torch.rand(40, 6, 70, generator=g) < 0.5)
+    for other in (ops.interleave_weights(bank[:32], 70), ops.interleave_weights(bank[:, :5], 70)):
+        with pytest.raises(ValueError, match=r"bank_w must be interleave_weights\(bank, n=70\)"):
+            ops.superpose(bank, torch.ones(40), 70, other)
+        with pytest.raises(ValueError, match=r"bank_w must be interleave_weights\(bank, n=70\)"):
+            ops.superposed_linear(torch.ones(1, 70), torch.ones(6, 70), bank, torch.ones(40), bank_w=other)
+    with pytest.raises(TypeError, match="bank_w"):
+        ops.superpose(bank, torch.ones(40), 70, ops.interleave_weights(bank, 70).float())
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        ops.interleave_weights(bank, 0)
+    with pytest.raises(ValueError, match="words per row"):
+        ops.interleave_weights(bank, 200)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_linear_layer_reads_its_kept_weight_copy_under_a_general_alpha(keep):
+    """keep_interleaved_weights (off by default): the layer builds and keeps the weight copy for a general
+    α with x needing a gradient, and output and gradients equal those from the bank alone."""
+    from supsup_fast import nn as snn
+    from supsup_fast.bench import random_model_with_masks
+    model = random_model_with_masks("lenet", 50, 37, seed=5)
+    layer = list(snn.supermask_layers(model).values())[1]
+    assert layer.bank.keep_interleaved_weights is False
+    g = torch.Generator().manual_seed(4)
+    x0, alpha0 = torch.randn(3, layer.weight.shape[1], generator=g), torch.rand(layer.num_tasks, generator=g)
+    results = []
+    for use in (False, keep):
+        layer.bank.keep_interleaved_weights = use
+        a, x = alpha0.clone().requires_grad_(), x0.clone().requires_grad_()
+        with snn.superposition(layer, a):
+            y = layer(x)
+        assert (layer.bank._interleaved[2] is not None) == (use and ss.ops.backend_for(x.device).reads_interleaved)
+        results.append((y.detach(), *torch.autograd.grad(y.square().sum(), (a, x))))
+    for got, expect in zip(*results):  # float sums in another order: equal to fp32 rounding of the largest terms
+        torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5 * float(expect.abs().max()))
+    layer.bank.keep_interleaved_weights = False
+    assert layer.bank._interleaved[2] is None  # turning it off frees the copy
+    if keep and ss.ops.backend_for(x0.device).reads_interleaved:
+        layer.bank.keep_interleaved_weights = True
+        built = layer.bank.interleaved_weights()
+        assert torch.equal(built, ops.interleave_weights(layer.bank.words, layer.bank.n))
+        assert layer.bank.interleaved_weights() is built  # kept while the bank is unchanged
+        layer.bank.words[0, 0, 0] ^= 1
+        assert layer.bank.interleaved_weights() is not built  # a write through the words view is seen

@@ -178,7 +178,7 @@ def test_mask_bank_keeps_both_orientations_and_frees_a_stale_one():
     assert torch.equal(rebuilt, ss.ops.interleave_tasks(ss.ops.transpose_masks(bank.words, 45)))
     assert bank._interleaved[0] is None  # the stale plain copy was freed, not kept beside the new one
     bank.append(ss.pack_bits(torch.rand(37, 45) > 0.5))
-    assert bank._interleaved == (None, None)
+    assert bank._interleaved == (None, None, None)
 
 
 @needs_compiler

@@ -51,6 +51,8 @@ def opcheck_cases(device):
         "superposed_given_s_with_copy": (superposed_ops.superposed_given_s_op,
                                          (r(1, n, grad=True), w, bank, a, s, b, None, ss.ops.interleave_tasks(bank))),
         "mask_dot_with_copy": (bank_ops.mask_dot_op, (bank, r(out, n), ss.ops.interleave_tasks(bank))),
+        "superpose_with_copy": (bank_ops.superpose_op, (bank, a, n, ss.ops.interleave_weights(bank, n))),
+        "interleave_weights": (bank_ops.interleave_weights_op, (bank, n)),
         "superposed_backward_with_copy": (superposed_ops.superposed_backward_op,
                                           (r(1, out), r(1, n), w.detach(), bank, a.detach(), s, None, True, True, False,
                                            ss.ops.interleave_tasks(bank))),

@@ -120,6 +120,14 @@ class CpuBackend(ReferenceBackend):
             return super().superpose(bank, alpha, n)
         return self.ops.superpose(bank.contiguous(), alpha.contiguous(), n)
 
+    def superpose_interleaved(self, bank_w, k, alpha, n):
+        if alpha.dtype != torch.float32:
+            return super().superpose_interleaved(bank_w, k, alpha, n)
+        return self.ops.superpose_interleaved(bank_w.contiguous(), k, alpha.contiguous(), n)
+
+    def interleave_weights(self, bank, n):
+        return self.ops.interleave_weights(bank.contiguous(), n)
+
     def mask_dot(self, bank, v):
         if v.dtype != torch.float32:
             return super().mask_dot(bank, v)

@@ -180,6 +180,33 @@ class ReferenceBackend:
         out = bank.movedim(0, -1)
         return F.pad(out, (0, -k % 16)).contiguous()
 
+    def interleave_weights(self, bank: torch.Tensor, n: int) -> torch.Tensor:
+        """[k, *lead, W] -> [*lead, ceil(k/32), np]: bit i of word (q, c) is weight c's bit of task
+        32q + i; np = n rounded up to 16, zero for tasks past k and columns past n."""
+        k, lead = bank.shape[0], bank.shape[1:-1]
+        kw, np_ = -(-k // 32), -(-n // 16) * 16
+        flat = bank.reshape(k, math.prod(lead), bank.shape[-1])
+        out = torch.zeros(flat.shape[1], kw, np_, dtype=torch.int32, device=bank.device)
+        shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32, device=bank.device)
+        for q in range(kw):
+            chunk = flat[32 * q:32 * q + 32]  # [c, rows, W]
+            bits = ((chunk[..., None] >> shifts) & 1).reshape(chunk.shape[0], chunk.shape[1], -1)[..., :n].to(torch.int64)
+            places = torch.arange(chunk.shape[0], device=bank.device).view(-1, 1, 1)
+            word = (bits << places).sum(0)  # [rows, n], in [0, 2^32)
+            out[:, q, :n] = torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
+        return out.view(*lead, kw, np_)
+
+    def superpose_interleaved(self, bank_w: torch.Tensor, k: int, alpha: torch.Tensor, n: int) -> torch.Tensor:
+        """superpose of the k-task bank that bank_w [*lead, ceil(k/32), np] interleaves (interleave_weights)."""
+        lead, kw = bank_w.shape[:-2], bank_w.shape[-2]
+        words = bank_w.reshape(math.prod(lead), kw, bank_w.shape[-1])[..., :n]
+        out = torch.zeros(words.shape[0], n, dtype=alpha.dtype, device=bank_w.device)
+        shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32, device=bank_w.device)
+        for q in range(kw):
+            a = alpha[32 * q:32 * q + 32]
+            out += ((words[:, q, :, None] >> shifts[:a.numel()]) & 1).to(alpha.dtype) @ a
+        return out.view(*lead, n)
+
     def mask_dot_batched(self, bank: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(⟨Mᵢ, v_j⟩): [k, *lead, W] x [q, *lead, n] -> [q, k], bit plane by bit plane."""
         k, w = bank.shape[0], bank.shape[-1]
