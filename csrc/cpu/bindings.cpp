@@ -232,6 +232,26 @@ at::Tensor mask_dot_rows_op(const at::Tensor& bank, const at::Tensor& x, const a
 }
 
 
+// mask_dot_rows from the task-interleaved copy bank_t [R, W, kp] of a k-task bank: [R, k].
+at::Tensor mask_dot_rows_interleaved_op(const at::Tensor& bank_t, int64_t k, const at::Tensor& x, const at::Tensor& w) {
+  check_words(bank_t, "bank_t");
+  check_float(x, "x");
+  check_float(w, "weight");
+  TORCH_CHECK(w.dim() == 2 && x.dim() == 1 && x.size(0) == w.size(1), "mask_dot_rows_interleaved needs x [n] and weight [R, n]");
+  const int64_t R = w.size(0), n = w.size(1), W = words_for(n), kp = (k + 15) / 16 * 16;
+  TORCH_CHECK(k >= 0 && bank_t.dim() == 3 && bank_t.size(0) == R && bank_t.size(1) == W && bank_t.size(2) == kp,
+              "bank_t must be the task-interleaved copy of a ", k, "-task bank: [", R, ", ", W, ", ", kp, "], got ",
+              bank_t.sizes());
+  at::Tensor out = at::empty({R, k}, w.options());
+  if (R == 0 || k == 0 || n == 0) return out.zero_();  // an empty sum
+  const Isa isa = current_isa();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    mask_dot_rows_interleaved(isa, bank_t.data_ptr<int32_t>(), kp, W, n, x.data_ptr<float>(), w.data_ptr<float>(), k,
+                              out.data_ptr<float>(), r0, r1);
+  });
+  return out;
+}
+
 // Below this many tasks the tables cost more than the lookups they save (64 is the least measured);
 // below this fraction of live (query, row) pairs the tasks-in-lanes kernel, which skips the dead
 // ones, is faster (with every row live the queries-in-lanes kernel took 0.52-0.6 of its time on
@@ -1110,6 +1130,7 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("mask_dot_batched(Tensor bank, Tensor v, Tensor? active=None) -> Tensor");
   m.def("mask_dot_rank1(Tensor bank, Tensor g, Tensor x, Tensor weight, bool inputs_finite=False) -> Tensor");
   m.def("mask_dot_rows(Tensor bank, Tensor x, Tensor weight) -> Tensor");
+  m.def("mask_dot_rows_interleaved(Tensor bank_t, int k, Tensor x, Tensor weight) -> Tensor");
   m.def("mask_dot_rank1_batched(Tensor bank, Tensor g, Tensor x, Tensor weight, Tensor? bank_t=None) -> Tensor");
   m.def("interleave_tasks(Tensor bank) -> Tensor");
   m.def("interleave_weights(Tensor bank, int n) -> Tensor");
@@ -1162,6 +1183,7 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("mlp_mask_dot_outer", &mlp_mask_dot_outer_op);
   m.impl("mlp_logit_gradients", &mlp_logit_gradients_op);
   m.impl("mask_dot_rows", &mask_dot_rows_op);
+  m.impl("mask_dot_rows_interleaved", &mask_dot_rows_interleaved_op);
   m.impl("masked_weight", &masked_weight_op);
   m.impl("masked_weight_into", &masked_weight_into_op);
   m.impl("masked_linear_small", &masked_linear_small_op);

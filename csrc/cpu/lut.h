@@ -67,6 +67,11 @@ void superpose_interleaved(Isa isa, const int32_t* bank_w, int64_t k, int64_t KW
 void mask_dot_rows(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* x, const float* w,
                    int64_t k, float* out, int64_t r0, int64_t r1);
 
+// mask_dot_rows read from the task-interleaved copy bank_t [R, W, kp] of a k-task bank
+// (mask_dot_rank1_interleaved's loop, a row's sums kept apart): out[r * k + t], rows [r0, r1).
+void mask_dot_rows_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int64_t W, int64_t n, const float* x,
+                               const float* w, int64_t k, float* out, int64_t r0, int64_t r1);
+
 // superpose (out[row, j] = sum_t alpha[t] * bit(bank[task(t), row, j]), rows [r0, r1)) by table
 // lookups over bit transposes (superpose_lut.cpp); only where superpose_lut_available(isa): AVX2, and
 // AVX-512 with GFNI and VBMI (unless SUPSUP_CPU_GFNI=0).

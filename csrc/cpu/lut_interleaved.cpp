@@ -288,3 +288,29 @@ void superpose_interleaved(Isa isa, const int32_t* bank_w, int64_t k, int64_t KW
 }
 
 }  // namespace supsup_cpu
+
+namespace supsup_cpu {
+
+void mask_dot_rows_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int64_t W, int64_t n, const float* x,
+                               const float* w, int64_t k, float* out, int64_t r0, int64_t r1) {
+  alignas(64) float vals[36];
+  vals[32] = vals[33] = vals[34] = vals[35] = 0.0f;
+  std::vector<float> acc(static_cast<size_t>(kp));
+  const int tail5 = tail_lookups(n, W, 5, kGroups5), tail3 = tail_lookups(n, W, 3, kGroups3);
+  for (int64_t r = r0; r < r1; ++r) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t q = 0; q < W; ++q) {
+      rank1_values(1.0f, x, w + r * n, n, q, vals);
+      const int64_t base = (r * W + q) * kp;
+      if (isa == Isa::Avx512)
+        word512(bank_t, vals, q == W - 1 ? tail5 : kGroups5, base, 0, kp, acc.data());
+      else if (isa == Isa::Avx2)
+        word256(bank_t, vals, q == W - 1 ? tail3 : kGroups3, base, 0, kp, acc.data());
+      else
+        word_scalar(bank_t, vals, base, 0, kp, acc.data());
+    }
+    std::copy(acc.begin(), acc.begin() + k, out + r * k);
+  }
+}
+
+}  // namespace supsup_cpu

@@ -75,10 +75,12 @@ class SupermaskLinear(SupermaskLayer):
 
     def _interleaved_copy(self, x, mode):
         """``bank.interleaved()`` (kept while the bank is unchanged; ``keep_interleaved`` turns it off)
-        for one image whose input and α both need gradients on a backend that reads the copy: the
-        α-gradient then reads it about twice as fast as the bank (ops.superposed_linear's bank_t)."""
-        if not (mode.active is None and self.bank.keep_interleaved and torch.is_grad_enabled() and x.requires_grad
-                and mode.alpha.requires_grad and x.numel() == x.shape[-1] and self.weight.dtype == torch.float32
+        for one image whose α needs a gradient on a backend that reads the copy: where the input needs
+        one too, the α-gradient reads the copy about twice as fast as the bank, and where neither input
+        nor weight does (a first layer), every task's output (ops.superposed_linear's bank_t)."""
+        if not (mode.active is None and self.bank.keep_interleaved and torch.is_grad_enabled()
+                and mode.alpha.requires_grad and (x.requires_grad or not self.weight.requires_grad)
+                and x.numel() == x.shape[-1] and self.weight.dtype == torch.float32
                 and ops.backend_for(x.device).reads_interleaved):
             return None
         return self.bank.interleaved()

@@ -99,22 +99,28 @@ def _(bank, g, x, weight, bank_t=None):
 
 
 @torch.library.custom_op("supsup::bank_linear", mutates_args=())
-def bank_linear_op(x: Tensor, weight: Tensor, bank: Tensor) -> Tensor:
-    return bank_linear_body(x, weight, bank)
+def bank_linear_op(x: Tensor, weight: Tensor, bank: Tensor, bank_t: Optional[Tensor] = None) -> Tensor:
+    return bank_linear_body(x, weight, bank, bank_t)
 
 
-def bank_linear_body(x: Tensor, weight: Tensor, bank: Tensor) -> Tensor:
+def bank_linear_body(x: Tensor, weight: Tensor, bank: Tensor, bank_t: Optional[Tensor] = None) -> Tensor:
     """The op's body, for eager callers that skip the dispatcher (no autograd: it has none)."""
     checks.check_bank_linear(x, weight, bank)
+    if bank_t is not None:
+        checks.check_bank_t(bank, bank_t)
     backend = _pick(x.device, x.numel(), weight.shape[0], bank.shape[0])
     if backend is not _REFERENCE and not (_finite(x) and _finite(weight)):
         backend = _REFERENCE  # IEEE semantics: a masked-out inf still gives 0·inf = NaN
+    if bank_t is not None and backend.reads_interleaved:
+        return backend.bank_linear(x, weight.contiguous(), bank.contiguous(), bank_t.contiguous())
     return backend.bank_linear(x, weight.contiguous(), bank.contiguous())
 
 
 @bank_linear_op.register_fake
-def _(x, weight, bank):
+def _(x, weight, bank, bank_t=None):
     checks.check_bank_linear(x, weight, bank)
+    if bank_t is not None:
+        checks.check_bank_t(bank, bank_t)
     return x.new_empty(*x.shape[:-1], weight.shape[0], bank.shape[0])
 
 
@@ -297,17 +303,21 @@ def interleave_weights(bank: Tensor, n: int) -> Tensor:
     return interleave_weights_op(bank, n)
 
 
-def bank_linear(x: Tensor, weight: Tensor, bank: Tensor) -> Tensor:
+def bank_linear(x: Tensor, weight: Tensor, bank: Tensor, bank_t: Optional[Tensor] = None) -> Tensor:
     """Every task's masked linear layer on x at once: out[..., r, t] = (x (W ⊙ Mₜ)ᵀ)[..., r]
     (no bias); x [*, in], weight [out, in], bank [k, out, ceil(in/32)] -> [*, out, k]. One pass over
     the bits per row of x on the cpu backend. Not differentiable: call it on tensors that need no
-    gradient (superposed_linear uses it, under no_grad, for a first layer's α-gradient)."""
+    gradient (superposed_linear uses it, under no_grad, for a first layer's α-gradient).
+
+    ``bank_t``, optional, is ``interleave_tasks(bank)`` held by the caller: a backend that reads it
+    (``reads_interleaved``: cpu) keeps each word's tables in registers while every task streams
+    past, 1.4-2.4x as fast as from the bank; the result is the same up to summation order."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight) if isinstance(t, Tensor)):
         raise RuntimeError("bank_linear is not differentiable: call it under torch.no_grad() or on x and weight "
                            "that do not require grad")
-    if eager_without_grad(x, weight, bank):
-        return bank_linear_body(x, weight, bank)
-    return bank_linear_op(x, weight, bank)
+    if eager_without_grad(x, weight, bank, bank_t):
+        return bank_linear_body(x, weight, bank, bank_t)
+    return bank_linear_op(x, weight, bank, bank_t)
 
 
 def mask_dot_batched(bank: Tensor, v: Tensor) -> Tensor:

@@ -186,8 +186,9 @@ def superposed_linear(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bi
     n)`` held by the caller (``MaskBank.interleaved()`` and ``interleaved_weights()`` keep them). Where
     x and α both need gradients (task inference past the first layer), the cpu backend reads the
     α-gradient of one image from ``bank_t`` (about twice as fast as from the bank) and S = Σᵢ αᵢ Mᵢ
-    from ``bank_w`` (``superpose(bank_w=)``); the result is the same up to summation order. Other
-    paths and backends ignore them."""
+    from ``bank_w`` (``superpose(bank_w=)``); where only α does (a first layer), it reads every
+    task's output from ``bank_t`` (``bank_linear(bank_t=)``). The result is the same up to summation
+    order. Other paths and backends ignore them."""
     if bank_t is not None:
         checks.check_bank_t(bank, bank_t)
     if bank_w is not None:
@@ -200,7 +201,8 @@ def superposed_linear(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bi
         checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
         checks.check_no_nan_alpha(alpha)
         with torch.no_grad():  # [*, out, k]: every task's output of this layer
-            d = bank_linear_body(x, weight, bank) if eager_plain(x, weight, bank) else bank_linear_op(x, weight, bank)
+            d = (bank_linear_body(x, weight, bank, bank_t) if eager_plain(x, weight, bank, bank_t)
+                 else bank_linear_op(x, weight, bank, bank_t))
         y = torch.matmul(d, alpha.to(d.dtype))  # autograd: dα = Σ dᵀ g, no second pass over the bits
         return y if bias is None else y + bias
     return superposed_linear_op(x, weight, bank, alpha, bias)

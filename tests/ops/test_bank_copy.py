@@ -101,6 +101,28 @@ def test_linear_layer_reads_its_kept_copy_in_one_image_inference(uniform):
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)
 
 
+def test_first_layer_reads_its_kept_copy_for_every_task_output():
+    """The first layer of one-image task inference (input and weight need no gradient, α does): the
+    layer builds its bank's task copy and every task's output (y = D α) is read from it, with the
+    output and α-gradient of keep_interleaved=False."""
+    from supsup_fast import nn as snn
+    from supsup_fast.bench import random_model_with_masks
+    model = random_model_with_masks("lenet", 50, 37, seed=6)
+    layer = list(snn.supermask_layers(model).values())[0]
+    x = torch.randn(1, layer.weight.shape[1], generator=torch.Generator().manual_seed(1))
+    alpha0 = torch.rand(layer.num_tasks, generator=torch.Generator().manual_seed(2))
+    results = []
+    for keep in (True, False):
+        layer.bank.keep_interleaved = keep
+        a = alpha0.clone().requires_grad_()
+        with snn.superposition(layer, a):
+            y = layer(x)
+        assert (layer.bank.kept_interleaved()[0] is not None) == (keep and ss.ops.backend_for(x.device).reads_interleaved)
+        results.append((y.detach(), torch.autograd.grad(y.square().sum(), a)[0]))
+    for got, expect in zip(*results):
+        torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5 * float(expect.abs().max()))
+
+
 @pytest.mark.parametrize("name,device", CASES)
 def test_the_copy_is_what_a_reading_backend_reads(name, device):
     """Given the copy of another bank of the same shape, a backend that reads copies (cpu) returns that

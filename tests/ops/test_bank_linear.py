@@ -35,6 +35,36 @@ def test_bank_linear_matches_einsum(name, device, k, rows, n, lead):
     assert torch.allclose(got, expected(x, w, masks), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name,device", PAIRS, ids=ids(PAIRS))
+@pytest.mark.parametrize("k,rows,n,lead", [(1, 3, 5, ()), (17, 33, 70, (1,)), (250, 64, 784, ()), (33, 1, 1, (3,))])
+def test_bank_linear_given_the_task_copy_equals_without(name, device, k, rows, n, lead):
+    """Exactly, on small integers; one row of x reads the copy on the cpu backend, three ignore it."""
+    g = torch.Generator().manual_seed(k + n)
+    bank = ss.pack_bits(torch.rand(k, rows, n, generator=g) > 0.5).to(device)
+    w = torch.randint(-3, 4, (rows, n), generator=g).float().to(device)
+    x = torch.randint(-3, 4, (*lead, n), generator=g).float().to(device)
+    with ss.use_backend(name):
+        got = ss.ops.bank_linear(x, w, bank, ss.ops.interleave_tasks(bank))
+        assert torch.equal(got, ss.ops.bank_linear(x, w, bank))
+    with pytest.raises(ValueError, match=r"bank_t must be interleave_tasks\(bank\)"):
+        ss.ops.bank_linear(x, w, bank, ss.ops.interleave_tasks(torch.cat([bank, bank[:1].repeat(16, 1, 1)])))
+
+
+
+@pytest.mark.parametrize("name,device", PAIRS, ids=ids(PAIRS))
+def test_bank_linear_reads_the_copy_it_is_given_on_the_cpu_backend(name, device):
+    """Given another bank's copy, the cpu backend returns that bank's outputs, the others the given bank's:
+    the equality test above cannot tell a copy ignored."""
+    g = torch.Generator().manual_seed(8)
+    bank, other = (ss.pack_bits(torch.rand(20, 6, 70, generator=g) > 0.5).to(device) for _ in range(2))
+    w, x = torch.randint(-3, 4, (6, 70), generator=g).float().to(device), torch.randint(-3, 4, (70,), generator=g).float().to(device)
+    reads = ss.ops.registry._instance(name).reads_interleaved
+    with ss.use_backend(name):
+        got = ss.ops.bank_linear(x, w, bank, ss.ops.interleave_tasks(other))
+        assert torch.equal(got, ss.ops.bank_linear(x, w, other if reads else bank))
+    assert reads == (name == "cpu")
+
+
 ISA_SCRIPT = textwrap.dedent("""
     import torch, supsup_fast as ss
     from supsup_fast.ops.backends.cpu import cpu_isa
@@ -50,6 +80,18 @@ ISA_SCRIPT = textwrap.dedent("""
         if n % 32:  # set pad bits are ignored
             dirty = bank.clone(); dirty[..., -1] |= -(1 << (n % 32))
             assert torch.allclose(C.mask_dot_rows(dirty, x, w), ref, rtol=1e-4, atol=1e-4)
+            bank = dirty
+        # from the task-interleaved copy: on small integers (every partial sum exact in fp32) equal to
+        # the bank's kernel exactly, pad bits included; a copy of the wrong shape refused
+        xi, wi = torch.randint(-3, 4, (n,)).float(), torch.randint(-3, 4, (R, n)).float()
+        bt = C.interleave_tasks(bank)
+        assert torch.equal(C.mask_dot_rows_interleaved(bt, k, xi, wi), C.mask_dot_rows(bank, xi, wi)), (k, R, n)
+        try:
+            C.mask_dot_rows_interleaved(bt, k + 16, xi, wi)
+        except RuntimeError as e:
+            assert "bank_t must be the task-interleaved copy" in str(e)
+        else:
+            raise AssertionError("a copy of the wrong shape was read")
     print("ok")
 """)
 

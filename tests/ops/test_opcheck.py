@@ -42,6 +42,7 @@ def opcheck_cases(device):
         "interleave_tasks": (bank_ops.interleave_tasks_op, (bank,)),
         "transpose_masks": (bits_ops.transpose_masks_op, (bank, n)),
         "bank_linear": (bank_ops.bank_linear_op, (r(2, n), w.detach(), bank)),
+        "bank_linear_with_copy": (bank_ops.bank_linear_op, (r(n), w.detach(), bank, ss.ops.interleave_tasks(bank))),
         "masked_linear": (masked_ops.masked_linear_op, (x, w, bank[0], b)),
         "masked_linear_nobias": (masked_ops.masked_linear_op, (x, w, bank[0], None)),
         "masked_conv2d": (masked_ops.masked_conv2d_op, (cx, cw, cbank[0], None, [1, 1], [1, 1], [1, 1], 1)),

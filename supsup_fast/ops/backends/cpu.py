@@ -237,13 +237,16 @@ class CpuBackend(ReferenceBackend):
             return super().ste_rmsprop_step_(*tensors, lr, alpha, eps, weight_decay)
         self.ops.ste_rmsprop_step_(*tensors, float(lr), float(alpha), float(eps), float(weight_decay))
 
-    def bank_linear(self, x, weight, bank):
+    def bank_linear(self, x, weight, bank, bank_t=None):
         rows = x.numel() // max(x.shape[-1], 1)
         if not (x.dtype == torch.float32 and weight.dtype == torch.float32 and 0 < rows <= SMALL_BATCH):
             return super().bank_linear(x, weight, bank)
-        # one lookup-table pass over the bits per row of x (tables of W ⊙ x shared by all k tasks)
+        # one lookup-table pass over the bits per row of x (tables of W ⊙ x shared by all k tasks); from
+        # the task-interleaved copy, each word's tables stay in registers while all tasks stream past
         x2 = x.reshape(rows, x.shape[-1]).contiguous()
-        per_row = [self.ops.mask_dot_rows(bank, x2[i], weight) for i in range(rows)]
+        k = bank.shape[0]
+        per_row = [self.ops.mask_dot_rows(bank, x2[i], weight) if bank_t is None
+                   else self.ops.mask_dot_rows_interleaved(bank_t, k, x2[i], weight) for i in range(rows)]
         out = per_row[0].unsqueeze(0) if rows == 1 else torch.stack(per_row)  # one image: no copy
         return out.reshape(*x.shape[:-1], weight.shape[0], bank.shape[0])
 

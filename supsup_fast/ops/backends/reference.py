@@ -127,9 +127,11 @@ class ReferenceBackend:
                 out[s:e] += plane.matmul(vp[b])
         return out
 
-    def bank_linear(self, x: torch.Tensor, weight: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    def bank_linear(self, x: torch.Tensor, weight: torch.Tensor, bank: torch.Tensor,
+                    bank_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Every task's masked linear layer on x: out[..., r, t] = Σⱼ x[..., j] W[r, j] Mₜ[r, j];
-        x [*, n], bank [k, R, W] -> [*, R, k], bit plane by bit plane."""
+        x [*, n], bank [k, R, W] -> [*, R, k], bit plane by bit plane (bank_t, the bank's
+        task-interleaved copy, is not needed here)."""
         k, rows, w = bank.shape
         n = weight.shape[1]
         x2 = x.reshape(-1, n)
