@@ -7,6 +7,8 @@ Per k, interleaved medians of:
 - ``superpose`` of the three layers from the bank and given the weight-interleaved copies
   (``bank_w = ops.interleave_weights(bank, n)``), with the GB/s of bits each reads, and the time to
   build those copies;
+- every task's output of the first layer for one image (``bank_linear``) from the bank and given its
+  task-interleaved copy (``bank_t=``);
 - the one-image α-gradient (``superposed_linear`` forward and backward, general α) from the bank,
   given the task-interleaved copies (``bank_t=``), and given both.
 Prints a table; nothing is written. kernels2.py holds the issue's checks against their floors.
@@ -49,6 +51,8 @@ def measure(k: int, repeats: int) -> dict:
     t = interleaved_medians({
         "superpose": lambda: [ss.ops.superpose(l.bank.words, alpha0, l.n) for l in layers],
         "superpose_w": lambda: [ss.ops.superpose(l.bank.words, alpha0, l.n, c) for l, c in zip(layers, bank_w)],
+        "bank_linear": lambda: ss.ops.bank_linear(x, layers[0].weight, layers[0].bank.words),
+        "bank_linear_t": lambda: ss.ops.bank_linear(x, layers[0].weight, layers[0].bank.words, bank_t[0]),
         "grad": lambda: alpha_grad(False, False),
         "grad_t": lambda: alpha_grad(True, False),
         "grad_tw": lambda: alpha_grad(True, True),
@@ -69,6 +73,8 @@ def main() -> None:
         gbs = lambda s: r["packed"] / s / 1e9
         print(f"k={k:5d}  superpose {r['superpose'] * 1e3:7.2f} ms ({gbs(r['superpose']):4.1f} GB/s) -> weight copy "
               f"{r['superpose_w'] * 1e3:7.2f} ms ({gbs(r['superpose_w']):4.1f} GB/s); copies built in {r['build_s']:.2f} s")
+        print(f"         bank_linear, first layer, 1 image: bank {r['bank_linear'] * 1e3:7.2f} ms -> task copy "
+              f"{r['bank_linear_t'] * 1e3:7.2f} ms")
         print(f"         α-gradient, 1 image: bank {r['grad'] * 1e3:7.2f} ms, task copy {r['grad_t'] * 1e3:7.2f} ms, "
               f"both copies {r['grad_tw'] * 1e3:7.2f} ms")
 
