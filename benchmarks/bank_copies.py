@@ -19,12 +19,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 import supsup_fast as ss
 from supsup_fast import nn as snn
-from supsup_fast.algorithms.objectives import entropy
-from supsup_fast.bench import interleaved_medians, random_model_with_masks
+from supsup_fast.bench import interleaved_medians, ops_alpha_gradient, random_model_with_masks
 from supsup_fast.ops.backends.cpu import cpu_isa
 
 
@@ -39,14 +37,7 @@ def measure(k: int, repeats: int) -> dict:
     packed = sum(l.bank.words.numel() * 4 for l in layers)
 
     def alpha_grad(use_t: bool, use_w: bool):
-        a = alpha0.clone().requires_grad_(True)
-        h = x
-        for i, l in enumerate(layers):
-            h = ss.ops.superposed_linear(h, l.weight, l.bank.words, a, bank_t=bank_t[i] if use_t else None,
-                                         bank_w=bank_w[i] if use_w else None)
-            if i < len(layers) - 1:
-                h = F.relu(h)
-        return torch.autograd.grad(entropy(h, 10), a)[0]
+        return ops_alpha_gradient(layers, x, alpha0, bank_t if use_t else None, bank_w if use_w else None)
 
     t = interleaved_medians({
         "superpose": lambda: [ss.ops.superpose(l.bank.words, alpha0, l.n) for l in layers],

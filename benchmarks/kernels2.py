@@ -161,7 +161,7 @@ def _alpha_gradient(isa: str, quick: bool, bw: float, add_floor) -> list:
     import supsup_fast as ss
     from supsup_fast import nn as snn
     from supsup_fast.algorithms.objectives import entropy
-    from supsup_fast.bench import FloatStackMLP, interleaved_medians, random_model_with_masks
+    from supsup_fast.bench import FloatStackMLP, interleaved_medians, ops_alpha_gradient, random_model_with_masks
     ks = [10, 250] if quick else [10, 250, 1000, 2500]
     rows = []
     x = torch.randn(1, 784)
@@ -179,14 +179,7 @@ def _alpha_gradient(isa: str, quick: bool, bw: float, add_floor) -> list:
         wcopies = [ss.ops.interleave_weights(l.bank.words, l.n) for l in layers]
 
         def ours(use_copies: bool = False):
-            a = alpha0.clone().requires_grad_(True)
-            h = x
-            for i, l in enumerate(layers):
-                h = ss.ops.superposed_linear(h, l.weight, l.bank.words, a, bank_t=copies[i] if use_copies else None,
-                                             bank_w=wcopies[i] if use_copies else None)
-                if i < len(layers) - 1:
-                    h = F.relu(h)
-            return torch.autograd.grad(entropy(h, 10), a)[0]
+            return ops_alpha_gradient(layers, x, alpha0, copies if use_copies else None, wcopies if use_copies else None)
 
         fns = {"ours": ours, "ours_copy": lambda: ours(True)}
         fs = None

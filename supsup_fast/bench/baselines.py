@@ -1,6 +1,9 @@
 """The real alternatives the package is measured against: a model holding k random masks, and
-the official code's float-stack superposition of it."""
+the official code's float-stack superposition of it; and the package's own α-gradient through its
+ops, which they are measured against."""
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,3 +49,20 @@ class FloatStackMLP:
             if i < len(self.layers) - 1:
                 h = F.relu(h)
         return torch.autograd.grad(entropy(h, 10), alpha)[0]
+
+
+def ops_alpha_gradient(layers: Sequence[torch.nn.Module], x: torch.Tensor, alpha: torch.Tensor,
+                       copies_t: Optional[Sequence[torch.Tensor]] = None,
+                       copies_w: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """The entropy's α-gradient of a ReLU MLP of supermask layers for input x under a general α,
+    through ``ops.superposed_linear`` layer by layer (no bias), given the layers' task-interleaved
+    (``copies_t``) and weight-interleaved (``copies_w``) copies where passed."""
+    a = alpha.detach().clone().requires_grad_(True)
+    h = x
+    for i, layer in enumerate(layers):
+        h = ops.superposed_linear(h, layer.weight, layer.bank.words, a,
+                                  bank_t=None if copies_t is None else copies_t[i],
+                                  bank_w=None if copies_w is None else copies_w[i])
+        if i < len(layers) - 1:
+            h = F.relu(h)
+    return torch.autograd.grad(entropy(h, 10), a)[0]

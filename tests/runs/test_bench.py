@@ -5,7 +5,7 @@ import torch
 import supsup_fast as ss
 import supsup_fast.nn as snn
 from supsup_fast.algorithms.inference import alpha_gradient
-from supsup_fast.bench import FloatStackMLP, random_model_with_masks, run_report
+from supsup_fast.bench import FloatStackMLP, ops_alpha_gradient, random_model_with_masks, run_report
 
 
 def test_random_banks_are_canonical():
@@ -23,6 +23,21 @@ def test_float_stack_baseline_agrees_with_ours():
     x = torch.randn(1, 784)
     assert torch.allclose(FloatStackMLP(model).alpha_gradient(x), alpha_gradient(model, x, "entropy", 10),
                           rtol=1e-3, atol=1e-7)
+
+
+def test_ops_alpha_gradient_agrees_with_the_float_stack_with_and_without_copies():
+    """The general-α contender of benchmarks/kernels2.py and bank_copies.py: at a uniform α it is the
+    float stack's gradient, and the layers' copies change nothing beyond summation order."""
+    model = random_model_with_masks("lenet", 50, 20, seed=3)
+    layers = list(snn.supermask_layers(model).values())
+    x, k = torch.randn(1, 784), 20
+    expect = FloatStackMLP(model).alpha_gradient(x)
+    uniform = torch.full((k,), 1.0 / k)
+    copies_t = [l.bank.interleaved() for l in layers]
+    copies_w = [ss.ops.interleave_weights(l.bank.words, l.n) for l in layers]
+    for t, w in ((None, None), (copies_t, None), (copies_t, copies_w)):
+        got = ops_alpha_gradient(layers, x, uniform, t, w)
+        assert torch.allclose(got, expect, rtol=1e-3, atol=1e-7)
 
 
 def test_quick_report_writes_json_and_png(tmp_path, monkeypatch):
