@@ -214,11 +214,16 @@ at::Tensor mask_dot_batched_op(const at::Tensor& bank, const at::Tensor& v, cons
 
 // Every task's masked linear layer on one input: [R, k], out[r, t] = x · (w[r] ⊙ M_t[r]). Rows are
 // split across threads; each row's sums are written once (no reduction).
-at::Tensor mask_dot_rows_op(const at::Tensor& bank, const at::Tensor& x, const at::Tensor& w) {
-  check_words(bank, "bank");
+// x [n] and w [R, n], float32 on the CPU: the operands of the row ops.
+void check_rows_operands(const at::Tensor& x, const at::Tensor& w, const char* op) {
   check_float(x, "x");
   check_float(w, "weight");
-  TORCH_CHECK(w.dim() == 2 && x.dim() == 1 && x.size(0) == w.size(1), "mask_dot_rows needs x [n] and weight [R, n]");
+  TORCH_CHECK(w.dim() == 2 && x.dim() == 1 && x.size(0) == w.size(1), op, " needs x [n] and weight [R, n]");
+}
+
+at::Tensor mask_dot_rows_op(const at::Tensor& bank, const at::Tensor& x, const at::Tensor& w) {
+  check_words(bank, "bank");
+  check_rows_operands(x, w, "mask_dot_rows");
   const int64_t R = w.size(0), n = w.size(1), W = words_for(n), k = bank.size(0);
   TORCH_CHECK(bank.dim() == 3 && bank.size(1) == R && bank.size(2) == W, "bank must be [k, R, ceil(n/32)]");
   at::Tensor out = at::empty({R, k}, w.options());
@@ -235,9 +240,7 @@ at::Tensor mask_dot_rows_op(const at::Tensor& bank, const at::Tensor& x, const a
 // mask_dot_rows from the task-interleaved copy bank_t [R, W, kp] of a k-task bank: [R, k].
 at::Tensor mask_dot_rows_interleaved_op(const at::Tensor& bank_t, int64_t k, const at::Tensor& x, const at::Tensor& w) {
   check_words(bank_t, "bank_t");
-  check_float(x, "x");
-  check_float(w, "weight");
-  TORCH_CHECK(w.dim() == 2 && x.dim() == 1 && x.size(0) == w.size(1), "mask_dot_rows_interleaved needs x [n] and weight [R, n]");
+  check_rows_operands(x, w, "mask_dot_rows_interleaved");
   const int64_t R = w.size(0), n = w.size(1), W = words_for(n), kp = (k + 15) / 16 * 16;
   TORCH_CHECK(k >= 0 && bank_t.dim() == 3 && bank_t.size(0) == R && bank_t.size(1) == W && bank_t.size(2) == kp,
               "bank_t must be the task-interleaved copy of a ", k, "-task bank: [", R, ", ", W, ", ", kp, "], got ",

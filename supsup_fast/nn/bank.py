@@ -107,13 +107,7 @@ class MaskBank(TaskRows):
         """``ops.interleave_weights(words, n)``, kept until the bank changes (as ``interleaved()``): the
         layout from which ``ops.superpose(bank_w=)`` reads S = Σᵢ αᵢ Mᵢ on the CPU, 16 weights' 32 tasks
         per vector. As much memory as the bank; ``drop_interleaved()`` frees it."""
-        key = self._copy_key()
-        cached = self._interleaved[2]
-        if cached is None or cached[0] != key:
-            self._interleaved = self._current_copies(key)
-            cached = (key, ops.interleave_weights(self.words, self.n))
-            self._set_copy(2, cached)
-        return cached[1]
+        return self._kept_copy(2, lambda: ops.interleave_weights(self.words, self.n))
 
     def interleaved(self, transposed: bool = False) -> torch.Tensor:
         """``ops.interleave_tasks(words)``, kept until the bank changes (a task appended, a row
@@ -123,16 +117,18 @@ class MaskBank(TaskRows):
         n))`` [n, ceil(out/32), kp], read by the layer's nonzero inputs instead
         (``ops.mask_dot_outer_interleaved``). Each holds about as much memory as the bank;
         ``drop_interleaved()`` frees them."""
+        if transposed:
+            return self._kept_copy(1, lambda: ops.interleave_tasks(ops.transpose_masks(self.words, self.n)))
+        return self._kept_copy(0, lambda: ops.interleave_tasks(self.words))
+
+    def _kept_copy(self, which: int, build) -> torch.Tensor:
+        """Copy ``which`` of ``_interleaved``, built by ``build()`` where missing or stale."""
         key = self._copy_key()
-        cached = self._interleaved[int(transposed)]  # one read: another thread may drop or rebuild it meanwhile
+        cached = self._interleaved[which]  # one read: another thread may drop or rebuild it meanwhile
         if cached is None or cached[0] != key:
             self._interleaved = self._current_copies(key)  # free the stale copies before building the new one
-            words = self.words
-            if transposed:
-                words = ops.transpose_masks(words, self.n)
-            cached = (key, ops.interleave_tasks(words))
-            del words
-            self._set_copy(int(transposed), cached)
+            cached = (key, build())
+            self._set_copy(which, cached)
         return cached[1]
 
     def kept_interleaved(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

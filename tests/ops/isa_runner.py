@@ -22,6 +22,15 @@ ref = ReferenceBackend(); C = torch.ops.supsup_cpu
 print(cpu_isa())
 ri = lambda *shape: torch.randint(-3, 4, shape).float()  # small integers: every partial sum is exact in fp32
 
+def refused(call, words):
+    # call() must raise a RuntimeError whose message contains words
+    try:
+        call()
+    except RuntimeError as e:
+        assert words in str(e), e
+    else:
+        raise AssertionError(f"accepted what should be refused ({words})")
+
 def rank1_queries(q, R, n):
     # g [q, R] and x [q, n] of q one-image queries: a run of dead rows, scattered ones, one query with none live
     g, x = ri(q, R), ri(q, n)
