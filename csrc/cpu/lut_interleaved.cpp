@@ -160,12 +160,8 @@ void word_scalar(const int32_t* bank_t, const float* vals, int64_t base, int64_t
 // ------------------------------------------------------------------------------------------------
 // superpose over the weight-interleaved copy (lut.h interleave_weights): Σ_t α_t M_t[r, c] is
 // mask_dot with the roles of tasks and weights swapped. Word q of weight c holds tasks 32q..32q+31,
-// so the tables are of α's subset sums (built once per call for every q), and 16 (8) weights' words
-// stream past them per vector, each lane accumulating one weight of the row.
-float* align64(std::vector<float>& buf) {
-  const auto p = reinterpret_cast<uintptr_t>(buf.data());
-  return reinterpret_cast<float*>((p + 63) & ~static_cast<uintptr_t>(63));
-}
+// so the tables are of α's subset sums, and 16 (8) weights' words stream past them per vector, each
+// lane accumulating one weight of the row.
 
 // The tables are rebuilt per row and q (about 5 % of the loop at 1,024 columns). Loaded from memory
 // instead, they were folded into every lookup as memory operands: 1.2x slower. Sharing one build

@@ -244,3 +244,16 @@ def test_linear_layer_reads_its_kept_weight_copy_under_a_general_alpha(keep):
         assert layer.bank.interleaved_weights() is built  # kept while the bank is unchanged
         layer.bank.words[0, 0, 0] ^= 1
         assert layer.bank.interleaved_weights() is not built  # a write through the words view is seen
+
+
+@pytest.mark.parametrize("name,device", CASES)
+def test_superpose_with_the_weight_copy_in_float64(name, device):
+    """A float64 α: the cpu backend's fallback (the reference's superpose_interleaved) from the copy
+    gives the bank's sums exactly on small integers, as every other backend does."""
+    g = torch.Generator().manual_seed(12)
+    bank = ss.pack_bits(torch.rand(45, 4, 70, generator=g) < 0.5).to(device)
+    a = torch.randint(-3, 4, (45,), generator=g).double().to(device)
+    with ss.use_backend(name):
+        got = ops.superpose(bank, a, 70, ops.interleave_weights(bank, 70))
+        expect = ops.superpose(bank, a, 70)
+    assert got.dtype == torch.float64 and torch.equal(got, expect)
