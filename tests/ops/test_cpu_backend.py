@@ -146,6 +146,24 @@ def test_packed_gemm_checks_its_arguments():
         C.signed_masked_linear_gemm(torch.randn(20, 70), words, words, 0.5)
 
 
+def test_wgrad_step_refuses_a_masked_weight_sharing_memory():
+    # masked_weight is the step's output (and, off AVX-512, where its weight gradient is formed): one
+    # that shares memory with an input would overwrite it mid-step
+    C = torch.ops.supsup_cpu
+    dz, x = torch.randn(4, 6), torch.randn(4, 5)
+    p, w, sq, out = torch.randn(6, 5), torch.randn(6, 5), torch.rand(6, 5), torch.empty(6, 5)
+    p0, sq0 = p.clone(), sq.clone()
+    for name, alias in (("weight", w), ("param", p), ("square_avg", sq)):
+        with pytest.raises(RuntimeError, match=f"masked_weight must not share memory with {name}"):
+            C.ste_rmsprop_wgrad_step_(dz, x, p, w, sq, alias, 1e-2, 0.9, 1e-8, 0.0)
+    big = torch.randn(40)
+    with pytest.raises(RuntimeError, match="masked_weight must not share memory with x"):
+        C.ste_rmsprop_wgrad_step_(dz, big[:20].view(4, 5), p, w, sq, big[10:40].view(6, 5), 1e-2, 0.9, 1e-8, 0.0)
+    assert torch.equal(p, p0) and torch.equal(sq, sq0)  # refused before anything was written
+    C.ste_rmsprop_wgrad_step_(dz, x, p, w, sq, out, 1e-2, 0.9, 1e-8, 0.0)
+    assert torch.equal(out, w * (p >= 0))
+
+
 @pytest.mark.parametrize("batch", [1, 5, 16, 17, 300, 600])
 def test_signed_masked_linear(batch):
     n = 333

@@ -67,3 +67,32 @@ def test_bits_step_matches_the_float_step(isa):
     print("ok")
     """)
     run_on_isa(script, isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_float_mlp_step_matches_the_reference(isa):
+    # mlp_ste_rmsprop_step_ (float masked weights): off AVX-512 each layer's weight gradient is formed in
+    # its masked weight's memory after that layer's input gradient has read it, so the input gradients,
+    # the loss of the next step and the masked weights written are all checked against float64
+    script = SCRIPT_HEAD + textwrap.dedent("""
+    for B, dims in [(13, (50, 37, 29, 5)), (1, (33, 1, 7, 2)), (40, (784, 300, 100, 10))]:
+        weights, params, sqs = [], [], []
+        for i, o in zip(dims[:-1], dims[1:]):
+            weights.append(torch.randn(o, i) * (2.0 / i) ** 0.5)
+            params.append(torch.randn(o, i) * 0.01)
+            sqs.append(torch.rand(o, i) * 1e-3)
+        masked = [w * (p >= 0) for w, p in zip(weights, params)]
+        x, y = torch.randn(B, dims[0]), torch.randint(0, dims[-1], (B,))
+        w64, p64, sq64, m64 = ([t.double() for t in ts] for ts in (weights, params, sqs, masked))
+        hyper = (1e-2, 0.9, 0.1, 1e-3)
+        for step in range(2):  # the second step runs on the masked weights the first one wrote
+            loss = C.mlp_ste_rmsprop_step_(x, y, masked, weights, params, sqs, *hyper)
+            loss64 = ref.mlp_ste_rmsprop_step_(x.double(), y, m64, w64, p64, sq64, *hyper)
+            assert abs(loss.item() - loss64.item()) <= 1e-5 * abs(loss64.item()) + 1e-6, (B, dims, step)
+            for l in range(len(params)):
+                torch.testing.assert_close(params[l].double(), p64[l], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(sqs[l].double(), sq64[l], rtol=1e-4, atol=1e-9)
+                assert torch.equal(masked[l], weights[l] * (params[l] >= 0)), (B, dims, step, l)
+    print("ok")
+    """)
+    run_on_isa(script, isa)
