@@ -934,6 +934,14 @@ at::Tensor mlp_backward(const at::Tensor& x, const at::Tensor& y, int64_t L, For
   return loss;
 }
 
+// a @ b through BLAS as beta = 1 onto zeros cleared here. Given beta = 0, MKL clears the output itself
+// (sgemm_mscale), slowly: on AVX2 (Zen 4) a fifth of the LeNet training step's samples, and the
+// step measured 1.02-1.06x faster with each of its GEMMs done this way, the FC1024 bits step 1.03-1.06x
+// (interleaved A/B runs).
+at::Tensor mm_onto_zeros(const at::Tensor& a, const at::Tensor& b) {
+  return at::zeros({a.size(0), b.size(1)}, a.options()).addmm_(a, b);
+}
+
 // mlp_backward with float weights [out, in] and BLAS GEMMs.
 template <class WeightStep>
 at::Tensor mlp_backward(const at::Tensor& x, const at::Tensor& y, at::TensorList weights, WeightStep weight_step) {
@@ -941,9 +949,9 @@ at::Tensor mlp_backward(const at::Tensor& x, const at::Tensor& y, at::TensorList
     const at::Tensor& w = weights[l];
     check_float(w, "weights");
     TORCH_CHECK(w.dim() == 2 && w.size(1) == h.size(1), "weights[", l, "] must be [out, ", h.size(1), "], got ", w.sizes());
-    return at::mm(h, w.t());
+    return mm_onto_zeros(h, w.t());
   };
-  auto input_grad = [&](int64_t l, const at::Tensor& dz) { return at::mm(dz, weights[l]); };
+  auto input_grad = [&](int64_t l, const at::Tensor& dz) { return mm_onto_zeros(dz, weights[l]); };
   return mlp_backward(x, y, static_cast<int64_t>(weights.size()), forward, input_grad, weight_step);
 }
 
@@ -951,7 +959,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_grads_op(const
                                                                            at::TensorList weights) {
   std::vector<at::Tensor> grads(weights.size());
   at::Tensor loss = mlp_backward(x, y, weights, [&](int64_t l, const at::Tensor& dz, const at::Tensor& input) {
-    grads[l] = at::mm(dz.t(), input);
+    grads[l] = mm_onto_zeros(dz.t(), input);
   });
   return {loss, grads};
 }
@@ -970,8 +978,8 @@ const float* packed_wgrad_panels(const at::Tensor& x, at::Tensor& storage) {
 // ste_rmsprop_step_ of one [O, I] layer with its weight gradient dzᵀ x (dz [B, O], x [B, I]): on
 // AVX-512 formed tile by tile inside the step (wgrad_step.cpp), never stored; elsewhere BLAS's GEMM
 // writes it into masked_weight, which the step then overwrites element by element (each read before
-// it is written) with the next masked weight: no new [O, I] tensor per step, whose memory MKL's GEMM
-// first clears cold (the AVX2 LeNet step on Zen 4: 1.00-1.04x faster, three interleaved A/B runs).
+// it is written) with the next masked weight: no new [O, I] tensor per step (the AVX2 LeNet step on
+// Zen 4: 1.00-1.04x faster, three interleaved A/B runs).
 void ste_rmsprop_wgrad_step_op(const at::Tensor& dz, const at::Tensor& x, at::Tensor param, const at::Tensor& weight,
                                at::Tensor square_avg, at::Tensor masked_weight, double lr, double alpha, double eps,
                                double weight_decay) {
@@ -991,7 +999,7 @@ void ste_rmsprop_wgrad_step_op(const at::Tensor& dz, const at::Tensor& x, at::Te
                                 {&weight, "weight"}, {&square_avg, "square_avg"}})
     TORCH_CHECK(!shares_memory(masked_weight, *t), "masked_weight must not share memory with ", name);
   if (current_isa() != Isa::Avx512 || B == 0) {
-    at::mm_out(masked_weight, dz.t(), x);
+    masked_weight.zero_().addmm_(dz.t(), x);  // as mm_onto_zeros
     ste_rmsprop_step_op(param, masked_weight, weight, square_avg, masked_weight, lr, alpha, eps, weight_decay);
     return;
   }
@@ -1114,7 +1122,7 @@ at::Tensor mlp_ste_rmsprop_bits_step_op(const at::Tensor& x, const at::Tensor& y
       });
       return;
     }
-    const at::Tensor grad = at::mm(dz.t(), input);
+    const at::Tensor grad = mm_onto_zeros(dz.t(), input);
     const float* g = grad.data_ptr<float>();
     at::parallel_for(0, O, 8, [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o) ste_rmsprop_bits_step(isa, p, g + o * I, fw, s, mw, c, o, 0, I);
