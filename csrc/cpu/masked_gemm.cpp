@@ -13,12 +13,27 @@
 namespace supsup_cpu {
 namespace {
 
-// Block sizes, tuned on this project's AVX-512 Xeon (1024 x 1024, batch 128 and 1024): K chunks of
-// 384 or 512, 128 or 512 packed rows and 48 to 480 x rows per pass were no better; a K chunk of the
-// whole row (P tiles from L2) and packing x into micro-panels were slower.
-constexpr int64_t kChunk = 256;      // K per packed chunk: one 32-row tile is 32 KiB, stays in L1
-constexpr int64_t kRowBlock = 256;   // rows packed per chunk: 256 KiB of panels, stays in L2
-constexpr int64_t kBatchBlock = 96;  // rows of x per pass over the packed block (96 KiB of x chunk, L2)
+// Block sizes. On the AMD Zen 4 VM, K chunks of the whole row (up to kChunk), blocks of about 128 KiB
+// of AVX-512 panels (AVX2: one tile) and 128 x rows per pass ran 1.03-1.11x (AVX-512, median 1.07x)
+// and 1.08-1.30x (AVX2, median 1.16x) faster than the K chunks of 256, blocks of 256 (AVX2: 240) rows
+// and 96 x rows tuned earlier on an AVX-512 Xeon, where whole rows had been slower: five layer shapes
+// (out x in 1024 x 1024, 300 x 784, 1024 x 784, 500 x 1024, 4096 x 256) at batch 32, 128 and 256,
+// the two interleaved in one process. Packing x into micro-panels was slower (Xeon).
+constexpr int64_t kChunk = 2048;       // K per packed chunk (a row of up to 2048 inputs in one)
+constexpr int64_t kPanelFloats = 32768;  // AVX-512: rows per block such that its panels are about 128 KiB
+constexpr int64_t kBatchBlock = 128;   // rows of x per pass over the packed block
+
+// Rows of W packed per block: a whole number of tiles, panels of about kPanelFloats.
+int64_t rows_per_block(int64_t n, int64_t tile, int64_t panel_floats) {
+  return std::max<int64_t>(tile, panel_floats / std::max<int64_t>(1, std::min(kChunk, n)) / tile * tile);
+}
+
+// The thread's packing buffer, 64-byte aligned, for `floats` floats.
+float* packing_buffer(int64_t floats) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < static_cast<size_t>(floats + 16)) buf.resize(floats + 16);
+  return align64(buf);
+}
 
 // Initialise y[b, r0:r1] to the bias (or 0); the micro-kernels accumulate into it chunk by chunk.
 void init_rows(const float* bias, int64_t B, int64_t R, float* y, int64_t r0, int64_t r1) {
@@ -122,11 +137,10 @@ AVX512_TARGET void masked_gemm512(const float* x, int64_t B, const float* w, con
                                   const int32_t* words, float scale, int64_t n, int64_t W, int64_t R,
                                   const float* bias, float* y, int64_t r0, int64_t r1) {
   init_rows(bias, B, R, y, r0, r1);
-  thread_local std::vector<float> buf;
-  if (buf.size() < static_cast<size_t>(kRowBlock * kChunk + 16)) buf.resize(kRowBlock * kChunk + 16);
-  float* P = align64(buf);
-  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
-    const int64_t re = std::min(r1, rb + kRowBlock);
+  const int64_t rows_block = rows_per_block(n, 32, kPanelFloats);
+  float* P = packing_buffer(rows_block * ((std::min(kChunk, n) + 15) / 16 * 16));
+  for (int64_t rb = r0; rb < r1; rb += rows_block) {
+    const int64_t re = std::min(r1, rb + rows_block);
     for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
       const int64_t kc = std::min(kChunk, n - j0), tile = 32 * ((kc + 15) / 16 * 16);
       for (int64_t rt = rb, t = 0; rt < re; rt += 32, ++t)
@@ -149,8 +163,7 @@ AVX512_TARGET void masked_gemm512(const float* x, int64_t B, const float* w, con
 // ---------------------------------------------------------------------------------------------
 // AVX2: the same scheme with 8-lane vectors, 24-row tiles and 4 x rows (12 ymm accumulators; 16 x 6
 // ran 5% slower in isolation: 8 loads per 12 FMAs against 7).
-constexpr int kTile256 = 24, kXRows256 = 4;
-constexpr int64_t kRowBlock256 = 240;  // 10 tiles
+constexpr int kTile256 = 24, kXRows256 = 4;  // one tile per block: with AVX2, 48 or more rows ran slower
 
 AVX2_TARGET void transpose8(__m256 r[8]) {
   __m256 t[8], u[8];
@@ -236,11 +249,9 @@ AVX2_TARGET void masked_gemm256(const float* x, int64_t B, const float* w, const
                                 const int32_t* words, float scale, int64_t n, int64_t W, int64_t R, const float* bias,
                                 float* y, int64_t r0, int64_t r1) {
   init_rows(bias, B, R, y, r0, r1);
-  thread_local std::vector<float> buf;
-  if (buf.size() < static_cast<size_t>(kRowBlock * kChunk + 16)) buf.resize(kRowBlock * kChunk + 16);
-  float* P = align64(buf);
-  for (int64_t rb = r0; rb < r1; rb += kRowBlock256) {
-    const int64_t re = std::min(r1, rb + kRowBlock256);
+  float* P = packing_buffer(kTile256 * ((std::min(kChunk, n) + 7) / 8 * 8));
+  for (int64_t rb = r0; rb < r1; rb += kTile256) {
+    const int64_t re = std::min(r1, rb + kTile256);
     for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
       const int64_t kc = std::min(kChunk, n - j0), tile = kTile256 * ((kc + 7) / 8 * 8);
       for (int64_t rt = rb, t = 0; rt < re; rt += kTile256, ++t)

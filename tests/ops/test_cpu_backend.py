@@ -265,7 +265,9 @@ def test_every_isa_path_agrees(isa):
                 s = ss.pack_bits(W > 0)
                 expect = x @ (0.5 * (W > 0).float().mul(2).sub(1) * m[0]).T
                 assert torch.allclose(C.signed_masked_linear_small(x, s, w[0], 0.5), expect, atol=1e-4, rtol=1e-4)
-        for R, n, B in ((70, 77, 25), (33, 300, 13), (1, 40, 200)):  # the packed GEMM: row/K/batch tails
+        # the packed GEMM: row/K/batch tails; K past one 2,048-wide chunk, rows past one block (AVX2: 24, AVX-512:
+        # 32 at K >= 1,024), batches past one 128-row pass
+        for R, n, B in ((70, 77, 25), (33, 300, 13), (1, 40, 200), (50, 2100, 140), (75, 1030, 20)):
             m, s = torch.rand(R, n) > 0.5, torch.rand(R, n) > 0.5
             W, x, b = torch.randn(R, n), torch.randn(B, n), torch.randn(R)
             expect = F.linear(x.double(), (W * m).double(), b.double()).float()

@@ -16,7 +16,8 @@ def test_bits_step_matches_the_float_step(isa):
     script = SCRIPT_HEAD + textwrap.dedent("""
     # (batch, layer sizes): tails of every tile (16/32-bit pieces, 24- and 32-column GEMM tiles,
     # 48-column weight-gradient tiles), one-row and one-feature layers
-    cases = [(13, (50, 37, 29, 5)), (128, (97, 48, 33, 3)), (1, (33, 1, 7, 2)), (40, (784, 300, 100, 10))]
+    cases = [(13, (50, 37, 29, 5)), (128, (97, 48, 33, 3)), (1, (33, 1, 7, 2)), (40, (784, 300, 100, 10)),
+             (9, (20, 30, 2100, 5))]  # the input gradient through 2,100 outputs: K past one 2,048-wide chunk
     for B, dims in cases:
         for signed in (True, False):
             weights, signs, scales, params, sqs = [], [], [], [], []
