@@ -99,7 +99,7 @@ def test_masked_linear(n, batch):
 
 
 @pytest.mark.parametrize("rows,n,batch", [(64, 1024, 17), (70, 77, 25), (97, 513, 130), (300, 257, 256), (65, 1, 40),
-                                          (64, 96, 12), (129, 1000, 9), (40, 784, 50)])
+                                          (64, 96, 12), (129, 1000, 9), (40, 784, 50), (70, 200, 600)])
 def test_packed_masked_gemm(rows, n, batch):
     """The packed masked GEMM (batches above 16, layers of 64+ outputs) and the small-batch kernel
     on tails of every tile size: rows not a multiple of 32, K not a multiple of 16 or of the 256-wide

@@ -20,11 +20,16 @@ from ..checks import outer_in_range
 from .reference import DenseLinear, ReferenceBackend, fused_step_ready
 
 SMALL_BATCH = 16  # rows of x up to which the small-batch masked GEMM (small_gemm.cpp) runs
-# Rows of x up to which the packed masked GEMM (masked_gemm.cpp) runs, for layers of at least
-# GEMM_MIN_OUT outputs; above, W ⊙ M is materialised once and BLAS runs. Measured on this project's
-# AVX-512 Xeon, 1024 x 1024: the packed GEMM was 0.95-0.97x dense BLAS at 128-256 rows (materialise
-# + BLAS 0.78-0.87x) and 0.88-0.91x at 512-2048 (materialise + BLAS 0.92-0.96x).
-GEMM_BATCH = 256
+# Rows of x up to which the packed masked GEMM (masked_gemm.cpp) runs, by ISA, for layers of at
+# least GEMM_MIN_OUT outputs; above, W ⊙ M is materialised once and BLAS runs. On the Zen 4 VM, with
+# the GEMM's blocks of b33a441, against dense BLAS (1024 x 1024, 300 x 784, 1024 x 784): AVX-512
+# 1.01-1.13x at 512-4096 rows where materialise + BLAS gave 0.87-0.99x, but 0.94x against 1.00x at
+# 8,192 (1024 x 1024); AVX2 0.92-1.01x against 0.85-0.95x at 512, no better at 1,024, worse at 4,096.
+# (On the AVX-512 Xeon, with the earlier blocks, the packed GEMM had lost from 512 rows.)
+GEMM_BATCH = {"avx512": 4096, "avx2": 512}
+GEMM_BATCH_OTHER = 256
+# Rows of x up to which the MLP training step may keep its masks as bits (measured at 128).
+BITS_STEP_MAX_BATCH = 256
 # Weights (all layers) from which the AVX2 MLP training step keeps its masks as bits: there the
 # float step's 16 bytes a weight of state no longer stay in cache (mask_bits_training_step).
 BITS_STEP_MIN_WEIGHTS_AVX2 = 1 << 20
@@ -90,6 +95,7 @@ class CpuBackend(ReferenceBackend):
         load_cpu_extension()
         self.ops = torch.ops.supsup_cpu
         self.isa = cpu_isa()  # fixed when the extension loads (SUPSUP_CPU_ISA is read once)
+        self.gemm_batch = GEMM_BATCH.get(self.isa, GEMM_BATCH_OTHER)
         # Per-thread scratch for the materialised W ⊙ M of a large-batch forward: a fresh multi-MB
         # buffer per call costs page faults comparable to the unpacking itself.
         self._local = threading.local()
@@ -220,7 +226,7 @@ class CpuBackend(ReferenceBackend):
         # Measured on the Zen 4 VM, batch 128. AVX-512: the bits step took 0.89x the float step's time
         # on LeNet and 0.85x on FC1024. AVX2, whose bit-unpacking GEMM trails BLAS's: 1.05-1.14x on
         # LeNet (315 K weights, its float state stays in cache), 0.94-0.97x on FC1024 (1.9 M weights).
-        if batch > GEMM_BATCH:
+        if batch > BITS_STEP_MAX_BATCH:
             return False
         return self.isa == "avx512" or (self.isa == "avx2" and num_weights >= BITS_STEP_MIN_WEIGHTS_AVX2)
 
@@ -256,7 +262,7 @@ class CpuBackend(ReferenceBackend):
         if weight.dtype == torch.float32 and x.dtype == torch.float32:
             if isinstance(dense, DenseLinear) and 0 < rows <= SMALL_BATCH:
                 return self.ops.masked_linear_small(x.contiguous(), weight, mask_words, bias)
-            if isinstance(dense, DenseLinear) and rows <= GEMM_BATCH and weight.shape[0] >= GEMM_MIN_OUT:
+            if isinstance(dense, DenseLinear) and rows <= self.gemm_batch and weight.shape[0] >= GEMM_MIN_OUT:
                 return self.ops.masked_linear_gemm(x.contiguous(), weight, mask_words, bias)
             w_eff = self._scratch(weight.shape, weight.dtype)
             self.ops.masked_weight_into(weight.contiguous(), mask_words.contiguous(), w_eff)
@@ -309,7 +315,7 @@ class CpuBackend(ReferenceBackend):
             return self.ops.signed_masked_linear_small(x.contiguous(), sign_words, mask_words, scale, bias)
         # Larger batches: the packed GEMM builds each block of W ⊙ M from the sign and mask bits (2 bits
         # read per weight); above GEMM_BATCH, W ⊙ M is built once and BLAS runs.
-        if rows <= GEMM_BATCH and mask_words.shape[0] >= GEMM_MIN_OUT:
+        if rows <= self.gemm_batch and mask_words.shape[0] >= GEMM_MIN_OUT:
             return self.ops.signed_masked_linear_gemm(x.contiguous(), sign_words, mask_words, scale, bias)
         w_eff = self._scratch((mask_words.shape[0], x.shape[-1]), x.dtype)
         self.ops.signed_masked_weight_into(sign_words, mask_words, scale, w_eff)
