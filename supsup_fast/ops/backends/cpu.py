@@ -224,8 +224,8 @@ class CpuBackend(ReferenceBackend):
 
     def mask_bits_training_step(self, batch: int, num_weights: int) -> bool:
         # Measured on the Zen 4 VM, batch 128. AVX-512: the bits step took 0.89x the float step's time
-        # on LeNet and 0.85x on FC1024. AVX2, whose bit-unpacking GEMM trails BLAS's: 1.05-1.14x on
-        # LeNet (315 K weights, its float state stays in cache), 0.94-0.97x on FC1024 (1.9 M weights).
+        # on LeNet and 0.85x on FC1024. AVX2: 1.05-1.14x on LeNet (315 K weights, its float state stays
+        # in cache; 1.04-1.09x again after the packed GEMM was re-blocked), 0.94-0.97x on FC1024 (1.9 M).
         if batch > BITS_STEP_MAX_BATCH:
             return False
         return self.isa == "avx512" or (self.isa == "avx2" and num_weights >= BITS_STEP_MIN_WEIGHTS_AVX2)
