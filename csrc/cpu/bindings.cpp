@@ -229,19 +229,26 @@ void check_rows_operands(const at::Tensor& x, const at::Tensor& w, const char* o
   TORCH_CHECK(w.dim() == 2 && x.dim() == 1 && x.size(0) == w.size(1), op, " needs x [n] and weight [R, n]");
 }
 
+// The [R, k] output of a row op (every task's output of each of R rows over n inputs), filled by
+// rows(out, r0, r1) in parallel blocks of rows; all zeros where the sum is empty.
+template <class Rows>
+at::Tensor per_task_rows(int64_t R, int64_t k, int64_t n, const at::TensorOptions& options, Rows rows) {
+  at::Tensor out = at::empty({R, k}, options);
+  if (R == 0 || k == 0 || n == 0) return out.zero_();  // an empty sum
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) { rows(o, r0, r1); });
+  return out;
+}
+
 at::Tensor mask_dot_rows_op(const at::Tensor& bank, const at::Tensor& x, const at::Tensor& w) {
   check_words(bank, "bank");
   check_rows_operands(x, w, "mask_dot_rows");
   const int64_t R = w.size(0), n = w.size(1), W = words_for(n), k = bank.size(0);
   TORCH_CHECK(bank.dim() == 3 && bank.size(1) == R && bank.size(2) == W, "bank must be [k, R, ceil(n/32)]");
-  at::Tensor out = at::empty({R, k}, w.options());
-  if (R == 0 || k == 0 || n == 0) return out.zero_();  // an empty sum
   const Isa isa = current_isa();
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    mask_dot_rows(isa, bank.data_ptr<int32_t>(), R, W, n, x.data_ptr<float>(), w.data_ptr<float>(), k,
-                  out.data_ptr<float>(), r0, r1);
+  return per_task_rows(R, k, n, w.options(), [&](float* out, int64_t r0, int64_t r1) {
+    mask_dot_rows(isa, bank.data_ptr<int32_t>(), R, W, n, x.data_ptr<float>(), w.data_ptr<float>(), k, out, r0, r1);
   });
-  return out;
 }
 
 
@@ -253,14 +260,11 @@ at::Tensor mask_dot_rows_interleaved_op(const at::Tensor& bank_t, int64_t k, con
   TORCH_CHECK(k >= 0 && bank_t.dim() == 3 && bank_t.size(0) == R && bank_t.size(1) == W && bank_t.size(2) == kp,
               "bank_t must be the task-interleaved copy of a ", k, "-task bank: [", R, ", ", W, ", ", kp, "], got ",
               bank_t.sizes());
-  at::Tensor out = at::empty({R, k}, w.options());
-  if (R == 0 || k == 0 || n == 0) return out.zero_();  // an empty sum
   const Isa isa = current_isa();
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+  return per_task_rows(R, k, n, w.options(), [&](float* out, int64_t r0, int64_t r1) {
     mask_dot_rows_interleaved(isa, bank_t.data_ptr<int32_t>(), kp, W, n, x.data_ptr<float>(), w.data_ptr<float>(), k,
-                              out.data_ptr<float>(), r0, r1);
+                              out, r0, r1);
   });
-  return out;
 }
 
 // Below this many tasks the tables cost more than the lookups they save (64 is the least measured);
