@@ -187,7 +187,22 @@ template <bool SIGNED>
 AVX2_TARGET void pack_tile256(const float* w, const int32_t* sign_words, const int32_t* words, float scale, int64_t n,
                               int64_t W, int64_t rt, int64_t rows, int64_t j0, int64_t kc, float* P) {
   for (int h = 0; h < kTile256 / 8; ++h)
-    for (int64_t jb = 0; jb < kc; jb += 8) {
+    for (int64_t jb = 0; jb < kc;) {
+      if (jb % 32 == 0 && jb + 32 <= kc) {  // a whole word of each row: one broadcast and 4 compares per row
+        __m256 v[4][8];
+        for (int t = 0; t < 8; ++t) {
+          __m256 u[4];
+          if (8 * h + t < rows) masked_word8x4<SIGNED>(w, sign_words, words, scale, n, W, rt + 8 * h + t, (j0 + jb) / 32, u);
+          else u[0] = u[1] = u[2] = u[3] = _mm256_setzero_ps();
+          for (int c = 0; c < 4; ++c) v[c][t] = u[c];
+        }
+        for (int c = 0; c < 4; ++c) {
+          transpose8(v[c]);
+          for (int i = 0; i < 8; ++i) _mm256_store_ps(P + (jb + 8 * c + i) * kTile256 + 8 * h, v[c][i]);
+        }
+        jb += 32;
+        continue;
+      }
       __m256 v[8];
       for (int t = 0; t < 8; ++t)
         v[t] = 8 * h + t < rows ? masked_weights8<SIGNED>(w, sign_words, words, scale, n, W, rt + 8 * h + t, j0 + jb)
@@ -195,6 +210,7 @@ AVX2_TARGET void pack_tile256(const float* w, const int32_t* sign_words, const i
       transpose8(v);
       const int64_t cols = std::min<int64_t>(8, kc - jb);
       for (int64_t c = 0; c < cols; ++c) _mm256_store_ps(P + (jb + c) * kTile256 + 8 * h, v[c]);
+      jb += 8;
     }
 }
 

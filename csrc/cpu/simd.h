@@ -144,4 +144,35 @@ AVX2_TARGET inline __m256 masked_weights8(const float* w, const int32_t* sign_wo
   }
 }
 
+// Word q of row `row` of W ⊙ M (or of the signed-constant weight) as four 8-lane vectors, for a
+// word that lies wholly inside the row (32q + 32 <= n): the word is broadcast once and each 8 bits
+// picked by a compare, and W is loaded plainly and ANDed with the mask (no vmaskmovps, no per-8
+// scalar shifts: on the Intel Xeon VM the per-8 path ran the batch-1 GEMV at about half MKL's speed).
+template <bool SIGNED>
+AVX2_TARGET inline void masked_word8x4(const float* w, const int32_t* sign_words, const int32_t* words, float scale,
+                                       int64_t n, int64_t W, int64_t row, int64_t q, __m256 out[4]) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i mb = _mm256_set1_epi32(words[row * W + q]);
+  [[maybe_unused]] __m256i sb;
+  if constexpr (SIGNED) sb = _mm256_set1_epi32(sign_words[row * W + q]);
+  for (int c = 0; c < 4; ++c) {
+    const __m256i sc = _mm256_slli_epi32(sel, 8 * c);
+    const __m256 m = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(mb, sc), sc));
+    if constexpr (SIGNED) {
+      const __m256 s = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(sb, sc), sc));
+      out[c] = _mm256_and_ps(m, _mm256_blendv_ps(_mm256_set1_ps(-scale), _mm256_set1_ps(scale), s));
+    } else {
+      out[c] = _mm256_and_ps(_mm256_loadu_ps(w + row * n + 32 * q + 8 * c), m);
+    }
+  }
+}
+
+// The same for any word: a row's last, partial word takes the per-8 path (masked loads stay inside the row).
+template <bool SIGNED>
+AVX2_TARGET inline void masked_word8x4_any(const float* w, const int32_t* sign_words, const int32_t* words, float scale,
+                                           int64_t n, int64_t W, int64_t row, int64_t q, __m256 out[4]) {
+  if (32 * q + 32 <= n) return masked_word8x4<SIGNED>(w, sign_words, words, scale, n, W, row, q, out);
+  for (int c = 0; c < 4; ++c) out[c] = masked_weights8<SIGNED>(w, sign_words, words, scale, n, W, row, 32 * q + 8 * c);
+}
+
 }  // namespace supsup_cpu

@@ -53,7 +53,7 @@ AVX2_TARGET void gemm_direct256(const float* xt, const float* w, const int32_t* 
       for (int c = 0; c < 4; ++c) acc[b][c] = _mm256_setzero_ps();
     for (int64_t q = 0; q < W; ++q) {
       __m256 wv[4];
-      for (int c = 0; c < 4; ++c) wv[c] = masked_weights8<SIGNED>(w, sign_words, words, scale, n, W, r, 32 * q + 8 * c);
+      masked_word8x4_any<SIGNED>(w, sign_words, words, scale, n, W, r, q, wv);
       for (int b = 0; b < B; ++b) {
         const float* xq = xt + (q * B + b) * 32;
         for (int c = 0; c < 4; ++c) acc[b][c] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(xq + 8 * c), acc[b][c]);
@@ -74,8 +74,9 @@ AVX2_TARGET void pack_rows256(const float* w, const int32_t* sign_words, const i
   for (int i = 0; i < 4; ++i) {
     const int64_t row = r + std::min(i, rows - 1);  // a short last tile repeats its last row
     for (int64_t q = 0; q < W; ++q) {
-      for (int c = 0; c < 4; ++c)
-        _mm256_store_ps(pw + 128 * q + 32 * i + 8 * c, masked_weights8<SIGNED>(w, sign_words, words, scale, n, W, row, 32 * q + 8 * c));
+      __m256 v[4];
+      masked_word8x4_any<SIGNED>(w, sign_words, words, scale, n, W, row, q, v);
+      for (int c = 0; c < 4; ++c) _mm256_store_ps(pw + 128 * q + 32 * i + 8 * c, v[c]);
     }
   }
 }
