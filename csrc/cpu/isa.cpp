@@ -27,6 +27,15 @@ Isa detect_isa() {
   return best;
 }
 
+bool stream_prefetch() {
+  static const bool on = [] {
+    if (const char* env = std::getenv("SUPSUP_CPU_PREFETCH")) return std::strcmp(env, "0") != 0;
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return on;
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Avx512: return "avx512";

@@ -68,3 +68,11 @@ def run_on_isa(script: str, isa: str, extra_env: dict = None) -> None:
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split() == [isa, "ok"]
+
+
+def run_on_isa_with_prefetch(script: str, isa: str, prefetch: str) -> None:
+    """run_on_isa with the table loops' prefetch forced on ("1") or off ("0") (SUPSUP_CPU_PREFETCH; on by
+    default on Intel CPUs only), after checking that the kernels took the setting. ``script`` starts
+    with SCRIPT_HEAD."""
+    check = f"assert C.stream_prefetch() is {prefetch == '1'}\n"
+    run_on_isa(SCRIPT_HEAD + check + script[len(SCRIPT_HEAD):], isa, {"SUPSUP_CPU_PREFETCH": prefetch})

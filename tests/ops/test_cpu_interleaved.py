@@ -11,7 +11,7 @@ import torch
 import supsup_fast as ss
 from supsup_fast.nn.bank import MaskBank
 
-from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, needs_compiler, run_on_isa
+from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, needs_compiler, run_on_isa_with_prefetch
 
 SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
     # the copy: word w of task t at [..., w, t], tasks padded with zero words to a multiple of 16
@@ -109,9 +109,10 @@ SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
 
 
 @needs_compiler
+@pytest.mark.parametrize("prefetch", ["0", "1"])
 @pytest.mark.parametrize("isa", ISAS)
-def test_interleaved_rank1_against_reference(isa):
-    run_on_isa(SCRIPT, isa)
+def test_interleaved_rank1_against_reference(isa, prefetch):
+    run_on_isa_with_prefetch(SCRIPT, isa, prefetch)
 
 
 def test_mask_dot_outer_refuses_a_mismatched_copy():

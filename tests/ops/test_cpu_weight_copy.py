@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, needs_compiler, run_on_isa
+from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, needs_compiler, run_on_isa_with_prefetch
 
 SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
     import math
@@ -50,6 +50,7 @@ SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
 
 
 @needs_compiler
+@pytest.mark.parametrize("prefetch", ["0", "1"])
 @pytest.mark.parametrize("isa", ISAS)
-def test_weight_copy_and_superpose_against_reference(isa):
-    run_on_isa(SCRIPT, isa)
+def test_weight_copy_and_superpose_against_reference(isa, prefetch):
+    run_on_isa_with_prefetch(SCRIPT, isa, prefetch)
