@@ -27,11 +27,17 @@ Isa detect_isa() {
   return best;
 }
 
+const char* cpu_vendor() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("intel")) return "intel";
+  if (__builtin_cpu_is("amd")) return "amd";
+  return "other";
+}
+
 bool stream_prefetch() {
   static const bool on = [] {
     if (const char* env = std::getenv("SUPSUP_CPU_PREFETCH")) return std::strcmp(env, "0") != 0;
-    __builtin_cpu_init();
-    return __builtin_cpu_is("intel") != 0;
+    return std::strcmp(cpu_vendor(), "intel") == 0;
   }();
   return on;
 }

@@ -12,6 +12,8 @@ enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 // Best ISA of this CPU, lowered by the environment variable SUPSUP_CPU_ISA=scalar|avx2|avx512.
 Isa detect_isa();
 const char* isa_name(Isa isa);
+// "intel", "amd" or "other": some block sizes and limits were measured per vendor.
+const char* cpu_vendor();
 
 // Whether the task-interleaved table loops (lut_interleaved.cpp) prefetch their bits a few KiB ahead:
 // on by default on Intel CPUs, where it measured 1.5-1.8x faster (the L2 streamer does not run far

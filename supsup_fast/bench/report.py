@@ -24,6 +24,7 @@ def machine() -> dict:
         pass
     if info["backend"] == "cpu":
         info["isa"] = cpu_isa()
+        info["cpu_vendor"] = str(torch.ops.supsup_cpu.vendor())
         info["stream_prefetch"] = bool(torch.ops.supsup_cpu.stream_prefetch())
     return info
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import supsup_fast as ss
 import supsup_fast.nn as snn
+from supsup_fast.ops.registry import backend_for
 from tests.ops.isa_runner import ISAS, run_on_isa
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -100,11 +101,14 @@ def test_masked_linear(n, batch):
 
 @pytest.mark.parametrize("rows,n,batch", [(64, 1024, 17), (70, 77, 25), (97, 513, 130), (300, 257, 256), (65, 1, 40),
                                           (64, 96, 12), (129, 1000, 9), (40, 784, 50), (70, 200, 600)])
-def test_packed_masked_gemm(rows, n, batch):
+@pytest.mark.parametrize("packed_limit", [1 << 20, 0])
+def test_packed_masked_gemm(rows, n, batch, packed_limit, monkeypatch):
     """The packed masked GEMM (batches above 16, layers of 64+ outputs) and the small-batch kernel
     on tails of every tile size: rows not a multiple of 32, K not a multiple of 16 or of the 256-wide
     chunk (784 = 3 x 256 + 16, MNIST's width), x rows not a multiple of 12 or 6. Checked against
-    float64."""
+    float64. Above 16 rows, both large-batch paths whatever this CPU's row limit (gemm_batch, by
+    vendor and ISA): the packed GEMM, and W ⊙ M materialised for BLAS."""
+    monkeypatch.setattr(backend_for(torch.device("cpu")), "gemm_batch", packed_limit, raising=False)
     mask, signs = torch.rand(rows, n) > 0.5, torch.rand(rows, n) > 0.5
     w, x, b = torch.randn(rows, n), torch.randn(batch, n), torch.randn(rows)
     expect = F.linear(x.double(), (w * mask).double(), b.double()).float()

@@ -20,13 +20,15 @@ from ..checks import outer_in_range
 from .reference import DenseLinear, ReferenceBackend, fused_step_ready
 
 SMALL_BATCH = 16  # rows of x up to which the small-batch masked GEMM (small_gemm.cpp) runs
-# Rows of x up to which the packed masked GEMM (masked_gemm.cpp) runs, by ISA, for layers of at
-# least GEMM_MIN_OUT outputs; above, W ⊙ M is materialised once and BLAS runs. On the Zen 4 VM, with
-# the GEMM's blocks of b33a441, against dense BLAS (1024 x 1024, 300 x 784, 1024 x 784): AVX-512
-# 1.01-1.13x at 512-4096 rows where materialise + BLAS gave 0.87-0.99x, but 0.94x against 1.00x at
-# 8,192 (1024 x 1024); AVX2 0.92-1.01x against 0.85-0.95x at 512, no better at 1,024, worse at 4,096.
-# (On the AVX-512 Xeon, with the earlier blocks, the packed GEMM had lost from 512 rows.)
-GEMM_BATCH = {"avx512": 4096, "avx2": 512}
+# Rows of x up to which the packed masked GEMM (masked_gemm.cpp) runs, by CPU vendor and ISA, for
+# layers of at least GEMM_MIN_OUT outputs; above, W ⊙ M is materialised once and BLAS runs. Measured
+# against dense BLAS on 1024 x 1024, 300 x 784 and 1024 x 784 layers, the GEMM's blocks of b33a441.
+# AMD Zen 4 VM: AVX-512 1.01-1.13x at 512-4096 rows where materialise + BLAS gave 0.87-0.99x, but
+# 0.94x against 1.00x at 8,192 (1024 x 1024); AVX2 0.92-1.01x against 0.85-0.95x at 512, no better at
+# 1,024, worse at 4,096. Intel Xeon VM (MKL's own kernels are stronger there): the two alike at 256
+# rows on both ISAs, materialise + BLAS ahead from 384-512 (AVX-512 at 1,024 rows: 0.77-0.83x against
+# 0.94-0.95x; AVX2 at 512: 0.81-0.90x against 0.91-0.94x).
+GEMM_BATCH = {("amd", "avx512"): 4096, ("amd", "avx2"): 512, ("intel", "avx512"): 256, ("intel", "avx2"): 256}
 GEMM_BATCH_OTHER = 256
 # Rows of x up to which the MLP training step may keep its masks as bits (measured at 128).
 BITS_STEP_MAX_BATCH = 256
@@ -95,7 +97,8 @@ class CpuBackend(ReferenceBackend):
         load_cpu_extension()
         self.ops = torch.ops.supsup_cpu
         self.isa = cpu_isa()  # fixed when the extension loads (SUPSUP_CPU_ISA is read once)
-        self.gemm_batch = GEMM_BATCH.get(self.isa, GEMM_BATCH_OTHER)
+        self.vendor = str(self.ops.vendor())
+        self.gemm_batch = GEMM_BATCH.get((self.vendor, self.isa), GEMM_BATCH_OTHER)
         # Per-thread scratch for the materialised W ⊙ M of a large-batch forward: a fresh multi-MB
         # buffer per call costs page faults comparable to the unpacking itself.
         self._local = threading.local()
