@@ -229,9 +229,13 @@ class CpuBackend(ReferenceBackend):
         # Measured on the Zen 4 VM, batch 128. AVX-512: the bits step took 0.89x the float step's time
         # on LeNet and 0.85x on FC1024. AVX2: 1.05-1.14x on LeNet (315 K weights, its float state stays
         # in cache; 1.04-1.09x again after the packed GEMM was re-blocked), 0.94-0.97x on FC1024 (1.9 M).
+        # Intel Xeon VM, alternating processes, against the plain-torch step: AVX-512 alike (FC1024 1.92-2.12x
+        # bits, 2.02-2.16x float); AVX2 FC1024 1.46-1.60x bits (18.2-20.7 ms), 1.60-1.76x float (15.1-16.3
+        # ms), its bits step's packed GEMMs being slower than MKL there: Intel AVX2 keeps the float step.
         if batch > BITS_STEP_MAX_BATCH:
             return False
-        return self.isa == "avx512" or (self.isa == "avx2" and num_weights >= BITS_STEP_MIN_WEIGHTS_AVX2)
+        return self.isa == "avx512" or (self.isa == "avx2" and self.vendor != "intel"
+                                        and num_weights >= BITS_STEP_MIN_WEIGHTS_AVX2)
 
     def ste_adam_step_(self, param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, step, lr, beta1, beta2, eps,
                        weight_decay):
