@@ -16,9 +16,10 @@ const char* isa_name(Isa isa);
 const char* cpu_vendor();
 
 // Whether the task-interleaved table loops (lut_interleaved.cpp) prefetch their bits a few KiB ahead:
-// on by default on Intel CPUs, where it measured 1.5-1.8x faster (the L2 streamer does not run far
-// enough ahead of a 64-byte-per-11-cycles loop), off elsewhere (not measured on the AMD Zen 4 VM,
-// whose figures are from the loop without it); SUPSUP_CPU_PREFETCH=1 or 0 forces it. Read once.
+// on by default on Intel CPUs, where superpose and mask_dot over the copies measured 1.3-2x faster
+// with it (the hardware prefetchers alone left the loop waiting on DRAM), off elsewhere (not measured
+// on the AMD Zen 4 VM, whose figures are from the loop without it); SUPSUP_CPU_PREFETCH=1 or 0 forces
+// it. Read once.
 bool stream_prefetch();
 
 // mask bool[rows, n] -> words[rows, W]; rows [r0, r1).
