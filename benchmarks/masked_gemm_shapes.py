@@ -1,5 +1,5 @@
 """The packed masked GEMM (``ss.ops.masked_linear`` from 17 rows up to the backend's limit, 256 to
-4,096 by ISA, on layers of 64+ outputs) against dense ``F.linear`` on the materialised weight, over the layer shapes of the
+4,096 by CPU vendor and ISA, on layers of 64+ outputs) against dense ``F.linear`` on the materialised weight, over the layer shapes of the
 package's models and batches, on the CPU kernels' current ISA (``SUPSUP_CPU_ISA`` caps it; cap torch
 too for a fair dense baseline, e.g. ``MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2``).
 Interleaved medians in one process. Prints a table; ``--out`` writes it as JSON.

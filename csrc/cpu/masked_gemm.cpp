@@ -16,9 +16,10 @@ namespace {
 // Block sizes. On the AMD Zen 4 VM, K chunks of the whole row (up to kChunk), blocks of about 128 KiB
 // of AVX-512 panels (AVX2: one tile) and 128 x rows per pass ran 1.03-1.11x (AVX-512, median 1.07x)
 // and 1.08-1.30x (AVX2, median 1.16x) faster than the K chunks of 256, blocks of 256 (AVX2: 240) rows
-// and 96 x rows tuned earlier on an AVX-512 Xeon, where whole rows had been slower: five layer shapes
-// (out x in 1024 x 1024, 300 x 784, 1024 x 784, 500 x 1024, 4096 x 256) at batch 32, 128 and 256,
-// the two interleaved in one process. Packing x into micro-panels was slower (Xeon).
+// and 96 x rows tuned earlier on the AVX-512 Intel Xeon VM: five layer shapes (out x in 1024 x 1024,
+// 300 x 784, 1024 x 784, 500 x 1024, 4096 x 256) at batch 32, 128 and 256, the two interleaved in one
+// process. On that Xeon, measured again the same way with the later code, the old blocks ran 0.87-1.00x
+// the new (median 0.93x), so both CPUs use these. Packing x into micro-panels was slower (Xeon).
 constexpr int64_t kChunk = 2048;       // K per packed chunk (a row of up to 2048 inputs in one)
 constexpr int64_t kPanelFloats = 32768;  // AVX-512: rows per block such that its panels are about 128 KiB
 constexpr int64_t kBatchBlock = 128;   // rows of x per pass over the packed block
