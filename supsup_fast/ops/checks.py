@@ -142,23 +142,29 @@ def check_x_weight(x: torch.Tensor, weight: torch.Tensor, conv: bool) -> None:
                              f"{list(weight.shape)}, got shape {tuple(x.shape)}")
 
 
-def _valid_linear(x, weight, words, bias) -> bool:
-    """The common valid masked_linear call, tested in one expression: a batch-1 layer's time is a
-    few tens of µs, so the separate checks below run only to name what is wrong."""
+def valid_linear(x, weight, words, bias) -> bool:
+    """The common valid masked_linear call, tested in one pass: a batch-1 layer's time is a few tens
+    of µs, so the separate checks below run only to name what is wrong. Each shape is read once
+    (a tensor's ``.shape`` builds a new torch.Size) and dtypes, which are singletons, compare by
+    identity."""
     try:
-        dtype, device = weight.dtype, weight.device
-        return (dtype.is_floating_point and x.dtype == dtype and weight.dim() == 2 and x.dim() >= 1
-                and x.shape[-1] == weight.shape[1] and words.dtype == torch.int32 and words.dim() == 2
-                and words.shape[0] == weight.shape[0] and words.shape[1] == num_words(weight.shape[1])
-                and x.device == device and words.device == device
-                and (bias is None or (bias.dtype == dtype and bias.dim() == 1 and bias.shape[0] == weight.shape[0]
-                                      and bias.device == device)))
+        dtype, ws, xs, ms = weight.dtype, weight.shape, x.shape, words.shape
+        if not (dtype.is_floating_point and x.dtype is dtype and words.dtype is torch.int32 and len(ws) == 2
+                and len(xs) >= 1 and len(ms) == 2 and xs[-1] == ws[1] and ms[0] == ws[0] and ms[1] == num_words(ws[1])):
+            return False
+        device = weight.device
+        if x.device != device or words.device != device:
+            return False
+        if bias is None:
+            return True
+        bs = bias.shape
+        return bias.dtype is dtype and len(bs) == 1 and bs[0] == ws[0] and bias.device == device
     except AttributeError:  # not a tensor: the full checks say which argument
         return False
 
 
 def check_masked(x, weight, mask_words, bias, conv: bool) -> None:
-    if not conv and _valid_linear(x, weight, mask_words, bias):
+    if not conv and valid_linear(x, weight, mask_words, bias):
         return
     check_x_weight(x, weight, conv)
     check_words_for_weight("mask_words", mask_words, weight, banked=False)

@@ -51,6 +51,28 @@ def eager_without_grad(*tensors: Optional[Tensor]) -> bool:
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
+def _plain(t: Tensor) -> bool:
+    return (type(t) is Tensor or type(t) is torch.nn.Parameter) and not t.is_meta
+
+
+def eager_linear_backend(x: Tensor, weight: Tensor, words: Tensor, bias: Optional[Tensor]):
+    """The backend that runs a ``masked_linear`` call's body directly, or None: the tests of
+    ``eager_without_grad``, ``checks.valid_linear`` and ``_pick`` (no empty size) in one pass, for
+    the common call (a layer's inference at batch 1 takes tens of µs, and those tests one at a time
+    added 10-14 µs to a 1024 x 1024 layer's 75-80 on the Intel Xeon VM). On None the caller takes
+    the general path, which names what is wrong."""
+    if torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling():
+        return None
+    if not (_plain(x) and _plain(weight) and _plain(words) and (bias is None or _plain(bias))):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return None
+    if not checks.valid_linear(x, weight, words, bias) or x.numel() == 0 or weight.shape[0] == 0:
+        return None
+    return backend_for(weight.device)
+
+
 def _finite(v: Tensor) -> bool:
     """checks.finite_unless_capturing: v surely finite, or a CUDA-graph capture under way."""
     return checks.finite_unless_capturing(v)

@@ -12,7 +12,7 @@ from . import checks
 from .backends.reference import _bias_grad
 from .bits import unpack_bits_op
 from .masked import masked_backward_op
-from .dispatch import _pick
+from .dispatch import _pick, eager_without_grad
 
 
 def _check_signed(x, sign_words, mask_words, bias, in_features) -> None:
@@ -74,6 +74,11 @@ def _check_pad_bits(n: int, sign_words: Tensor, mask_words: Tensor) -> None:
 @torch.library.custom_op("supsup::signed_masked_linear", mutates_args=())
 def signed_masked_linear_op(x: Tensor, sign_words: Tensor, mask_words: Tensor, scale: float,
                             bias: Optional[Tensor], in_features: Optional[int] = None) -> Tensor:
+    return _signed_masked_linear(x, sign_words, mask_words, scale, bias, in_features)
+
+
+def _signed_masked_linear(x: Tensor, sign_words: Tensor, mask_words: Tensor, scale: float,
+                          bias: Optional[Tensor], in_features: Optional[int]) -> Tensor:
     _check_signed(x, sign_words, mask_words, bias, in_features)
     _check_pad_bits(x.shape[-1], sign_words, mask_words)
     return _pick(x.device, x.numel(), mask_words.shape[0]).signed_masked_linear(
@@ -114,4 +119,6 @@ def signed_masked_linear(x: Tensor, sign_words: Tensor, mask_words: Tensor, scal
     (words built for a wider x) are refused."""
     if in_features is not None and (isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1):
         raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+    if eager_without_grad(x, sign_words, mask_words, bias):  # inference: the op's body, without the dispatcher
+        return _signed_masked_linear(x, sign_words, mask_words, float(scale), bias, in_features)
     return signed_masked_linear_op(x, sign_words, mask_words, float(scale), bias, in_features)

@@ -261,6 +261,77 @@ def test_inference_fast_path_is_the_op_body():
         assert not eager_without_grad(torch.empty(3, 45), w, words, b)
 
 
+def test_signed_inference_fast_path_is_the_op_body():
+    """signed_masked_linear without autograd runs the op's body directly: the same result and the
+    same argument errors (pad bits included) as the op; with x or the bias requiring grad it goes
+    through the op, which records the graph."""
+    from supsup_fast.ops.signed import signed_masked_linear_op
+    g = torch.Generator().manual_seed(5)
+    x, b = torch.randn(3, 45, generator=g), torch.randn(7, generator=g)
+    sign, mask = (ss.pack_bits(torch.rand(7, 45, generator=g) > 0.5) for _ in range(2))
+    with torch.no_grad():
+        for bias in (None, b):
+            assert torch.equal(ops.signed_masked_linear(x, sign, mask, 0.25, bias),
+                               signed_masked_linear_op(x, sign, mask, 0.25, bias))
+        with pytest.raises(ValueError, match="sign_words and mask_words"):
+            ops.signed_masked_linear(x, sign, mask[:, :1], 0.25)
+        with pytest.raises(ValueError, match="built for more than the 40 features"):
+            ops.signed_masked_linear(x[:, :40], sign, mask, 0.25)
+    for args in ((x.clone().requires_grad_(), b), (x, b.clone().requires_grad_())):
+        y = ops.signed_masked_linear(args[0], sign, mask, 0.25, args[1])
+        assert y.grad_fn is not None
+        y.sum().backward()
+        assert all(a.grad is not None for a in args if a.requires_grad)
+
+
+def test_one_pass_linear_gate_takes_only_valid_plain_calls():
+    """eager_linear_backend (masked_linear's one-pass gate) answers a backend exactly when the
+    separate tests would run the op's body on that backend: valid, non-empty arguments, plain
+    tensors, nothing to record. Every way a call can fail one of those tests gets None, so the
+    general path runs (and names what is wrong)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from supsup_fast.ops.dispatch import _pick, eager_linear_backend
+    g = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(3, 45, generator=g), torch.randn(7, 45, generator=g), torch.randn(7, generator=g)
+    words = ss.pack_bits(torch.rand(7, 45, generator=g) > 0.5)
+    with torch.no_grad():
+        assert eager_linear_backend(x, w, words, b) is _pick(x.device, x.numel(), w.shape[0])
+        assert eager_linear_backend(x[0], w, words, None) is not None  # a 1-d x: one image
+        assert eager_linear_backend(x.double(), w.double(), words, b.double()) is not None
+        assert eager_linear_backend(x.clone().requires_grad_(), w, words, b) is not None  # no_grad: nothing recorded
+        refused = {
+            "x features": (torch.randn(3, 44), w, words, b),
+            "x dtype": (x.double(), w, words, b),
+            "x 0-d": (torch.tensor(1.0), w, words, b),
+            "weight 1-d": (x, w[0], words, b),
+            "weight int": (x.long(), w.long(), words, None),
+            "words dtype": (x, w, words.long(), b),
+            "words rows": (x, w, words[:6], b),
+            "words per row": (x, w, words[:, :1], b),
+            "words 1-d": (x, w, words[0], b),
+            "bias length": (x, w, words, b[:6]),
+            "bias dtype": (x, w, words, b.double()),
+            "bias 2-d": (x, w, words, b[None]),
+            "empty batch": (x[:0], w, words, b),
+            "no outputs": (x, w[:0], words[:0], b[:0]),
+            "meta x": (torch.empty(3, 45, device="meta"), w, words, b),
+            "not a tensor": (x.tolist(), w, words, b),
+        }
+        for name, args in refused.items():
+            assert eager_linear_backend(*args) is None, name
+        with FakeTensorMode():
+            assert eager_linear_backend(torch.empty(3, 45), torch.empty(7, 45), torch.empty(7, 2, dtype=torch.int32),
+                                        None) is None
+    assert eager_linear_backend(x, w, words, b) is not None  # grad mode on, nothing requires grad
+    for grad_arg in range(3):  # x, weight or bias requiring grad: the op records the graph
+        args = [x, w, b]
+        args[grad_arg] = args[grad_arg].clone().requires_grad_()
+        assert eager_linear_backend(args[0], args[1], words, args[2]) is None
+        y = ss.ops.masked_linear(args[0], args[1], words, args[2])
+        assert y.requires_grad and y.grad_fn is not None
+
+
 def test_pad_bit_check_is_not_fooled_by_a_reused_address():
     """The pad-bit check of signed_masked_linear is done once per words tensor; a different tensor
     at the same address and version (here: two tensors over one numpy buffer) is checked again."""
