@@ -119,6 +119,34 @@ def test_packed_masked_gemm(rows, n, batch, packed_limit, monkeypatch):
     assert torch.allclose(got, expect, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows,n", [(37, 45), (200, 700)])
+def test_small_batch_ops_on_one_thread_or_split(rows, n):
+    """The small-batch ops run a layer of up to 64 Ki weights on the calling thread and split a larger
+    one across threads (rows, or columns for the input gradient: small_batch_grain). 37 x 45 runs
+    whole; 200 x 700 splits in two row chunks and three column chunks. Both agree with float64 at
+    batch 1 and 5."""
+    C = torch.ops.supsup_cpu
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        mask, signs = torch.rand(rows, n) > 0.5, torch.rand(rows, n) > 0.5
+        w, s, b = torch.randn(rows, n), torch.rand(rows, n), torch.randn(rows)
+        words, sign_words = ss.pack_bits(mask), ss.pack_bits(signs)
+        signed_w = 0.3 * (signs.double() * 2 - 1) * mask
+        for batch in (1, 5):
+            x, g = torch.randn(batch, n), torch.randn(batch, rows)
+            expect = F.linear(x.double(), (w * mask).double(), b.double()).float()
+            assert torch.allclose(C.masked_linear_small(x, w, words, b), expect, rtol=1e-4, atol=1e-4)
+            expect = F.linear(x.double(), signed_w, b.double()).float()
+            assert torch.allclose(C.signed_masked_linear_small(x, sign_words, words, 0.3, b), expect, rtol=1e-4, atol=1e-4)
+            expect = F.linear(x.double(), (w * s).double(), b.double()).float()
+            assert torch.allclose(C.scaled_linear_small(x, w, s, b), expect, rtol=1e-4, atol=1e-4)
+            expect = (g.double() @ (w * s).double()).float()
+            assert torch.allclose(C.scaled_linear_small_t(g, w, s), expect, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_packed_gemm_takes_3d_and_non_contiguous_inputs():
     mask = torch.rand(70, 96) > 0.5
     w, b = torch.randn(96, 70).t(), torch.randn(70, 2)[:, 0]  # both non-contiguous
