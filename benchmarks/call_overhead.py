@@ -1,5 +1,5 @@
 """What a batch-1 layer call costs beyond its kernel, in one process: dense ``F.linear`` on the
-masked weight, the C++ op alone, ``ss.ops.masked_linear`` (float W), ``ss.ops.signed_masked_linear``
+masked weight, the C++ op alone (``torch.ops.supsup_cpu.masked_linear_small``), ``ss.ops.masked_linear`` (float W), ``ss.ops.signed_masked_linear``
 (the weight as sign bits) and a signed-constant ``SupermaskLinear`` on one task, at a tiny layer
 (where the Python around the kernel is most of the time) and at 1024 x 1024.
 
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import supsup_fast as ss
+from supsup_fast.ops.backends.cpu import load_cpu_extension
 
 
 def measure(n: int, rounds: int) -> dict:
@@ -32,9 +33,10 @@ def measure(n: int, rounds: int) -> dict:
     layer.set_mode_task(0)
     layer_w = layer.weight.detach() * ss.unpack_bits(words, n)
     x = torch.randn(1, n, generator=g)
+    op = torch.ops.supsup_cpu.masked_linear_small
     calls = {
         "dense F.linear": lambda: F.linear(x, dense_w),
-        "C++ op": lambda: ss.ops.backend_for(x.device).masked_forward(ss.ops.dispatch._LINEAR, x, w, words, None),
+        "C++ op": lambda: op(x, w, words, None),
         "ss.ops.masked_linear": lambda: ss.ops.masked_linear(x, w, words),
         "ss.ops.signed_masked_linear": lambda: ss.ops.signed_masked_linear(x, sign, words, 0.05),
         "dense (layer's weight)": lambda: F.linear(x, layer_w),
@@ -61,6 +63,7 @@ def main() -> None:
     a = p.parse_args()
     if a.rounds < 1 or any(n < 1 for n in a.sizes):
         raise SystemExit("--rounds and every --sizes value must be >= 1")
+    load_cpu_extension()  # raises, saying why, where the C++ kernels cannot be built
     print(f"supsup_fast from {ss.__file__}, {torch.get_num_threads()} threads; µs per call, median of {a.rounds} loops")
     for n in a.sizes:
         m = measure(n, a.rounds)

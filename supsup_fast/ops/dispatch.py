@@ -36,9 +36,14 @@ def eager_plain(*tensors: Optional[Tensor]) -> bool:
     """Whether a call may run its op's bodies eagerly through a plain ``torch.autograd.Function``
     instead of the custom-op dispatcher: plain eager tensors (no torch.compile/FX tracing, no fake,
     meta or subclass tensors, no dispatch mode such as opcheck's). Gradients may be recorded."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # the C call: ~0.1 µs, not ~0.7
+    # is_compiling() first: dynamo folds it, and would not trace the C call. The loop, not all() over
+    # a generator: this runs on every batch-1 layer call.
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
-    return all(t is None or ((type(t) is Tensor or type(t) is torch.nn.Parameter) and not t.is_meta) for t in tensors)
+    for t in tensors:
+        if t is not None and ((type(t) is not Tensor and type(t) is not torch.nn.Parameter) or t.is_meta):
+            return False
+    return True
 
 
 def eager_without_grad(*tensors: Optional[Tensor]) -> bool:
@@ -48,27 +53,22 @@ def eager_without_grad(*tensors: Optional[Tensor]) -> bool:
     this project's CPU) is most of a batch-1 layer's time."""
     if not eager_plain(*tensors):
         return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
-
-
-def _plain(t: Tensor) -> bool:
-    return (type(t) is Tensor or type(t) is torch.nn.Parameter) and not t.is_meta
+    if not torch.is_grad_enabled():
+        return True
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return False
+    return True
 
 
 def eager_linear_backend(x: Tensor, weight: Tensor, words: Tensor, bias: Optional[Tensor]):
-    """The backend that runs a ``masked_linear`` call's body directly, or None: the tests of
-    ``eager_without_grad``, ``checks.valid_linear`` and ``_pick`` (no empty size) in one pass, for
-    the common call (a layer's inference at batch 1 takes tens of µs, and those tests one at a time
-    cost about 5-10 µs of Python a call on the Intel Xeon VM). On None the caller takes the general
-    path, which names what is wrong."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # this order: dynamo folds the first
+    """The backend that runs a ``masked_linear`` call's body directly, or None: ``eager_without_grad``,
+    then ``checks.valid_linear`` and ``_pick``'s test for an empty size, for the common call (a layer's
+    inference at batch 1 takes tens of µs, and the separate checks cost about 5-10 µs of Python a
+    call on the Intel Xeon VM). On None the caller takes the general path, which names what is wrong."""
+    if not eager_without_grad(x, weight, words, bias) or not checks.valid_linear(x, weight, words, bias):
         return None
-    if not (_plain(x) and _plain(weight) and _plain(words) and (bias is None or _plain(bias))):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return None
-    if not checks.valid_linear(x, weight, words, bias) or x.numel() == 0 or weight.shape[0] == 0:
+    if x.numel() == 0 or weight.shape[0] == 0:
         return None
     return backend_for(weight.device)
 
