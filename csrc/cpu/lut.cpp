@@ -446,9 +446,7 @@ LUT_AVX2 void build256(const Src& src, int64_t W, int64_t fw0, int64_t fw1, floa
     for (int64_t fw = std::max(fw0, r * W); fw < std::min(fw1, (r + 1) * W); ++fw) {
       src.load(r, fw - r * W, vals);
       vals[32] = vals[33] = 0.0f;
-      __m256 t[kGroups3];
-      subset_sums3(vals, t);
-      for (int p = 0; p < kGroups3; ++p) _mm256_store_ps(tables + (fw - fw0) * kTab2 + 8 * p, t[p]);
+      subset_sums3(vals, tables + (fw - fw0) * kTab2);
     }
   }
 }

@@ -90,9 +90,10 @@ IL_AVX512 inline __m512 lookup7(__m512i b, const __m512* t) {
 }
 
 // Tasks [t0, t1) of one word's run (bits) through the tables t, np groups of them (lookup7 for all 7).
-IL_AVX512 inline void stream512(const int32_t* bits, const __m512* t, int np, int64_t t0, int64_t t1, float* acc) {
+IL_AVX512 inline void stream512(const int32_t* bits, const __m512* t, int np, int64_t t0, int64_t t1, float* acc,
+                                bool prefetch) {
   if (np == kGroups5) {
-    if (stream_prefetch()) {
+    if (prefetch) {
       for (int64_t i = t0; i < t1; i += 16) {  // one 64-byte line of bits per step
         _mm_prefetch(reinterpret_cast<const char*>(bits + i + kPrefetchInts), _MM_HINT_T0);
         _mm512_storeu_ps(acc + i, _mm512_add_ps(_mm512_loadu_ps(acc + i), lookup7(_mm512_loadu_si512(bits + i), t)));
@@ -111,10 +112,11 @@ IL_AVX512 inline void stream512(const int32_t* bits, const __m512* t, int np, in
   }
 }
 
-IL_AVX512 void word512(const int32_t* bank_t, const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* acc) {
+IL_AVX512 void word512(const int32_t* bank_t, const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* acc,
+                       bool prefetch) {
   __m512 t[2 * kGroups5];
   tables32(vals, t);
-  stream512(bank_t + base, t, np, t0, t1, acc);
+  stream512(bank_t + base, t, np, t0, t1, acc, prefetch);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -122,15 +124,11 @@ IL_AVX512 void word512(const int32_t* bank_t, const float* vals, int np, int64_t
 // The tables are read from L1 as vpermps memory operands: in registers, 11 of them leave no room
 // for the multiply-high constants of index3_bits_at, whose indices (on other pipes than the shifts
 // that share vpermps's) made this loop 1.1x faster on Zen 4.
-IL_AVX2 inline void tables256(const float* vals, float* tab) {
-  __m256 t[kGroups3];
-  subset_sums3(vals, t);
-  for (int p = 0; p < kGroups3; ++p) _mm256_store_ps(tab + 8 * p, t[p]);
-}
+IL_AVX2 inline void tables256(const float* vals, float* tab) { subset_sums3(vals, tab); }
 
-IL_AVX2 inline void stream256(const int32_t* bits, const float* tab, int np, int64_t t0, int64_t t1, float* acc) {
+IL_AVX2 inline void stream256(const int32_t* bits, const float* tab, int np, int64_t t0, int64_t t1, float* acc,
+                              bool prefetch) {
   if (np == kGroups3) {
-    const bool prefetch = stream_prefetch();
     for (int64_t i = t0; i < t1; i += 8) {
       if (prefetch && (i & 8) == 0)  // every other step: one per 64-byte line (t0 is a multiple of 16)
         _mm_prefetch(reinterpret_cast<const char*>(bits + i + kPrefetchInts), _MM_HINT_T0);
@@ -155,10 +153,11 @@ IL_AVX2 inline void stream256(const int32_t* bits, const float* tab, int np, int
   }
 }
 
-IL_AVX2 void word256(const int32_t* bank_t, const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* acc) {
+IL_AVX2 void word256(const int32_t* bank_t, const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* acc,
+                     bool prefetch) {
   alignas(32) float tab[kGroups3 * 8];
   tables256(vals, tab);
-  stream256(bank_t + base, tab, np, t0, t1, acc);
+  stream256(bank_t + base, tab, np, t0, t1, acc, prefetch);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -183,12 +182,13 @@ void word_scalar(const int32_t* bank_t, const float* vals, int64_t base, int64_t
 // among 2 rows' runs gained nothing, 4 (four streams from DRAM) or column blocks were slower.
 IL_AVX512 void superpose_rows512(const int32_t* bank_w, int64_t KW, int64_t n, int64_t np, const float* vals,
                                  int tail_np, float* acc, float* out, int64_t r0, int64_t r1) {
+  const bool prefetch = stream_prefetch();
   for (int64_t r = r0; r < r1; ++r) {
     std::fill(acc, acc + np, 0.0f);
     for (int64_t q = 0; q < KW; ++q) {
       __m512 t[2 * kGroups5];
       tables32(vals + 36 * q, t);
-      stream512(bank_w + (r * KW + q) * np, t, q == KW - 1 ? tail_np : kGroups5, 0, np, acc);
+      stream512(bank_w + (r * KW + q) * np, t, q == KW - 1 ? tail_np : kGroups5, 0, np, acc, prefetch);
     }
     std::copy(acc, acc + n, out + r * n);
   }
@@ -197,6 +197,7 @@ IL_AVX512 void superpose_rows512(const int32_t* bank_w, int64_t KW, int64_t n, i
 // AVX2 reads its tables from L1 as memory operands anyway (see word256): built once per call.
 IL_AVX2 void superpose_rows256(const int32_t* bank_w, int64_t KW, int64_t n, int64_t np, const float* vals,
                                int tail_np, float* acc, float* out, int64_t r0, int64_t r1) {
+  const bool prefetch = stream_prefetch();
   constexpr int kT = kGroups3 * 8;
   std::vector<float> buf(static_cast<size_t>(KW * kT + 16));
   float* tabs = align64(buf);
@@ -204,7 +205,7 @@ IL_AVX2 void superpose_rows256(const int32_t* bank_w, int64_t KW, int64_t n, int
   for (int64_t r = r0; r < r1; ++r) {
     std::fill(acc, acc + np, 0.0f);
     for (int64_t q = 0; q < KW; ++q)
-      stream256(bank_w + (r * KW + q) * np, tabs + q * kT, q == KW - 1 ? tail_np : kGroups3, 0, np, acc);
+      stream256(bank_w + (r * KW + q) * np, tabs + q * kT, q == KW - 1 ? tail_np : kGroups3, 0, np, acc, prefetch);
     std::copy(acc, acc + n, out + r * n);
   }
 }
@@ -225,16 +226,17 @@ void mask_dot_rank1_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int6
   std::vector<Query> qs;
   qs.reserve(static_cast<size_t>(q));
   for (int64_t j = 0; j < q; ++j) qs.push_back(Query{g + j * R, x + j * n, acc + j * kp});
+  const bool prefetch = stream_prefetch();  // once: a call per word cost a vzeroupper and spills
   if (isa == Isa::Avx512) {
     for_each_query_word(kp, R, W, n, w, qs.data(), q, r0, r1, skip_zero_rows, tail_lookups(n, W, 5, kGroups5),
                         kGroups5,
                         [&](const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* a) {
-                          word512(bank_t, vals, np, base, t0, t1, a);
+                          word512(bank_t, vals, np, base, t0, t1, a, prefetch);
                         });
   } else if (isa == Isa::Avx2) {
     for_each_query_word(kp, R, W, n, w, qs.data(), q, r0, r1, skip_zero_rows, tail_lookups(n, W, 3, kGroups3), kGroups3,
                         [&](const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* a) {
-                          word256(bank_t, vals, np, base, t0, t1, a);
+                          word256(bank_t, vals, np, base, t0, t1, a, prefetch);
                         });
   } else {
     for_each_query_word(kp, R, W, n, w, qs.data(), q, r0, r1, skip_zero_rows, 0, 0,
@@ -308,15 +310,16 @@ void mask_dot_rows_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int64
   vals[32] = vals[33] = vals[34] = vals[35] = 0.0f;
   std::vector<float> acc(static_cast<size_t>(kp));
   const int tail5 = tail_lookups(n, W, 5, kGroups5), tail3 = tail_lookups(n, W, 3, kGroups3);
+  const bool prefetch = stream_prefetch();
   for (int64_t r = r0; r < r1; ++r) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t q = 0; q < W; ++q) {
       rank1_values(1.0f, x, w + r * n, n, q, vals);
       const int64_t base = (r * W + q) * kp;
       if (isa == Isa::Avx512)
-        word512(bank_t, vals, q == W - 1 ? tail5 : kGroups5, base, 0, kp, acc.data());
+        word512(bank_t, vals, q == W - 1 ? tail5 : kGroups5, base, 0, kp, acc.data(), prefetch);
       else if (isa == Isa::Avx2)
-        word256(bank_t, vals, q == W - 1 ? tail3 : kGroups3, base, 0, kp, acc.data());
+        word256(bank_t, vals, q == W - 1 ? tail3 : kGroups3, base, 0, kp, acc.data(), prefetch);
       else
         word_scalar(bank_t, vals, base, 0, kp, acc.data());
     }

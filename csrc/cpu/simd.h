@@ -61,14 +61,17 @@ AVX2_TARGET inline __m256i index3_bits_at(__m256i w, __m256i hi, int b) {
 
 // The 8-entry subset-sum tables of the 11 3-bit groups of 32 values (vals[32], vals[33] read as
 // zero by the caller's padding): entry e of table p is the sum of vals[3p + b] over the bits b of e.
-AVX2_TARGET inline void subset_sums3(const float* vals, __m256* t) {
+// Written straight to `tables` (8 floats apart, 32-byte aligned): built in a __m256 array first and
+// then copied, GCC turned the copy into `rep movsq`, whose stores the lookups that follow cannot
+// forward from, so every table build stalled the loop behind it.
+AVX2_TARGET inline void subset_sums3(const float* vals, float* tables) {
   const __m256 m0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
   const __m256 m1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
   const __m256 m2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
   for (int p = 0; p < 11; ++p) {
     __m256 tab = _mm256_and_ps(m0, _mm256_set1_ps(vals[3 * p]));
     tab = _mm256_add_ps(tab, _mm256_and_ps(m1, _mm256_set1_ps(vals[3 * p + 1])));
-    t[p] = _mm256_add_ps(tab, _mm256_and_ps(m2, _mm256_set1_ps(vals[3 * p + 2])));
+    _mm256_store_ps(tables + 8 * p, _mm256_add_ps(tab, _mm256_and_ps(m2, _mm256_set1_ps(vals[3 * p + 2]))));
   }
 }
 
