@@ -360,6 +360,8 @@ def plot(rep: dict, path: Path) -> None:
     ax.loglog(ks, [r["mask_dot_s"] for r in rows], "^-", label="mask_dot")
     cp = [r for r in rows if "ours_copy_s" in r]
     ax.loglog([r["k"] for r in cp], [r["ours_copy_s"] for r in cp], "o--", label="α-gradient, with copies")
+    lp = [r for r in rows if "ours_copy_loop_s" in r]
+    ax.loglog([r["k"] for r in lp], [r["ours_copy_loop_s"] for r in lp], "o:", label="α-gradient, with copies, back to back")
     ax.loglog([r["k"] for r in cp], [r["mask_dot_copy_s"] for r in cp], "^--", label="mask_dot, task-interleaved copy")
     sc = [r for r in rows if "superpose_copy_s" in r]
     ax.loglog([r["k"] for r in sc], [r["superpose_copy_s"] for r in sc], "s--", label="superpose, weight-interleaved copy")
