@@ -124,8 +124,6 @@ IL_AVX512 void word512(const int32_t* bank_t, const float* vals, int np, int64_t
 // The tables are read from L1 as vpermps memory operands: in registers, 11 of them leave no room
 // for the multiply-high constants of index3_bits_at, whose indices (on other pipes than the shifts
 // that share vpermps's) made this loop 1.1x faster on Zen 4.
-IL_AVX2 inline void tables256(const float* vals, float* tab) { subset_sums3(vals, tab); }
-
 IL_AVX2 inline void stream256(const int32_t* bits, const float* tab, int np, int64_t t0, int64_t t1, float* acc,
                               bool prefetch) {
   if (np == kGroups3) {
@@ -156,7 +154,7 @@ IL_AVX2 inline void stream256(const int32_t* bits, const float* tab, int np, int
 IL_AVX2 void word256(const int32_t* bank_t, const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* acc,
                      bool prefetch) {
   alignas(32) float tab[kGroups3 * 8];
-  tables256(vals, tab);
+  subset_sums3(vals, tab);
   stream256(bank_t + base, tab, np, t0, t1, acc, prefetch);
 }
 
@@ -201,7 +199,7 @@ IL_AVX2 void superpose_rows256(const int32_t* bank_w, int64_t KW, int64_t n, int
   constexpr int kT = kGroups3 * 8;
   std::vector<float> buf(static_cast<size_t>(KW * kT + 16));
   float* tabs = align64(buf);
-  for (int64_t q = 0; q < KW; ++q) tables256(vals + 36 * q, tabs + q * kT);
+  for (int64_t q = 0; q < KW; ++q) subset_sums3(vals + 36 * q, tabs + q * kT);
   for (int64_t r = r0; r < r1; ++r) {
     std::fill(acc, acc + np, 0.0f);
     for (int64_t q = 0; q < KW; ++q)
