@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import supsup_fast as ss
 import supsup_fast.nn as snn
 from supsup_fast.ops.registry import backend_for
-from tests.ops.isa_runner import ISAS, run_on_isa
+from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, run_on_isa
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="no C++ compiler on this machine: the cpu backend cannot be built")
@@ -145,6 +145,28 @@ def test_small_batch_ops_on_one_thread_or_split(rows, n):
             assert torch.allclose(C.scaled_linear_small_t(g, w, s), expect, rtol=1e-4, atol=1e-4)
     finally:
         torch.set_num_threads(threads)
+
+
+BATCH1_SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
+    # The batch-1 GEMV takes rows four at a time (AVX2) with a partial last word masked: every row count
+    # 1..9 (tails of 1-3 rows), widths with and without a partial word, and a layer split across threads
+    # (chunks that need not be multiples of 4), and the padding bits past n ignored. Small integers: every sum is exact in fp32.
+    torch.set_num_threads(2)
+    for R, n in [(r, m) for r in range(1, 10) for m in (1, 31, 32, 64, 77)] + [(203, 700), (130, 1024)]:
+        mask = torch.rand(R, n) > 0.5
+        w, x, b = ri(R, n), ri(1, n), ri(R)
+        words = ss.pack_bits(mask)
+        if n % 32:  # padding bits past n set: they must be ignored, never read as weights
+            words[:, -1] |= -(1 << (n % 32))
+        assert torch.equal(C.masked_linear_small(x, w, words, b), x @ (w * mask).T + b), (R, n)
+        assert torch.equal(C.masked_linear_small(x, w, words), x @ (w * mask).T), (R, n)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_batch1_masked_gemv_row_tails_on_every_isa(isa):
+    run_on_isa(BATCH1_SCRIPT, isa)
 
 
 def test_packed_gemm_takes_3d_and_non_contiguous_inputs():
