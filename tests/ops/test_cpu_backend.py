@@ -169,6 +169,49 @@ def test_batch1_masked_gemv_row_tails_on_every_isa(isa):
     run_on_isa(BATCH1_SCRIPT, isa)
 
 
+def test_direct_batch1_path_is_taken_only_where_it_may_be():
+    """ss.ops.masked_linear runs its common inference call (float32 CPU, 1-16 rows, no autograd, the
+    cpu backend in force) straight through the C++ op; every other call takes the general path, with
+    the same result or the same named error."""
+    from supsup_fast.ops.dispatch import direct_small_masked_linear as direct
+    mask = torch.rand(20, 70) > 0.5
+    w, b, words = torch.randn(20, 70), torch.randn(20), ss.pack_bits(mask)
+    expect = lambda x: F.linear(x.double(), (w * mask).double(), b.double()).float()
+    for x in (torch.randn(70), torch.randn(1, 70), torch.randn(16, 70)):
+        got = direct(x, w, words, b)
+        assert got is not None and got.shape == x.shape[:-1] + (20,)
+        assert torch.allclose(got, expect(x), rtol=1e-4, atol=1e-4)
+        assert torch.equal(ss.ops.masked_linear(x, w, words, b), got)
+    x = torch.randn(3, 70)
+    not_taken = {
+        "17 rows": (torch.randn(17, 70), w, b),
+        "no rows": (torch.randn(0, 70), w, b),
+        "3-d x": (torch.randn(2, 3, 70), w, b),
+        "float64": (x.double(), w.double(), b.double()),
+        "x requires grad": (x.clone().requires_grad_(), w, b),
+        "bias requires grad": (x, w, b.clone().requires_grad_()),
+        "non-contiguous x (refused by the op)": (torch.randn(70, 3).t(), w, b),
+    }
+    for why, (xi, wi, bi) in not_taken.items():
+        assert direct(xi, wi, words, bi) is None, why
+        got = ss.ops.masked_linear(xi, wi, words, bi)
+        assert torch.allclose(got.double(), F.linear(xi.double(), (wi * mask).double(), bi.double()), rtol=1e-4, atol=1e-4), why
+    with torch.no_grad():
+        assert direct(x.clone().requires_grad_(), w, words, b) is not None
+    with ss.use_backend("reference"):
+        assert direct(x, w, words, b) is None
+    xg = x.clone().requires_grad_()
+    ss.ops.masked_linear(xg, w, words, b).sum().backward()
+    assert torch.allclose(xg.grad, (w * mask).sum(0).expand(3, 70), rtol=1e-4, atol=1e-5)
+    # refused by the op: the general path names the argument
+    with pytest.raises(ValueError, match="mask_words"):
+        ss.ops.masked_linear(x, w, words[:, :2], b)
+    with pytest.raises(ValueError, match="bias"):
+        ss.ops.masked_linear(x, w, words, torch.randn(19))
+    with pytest.raises((ValueError, TypeError), match="mask_words"):
+        ss.ops.masked_linear(x, w, words.float(), b)
+
+
 def test_packed_gemm_takes_3d_and_non_contiguous_inputs():
     mask = torch.rand(70, 96) > 0.5
     w, b = torch.randn(96, 70).t(), torch.randn(70, 2)[:, 0]  # both non-contiguous
