@@ -102,7 +102,10 @@ def child(isa: str, quick: bool, out: Path, note: str = "", parts: tuple = PARTS
                     if key in old:
                         rep[key] = old[key]
                 rep.setdefault("measured", {})[part] = old.get("measured", {}).get(part, {"note": old.get("note", "")})
+    # Each section keeps the bandwidth of its own run (the top-level figure is the latest run's): the
+    # one-read floors of a kept section were computed with it.
     stamp = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(), "note": rep["note"],
+             "read_bandwidth_GBps": bw / 1e9,
              "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
              "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "(not capped)")}
     for part in parts:
