@@ -709,6 +709,16 @@ at::Tensor signed_masked_linear_small_op(const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(sign_words.sizes() == mask_words.sizes() && mask_words.dim() == 2, "sign_words and mask_words must both be [out, W]");
   const int64_t R = mask_words.size(0), W = mask_words.size(1), n = x.size(-1);
   TORCH_CHECK(W == words_for(n), "mask_words has ", W, " words per row but x has ", n, " features");
+  // Words built for more features than x has (70 against 65: the same 3 words) set bits past n:
+  // refused, as the Python op refuses them (it is called directly for small-batch inference).
+  if (n % 32 && R) {
+    const int32_t* sp = sign_words.data_ptr<int32_t>();
+    const int32_t* mp = mask_words.data_ptr<int32_t>();
+    uint32_t past = 0;
+    for (int64_t r = 0; r < R; ++r) past |= static_cast<uint32_t>(sp[r * W + W - 1] | mp[r * W + W - 1]);
+    TORCH_CHECK((past >> (n % 32)) == 0, "sign_words/mask_words have bits set past bit ", n, ": built for more than the ",
+                n, " features of x");
+  }
   SmallBatch s = prepare_small_batch(x, n, W, R, bias, "signed_masked_linear_small");
   const Isa isa = current_isa();
   at::parallel_for(0, R, small_batch_grain(n), [&](int64_t r0, int64_t r1) {

@@ -25,6 +25,13 @@ class TaskRows(nn.Module):
     def rows(self) -> torch.Tensor:
         return self.storage[: self.count]
 
+    def row(self, index: int) -> torch.Tensor:
+        """Row ``index`` (< count) as a view: one indexing op, where ``rows[index]`` takes two (a
+        one-task layer's forward reads its task's words this way on every call)."""
+        if not 0 <= index < self.count:
+            raise IndexError(f"row index must be in [0, {self.count}), got {index}")
+        return self.storage[index]
+
     def __len__(self) -> int:
         return self.count
 

@@ -185,7 +185,7 @@ class SupermaskLayer(CountCaches, nn.Module):
         if isinstance(mode, OneTask):
             if mode.task >= self.num_tasks:
                 raise RuntimeError(f"task {mode.task} has no mask yet ({self.num_tasks} learned)")
-            return self._masked(x, self.bank.words[mode.task])
+            return self._masked(x, self.bank.row(mode.task))
         bank = self.bank.words if mode.active is None else self.bank.words.index_select(0, mode.active)
         bank_t = self._interleaved_copy(x, mode)
         if mode.uniform:

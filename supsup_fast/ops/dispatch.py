@@ -65,29 +65,36 @@ _CPU = torch.device("cpu")
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def direct_small_masked_linear(x: Tensor, weight: Tensor, words: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
-    """``masked_linear``'s most common call, inference of a float32 CPU layer on 1-16 rows, run by the
-    backend's C++ op directly; None where the call takes the general path. At batch 1 a large layer's
-    kernel streams W through the caches, so the Python before the next call runs cold and each step
-    of it costs µs: the general path's checks cost about 20 µs a call at 1024 x 1024 on the Intel Xeon
-    VM (``benchmarks/call_overhead.py``). Tested here is only what the op cannot see: plain eager
-    tensors, no autograd, the backend in force, 1-16 rows. The op checks shapes, dtypes, devices and
-    contiguity itself; a call it refuses takes the general path, which names what is wrong."""
+def direct_small_op(name: str, x: Tensor, *tensors: Optional[Tensor]):
+    """The backend's direct callable ``name`` (``small_masked_linear``, ``small_signed_masked_linear``)
+    where an op's call may take it, else None: the most common call, inference of a float32 CPU layer
+    on 1-16 rows. At batch 1 a large layer's kernel streams W through the caches, so the Python before
+    the next call runs cold and each step of it costs µs: the general path's checks cost about 20 µs
+    of a 1024 x 1024 ``masked_linear`` on the Intel Xeon VM (``benchmarks/call_overhead.py``). Tested
+    here is only what the C++ op cannot see: plain eager tensors, no autograd, the backend in force,
+    1-16 rows. The op checks shapes, dtypes, devices and contiguity itself; ``call_direct`` sends a
+    call it refuses to the general path, which names what is wrong."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # as in eager_plain
         return None
-    if type(x) is not Tensor or type(weight) not in _PLAIN or not x.is_cpu or x.dtype is not torch.float32:
+    if type(x) is not Tensor or not x.is_cpu or x.dtype is not torch.float32:
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
         return None
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+            return None
     shape = x.shape
     if not (len(shape) == 1 or (len(shape) == 2 and 0 < shape[0] <= 16)):
         return None
-    op = backend_for(_CPU).small_masked_linear
-    if op is None:
-        return None
+    return getattr(backend_for(_CPU), name)
+
+
+def call_direct(op, *args) -> Optional[Tensor]:
+    """``op(*args)``, or None where the op refuses the call (the general path then says why)."""
     try:
-        return op(x, weight, words, bias)
-    except Exception:  # refused by the op: the general path says which argument is wrong
+        return op(*args)
+    except Exception:
         return None
 
 

@@ -88,6 +88,11 @@ def test_bank_grows_amortised_and_stores_bits_only():
     assert layer.bank.nbytes() == 9 * 10 * 4 * 4  # ceil(100/32)=4 words per row
     floats = [b for b in layer.buffers() if b.is_floating_point()]
     assert sum(b.numel() for b in floats) == layer.weight.numel()  # only the frozen weight
+    for t in range(9):  # row(t): one task's words, a view of the storage; only learned tasks
+        assert torch.equal(layer.bank.row(t), layer.bank.words[t]) and layer.bank.row(t)._base is layer.bank.storage
+    for bad in (9, 15, -1):  # past the count, inside the capacity; negative
+        with pytest.raises(IndexError):
+            layer.bank.row(bad)
 
 
 def test_modes_task_and_superposition_match_ops():

@@ -173,7 +173,12 @@ def test_direct_batch1_path_is_taken_only_where_it_may_be():
     """ss.ops.masked_linear runs its common inference call (float32 CPU, 1-16 rows, no autograd, the
     cpu backend in force) straight through the C++ op; every other call takes the general path, with
     the same result or the same named error."""
-    from supsup_fast.ops.dispatch import direct_small_masked_linear as direct
+    from supsup_fast.ops.dispatch import call_direct, direct_small_op
+
+    def direct(x, w, words, b):
+        op = direct_small_op("small_masked_linear", x, w, words, b)
+        return None if op is None else call_direct(op, x, w, words, b)
+
     mask = torch.rand(20, 70) > 0.5
     w, b, words = torch.randn(20, 70), torch.randn(20), ss.pack_bits(mask)
     expect = lambda x: F.linear(x.double(), (w * mask).double(), b.double()).float()
@@ -210,6 +215,41 @@ def test_direct_batch1_path_is_taken_only_where_it_may_be():
         ss.ops.masked_linear(x, w, words, torch.randn(19))
     with pytest.raises((ValueError, TypeError), match="mask_words"):
         ss.ops.masked_linear(x, w, words.float(), b)
+
+
+def test_direct_batch1_path_of_signed_constant_layers():
+    """signed_masked_linear's small-batch inference runs the C++ op directly too; the op refuses words
+    with bits set past x's features, so that call still raises the op's named error."""
+    from supsup_fast.ops.dispatch import direct_small_op
+    n, R = 70, 20
+    mask, signs = torch.rand(R, n) > 0.5, torch.rand(R, n) > 0.5
+    mw, sw, b = ss.pack_bits(mask), ss.pack_bits(signs), torch.randn(R)
+    signed_w = 0.3 * (signs.double() * 2 - 1) * mask
+    for x in (torch.randn(n), torch.randn(1, n), torch.randn(16, n), torch.randn(17, n)):
+        expect = F.linear(x.double(), signed_w, b.double()).float()
+        assert torch.allclose(ss.ops.signed_masked_linear(x, sw, mw, 0.3, b), expect, rtol=1e-4, atol=1e-5)
+    x = torch.randn(2, n)
+    assert direct_small_op("small_signed_masked_linear", x, sw, mw, b) is not None
+    with ss.use_backend("reference"):
+        assert direct_small_op("small_signed_masked_linear", x, sw, mw, b) is None
+    # words built for 70 features, x with 65: bits set past bit 65
+    with pytest.raises(ValueError, match="bits set past bit 65"):
+        ss.ops.signed_masked_linear(torch.randn(1, 65), sw, mw, 0.3, b)
+    with pytest.raises(RuntimeError, match="bits set past bit 65"):
+        torch.ops.supsup_cpu.signed_masked_linear_small(torch.randn(1, 65), sw, mw, 0.3, b)
+    with pytest.raises(ValueError, match="in_features"):
+        ss.ops.signed_masked_linear(x, sw, mw, 0.3, b, in_features=69)
+    xg = x.clone().requires_grad_()
+    ss.ops.signed_masked_linear(xg, sw, mw, 0.3, b).sum().backward()
+    assert torch.allclose(xg.grad.double(), signed_w.sum(0).expand(2, n), rtol=1e-4, atol=1e-5)
+    layer = snn.SupermaskLinear(n, R)  # signed-constant by default: its one-task forward takes this path
+    layer.append_packed(mw)
+    layer.set_mode_task(0)
+    with torch.no_grad():
+        got = layer(x)
+        with ss.use_backend("reference"):
+            ref = layer(x)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_packed_gemm_takes_3d_and_non_contiguous_inputs():

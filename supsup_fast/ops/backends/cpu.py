@@ -85,6 +85,13 @@ def cpu_isa() -> str:
     return torch.ops.supsup_cpu.isa()
 
 
+def _direct(packet):
+    """The C++ callable behind a ``torch.ops`` op's default overload (the overload itself where a
+    torch version does not expose it)."""
+    overload = packet.default
+    return getattr(overload, "_op", overload)
+
+
 class CpuBackend(ReferenceBackend):
     name = "cpu"
     # mask_dot_batched is a native one-pass lookup-table kernel (csrc/cpu/lut.cpp): evaluation infers
@@ -99,10 +106,10 @@ class CpuBackend(ReferenceBackend):
         self.isa = cpu_isa()  # fixed when the extension loads (SUPSUP_CPU_ISA is read once)
         self.vendor = str(self.ops.vendor())
         self.gemm_batch = GEMM_BATCH.get((self.vendor, self.isa), GEMM_BATCH_OTHER)
-        # The op's C++ callable, not its Python OpOverloadPacket: ~1 µs a call warm, ~10 µs after a
-        # large layer's stream of W has evicted the interpreter's caches (Intel Xeon VM).
-        overload = self.ops.masked_linear_small.default
-        self.small_masked_linear = getattr(overload, "_op", overload)
+        # The ops' C++ callables, not their Python OpOverloadPackets: ~1 µs a call warm, ~10 µs after
+        # a large layer's stream of W has evicted the interpreter's caches (Intel Xeon VM).
+        self.small_masked_linear = _direct(self.ops.masked_linear_small)
+        self.small_signed_masked_linear = _direct(self.ops.signed_masked_linear_small)
         # Per-thread scratch for the materialised W ⊙ M of a large-batch forward: a fresh multi-MB
         # buffer per call costs page faults comparable to the unpacking itself.
         self._local = threading.local()

@@ -73,10 +73,12 @@ class ReferenceBackend:
     # mask_dot_outer reads a bank's task-interleaved copy (interleave_tasks) when given one: task
     # inference then keeps that copy (as much memory as the bank) for its one-image queries.
     reads_interleaved = False
-    # A direct callable (x, weight, mask_words, bias) -> y for a float32 masked_linear of 1-16 rows on
-    # this backend's device that checks its own arguments, or None: masked_linear's eager inference
-    # fast path (dispatch.direct_small_masked_linear).
+    # Direct callables for the float32 small-batch (1-16 rows) inference of masked_linear
+    # (x, weight, mask_words, bias) and signed_masked_linear (x, sign_words, mask_words, scale, bias)
+    # on this backend's device, that check their own arguments; None where the backend has none. The
+    # ops' eager fast path (dispatch.direct_small_op).
     small_masked_linear = None
+    small_signed_masked_linear = None
 
     def supports(self, device: torch.device) -> bool:
         return True
