@@ -149,8 +149,10 @@ AVX2_TARGET inline __m256 masked_weights8(const float* w, const int32_t* sign_wo
 
 // Word q of row `row` of W ⊙ M (or of the signed-constant weight) as four 8-lane vectors, for a
 // word that lies wholly inside the row (32q + 32 <= n): the word is broadcast once and each 8 bits
-// picked by a compare, and W is loaded plainly and ANDed with the mask (no vmaskmovps, no per-8
-// scalar shifts: on the Intel Xeon VM the per-8 path ran the batch-1 GEMV at about half MKL's speed).
+// picked by a compare, and W is loaded plainly and ANDed with the mask (no per-8 scalar shifts: on the
+// Intel Xeon VM the per-8 path ran the batch-1 GEMV at about half MKL's speed). The packing steps and
+// batch 2 use it; the float batch-1 GEMV (small_gemm.cpp's gemv256) shifts the broadcast word into
+// vmaskmovps masks instead, one uop fewer per 8 weights.
 template <bool SIGNED>
 AVX2_TARGET inline void masked_word8x4(const float* w, const int32_t* sign_words, const int32_t* words, float scale,
                                        int64_t n, int64_t W, int64_t row, int64_t q, __m256 out[4]) {

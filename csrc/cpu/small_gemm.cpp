@@ -71,7 +71,8 @@ AVX2_TARGET void gemm_direct256(const float* xt, const float* w, const int32_t* 
 // bit is lane j's sign bit, the mask of a vmaskmovps load: one shift and one masked load per 8
 // weights, against an AND, a compare and an AND in masked_word8x4, which ran the L2-resident GEMV
 // about 1.3x slower on the Intel Xeon VM. A row's last, partial word is the same step with its bits
-// past n cleared; masked-off lanes are never read.
+// past n cleared; masked-off lanes are never read. (That step is written out twice: shared through a
+// helper taking the accumulators by reference, GCC kept them in memory, storing them every word.)
 template <int ROWS>
 AVX2_TARGET void gemv_rows256(const float* xt, const float* w, const int32_t* words, int64_t n, int64_t W,
                               const float* bias, float* y, int64_t r) {
