@@ -66,6 +66,7 @@ const int64_t* active_ptr(const std::optional<at::Tensor>& active, int64_t k) {
 
 std::string isa_op() { return isa_name(current_isa()); }
 bool stream_prefetch_op() { return stream_prefetch(); }
+bool shift_indices_op() { return shift_indices(); }
 std::string vendor_op() { return cpu_vendor(); }
 
 at::Tensor pack_bits_op(const at::Tensor& mask) {
@@ -1175,6 +1176,7 @@ at::Tensor threshold_masked_weight_op(const at::Tensor& scores, const at::Tensor
 TORCH_LIBRARY(supsup_cpu, m) {
   m.def("isa() -> str", &isa_op);
   m.def("stream_prefetch() -> bool", &stream_prefetch_op);
+  m.def("shift_indices() -> bool", &shift_indices_op);
   m.def("vendor() -> str", &vendor_op);
   m.def("pack_bits(Tensor mask) -> Tensor");
   m.def("unpack_bits(Tensor words, int n) -> Tensor");

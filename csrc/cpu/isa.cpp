@@ -42,6 +42,14 @@ bool stream_prefetch() {
   return on;
 }
 
+bool shift_indices() {
+  static const bool on = [] {
+    if (const char* env = std::getenv("SUPSUP_CPU_SHIFT_INDICES")) return std::strcmp(env, "0") != 0;
+    return std::strcmp(cpu_vendor(), "intel") == 0;
+  }();
+  return on;
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Avx512: return "avx512";

@@ -22,6 +22,12 @@ const char* cpu_vendor();
 // it. Read once.
 bool stream_prefetch();
 
+// Whether the AVX2 table loops over the task-interleaved copies (lut_interleaved.cpp stream256) form
+// their 3-bit indices by plain shifts into four partial sums (on by default on Intel, where shifts,
+// multiplies and vpermps share ports 0, 1 and 5) or by multiply-highs into two (elsewhere: on Zen 4
+// the multiplies issue on other pipes); SUPSUP_CPU_SHIFT_INDICES=1 or 0 forces it. Read once.
+bool shift_indices();
+
 // mask bool[rows, n] -> words[rows, W]; rows [r0, r1).
 void pack_rows(const bool* mask, int64_t n, int64_t W, int32_t* words, int64_t r0, int64_t r1);
 // words[rows, W] -> bool[rows, n]; rows [r0, r1).

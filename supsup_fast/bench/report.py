@@ -26,6 +26,7 @@ def machine() -> dict:
         info["isa"] = cpu_isa()
         info["cpu_vendor"] = str(torch.ops.supsup_cpu.vendor())
         info["stream_prefetch"] = bool(torch.ops.supsup_cpu.stream_prefetch())
+        info["shift_indices"] = bool(torch.ops.supsup_cpu.shift_indices())
     return info
 
 

@@ -70,9 +70,13 @@ def run_on_isa(script: str, isa: str, extra_env: dict = None) -> None:
     assert res.stdout.split() == [isa, "ok"]
 
 
-def run_on_isa_with_prefetch(script: str, isa: str, prefetch: str) -> None:
-    """run_on_isa with the table loops' prefetch forced on ("1") or off ("0") (SUPSUP_CPU_PREFETCH; on by
-    default on Intel CPUs only), after checking that the kernels took the setting. ``script`` starts
-    with SCRIPT_HEAD."""
-    check = f"assert C.stream_prefetch() is {prefetch == '1'}\n"
-    run_on_isa(SCRIPT_HEAD + check + script[len(SCRIPT_HEAD):], isa, {"SUPSUP_CPU_PREFETCH": prefetch})
+def run_on_isa_with_setting(script: str, isa: str, setting: str, value: str) -> None:
+    """run_on_isa with one of the table loops' vendor-chosen settings forced on ("1") or off ("0"),
+    after checking that the kernels took it: "prefetch" (SUPSUP_CPU_PREFETCH, the bits prefetched
+    ahead; on by default on Intel CPUs only) or "shift_indices" (SUPSUP_CPU_SHIFT_INDICES, the AVX2
+    loops' indices by shifts; on by default on Intel CPUs only). ``script`` starts with SCRIPT_HEAD."""
+    op, env = {"prefetch": ("stream_prefetch", "SUPSUP_CPU_PREFETCH"),
+               "shift_indices": ("shift_indices", "SUPSUP_CPU_SHIFT_INDICES")}[setting]
+    check = f"assert C.{op}() is {value == '1'}\n"
+    run_on_isa(SCRIPT_HEAD + check + script[len(SCRIPT_HEAD):], isa, {env: value})
+

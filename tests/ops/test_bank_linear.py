@@ -11,7 +11,7 @@ import supsup_fast as ss
 from supsup_fast.ops.backends.cpu import CpuBackend
 
 from tests.devices import backend_devices, ids
-from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, run_on_isa
+from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, run_on_isa, run_on_isa_with_setting
 
 PAIRS = backend_devices()
 needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -90,6 +90,13 @@ ISA_SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
 @pytest.mark.parametrize("isa", ISAS)
 def test_cpu_row_kernel_on_every_isa(isa):
     run_on_isa(ISA_SCRIPT, isa)
+
+
+@needs_cxx
+@pytest.mark.parametrize("shift_indices", ["0", "1"])
+def test_cpu_row_kernel_avx2_index_forms(shift_indices):
+    """mask_dot_rows_interleaved with either way the AVX2 loop forms its indices."""
+    run_on_isa_with_setting(ISA_SCRIPT, "avx2", "shift_indices", shift_indices)
 
 
 @needs_cxx

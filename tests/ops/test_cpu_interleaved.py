@@ -11,7 +11,7 @@ import torch
 import supsup_fast as ss
 from supsup_fast.nn.bank import MaskBank
 
-from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, needs_compiler, run_on_isa_with_prefetch
+from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, needs_compiler, run_on_isa_with_setting
 
 SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
     # the copy: word w of task t at [..., w, t], tasks padded with zero words to a multiple of 16
@@ -112,7 +112,14 @@ SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
 @pytest.mark.parametrize("prefetch", ["0", "1"])
 @pytest.mark.parametrize("isa", ISAS)
 def test_interleaved_rank1_against_reference(isa, prefetch):
-    run_on_isa_with_prefetch(SCRIPT, isa, prefetch)
+    run_on_isa_with_setting(SCRIPT, isa, "prefetch", prefetch)
+
+
+@needs_compiler
+@pytest.mark.parametrize("shift_indices", ["0", "1"])
+def test_interleaved_rank1_avx2_index_forms(shift_indices):
+    """The AVX2 loop's two ways to form its 3-bit indices (shifts on Intel, multiply-highs elsewhere)."""
+    run_on_isa_with_setting(SCRIPT, "avx2", "shift_indices", shift_indices)
 
 
 def test_mask_dot_outer_refuses_a_mismatched_copy():

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, needs_compiler, run_on_isa_with_prefetch
+from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, needs_compiler, run_on_isa_with_setting
 
 SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
     import math
@@ -53,4 +53,11 @@ SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
 @pytest.mark.parametrize("prefetch", ["0", "1"])
 @pytest.mark.parametrize("isa", ISAS)
 def test_weight_copy_and_superpose_against_reference(isa, prefetch):
-    run_on_isa_with_prefetch(SCRIPT, isa, prefetch)
+    run_on_isa_with_setting(SCRIPT, isa, "prefetch", prefetch)
+
+
+@needs_compiler
+@pytest.mark.parametrize("shift_indices", ["0", "1"])
+def test_weight_copy_superpose_avx2_index_forms(shift_indices):
+    """superpose over the weight copy with either way the AVX2 loop forms its indices."""
+    run_on_isa_with_setting(SCRIPT, "avx2", "shift_indices", shift_indices)
