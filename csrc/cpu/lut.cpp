@@ -419,25 +419,6 @@ LUT_AVX512 void rows512(const int32_t* bank, int64_t R, int64_t W, const RowSrc&
 // AVX2
 constexpr int kTab2 = kGroups3 * 8;  // floats of tables per word
 
-
-LUT_AVX2 inline void transpose8x8(__m256i* r) {
-  __m256i t[8], u[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    u[4 * i + 0] = _mm256_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
-    u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
-    u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    r[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
-    r[4 + j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
-  }
-}
-
 template <class Src>
 LUT_AVX2 void build256(const Src& src, int64_t W, int64_t fw0, int64_t fw1, float* tables) {
   alignas(64) float vals[36];

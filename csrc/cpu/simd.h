@@ -59,6 +59,26 @@ AVX2_TARGET inline __m256i index3_bits_at(__m256i w, __m256i hi, int b) {
                 : _mm256_mulhi_epu16(hi, _mm256_set1_epi16(static_cast<int16_t>(1u << (32 - b))));
 }
 
+// r[j] <- the dwords j of r[0..7]: 8 runs of 8 mask words turned into 8 vectors, vector j holding
+// word j of every run (the AVX2 table kernels: 8 tasks, or 8 rows, per vector).
+AVX2_TARGET inline void transpose8x8(__m256i* r) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
+    r[4 + j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
+  }
+}
+
 // The 8-entry subset-sum tables of the 11 3-bit groups of 32 values (vals[32], vals[33] read as
 // zero by the caller's padding): entry e of table p is the sum of vals[3p + b] over the bits b of e.
 // Written straight to `tables` (8 floats apart, 32-byte aligned): built in a __m256 array first and

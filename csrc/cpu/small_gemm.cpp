@@ -13,13 +13,15 @@ namespace supsup_cpu {
 
 namespace {
 
+// The scalar kernels multiply a clear bit's weight by 0 rather than skip it, as the vector kernels
+// do: x · (W ⊙ M) in IEEE arithmetic, where an infinite input times a clear bit is NaN.
 void masked_gemm_small_scalar(const float* x, int64_t B, const float* w, const int32_t* words, int64_t n,
                               int64_t W, int64_t R, const float* bias, float* y, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t b = 0; b < B; ++b) {
       float acc = 0.0f;
       for (int64_t j = 0; j < n; ++j)
-        if ((static_cast<uint32_t>(words[r * W + j / 32]) >> (j % 32)) & 1u) acc += x[b * n + j] * w[r * n + j];
+        acc += x[b * n + j] * ((static_cast<uint32_t>(words[r * W + j / 32]) >> (j % 32)) & 1u ? w[r * n + j] : 0.0f);
       y[b * R + r] = acc + (bias ? bias[r] : 0.0f);
     }
 }
@@ -32,10 +34,9 @@ void signed_gemm_small_scalar(const float* x, int64_t B, const int32_t* sign_wor
       float acc = 0.0f;
       for (int64_t j = 0; j < n; ++j) {
         const uint32_t shift = j % 32;
-        if ((static_cast<uint32_t>(mask_words[r * W + j / 32]) >> shift) & 1u) {
-          const bool pos = (static_cast<uint32_t>(sign_words[r * W + j / 32]) >> shift) & 1u;
-          acc += pos ? x[b * n + j] : -x[b * n + j];
-        }
+        const bool set = (static_cast<uint32_t>(mask_words[r * W + j / 32]) >> shift) & 1u;
+        const bool pos = (static_cast<uint32_t>(sign_words[r * W + j / 32]) >> shift) & 1u;
+        acc += x[b * n + j] * (set ? (pos ? 1.0f : -1.0f) : 0.0f);
       }
       y[b * R + r] = scale * acc + (bias ? bias[r] : 0.0f);
     }
