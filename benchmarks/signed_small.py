@@ -37,6 +37,7 @@ def child(isa: str, out: Path, note: str) -> dict:
     assert cpu_isa() == isa, f"asked for {isa}, the kernels run {cpu_isa()}"
     g = torch.Generator().manual_seed(0)
     rows = []
+    state = {"lut": None}
     for out_f, in_f in SHAPES:
         m = torch.rand(out_f, in_f, generator=g) > 0.5
         s = torch.rand(out_f, in_f, generator=g) > 0.5
@@ -46,10 +47,12 @@ def child(isa: str, out: Path, note: str) -> dict:
             x = torch.randn(b, in_f, generator=g)
 
             def ours(lut: bool):
-                if lut:
-                    os.environ.pop("SUPSUP_CPU_SIGNED_LUT", None)  # the default: lookups up to 4 rows
-                else:
-                    os.environ["SUPSUP_CPU_SIGNED_LUT"] = "0"
+                if state["lut"] is not lut:  # set the environment only when the kernel changes (µs a call)
+                    if lut:
+                        os.environ.pop("SUPSUP_CPU_SIGNED_LUT", None)  # the default: lookups up to 4 rows
+                    else:
+                        os.environ["SUPSUP_CPU_SIGNED_LUT"] = "0"
+                    state["lut"] = lut
                 return ss.ops.signed_masked_linear(x, sw, mw, scale)
 
             with torch.no_grad():
@@ -58,6 +61,7 @@ def child(isa: str, out: Path, note: str) -> dict:
                 t = interleaved_medians({"ours": lambda: ours(True), "direct": lambda: ours(False),
                                          "dense": lambda: F.linear(x, dense_w)}, repeats=15, calls_per_sample=20)
             os.environ.pop("SUPSUP_CPU_SIGNED_LUT", None)
+            state["lut"] = None
             row = {"out": out_f, "in": in_f, "rows": b, "ours_s": t["ours"], "direct_s": t["direct"], "dense_s": t["dense"],
                    "lut": b <= int(torch.ops.supsup_cpu.signed_lut_max_rows()),
                    "dense_over_ours": t["dense"] / t["ours"], "direct_over_ours": t["direct"] / t["ours"]}
