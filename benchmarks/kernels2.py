@@ -418,13 +418,17 @@ def main() -> None:
             torch.set_num_threads(a.threads)
         child(a.isa[0], a.quick, a.out, a.note, parts)
         return
-    for isa in a.isa or _isas():
+    run_per_isa(Path(__file__), a.isa or _isas(), ["--out", str(a.out), "--parts", ",".join(parts)]
+                + (["--quick"] if a.quick else []) + (["--threads", str(a.threads)] if a.threads else [])
+                + (["--note", a.note] if a.note else []))
+
+
+def run_per_isa(script: Path, isas: list, args: list) -> None:
+    """Run ``script --child --isa <isa> *args`` for each ISA level, the C++ kernels and torch capped to it."""
+    for isa in isas:
         env = dict(os.environ, SUPSUP_CPU_ISA=isa, **_TORCH_ISA_CAPS.get(isa, {}))
-        cmd = [sys.executable, __file__, "--child", "--isa", isa, "--out", str(a.out), "--parts", ",".join(parts)] \
-            + (["--quick"] if a.quick else []) \
-            + (["--threads", str(a.threads)] if a.threads else []) + (["--note", a.note] if a.note else [])
         start = time.time()
-        subprocess.run(cmd, env=env, check=True)
+        subprocess.run([sys.executable, str(script), "--child", "--isa", isa, *args], env=env, check=True)
         print(f"({isa}: {time.time() - start:.0f} s)")
 
 

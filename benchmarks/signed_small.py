@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from kernels2 import _TORCH_ISA_CAPS, _commit, _isas  # noqa: E402
+from kernels2 import _commit, _isas, run_per_isa  # noqa: E402
 
 SHAPES = [(1024, 1024), (300, 784), (100, 300)]  # out x in: FC1024's hidden layer, LeNet's first and second
 ROWS = [1, 2, 4, 8, 16]
@@ -114,11 +113,8 @@ def main() -> None:
             torch.set_num_threads(a.threads)
         child(a.isa[0], a.out, a.note)
         return
-    for isa in a.isa or _isas():
-        env = dict(os.environ, SUPSUP_CPU_ISA=isa, **_TORCH_ISA_CAPS.get(isa, {}))
-        cmd = [sys.executable, __file__, "--child", "--isa", isa, "--out", str(a.out)] \
-            + (["--threads", str(a.threads)] if a.threads else []) + (["--note", a.note] if a.note else [])
-        subprocess.run(cmd, env=env, check=True)
+    run_per_isa(Path(__file__), a.isa or _isas(), ["--out", str(a.out)] + (["--threads", str(a.threads)] if a.threads else [])
+                + (["--note", a.note] if a.note else []))
 
 
 if __name__ == "__main__":
