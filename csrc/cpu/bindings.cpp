@@ -724,9 +724,9 @@ at::Tensor signed_masked_linear_small_op(const at::Tensor& x, const at::Tensor& 
   SmallBatch s = prepare_small_batch(x, n, W, R, bias, "signed_masked_linear_small");
   const Isa isa = current_isa();
   if (s.B <= signed_lut_max_rows(isa) && std::isfinite(scale) && all_finite(x.data_ptr<float>(), x.numel())) {
-    // Table lookups (signed_lut.cpp), in blocks of 16 rows (a vector's lanes); at two to four times
-    // the direct kernel's speed, chunks of 2^17 weights times rows of x (2^15 to 2^18 ran alike on the
-    // Xeon VM, 2^16 and 2^17 best by a little at 300 x 784).
+    // Table lookups (signed_lut.cpp; 1.3-3.3x the direct kernel at 300 x 784 and 1024 x 1024 on the
+    // Xeon VM), in blocks of 16 rows (a vector's lanes), chunks of 2^17 weights times rows of x (2^15
+    // to 2^18 ran alike, 2^16 and 2^17 best by a little at 300 x 784).
     const int64_t blocks = (R + 15) / 16;
     at::parallel_for(0, blocks, std::max<int64_t>(1, (int64_t{1} << 17) / (16 * n * s.B)), [&](int64_t b0, int64_t b1) {
       signed_gemv_lut(isa, s.xt.data_ptr<float>(), s.B, sign_words.data_ptr<int32_t>(), mask_words.data_ptr<int32_t>(),

@@ -87,7 +87,7 @@ constexpr int kGroups3 = 11;
 // the same over mask ∧ ¬sign) + bias[r] for rows [r0, r1), from xt [W][B][32], x transposed and
 // zero-padded per word (small_gemm.cpp transpose_small_batch). x must be finite (a clear bit adds
 // nothing, where IEEE has 0·inf = NaN); padding bits add the padding's zeros. Any B, 4 rows of x a
-// pass over the bits. signed_lut_max_rows: up to how many rows of x the small-batch op uses it: 4, 0
+// pass over the bits. AVX2 and AVX-512 only (isa not Scalar). signed_lut_max_rows: up to how many rows of x the small-batch op uses it: 4, 0
 // on the scalar ISA, or SUPSUP_CPU_SIGNED_LUT=N (0 turns it off, at most 16) in the environment.
 int64_t signed_lut_max_rows(Isa isa);
 void signed_gemv_lut(Isa isa, const float* xt, int64_t B, const int32_t* sign_words, const int32_t* mask_words,

@@ -125,7 +125,7 @@ IL_AVX512 void word512(const int32_t* bank_t, const float* vals, int np, int64_t
 // for the multiply-high constants of index3_bits_at, whose indices (on other pipes than the shifts
 // that share vpermps's) made this loop 1.1x faster on Zen 4. On Intel every index costs a uop on
 // ports 0/1/5 either way, so there (shift_indices) plain shifts save the `hi` shift, and four partial
-// sums shorten the add chains: 1.05-1.08x faster in isolation on the Xeon VM, 1.02-1.06x in superpose
+// sums shorten the add chains: 1.00-1.09x faster in isolation on the Xeon VM, 1.02-1.06x in superpose
 // and mask_dot over a 1024 x 1024 layer's copies at k = 250 and 2,500 (paired calls, one process).
 template <bool SHIFTS>
 IL_AVX2 inline void full_steps256(const int32_t* bits, const float* tab, int64_t t0, int64_t t1, float* acc,
