@@ -76,6 +76,27 @@ AVX512_TARGET void signed_masked_weight_avx512(const int32_t* sign_words, const 
     }
 }
 
+// The signed-constant weight with AVX2: whole words by masked_word8x4, a row's partial last word 8 at
+// a time and only its columns below n stored (the scalar loop took 5.4-5.6 ms at 1024 x 1024 on the
+// Xeon VM, the whole cost of a large batch's signed forward over BLAS's).
+AVX2_TARGET void signed_masked_weight_avx2(const int32_t* sign_words, const int32_t* mask_words, float scale, int64_t n,
+                                           int64_t W, float* out, int64_t r0, int64_t r1) {
+  const int64_t full = n / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* o = out + r * n;
+    for (int64_t q = 0; q < full; ++q) {
+      __m256 v[4];
+      masked_word8x4<true>(nullptr, sign_words, mask_words, scale, n, W, r, q, v);
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o + 32 * q + 8 * c, v[c]);
+    }
+    for (int64_t j = 32 * full; j < n; j += 8) {
+      const __m256 v = masked_weights8<true>(nullptr, sign_words, mask_words, scale, n, W, r, j);
+      const __m256i cols = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - j)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      _mm256_maskstore_ps(o + j, cols, v);
+    }
+  }
+}
+
 }  // namespace
 
 void pack_rows(const bool* mask, int64_t n, int64_t W, int32_t* words, int64_t r0, int64_t r1) {
@@ -145,6 +166,7 @@ void threshold_masked_weight(Isa isa, const float* scores, const float* w, float
 void signed_masked_weight(Isa isa, const int32_t* sign_words, const int32_t* mask_words, float scale, int64_t n,
                           int64_t W, float* out, int64_t r0, int64_t r1) {
   if (isa == Isa::Avx512) return signed_masked_weight_avx512(sign_words, mask_words, scale, n, W, out, r0, r1);
+  if (isa == Isa::Avx2) return signed_masked_weight_avx2(sign_words, mask_words, scale, n, W, out, r0, r1);
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t j = 0; j < n; ++j) {
       const uint32_t shift = j % 32;

@@ -53,6 +53,24 @@ AVX512_TARGET void rmsprop_avx512(float* p, const float* g, float* sq, const Rms
   }
 }
 
+// AVX2: 8 at a time, the tail by the scalar rule (the scalar loop alone ran 1.11 ms for 2^20 scores
+// against 0.26 with AVX-512 on the Xeon VM: its sqrt and division were not vectorised).
+AVX2_TARGET void rmsprop_avx2(float* p, const float* g, float* sq, const RmspropScalars& c, int64_t i0, int64_t i1) {
+  const __m256 vwd = _mm256_set1_ps(c.weight_decay);
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) {
+    const __m256 pv = _mm256_loadu_ps(p + i);
+    __m256 gv = _mm256_loadu_ps(g + i);
+    if (c.weight_decay != 0.0f) gv = _mm256_add_ps(gv, _mm256_mul_ps(vwd, pv));
+    _mm256_storeu_ps(p + i, rmsprop8(pv, gv, sq + i, c));
+  }
+  for (; i < i1; ++i) {
+    float gi = g[i];
+    if (c.weight_decay != 0.0f) gi += c.weight_decay * p[i];
+    p[i] = rmsprop1(p[i], gi, sq + i, c);
+  }
+}
+
 // The straight-through step: g = dW ⊙ w (+ wd p), then the rule, then out = p_new ≥ 0 ? w : 0.
 AVX512_TARGET void ste_rmsprop_avx512(float* p, const float* dw, const float* w, float* sq, float* out,
                                       const RmspropScalars& c, int64_t i0, int64_t i1) {
@@ -239,6 +257,7 @@ AVX2_TARGET void ste_adam_avx2(float* p, const float* dw, const float* w, float*
 void rmsprop_step(Isa isa, float* param, const float* grad, float* square_avg, const RmspropScalars& c, int64_t i0,
                   int64_t i1) {
   if (isa == Isa::Avx512) return rmsprop_avx512(param, grad, square_avg, c, i0, i1);
+  if (isa == Isa::Avx2) return rmsprop_avx2(param, grad, square_avg, c, i0, i1);
   for (int64_t i = i0; i < i1; ++i) {
     float g = grad[i];
     if (c.weight_decay != 0.0f) g += c.weight_decay * param[i];

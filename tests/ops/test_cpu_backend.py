@@ -412,11 +412,15 @@ def test_every_isa_path_agrees(isa):
             expect = F.linear(x.double(), 0.5 * (s.double() * 2 - 1) * m, b.double()).float()
             got = C.signed_masked_linear_gemm(x, ss.pack_bits(s), ss.pack_bits(m), 0.5, b)
             assert torch.allclose(got, expect, atol=1e-4, rtol=1e-4)
-        sw, mw = ss.pack_bits(torch.rand(9, 77) > 0.5), ss.pack_bits(torch.rand(9, 77) > 0.5)
-        out = torch.empty(9, 77)
-        C.signed_masked_weight_into(sw, mw, 0.25, out)
-        su, mu = ss.unpack_bits(sw, 77).float(), ss.unpack_bits(mw, 77).float()
-        assert torch.equal(out, 0.25 * (2 * su - 1) * mu)
+        for n in (1, 8, 31, 32, 77, 96):  # whole words, and a last word cut at every kind of place
+            sw, mw = ss.pack_bits(torch.rand(9, n) > 0.5), ss.pack_bits(torch.rand(9, n) > 0.5)
+            su, mu = ss.unpack_bits(sw, n).float(), ss.unpack_bits(mw, n).float()
+            if n % 32:  # set padding bits are ignored
+                sw[:, -1] |= -(1 << (n % 32)); mw[:, -1] |= -(1 << (n % 32))
+            buf = torch.full((9 * n + 8,), float("nan"))  # 8 sentinels past the end: no store beyond row 8's n
+            out = buf[:9 * n].view(9, n)
+            C.signed_masked_weight_into(sw, mw, 0.25, out)
+            assert torch.equal(out, 0.25 * (2 * su - 1) * mu) and buf[9 * n:].isnan().all(), n
         sc, wt = torch.randn(1000 + 7), torch.randn(1000 + 7)
         assert torch.equal(C.threshold_masked_weight(sc, wt), wt * (sc >= 0))
         p, g, sq = torch.randn(1003), torch.randn(1003), torch.rand(1003)
