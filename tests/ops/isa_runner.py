@@ -79,4 +79,3 @@ def run_on_isa_with_setting(script: str, isa: str, setting: str, value: str) -> 
                "shift_indices": ("shift_indices", "SUPSUP_CPU_SHIFT_INDICES")}[setting]
     check = f"assert C.{op}() is {value == '1'}\n"
     run_on_isa(SCRIPT_HEAD + check + script[len(SCRIPT_HEAD):], isa, {env: value})
-

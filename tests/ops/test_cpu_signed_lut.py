@@ -1,7 +1,7 @@
 """The table-lookup kernel of signed-constant layers at 1-4 rows of x (csrc/cpu/signed_lut.cpp) against
 the reference, on every ISA: rows and words cut anywhere in the vector's lane blocks, chunks split
-across threads, the direct kernel past 4 rows (or the lookups up to 16 rows when asked to), and IEEE results for non-finite inputs (on the float
-small-batch kernel too)."""
+across threads, the direct kernel past 4 rows (or the lookups up to 16 rows when asked to), and IEEE
+results for non-finite inputs (on the float small-batch kernel too)."""
 import textwrap
 
 import pytest
