@@ -179,6 +179,13 @@ std::vector<int64_t> active_row_bounds(const float* g, int64_t R, int64_t W, int
 // overflow: then "no", which only costs the callers a shortcut).
 bool surely_finite(const at::Tensor& t) { return t.numel() == 0 || std::isfinite(t.sum().item<float>()); }
 
+// Every entry finite, by a plain loop: for a few rows of x, where ATen's reduction costs more.
+bool all_finite(const float* x, int64_t count) {
+  for (int64_t i = 0; i < count; ++i)
+    if (!std::isfinite(x[i])) return false;
+  return true;
+}
+
 at::Tensor mask_dot_op(const at::Tensor& bank, const at::Tensor& v, const std::optional<at::Tensor>& active) {
   check_words(bank, "bank");
   check_float(v, "v");
@@ -727,9 +734,11 @@ at::Tensor signed_masked_linear_small_op(const at::Tensor& x, const at::Tensor& 
     // Table lookups (signed_lut.cpp; 1.3-3.3x the direct kernel at 300 x 784 and 1024 x 1024 on the
     // Xeon VM), in blocks of 16 rows (a vector's lanes), chunks of 2^17 weights times rows of x (2^15
     // to 2^18 ran alike, 2^16 and 2^17 best by a little at 300 x 784).
+    at::Tensor tables = at::empty({signed_lut_table_floats(isa, s.B, W)}, x.options());  // 64-byte aligned
+    signed_lut_tables(isa, s.xt.data_ptr<float>(), s.B, W, tables.data_ptr<float>());
     const int64_t blocks = (R + 15) / 16;
     at::parallel_for(0, blocks, std::max<int64_t>(1, (int64_t{1} << 17) / (16 * n * s.B)), [&](int64_t b0, int64_t b1) {
-      signed_gemv_lut(isa, s.xt.data_ptr<float>(), s.B, sign_words.data_ptr<int32_t>(), mask_words.data_ptr<int32_t>(),
+      signed_gemv_lut(isa, tables.data_ptr<float>(), s.B, sign_words.data_ptr<int32_t>(), mask_words.data_ptr<int32_t>(),
                       static_cast<float>(scale), W, R, s.bias, s.y.data_ptr<float>(), 16 * b0, std::min(R, 16 * b1));
     });
     return s.y;

@@ -84,15 +84,18 @@ constexpr int kGroups3 = 11;
 
 // Signed-constant weights (±scale where the mask is set) at up to signed_lut_max_rows(isa) rows of x
 // by table lookups (signed_lut.cpp): y[b, r] = scale · (Σ x[b, j] over the set bits of mask ∧ sign −
-// the same over mask ∧ ¬sign) + bias[r] for rows [r0, r1), from xt [W][B][32], x transposed and
-// zero-padded per word (small_gemm.cpp transpose_small_batch). x must be finite (a clear bit adds
-// nothing, where IEEE has 0·inf = NaN); padding bits add the padding's zeros. Any B, 4 rows of x a
-// pass over the bits. AVX2 and AVX-512 only (isa not Scalar). signed_lut_max_rows: up to how many rows of x the small-batch op uses it: 4, 0
-// on the scalar ISA, or SUPSUP_CPU_SIGNED_LUT=N (0 turns it off, at most 16) in the environment.
+// the same over mask ∧ ¬sign) + bias[r] for rows [r0, r1). The tables, signed_lut_table_floats(isa, B,
+// W) floats 64-byte aligned, are built once per call by signed_lut_tables from xt [W][B][32] (x
+// transposed and zero-padded per word: small_gemm.cpp transpose_small_batch) and shared by every row
+// range. x must be finite (a clear bit adds nothing, where IEEE has 0·inf = NaN); padding bits add the
+// padding's zeros. Any B, 4 rows of x a pass over the bits. AVX2 and AVX-512 only (isa not Scalar).
+// signed_lut_max_rows: up to how many rows of x the small-batch op uses it: 4, 0 on the scalar ISA,
+// or SUPSUP_CPU_SIGNED_LUT=N (0 turns it off, at most 16) in the environment.
 int64_t signed_lut_max_rows(Isa isa);
-void signed_gemv_lut(Isa isa, const float* xt, int64_t B, const int32_t* sign_words, const int32_t* mask_words,
+int64_t signed_lut_table_floats(Isa isa, int64_t B, int64_t W);
+void signed_lut_tables(Isa isa, const float* xt, int64_t B, int64_t W, float* tables);
+void signed_gemv_lut(Isa isa, const float* tables, int64_t B, const int32_t* sign_words, const int32_t* mask_words,
                      float scale, int64_t W, int64_t R, const float* bias, float* y, int64_t r0, int64_t r1);
-bool all_finite(const float* x, int64_t count);
 
 // g_r * (x[j] * w_row[j]) for the 32 columns j of word q of a row, zero past n: the values whose
 // subset sums a rank-1 query's tables hold.

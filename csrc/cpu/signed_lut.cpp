@@ -10,20 +10,10 @@
 #include "simd.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdlib>
-#include <cstring>
-#include <vector>
 
 namespace supsup_cpu {
 namespace {
-
-// The thread's table buffer, 64-byte aligned, for `floats` floats.
-float* table_buffer(int64_t floats) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < static_cast<size_t>(floats + 16)) buf.resize(floats + 16);
-  return align64(buf);
-}
 
 // ------------------------------------------------------------------------------------------------
 // AVX-512: 8 nibble tables of 16 sums (128 floats) per word and row of x; 16 rows per vector.
@@ -39,23 +29,25 @@ AVX512_TARGET inline void lookup_nibbles512(__m512* acc, __m512i w, const float*
     acc[p % NACC] = _mm512_add_ps(acc[p % NACC], _mm512_permutexvar_ps(index_bits_at(w, 4 * p), _mm512_load_ps(t + 16 * p)));
 }
 
-// Rows [b0, b0 + B) of the Bx rows of x (xt [W][Bx][32]) into y's rows of the same numbers.
+// The tables of every word q and row b of x (xt [W][Bx][32]) at tables + 128 (q Bx + b).
+AVX512_TARGET void tables512(const float* xt, int64_t Bx, int64_t W, float* tables) {
+  const __mmask16 has_bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
+  for (int64_t qb = 0; qb < W * Bx; ++qb) {
+    const float* vals = xt + 32 * qb;
+    for (int p = 0; p < 8; ++p) {
+      __m512 tab = _mm512_setzero_ps();
+      for (int i = 0; i < 4; ++i) tab = _mm512_mask_add_ps(tab, has_bit[i], tab, _mm512_set1_ps(vals[4 * p + i]));
+      _mm512_store_ps(tables + 128 * qb + 16 * p, tab);
+    }
+  }
+}
+
+// Rows [b0, b0 + B) of the Bx rows of x, through their tables (tables512), into y's rows of the same numbers.
 template <int B>
-AVX512_TARGET void signed_lut512(const float* xt, int64_t Bx, int64_t b0, const int32_t* sign_words,
+AVX512_TARGET void signed_lut512(const float* tables, int64_t Bx, int64_t b0, const int32_t* sign_words,
                                  const int32_t* mask_words, float scale, int64_t W, int64_t R, const float* bias,
                                  float* y, int64_t r0, int64_t r1) {
   constexpr int NACC = kAcc512<B>;
-  float* tables = table_buffer(W * B * 128);
-  const __mmask16 has_bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
-  for (int64_t q = 0; q < W; ++q)
-    for (int b = 0; b < B; ++b) {
-      const float* vals = xt + 32 * (q * Bx + b0 + b);
-      for (int p = 0; p < 8; ++p) {
-        __m512 tab = _mm512_setzero_ps();
-        for (int i = 0; i < 4; ++i) tab = _mm512_mask_add_ps(tab, has_bit[i], tab, _mm512_set1_ps(vals[4 * p + i]));
-        _mm512_store_ps(tables + 128 * (q * B + b) + 16 * p, tab);
-      }
-    }
   for (int64_t rb = r0; rb < r1; rb += 16) {
     const int64_t rows = std::min<int64_t>(16, r1 - rb);
     __m512 pos_acc[B][NACC], neg_acc[B][NACC];
@@ -79,7 +71,7 @@ AVX512_TARGET void signed_lut512(const float* xt, int64_t Bx, int64_t b0, const 
       transpose16x16(neg);
       for (int64_t j = 0; j < nw; ++j)
         for (int b = 0; b < B; ++b) {
-          const float* t = tables + 128 * ((q0 + j) * B + b);
+          const float* t = tables + 128 * ((q0 + j) * Bx + b0 + b);
           lookup_nibbles512<NACC>(pos_acc[b], pos[j], t);
           lookup_nibbles512<NACC>(neg_acc[b], neg[j], t);
         }
@@ -112,19 +104,20 @@ AVX2_TARGET inline void lookup_groups256(__m256* acc, __m256i w, const float* t)
     acc[p % NACC] = _mm256_add_ps(acc[p % NACC], _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8 * p), p ? _mm256_srli_epi32(w, 3 * p) : w));
 }
 
+// The tables of every word q and row b of x at tables + kTab3 (q Bx + b).
+AVX2_TARGET void tables256(const float* xt, int64_t Bx, int64_t W, float* tables) {
+  alignas(64) float vals[36] = {};  // 32 inputs, then the zeros the last group's table reads
+  for (int64_t qb = 0; qb < W * Bx; ++qb) {
+    std::copy(xt + 32 * qb, xt + 32 * qb + 32, vals);
+    subset_sums3(vals, tables + kTab3 * qb);
+  }
+}
+
 template <int B>
-AVX2_TARGET void signed_lut256(const float* xt, int64_t Bx, int64_t b0, const int32_t* sign_words,
+AVX2_TARGET void signed_lut256(const float* tables, int64_t Bx, int64_t b0, const int32_t* sign_words,
                                const int32_t* mask_words, float scale, int64_t W, int64_t R, const float* bias,
                                float* y, int64_t r0, int64_t r1) {
   constexpr int NACC = kAcc256<B>;
-  float* tables = table_buffer(W * B * kTab3);
-  alignas(64) float vals[36] = {};  // 32 inputs, then the zeros the last group's table reads
-  for (int64_t q = 0; q < W; ++q)
-    for (int b = 0; b < B; ++b) {
-      const float* src = xt + 32 * (q * Bx + b0 + b);
-      std::copy(src, src + 32, vals);
-      subset_sums3(vals, tables + kTab3 * (q * B + b));
-    }
   for (int64_t rb = r0; rb < r1; rb += 8) {
     const int64_t rows = std::min<int64_t>(8, r1 - rb);
     __m256 pos_acc[B][NACC], neg_acc[B][NACC];
@@ -148,7 +141,7 @@ AVX2_TARGET void signed_lut256(const float* xt, int64_t Bx, int64_t b0, const in
       transpose8x8(neg);
       for (int64_t j = 0; j < nw; ++j)
         for (int b = 0; b < B; ++b) {
-          const float* t = tables + kTab3 * ((q0 + j) * B + b);
+          const float* t = tables + kTab3 * ((q0 + j) * Bx + b0 + b);
           lookup_groups256<NACC>(pos_acc[b], pos[j], t);
           lookup_groups256<NACC>(neg_acc[b], neg[j], t);
         }
@@ -175,27 +168,28 @@ int64_t signed_lut_max_rows(Isa isa) {
   return 4;  // past 4 rows the direct kernel, which builds each row's weights once for all rows of x, catches up
 }
 
-bool all_finite(const float* x, int64_t count) {
-  for (int64_t i = 0; i < count; ++i)
-    if (!std::isfinite(x[i])) return false;
-  return true;
+int64_t signed_lut_table_floats(Isa isa, int64_t B, int64_t W) { return W * B * (isa == Isa::Avx512 ? 128 : kTab3); }
+
+void signed_lut_tables(Isa isa, const float* xt, int64_t B, int64_t W, float* tables) {
+  if (isa == Isa::Avx512) return tables512(xt, B, W, tables);
+  tables256(xt, B, W, tables);
 }
 
-void signed_gemv_lut(Isa isa, const float* xt, int64_t B, const int32_t* sign_words, const int32_t* mask_words,
+void signed_gemv_lut(Isa isa, const float* tables, int64_t B, const int32_t* sign_words, const int32_t* mask_words,
                      float scale, int64_t W, int64_t R, const float* bias, float* y, int64_t r0, int64_t r1) {
   // Up to 4 rows of x per pass over the bits (more would take more registers than a vector ISA has).
   for (int64_t b0 = 0; b0 < B; b0 += 4) {
     const int64_t nb = std::min<int64_t>(4, B - b0);
     if (isa == Isa::Avx512) {
-      if (nb == 1) signed_lut512<1>(xt, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
-      else if (nb == 2) signed_lut512<2>(xt, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
-      else if (nb == 3) signed_lut512<3>(xt, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
-      else signed_lut512<4>(xt, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
+      if (nb == 1) signed_lut512<1>(tables, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
+      else if (nb == 2) signed_lut512<2>(tables, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
+      else if (nb == 3) signed_lut512<3>(tables, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
+      else signed_lut512<4>(tables, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
     } else {
-      if (nb == 1) signed_lut256<1>(xt, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
-      else if (nb == 2) signed_lut256<2>(xt, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
-      else if (nb == 3) signed_lut256<3>(xt, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
-      else signed_lut256<4>(xt, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
+      if (nb == 1) signed_lut256<1>(tables, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
+      else if (nb == 2) signed_lut256<2>(tables, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
+      else if (nb == 3) signed_lut256<3>(tables, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
+      else signed_lut256<4>(tables, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
     }
   }
 }
