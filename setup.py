@@ -67,7 +67,7 @@ def extensions():
               "on first use instead (install with --no-build-isolation to build them now)")
         return [], {}
     ext = CppExtension("supsup_fast._C", cpu_sources, extra_compile_args=build.CPU_CFLAGS,
-                       extra_link_args=build.CPU_LDFLAGS, define_macros=[build.PYTHON_MODULE_MACRO])
+                       extra_link_args=build.CPU_LDFLAGS)
     exts = [ext]
     cuda = cuda_extension(torch, build)
     if cuda is not None:

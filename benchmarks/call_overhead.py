@@ -1,5 +1,7 @@
 """What a batch-1 layer call costs beyond its kernel, in one process: dense ``F.linear`` on the
-masked weight, the C++ op alone (``torch.ops.supsup_cpu.masked_linear_small``), ``ss.ops.masked_linear`` (float W), ``ss.ops.signed_masked_linear``
+masked weight, the C++ op through the dispatcher (``torch.ops.supsup_cpu.masked_linear_small``) and
+as the extension's plain function (``direct_masked_linear``, what ``ss.ops.masked_linear`` calls for
+such a call), ``ss.ops.masked_linear`` (float W), ``ss.ops.signed_masked_linear``
 (the weight as sign bits) and a signed-constant ``SupermaskLinear`` on one task, at a tiny layer
 (where the Python around the kernel is most of the time) and at 1024 x 1024.
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import supsup_fast as ss
-from supsup_fast.ops.backends.cpu import load_cpu_extension
+from supsup_fast.ops.backends.cpu import cpu_module, load_cpu_extension
 
 
 def measure(n: int, rounds: int) -> dict:
@@ -34,9 +36,11 @@ def measure(n: int, rounds: int) -> dict:
     layer_w = layer.weight.detach() * ss.unpack_bits(words, n)
     x = torch.randn(1, n, generator=g)
     op = torch.ops.supsup_cpu.masked_linear_small
+    direct = cpu_module().direct_masked_linear
     calls = {
         "dense F.linear": lambda: F.linear(x, dense_w),
-        "C++ op": lambda: op(x, w, words, None),
+        "C++ op (torch.ops)": lambda: op(x, w, words, None),
+        "C++ op (direct function)": lambda: direct(x, w, words, None),
         "ss.ops.masked_linear": lambda: ss.ops.masked_linear(x, w, words),
         "ss.ops.signed_masked_linear": lambda: ss.ops.signed_masked_linear(x, sign, words, 0.05),
         "dense (layer's weight)": lambda: F.linear(x, layer_w),
@@ -71,7 +75,7 @@ def main() -> None:
         for name, t in m.items():
             print(f"  {name:30s} {t * 1e6:8.1f}")
         print(f"  masked_linear / dense: {m['dense F.linear'] / m['ss.ops.masked_linear']:.3f}x the speed;"
-              f" the call adds {1e6 * (m['ss.ops.masked_linear'] - m['C++ op']):.1f} µs to the op")
+              f" the call adds {1e6 * (m['ss.ops.masked_linear'] - m['C++ op (direct function)']):.1f} µs to the direct function")
 
 
 if __name__ == "__main__":

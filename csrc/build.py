@@ -12,7 +12,8 @@ CPU_CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wno-maybe-un
 CPU_LDFLAGS = ["-fopenmp"]
 CUDA_CXXFLAGS = ["-O3"]
 CUDA_NVCCFLAGS = ["-O3", "-std=c++17"]
-# Defined when setup.py builds the extensions as Python modules (supsup_fast._C, supsup_fast._cuda).
+# Defined when setup.py builds the CUDA extension as the Python module supsup_fast._cuda (the CPU one
+# is always a module: csrc/cpu/python_module.cpp).
 PYTHON_MODULE_MACRO = ("SUPSUP_PYTHON_MODULE", None)
 
 

@@ -1,6 +1,6 @@
 // Torch bindings of the CPU kernels: the supsup_cpu op namespace (TORCH_LIBRARY + CPU impls),
 // argument checks and threading. Python's CpuBackend calls these; the public supsup:: ops,
-// their fake implementations and autograd stay in supsup_fast/ops/library.py.
+// their fake implementations and autograd stay in supsup_fast/ops/.
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <limits>
@@ -12,6 +12,7 @@
 #include "kernels.h"
 #include "lut.h"
 #include "gemv.h"
+#include "small_ops.h"
 
 namespace supsup_cpu {
 namespace {
@@ -695,7 +696,10 @@ SmallBatch prepare_small_batch(const at::Tensor& x, int64_t n, int64_t W, int64_
   return s;
 }
 
-at::Tensor masked_linear_small_op(const at::Tensor& x, const at::Tensor& w, const at::Tensor& words,
+}  // namespace
+
+// Declared in small_ops.h: python_module.cpp calls them directly too.
+at::Tensor masked_linear_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& words,
                                   const std::optional<at::Tensor>& bias) {
   check_float(w, "weight");
   check_words(words, "mask_words");
@@ -711,7 +715,7 @@ at::Tensor masked_linear_small_op(const at::Tensor& x, const at::Tensor& w, cons
   return s.y;
 }
 
-at::Tensor signed_masked_linear_small_op(const at::Tensor& x, const at::Tensor& sign_words, const at::Tensor& mask_words,
+at::Tensor signed_masked_linear_small(const at::Tensor& x, const at::Tensor& sign_words, const at::Tensor& mask_words,
                                          double scale, const std::optional<at::Tensor>& bias) {
   check_words(sign_words, "sign_words");
   check_words(mask_words, "mask_words");
@@ -750,6 +754,8 @@ at::Tensor signed_masked_linear_small_op(const at::Tensor& x, const at::Tensor& 
   });
   return s.y;
 }
+
+namespace {
 
 // y = x (W ⊙ M)ᵀ + b for any number of rows of x (masked_gemm.cpp): the mask applied while packing
 // W, so W ⊙ M is never written to memory. gemm(B, bias, y, r0, r1) fills rows [r0, r1) of the
@@ -1264,8 +1270,8 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
   m.impl("mask_dot_rows_interleaved", &mask_dot_rows_interleaved_op);
   m.impl("masked_weight", &masked_weight_op);
   m.impl("masked_weight_into", &masked_weight_into_op);
-  m.impl("masked_linear_small", &masked_linear_small_op);
-  m.impl("signed_masked_linear_small", &signed_masked_linear_small_op);
+  m.impl("masked_linear_small", &masked_linear_small);
+  m.impl("signed_masked_linear_small", &signed_masked_linear_small);
   m.impl("masked_linear_gemm", &masked_linear_gemm_op);
   m.impl("signed_masked_linear_gemm", &signed_masked_linear_gemm_op);
   m.impl("rmsprop_step_", &rmsprop_step_op);
@@ -1280,12 +1286,3 @@ TORCH_LIBRARY_IMPL(supsup_cpu, CPU, m) {
 }
 
 }  // namespace supsup_cpu
-
-#ifdef SUPSUP_PYTHON_MODULE
-// Built by setup.py as the Python module supsup_fast._C: importing it runs the registrations above.
-#include <Python.h>
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "supsup_fast CPU kernels (torch.ops.supsup_cpu)", -1, nullptr};
-  return PyModule_Create(&module);
-}
-#endif

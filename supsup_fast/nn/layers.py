@@ -183,9 +183,10 @@ class SupermaskLayer(CountCaches, nn.Module):
                 return fused_train_forward(self, x, mode.fused)
             return self._dense(x, masked_weight_from_scores(self.scores, self.weight, self.mask_fn, self.density))
         if isinstance(mode, OneTask):
-            if mode.task >= self.num_tasks:
-                raise RuntimeError(f"task {mode.task} has no mask yet ({self.num_tasks} learned)")
-            return self._masked(x, self.bank.row(mode.task))
+            bank = self.bank
+            if mode.task >= bank.count:
+                raise RuntimeError(f"task {mode.task} has no mask yet ({bank.count} learned)")
+            return self._masked(x, bank.row(mode.task))
         bank = self.bank.words if mode.active is None else self.bank.words.index_select(0, mode.active)
         bank_t = self._interleaved_copy(x, mode)
         if mode.uniform:

@@ -62,41 +62,21 @@ def eager_without_grad(*tensors: Optional[Tensor]) -> bool:
 
 
 _CPU = torch.device("cpu")
-_PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def direct_small_op(name: str, x: Tensor, *tensors: Optional[Tensor]):
-    """The backend's direct callable ``name`` (``small_masked_linear``, ``small_signed_masked_linear``)
-    where an op's call may take it, else None: the most common call, inference of a float32 CPU layer
-    on 1-16 rows. At batch 1 a large layer's kernel streams W through the caches, so the Python before
-    the next call runs cold and each step of it costs µs: the general path's checks cost about 20 µs
-    of a 1024 x 1024 ``masked_linear`` on the Intel Xeon VM (``benchmarks/call_overhead.py``). Tested
-    here is only what the C++ op cannot see: plain eager tensors, no autograd, the backend in force,
-    1-16 rows. The op checks shapes, dtypes, devices and contiguity itself; ``call_direct`` sends a
-    call it refuses to the general path, which names what is wrong. ``eager_without_grad``'s tests are
-    written out here rather than called: the call cost 2-4 µs more with the caches cold (Xeon VM)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # as in eager_plain
-        return None
-    if type(x) is not Tensor or not x.is_cpu or x.dtype is not torch.float32:
-        return None
-    grad = torch.is_grad_enabled()
-    if grad and x.requires_grad:
-        return None
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
-            return None
-    shape = x.shape
-    if not (len(shape) == 1 or (len(shape) == 2 and 0 < shape[0] <= 16)):
+def direct_function(name: str, x: Tensor):
+    """The CPU backend's direct function ``name`` (``direct_masked_linear``,
+    ``direct_signed_masked_linear``) where x is a CPU tensor and nothing traces the call, else None.
+    The function runs the most common call, inference of a float32 CPU layer on 1-16 rows, straight
+    through the C++ op: at batch 1 a large layer's kernel streams W through the caches, so the Python
+    before the next call runs cold and each step of it costs µs (``benchmarks/call_overhead.py``).
+    It tests in C++ what else the call must be (plain dense tensors, no dispatch mode, no gradient
+    to record, 1-16 rows, arguments the op accepts) and returns None where it is not; the caller then
+    takes the general path, which names what is wrong. ``is_compiling()`` first: dynamo folds it, and
+    would not trace the C call."""
+    if torch.compiler.is_compiling() or type(x) is not Tensor or not x.is_cpu:
         return None
     return getattr(backend_for(_CPU), name)
-
-
-def call_direct(op, *args) -> Optional[Tensor]:
-    """``op(*args)``, or None where the op refuses the call (the general path then says why)."""
-    try:
-        return op(*args)
-    except Exception:
-        return None
 
 
 def eager_linear_backend(x: Tensor, weight: Tensor, words: Tensor, bias: Optional[Tensor]):

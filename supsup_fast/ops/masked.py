@@ -10,8 +10,8 @@ from torch import Tensor
 from . import checks
 from .backends.reference import DenseConv2d, _bias_grad
 from .registry import backend_for
-from .dispatch import (_conv_out_fake, _LINEAR, _dense, _flatten_conv, _pick, _unflatten_conv, call_direct,
-                       direct_small_op, eager_linear_backend, eager_without_grad)
+from .dispatch import (_conv_out_fake, _LINEAR, _dense, _flatten_conv, _pick, _unflatten_conv,
+                       direct_function, eager_linear_backend, eager_without_grad)
 
 IntPair = Union[int, Sequence[int]]
 
@@ -88,9 +88,9 @@ masked_conv2d_op.register_autograd(_masked_backward, setup_context=_masked_setup
 # -- the public function ----------------------------------------------------------------------
 def masked_linear(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """y = x (W ⊙ M)ᵀ + b with M unpacked from ``mask_words`` [out, ceil(in/32)]."""
-    op = direct_small_op("small_masked_linear", x, weight, mask_words, bias)
-    if op is not None:
-        y = call_direct(op, x, weight, mask_words, bias)
+    direct = direct_function("direct_masked_linear", x)
+    if direct is not None:
+        y = direct(x, weight, mask_words, bias)
         if y is not None:
             return y
     backend = eager_linear_backend(x, weight, mask_words, bias)

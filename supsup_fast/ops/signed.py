@@ -12,7 +12,7 @@ from . import checks
 from .backends.reference import _bias_grad
 from .bits import unpack_bits_op
 from .masked import masked_backward_op
-from .dispatch import _pick, call_direct, direct_small_op, eager_without_grad
+from .dispatch import _pick, direct_function, eager_without_grad
 
 
 def _check_signed(x, sign_words, mask_words, bias, in_features) -> None:
@@ -119,9 +119,9 @@ def signed_masked_linear(x: Tensor, sign_words: Tensor, mask_words: Tensor, scal
     (words built for a wider x) are refused."""
     if in_features is not None and (isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1):
         raise ValueError(f"in_features must be a positive int, got {in_features!r}")
-    op = direct_small_op("small_signed_masked_linear", x, sign_words, mask_words, bias)
-    if op is not None and (in_features is None or in_features == x.shape[-1]) and type(scale) is float:
-        y = call_direct(op, x, sign_words, mask_words, scale, bias)  # the op refuses set padding bits too
+    direct = direct_function("direct_signed_masked_linear", x)
+    if direct is not None and (in_features is None or in_features == x.shape[-1]):
+        y = direct(x, sign_words, mask_words, scale, bias)  # the op refuses set padding bits too
         if y is not None:
             return y
     if eager_without_grad(x, sign_words, mask_words, bias):  # inference: the op's body, without the dispatcher

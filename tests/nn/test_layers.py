@@ -95,6 +95,40 @@ def test_bank_grows_amortised_and_stores_bits_only():
             layer.bank.row(bad)
 
 
+def test_one_task_forward_follows_every_change_of_the_bank():
+    """The bank keeps the last row view it handed out (a one-task forward reads it on every call):
+    the forward must see an overwritten row, a bank regrown by appends, truncation then a new
+    task in the same row, and a move to another dtype's storage."""
+    import copy
+    import pickle
+    layer = snn.SupermaskLinear(40, 6, init="kaiming_normal")
+    x = torch.randn(2, 40)
+    masks = [torch.rand(6, 40) > 0.5 for _ in range(3)]
+    expect = lambda m: F.linear(x, layer.weight * m)
+    layer.append_packed(ss.pack_bits(masks[0]).unsqueeze(0))
+    layer.set_mode_task(0)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), expect(masks[0]), atol=1e-6)
+        kept = layer.bank.storage
+        layer.append_packed(ss.pack_bits(masks[1]).unsqueeze(0))  # regrows the storage
+        assert layer.bank.storage is not kept and layer.bank._kept_row is None
+        assert torch.allclose(layer(x), expect(masks[0]), atol=1e-6)
+        layer.bank.set_row(0, ss.pack_bits(masks[2]))  # written in place
+        assert torch.allclose(layer(x), expect(masks[2]), atol=1e-6)
+        layer.set_mode_task(1)
+        assert torch.allclose(layer(x), expect(masks[1]), atol=1e-6)
+        layer.truncate_tasks(1)
+        with pytest.raises(RuntimeError, match="task 1 has no mask yet"):
+            layer(x)
+        layer.append_packed(ss.pack_bits(masks[0]).unsqueeze(0))  # row 1 again, another mask
+        assert torch.allclose(layer(x), expect(masks[0]), atol=1e-6)
+        for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert twin.bank._kept_row is None and torch.equal(twin(x), layer(x))
+        layer.double()  # a new weight; the words stay int32 (the same tensor), the kept view dropped all the same
+        assert layer.bank._kept_row is None
+        assert torch.allclose(layer(x.double()), F.linear(x.double(), layer.weight * masks[0]), atol=1e-12)
+
+
 def test_modes_task_and_superposition_match_ops():
     layer = snn.SupermaskLinear(50, 7)
     masks = []

@@ -170,14 +170,16 @@ def test_batch1_masked_gemv_row_tails_on_every_isa(isa):
 
 
 def test_direct_batch1_path_is_taken_only_where_it_may_be():
-    """ss.ops.masked_linear runs its common inference call (float32 CPU, 1-16 rows, no autograd, the
-    cpu backend in force) straight through the C++ op; every other call takes the general path, with
-    the same result or the same named error."""
-    from supsup_fast.ops.dispatch import call_direct, direct_small_op
+    """ss.ops.masked_linear runs its common inference call (float32 CPU, 1-16 rows, plain tensors, no
+    autograd, the cpu backend in force) straight through the C++ op (csrc/cpu/python_module.cpp);
+    every other call takes the general path, with the same result or the same named error."""
+    from torch.testing._internal.logging_tensor import LoggingTensor
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from supsup_fast.ops.dispatch import direct_function
 
     def direct(x, w, words, b):
-        op = direct_small_op("small_masked_linear", x, w, words, b)
-        return None if op is None else call_direct(op, x, w, words, b)
+        f = direct_function("direct_masked_linear", x)
+        return None if f is None else f(x, w, words, b)
 
     mask = torch.rand(20, 70) > 0.5
     w, b, words = torch.randn(20, 70), torch.randn(20), ss.pack_bits(mask)
@@ -187,7 +189,9 @@ def test_direct_batch1_path_is_taken_only_where_it_may_be():
         assert got is not None and got.shape == x.shape[:-1] + (20,)
         assert torch.allclose(got, expect(x), rtol=1e-4, atol=1e-4)
         assert torch.equal(ss.ops.masked_linear(x, w, words, b), got)
+        assert torch.allclose(direct(x, w, words, None), got - b, rtol=1e-5, atol=1e-5)
     x = torch.randn(3, 70)
+    assert torch.equal(direct(x, torch.nn.Parameter(w, requires_grad=False), words, b), direct(x, w, words, b))
     not_taken = {
         "17 rows": (torch.randn(17, 70), w, b),
         "no rows": (torch.randn(0, 70), w, b),
@@ -195,14 +199,37 @@ def test_direct_batch1_path_is_taken_only_where_it_may_be():
         "float64": (x.double(), w.double(), b.double()),
         "x requires grad": (x.clone().requires_grad_(), w, b),
         "bias requires grad": (x, w, b.clone().requires_grad_()),
+        "weight a Parameter that requires grad": (x, torch.nn.Parameter(w.clone()), b),
         "non-contiguous x (refused by the op)": (torch.randn(70, 3).t(), w, b),
+        "weight of another width (refused by the op)": (x, torch.randn(20, 69), b),
     }
     for why, (xi, wi, bi) in not_taken.items():
         assert direct(xi, wi, words, bi) is None, why
-        got = ss.ops.masked_linear(xi, wi, words, bi)
-        assert torch.allclose(got.double(), F.linear(xi.double(), (wi * mask).double(), bi.double()), rtol=1e-4, atol=1e-4), why
+        if wi.shape[1] == 70:
+            got = ss.ops.masked_linear(xi, wi, words, bi)
+            assert torch.allclose(got.double(), F.linear(xi.double(), (wi * mask).double(), bi.double()), rtol=1e-4, atol=1e-4), why
+    assert direct_function("direct_masked_linear", x.to("meta")) is None
+    f = direct_function("direct_masked_linear", x)
+    assert f(x, w.to("meta"), words, b) is None  # a meta weight: not a plain CPU tensor
+    assert f(x, LoggingTensor(w), words, b) is None  # a tensor subclass
+    assert f(x, w, words, torch.randn(20, dtype=torch.complex64).conj()) is None  # conjugate bit set
+    x_neg = torch._neg_view(x)  # a negative view: its memory holds -x_neg, so the kernel must not read it
+    assert f(x_neg, w, words, b) is None
+    assert torch.allclose(ss.ops.masked_linear(x_neg, w, words, b), expect(-x), rtol=1e-4, atol=1e-4)
+    with FakeTensorMode():  # a dispatch mode in force
+        assert f(x, w, words, b) is None
+    with pytest.raises(TypeError, match="takes .x, weight, mask_words, bias."):
+        f(x, w, words)
     with torch.no_grad():
         assert direct(x.clone().requires_grad_(), w, words, b) is not None
+    with torch.inference_mode():
+        got = direct(x, w, words, b)
+        assert got is not None and got.is_inference() and torch.equal(got, direct(x, w, words, b))
+    assert direct(torch.randn(3, 70).requires_grad_(False), w, words, b) is not None
+    # under vmap the tensors are functorch wrappers: the general path, batched correctly
+    xs = torch.randn(4, 3, 70)
+    got = torch.vmap(lambda xi: ss.ops.masked_linear(xi, w, words, b))(xs)
+    assert torch.allclose(got, torch.stack([expect(xi) for xi in xs]), rtol=1e-4, atol=1e-4)
     with ss.use_backend("reference"):
         assert direct(x, w, words, b) is None
     xg = x.clone().requires_grad_()
@@ -220,7 +247,7 @@ def test_direct_batch1_path_is_taken_only_where_it_may_be():
 def test_direct_batch1_path_of_signed_constant_layers():
     """signed_masked_linear's small-batch inference runs the C++ op directly too; the op refuses words
     with bits set past x's features, so that call still raises the op's named error."""
-    from supsup_fast.ops.dispatch import direct_small_op
+    from supsup_fast.ops.dispatch import direct_function
     n, R = 70, 20
     mask, signs = torch.rand(R, n) > 0.5, torch.rand(R, n) > 0.5
     mw, sw, b = ss.pack_bits(mask), ss.pack_bits(signs), torch.randn(R)
@@ -229,9 +256,16 @@ def test_direct_batch1_path_of_signed_constant_layers():
         expect = F.linear(x.double(), signed_w, b.double()).float()
         assert torch.allclose(ss.ops.signed_masked_linear(x, sw, mw, 0.3, b), expect, rtol=1e-4, atol=1e-5)
     x = torch.randn(2, n)
-    assert direct_small_op("small_signed_masked_linear", x, sw, mw, b) is not None
+    f = direct_function("direct_signed_masked_linear", x)
+    got = f(x, sw, mw, 0.3, b)
+    assert got is not None and torch.allclose(got, F.linear(x.double(), signed_w, b.double()).float(), rtol=1e-4, atol=1e-5)
+    assert f(x, sw, mw, 1, b) is None  # an int scale: the general path converts it
+    assert torch.equal(ss.ops.signed_masked_linear(x, sw, mw, 1, b), ss.ops.signed_masked_linear(x, sw, mw, 1.0, b))
+    assert f(x, sw, mw, 0.3, b.clone().requires_grad_()) is None
+    with pytest.raises(TypeError, match="takes .x, sign_words, mask_words, scale, bias."):
+        f(x, sw, mw, 0.3)
     with ss.use_backend("reference"):
-        assert direct_small_op("small_signed_masked_linear", x, sw, mw, b) is None
+        assert direct_function("direct_signed_masked_linear", x) is None
     # words built for 70 features, x with 65: bits set past bit 65
     with pytest.raises(ValueError, match="bits set past bit 65"):
         ss.ops.signed_masked_linear(torch.randn(1, 65), sw, mw, 0.3, b)
@@ -474,3 +508,5 @@ def test_signed_layer_sees_a_replaced_weight():
     layer.weight = torch.nn.Parameter(-layer.weight.detach().clone(), requires_grad=False)
     with torch.no_grad():
         assert torch.allclose(layer(x), ss.ops.masked_linear(x, layer.weight, layer.bank.words[0]), atol=1e-5)
+        layer.bias = torch.nn.Parameter(torch.randn(30), requires_grad=False)  # a Parameter bias too
+        assert torch.allclose(layer(x), ss.ops.masked_linear(x, layer.weight, layer.bank.words[0], layer.bias), atol=1e-5)

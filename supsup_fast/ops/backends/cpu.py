@@ -38,6 +38,7 @@ BITS_STEP_MIN_WEIGHTS_AVX2 = 1 << 20
 GEMM_MIN_OUT = 64
 _lock = threading.Lock()
 _loaded: Optional[str] = None
+_module = None  # the extension as a Python module (csrc/cpu/python_module.cpp)
 
 
 def _sources() -> list:
@@ -57,39 +58,39 @@ def _has_ops() -> bool:
 
 def load_cpu_extension() -> str:
     """Make ``torch.ops.supsup_cpu`` available; returns how ("prebuilt" or "jit")."""
-    global _loaded
+    global _loaded, _module
     with _lock:
         if _loaded:
             return _loaded
         if os.environ.get("SUPSUP_NO_CPU_EXT") == "1":
             raise RuntimeError("disabled by SUPSUP_NO_CPU_EXT=1")
         try:
-            import supsup_fast._C  # noqa: F401  (registers the ops on import)
+            import supsup_fast._C as module  # registers the ops on import
             _loaded = "prebuilt"
         except ImportError:
             from torch.utils import cpp_extension
             print("supsup_fast: loading the C++ CPU kernels (compiled on first use, about a minute)", file=sys.stderr, flush=True)
             try:
-                cpp_extension.load(name="supsup_fast_cpu", sources=_sources(), is_python_module=False,
-                                   extra_cflags=csrc_build.CPU_CFLAGS, extra_ldflags=csrc_build.CPU_LDFLAGS, verbose=False)
+                module = cpp_extension.load(name="supsup_fast_cpu", sources=_sources(), is_python_module=True,
+                                            extra_cflags=csrc_build.CPU_CFLAGS, extra_ldflags=csrc_build.CPU_LDFLAGS, verbose=False)
             except Exception as exc:  # no compiler, no ninja, headers missing...
                 raise RuntimeError(f"could not build the C++ CPU kernels: {exc}") from exc
             _loaded = "jit"
         if not _has_ops():
             raise RuntimeError("the C++ extension loaded but registered no supsup_cpu ops")
+        _module = module
         return _loaded
+
+
+def cpu_module():
+    """The loaded extension as a Python module (its direct small-batch functions)."""
+    load_cpu_extension()
+    return _module
 
 
 def cpu_isa() -> str:
     load_cpu_extension()
     return torch.ops.supsup_cpu.isa()
-
-
-def _direct(packet):
-    """The C++ callable behind a ``torch.ops`` op's default overload (the overload itself where a
-    torch version does not expose it)."""
-    overload = packet.default
-    return getattr(overload, "_op", overload)
 
 
 class CpuBackend(ReferenceBackend):
@@ -106,10 +107,11 @@ class CpuBackend(ReferenceBackend):
         self.isa = cpu_isa()  # fixed when the extension loads (SUPSUP_CPU_ISA is read once)
         self.vendor = str(self.ops.vendor())
         self.gemm_batch = GEMM_BATCH.get((self.vendor, self.isa), GEMM_BATCH_OTHER)
-        # The ops' C++ callables, not their Python OpOverloadPackets: ~1 µs a call warm, ~10 µs after
-        # a large layer's stream of W has evicted the interpreter's caches (Intel Xeon VM).
-        self.small_masked_linear = _direct(self.ops.masked_linear_small)
-        self.small_signed_masked_linear = _direct(self.ops.signed_masked_linear_small)
+        # Plain Python functions that run the small-batch ops where a call may skip the public op's
+        # checks and the dispatcher, else return None (csrc/cpu/python_module.cpp).
+        module = cpu_module()
+        self.direct_masked_linear = module.direct_masked_linear
+        self.direct_signed_masked_linear = module.direct_signed_masked_linear
         # Per-thread scratch for the materialised W ⊙ M of a large-batch forward: a fresh multi-MB
         # buffer per call costs page faults comparable to the unpacking itself.
         self._local = threading.local()

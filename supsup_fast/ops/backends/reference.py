@@ -73,12 +73,12 @@ class ReferenceBackend:
     # mask_dot_outer reads a bank's task-interleaved copy (interleave_tasks) when given one: task
     # inference then keeps that copy (as much memory as the bank) for its one-image queries.
     reads_interleaved = False
-    # Direct callables for the float32 small-batch (1-16 rows) inference of masked_linear
+    # Direct functions for the float32 small-batch (1-16 rows) inference of masked_linear
     # (x, weight, mask_words, bias) and signed_masked_linear (x, sign_words, mask_words, scale, bias)
-    # on this backend's device, that check their own arguments; None where the backend has none. The
-    # ops' eager fast path (dispatch.direct_small_op).
-    small_masked_linear = None
-    small_signed_masked_linear = None
+    # on this backend's device: the op's output, or None where the call is not theirs to take
+    # (dispatch.direct_function). None where the backend has none.
+    direct_masked_linear = None
+    direct_signed_masked_linear = None
 
     def supports(self, device: torch.device) -> bool:
         return True
