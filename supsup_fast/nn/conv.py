@@ -42,7 +42,8 @@ class SupermaskConv2d(SupermaskLayer):
         return (dx if need_input else None), dw
 
     def _masked(self, x, words):
-        return ops.masked_conv2d(x, self.weight, words, self.bias, **self._conv_kwargs())
+        w, bias = self._frozen()
+        return ops.masked_conv2d(x, w, words, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _superposed(self, x, bank, alpha, bank_t=None, bank_w=None):  # the copies serve linear layers only
         return ops.superposed_conv2d(x, self.weight, bank, alpha, self.bias, **self._conv_kwargs())

@@ -152,19 +152,37 @@ def valid_linear(x, weight, words, bias) -> bool:
         if not (dtype.is_floating_point and x.dtype is dtype and words.dtype is torch.int32 and len(ws) == 2
                 and len(xs) >= 1 and len(ms) == 2 and xs[-1] == ws[1] and ms[0] == ws[0] and ms[1] == num_words(ws[1])):
             return False
-        device = weight.device
-        if x.device != device or words.device != device:
-            return False
-        if bias is None:
-            return True
-        bs = bias.shape
-        return bias.dtype is dtype and len(bs) == 1 and bs[0] == ws[0] and bias.device == device
+        return _same_device_and_bias(x, weight, words, bias, dtype, ws[0])
     except AttributeError:  # not a tensor: the full checks say which argument
         return False
 
 
+def valid_conv(x, weight, words, bias) -> bool:
+    """``valid_linear`` for masked_conv2d (weight [out, in/groups, kh, kw], x [N, C, H, W] or
+    [C, H, W]; the channels against groups are ``check_conv_params``'s): the separate checks cost
+    about 13 µs, a third of a small conv layer's call at batch 1."""
+    try:
+        dtype, ws, xs, ms = weight.dtype, weight.shape, x.shape, words.shape
+        if not (dtype.is_floating_point and x.dtype is dtype and words.dtype is torch.int32 and len(ws) == 4
+                and len(xs) in (3, 4) and len(ms) == 2 and ms[0] == ws[0] and ms[1] == num_words(ws[1] * ws[2] * ws[3])):
+            return False
+        return _same_device_and_bias(x, weight, words, bias, dtype, ws[0])
+    except AttributeError:
+        return False
+
+
+def _same_device_and_bias(x, weight, words, bias, dtype, out: int) -> bool:
+    device = weight.device
+    if x.device != device or words.device != device:
+        return False
+    if bias is None:
+        return True
+    bs = bias.shape
+    return bias.dtype is dtype and len(bs) == 1 and bs[0] == out and bias.device == device
+
+
 def check_masked(x, weight, mask_words, bias, conv: bool) -> None:
-    if not conv and valid_linear(x, weight, mask_words, bias):
+    if (valid_conv if conv else valid_linear)(x, weight, mask_words, bias):
         return
     check_x_weight(x, weight, conv)
     check_words_for_weight("mask_words", mask_words, weight, banked=False)

@@ -35,6 +35,11 @@ def _(x, weight, mask_words, bias):
 @torch.library.custom_op("supsup::masked_conv2d", mutates_args=())
 def masked_conv2d_op(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor],
                      stride: List[int], padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    return _masked_conv2d(x, weight, mask_words, bias, stride, padding, dilation, groups)
+
+
+def _masked_conv2d(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor],
+                   stride: List[int], padding: List[int], dilation: List[int], groups: int) -> Tensor:
     checks.check_masked(x, weight, mask_words, bias, conv=True)
     checks.check_conv_params(stride, padding, dilation, groups, x, weight)
     dense = DenseConv2d(stride, padding, dilation, groups)
@@ -104,8 +109,10 @@ def masked_linear(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[
 def masked_conv2d(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor] = None,
                   stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1) -> Tensor:
     """conv2d with weight W ⊙ M; ``mask_words`` is [out, ceil(in/groups·kh·kw / 32)]."""
-    return masked_conv2d_op(x, weight, mask_words, bias, checks.pair("stride", stride),
-                            checks.pair("padding", padding), checks.pair("dilation", dilation), int(groups))
+    args = (checks.pair("stride", stride), checks.pair("padding", padding), checks.pair("dilation", dilation), int(groups))
+    if eager_without_grad(x, weight, mask_words, bias):  # inference: the op's body, without the dispatcher
+        return _masked_conv2d(x, weight, mask_words, bias, *args)
+    return masked_conv2d_op(x, weight, mask_words, bias, *args)
 
 
 def threshold_masked_weight(scores: Tensor, weight: Tensor) -> Tensor:

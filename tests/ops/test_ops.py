@@ -87,6 +87,29 @@ def test_conv_ops_match_dense():
     assert torch.allclose(got, F.conv2d(x, w * s, None, **kw))
 
 
+def test_masked_conv2d_inference_runs_the_op_body_with_the_same_result_and_errors():
+    """Without a gradient to record, masked_conv2d runs the op's body directly (one-pass argument
+    check, then the backend) instead of the custom-op dispatcher: the same result as through the op,
+    and a wrong argument still gets its named error."""
+    x, w = _conv_inputs(torch.float32)
+    masks, bank = rand_bank(3, 6, 2 * 9)
+    kw = dict(stride=2, padding=1, dilation=1, groups=2)
+    with torch.no_grad():
+        eager = ss.ops.masked_conv2d(x, w, bank[1], None, **kw)
+    via_op = ss.ops.masked_conv2d(x.clone().requires_grad_(), w, bank[1], None, **kw)
+    assert via_op.grad_fn is not None and torch.equal(eager, via_op.detach())
+    assert torch.allclose(eager, F.conv2d(x, w * masks[1].view_as(w).float(), None, **kw), atol=1e-5)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="mask_words"):
+            ss.ops.masked_conv2d(x, w, bank[1][:5], None, **kw)
+        with pytest.raises(ValueError, match="bias must have shape"):
+            ss.ops.masked_conv2d(x, w, bank[1], torch.randn(5), **kw)
+        with pytest.raises(ValueError, match="x must be"):
+            ss.ops.masked_conv2d(x[0, 0], w, bank[1], None, **kw)
+        with pytest.raises(TypeError, match="dtype"):
+            ss.ops.masked_conv2d(x.double(), w, bank[1], None, **kw)
+
+
 def test_gradcheck_all_ops():
     k, out, n = 3, 4, 37
     masks, bank = rand_bank(k, out, n)
