@@ -232,6 +232,9 @@ def test_direct_batch1_path_is_taken_only_where_it_may_be():
     assert torch.allclose(got, torch.stack([expect(xi) for xi in xs]), rtol=1e-4, atol=1e-4)
     with ss.use_backend("reference"):
         assert direct(x, w, words, b) is None
+    with torch.no_grad(), torch.profiler.profile() as prof:  # the direct call still shows in the profiler
+        ss.ops.masked_linear(x, w, words, b)
+    assert "supsup_cpu::masked_linear_small" in {e.name for e in prof.events()}
     xg = x.clone().requires_grad_()
     ss.ops.masked_linear(xg, w, words, b).sum().backward()
     assert torch.allclose(xg.grad, (w * mask).sum(0).expand(3, 70), rtol=1e-4, atol=1e-5)
