@@ -10,7 +10,7 @@
 // direct_signed_masked_linear(x, sign_words, mask_words, scale, bias) return the op's output, or None
 // where the call is not theirs to take: an argument that is not a plain dense CPU tensor (a subclass,
 // a functorch wrapper, a meta, sparse or conjugate tensor), a Python dispatch mode in force (opcheck,
-// FakeTensorMode), a gradient to record, x not float32 with 1-16 rows, or anything the op itself
+// FakeTensorMode) or torch.jit.trace under way, a gradient to record, x not float32 with 1-16 rows, or anything the op itself
 // refuses. The caller then takes the public op's general path, which says what is wrong.
 #include <Python.h>
 
@@ -19,6 +19,7 @@
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include "small_ops.h"
 
@@ -74,7 +75,8 @@ PyObject* wrap_or_none(at::Tensor&& y) {
 // the call is not the direct path's to take.
 bool unpack_args(PyObject* const* args, Py_ssize_t count, const at::Tensor** out, PyObject* bias_obj,
                  std::optional<at::Tensor>& bias) {
-  if (c10::impl::TorchDispatchModeTLS::stack_len() > 0) return false;
+  // A dispatch mode, or torch.jit.trace (which records only what goes through the dispatcher)
+  if (c10::impl::TorchDispatchModeTLS::stack_len() > 0 || torch::jit::tracer::isTracing()) return false;
   const bool grad = c10::GradMode::is_enabled();
   for (Py_ssize_t i = 0; i < count; ++i) {
     out[i] = plain_tensor(args[i], grad);

@@ -235,6 +235,11 @@ def test_direct_batch1_path_is_taken_only_where_it_may_be():
     with torch.no_grad(), torch.profiler.profile() as prof:  # the direct call still shows in the profiler
         ss.ops.masked_linear(x, w, words, b)
     assert "supsup_cpu::masked_linear_small" in {e.name for e in prof.events()}
+    with torch.no_grad():  # torch.jit.trace records only dispatched ops: the direct path stands aside
+        traced = torch.jit.trace(lambda xi: ss.ops.masked_linear(xi, w, words, b), x, check_trace=False)
+        x2 = torch.randn(3, 70)
+        assert torch.allclose(traced(x2), expect(x2), rtol=1e-4, atol=1e-4)
+        assert "supsup_cpu::masked_linear_small" in {n.kind() for n in traced.graph.nodes()}
     xg = x.clone().requires_grad_()
     ss.ops.masked_linear(xg, w, words, b).sum().backward()
     assert torch.allclose(xg.grad, (w * mask).sum(0).expand(3, 70), rtol=1e-4, atol=1e-5)
