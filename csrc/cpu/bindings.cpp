@@ -68,6 +68,7 @@ const int64_t* active_ptr(const std::optional<at::Tensor>& active, int64_t k) {
 std::string isa_op() { return isa_name(current_isa()); }
 bool stream_prefetch_op() { return stream_prefetch(); }
 bool shift_indices_op() { return shift_indices(); }
+bool wide_gemm_tiles_op() { return wide_gemm_tiles(); }
 int64_t signed_lut_max_rows_op() { return signed_lut_max_rows(current_isa()); }
 std::string vendor_op() { return cpu_vendor(); }
 
@@ -1204,6 +1205,7 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("isa() -> str", &isa_op);
   m.def("stream_prefetch() -> bool", &stream_prefetch_op);
   m.def("shift_indices() -> bool", &shift_indices_op);
+  m.def("wide_gemm_tiles() -> bool", &wide_gemm_tiles_op);
   m.def("signed_lut_max_rows() -> int", &signed_lut_max_rows_op);
   m.def("vendor() -> str", &vendor_op);
   m.def("pack_bits(Tensor mask) -> Tensor");

@@ -50,6 +50,14 @@ bool shift_indices() {
   return on;
 }
 
+bool wide_gemm_tiles() {
+  static const bool on = [] {
+    if (const char* env = std::getenv("SUPSUP_CPU_WIDE_TILES")) return std::strcmp(env, "0") != 0;
+    return std::strcmp(cpu_vendor(), "intel") == 0;
+  }();
+  return on;
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Avx512: return "avx512";

@@ -28,6 +28,12 @@ bool stream_prefetch();
 // the multiplies issue on other pipes); SUPSUP_CPU_SHIFT_INDICES=1 or 0 forces it. Read once.
 bool shift_indices();
 
+// Whether the AVX-512 packed masked GEMM (masked_gemm.cpp) may take its 64 x 6 tile where a thread
+// has 256+ outputs and x 128+ rows (on by default on Intel, where it measured 1.03-1.18x faster
+// there; off elsewhere: the 32 x 12 tile's blocks were tuned on the AMD Zen 4 VM, where the wide one
+// was not measured); SUPSUP_CPU_WIDE_TILES=1 or 0 forces it. Read once.
+bool wide_gemm_tiles();
+
 // mask bool[rows, n] -> words[rows, W]; rows [r0, r1).
 void pack_rows(const bool* mask, int64_t n, int64_t W, int32_t* words, int64_t r0, int64_t r1);
 // words[rows, W] -> bool[rows, n]; rows [r0, r1).

@@ -2,12 +2,15 @@
 // materialised in memory. The BLIS scheme: one K chunk of a block of rows of W is packed,
 // transposed and masked, into an L2 buffer (a BLAS packs its operand anyway, so the mask costs
 // nothing extra); a register-tiled outer-product micro-kernel then broadcasts x straight from its
-// row-major rows: 32 weight rows x 12 x rows (24 zmm accumulators) on AVX-512, 16 x 6 on AVX2.
+// row-major rows: 32 weight rows x 12 x rows on AVX-512, or 64 x 6 for a thread's 256+ outputs at
+// 128+ rows of x (24 zmm accumulators either way; wide_tiles), 24 x 4 on AVX2.
 // Signed-constant weights are packed from their 2 bits the same way.
 #include "kernels.h"
 #include "simd.h"
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <vector>
 
 namespace supsup_cpu {
@@ -74,11 +77,11 @@ AVX512_TARGET void transpose16(__m512 r[16]) {
   }
 }
 
-// P[jj][i] = (W ⊙ M)[rt + i, j0 + jj] for i < 32, jj < kc; rows past `rows` are zero.
-template <bool SIGNED>
+// P[jj][i] = (W ⊙ M)[rt + i, j0 + jj] for i < 16 WV, jj < kc; rows past `rows` are zero.
+template <bool SIGNED, int WV>
 AVX512_TARGET void pack_tile512(const float* w, const int32_t* sign_words, const int32_t* words, float scale, int64_t n,
                                 int64_t W, int64_t rt, int64_t rows, int64_t j0, int64_t kc, float* P) {
-  for (int h = 0; h < 2; ++h)
+  for (int h = 0; h < WV; ++h)
     for (int64_t jb = 0; jb < kc; jb += 16) {
       __m512 v[16];
       for (int t = 0; t < 16; ++t)
@@ -86,7 +89,7 @@ AVX512_TARGET void pack_tile512(const float* w, const int32_t* sign_words, const
                                  : _mm512_setzero_ps();
       transpose16(v);
       const int64_t cols = std::min<int64_t>(16, kc - jb);
-      for (int64_t c = 0; c < cols; ++c) _mm512_store_ps(P + (jb + c) * 32 + 16 * h, v[c]);
+      for (int64_t c = 0; c < cols; ++c) _mm512_store_ps(P + (jb + c) * 16 * WV + 16 * h, v[c]);
     }
 }
 
@@ -100,65 +103,92 @@ AVX512_TARGET void pack_rows512(const float* w, const int32_t* sign_words, const
       _mm512_store_ps(P + 32 * jj + 16 * h, masked_weights16<SIGNED>(w, sign_words, words, scale, R, W, j0 + jj, rt + 16 * h));
 }
 
-// y[b, 0:32] += sum over jj < kc of x[b, jj] * P[jj, 0:32] for b < BT (x and y already offset),
-// only the rows in m0 | m1 stored.
-template <int BT>
-AVX512_TARGET void micro512(const float* P, int64_t kc, const float* x, int64_t n, float* y, int64_t R, __mmask16 m0,
-                            __mmask16 m1) {
-  for (int b = 0; b < BT; ++b) {  // the y tile is read at the end: start fetching it now
-    _mm_prefetch(reinterpret_cast<const char*>(y + b * R), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(y + b * R + 16), _MM_HINT_T0);
-  }
-  __m512 acc[BT][2];
-  for (int b = 0; b < BT; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
+// y[b, 0:16 WV] += sum over jj < kc of x[b, jj] * P[jj, 0:16 WV] for b < BT (x and y already offset),
+// only the lanes in m[v] stored.
+template <int WV, int BT>
+AVX512_TARGET void micro512(const float* P, int64_t kc, const float* x, int64_t n, float* y, int64_t R, const __mmask16* m) {
+  for (int b = 0; b < BT; ++b)  // the y tile is read at the end: start fetching it now
+    for (int v = 0; v < WV; ++v) _mm_prefetch(reinterpret_cast<const char*>(y + b * R + 16 * v), _MM_HINT_T0);
+  __m512 acc[BT][WV];
+  for (int b = 0; b < BT; ++b)
+    for (int v = 0; v < WV; ++v) acc[b][v] = _mm512_setzero_ps();
   for (int64_t jj = 0; jj < kc; ++jj) {
-    const __m512 w0 = _mm512_load_ps(P + 32 * jj), w1 = _mm512_load_ps(P + 32 * jj + 16);
+    __m512 wv[WV];
+    for (int v = 0; v < WV; ++v) wv[v] = _mm512_load_ps(P + 16 * WV * jj + 16 * v);
 #pragma GCC unroll 12
     for (int b = 0; b < BT; ++b) {
       const __m512 xb = _mm512_set1_ps(x[b * n + jj]);
-      acc[b][0] = _mm512_fmadd_ps(w0, xb, acc[b][0]);
-      acc[b][1] = _mm512_fmadd_ps(w1, xb, acc[b][1]);
+      for (int v = 0; v < WV; ++v) acc[b][v] = _mm512_fmadd_ps(wv[v], xb, acc[b][v]);
     }
   }
-  for (int b = 0; b < BT; ++b) {
-    float* yb = y + b * R;
-    _mm512_mask_storeu_ps(yb, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, yb), acc[b][0]));
-    _mm512_mask_storeu_ps(yb + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, yb + 16), acc[b][1]));
-  }
+  for (int b = 0; b < BT; ++b)
+    for (int v = 0; v < WV; ++v) {
+      float* yb = y + b * R + 16 * v;
+      _mm512_mask_storeu_ps(yb, m[v], _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], yb), acc[b][v]));
+    }
 }
 
-using Micro512 = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, __mmask16, __mmask16);
-constexpr Micro512 kMicro512[13] = {nullptr,       micro512<1>, micro512<2>, micro512<3>,  micro512<4>,
-                                    micro512<5>,   micro512<6>, micro512<7>, micro512<8>,  micro512<9>,
-                                    micro512<10>, micro512<11>, micro512<12>};
+using Micro512 = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, const __mmask16*);
+template <int WV, int... BT>
+constexpr std::array<Micro512, sizeof...(BT) + 1> micro512_table(std::integer_sequence<int, BT...>) {
+  return {nullptr, micro512<WV, BT + 1>...};
+}
+// Tiles: 32 weight rows x 12 rows of x (2 weight vectors and 12 broadcasts per 24 FMAs) for the
+// input gradient's rows, 64 x 6 (4 and 6) for y = x (W ⊙ M)ᵀ.
+constexpr auto kMicro512x12 = micro512_table<2>(std::make_integer_sequence<int, 12>{});
+constexpr auto kMicro512x6 = micro512_table<4>(std::make_integer_sequence<int, 6>{});
 
 // ROWS: the weight is [n, R] and y = x (W ⊙ M) (pack_rows512), else it is [R, n] and y = x (W ⊙ M)ᵀ.
-template <bool SIGNED, bool ROWS = false>
-AVX512_TARGET void masked_gemm512(const float* x, int64_t B, const float* w, const int32_t* sign_words,
-                                  const int32_t* words, float scale, int64_t n, int64_t W, int64_t R,
-                                  const float* bias, float* y, int64_t r0, int64_t r1) {
+// WV: weight vectors per tile (16 WV rows), BT: rows of x per micro-kernel call.
+template <bool SIGNED, bool ROWS, int WV, int BT, size_t NT>
+AVX512_TARGET void masked_gemm512_tiles(const std::array<Micro512, NT>& micro, const float* x, int64_t B, const float* w,
+                                        const int32_t* sign_words, const int32_t* words, float scale, int64_t n, int64_t W,
+                                        int64_t R, const float* bias, float* y, int64_t r0, int64_t r1) {
+  constexpr int64_t kTile = 16 * WV;
   init_rows(bias, B, R, y, r0, r1);
-  const int64_t rows_block = rows_per_block(n, 32, kPanelFloats);
+  const int64_t rows_block = rows_per_block(n, kTile, kPanelFloats);
   float* P = packing_buffer(rows_block * ((std::min(kChunk, n) + 15) / 16 * 16));
   for (int64_t rb = r0; rb < r1; rb += rows_block) {
     const int64_t re = std::min(r1, rb + rows_block);
     for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-      const int64_t kc = std::min(kChunk, n - j0), tile = 32 * ((kc + 15) / 16 * 16);
-      for (int64_t rt = rb, t = 0; rt < re; rt += 32, ++t)
+      const int64_t kc = std::min(kChunk, n - j0), tile = kTile * ((kc + 15) / 16 * 16);
+      for (int64_t rt = rb, t = 0; rt < re; rt += kTile, ++t)
         if constexpr (ROWS) pack_rows512<SIGNED>(w, sign_words, words, scale, R, W, rt, j0, kc, P + t * tile);
-        else pack_tile512<SIGNED>(w, sign_words, words, scale, n, W, rt, std::min<int64_t>(32, re - rt), j0, kc, P + t * tile);
+        else pack_tile512<SIGNED, WV>(w, sign_words, words, scale, n, W, rt, std::min<int64_t>(kTile, re - rt), j0, kc, P + t * tile);
       for (int64_t b0 = 0; b0 < B; b0 += kBatchBlock) {
         const int64_t be = std::min(B, b0 + kBatchBlock);
-        for (int64_t rt = rb, t = 0; rt < re; rt += 32, ++t) {
-          const int64_t rows = std::min<int64_t>(32, re - rt);
-          const __mmask16 m0 = static_cast<__mmask16>(rows >= 16 ? 0xFFFF : (1u << rows) - 1u);
-          const __mmask16 m1 = static_cast<__mmask16>(rows >= 32 ? 0xFFFF : rows <= 16 ? 0 : (1u << (rows - 16)) - 1u);
-          for (int64_t bb = b0; bb < be; bb += 12)
-            kMicro512[std::min<int64_t>(12, be - bb)](P + t * tile, kc, x + bb * n + j0, n, y + bb * R + rt, R, m0, m1);
+        for (int64_t rt = rb, t = 0; rt < re; rt += kTile, ++t) {
+          const int64_t rows = std::min<int64_t>(kTile, re - rt);
+          __mmask16 m[WV];
+          for (int v = 0; v < WV; ++v)
+            m[v] = static_cast<__mmask16>(rows >= 16 * (v + 1) ? 0xFFFF : rows <= 16 * v ? 0 : (1u << (rows - 16 * v)) - 1u);
+          for (int64_t bb = b0; bb < be; bb += BT)
+            micro[std::min<int64_t>(BT, be - bb)](P + t * tile, kc, x + bb * n + j0, n, y + bb * R + rt, R, m);
         }
       }
     }
   }
+}
+
+// Whether a thread's `rows` outputs of y = x (W ⊙ M)ᵀ over B rows of x take the 64 x 6 tile
+// (wide_gemm_tiles(): Intel CPUs). Paired calls in one process on the Intel Xeon VM (two threads;
+// 1024 x 1024, 1024 x 784, 500 x 1024, 4096 x 256 and 2048 x 2048 layers at 128-512 rows of x): 1.03-
+// 1.18x faster than 32 x 12 from 128 rows of x with 256+ outputs a thread, its 4 weight vectors and 6
+// broadcasts a step loading less than 2 and 12; slower where a 64-row tile is mostly empty (300 x 784
+// at two threads, 150 rows a thread: 0.86x) or the layer is small (100 x 300: 0.90x).
+inline bool wide_tiles(int64_t B, int64_t rows) {
+  const int64_t tail = rows % 64;
+  return B >= 128 && rows >= 256 && (tail == 0 || tail > 32) && wide_gemm_tiles();
+}
+
+template <bool SIGNED, bool ROWS = false>
+AVX512_TARGET void masked_gemm512(const float* x, int64_t B, const float* w, const int32_t* sign_words,
+                                  const int32_t* words, float scale, int64_t n, int64_t W, int64_t R,
+                                  const float* bias, float* y, int64_t r0, int64_t r1) {
+  if (!ROWS && wide_tiles(B, r1 - r0))  // pack_rows512 packs 32 columns: the input gradient keeps 32 x 12
+    masked_gemm512_tiles<SIGNED, ROWS, 4, 6>(kMicro512x6, x, B, w, sign_words, words, scale, n, W, R, bias, y, r0, r1);
+  else
+    masked_gemm512_tiles<SIGNED, ROWS, 2, 12>(kMicro512x12, x, B, w, sign_words, words, scale, n, W, R, bias, y, r0, r1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -73,9 +73,12 @@ def run_on_isa(script: str, isa: str, extra_env: dict = None) -> None:
 def run_on_isa_with_setting(script: str, isa: str, setting: str, value: str) -> None:
     """run_on_isa with one of the table loops' vendor-chosen settings forced on ("1") or off ("0"),
     after checking that the kernels took it: "prefetch" (SUPSUP_CPU_PREFETCH, the bits prefetched
-    ahead; on by default on Intel CPUs only) or "shift_indices" (SUPSUP_CPU_SHIFT_INDICES, the AVX2
-    loops' indices by shifts; on by default on Intel CPUs only). ``script`` starts with SCRIPT_HEAD."""
+    ahead; on by default on Intel CPUs only), "shift_indices" (SUPSUP_CPU_SHIFT_INDICES, the AVX2
+    loops' indices by shifts; on by default on Intel CPUs only) or "wide_gemm_tiles"
+    (SUPSUP_CPU_WIDE_TILES, the AVX-512 packed GEMM's 64 x 6 tile; on by default on Intel CPUs only).
+    ``script`` starts with SCRIPT_HEAD."""
     op, env = {"prefetch": ("stream_prefetch", "SUPSUP_CPU_PREFETCH"),
-               "shift_indices": ("shift_indices", "SUPSUP_CPU_SHIFT_INDICES")}[setting]
+               "shift_indices": ("shift_indices", "SUPSUP_CPU_SHIFT_INDICES"),
+               "wide_gemm_tiles": ("wide_gemm_tiles", "SUPSUP_CPU_WIDE_TILES")}[setting]
     check = f"assert C.{op}() is {value == '1'}\n"
     run_on_isa(SCRIPT_HEAD + check + script[len(SCRIPT_HEAD):], isa, {env: value})

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import supsup_fast as ss
 import supsup_fast.nn as snn
 from supsup_fast.ops.registry import backend_for
-from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, run_on_isa
+from tests.ops.isa_runner import ISAS, SCRIPT_HEAD, run_on_isa, run_on_isa_with_setting
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="no C++ compiler on this machine: the cpu backend cannot be built")
@@ -454,6 +454,20 @@ def test_every_isa_path_agrees(isa):
             expect = F.linear(x.double(), 0.5 * (s.double() * 2 - 1) * m, b.double()).float()
             got = C.signed_masked_linear_gemm(x, ss.pack_bits(s), ss.pack_bits(m), 0.5, b)
             assert torch.allclose(got, expect, atol=1e-4, rtol=1e-4)
+        # AVX-512's 64 x 6 tile (wide_tiles: 128+ rows of x, 256+ outputs a thread), on one thread and
+        # split: a last tile cut at 33-63 and at 0 rows, x rows past one 128-row pass and not a multiple of 6
+        threads = torch.get_num_threads()
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for R, n, B in ((300, 77, 131), (600, 1030, 135), (1024, 33, 128), (1100, 64, 260), (257, 5, 128)):
+                m, s = torch.rand(R, n) > 0.5, torch.rand(R, n) > 0.5
+                W, x, b = torch.randn(R, n), torch.randn(B, n), torch.randn(R)
+                expect = F.linear(x.double(), (W * m).double(), b.double()).float()
+                assert torch.allclose(C.masked_linear_gemm(x, W, ss.pack_bits(m), b), expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
+                expect = F.linear(x.double(), 0.5 * (s.double() * 2 - 1) * m, b.double()).float()
+                got = C.signed_masked_linear_gemm(x, ss.pack_bits(s), ss.pack_bits(m), 0.5, b)
+                assert torch.allclose(got, expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
+        torch.set_num_threads(threads)
         for n in (1, 8, 31, 32, 77, 96):  # whole words, and a last word cut at every kind of place
             sw, mw = ss.pack_bits(torch.rand(9, n) > 0.5), ss.pack_bits(torch.rand(9, n) > 0.5)
             su, mu = ss.unpack_bits(sw, n).float(), ss.unpack_bits(mw, n).float()
@@ -503,6 +517,31 @@ def test_every_isa_path_agrees(isa):
         print("ok")
     """)
     run_on_isa(script, isa)
+
+
+WIDE_TILE_SCRIPT = SCRIPT_HEAD + """
+import torch.nn.functional as F
+for t in (1, 2):
+    torch.set_num_threads(t)
+    # 128+ rows of x and 256+ outputs a thread: the 64 x 6 tile where it is on. A last tile cut at 33-63
+    # and at 0 rows, x rows past one 128-row pass and not a multiple of 6, on one thread and split
+    for R, n, B in ((300, 77, 131), (600, 1030, 135), (1024, 33, 128), (1100, 64, 260), (257, 5, 128)):
+        m, s = torch.rand(R, n) > 0.5, torch.rand(R, n) > 0.5
+        W, x, b = torch.randn(R, n), torch.randn(B, n), torch.randn(R)
+        expect = F.linear(x.double(), (W * m).double(), b.double()).float()
+        assert torch.allclose(C.masked_linear_gemm(x, W, ss.pack_bits(m), b), expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
+        expect = F.linear(x.double(), 0.5 * (s.double() * 2 - 1) * m, b.double()).float()
+        got = C.signed_masked_linear_gemm(x, ss.pack_bits(s), ss.pack_bits(m), 0.5, b)
+        assert torch.allclose(got, expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("wide", ["0", "1"])
+def test_packed_gemm_tiles_avx512(wide):
+    """The AVX-512 packed GEMM with its 64 x 6 tile forced on and off (SUPSUP_CPU_WIDE_TILES; on by
+    default on Intel CPUs only), against float64 on the sizes that take it and on the tails of both tiles."""
+    run_on_isa_with_setting(WIDE_TILE_SCRIPT, "avx512", "wide_gemm_tiles", wide)
 
 
 def test_signed_layer_sees_a_replaced_weight():

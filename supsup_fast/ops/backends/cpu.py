@@ -25,10 +25,13 @@ SMALL_BATCH = 16  # rows of x up to which the small-batch masked GEMM (small_gem
 # against dense BLAS on 1024 x 1024, 300 x 784 and 1024 x 784 layers, the GEMM's blocks of b33a441.
 # AMD Zen 4 VM: AVX-512 1.01-1.13x at 512-4096 rows where materialise + BLAS gave 0.87-0.99x, but
 # 0.94x against 1.00x at 8,192 (1024 x 1024); AVX2 0.92-1.01x against 0.85-0.95x at 512, no better at
-# 1,024, worse at 4,096. Intel Xeon VM (MKL's own kernels are stronger there): the two alike at 256
-# rows on both ISAs, materialise + BLAS ahead from 384-512 (AVX-512 at 1,024 rows: 0.77-0.83x against
-# 0.94-0.95x; AVX2 at 512: 0.81-0.90x against 0.91-0.94x).
-GEMM_BATCH = {("amd", "avx512"): 4096, ("amd", "avx2"): 512, ("intel", "avx512"): 256, ("intel", "avx2"): 256}
+# 1,024, worse at 4,096. Intel Xeon VM (MKL's own kernels are stronger there): AVX2 the two alike at
+# 256 rows, materialise + BLAS ahead at 512 (0.81-0.90x against 0.91-0.94x); AVX-512 since the 64 x 6
+# tile (wide_gemm_tiles), interleaved in one process, packed against materialised at 384 / 512 rows:
+# 1024 x 1024 1.03 / 1.00x against 0.94 / 0.95x, 1024 x 784 1.00 / 0.99 against 0.94 / 0.96, 500 x 1024
+# 1.07 / 0.98 against 0.94 / 0.91, 300 x 784 0.97 / 0.97 against 0.88 / 0.90, but 4096 x 256 0.92 /
+# 0.90 against 0.94 / 0.95; at 1,024 rows 0.97 against 0.96 (1024 x 1024), 0.95 against 0.98 (1024 x 784).
+GEMM_BATCH = {("amd", "avx512"): 4096, ("amd", "avx2"): 512, ("intel", "avx512"): 512, ("intel", "avx2"): 256}
 GEMM_BATCH_OTHER = 256
 # Rows of x up to which the MLP training step may keep its masks as bits (measured at 128).
 BITS_STEP_MAX_BATCH = 256
