@@ -90,6 +90,7 @@ void superpose_scalar(const int32_t* bank, int64_t k, int64_t W, int64_t n, int6
   }
 }
 
+#if SUPSUP_X86
 AVX2_TARGET void mask_dot_avx2(const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v,
                                const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1) {
   const int64_t stride = R * W;
@@ -256,11 +257,13 @@ void superpose_avx512(const int32_t* bank, int64_t k, int64_t W, int64_t n, int6
                       const int64_t* active, float* out, int64_t r0, int64_t r1) {
   superpose_blocks<8>(superpose_words512<8>, superpose_words512<1>, bank, k, W, n, R, alpha, active, out, r0, r1);
 }
+#endif  // SUPSUP_X86
 
 }  // namespace
 
 void mask_dot(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v, const int64_t* active,
               int64_t k, float* out, int64_t fw0, int64_t fw1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512) {
     // The tables cost a few vector ops per word of v, shared by all tasks: worth it from a few tasks on.
     if (k >= 4) return mask_dot_lut(isa, bank, R, W, n, v, 1, 0, active, k, out, fw0, fw1);
@@ -270,6 +273,7 @@ void mask_dot(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, con
     if (k >= 4) return mask_dot_lut(isa, bank, R, W, n, v, 1, 0, active, k, out, fw0, fw1);
     return mask_dot_avx2(bank, R, W, n, v, active, k, out, fw0, fw1);
   }
+#endif  // SUPSUP_X86
   mask_dot_scalar(bank, R, W, n, v, active, k, out, fw0, fw1);
 }
 
@@ -284,8 +288,10 @@ void superpose(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, in
                const int64_t* active, float* out, int64_t r0, int64_t r1) {
   if (k >= kSuperposeLutMinTasks && superpose_lut_available(isa))
     return superpose_lut(isa, bank, k, W, n, R, alpha, active, out, r0, r1);
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return superpose_avx512(bank, k, W, n, R, alpha, active, out, r0, r1);
   if (isa == Isa::Avx2) return superpose_avx2(bank, k, W, n, R, alpha, active, out, r0, r1);
+#endif
   superpose_scalar(bank, k, W, n, R, alpha, active, out, r0, r1);
 }
 

@@ -13,13 +13,25 @@ namespace supsup_cpu {
 
 namespace {
 
+// A word at a time, in a loop the compiler vectorises (a select per lane; NEON on ARM): the per-element
+// form, a division and a shift a weight, ran 4.5 ns a weight. Clear bits give 0 whatever w holds, as the
+// AVX kernels' AND does.
 void masked_weight_scalar(const float* w, const int32_t* words, int64_t n, int64_t W, float* out, int64_t r0,
                           int64_t r1) {
   for (int64_t r = r0; r < r1; ++r)
-    for (int64_t j = 0; j < n; ++j)
-      out[r * n + j] = ((static_cast<uint32_t>(words[r * W + j / 32]) >> (j % 32)) & 1u) ? w[r * n + j] : 0.0f;
+    for (int64_t q = 0; q < W; ++q) {
+      const uint32_t word = static_cast<uint32_t>(words[r * W + q]);
+      const int64_t j0 = 32 * q, len = std::min<int64_t>(32, n - j0);
+      const float* wr = w + r * n + j0;
+      float* o = out + r * n + j0;
+      for (int64_t i = 0; i < len; ++i) {
+        const float v = wr[i];
+        o[i] = (word & (1u << i)) ? v : 0.0f;
+      }
+    }
 }
 
+#if SUPSUP_X86
 AVX2_TARGET void masked_weight_avx2(const float* w, const int32_t* words, int64_t n, int64_t W, float* out, int64_t r0,
                                     int64_t r1) {
   const int64_t full = n / 32;
@@ -96,6 +108,7 @@ AVX2_TARGET void signed_masked_weight_avx2(const int32_t* sign_words, const int3
     }
   }
 }
+#endif  // SUPSUP_X86
 
 }  // namespace
 
@@ -150,13 +163,17 @@ void transpose_masks(const int32_t* words, int64_t R, int64_t n, int32_t* out, i
 
 void masked_weight(Isa isa, const float* w, const int32_t* words, int64_t n, int64_t W, float* out, int64_t r0,
                    int64_t r1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return masked_weight_avx512(w, words, n, W, out, r0, r1);
   if (isa == Isa::Avx2) return masked_weight_avx2(w, words, n, W, out, r0, r1);
+#endif
   masked_weight_scalar(w, words, n, W, out, r0, r1);
 }
 
 void threshold_masked_weight(Isa isa, const float* scores, const float* w, float* out, int64_t i0, int64_t i1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return threshold_avx512(scores, w, out, i0, i1);
+#endif
   for (int64_t i = i0; i < i1; ++i) {
     const float wv = w[i];
     out[i] = scores[i] >= 0.0f ? wv : 0.0f;
@@ -165,8 +182,10 @@ void threshold_masked_weight(Isa isa, const float* scores, const float* w, float
 
 void signed_masked_weight(Isa isa, const int32_t* sign_words, const int32_t* mask_words, float scale, int64_t n,
                           int64_t W, float* out, int64_t r0, int64_t r1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return signed_masked_weight_avx512(sign_words, mask_words, scale, n, W, out, r0, r1);
   if (isa == Isa::Avx2) return signed_masked_weight_avx2(sign_words, mask_words, scale, n, W, out, r0, r1);
+#endif
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t j = 0; j < n; ++j) {
       const uint32_t shift = j % 32;

@@ -3,7 +3,6 @@
 // a training step, as much as a small layer's GEMM; here each row stays in L1 between its three
 // sweeps (max, exp and sum, scale). exp is the Cephes single-precision polynomial, vectorised:
 // about 1 ulp, so the loss and gradient match ATen's to float rounding.
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -23,6 +22,7 @@ constexpr float kExpMin = -87.33654475f;  // below this exp(x) is not a normal f
 
 inline float exp_scalar(float x) { return x < kExpMin ? 0.0f : std::exp(x); }
 
+#if SUPSUP_X86
 AVX512_TARGET inline __m512 exp16(__m512 x) {
   const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpMin), _CMP_LT_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(kExpMin));
@@ -115,6 +115,7 @@ AVX2_TARGET void row_exp256(const float* z, int64_t C, float* dz, float* mx, flo
   *mx = rmax;
   *sum = total;
 }
+#endif  // SUPSUP_X86
 
 void row_exp_scalar(const float* z, int64_t C, float* dz, float* mx, float* sum) {
   float rmax = -std::numeric_limits<float>::infinity();
@@ -139,9 +140,12 @@ double softmax_cross_entropy_rows(Isa isa, const float* z, int64_t C, const int6
     const float* zr = z + r * C;
     float* dr = dz + r * C;
     float mx, sum;
+#if SUPSUP_X86
     if (isa == Isa::Avx512) row_exp512(zr, C, dr, &mx, &sum);
     else if (isa == Isa::Avx2) row_exp256(zr, C, dr, &mx, &sum);
-    else row_exp_scalar(zr, C, dr, &mx, &sum);
+    else
+#endif
+      row_exp_scalar(zr, C, dr, &mx, &sum);
     // -log softmax[label] = (max - z[label]) + log(sum): the difference first, which a large max would swamp
     loss += (static_cast<double>(mx) - zr[labels[r]]) + std::log(static_cast<double>(sum));
     const float f = scale / sum;

@@ -39,6 +39,7 @@ void gemv_scalar(const float* x, int64_t B, const float* w, const float* s, int6
                  float* y, int64_t r0, int64_t r1) {
   GEMV_BODY
 }
+#if SUPSUP_X86
 __attribute__((target("avx2,fma"))) void gemv_avx2(const float* x, int64_t B, const float* w, const float* s, int64_t n,
                                                     int64_t R, const float* bias, float* y, int64_t r0, int64_t r1) {
   GEMV_BODY
@@ -48,11 +49,13 @@ void gemv_avx512(const float* x, int64_t B, const float* w, const float* s, int6
                  float* y, int64_t r0, int64_t r1) {
   GEMV_BODY
 }
+#endif  // SUPSUP_X86
 
 void gemvt_scalar(const float* g, int64_t B, const float* w, const float* s, int64_t n, int64_t R, float* dx,
                   int64_t j0, int64_t j1) {
   GEMV_T_BODY
 }
+#if SUPSUP_X86
 __attribute__((target("avx2,fma"))) void gemvt_avx2(const float* g, int64_t B, const float* w, const float* s, int64_t n,
                                                      int64_t R, float* dx, int64_t j0, int64_t j1) {
   GEMV_T_BODY
@@ -62,20 +65,25 @@ void gemvt_avx512(const float* g, int64_t B, const float* w, const float* s, int
                   int64_t j0, int64_t j1) {
   GEMV_T_BODY
 }
+#endif  // SUPSUP_X86
 
 }  // namespace
 
 void scaled_gemm_small(Isa isa, const float* x, int64_t B, const float* w, const float* s, int64_t n, int64_t R,
                        const float* bias, float* y, int64_t r0, int64_t r1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return gemv_avx512(x, B, w, s, n, R, bias, y, r0, r1);
   if (isa == Isa::Avx2) return gemv_avx2(x, B, w, s, n, R, bias, y, r0, r1);
+#endif
   gemv_scalar(x, B, w, s, n, R, bias, y, r0, r1);
 }
 
 void scaled_gemm_small_t(Isa isa, const float* g, int64_t B, const float* w, const float* s, int64_t n, int64_t R,
                          float* dx, int64_t j0, int64_t j1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return gemvt_avx512(g, B, w, s, n, R, dx, j0, j1);
   if (isa == Isa::Avx2) return gemvt_avx2(g, B, w, s, n, R, dx, j0, j1);
+#endif
   gemvt_scalar(g, B, w, s, n, R, dx, j0, j1);
 }
 

@@ -11,12 +11,14 @@
 namespace supsup_cpu {
 
 Isa detect_isa() {
-  __builtin_cpu_init();
   Isa best = Isa::Scalar;
+#if SUPSUP_X86
+  __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::Avx2;
   if (best == Isa::Avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
     best = Isa::Avx512;
+#endif
   if (const char* env = std::getenv("SUPSUP_CPU_ISA")) {
     Isa want = best;
     if (!std::strcmp(env, "scalar")) want = Isa::Scalar;
@@ -28,9 +30,11 @@ Isa detect_isa() {
 }
 
 const char* cpu_vendor() {
+#if SUPSUP_X86
   __builtin_cpu_init();
   if (__builtin_cpu_is("intel")) return "intel";
   if (__builtin_cpu_is("amd")) return "amd";
+#endif
   return "other";
 }
 

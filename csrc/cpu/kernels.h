@@ -5,6 +5,15 @@
 #pragma once
 #include <cstdint>
 
+// x86 kernels (AVX2, AVX-512) only where the compiler targets x86; elsewhere (ARM, or with
+// -DSUPSUP_PORTABLE on x86: the test of the portable build) only the scalar kernels are compiled,
+// and detect_isa() answers Scalar.
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(SUPSUP_PORTABLE)
+#define SUPSUP_X86 1
+#else
+#define SUPSUP_X86 0
+#endif
+
 namespace supsup_cpu {
 
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };

@@ -12,8 +12,6 @@
 #include "lut.h"
 #include "simd.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -185,6 +183,7 @@ inline void prefetch_chunk(const int32_t* const* rows, int64_t cnt, const Chunks
   }
 }
 
+#if SUPSUP_X86
 constexpr int64_t kLutBlockFloats = 1024 * 128;  // table floats per block, all queries together (512 KiB; 256 KiB read 10 % slower)
 
 // ------------------------------------------------------------------------------------------------
@@ -648,6 +647,7 @@ LUT_AVX2 void rows256(const int32_t* bank, int64_t R, int64_t W, const RowSrc& s
     }
   }
 }
+#endif  // SUPSUP_X86
 
 // ------------------------------------------------------------------------------------------------
 // scalar: per task, per set bit (portable; the reference order of a plain loop).
@@ -684,8 +684,10 @@ void lut_scalar(const int32_t* bank, int64_t R, int64_t W, int64_t n, const Src*
 template <class Src>
 void dispatch(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const Src* srcs, int64_t nq,
               const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return lut512(bank, R, W, srcs, nq, active, k, out, fw0, fw1);
   if (isa == Isa::Avx2) return lut256(bank, R, W, srcs, nq, active, k, out, fw0, fw1);
+#endif
   lut_scalar(bank, R, W, n, srcs, nq, active, k, out, fw0, fw1);
 }
 
@@ -714,8 +716,10 @@ bool lut_available(Isa isa) { return isa != Isa::Scalar; }
 void mask_dot_rows(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* x, const float* w,
                    int64_t k, float* out, int64_t r0, int64_t r1) {
   const RowSrc src{x, w, n};
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return rows512(bank, R, W, src, k, out, r0, r1);
   if (isa == Isa::Avx2) return rows256(bank, R, W, src, k, out, r0, r1);
+#endif
   rows_scalar(bank, R, W, n, src, k, out, r0, r1);
 }
 

@@ -9,8 +9,6 @@
 #include "lut.h"
 #include "simd.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -63,6 +61,7 @@ void for_each_query_word(int64_t kp, int64_t R, int64_t W, int64_t n, const floa
 // vpermt2ps (bit 4 of an index picks the register): 7 lookups, 6 rotates and 7 adds per 16-task word
 // instead of 8, 7 and 8 with nibbles, 1.07-1.1x faster on Zen 4, whose vector issue bounds this loop.
 constexpr int kGroups5 = 7;
+#if SUPSUP_X86
 
 IL_AVX512 inline void tables32(const float* vals, __m512* t) {
   const __mmask16 has_bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
@@ -179,6 +178,7 @@ IL_AVX2 void word256(const int32_t* bank_t, const float* vals, int np, int64_t b
   subset_sums3(vals, tab);
   stream256(bank_t + base, tab, np, t0, t1, acc, prefetch, shifts);
 }
+#endif  // SUPSUP_X86
 
 // ------------------------------------------------------------------------------------------------
 // vals is zero past n, so set pad bits add nothing.
@@ -190,6 +190,7 @@ void word_scalar(const int32_t* bank_t, const float* vals, int64_t base, int64_t
     acc[i] += s;
   }
 }
+#if SUPSUP_X86
 
 // ------------------------------------------------------------------------------------------------
 // superpose over the weight-interleaved copy (lut.h interleave_weights): Σ_t α_t M_t[r, c] is
@@ -229,6 +230,7 @@ IL_AVX2 void superpose_rows256(const int32_t* bank_w, int64_t KW, int64_t n, int
     std::copy(acc, acc + n, out + r * n);
   }
 }
+#endif  // SUPSUP_X86
 
 }  // namespace
 
@@ -247,6 +249,7 @@ void mask_dot_rank1_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int6
   qs.reserve(static_cast<size_t>(q));
   for (int64_t j = 0; j < q; ++j) qs.push_back(Query{g + j * R, x + j * n, acc + j * kp});
   const bool prefetch = stream_prefetch(), shifts = shift_indices();  // once: a call per word cost a vzeroupper and spills
+#if SUPSUP_X86
   if (isa == Isa::Avx512) {
     for_each_query_word(kp, R, W, n, w, qs.data(), q, r0, r1, skip_zero_rows, tail_lookups(n, W, 5, kGroups5),
                         kGroups5,
@@ -258,7 +261,9 @@ void mask_dot_rank1_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int6
                         [&](const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* a) {
                           word256(bank_t, vals, np, base, t0, t1, a, prefetch, shifts);
                         });
-  } else {
+  } else
+#endif
+  {
     for_each_query_word(kp, R, W, n, w, qs.data(), q, r0, r1, skip_zero_rows, 0, 0,
                         [&](const float* vals, int, int64_t base, int64_t t0, int64_t t1, float* a) {
                           word_scalar(bank_t, vals, base, t0, t1, a);
@@ -307,11 +312,14 @@ void superpose_interleaved(Isa isa, const int32_t* bank_w, int64_t k, int64_t KW
   for (int64_t q = 0; q < KW; ++q)
     for (int64_t i = 0; i < 32 && 32 * q + i < k; ++i) vals[36 * q + i] = alpha[32 * q + i];
   std::vector<float> acc(static_cast<size_t>(np));
+#if SUPSUP_X86
   if (isa == Isa::Avx512) {
     superpose_rows512(bank_w, KW, n, np, vals.data(), tail_lookups(k, KW, 5, kGroups5), acc.data(), out, r0, r1);
   } else if (isa == Isa::Avx2) {
     superpose_rows256(bank_w, KW, n, np, vals.data(), tail_lookups(k, KW, 3, kGroups3), acc.data(), out, r0, r1);
-  } else {
+  } else
+#endif
+  {
     for (int64_t r = r0; r < r1; ++r) {
       std::fill(acc.begin(), acc.begin() + np, 0.0f);
       for (int64_t q = 0; q < KW; ++q) word_scalar(bank_w, vals.data() + 36 * q, (r * KW + q) * np, 0, np, acc.data());
@@ -336,11 +344,13 @@ void mask_dot_rows_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int64
     for (int64_t q = 0; q < W; ++q) {
       rank1_values(1.0f, x, w + r * n, n, q, vals);
       const int64_t base = (r * W + q) * kp;
+#if SUPSUP_X86
       if (isa == Isa::Avx512)
         word512(bank_t, vals, q == W - 1 ? tail5 : kGroups5, base, 0, kp, acc.data(), prefetch);
       else if (isa == Isa::Avx2)
         word256(bank_t, vals, q == W - 1 ? tail3 : kGroups3, base, 0, kp, acc.data(), prefetch, shifts);
       else
+#endif
         word_scalar(bank_t, vals, base, 0, kp, acc.data());
     }
     std::copy(acc.begin(), acc.begin() + k, out + r * k);

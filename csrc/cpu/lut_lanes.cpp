@@ -10,9 +10,8 @@
 #include "lut.h"
 #include "simd.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
+#include <stdexcept>
 #include <vector>
 
 namespace supsup_cpu {
@@ -26,6 +25,7 @@ static_assert(kLanes == 16, "an entry is one zmm or two ymm");
 constexpr int64_t kWordFloats = 8 * 16 * kLanes;    // the tables of one word: 8 KiB
 constexpr int64_t kBlockWords = 4;                   // words whose tables are built before the tasks read them
 
+#if SUPSUP_X86
 // ------------------------------------------------------------------------------------------------
 // AVX-512: an entry is one zmm.
 // The 8 nibble tables of word (r, qw): vals[c] = g_l[r] * (x_l[32 qw + c] * w[r, 32 qw + c]) over lanes l
@@ -134,12 +134,15 @@ LANES_AVX2 void lookup256(const int32_t* bank, int64_t stride, int64_t k, const 
   }
 }
 
+#endif  // SUPSUP_X86
+
 }  // namespace
 
-bool lanes_available(Isa isa) { return isa == Isa::Avx512 || isa == Isa::Avx2; }
+bool lanes_available(Isa isa) { return SUPSUP_X86 && (isa == Isa::Avx512 || isa == Isa::Avx2); }
 
 void mask_dot_rank1_lanes(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* gT,
                           const float* xT, const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1) {
+#if SUPSUP_X86
   const int64_t stride = R * W;
   thread_local std::vector<float> tbuf;
   if (tbuf.size() < static_cast<size_t>(kBlockWords * kWordFloats + 16)) tbuf.resize(kBlockWords * kWordFloats + 16);
@@ -160,6 +163,9 @@ void mask_dot_rank1_lanes(Isa isa, const int32_t* bank, int64_t R, int64_t W, in
     else
       lookup256(bank, stride, k, tables, fw, len, tails, tail_np, out);
   }
+#else
+  throw std::logic_error("mask_dot_rank1_lanes needs AVX2 or AVX-512 (lanes_available)");
+#endif
 }
 
 }  // namespace supsup_cpu

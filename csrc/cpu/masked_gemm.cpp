@@ -48,6 +48,7 @@ void init_rows(const float* bias, int64_t B, int64_t R, float* y, int64_t r0, in
   }
 }
 
+#if SUPSUP_X86
 // ---------------------------------------------------------------------------------------------
 // AVX-512
 
@@ -316,6 +317,7 @@ AVX2_TARGET void masked_gemm256(const float* x, int64_t B, const float* w, const
   }
 }
 
+#endif  // SUPSUP_X86
 // ---------------------------------------------------------------------------------------------
 // Scalar: the definition, for CPUs without AVX2.
 
@@ -347,34 +349,42 @@ void masked_gemm_scalar(const float* x, int64_t B, const float* w, const int32_t
 
 void masked_gemm(Isa isa, const float* x, int64_t B, const float* w, const int32_t* words, int64_t n, int64_t W,
                  int64_t R, const float* bias, float* y, int64_t r0, int64_t r1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return masked_gemm512<false>(x, B, w, nullptr, words, 1.0f, n, W, R, bias, y, r0, r1);
   if (isa == Isa::Avx2) return masked_gemm256<false>(x, B, w, nullptr, words, 1.0f, n, W, R, bias, y, r0, r1);
+#endif
   masked_gemm_scalar<false>(x, B, w, nullptr, words, 1.0f, n, W, bias, y, R, r0, r1);
 }
 
 void signed_masked_gemm(Isa isa, const float* x, int64_t B, const int32_t* sign_words, const int32_t* mask_words,
                         float scale, int64_t n, int64_t W, int64_t R, const float* bias, float* y, int64_t r0,
                         int64_t r1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512)
     return masked_gemm512<true>(x, B, nullptr, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
   if (isa == Isa::Avx2)
     return masked_gemm256<true>(x, B, nullptr, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
+#endif
   masked_gemm_scalar<true>(x, B, nullptr, sign_words, mask_words, scale, n, W, bias, y, R, r0, r1);
 }
 
 void masked_gemm_rows(Isa isa, const float* x, int64_t B, const float* w, const int32_t* words, int64_t n, int64_t W,
                       int64_t R, float* y, int64_t r0, int64_t r1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return masked_gemm512<false, true>(x, B, w, nullptr, words, 1.0f, n, W, R, nullptr, y, r0, r1);
   if (isa == Isa::Avx2) return masked_gemm256<false, true>(x, B, w, nullptr, words, 1.0f, n, W, R, nullptr, y, r0, r1);
+#endif
   masked_gemm_scalar<false, true>(x, B, w, nullptr, words, 1.0f, n, W, nullptr, y, R, r0, r1);
 }
 
 void signed_masked_gemm_rows(Isa isa, const float* x, int64_t B, const int32_t* sign_words, const int32_t* mask_words,
                              float scale, int64_t n, int64_t W, int64_t R, float* y, int64_t r0, int64_t r1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512)
     return masked_gemm512<true, true>(x, B, nullptr, sign_words, mask_words, scale, n, W, R, nullptr, y, r0, r1);
   if (isa == Isa::Avx2)
     return masked_gemm256<true, true>(x, B, nullptr, sign_words, mask_words, scale, n, W, R, nullptr, y, r0, r1);
+#endif
   masked_gemm_scalar<true, true>(x, B, nullptr, sign_words, mask_words, scale, n, W, nullptr, y, R, r0, r1);
 }
 

@@ -13,6 +13,7 @@ namespace supsup_cpu {
 
 namespace {
 
+#if SUPSUP_X86
 inline __mmask16 tail_mask(int64_t i, int64_t i1) {
   return i + 16 <= i1 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (i1 - i)) - 1u);
 }
@@ -35,6 +36,7 @@ AVX2_TARGET inline __m256 rmsprop8(__m256 pv, __m256 gv, float* sq, const Rmspro
                                    _mm256_add_ps(_mm256_sqrt_ps(s), _mm256_set1_ps(c.eps)));
   return _mm256_add_ps(pv, upd);
 }
+#endif  // SUPSUP_X86
 
 inline float rmsprop1(float p, float g, float* sq, const RmspropScalars& c) {
   const float s = *sq * c.alpha + c.one_minus_alpha * g * g;
@@ -42,6 +44,7 @@ inline float rmsprop1(float p, float g, float* sq, const RmspropScalars& c) {
   return p + (-c.lr) * g / (std::sqrt(s) + c.eps);
 }
 
+#if SUPSUP_X86
 AVX512_TARGET void rmsprop_avx512(float* p, const float* g, float* sq, const RmspropScalars& c, int64_t i0, int64_t i1) {
   const __m512 vwd = _mm512_set1_ps(c.weight_decay);
   for (int64_t i = i0; i < i1; i += 16) {
@@ -52,6 +55,7 @@ AVX512_TARGET void rmsprop_avx512(float* p, const float* g, float* sq, const Rms
     _mm512_mask_storeu_ps(p + i, m, rmsprop16(pv, gv, sq + i, m, c));
   }
 }
+#endif  // SUPSUP_X86
 
 void rmsprop_scalar(float* p, const float* g, float* sq, const RmspropScalars& c, int64_t i0, int64_t i1) {
   for (int64_t i = i0; i < i1; ++i) {
@@ -61,6 +65,7 @@ void rmsprop_scalar(float* p, const float* g, float* sq, const RmspropScalars& c
   }
 }
 
+#if SUPSUP_X86
 // AVX2: 8 at a time, the tail by the scalar rule (the scalar loop alone ran 1.11 ms for 2^20 scores
 // against 0.26 with AVX-512 on the Xeon VM: its sqrt and division were not vectorised).
 AVX2_TARGET void rmsprop_avx2(float* p, const float* g, float* sq, const RmspropScalars& c, int64_t i0, int64_t i1) {
@@ -74,7 +79,9 @@ AVX2_TARGET void rmsprop_avx2(float* p, const float* g, float* sq, const Rmsprop
   }
   rmsprop_scalar(p, g, sq, c, i, i1);
 }
+#endif  // SUPSUP_X86
 
+#if SUPSUP_X86
 // The straight-through step: g = dW ⊙ w (+ wd p), then the rule, then out = p_new ≥ 0 ? w : 0.
 AVX512_TARGET void ste_rmsprop_avx512(float* p, const float* dw, const float* w, float* sq, float* out,
                                       const RmspropScalars& c, int64_t i0, int64_t i1) {
@@ -89,6 +96,7 @@ AVX512_TARGET void ste_rmsprop_avx512(float* p, const float* dw, const float* w,
     _mm512_mask_storeu_ps(out + i, m, _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(m, pn, zero, _CMP_GE_OQ), wv));
   }
 }
+#endif  // SUPSUP_X86
 
 void ste_rmsprop_scalar(float* p, const float* dw, const float* w, float* sq, float* out, const RmspropScalars& c,
                         int64_t i0, int64_t i1) {
@@ -101,6 +109,7 @@ void ste_rmsprop_scalar(float* p, const float* dw, const float* w, float* sq, fl
   }
 }
 
+#if SUPSUP_X86
 AVX2_TARGET void ste_rmsprop_avx2(float* p, const float* dw, const float* w, float* sq, float* out,
                                   const RmspropScalars& c, int64_t i0, int64_t i1) {
   const __m256 vwd = _mm256_set1_ps(c.weight_decay), zero = _mm256_setzero_ps();
@@ -115,6 +124,7 @@ AVX2_TARGET void ste_rmsprop_avx2(float* p, const float* dw, const float* w, flo
   }
   ste_rmsprop_scalar(p, dw, w, sq, out, c, i, i1);
 }
+#endif  // SUPSUP_X86
 
 // The straight-through RMSprop step on row o, columns [j, j + cols) of a layer whose masks are bits
 // (ste_rmsprop_bits_step): the frozen weight is read from `fw`, and the next mask is written as
@@ -134,6 +144,7 @@ inline void set_bits(int32_t* row_words, int64_t col, uint32_t bits, int width) 
   std::memcpy(row_words + col / 32, &word, sizeof word);
 }
 
+#if SUPSUP_X86
 template <bool SIGNED>
 AVX512_TARGET void ste_rmsprop_bits_avx512(float* p, const float* dw, const FrozenWeight& fw, float* sq, int32_t* mask_words,
                                            const RmspropScalars& c, int64_t o, int64_t j, int64_t cols) {
@@ -154,6 +165,7 @@ AVX512_TARGET void ste_rmsprop_bits_avx512(float* p, const float* dw, const Froz
     set_bits(mrow, j + i, _mm512_mask_cmp_ps_mask(m, pn, zero, _CMP_GE_OQ), 16);
   }
 }
+#endif  // SUPSUP_X86
 
 inline float frozen_weight(const FrozenWeight& fw, int64_t o, int64_t col) {
   if (!fw.sign_words) return fw.weight[o * fw.in_features + col];
@@ -173,6 +185,7 @@ void ste_rmsprop_bits_scalar(float* p, const float* dw, const FrozenWeight& fw, 
   }
 }
 
+#if SUPSUP_X86
 template <bool SIGNED>
 AVX2_TARGET void ste_rmsprop_bits_avx2(float* p, const float* dw, const FrozenWeight& fw, float* sq, int32_t* mask_words,
                                        const RmspropScalars& c, int64_t o, int64_t j, int64_t cols) {
@@ -194,7 +207,9 @@ AVX2_TARGET void ste_rmsprop_bits_avx2(float* p, const float* dw, const FrozenWe
   }
   ste_rmsprop_bits_scalar(p, dw + i, fw, sq, mask_words, c, o, j + i, cols - i);
 }
+#endif  // SUPSUP_X86
 
+#if SUPSUP_X86
 // Adam: m += (1 - b1)(g - m); v = b2 v + (1 - b2) g²; p += -step_size m / (√v / bc2_sqrt + eps).
 AVX512_TARGET void ste_adam_avx512(float* p, const float* dw, const float* w, float* m, float* v, float* out,
                                    const AdamScalars& c, int64_t i0, int64_t i1) {
@@ -217,6 +232,7 @@ AVX512_TARGET void ste_adam_avx512(float* p, const float* dw, const float* w, fl
     _mm512_mask_storeu_ps(out + i, k, _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(k, pn, zero, _CMP_GE_OQ), wv));
   }
 }
+#endif  // SUPSUP_X86
 
 void ste_adam_scalar(float* p, const float* dw, const float* w, float* m, float* v, float* out, const AdamScalars& c,
                      int64_t i0, int64_t i1) {
@@ -233,6 +249,7 @@ void ste_adam_scalar(float* p, const float* dw, const float* w, float* m, float*
   }
 }
 
+#if SUPSUP_X86
 AVX2_TARGET void ste_adam_avx2(float* p, const float* dw, const float* w, float* m, float* v, float* out,
                                const AdamScalars& c, int64_t i0, int64_t i1) {
   const __m256 vb1 = _mm256_set1_ps(c.one_minus_beta1), vb2 = _mm256_set1_ps(c.beta2), vc2 = _mm256_set1_ps(c.one_minus_beta2),
@@ -255,39 +272,48 @@ AVX2_TARGET void ste_adam_avx2(float* p, const float* dw, const float* w, float*
   }
   ste_adam_scalar(p, dw, w, m, v, out, c, i, i1);
 }
+#endif  // SUPSUP_X86
 
 }  // namespace
 
 void rmsprop_step(Isa isa, float* param, const float* grad, float* square_avg, const RmspropScalars& c, int64_t i0,
                   int64_t i1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return rmsprop_avx512(param, grad, square_avg, c, i0, i1);
   if (isa == Isa::Avx2) return rmsprop_avx2(param, grad, square_avg, c, i0, i1);
+#endif
   rmsprop_scalar(param, grad, square_avg, c, i0, i1);
 }
 
 void ste_rmsprop_step(Isa isa, float* param, const float* weight_grad, const float* weight, float* square_avg,
                       float* masked_weight, const RmspropScalars& c, int64_t i0, int64_t i1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return ste_rmsprop_avx512(param, weight_grad, weight, square_avg, masked_weight, c, i0, i1);
   if (isa == Isa::Avx2) return ste_rmsprop_avx2(param, weight_grad, weight, square_avg, masked_weight, c, i0, i1);
+#endif
   ste_rmsprop_scalar(param, weight_grad, weight, square_avg, masked_weight, c, i0, i1);
 }
 
 void ste_rmsprop_bits_step(Isa isa, float* param, const float* weight_grad, const FrozenWeight& fw, float* square_avg,
                            int32_t* mask_words, const RmspropScalars& c, int64_t o, int64_t j, int64_t cols) {
   const bool sign = fw.sign_words != nullptr;
+#if SUPSUP_X86
   if (isa == Isa::Avx512 && j % 16 == 0)
     return sign ? ste_rmsprop_bits_avx512<true>(param, weight_grad, fw, square_avg, mask_words, c, o, j, cols)
                 : ste_rmsprop_bits_avx512<false>(param, weight_grad, fw, square_avg, mask_words, c, o, j, cols);
   if (isa != Isa::Scalar && j % 8 == 0)
     return sign ? ste_rmsprop_bits_avx2<true>(param, weight_grad, fw, square_avg, mask_words, c, o, j, cols)
                 : ste_rmsprop_bits_avx2<false>(param, weight_grad, fw, square_avg, mask_words, c, o, j, cols);
+#endif  // SUPSUP_X86
   ste_rmsprop_bits_scalar(param, weight_grad, fw, square_avg, mask_words, c, o, j, cols);
 }
 
 void ste_adam_step(Isa isa, float* param, const float* weight_grad, const float* weight, float* exp_avg,
                    float* exp_avg_sq, float* masked_weight, const AdamScalars& c, int64_t i0, int64_t i1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return ste_adam_avx512(param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, c, i0, i1);
   if (isa == Isa::Avx2) return ste_adam_avx2(param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, c, i0, i1);
+#endif
   ste_adam_scalar(param, weight_grad, weight, exp_avg, exp_avg_sq, masked_weight, c, i0, i1);
 }
 

@@ -11,10 +11,12 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <stdexcept>
 
 namespace supsup_cpu {
 namespace {
 
+#if SUPSUP_X86
 // ------------------------------------------------------------------------------------------------
 // AVX-512: 8 nibble tables of 16 sums (128 floats) per word and row of x; 16 rows per vector.
 
@@ -88,11 +90,13 @@ AVX512_TARGET void signed_lut512(const float* tables, int64_t Bx, int64_t b0, co
     }
   }
 }
+#endif  // SUPSUP_X86
 
 // ------------------------------------------------------------------------------------------------
 // AVX2: 11 tables of 8 sums (3-bit groups, lut.h kGroups3; 88 floats) per word and row of x; 8 rows
 // per vector.
 constexpr int kTab3 = kGroups3 * 8;
+#if SUPSUP_X86
 
 template <int B>
 constexpr int kAcc256 = B == 1 ? 2 : 1;  // sixteen ymm registers
@@ -158,11 +162,12 @@ AVX2_TARGET void signed_lut256(const float* tables, int64_t Bx, int64_t b0, cons
     }
   }
 }
+#endif  // SUPSUP_X86
 
 }  // namespace
 
 int64_t signed_lut_max_rows(Isa isa) {
-  if (isa == Isa::Scalar) return 0;
+  if (!SUPSUP_X86 || isa == Isa::Scalar) return 0;
   // Read at each call, not once, so that a benchmark can compare both kernels in one process.
   if (const char* env = std::getenv("SUPSUP_CPU_SIGNED_LUT")) return std::clamp<int64_t>(std::atoll(env), 0, 16);
   return 4;  // past 4 rows the direct kernel, which builds each row's weights once for all rows of x, catches up
@@ -171,12 +176,19 @@ int64_t signed_lut_max_rows(Isa isa) {
 int64_t signed_lut_table_floats(Isa isa, int64_t B, int64_t W) { return W * B * (isa == Isa::Avx512 ? 128 : kTab3); }
 
 void signed_lut_tables(Isa isa, const float* xt, int64_t B, int64_t W, float* tables) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512) return tables512(xt, B, W, tables);
   tables256(xt, B, W, tables);
+#else
+  throw std::logic_error("signed_lut_tables needs AVX2 or AVX-512 (signed_lut_max_rows)");
+#endif
 }
 
 void signed_gemv_lut(Isa isa, const float* tables, int64_t B, const int32_t* sign_words, const int32_t* mask_words,
                      float scale, int64_t W, int64_t R, const float* bias, float* y, int64_t r0, int64_t r1) {
+#if !SUPSUP_X86
+  throw std::logic_error("signed_gemv_lut needs AVX2 or AVX-512 (signed_lut_max_rows)");
+#else
   // Up to 4 rows of x per pass over the bits (more would take more registers than a vector ISA has).
   for (int64_t b0 = 0; b0 < B; b0 += 4) {
     const int64_t nb = std::min<int64_t>(4, B - b0);
@@ -192,6 +204,7 @@ void signed_gemv_lut(Isa isa, const float* tables, int64_t B, const int32_t* sig
       else signed_lut256<4>(tables, B, b0, sign_words, mask_words, scale, W, R, bias, y, r0, r1);
     }
   }
+#endif
 }
 
 }  // namespace supsup_cpu

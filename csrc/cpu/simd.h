@@ -4,7 +4,10 @@
 // chosen at run time (isa.cpp). AVX-512 maps mask bits straight onto opmask registers: a 32-bit
 // word is two __mmask16 for two 16-lane float operations.
 #pragma once
+#include "kernels.h"  // SUPSUP_X86
+#if SUPSUP_X86
 #include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <vector>
@@ -29,6 +32,7 @@ inline const int32_t* task_base(const int32_t* bank, const int64_t* active, int6
   return bank + (active ? active[t] : t) * stride;
 }
 
+#if SUPSUP_X86
 // AVX2: 8 bits -> an 8-lane all-ones/zeros mask by broadcast, AND with the lane's bit, compare.
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
 
@@ -199,5 +203,6 @@ AVX2_TARGET inline void masked_word8x4_any(const float* w, const int32_t* sign_w
   if (32 * q + 32 <= n) return masked_word8x4<SIGNED>(w, sign_words, words, scale, n, W, row, q, out);
   for (int c = 0; c < 4; ++c) out[c] = masked_weights8<SIGNED>(w, sign_words, words, scale, n, W, row, 32 * q + 8 * c);
 }
+#endif  // SUPSUP_X86
 
 }  // namespace supsup_cpu

@@ -42,6 +42,7 @@ void signed_gemm_small_scalar(const float* x, int64_t B, const int32_t* sign_wor
     }
 }
 
+#if SUPSUP_X86
 // One or two rows of x (memory-bound): one row of W at a time, four accumulators per x row so no
 // FMA waits on the one before (one accumulator per x row chained 4 FMAs per word: 16 cycles a word).
 template <bool SIGNED, int B>
@@ -331,6 +332,7 @@ AVX512_TARGET void gemm_small_any512(const float* xt, int64_t B, const float* w,
   if (B == 2) return gemm_small512<SIGNED, 2>(xt, w, sign_words, words, scale, n, W, R, bias, y, r0, r1);
   gemm_packed512<SIGNED>(xt, B, w, sign_words, words, scale, n, W, R, bias, y, r0, r1);
 }
+#endif  // SUPSUP_X86
 
 }  // namespace
 
@@ -346,21 +348,25 @@ void transpose_small_batch(const float* x, int64_t B, int64_t n, int64_t W, floa
 
 void masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t B, const float* w, const int32_t* words,
                        int64_t n, int64_t W, int64_t R, const float* bias, float* y, int64_t r0, int64_t r1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512 && B <= 16) {
     return gemm_small_any512<false>(xt, B, w, nullptr, words, 1.0f, n, W, R, bias, y, r0, r1);
   }
   if (isa == Isa::Avx2 && B <= 16) return gemm_small_avx2<false>(xt, B, w, nullptr, words, 1.0f, n, W, R, bias, y, r0, r1);
+#endif
   masked_gemm_small_scalar(x, B, w, words, n, W, R, bias, y, r0, r1);
 }
 
 void signed_masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t B, const int32_t* sign_words,
                               const int32_t* mask_words, float scale, int64_t n, int64_t W, int64_t R,
                               const float* bias, float* y, int64_t r0, int64_t r1) {
+#if SUPSUP_X86
   if (isa == Isa::Avx512 && B <= 16) {
     return gemm_small_any512<true>(xt, B, nullptr, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
   }
   if (isa == Isa::Avx2 && B <= 16)
     return gemm_small_avx2<true>(xt, B, nullptr, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
+#endif
   signed_gemm_small_scalar(x, B, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
 }
 

@@ -15,11 +15,10 @@
 // 16 at a time (16 sequential streams), adding into a float scratch of the block (L2-resident). The
 // shifts that pick one byte of each dword leave the weights of a 64-weight group in a 4x16 transposed
 // order in the scratch; that is undone once per block, when the scratch is copied into the rows.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
 #include "kernels.h"
@@ -29,6 +28,7 @@
 namespace supsup_cpu {
 
 namespace {
+#if SUPSUP_X86
 
 #define AVX512_GFNI_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,gfni,fma")))
 
@@ -318,11 +318,14 @@ void superpose_lut_rows(const LutKernel& kern, const int32_t* bank, int64_t k, i
 constexpr LutKernel kLut512{kChunkWords, 64, make_tables512, pass512, unpermute512};
 constexpr LutKernel kLut256{kChunkWords2, 48, make_tables256, pass256, unpermute256};
 
+#endif  // SUPSUP_X86
+
 }  // namespace
 
 bool superpose_lut_available(Isa isa) {
+  if (!SUPSUP_X86 || isa == Isa::Scalar) return false;
   if (isa == Isa::Avx2) return true;
-  if (isa != Isa::Avx512) return false;
+#if SUPSUP_X86
   static const bool ok = [] {
     __builtin_cpu_init();
     const char* env = std::getenv("SUPSUP_CPU_GFNI");
@@ -330,12 +333,19 @@ bool superpose_lut_available(Isa isa) {
     return __builtin_cpu_supports("gfni") && __builtin_cpu_supports("avx512vbmi");
   }();
   return ok;
+#else
+  return false;
+#endif
 }
 
 void superpose_lut(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
                    const int64_t* active, float* out, int64_t r0, int64_t r1) {
   // AVX-512 without GFNI keeps the masked adds (superpose_lut_available is false there).
+#if SUPSUP_X86
   superpose_lut_rows(isa == Isa::Avx512 ? kLut512 : kLut256, bank, k, W, n, R, alpha, active, out, r0, r1);
+#else
+  throw std::logic_error("superpose_lut needs AVX2 or AVX-512 (superpose_lut_available)");
+#endif
 }
 
 }  // namespace supsup_cpu

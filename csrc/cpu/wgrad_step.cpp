@@ -12,12 +12,14 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <stdexcept>
 #include <vector>
 
 namespace supsup_cpu {
 namespace {
 
 constexpr int kRows512 = 8, kCols512 = 48;  // 24 zmm accumulators
+#if SUPSUP_X86
 
 // g[r][c] = sum over b of dzp[b][r] * xp[b][c] for r < 8, c < 48: dzp is the packed [B][8] panel of
 // 8 rows of dzᵀ, xp the [B][48] panel of 48 columns of x (wgrad_pack_x, zero-padded).
@@ -78,6 +80,8 @@ void wgrad_rows(const float* dz, const float* xp, int64_t B, int64_t O, int64_t 
   }
 }
 
+#endif  // SUPSUP_X86
+
 }  // namespace
 
 int64_t wgrad_tile_cols() { return kCols512; }
@@ -97,20 +101,28 @@ void wgrad_pack_x(const float* x, int64_t B, int64_t I, float* xp, int64_t t0, i
 void ste_rmsprop_wgrad_avx512(const float* dz, const float* xp, int64_t B, int64_t O, int64_t I, float* param,
                               const float* weight, float* square_avg, float* masked_weight, const RmspropScalars& c,
                               int64_t o0, int64_t o1) {
+#if SUPSUP_X86
   wgrad_rows(dz, xp, B, O, I, o0, o1, {param, weight, square_avg, masked_weight}, [&](int64_t o, int64_t j, int64_t cols, const float* g) {
     const int64_t at = o * I + j;
     ste_rmsprop_step(Isa::Avx512, param + at, g, weight + at, square_avg + at, masked_weight + at, c, 0, cols);
   });
+#else
+  throw std::logic_error("ste_rmsprop_wgrad_avx512 needs AVX-512");
+#endif
 }
 
 void ste_rmsprop_bits_wgrad_avx512(const float* dz, const float* xp, int64_t B, int64_t O, int64_t I, float* param,
                                    const FrozenWeight& fw, float* square_avg, int32_t* mask_words, const RmspropScalars& c,
                                    int64_t o0, int64_t o1) {
+#if SUPSUP_X86
   auto step = [&](int64_t o, int64_t j, int64_t cols, const float* g) {
     ste_rmsprop_bits_step(Isa::Avx512, param, g, fw, square_avg, mask_words, c, o, j, cols);
   };
   if (fw.weight) wgrad_rows(dz, xp, B, O, I, o0, o1, {param, fw.weight, square_avg}, step);
   else wgrad_rows(dz, xp, B, O, I, o0, o1, {param, square_avg}, step);
+#else
+  throw std::logic_error("ste_rmsprop_bits_wgrad_avx512 needs AVX-512");
+#endif
 }
 
 }  // namespace supsup_cpu

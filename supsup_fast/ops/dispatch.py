@@ -70,10 +70,10 @@ def direct_function(name: str, x: Tensor):
     The function runs the most common call, inference of a float32 CPU layer on 1-16 rows, straight
     through the C++ op: at batch 1 a large layer's kernel streams W through the caches, so the Python
     before the next call runs cold and each step of it costs µs (``benchmarks/call_overhead.py``).
-    It tests in C++ what else the call must be (plain dense tensors, no dispatch mode, no gradient
-    to record, 1-16 rows, arguments the op accepts) and returns None where it is not; the caller then
-    takes the general path, which names what is wrong. ``is_compiling()`` first: dynamo folds it, and
-    would not trace the C call."""
+    It tests in C++ what else the call must be (plain dense tensors, no dispatch mode, no
+    ``torch.jit.trace`` under way, no gradient to record, 1-16 rows, arguments the op accepts) and
+    returns None where it is not; the caller then takes the general path, which names what is wrong.
+    ``is_compiling()`` first: dynamo folds it, and would not trace the C call."""
     if torch.compiler.is_compiling() or type(x) is not Tensor or not x.is_cpu:
         return None
     return getattr(backend_for(_CPU), name)

@@ -421,10 +421,7 @@ def test_float64_falls_back_to_reference():
     assert got.dtype == torch.float64 and torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_every_isa_path_agrees(isa):
-    """Every kernel under each instruction-set level (capped: a CPU without AVX-512 / AVX2)."""
-    script = textwrap.dedent("""
+EVERY_ISA_SCRIPT = textwrap.dedent("""
         import torch, torch.nn.functional as F, supsup_fast as ss
         from supsup_fast.ops.backends.cpu import cpu_isa
         from supsup_fast.ops.backends.reference import ReferenceBackend
@@ -515,8 +512,41 @@ def test_every_isa_path_agrees(isa):
             assert torch.allclose(m, m2, rtol=1e-5, atol=1e-7) and torch.allclose(v, v2, rtol=1e-5, atol=1e-7)
             assert torch.allclose(p, p2, rtol=1e-5, atol=1e-6) and torch.equal(out, wt * (p >= 0))
         print("ok")
-    """)
-    run_on_isa(script, isa)
+""")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_isa_path_agrees(isa):
+    """Every kernel under each instruction-set level (capped: a CPU without AVX-512 / AVX2)."""
+    run_on_isa(EVERY_ISA_SCRIPT, isa)
+
+
+PORTABLE_LAYERS_SCRIPT = """
+import torch, torch.nn.functional as F, supsup_fast as ss
+from supsup_fast.ops.backends.cpu import cpu_isa
+from supsup_fast.ops.registry import backend_for
+print(cpu_isa())
+be = backend_for(torch.device("cpu"))
+assert be.name == "cpu" and torch.ops.supsup_cpu.vendor() == "other" and not torch.ops.supsup_cpu.wide_gemm_tiles()
+assert be.direct_masked_linear is None and be.direct_signed_masked_linear is None  # layers take ATen's path
+for rows in (1, 16, 130):
+    m, s = torch.rand(70, 77) > 0.5, torch.rand(70, 77) > 0.5
+    w, x, b = torch.randn(70, 77), torch.randn(rows, 77), torch.randn(70)
+    assert torch.allclose(ss.ops.masked_linear(x, w, ss.pack_bits(m), b), F.linear(x, w * m, b), atol=1e-5)
+    expect = F.linear(x, 0.5 * (s.float() * 2 - 1) * m, b)
+    assert torch.allclose(ss.ops.signed_masked_linear(x, ss.pack_bits(s), ss.pack_bits(m), 0.5, b), expect, atol=1e-5)
+print("ok")
+"""
+
+
+def test_portable_build_compiles_and_agrees():
+    """The extension as an ARM CPU builds it: SUPSUP_CPU_PORTABLE=1 compiles csrc/cpu with
+    -DSUPSUP_PORTABLE, so no x86 intrinsic, target attribute or CPU builtin is compiled (SUPSUP_X86 is
+    0). It reports the scalar ISA, every kernel agrees with the reference (the every-ISA script), and
+    layers run ATen's vectorised path. (That the sources also compile for aarch64 was checked with a
+    cross compiler, which CI does not have.)"""
+    run_on_isa(EVERY_ISA_SCRIPT, "scalar", {"SUPSUP_CPU_PORTABLE": "1"})
+    run_on_isa(PORTABLE_LAYERS_SCRIPT, "scalar", {"SUPSUP_CPU_PORTABLE": "1"})
 
 
 WIDE_TILE_SCRIPT = SCRIPT_HEAD + """

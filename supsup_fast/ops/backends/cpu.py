@@ -67,15 +67,22 @@ def load_cpu_extension() -> str:
             return _loaded
         if os.environ.get("SUPSUP_NO_CPU_EXT") == "1":
             raise RuntimeError("disabled by SUPSUP_NO_CPU_EXT=1")
+        # SUPSUP_CPU_PORTABLE=1: compile only the portable (scalar) kernels, as on an ARM CPU, whatever
+        # this CPU has (the test of that build; csrc/cpu/kernels.h SUPSUP_X86).
+        portable = os.environ.get("SUPSUP_CPU_PORTABLE") == "1"
         try:
+            if portable:
+                raise ImportError("the prebuilt module has the x86 kernels")
             import supsup_fast._C as module  # registers the ops on import
             _loaded = "prebuilt"
         except ImportError:
             from torch.utils import cpp_extension
             print("supsup_fast: loading the C++ CPU kernels (compiled on first use, about a minute)", file=sys.stderr, flush=True)
             try:
-                module = cpp_extension.load(name="supsup_fast_cpu", sources=_sources(), is_python_module=True,
-                                            extra_cflags=csrc_build.CPU_CFLAGS, extra_ldflags=csrc_build.CPU_LDFLAGS, verbose=False)
+                module = cpp_extension.load(name="supsup_fast_cpu_portable" if portable else "supsup_fast_cpu",
+                                            sources=_sources(), is_python_module=True,
+                                            extra_cflags=csrc_build.CPU_CFLAGS + (["-DSUPSUP_PORTABLE"] if portable else []),
+                                            extra_ldflags=csrc_build.CPU_LDFLAGS, verbose=False)
             except Exception as exc:  # no compiler, no ninja, headers missing...
                 raise RuntimeError(f"could not build the C++ CPU kernels: {exc}") from exc
             _loaded = "jit"
@@ -112,9 +119,14 @@ class CpuBackend(ReferenceBackend):
         self.gemm_batch = GEMM_BATCH.get((self.vendor, self.isa), GEMM_BATCH_OTHER)
         # Plain Python functions that run the small-batch ops where a call may skip the public op's
         # checks and the dispatcher, else return None (csrc/cpu/python_module.cpp).
+        # On the scalar ISA (ARM and other non-x86 CPUs, or x86 without AVX2) a layer's forward is
+        # ATen's: W ⊙ M unpacked by vectorised torch ops and BLAS beat the portable C++ loops (Xeon VM,
+        # SUPSUP_CPU_ISA=scalar, 1024 x 1024: 2.1 against 3.2 ms at 1 row, 2.6 against 4.5 at 128;
+        # the scalar packed GEMM took 50 ms there). superpose and mask_dot stay C++ (2x the reference).
+        self.layers_in_cpp = self.isa != "scalar"
         module = cpu_module()
-        self.direct_masked_linear = module.direct_masked_linear
-        self.direct_signed_masked_linear = module.direct_signed_masked_linear
+        self.direct_masked_linear = module.direct_masked_linear if self.layers_in_cpp else None
+        self.direct_signed_masked_linear = module.direct_signed_masked_linear if self.layers_in_cpp else None
         # Per-thread scratch for the materialised W ⊙ M of a large-batch forward: a fresh multi-MB
         # buffer per call costs page faults comparable to the unpacking itself.
         self._local = threading.local()
@@ -282,7 +294,7 @@ class CpuBackend(ReferenceBackend):
     def masked_forward(self, dense, x, weight, mask_words, bias):
         bias = None if bias is None else bias.contiguous()
         rows = x.numel() // max(x.shape[-1], 1)
-        if weight.dtype == torch.float32 and x.dtype == torch.float32:
+        if weight.dtype == torch.float32 and x.dtype == torch.float32 and self.layers_in_cpp:
             if isinstance(dense, DenseLinear) and 0 < rows <= SMALL_BATCH:
                 return self.ops.masked_linear_small(x.contiguous(), weight, mask_words, bias)
             if isinstance(dense, DenseLinear) and rows <= self.gemm_batch and weight.shape[0] >= GEMM_MIN_OUT:
@@ -332,7 +344,7 @@ class CpuBackend(ReferenceBackend):
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
         bias = None if bias is None else bias.contiguous()
         rows = x.numel() // max(x.shape[-1], 1)
-        if x.dtype != torch.float32:
+        if x.dtype != torch.float32 or not self.layers_in_cpp:
             return super().signed_masked_linear(x, sign_words, mask_words, scale, bias)
         if 0 < rows <= SMALL_BATCH:
             return self.ops.signed_masked_linear_small(x.contiguous(), sign_words, mask_words, scale, bias)
