@@ -62,7 +62,6 @@ void for_each_query_word(int64_t kp, int64_t R, int64_t W, int64_t n, const floa
 // instead of 8, 7 and 8 with nibbles, 1.07-1.1x faster on Zen 4, whose vector issue bounds this loop.
 constexpr int kGroups5 = 7;
 #if SUPSUP_X86
-
 IL_AVX512 inline void tables32(const float* vals, __m512* t) {
   const __mmask16 has_bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
   for (int p = 0; p < kGroups5; ++p) {
@@ -190,8 +189,8 @@ void word_scalar(const int32_t* bank_t, const float* vals, int64_t base, int64_t
     acc[i] += s;
   }
 }
-#if SUPSUP_X86
 
+#if SUPSUP_X86
 // ------------------------------------------------------------------------------------------------
 // superpose over the weight-interleaved copy (lut.h interleave_weights): Σ_t α_t M_t[r, c] is
 // mask_dot with the roles of tasks and weights swapped. Word q of weight c holds tasks 32q..32q+31,

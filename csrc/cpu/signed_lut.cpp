@@ -97,7 +97,6 @@ AVX512_TARGET void signed_lut512(const float* tables, int64_t Bx, int64_t b0, co
 // per vector.
 constexpr int kTab3 = kGroups3 * 8;
 #if SUPSUP_X86
-
 template <int B>
 constexpr int kAcc256 = B == 1 ? 2 : 1;  // sixteen ymm registers
 
