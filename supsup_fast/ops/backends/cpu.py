@@ -117,13 +117,13 @@ class CpuBackend(ReferenceBackend):
         self.isa = cpu_isa()  # fixed when the extension loads (SUPSUP_CPU_ISA is read once)
         self.vendor = str(self.ops.vendor())
         self.gemm_batch = GEMM_BATCH.get((self.vendor, self.isa), GEMM_BATCH_OTHER)
-        # Plain Python functions that run the small-batch ops where a call may skip the public op's
-        # checks and the dispatcher, else return None (csrc/cpu/python_module.cpp).
         # On the scalar ISA (ARM and other non-x86 CPUs, or x86 without AVX2) a layer's forward is
         # ATen's: W ⊙ M unpacked by vectorised torch ops and BLAS beat the portable C++ loops (Xeon VM,
         # SUPSUP_CPU_ISA=scalar, 1024 x 1024: 2.1 against 3.2 ms at 1 row, 2.6 against 4.5 at 128;
         # the scalar packed GEMM took 50 ms there). superpose and mask_dot stay C++ (2x the reference).
         self.layers_in_cpp = self.isa != "scalar"
+        # Plain Python functions that run the small-batch ops where a call may skip the public op's
+        # checks and the dispatcher, else return None (csrc/cpu/python_module.cpp).
         module = cpu_module()
         self.direct_masked_linear = module.direct_masked_linear if self.layers_in_cpp else None
         self.direct_signed_masked_linear = module.direct_signed_masked_linear if self.layers_in_cpp else None
