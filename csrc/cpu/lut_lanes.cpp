@@ -138,7 +138,7 @@ LANES_AVX2 void lookup256(const int32_t* bank, int64_t stride, int64_t k, const 
 
 }  // namespace
 
-bool lanes_available(Isa isa) { return SUPSUP_X86 && (isa == Isa::Avx512 || isa == Isa::Avx2); }
+bool lanes_available(Isa isa) { return isa == Isa::Avx512 || isa == Isa::Avx2; }
 
 void mask_dot_rank1_lanes(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* gT,
                           const float* xT, const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1) {

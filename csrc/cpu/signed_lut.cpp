@@ -166,7 +166,7 @@ AVX2_TARGET void signed_lut256(const float* tables, int64_t Bx, int64_t b0, cons
 }  // namespace
 
 int64_t signed_lut_max_rows(Isa isa) {
-  if (!SUPSUP_X86 || isa == Isa::Scalar) return 0;
+  if (isa == Isa::Scalar) return 0;
   // Read at each call, not once, so that a benchmark can compare both kernels in one process.
   if (const char* env = std::getenv("SUPSUP_CPU_SIGNED_LUT")) return std::clamp<int64_t>(std::atoll(env), 0, 16);
   return 4;  // past 4 rows the direct kernel, which builds each row's weights once for all rows of x, catches up

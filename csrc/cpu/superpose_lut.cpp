@@ -323,8 +323,8 @@ constexpr LutKernel kLut256{kChunkWords2, 48, make_tables256, pass256, unpermute
 }  // namespace
 
 bool superpose_lut_available(Isa isa) {
-  if (!SUPSUP_X86 || isa == Isa::Scalar) return false;
   if (isa == Isa::Avx2) return true;
+  if (isa != Isa::Avx512) return false;
 #if SUPSUP_X86
   static const bool ok = [] {
     __builtin_cpu_init();
