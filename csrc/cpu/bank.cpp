@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 #include "lut.h"
+#include "portable.h"
 
 namespace supsup_cpu {
 
@@ -87,6 +88,39 @@ void superpose_scalar(const int32_t* bank, int64_t k, int64_t W, int64_t n, int6
         }
       }
     }
+  }
+}
+
+// superpose on the scalar ISA from kSuperposeTableTasks tasks on: 32 tasks at a time, their words at
+// one position of a row are transposed (transpose32), so that a word holds one weight's bits of those
+// 32 tasks, and looked up in byte tables of the 32 tasks' α subset sums: 4 lookups add 32 tasks at
+// one weight. Each group's tables (4 KiB, built once per call) stay in L1 while its 32 tasks' rows
+// stream past; the output rows are re-read once per group.
+constexpr int64_t kSuperposeTableTasks = 8;
+
+void superpose_scalar_tables(const int32_t* bank, int64_t k, int64_t W, int64_t n, int64_t R, const float* alpha,
+                             const int64_t* active, float* out, int64_t r0, int64_t r1) {
+  const int64_t stride = R * W;
+  std::fill(out + r0 * n, out + r1 * n, 0.0f);
+  SubsetTables<8> tab;
+  const int32_t* task[32];
+  uint32_t a[32];
+  float vals[32];
+  for (int64_t t0 = 0; t0 < k; t0 += 32) {
+    const int64_t kb = std::min<int64_t>(32, k - t0);
+    for (int64_t i = 0; i < 32; ++i) {
+      vals[i] = i < kb ? alpha[t0 + i] : 0.0f;
+      task[i] = i < kb ? task_base(bank, active, t0 + i, stride) : nullptr;
+    }
+    tab.build(vals);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t q = 0; q < W; ++q) {
+        for (int64_t i = 0; i < 32; ++i) a[i] = i < kb ? static_cast<uint32_t>(task[i][r * W + q]) : 0u;
+        transpose32(a);  // a[j]: bit i = task t0 + i's bit at column 32 q + j; pad columns are not written
+        float* o = out + r * n + 32 * q;
+        const int64_t cols = std::min<int64_t>(32, n - 32 * q);
+        for (int64_t j = 0; j < cols; ++j) o[j] += tab.lookup(a[j]);
+      }
   }
 }
 
@@ -274,12 +308,13 @@ void mask_dot(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, con
     return mask_dot_avx2(bank, R, W, n, v, active, k, out, fw0, fw1);
   }
 #endif  // SUPSUP_X86
+  if (k >= 4) return mask_dot_lut(isa, bank, R, W, n, v, 1, 0, active, k, out, fw0, fw1);
   mask_dot_scalar(bank, R, W, n, v, active, k, out, fw0, fw1);
 }
 
 bool mask_dot_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* g, const float* x,
                     const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1, bool skip_zero_rows) {
-  if (!lut_available(isa) || k < 4) return false;
+  if (k < 4) return false;
   mask_dot_lut_rank1(isa, bank, R, W, n, g, x, w, 1, k, out, fw0, fw1, skip_zero_rows);
   return true;
 }
@@ -292,6 +327,7 @@ void superpose(Isa isa, const int32_t* bank, int64_t k, int64_t W, int64_t n, in
   if (isa == Isa::Avx512) return superpose_avx512(bank, k, W, n, R, alpha, active, out, r0, r1);
   if (isa == Isa::Avx2) return superpose_avx2(bank, k, W, n, R, alpha, active, out, r0, r1);
 #endif
+  if (k >= kSuperposeTableTasks) return superpose_scalar_tables(bank, k, W, n, R, alpha, active, out, r0, r1);
   superpose_scalar(bank, k, W, n, R, alpha, active, out, r0, r1);
 }
 

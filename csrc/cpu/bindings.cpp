@@ -219,7 +219,7 @@ at::Tensor mask_dot_rank1_op(const at::Tensor& bank, const at::Tensor& g, const 
   const int64_t R = w.size(0), n = w.size(1), W = words_for(n), k = bank.size(0);
   TORCH_CHECK(bank.dim() == 3 && bank.size(1) == R && bank.size(2) == W, "bank must be [k, R, ceil(n/32)]");
   const Isa isa = current_isa();
-  if (!lut_available(isa) || k < 4) return mask_dot_op(bank, at::outer(g, x).mul_(w), std::nullopt);
+  if (k < 4) return mask_dot_op(bank, at::outer(g, x).mul_(w), std::nullopt);
   // Rows with g[r] == 0 (dead ReLUs, logits the objective ignores) add exactly zero unless x or w
   // holds inf/NaN; then every row is read, so that 0 · inf gives NaN as in the reference.
   const bool skip = inputs_finite || (surely_finite(x) && surely_finite(w));
@@ -435,7 +435,7 @@ at::Tensor rank1_batched(const at::Tensor& bank, const at::Tensor& g, const at::
                          const std::optional<at::Tensor>& bank_t, bool skip) {
   const int64_t R = w.size(0), n = w.size(1), W = words_for(n), k = bank.size(0), q = g.size(0);
   const Isa isa = current_isa();
-  if (!bank_t.has_value() && (!lut_available(isa) || k < 4))
+  if (!bank_t.has_value() && k < 4)
     return mask_dot_batched_op(bank, g.unsqueeze(2).mul(x.unsqueeze(1)).mul_(w), std::nullopt);
   std::vector<at::Tensor> parts;
   int64_t j0 = 0;

@@ -2,6 +2,7 @@
 // the training step, and the signed-constant weight from sign + mask bits.
 #include "kernels.h"
 #include "simd.h"
+#include "portable.h"
 
 #include <algorithm>
 #include <cmath>
@@ -24,9 +25,13 @@ void masked_weight_scalar(const float* w, const int32_t* words, int64_t n, int64
       const int64_t j0 = 32 * q, len = std::min<int64_t>(32, n - j0);
       const float* wr = w + r * n + j0;
       float* o = out + r * n + j0;
-      for (int64_t i = 0; i < len; ++i) {
-        const float v = wr[i];
-        o[i] = (word & (1u << i)) ? v : 0.0f;
+      if (len == 32) {
+        for (int i = 0; i < 32; ++i) {
+          const float v = wr[i];
+          o[i] = (word & kBit[i]) ? v : 0.0f;
+        }
+      } else {
+        for (int64_t i = 0; i < len; ++i) o[i] = (word & kBit[i]) ? wr[i] : 0.0f;
       }
     }
 }
@@ -129,22 +134,6 @@ void unpack_rows(const int32_t* words, int64_t n, int64_t W, bool* out, int64_t 
     for (int64_t j = 0; j < n; ++j) out[r * n + j] = (static_cast<uint32_t>(words[r * W + j / 32]) >> (j % 32)) & 1u;
 }
 
-namespace {
-
-// A 32 x 32 bit matrix, bit j of a[i] at row i, column j, transposed in place by swapping
-// ever smaller off-diagonal blocks (Hacker's Delight 7-3, in the LSB-first order).
-inline void transpose32(uint32_t* a) {
-  uint32_t m = 0x0000FFFFu;
-  for (int j = 16; j != 0; j >>= 1, m ^= m << j)
-    for (int i = 0; i < 32; i = (i + j + 1) & ~j) {
-      const uint32_t t = ((a[i] >> j) ^ a[i + j]) & m;
-      a[i] ^= t << j;
-      a[i + j] ^= t;
-    }
-}
-
-}  // namespace
-
 void transpose_masks(const int32_t* words, int64_t R, int64_t n, int32_t* out, int64_t m0, int64_t m1) {
   const int64_t W = (n + 31) / 32, W2 = (R + 31) / 32;
   for (int64_t m = m0; m < m1; ++m) {
@@ -186,12 +175,16 @@ void signed_masked_weight(Isa isa, const int32_t* sign_words, const int32_t* mas
   if (isa == Isa::Avx512) return signed_masked_weight_avx512(sign_words, mask_words, scale, n, W, out, r0, r1);
   if (isa == Isa::Avx2) return signed_masked_weight_avx2(sign_words, mask_words, scale, n, W, out, r0, r1);
 #endif
+  // A word at a time, two selects of constants a weight: vectorised (portable.h kBit).
   for (int64_t r = r0; r < r1; ++r)
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t shift = j % 32;
-      const bool keep = (static_cast<uint32_t>(mask_words[r * W + j / 32]) >> shift) & 1u;
-      const bool pos = (static_cast<uint32_t>(sign_words[r * W + j / 32]) >> shift) & 1u;
-      out[r * n + j] = keep ? (pos ? scale : -scale) : 0.0f;
+    for (int64_t q = 0; q < W; ++q) {
+      const uint32_t m = static_cast<uint32_t>(mask_words[r * W + q]), s = static_cast<uint32_t>(sign_words[r * W + q]);
+      const int64_t len = std::min<int64_t>(32, n - 32 * q);
+      float* o = out + r * n + 32 * q;
+      for (int64_t i = 0; i < len; ++i) {
+        const float v = (s & kBit[i]) ? scale : -scale;
+        o[i] = (m & kBit[i]) ? v : 0.0f;
+      }
     }
 }
 

@@ -61,8 +61,8 @@ constexpr int64_t kMaskDotChunkWords = 512;  // split granularity of the word ra
 
 // mask_dot with v = (g xᵀ) ⊙ w computed on the fly (the α-gradient of a one-image backward through a
 // linear layer: g [R], x [n], w [R, n]); with skip_zero_rows (x and w finite) the rows with g[r] == 0
-// are not read. Returns false where only the dense path exists (no table kernel or fewer than 4
-// tasks): the caller then materialises v.
+// are not read. Returns false below 4 tasks, where the tables do not pay: the caller then
+// materialises v.
 bool mask_dot_rank1(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* g, const float* x,
                     const float* w, int64_t k, float* out, int64_t fw0, int64_t fw1, bool skip_zero_rows);
 

@@ -11,6 +11,7 @@
 // only the words of its own live rows.
 #include "lut.h"
 #include "simd.h"
+#include "portable.h"
 
 #include <algorithm>
 #include <cstring>
@@ -21,11 +22,6 @@ namespace {
 
 #define LUT_AVX2 __attribute__((target("avx2,fma")))
 #define LUT_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
-
-inline uint32_t valid_mask(int64_t n, int64_t q) {
-  const int64_t rem = n - 32 * q;
-  return rem >= 32 ? 0xFFFFFFFFu : ((1u << rem) - 1u);
-}
 
 // Values of v for one mask word: vals[i] for the 32 bits of word q of row r, zero where the bit
 // is padding. Plain loops: the table build is shared by every task and costs little.
@@ -650,32 +646,31 @@ LUT_AVX2 void rows256(const int32_t* bank, int64_t R, int64_t W, const RowSrc& s
 #endif  // SUPSUP_X86
 
 // ------------------------------------------------------------------------------------------------
-// scalar: per task, per set bit (portable; the reference order of a plain loop).
+// scalar: per block of up to kBlockWords words and per query, the words' subset-sum tables
+// (portable.h), then one to eight lookups per word of each task (portable C++: the path of ARM CPUs).
 template <class Src>
-void lut_scalar(const int32_t* bank, int64_t R, int64_t W, int64_t n, const Src* srcs, int64_t nq,
-                const int64_t* active, int64_t k, float* out, int64_t fw0, int64_t fw1) {
+void lut_scalar(const int32_t* bank, int64_t R, int64_t W, const Src* srcs, int64_t nq, const int64_t* active,
+                int64_t k, float* out, int64_t fw0, int64_t fw1) {
   const int64_t stride = R * W;
-  float vals[32];
+  float vals[kBlockWords][32];
+  const float* live[kBlockWords];
+  int64_t offset[kBlockWords];
   std::vector<double> acc(static_cast<size_t>(nq * k), 0.0);
-  int64_t r = fw0 / W, q = fw0 % W;
-  for (int64_t fw = fw0; fw < fw1; ++fw) {
-    const uint32_t valid = valid_mask(n, q);
+  for (int64_t fb = fw0; fb < fw1; fb += kBlockWords) {
+    const int64_t len = std::min<int64_t>(kBlockWords, fw1 - fb);
     for (int64_t j = 0; j < nq; ++j) {
-      if (!srcs[j].active(r)) continue;
-      srcs[j].load(r, q, vals);
-      for (int64_t t = 0; t < k; ++t) {
-        uint32_t word = static_cast<uint32_t>(bank[(active ? active[t] : t) * stride + fw]) & valid;
-        double s = 0.0;
-        while (word) {
-          s += vals[__builtin_ctz(word)];
-          word &= word - 1;
-        }
-        acc[j * k + t] += s;
+      int nb = 0;
+      for (int64_t b = 0; b < len; ++b) {
+        const int64_t r = (fb + b) / W, q = (fb + b) % W;
+        if (!srcs[j].active(r)) continue;
+        srcs[j].load(r, q, vals[nb]);
+        live[nb] = vals[nb];
+        offset[nb++] = fb + b;
       }
-    }
-    if (++q == W) {
-      q = 0;
-      ++r;
+      if (nb == 0) continue;
+      add_set_bit_sums(live, nb, k, [&](int64_t t, int b) {
+        return static_cast<uint32_t>(bank[(active ? active[t] : t) * stride + offset[b]]);
+      }, acc.data() + j * k);
     }
   }
   for (int64_t i = 0; i < nq * k; ++i) out[i] = static_cast<float>(acc[i]);
@@ -688,30 +683,31 @@ void dispatch(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, con
   if (isa == Isa::Avx512) return lut512(bank, R, W, srcs, nq, active, k, out, fw0, fw1);
   if (isa == Isa::Avx2) return lut256(bank, R, W, srcs, nq, active, k, out, fw0, fw1);
 #endif
-  lut_scalar(bank, R, W, n, srcs, nq, active, k, out, fw0, fw1);
+  lut_scalar(bank, R, W, srcs, nq, active, k, out, fw0, fw1);
 }
 
-void rows_scalar(const int32_t* bank, int64_t R, int64_t W, int64_t n, const RowSrc& src, int64_t k, float* out,
-                 int64_t r0, int64_t r1) {
-  float vals[32];
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t t = 0; t < k; ++t) {
-      double s = 0.0;
-      for (int64_t q = 0; q < W; ++q) {
-        src.load(r, q, vals);
-        uint32_t word = static_cast<uint32_t>(bank[(t * R + r) * W + q]) & valid_mask(n, q);
-        while (word) {
-          s += vals[__builtin_ctz(word)];
-          word &= word - 1;
-        }
+void rows_scalar(const int32_t* bank, int64_t R, int64_t W, const RowSrc& src, int64_t k, float* out, int64_t r0,
+                 int64_t r1) {
+  float vals[kBlockWords][32];
+  const float* live[kBlockWords];
+  std::vector<double> acc(static_cast<size_t>(k));
+  for (int64_t r = r0; r < r1; ++r) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t q0 = 0; q0 < W; q0 += kBlockWords) {
+      const int nb = static_cast<int>(std::min<int64_t>(kBlockWords, W - q0));
+      for (int b = 0; b < nb; ++b) {
+        src.load(r, q0 + b, vals[b]);
+        live[b] = vals[b];
       }
-      out[r * k + t] = static_cast<float>(s);
+      const int32_t* words = bank + r * W + q0;
+      add_set_bit_sums(live, nb, k, [&](int64_t t, int b) { return static_cast<uint32_t>(words[t * R * W + b]); },
+                       acc.data());
     }
+    for (int64_t t = 0; t < k; ++t) out[r * k + t] = static_cast<float>(acc[t]);
+  }
 }
 
 }  // namespace
-
-bool lut_available(Isa isa) { return isa != Isa::Scalar; }
 
 void mask_dot_rows(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* x, const float* w,
                    int64_t k, float* out, int64_t r0, int64_t r1) {
@@ -720,7 +716,7 @@ void mask_dot_rows(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n
   if (isa == Isa::Avx512) return rows512(bank, R, W, src, k, out, r0, r1);
   if (isa == Isa::Avx2) return rows256(bank, R, W, src, k, out, r0, r1);
 #endif
-  rows_scalar(bank, R, W, n, src, k, out, r0, r1);
+  rows_scalar(bank, R, W, src, k, out, r0, r1);
 }
 
 void mask_dot_lut(Isa isa, const int32_t* bank, int64_t R, int64_t W, int64_t n, const float* v, int64_t q,

@@ -2,7 +2,8 @@
 // Per block of v, each group of G consecutive weights becomes a table of the 2^G subset sums of its
 // values; a task's G mask bits are then an index into that table, so one table lookup replaces G
 // masked adds. Lookups run for many tasks at once (16 per vector on AVX-512: vpermps over 16-entry
-// tables of nibbles; 8 per vector on AVX2: vpermps ymm over 8-entry tables of 3-bit groups). The
+// tables of nibbles; 8 per vector on AVX2: vpermps ymm over 8-entry tables of 3-bit groups; one task
+// at a time on the scalar ISA, over nibble or byte tables in plain C++: portable.h). The
 // tables are fp32 subset sums, so the result is exact in fp32 up to summation order. Plain-pointer
 // code, no torch header; callers split the flat word range across threads.
 #pragma once
@@ -121,8 +122,5 @@ inline uint32_t tail_words(int64_t W, int64_t fw, int64_t len) {
   for (int64_t e = (fw / W + 1) * W - 1; e < fw + len; e += W) m |= 1u << (e - fw);
   return m;
 }
-
-// Whether mask_dot_lut runs a table kernel for this ISA (scalar: a per-task loop instead).
-bool lut_available(Isa isa);
 
 }  // namespace supsup_cpu

@@ -4,10 +4,12 @@
 // between live ones, and skipping it saved almost no memory traffic), and a word's lookup tables,
 // built once per query and word, stay in registers while every task streams past them.
 // AVX-512: 7 tables of 32 fp32 subset sums (5-bit groups), one vpermt2ps per group of 16 tasks.
-// AVX2: 11 tables of 8 (3-bit groups), one vpermps ymm per group of 8 tasks. Scalar: a per-task
-// loop. Loads are unaligned: a view's data need not start on 64 bytes.
+// AVX2: 11 tables of 8 (3-bit groups), one vpermps ymm per group of 8 tasks. Scalar: the portable
+// nibble or byte tables of portable.h, one lookup per 4 (8) bits of a task. Loads are
+// unaligned: a view's data need not start on 64 bytes.
 #include "lut.h"
 #include "simd.h"
+#include "portable.h"
 
 #include <algorithm>
 #include <vector>
@@ -182,12 +184,8 @@ IL_AVX2 void word256(const int32_t* bank_t, const float* vals, int np, int64_t b
 // ------------------------------------------------------------------------------------------------
 // vals is zero past n, so set pad bits add nothing.
 void word_scalar(const int32_t* bank_t, const float* vals, int64_t base, int64_t t0, int64_t t1, float* acc) {
-  for (int64_t i = t0; i < t1; ++i) {
-    uint32_t word = static_cast<uint32_t>(bank_t[base + i]);
-    float s = 0.0f;
-    for (; word; word &= word - 1) s += vals[__builtin_ctz(word)];
-    acc[i] += s;
-  }
+  const int32_t* words = bank_t + base + t0;
+  add_set_bit_sums(&vals, 1, t1 - t0, [&](int64_t i, int) { return static_cast<uint32_t>(words[i]); }, acc + t0);
 }
 
 #if SUPSUP_X86
@@ -273,21 +271,6 @@ void mask_dot_rank1_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int6
 }  // namespace supsup_cpu
 
 namespace supsup_cpu {
-namespace {
-
-// b[j] bit i <- a[i] bit j for a 32 x 32 bit matrix (Hacker's Delight 7-3, bit 0 first): five rounds
-// of swapping the off-diagonal blocks of half the size.
-void transpose32(uint32_t* a) {
-  uint32_t m = 0x0000FFFFu;
-  for (int j = 16; j != 0; j >>= 1, m ^= m << j)
-    for (int i = 0; i < 32; i = ((i | j) + 1) & ~j) {
-      const uint32_t t = ((a[i] >> j) ^ a[i | j]) & m;
-      a[i] ^= t << j;
-      a[i | j] ^= t;
-    }
-}
-
-}  // namespace
 
 void interleave_weights(const int32_t* bank, int64_t k, int64_t R, int64_t W, int64_t n, int64_t KW, int64_t np,
                         int32_t* bank_w, int64_t r0, int64_t r1) {

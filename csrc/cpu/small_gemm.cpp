@@ -1,6 +1,7 @@
 // Small-batch GEMM (batch <= 16) over one packed mask, with float or signed-constant weights.
 // Larger batches: masked_gemm.cpp.
 #include "kernels.h"
+#include "portable.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -14,32 +15,72 @@ namespace supsup_cpu {
 namespace {
 
 // The scalar kernels multiply a clear bit's weight by 0 rather than skip it, as the vector kernels
-// do: x · (W ⊙ M) in IEEE arithmetic, where an infinite input times a clear bit is NaN.
-void masked_gemm_small_scalar(const float* x, int64_t B, const float* w, const int32_t* words, int64_t n,
-                              int64_t W, int64_t R, const float* bias, float* y, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t b = 0; b < B; ++b) {
-      float acc = 0.0f;
-      for (int64_t j = 0; j < n; ++j)
-        acc += x[b * n + j] * ((static_cast<uint32_t>(words[r * W + j / 32]) >> (j % 32)) & 1u ? w[r * n + j] : 0.0f);
-      y[b * R + r] = acc + (bias ? bias[r] : 0.0f);
-    }
+// do: x · (W ⊙ M) in IEEE arithmetic, where an infinite input times a clear bit is NaN. Each keeps 32
+// partial sums a row of x, one per bit position of a word, added pairwise at the end: no chain through
+// one accumulator, so compilers vectorise the word loop (SSE on x86, NEON on ARM), the bit tests
+// included (portable.h kBit).
+
+inline float sum32(float* acc) {
+  for (int h = 16; h > 0; h >>= 1)
+    for (int i = 0; i < h; ++i) acc[i] += acc[i + h];
+  return acc[0];
 }
 
-void signed_gemm_small_scalar(const float* x, int64_t B, const int32_t* sign_words, const int32_t* mask_words,
-                              float scale, int64_t n, int64_t W, int64_t R, const float* bias, float* y, int64_t r0,
-                              int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t b = 0; b < B; ++b) {
-      float acc = 0.0f;
-      for (int64_t j = 0; j < n; ++j) {
-        const uint32_t shift = j % 32;
-        const bool set = (static_cast<uint32_t>(mask_words[r * W + j / 32]) >> shift) & 1u;
-        const bool pos = (static_cast<uint32_t>(sign_words[r * W + j / 32]) >> shift) & 1u;
-        acc += x[b * n + j] * (set ? (pos ? 1.0f : -1.0f) : 0.0f);
+// Word q of a weight row as 32 floats (zero past n): w at a set mask bit, else 0 (float weights), or
+// ±1 at a set bit by the sign bit (signed-constant weights; the caller scales).
+template <bool SIGNED>
+inline void masked_word(const float* w_row, const int32_t* sign_row, const int32_t* mask_row, int64_t n, int64_t q,
+                        float* mv) {
+  const uint32_t m = static_cast<uint32_t>(mask_row[q]);
+  if (32 * q + 32 <= n) {
+    if constexpr (SIGNED) {
+      const uint32_t s = static_cast<uint32_t>(sign_row[q]);
+      for (int i = 0; i < 32; ++i) {
+        const float sign = (s & kBit[i]) ? 1.0f : -1.0f, set = (m & kBit[i]) ? 1.0f : 0.0f;
+        mv[i] = set * sign;  // two selects of constants: vectorised
       }
-      y[b * R + r] = scale * acc + (bias ? bias[r] : 0.0f);
+    } else {
+      const float* wq = w_row + 32 * q;
+      for (int i = 0; i < 32; ++i) {
+        const float wi = wq[i];  // read whatever the bit: a select, not a branch
+        mv[i] = (m & kBit[i]) ? wi : 0.0f;
+      }
     }
+    return;
+  }
+  const uint32_t s = SIGNED ? static_cast<uint32_t>(sign_row[q]) : 0u;
+  for (int i = 0; i < 32; ++i)
+    mv[i] = 32 * q + i >= n || !(m & kBit[i]) ? 0.0f : SIGNED ? ((s & kBit[i]) ? 1.0f : -1.0f) : w_row[32 * q + i];
+}
+
+// Every row of x (B <= 16) in one pass over a weight row: each word's masked values are formed once
+// for all of them.
+template <bool SIGNED>
+void masked_gemm_small_scalar(const float* x, int64_t B, const float* w, const int32_t* sign_words,
+                              const int32_t* words, float scale, int64_t n, int64_t W, int64_t R, const float* bias,
+                              float* y, int64_t r0, int64_t r1) {
+  alignas(64) float acc[16][32];
+  alignas(64) float mv[32];
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t b = 0; b < B; ++b) std::fill(acc[b], acc[b] + 32, 0.0f);
+    for (int64_t q = 0; q < W; ++q) {
+      masked_word<SIGNED>(SIGNED ? nullptr : w + r * n, SIGNED ? sign_words + r * W : nullptr, words + r * W, n, q, mv);
+      const int64_t len = std::min<int64_t>(32, n - 32 * q);
+      for (int64_t b = 0; b < B; ++b) {
+        const float* xq = x + b * n + 32 * q;
+        float* a = acc[b];
+        if (len == 32) {
+          for (int i = 0; i < 32; ++i) a[i] += xq[i] * mv[i];
+        } else {
+          for (int64_t i = 0; i < len; ++i) a[i] += xq[i] * mv[i];
+        }
+      }
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const float dot = sum32(acc[b]);
+      y[b * R + r] = (SIGNED ? scale * dot : dot) + (bias ? bias[r] : 0.0f);
+    }
+  }
 }
 
 #if SUPSUP_X86
@@ -354,7 +395,7 @@ void masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t B, cons
   }
   if (isa == Isa::Avx2 && B <= 16) return gemm_small_avx2<false>(xt, B, w, nullptr, words, 1.0f, n, W, R, bias, y, r0, r1);
 #endif
-  masked_gemm_small_scalar(x, B, w, words, n, W, R, bias, y, r0, r1);
+  masked_gemm_small_scalar<false>(x, B, w, nullptr, words, 1.0f, n, W, R, bias, y, r0, r1);
 }
 
 void signed_masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t B, const int32_t* sign_words,
@@ -367,7 +408,7 @@ void signed_masked_gemm_small(Isa isa, const float* x, const float* xt, int64_t 
   if (isa == Isa::Avx2 && B <= 16)
     return gemm_small_avx2<true>(xt, B, nullptr, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
 #endif
-  signed_gemm_small_scalar(x, B, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
+  masked_gemm_small_scalar<true>(x, B, nullptr, sign_words, mask_words, scale, n, W, R, bias, y, r0, r1);
 }
 
 }  // namespace supsup_cpu

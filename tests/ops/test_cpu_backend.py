@@ -516,7 +516,7 @@ from supsup_fast.ops.registry import backend_for
 print(cpu_isa())
 be = backend_for(torch.device("cpu"))
 assert be.name == "cpu" and torch.ops.supsup_cpu.vendor() == "other" and not torch.ops.supsup_cpu.wide_gemm_tiles()
-assert be.direct_masked_linear is None and be.direct_signed_masked_linear is None  # layers take ATen's path
+assert be.direct_masked_linear is None and be.direct_signed_masked_linear is None  # layers: W ⊙ M, then BLAS
 for rows in (1, 16, 130):
     m, s = torch.rand(70, 77) > 0.5, torch.rand(70, 77) > 0.5
     w, x, b = torch.randn(70, 77), torch.randn(rows, 77), torch.randn(70)
@@ -531,8 +531,8 @@ def test_portable_build_compiles_and_agrees():
     """The extension as an ARM CPU builds it: SUPSUP_CPU_PORTABLE=1 compiles csrc/cpu with
     -DSUPSUP_PORTABLE, so no x86 intrinsic, target attribute or CPU builtin is compiled (SUPSUP_X86 is
     0). It reports the scalar ISA, every kernel agrees with the reference (the every-ISA script), and
-    layers run ATen's vectorised path. (That the sources also compile for aarch64 was checked with a
-    cross compiler, which CI does not have.)"""
+    layers form W ⊙ M and run BLAS at every batch (no direct small-batch call). (That the sources also
+    compile for aarch64 was checked with a cross compiler, which CI does not have.)"""
     run_on_isa(EVERY_ISA_SCRIPT, "scalar", {"SUPSUP_CPU_PORTABLE": "1"})
     run_on_isa(PORTABLE_LAYERS_SCRIPT, "scalar", {"SUPSUP_CPU_PORTABLE": "1"})
 

@@ -1,7 +1,8 @@
 """superpose in task blocks (csrc/cpu/bank.cpp) and by table lookups over bit transposes
-(csrc/cpu/superpose_lut.cpp, from 24 tasks on AVX2 and on AVX-512 with GFNI) against the reference
-backend on every ISA level of this CPU: k across several blocks and the table kernel's threshold, odd
-sizes, rows long enough to span several of its stream blocks, active subsets, exact integer counts."""
+(csrc/cpu/superpose_lut.cpp, from 24 tasks on AVX2 and on AVX-512 with GFNI; the scalar ISA's
+portable byte tables over 32-task transposes from 8 tasks, bank.cpp) against the reference backend on
+every ISA level of this CPU: k across several blocks and the table kernels' thresholds, odd sizes, rows
+long enough to span several of its stream blocks, active subsets, exact integer counts."""
 import textwrap
 
 import pytest
@@ -12,7 +13,7 @@ pytestmark = needs_compiler
 
 SCRIPT = SCRIPT_HEAD + textwrap.dedent("""
     for n, R in ((1, 5), (33, 5), (784, 5), (1000, 5), (4099, 7), (1000, 400), (63, 700)):
-        for k in ((1, 23, 24, 63, 64, 65, 200) if R == 5 else (17, 40)):
+        for k in ((1, 7, 8, 23, 24, 63, 64, 65, 200) if R == 5 else (17, 40)):
             bank = ss.pack_bits(torch.rand(k, R, n) > 0.5)
             ones = torch.ones(k)
             assert torch.equal(C.superpose(bank, ones, n), ref.superpose(bank, ones, n)), (n, k)

@@ -116,17 +116,18 @@ class CpuBackend(ReferenceBackend):
         self.ops = torch.ops.supsup_cpu
         self.isa = cpu_isa()  # fixed when the extension loads (SUPSUP_CPU_ISA is read once)
         self.vendor = str(self.ops.vendor())
-        self.gemm_batch = GEMM_BATCH.get((self.vendor, self.isa), GEMM_BATCH_OTHER)
-        # On the scalar ISA (ARM and other non-x86 CPUs, or x86 without AVX2) a layer's forward is
-        # ATen's: W ⊙ M unpacked by vectorised torch ops and BLAS beat the portable C++ loops (Xeon VM,
-        # SUPSUP_CPU_ISA=scalar, 1024 x 1024: 2.1 against 3.2 ms at 1 row, 2.6 against 4.5 at 128;
-        # the scalar packed GEMM took 50 ms there). superpose and mask_dot stay C++ (2x the reference).
-        self.layers_in_cpp = self.isa != "scalar"
+        # On the scalar ISA (ARM and other non-x86 CPUs, x86 without AVX2) a layer's forward forms W ⊙ M
+        # (a select that compilers vectorise) and runs BLAS at every batch: the portable small-batch
+        # kernel wins at one row only on large layers (Xeon VM, SUPSUP_CPU_ISA=scalar: 0.17 against
+        # 0.23 ms at 1024 x 1024 but 0.05 against 0.03 at 300 x 784, 3-4x behind from 8 rows), and
+        # there is no portable packed GEMM.
+        self.small_batch = 0 if self.isa == "scalar" else SMALL_BATCH
+        self.gemm_batch = 0 if self.isa == "scalar" else GEMM_BATCH.get((self.vendor, self.isa), GEMM_BATCH_OTHER)
         # Plain Python functions that run the small-batch ops where a call may skip the public op's
         # checks and the dispatcher, else return None (csrc/cpu/python_module.cpp).
         module = cpu_module()
-        self.direct_masked_linear = module.direct_masked_linear if self.layers_in_cpp else None
-        self.direct_signed_masked_linear = module.direct_signed_masked_linear if self.layers_in_cpp else None
+        self.direct_masked_linear = module.direct_masked_linear if self.small_batch else None
+        self.direct_signed_masked_linear = module.direct_signed_masked_linear if self.small_batch else None
         # Per-thread scratch for the materialised W ⊙ M of a large-batch forward: a fresh multi-MB
         # buffer per call costs page faults comparable to the unpacking itself.
         self._local = threading.local()
@@ -294,8 +295,8 @@ class CpuBackend(ReferenceBackend):
     def masked_forward(self, dense, x, weight, mask_words, bias):
         bias = None if bias is None else bias.contiguous()
         rows = x.numel() // max(x.shape[-1], 1)
-        if weight.dtype == torch.float32 and x.dtype == torch.float32 and self.layers_in_cpp:
-            if isinstance(dense, DenseLinear) and 0 < rows <= SMALL_BATCH:
+        if weight.dtype == torch.float32 and x.dtype == torch.float32:
+            if isinstance(dense, DenseLinear) and 0 < rows <= self.small_batch:
                 return self.ops.masked_linear_small(x.contiguous(), weight, mask_words, bias)
             if isinstance(dense, DenseLinear) and rows <= self.gemm_batch and weight.shape[0] >= GEMM_MIN_OUT:
                 return self.ops.masked_linear_gemm(x.contiguous(), weight, mask_words, bias)
@@ -344,9 +345,9 @@ class CpuBackend(ReferenceBackend):
     def signed_masked_linear(self, x, sign_words, mask_words, scale: float, bias):
         bias = None if bias is None else bias.contiguous()
         rows = x.numel() // max(x.shape[-1], 1)
-        if x.dtype != torch.float32 or not self.layers_in_cpp:
+        if x.dtype != torch.float32:
             return super().signed_masked_linear(x, sign_words, mask_words, scale, bias)
-        if 0 < rows <= SMALL_BATCH:
+        if 0 < rows <= self.small_batch:
             return self.ops.signed_masked_linear_small(x.contiguous(), sign_words, mask_words, scale, bias)
         # Larger batches: the packed GEMM builds each block of W ⊙ M from the sign and mask bits (2 bits
         # read per weight); above GEMM_BATCH, W ⊙ M is built once and BLAS runs.
