@@ -18,8 +18,7 @@ namespace {
 // do: x · (W ⊙ M) in IEEE arithmetic, where an infinite input times a clear bit is NaN. Each keeps 32
 // partial sums a row of x, one per bit position of a word, added pairwise at the end: no chain through
 // one accumulator, so compilers vectorise the word loop (SSE on x86, NEON on ARM), the bit tests
-// included (portable.h kBit).
-
+// included (portable.h kBit). sum32 adds the 32 partial sums pairwise.
 inline float sum32(float* acc) {
   for (int h = 16; h > 0; h >>= 1)
     for (int i = 0; i < h; ++i) acc[i] += acc[i + h];

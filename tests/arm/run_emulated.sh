@@ -57,8 +57,7 @@ cp -r "$REPO/csrc" pkg/supsup_fast/csrc
 T=$WORK/site/torch
 FLAGS=$(python3 -c "import runpy, sys; print(' '.join(runpy.run_path(sys.argv[1])['CPU_CFLAGS']))" "$REPO/csrc/build.py")
 FLAGS="$FLAGS -fPIC -D_GLIBCXX_USE_CXX11_ABI=1 -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
-  -I$T/include -I$T/include/torch/csrc/api/include -I$WORK/root/usr/include/python3.11
-  -I$WORK/root/usr/include/aarch64-linux-gnu/python3.11"
+  -I$T/include -I$T/include/torch/csrc/api/include -I$WORK/root/usr/include/python3.11 -I$WORK/root/usr/include"
 echo "cross-compiling csrc/cpu for aarch64"
 ls "$REPO"/csrc/cpu/*.cpp | xargs -P 2 -I{} sh -c "aarch64-linux-gnu-g++ $(echo $FLAGS) -c {} -o obj/\$(basename {} .cpp).o"
 aarch64-linux-gnu-g++ -shared -fopenmp obj/*.o -L"$T/lib" -ltorch -ltorch_cpu -lc10 -ltorch_python \

@@ -118,9 +118,9 @@ class CpuBackend(ReferenceBackend):
         self.vendor = str(self.ops.vendor())
         # On the scalar ISA (ARM and other non-x86 CPUs, x86 without AVX2) a layer's forward forms W ⊙ M
         # (a select that compilers vectorise) and runs BLAS at every batch: the portable small-batch
-        # kernel wins at one row only on large layers (Xeon VM, SUPSUP_CPU_ISA=scalar: 0.17 against
-        # 0.23 ms at 1024 x 1024 but 0.05 against 0.03 at 300 x 784, 3-4x behind from 8 rows), and
-        # there is no portable packed GEMM.
+        # kernel was slower from one row on (Xeon VM, SUPSUP_CPU_ISA=scalar, torch capped to SSE4.2 as
+        # a stand-in for NEON's width: 1024 x 1024 0.35 against 0.32 ms at 1 row, 1.93 against 1.29 at
+        # 16; 300 x 784 0.10 against 0.06 at 1 row), and there is no portable packed GEMM.
         self.small_batch = 0 if self.isa == "scalar" else SMALL_BATCH
         self.gemm_batch = 0 if self.isa == "scalar" else GEMM_BATCH.get((self.vendor, self.isa), GEMM_BATCH_OTHER)
         # Plain Python functions that run the small-batch ops where a call may skip the public op's
