@@ -307,8 +307,9 @@ def _masked_linear(quick: bool) -> list:
 
 
 def print_table(rep: dict) -> None:
+    from supsup_fast.bench import cpu_label
     isa = rep["isa"]
-    print(f"== {isa} ({rep['machine'].get('cpu_model', '?')}, {rep['machine']['threads']} threads, "
+    print(f"== {isa} ({cpu_label(rep['machine'])}, {rep['machine']['threads']} threads, "
           f"read {rep['read_bandwidth_GBps']:.1f} GB/s; {rep['note']})")
     for part, stamp in rep.get("measured", {}).items():
         when = f"measured {stamp['date']} at {stamp['commit']}" if "date" in stamp else "kept from the earlier full run"
@@ -352,6 +353,8 @@ def print_table(rep: dict) -> None:
 
 def plot(rep: dict, path: Path) -> None:
     import matplotlib
+
+    from supsup_fast.bench import cpu_label
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = rep["superposed_fc1024_s500_general_alpha"]
@@ -391,7 +394,7 @@ def plot(rep: dict, path: Path) -> None:
     ax.set_title(f"task inference, LeNet s=500 ({rep['isa']})")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"{rep['machine'].get('cpu_model', '')}, {rep['machine']['threads']} threads, kernels capped to {rep['isa']}", fontsize=9)
+    fig.suptitle(f"{cpu_label(rep['machine'])}, {rep['machine']['threads']} threads, kernels capped to {rep['isa']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

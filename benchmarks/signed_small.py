@@ -78,6 +78,8 @@ def child(isa: str, out: Path, note: str) -> dict:
 
 def plot(rep: dict, path: Path) -> None:
     import matplotlib
+
+    from supsup_fast.bench import cpu_label
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(SHAPES), figsize=(4.2 * len(SHAPES), 3.6))
@@ -93,7 +95,7 @@ def plot(rep: dict, path: Path) -> None:
         ax.set_xlabel("rows of x")
     axes[0].set_ylabel("µs per call")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"signed-constant layer, CPU {rep['isa']} ({rep['machine'].get('cpu_model', '')}, {rep['threads']} threads)", fontsize=9)
+    fig.suptitle(f"signed-constant layer, CPU {rep['isa']} ({cpu_label(rep['machine'])}, {rep['threads']} threads)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -2,6 +2,10 @@
 #include "kernels.h"
 #include "simd.h"
 
+#if SUPSUP_X86
+#include <cpuid.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -38,10 +42,22 @@ const char* cpu_vendor() {
   return "other";
 }
 
+int cpu_family() {
+#if SUPSUP_X86
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 0;
+  const int base = static_cast<int>((eax >> 8) & 0xF);
+  return base == 0xF ? base + static_cast<int>((eax >> 20) & 0xFF) : base;
+#else
+  return 0;
+#endif
+}
+
 bool stream_prefetch() {
   static const bool on = [] {
     if (const char* env = std::getenv("SUPSUP_CPU_PREFETCH")) return std::strcmp(env, "0") != 0;
-    return std::strcmp(cpu_vendor(), "intel") == 0;
+    if (std::strcmp(cpu_vendor(), "intel") == 0) return true;
+    return std::strcmp(cpu_vendor(), "amd") == 0 && cpu_family() >= 0x1A;  // Zen 5 and later
   }();
   return on;
 }

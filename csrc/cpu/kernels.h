@@ -24,11 +24,16 @@ const char* isa_name(Isa isa);
 // "intel", "amd" or "other": some block sizes and limits were measured per vendor.
 const char* cpu_vendor();
 
+// The x86 family number (cpuid leaf 1 with its extended family; 0 elsewhere): AMD's names the core
+// generation (0x19 Zen 3 / Zen 4, 0x1A Zen 5).
+int cpu_family();
+
 // Whether the task-interleaved table loops (lut_interleaved.cpp) prefetch their bits a few KiB ahead:
 // on by default on Intel CPUs, where superpose and mask_dot over the copies measured 1.3-2x faster
-// with it (the hardware prefetchers alone left the loop waiting on DRAM), off elsewhere (not measured
-// on the AMD Zen 4 VM, whose figures are from the loop without it); SUPSUP_CPU_PREFETCH=1 or 0 forces
-// it. Read once.
+// with it (the hardware prefetchers alone left the loop waiting on DRAM), and on AMD Zen 5 (family
+// 0x1A), where the same ops over the copies at k = 2,500 ran 1.2-1.45x faster with AVX-512 and
+// 1.0-1.04x with AVX2; off elsewhere (not measured on the AMD Zen 4 VM, whose figures are from the
+// loop without it); SUPSUP_CPU_PREFETCH=1 or 0 forces it. Read once.
 bool stream_prefetch();
 
 // Whether the AVX2 table loops over the task-interleaved copies (lut_interleaved.cpp stream256) form

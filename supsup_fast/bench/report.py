@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..machine import cpu_label, read_cpu_identity
 from ..ops.backends.cpu import cpu_isa
 from ..ops.registry import backend_for, use_backend
 from .suites import bench_alpha_gradient, bench_gnu_evaluation, bench_memory, bench_single_task_forward, bench_training_step
@@ -17,11 +18,7 @@ def machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "backend": backend_for(torch.device("cpu")).name}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    info.update(read_cpu_identity())
     if info["backend"] == "cpu":
         info["isa"] = cpu_isa()
         info["cpu_vendor"] = str(torch.ops.supsup_cpu.vendor())
@@ -58,7 +55,7 @@ def _run_report(out: Path, quick: bool) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print(f"machine: {report['machine']}")
+    print(f"machine: {cpu_label(report['machine'])}; {report['machine']}")
     print("alpha-gradient, FC1024 s=500, 1 image")
     for r in report["alpha_gradient_fc1024_s500"]:
         fs = f"float-stack {r['float_stack_s']*1e3:9.1f} ms  speed-up {r['speedup_vs_float_stack']:7.1f}x" if "float_stack_s" in r else "float-stack   (not run)"
@@ -109,7 +106,7 @@ def plot_report(report: dict, path: Path) -> None:
     ax.set_ylabel("speed vs dense (higher is better)")
     ax.set_title("single-task packed forward 1024×1024")
     ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"supsup_fast on {report['machine']['processor']}, {report['machine']['threads']} threads, "
+    fig.suptitle(f"supsup_fast on {cpu_label(report['machine'])}, {report['machine']['threads']} threads, "
                  f"torch {report['machine']['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

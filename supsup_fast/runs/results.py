@@ -11,13 +11,15 @@ from typing import Union
 
 import torch
 
+from ..machine import read_cpu_identity
 from .maskfile import atomic_write_bytes
 from .rundir import RunDirError
 
 
 def machine_info(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            **read_cpu_identity()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

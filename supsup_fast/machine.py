@@ -1,0 +1,50 @@
+"""Which CPU this is, from ``/proc/cpuinfo``: benchmark and run records name it, and a VM's model
+name ("AMD EPYC") often hides the core generation that the kernels' speed depends on."""
+from __future__ import annotations
+
+# Zen 4 issues a 512-bit op as two 256-bit halves, Zen 5 does not: the same ISA, different speeds.
+_AMD_FAMILIES = {0x17: "Zen / Zen 2", 0x19: "Zen 3 / Zen 4", 0x1A: "Zen 5"}
+
+
+def cpu_identity(cpuinfo: str) -> dict:
+    """The first CPU of a ``/proc/cpuinfo`` text: its model name, vendor, family, model and, for AMD, the
+    core generation (``microarchitecture``). Keys whose line is missing (e.g. on ARM) are left out."""
+    fields: dict = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block only
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    info: dict = {}
+    if "model name" in fields:
+        info["cpu_model"] = fields["model name"]
+    if "vendor_id" in fields:
+        info["cpu_vendor_id"] = fields["vendor_id"]
+    try:
+        family, model = int(fields["cpu family"]), int(fields["model"])
+    except (KeyError, ValueError):
+        return info
+    info["cpu_family"], info["cpu_model_number"] = family, model
+    if fields.get("vendor_id") == "AuthenticAMD" and family in _AMD_FAMILIES:
+        arch = _AMD_FAMILIES[family]
+        if family == 0x19:  # Zen 4 is the family-19h core with AVX-512
+            arch = "Zen 4" if "avx512f" in fields.get("flags", "").split() else "Zen 3"
+        info["microarchitecture"] = arch
+    return info
+
+
+def cpu_label(info: dict) -> str:
+    """A machine dict's CPU in words for titles: its model name, with the AMD core generation where known."""
+    name = info.get("cpu_model") or info.get("processor") or "unknown CPU"
+    return f"{name} ({info['microarchitecture']})" if "microarchitecture" in info else name
+
+
+def read_cpu_identity(path: str = "/proc/cpuinfo") -> dict:
+    """``cpu_identity`` of this machine; empty where the file cannot be read (not Linux)."""
+    try:
+        with open(path) as fh:
+            return cpu_identity(fh.read())
+    except OSError:
+        return {}

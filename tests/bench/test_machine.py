@@ -1,0 +1,56 @@
+"""The machine a benchmark names: the CPU's identity parsed from /proc/cpuinfo text."""
+from supsup_fast.machine import cpu_identity, cpu_label, read_cpu_identity
+
+ZEN5_VM = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx2 avx512f avx512bw
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 207
+model name\t: not the first processor
+"""
+
+
+def _cpuinfo(vendor: str, family: int, model: int, name: str, flags: str) -> str:
+    return (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+            f"model name\t: {name}\nflags\t\t: {flags}\n")
+
+
+def test_zen5_is_named_from_its_family_and_only_the_first_processor_counts():
+    info = cpu_identity(ZEN5_VM)
+    assert info == {"cpu_model": "AMD EPYC", "cpu_vendor_id": "AuthenticAMD", "cpu_family": 26,
+                    "cpu_model_number": 2, "microarchitecture": "Zen 5"}
+    assert cpu_label(info) == "AMD EPYC (Zen 5)"
+
+
+def test_family_19h_is_zen4_with_avx512_and_zen3_without():
+    zen4 = cpu_identity(_cpuinfo("AuthenticAMD", 25, 17, "AMD EPYC 9454", "fpu avx2 avx512f avx512vl"))
+    zen3 = cpu_identity(_cpuinfo("AuthenticAMD", 25, 1, "AMD EPYC 7763", "fpu avx2 fma"))
+    assert zen4["microarchitecture"] == "Zen 4"
+    assert zen3["microarchitecture"] == "Zen 3"
+
+
+def test_intel_and_unknown_amd_families_get_no_generation():
+    xeon = cpu_identity(_cpuinfo("GenuineIntel", 6, 207, "Intel(R) Xeon(R) Platinum 8581C", "avx512f"))
+    assert xeon["cpu_family"] == 6 and xeon["cpu_model_number"] == 207
+    assert "microarchitecture" not in xeon
+    assert cpu_label(xeon) == "Intel(R) Xeon(R) Platinum 8581C"
+    assert "microarchitecture" not in cpu_identity(_cpuinfo("AuthenticAMD", 21, 2, "AMD Opteron", "avx"))
+
+
+def test_arm_cpuinfo_without_family_lines_keeps_what_it_has():
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n"
+    assert cpu_identity(arm) == {}
+    assert cpu_label({"processor": "aarch64"}) == "aarch64"
+    assert cpu_label({}) == "unknown CPU"
+
+
+def test_an_unreadable_cpuinfo_gives_nothing_rather_than_an_error(tmp_path):
+    assert read_cpu_identity(str(tmp_path / "missing")) == {}
+    (tmp_path / "cpuinfo").write_text(ZEN5_VM)
+    assert read_cpu_identity(str(tmp_path / "cpuinfo"))["microarchitecture"] == "Zen 5"
