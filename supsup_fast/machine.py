@@ -3,7 +3,8 @@ name ("AMD EPYC") often hides the core generation that the kernels' speed depend
 from __future__ import annotations
 
 # Zen 4 issues a 512-bit op as two 256-bit halves, Zen 5 does not: the same ISA, different speeds.
-_AMD_FAMILIES = {0x17: "Zen / Zen 2", 0x19: "Zen 3 / Zen 4", 0x1A: "Zen 5"}
+# Family 19h holds both Zen 3 and Zen 4 (told apart by AVX-512 below).
+_AMD_FAMILIES = {0x17: "Zen / Zen 2", 0x1A: "Zen 5"}
 
 
 def cpu_identity(cpuinfo: str) -> dict:
@@ -27,11 +28,11 @@ def cpu_identity(cpuinfo: str) -> dict:
     except (KeyError, ValueError):
         return info
     info["cpu_family"], info["cpu_model_number"] = family, model
-    if fields.get("vendor_id") == "AuthenticAMD" and family in _AMD_FAMILIES:
-        arch = _AMD_FAMILIES[family]
-        if family == 0x19:  # Zen 4 is the family-19h core with AVX-512
-            arch = "Zen 4" if "avx512f" in fields.get("flags", "").split() else "Zen 3"
-        info["microarchitecture"] = arch
+    if fields.get("vendor_id") == "AuthenticAMD":
+        if family == 0x19:
+            info["microarchitecture"] = "Zen 4" if "avx512f" in fields.get("flags", "").split() else "Zen 3"
+        elif family in _AMD_FAMILIES:
+            info["microarchitecture"] = _AMD_FAMILIES[family]
     return info
 
 
