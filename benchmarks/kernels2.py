@@ -307,7 +307,7 @@ def _masked_linear(quick: bool) -> list:
 
 
 def print_table(rep: dict) -> None:
-    from supsup_fast.bench import cpu_label
+    from supsup_fast.machine import cpu_label
     isa = rep["isa"]
     print(f"== {isa} ({cpu_label(rep['machine'])}, {rep['machine']['threads']} threads, "
           f"read {rep['read_bandwidth_GBps']:.1f} GB/s; {rep['note']})")
@@ -354,7 +354,7 @@ def print_table(rep: dict) -> None:
 def plot(rep: dict, path: Path) -> None:
     import matplotlib
 
-    from supsup_fast.bench import cpu_label
+    from supsup_fast.machine import cpu_label
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = rep["superposed_fc1024_s500_general_alpha"]

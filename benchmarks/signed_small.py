@@ -79,7 +79,7 @@ def child(isa: str, out: Path, note: str) -> dict:
 def plot(rep: dict, path: Path) -> None:
     import matplotlib
 
-    from supsup_fast.bench import cpu_label
+    from supsup_fast.machine import cpu_label
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(SHAPES), figsize=(4.2 * len(SHAPES), 3.6))

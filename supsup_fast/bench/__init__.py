@@ -7,12 +7,11 @@ now). Times are medians of several runs after a warm-up. ``benchmarks/`` scripts
 """
 from .baselines import FloatStackMLP, ops_alpha_gradient, random_model_with_masks
 from .graphs import GraphedCall
-from ..machine import cpu_identity, cpu_label
 from .report import machine, plot_report, print_table, run_report
 from .suites import (bench_alpha_gradient, bench_gnu_evaluation, bench_memory, bench_single_task_forward,
                      bench_training_step)
 from .timing import interleaved_medians, median_time, read_bandwidth
 
-__all__ = ["FloatStackMLP", "ops_alpha_gradient", "random_model_with_masks", "GraphedCall", "cpu_identity", "cpu_label", "machine", "plot_report", "print_table",
+__all__ = ["FloatStackMLP", "ops_alpha_gradient", "random_model_with_masks", "GraphedCall", "machine", "plot_report", "print_table",
            "run_report", "bench_alpha_gradient", "bench_gnu_evaluation", "bench_memory", "bench_single_task_forward",
            "bench_training_step", "interleaved_medians", "median_time", "read_bandwidth"]
