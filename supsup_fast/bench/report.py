@@ -54,6 +54,14 @@ def _run_report(out: Path, quick: bool) -> dict:
     return report
 
 
+def report_title(info: dict) -> str:
+    """The machine line of a report's plot: CPU, threads, backend, the ISA its kernels ran (cpu
+    backend) and torch with the ISA of its own kernels."""
+    kernels = f" ({info['isa']} kernels)" if info.get("isa") else ""
+    return (f"supsup_fast on {cpu_label(info)}, {info['threads']} threads, {info['backend']} backend{kernels}, "
+            f"torch {info['torch']} ({info['cpu_capability']})")
+
+
 def print_table(report: dict) -> None:
     print(f"machine: {cpu_label(report['machine'])}; {report['machine']}")
     print("alpha-gradient, FC1024 s=500, 1 image")
@@ -106,8 +114,7 @@ def plot_report(report: dict, path: Path) -> None:
     ax.set_ylabel("speed vs dense (higher is better)")
     ax.set_title("single-task packed forward 1024×1024")
     ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"supsup_fast on {cpu_label(report['machine'])}, {report['machine']['threads']} threads, "
-                 f"torch {report['machine']['torch']}", fontsize=9)
+    fig.suptitle(report_title(report["machine"]), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
