@@ -315,7 +315,7 @@ class Experiment:
             "distributed": {"world_size": self.ctx.world_size, "backend": self.ctx.backend, "parallel": self.parallel,
                             "shard_bank": bool(cfg.shard_bank and self.ctx.enabled),
                             "bank_bytes_per_rank": self.bank_bytes_per_rank or [mask_bytes(self.model)] * self.ctx.world_size},
-            "machine": machine_info(self.device),
+            "machine": machine_info(self.device, backend_name),
             "data": self.tasks.source,
             "config": cfg.to_dict(),
         }

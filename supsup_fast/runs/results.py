@@ -7,7 +7,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -16,10 +16,16 @@ from .maskfile import atomic_write_bytes
 from .rundir import RunDirError
 
 
-def machine_info(device: torch.device) -> dict:
+def machine_info(device: torch.device, backend: Optional[str] = None) -> dict:
+    """The machine a run's results came from. Their last bits depend on the instruction set the
+    kernels ran (summation order), so with ``backend`` "cpu" (this package's C++ kernels) it names
+    theirs (``SUPSUP_CPU_ISA`` caps it), and torch's own in every case."""
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            **read_cpu_identity()}
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), **read_cpu_identity()}
+    if backend == "cpu":  # the run loaded the extension already
+        from ..ops.backends.cpu import cpu_isa
+        info["cpu_isa"] = cpu_isa()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

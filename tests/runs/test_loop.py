@@ -43,6 +43,13 @@ def test_run_writes_all_outputs(tmp_path):
     assert [row["tasks_learned"] for row in saved["accuracy_matrix"]] == [2, 3]
     assert saved["mask_bytes"] == 3 * (300 * 25 + 100 * 10 + 100 * 4) * 4
     assert saved["config"]["scenario"] == "GNu"
+    # the machine, and the instruction set the C++ kernels ran where they ran (the results' last bits)
+    assert saved["machine"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if saved["backend"] == "cpu":
+        from supsup_fast.ops.backends.cpu import cpu_isa
+        assert saved["machine"]["cpu_isa"] == cpu_isa()
+    else:
+        assert "cpu_isa" not in saved["machine"]
     assert (out / "per_task.csv").read_text().count("\n") == 4
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "model.safetensors").exists()
