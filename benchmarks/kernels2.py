@@ -7,7 +7,9 @@ For each ISA a child process runs with SUPSUP_CPU_ISA=<isa> (the C++ kernels cap
 instruction set) and torch capped to it as well (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA,
 ATEN_CPU_CAPABILITY: an AVX2-only machine's BLAS runs AVX2 too), and writes ``kernels2-cpu-<isa>.json`` and a
 ``.png`` plot against k. Every figure stands beside its floor, all measured in the same process:
-- one read of the packed bits = packed bytes ÷ the streaming read bandwidth measured here;
+- one read of the packed bits = a float sum over as many bytes, timed in the same interleaved rounds
+  as the general-α ops it is the floor of (since session 45; before, packed bytes ÷ the streaming
+  read bandwidth measured at the start of the run, still stored as ``*_at_start_s``);
 - the fp32 add floor = k·n masked adds at one vector add (8 lanes AVX2, 16 AVX-512) per cycle per
   thread at the nominal clock (an estimate of the ALU bound of the plain masked-add kernel);
 - the training step beside the plain-torch official-style loop and three plain GEMMs per layer, and whole
@@ -180,11 +182,17 @@ def _alpha_gradient(isa: str, quick: bool, bw: float, add_floor) -> list:
         # superpose, bank_w=). The ops read them where given.
         copies = [l.bank.interleaved() for l in layers]
         wcopies = [ss.ops.interleave_weights(l.bank.words, l.n) for l in layers]
+        # One read of the bits: a float sum over as many bytes, timed in the same interleaved rounds as
+        # the ops it is the floor of, so that the host's drift hits both alike.
+        floor_buf = torch.ones(packed // 4)
+
+        def one_read():
+            return floor_buf.sum()
 
         def ours(use_copies: bool = False):
             return ops_alpha_gradient(layers, x, alpha0, copies if use_copies else None, wcopies if use_copies else None)
 
-        fns = {"ours": ours, "ours_copy": lambda: ours(True)}
+        fns = {"ours": ours, "ours_copy": lambda: ours(True), "one_read": one_read}
         fs = None
         if k <= 250:
             fs = FloatStackMLP(model)
@@ -201,13 +209,14 @@ def _alpha_gradient(isa: str, quick: bool, bw: float, add_floor) -> list:
             ref = float_stack()
             err = float((ours() - ref).abs().max() / ref.abs().max())
             err_copy = float((ours(True) - ref).abs().max() / ref.abs().max())
-        t = interleaved_medians(fns, repeats=3 if k >= 1000 else 5)
+        t = interleaved_medians(fns, repeats=5)
         # The interleaved samples above find the bits evicted by the float stack's gigabytes; here the
         # α-gradient runs back to back, as repeated queries run it (on a last-level cache larger
         # than the bits, they stay there).
         loop = interleaved_medians({"ours_copy": fns["ours_copy"]}, repeats=5, calls_per_sample=5)["ours_copy"]
         row = {"k": k, "packed_bytes": packed, "ours_s": t["ours"], "ours_copy_s": t["ours_copy"],
-               "ours_copy_loop_s": loop, "two_reads_s": 2 * packed / bw, "add_floor_s": 2 * add_floor(bits)}
+               "ours_copy_loop_s": loop, "two_reads_s": 2 * t["one_read"], "two_reads_at_start_s": 2 * packed / bw,
+               "add_floor_s": 2 * add_floor(bits)}
         row["ours_vs_two_reads"] = row["ours_s"] / row["two_reads_s"]
         row["ours_copy_vs_two_reads"] = row["ours_copy_s"] / row["two_reads_s"]
         if fs is not None:
@@ -220,18 +229,18 @@ def _alpha_gradient(isa: str, quick: bool, bw: float, add_floor) -> list:
         sup_copy = lambda: [ss.ops.superpose(l.bank.words, alpha0, l.n, c) for l, c in zip(layers, wcopies)]
         dot = lambda: [ss.ops.mask_dot(l.bank.words, vi) for l, vi in zip(layers, v)]
         dot_copy = lambda: [ss.ops.mask_dot(l.bank.words, vi, c) for l, vi, c in zip(layers, v, copies)]
-        t2 = interleaved_medians({"superpose": sup, "superpose_copy": sup_copy, "mask_dot": dot, "mask_dot_copy": dot_copy},
-                                 repeats=3 if k >= 1000 else 5)
+        t2 = interleaved_medians({"superpose": sup, "superpose_copy": sup_copy, "mask_dot": dot, "mask_dot_copy": dot_copy,
+                                  "one_read": one_read}, repeats=5)
         row.update(superpose_s=t2["superpose"], superpose_copy_s=t2["superpose_copy"], mask_dot_s=t2["mask_dot"],
-                   mask_dot_copy_s=t2["mask_dot_copy"],
-                   one_read_s=packed / bw, add_floor_one_pass_s=add_floor(bits))
+                   mask_dot_copy_s=t2["mask_dot_copy"], one_read_s=t2["one_read"], one_read_at_start_s=packed / bw,
+                   add_floor_one_pass_s=add_floor(bits))
         row["superpose_vs_one_read"] = row["superpose_s"] / row["one_read_s"]
         row["mask_dot_vs_one_read"] = row["mask_dot_s"] / row["one_read_s"]
         row["mask_dot_copy_vs_one_read"] = row["mask_dot_copy_s"] / row["one_read_s"]
         row["superpose_copy_vs_one_read"] = row["superpose_copy_s"] / row["one_read_s"]
         rows.append(row)
         print(isa, "alpha-grad", {a: (round(b, 5) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
-        del model, layers, fs, fns, copies, wcopies
+        del model, layers, fs, fns, copies, wcopies, floor_buf
     return rows
 
 
@@ -329,8 +338,9 @@ def print_table(rep: dict) -> None:
     for r in rep["superposed_fc1024_s500_general_alpha"]:
         fs = f"{r['speedup_vs_float_stack']:7.1f}x float-stack" if "float_stack_s" in r else "      (no float-stack)"
         print(f"  k={r['k']:5d} α-grad {r['ours_s']*1e3:8.2f} ms {fs}  {r['ours_vs_two_reads']:5.2f}x two reads ({r['two_reads_s']*1e3:.2f} ms)"
-              f" | superpose {r['superpose_vs_one_read']:5.2f}x  mask_dot {r['mask_dot_vs_one_read']:5.2f}x one read ({r['one_read_s']*1e3:.2f} ms)"
-              f", add floor {r['add_floor_one_pass_s']*1e3:.2f} ms")
+              f" | superpose {r['superpose_vs_one_read']:5.2f}x  mask_dot {r['mask_dot_vs_one_read']:5.2f}x one read ({r['one_read_s']*1e3:.2f} ms"
+              + (f"; at the start-of-run bandwidth {r['one_read_at_start_s']*1e3:.2f}" if "one_read_at_start_s" in r else "")
+              + f"), add floor {r['add_floor_one_pass_s']*1e3:.2f} ms")
         if "ours_copy_s" in r:  # the same ops given the layers' copies (bank_t=, and bank_w= where superpose_copy_s is)
             fs = f"{r['speedup_copy_vs_float_stack']:7.1f}x float-stack" if "float_stack_s" in r else "      (no float-stack)"
             sup = f"superpose {r['superpose_copy_vs_one_read']:5.2f}x  " if "superpose_copy_s" in r else ""
