@@ -115,10 +115,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
     a = p.parse_args()
     from supsup_fast.bench import machine
+    from supsup_fast.machine import cpu_label
     from supsup_fast.ops.backends.cpu import cpu_isa
     rep = {"machine": machine(), "isa": cpu_isa(), **instruction_mixes()}
     rep["kernel"] = kernel_rates(rep["cycle_ns"])
-    print(f"{rep['machine'].get('cpu_model', '?')}: clock {rep['ghz']:.2f} GHz (dependent integer adds)")
+    print(f"{cpu_label(rep['machine'])}: clock {rep['ghz']:.2f} GHz (dependent integer adds)")
     print("cycles per loop step (8 tasks x 32 bits), instructions alone:")
     for name, c in rep["cycles_per_step"].items():
         print(f"  {c:6.2f}  {name}")

@@ -32,8 +32,9 @@ int cpu_family();
 // on by default on Intel CPUs, where superpose and mask_dot over the copies measured 1.3-2x faster
 // with it (the hardware prefetchers alone left the loop waiting on DRAM), and on AMD Zen 5 (family
 // 0x1A), where the same ops over the copies at k = 2,500 ran 1.2-1.45x faster with AVX-512 and
-// 1.03-1.16x in most pairs with AVX2 (the one-shot query 1.1-1.9x); off elsewhere (not measured on the AMD Zen 4 VM, whose figures are from the
-// loop without it); SUPSUP_CPU_PREFETCH=1 or 0 forces it. Read once.
+// 1.03-1.16x in most pairs with AVX2 (the one-shot query 1.1-1.9x); off elsewhere (not measured on
+// the AMD Zen 4 VM, whose figures are from the loop without it); SUPSUP_CPU_PREFETCH=1 or 0 forces
+// it. Read once.
 bool stream_prefetch();
 
 // Whether the AVX2 table loops over the task-interleaved copies (lut_interleaved.cpp stream256) form
