@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from supsup_fast.machine import cpu_label, host_record
 
 RUN = ["--scenario", "GNu", "--model", "lenet", "--output-size", "100", "--no-progress"]
 
@@ -115,8 +116,8 @@ def plot(report: dict, path: Path) -> None:
     axes[2].set_yscale("log")
     axes[2].set_xlabel("ranks (projection)")
     axes[2].set_ylabel("tasks per hour")
-    fig.suptitle(f"supsup_fast scale-out on {report['machine']['processor']} ({report['machine']['cpu_count']} cores, "
-                 f"{report['machine']['isa']})")
+    fig.suptitle(f"supsup_fast scale-out on {cpu_label(report['machine'])} ({report['machine']['cpu_count']} cores, "
+                 f"{report['machine']['cpu_isa']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -134,13 +135,8 @@ def main() -> None:
         report = measure(args.tasks, args.iters, args.repeats, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     report["projection"] = projection(report["train"], args.tasks)
-    report["machine"] = {"processor": cpu, "cpu_count": os.cpu_count(), "isa": cpu_isa(), "platform": platform.platform()}
+    report["machine"] = {**host_record(), "cpu_isa": cpu_isa()}
     report["settings"] = {"tasks": args.tasks, "iters": args.iters, "repeats": args.repeats, "model": "lenet",
                           "output_size": 100, "data": "embedded MNIST subset"}
     out = Path(args.out)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from scaling import _run, cpu_isa
+from supsup_fast.machine import host_record
 
 HERE = Path(__file__).resolve().parent
 COMPARED = ("per_task_accuracy", "per_task_inference_accuracy", "accuracy_after_training", "average_accuracy",
@@ -60,8 +60,7 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in times.items()}
     report = {
         "command": "python benchmarks/scaling_check.py --data-root ../shared/data/mnist",
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_isa": cpu_isa(), "cores": __import__("os").cpu_count()},
+        "machine": {**host_record(), "cpu_isa": cpu_isa()},
         "settings": {"tasks": a.tasks, "iters": a.iters, "repeats": a.repeats},
         "model_tensors_D_equal_S": equal_tensors,
         "results_D_equal_S": equal_results,

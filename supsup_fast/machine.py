@@ -2,6 +2,11 @@
 name ("AMD EPYC") often hides the core generation that the kernels' speed depends on."""
 from __future__ import annotations
 
+import os
+import platform
+
+import torch
+
 # Zen 4 issues a 512-bit op as two 256-bit halves, Zen 5 does not: the same ISA, different speeds.
 # Family 19h holds both Zen 3 and Zen 4 (told apart by AVX-512 below).
 _AMD_FAMILIES = {0x17: "Zen / Zen 2", 0x1A: "Zen 5"}
@@ -49,3 +54,12 @@ def read_cpu_identity(path: str = "/proc/cpuinfo") -> dict:
             return cpu_identity(fh.read())
     except OSError:
         return {}
+
+
+def host_record() -> dict:
+    """The machine part that every benchmark and run record shares: platform, CPU (``read_cpu_identity``),
+    core count, torch, its threads and the ISA of torch's own kernels (``torch_cpu_capability``).
+    Records add what is theirs: the backend, the ISA this package's C++ kernels ran (``cpu_isa``), a GPU."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), **read_cpu_identity()}

@@ -2,25 +2,22 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
 import torch
 
-from ..machine import cpu_label, read_cpu_identity
+from ..machine import cpu_label, host_record
 from ..ops.backends.cpu import cpu_isa
 from ..ops.registry import backend_for, use_backend
 from .suites import bench_alpha_gradient, bench_gnu_evaluation, bench_memory, bench_single_task_forward, bench_training_step
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "backend": backend_for(torch.device("cpu")).name}
-    info.update(read_cpu_identity())
+    """``host_record`` with the backend the benchmarks ran and, on the ``cpu`` backend, the ISA of its
+    kernels and the switches that tune them (each is CPU-dependent; env vars force them)."""
+    info = {**host_record(), "backend": backend_for(torch.device("cpu")).name}
     if info["backend"] == "cpu":
-        info["isa"] = cpu_isa()
+        info["cpu_isa"] = cpu_isa()
         info["cpu_vendor"] = str(torch.ops.supsup_cpu.vendor())
         info["stream_prefetch"] = bool(torch.ops.supsup_cpu.stream_prefetch())
         info["shift_indices"] = bool(torch.ops.supsup_cpu.shift_indices())
@@ -57,9 +54,9 @@ def _run_report(out: Path, quick: bool) -> dict:
 def report_title(info: dict) -> str:
     """The machine line of a report's plot: CPU, threads, backend, the ISA its kernels ran (cpu
     backend) and torch with the ISA of its own kernels."""
-    kernels = f" ({info['isa']} kernels)" if info.get("isa") else ""
+    kernels = f" ({info['cpu_isa']} kernels)" if info.get("cpu_isa") else ""
     return (f"supsup_fast on {cpu_label(info)}, {info['threads']} threads, {info['backend']} backend{kernels}, "
-            f"torch {info['torch']} ({info['cpu_capability']})")
+            f"torch {info['torch']} ({info['torch_cpu_capability']})")
 
 
 def print_table(report: dict) -> None:

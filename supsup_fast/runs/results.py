@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import platform
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from ..machine import read_cpu_identity
+from ..machine import host_record
 from .maskfile import atomic_write_bytes
 from .rundir import RunDirError
 
@@ -20,9 +18,7 @@ def machine_info(device: torch.device, backend: Optional[str] = None) -> dict:
     """The machine a run's results came from. Their last bits depend on the instruction set the
     kernels ran (summation order), so with ``backend`` "cpu" (this package's C++ kernels) it names
     theirs (``SUPSUP_CPU_ISA`` caps it), and torch's own in every case."""
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), **read_cpu_identity()}
+    info = host_record()
     if backend == "cpu":  # the run loaded the extension already
         from ..ops.backends.cpu import cpu_isa
         info["cpu_isa"] = cpu_isa()

@@ -1,4 +1,4 @@
-"""The machine a benchmark names: the CPU's identity parsed from /proc/cpuinfo text."""
+"""The machine a benchmark or run names: the CPU's identity parsed from /proc/cpuinfo text, and the record built on it."""
 from supsup_fast.machine import cpu_identity, cpu_label, read_cpu_identity
 
 ZEN5_VM = """processor\t: 0
@@ -54,3 +54,25 @@ def test_an_unreadable_cpuinfo_gives_nothing_rather_than_an_error(tmp_path):
     assert read_cpu_identity(str(tmp_path / "missing")) == {}
     (tmp_path / "cpuinfo").write_text(ZEN5_VM)
     assert read_cpu_identity(str(tmp_path / "cpuinfo"))["microarchitecture"] == "Zen 5"
+
+
+def test_benchmark_and_run_records_share_one_host_record_with_the_same_key_names():
+    import torch
+
+    from supsup_fast.bench import machine
+    from supsup_fast.machine import host_record
+    from supsup_fast.ops.backends.cpu import cpu_isa
+    from supsup_fast.ops.registry import use_backend
+    from supsup_fast.runs.results import machine_info
+
+    host = host_record()
+    assert host["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert host["threads"] == torch.get_num_threads() and host["torch"] == torch.__version__
+    assert all(host[k] == v for k, v in read_cpu_identity().items())
+    with use_backend("cpu"):
+        bench_record = machine()
+    run_record = machine_info(torch.device("cpu"), "cpu")
+    for record in (bench_record, run_record):
+        assert {k: record[k] for k in host} == host
+        assert record["cpu_isa"] == cpu_isa()
+    assert "cpu_isa" not in machine_info(torch.device("cpu"))

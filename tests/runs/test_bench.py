@@ -50,18 +50,18 @@ def test_quick_report_writes_json_and_png(tmp_path, monkeypatch):
     rows = report["alpha_gradient_fc1024_s500"]
     assert all(r["same_argmin"] and r["rel_err"] < 1e-3 for r in rows if "rel_err" in r)
     title = bench.report.report_title(report["machine"])  # the plot names the ISA it ran on
-    assert f"{report['machine']['backend']} backend" in title and report["machine"]["cpu_capability"] in title
+    assert f"{report['machine']['backend']} backend" in title and report["machine"]["torch_cpu_capability"] in title
     if report["machine"]["backend"] == "cpu":
-        assert f"({report['machine']['isa']} kernels)" in title
+        assert f"({report['machine']['cpu_isa']} kernels)" in title
 
 
 def test_report_title_names_the_kernels_isa_and_torchs():
     from supsup_fast.bench.report import report_title
-    info = {"cpu_model": "AMD EPYC", "microarchitecture": "Zen 5", "threads": 2, "backend": "cpu", "isa": "avx2",
-            "torch": "2.13.0+cpu", "cpu_capability": "AVX2"}
+    info = {"cpu_model": "AMD EPYC", "microarchitecture": "Zen 5", "threads": 2, "backend": "cpu", "cpu_isa": "avx2",
+            "torch": "2.13.0+cpu", "torch_cpu_capability": "AVX2"}
     assert report_title(info) == ("supsup_fast on AMD EPYC (Zen 5), 2 threads, cpu backend (avx2 kernels), "
                                   "torch 2.13.0+cpu (AVX2)")
-    info.update(backend="reference", isa=None)
+    info.update(backend="reference", cpu_isa=None)
     assert "reference backend, torch" in report_title(info)
 
 
