@@ -8,8 +8,9 @@ instruction set) and torch capped to it as well (MKL_ENABLE_INSTRUCTIONS, ONEDNN
 ATEN_CPU_CAPABILITY: an AVX2-only machine's BLAS runs AVX2 too), and writes ``kernels2-cpu-<isa>.json`` and a
 ``.png`` plot against k. Every figure stands beside its floor, all measured in the same process:
 - one read of the packed bits = a float sum over as many bytes, timed in the same interleaved rounds
-  as the general-α ops it is the floor of (since session 45; before, packed bytes ÷ the streaming
-  read bandwidth measured at the start of the run, still stored as ``*_at_start_s``);
+  as the ops it is the floor of (since session 45 for the general-α ops, since session 46 for the
+  one-shot query; before, packed bytes ÷ the streaming read bandwidth measured at the start of the
+  run, still stored as ``*_at_start_s``);
 - the fp32 add floor = k·n masked adds at one vector add (8 lanes AVX2, 16 AVX-512) per cycle per
   thread at the nominal clock (an estimate of the ALU bound of the plain masked-add kernel);
 - the training step beside the plain-torch official-style loop and three plain GEMMs per layer, and whole
@@ -263,17 +264,19 @@ def _oneshot(isa: str, quick: bool, bw: float, add_floor) -> list:
         nq = 32
         xs = torch.randn(nq, 784)
         one = lambda: alpha_gradient(model, x1, "entropy", 10)
-        t = interleaved_medians({"one": one, "batched": lambda: alpha_gradients_batched(model, xs, "entropy", 10)}, repeats=5)
+        floor_buf = torch.ones(packed // 4)  # one read of the bits, in the same rounds (see _alpha_gradient)
+        t = interleaved_medians({"one": one, "batched": lambda: alpha_gradients_batched(model, xs, "entropy", 10),
+                                 "one_read": floor_buf.sum}, repeats=5)
         # Queries back to back, as a loop of them runs (each finds what the last left in the caches),
         # and each after a read of far more memory than the last-level cache (its bits from DRAM).
         loop = interleaved_medians({"one": one}, repeats=7, calls_per_sample=10)["one"]
         cold = _after_flush(one, repeats=7)
         qrows.append({"k": k, "packed_bytes": packed, "oneshot_query_s": t["one"], "oneshot_loop_query_s": loop,
                       "oneshot_cold_query_s": cold, "batched_per_query_s": t["batched"] / nq,
-                      "batch_queries": nq, "one_read_s": packed / bw, "add_floor_s": add_floor(bits), "target_s": 3e-3 if isa == "avx512" else 6e-3,
+                      "batch_queries": nq, "one_read_s": t["one_read"], "one_read_at_start_s": packed / bw, "add_floor_s": add_floor(bits), "target_s": 3e-3 if isa == "avx512" else 6e-3,
                       "fig4_final_eval_projection_s": 197_500 * t["batched"] / nq})
         print(isa, "oneshot", qrows[-1], flush=True)
-        del model, layers
+        del model, layers, floor_buf
     return qrows
 
 
@@ -441,7 +444,9 @@ def run_per_isa(script: Path, isas: list, args: list) -> None:
     for isa in isas:
         env = dict(os.environ, SUPSUP_CPU_ISA=isa, **_TORCH_ISA_CAPS.get(isa, {}))
         start = time.time()
-        subprocess.run([sys.executable, str(script), "--child", "--isa", isa, *args], env=env, check=True)
+        rc = subprocess.run([sys.executable, str(script), "--child", "--isa", isa, *args], env=env).returncode
+        if rc != 0:  # the child printed why
+            sys.exit(f"{script.name}: the {isa} run failed (exit status {rc}); see its message above")
         print(f"({isa}: {time.time() - start:.0f} s)")
 
 
