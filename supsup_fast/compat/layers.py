@@ -212,6 +212,8 @@ class MultitaskMaskMixin:
         a = alpha_vector(self.alphas, k).to(self.weight.dtype)
         self._ensure_rows(k)
         bank = self.bank.words[:k]
+        if torch.compiler.is_compiling():  # the shortcuts below test α's values, which a trace cannot
+            return self._superposed(x, bank, a)
         if not (torch.is_grad_enabled() and a.requires_grad):
             on = torch.nonzero(a).flatten()
             if on.numel() == 1:  # a one-hot α (evaluation after inference): one task's bits

@@ -45,6 +45,8 @@ class CountCaches:
     def _uniform_s(self, counts: torch.Tensor, k: int) -> torch.Tensor:
         """counts / k, kept while the same count tensor (same version) and k are in use: every
         one-shot query of an evaluation reuses it instead of rescaling a weight-sized tensor."""
+        if torch.compiler.is_compiling():  # a trace cannot test version counters; it computes s once per call
+            return counts * (1.0 / k)
         cache = getattr(self, "_s_cache", None)
         if cache is None or cache[0] is not counts or cache[1] != counts._version or cache[2] != k:
             cache = (counts, counts._version, k, counts * (1.0 / k))

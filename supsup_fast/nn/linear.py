@@ -34,7 +34,9 @@ class SupermaskLinear(SupermaskLayer):
     def _masked(self, x, words):
         w, bias = self._frozen()
         # A signed-constant layer reads its frozen weights as sign bits: 2 bits per weight with the mask.
-        if self.init_kind == "signed_constant" and x.dtype == w.dtype:
+        # Not under torch.compile: the scale is a float read from the weight, which a trace cannot
+        # hold; masked_linear computes the same x (W ⊙ M)ᵀ from the float weight.
+        if self.init_kind == "signed_constant" and x.dtype == w.dtype and not torch.compiler.is_compiling():
             sign_words, scale = self._sign_bits(w)
             return ops.signed_masked_linear(x, sign_words, words, scale, bias)
         return ops.masked_linear(x, w, words, bias)
@@ -69,6 +71,8 @@ class SupermaskLinear(SupermaskLayer):
         """``bank.interleaved_weights()`` where the bank keeps it (``keep_interleaved_weights``, off by
         default) and S is computed from the bank (x and a general α both need gradients, the whole bank
         active) on a backend that reads the copy (ops.superposed_linear's bank_w)."""
+        if torch.compiler.is_compiling():  # the copies are an eager speed-up; a trace reads the bank
+            return None
         if not (mode.active is None and self.bank.keep_interleaved_weights and torch.is_grad_enabled() and x.requires_grad
                 and mode.alpha.requires_grad and self.weight.dtype == torch.float32
                 and ops.backend_for(x.device).reads_interleaved):
@@ -80,6 +84,8 @@ class SupermaskLinear(SupermaskLayer):
         for one image whose α needs a gradient on a backend that reads the copy: where the input needs
         one too, the α-gradient reads the copy about twice as fast as the bank, and where neither input
         nor weight does (a first layer), every task's output (ops.superposed_linear's bank_t)."""
+        if torch.compiler.is_compiling():
+            return None
         if not (mode.active is None and self.bank.keep_interleaved and torch.is_grad_enabled()
                 and mode.alpha.requires_grad and (x.requires_grad or not self.weight.requires_grad)
                 and x.numel() == x.shape[-1] and self.weight.dtype == torch.float32

@@ -120,6 +120,8 @@ def threshold_masked_weight(scores: Tensor, weight: Tensor) -> Tensor:
     straight-through estimator)."""
     if scores.shape != weight.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and weight {tuple(weight.shape)} must have the same shape")
+    if torch.compiler.is_compiling():  # the reference backend's formula, which a trace can hold
+        return weight * (scores.detach() >= 0).to(weight.dtype)
     return backend_for(weight.device).threshold_masked_weight(scores.detach(), weight)
 
 
