@@ -94,7 +94,7 @@ def cmd_evaluate(args) -> int:
     from .distributed import init_from_env
     overrides = {k: getattr(args, k) for k in ("scenario", "inference", "objective", "calibration", "infer_images", "log_base",
                                                "data_root", "device", "backend", "shard_bank") if getattr(args, k) is not None}
-    out = Path(args.out or (Path(args.run) / f"eval-{overrides.get('scenario', 'same')}"))
+    out = Path(args.out or (Path(args.run) / default_evaluation_folder(overrides)))
     ctx, device = init_from_env(overrides.get("device", "cpu"))
     if ctx.enabled:
         overrides["device"] = device
@@ -102,6 +102,14 @@ def cmd_evaluate(args) -> int:
     if ctx.is_main:
         print(_summary(results, out))
     return 0
+
+
+def default_evaluation_folder(overrides: dict) -> str:
+    """``eval-`` and the settings that change what is evaluated, so that evaluations under other
+    settings do not overwrite each other: ``eval-GNs``, ``eval-superfluous-binary``, ``eval-same``."""
+    parts = [str(overrides[k]) for k in ("scenario", "objective", "inference", "calibration") if k in overrides]
+    parts += [f"{flag}{overrides[k]}" for k, flag in (("infer_images", "i"), ("log_base", "b")) if k in overrides]
+    return "eval-" + ("-".join(parts) if parts else "same")
 
 
 def cmd_bench(args) -> int:
@@ -133,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend")
     ev.add_argument("--shard-bank", action="store_true", default=None,
                     help="under torchrun: each rank loads and holds only its own range of tasks' bits")
-    ev.add_argument("--out")
+    ev.add_argument("--out", help="folder for the evaluation's files (default: RUN/eval-<the settings given>, "
+                                   "e.g. RUN/eval-GNs or RUN/eval-superfluous-binary); never the run's own folder")
     ev.add_argument("--no-progress", action="store_true")
     bench = sub.add_parser("bench", help="benchmark the ops against float-stack and dense baselines")
     bench.add_argument("--out", default="benchmarks/results")

@@ -13,7 +13,7 @@ from . import maskfile
 from .config import RunConfig
 from .loop import Experiment
 from .results import read_json, write_json
-from .rundir import RunDirError, check_identity, run_identity
+from .rundir import RunDirError, RunLock, check_identity, run_identity
 
 
 def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Path], progress: bool = True,
@@ -21,11 +21,13 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     """Re-evaluate a finished run's masks (its model.safetensors) under other evaluation settings,
     e.g. the masks of a GNu run under GG or GNs. Training settings stay those of the run. With
     ``shard_bank`` under torchrun each rank reads only its own range of the task checkpoints."""
-    run_dir = Path(run_dir)
+    run_dir, out = Path(run_dir), Path(out)
     cfg_path, model_path = run_dir / "config.json", run_dir / "model.safetensors"
     if not cfg_path.is_file() or not model_path.is_file():
         raise RunDirError(f"{run_dir} is not a finished run (needs config.json and model.safetensors)")
+    check_output_folder(run_dir, out)
     values = read_json(cfg_path, "run config")
+    trained_as = values.get("scenario")
     values.update(overrides)
     values["download"] = False
     try:
@@ -34,6 +36,13 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
         raise RunDirError(f"{cfg_path} is not a supsup_fast run config ({exc})") from exc
     meta = maskfile.read_metadata(model_path)
     extra = maskfile.parse_metadata(model_path, meta)[4]
+    # NNs masks are allocated as tasks arrive, the others one per task: say so before the identity
+    # check, whose digest differs between the two for that reason.
+    if config.scenario == "NNs" and "allocator" not in extra:
+        raise RunDirError(f"--scenario NNs needs the masks of an NNs run; {run_dir} was trained as {trained_as}")
+    if config.scenario != "NNs" and "allocator" in extra:
+        raise RunDirError(f"{run_dir} is an NNs run (its masks were allocated as tasks arrived, not one per task): "
+                          f"evaluate it as NNs (leave out --scenario), not as {config.scenario}")
     check_identity(model_path, extra, {"settings_sha256": run_identity(config, "")["settings_sha256"]})
     after = maskfile.require_extra(model_path, extra, "accuracy_after_training", kind=list)
     held = int(meta["num_tasks"])
@@ -49,19 +58,26 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
         exp.data_sha256 = extra["run_identity"].get("data_sha256", exp.data_sha256)  # the run's own checkpoints
         exp.output_size = json.loads(meta["model_spec"]).get("output_size", exp.output_size)
     if config.scenario == "NNs":
-        if "allocator" not in extra:
-            raise RunDirError(f"--scenario NNs needs the masks of an NNs run; {run_dir} was trained as {values['scenario']}")
         exp.nns_state = AllocatorState.from_dict(maskfile.require_extra(model_path, extra, "allocator", kind=dict))
+    lock = RunLock(out).acquire() if ctx.is_main else None  # one writer per folder, as for a run
+    try:
+        return _evaluate(exp, config, run_dir, out, model_path, meta, after, sharded, ctx)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate(exp: Experiment, config: RunConfig, run_dir: Path, out: Path, model_path: Path, meta: dict, after: list,
+              sharded: bool, ctx: DistContext) -> dict:
     if ctx.is_main:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_json(Path(out) / "config.json", config.to_dict())
+        write_json(out / "config.json", config.to_dict())
     with use_backend(config.backend):
         backend_name = backend_for(exp.device).name
         # NNs: the true tasks seen (one accuracy-after-training each), not the masks allocated.
         learned = len(after) if config.scenario == "NNs" else int(meta["num_tasks"])
         row = exp._evaluate_all(learned, "evaluate")
     if sharded:  # results describe the whole model: rank 0 reads it once, for the file outputs
-        exp.out = Path(out)
+        exp.out = out
         if not ctx.is_main:
             exp._on_main(lambda: None)
             return {"rank": ctx.rank, **row}
@@ -70,3 +86,15 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     results["evaluated_from"] = str(run_dir)
     exp._on_main(lambda: exp._write_outputs(results))
     return results
+
+
+def check_output_folder(run_dir: Path, out: Path) -> None:
+    """Refuse an ``out`` where the evaluation's files (config.json, results.json, model.safetensors,
+    ...) would replace a run's: the evaluated run's own folder, or any folder a training run wrote
+    (its progress.json or checkpoints/). An earlier evaluation's folder may be written again."""
+    if out.resolve() == run_dir.resolve():
+        raise RunDirError(f"--out {out} is the evaluated run's own folder: its config.json, results.json and "
+                          f"model.safetensors would be replaced; choose another folder (the default is {run_dir / 'eval-<scenario>'})")
+    if (out / "progress.json").exists() or (out / "checkpoints").is_dir():
+        raise RunDirError(f"--out {out} holds a training run (progress.json or checkpoints/), which the evaluation "
+                          f"would overwrite; choose another folder")

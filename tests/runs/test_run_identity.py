@@ -165,3 +165,36 @@ def test_hopfield_checkpoint_of_another_run_is_refused_on_resume(tmp_path):
     shutil.copy(b / "checkpoints" / "hopfield.safetensors", a / "checkpoints" / "hopfield.safetensors")
     with pytest.raises(RunDirError, match="hopfield.safetensors belongs to another run"):
         run_experiment(make_config(overrides=hop), a, resume=True, progress=False)
+
+
+def test_evaluate_refuses_to_write_over_the_run_or_another_training_run(finished, tmp_path):
+    mine = copy_run(finished[0], tmp_path / "mine")
+    before = {p.name: p.read_bytes() for p in mine.iterdir() if p.is_file() and p.name != ".lock"}
+    with pytest.raises(RunDirError, match=r"is the evaluated run's own folder"):
+        evaluate_run(mine, {"scenario": "GG"}, mine / "." , progress=False)
+    other = copy_run(finished[0], tmp_path / "other")
+    with pytest.raises(RunDirError, match=r"holds a training run \(progress.json or checkpoints/\)"):
+        evaluate_run(mine, {"scenario": "GG"}, other, progress=False)
+    assert {p.name: p.read_bytes() for p in mine.iterdir() if p.is_file() and p.name != ".lock"} == before
+    first = evaluate_run(mine, {"scenario": "GG"}, tmp_path / "eval", progress=False)
+    again = evaluate_run(mine, {"scenario": "GG"}, tmp_path / "eval", progress=False)  # an evaluation's folder: rewritten
+    assert again["per_task_accuracy"] == first["per_task_accuracy"]
+
+
+def test_evaluate_names_a_scenario_that_the_masks_were_not_trained_for(finished, tmp_path):
+    with pytest.raises(RunDirError, match=r"--scenario NNs needs the masks of an NNs run; .* was trained as GNu"):
+        evaluate_run(finished[0], {"scenario": "NNs"}, tmp_path / "eval", progress=False)
+    nns = tmp_path / "nns"
+    run(nns, scenario="NNs", tasks=2)
+    with pytest.raises(RunDirError, match=r"is an NNs run .* evaluate it as NNs \(leave out --scenario\), not as GNu"):
+        evaluate_run(nns, {"scenario": "GNu"}, tmp_path / "eval2", progress=False)
+
+
+def test_default_evaluation_folders_differ_by_what_is_evaluated():
+    from supsup_fast.cli import default_evaluation_folder
+    assert default_evaluation_folder({}) == "eval-same"
+    assert default_evaluation_folder({"scenario": "GNs", "device": "cpu"}) == "eval-GNs"
+    names = {default_evaluation_folder(o) for o in ({"objective": "superfluous"}, {"inference": "binary"},
+                                                    {"objective": "superfluous", "inference": "binary"},
+                                                    {"infer_images": 4}, {"log_base": 3.0}, {"calibration": "entropy"})}
+    assert len(names) == 6 and "eval-superfluous-binary" in names and "eval-i4" in names
