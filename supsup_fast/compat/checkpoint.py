@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import pickle
 from collections import OrderedDict
 from typing import Dict, Mapping, Union
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .layers import MultitaskMaskMixin
+from .layers import MultitaskMaskMixin, scores_beyond
 
 PathOrDict = Union[str, pathlib.Path, Mapping[str, object]]
 
@@ -22,7 +23,11 @@ def _read(source: PathOrDict, weights_only: bool) -> Mapping[str, torch.Tensor]:
             raise ValueError(f"path {str(path)!r} is not a file")
         # Official checkpoints pickle their argparse args (with paths and devices) beside the state dict.
         with torch.serialization.safe_globals([argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, torch.device]):
-            source = torch.load(path, map_location="cpu", weights_only=weights_only)
+            try:
+                source = torch.load(path, map_location="cpu", weights_only=weights_only)
+            except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError) as exc:
+                raise ValueError(f"path {str(path)!r} is not a readable torch checkpoint (truncated, corrupt or "
+                                 f"another format): {type(exc).__name__}: {exc}") from exc
     if not isinstance(source, Mapping):
         raise TypeError(f"path must be a file or a state dict / checkpoint dict, got {type(source).__name__}")
     sd = source.get("state_dict", source)
@@ -44,6 +49,13 @@ def load_official_checkpoint(model: nn.Module, path: PathOrDict, strict: bool = 
     model built from :mod:`supsup_fast.compat` layers: every task's float scores become bits, and
     no float scores are kept. ``weights_only=False`` unpickles anything: only for trusted files."""
     sd = _strip_data_parallel(_read(path, weights_only), model)
+    if strict:  # the clearer message for the usual cause of unexpected scores keys
+        for name, m in model.named_modules():
+            beyond = scores_beyond(sd, f"{name}." if name else "", m.num_tasks) if isinstance(m, MultitaskMaskMixin) else []
+            if beyond:
+                raise ValueError(f"the checkpoint holds scores of task(s) {beyond} for layer {name!r}, built with "
+                                 f"num_tasks={m.num_tasks}: build the model with num_tasks >= {beyond[-1] + 1} "
+                                 f"(or pass strict=False to load the first {m.num_tasks} tasks)")
     result = model.load_state_dict(sd, strict=strict)
     for m in model.modules():
         if isinstance(m, MultitaskMaskMixin):

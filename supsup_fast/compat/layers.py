@@ -15,7 +15,7 @@ scores). An untrained task starts from its official initial scores.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +134,16 @@ class MultitaskMaskMixin:
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         bits = state_dict.pop(prefix + "mask_bits", None)
         stacked = state_dict.pop(prefix + "stacked", None)
+        # Scores of tasks past num_tasks: the official ParameterList has no such entries, so they are
+        # unexpected keys (load_state_dict refuses them when strict, else ignores them, as upstream).
+        for t in scores_beyond(state_dict, prefix, self.num_tasks):
+            state_dict.pop(f"{prefix}scores.{t}")
+            unexpected_keys.append(f"{prefix}scores.{t}")
+        for name, held in (("mask_bits", bits), ("stacked", stacked)):
+            if held is not None and held.dim() >= 1 and held.shape[0] > self.num_tasks:
+                error_msgs.append(f"{prefix}{name} holds {held.shape[0]} tasks, but this layer was built with "
+                                  f"num_tasks={self.num_tasks}; build it with num_tasks >= {held.shape[0]}")
+                return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if bits is None and stacked is not None and not any(k.startswith(prefix + "scores.") for k in state_dict):
             if tuple(stacked.shape[1:]) != tuple(self.weight.shape):
@@ -231,6 +241,13 @@ class MultitaskMaskMixin:
             return self._masked_op(x, words, self.bias)
         y = self._masked_op(x, words, None) * scale.reshape(())
         return y if self.bias is None else y + self._bias_view()
+
+
+def scores_beyond(state_dict, prefix: str, num_tasks: int) -> List[int]:
+    """The task indices t >= ``num_tasks`` of the ``{prefix}scores.{t}`` keys of ``state_dict``."""
+    start = len(prefix) + len("scores.")
+    return sorted(int(k[start:]) for k in state_dict
+                  if k.startswith(prefix + "scores.") and k[start:].isdigit() and int(k[start:]) >= num_tasks)
 
 
 class MultitaskMaskLinear(MultitaskMaskMixin, nn.Linear):

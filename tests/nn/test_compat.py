@@ -480,6 +480,33 @@ def test_state_dict_round_trip_and_official_checkpoint(tmp_path):
         assert torch.equal(back[2].stacked[t], ref[2].stacked[t])
 
 
+def test_official_checkpoint_with_more_tasks_than_the_model_is_refused(tmp_path):
+    """As upstream: scores.N past num_tasks are unexpected keys (refused when strict, ignored when
+    not), and a stacked/mask_bits of more tasks never fits. A truncated file is named."""
+    torch.manual_seed(1)
+    ref = nn.Sequential(FloatMultitaskMaskLinear(30, 8, num_tasks=5, bias=False))
+    path = tmp_path / "final.pt"
+    torch.save({"state_dict": ref.state_dict()}, path)
+    small = lambda: nn.Sequential(compat.MultitaskMaskLinear(30, 8, num_tasks=3, bias=False))
+    with pytest.raises(ValueError, match=r"scores of task\(s\) \[3, 4\] for layer '0', built with num_tasks=3"):
+        compat.load_official_checkpoint(small(), path)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "0.scores.3", "0.scores.4"'):
+        small().load_state_dict(ref.state_dict())
+    loose = compat.load_official_checkpoint(small(), path, strict=False)
+    assert len(loose[0].bank) == 3
+    for t in range(3):
+        assert torch.equal(loose[0].mask(t), ref[0].scores[t] >= 0)
+    ref[0].cache_masks()
+    torch.save({"state_dict": {"0.stacked": ref[0].stacked}}, path)
+    with pytest.raises(RuntimeError, match=r"stacked holds 5 tasks, but this layer was built with num_tasks=3"):
+        compat.load_official_checkpoint(small(), path, strict=False)
+    with pytest.raises(RuntimeError, match=r"mask_bits holds 5 tasks"):
+        small().load_state_dict({"0.weight": ref[0].weight, "0.mask_bits": torch.zeros(5, 8, 1, dtype=torch.int32)})
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"final.pt' is not a readable torch checkpoint"):
+        compat.load_official_checkpoint(small(), path)
+
+
 def test_bad_input():
     m = compat.MultitaskMaskLinear(10, 4, num_tasks=2)
     with pytest.raises(ValueError, match="task must be < num_tasks"):
