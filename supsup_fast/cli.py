@@ -79,6 +79,8 @@ def _then_shutdown(ctx, work: Callable[[], dict]) -> dict:
 
 def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") -> int:
     from .runs import run_experiment
+    if getattr(args, "retrain_corrupt", False) and not args.resume:
+        raise ValueError("--retrain-corrupt applies to a resumed run: pass --resume with it")
     config = _config_from(args, base)
     out = Path(args.out or default_out)
     ctx, config = _launch(config)
@@ -93,7 +95,8 @@ def cmd_evaluate(args) -> int:
     from .runs import evaluate_run
     from .distributed import init_from_env
     overrides = {k: getattr(args, k) for k in ("scenario", "inference", "objective", "calibration", "infer_images", "log_base",
-                                               "data_root", "device", "backend", "shard_bank") if getattr(args, k) is not None}
+                                               "test_batch_size", "data_root", "device", "backend", "shard_bank")
+                 if getattr(args, k) is not None}
     out = Path(args.out or (Path(args.run) / default_evaluation_folder(overrides)))
     ctx, device = init_from_env(overrides.get("device", "cpu"))
     if ctx.enabled:
@@ -136,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="divide each mask's α-gradient by the size of its logits (GNs/GNu; default none)")
     ev.add_argument("--infer-images", type=int)
     ev.add_argument("--log-base", type=float)
+    ev.add_argument("--test-batch-size", type=int, help="images per test batch (task inference reads up to --infer-images of each)")
     ev.add_argument("--data-root")
     ev.add_argument("--device")
     ev.add_argument("--backend")

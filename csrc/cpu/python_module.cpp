@@ -14,6 +14,8 @@
 // refuses. The caller then takes the public op's general path, which says what is wrong.
 #include <Python.h>
 
+#include <algorithm>
+
 #include <ATen/record_function.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
@@ -117,7 +119,85 @@ PyObject* direct_signed_masked_linear(PyObject*, PyObject* const* args, Py_ssize
                                       [&] { return signed_masked_linear_small(*t[0], *t[1], *t[2], scale, bias); }));
 }
 
+// A plain eager int32 CPU tensor (any strides) of `dims` dimensions, else nullptr: the copy checks
+// below take no part in tracing, fake tensors or dispatch modes.
+const at::Tensor* plain_words(PyObject* obj, int64_t min_dims) {
+  if (c10::impl::TorchDispatchModeTLS::stack_len() > 0 || !THPVariable_CheckExact(obj)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!plain_cpu_keys(t.key_set()) || t.scalar_type() != at::kInt || t.dim() < min_dims) return nullptr;
+  return &t;
+}
+
+// Word (task, row, word) of a bank [k, *lead, W] whose lead dimensions flatten to rows (any strides).
+int32_t bank_word(const at::Tensor& bank, int64_t task, int64_t row, int64_t word) {
+  const int32_t* p = bank.data_ptr<int32_t>() + task * bank.stride(0) + word * bank.stride(bank.dim() - 1);
+  for (int64_t d = bank.dim() - 2; d >= 1; --d) {  // row -> lead indices, last fastest
+    p += (row % bank.size(d)) * bank.stride(d);
+    row /= bank.size(d);
+  }
+  return *p;
+}
+
+// The samples of a copy check: tasks spread over [0, k), rows and words over [0, R) and [0, W),
+// always the first and the last of each (a copy of the bank before a task was appended differs in
+// the last task; one of another bank differs almost everywhere).
+constexpr int kSamples = 9;
+int64_t spread(int s, int64_t size) { return size <= 1 ? 0 : (s == kSamples - 1 ? size - 1 : (s * 7919) % size); }
+
+// bank_t == interleave_tasks(bank) at sampled words: bank_t [*lead, W, kp] holds word (i, r, w) at
+// [r, w, i] and zeros in the lanes i >= k. True/False, or None where the arguments are not plain
+// int32 CPU tensors of the shapes the op checked (then nothing is said).
+PyObject* interleaved_copy_matches(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_Format(PyExc_TypeError, "interleaved_copy_matches takes (bank, bank_t), got %zd arguments", nargs);
+    return nullptr;
+  }
+  const at::Tensor* bank = plain_words(args[0], 2);
+  const at::Tensor* copy = plain_words(args[1], 2);
+  if (bank == nullptr || copy == nullptr || !copy->is_contiguous()) Py_RETURN_NONE;
+  const int64_t k = bank->size(0), W = bank->size(-1), kp = copy->size(-1);
+  const int64_t R = bank->numel() / std::max<int64_t>(1, k * W);
+  if (copy->numel() != R * W * kp || kp < k || k == 0 || W == 0 || R == 0) Py_RETURN_NONE;
+  const int32_t* t = copy->data_ptr<int32_t>();
+  for (int s = 0; s < kSamples; ++s) {
+    const int64_t i = spread(s, k), r = spread((s + 3) % kSamples, R), w = spread((s + 5) % kSamples, W);
+    if (t[(r * W + w) * kp + i] != bank_word(*bank, i, r, w)) Py_RETURN_FALSE;
+    if (k < kp && t[(r * W + w) * kp + k + spread(s, kp - k)] != 0) Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+}
+
+// bank_w == interleave_weights(bank, n) at sampled bits: bank_w [*lead, ceil(k/32), np] holds task i's
+// bit of weight j (row r) in word [r, i/32, j], bit i%32; zeros past k and past n. As above.
+PyObject* weight_copy_matches(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 3 || !PyLong_Check(args[2])) {
+    PyErr_SetString(PyExc_TypeError, "weight_copy_matches takes (bank, bank_w, n: int)");
+    return nullptr;
+  }
+  const int64_t n = PyLong_AsLongLong(args[2]);
+  const at::Tensor* bank = plain_words(args[0], 2);
+  const at::Tensor* copy = plain_words(args[1], 2);
+  if (bank == nullptr || copy == nullptr || !copy->is_contiguous() || n <= 0) Py_RETURN_NONE;
+  const int64_t k = bank->size(0), W = bank->size(-1), groups = (k + 31) / 32, np = copy->size(-1);
+  const int64_t R = bank->numel() / std::max<int64_t>(1, k * W);
+  if (k == 0 || R == 0 || W * 32 < n || np < n || copy->numel() != R * groups * np) Py_RETURN_NONE;
+  const int32_t* t = copy->data_ptr<int32_t>();
+  for (int s = 0; s < kSamples; ++s) {
+    const int64_t i = spread(s, k), r = spread((s + 3) % kSamples, R), j = spread((s + 5) % kSamples, n);
+    const uint32_t copied = static_cast<uint32_t>(t[(r * groups + i / 32) * np + j]);
+    const uint32_t word = static_cast<uint32_t>(bank_word(*bank, i, r, j / 32));
+    if (((copied >> (i % 32)) & 1u) != ((word >> (j % 32)) & 1u)) Py_RETURN_FALSE;
+    if (k % 32 != 0 && (static_cast<uint32_t>(t[(r * groups + groups - 1) * np + j]) >> (k % 32)) != 0) Py_RETURN_FALSE;
+    if (n < np && t[(r * groups + i / 32) * np + n + spread(s, np - n)] != 0) Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+}
+
 PyMethodDef methods[] = {
+    {"interleaved_copy_matches", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&interleaved_copy_matches)),
+     METH_FASTCALL, "whether bank_t equals interleave_tasks(bank) at sampled words (None: not a plain CPU call)"},
+    {"weight_copy_matches", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&weight_copy_matches)),
+     METH_FASTCALL, "whether bank_w equals interleave_weights(bank, n) at sampled bits (None: not a plain CPU call)"},
     {"direct_masked_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&direct_masked_linear)),
      METH_FASTCALL, "masked_linear_small for a plain eager call, else None"},
     {"direct_signed_masked_linear",

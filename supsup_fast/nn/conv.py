@@ -31,6 +31,12 @@ class SupermaskConv2d(SupermaskLayer):
     def _conv_kwargs(self) -> dict:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
 
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__}(in_channels={self.in_channels}) needs x of shape [N, {self.in_channels}, H, W] "
+                             f"or [{self.in_channels}, H, W], got {got}")
+
     def _dense(self, x, w):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 

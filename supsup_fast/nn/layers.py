@@ -175,6 +175,7 @@ class SupermaskLayer(CountCaches, nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         mode = self._mode
         if isinstance(mode, Train):
             if self.scores is None:
@@ -202,6 +203,10 @@ class SupermaskLayer(CountCaches, nn.Module):
         buffers = self._buffers
         return (buffers["weight"] if "weight" in buffers else self.weight,
                 buffers["bias"] if "bias" in buffers else self.bias)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Refuse an x this layer cannot take, naming the layer's own sizes (the ops below would name
+        their packed operands instead)."""
 
     def _interleaved_copy(self, x: torch.Tensor, mode: Superposition) -> Optional[torch.Tensor]:
         """The bank's task-interleaved copy where this layer's α-gradient would read it, else None."""

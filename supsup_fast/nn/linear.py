@@ -23,6 +23,11 @@ class SupermaskLinear(SupermaskLayer):
         self.in_features, self.out_features = in_features, out_features
         self._setup((out_features, in_features), in_features, bias, init, mask_fn, density, seed, generator, device, dtype)
 
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__}(in_features={self.in_features}) needs x of shape [*, {self.in_features}], got {got}")
+
     def _dense(self, x, w):
         return F.linear(x, w, self.bias)
 

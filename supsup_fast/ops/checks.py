@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..bits import num_words
+from .registry import backend_for
 
 
 def _floating(name: str, t: torch.Tensor) -> None:
@@ -276,6 +277,7 @@ def check_bank_t(bank: torch.Tensor, bank_t: torch.Tensor) -> None:
     if tuple(bank_t.shape) != want:
         raise ValueError(f"bank_t must be interleave_tasks(bank), shape {want}, got {tuple(bank_t.shape)}")
     same_device(bank=bank, bank_t=bank_t)
+    _check_copy_words("bank_t", "interleave_tasks(bank)", "interleaved_copy_matches", bank, bank_t)
 
 
 def check_bank_w(bank: torch.Tensor, bank_w: torch.Tensor, n: int) -> None:
@@ -286,6 +288,19 @@ def check_bank_w(bank: torch.Tensor, bank_w: torch.Tensor, n: int) -> None:
     if tuple(bank_w.shape) != want:
         raise ValueError(f"bank_w must be interleave_weights(bank, n={n}), shape {want}, got {tuple(bank_w.shape)}")
     same_device(bank=bank, bank_w=bank_w)
+    _check_copy_words("bank_w", f"interleave_weights(bank, n={n})", "weight_copy_matches", bank, bank_w, n)
+
+
+def _check_copy_words(name: str, what: str, matcher: str, bank: torch.Tensor, copy: torch.Tensor, *n: int) -> None:
+    """The shape of a copy does not show which bank it was made from (k rounds up to 16 or 32): the
+    backend that reads it compares sampled words with the bank's, a few ns (a copy of another bank,
+    or of this one before a task was added or changed, gives results of other masks otherwise)."""
+    if torch.compiler.is_compiling() or bank.numel() == 0:
+        return
+    matches = getattr(backend_for(bank.device), matcher, None)
+    if matches is not None and matches(bank, copy, *n) is False:
+        raise ValueError(f"{name} is not {what}: its words differ from the bank's (a copy of another bank, or of this "
+                         f"bank before it changed); rebuild it with ss.ops.{what}")
 
 
 def check_mask_dot_outer_interleaved(bank_t: torch.Tensor, k: int, g: torch.Tensor, x: torch.Tensor,

@@ -114,8 +114,8 @@ class RunConfig:
                              f"got {bad_points}")
         if self.infer_images > self.test_batch_size:
             raise ValueError(f"{_flag('infer_images')} {self.infer_images} exceeds {_flag('test_batch_size')} "
-                             f"{self.test_batch_size}: inference uses images of one test batch; raise the test "
-                             f"batch size or lower --infer-images")
+                             f"{self.test_batch_size}: inference uses images of one test batch; raise --test-batch-size "
+                             f"or lower --infer-images")
         conv = self.model not in ("fc1024", "lenet", "bnnet")
         mask_fn = self.mask_fn or ("topk" if conv else "threshold")
         if mask_fn == "threshold" and self.model != "bnnet":
@@ -342,7 +342,7 @@ assert FIELDS == {s.name for s in SETTINGS}, "every RunConfig field needs its Se
 def load_yaml(path: Union[str, Path]) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+        raise ValueError(f"config file {path} " + ("is a directory, not a YAML file" if path.is_dir() else "does not exist"))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

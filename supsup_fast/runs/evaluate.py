@@ -26,7 +26,8 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     if not cfg_path.is_file() or not model_path.is_file():
         raise RunDirError(f"{run_dir} is not a finished run (needs config.json and model.safetensors)")
     check_output_folder(run_dir, out)
-    values = read_json(cfg_path, "run config")
+    values = read_json(cfg_path, "run config", "restore it, or delete it and run `supsup-fast run` with the run's "
+                       f"settings, --out {run_dir} and --resume to write it again (the finished tasks are kept)")
     trained_as = values.get("scenario")
     values.update(overrides)
     values["download"] = False

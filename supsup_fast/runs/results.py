@@ -34,11 +34,13 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write_bytes(path, writer)
 
 
-def read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str, remedy: str = "delete it to rebuild it") -> dict:
+    """A JSON object from ``path``; a file that is unreadable, not JSON or not an object is refused,
+    naming it, ``what`` it is and the ``remedy``."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise RunDirError(f"{what} {path} is unreadable or not valid JSON ({exc}); delete it to rebuild it") from exc
+        raise RunDirError(f"{what} {path} is unreadable or not valid JSON ({exc}); {remedy}") from exc
     if not isinstance(data, dict):
         raise RunDirError(f"{what} {path} must hold a JSON object")
     return data

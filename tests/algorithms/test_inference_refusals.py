@@ -114,6 +114,35 @@ def test_infer_task_other_bad_inputs(model):
     empty = build_model("lenet", 100, seed=1)
     with pytest.raises(ValueError, match="at least one learned task"):
         infer_task(empty, torch.rand(2, 784))
+    with pytest.raises(ValueError, match=r"must be a batch \[B, \.\.\.\] with B >= 1, got shape \(784,\) \(x\[None\] for one image\)"):
+        infer_task(model, torch.rand(784))
+    for x in (torch.rand(1, 100), torch.rand(2, 1, 27, 28)):
+        with pytest.raises(ValueError, match=rf"has {x[0].numel()} values per image, .* the model's first layer takes 784"):
+            infer_task(model, x)
+    assert 0 <= infer_task(model, torch.rand(2, 1, 28, 28)) < 3  # images flatten to the first layer's 784
+
+
+def test_layers_name_their_own_input_size():
+    """A wrong input width is named by the layer, not by the packed operands of the ops beneath it."""
+    import torch.nn.functional as F
+    linear = snn.SupermaskLinear(784, 64)
+    snn.begin_task(linear)
+    snn.finish_task(linear)
+    conv = snn.SupermaskConv2d(3, 8, 3)
+    for layer, bad, message in ((linear, torch.rand(2, 100), r"SupermaskLinear\(in_features=784\) needs x of shape \[\*, 784\], got shape \(2, 100\)"),
+                                (linear, torch.rand(2, 783), r"in_features=784.* got shape \(2, 783\)"),
+                                (conv, torch.rand(2, 4, 9, 9), r"SupermaskConv2d\(in_channels=3\) needs x of shape \[N, 3, H, W\]")):
+        snn.begin_task(layer) if layer is conv else snn.set_task(layer, 0)
+        with pytest.raises(ValueError, match=message):
+            layer(bad)
+        with pytest.raises(ValueError, match=message):  # the superposition too
+            if layer is linear:
+                with snn.superposition(layer, torch.ones(1, requires_grad=True)):
+                    layer(bad)
+            else:
+                layer(bad)
+    assert linear(torch.rand(2, 784)).shape == (2, 64)
+    assert F.relu(conv(torch.rand(2, 3, 9, 9))).shape == (2, 8, 7, 7)
 
 
 def test_evaluate_task_refuses_more_inference_images_than_a_batch(model):

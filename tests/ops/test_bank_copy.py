@@ -1,7 +1,7 @@
 """The task-interleaved copy of a bank (``bank_t = interleave_tasks(bank)``, which ``MaskBank.interleaved()``
 keeps) passed to ``mask_dot`` and to ``superposed_linear``: the cpu backend reads it instead of the bank,
 the others ignore it, and every result equals the one without it (exactly, on small integers, where
-every partial sum is exact in fp32). A copy of the wrong shape is refused by name."""
+every partial sum is exact in fp32). A copy of the wrong shape, or of the right shape but not made from the bank, is refused by name."""
 import pytest
 import torch
 
@@ -124,9 +124,11 @@ def test_first_layer_reads_its_kept_copy_for_every_task_output():
 
 
 @pytest.mark.parametrize("name,device", CASES)
-def test_the_copy_is_what_a_reading_backend_reads(name, device):
+def test_the_copy_is_what_a_reading_backend_reads(name, device, monkeypatch):
     """Given the copy of another bank of the same shape, a backend that reads copies (cpu) returns that
-    bank's sums, and the others the given bank's: the equality tests above cannot tell a copy ignored."""
+    bank's sums, and the others the given bank's: the equality tests above cannot tell a copy ignored.
+    (With the ops' copy check off: it refuses such a copy, tested below.)"""
+    monkeypatch.setattr(ss.ops.registry._instance(name), "interleaved_copy_matches", None)
     g = torch.Generator().manual_seed(9)
     bank, other = (ss.pack_bits(torch.rand(20, 6, 70, generator=g) < 0.5).to(device) for _ in range(2))
     v, w, x0, gout = (_ints(g, *shape).to(device) for shape in ((6, 70), (6, 70), (1, 70), (1, 6)))
@@ -185,8 +187,10 @@ def test_superposed_linear_with_both_copies_equals_without(name, device, batch):
 
 
 @pytest.mark.parametrize("name,device", CASES)
-def test_the_weight_copy_is_what_a_reading_backend_reads(name, device):
-    """Given another bank's weight copy, the cpu backend returns that bank's S, the others the given bank's."""
+def test_the_weight_copy_is_what_a_reading_backend_reads(name, device, monkeypatch):
+    """Given another bank's weight copy, the cpu backend returns that bank's S, the others the given
+    bank's (with the ops' copy check off, as above)."""
+    monkeypatch.setattr(ss.ops.registry._instance(name), "weight_copy_matches", None)
     g = torch.Generator().manual_seed(11)
     bank, other = (ss.pack_bits(torch.rand(40, 6, 70, generator=g) < 0.5).to(device) for _ in range(2))
     a = _ints(g, 40).to(device)
@@ -196,6 +200,41 @@ def test_the_weight_copy_is_what_a_reading_backend_reads(name, device):
         expect = ops.superpose(other if reads else bank, a, 70)
     assert torch.equal(got, expect)
     assert not torch.equal(ops.superpose(bank, a, 70), ops.superpose(other, a, 70))
+
+
+@pytest.mark.parametrize("name,device", CASES)
+def test_a_copy_that_is_not_the_banks_is_refused_where_copies_are_read(name, device):
+    """A copy of the right shape made from another bank, from the bank before its last task was
+    added (k = 33 and 40 round up alike) or before its last task changed: a backend that reads
+    copies (cpu) refuses it by name in every op that takes one; the others read the bank alone and
+    return its results."""
+    g = torch.Generator().manual_seed(11)
+    k, R, n = 40, 6, 70
+    bank, other = (ss.pack_bits(torch.rand(k, R, n, generator=g) < 0.5).to(device) for _ in range(2))
+    changed = bank.clone()
+    changed[-1] = other[-1]
+    a, v, x = _ints(g, k).to(device), _ints(g, R, n).to(device), _ints(g, 1, n).to(device)
+    w, gq = _ints(g, R, n).to(device), _ints(g, 2, R).to(device)
+    xq = _ints(g, 2, n).to(device)
+    reads = ss.ops.registry._instance(name).reads_interleaved
+    calls = {
+        "bank_t": [lambda b, t: ops.mask_dot(b, v, t), lambda b, t: ops.bank_linear(x, w, b, t),
+                   lambda b, t: ops.mask_dot_outer(b, gq, xq, w, t), lambda b, t: ops.superposed_linear(x, w, b, a, bank_t=t)],
+        "bank_w": [lambda b, t: ops.superpose(b, a, n, t), lambda b, t: ops.superposed_linear(x, w, b, a, bank_w=t)],
+    }
+    copies = {"bank_t": ops.interleave_tasks, "bank_w": lambda b: ops.interleave_weights(b, n)}
+    what = {"bank_t": r"bank_t is not interleave_tasks\(bank\)", "bank_w": r"bank_w is not interleave_weights\(bank, n=70\)"}
+    with ss.use_backend(name):
+        for kind, ops_taking_it in calls.items():
+            for op in ops_taking_it:
+                expect = op(bank, None)
+                for stale in (copies[kind](other), copies[kind](bank[:33]), copies[kind](changed)):
+                    if reads:
+                        with pytest.raises(ValueError, match=what[kind]):
+                            op(bank, stale)
+                    else:
+                        assert torch.equal(op(bank, stale), expect)
+                assert torch.equal(op(bank, copies[kind](bank)), expect)  # its own copy: accepted, the same result
 
 
 def test_a_weight_copy_of_the_wrong_shape_is_refused():

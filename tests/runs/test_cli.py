@@ -40,6 +40,8 @@ def test_yaml_preset_with_flag_override(tmp_path):
     (["--inference", "hopfield"], "--inference hopfield (HopSupSup) goes with --model bnnet"),
     (["--mask-budget", "0"], "--mask-budget (YAML key mask_budget) must be a positive int"),
     (["--benchmark", "split-imagenet", "--model", "resnet50"], "split-imagenet needs --data-root"),
+    (["--retrain-corrupt"], "--retrain-corrupt applies to a resumed run: pass --resume with it"),
+    (["--config", "/"], "config file / is a directory, not a YAML file"),
 ])
 def test_clear_errors(tmp_path, capsys, args, message):
     code = main(["run", *FAST, "--out", str(tmp_path / "r"), *args])

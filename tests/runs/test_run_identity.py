@@ -198,3 +198,11 @@ def test_default_evaluation_folders_differ_by_what_is_evaluated():
                                                     {"objective": "superfluous", "inference": "binary"},
                                                     {"infer_images": 4}, {"log_base": 3.0}, {"calibration": "entropy"})}
     assert len(names) == 6 and "eval-superfluous-binary" in names and "eval-i4" in names
+
+
+def test_evaluate_says_how_to_rebuild_a_corrupt_run_config(finished, tmp_path):
+    mine = copy_run(finished[0], tmp_path / "mine")
+    (mine / "config.json").write_text("{not json")
+    with pytest.raises(RunDirError, match=r"config.json is unreadable or not valid JSON .* delete it and run "
+                                          r"`supsup-fast run` with the run's settings, --out .* and --resume"):
+        evaluate_run(mine, {}, tmp_path / "eval", progress=False)

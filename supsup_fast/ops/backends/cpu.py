@@ -77,7 +77,7 @@ def load_cpu_extension() -> str:
             _loaded = "prebuilt"
         except ImportError:
             from torch.utils import cpp_extension
-            print("supsup_fast: loading the C++ CPU kernels (compiled on first use, about a minute)", file=sys.stderr, flush=True)
+            print("supsup_fast: loading the C++ CPU kernels (the first load compiles them, about a minute)", file=sys.stderr, flush=True)
             try:
                 module = cpp_extension.load(name="supsup_fast_cpu_portable" if portable else "supsup_fast_cpu",
                                             sources=_sources(), is_python_module=True,
@@ -128,6 +128,8 @@ class CpuBackend(ReferenceBackend):
         module = cpu_module()
         self.direct_masked_linear = module.direct_masked_linear if self.small_batch else None
         self.direct_signed_masked_linear = module.direct_signed_masked_linear if self.small_batch else None
+        self.interleaved_copy_matches = module.interleaved_copy_matches
+        self.weight_copy_matches = module.weight_copy_matches
         # Per-thread scratch for the materialised W ⊙ M of a large-batch forward: a fresh multi-MB
         # buffer per call costs page faults comparable to the unpacking itself.
         self._local = threading.local()

@@ -79,6 +79,12 @@ class ReferenceBackend:
     # (dispatch.direct_function). None where the backend has none.
     direct_masked_linear = None
     direct_signed_masked_linear = None
+    # Checks that a bank's copy given to an op (bank_t, bank_w) is the bank's, at sampled words:
+    # (bank, bank_t) and (bank, bank_w, n) -> True, False, or None where the arguments are not theirs
+    # to judge (checks.check_bank_t). None where the backend does not read the copies (this one
+    # reads the bank alone, so a stale copy cannot change its results).
+    interleaved_copy_matches = None
+    weight_copy_matches = None
 
     def supports(self, device: torch.device) -> bool:
         return True
