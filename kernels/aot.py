@@ -53,10 +53,12 @@ def variants() -> List[Tuple[str, str, object, Dict[str, str], Dict[str, object]
           {"p_ptr": "*fp32", "dw_ptr": "*fp32", "w_ptr": "*fp32", "sq_ptr": "*fp32", "out_ptr": "*fp32", "numel": "i32",
            "lr": "fp32", "alpha": "fp32", "one_minus_alpha": "fp32", "eps": "fp32", "wd": "fp32", "BLOCK": "constexpr"},
           {"BLOCK": 1024})
-    plain("ste_adam", optim.ste_adam_kernel,
-          {"p_ptr": "*fp32", "dw_ptr": "*fp32", "w_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "out_ptr": "*fp32",
-           "numel": "i32", "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "step_size": "fp32",
-           "bc2_sqrt": "fp32", "eps": "fp32", "wd": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
+    for from_g in (False, True):
+        plain(f"ste_adam m_from_g={from_g}", optim.ste_adam_kernel,
+              {"p_ptr": "*fp32", "dw_ptr": "*fp32", "w_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "out_ptr": "*fp32",
+               "numel": "i32", "m_coef": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "step_size": "fp32",
+               "bc2_sqrt": "fp32", "eps": "fp32", "wd": "fp32", "BLOCK": "constexpr", "M_FROM_G": "constexpr"},
+              {"BLOCK": 1024, "M_FROM_G": from_g})
     for active in (False, True):
         plain(f"superpose active={active}", bank.superpose_kernel,
               {"bank_ptr": "*i32", "alpha_ptr": "*fp32", "active_ptr": "*i64", "out_ptr": "*fp32", "k": "i32", "L": "i32",

@@ -3,6 +3,7 @@ weight gradient into the score gradient (dL/dW_eff ⊙ W), applies torch.optim.R
 momentum, not centred) or torch.optim.Adam's (no amsgrad) to the scores, and writes the next step's
 masked weight W ⊙ 1[s ≥ 0]."""
 import math
+import struct
 
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
@@ -49,13 +50,14 @@ def ste_rmsprop_step_(param: Tensor, weight_grad: Tensor, weight: Tensor, square
 
 
 @triton.jit
-def ste_adam_kernel(p_ptr, dw_ptr, w_ptr, m_ptr, v_ptr, out_ptr, numel, one_minus_beta1, beta2, one_minus_beta2,
-                    step_size, bc2_sqrt, eps, wd, BLOCK: tl.constexpr):
+def ste_adam_kernel(p_ptr, dw_ptr, w_ptr, m_ptr, v_ptr, out_ptr, numel, m_coef, beta2, one_minus_beta2,
+                    step_size, bc2_sqrt, eps, wd, BLOCK: tl.constexpr, M_FROM_G: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = i < numel
     p, w, g = _score_gradient(p_ptr, dw_ptr, w_ptr, i, inside, wd)
     m = tl.load(m_ptr + i, mask=inside, other=0.0).to(tl.float32)
-    m = m + one_minus_beta1 * (g - m)
+    # torch's lerp(m, g, w = 1 - beta1): m + w (g - m) for w < 0.5, else g + (w - 1)(g - m) (adam_m_coef)
+    m = (g if M_FROM_G else m) + m_coef * (g - m)
     v = tl.load(v_ptr + i, mask=inside, other=0.0).to(tl.float32) * beta2 + one_minus_beta2 * g * g
     p = p + tl.div_rn(-step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
     tl.store(m_ptr + i, m, mask=inside)
@@ -72,7 +74,15 @@ def ste_adam_step_(param: Tensor, weight_grad: Tensor, weight: Tensor, exp_avg: 
     block = 4096 if INTERPRET else 1024
     step_size = lr / (1 - beta1 ** step)
     bc2_sqrt = math.sqrt(1 - beta2 ** step)
+    m_coef, m_from_g = adam_m_coef(beta1)
     if numel:
         wrap_triton(ste_adam_kernel)[(triton.cdiv(numel, block),)](param, weight_grad, weight, exp_avg, exp_avg_sq,
-                                                                   masked_weight, numel, 1 - beta1, beta2, 1 - beta2, step_size,
-                                                                   bc2_sqrt, eps, weight_decay, BLOCK=block)
+                                                                   masked_weight, numel, m_coef, beta2, 1 - beta2, step_size,
+                                                                   bc2_sqrt, eps, weight_decay, BLOCK=block, M_FROM_G=m_from_g)
+
+
+def adam_m_coef(beta1: float) -> tuple:
+    """(coefficient, from g) of Adam's exp_avg update as torch's lerp(m, g, w = 1 - beta1) makes it
+    (w and w - 1 rounded to fp32 as there): m + w (g - m) for |w| < 0.5, else g + (w - 1)(g - m)."""
+    w = struct.unpack("f", struct.pack("f", 1 - beta1))[0]
+    return (w, False) if abs(w) < 0.5 else (w - 1.0, True)  # w - 1 is exact in fp32 for w in [0.5, 1]

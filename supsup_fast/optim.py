@@ -25,7 +25,7 @@ def _cpu_kernel():
 class FusedRMSprop(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0):
-        if lr < 0 or not 0 <= alpha < 1 or eps < 0 or weight_decay < 0:
+        if not (lr >= 0 and 0 <= alpha < 1 and eps >= 0 and weight_decay >= 0):  # NaN fails each test too
             raise ValueError(f"invalid RMSprop settings lr={lr} alpha={alpha} eps={eps} weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay))
         self._kernel = _cpu_kernel()

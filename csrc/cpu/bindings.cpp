@@ -913,10 +913,12 @@ void ste_adam_step_op(at::Tensor param, const at::Tensor& weight_grad, const at:
     TORCH_CHECK(t->numel() == param.numel(), name, " must have as many elements as param (", param.numel(), "), got ", t->numel());
   }
   TORCH_CHECK(step >= 1, "step must be >= 1 (the count of updates including this one), got ", step);
-  const AdamScalars c{static_cast<float>(1.0 - beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
+  AdamScalars c{static_cast<float>(1.0 - beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
                       static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(step)))),
                       static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)))),
-                      static_cast<float>(eps), static_cast<float>(weight_decay)};
+                      static_cast<float>(eps), static_cast<float>(weight_decay), 0.0f, false};
+  c.m_from_g = std::abs(c.one_minus_beta1) >= 0.5f;
+  c.m_coef = c.m_from_g ? c.one_minus_beta1 - 1.0f : c.one_minus_beta1;
   float* p = param.data_ptr<float>();
   const float* dw = weight_grad.data_ptr<float>();
   const float* w = weight.data_ptr<float>();

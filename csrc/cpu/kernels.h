@@ -120,8 +120,12 @@ namespace supsup_cpu {
 struct RmspropScalars {
   float lr, alpha, one_minus_alpha, eps, weight_decay;
 };
+// exp_avg moves to g as torch's lerp(m, g, w = 1 - beta1) does: m + w (g - m) for w < 0.5, else
+// g + (w - 1)(g - m) (no cancellation where w is near 1): m_new = m_base + m_coef (g - m).
 struct AdamScalars {
   float one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, weight_decay;
+  float m_coef;
+  bool m_from_g;
 };
 // One RMSprop step (torch.optim.RMSprop without momentum or centering) in one pass:
 // g = grad + wd * p; sq = alpha * sq + (1 - alpha) * g * g; p -= lr * g / (sqrt(sq) + eps).

@@ -229,10 +229,10 @@ AVX2_TARGET void ste_rmsprop_bits_avx2(float* p, const float* dw, const FrozenWe
 #endif  // SUPSUP_X86
 
 #if SUPSUP_X86
-// Adam: m += (1 - b1)(g - m); v = b2 v + (1 - b2) g²; p += -step_size m / (√v / bc2_sqrt + eps).
+// Adam: m = (m or g) + m_coef (g - m) (kernels.h); v = b2 v + (1 - b2) g²; p += -step_size m / (√v / bc2_sqrt + eps).
 AVX512_TARGET void ste_adam_avx512(float* p, const float* dw, const float* w, float* m, float* v, float* out,
                                    const AdamScalars& c, int64_t i0, int64_t i1) {
-  const __m512 vb1 = _mm512_set1_ps(c.one_minus_beta1), vb2 = _mm512_set1_ps(c.beta2), vc2 = _mm512_set1_ps(c.one_minus_beta2),
+  const __m512 vb1 = _mm512_set1_ps(c.m_coef), vb2 = _mm512_set1_ps(c.beta2), vc2 = _mm512_set1_ps(c.one_minus_beta2),
                vstep = _mm512_set1_ps(-c.step_size), vbc2 = _mm512_set1_ps(c.bias_correction2_sqrt),
                ve = _mm512_set1_ps(c.eps), vwd = _mm512_set1_ps(c.weight_decay), zero = _mm512_setzero_ps();
   for (int64_t i = i0; i < i1; i += 16) {
@@ -241,7 +241,7 @@ AVX512_TARGET void ste_adam_avx512(float* p, const float* dw, const float* w, fl
     __m512 gv = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, dw + i), wv);
     if (c.weight_decay != 0.0f) gv = _mm512_add_ps(gv, _mm512_mul_ps(vwd, pv));
     __m512 mv = _mm512_maskz_loadu_ps(k, m + i);
-    mv = _mm512_add_ps(mv, _mm512_mul_ps(vb1, _mm512_sub_ps(gv, mv)));
+    mv = _mm512_add_ps(c.m_from_g ? gv : mv, _mm512_mul_ps(vb1, _mm512_sub_ps(gv, mv)));
     const __m512 sv = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, v + i), vb2), _mm512_mul_ps(_mm512_mul_ps(vc2, gv), gv));
     _mm512_mask_storeu_ps(m + i, k, mv);
     _mm512_mask_storeu_ps(v + i, k, sv);
@@ -261,7 +261,7 @@ void ste_adam_loop(float* p, const float* dw, const float* w, float* m, float* v
     const float wi = w[i];
     float g = dw[i] * wi;
     if (DECAY) g += c.weight_decay * p[i];
-    const float mi = m[i] + c.one_minus_beta1 * (g - m[i]);
+    const float mi = (c.m_from_g ? g : m[i]) + c.m_coef * (g - m[i]);
     const float vi = v[i] * c.beta2 + c.one_minus_beta2 * g * g;
     m[i] = mi;
     v[i] = vi;
@@ -280,7 +280,7 @@ void ste_adam_scalar(float* p, const float* dw, const float* w, float* m, float*
 #if SUPSUP_X86
 AVX2_TARGET void ste_adam_avx2(float* p, const float* dw, const float* w, float* m, float* v, float* out,
                                const AdamScalars& c, int64_t i0, int64_t i1) {
-  const __m256 vb1 = _mm256_set1_ps(c.one_minus_beta1), vb2 = _mm256_set1_ps(c.beta2), vc2 = _mm256_set1_ps(c.one_minus_beta2),
+  const __m256 vb1 = _mm256_set1_ps(c.m_coef), vb2 = _mm256_set1_ps(c.beta2), vc2 = _mm256_set1_ps(c.one_minus_beta2),
                vstep = _mm256_set1_ps(-c.step_size), vbc2 = _mm256_set1_ps(c.bias_correction2_sqrt),
                ve = _mm256_set1_ps(c.eps), vwd = _mm256_set1_ps(c.weight_decay), zero = _mm256_setzero_ps();
   int64_t i = i0;
@@ -289,7 +289,7 @@ AVX2_TARGET void ste_adam_avx2(float* p, const float* dw, const float* w, float*
     __m256 gv = _mm256_mul_ps(_mm256_loadu_ps(dw + i), wv);
     if (c.weight_decay != 0.0f) gv = _mm256_add_ps(gv, _mm256_mul_ps(vwd, pv));
     __m256 mv = _mm256_loadu_ps(m + i);
-    mv = _mm256_add_ps(mv, _mm256_mul_ps(vb1, _mm256_sub_ps(gv, mv)));
+    mv = _mm256_add_ps(c.m_from_g ? gv : mv, _mm256_mul_ps(vb1, _mm256_sub_ps(gv, mv)));
     const __m256 sv = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(v + i), vb2), _mm256_mul_ps(_mm256_mul_ps(vc2, gv), gv));
     _mm256_storeu_ps(m + i, mv);
     _mm256_storeu_ps(v + i, sv);

@@ -193,7 +193,34 @@ PyObject* weight_copy_matches(PyObject*, PyObject* const* args, Py_ssize_t nargs
   Py_RETURN_TRUE;
 }
 
+// copy == interleave_tasks(transpose_masks(bank, n)) at sampled bits: bank [k, out, W], copy
+// [n, ceil(out/32), kp] holds task i's bit of (output o, input j) in word [j, o/32, i], bit o%32.
+PyObject* transposed_copy_matches(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_Format(PyExc_TypeError, "transposed_copy_matches takes (bank, copy), got %zd arguments", nargs);
+    return nullptr;
+  }
+  const at::Tensor* bank = plain_words(args[0], 3);
+  const at::Tensor* copy = plain_words(args[1], 3);
+  if (bank == nullptr || copy == nullptr || !copy->is_contiguous() || bank->dim() != 3 || copy->dim() != 3)
+    Py_RETURN_NONE;
+  const int64_t k = bank->size(0), out = bank->size(1), W = bank->size(2);
+  const int64_t n = copy->size(0), OW = copy->size(1), kp = copy->size(2);
+  if (k == 0 || out == 0 || n == 0 || OW != (out + 31) / 32 || kp < k || W * 32 < n) Py_RETURN_NONE;
+  const int32_t* t = copy->data_ptr<int32_t>();
+  for (int s = 0; s < kSamples; ++s) {
+    const int64_t i = spread(s, k), o = spread((s + 3) % kSamples, out), j = spread((s + 5) % kSamples, n);
+    const uint32_t copied = static_cast<uint32_t>(t[(j * OW + o / 32) * kp + i]);
+    const uint32_t word = static_cast<uint32_t>(bank_word(*bank, i, o, j / 32));
+    if (((copied >> (o % 32)) & 1u) != ((word >> (j % 32)) & 1u)) Py_RETURN_FALSE;
+    if (k < kp && t[(j * OW + o / 32) * kp + k + spread(s, kp - k)] != 0) Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+}
+
 PyMethodDef methods[] = {
+    {"transposed_copy_matches", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&transposed_copy_matches)),
+     METH_FASTCALL, "whether copy equals interleave_tasks(transpose_masks(bank, n)) at sampled bits (None: not a plain CPU call)"},
     {"interleaved_copy_matches", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&interleaved_copy_matches)),
      METH_FASTCALL, "whether bank_t equals interleave_tasks(bank) at sampled words (None: not a plain CPU call)"},
     {"weight_copy_matches", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&weight_copy_matches)),

@@ -48,8 +48,9 @@ class TaskRows(nn.Module):
         if capacity <= self.storage.shape[0]:
             return
         new_cap = max(capacity, 2 * self.storage.shape[0], 1)
-        grown = torch.zeros(new_cap, *self.row_shape, dtype=self.storage.dtype, device=self.storage.device)
-        grown[: self.count] = self.storage[: self.count]
+        with torch.inference_mode(False):  # grown under inference_mode, the bank must stay writable after it
+            grown = torch.zeros(new_cap, *self.row_shape, dtype=self.storage.dtype, device=self.storage.device)
+            grown[: self.count] = self.storage[: self.count]
         self.storage = grown
         self._kept_row = None  # it holds the old storage
 
@@ -157,7 +158,8 @@ class MaskBank(TaskRows):
         cached = self._interleaved[which]  # one read: another thread may drop or rebuild it meanwhile
         if cached is None or cached[0] != key:
             self._interleaved = self._current_copies(key)  # free the stale copies before building the new one
-            cached = (key, build())
+            with torch.inference_mode(False):  # the copy outlives an inference_mode block: a normal tensor
+                cached = (key, build())
             self._set_copy(which, cached)
         return cached[1]
 
@@ -167,7 +169,7 @@ class MaskBank(TaskRows):
         return tuple(c if c is None else c[1] for c in self._current_copies(self._copy_key())[:2])
 
     def _copy_key(self) -> tuple:
-        return (self.count, id(self.storage), self.storage.data_ptr(), self.storage._version, self.storage.device)
+        return (self.count, id(self.storage), self.storage.data_ptr(), ops.checks.tensor_version(self.storage), self.storage.device)
 
     def _current_copies(self, key: tuple) -> tuple:
         """The (key, copy) entries built under ``key``, None for the stale or missing ones."""

@@ -21,6 +21,10 @@ class CountCaches:
         """Σ_{i ∈ active} Mᵢ per weight. Binary task inference shrinks the active set every round;
         when the new set is a subset of the last one, the count is updated by subtracting only the
         tasks just ruled out (bits read over a whole search ≈ k, not k·log k)."""
+        with torch.inference_mode(False):  # kept past an inference_mode block: normal tensors (as below)
+            return self._active_counts(active)
+
+    def _active_counts(self, active: torch.Tensor) -> torch.Tensor:
         cache = getattr(self, "_active_cache", None)
         ones = lambda m: torch.ones(m, dtype=self.weight.dtype, device=self.weight.device)
         if cache is not None and cache[0] == self.num_tasks and bool(torch.isin(active, cache[1]).all()):
@@ -38,8 +42,9 @@ class CountCaches:
     def counts(self) -> torch.Tensor:
         if self._counts is None:
             k = self.num_tasks
-            ones = torch.ones(k, dtype=self.weight.dtype, device=self.weight.device)
-            self._counts = ops.superpose(self.bank.words, ones, self.n).view_as(self.weight)
+            with torch.inference_mode(False):  # updated in place by commit_mask, maybe outside inference_mode
+                ones = torch.ones(k, dtype=self.weight.dtype, device=self.weight.device)
+                self._counts = ops.superpose(self.bank.words, ones, self.n).view_as(self.weight)
         return self._counts
 
     def _uniform_s(self, counts: torch.Tensor, k: int) -> torch.Tensor:
@@ -48,8 +53,9 @@ class CountCaches:
         if torch.compiler.is_compiling():  # a trace cannot test version counters; it computes s once per call
             return counts * (1.0 / k)
         cache = getattr(self, "_s_cache", None)
-        if cache is None or cache[0] is not counts or cache[1] != counts._version or cache[2] != k:
-            cache = (counts, counts._version, k, counts * (1.0 / k))
+        if cache is None or cache[0] is not counts or cache[1] != ops.checks.tensor_version(counts) or cache[2] != k:
+            with torch.inference_mode(False):  # saved for backward by a later α-gradient: a normal tensor
+                cache = (counts, ops.checks.tensor_version(counts), k, counts * (1.0 / k))
             self._s_cache = cache
         return cache[3]
 
@@ -57,10 +63,12 @@ class CountCaches:
         """Wᵀ of a linear layer (contiguous [in, out]), kept while the weight stays (its version counter,
         as in ``uniform_weight``): task inference reads a bank's transposed copy with it."""
         cache = getattr(self, "_wt_cache", None)
-        if cache is None or cache[0] is not self.weight or cache[1] != self.weight._version:
+        if cache is None or cache[0] is not self.weight or cache[1] != ops.checks.tensor_version(self.weight):
             self._wt_cache = cache = None  # free the stale one before building the new one
             w = self.weight.detach()
-            self._wt_cache = cache = (self.weight, self.weight._version, w.reshape(w.shape[0], -1).t().contiguous())
+            with torch.inference_mode(False):
+                self._wt_cache = cache = (self.weight, ops.checks.tensor_version(self.weight),
+                                          w.reshape(w.shape[0], -1).t().contiguous())
         return cache[2]
 
     def uniform_weight(self) -> torch.Tensor:
@@ -70,9 +78,10 @@ class CountCaches:
         change to the frozen weight is seen through its version counter, so not through ``.data``
         (the convention of the layers' other caches)."""
         counts, k = self.counts(), self.num_tasks
-        key = (counts._version, k, self.weight._version)
+        key = (ops.checks.tensor_version(counts), k, ops.checks.tensor_version(self.weight))
         cache = getattr(self, "_ws_cache", None)
         if cache is None or cache[0] is not counts or cache[1] is not self.weight or cache[2] != key:
             self._ws_cache = cache = None  # free the stale one before building the new one
-            self._ws_cache = cache = (counts, self.weight, key, self.weight * (counts * (1.0 / k)))
+            with torch.inference_mode(False):
+                self._ws_cache = cache = (counts, self.weight, key, self.weight * (counts * (1.0 / k)))
         return cache[3]

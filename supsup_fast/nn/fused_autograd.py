@@ -15,7 +15,7 @@ ScoreUpdate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 
 
 def _key(scores: torch.Tensor, weight: torch.Tensor) -> tuple:
-    return scores.data_ptr(), scores._version, weight.data_ptr(), weight._version
+    return scores.data_ptr(), ops.checks.tensor_version(scores), weight.data_ptr(), ops.checks.tensor_version(weight)
 
 
 class FusedScoreState:

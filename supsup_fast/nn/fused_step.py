@@ -85,7 +85,7 @@ class InBackwardRMSprop(InBackwardOptimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0):
-        if lr < 0 or not 0 <= alpha < 1 or eps < 0 or weight_decay < 0:
+        if not (lr >= 0 and 0 <= alpha < 1 and eps >= 0 and weight_decay >= 0):  # NaN fails each test too
             raise ValueError(f"invalid RMSprop settings lr={lr} alpha={alpha} eps={eps} weight_decay={weight_decay}")
         super().__init__(model, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay))
 
@@ -114,7 +114,7 @@ class InBackwardAdam(InBackwardOptimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0):
-        if lr < 0 or not all(0 <= b < 1 for b in betas) or eps < 0 or weight_decay < 0:
+        if not (lr >= 0 and all(0 <= b < 1 for b in betas) and eps >= 0 and weight_decay >= 0):  # NaN fails each test too
             raise ValueError(f"invalid Adam settings lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
         super().__init__(model, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 

@@ -166,6 +166,8 @@ class SupermaskLayer(CountCaches, nn.Module):
         """Superpose the bank (or the tasks listed in ``active``) with coefficients ``alpha``.
         ``uniform=True`` promises alpha = 1/k over the k superposed tasks (enables the count caches);
         the promise is checked here (``check_uniform_alpha``), whoever calls."""
+        if active is not None:
+            ops.checks.check_active(active, self.num_tasks)
         if uniform:
             check_uniform_alpha(alpha, self.num_tasks if active is None else active.numel())
         self._mode = Superposition(alpha, active, bool(uniform))

@@ -51,10 +51,11 @@ class SupermaskLinear(SupermaskLayer):
         if w is None:
             w = self.weight
         # id() too: a new weight tensor can land at a freed one's address with version 0
-        key = (id(w), w._version, w.data_ptr())
+        key = (id(w), ops.checks.tensor_version(w), w.data_ptr())
         cache = self.__dict__.get("_sign_cache")
         if cache is None or cache[0] != key:
-            self._sign_cache = cache = (key, ops.pack_bits(w > 0), float(w.abs().max()))
+            with torch.inference_mode(False):  # a cache outlives an inference_mode block: a normal tensor
+                self._sign_cache = cache = (key, ops.pack_bits(w > 0), float(w.abs().max()))
         return cache[1], cache[2]
 
     def signed_weight_bits(self) -> Optional[Tuple[torch.Tensor, float]]:

@@ -93,6 +93,8 @@ def set_superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[to
     """Superpose the learned masks with one α shared by all layers (reference doc §1.4).
     ``active`` restricts it to a subset of tasks (alpha then has one entry per active task).
     ``uniform=True`` (the layers use their cached per-weight counts) is checked: alpha must be 1/k."""
+    if active is not None:
+        ops.checks.check_active(active, num_tasks(model))
     k = num_tasks(model) if active is None else active.numel()
     if not isinstance(alpha, torch.Tensor) or not alpha.is_floating_point():
         raise TypeError(f"alpha must be a floating-point tensor, got {type(alpha).__name__}"

@@ -239,8 +239,10 @@ def mlp_mask_dot_outer(banks: Sequence[Tensor], copies: Sequence[Tensor], transp
             checks.check_mlp_mask_dot_outer(*lists, g)
             raise
         if out is not None:
+            checks.check_mlp_copies(banks, copies, transposed)  # shapes held; now whose copies they are
             return out
     checks.check_mlp_mask_dot_outer(*lists, g)
+    checks.check_mlp_copies(banks, copies, transposed)
     k = banks[0].shape[0]
     out = g.new_zeros(g.shape[0], k)
     for i in reversed(range(len(banks))):

@@ -3,6 +3,7 @@ run on fake tensors while torch.compile traces; data checks (NaN) run in the rea
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -54,6 +55,23 @@ def check_alpha(alpha: torch.Tensor, k: int) -> None:
     _floating("alpha", alpha)
     if alpha.dim() != 1 or alpha.shape[0] != k:
         raise ValueError(f"alpha must have shape [k] = [{k}] to match the bank's {k} tasks, got {tuple(alpha.shape)}")
+
+
+def check_active(active: torch.Tensor, k: int) -> None:
+    """``active``, the subset of a k-task bank to superpose: a 1-D integer tensor of distinct task
+    indices in [0, k) (a repeated index would count its mask twice in one sum and not in another)."""
+    if not isinstance(active, torch.Tensor) or active.is_floating_point() or active.is_complex() or active.dtype == torch.bool:
+        raise TypeError(f"active must be an integer tensor of task indices, got {type(active).__name__}"
+                        f"{' of dtype ' + str(active.dtype) if isinstance(active, torch.Tensor) else ''}")
+    if active.dim() != 1:
+        raise ValueError(f"active must be 1-D (task indices), got shape {tuple(active.shape)}")
+    if active.numel() == 0 or capturing(active):
+        return
+    lo, hi = int(active.min()), int(active.max())
+    if lo < 0 or hi >= k:
+        raise ValueError(f"active must hold task indices in [0, {k}), got values in [{lo}, {hi}]")
+    if torch.unique(active).numel() != active.numel():
+        raise ValueError(f"active must hold distinct task indices, got {active.tolist() if active.numel() <= 20 else 'repeats'}")
 
 
 def capturing(t: torch.Tensor) -> bool:
@@ -291,6 +309,23 @@ def check_bank_w(bank: torch.Tensor, bank_w: torch.Tensor, n: int) -> None:
     _check_copy_words("bank_w", f"interleave_weights(bank, n={n})", "weight_copy_matches", bank, bank_w, n)
 
 
+def check_mlp_copies(banks: Sequence[torch.Tensor], copies: Sequence[torch.Tensor], transposed: Sequence[bool]) -> None:
+    """Each of ``mlp_mask_dot_outer``'s copies made from its bank (as ``check_bank_t`` does for one op):
+    ``interleave_tasks(bank)``, or where ``transposed`` that of ``transpose_masks(bank, n)``."""
+    for i, (bank, copy, t) in enumerate(zip(banks, copies, transposed)):
+        if t:
+            _check_copy_words(f"copies[{i}]", f"interleave_tasks(transpose_masks(banks[{i}], n))", "transposed_copy_matches",
+                              bank, copy)
+        else:
+            _check_copy_words(f"copies[{i}]", f"interleave_tasks(banks[{i}])", "interleaved_copy_matches", bank, copy)
+
+
+def tensor_version(t: torch.Tensor):
+    """``t._version`` for a cache key; for an inference tensor, which keeps no version counter, a new
+    object equal to nothing, so that a cache keyed on it is never reused."""
+    return object() if t.is_inference() else t._version
+
+
 def _check_copy_words(name: str, what: str, matcher: str, bank: torch.Tensor, copy: torch.Tensor, *n: int) -> None:
     """The shape of a copy does not show which bank it was made from (k rounds up to 16 or 32): the
     backend that reads it compares sampled words with the bank's, a few ns (a copy of another bank,
@@ -380,7 +415,10 @@ def pair(name: str, value, n: int = 2) -> list:
         return [value] * n
     if isinstance(value, str):
         raise ValueError(f"{name} must be an int or a tuple of {n} ints; string padding is not supported")
-    value = [int(v) for v in value]
+    try:
+        value = [operator.index(v) for v in value]  # ints (numpy's too), never a float truncated
+    except TypeError:
+        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {value!r}") from None
     if len(value) != n:
         raise ValueError(f"{name} must have {n} entries, got {value}")
     return value

@@ -133,7 +133,7 @@ def ste_rmsprop_step_(scores: Tensor, weight_grad: Tensor, weight: Tensor, squar
     g += wd·s; v = α·v + (1-α)·g²; s -= lr·g/(√v + ε)), and ``masked_weight`` = W ⊙ 1[s_new ≥ 0],
     the next step's effective weight. All five tensors have the weight's shape and device."""
     _check_step_tensors(weight, scores=scores, weight_grad=weight_grad, square_avg=square_avg, masked_weight=masked_weight)
-    if lr < 0 or not 0 <= alpha < 1 or eps < 0 or weight_decay < 0:
+    if not (lr >= 0 and 0 <= alpha < 1 and eps >= 0 and weight_decay >= 0):  # NaN fails each test too
         raise ValueError(f"expected lr >= 0, 0 <= alpha < 1, eps >= 0, weight_decay >= 0; got lr={lr} alpha={alpha} "
                          f"eps={eps} weight_decay={weight_decay}")
     with torch.no_grad():
@@ -153,7 +153,7 @@ def ste_adam_step_(scores: Tensor, weight_grad: Tensor, weight: Tensor, exp_avg:
     beta1, beta2 = betas
     if int(step) < 1:
         raise ValueError(f"step must be >= 1 (the updates so far, this one included), got {step}")
-    if lr < 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1 or eps < 0 or weight_decay < 0:
+    if not (lr >= 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1 and eps >= 0 and weight_decay >= 0):  # NaN fails each test too
         raise ValueError(f"expected lr >= 0, 0 <= betas < 1, eps >= 0, weight_decay >= 0; got lr={lr} betas={betas} "
                          f"eps={eps} weight_decay={weight_decay}")
     with torch.no_grad():
@@ -180,8 +180,8 @@ def mlp_cross_entropy_grads(x: Tensor, y: Tensor, weights: Sequence[Tensor]) -> 
     weights = list(weights)
     if not weights:
         raise ValueError("weights must hold at least one layer")
-    if x.dim() != 2:
-        raise ValueError(f"x must be [batch, features], got shape {tuple(x.shape)}")
+    if x.dim() != 2 or x.shape[0] == 0:  # the mean over no rows has no value
+        raise ValueError(f"x must be [batch, features] with batch >= 1, got shape {tuple(x.shape)}")
     if y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype != torch.int64:
         raise ValueError(f"y must be an int64 vector of {x.shape[0]} labels, got {y.dtype} of shape {tuple(y.shape)}")
     width = x.shape[1]

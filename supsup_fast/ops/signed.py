@@ -57,7 +57,7 @@ def _check_pad_bits(n: int, sign_words: Tensor, mask_words: Tensor) -> None:
         return
     if checks.capturing(sign_words):
         return
-    key = (sign_words.data_ptr(), sign_words._version, mask_words.data_ptr(), mask_words._version,
+    key = (sign_words.data_ptr(), checks.tensor_version(sign_words), mask_words.data_ptr(), checks.tensor_version(mask_words),
            tuple(mask_words.shape), n)
     owners = _PAD_CHECKED.get(key)
     if owners is not None and owners[0]() is _owner(sign_words) and owners[1]() is _owner(mask_words):

@@ -7,6 +7,7 @@ from torch import nn
 
 import supsup_fast as ss
 import supsup_fast.nn as snn
+from supsup_fast.bits import unpack_bits_torch
 from supsup_fast.nn.masks import kept_count
 
 
@@ -272,3 +273,64 @@ def test_uniform_weight_follows_the_bank():
     torch.testing.assert_close(layer.uniform_weight(), expect(masks))
     layer.weight.mul_(-2)  # an in-place change of the frozen weight
     torch.testing.assert_close(layer.uniform_weight(), expect(masks))
+
+
+def test_caches_built_under_inference_mode_serve_later_calls():
+    """Counts, s = counts / k, the sign bits, the kept copies and a grown bank built inside
+    torch.inference_mode() are normal tensors: afterwards the layer still trains a task (counts
+    updated in place), runs a uniform α-gradient (s saved for backward) and evaluates."""
+    from supsup_fast.algorithms.inference import alpha_gradients_batched
+    from supsup_fast.models import build_model
+    torch.manual_seed(0)
+    layer = snn.SupermaskLinear(20, 5)
+    for _ in range(2):
+        snn.begin_task(layer)
+        snn.finish_task(layer)
+    x = torch.randn(1, 20)
+    with torch.inference_mode():
+        with snn.superposition(layer, torch.full((2,), 0.5), uniform=True):
+            layer(x)
+        snn.set_task(layer, 0)
+        layer(x)
+        snn.begin_task(layer)
+        snn.finish_task(layer)  # the bank grows (and its counts) inside inference mode
+    snn.begin_task(layer)
+    snn.finish_task(layer)
+    alpha = torch.full((4,), 0.25, requires_grad=True)
+    with snn.superposition(layer, alpha, uniform=True):
+        y = layer(x)
+    (g,) = torch.autograd.grad(y.sum(), alpha)
+    masks = unpack_bits_torch(layer.bank.words, 20).float()
+    expect = torch.stack([(x @ (layer.weight * m).t()).sum() for m in masks])
+    torch.testing.assert_close(g, expect, rtol=1e-5, atol=1e-5)
+    model = build_model("lenet", 10)
+    for _ in range(3):
+        snn.begin_task(model)
+        snn.finish_task(model)
+    xs = torch.randn(4, 784)
+    with torch.inference_mode():
+        inside = alpha_gradients_batched(model, xs)
+    torch.testing.assert_close(alpha_gradients_batched(model, xs), inside)
+
+
+def test_active_must_be_distinct_task_indices():
+    layer = snn.SupermaskLinear(8, 3)
+    for _ in range(3):
+        snn.begin_task(layer)
+        snn.finish_task(layer)
+    third = torch.full((3,), 1 / 3)
+    for active, error, message in ((torch.tensor([0, 0, 1]), ValueError, r"distinct task indices, got \[0, 0, 1\]"),
+                                   (torch.tensor([0, 3]), ValueError, r"task indices in \[0, 3\), got values in \[0, 3\]"),
+                                   (torch.tensor([[0, 1]]), ValueError, "active must be 1-D"),
+                                   (torch.tensor([0.0, 1.0]), TypeError, "integer tensor of task indices"),
+                                   ([0, 1], TypeError, "integer tensor of task indices")):
+        with pytest.raises(error, match=message):
+            with snn.superposition(layer, third[: len(active)], active=active, uniform=True):
+                pass
+    x = torch.randn(1, 8)
+    masks = unpack_bits_torch(layer.bank.words, 8).float()
+    for active in ([0, 1, 2], [2, 0], [1]):  # shrinking and reordered subsets, cached counts in between
+        a = torch.full((len(active),), 1 / len(active))
+        with snn.superposition(layer, a, active=torch.tensor(active), uniform=True):
+            y = layer(x)
+        torch.testing.assert_close(y, F.linear(x, layer.weight * masks[active].mean(0)), rtol=1e-5, atol=1e-6)

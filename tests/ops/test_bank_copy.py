@@ -296,3 +296,27 @@ def test_superpose_with_the_weight_copy_in_float64(name, device):
         got = ops.superpose(bank, a, 70, ops.interleave_weights(bank, 70))
         expect = ops.superpose(bank, a, 70)
     assert got.dtype == torch.float64 and torch.equal(got, expect)
+
+
+@pytest.mark.parametrize("name,device", CASES)
+def test_mlp_mask_dot_outer_refuses_copies_of_another_bank(name, device):
+    """The MLP backward's copies, plain and of the transposed masks: another bank's is refused
+    where it would be read (the transposed copy is read alone on every backend), the bank's own
+    gives the same sums as the bank."""
+    g = torch.Generator().manual_seed(5)
+    k, R, n, q = 20, 6, 70, 2
+    bank, other = (ss.pack_bits(torch.rand(k, R, n, generator=g) < 0.5).to(device) for _ in range(2))
+    w, x, gq = _ints(g, R, n).to(device), _ints(g, q, n).to(device), _ints(g, q, R).to(device)
+    wt = w.t().contiguous()
+    reads = ss.ops.registry._instance(name).reads_interleaved
+    with ss.use_backend(name):
+        expect = ops.mask_dot_outer(bank, gq, x, w)
+        own = ops.mlp_mask_dot_outer([bank], [ops.interleave_tasks(bank)], [False], [w], [w], [x], gq)
+        own_t = ops.mlp_mask_dot_outer([bank], [ops.interleave_tasks(ops.transpose_masks(bank, n))], [True], [wt], [w], [x], gq)
+        assert torch.equal(own, expect) and torch.equal(own_t, expect)
+        if reads:
+            with pytest.raises(ValueError, match=r"copies\[0\] is not interleave_tasks\(banks\[0\]\)"):
+                ops.mlp_mask_dot_outer([bank], [ops.interleave_tasks(other)], [False], [w], [w], [x], gq)
+        if torch.device(device).type == "cpu":  # the GPU backends do not rebuild the transposed copy to compare it
+            with pytest.raises(ValueError, match=r"copies\[0\] is not interleave_tasks\(transpose_masks\(banks\[0\], n\)\)"):
+                ops.mlp_mask_dot_outer([bank], [ops.interleave_tasks(ops.transpose_masks(other, n))], [True], [wt], [w], [x], gq)

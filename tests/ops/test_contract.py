@@ -178,13 +178,15 @@ def test_ste_rmsprop_step(pair, shape, wd):
 
 
 @pytest.mark.parametrize("shape,wd,step", [((7, 45), 0.0, 1), ((3, 5, 3, 3), 1e-3, 4), ((1, 1), 0.0, 100)])
-def test_ste_adam_step(pair, shape, wd, step):
+@pytest.mark.parametrize("betas,m_scale", [((0.8, 0.95), 0.1), ((0.0, 0.9), 100.0), ((0.3, 0.999), 100.0)])
+def test_ste_adam_step(pair, shape, wd, step, betas, m_scale):
+    """beta1 <= 0.5 with |g| << |m|: torch's lerp takes m from g's side there (no cancellation)."""
     scores, dw, w = torch.randn(shape), torch.randn(shape), torch.randn(shape)
-    m, v = 0.1 * torch.randn(shape), torch.rand(shape)
+    m, v = m_scale * torch.randn(shape), torch.rand(shape)
 
     def adam(scores, dw, w, m, v):
         scores, m, v, out = scores.clone(), m.clone(), v.clone(), torch.full_like(w, float("nan"))
-        ss.ops.ste_adam_step_(scores, dw, w, m, v, out, step, 1e-2, (0.8, 0.95), 1e-8, wd)
+        ss.ops.ste_adam_step_(scores, dw, w, m, v, out, step, 1e-2, betas, 1e-8, wd)
         return scores, m, v, out
 
     got, ref = on(pair, adam, scores, dw, w, m, v)
@@ -228,6 +230,8 @@ def test_mlp_cross_entropy_grads_refuses_bad_arguments():
         ss.ops.mlp_cross_entropy_grads(x, y, [])
     with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 2\)"):
         ss.ops.mlp_cross_entropy_grads(x, y, [torch.randn(2, 6)])
+    with pytest.raises(ValueError, match=r"x must be \[batch, features\] with batch >= 1, got shape \(0, 6\)"):
+        ss.ops.mlp_cross_entropy_grads(x[:0], y[:0], [torch.randn(3, 6)])
 
 
 def test_ste_rmsprop_step_refuses_bad_arguments():
@@ -238,8 +242,9 @@ def test_ste_rmsprop_step_refuses_bad_arguments():
         ss.ops.ste_rmsprop_step_(**dict(good, square_avg=torch.zeros(4, 5)))
     with pytest.raises(ValueError, match="scores must be a floating-point tensor"):
         ss.ops.ste_rmsprop_step_(**dict(good, scores=torch.zeros(4, 6, dtype=torch.int32)))
-    with pytest.raises(ValueError, match="lr >= 0"):
-        ss.ops.ste_rmsprop_step_(**dict(good, lr=-1.0))
+    for bad in (dict(lr=-1.0), dict(lr=float("nan")), dict(eps=float("nan")), dict(weight_decay=float("nan"))):
+        with pytest.raises(ValueError, match="lr >= 0"):
+            ss.ops.ste_rmsprop_step_(**dict(good, **bad))
     adam = dict(scores=good["scores"], weight_grad=good["weight_grad"], weight=w, exp_avg=torch.zeros(4, 6),
                 exp_avg_sq=torch.zeros(4, 6), masked_weight=torch.empty(4, 6), step=1, lr=1e-3)
     with pytest.raises(ValueError, match="exp_avg_sq must have the weight's shape"):
@@ -248,6 +253,8 @@ def test_ste_rmsprop_step_refuses_bad_arguments():
         ss.ops.ste_adam_step_(**dict(adam, step=0))
     with pytest.raises(ValueError, match="betas < 1"):
         ss.ops.ste_adam_step_(**dict(adam, betas=(0.9, 1.0)))
+    with pytest.raises(ValueError, match="lr >= 0"):
+        ss.ops.ste_adam_step_(**dict(adam, lr=float("nan")))
 
 
 def test_every_backend_of_this_machine_is_covered():

@@ -213,6 +213,8 @@ def test_bad_inputs_name_the_argument():
         ss.ops.masked_linear(x, w, bank[0], torch.randn(out + 1))
     with pytest.raises(ValueError, match="groups"):
         ss.ops.masked_conv2d(torch.randn(1, 4, 5, 5), torch.randn(3, 2, 3, 3), ss.pack_bits(torch.ones(3, 18, dtype=torch.bool)), groups=3)
+    with pytest.raises(ValueError, match=r"stride must be an int or a tuple of 2 ints, got \(1.5, 1\)"):  # never truncated
+        ss.ops.masked_conv2d(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), ss.pack_bits(torch.ones(3, 18, dtype=torch.bool)), stride=(1.5, 1))
     meta = torch.randn(2, n, device="meta")
     with pytest.raises(ValueError, match="one device"):
         ss.ops.masked_linear(meta, w.to("meta"), bank[0])
@@ -225,3 +227,24 @@ def test_noncontiguous_inputs_are_handled():
     x = torch.randn(n, 3).t()
     got = ss.ops.masked_linear(x, w, bank[0])
     assert torch.allclose(got, F.linear(x, w * masks[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_unbatched_conv_input_has_the_gradients_of_a_batch_of_one(backend):
+    """F.conv2d takes one [C, H, W] image; so do the masked and superposed convs, backward included."""
+    g = torch.Generator().manual_seed(3)
+    x0, w0 = torch.randn(3, 7, 7, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    bank = ss.pack_bits(torch.rand(2, 4, 27, generator=g) < 0.5)
+    a0 = torch.tensor([0.3, 0.7])
+    with ss.use_backend(backend):
+        for op in (lambda x, w, a: ss.ops.masked_conv2d(x, w, bank[0], padding=1, stride=2),
+                   lambda x, w, a: ss.ops.superposed_conv2d(x, w, bank, a, padding=1, dilation=2)):
+            grads = []
+            for x in (x0, x0.unsqueeze(0)):
+                xs, ws, a = x.clone().requires_grad_(), w0.clone().requires_grad_(), a0.clone().requires_grad_()
+                y = op(xs, ws, a)
+                y.backward(torch.ones_like(y))
+                grads.append((y.reshape(-1, *y.shape[-2:]), xs.grad.reshape(x0.shape), ws.grad, a.grad))
+            for got, expect in zip(*grads):
+                if expect is not None:
+                    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)

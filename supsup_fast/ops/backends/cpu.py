@@ -130,6 +130,7 @@ class CpuBackend(ReferenceBackend):
         self.direct_signed_masked_linear = module.direct_signed_masked_linear if self.small_batch else None
         self.interleaved_copy_matches = module.interleaved_copy_matches
         self.weight_copy_matches = module.weight_copy_matches
+        self.transposed_copy_matches = module.transposed_copy_matches
         # Per-thread scratch for the materialised W ⊙ M of a large-batch forward: a fresh multi-MB
         # buffer per call costs page faults comparable to the unpacking itself.
         self._local = threading.local()

@@ -40,10 +40,16 @@ class DenseConv2d:
     def forward(self, x, w, bias):
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    # torch.nn.grad's conv2d_* take batched [N, C, H, W] only; F.conv2d also takes one unbatched
+    # [C, H, W] image, whose gradients are those of the batch of one.
     def grad_input(self, g, x, w):
+        if x.dim() == 3:
+            return self.grad_input(g.unsqueeze(0), x.unsqueeze(0), w).squeeze(0)
         return torch.nn.grad.conv2d_input(x.shape, w, g, self.stride, self.padding, self.dilation, self.groups)
 
     def grad_weight(self, g, x, w):
+        if x.dim() == 3:
+            return self.grad_weight(g.unsqueeze(0), x.unsqueeze(0), w)
         return torch.nn.grad.conv2d_weight(x, w.shape, g, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -85,6 +91,14 @@ class ReferenceBackend:
     # reads the bank alone, so a stale copy cannot change its results).
     interleaved_copy_matches = None
     weight_copy_matches = None
+
+    def transposed_copy_matches(self, bank: torch.Tensor, copy: torch.Tensor) -> Optional[bool]:
+        """The copy of the transposed masks is read alone (mask_dot_outer_interleaved), here too: on
+        the CPU compared whole with the one rebuilt from the bank; None elsewhere (a GPU would rebuild
+        it every call)."""
+        if not (bank.is_cpu and copy.is_cpu) or bank.dim() != 3 or copy.dim() != 3 or copy.shape[0] > bank.shape[-1] * 32:
+            return None
+        return torch.equal(self.interleave_tasks(self.transpose_masks(bank, copy.shape[0])), copy)
 
     def supports(self, device: torch.device) -> bool:
         return True
