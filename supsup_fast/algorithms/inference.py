@@ -29,8 +29,8 @@ def _check_query(model: nn.Module, x: torch.Tensor, name: str = "x") -> int:
     if x.dim() < 2:
         raise ValueError(f"{name} (the images to infer the task from) must be a batch [B, ...] with B >= 1, "
                          f"got shape {tuple(x.shape)} (x[None] for one image)")
-    if isinstance(model, MLP) and x[0].numel() != model.layers[0].in_features:  # its forward flattens each image
-        raise ValueError(f"{name} (the images to infer the task from) has {x[0].numel()} values per image, shape "
+    if isinstance(model, MLP) and math.prod(x.shape[1:]) != model.layers[0].in_features:  # its forward flattens each image
+        raise ValueError(f"{name} (the images to infer the task from) has {math.prod(x.shape[1:])} values per image, shape "
                          f"{tuple(x.shape)}; the model's first layer takes {model.layers[0].in_features}")
     if not bool(torch.isfinite(x).all()):
         what = "NaN" if bool(torch.isnan(x).any()) else "±inf"
