@@ -121,7 +121,7 @@ def threshold_masked_weight(scores: Tensor, weight: Tensor) -> Tensor:
     if scores.shape != weight.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and weight {tuple(weight.shape)} must have the same shape")
     if torch.compiler.is_compiling():  # the reference backend's formula, which a trace can hold
-        return weight * (scores.detach() >= 0).to(weight.dtype)
+        return torch.where(scores.detach() >= 0, weight, weight.new_zeros(()))
     return backend_for(weight.device).threshold_masked_weight(scores.detach(), weight)
 
 

@@ -345,3 +345,25 @@ def test_pad_bit_check_is_not_fooled_by_a_reused_address():
     dirty_s, dirty_m = torch.from_numpy(buf_s), torch.from_numpy(buf_m)  # same addresses, version 0
     with pytest.raises(ValueError, match="built for more than the 65 features"):
         ops.signed_masked_linear(torch.randn(2, 65), dirty_s, dirty_m, 0.1)
+
+
+@pytest.mark.parametrize("name,device", CASES)
+@pytest.mark.parametrize("bad", [INF, NAN])
+@pytest.mark.parametrize("rows", [1, 3, 200])
+def test_masked_out_non_finite_weights_never_enter(name, device, bad, rows):
+    """W ⊙ M selects W where the bit is set: a ±inf or NaN weight under a clear bit contributes
+    nothing to the output, and an inf input gives the masked-out weights a zero gradient, on every
+    backend (the reference selects as the kernels do, not 0·inf = NaN)."""
+    g = torch.Generator().manual_seed(rows)
+    m = torch.rand(5, 70, generator=g) < 0.5
+    w = torch.randn(5, 70, generator=g)
+    w[~m] = bad
+    bits, x = ss.pack_bits(m).to(device), torch.randn(rows, 70, generator=g).to(device)
+    with ss.use_backend(name):
+        y = ss.ops.masked_linear(x, w.to(device), bits)
+        torch.testing.assert_close(y, x @ torch.where(m, w, 0.0).t().to(device), rtol=1e-5, atol=1e-5)
+        xi = x.clone()
+        xi[0, 3] = INF
+        wq = torch.randn(5, 70, generator=g).to(device).requires_grad_()
+        ss.ops.masked_linear(xi, wq, bits).sum().backward()
+    assert torch.equal(wq.grad.cpu()[~m], torch.zeros(int((~m).sum())))

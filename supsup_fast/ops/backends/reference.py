@@ -117,9 +117,10 @@ class ReferenceBackend:
         return self.pack_bits((v.abs() if absolute else v) >= threshold)
 
     def masked_weight(self, weight: torch.Tensor, mask_words: torch.Tensor) -> torch.Tensor:
-        """W ⊙ M for one packed mask, as a dense tensor shaped like W."""
+        """W ⊙ M for one packed mask, as a dense tensor shaped like W: W where the bit is set, +0 where
+        it is clear (selected, as every kernel does, so a masked-out ±inf or NaN never enters)."""
         n = math.prod(weight.shape[1:])
-        return weight * unpack_bits_float(mask_words, n, weight.dtype).view_as(weight)
+        return torch.where(unpack_bits_torch(mask_words, n).view_as(weight), weight, weight.new_zeros(()))
 
     # -- bank products ------------------------------------------------------------------------
     def _task_chunks(self, bank: torch.Tensor) -> List[Tuple[int, int]]:
@@ -264,8 +265,8 @@ class ReferenceBackend:
         return dx, dw
 
     def threshold_masked_weight(self, scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """W ⊙ 1[scores ≥ 0] (the training-time threshold supermask)."""
-        return weight * (scores >= 0).to(weight.dtype)
+        """W ⊙ 1[scores ≥ 0] (the training-time threshold supermask), selected as in masked_weight."""
+        return torch.where(scores >= 0, weight, weight.new_zeros(()))
 
     def ste_rmsprop_step_(self, param: torch.Tensor, weight_grad: torch.Tensor, weight: torch.Tensor,
                           square_avg: torch.Tensor, masked_weight: torch.Tensor, lr: float, alpha: float, eps: float,
