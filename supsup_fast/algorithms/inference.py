@@ -215,8 +215,8 @@ def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Ten
     q = xs.shape[0]
     device = next(iter(model.buffers())).device
     alpha = torch.full((k,), 1.0 / k, device=device)
-    seen = {}
-    hooks = [layer.register_forward_hook(lambda m, inp, out, name=name: seen.__setitem__(name, (inp[0], out)))
+    seen = {name: [] for name in layers}  # every call of a layer (one may run more than once a forward)
+    hooks = [layer.register_forward_hook(lambda m, inp, out, name=name: seen[name].append((inp[0], out)))
              for name, layer in layers.items()]
     try:
         xs = xs.detach().requires_grad_(True)  # gradients flow to every layer's output, not to alpha
@@ -224,14 +224,29 @@ def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Ten
             logits = model(xs)
         # Objectives are means over examples, so q × objective = Σ_j objective(example j).
         total = get_objective(objective)(logits, num_labels) * q
-        names = list(layers)
-        grads = torch.autograd.grad(total, [seen[name][1] for name in names])
+        calls = [(name, x_in, y) for name in layers for x_in, y in seen[name]]
+        grads = torch.autograd.grad(total, [y for _, _, y in calls], allow_unused=True)
     finally:
         for h in hooks:
             h.remove()
     out = torch.zeros(q, k, dtype=torch.float32, device=device)
-    for name, g in zip(names, grads):
-        _add_layer_alpha_gradients(out, layers[name], g, seen[name][0].detach(), max_chunk_bytes)
+    for (name, x_in, y), g in zip(calls, grads):
+        if g is None:  # an output the logits do not depend on
+            continue
+        if x_in.dim() < 2 or x_in.shape[0] != q or y.shape[0] != q:
+            raise ValueError(f"batched task inference needs each layer's input and output to keep the {q} queries as "
+                             f"their first dimension; layer {name!r} saw {tuple(x_in.shape)} -> {tuple(y.shape)}: "
+                             f"infer each image with infer_task instead")
+        # A query's weight gradient is the sum of its rank-one terms over the layer's calls and, for an
+        # input [q, T, in], over its T rows: each is added as a query of its own, then summed.
+        rows = x_in[0].numel() // x_in.shape[-1]
+        if rows == 1:
+            _add_layer_alpha_gradients(out, layers[name], g, x_in.detach(), max_chunk_bytes)
+        else:
+            part = torch.zeros(q * rows, k, dtype=torch.float32, device=device)
+            _add_layer_alpha_gradients(part, layers[name], g.reshape(q * rows, -1), x_in.detach().reshape(q * rows, -1),
+                                       max_chunk_bytes)
+            out += part.view(q, rows, k).sum(1)
     return out
 
 

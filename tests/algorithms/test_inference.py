@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import supsup_fast as ss
 import supsup_fast.nn as snn
@@ -206,3 +207,36 @@ def test_a_second_copy_is_built_only_where_it_reads_at_most_three_quarters():
     # a layer that adds nothing (no live output or no nonzero input) reads what is kept, the row copy if none
     assert not _read_transposed((None, None), 0, 50, w) and not _read_transposed((None, None), 10, 0, w)
     assert _read_transposed((None, copy), 10, 0, w) and not _read_transposed((copy, None), 0, 50, w)
+
+
+def test_batched_queries_through_a_layer_called_twice_and_over_token_rows():
+    """A query's weight gradient sums rank-one terms over a layer's calls in one forward (a weight-tied
+    layer) and over the rows of a [q, T, in] input: the batched α-gradients equal one-image calls."""
+    import supsup_fast as ss
+    from supsup_fast.algorithms.inference import alpha_gradient, alpha_gradients_batched
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(torch.relu(self.a(x)))))
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(12, 32), nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))).mean(1)
+
+    torch.manual_seed(0)
+    for net, xs in ((Tied(), torch.randn(6, 16)), (Tokens(), torch.randn(5, 7, 12))):
+        model = ss.convert(net, weights="signed_constant")
+        for t in range(3):
+            snn.begin_task(model, generator=torch.Generator().manual_seed(t))
+            snn.finish_task(model)
+        batched = alpha_gradients_batched(model, xs)
+        one_by_one = torch.stack([alpha_gradient(model, xs[j:j + 1], "entropy", 10) for j in range(xs.shape[0])])
+        torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-7)
