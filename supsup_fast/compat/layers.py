@@ -54,6 +54,7 @@ class MultitaskMaskMixin:
         self.scores = ScoreList()
         n = self.weight[0].numel()
         self.bank = MaskBank(self.weight.shape[0], n, device=self.weight.device)
+        self.bank.persist_rows = False  # the layer's state_dict carries the bits as mask_bits, as upstream's layout
         self._stream = ScoreStream(tuple(self.weight.shape), num_tasks)
         self._filler = set()  # bank rows holding an untrained task's initial mask
         self._version = 0  # bumped whenever the bank changes (count cache key)

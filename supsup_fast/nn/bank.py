@@ -13,7 +13,11 @@ from ..bits import num_words
 class TaskRows(nn.Module):
     """A ``[k, *row_shape]`` tensor that grows by one row per task without copying all previous
     rows each time: the buffer's capacity doubles when full, so appending k tasks costs O(k) row
-    copies in total. ``rows`` is a view of the first ``k`` rows."""
+    copies in total. ``rows`` is a view of the first ``k`` rows.
+
+    ``state_dict()`` holds the k rows (``{prefix}rows``, not the spare capacity) and
+    ``load_state_dict`` restores them, k included, refusing rows of another shape or dtype;
+    ``persist_rows = False`` leaves them out (a layer that saves its rows in a format of its own)."""
 
     def __init__(self, row_shape: Tuple[int, ...], dtype: torch.dtype, device=None):
         super().__init__()
@@ -21,6 +25,30 @@ class TaskRows(nn.Module):
         self.register_buffer("storage", torch.zeros(0, *self.row_shape, dtype=dtype, device=device), persistent=False)
         self.count = 0
         self._kept_row = None  # (storage, index, view) of the last row() call
+        self.persist_rows = True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.persist_rows:  # a copy of the k rows: saving the view would write the whole storage
+            destination[prefix + "rows"] = self.rows.detach().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        rows = state_dict.pop(prefix + "rows", None) if self.persist_rows else None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if not self.persist_rows:
+            return
+        if rows is None:
+            missing_keys.append(prefix + "rows")
+            return
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 1 + len(self.row_shape) or \
+                tuple(rows.shape[1:]) != self.row_shape or rows.dtype != self.storage.dtype:
+            got = f"{rows.dtype}{list(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+            error_msgs.append(f"{prefix}rows must be {self.storage.dtype}[k, {', '.join(map(str, self.row_shape))}], got {got}")
+            return
+        with torch.no_grad(), torch.inference_mode(False):
+            self.storage = rows.to(self.storage.device).clone()
+        self.count = rows.shape[0]
+        self._kept_row = None
 
     @property
     def rows(self) -> torch.Tensor:

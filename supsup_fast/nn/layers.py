@@ -144,6 +144,13 @@ class SupermaskLayer(CountCaches, nn.Module):
         self.bank.append(words.to(self.weight.device))
         self._counts = None
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The bank (a child, loaded after this) may come back with other masks: the caches keyed on
+        # the task count go now, before anything can read them.
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._counts = None
+        self._active_cache = None
+
     def truncate_tasks(self, k: int) -> None:
         self.bank.truncate(k)
         self._counts = None

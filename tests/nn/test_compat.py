@@ -460,7 +460,8 @@ def test_state_dict_round_trip_and_official_checkpoint(tmp_path):
             m.task = t
         with torch.no_grad():
             assert torch.allclose(ours(x), ref(x), atol=1e-5)
-    # our own state_dict carries the bits; a fresh model loads it
+    # our own state_dict carries the bits (as mask_bits, not also as the bank's rows); a fresh model loads it
+    assert not any(k.endswith(".rows") for k in ours.state_dict())
     fresh = nn.Sequential(compat.MultitaskMaskLinear(50, 20, num_tasks=3, bias=False), nn.ReLU(),
                           compat.MultitaskMaskLinear(20, 10, num_tasks=3, bias=False))
     fresh.load_state_dict(ours.state_dict())

@@ -334,3 +334,39 @@ def test_active_must_be_distinct_task_indices():
         with snn.superposition(layer, a, active=torch.tensor(active), uniform=True):
             y = layer(x)
         torch.testing.assert_close(y, F.linear(x, layer.weight * masks[active].mean(0)), rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_carries_the_masks_and_per_task_statistics():
+    """model.state_dict() holds each bank's k rows and each per-task BN's statistics (not the spare
+    capacity); a fresh model loads them and gives the same outputs in every mode; rows of another
+    shape, or a state dict without them, are refused by load_state_dict."""
+    import io
+
+    def make():
+        torch.manual_seed(0)
+        return ss.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                        nn.Linear(8 * 6 * 6, 10)), weights="signed_constant")
+    model, x = make(), torch.randn(4, 3, 8, 8)
+    for _ in range(3):
+        snn.begin_task(model)
+        model(x).sum().backward()
+        snn.finish_task(model)
+    sd = model.state_dict()
+    assert sd["0.bank.rows"].shape == (3, 8, 1) and sd["4.bank.rows"].shape == (3, 10, 9) and sd["1.means.rows"].shape == (3, 8)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    fresh = make()
+    fresh.load_state_dict(torch.load(buf))
+    assert snn.num_tasks(fresh) == 3
+    for fn in (lambda m: snn.set_task(m, 2), lambda m: snn.set_task(m, 0)):
+        fn(model), fn(fresh)
+        with torch.no_grad():
+            assert torch.equal(fresh(x), model(x))
+    alpha = torch.full((3,), 1 / 3)
+    with snn.superposition(model, alpha, uniform=True), snn.superposition(fresh, alpha, uniform=True):
+        torch.testing.assert_close(fresh(x), model(x))
+    with pytest.raises(RuntimeError, match=r"4.bank.rows must be torch.int32\[k, 10, 9\], got torch.int32\[3, 10, 8\]"):
+        make().load_state_dict(dict(sd, **{"4.bank.rows": sd["4.bank.rows"][..., :8]}))
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "0.bank.rows"'):
+        make().load_state_dict({k: v for k, v in sd.items() if not k.endswith(".rows")})
