@@ -55,14 +55,15 @@ class MultitaskBatchNorm(nn.Module):
         return len(self.means)
 
     def begin_task(self, init_scores=None, generator=None) -> None:
-        dev = self.means.storage.device
-        self.current_mean = torch.zeros(self.num_features, device=dev)
-        self.current_var = torch.ones(self.num_features, device=dev)
+        dev, dtype = self.means.storage.device, self.means.storage.dtype
+        self.current_mean = torch.zeros(self.num_features, device=dev, dtype=dtype)
+        self.current_var = torch.ones(self.num_features, device=dev, dtype=dtype)
         self._mode = Train()
 
     def finish_task(self) -> None:
-        self.means.append(self.current_mean)
-        self.vars.append(self.current_var)
+        dtype = self.means.storage.dtype  # the module's (model.double(), .bfloat16() convert it)
+        self.means.append(self.current_mean.to(dtype))
+        self.vars.append(self.current_var.to(dtype))
         self.current_mean = self.current_var = None
         self._mode = OneTask(self.num_tasks - 1)
 
@@ -97,6 +98,10 @@ class MultitaskBatchNorm(nn.Module):
                 raise RuntimeError(f"task {t} has no BN statistics yet ({self.num_tasks} learned)")
             return F.batch_norm(x, self.means.rows[t], self.vars.rows[t], None, None, False, 0.0, self.eps)
         # Superposition: no single task's statistics apply; normalise with the batch's own.
+        if x.dim() >= 2 and x.numel() == x.shape[1]:
+            raise ValueError(f"a superposed {type(self).__name__} normalises with the batch's own statistics, and x "
+                             f"{tuple(x.shape)} holds one value per channel: infer the task from 2 or more images "
+                             f"(infer_task(model, x[:2]), --infer-images 2)")
         return F.batch_norm(x, None, None, None, None, True, 0.0, self.eps)
 
     def extra_repr(self) -> str:

@@ -101,4 +101,4 @@ def masked_weight_from_scores(scores: torch.Tensor, weight: torch.Tensor, mask_f
     """The training-time effective weight W ⊙ M(scores), differentiable in the scores (STE)."""
     if mask_fn == "threshold":
         return _ThresholdMaskedWeight.apply(scores, weight)
-    return weight * ste_mask(scores, mask_fn, density)
+    return weight * ste_mask(scores, mask_fn, density).to(weight.dtype)  # a {0, 1} mask: exact in any dtype

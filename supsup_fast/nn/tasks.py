@@ -23,6 +23,9 @@ def supermask_layers(model: nn.Module) -> Dict[str, SupermaskLayer]:
 
 def num_tasks(model: nn.Module) -> int:
     counts = {m.num_tasks for m in task_modules(model)}
+    if not counts:
+        raise ValueError(f"{type(model).__name__} has no supermask layer (SupermaskLinear / SupermaskConv2d) or "
+                         f"per-task BatchNorm: nothing in it holds tasks")
     if len(counts) != 1:
         raise RuntimeError(f"layers disagree on the number of learned tasks: {sorted(counts)}")
     return counts.pop()

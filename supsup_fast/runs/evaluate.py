@@ -23,6 +23,9 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     ``shard_bank`` under torchrun each rank reads only its own range of the task checkpoints."""
     run_dir, out = Path(run_dir), Path(out)
     cfg_path, model_path = run_dir / "config.json", run_dir / "model.safetensors"
+    if (run_dir / "hopfield.safetensors").is_file() or (run_dir / "checkpoints" / "hopfield.safetensors").is_file():
+        raise RunDirError(f"{run_dir} is a HopSupSup run (--inference hopfield): its masks live in its Hopfield "
+                          f"network, not in a mask file, so `evaluate` has none to re-evaluate")
     if not cfg_path.is_file() or not model_path.is_file():
         raise RunDirError(f"{run_dir} is not a finished run (needs config.json and model.safetensors)")
     check_output_folder(run_dir, out)

@@ -92,7 +92,8 @@ def save_masks(model: nn.Module, path: Union[str, Path], first_task: int = 0, en
         raise ValueError(f"task range [{first_task}, {end_task}) is not within the {k} learned tasks")
     spec = getattr(model, "spec", None)
     if spec is None:
-        raise ValueError("model has no .spec (build it with supsup_fast.models.build_model)")
+        raise ValueError("model has no .spec (build it with supsup_fast.models.build_model); keep another model's "
+                         "masks with torch.save(model.state_dict()), which holds them")
     tensors: Dict[str, torch.Tensor] = {}
     for name, layer in supermask_layers(model).items():
         tensors[f"bank/{name}"] = layer.bank.words[first_task:end_task].detach().cpu().contiguous()

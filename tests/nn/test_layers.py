@@ -370,3 +370,39 @@ def test_state_dict_carries_the_masks_and_per_task_statistics():
         make().load_state_dict(dict(sd, **{"4.bank.rows": sd["4.bank.rows"][..., :8]}))
     with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "0.bank.rows"'):
         make().load_state_dict({k: v for k, v in sd.items() if not k.endswith(".rows")})
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_topk_and_per_task_batchnorm_train_in_the_models_dtype(dtype):
+    torch.manual_seed(0)
+    model = ss.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)),
+                       mask_fn="topk").to(dtype)
+    x = torch.randn(4, 3, 8, 8, dtype=dtype)
+    for _ in range(2):
+        snn.begin_task(model)
+        model.train()
+        model(x).sum().backward()
+        snn.finish_task(model)
+    model.eval()
+    snn.set_task(model, 1)
+    with torch.no_grad():
+        assert model(x).dtype == dtype and snn.num_tasks(model) == 2
+
+
+def test_clear_errors_for_models_without_tasks_and_one_image_through_batchnorm1d():
+    from supsup_fast.algorithms import infer_task
+    from supsup_fast.runs.maskfile import save_model
+    with pytest.raises(ValueError, match="has no supermask layer .* nothing in it holds tasks"):
+        snn.num_tasks(nn.Sequential(nn.Linear(3, 2)))
+    with pytest.raises(ValueError, match=r"model has no .spec .* torch.save\(model.state_dict\(\)\)"):
+        save_model(ss.convert(nn.Sequential(nn.Linear(3, 2))), "/tmp/never.safetensors")
+    torch.manual_seed(0)
+    model = ss.convert(nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10)))
+    for _ in range(2):
+        snn.begin_task(model)
+        model(torch.randn(8, 20)).sum().backward()
+        snn.finish_task(model)
+    model.eval()
+    with pytest.raises(ValueError, match=r"holds one value per channel: infer the task from 2 or more images"):
+        infer_task(model, torch.randn(1, 20))
+    assert infer_task(model, torch.randn(2, 20)) in (0, 1)

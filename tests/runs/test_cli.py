@@ -87,3 +87,5 @@ def test_nns_and_hopsupsup_from_the_command_line(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "recovered exactly" in text and "Hopfield storage      33.6 MB" in text
     assert (out / "hopfield.safetensors").is_file()
+    assert main(["evaluate", str(out), "--no-progress"]) == 2  # its masks live in the Hopfield network
+    assert "is a HopSupSup run (--inference hopfield): its masks live in its Hopfield network" in capsys.readouterr().err
