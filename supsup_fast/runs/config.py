@@ -132,6 +132,17 @@ class RunConfig:
                              f"got --inference {self.inference} --model {self.model}")
         if self.inference == "hopfield" and self.scenario != "GNu":
             raise ValueError(f"--inference hopfield runs scenario GNu, got --scenario {self.scenario}")
+        if self.inference == "hopfield":
+            # HopSupSup trains with SGD and a cosine schedule over whole epochs and recovers each mask from
+            # its Hopfield network (hop_settings): these settings would be recorded but never used.
+            unused = {"optimizer": "sgd", "scheduler": "cosine", "iters": None, "eval_at": [], "objective": "entropy",
+                      "infer_images": 1, "log_base": 2.0, "transfer": False, "mask_fn": None, "density": None,
+                      "er_multiplier": None}
+            given = [_flag(k) + f" {getattr(self, k)!r}" for k, v in unused.items() if getattr(self, k) != v]
+            if given:
+                raise ValueError(f"--inference hopfield (HopSupSup) does not use {', '.join(given)}: it trains with SGD "
+                                 f"and a cosine schedule over whole epochs (--epochs) and recovers each mask from its "
+                                 f"Hopfield network; drop them")
         if self.scenario == "NNs" and self.model not in ("fc1024", "lenet"):
             raise ValueError(f"--scenario NNs needs an MLP without per-task BN (fc1024 or lenet), got --model {self.model}")
         if self.scenario == "NNs" and self.transfer:

@@ -101,7 +101,10 @@ def test_hopfield_without_preset_gets_the_preset_training_settings():
     # A flag or a preset value still wins; other inference methods keep the generic defaults.
     cfg = make_config(overrides=dict(model="bnnet", inference="hopfield", benchmark="split-mnist-10", lr=0.05))
     assert cfg.lr == 0.05 and cfg.optimizer == "sgd"
-    assert make_config(dict(iters=7), dict(model="bnnet", inference="hopfield", benchmark="split-mnist-10")).iters == 7
+    # Settings HopSupSup never reads are refused, not recorded as if used.
+    for preset in (dict(iters=7), dict(optimizer="adam"), dict(eval_at=[1]), dict(objective="superfluous"), dict(infer_images=4)):
+        with pytest.raises(ValueError, match=rf"--inference hopfield \(HopSupSup\) does not use --{next(iter(preset)).replace('_', '-')} "):
+            make_config(preset, dict(model="bnnet", inference="hopfield", benchmark="split-mnist-10", tasks=2))
     assert make_config().lr == RunConfig().lr == 1e-4
     help_text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()
     assert "hopsupsup_split_mnist.yaml" in " ".join(help_text.split())
