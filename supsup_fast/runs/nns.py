@@ -13,7 +13,7 @@ from ..nn import num_tasks
 from ..ops.registry import backend_for, use_backend
 from . import maskfile
 from .loop import Experiment, evaluation_points, task_generator, train_subset, unusable_checkpoint
-from .rundir import check_identity
+from .rundir import RunDirError, check_identity
 
 
 class NNsRun(Experiment):
@@ -46,6 +46,13 @@ class NNsRun(Experiment):
             backend_name = backend_for(self.device).name
             rows = self.progress_rows()
             eval_points = evaluation_points(cfg)
+            # A row is computed with the masks as they stand after its true task, and those change as
+            # later true tasks train them: a point this run has passed without its row cannot be made up.
+            passed = [k for k in eval_points if k <= done and k < cfg.tasks and not any(r["tasks_learned"] == k for r in rows)]
+            if passed:
+                raise RunDirError(f"--eval-at {passed}: this NNs run has passed {'that point' if len(passed) == 1 else 'those points'} "
+                                  f"({done} true tasks done) and its masks have changed since; NNs rows are computed "
+                                  f"as the run reaches them: drop {'it' if len(passed) == 1 else 'them'} or start a new --out")
             task_bar = tqdm(range(cfg.tasks), desc=f"NNs {cfg.benchmark}", unit="true task", disable=not self.progress)
             task_bar.update(done)
             for t in range(done, cfg.tasks):
@@ -64,14 +71,16 @@ class NNsRun(Experiment):
                                     device=self.device, num_labels=self.tasks.num_labels, seed=cfg.seed,
                                     expected=self._expected_mask(t))
                 after.append(own.accuracy)
+                # The row before the checkpoint: interrupted between them, the resume retrains true task t
+                # (the same masks) and finds its row, never a checkpoint past a point without its row.
+                if t + 1 in eval_points and t + 1 < cfg.tasks and not any(r["tasks_learned"] == t + 1 for r in rows):
+                    rows.append(self._evaluate_all(t + 1, f"eval {t + 1} true tasks"))
+                    self.save_progress(rows)
                 self._on_main(lambda: maskfile.save_model(self.model, ckpt, extra={
                     "true_tasks_done": t + 1, "accuracy_after_training": after, "train_seconds": train_seconds,
                     "allocator": allocator.state.to_dict(), "run_identity": self.identity()}))
                 task_bar.update(1)
                 task_bar.set_postfix(masks=num_tasks(self.model), acc=f"{own.accuracy:.4f}")
-                if t + 1 in eval_points and t + 1 < cfg.tasks and not any(r["tasks_learned"] == t + 1 for r in rows):
-                    rows.append(self._evaluate_all(t + 1, f"eval {t + 1} true tasks"))
-                    self.save_progress(rows)
             allocator.finish()
             self._on_main(lambda: maskfile.save_model(self.model, self.out / "model.safetensors",
                                                      extra={**self._model_extra(after), **self._nns_extra()}))

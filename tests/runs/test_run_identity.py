@@ -206,3 +206,15 @@ def test_evaluate_says_how_to_rebuild_a_corrupt_run_config(finished, tmp_path):
     with pytest.raises(RunDirError, match=r"config.json is unreadable or not valid JSON .* delete it and run "
                                           r"`supsup-fast run` with the run's settings, --out .* and --resume"):
         evaluate_run(mine, {}, tmp_path / "eval", progress=False)
+
+
+def test_an_nns_run_refuses_an_evaluation_point_it_has_passed(tmp_path):
+    """NNs masks keep training as later true tasks arrive, so a row for a point already passed cannot
+    be computed with the masks of that time: adding it on --resume is refused, not computed with
+    the later masks."""
+    out = tmp_path / "nns"
+    run(out, scenario="NNs", tasks=2)
+    with pytest.raises(RunDirError, match=r"--eval-at \[1\]: this NNs run has passed that point \(2 true tasks done\)"):
+        run(out, resume=True, scenario="NNs", tasks=2, eval_at=[1])
+    done = run(out, resume=True, scenario="NNs", tasks=2)  # without it, the finished run resumes as before
+    assert len(done["accuracy_after_training"]) == 2
