@@ -11,6 +11,7 @@ import copy
 import fnmatch
 import sys
 import types
+import warnings
 from typing import Iterable, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -108,8 +109,12 @@ def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Itera
     frozen; ``"signed_constant"`` (the paper) or ``"kaiming_normal"`` re-draw them from ``seed``
     (layer i uses ``seed + i``) without bias.
     include / exclude: module names (glob patterns, e.g. ``"features.*"``) or module types; by
-    default every Linear and Conv2d is converted. batchnorm: BatchNorm1d/2d become per-task
-    non-affine BN (with ``"keep"``, a pretrained affine γ, β is kept frozen after it).
+    default every Linear and Conv2d is converted (exactly those classes: a subclass, such as
+    MultiheadAttention's ``out_proj`` whose weight the attention reads directly, is left frozen,
+    with a warning naming it; a module registered under several names, a tied layer, is converted
+    once and stays shared). batchnorm: every BatchNorm1d/2d not excluded becomes per-task
+    non-affine BN (``include`` selects the masked layers only; with ``"keep"``, a pretrained affine
+    γ, β is kept frozen after it).
     mask_fn / density: ``"threshold"`` (scores >= 0) or ``"topk"`` (edge-popup, keep ``density``).
     inplace: convert ``module`` itself instead of a deep copy. freeze_others: the parameters left
     (unconverted layers) stop requiring grad, so only the task's scores are ever trained.
@@ -121,26 +126,34 @@ def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Itera
         raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
     include_s, exclude_s = _selectors("include", include), _selectors("exclude", exclude)
     model = module if inplace else copy.deepcopy(module)
-    plan = []
-    for name, m in model.named_modules():
+    plan, skipped = [], []
+    for name, m in model.named_modules():  # each module once, at its first name (as torch lists it)
         if type(m) in (nn.Linear, nn.Conv2d):
             if (not include_s or _matches(name, m, include_s)) and not _matches(name, m, exclude_s):
                 plan.append((name, "mask", m))
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            skipped.append(f"{name} ({type(m).__name__})")
         elif batchnorm and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not _matches(name, m, exclude_s):
             plan.append((name, "bn", m))
     if not any(kind == "mask" for _, kind, _ in plan):
         raise ValueError("no nn.Linear / nn.Conv2d layer matched include/exclude: nothing to convert")
     if any(name == "" for name, _, _ in plan):
         raise ValueError("module itself is a single layer: wrap it (e.g. nn.Sequential(layer)) to convert it")
-    index = 0
+    if skipped:  # a subclass may be read by its owner without its forward (MultiheadAttention's out_proj)
+        warnings.warn(f"convert leaves {len(skipped)} subclass(es) of nn.Linear / nn.Conv2d as they are (frozen, "
+                      f"unmasked): {', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''}", stacklevel=2)
+    index, replaced = 0, {}
     for name, kind, m in plan:
         if kind == "mask":
-            new = _mask_layer(name, m, weights, seed + index, mask_fn, density)
+            replaced[id(m)] = _mask_layer(name, m, weights, seed + index, mask_fn, density)
             index += 1
         else:
-            new = _task_bn(m, weights)
-        parent_name, _, child = name.rpartition(".")
-        model.get_submodule(parent_name)._modules[child] = new
+            replaced[id(m)] = _task_bn(m, weights)
+    # A module registered under several names (a weight-tied layer) becomes one new module at all of them.
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if id(m) in replaced and name:
+            parent_name, _, child = name.rpartition(".")
+            model.get_submodule(parent_name)._modules[child] = replaced[id(m)]
     if freeze_others:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -128,3 +128,20 @@ def test_torch_compile_of_the_converted_model(trained):
         out = compiled(x)
     (g,) = torch.autograd.grad(-(out.softmax(1) * out.log_softmax(1)).sum(1).mean(), alpha)
     assert g.shape == (2,) and bool(torch.isfinite(g).all())
+
+
+def test_a_tied_layer_stays_one_layer_and_subclasses_are_named():
+    lin = nn.Linear(16, 16)
+    model = ss.convert(nn.Sequential(lin, nn.ReLU(), lin, nn.ReLU(), nn.Linear(16, 4)), weights="signed_constant")
+    assert model[0] is model[2] and isinstance(model[0], snn.SupermaskLinear)
+    assert len(snn.supermask_layers(model)) == 2
+    snn.begin_task(model)
+    model(torch.randn(3, 16)).sum().backward()
+    snn.finish_task(model)
+    assert snn.num_tasks(model) == 1
+
+    class Sub(nn.Linear):
+        pass
+    with pytest.warns(UserWarning, match=r"leaves 1 subclass\(es\) of nn.Linear / nn.Conv2d as they are .*: 1 \(Sub\)"):
+        mixed = ss.convert(nn.Sequential(nn.Linear(8, 8), Sub(8, 8)))
+    assert isinstance(mixed[0], snn.SupermaskLinear) and type(mixed[1]) is Sub
