@@ -118,6 +118,7 @@ class TaskRows(nn.Module):
     def __setstate__(self, state):  # a pickle from before the kept view
         super().__setstate__(state)
         self.__dict__.setdefault("_kept_row", None)
+        self.__dict__.setdefault("persist_rows", True)  # a pickle from before the rows were saved
 
     def extra_repr(self) -> str:
         return f"count={self.count}, row_shape={self.row_shape}, dtype={self.storage.dtype}"
