@@ -111,7 +111,8 @@ def default_evaluation_folder(overrides: dict) -> str:
     """``eval-`` and the settings that change what is evaluated, so that evaluations under other
     settings do not overwrite each other: ``eval-GNs``, ``eval-superfluous-binary``, ``eval-same``."""
     parts = [str(overrides[k]) for k in ("scenario", "objective", "inference", "calibration") if k in overrides]
-    parts += [f"{flag}{overrides[k]}" for k, flag in (("infer_images", "i"), ("log_base", "b")) if k in overrides]
+    parts += [f"{flag}{overrides[k]}" for k, flag in (("infer_images", "i"), ("log_base", "b"), ("test_batch_size", "t"))
+              if k in overrides]
     return "eval-" + ("-".join(parts) if parts else "same")
 
 

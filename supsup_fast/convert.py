@@ -132,7 +132,8 @@ def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Itera
             if (not include_s or _matches(name, m, include_s)) and not _matches(name, m, exclude_s):
                 plan.append((name, "mask", m))
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
-            skipped.append(f"{name} ({type(m).__name__})")
+            if (not include_s or _matches(name, m, include_s)) and not _matches(name, m, exclude_s):
+                skipped.append(f"{name} ({type(m).__name__})")
         elif batchnorm and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not _matches(name, m, exclude_s):
             plan.append((name, "bn", m))
     if not any(kind == "mask" for _, kind, _ in plan):

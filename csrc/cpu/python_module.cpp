@@ -143,6 +143,11 @@ int32_t bank_word(const at::Tensor& bank, int64_t task, int64_t row, int64_t wor
 // the last task; one of another bank differs almost everywhere).
 constexpr int kSamples = 9;
 int64_t spread(int s, int64_t size) { return size <= 1 ? 0 : (s == kSamples - 1 ? size - 1 : (s * 7919) % size); }
+// The last task, where a copy made before it was appended differs only in its bits, gets many more
+// samples: a sparse mask (1 % of bits set) has a word of 32 bits zero with probability 0.72, so 64
+// words miss it with probability about 1e-9, and 512 single bits about 0.6 %.
+constexpr int kLastTaskWords = 64, kLastTaskBits = 512;
+int64_t scatter(int s, int64_t size) { return size <= 1 ? 0 : (static_cast<int64_t>(s) * 2654435761LL) % size; }
 
 // bank_t == interleave_tasks(bank) at sampled words: bank_t [*lead, W, kp] holds word (i, r, w) at
 // [r, w, i] and zeros in the lanes i >= k. True/False, or None where the arguments are not plain
@@ -163,6 +168,10 @@ PyObject* interleaved_copy_matches(PyObject*, PyObject* const* args, Py_ssize_t 
     const int64_t i = spread(s, k), r = spread((s + 3) % kSamples, R), w = spread((s + 5) % kSamples, W);
     if (t[(r * W + w) * kp + i] != bank_word(*bank, i, r, w)) Py_RETURN_FALSE;
     if (k < kp && t[(r * W + w) * kp + k + spread(s, kp - k)] != 0) Py_RETURN_FALSE;
+  }
+  for (int s = 0; s < kLastTaskWords; ++s) {
+    const int64_t at = scatter(s, R * W), r = at / W, w = at % W;
+    if (t[at * kp + k - 1] != bank_word(*bank, k - 1, r, w)) Py_RETURN_FALSE;
   }
   Py_RETURN_TRUE;
 }
@@ -190,6 +199,13 @@ PyObject* weight_copy_matches(PyObject*, PyObject* const* args, Py_ssize_t nargs
     if (k % 32 != 0 && (static_cast<uint32_t>(t[(r * groups + groups - 1) * np + j]) >> (k % 32)) != 0) Py_RETURN_FALSE;
     if (n < np && t[(r * groups + i / 32) * np + n + spread(s, np - n)] != 0) Py_RETURN_FALSE;
   }
+  const int64_t last = k - 1;
+  for (int s = 0; s < kLastTaskBits; ++s) {
+    const int64_t at = scatter(s, R * n), r = at / n, j = at % n;
+    const uint32_t copied = static_cast<uint32_t>(t[(r * groups + last / 32) * np + j]);
+    const uint32_t word = static_cast<uint32_t>(bank_word(*bank, last, r, j / 32));
+    if (((copied >> (last % 32)) & 1u) != ((word >> (j % 32)) & 1u)) Py_RETURN_FALSE;
+  }
   Py_RETURN_TRUE;
 }
 
@@ -214,6 +230,12 @@ PyObject* transposed_copy_matches(PyObject*, PyObject* const* args, Py_ssize_t n
     const uint32_t word = static_cast<uint32_t>(bank_word(*bank, i, o, j / 32));
     if (((copied >> (o % 32)) & 1u) != ((word >> (j % 32)) & 1u)) Py_RETURN_FALSE;
     if (k < kp && t[(j * OW + o / 32) * kp + k + spread(s, kp - k)] != 0) Py_RETURN_FALSE;
+  }
+  for (int s = 0; s < kLastTaskBits; ++s) {
+    const int64_t at = scatter(s, out * n), o = at / n, j = at % n;
+    const uint32_t copied = static_cast<uint32_t>(t[(j * OW + o / 32) * kp + k - 1]);
+    const uint32_t word = static_cast<uint32_t>(bank_word(*bank, k - 1, o, j / 32));
+    if (((copied >> (o % 32)) & 1u) != ((word >> (j % 32)) & 1u)) Py_RETURN_FALSE;
   }
   Py_RETURN_TRUE;
 }

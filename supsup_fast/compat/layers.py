@@ -127,6 +127,10 @@ class MultitaskMaskMixin:
         bits = mask.float()
         return (bits * 2 - 1) * m if self.mask_fn == "threshold" else (bits + 1) * m
 
+    def __setstate__(self, state):  # a pickle from before the bank saved its rows: they travel as mask_bits here
+        super().__setstate__(state)
+        self.bank.persist_rows = False
+
     # -- state_dict: the bits travel as ``mask_bits``; an official ``stacked`` is read too ---------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

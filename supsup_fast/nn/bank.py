@@ -40,6 +40,8 @@ class TaskRows(nn.Module):
         if rows is None:
             missing_keys.append(prefix + "rows")
             return
+        if isinstance(rows, torch.Tensor) and rows.is_floating_point() and self.storage.is_floating_point():
+            rows = rows.to(self.storage.dtype)  # as load_state_dict converts a float buffer
         if not isinstance(rows, torch.Tensor) or rows.dim() != 1 + len(self.row_shape) or \
                 tuple(rows.shape[1:]) != self.row_shape or rows.dtype != self.storage.dtype:
             got = f"{rows.dtype}{list(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
@@ -211,6 +213,10 @@ class MaskBank(TaskRows):
 
     def drop_interleaved(self) -> None:
         self._interleaved = (None, None, None)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new rows: the copies of the old ones go
+        super()._load_from_state_dict(*args, **kwargs)
+        self.drop_interleaved()
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .float(), ...: the copy stays behind otherwise
         self.drop_interleaved()

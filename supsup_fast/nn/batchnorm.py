@@ -81,7 +81,7 @@ class MultitaskBatchNorm(nn.Module):
     def set_mode_train(self) -> None:
         self._mode = Train()
 
-    def set_mode_superpose(self, alpha=None, active=None, uniform=False) -> None:
+    def set_mode_superpose(self, alpha=None, active=None, uniform=False, *, checked: bool = False) -> None:
         self._mode = Superposition()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -169,13 +169,14 @@ class SupermaskLayer(CountCaches, nn.Module):
             raise RuntimeError("no task is being trained: call begin_task first")
         self._mode = Train(fused)
 
-    def set_mode_superpose(self, alpha: torch.Tensor, active: Optional[torch.Tensor] = None, uniform: bool = False) -> None:
+    def set_mode_superpose(self, alpha: torch.Tensor, active: Optional[torch.Tensor] = None, uniform: bool = False,
+                           *, checked: bool = False) -> None:
         """Superpose the bank (or the tasks listed in ``active``) with coefficients ``alpha``.
         ``uniform=True`` promises alpha = 1/k over the k superposed tasks (enables the count caches);
         the promise is checked here (``check_uniform_alpha``), whoever calls."""
-        if active is not None:
+        if active is not None and not checked:  # set_superposition checked it once for all layers
             ops.checks.check_active(active, self.num_tasks)
-        if uniform:
+        if uniform and not checked:
             check_uniform_alpha(alpha, self.num_tasks if active is None else active.numel())
         self._mode = Superposition(alpha, active, bool(uniform))
 

@@ -112,7 +112,7 @@ def set_superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[to
         # Every layer checks it too (set_mode_superpose); once here, so no layer is switched when it fails.
         check_uniform_alpha(alpha, k)
     for m in task_modules(model):
-        m.set_mode_superpose(alpha, active, uniform)
+        m.set_mode_superpose(alpha, active, uniform, checked=True)
 
 
 @contextlib.contextmanager

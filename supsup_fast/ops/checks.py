@@ -60,8 +60,8 @@ def check_alpha(alpha: torch.Tensor, k: int) -> None:
 def check_active(active: torch.Tensor, k: int) -> None:
     """``active``, the subset of a k-task bank to superpose: a 1-D integer tensor of distinct task
     indices in [0, k) (a repeated index would count its mask twice in one sum and not in another)."""
-    if not isinstance(active, torch.Tensor) or active.is_floating_point() or active.is_complex() or active.dtype == torch.bool:
-        raise TypeError(f"active must be an integer tensor of task indices, got {type(active).__name__}"
+    if not isinstance(active, torch.Tensor) or active.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"active must be an int64 or int32 tensor of task indices, got {type(active).__name__}"
                         f"{' of dtype ' + str(active.dtype) if isinstance(active, torch.Tensor) else ''}")
     if active.dim() != 1:
         raise ValueError(f"active must be 1-D (task indices), got shape {tuple(active.shape)}")

@@ -145,7 +145,7 @@ def ste_adam_step_(scores: Tensor, weight_grad: Tensor, weight: Tensor, exp_avg:
                    masked_weight: Tensor, step: int, lr: float, betas: Tuple[float, float] = (0.9, 0.999),
                    eps: float = 1e-8, weight_decay: float = 0.0) -> None:
     """:func:`ste_rmsprop_step_` with torch.optim.Adam's rule (no amsgrad, L2 weight decay):
-    g = ``weight_grad`` ⊙ W + wd·s; m ← m + (1-β₁)(g - m); v ← β₂v + (1-β₂)g²;
+    g = ``weight_grad`` ⊙ W + wd·s; m ← lerp(m, g, 1-β₁) as torch computes it; v ← β₂v + (1-β₂)g²;
     s ← s - lr/(1-β₁ᵗ) · m / (√v/√(1-β₂ᵗ) + ε), t = ``step`` (the updates so far, this one included);
     then ``masked_weight`` = W ⊙ 1[s ≥ 0]."""
     _check_step_tensors(weight, scores=scores, weight_grad=weight_grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,

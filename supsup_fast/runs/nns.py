@@ -48,11 +48,14 @@ class NNsRun(Experiment):
             eval_points = evaluation_points(cfg)
             # A row is computed with the masks as they stand after its true task, and those change as
             # later true tasks train them: a point this run has passed without its row cannot be made up.
-            passed = [k for k in eval_points if k <= done and k < cfg.tasks and not any(r["tasks_learned"] == k for r in rows)]
+            passed = [k for k in eval_points if k < done and not any(r["tasks_learned"] == k for r in rows)]
             if passed:
                 raise RunDirError(f"--eval-at {passed}: this NNs run has passed {'that point' if len(passed) == 1 else 'those points'} "
                                   f"({done} true tasks done) and its masks have changed since; NNs rows are computed "
                                   f"as the run reaches them: drop {'it' if len(passed) == 1 else 'them'} or start a new --out")
+            if 0 < done < cfg.tasks and done in eval_points and not any(r["tasks_learned"] == done for r in rows):
+                rows.append(self._evaluate_all(done, f"eval {done} true tasks"))  # the checkpoint holds exactly those masks
+                self.save_progress(rows)
             task_bar = tqdm(range(cfg.tasks), desc=f"NNs {cfg.benchmark}", unit="true task", disable=not self.progress)
             task_bar.update(done)
             for t in range(done, cfg.tasks):

@@ -322,8 +322,8 @@ def test_active_must_be_distinct_task_indices():
     for active, error, message in ((torch.tensor([0, 0, 1]), ValueError, r"distinct task indices, got \[0, 0, 1\]"),
                                    (torch.tensor([0, 3]), ValueError, r"task indices in \[0, 3\), got values in \[0, 3\]"),
                                    (torch.tensor([[0, 1]]), ValueError, "active must be 1-D"),
-                                   (torch.tensor([0.0, 1.0]), TypeError, "integer tensor of task indices"),
-                                   ([0, 1], TypeError, "integer tensor of task indices")):
+                                   (torch.tensor([0.0, 1.0]), TypeError, "int64 or int32 tensor of task indices"),
+                                   ([0, 1], TypeError, "int64 or int32 tensor of task indices")):
         with pytest.raises(error, match=message):
             with snn.superposition(layer, third[: len(active)], active=active, uniform=True):
                 pass
@@ -406,3 +406,29 @@ def test_clear_errors_for_models_without_tasks_and_one_image_through_batchnorm1d
     with pytest.raises(ValueError, match=r"holds one value per channel: infer the task from 2 or more images"):
         infer_task(model, torch.randn(1, 20))
     assert infer_task(model, torch.randn(2, 20)) in (0, 1)
+
+
+def test_state_dict_rows_convert_dtype_and_compat_pickles_keep_their_layout():
+    import copy
+    import pickle
+
+    from supsup_fast.compat import MultitaskMaskLinear, cache_masks, set_model_task
+    torch.manual_seed(0)
+    src = ss.convert(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))).double()
+    snn.begin_task(src)
+    src(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
+    snn.finish_task(src)
+    dst = ss.convert(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)))
+    bank = dst[0].bank
+    snn.begin_task(dst)
+    snn.finish_task(dst)
+    kept = bank.interleaved()
+    dst.load_state_dict(src.state_dict())  # float64 statistics into a float32 model, as torch converts buffers
+    assert dst[1][0].means.rows.dtype == torch.float32 and torch.equal(dst[0].bank.words, src[0].bank.words)
+    assert bank.kept_interleaved()[0] is None and bank.interleaved() is not kept  # the loaded rows' copy, not the old one
+    layer = MultitaskMaskLinear(6, 4, num_tasks=2, bias=False)
+    set_model_task(layer, 0, verbose=False)
+    cache_masks(layer)
+    del layer.bank.__dict__["persist_rows"]  # as pickled before the bank saved its rows
+    for back in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        assert "mask_bits" in back.state_dict() and not any(k.endswith(".rows") for k in back.state_dict())
