@@ -41,7 +41,10 @@ class SupermaskConv2d(SupermaskLayer):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _dense_grads(self, grad, x, w, need_input: bool):
-        """(dL/dx or None, dL/dW) of ``_dense`` at weight ``w``."""
+        """(dL/dx or None, dL/dW) of ``_dense`` at weight ``w``; an unbatched [C, H, W] x as a batch of one."""
+        if x.dim() == 3:
+            dx, dw = self._dense_grads(grad.unsqueeze(0), x.unsqueeze(0), w, need_input)
+            return (dx.squeeze(0) if dx is not None else None), dw
         dx, dw, _ = torch.ops.aten.convolution_backward(grad, x, w, None, list(self.stride), list(self.padding),
                                                         list(self.dilation), False, [0, 0], self.groups,
                                                         [need_input, True, False])

@@ -432,3 +432,18 @@ def test_state_dict_rows_convert_dtype_and_compat_pickles_keep_their_layout():
     del layer.bank.__dict__["persist_rows"]  # as pickled before the bank saved its rows
     for back in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
         assert "mask_bits" in back.state_dict() and not any(k.endswith(".rows") for k in back.state_dict())
+
+
+def test_unbatched_conv_input_trains_with_the_in_backward_optimiser():
+    """One [C, H, W] image takes the step of the batch of one, the fused in-backward RMSprop included."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 7)
+    scores = []
+    for xb in (x, x.unsqueeze(0)):
+        conv = snn.SupermaskConv2d(3, 4, 3, padding=1, seed=5)
+        snn.begin_task(conv, generator=torch.Generator().manual_seed(1))
+        opt = snn.InBackwardRMSprop(conv, lr=1e-2)
+        conv(xb).sum().backward()
+        opt.step()
+        scores.append(conv.scores.detach())
+    torch.testing.assert_close(scores[0], scores[1])
