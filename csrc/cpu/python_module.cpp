@@ -138,6 +138,20 @@ int32_t bank_word(const at::Tensor& bank, int64_t task, int64_t row, int64_t wor
   return *p;
 }
 
+// Bit j (weight j of the row) of task `task`'s row `row` in the bank, and bit b of a copy's word.
+uint32_t bank_bit(const at::Tensor& bank, int64_t task, int64_t row, int64_t j) {
+  return (static_cast<uint32_t>(bank_word(bank, task, row, j / 32)) >> (j % 32)) & 1u;
+}
+uint32_t bit_of(int32_t word, int64_t b) { return (static_cast<uint32_t>(word) >> b) & 1u; }
+
+// The (bank, copy) arguments of a copy check as plain int32 CPU tensors of at least min_dims
+// dimensions, the copy contiguous; false where they are not (the check then says nothing).
+bool bank_and_copy(PyObject* const* args, int64_t min_dims, const at::Tensor*& bank, const at::Tensor*& copy) {
+  bank = plain_words(args[0], min_dims);
+  copy = plain_words(args[1], min_dims);
+  return bank != nullptr && copy != nullptr && copy->is_contiguous();
+}
+
 // The samples of a copy check: tasks spread over [0, k), rows and words over [0, R) and [0, W),
 // always the first and the last of each (a copy of the bank before a task was appended differs in
 // the last task; one of another bank differs almost everywhere).
@@ -157,9 +171,8 @@ PyObject* interleaved_copy_matches(PyObject*, PyObject* const* args, Py_ssize_t 
     PyErr_Format(PyExc_TypeError, "interleaved_copy_matches takes (bank, bank_t), got %zd arguments", nargs);
     return nullptr;
   }
-  const at::Tensor* bank = plain_words(args[0], 2);
-  const at::Tensor* copy = plain_words(args[1], 2);
-  if (bank == nullptr || copy == nullptr || !copy->is_contiguous()) Py_RETURN_NONE;
+  const at::Tensor *bank, *copy;
+  if (!bank_and_copy(args, 2, bank, copy)) Py_RETURN_NONE;
   const int64_t k = bank->size(0), W = bank->size(-1), kp = copy->size(-1);
   const int64_t R = bank->numel() / std::max<int64_t>(1, k * W);
   if (copy->numel() != R * W * kp || kp < k || k == 0 || W == 0 || R == 0) Py_RETURN_NONE;
@@ -184,27 +197,22 @@ PyObject* weight_copy_matches(PyObject*, PyObject* const* args, Py_ssize_t nargs
     return nullptr;
   }
   const int64_t n = PyLong_AsLongLong(args[2]);
-  const at::Tensor* bank = plain_words(args[0], 2);
-  const at::Tensor* copy = plain_words(args[1], 2);
-  if (bank == nullptr || copy == nullptr || !copy->is_contiguous() || n <= 0) Py_RETURN_NONE;
+  const at::Tensor *bank, *copy;
+  if (!bank_and_copy(args, 2, bank, copy) || n <= 0) Py_RETURN_NONE;
   const int64_t k = bank->size(0), W = bank->size(-1), groups = (k + 31) / 32, np = copy->size(-1);
   const int64_t R = bank->numel() / std::max<int64_t>(1, k * W);
   if (k == 0 || R == 0 || W * 32 < n || np < n || copy->numel() != R * groups * np) Py_RETURN_NONE;
   const int32_t* t = copy->data_ptr<int32_t>();
   for (int s = 0; s < kSamples; ++s) {
     const int64_t i = spread(s, k), r = spread((s + 3) % kSamples, R), j = spread((s + 5) % kSamples, n);
-    const uint32_t copied = static_cast<uint32_t>(t[(r * groups + i / 32) * np + j]);
-    const uint32_t word = static_cast<uint32_t>(bank_word(*bank, i, r, j / 32));
-    if (((copied >> (i % 32)) & 1u) != ((word >> (j % 32)) & 1u)) Py_RETURN_FALSE;
+    if (bit_of(t[(r * groups + i / 32) * np + j], i % 32) != bank_bit(*bank, i, r, j)) Py_RETURN_FALSE;
     if (k % 32 != 0 && (static_cast<uint32_t>(t[(r * groups + groups - 1) * np + j]) >> (k % 32)) != 0) Py_RETURN_FALSE;
     if (n < np && t[(r * groups + i / 32) * np + n + spread(s, np - n)] != 0) Py_RETURN_FALSE;
   }
   const int64_t last = k - 1;
   for (int s = 0; s < kLastTaskBits; ++s) {
     const int64_t at = scatter(s, R * n), r = at / n, j = at % n;
-    const uint32_t copied = static_cast<uint32_t>(t[(r * groups + last / 32) * np + j]);
-    const uint32_t word = static_cast<uint32_t>(bank_word(*bank, last, r, j / 32));
-    if (((copied >> (last % 32)) & 1u) != ((word >> (j % 32)) & 1u)) Py_RETURN_FALSE;
+    if (bit_of(t[(r * groups + last / 32) * np + j], last % 32) != bank_bit(*bank, last, r, j)) Py_RETURN_FALSE;
   }
   Py_RETURN_TRUE;
 }
@@ -216,26 +224,20 @@ PyObject* transposed_copy_matches(PyObject*, PyObject* const* args, Py_ssize_t n
     PyErr_Format(PyExc_TypeError, "transposed_copy_matches takes (bank, copy), got %zd arguments", nargs);
     return nullptr;
   }
-  const at::Tensor* bank = plain_words(args[0], 3);
-  const at::Tensor* copy = plain_words(args[1], 3);
-  if (bank == nullptr || copy == nullptr || !copy->is_contiguous() || bank->dim() != 3 || copy->dim() != 3)
-    Py_RETURN_NONE;
+  const at::Tensor *bank, *copy;
+  if (!bank_and_copy(args, 3, bank, copy) || bank->dim() != 3 || copy->dim() != 3) Py_RETURN_NONE;
   const int64_t k = bank->size(0), out = bank->size(1), W = bank->size(2);
   const int64_t n = copy->size(0), OW = copy->size(1), kp = copy->size(2);
   if (k == 0 || out == 0 || n == 0 || OW != (out + 31) / 32 || kp < k || W * 32 < n) Py_RETURN_NONE;
   const int32_t* t = copy->data_ptr<int32_t>();
   for (int s = 0; s < kSamples; ++s) {
     const int64_t i = spread(s, k), o = spread((s + 3) % kSamples, out), j = spread((s + 5) % kSamples, n);
-    const uint32_t copied = static_cast<uint32_t>(t[(j * OW + o / 32) * kp + i]);
-    const uint32_t word = static_cast<uint32_t>(bank_word(*bank, i, o, j / 32));
-    if (((copied >> (o % 32)) & 1u) != ((word >> (j % 32)) & 1u)) Py_RETURN_FALSE;
+    if (bit_of(t[(j * OW + o / 32) * kp + i], o % 32) != bank_bit(*bank, i, o, j)) Py_RETURN_FALSE;
     if (k < kp && t[(j * OW + o / 32) * kp + k + spread(s, kp - k)] != 0) Py_RETURN_FALSE;
   }
   for (int s = 0; s < kLastTaskBits; ++s) {
     const int64_t at = scatter(s, out * n), o = at / n, j = at % n;
-    const uint32_t copied = static_cast<uint32_t>(t[(j * OW + o / 32) * kp + k - 1]);
-    const uint32_t word = static_cast<uint32_t>(bank_word(*bank, k - 1, o, j / 32));
-    if (((copied >> (o % 32)) & 1u) != ((word >> (j % 32)) & 1u)) Py_RETURN_FALSE;
+    if (bit_of(t[(j * OW + o / 32) * kp + k - 1], o % 32) != bank_bit(*bank, k - 1, o, j)) Py_RETURN_FALSE;
   }
   Py_RETURN_TRUE;
 }

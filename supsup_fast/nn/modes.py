@@ -50,13 +50,6 @@ Mode = Union[Train, OneTask, Superposition]
 _uniform_ok: Optional[tuple] = None
 
 
-def _version(t: torch.Tensor) -> Optional[int]:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter: never reuse a verdict then
-        return None
-
-
 def check_uniform_alpha(alpha: torch.Tensor, k: int) -> None:
     """``uniform=True`` promises alpha = 1/k over the k superposed tasks: the layers then use their
     cached counts Σᵢ Mᵢ / k and never read alpha in the forward, so a non-uniform alpha would
@@ -66,12 +59,11 @@ def check_uniform_alpha(alpha: torch.Tensor, k: int) -> None:
     ops.checks.check_alpha(alpha, k)
     if k == 0 or ops.checks.capturing(alpha):
         return
-    version, last = _version(alpha), _uniform_ok
-    if version is not None and last is not None and last[0]() is alpha and last[1] == version and last[2] == k:
+    version, last = ops.checks.tensor_version(alpha), _uniform_ok  # an inference tensor's matches no verdict
+    if last is not None and last[0]() is alpha and last[1] == version and last[2] == k:
         return
     a = alpha.detach()
     if not torch.allclose(a, torch.full_like(a, 1.0 / k), rtol=1e-5, atol=1e-8):
         raise ValueError(f"uniform=True needs alpha = 1/k = {1.0 / k:.6g} for all {k} superposed tasks, "
                          f"got alpha values in [{float(a.min()):.6g}, {float(a.max()):.6g}]; pass uniform=False")
-    if version is not None:
-        _uniform_ok = (weakref.ref(alpha), version, k)
+    _uniform_ok = (weakref.ref(alpha), version, k)

@@ -51,8 +51,8 @@ def test_one_task_at_one_and_eight_rows(kind):
 @pytest.mark.parametrize("uniform", [True, False])
 def test_superposition_alpha_gradient_of_one_and_of_two_images(kind, uniform):
     model = _model(kind)
+    compiled = _compiled(model)
     for rows in (1, 2):  # one compiled model, both shapes: a recompile must not trip on the layers' caches
-        compiled = _compiled(model) if rows == 1 else compiled
         x = _inputs(model, rows)
         grads = []
         for fn in (compiled, model):
