@@ -33,20 +33,23 @@ def variants() -> List[Tuple[str, str, object, Dict[str, str], Dict[str, object]
 
     for bw in (32,):
         plain("pack_bits", bits.pack_bits_kernel,
-              {"mask_ptr": "*u8", "words_ptr": "*i32", "n": "i32", "W": "i32", "BLOCK_W": "constexpr"}, {"BLOCK_W": bw})
+              {"mask_ptr": "*u8", "words_ptr": "*i32", "n": "i32", "W": "i32", "num_blocks": "i32", "BLOCK_W": "constexpr"},
+              {"BLOCK_W": bw})
     for absolute in (False, True):
         plain(f"compare_pack abs={absolute}", bits.compare_pack_kernel,
               {"values_ptr": "*fp32", "words_ptr": "*i32", "threshold": "fp32", "n": "i32", "W": "i32",
-              "ABS": "constexpr", "BLOCK_W": "constexpr"}, {"ABS": absolute, "BLOCK_W": 32})
+              "num_blocks": "i32", "ABS": "constexpr", "BLOCK_W": "constexpr"}, {"ABS": absolute, "BLOCK_W": 32})
     plain("unpack_bits", bits.unpack_bits_kernel,
-          {"words_ptr": "*i32", "out_ptr": "*u8", "n": "i32", "W": "i32", "BLOCK_N": "constexpr"}, {"BLOCK_N": 1024})
+          {"words_ptr": "*i32", "out_ptr": "*u8", "n": "i32", "W": "i32", "num_blocks": "i32",
+           "BLOCK_N": "constexpr"}, {"BLOCK_N": 1024})
     for dt in ("fp32", "bf16", "fp16"):
         plain(f"masked_weight {dt}", bits.masked_weight_kernel,
-              {"w_ptr": f"*{dt}", "words_ptr": "*i32", "out_ptr": f"*{dt}", "n": "i32", "W": "i32", "BLOCK_N": "constexpr"},
+              {"w_ptr": f"*{dt}", "words_ptr": "*i32", "out_ptr": f"*{dt}", "n": "i32", "W": "i32", "num_blocks": "i32",
+               "BLOCK_N": "constexpr"},
               {"BLOCK_N": 1024})
         plain(f"signed_masked_weight {dt}", bits.signed_masked_weight_kernel,
               {"sign_ptr": "*i32", "words_ptr": "*i32", "out_ptr": f"*{dt}", "scale": "fp32", "n": "i32", "W": "i32",
-              "BLOCK_N": "constexpr"}, {"BLOCK_N": 1024})
+              "num_blocks": "i32", "BLOCK_N": "constexpr"}, {"BLOCK_N": 1024})
     plain("threshold_masked_weight", bits.threshold_masked_weight_kernel,
           {"s_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32", "numel": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
     plain("ste_rmsprop", optim.ste_rmsprop_kernel,

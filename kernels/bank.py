@@ -25,7 +25,7 @@ from .common import INTERPRET, expand_bits
 def superpose_kernel(bank_ptr, alpha_ptr, active_ptr, out_ptr, k, L,
                      HAS_ACTIVE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
     """out[32·l + b] = Σᵢ αᵢ · bit b of word l of task i. Grid: (cdiv(L, BLOCK_L),)."""
-    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_l = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)  # int64: 32·l passes 2^31 at L = 2^26
     shifts = tl.arange(0, 32)
     acc = tl.zeros((BLOCK_L, 32), dtype=tl.float32)
     for i0 in range(0, k, BLOCK_K):
@@ -49,7 +49,7 @@ def mask_dot_kernel(bank_ptr, v_ptr, active_ptr, partial_ptr, k, L,
                     HAS_ACTIVE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
     """partial[pid_l, i] = Σ over this program's words of ⟨bits of task i, v⟩.
     Grid: (cdiv(L, BLOCK_L), cdiv(k, BLOCK_K)); v is padded to 32·L entries."""
-    pid_l = tl.program_id(0)
+    pid_l = tl.program_id(0).to(tl.int64)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     rows = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     valid = rows < k
@@ -63,7 +63,7 @@ def mask_dot_kernel(bank_ptr, v_ptr, active_ptr, partial_ptr, k, L,
     words = tl.load(bank_ptr + task[:, None] * L + offs_l[None, :], mask=valid[:, None] & in_l[None, :], other=0)
     bits = expand_bits(words).to(tl.float32)
     dots = tl.sum(tl.sum(bits * v[None, :, :], axis=2), axis=1)
-    tl.store(partial_ptr + pid_l.to(tl.int64) * k + rows, dots, mask=valid)
+    tl.store(partial_ptr + pid_l * k + rows, dots, mask=valid)
 
 
 @triton.jit
@@ -88,9 +88,10 @@ def mask_dot_batched_kernel(bank_ptr, v_ptr, active_ptr, partial_ptr, k, L, q, w
         in_l = (offs_l < L) & (offs_l < l_begin + words_per_split)
         words = tl.load(bank_ptr + task[:, None] * L + offs_l[None, :], mask=valid[:, None] & in_l[None, :], other=0)
         bits = tl.reshape(expand_bits(words), (BLOCK_K, BLOCK_LW * 32))
-        j = l0 * 32 + tl.arange(0, BLOCK_LW * 32)
-        in_j = (j < L * 32) & (j < (l_begin + words_per_split) * 32)
-        vt = tl.load(v_ptr + cols[None, :].to(tl.int64) * (L * 32) + j[:, None],
+        word_of_j = l0 + tl.arange(0, BLOCK_LW * 32) // 32
+        in_j = (word_of_j < L) & (word_of_j < l_begin + words_per_split)
+        j = word_of_j.to(tl.int64) * 32 + tl.arange(0, BLOCK_LW * 32) % 32  # int64, as the row offset below
+        vt = tl.load(v_ptr + cols[None, :].to(tl.int64) * L * 32 + j[:, None],
                      mask=in_j[:, None] & in_q[None, :], other=0.0).to(tl.float32)
         if SPLIT3:
             b = bits.to(tl.bfloat16)

@@ -7,14 +7,14 @@ from torch.library import triton_op, wrap_triton
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, bit_at, num_words
+from .common import INTERPRET, bit_at, num_words, row_and_block
 
 
 @triton.jit
-def pack_bits_kernel(mask_ptr, words_ptr, n, W, BLOCK_W: tl.constexpr):
-    """words[r, w] = Σ_b mask[r, 32w + b] << b. Grid: (rows, cdiv(W, BLOCK_W))."""
-    r = tl.program_id(0).to(tl.int64)
-    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+def pack_bits_kernel(mask_ptr, words_ptr, n, W, num_blocks, BLOCK_W: tl.constexpr):
+    """words[r, w] = Σ_b mask[r, 32w + b] << b. Grid: (rows · num_blocks,), num_blocks = cdiv(W, BLOCK_W)."""
+    r, blk = row_and_block(num_blocks)
+    offs_w = blk * BLOCK_W + tl.arange(0, BLOCK_W)
     shifts = tl.arange(0, 32)
     j = offs_w[:, None] * 32 + shifts[None, :]
     bits = tl.load(mask_ptr + r * n + j, mask=j < n, other=0).to(tl.int32)
@@ -23,11 +23,11 @@ def pack_bits_kernel(mask_ptr, words_ptr, n, W, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
-def compare_pack_kernel(values_ptr, words_ptr, threshold, n, W, ABS: tl.constexpr, BLOCK_W: tl.constexpr):
+def compare_pack_kernel(values_ptr, words_ptr, threshold, n, W, num_blocks, ABS: tl.constexpr, BLOCK_W: tl.constexpr):
     """Pack 1[v >= threshold] (or 1[|v| >= threshold]) straight from float scores: the mask of a
-    trained task goes to bits without a bool tensor in between."""
-    r = tl.program_id(0).to(tl.int64)
-    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    trained task goes to bits without a bool tensor in between. Grid as pack_bits_kernel's."""
+    r, blk = row_and_block(num_blocks)
+    offs_w = blk * BLOCK_W + tl.arange(0, BLOCK_W)
     shifts = tl.arange(0, 32)
     j = offs_w[:, None] * 32 + shifts[None, :]
     v = tl.load(values_ptr + r * n + j, mask=j < n, other=0.0)
@@ -38,19 +38,19 @@ def compare_pack_kernel(values_ptr, words_ptr, threshold, n, W, ABS: tl.constexp
 
 
 @triton.jit
-def unpack_bits_kernel(words_ptr, out_ptr, n, W, BLOCK_N: tl.constexpr):
-    """out[r, j] = bit j of row r (uint8 0/1). Grid: (rows, cdiv(n, BLOCK_N))."""
-    r = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def unpack_bits_kernel(words_ptr, out_ptr, n, W, num_blocks, BLOCK_N: tl.constexpr):
+    """out[r, j] = bit j of row r (uint8 0/1). Grid: (rows · num_blocks,), num_blocks = cdiv(n, BLOCK_N)."""
+    r, blk = row_and_block(num_blocks)
+    j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     word = tl.load(words_ptr + r * W + j // 32, mask=j < n, other=0)
     tl.store(out_ptr + r * n + j, bit_at(word, j).to(tl.uint8), mask=j < n)
 
 
 @triton.jit
-def masked_weight_kernel(w_ptr, words_ptr, out_ptr, n, W, BLOCK_N: tl.constexpr):
-    """out = W ⊙ M, one row of W per program row (any float dtype)."""
-    r = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def masked_weight_kernel(w_ptr, words_ptr, out_ptr, n, W, num_blocks, BLOCK_N: tl.constexpr):
+    """out = W ⊙ M, row by row (any float dtype). Grid as unpack_bits_kernel's."""
+    r, blk = row_and_block(num_blocks)
+    j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     inside = j < n
     word = tl.load(words_ptr + r * W + j // 32, mask=inside, other=0)
     w = tl.load(w_ptr + r * n + j, mask=inside, other=0.0)
@@ -58,10 +58,10 @@ def masked_weight_kernel(w_ptr, words_ptr, out_ptr, n, W, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
-def signed_masked_weight_kernel(sign_ptr, words_ptr, out_ptr, scale, n, W, BLOCK_N: tl.constexpr):
-    """out = scale · (2·sign − 1) ⊙ M from two bit planes (2 bits read per weight)."""
-    r = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def signed_masked_weight_kernel(sign_ptr, words_ptr, out_ptr, scale, n, W, num_blocks, BLOCK_N: tl.constexpr):
+    """out = scale · (2·sign − 1) ⊙ M from two bit planes (2 bits read per weight). Grid as unpack_bits_kernel's."""
+    r, blk = row_and_block(num_blocks)
+    j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     inside = j < n
     sw = tl.load(sign_ptr + r * W + j // 32, mask=inside, other=0)
     mw = tl.load(words_ptr + r * W + j // 32, mask=inside, other=0)
@@ -89,7 +89,8 @@ def pack_bits(mask: Tensor) -> Tensor:
     out = torch.empty(rows, num_words(n), dtype=torch.int32, device=mask.device)
     bw = 64 if INTERPRET else 32
     if rows and n:
-        wrap_triton(pack_bits_kernel)[(rows, triton.cdiv(num_words(n), bw))](mask.view(torch.uint8), out, n, num_words(n), BLOCK_W=bw)
+        nb = triton.cdiv(num_words(n), bw)
+        wrap_triton(pack_bits_kernel)[(rows * nb,)](mask.view(torch.uint8), out, n, num_words(n), nb, BLOCK_W=bw)
     return out
 
 
@@ -100,8 +101,8 @@ def compare_pack(values: Tensor, threshold: float, absolute: bool) -> Tensor:
     out = torch.empty(rows, num_words(n), dtype=torch.int32, device=values.device)
     bw = 64 if INTERPRET else 32
     if rows and n:
-        wrap_triton(compare_pack_kernel)[(rows, triton.cdiv(num_words(n), bw))](values, out, threshold, n, num_words(n),
-                                                                            ABS=absolute, BLOCK_W=bw)
+        nb = triton.cdiv(num_words(n), bw)
+        wrap_triton(compare_pack_kernel)[(rows * nb,)](values, out, threshold, n, num_words(n), nb, ABS=absolute, BLOCK_W=bw)
     return out
 
 
@@ -112,7 +113,8 @@ def unpack_bits(words: Tensor, n: int) -> Tensor:
     out = torch.empty(rows, n, dtype=torch.uint8, device=words.device)
     bn = 2048 if INTERPRET else 1024
     if rows and n:
-        wrap_triton(unpack_bits_kernel)[(rows, triton.cdiv(n, bn))](words, out, n, words.shape[1], BLOCK_N=bn)
+        nb = triton.cdiv(n, bn)
+        wrap_triton(unpack_bits_kernel)[(rows * nb,)](words, out, n, words.shape[1], nb, BLOCK_N=bn)
     return out.view(torch.bool)
 
 
@@ -123,7 +125,8 @@ def masked_weight(weight: Tensor, words: Tensor) -> Tensor:
     out = torch.empty_like(weight)
     bn = 2048 if INTERPRET else 1024
     if rows and n:
-        wrap_triton(masked_weight_kernel)[(rows, triton.cdiv(n, bn))](weight, words, out, n, words.shape[1], BLOCK_N=bn)
+        nb = triton.cdiv(n, bn)
+        wrap_triton(masked_weight_kernel)[(rows * nb,)](weight, words, out, n, words.shape[1], nb, BLOCK_N=bn)
     return out
 
 
@@ -133,8 +136,9 @@ def signed_masked_weight(sign_words: Tensor, words: Tensor, scale: float, n: int
     out = torch.empty(rows, n, dtype=dtype, device=words.device)
     bn = 2048 if INTERPRET else 1024
     if rows and n:
-        wrap_triton(signed_masked_weight_kernel)[(rows, triton.cdiv(n, bn))](sign_words, words, out, scale, n,
-                                                                            words.shape[1], BLOCK_N=bn)
+        nb = triton.cdiv(n, bn)
+        wrap_triton(signed_masked_weight_kernel)[(rows * nb,)](sign_words, words, out, scale, n, words.shape[1], nb,
+                                                               BLOCK_N=bn)
     return out
 
 

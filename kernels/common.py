@@ -24,6 +24,15 @@ def bit_at(word, j):
     return (word >> (j % 32)) & 1
 
 
+@triton.jit
+def row_and_block(num_blocks):
+    """(row, block) of a program in a 1-D grid over rows × ``num_blocks`` blocks. One axis: CUDA
+    allows 2^31 - 1 programs on axis 0 but only 65,535 on axes 1 and 2, which one long row of blocks
+    (a flattened model's mask) or many rows would pass."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // num_blocks, (pid % num_blocks).to(tl.int32)
+
+
 def num_words(n: int) -> int:
     return (n + 31) // 32
 

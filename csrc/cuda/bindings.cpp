@@ -19,11 +19,21 @@ void check_bank(const at::Tensor& bank) {
   TORCH_CHECK(bank.dim() == 2 && bank.is_contiguous(), "bank must be a contiguous [k, L] tensor");
 }
 
-const int64_t* active_ptr(const c10::optional<at::Tensor>& active, int64_t k_all) {
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+}
+
+// The package never passes `active` (its ops gather the rows first); a direct call that does gets
+// its indices checked against the bank's k_all rows (a host sync), so no kernel reads out of bounds.
+const int64_t* active_ptr(const c10::optional<at::Tensor>& active, const at::Tensor& bank) {
   if (!active.has_value()) return nullptr;
   const auto& a = *active;
   TORCH_CHECK(a.is_cuda() && a.scalar_type() == at::kLong && a.dim() == 1 && a.is_contiguous(),
               "active must be a contiguous int64 CUDA vector");
+  check_same_device(a, "active", bank, "bank");
+  const int64_t k_all = bank.size(0);
+  TORCH_CHECK(a.numel() == 0 || (a.min().item<int64_t>() >= 0 && a.max().item<int64_t>() < k_all),
+              "active must hold task indices in [0, ", k_all, ")");
   return a.data_ptr<int64_t>();
 }
 
@@ -32,11 +42,12 @@ at::Tensor mask_dot(const at::Tensor& bank, const at::Tensor& v, const c10::opti
   const int64_t L = bank.size(1);
   TORCH_CHECK(v.is_cuda() && v.scalar_type() == at::kFloat && v.is_contiguous() && v.numel() == 32 * L,
               "v must be a contiguous float32 CUDA vector of 32·L = ", 32 * L, " entries");
+  check_same_device(v, "v", bank, "bank");
   const int64_t k = active.has_value() ? active->size(0) : bank.size(0);
   c10::cuda::CUDAGuard guard(bank.device());
   auto partial = at::empty({supsup_cuda::mask_dot_chunks(L), k}, v.options());
   if (k == 0 || L == 0) return at::zeros({k}, v.options());
-  check_cuda(supsup_cuda::launch_mask_dot(bank.data_ptr<int32_t>(), v.data_ptr<float>(), active_ptr(active, bank.size(0)),
+  check_cuda(supsup_cuda::launch_mask_dot(bank.data_ptr<int32_t>(), v.data_ptr<float>(), active_ptr(active, bank),
                                           partial.data_ptr<float>(), k, L, c10::cuda::getCurrentCUDAStream()),
              "mask_dot");
   return partial.sum(0);  // second stage: a fixed-order reduction over the word chunks
@@ -46,12 +57,13 @@ at::Tensor superpose(const at::Tensor& bank, const at::Tensor& alpha, const c10:
   check_bank(bank);
   TORCH_CHECK(alpha.is_cuda() && alpha.scalar_type() == at::kFloat && alpha.dim() == 1 && alpha.is_contiguous(),
               "alpha must be a contiguous float32 CUDA vector");
+  check_same_device(alpha, "alpha", bank, "bank");
   const int64_t k = alpha.size(0);
   TORCH_CHECK(active.has_value() ? active->size(0) == k : bank.size(0) == k,
               "alpha has ", k, " entries but the bank (or active list) has a different task count");
   c10::cuda::CUDAGuard guard(bank.device());
   auto out = at::empty({bank.size(1) * 32}, alpha.options());
-  check_cuda(supsup_cuda::launch_superpose(bank.data_ptr<int32_t>(), alpha.data_ptr<float>(), active_ptr(active, bank.size(0)),
+  check_cuda(supsup_cuda::launch_superpose(bank.data_ptr<int32_t>(), alpha.data_ptr<float>(), active_ptr(active, bank),
                                            out.data_ptr<float>(), k, bank.size(1), c10::cuda::getCurrentCUDAStream()),
              "superpose");
   return out;
@@ -68,10 +80,13 @@ at::Tensor signed_gemv(const at::Tensor& x, const at::Tensor& sign_words, const 
                     t->size(0) == N && t->size(1) == W,
                 "sign_words and mask_words must be contiguous int32 CUDA [N, ceil(K/32)] = [", N, ", ", W, "]");
   }
+  check_same_device(sign_words, "sign_words", x, "x");
+  check_same_device(mask_words, "mask_words", x, "x");
   const float* b = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(),
                 "bias must be a contiguous float32 CUDA vector of ", N);
+    check_same_device(*bias, "bias", x, "x");
     b = bias->data_ptr<float>();
   }
   c10::cuda::CUDAGuard guard(x.device());
@@ -86,6 +101,7 @@ at::Tensor signed_gemv(const at::Tensor& x, const at::Tensor& sign_words, const 
 at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& words, bool channels_last) {
   TORCH_CHECK(weight.is_cuda() && weight.is_contiguous(), "weight must be a contiguous CUDA tensor");
   TORCH_CHECK(words.is_cuda() && words.scalar_type() == at::kInt && words.is_contiguous(), "words must be contiguous int32 CUDA");
+  check_same_device(words, "words", weight, "weight");
   supsup_cuda::DType dt;
   switch (weight.scalar_type()) {
     case at::kFloat: dt = supsup_cuda::DType::F32; break;

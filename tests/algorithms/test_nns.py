@@ -7,7 +7,7 @@ from supsup_fast.runs import run_experiment
 from supsup_fast.algorithms.nns import MaskAllocator, NNsSettings
 from supsup_fast.runs.config import make_config
 from supsup_fast.models import build_model
-from supsup_fast.nn import begin_task, finish_task, mask_from_scores, num_tasks, supermask_layers
+from supsup_fast.nn import begin_task, finish_task, num_tasks, supermask_layers
 
 NNS = dict(scenario="NNs", model="lenet", tasks=3, iters=200, output_size=100, lr=1e-3, nns_check_every=100,
            train_subset=4000, eval_at=[2])

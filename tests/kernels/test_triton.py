@@ -16,7 +16,7 @@ from supsup_fast.ops.backends.reference import ReferenceBackend  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 R = ReferenceBackend()
-SIZES = [1, 33, 784, 1000]
+SIZES = [1, 33, 784, 1000, 4133]  # 4133: several blocks per row under the interpreter's widest blocks
 
 
 @pytest.fixture
@@ -41,6 +41,69 @@ def test_bit_kernels_exact(tb, rng, n):
     assert torch.equal(tb.compare_pack(scores, 0.0).cpu(), R.pack_bits(scores.cpu() >= 0))
     assert torch.equal(tb.compare_pack(scores, 0.7, absolute=True).cpu(), R.pack_bits(scores.cpu().abs() >= 0.7))
     assert torch.equal(tb.threshold_masked_weight(scores, weight).cpu(), (weight * (scores >= 0)).cpu())
+
+
+def test_signed_masked_weight_kernel_over_several_blocks(rng):
+    from supsup_fast.kernels import ops as kops
+    n = 4133
+    sign, mask = (R.pack_bits(bits(3, n, g=rng)).to(DEV) for _ in range(2))
+    out = kops.signed_masked_weight(sign, mask, 0.25, n, torch.float32)
+    want = 0.25 * (2 * R.unpack_bits(sign.cpu(), n).float() - 1) * R.unpack_bits(mask.cpu(), n)
+    assert torch.equal(out.cpu(), want)
+
+
+def test_float64_bank_products_sum_in_float64(tb, rng):
+    """The kernels sum in fp32; float64 α, v and scores go to the reference, which keeps their precision."""
+    k, n = 6, 70
+    bank = R.pack_bits(bits(k, 2, n, g=rng)).to(DEV)
+    alpha = torch.rand(k, generator=rng, dtype=torch.float64).to(DEV)
+    v = torch.randn(2, n, generator=rng, dtype=torch.float64).to(DEV)
+    assert torch.equal(tb.superpose(bank, alpha, n).cpu(), R.superpose(bank.cpu(), alpha.cpu(), n))
+    assert torch.equal(tb.mask_dot(bank, v).cpu(), R.mask_dot(bank.cpu(), v.cpu()))
+    assert torch.equal(tb.mask_dot_batched(bank, v[None].expand(3, -1, -1)).cpu(),
+                       R.mask_dot_batched(bank.cpu(), v[None].expand(3, -1, -1).cpu()))
+    active = torch.tensor([4, 1], device=DEV)
+    assert torch.equal(tb.superpose(bank, alpha[:2], n, active=active).cpu(),
+                       R.superpose(bank[active].cpu(), alpha[:2].cpu(), n))
+    scores = torch.tensor([[-1e-50, 1e-50, -0.0, 0.0, -3.0]], dtype=torch.float64, device=DEV)
+    assert torch.equal(tb.compare_pack(scores, 0.0).cpu(), R.pack_bits(scores.cpu() >= 0))
+
+
+def test_launchers_run_on_their_tensors_gpu(monkeypatch):
+    """Triton launches on the current device: each launcher runs under its first tensor's device
+    (fake cuda:1 tensors here, the current device being cuda:0), and without a guard where they agree."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from supsup_fast.ops.backends.triton import OnTensorsDevice
+    entered, seen = [], []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    class Launchers:
+        INTERPRET = True
+
+        @staticmethod
+        def superpose(bank, alpha, active):
+            seen.append(len(entered))
+            return "out"
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    guarded = OnTensorsDevice(Launchers())
+    assert guarded.INTERPRET is True
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        on1, on0 = torch.empty(2, 3, device="cuda:1"), torch.empty(2, 3, device="cuda:0")
+    assert guarded.superpose(on1, on1, None) == "out" and entered == [torch.device("cuda:1")] and seen == [1]
+    guarded.superpose(on0, on0, None)
+    guarded.superpose(torch.empty(2, 3), torch.empty(2), None)
+    assert entered == [torch.device("cuda:1")] and seen == [1, 1, 1]
 
 
 @pytest.mark.parametrize("k,n", [(1, 33), (7, 784), (40, 1000)])

@@ -55,6 +55,64 @@ def test_forced_cuda_backend_runs_its_own_kernels():
     assert cb._mine("mask_dot") and not cb._mine("superpose")
 
 
+class _Recorder:
+    """Stands in for torch.ops.supsup_cuda: records which kernels a routing sends work to."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def kernel(*args):
+            self.calls.append(name)
+            raise AssertionError(f"the CUDA kernel {name} was called")
+        return kernel
+
+
+def _routing_backend(fallback):
+    from supsup_fast.ops.backends.cuda import CudaBackend
+    cb = CudaBackend.__new__(CudaBackend)  # the routing rules only; no extension, no GPU
+    cb.ops, cb.fallback, cb.table = _Recorder(), fallback, {}
+    return cb
+
+
+def test_cuda_signed_gemv_leaves_non_finite_inputs_to_the_fallback():
+    """The GEMV adds only the set bits, so an inf x at a cleared bit would vanish from its sum; the
+    contract's 0·inf = NaN needs the fallback (Triton, else the reference) there, as for inf scales."""
+    from supsup_fast import ops
+    from supsup_fast.ops.backends.reference import ReferenceBackend
+    ref = ReferenceBackend()
+    cb = _routing_backend(ref)
+    sign = ref.pack_bits(torch.rand(4, 40) < 0.5)
+    mask = torch.zeros_like(sign)  # every bit cleared: the contract gives NaN wherever x is not finite
+    x = torch.zeros(2, 40)
+    x[0, 3] = float("inf")
+    x[1, 7] = float("nan")
+    with ops.use_backend("reference"):  # any forced name: the GEMV would be chosen for finite inputs
+        y = cb.signed_masked_linear(x, sign, mask, 0.5, None)
+        assert torch.isnan(y).all() and cb.ops.calls == []
+        ones = ref.pack_bits(torch.ones(4, 40, dtype=torch.bool))
+        y = cb.signed_masked_linear(torch.ones(1, 40), ones, ones, float("inf"), None)
+        assert torch.isinf(y).all() and cb.ops.calls == []
+        with pytest.raises(AssertionError, match="signed_gemv was called"):
+            cb.signed_masked_linear(torch.ones(1, 40), sign, mask, 0.5, None)
+
+
+def test_cuda_backend_takes_the_fused_alpha_backward_with_a_triton_fallback(monkeypatch):
+    """The fused α-backward (weight-gradient GEMM epilogue, then one pass over the bits) needs the
+    Triton launchers; it was gated on an attribute TritonBackend does not have, so it never ran."""
+    pytest.importorskip("triton")
+    from supsup_fast.ops.backends import cuda
+    from supsup_fast.ops.backends.reference import DenseLinear
+    from supsup_fast.ops.backends.triton import TritonBackend
+    tb = TritonBackend()  # the interpreter here (conftest sets TRITON_INTERPRET=1), the GPU there
+    taken = []
+    monkeypatch.setattr(cuda, "fused_alpha_backward", lambda *a: taken.append(a) or ("dx", "da", "dw"))
+    cb = _routing_backend(tb)
+    x, w, g = torch.randn(2, 5), torch.randn(3, 5), torch.randn(2, 3)
+    out = cb.superposed_backward(DenseLinear(), g, x, w, None, torch.rand(4), None, True, True, False)
+    assert out == ("dx", "da", "dw") and len(taken) == 1 and taken[0][1] is tb.kernels
+
+
 @gpu
 def test_cuda_kernels_match_reference():
     from supsup_fast import ops

@@ -5,7 +5,7 @@ import torch
 import supsup_fast as ss
 import supsup_fast.nn as snn
 from supsup_fast.algorithms.inference import alpha_gradient
-from supsup_fast.bench import FloatStackMLP, ops_alpha_gradient, random_model_with_masks, run_report
+from supsup_fast.bench import FloatStackMLP, ops_alpha_gradient, random_model_with_masks
 
 
 def test_random_banks_are_canonical():

@@ -8,7 +8,6 @@ from supsup_fast.runs import evaluate_run, run_experiment
 from supsup_fast.runs.rundir import RunDirError
 from supsup_fast.runs.config import load_yaml, make_config
 from supsup_fast.runs import maskfile
-from supsup_fast.runs.maskfile import MaskFileError
 
 def interrupt_after(monkeypatch, tasks: int):
     """Make the run stop with KeyboardInterrupt when it starts task number ``tasks``; returns the

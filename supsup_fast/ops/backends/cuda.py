@@ -10,6 +10,7 @@ measurement for an op, Triton keeps it."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -18,7 +19,9 @@ from typing import Dict
 import torch
 
 from ...csrc import build as csrc_build
+from ..checks import finite_unless_capturing
 from .reference import DenseLinear, ReferenceBackend
+from .triton import TritonBackend, fused_alpha_backward, pad_to_words
 from ..registry import AUTO, get_backend_name
 
 TABLE = Path(__file__).resolve().parent.parent / "gpu_op_table.json"
@@ -66,7 +69,6 @@ class CudaBackend(ReferenceBackend):
         load_cuda_extension()
         self.ops = torch.ops.supsup_cuda
         try:
-            from .triton import TritonBackend
             self.fallback = TritonBackend()
         except RuntimeError:
             self.fallback = ReferenceBackend()
@@ -83,7 +85,6 @@ class CudaBackend(ReferenceBackend):
     def mask_dot(self, bank, v):
         if v.dtype != torch.float32 or not self._mine("mask_dot"):
             return self.fallback.mask_dot(bank, v)
-        from .triton import pad_to_words
         k, w = bank.shape[0], bank.shape[-1]
         return self.ops.mask_dot(bank.reshape(k, -1).contiguous(), pad_to_words(v, w).reshape(-1), None)
 
@@ -101,7 +102,9 @@ class CudaBackend(ReferenceBackend):
 
     def signed_masked_linear(self, x, sign_words, mask_words, scale, bias):
         rows = x.numel() // max(x.shape[-1], 1)
-        if x.dtype != torch.float32 or not 1 <= rows <= 16 or not self._mine("signed_gemv"):
+        # The GEMV adds only the set bits: an inf/NaN x (or scale) must still give the contract's 0·inf = NaN.
+        if (x.dtype != torch.float32 or not 1 <= rows <= 16 or not self._mine("signed_gemv")
+                or not math.isfinite(scale) or not finite_unless_capturing(x)):
             return self.fallback.signed_masked_linear(x, sign_words, mask_words, scale, bias)
         y = self.ops.signed_gemv(x.reshape(rows, -1).contiguous(), sign_words.contiguous(), mask_words.contiguous(),
                                  None if bias is None else bias.float().contiguous(), float(scale))
@@ -137,8 +140,7 @@ class CudaBackend(ReferenceBackend):
         return super().masked_backward(dense, grad, x, weight, mask_words, need_input, need_weight)
 
     def superposed_backward(self, dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight):
-        if (isinstance(dense, DenseLinear) and hasattr(self.fallback, "k") and need_alpha and not need_weight
+        if (isinstance(dense, DenseLinear) and isinstance(self.fallback, TritonBackend) and need_alpha and not need_weight
                 and grad.dtype == x.dtype == weight.dtype):
-            from .triton import fused_alpha_backward
             return fused_alpha_backward(self, self.fallback.kernels, dense, grad, x, weight, bank, alpha, s, need_input)
         return super().superposed_backward(dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight)

@@ -39,12 +39,35 @@ def pad_to_words(v: torch.Tensor, words: int) -> torch.Tensor:
     return v.contiguous()
 
 
+class OnTensorsDevice:
+    """The kernel launchers, each run with its first tensor's GPU as the current device. Triton
+    launches on the current device and its stream: a layer on cuda:1 in a process whose current
+    device is cuda:0 (``--device cuda:1`` without torchrun) would otherwise have its kernels read
+    cuda:1's memory from cuda:0. The guard is entered only where the devices differ."""
+
+    def __init__(self, kernels):
+        self.launchers = kernels
+
+    def __getattr__(self, name: str):
+        launcher = getattr(self.launchers, name)
+        if not callable(launcher):
+            return launcher
+
+        def launch(*args, **kwargs):
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+            if device is None or device.type != "cuda" or device.index == torch.cuda.current_device():
+                return launcher(*args, **kwargs)
+            with torch.cuda.device(device):
+                return launcher(*args, **kwargs)
+        return launch
+
+
 class TritonBackend(ReferenceBackend):
     name = "triton"
     fast_batched_inference = True
 
     def __init__(self):
-        self.kernels = load_kernels()
+        self.kernels = OnTensorsDevice(load_kernels())
         self.interpret = self.kernels.INTERPRET
 
     def supports(self, device: torch.device) -> bool:
@@ -83,12 +106,19 @@ class TritonBackend(ReferenceBackend):
         self.kernels.ste_rmsprop_step_(*tensors, float(lr), float(alpha), float(eps), float(weight_decay))
 
     def compare_pack(self, values: torch.Tensor, threshold: float, absolute: bool = False) -> torch.Tensor:
-        """Pack 1[v ≥ t] (or 1[|v| ≥ t]) of a [out, n] score tensor straight into words."""
+        """Pack 1[v ≥ t] (or 1[|v| ≥ t]) of a [out, n] score tensor straight into words. The kernel
+        compares in fp32, exact for fp16/bf16/fp32 scores; float64 ones (-1e-50 is -0.0 in fp32, and
+        ≥ 0) go to the reference."""
+        if values.dtype not in FLOAT_TYPES:
+            return super().compare_pack(values, threshold, absolute)
         v2 = values.reshape(values.shape[0], -1).float().contiguous()
         return self.kernels.compare_pack(v2, float(threshold), bool(absolute))
 
     # -- bank products ------------------------------------------------------------------------
+    # The kernels sum in fp32: float64 α and v go to the reference, which sums in their dtype.
     def superpose(self, bank, alpha, n, active=None):
+        if alpha.dtype not in FLOAT_TYPES:
+            return super().superpose(bank if active is None else bank[active], alpha, n)
         k = bank.shape[0]
         lead, w = bank.shape[1:-1], bank.shape[-1]
         flat = bank.reshape(k, -1).contiguous()
@@ -97,12 +127,16 @@ class TritonBackend(ReferenceBackend):
         return out.view(*lead, w * BITS_PER_WORD)[..., :n].to(alpha.dtype).contiguous()
 
     def mask_dot(self, bank, v, active=None):
+        if v.dtype not in FLOAT_TYPES:
+            return super().mask_dot(bank if active is None else bank[active], v)
         k, w = bank.shape[0], bank.shape[-1]
         out = self.kernels.mask_dot(bank.reshape(k, -1).contiguous(), pad_to_words(v, w).reshape(-1),
                               None if active is None else active.to(torch.int64).contiguous())
         return out.to(v.dtype)
 
     def mask_dot_batched(self, bank, v, active=None):
+        if v.dtype not in FLOAT_TYPES:
+            return super().mask_dot_batched(bank if active is None else bank[active], v)
         k, w = bank.shape[0], bank.shape[-1]
         q = v.shape[0]
         out = self.kernels.mask_dot_batched(bank.reshape(k, -1).contiguous(), pad_to_words(v, w).reshape(q, -1),
