@@ -105,10 +105,13 @@ class Experiment:
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"--device {config.device}: this torch ({torch.__version__}) sees no CUDA GPU; "
                                f"use --device cpu or install a CUDA build of torch")
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {config.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         check_writable(self.out)
         self.parallel = parallel_mode(config, ctx)
         self.ckpt_dir = self.out / "checkpoints"
-        self.device = torch.device(config.device)
         with use_backend(config.backend):  # an unavailable --backend fails now, not after loading data
             backend_for(self.device)
         self.tasks = load_benchmark(config.benchmark, config.tasks, config.seed, config.data_root, config.download,

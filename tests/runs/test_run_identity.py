@@ -156,6 +156,17 @@ def test_one_line_errors_before_any_data_is_loaded(tmp_path, capsys, monkeypatch
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_gpu_index_past_the_machines_gpus_is_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(exp_mod, "load_benchmark", lambda *a, **k: pytest.fail("data loaded before the check"))
+    code = main(["run", "--tasks", "1", "--iters", "1", "--out", str(tmp_path / "run"), "--no-progress",
+                 "--device", "cuda:2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--device cuda:2: this machine has 2 CUDA GPU(s), cuda:0 to cuda:1" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_hopfield_checkpoint_of_another_run_is_refused_on_resume(tmp_path):
     hop = dict(model="bnnet", inference="hopfield", benchmark="split-mnist", tasks=2, epochs=1, train_subset=300,
                iters=None, test_batch_size=64)
