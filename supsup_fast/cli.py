@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -167,7 +168,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_evaluate(args)
         return cmd_bench(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        print(f"supsup-fast: error: {exc}", file=sys.stderr)
+        # Under torchrun every rank reports: say which, in one write so that lines do not run together.
+        rank = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+        sys.stderr.write(f"supsup-fast: error{rank}: {exc}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("supsup-fast: interrupted; finished tasks are saved, continue with --resume", file=sys.stderr)

@@ -97,6 +97,10 @@ class RunConfig:
                              f"{' --inference hopfield' if self.inference == 'hopfield' else ''}"
                              f"{' --shard-bank' if self.shard_bank else ''}")
         one_of("parallel", self.parallel, PARALLEL_MODES)
+        if self.parallel == "task" and (self.scenario == "NNs" or self.transfer):
+            what = "NNs" if self.scenario == "NNs" else "--transfer"
+            raise ValueError(f"--parallel task cannot run {what}: each task depends on the ones before it; "
+                             f"use --parallel data or auto (data under torchrun, one process without)")
         one_of("init", self.init, WEIGHT_INITS)
         if self.mask_fn is not None:
             one_of("mask_fn", self.mask_fn, MASK_FNS)

@@ -32,6 +32,9 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     values = read_json(cfg_path, "run config", "restore it, or delete it and run `supsup-fast run` with the run's "
                        f"settings, --out {run_dir} and --resume to write it again (the finished tasks are kept)")
     trained_as = values.get("scenario")
+    # How the run trained and when it evaluated (--parallel, --shard-bank, --eval-at) are not this
+    # evaluation's settings: it evaluates all tasks once, sharded only when asked.
+    values.update(parallel="auto", shard_bank=False, eval_at=[])
     values.update(overrides)
     values["download"] = False
     try:
@@ -58,6 +61,7 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
         raise ValueError("--shard-bank does not apply to NNs runs (one checkpoint holds all masks)")
     model = None if sharded else maskfile.load_model(model_path)
     exp = Experiment(config, run_dir if sharded else out, progress=progress, model=model, ctx=ctx)
+    exp.parallel = "shard" if sharded else ("task" if ctx.enabled else "single")  # results.distributed.parallel
     if sharded:
         exp.data_sha256 = extra["run_identity"].get("data_sha256", exp.data_sha256)  # the run's own checkpoints
         exp.output_size = json.loads(meta["model_spec"]).get("output_size", exp.output_size)
@@ -73,8 +77,6 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
 
 def _evaluate(exp: Experiment, config: RunConfig, run_dir: Path, out: Path, model_path: Path, meta: dict, after: list,
               sharded: bool, ctx: DistContext) -> dict:
-    if ctx.is_main:
-        write_json(out / "config.json", config.to_dict())
     with use_backend(config.backend):
         backend_name = backend_for(exp.device).name
         # NNs: the true tasks seen (one accuracy-after-training each), not the masks allocated.
@@ -88,7 +90,8 @@ def _evaluate(exp: Experiment, config: RunConfig, run_dir: Path, out: Path, mode
         exp.model = maskfile.load_model(model_path)
     results = exp._results(after, [row], 0.0, 0, backend_name)
     results["evaluated_from"] = str(run_dir)
-    exp._on_main(lambda: exp._write_outputs(results))
+    # config.json with the outputs: a failed evaluation leaves no folder that looks evaluated.
+    exp._on_main(lambda: (write_json(out / "config.json", config.to_dict()), exp._write_outputs(results)))
     return results
 
 

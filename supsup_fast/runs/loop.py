@@ -80,13 +80,16 @@ def parallel_mode(config: RunConfig, ctx: DistContext) -> str:
     if config.shard_bank and config.scenario == "NNs":
         raise ValueError("--shard-bank does not apply to NNs runs (one checkpoint holds all masks); "
                          "launch without --shard-bank")
+    if config.shard_bank:
+        first = evaluation_points(config)[0]
+        if first < ctx.world_size:
+            raise ValueError(f"--shard-bank needs at least one task per rank at every evaluation, and the first one "
+                             f"(after {first} task{'s' if first > 1 else ''}: --eval-at / --tasks) has {first} for "
+                             f"{ctx.world_size} ranks; drop the --eval-at points below {ctx.world_size} or launch "
+                             f"fewer ranks")
     sequential = config.scenario == "NNs" or config.transfer
     if config.inference == "hopfield":
         raise ValueError("HopSupSup (--inference hopfield) runs in one process; launch it without torchrun")
-    if config.parallel == "task" and sequential:
-        what = "NNs" if config.scenario == "NNs" else "--transfer"
-        raise ValueError(f"--parallel task cannot run {what}: each task depends on the ones before it; "
-                         f"use --parallel data (the default for it under torchrun)")
     if config.parallel == "auto":
         return "data" if sequential else "task"
     return config.parallel
@@ -224,7 +227,7 @@ class Experiment:
         if self.eval_settings.calibration != "none":
             baselines = mask_baselines(self.model, [self.tasks.train(t) for t in range(k)], self.device)
             scale = alpha_scale(self.eval_settings.calibration, baselines, self.output_size)
-        if self.config.shard_bank and self.config.scenario != "NNs":
+        if self.config.shard_bank and self.ctx.enabled and self.config.scenario != "NNs":
             per_task = self._evaluate_sharded(k, bar_desc)
         else:
             mine = [t for t in range(k) if t % self.ctx.world_size == self.ctx.rank]

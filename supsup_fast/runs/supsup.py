@@ -53,8 +53,9 @@ class SupSupRun(Experiment):
         """Train task t (the model's bank holds ``row`` tasks before it) and write its checkpoint.
         Task t's randomness derives from (seed, t) alone, so its mask is the same bits whichever
         rank trains it, at any world size (with ``--parallel task``; a data-parallel step sums the
-        gradient over ranks and takes the plain, unfused step: its masks are the same bits with SGD,
-        and with RMSprop agree but for the bits that rounding near g = 0 flips)."""
+        gradient over ranks, in another order than one process, and takes the plain, unfused step:
+        its masks agree but for the bits whose scores end within rounding of 0, a few with SGD, more
+        with RMSprop, whose lr·g/|g| steps turn rounding near g = 0 into whole steps)."""
         cfg = self.config
         gen = task_generator(cfg.seed, t)
         split = train_subset(self.tasks.train(t), cfg.train_subset)

@@ -229,3 +229,56 @@ def test_an_nns_run_refuses_an_evaluation_point_it_has_passed(tmp_path):
         run(out, resume=True, scenario="NNs", tasks=2, eval_at=[1])
     done = run(out, resume=True, scenario="NNs", tasks=2)  # without it, the finished run resumes as before
     assert len(done["accuracy_after_training"]) == 2
+
+
+def test_evaluate_takes_none_of_the_runs_parallel_settings(finished, tmp_path):
+    """A run's --shard-bank / --parallel / --eval-at describe how it trained: an evaluation in one
+    process of a run trained with --shard-bank used to take the sharded path and look for the run's
+    checkpoints in its own output folder."""
+    mine = copy_run(finished[0], tmp_path / "mine")
+    cfg = json.loads((mine / "config.json").read_text())
+    cfg.update(shard_bank=True, parallel="data", eval_at=[1])
+    (mine / "config.json").write_text(json.dumps(cfg))
+    res = evaluate_run(mine, {}, tmp_path / "eval", progress=False)
+    assert res["per_task_accuracy"] == finished[1]["per_task_accuracy"]
+    assert res["distributed"]["parallel"] == "single" and res["distributed"]["shard_bank"] is False
+    written = json.loads((tmp_path / "eval" / "config.json").read_text())
+    assert written["shard_bank"] is False and written["parallel"] == "auto" and written["eval_at"] == []
+
+
+def test_a_failed_evaluation_leaves_no_config_behind(finished, tmp_path, monkeypatch):
+    def broken(self, k, desc):
+        raise RuntimeError("evaluation failed")
+    monkeypatch.setattr(exp_mod.Experiment, "_evaluate_all", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        evaluate_run(finished[0], {"scenario": "GNs"}, tmp_path / "eval", progress=False)
+    assert not (tmp_path / "eval" / "config.json").exists()
+
+
+def test_parallel_task_with_transfer_or_nns_is_refused_in_one_process_too():
+    for changes, what in ((dict(transfer=True), "--transfer"), (dict(scenario="NNs"), "NNs")):
+        with pytest.raises(ValueError, match=f"--parallel task cannot run {what}"):
+            make_config(overrides=dict(SMALL, parallel="task", **changes)).validate()
+
+
+def test_shard_bank_with_an_evaluation_point_below_the_world_size_is_refused_before_any_work():
+    from supsup_fast.distributed import DistContext
+    ctx = DistContext(world_size=3, rank=0, backend="gloo")
+    config = make_config(overrides=dict(SMALL, tasks=4, eval_at=[2], shard_bank=True))
+    with pytest.raises(ValueError, match=r"first one \(after 2 tasks: --eval-at / --tasks\) has 2 for 3 ranks"):
+        exp_mod.parallel_mode(config, ctx)
+    assert exp_mod.parallel_mode(make_config(overrides=dict(SMALL, tasks=4, eval_at=[3], shard_bank=True)), ctx) == "task"
+    with pytest.raises(ValueError, match=r"after 1 task: --eval-at / --tasks\) has 1 for 3 ranks"):
+        exp_mod.parallel_mode(make_config(overrides=dict(SMALL, tasks=1, shard_bank=True)), ctx)
+
+
+def test_errors_under_torchrun_name_their_rank(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(exp_mod, "load_benchmark", lambda *a, **k: pytest.fail("data loaded before the check"))
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("x")
+    # init_from_env would start a process group: the folder check in the CLI comes before it
+    monkeypatch.setattr("supsup_fast.distributed.init_from_env", lambda device: (exp_mod.SINGLE, device))
+    code = main(["run", "--tasks", "1", "--iters", "1", "--out", str(blocker / "run"), "--no-progress"])
+    assert code == 2 and capsys.readouterr().err.startswith("supsup-fast: error (rank 1): --out ")

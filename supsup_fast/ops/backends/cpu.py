@@ -77,7 +77,9 @@ def load_cpu_extension() -> str:
             _loaded = "prebuilt"
         except ImportError:
             from torch.utils import cpp_extension
-            print("supsup_fast: loading the C++ CPU kernels (the first load compiles them, about a minute)", file=sys.stderr, flush=True)
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun one notice per host, not per rank
+                print("supsup_fast: loading the C++ CPU kernels (the first load compiles them, about a minute)",
+                      file=sys.stderr, flush=True)
             try:
                 module = cpp_extension.load(name="supsup_fast_cpu_portable" if portable else "supsup_fast_cpu",
                                             sources=_sources(), is_python_module=True,
