@@ -241,21 +241,31 @@ def apply_mask_file(model: nn.Module, path, tensors: Dict[str, torch.Tensor], me
     if meta["weights_sha256"] != weights_digest(model):
         raise MaskFileError(f"{path}: the model's frozen weights do not match the ones the masks were trained on "
                             f"(different seed, init or torch random stream)")
+    check_bank_shapes(path, layers, tensors, count)
     for n, layer in layers.items():
-        bank = tensors.get(f"bank/{n}")
-        expect = (count, *layer.bank.row_shape)
-        if bank is None or bank.dtype != torch.int32 or tuple(bank.shape) != expect:
-            raise MaskFileError(f"{path}: bank of layer {n} should be int32 {list(expect)}, got "
-                                f"{None if bank is None else (bank.dtype, list(bank.shape))}")
+        pad = pad_bits_mask(layer.weight[0].numel())
+        if pad and bool((tensors[f"bank/{n}"][..., -1] & pad).any()):
+            raise MaskFileError(f"{path}: bank of layer {n} has bits set past its {layer.weight[0].numel()} inputs "
+                                f"(the padding of each row's last word must be zero)")
     for n, layer in layers.items():
         mean = tensors.get(f"score_mean/{n}")
-        if mean is not None and tuple(mean.shape) != tuple(layer.weight.shape):
-            raise MaskFileError(f"{path}: score_mean of layer {n} should be {list(layer.weight.shape)}")
+        if mean is not None and (tuple(mean.shape) != tuple(layer.weight.shape) or not mean.is_floating_point()):
+            raise MaskFileError(f"{path}: score_mean of layer {n} should be floating point {list(layer.weight.shape)}, "
+                                f"got {mean.dtype} {list(mean.shape)}")
     for n, bn in bns.items():
         for key in ("bn_mean", "bn_var"):
             t = tensors.get(f"{key}/{n}")
-            if t is None or tuple(t.shape) != (count, bn.num_features):
-                raise MaskFileError(f"{path}: {key} of BN layer {n} should be [{count}, {bn.num_features}]")
+            if t is None or tuple(t.shape) != (count, bn.num_features) or not t.is_floating_point():
+                raise MaskFileError(f"{path}: {key} of BN layer {n} should be floating point [{count}, {bn.num_features}], "
+                                    f"got {None if t is None else (t.dtype, list(t.shape))}")
+        if bool((tensors[f"bn_var/{n}"] < 0).any()):
+            raise MaskFileError(f"{path}: bn_var of BN layer {n} holds negative variances")
+    known = ({f"{kind}/{n}" for n in layers for kind in ("bank", "weight", "score_mean")}
+             | {f"{kind}/{n}" for n in bns for kind in ("bn_mean", "bn_var")})
+    unknown = sorted(set(tensors) - known)
+    if unknown:
+        raise MaskFileError(f"{path} holds tensors this model has no place for: {unknown[:5]}"
+                            f"{' ...' if len(unknown) > 5 else ''} (a file of another version or model, or modified)")
     # Everything checked: now mutate.
     for n, layer in layers.items():
         layer.append_packed(tensors[f"bank/{n}"])
@@ -264,6 +274,22 @@ def apply_mask_file(model: nn.Module, path, tensors: Dict[str, torch.Tensor], me
     for n, bn in bns.items():
         bn.append_stats(tensors[f"bn_mean/{n}"].to(bn.means.storage.device), tensors[f"bn_var/{n}"].to(bn.means.storage.device))
     return extra
+
+
+def check_bank_shapes(path, layers: Dict[str, nn.Module], tensors: Dict[str, torch.Tensor], count: int) -> None:
+    """Each layer's bank in the file is int32 ``[count, *row_shape]``."""
+    for n, layer in layers.items():
+        bank = tensors.get(f"bank/{n}")
+        expect = (count, *layer.bank.row_shape)
+        if bank is None or bank.dtype != torch.int32 or tuple(bank.shape) != expect:
+            raise MaskFileError(f"{path}: bank of layer {n} should be int32 {list(expect)}, got "
+                                f"{None if bank is None else (bank.dtype, list(bank.shape))}")
+
+
+def pad_bits_mask(n: int) -> int:
+    """The int32 mask of the bits past ``n`` in a row's last 32-bit word (0 when n is a multiple of 32)."""
+    tail = n % 32
+    return 0 if tail == 0 else -(1 << tail)  # bits tail..31, as a signed int32
 
 
 def save_model(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None) -> None:
@@ -276,13 +302,23 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
     from ..models import build_model
 
     tensors, meta = read_mask_file(path)
-    spec, _, first, _, _ = parse_metadata(path, meta)
+    spec, layout, first, count, _ = parse_metadata(path, meta)
     if first != 0:
         raise MaskFileError(f"{path} starts at task {first}; a whole-model file starts at 0")
+    if count == 0:
+        raise MaskFileError(f"{path} holds no task; a whole-model file holds at least one")
+    # The spec's sizes are checked on a model without memory first: a spec that does not match the
+    # banks in the file (each at least one task of 1 bit per weight, backed by the file's bytes) is
+    # refused before the frozen weights, up to 32 bytes per bank byte of a task, are built.
     try:
-        model = build_model(**spec).to(device)
+        with torch.device("meta"):
+            skeleton = build_model(**spec)
     except (TypeError, ValueError) as exc:
         raise MaskFileError(f"{path}: its model_spec {spec} does not describe a model this package builds ({exc})") from exc
+    if layout != _layout(skeleton):
+        raise MaskFileError(f"{path}: its model_spec builds other layer names or shapes than its layout records")
+    check_bank_shapes(path, supermask_layers(skeleton), tensors, count)
+    model = build_model(**spec).to(device)
     apply_mask_file(model, path, tensors, meta)
     return model
 

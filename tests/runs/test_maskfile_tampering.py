@@ -198,3 +198,82 @@ def test_hopfield_pattern_sum_of_the_wrong_shape_is_a_mask_file_error(hop, tmp_p
     path = hop_tampered(hop, tmp_path / "hop.safetensors", tensors_change={"pattern_sum/0": torch.ones(1)})
     with pytest.raises(MaskFileError, match="layer 0 tensors are missing or have the wrong shape"):
         maskfile.load_hopfield_checkpoint(path, build_model("bnnet", 10, seed=1))
+
+
+def retensored(src, dst, change):
+    """A copy of ``src`` whose tensors ``change(tensors)`` edits, checksum recomputed."""
+    tensors, meta = maskfile.read_mask_file(src)
+    tensors = dict(tensors)
+    change(tensors)
+    meta = dict(meta)
+    meta["checksum"] = maskfile.checksum(tensors, meta)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_a_huge_model_spec_is_refused_before_any_weight_is_built(mask_path, tmp_path, monkeypatch):
+    """A spec whose sizes the file's banks do not back is refused on a model without memory
+    (``torch.device('meta')``): before, 10**7 inputs built gigabytes of frozen weights first (10**5
+    here: the recorded devices show where the model was built, without the memory)."""
+    import supsup_fast.models as models
+    built_on = []
+    real = models.build_model
+
+    def recording(*args, **kwargs):
+        built_on.append(torch.empty(0).device.type)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(models, "build_model", recording)
+    meta = maskfile.read_metadata(mask_path)
+    spec, layout = json.loads(meta["model_spec"]), json.loads(meta["layout"])
+    spec["input_size"] = 10 ** 5
+    huge = tampered(mask_path, tmp_path / "huge.safetensors", model_spec=json.dumps(spec, sort_keys=True))
+    with pytest.raises(MaskFileError, match="builds other layer names or shapes than its layout records"):
+        maskfile.load_model(huge)
+    layout["layers"]["layers.0"]["shape"] = [300, 10 ** 5]  # layout edited to agree: the banks still do not
+    both = tampered(mask_path, tmp_path / "both.safetensors", model_spec=json.dumps(spec, sort_keys=True),
+                    layout=json.dumps(layout, sort_keys=True))
+    with pytest.raises(MaskFileError, match=r"bank of layer layers.0 should be int32 \[2, 300, 3125\]"):
+        maskfile.load_model(both)
+    assert built_on == ["meta", "meta"]
+    maskfile.load_model(mask_path)
+    assert built_on == ["meta", "meta", "meta", "cpu"]
+
+
+def test_a_whole_model_file_of_no_task_is_refused(tmp_path):
+    model = build_model("lenet", 20, seed=3)
+    maskfile.save_model(model, tmp_path / "empty.safetensors")
+    with pytest.raises(MaskFileError, match="holds no task"):
+        maskfile.load_model(tmp_path / "empty.safetensors")
+
+
+def test_bank_pad_bits_and_unknown_tensors_are_refused_at_load(mask_path, tmp_path):
+    def pad(t):
+        w = t["bank/layers.0"].clone()  # 784 inputs: bits 16..31 of each row's last word are padding
+        w[1, 5, -1] |= 1 << 20
+        t["bank/layers.0"] = w
+    with pytest.raises(MaskFileError, match="has bits set past its 784 inputs"):
+        maskfile.load_model(retensored(mask_path, tmp_path / "pad.safetensors", pad))
+    with pytest.raises(MaskFileError, match=r"has no place for: \['bank/layers.9'\]"):
+        maskfile.load_model(retensored(mask_path, tmp_path / "extra.safetensors",
+                                       lambda t: t.update({"bank/layers.9": torch.zeros(2, 3, 1, dtype=torch.int32)})))
+
+
+@pytest.fixture(scope="module")
+def bn_path(tmp_path_factory):
+    model = build_model("gemresnet18", 5, seed=1, in_channels=3)
+    snn.begin_task(model, generator=torch.Generator().manual_seed(0))
+    snn.finish_task(model)
+    path = tmp_path_factory.mktemp("bn") / "model.safetensors"
+    maskfile.save_model(model, path)
+    return path
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t.update({"bn_var/stem.1": -t["bn_var/stem.1"].abs() - 1}), "holds negative variances"),
+    (lambda t: t.update({"bn_mean/stem.1": t["bn_mean/stem.1"].to(torch.int64)}), "should be floating point"),
+    (lambda t: t.update({"bn_var/stem.1": t["bn_var/stem.1"] > 0}), "should be floating point"),
+])
+def test_bn_statistics_of_the_wrong_kind_are_refused(bn_path, tmp_path, change, message):
+    with pytest.raises(MaskFileError, match=message):
+        maskfile.load_model(retensored(bn_path, tmp_path / "bn.safetensors", change))
+    assert maskfile.load_model(bn_path) is not None
