@@ -93,8 +93,10 @@ def _mask_layer(name: str, m: nn.Module, weights: str, seed: int, mask_fn: str, 
 
 
 def _task_bn(m: nn.modules.batchnorm._BatchNorm, weights: str) -> nn.Module:
+    like = m.weight if m.weight is not None else m.running_mean  # the BN's device and dtype, if it has either
     bn = MultitaskBatchNorm(m.num_features, eps=m.eps, momentum=0.1 if m.momentum is None else m.momentum,
-                            device=m.weight.device if m.weight is not None else None)
+                            device=None if like is None else like.device,
+                            dtype=None if like is None or not like.is_floating_point() else like.dtype)
     if weights == "keep" and m.affine:
         return nn.Sequential(bn, FrozenAffine(m.weight, m.bias))
     return bn
@@ -150,6 +152,7 @@ def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Itera
             index += 1
         else:
             replaced[id(m)] = _task_bn(m, weights)
+        replaced[id(m)].train(m.training)  # a model converted in eval() stays in eval()
     # A module registered under several names (a weight-tied layer) becomes one new module at all of them.
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if id(m) in replaced and name:

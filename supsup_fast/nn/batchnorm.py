@@ -13,19 +13,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bank import TaskRows
-from .modes import Mode, OneTask, Superposition, Train
+from .modes import Mode, OneTask, Superposition, Train, task_index
 
 
 class MultitaskBatchNorm(nn.Module):
     """Non-affine BN over dim 1 ([N, C] or [N, C, H, W]) with per-task running stats."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, device=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, device=None, dtype=None):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.means = TaskRows((num_features,), torch.float32, device)
-        self.vars = TaskRows((num_features,), torch.float32, device)
-        self.register_buffer("current_mean", None, persistent=False)
-        self.register_buffer("current_var", None, persistent=False)
+        dtype = torch.float32 if dtype is None else dtype
+        self.means = TaskRows((num_features,), dtype, device)
+        self.vars = TaskRows((num_features,), dtype, device)
+        # The statistics of the task being trained: in state_dict() while there is one (as the
+        # layers' scores are), so that a checkpoint taken mid-task resumes with them.
+        self.register_buffer("current_mean", None)
+        self.register_buffer("current_var", None)
         self._mode: Mode = OneTask(0)
         self._sum_over_ranks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
@@ -61,6 +64,8 @@ class MultitaskBatchNorm(nn.Module):
         self._mode = Train()
 
     def finish_task(self) -> None:
+        if self.current_mean is None:
+            raise RuntimeError("finish_task needs a task in training: call begin_task first")
         dtype = self.means.storage.dtype  # the module's (model.double(), .bfloat16() convert it)
         self.means.append(self.current_mean.to(dtype))
         self.vars.append(self.current_var.to(dtype))
@@ -76,9 +81,11 @@ class MultitaskBatchNorm(nn.Module):
         self.vars.truncate(k)
 
     def set_mode_task(self, t: int) -> None:
-        self._mode = OneTask(int(t))
+        self._mode = OneTask(task_index(t))
 
     def set_mode_train(self) -> None:
+        if self.current_mean is None:
+            raise RuntimeError("train mode needs the statistics of a task in training: call begin_task first")
         self._mode = Train()
 
     def set_mode_superpose(self, alpha=None, active=None, uniform=False, *, checked: bool = False) -> None:

@@ -59,4 +59,4 @@ class SupermaskConv2d(SupermaskLayer):
 
     def _shape_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}")
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}")

@@ -19,7 +19,7 @@ from .counts import CountCaches
 from .fused_autograd import fused_train_forward
 from .init import frozen_bias, frozen_weight, make_generator
 from .masks import MASK_FUNCTIONS, mask_from_scores, masked_weight_from_scores, score_init_bound
-from .modes import Mode, OneTask, Superposition, Train, check_uniform_alpha
+from .modes import Mode, OneTask, Superposition, Train, check_uniform_alpha, task_index
 
 
 
@@ -156,11 +156,24 @@ class SupermaskLayer(CountCaches, nn.Module):
         self._counts = None
         self._active_cache = None
 
+    # Derived from the weight and the bank, rebuilt on first use: a copy or pickle does not carry them.
+    _DERIVED = ("_active_cache", "_s_cache", "_ws_cache", "_wt_cache", "_sign_cache")
+
+    def __getstate__(self):
+        """copy.deepcopy and pickle: without the derived caches, and a layer trained by an in-backward
+        optimiser (whose state lives in that optimiser) copies as one trained by the plain step."""
+        state = {k: v for k, v in super().__getstate__().items() if k not in self._DERIVED}
+        state["_buffers"] = {**state["_buffers"], "_counts": None}
+        if isinstance(state.get("_mode"), Train) and state["_mode"].fused is not None:
+            state["_mode"] = Train()
+        return state
+
     # -- modes --------------------------------------------------------------------------------
     def set_mode_task(self, t: int) -> None:
+        t = task_index(t)
         if not 0 <= t < self.num_tasks:
             raise ValueError(f"task must be in [0, {self.num_tasks}) (tasks learned), got {t}")
-        self._mode = OneTask(int(t))
+        self._mode = OneTask(t)
 
     def set_mode_train(self, fused=None) -> None:
         """Train the current scores; ``fused`` (a :class:`.fused_step.FusedScoreState`) applies the
@@ -201,6 +214,8 @@ class SupermaskLayer(CountCaches, nn.Module):
         bank = self.bank.words if mode.active is None else self.bank.words.index_select(0, mode.active)
         bank_t = self._interleaved_copy(x, mode)
         if mode.uniform:
+            if not torch.compiler.is_compiling():  # an α changed in place inside the block is refused, not ignored
+                check_uniform_alpha(mode.alpha, bank.shape[0])
             counts = self.counts() if mode.active is None else self.active_counts(mode.active)
             s = self._uniform_s(counts, bank.shape[0])
             return ops.superposed_with_s(x, self.weight, bank, mode.alpha, s, self.bias, self._conv_kwargs(), bank_t)

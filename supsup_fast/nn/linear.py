@@ -38,16 +38,21 @@ class SupermaskLinear(SupermaskLayer):
 
     def _masked(self, x, words):
         w, bias = self._frozen()
-        # A signed-constant layer reads its frozen weights as sign bits: 2 bits per weight with the mask.
-        # Not under torch.compile: the scale is a float read from the weight, which a trace cannot
-        # hold; masked_linear computes the same x (W ⊙ M)ᵀ from the float weight.
-        if self.init_kind == "signed_constant" and x.dtype == w.dtype and not torch.compiler.is_compiling():
-            sign_words, scale = self._sign_bits(w)
-            return ops.signed_masked_linear(x, sign_words, words, scale, bias)
+        # A signed-constant layer reads its frozen weights as sign bits: 2 bits per weight with the mask,
+        # where the weight is still exactly ±scale (one loaded from elsewhere, or replaced through
+        # functional_call, is not) and no gradient of it is asked for. Not under torch.compile (the
+        # scale is a float read from the weight, which a trace cannot hold) nor on meta tensors;
+        # masked_linear computes the same x (W ⊙ M)ᵀ from the float weight.
+        if (self.init_kind == "signed_constant" and x.dtype == w.dtype and not w.requires_grad and not w.is_meta
+                and not torch.compiler.is_compiling()):
+            sign_words, scale, exact = self._sign_bits(w)
+            if exact:
+                return ops.signed_masked_linear(x, sign_words, words, scale, bias)
         return ops.masked_linear(x, w, words, bias)
 
     def _sign_bits(self, w: Optional[torch.Tensor] = None):
-        """The frozen signed-constant weight ``w`` (the layer's) as (sign bits, scale), rebuilt if the weight changes."""
+        """(sign bits, scale, exact) of the frozen weight ``w`` (the layer's), rebuilt if the weight
+        changes: exact where every |w| is the same nonzero scale (the sign bits are None otherwise)."""
         if w is None:
             w = self.weight
         # id() too: a new weight tensor can land at a freed one's address with version 0
@@ -55,20 +60,19 @@ class SupermaskLinear(SupermaskLayer):
         cache = self.__dict__.get("_sign_cache")
         if cache is None or cache[0] != key:
             with torch.inference_mode(False):  # a cache outlives an inference_mode block: a normal tensor
-                self._sign_cache = cache = (key, ops.pack_bits(w > 0), float(w.abs().max()))
-        return cache[1], cache[2]
+                magnitude = w.detach().abs()
+                scale = float(magnitude.max()) if w.numel() else 0.0
+                exact = scale > 0 and bool((magnitude == scale).all())
+                self._sign_cache = cache = (key, ops.pack_bits(w.detach() > 0) if exact else None, scale, exact)
+        return cache[1], cache[2], cache[3]
 
     def signed_weight_bits(self) -> Optional[Tuple[torch.Tensor, float]]:
         """(sign bits, scale) of the frozen weight where it is exactly signed-constant (every |w| the
         same nonzero scale), else None: what a step may read in place of the float weight."""
         if self.init_kind != "signed_constant":
             return None
-        sign_words, scale = self._sign_bits()
-        key = self._sign_cache[0]
-        exact = self.__dict__.get("_sign_exact")
-        if exact is None or exact[0] != key:
-            self._sign_exact = exact = (key, scale > 0 and bool((self.weight.abs() == scale).all()))
-        return (sign_words, scale) if exact[1] else None
+        sign_words, scale, exact = self._sign_bits()
+        return (sign_words, scale) if exact else None
 
     def _superposed(self, x, bank, alpha, bank_t=None, bank_w=None):
         return ops.superposed_linear(x, self.weight, bank, alpha, self.bias, bank_t=bank_t, bank_w=bank_w)

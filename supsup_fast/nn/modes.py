@@ -13,6 +13,7 @@ module (the distributed hooks).
 """
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -50,6 +51,14 @@ Mode = Union[Train, OneTask, Superposition]
 _uniform_ok: Optional[tuple] = None
 
 
+def task_index(task) -> int:
+    """``task`` as an int: ints, numpy integers and integer 0-d tensors pass; 1.5 is refused, not truncated."""
+    try:
+        return operator.index(task)
+    except TypeError:
+        raise TypeError(f"task must be an integer task index, got {task!r} ({type(task).__name__})") from None
+
+
 def check_uniform_alpha(alpha: torch.Tensor, k: int) -> None:
     """``uniform=True`` promises alpha = 1/k over the k superposed tasks: the layers then use their
     cached counts Σᵢ Mᵢ / k and never read alpha in the forward, so a non-uniform alpha would
@@ -57,7 +66,7 @@ def check_uniform_alpha(alpha: torch.Tensor, k: int) -> None:
     The value check (a host sync) is skipped inside a CUDA-graph capture, like the other data checks."""
     global _uniform_ok
     ops.checks.check_alpha(alpha, k)
-    if k == 0 or ops.checks.capturing(alpha):
+    if k == 0 or ops.checks.capturing(alpha) or alpha.is_meta:
         return
     version, last = ops.checks.tensor_version(alpha), _uniform_ok  # an inference tensor's matches no verdict
     if last is not None and last[0]() is alpha and last[1] == version and last[2] == k:

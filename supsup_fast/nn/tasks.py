@@ -10,7 +10,7 @@ from torch import nn
 from .. import ops
 from .batchnorm import MultitaskBatchNorm
 from .layers import SupermaskLayer
-from .modes import check_uniform_alpha
+from .modes import check_uniform_alpha, task_index
 
 
 def task_modules(model: nn.Module) -> List[nn.Module]:
@@ -79,6 +79,7 @@ def task_parameters(model: nn.Module) -> List[nn.Parameter]:
 
 def set_task(model: nn.Module, task: int) -> None:
     """Evaluate with the finished mask (and BN statistics) of ``task``."""
+    task = task_index(task)
     k = num_tasks(model)
     if not 0 <= task < k:
         raise ValueError(f"task must be in [0, {k}) (tasks learned), got {task}")
@@ -87,7 +88,11 @@ def set_task(model: nn.Module, task: int) -> None:
 
 
 def set_train_mode(model: nn.Module) -> None:
-    for m in task_modules(model):
+    mods = task_modules(model)
+    # Checked for all first, so that a refusal leaves no module switched.
+    if any((m.scores if isinstance(m, SupermaskLayer) else m.current_mean) is None for m in mods):
+        raise RuntimeError("no task is being trained: call begin_task first")
+    for m in mods:
         m.set_mode_train()
 
 
@@ -106,7 +111,7 @@ def set_superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[to
         raise ValueError(f"alpha must have shape [{k}], got {tuple(alpha.shape)}")
     if ops.checks.capturing(alpha):
         pass  # inside a CUDA-graph capture the data checks (host syncs) cannot run
-    elif k and not bool(torch.isfinite(alpha.detach()).all()):
+    elif k and not alpha.is_meta and not bool(torch.isfinite(alpha.detach()).all()):
         raise ValueError("alpha contains NaN or ±inf; the superposition coefficients must be finite")
     if uniform:
         # Every layer checks it too (set_mode_superpose); once here, so no layer is switched when it fails.
@@ -118,15 +123,20 @@ def set_superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[to
 @contextlib.contextmanager
 def superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[torch.Tensor] = None,
                   uniform: bool = False) -> Iterator[None]:
-    """``with superposition(model, alpha): logits = model(x)``; restores the previous modes."""
+    """``with superposition(model, alpha): logits = model(x)``; restores the previous modes of the
+    modules it superposed. A module whose mode was changed inside the block (``set_task``,
+    ``begin_task``) keeps its new mode: restoring it would, e.g., drop a task begun there."""
     mods = task_modules(model)
     saved = [m._mode for m in mods]
+    placed = None
     try:
         set_superposition(model, alpha, active, uniform)
+        placed = [m._mode for m in mods]
         yield
     finally:
-        for m, mode in zip(mods, saved):
-            m._mode = mode
+        for i, (m, mode) in enumerate(zip(mods, saved)):
+            if placed is None or m._mode is placed[i]:
+                m._mode = mode
 
 
 def mask_bytes(model: nn.Module) -> int:
