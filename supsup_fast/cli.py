@@ -167,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "evaluate":
             return cmd_evaluate(args)
         return cmd_bench(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # OSError: a full disk, a read-only folder
         # Under torchrun every rank reports: say which, in one write so that lines do not run together.
         rank = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
         sys.stderr.write(f"supsup-fast: error{rank}: {exc}\n")

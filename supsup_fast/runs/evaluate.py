@@ -62,6 +62,8 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     model = None if sharded else maskfile.load_model(model_path)
     exp = Experiment(config, run_dir if sharded else out, progress=progress, model=model, ctx=ctx)
     exp.parallel = "shard" if sharded else ("task" if ctx.enabled else "single")  # results.distributed.parallel
+    if "data_root" not in overrides:  # the run's own data: its masks must have been trained on it
+        check_identity(model_path, extra, {"data_sha256": exp.data_sha256})
     if sharded:
         exp.data_sha256 = extra["run_identity"].get("data_sha256", exp.data_sha256)  # the run's own checkpoints
         exp.output_size = json.loads(meta["model_spec"]).get("output_size", exp.output_size)

@@ -73,6 +73,28 @@ def evaluation_points(config: RunConfig) -> List[int]:
     return sorted({k for k in config.eval_at if 1 <= k < config.tasks} | {config.tasks})
 
 
+def progress_digest(data: dict) -> str:
+    """The checksum a progress file carries over its other fields."""
+    body = {k: v for k, v in data.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def read_progress_file(path: Path) -> dict:
+    """A progress file's content, refused (naming the file) where it is damaged, edited or not of
+    this package: its evaluation rows are then recomputed once it is deleted."""
+    data = read_json(path, "progress file")
+    remedy = "delete it: the finished tasks are kept and the evaluation rows recomputed"
+    if data.get("sha256") != progress_digest(data):
+        raise RunDirError(f"progress file {path} failed its checksum (modified, or written by another version); {remedy}")
+    rows = data.get("rows")
+    shape_ok = isinstance(rows, list) and all(
+        isinstance(r, dict) and isinstance(r.get("tasks_learned"), int) and isinstance(r.get("accuracy"), list)
+        for r in rows)
+    if not shape_ok or not isinstance(data.get("train_wall_seconds", 0.0), (int, float)):
+        raise RunDirError(f"progress file {path} is malformed (rows must be evaluation rows); {remedy}")
+    return data
+
+
 def parallel_mode(config: RunConfig, ctx: DistContext) -> str:
     """"single" (one process), "task" (each rank trains whole tasks) or "data" (DDP on one task)."""
     if not ctx.enabled:
@@ -278,16 +300,19 @@ class Experiment:
     def run(self) -> dict:
         raise NotImplementedError("a scenario driver (runs.supsup, runs.nns, runs.hopsupsup) defines run()")
 
-    def progress_rows(self) -> List[dict]:
-        """The evaluation rows an interrupted run already computed under the same evaluation
-        settings (rank 0 reads, all ranks get them)."""
+    def read_progress(self) -> dict:
+        """The progress file of an interrupted run (``{"rows": [...], ...}``; no rows when not
+        resuming or none was written), checked (rank 0 reads, all ranks get it)."""
         path = self.out / "progress.json"
-        rows = self._on_main(lambda: read_json(path, "progress file").get("rows", [])
-                             if self.resume and path.exists() else [])
-        return [r for r in rows if r.get("eval_sha256") == self.eval_digest()]
+        return self._on_main(lambda: read_progress_file(path) if self.resume and path.exists() else {"rows": []})
+
+    def progress_rows(self) -> List[dict]:
+        """The evaluation rows an interrupted run already computed under the same evaluation settings."""
+        return [r for r in self.read_progress()["rows"] if r.get("eval_sha256") == self.eval_digest()]
 
     def save_progress(self, rows: List[dict], **extra) -> None:
-        self._on_main(lambda: write_json(self.out / "progress.json", {"rows": rows, **extra}))
+        data = {"rows": rows, **extra}
+        self._on_main(lambda: write_json(self.out / "progress.json", {**data, "sha256": progress_digest(data)}))
 
     def _model_extra(self, after: List[float]) -> dict:
         return {"accuracy_after_training": after, "run_identity": self.identity()}
@@ -342,5 +367,7 @@ class Experiment:
         write_json(self.out / "results.json", results)
         write_csv(results, self.out / "per_task.csv")
         write_plot(results, self.out / "accuracy.png")
+        # The run is whole and no rank writes any more: a write killed in an earlier attempt left these.
+        maskfile.remove_temporaries(self.out, self.out / "checkpoints")
 
 

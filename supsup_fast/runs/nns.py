@@ -17,6 +17,19 @@ from .rundir import RunDirError, check_identity
 
 
 class NNsRun(Experiment):
+    def _row_at(self, rows: list, k: int) -> list:
+        """``rows`` with the evaluation row after ``k`` true tasks computed from the masks held now:
+        a row of the progress file is kept only if it was computed from the same masks (a run retrained
+        from an earlier point, e.g. on other data after its checkpoint was deleted, has other masks)."""
+        digest = maskfile.bank_digest(self.model)
+        if any(r["tasks_learned"] == k and r.get("masks_sha256") == digest for r in rows):
+            return rows
+        row = self._evaluate_all(k, f"eval {k} true tasks")
+        row["masks_sha256"] = digest
+        rows = [r for r in rows if r["tasks_learned"] != k] + [row]
+        self.save_progress(rows)
+        return rows
+
     def run(self) -> dict:
         """NNs: the model never sees the task index; masks are allocated by the rule of
         :mod:`.nns`. One checkpoint (all masks + allocator log) after each true task."""
@@ -53,9 +66,8 @@ class NNsRun(Experiment):
                 raise RunDirError(f"--eval-at {passed}: this NNs run has passed {'that point' if len(passed) == 1 else 'those points'} "
                                   f"({done} true tasks done) and its masks have changed since; NNs rows are computed "
                                   f"as the run reaches them: drop {'it' if len(passed) == 1 else 'them'} or start a new --out")
-            if 0 < done < cfg.tasks and done in eval_points and not any(r["tasks_learned"] == done for r in rows):
-                rows.append(self._evaluate_all(done, f"eval {done} true tasks"))  # the checkpoint holds exactly those masks
-                self.save_progress(rows)
+            if 0 < done < cfg.tasks and done in eval_points:
+                rows = self._row_at(rows, done)  # the checkpoint holds exactly those masks
             task_bar = tqdm(range(cfg.tasks), desc=f"NNs {cfg.benchmark}", unit="true task", disable=not self.progress)
             task_bar.update(done)
             for t in range(done, cfg.tasks):
@@ -76,9 +88,8 @@ class NNsRun(Experiment):
                 after.append(own.accuracy)
                 # The row before the checkpoint: interrupted between them, the resume retrains true task t
                 # (the same masks) and finds its row, never a checkpoint past a point without its row.
-                if t + 1 in eval_points and t + 1 < cfg.tasks and not any(r["tasks_learned"] == t + 1 for r in rows):
-                    rows.append(self._evaluate_all(t + 1, f"eval {t + 1} true tasks"))
-                    self.save_progress(rows)
+                if t + 1 in eval_points and t + 1 < cfg.tasks:
+                    rows = self._row_at(rows, t + 1)
                 self._on_main(lambda: maskfile.save_model(self.model, ckpt, extra={
                     "true_tasks_done": t + 1, "accuracy_after_training": after, "train_seconds": train_seconds,
                     "allocator": allocator.state.to_dict(), "run_identity": self.identity()}))
@@ -87,10 +98,7 @@ class NNsRun(Experiment):
             allocator.finish()
             self._on_main(lambda: maskfile.save_model(self.model, self.out / "model.safetensors",
                                                      extra={**self._model_extra(after), **self._nns_extra()}))
-            for k in eval_points:
-                if not any(r["tasks_learned"] == k for r in rows):
-                    rows.append(self._evaluate_all(k, f"eval {k} true tasks"))
-                    self.save_progress(rows)
+            rows = self._row_at(rows, cfg.tasks)  # the points before were reached in the loop
             task_bar.close()
         results = self._results(after, rows, train_seconds, done, backend_name)
         self._on_main(lambda: self._write_outputs(results))

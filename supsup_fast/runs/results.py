@@ -52,11 +52,13 @@ def write_csv(results: dict, path: Union[str, Path]) -> None:
     k = len(results["per_task_accuracy"])
     rows = zip(range(k), results["accuracy_after_training"], results["per_task_accuracy"],
                results["per_task_inference_accuracy"] or [None] * k, results.get("task_names") or [""] * k)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["task", "accuracy_after_training", "final_accuracy", "task_inference_accuracy", "task_name"])
-        for t, a, f, i, name in rows:
-            w.writerow([t, f"{a:.6f}", f"{f:.6f}", "" if i is None else f"{i:.6f}", name])
+    def writer(tmp):
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["task", "accuracy_after_training", "final_accuracy", "task_inference_accuracy", "task_name"])
+            for t, a, f, i, name in rows:
+                w.writerow([t, f"{a:.6f}", f"{f:.6f}", "" if i is None else f"{i:.6f}", name])
+    atomic_write_bytes(path, writer)
 
 
 def write_plot(results: dict, path: Union[str, Path]) -> None:
@@ -89,5 +91,7 @@ def write_plot(results: dict, path: Union[str, Path]) -> None:
         ax2.set_ylabel("average accuracy")
         ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

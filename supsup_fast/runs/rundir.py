@@ -100,6 +100,12 @@ def check_writable(out: Path) -> None:
         raise RunDirError(f"--out {out}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise RunDirError(f"--out {out}: {probe} is not writable")
+    if out.is_dir():  # an earlier run's folder: what the run will write into must be writable too
+        checkpoints, lock = out / "checkpoints", out / ".lock"
+        if checkpoints.exists() and not (checkpoints.is_dir() and os.access(checkpoints, os.W_OK | os.X_OK)):
+            raise RunDirError(f"--out {out}: {checkpoints} is not a writable folder")
+        if lock.exists() and not (lock.is_file() and os.access(lock, os.W_OK)):
+            raise RunDirError(f"--out {out}: its lock file {lock} is not a writable file")
 
 
 class RunLock:

@@ -15,7 +15,6 @@ from ..nn import num_tasks, task_modules, transfer_init_scores
 from ..ops.registry import backend_for, use_backend
 from . import maskfile
 from .loop import Experiment, bank_summary, evaluation_points, task_generator, train_subset
-from .results import read_json
 from .rundir import RunDirError, check_identity, masks_digest
 
 
@@ -87,10 +86,8 @@ class SupSupRun(Experiment):
         segment's checkpoints in order, and all evaluate together."""
         cfg, ctx = self.config, self.ctx
         backend_name = backend_for(self.device).name
-        progress_path = self.out / "progress.json"
-        state = self._on_main(lambda: read_json(progress_path, "progress file")
-                              if self.resume and progress_path.exists() else {"rows": []})
-        rows, train_wall = list(state.get("rows", [])), float(state.get("train_wall_seconds", 0.0))
+        state = self.read_progress()
+        rows, train_wall = list(state["rows"]), float(state.get("train_wall_seconds", 0.0))
         eval_points = evaluation_points(cfg)
         after, task_seconds, checksums = [0.0] * cfg.tasks, [0.0] * cfg.tasks, [""] * cfg.tasks
         resumed, lo = 0, 0

@@ -328,3 +328,35 @@ def test_shard_bank_refusals_come_before_training():
     with pytest.raises(ValueError, match="--shard-bank does not apply to NNs"):
         parallel_mode(make_config(overrides=dict(SMALL, scenario="NNs", shard_bank=True)), two_ranks)
     assert parallel_mode(make_config(overrides=dict(SMALL, shard_bank=True)), two_ranks) == "task"
+
+
+def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path):
+    def full_disk(tmp):
+        with open(tmp, "w") as fh:
+            fh.write("partial")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match=r"could not write .*results.json: \[Errno 28\] No space left on device"):
+        maskfile.atomic_write_bytes(tmp_path / "results.json", full_disk)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_parts_of_an_earlier_run_folder_are_one_line_errors(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a folder")
+    code = main(["run", "--tasks", "1", "--iters", "1", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "checkpoints is not a writable folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_finished_run_removes_the_temporaries_of_killed_writes(tmp_path):
+    out = tmp_path / "run"
+    config = make_config(overrides=dict(SMALL, tasks=2, iters=5))
+    run_experiment(config, out, progress=False)
+    stale = [out / "checkpoints" / "task_00001.safetensors.k1ll3d.tmp", out / "results.json.x9.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    (out / "model.safetensors").unlink()
+    run_experiment(config, out, resume=True, progress=False)
+    assert not any(path.exists() for path in stale)
+    assert (out / "checkpoints" / "task_00001.safetensors").is_file()

@@ -86,6 +86,23 @@ def test_resume_on_other_training_data_is_refused(finished, tmp_path, monkeypatc
         run(mine, resume=True)
 
 
+def test_evaluate_refuses_masks_trained_on_other_data_unless_data_root_is_given(finished, tmp_path, monkeypatch):
+    real = exp_mod.load_benchmark
+
+    def other_data(*args, **kw):
+        tasks = real(*args, **kw)
+        tasks.mnist.train_images = tasks.mnist.train_images.clone()
+        tasks.mnist.train_images[0, 14, 14] ^= 1
+        return tasks
+
+    monkeypatch.setattr(exp_mod, "load_benchmark", other_data)
+    with pytest.raises(RunDirError, match="model.safetensors belongs to another run: the training data"):
+        evaluate_run(finished[0], {}, tmp_path / "eval", progress=False)
+    cfg = json.loads((finished[0] / "config.json").read_text())
+    res = evaluate_run(finished[0], {"data_root": cfg["data_root"]}, tmp_path / "eval2", progress=False)
+    assert len(res["per_task_accuracy"]) == 2  # evaluated on the data named, as asked
+
+
 def test_stale_progress_rows_are_recomputed(tmp_path):
     out = tmp_path / "r"
     first = run(out, tasks=3, eval_at=[2])
@@ -93,12 +110,48 @@ def test_stale_progress_rows_are_recomputed(tmp_path):
     row = next(r for r in progress["rows"] if r["tasks_learned"] == 2)
     row["accuracy"] = [0.0, 0.0]  # as if computed from masks that are no longer there
     row["masks_sha256"] = "0" * 64
+    progress["sha256"] = exp_mod.progress_digest(progress)  # a whole file, its rows of other masks
     (out / "progress.json").write_text(json.dumps(progress))
     again = run(out, resume=True, tasks=3, eval_at=[2])
     assert again["accuracy_matrix"][0]["accuracy"] == first["accuracy_matrix"][0]["accuracy"]
     # A row whose digest matches is reused, not recomputed.
     progress = json.loads((out / "progress.json").read_text())
     assert all(r["masks_sha256"] != "0" * 64 for r in progress["rows"])
+
+
+def test_an_edited_or_malformed_progress_file_is_refused(finished, tmp_path):
+    mine = copy_run(finished[0], tmp_path / "mine")
+    (mine / "model.safetensors").unlink()
+    progress = json.loads((mine / "progress.json").read_text())
+    progress["rows"][0]["accuracy"][0] = 0.999  # a valid JSON edit of one digit
+    (mine / "progress.json").write_text(json.dumps(progress))
+    with pytest.raises(RunDirError, match=r"progress file .*progress.json failed its checksum"):
+        run(mine, resume=True)
+    for rows in ("x", [1], [{}], [{"tasks_learned": 2}]):
+        bad = {"rows": rows, "train_wall_seconds": 1.0}
+        bad["sha256"] = exp_mod.progress_digest(bad)
+        (mine / "progress.json").write_text(json.dumps(bad))
+        with pytest.raises(RunDirError, match=r"progress file .*progress.json is malformed"):
+            run(mine, resume=True)
+
+
+def test_nns_rows_of_other_masks_are_recomputed(tmp_path):
+    """An NNs run retrained from an earlier point (its checkpoint deleted, as the error for a
+    corrupt one advises, or on other data) has other masks than its old progress rows."""
+    out = tmp_path / "nns"
+    nns = dict(scenario="NNs", tasks=2, eval_at=[1], iters=20)
+    first = run(out, **nns)
+    progress = json.loads((out / "progress.json").read_text())
+    row = next(r for r in progress["rows"] if r["tasks_learned"] == 1)
+    row["accuracy"] = [0.0]  # as if computed from the masks of another attempt
+    row["masks_sha256"] = "0" * 64
+    progress["sha256"] = exp_mod.progress_digest(progress)
+    (out / "progress.json").write_text(json.dumps(progress))
+    for name in ("checkpoints/nns_latest.safetensors", "model.safetensors", "results.json"):
+        (out / name).unlink()
+    again = run(out, resume=True, **nns)
+    assert again["accuracy_matrix"][0]["accuracy"] == first["accuracy_matrix"][0]["accuracy"]
+    assert again["average_accuracy"] == first["average_accuracy"]
 
 
 def test_corrupt_progress_file_is_named(finished, tmp_path):
