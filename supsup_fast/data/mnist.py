@@ -7,6 +7,7 @@ import hashlib
 import os
 import struct
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -54,8 +55,10 @@ def read_idx(path: Union[str, Path]) -> np.ndarray:
     try:
         with opener(path, "rb") as fh:
             data = fh.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a damaged deflate stream
         raise DataError(f"cannot read IDX file {path}: {exc}") from exc
+    if data[:2] == b"\x1f\x8b":
+        raise DataError(f"{path} is gzip-compressed but not named .gz: rename it to {path.name}.gz")
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
@@ -63,7 +66,9 @@ def read_idx(path: Union[str, Path]) -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{path} is truncated (header)")
     shape = struct.unpack(">" + "I" * ndim, data[4:header])
-    count = int(np.prod(shape))
+    count = 1
+    for size in shape:  # Python ints: a header of huge sizes must not overflow into a plausible count
+        count *= size
     if len(data) != header + count:
         raise DataError(f"{path} holds {len(data) - header} bytes of data, expected {count} for shape {shape}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
@@ -86,15 +91,20 @@ def load_mnist_folder(root: Union[str, Path]) -> MNIST:
     for key, stem in FILES.items():
         path = _find(root, stem)
         if path is None:
-            raise DataError(f"--data-root {root} has no {stem}[.gz] (looked in {root}, {root}/MNIST/raw); "
+            raise DataError(f"--data-root {root} has no {stem}[.gz] (looked in {root}, {root}/MNIST/raw, {root}/raw); "
                             f"use --download to fetch MNIST there")
         arrays[key] = read_idx(path)
     for split in ("train", "test"):
         imgs, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if imgs.ndim != 3 or imgs.shape[1:] != (28, 28) or labels.ndim != 1 or len(imgs) != len(labels):
             raise DataError(f"MNIST {split} files in {root} do not match: images {imgs.shape}, labels {labels.shape}")
+        if len(labels) == 0:
+            raise DataError(f"MNIST {split} files in {root} hold no images")
         if labels.max() > 9:
             raise DataError(f"MNIST {split} labels in {root} exceed 9")
+    if (len(arrays["train_labels"]), len(arrays["test_labels"])) == (10000, 60000):
+        raise DataError(f"MNIST files in {root}: the train- files hold the 10,000 test images and the t10k- files the "
+                        f"60,000 training images: they are swapped")
     t = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
     return MNIST(t["train_images"], t["train_labels"].long(), t["test_images"], t["test_labels"].long(), str(root))
 
@@ -114,17 +124,19 @@ def download_mnist(root: Union[str, Path]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for stem, md5 in MD5.items():
         target = root / (stem + ".gz")
-        if target.is_file() and _md5_of_gz(target) == md5:
+        present = _find(root, stem)  # raw or .gz, flat or MNIST/raw/: a verified copy is not fetched again
+        if present is not None and _md5_of(present) == md5:
             continue
         errors = []
         for mirror in MIRRORS:
             try:
                 with urllib.request.urlopen(mirror + stem + ".gz", timeout=30) as resp:
                     blob = resp.read()
-            except OSError as exc:
+                digest = hashlib.md5(gzip.decompress(blob)).hexdigest()
+            except (OSError, EOFError, zlib.error) as exc:  # also an HTML page or a cut body: try the next
                 errors.append(f"{mirror}: {exc}")
                 continue
-            if hashlib.md5(gzip.decompress(blob)).hexdigest() != md5:
+            if digest != md5:
                 errors.append(f"{mirror}: checksum mismatch")
                 continue
             tmp = target.with_suffix(".gz.part")
@@ -137,11 +149,12 @@ def download_mnist(root: Union[str, Path]) -> Path:
     return root
 
 
-def _md5_of_gz(path: Path) -> str:
+def _md5_of(path: Path) -> str:
+    """md5 of an IDX file's uncompressed bytes ("" if it cannot be read)."""
     try:
-        with gzip.open(path, "rb") as fh:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
             return hashlib.md5(fh.read()).hexdigest()
-    except (OSError, EOFError):
+    except (OSError, EOFError, zlib.error):
         return ""
 
 

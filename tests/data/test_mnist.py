@@ -111,3 +111,69 @@ def test_rotated_and_split():
     assert set(raw.test(3).y.tolist()) == {6, 7}
     with pytest.raises(ValueError, match="5 tasks"):
         SplitMNIST(m, 6)
+
+
+def test_damaged_or_misnamed_files_are_data_errors(tmp_path):
+    fake_mnist(tmp_path, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # a flipped byte inside the deflate stream
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="cannot read IDX file"):
+        load_mnist(tmp_path)
+    plain = tmp_path / "gzipped-without-suffix"
+    plain.write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\x01x"))
+    with pytest.raises(DataError, match="gzip-compressed but not named .gz"):
+        read_idx(plain)
+    huge = tmp_path / "huge"
+    huge.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 2 ** 31, 2 ** 31, 2 ** 2) + b"x")
+    with pytest.raises(DataError, match="expected 18446744073709551616"):
+        read_idx(huge)
+
+
+def test_empty_or_swapped_splits_are_refused(tmp_path):
+    fake_mnist(tmp_path / "empty", gz=False, n_test=0)
+    with pytest.raises(DataError, match="test files .* hold no images"):
+        load_mnist(tmp_path / "empty")
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    for stem, n in (("train", 10000), ("t10k", 60000)):  # the standard release, train- and t10k- swapped
+        write_idx(swapped / f"{stem}-images-idx3-ubyte", np.zeros((n, 28, 28)), False)
+        write_idx(swapped / f"{stem}-labels-idx1-ubyte", np.arange(n) % 10, False)
+    with pytest.raises(DataError, match="they are swapped"):
+        load_mnist(tmp_path / "swapped")
+
+
+def test_download_keeps_verified_raw_files_and_tries_the_next_mirror(tmp_path, monkeypatch):
+    from supsup_fast.data import mnist
+    arrays = fake_mnist(tmp_path / "raw-present" / "MNIST" / "raw", gz=False)
+    md5 = {stem: mnist._md5_of(tmp_path / "raw-present" / "MNIST" / "raw" / stem) for stem in FILES.values()}
+    monkeypatch.setattr(mnist, "MD5", md5)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("a verified file was fetched again"))
+    m = load_mnist(tmp_path / "raw-present", download=True)
+    assert m.train_labels.tolist() == list(arrays["train_labels"])
+
+    class Resp:
+        def __init__(self, blob): self.blob = blob
+        def read(self): return self.blob
+        def __enter__(self): return self
+        def __exit__(self, *a): return False
+    src = tmp_path / "raw-present" / "MNIST" / "raw"
+    urls = []
+
+    def mirrors(url, timeout):
+        urls.append(url)
+        if url.startswith(mnist.MIRRORS[0]):
+            return Resp(b"<html>not found</html>")  # a first mirror's error page
+        return Resp(gzip.compress((src / url.rsplit("/", 1)[1][:-3]).read_bytes()))
+    monkeypatch.setattr(urllib.request, "urlopen", mirrors)
+    m = load_mnist(tmp_path / "fresh", download=True)
+    assert m.test_labels.tolist() == list(arrays["test_labels"])
+    assert [u.startswith(mnist.MIRRORS[i % 2]) for i, u in enumerate(urls)] == [True] * 8  # each file: first, then second
+
+
+def test_rotated_mnist_has_36_distinct_tasks():
+    m = load_embedded()
+    assert RotatedMNIST(m, 36).angle(35) == 350
+    with pytest.raises(ValueError, match=r"36 distinct tasks .* --tasks 37"):
+        RotatedMNIST(m, 37)
