@@ -305,8 +305,8 @@ SETTINGS = [
     Setting("model", "str", choices=MODELS),
     Setting("tasks", "int", _POS, "number of tasks"),
     Setting("output_size", "int?", _POS, "output neurons s (>= labels; extras are superfluous neurons)"),
-    Setting("iters", "int?", _POS, "training batches per task"),
-    Setting("epochs", "int", _POS, "cap on epochs per task"),
+    Setting("iters", "int?", _POS, "training batches per task (at most --epochs passes over its training set)"),
+    Setting("epochs", "int", _POS, "cap on passes over a task's training set (ends a task before --iters where the set is small)"),
     Setting("batch_size", "int", _POS),
     Setting("lr", "float", _GT0, "learning rate, finite and > 0 (1e-4; HopSupSup: 0.1)"),
     Setting("optimizer", "str", choices=OPTIMIZERS),
@@ -354,16 +354,36 @@ FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 assert FIELDS == {s.name for s in SETTINGS}, "every RunConfig field needs its Setting (and no Setting is unused)"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, refusing a mapping that names a key twice (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"setting {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: Union[str, Path]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} " + ("is a directory, not a YAML file" if path.is_dir() else "does not exist"))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {path} is not UTF-8 text ({exc})") from exc
     except yaml.YAMLError as exc:
         raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of settings")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ValueError(f"config file {path}: setting names must be text, got {bad_keys} (YAML reads 1, ~ and true "
+                         f"as a number, null and a boolean)")
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - FIELDS)
     if unknown:
@@ -373,7 +393,12 @@ def load_yaml(path: Union[str, Path]) -> dict:
 
 def make_config(preset: Optional[dict] = None, overrides: Optional[dict] = None) -> RunConfig:
     values = dict(preset or {})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    tasks = overrides.get("tasks")
+    if isinstance(tasks, int) and "eval_at" not in overrides and isinstance(values.get("eval_at"), list):
+        # A preset's evaluation points past a smaller --tasks (e.g. a 2,500-task preset run for 10) are dropped.
+        values["eval_at"] = [p for p in values["eval_at"] if not isinstance(p, int) or p <= tasks]
+    values.update(overrides)
     unknown = sorted(set(values) - FIELDS)
     if unknown:
         raise ValueError(f"unknown settings {unknown}; known: {sorted(FIELDS)}")

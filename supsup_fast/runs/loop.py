@@ -47,6 +47,13 @@ def train_subset(split: TaskSplit, n: Optional[int]) -> TaskSplit:
     return split.head(n)
 
 
+def training_steps(config: RunConfig, split: TaskSplit) -> int:
+    """The optimisation steps one task takes: --iters batches, at most --epochs passes over its
+    training set (algorithms.training.run_steps)."""
+    per_epochs = config.epochs * split.num_batches(config.batch_size)
+    return per_epochs if config.iters is None else min(config.iters, per_epochs)
+
+
 def confusions(inferred: Optional[List[int]], expected: int) -> Dict[str, int]:
     """The queries whose task was inferred wrong, counted by the task inferred: {str(task): count}."""
     out: Dict[str, int] = {}

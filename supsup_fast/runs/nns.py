@@ -12,7 +12,7 @@ from ..algorithms.nns import AllocatorState, MaskAllocator
 from ..nn import num_tasks
 from ..ops.registry import backend_for, use_backend
 from . import maskfile
-from .loop import Experiment, evaluation_points, task_generator, train_subset, unusable_checkpoint
+from .loop import Experiment, evaluation_points, task_generator, train_subset, training_steps, unusable_checkpoint
 from .rundir import RunDirError, check_identity
 
 
@@ -73,7 +73,7 @@ class NNsRun(Experiment):
             for t in range(done, cfg.tasks):
                 gen = task_generator(cfg.seed, t)
                 split = train_subset(self.tasks.train(t), cfg.train_subset)
-                steps = cfg.iters if cfg.iters is not None else cfg.epochs * split.num_batches(cfg.batch_size)
+                steps = training_steps(cfg, split)
                 step_bar = tqdm(total=steps, desc=f"true task {t}", unit="it", leave=False, disable=not self.progress)
                 start = time.perf_counter()
                 allocator.train_true_task(t, split, self.train_settings, device=self.device, generator=gen,

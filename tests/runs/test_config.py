@@ -130,3 +130,45 @@ def test_every_field_is_declared_once_for_validation_and_flags():
     assert run.choices == next(s for s in SETTINGS if s.name == "scenario").choices
     flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions}
     assert {s.name for s in SETTINGS} <= flags
+
+
+@pytest.mark.parametrize("text,message", [
+    ("tasks: 3\ntasks: 4\n", "setting 'tasks' is given twice"),
+    ("1: 2\n", r"setting names must be text, got \[1\]"),
+    ("~: 2\n", r"setting names must be text, got \[None\]"),
+    ("true: 2\n", r"setting names must be text, got \[True\]"),
+])
+def test_yaml_keys_given_twice_or_not_text_are_refused(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_yaml(path)
+
+
+def test_a_yaml_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("lr: 0.1 # café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"config file .*latin1.yaml is not UTF-8 text"):
+        load_yaml(path)
+
+
+def test_a_smaller_tasks_flag_drops_the_presets_later_evaluation_points():
+    preset = load_yaml(CONFIGS / "gnu_permuted_lenet_250_h.yaml")
+    assert max(preset["eval_at"]) > 2
+    config = make_config(preset, {"tasks": 2, "iters": 3})
+    assert all(p <= 2 for p in config.eval_at)
+    assert make_config(preset, {"tasks": 2, "eval_at": [1]}).eval_at == [1]  # given with the flag: as given
+    with pytest.raises(ValueError, match="points must lie in"):
+        make_config({"tasks": 2, "eval_at": [5]})  # a preset's own inconsistency is still refused
+
+
+def test_training_steps_are_capped_by_epochs():
+    from supsup_fast.runs.loop import training_steps
+
+    class Split:
+        def num_batches(self, batch_size):
+            return -(-10000 // batch_size)
+    demo = make_config({"iters": 1000, "epochs": 3, "batch_size": 128})
+    assert training_steps(demo, Split()) == 3 * 79  # the demo on the embedded subset: 237 steps, not 1000
+    assert training_steps(make_config({"iters": 50}), Split()) == 50
+    assert training_steps(make_config({"iters": None, "epochs": 2, "batch_size": 100}), Split()) == 200
