@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Union
@@ -81,6 +82,8 @@ class RunConfig:
         range, naming the flag and YAML key. Raises ValueError."""
         for setting in SETTINGS:
             setattr(self, setting.name, _check_field(setting.name, getattr(self, setting.name), setting.kind, setting.rule))
+        if self.data_root is not None:  # recorded absolute: `evaluate` of the run works from any folder
+            self.data_root = os.path.abspath(os.path.expanduser(self.data_root))
         one_of = _one_of
         one_of("scenario", self.scenario, SCENARIOS)
         one_of("benchmark", self.benchmark, BENCHMARKS)

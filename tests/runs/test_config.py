@@ -172,3 +172,9 @@ def test_training_steps_are_capped_by_epochs():
     assert training_steps(demo, Split()) == 3 * 79  # the demo on the embedded subset: 237 steps, not 1000
     assert training_steps(make_config({"iters": 50}), Split()) == 50
     assert training_steps(make_config({"iters": None, "epochs": 2, "batch_size": 100}), Split()) == 200
+
+
+def test_data_root_is_recorded_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert make_config({"data_root": "mnist"}).data_root == str(tmp_path / "mnist")
+    assert make_config({"data_root": None}).data_root is None
