@@ -3,10 +3,11 @@
 12,812 training images) and the bytes one task's masks take at ER S = 4, 8, 16, beside the paper's
 Fig. 2 table (195.18 M / 100.98 M / 65.50 M bytes for 100 tasks).
 
-    python benchmarks/splitimagenet_cpu.py            # writes benchmarks/results/splitimagenet-cpu.json
+    python benchmarks/splitimagenet_cpu.py [--out FILE] [--batches N]   # default FILE: benchmarks/results/splitimagenet-cpu.json
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -17,9 +18,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))  # the repository root: the fake-ImageNet writer of the tests
 
-from fake_imagenet import write_fake_imagenet  # noqa: E402
+from tests.data.fake_imagenet import write_fake_imagenet  # noqa: E402
 
 from supsup_fast.runs.results import machine_info  # noqa: E402
 from supsup_fast.algorithms.training import TrainSettings, make_optimizer  # noqa: E402
@@ -83,10 +84,17 @@ def time_training(batches: int = 4, batch_size: int = 32) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "splitimagenet-cpu.json", help="JSON report to write")
+    parser.add_argument("--batches", type=int, default=4, help="training batches to time (after one warm-up batch)")
+    args = parser.parse_args(argv)
+    if args.batches < 1:
+        parser.error("--batches must be >= 1")
     report = {"machine": machine_info(torch.device("cpu")), "bytes": [bytes_per_task(s) for s in (4, 8, 16)],
-              "training": time_training()}
-    out = HERE / "results" / "splitimagenet-cpu.json"
+              "training": time_training(args.batches)}
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     for b in report["bytes"]:
         print(f"S={b['er_multiplier']:>2}: density {b['density']:.4f}; per task: bitmap {b['bitmap_bytes'] / 1e6:.2f} MB, "
