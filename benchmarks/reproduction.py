@@ -82,6 +82,45 @@ ABLATION = [
 ]
 
 
+CHECKED = ("scenario", "benchmark", "model", "tasks", "output_size", "iters", "objective", "inference")
+
+
+def expected_settings(name: str) -> dict:
+    """The settings the listed command of run ``name`` gives (those in CHECKED, and ``data``: not
+    "embedded" where the command names --data-root), for refusing a run folder of another command."""
+    import shlex
+    import sys
+    sys.path.insert(0, str(HERE.parent))
+    from supsup_fast.cli import _config_from, build_parser
+    for model, size, h_run, g_run, _ in ABLATION:
+        if name in (h_run.partition("@")[0], g_run.partition("@")[0]) and not name.startswith("fc50"):
+            return {"model": model, "output_size": size, "data": "real"}
+    command = next(cmd for n, _, _, cmd in RUNS if n == name)
+    words = shlex.split(command.split(" (")[0])
+    verb = "run" if "run" in words else "evaluate"
+    # A run reads --data-root or the embedded subset; an evaluation, the data its run recorded unless given.
+    expect = {"data": "real" if "--data-root" in words else ("embedded" if verb == "run" else None)}
+    args = build_parser().parse_args([w if not w.startswith("configs/") else str(HERE.parent / w)
+                                      for w in words[words.index(verb):]])
+    if verb == "run":
+        config = _config_from(args).to_dict()
+        expect.update({k: config[k] for k in CHECKED})
+    else:
+        expect.update({k: getattr(args, k) for k in CHECKED if getattr(args, k, None) is not None})
+    return expect
+
+
+def command_mismatch(name: str, results: dict) -> str:
+    """Why a run's results are not those of its listed command ("" when they are)."""
+    expect = expected_settings(name)
+    config = results.get("config", {})
+    wrong = [f"{k} {config.get(k)!r} (the command gives {v!r})" for k, v in expect.items()
+             if k != "data" and config.get(k) != v]
+    if expect["data"] is not None and (results.get("data") == "embedded") != (expect["data"] == "embedded"):
+        wrong.append(f"data {results.get('data')!r} (the command reads {'the embedded subset' if expect['data'] == 'embedded' else '--data-root'})")
+    return "; ".join(wrong)
+
+
 def partial_results(run: Path) -> dict:
     """What an interrupted run has: its evaluation rows so far and its finished task checkpoints."""
     from safetensors import safe_open
@@ -247,13 +286,20 @@ def main(argv=None) -> int:
         names = {n for n, *_ in RUNS} | {x.partition("@")[0] for row in ABLATION for x in row[2:4]}
         for name in sorted(names):
             src = Path(args.runs) / name / "results.json"
+            found = json.loads(src.read_text()) if src.exists() else None
+            if found is None and (Path(args.runs) / name / "config.json").exists():
+                found = partial_results(Path(args.runs) / name)
+            why = command_mismatch(name, found) if found is not None else ""
+            if why:  # another command's run under a listed name must not replace the committed row
+                print(f"skipped {src.parent}: not the run of its listed command: {why}")
+                continue
             if src.exists():
                 shutil.copy(src, STORE / f"{name}.json")
                 for extra, suffix in (("per_task.csv", ".per_task.csv"), ("accuracy.png", ".png")):
                     if (src.parent / extra).exists():
                         shutil.copy(src.parent / extra, STORE / f"{name}{suffix}")
-            elif (Path(args.runs) / name / "config.json").exists():  # interrupted: record how far it got
-                (STORE / f"{name}.json").write_text(json.dumps(partial_results(Path(args.runs) / name), indent=2))
+            elif found is not None:  # interrupted: record how far it got
+                (STORE / f"{name}.json").write_text(json.dumps(found, indent=2))
     (HERE / "results" / "reproduction.md").write_text(report())
     plot(HERE / "results" / "reproduction.png")
     print(f"wrote {HERE / 'results' / 'reproduction.md'}")
