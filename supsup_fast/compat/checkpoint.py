@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..atomic_files import atomic_write_bytes
 from .layers import MultitaskMaskMixin, scores_beyond
 
 PathOrDict = Union[str, pathlib.Path, Mapping[str, object]]
@@ -56,6 +57,7 @@ def load_official_checkpoint(model: nn.Module, path: PathOrDict, strict: bool = 
                 raise ValueError(f"the checkpoint holds scores of task(s) {beyond} for layer {name!r}, built with "
                                  f"num_tasks={m.num_tasks}: build the model with num_tasks >= {beyond[-1] + 1} "
                                  f"(or pass strict=False to load the first {m.num_tasks} tasks)")
+    _check_shapes(model, sd)  # before anything is copied: load_state_dict copies tensor by tensor
     result = model.load_state_dict(sd, strict=strict)
     for m in model.modules():
         if isinstance(m, MultitaskMaskMixin):
@@ -66,6 +68,23 @@ def load_official_checkpoint(model: nn.Module, path: PathOrDict, strict: bool = 
     if not strict and (result.missing_keys or result.unexpected_keys):
         print(f"load_official_checkpoint: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
     return model
+
+
+def _check_shapes(model: nn.Module, sd: Mapping[str, object]) -> None:
+    """Refuse a checkpoint with a tensor of another shape than the model's (a weight, a BN buffer,
+    a task's scores) before any is loaded, naming them."""
+    own = model.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model" for k, v in sd.items()
+             if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    for name, m in model.named_modules():
+        if isinstance(m, MultitaskMaskMixin):
+            prefix = f"{name}." if name else ""
+            wrong += [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(m.weight.shape)} in the model"
+                      for k, v in sd.items() if k.startswith(prefix + "scores.") and k[len(prefix) + 7:].isdigit()
+                      and isinstance(v, torch.Tensor) and v.shape != m.weight.shape]
+    if wrong:
+        raise ValueError(f"the checkpoint does not fit the model (nothing was loaded): {'; '.join(wrong[:5])}"
+                         f"{' ...' if len(wrong) > 5 else ''}")
 
 
 def official_state_dict(model: nn.Module, stacked: bool = True) -> Dict[str, torch.Tensor]:
@@ -96,5 +115,6 @@ def official_state_dict(model: nn.Module, stacked: bool = True) -> Dict[str, tor
 
 
 def save_official_checkpoint(model: nn.Module, path: Union[str, pathlib.Path], stacked: bool = True) -> None:
-    """Write ``{"state_dict": official_state_dict(model)}`` for the official code to load."""
-    torch.save({"state_dict": official_state_dict(model, stacked)}, path)
+    """Write ``{"state_dict": official_state_dict(model)}`` for the official code to load (atomically)."""
+    state = {"state_dict": official_state_dict(model, stacked)}
+    atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))

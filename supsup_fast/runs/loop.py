@@ -22,6 +22,7 @@ from ..algorithms.calibration import alpha_scale, mask_baselines
 from ..algorithms.evaluation import evaluate_task
 from ..algorithms.metrics import average, cl_metrics
 from ..algorithms.sharded import ShardedModel, evaluate_task_sharded
+from ..atomic_files import remove_temporaries
 from ..data import load_benchmark
 from ..data.tasks import TaskSplit
 from ..distributed import SINGLE, DistContext, broadcast_object, gather_objects, shard_range
@@ -375,6 +376,6 @@ class Experiment:
         write_csv(results, self.out / "per_task.csv")
         write_plot(results, self.out / "accuracy.png")
         # The run is whole and no rank writes any more: a write killed in an earlier attempt left these.
-        maskfile.remove_temporaries(self.out, self.out / "checkpoints")
+        remove_temporaries(self.out, self.out / "checkpoints")
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from ..algorithms.hopsupsup import mask_layers, store_state
+from ..atomic_files import atomic_write_bytes
 from ..nn import MultitaskBatchNorm, num_tasks, supermask_layers
 from .rundir import check_identity
 
@@ -75,56 +74,6 @@ def _layout(model: nn.Module) -> Dict[str, dict]:
                    for n, m in supermask_layers(model).items()},
         "bn": {n: m.num_features for n, m in _bn_layers(model).items()},
     }
-
-
-TEMPORARY_SUFFIX = ".tmp"
-
-
-def atomic_write_bytes(path: Union[str, Path], writer) -> None:
-    """Write through ``writer(tmp_path)`` to a temporary file in the same folder, flush it to disk,
-    then rename it over ``path`` (and flush the folder), so that ``path`` is the old file or the
-    whole new one, also after a crash. A failed write (a full disk, a read-only folder) is an
-    OSError naming ``path``; the temporary file is removed."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-        os.close(fd)
-        writer(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results and masks are meant to be shared
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_folder(path.parent)
-    except BaseException as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":  # safetensors' own IO errors
-            raise OSError(f"could not write {path}: {exc}") from exc
-        raise
-
-
-def _fsync_folder(folder: Path) -> None:
-    if os.name == "nt":  # no directory handles to flush there
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_temporaries(*folders: Path) -> None:
-    """Delete the temporary files that ``atomic_write_bytes`` leaves when a process is killed
-    mid-write (``NAME.<random>.tmp``). Call it only where no writer can be at work: the end of a run."""
-    for folder in folders:
-        if folder.is_dir():
-            for tmp in folder.glob(f"*.*{TEMPORARY_SUFFIX}"):
-                if tmp.is_file():
-                    tmp.unlink(missing_ok=True)
 
 
 def save_masks(model: nn.Module, path: Union[str, Path], first_task: int = 0, end_task: Optional[int] = None,

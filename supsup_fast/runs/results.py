@@ -9,8 +9,8 @@ from typing import Optional, Union
 
 import torch
 
+from ..atomic_files import atomic_write_bytes
 from ..machine import host_record
-from .maskfile import atomic_write_bytes
 from .rundir import RunDirError
 
 

@@ -566,3 +566,24 @@ def test_main_repository_flow_with_model_apply(monkeypatch):
         h = F.relu(F.conv2d(x, model[0].weight * model[0].mask(1)))
         assert torch.allclose(model(x), F.conv2d(h, model[2].weight * model[2].mask(1)), atol=1e-5)
     model.apply(lambda m: setattr(m, "alphas", None))
+
+
+def test_an_official_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
+    """load_state_dict copies tensor by tensor: a wrong shape in a later layer used to leave the
+    earlier ones overwritten."""
+    torch.manual_seed(1)
+    ref = nn.Sequential(FloatMultitaskMaskLinear(20, 30, num_tasks=2, bias=False), nn.ReLU(),
+                        FloatMultitaskMaskLinear(30, 5, num_tasks=2, bias=False))
+    sd = dict(ref.state_dict())
+    sd["2.weight"] = torch.zeros(6, 30)
+    target = nn.Sequential(compat.MultitaskMaskLinear(20, 30, num_tasks=2, bias=False), nn.ReLU(),
+                           compat.MultitaskMaskLinear(30, 5, num_tasks=2, bias=False))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=r"nothing was loaded\): 2.weight: \(6, 30\) in the checkpoint, \(5, 30\)"):
+        compat.load_official_checkpoint(target, sd)
+    after = target.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    sd = dict(ref.state_dict())
+    sd["0.scores.1"] = torch.zeros(30, 21)
+    with pytest.raises(ValueError, match=r"0.scores.1: \(30, 21\) in the checkpoint, \(30, 20\) in the model"):
+        compat.load_official_checkpoint(target, sd)

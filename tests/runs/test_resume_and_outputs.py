@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import supsup_fast.nn as snn
+from supsup_fast.atomic_files import atomic_write_bytes
 from supsup_fast.runs import maskfile
 from supsup_fast.runs import supsup as exp_mod
 from supsup_fast.runs import evaluate_run, run_experiment
@@ -336,7 +337,7 @@ def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path):
             fh.write("partial")
         raise OSError(28, "No space left on device")
     with pytest.raises(OSError, match=r"could not write .*results.json: \[Errno 28\] No space left on device"):
-        maskfile.atomic_write_bytes(tmp_path / "results.json", full_disk)
+        atomic_write_bytes(tmp_path / "results.json", full_disk)
     assert list(tmp_path.iterdir()) == []
 
 
