@@ -19,6 +19,7 @@ from torch import nn
 
 from . import ops
 from .nn import MultitaskBatchNorm, SupermaskConv2d, SupermaskLinear
+from .nn.conv import resolve_padding
 
 WEIGHT_MODES = ("keep", "signed_constant", "kaiming_normal")
 Selector = Union[str, Type[nn.Module]]
@@ -65,16 +66,10 @@ def _matches(name: str, module: nn.Module, selectors: Sequence[Selector]) -> boo
 def _padding(name: str, conv: nn.Conv2d):
     if conv.padding_mode != "zeros":
         raise ValueError(f"layer {name!r}: padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
-    if conv.padding == "valid":
-        return 0
-    if conv.padding == "same":
-        if any(s != 1 for s in conv.stride):
-            raise ValueError(f"layer {name!r}: padding='same' needs stride 1, got {conv.stride}")
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        if any(t % 2 for t in total):
-            raise ValueError(f"layer {name!r}: padding='same' with an even effective kernel is not supported")
-        return tuple(t // 2 for t in total)
-    return conv.padding
+    try:
+        return resolve_padding(conv.padding, conv.kernel_size, conv.stride, conv.dilation)
+    except ValueError as exc:
+        raise ValueError(f"layer {name!r}: {exc}") from None
 
 
 def _mask_layer(name: str, m: nn.Module, weights: str, seed: int, mask_fn: str, density: float) -> nn.Module:

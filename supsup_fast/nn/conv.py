@@ -1,13 +1,30 @@
 """``SupermaskConv2d``: a drop-in ``nn.Conv2d`` whose weight is frozen and masked per task."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
 from .layers import SupermaskLayer
+
+
+def resolve_padding(padding, kernel_size, stride, dilation) -> Tuple[int, int]:
+    """``nn.Conv2d``'s padding as two ints: given as ints, ``"valid"`` (none) or ``"same"`` (stride 1;
+    the output keeps the input's size where the padding can be symmetric, an odd dilation·(k - 1))."""
+    from ..ops.checks import pair
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        if any(s != 1 for s in stride):
+            raise ValueError(f"padding='same' needs stride 1, got {tuple(stride)}")
+        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError(f"padding='same' with an even effective kernel (dilation·(kernel_size - 1) = {tuple(total)}) "
+                             f"needs padding on one side only, which is not supported; pass the padding as ints")
+        return (total[0] // 2, total[1] // 2)
+    return tuple(pair("padding", padding))
 
 
 class SupermaskConv2d(SupermaskLayer):
@@ -23,8 +40,8 @@ class SupermaskConv2d(SupermaskLayer):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
-        self.stride, self.padding = tuple(pair("stride", stride)), tuple(pair("padding", padding))
-        self.dilation, self.groups = tuple(pair("dilation", dilation)), groups
+        self.stride, self.dilation, self.groups = tuple(pair("stride", stride)), tuple(pair("dilation", dilation)), groups
+        self.padding = resolve_padding(padding, (kh, kw), self.stride, self.dilation)
         shape = (out_channels, in_channels // groups, kh, kw)
         self._setup(shape, in_channels // groups * kh * kw, bias, init, mask_fn, density, seed, generator, device, dtype)
 

@@ -40,11 +40,11 @@ class SupermaskLinear(SupermaskLayer):
         w, bias = self._frozen()
         # A signed-constant layer reads its frozen weights as sign bits: 2 bits per weight with the mask,
         # where the weight is still exactly ±scale (one loaded from elsewhere, or replaced through
-        # functional_call, is not) and no gradient of it is asked for. Not under torch.compile (the
-        # scale is a float read from the weight, which a trace cannot hold) nor on meta tensors;
-        # masked_linear computes the same x (W ⊙ M)ᵀ from the float weight.
+        # functional_call, is not) and no gradient of it is asked for. Not under torch.compile or
+        # torch.jit.trace (the scale is a float read from the weight, which a trace cannot hold) nor on
+        # meta tensors; masked_linear computes the same x (W ⊙ M)ᵀ from the float weight.
         if (self.init_kind == "signed_constant" and x.dtype == w.dtype and not w.requires_grad and not w.is_meta
-                and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling() and not torch._C._is_tracing()):  # = torch.jit.is_tracing()
             sign_words, scale, exact = self._sign_bits(w)
             if exact:
                 return ops.signed_masked_linear(x, sign_words, words, scale, bias)

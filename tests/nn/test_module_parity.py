@@ -148,3 +148,31 @@ def test_task_indices_must_be_integers_and_bn_lifecycle_errors_are_clear():
 
 def test_conv_repr_names_its_dilation():
     assert "dilation=(2, 2)" in repr(snn.SupermaskConv2d(3, 4, 3, dilation=2))
+
+
+@pytest.mark.parametrize("padding,dilation", [("same", 1), ("same", 2), ("valid", 1), (1, 1)])
+def test_conv_takes_nn_conv2ds_padding_strings(rng, padding, dilation):
+    ref = nn.Conv2d(3, 4, 3, padding=padding, dilation=dilation, bias=False)
+    layer = trained(snn.SupermaskConv2d(3, 4, 3, padding=padding, dilation=dilation, init=ref.weight.detach()), tasks=1)
+    snn.set_task(layer, 0)
+    x = torch.randn(2, 3, 9, 9, generator=rng)
+    torch.testing.assert_close(layer(x), F.conv2d(x, ref.weight * mask(layer, 0), None, 1, ref.padding if padding != "same"
+                                                   else dilation, dilation))
+    assert layer(x).shape == ref(x).shape
+
+
+def test_conv_padding_same_that_needs_one_sided_padding_is_refused():
+    with pytest.raises(ValueError, match="padding='same' needs stride 1"):
+        snn.SupermaskConv2d(3, 4, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match="even effective kernel"):
+        snn.SupermaskConv2d(3, 4, 2, padding="same")
+
+
+@pytest.mark.parametrize("make", [lambda: snn.SupermaskLinear(8, 5), lambda: snn.SupermaskLinear(8, 5, init="kaiming_normal"),
+                                  lambda: snn.SupermaskConv2d(3, 4, 3)], ids=["signed", "kaiming", "conv"])
+def test_jit_trace_of_a_one_task_layer_passes_its_check_and_matches_eager(rng, make):
+    layer = trained(make())
+    snn.set_task(layer, 0)  # the first forward of the task is the traced one
+    x = torch.randn(2, 8, generator=rng) if isinstance(layer, snn.SupermaskLinear) else torch.randn(1, 3, 5, 5, generator=rng)
+    traced = torch.jit.trace(layer, (x,))  # check_trace re-runs the forward and compares the graphs
+    torch.testing.assert_close(traced(x), layer(x))

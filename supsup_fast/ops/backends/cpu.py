@@ -138,6 +138,8 @@ class CpuBackend(ReferenceBackend):
         self._local = threading.local()
 
     def _scratch(self, shape, dtype, name: str = "weight") -> torch.Tensor:
+        if torch.jit.is_tracing():  # a trace records each call's allocation (its check re-runs the forward)
+            return torch.empty(shape, dtype=dtype)
         buf = getattr(self._local, name, None)
         if buf is None or buf.shape != torch.Size(shape) or buf.dtype != dtype:
             buf = torch.empty(shape, dtype=dtype)
