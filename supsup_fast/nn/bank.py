@@ -64,7 +64,9 @@ class TaskRows(nn.Module):
         if not 0 <= index < self.count:
             raise IndexError(f"row index must be in [0, {self.count}), got {index}")
         storage = self._buffers["storage"]
-        if torch._C._is_tracing():  # torch.jit.trace: record the indexing each time (its check re-runs the forward)
+        # torch.jit.trace (= torch._C._is_tracing(), which dynamo cannot call): record the indexing each
+        # time, as its check re-runs the forward.
+        if not torch.compiler.is_compiling() and torch._C._is_tracing():
             return storage[index]
         kept = self._kept_row
         if kept is not None and kept[0] is storage and kept[1] == index:
