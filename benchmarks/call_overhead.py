@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import supsup_fast as ss
-from supsup_fast.ops.backends.cpu import cpu_module, load_cpu_extension
+from supsup_fast.machine import host_record
+from supsup_fast.ops.backends.cpu import cpu_isa, cpu_module, load_cpu_extension
 
 
 def measure(n: int, rounds: int) -> dict:
@@ -68,7 +69,10 @@ def main() -> None:
     if a.rounds < 1 or any(n < 1 for n in a.sizes):
         raise SystemExit("--rounds and every --sizes value must be >= 1")
     load_cpu_extension()  # raises, saying why, where the C++ kernels cannot be built
-    print(f"supsup_fast from {ss.__file__}, {torch.get_num_threads()} threads; µs per call, median of {a.rounds} loops")
+    host = host_record()
+    print(f"supsup_fast from {ss.__file__}; {host.get('cpu_model', 'CPU')} ({host.get('microarchitecture', '?')}), "
+          f"kernels {cpu_isa()}, torch {host.get('torch_cpu_capability', '?')}, {torch.get_num_threads()} threads; "
+          f"µs per call, median of {a.rounds} loops")
     for n in a.sizes:
         m = measure(n, a.rounds)
         print(f"\n{n} x {n}, batch 1")

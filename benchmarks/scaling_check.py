@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def main() -> None:
     per_rank = sharded["distributed"]["bank_bytes_per_rank"]
     median = {k: statistics.median(v) for k, v in times.items()}
     report = {
-        "command": "python benchmarks/scaling_check.py --data-root ../shared/data/mnist",
+        "command": " ".join(["python", "benchmarks/scaling_check.py", *sys.argv[1:]]),
         "machine": {**host_record(), "cpu_isa": cpu_isa()},
         "settings": {"tasks": a.tasks, "iters": a.iters, "repeats": a.repeats},
         "model_tensors_D_equal_S": equal_tensors,

@@ -11,11 +11,11 @@ DEMO = dict(scenario="GNu", benchmark="permuted-mnist", model="lenet", tasks=10,
             lr=1e-4, optimizer="rmsprop", inference="oneshot", objective="entropy")
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
+def _add_run_flags(p: argparse.ArgumentParser, preset: Optional[dict] = None) -> None:
     from .runs.config import SETTINGS
     p.add_argument("--config", help="YAML preset (configs/*.yaml); flags override it")
     for setting in SETTINGS:  # one flag per run setting, typed and described where the setting is declared
-        p.add_argument(setting.flag, **setting.argparse_kwargs())
+        p.add_argument(setting.flag, **setting.argparse_kwargs(preset))
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--retrain-corrupt", action="store_true",
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train masks on a task sequence and evaluate them")
     _add_run_flags(run)
     demo = sub.add_parser("demo", help="GNu PermutedMNIST, LeNet s=100, 10 tasks, on the embedded MNIST subset")
-    _add_run_flags(demo)
+    _add_run_flags(demo, DEMO)
     ev = sub.add_parser("evaluate", help="evaluate a finished run's masks under another scenario or objective")
     ev.add_argument("run", help="folder of a finished `supsup-fast run`")
     from .algorithms.evaluation import SCENARIOS

@@ -22,7 +22,8 @@ def _find_cifar100(root: Path) -> Path:
         if (folder / "train").is_file() and (folder / "test").is_file():
             return folder
     raise DataError(f"--data-root {root} has no cifar-100-python/train and test files (the standard "
-                    f"CIFAR-100 python version)")
+                    f"CIFAR-100 python version: unpack https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz "
+                    f"into {root})")
 
 
 def _read_split(path: Path) -> Tuple[torch.Tensor, torch.Tensor]:

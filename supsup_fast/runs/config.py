@@ -288,9 +288,14 @@ class Setting:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def argparse_kwargs(self) -> dict:
+    def argparse_kwargs(self, preset: Optional[dict] = None) -> dict:
+        """The flag's argparse arguments; its help shows the default (``preset``'s value where it has one)."""
         kind = self.kind.rstrip("?")
-        kw = {"help": self.help}
+        field_ = RunConfig.__dataclass_fields__[self.name]
+        default = field_.default if field_.default is not dataclasses.MISSING else field_.default_factory()
+        default = (preset or {}).get(self.name, default)
+        shown = "" if default is None or default == [] or kind == "bool" else f" [default: {default}]"
+        kw = {"help": (self.help or "") + shown}
         if kind == "bool":
             kw.update(action="store_true", default=None)
         elif kind == "intlist":
@@ -311,13 +316,13 @@ SETTINGS = [
     Setting("iters", "int?", _POS, "training batches per task (at most --epochs passes over its training set)"),
     Setting("epochs", "int", _POS, "cap on passes over a task's training set (ends a task before --iters where the set is small)"),
     Setting("batch_size", "int", _POS),
-    Setting("lr", "float", _GT0, "learning rate, finite and > 0 (1e-4; HopSupSup: 0.1)"),
+    Setting("lr", "float", _GT0, "learning rate, finite and > 0 (HopSupSup: 0.1)"),
     Setting("optimizer", "str", choices=OPTIMIZERS),
-    Setting("weight_decay", "float", _GE0, "finite and >= 0 (0; HopSupSup: 1e-4)"),
+    Setting("weight_decay", "float", _GE0, "finite and >= 0 (HopSupSup: 1e-4)"),
     Setting("scheduler", "str", choices=SCHEDULERS),
     Setting("warmup_epochs", "int", _POS, "cosine_warmup: epochs of linear warmup (5)"),
     Setting("image_size", "int", _POS, "split-imagenet: training/test crop size (224)"),
-    Setting("mask_fn", "str?", None, "threshold (GNu default) or edge-popup top-k", choices=MASK_FNS),
+    Setting("mask_fn", "str?", None, "threshold (the default for fc1024, lenet, bnnet) or edge-popup top-k (for the ResNets)", choices=MASK_FNS),
     Setting("density", "float?", (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
             "top-k: fraction of weights kept per layer, in (0, 1] (refused with the threshold mask function)"),
     Setting("er_multiplier", "float?", _GT0, "top-k: Erdős–Rényi per-layer density with multiplier S"),

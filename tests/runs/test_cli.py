@@ -89,3 +89,12 @@ def test_nns_and_hopsupsup_from_the_command_line(tmp_path, capsys):
     assert (out / "hopfield.safetensors").is_file()
     assert main(["evaluate", str(out), "--no-progress"]) == 2  # its masks live in the Hopfield network
     assert "is a HopSupSup run (--inference hopfield): its masks live in its Hopfield network" in capsys.readouterr().err
+
+
+def test_run_and_demo_help_show_the_defaults_they_use(capsys):
+    from supsup_fast.cli import build_parser
+    for argv, model, iters in ((["run", "--help"], "fc1024", "1000"), (["demo", "--help"], "lenet", "1000")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"[default: {model}]" in out and f"over its training set) [default: {iters}]" in out
