@@ -17,7 +17,7 @@ SOURCES = {"supsup_fast": "supsup_fast", "kernels": "supsup_fast.kernels", "csrc
 # Lowest layer first. A module may import from its own layer or any layer below it.
 LAYERS = [
     ("kernels", ["supsup_fast.kernels", "supsup_fast.csrc"]),
-    ("base", ["supsup_fast.bits", "supsup_fast.distributed", "supsup_fast.machine"]),
+    ("base", ["supsup_fast.bits", "supsup_fast.distributed", "supsup_fast.machine", "supsup_fast.atomic_files"]),
     ("ops", ["supsup_fast.ops", "supsup_fast.backends"]),
     ("nn/models", ["supsup_fast.nn", "supsup_fast.models", "supsup_fast.optim", "supsup_fast.data",
                    "supsup_fast.compat", "supsup_fast.convert"]),
