@@ -64,15 +64,14 @@ class TaskRows(nn.Module):
         if not 0 <= index < self.count:
             raise IndexError(f"row index must be in [0, {self.count}), got {index}")
         storage = self._buffers["storage"]
-        # torch.jit.trace (= torch._C._is_tracing(), which dynamo cannot call): record the indexing each
-        # time, as its check re-runs the forward.
-        if not torch.compiler.is_compiling() and torch._C._is_tracing():
-            return storage[index]
         kept = self._kept_row
         if kept is not None and kept[0] is storage and kept[1] == index:
             return kept[2]
         view = storage[index]
-        self._kept_row = (storage, index, view)
+        # Not kept under torch.jit.trace (torch._C._is_tracing(), which dynamo cannot call): its check
+        # re-runs the forward, which must record the same indexing as the first run.
+        if torch.compiler.is_compiling() or not torch._C._is_tracing():
+            self._kept_row = (storage, index, view)
         return view
 
     def __len__(self) -> int:

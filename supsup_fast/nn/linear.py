@@ -43,7 +43,7 @@ class SupermaskLinear(SupermaskLayer):
         # functional_call, is not) and no gradient of it is asked for. Not under torch.compile or
         # torch.jit.trace (the scale is a float read from the weight, which a trace cannot hold) nor on
         # meta tensors; masked_linear computes the same x (W ⊙ M)ᵀ from the float weight.
-        if (self.init_kind == "signed_constant" and x.dtype == w.dtype and not w.requires_grad and not w.is_meta
+        if (self.init_kind == "signed_constant" and x.dtype == w.dtype and not w.requires_grad
                 and not torch.compiler.is_compiling() and not torch._C._is_tracing()):  # = torch.jit.is_tracing()
             sign_words, scale, exact = self._sign_bits(w)
             if exact:
@@ -59,6 +59,8 @@ class SupermaskLinear(SupermaskLayer):
         key = (id(w), ops.checks.tensor_version(w), w.data_ptr())
         cache = self.__dict__.get("_sign_cache")
         if cache is None or cache[0] != key:
+            if w.is_meta:  # no values to read: never exactly signed-constant
+                return None, 0.0, False
             with torch.inference_mode(False):  # a cache outlives an inference_mode block: a normal tensor
                 magnitude = w.detach().abs()
                 scale = float(magnitude.max()) if w.numel() else 0.0
