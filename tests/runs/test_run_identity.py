@@ -71,8 +71,9 @@ def test_second_run_on_a_locked_folder_is_refused_with_the_holders_pid(finished,
     run(mine, resume=True)  # free again once the holder let go
 
 
-def test_resume_on_other_training_data_is_refused(finished, tmp_path, monkeypatch):
-    mine = copy_run(finished[0], tmp_path / "mine")
+@pytest.fixture
+def other_training_data(monkeypatch):
+    """load_benchmark as the runs call it, with one pixel of the training images changed."""
     real = exp_mod.load_benchmark
 
     def other_data(*args, **kw):
@@ -82,20 +83,15 @@ def test_resume_on_other_training_data_is_refused(finished, tmp_path, monkeypatc
         return tasks
 
     monkeypatch.setattr(exp_mod, "load_benchmark", other_data)
+
+
+def test_resume_on_other_training_data_is_refused(finished, tmp_path, other_training_data):
+    mine = copy_run(finished[0], tmp_path / "mine")
     with pytest.raises(RunDirError, match="the training data"):
         run(mine, resume=True)
 
 
-def test_evaluate_refuses_masks_trained_on_other_data_unless_data_root_is_given(finished, tmp_path, monkeypatch):
-    real = exp_mod.load_benchmark
-
-    def other_data(*args, **kw):
-        tasks = real(*args, **kw)
-        tasks.mnist.train_images = tasks.mnist.train_images.clone()
-        tasks.mnist.train_images[0, 14, 14] ^= 1
-        return tasks
-
-    monkeypatch.setattr(exp_mod, "load_benchmark", other_data)
+def test_evaluate_refuses_masks_trained_on_other_data_unless_data_root_is_given(finished, tmp_path, other_training_data):
     with pytest.raises(RunDirError, match="model.safetensors belongs to another run: the training data"):
         evaluate_run(finished[0], {}, tmp_path / "eval", progress=False)
     cfg = json.loads((finished[0] / "config.json").read_text())
