@@ -24,10 +24,9 @@ def atomic_write_bytes(path: Union[str, Path], writer) -> None:
         os.close(fd)
         writer(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results and masks are meant to be shared
-        with open(tmp, "rb") as fh:
+        with open(tmp, "r+b") as fh:  # write access: Windows' fsync (_commit) needs it
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_folder(path.parent)
     except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -36,14 +35,22 @@ def atomic_write_bytes(path: Union[str, Path], writer) -> None:
         if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":  # safetensors' own IO errors
             raise OSError(f"could not write {path}: {exc}") from exc
         raise
+    _fsync_folder(path.parent)
 
 
 def _fsync_folder(folder: Path) -> None:
-    if os.name == "nt":  # no directory handles to flush there
+    """Flush the rename to disk, where the file system can: best effort, as the file is in place
+    already (Windows has no folder handles; some network file systems refuse a folder's fsync)."""
+    if os.name == "nt":
         return
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

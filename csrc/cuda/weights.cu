@@ -13,12 +13,15 @@ constexpr int kXFloats = 8192;      // x staged in shared memory: 32 KB for all 
 
 // One warp per output row. Lanes walk the row's words; x is staged in shared memory for all
 // batch rows. Per set mask bit: acc += sign ? x : -x (no weight is read: 2 bits per weight).
+// A cleared bit is a zero weight, which adds nothing unless x is not finite there (0 · inf and
+// 0 · NaN are NaN): a chunk of x holding an inf or NaN also walks the cleared bits of its rows.
 template <int B>
 __global__ void __launch_bounds__(kGemvWarps * 32) signed_gemv_kernel(const float* __restrict__ x, const int32_t* __restrict__ sign_words,
                                    const int32_t* __restrict__ mask_words, const float* __restrict__ bias,
                                    float* __restrict__ y, int64_t N, int64_t K, float scale) {
   constexpr int kXChunk = kXFloats / B / 32 * 32;  // whole words: chunks start on a word boundary
   __shared__ float xs[B][kXChunk];
+  __shared__ int nonfinite[B];  // this chunk of batch row b holds an inf or NaN
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
   const int64_t W = (K + 31) / 32;
@@ -28,11 +31,18 @@ __global__ void __launch_bounds__(kGemvWarps * 32) signed_gemv_kernel(const floa
   for (int64_t k0 = 0; k0 < K; k0 += kXChunk) {
     const int len = static_cast<int>(K - k0 < kXChunk ? K - k0 : kXChunk);
     __syncthreads();
+    if (threadIdx.x < B) nonfinite[threadIdx.x] = 0;
+    __syncthreads();
     for (int e = threadIdx.x; e < B * kXChunk; e += blockDim.x) {
       const int b = e / kXChunk, j = e % kXChunk;
-      xs[b][j] = j < len ? x[b * K + k0 + j] : 0.f;
+      const float v = j < len ? x[b * K + k0 + j] : 0.f;
+      xs[b][j] = v;
+      if (!isfinite(v)) nonfinite[b] = 1;  // every writer writes 1: no race on the value
     }
     __syncthreads();
+    uint32_t nonfinite_rows = 0;  // bit b: batch row b
+#pragma unroll
+    for (int b = 0; b < B; ++b) nonfinite_rows |= (nonfinite[b] != 0 ? 1u : 0u) << b;
     if (row < N) {
       for (int w = lane; w < (len + 31) / 32; w += 32) {
         const int64_t word_index = row * W + k0 / 32 + w;
@@ -45,6 +55,19 @@ __global__ void __launch_bounds__(kGemvWarps * 32) signed_gemv_kernel(const floa
           const int j = w * 32 + bit;
 #pragma unroll
           for (int b = 0; b < B; ++b) acc[b] += positive ? xs[b][j] : -xs[b][j];
+        }
+      }
+      if (nonfinite_rows) {               // rare: the zero weights' 0 · x, in a second pass over the words
+        for (int w = lane; w < (len + 31) / 32; w += 32) {
+          uint32_t cleared = ~static_cast<uint32_t>(mask_words[row * W + k0 / 32 + w]);  // past len x is 0
+          while (cleared) {
+            const int bit = __ffs(cleared) - 1;
+            cleared &= cleared - 1;
+            const int j = w * 32 + bit;
+#pragma unroll
+            for (int b = 0; b < B; ++b)
+              if ((nonfinite_rows >> b) & 1u) acc[b] += 0.f * xs[b][j];
+          }
         }
       }
     }

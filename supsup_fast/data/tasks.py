@@ -122,8 +122,9 @@ class RotatedMNIST(TaskSequence):
     def __init__(self, mnist: MNIST, num_tasks: int, seed: int = 1, degrees_per_task: float = 10.0):
         distinct = math.ceil(360.0 / degrees_per_task) if degrees_per_task > 0 else 0
         if not 1 <= num_tasks <= distinct:
-            raise ValueError(f"RotatedMNIST has {distinct} distinct tasks at {degrees_per_task:g}° each (task {distinct} "
-                             f"would rotate by 360°, the same data as task 0), --tasks {num_tasks} asked for more")
+            raise ValueError(f"RotatedMNIST covers one turn: {distinct} tasks at {degrees_per_task:g}° each (task {distinct} "
+                             f"would rotate by {distinct * degrees_per_task:g}°, past the full turn back to task 0's "
+                             f"images), --tasks {num_tasks} asked for more")
         super().__init__(mnist, num_tasks, seed)
         self.degrees_per_task = degrees_per_task
 

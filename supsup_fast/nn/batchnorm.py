@@ -73,8 +73,9 @@ class MultitaskBatchNorm(nn.Module):
         self._mode = OneTask(self.num_tasks - 1)
 
     def append_stats(self, means: torch.Tensor, variances: torch.Tensor) -> None:
-        self.means.append(means.float())
-        self.vars.append(variances.float())
+        dtype = self.means.storage.dtype  # the module's: a float64 model loads its own file
+        self.means.append(means.to(dtype))
+        self.vars.append(variances.to(dtype))
 
     def truncate_tasks(self, k: int) -> None:
         self.means.truncate(k)

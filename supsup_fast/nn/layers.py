@@ -191,7 +191,9 @@ class SupermaskLayer(CountCaches, nn.Module):
             ops.checks.check_active(active, self.num_tasks)
         if uniform and not checked:
             check_uniform_alpha(alpha, self.num_tasks if active is None else active.numel())
-        self._mode = Superposition(alpha, active, bool(uniform))
+        # An inference tensor keeps no version counter: its uniformity is checked here only.
+        version = alpha._version if uniform and not alpha.is_inference() else None
+        self._mode = Superposition(alpha, active, bool(uniform), version)
 
     def mode(self) -> Mode:
         return self._mode
@@ -214,7 +216,8 @@ class SupermaskLayer(CountCaches, nn.Module):
         bank = self.bank.words if mode.active is None else self.bank.words.index_select(0, mode.active)
         bank_t = self._interleaved_copy(x, mode)
         if mode.uniform:
-            if not torch.compiler.is_compiling():  # an α changed in place inside the block is refused, not ignored
+            # An α changed in place inside the block is refused, not ignored (rechecked only once it changed).
+            if mode.version is not None and not torch.compiler.is_compiling() and mode.alpha._version != mode.version:
                 check_uniform_alpha(mode.alpha, bank.shape[0])
             counts = self.counts() if mode.active is None else self.active_counts(mode.active)
             s = self._uniform_s(counts, bank.shape[0])

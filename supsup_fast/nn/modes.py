@@ -40,6 +40,7 @@ class Superposition:
     alpha: Optional[torch.Tensor] = None  # per-task BatchNorm needs none: it normalises with batch statistics
     active: Optional[torch.Tensor] = None
     uniform: bool = False
+    version: Optional[int] = None  # alpha's version counter when its uniformity was checked (None: none kept)
     kind = "superpose"
 
 

@@ -366,13 +366,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load, refusing a mapping that names a key twice (YAML keeps the last silently)."""
 
     def construct_mapping(self, node, deep=False):
+        explicit = [key_node for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge"]
+        self.flatten_mapping(node)  # merge keys (<<) first, as SafeLoader does: a merged key may be overridden
         seen = set()
-        for key_node, _ in node.value:
+        for key_node in explicit:
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            name = key.replace("-", "_") if isinstance(key, str) else key
+            if name in seen:  # batch-size and batch_size are one setting
                 raise yaml.constructor.ConstructorError(None, None, f"setting {key!r} is given twice",
                                                         key_node.start_mark)
-            seen.add(key)
+            seen.add(name)
         return super().construct_mapping(node, deep)
 
 

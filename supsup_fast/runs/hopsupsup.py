@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..algorithms.hopsupsup import accuracy, hopfield_bytes, recover_masks, set_masks, train_task
+from ..atomic_files import remove_temporaries
 from .loop import Experiment, task_generator, train_subset, unusable_checkpoint
 from .maskfile import MaskFileError, load_hopfield_checkpoint, require_extra, save_hopfield_checkpoint
 from .results import machine_info, write_csv, write_json, write_plot
@@ -105,4 +106,5 @@ def run_hopsupsup(exp: Experiment) -> dict:
                                                                  "run_identity": exp.identity()})
     write_csv(results, exp.out / "per_task.csv")
     write_plot(results, exp.out / "accuracy.png")
+    remove_temporaries(exp.out, exp.ckpt_dir)  # of writes killed in an earlier attempt (one process: none at work)
     return results

@@ -91,9 +91,11 @@ def read_progress_file(path: Path) -> dict:
     """A progress file's content, refused (naming the file) where it is damaged, edited or not of
     this package: its evaluation rows are then recomputed once it is deleted."""
     data = read_json(path, "progress file")
-    remedy = "delete it: the finished tasks are kept and the evaluation rows recomputed"
-    if data.get("sha256") != progress_digest(data):
-        raise RunDirError(f"progress file {path} failed its checksum (modified, or written by another version); {remedy}")
+    remedy = ("delete it: the finished tasks are kept and the evaluation rows recomputed (an NNs run cannot "
+              "recompute the rows of points it has passed: restore the file instead)")
+    # A file of a version before the checksum has none; one that has it must match.
+    if "sha256" in data and data["sha256"] != progress_digest(data):
+        raise RunDirError(f"progress file {path} failed its checksum (modified after it was written); {remedy}")
     rows = data.get("rows")
     shape_ok = isinstance(rows, list) and all(
         isinstance(r, dict) and isinstance(r.get("tasks_learned"), int) and isinstance(r.get("accuracy"), list)

@@ -175,5 +175,5 @@ def test_download_keeps_verified_raw_files_and_tries_the_next_mirror(tmp_path, m
 def test_rotated_mnist_has_36_distinct_tasks():
     m = load_embedded()
     assert RotatedMNIST(m, 36).angle(35) == 350
-    with pytest.raises(ValueError, match=r"36 distinct tasks .* --tasks 37"):
+    with pytest.raises(ValueError, match=r"covers one turn: 36 tasks at 10° each \(task 36 would rotate by 360°.* --tasks 37"):
         RotatedMNIST(m, 37)

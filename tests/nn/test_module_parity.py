@@ -176,3 +176,32 @@ def test_jit_trace_of_a_one_task_layer_passes_its_check_and_matches_eager(rng, m
     x = torch.randn(2, 8, generator=rng) if isinstance(layer, snn.SupermaskLinear) else torch.randn(1, 3, 5, 5, generator=rng)
     traced = torch.jit.trace(layer, (x,))  # check_trace re-runs the forward and compares the graphs
     torch.testing.assert_close(traced(x), layer(x))
+
+
+def test_a_uniform_alpha_is_checked_once_unless_it_changes(monkeypatch):
+    from supsup_fast.nn import layers as layer_module
+    m = trained(nn.Sequential(snn.SupermaskLinear(8, 6), nn.ReLU(), snn.SupermaskLinear(6, 3)), tasks=3)
+    calls = []
+    real = layer_module.check_uniform_alpha
+    monkeypatch.setattr(layer_module, "check_uniform_alpha", lambda a, k: calls.append(k) or real(a, k))
+    with torch.inference_mode():
+        alpha = torch.full((3,), 1 / 3)  # an inference tensor: no version counter to key a cache on
+    with snn.superposition(m, alpha, uniform=True):
+        for _ in range(5):
+            m(torch.randn(1, 8))
+    assert calls == []  # checked by set_superposition, not again by each layer's forward
+
+
+def test_a_float64_model_loads_its_own_mask_file(tmp_path):
+    from supsup_fast.models import build_model
+    from supsup_fast.runs import maskfile
+    model = build_model("gemresnet18", 5, seed=1).double()
+    snn.begin_task(model, generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    snn.finish_task(model)
+    maskfile.save_model(model, tmp_path / "m.safetensors")
+    fresh = build_model("gemresnet18", 5, seed=1).double()
+    maskfile.load_masks(fresh, tmp_path / "m.safetensors")
+    assert fresh.stem[1].means.rows.dtype == torch.float64
+    torch.testing.assert_close(fresh.stem[1].means.rows, model.stem[1].means.rows)

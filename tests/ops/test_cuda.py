@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import supsup_fast as ss
+
 CUDA_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
 
@@ -75,26 +77,22 @@ def _routing_backend(fallback):
     return cb
 
 
-def test_cuda_signed_gemv_leaves_non_finite_inputs_to_the_fallback():
-    """The GEMV adds only the set bits, so an inf x at a cleared bit would vanish from its sum; the
-    contract's 0·inf = NaN needs the fallback (Triton, else the reference) there, as for inf scales."""
+def test_cuda_signed_gemv_takes_non_finite_x_and_leaves_a_non_finite_scale_to_the_fallback():
+    """The GEMV adds 0 · x at the cleared bits where x is not finite in the kernel itself (no host
+    sync on its µs path; checked against the reference on a GPU below); an inf scale would make the
+    zero weights' 0 · scale NaN, which only the fallback computes as the contract does."""
     from supsup_fast import ops
     from supsup_fast.ops.backends.reference import ReferenceBackend
     ref = ReferenceBackend()
     cb = _routing_backend(ref)
-    sign = ref.pack_bits(torch.rand(4, 40) < 0.5)
-    mask = torch.zeros_like(sign)  # every bit cleared: the contract gives NaN wherever x is not finite
+    ones = ref.pack_bits(torch.ones(4, 40, dtype=torch.bool))
     x = torch.zeros(2, 40)
     x[0, 3] = float("inf")
-    x[1, 7] = float("nan")
-    with ops.use_backend("reference"):  # any forced name: the GEMV would be chosen for finite inputs
-        y = cb.signed_masked_linear(x, sign, mask, 0.5, None)
-        assert torch.isnan(y).all() and cb.ops.calls == []
-        ones = ref.pack_bits(torch.ones(4, 40, dtype=torch.bool))
+    with ops.use_backend("reference"):  # any forced name: the GEMV is chosen wherever it can run
         y = cb.signed_masked_linear(torch.ones(1, 40), ones, ones, float("inf"), None)
         assert torch.isinf(y).all() and cb.ops.calls == []
         with pytest.raises(AssertionError, match="signed_gemv was called"):
-            cb.signed_masked_linear(torch.ones(1, 40), sign, mask, 0.5, None)
+            cb.signed_masked_linear(x, ones, ones, 0.5, None)
 
 
 def test_cuda_backend_takes_the_fused_alpha_backward_with_a_triton_fallback(monkeypatch):
@@ -111,6 +109,11 @@ def test_cuda_backend_takes_the_fused_alpha_backward_with_a_triton_fallback(monk
     x, w, g = torch.randn(2, 5), torch.randn(3, 5), torch.randn(2, 3)
     out = cb.superposed_backward(DenseLinear(), g, x, w, None, torch.rand(4), None, True, True, False)
     assert out == ("dx", "da", "dw") and len(taken) == 1 and taken[0][1] is tb.kernels
+    # float64: the GEMM kernels have no such variant; the general path, whose ops keep float64
+    bank = ss.ops.pack_bits(torch.rand(4, 3, 5) < 0.5)
+    dx, da, _ = cb.superposed_backward(DenseLinear(), g.double(), x.double(), w.double(), bank,
+                                       torch.rand(4, dtype=torch.float64), None, True, True, False)
+    assert len(taken) == 1 and da.dtype == torch.float64
 
 
 @gpu
@@ -138,6 +141,13 @@ def _cuda_kernels_match_reference(cb, ref):
         sign, mask = (ref.pack_bits(torch.rand(300, 784, generator=g) < 0.5) for _ in range(2))
         torch.testing.assert_close(cb.signed_masked_linear(x.cuda(), sign.cuda(), mask.cuda(), 0.05, None).cpu(),
                                    ref.signed_masked_linear(x, sign, mask, 0.05, None), rtol=1e-4, atol=1e-4)
+        x[0, 5], x[-1, 700] = float("inf"), float("nan")  # 0 · inf at the cleared bits: NaN, as the contract
+        dense_row = torch.zeros(300, 784, dtype=torch.bool)
+        dense_row[7] = True  # one output row with every bit set: +inf through the GEMV, not NaN
+        m2 = ref.pack_bits(dense_row | (torch.rand(300, 784, generator=g) < 0.5))
+        torch.testing.assert_close(cb.signed_masked_linear(x.cuda(), sign.cuda(), m2.cuda(), 0.05, None).cpu(),
+                                   ref.signed_masked_linear(x, sign, m2, 0.05, None), rtol=1e-4, atol=1e-4,
+                                   equal_nan=True)
     w = torch.randn(8, 3, 3, 3, generator=g)
     words = ref.pack_bits(torch.rand(8, 27, generator=g) < 0.5)
     for dt in (torch.float32, torch.float16, torch.bfloat16):

@@ -178,3 +178,13 @@ def test_data_root_is_recorded_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert make_config({"data_root": "mnist"}).data_root == str(tmp_path / "mnist")
     assert make_config({"data_root": None}).data_root is None
+
+
+def test_yaml_merge_keys_work_and_dash_spellings_count_as_one_setting(tmp_path):
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("<<: {lr: 0.1, tasks: 3}\ntasks: 4\n")
+    assert load_yaml(merged) == {"lr": 0.1, "tasks": 4}  # explicit keys override merged ones, as YAML says
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("batch-size: 16\nbatch_size: 32\n")
+    with pytest.raises(ValueError, match="setting 'batch_size' is given twice"):
+        load_yaml(twice)

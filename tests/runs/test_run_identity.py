@@ -331,3 +331,14 @@ def test_errors_under_torchrun_name_their_rank(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("supsup_fast.distributed.init_from_env", lambda device: (exp_mod.SINGLE, device))
     code = main(["run", "--tasks", "1", "--iters", "1", "--out", str(blocker / "run"), "--no-progress"])
     assert code == 2 and capsys.readouterr().err.startswith("supsup-fast: error (rank 1): --out ")
+
+
+def test_a_progress_file_of_the_version_before_its_checksum_is_still_read(tmp_path):
+    out = tmp_path / "r"
+    first = run(out, tasks=3, eval_at=[2])
+    progress = json.loads((out / "progress.json").read_text())
+    del progress["sha256"]
+    (out / "progress.json").write_text(json.dumps(progress))
+    (out / "model.safetensors").unlink()
+    again = run(out, resume=True, tasks=3, eval_at=[2])
+    assert again["accuracy_matrix"] == first["accuracy_matrix"]

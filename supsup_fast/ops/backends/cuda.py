@@ -19,9 +19,8 @@ from typing import Dict
 import torch
 
 from ...csrc import build as csrc_build
-from ..checks import finite_unless_capturing
 from .reference import DenseLinear, ReferenceBackend
-from .triton import TritonBackend, fused_alpha_backward, pad_to_words
+from .triton import FLOAT_TYPES, TritonBackend, fused_alpha_backward, pad_to_words
 from ..registry import AUTO, get_backend_name
 
 TABLE = Path(__file__).resolve().parent.parent / "gpu_op_table.json"
@@ -102,9 +101,10 @@ class CudaBackend(ReferenceBackend):
 
     def signed_masked_linear(self, x, sign_words, mask_words, scale, bias):
         rows = x.numel() // max(x.shape[-1], 1)
-        # The GEMV adds only the set bits: an inf/NaN x (or scale) must still give the contract's 0·inf = NaN.
+        # The GEMV adds 0 · x at the cleared bits where x is not finite (in the kernel, no host sync); a
+        # scale that is not finite would turn its 0 · scale into NaN: the fallback gives the contract's.
         if (x.dtype != torch.float32 or not 1 <= rows <= 16 or not self._mine("signed_gemv")
-                or not math.isfinite(scale) or not finite_unless_capturing(x)):
+                or not math.isfinite(scale)):
             return self.fallback.signed_masked_linear(x, sign_words, mask_words, scale, bias)
         y = self.ops.signed_gemv(x.reshape(rows, -1).contiguous(), sign_words.contiguous(), mask_words.contiguous(),
                                  None if bias is None else bias.float().contiguous(), float(scale))
@@ -141,6 +141,6 @@ class CudaBackend(ReferenceBackend):
 
     def superposed_backward(self, dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight):
         if (isinstance(dense, DenseLinear) and isinstance(self.fallback, TritonBackend) and need_alpha and not need_weight
-                and grad.dtype == x.dtype == weight.dtype):
+                and x.dtype in FLOAT_TYPES and grad.dtype == x.dtype == weight.dtype):  # the GEMM kernels: no float64
             return fused_alpha_backward(self, self.fallback.kernels, dense, grad, x, weight, bank, alpha, s, need_input)
         return super().superposed_backward(dense, grad, x, weight, bank, alpha, s, need_input, need_alpha, need_weight)
