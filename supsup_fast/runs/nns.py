@@ -21,7 +21,8 @@ class NNsRun(Experiment):
         """``rows`` with the evaluation row after ``k`` true tasks computed from the masks held now:
         a row of the progress file is kept only if it was computed from the same masks (a run retrained
         from an earlier point, e.g. on other data after its checkpoint was deleted, has other masks)."""
-        digest = maskfile.bank_digest(self.model)
+        # Rank 0's digest for every rank: the decision below starts a collective evaluation or not.
+        digest = self._on_main(lambda: maskfile.bank_digest(self.model))
         if any(r["tasks_learned"] == k and r.get("masks_sha256") == digest for r in rows):
             return rows
         row = self._evaluate_all(k, f"eval {k} true tasks")
