@@ -60,7 +60,9 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     if sharded and config.scenario == "NNs":
         raise ValueError("--shard-bank does not apply to NNs runs (one checkpoint holds all masks)")
     model = None if sharded else maskfile.load_model(model_path)
-    exp = Experiment(config, run_dir if sharded else out, progress=progress, model=model, ctx=ctx)
+    exp = Experiment(config, out, progress=progress, model=model, ctx=ctx)
+    if sharded:  # each rank reads its own range of the run's checkpoints (the run folder may be read-only)
+        exp.ckpt_dir = run_dir / "checkpoints"
     exp.parallel = "shard" if sharded else ("task" if ctx.enabled else "single")  # results.distributed.parallel
     if "data_root" not in overrides:  # the run's own data: its masks must have been trained on it
         check_identity(model_path, extra, {"data_sha256": exp.data_sha256})
@@ -85,7 +87,6 @@ def _evaluate(exp: Experiment, config: RunConfig, run_dir: Path, out: Path, mode
         learned = len(after) if config.scenario == "NNs" else int(meta["num_tasks"])
         row = exp._evaluate_all(learned, "evaluate")
     if sharded:  # results describe the whole model: rank 0 reads it once, for the file outputs
-        exp.out = out
         if not ctx.is_main:
             exp._on_main(lambda: None)
             return {"rank": ctx.rank, **row}
