@@ -47,10 +47,12 @@ def alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_labels
     One image through this package's MLP (nothing hooked into it), on a backend that reads the banks'
     task-interleaved copies, goes the batched MLP way (one query), which skips the bits of the dead
     rows; every other model and call takes autograd through the superposed modules."""
+    k = num_tasks(model) if active is None else active.numel()
+    if k == 0:
+        raise ValueError("task inference needs at least one learned task; the model has none")
     if active is None and x.dim() >= 1 and x.shape[0] == 1 and _plain_mlp(model) \
             and ops.backend_for(model.layers[0].weight.device).reads_interleaved:
-        return _mlp_alpha_gradients(model, num_tasks(model), x, objective, num_labels)[0]
-    k = num_tasks(model) if active is None else active.numel()
+        return _mlp_alpha_gradients(model, k, x, objective, num_labels)[0]
     device = next(iter(model.buffers())).device
     alpha = torch.full((k,), 1.0 / k, device=device, requires_grad=True)
     with superposition(model, alpha, active=active, uniform=True):
@@ -101,9 +103,12 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
     if not _rank1_model(model, layers):
         raise ValueError("batched task inference needs a model of SupermaskLinear layers without BatchNorm "
                          "(an MLP such as fc1024 or lenet)")
+    k = num_tasks(model)
+    if k == 0:
+        raise ValueError("task inference needs at least one learned task; the model has none")
     if _plain_mlp(model):
-        return _mlp_alpha_gradients(model, num_tasks(model), xs, objective, num_labels, max_chunk_bytes)
-    return _rank1_alpha_gradients(model, layers, num_tasks(model), xs, objective, num_labels, max_chunk_bytes)
+        return _mlp_alpha_gradients(model, k, xs, objective, num_labels, max_chunk_bytes)
+    return _rank1_alpha_gradients(model, layers, k, xs, objective, num_labels, max_chunk_bytes)
 
 
 def _plain_mlp(model: nn.Module) -> bool:
@@ -280,6 +285,8 @@ def infer_binary(model: nn.Module, x: torch.Tensor, objective: str = "entropy", 
         keep = max(1, math.ceil(good.numel() / log_base))
         thr = grad.sort().values[keep - 1]
         sel = grad <= thr
+        if bool(sel.all()):  # nothing ruled out: every later round would repeat this one (log_base near 1, ties)
+            break
         good, grad = good[sel], grad[sel]
     if good.numel() == 1:
         return int(good[0])

@@ -87,6 +87,8 @@ class ShardedModel:
             grad = self.alpha_gradients(x, objective, num_labels, good)
             keep = max(1, math.ceil(good.numel() / log_base))
             sel = grad <= grad.sort().values[keep - 1]
+            if bool(sel.all()):  # nothing ruled out: every later round would repeat this one
+                break
             good, grad = good[sel], grad[sel]
         return int(good[0]) if good.numel() == 1 else int(good[grad.argmin()])
 

@@ -27,16 +27,18 @@ def logit_gradients(name: str, logits: Tensor, num_labels: int) -> Tensor:
         h = -(p * logp).sum(1, keepdim=True)
         return -p * (logp + h)
     if name == "superfluous":
-        _check_num_labels(num_labels)
+        check_num_labels(num_labels, logits.shape[1])
         g = torch.softmax(logits, dim=1)
         g[:, :num_labels] = 0
         return g
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
 
 
-def _check_num_labels(num_labels: int) -> None:
-    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 0:
-        raise ValueError(f"num_labels (the real classes, before the superfluous neurons) must be an int >= 0, "
+def check_num_labels(num_labels: int, outputs: int) -> None:
+    """``num_labels``, the real classes (the outputs past them are superfluous neurons), is an int in
+    [1, outputs] where G reads it: past the outputs its gradient would be all zero and every query task 0."""
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or not 1 <= num_labels <= outputs:
+        raise ValueError(f"num_labels (the real classes) must be an int in [1, {outputs}], the model's outputs; "
                          f"got {num_labels!r}")
 
 
@@ -49,8 +51,8 @@ def mlp_logit_gradients(x: Tensor, weights: Sequence[Tensor], biases: Sequence[O
     C++ call (the same floats). An eager fast path, not a registered op: the counts are host ints."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if objective == "superfluous":
-        _check_num_labels(num_labels)
+    if objective == "superfluous" and len(weights) >= 1:
+        check_num_labels(num_labels, weights[-1].shape[0])
     if len(weights) < 1 or len(biases) != len(weights):
         raise ValueError(f"mlp_logit_gradients needs one weight and one bias (or None) per layer, got {len(weights)} "
                          f"weights and {len(biases)} biases")

@@ -164,3 +164,37 @@ def test_hopsupsup_settings_refuse_bad_values(field, value):
     with pytest.raises(ValueError, match=f"HopSupSup {field}"):
         HopSettings(**{field: value})
     HopSettings()
+
+
+@pytest.mark.parametrize("bad", [150, 0, -1, 2.5, True])
+def test_num_labels_outside_the_models_outputs_is_refused(model, bad):
+    from supsup_fast.algorithms.inference import alpha_gradient, alpha_gradients_batched
+    x = torch.randn(1, 784)
+    for call in (lambda: infer_task(model, x, "oneshot", "superfluous", num_labels=bad),  # G reads num_labels
+                 lambda: infer_task(model, torch.randn(3, 784), "binary", "superfluous", num_labels=bad),
+                 lambda: alpha_gradient(model, x, "superfluous", bad),
+                 lambda: alpha_gradients_batched(model, torch.randn(2, 784), "superfluous", bad)):
+        with pytest.raises(ValueError, match=r"num_labels \(the real classes\) must be an int in \[1, 100\]"):
+            call()
+
+
+def test_binary_inference_stops_when_a_round_rules_nothing_out(model, monkeypatch):
+    """A base just above 1 keeps ceil(n / base) = n tasks every round: the rounds then repeat one
+    another, and the loop stops at the first (it ran log_base(k) + 1 ≈ 1.1e7 rounds at 1.0000001)."""
+    from supsup_fast.algorithms import inference
+    x = torch.randn(1, 784)
+    oneshot = infer_oneshot(model, x)
+    calls = []
+    real = inference.alpha_gradient
+    monkeypatch.setattr(inference, "alpha_gradient", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert infer_binary(model, x, log_base=1.0000001) == oneshot
+    assert len(calls) == 1
+
+
+def test_alpha_gradients_of_a_model_without_tasks_are_refused():
+    from supsup_fast.algorithms.inference import alpha_gradient, alpha_gradients_batched
+    empty = build_model("lenet", 20, seed=1)
+    with pytest.raises(ValueError, match="needs at least one learned task"):
+        alpha_gradient(empty, torch.randn(1, 784), "entropy", 10)
+    with pytest.raises(ValueError, match="needs at least one learned task"):
+        alpha_gradients_batched(empty, torch.randn(2, 784), "entropy", 10)
