@@ -15,6 +15,12 @@ def num_words(n: int) -> int:
     return (int(n) + BITS_PER_WORD - 1) // BITS_PER_WORD
 
 
+def pad_bits_set(words: torch.Tensor, n: int) -> bool:
+    """Whether a row of ``words`` [..., ceil(n/32)] has a bit set past bit n (its padding must be zero)."""
+    r = n % BITS_PER_WORD
+    return r != 0 and words.numel() > 0 and bool(((words[..., -1] >> r) != 0).any())
+
+
 def _bit_weights(device: torch.device) -> torch.Tensor:
     # 1, 2, 4, ..., 2**30, -2**31: the int32 value of each single set bit (two's complement).
     w = [1 << j for j in range(31)] + [-(1 << 31)]

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..bits import BITS_PER_WORD, num_words
+from ..bits import BITS_PER_WORD, num_words, pad_bits_set
 from . import checks
 from .backends.reference import _bias_grad
 from .bits import unpack_bits_op
@@ -62,8 +62,7 @@ def _check_pad_bits(n: int, sign_words: Tensor, mask_words: Tensor) -> None:
     owners = _PAD_CHECKED.get(key)
     if owners is not None and owners[0]() is _owner(sign_words) and owners[1]() is _owner(mask_words):
         return
-    tail = (sign_words[:, -1] | mask_words[:, -1]) >> r
-    if bool((tail != 0).any()):
+    if pad_bits_set(sign_words[:, -1:] | mask_words[:, -1:], n):
         raise ValueError(f"sign_words/mask_words have bits set past bit {n}: they were built for more than "
                          f"the {n} features of x [*, {n}]; pass x with the words' in_features (in_features= names it)")
     if len(_PAD_CHECKED) > 1024:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..algorithms.hopsupsup import mask_layers, store_state
 from ..atomic_files import atomic_write_bytes
+from ..bits import pad_bits_set
 from ..nn import MultitaskBatchNorm, num_tasks, supermask_layers
 from .rundir import check_identity
 
@@ -240,8 +241,7 @@ def apply_mask_file(model: nn.Module, path, tensors: Dict[str, torch.Tensor], me
                             f"(different seed, init or torch random stream)")
     check_bank_shapes(path, layers, tensors, count)
     for n, layer in layers.items():
-        pad = pad_bits_mask(layer.weight[0].numel())
-        if pad and bool((tensors[f"bank/{n}"][..., -1] & pad).any()):
+        if pad_bits_set(tensors[f"bank/{n}"], layer.weight[0].numel()):
             raise MaskFileError(f"{path}: bank of layer {n} has bits set past its {layer.weight[0].numel()} inputs "
                                 f"(the padding of each row's last word must be zero)")
     for n, layer in layers.items():
@@ -281,12 +281,6 @@ def check_bank_shapes(path, layers: Dict[str, nn.Module], tensors: Dict[str, tor
         if bank is None or bank.dtype != torch.int32 or tuple(bank.shape) != expect:
             raise MaskFileError(f"{path}: bank of layer {n} should be int32 {list(expect)}, got "
                                 f"{None if bank is None else (bank.dtype, list(bank.shape))}")
-
-
-def pad_bits_mask(n: int) -> int:
-    """The int32 mask of the bits past ``n`` in a row's last 32-bit word (0 when n is a multiple of 32)."""
-    tail = n % 32
-    return 0 if tail == 0 else -(1 << tail)  # bits tail..31, as a signed int32
 
 
 def save_model(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None) -> None:
