@@ -10,6 +10,7 @@ instead of the official code's O(k) batches that each touch k float masks.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -17,9 +18,11 @@ import torch
 from torch import nn
 
 from ..data.tasks import TaskSplit
-from ..nn import set_task
+from ..nn import num_tasks, set_task
 from ..ops.registry import backend_for
-from .inference import infer_oneshot_batched, infer_task, supports_batched
+from .calibration import CALIBRATIONS
+from .inference import METHODS, infer_oneshot_batched, infer_task, supports_batched
+from .objectives import OBJECTIVES
 
 SCENARIOS = ("GG", "GNs", "GNu", "NNs")
 
@@ -33,6 +36,23 @@ class EvalSettings:
     batch_size: int = 128
     log_base: float = 2.0
     calibration: str = "none"  # per-mask scaling of the α-gradient (algorithms.calibration)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Each setting in its range (also rechecked by :func:`evaluate_task`: the fields can be reassigned)."""
+        for name, choices in (("scenario", SCENARIOS), ("inference", METHODS), ("objective", OBJECTIVES),
+                              ("calibration", CALIBRATIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"EvalSettings.{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("infer_images", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"EvalSettings.{name} must be a positive int, got {v!r}")
+        v = self.log_base
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 1:
+            raise ValueError(f"EvalSettings.log_base must be a finite number > 1, got {v!r}")
 
 
 @dataclass
@@ -95,19 +115,27 @@ def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalS
     """Accuracy on one task's test split (shuffled batches, fixed order per task and seed).
     ``expected``: the mask that counts as inferred correctly (default ``task``). ``alpha_scale`` [k]:
     per-mask factors of the α-gradient (``settings.calibration``, from :func:`.calibration.alpha_scale`)."""
-    if settings.scenario not in SCENARIOS:
-        raise ValueError(f"scenario must be one of {SCENARIOS}, got {settings.scenario!r}")
-    if settings.infer_images < 1:
-        raise ValueError(f"infer_images must be >= 1, got {settings.infer_images}")
-    if settings.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {settings.batch_size}")
+    settings.validate()
     if settings.scenario != "GG" and settings.infer_images > settings.batch_size:
         raise ValueError(f"infer_images {settings.infer_images} exceeds the test batch size {settings.batch_size}: "
                          f"the task is inferred from images of one test batch")
     if settings.calibration != "none" and settings.scenario != "GG" and alpha_scale is None:
         raise ValueError(f"calibration {settings.calibration!r} needs alpha_scale (algorithms.calibration.alpha_scale)")
-    model.eval()
+    name = "task (the mask that counts as inferred correctly, as expected is not given)" if expected is None \
+        else "expected (the mask that counts as inferred correctly)"
     expected = task if expected is None else expected
+    k = num_tasks(model)
+    if isinstance(expected, bool) or not isinstance(expected, int) \
+            or not (0 <= expected < k or (settings.scenario == "NNs" and expected == -1)):
+        raise ValueError(f"{name} must be an int in [0, {k}) for the model's {k} learned masks"
+                         f"{' or -1 (no mask) under NNs' if settings.scenario == 'NNs' else ''}, got {expected!r}")
+    if alpha_scale is not None and (not isinstance(alpha_scale, torch.Tensor) or tuple(alpha_scale.shape) != (k,)):
+        raise ValueError(f"alpha_scale (the per-mask calibration factors) must be a tensor [k] with one factor per "
+                         f"learned task, k = {k}, got "
+                         f"{tuple(alpha_scale.shape) if isinstance(alpha_scale, torch.Tensor) else type(alpha_scale).__name__}")
+    if len(split) == 0:
+        raise ValueError(f"split (task {task}'s test data) is empty; its accuracy would be 0 of 0")
+    model.eval()
     correct = total = right_task = batches = 0
     chosen_per_batch: List[int] = []
     data = split.batches(settings.batch_size, shuffle=True, generator=test_order(split, task, seed))
@@ -136,7 +164,7 @@ def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalS
         total += len(yb)
         if on_batch is not None:
             on_batch()
-        if settings.scenario == "GNu" and chosen != task:
+        if settings.scenario == "GNu" and chosen != expected:
             continue
         pending.add(int(chosen), xb, yb)
     correct = pending.finish()

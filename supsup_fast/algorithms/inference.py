@@ -47,9 +47,16 @@ def alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_labels
     One image through this package's MLP (nothing hooked into it), on a backend that reads the banks'
     task-interleaved copies, goes the batched MLP way (one query), which skips the bits of the dead
     rows; every other model and call takes autograd through the superposed modules."""
+    _check_query(model, x)
+    return _alpha_gradient(model, x, objective, num_labels, active)
+
+
+def _alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_labels: int,
+                    active: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`alpha_gradient` of a query :func:`_check_query` passed."""
     k = num_tasks(model) if active is None else active.numel()
     if k == 0:
-        raise ValueError("task inference needs at least one learned task; the model has none")
+        raise ValueError("active (the tasks to superpose) is empty; it needs at least one task")
     if active is None and x.dim() >= 1 and x.shape[0] == 1 and _plain_mlp(model) \
             and ops.backend_for(model.layers[0].weight.device).reads_interleaved:
         return _mlp_alpha_gradients(model, k, x, objective, num_labels)[0]
@@ -60,6 +67,12 @@ def alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_labels
     obj = get_objective(objective)(logits, num_labels)
     (grad,) = torch.autograd.grad(obj, alpha)
     return grad
+
+
+def _check_scale(scale: Optional[torch.Tensor], k: int) -> None:
+    if scale is not None and (not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (k,)):
+        raise ValueError(f"scale (the per-mask calibration factors) must be a tensor [k] with one factor per learned "
+                         f"task, k = {k}, got {tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__}")
 
 
 def _scaled(grad: torch.Tensor, scale: Optional[torch.Tensor], active: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -74,9 +87,11 @@ def infer_oneshot(model: nn.Module, x: torch.Tensor, objective: str = "entropy",
                   scale: Optional[torch.Tensor] = None) -> int:
     """argminᵢ ∂f/∂αᵢ over the learned tasks (== argmax of -∇αH, paper Eq. 4); with ``scale`` [k],
     argminᵢ scaleᵢ · ∂f/∂αᵢ."""
-    if _check_query(model, x) == 1:
+    k = _check_query(model, x)
+    _check_scale(scale, k)
+    if k == 1:
         return 0
-    return int(_scaled(alpha_gradient(model, x, objective, num_labels), scale).argmin())
+    return int(_scaled(_alpha_gradient(model, x, objective, num_labels), scale).argmin())
 
 
 def supports_batched(model: nn.Module) -> bool:
@@ -99,13 +114,16 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
     Outside this package's plain MLP the layers' inputs and outputs are recorded by forward hooks and
     the gradient is taken at each layer's output as its hooks leave it: a hook may all-reduce it (the
     sharded bank's does), not otherwise transform it."""
+    k = _check_query(model, xs, "xs")
+    return _alpha_gradients_batched(model, k, xs, objective, num_labels, max_chunk_bytes)
+
+
+def _alpha_gradients_batched(model: nn.Module, k: int, xs: torch.Tensor, objective: str, num_labels: int,
+                             max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
     layers = supermask_layers(model)
     if not _rank1_model(model, layers):
         raise ValueError("batched task inference needs a model of SupermaskLinear layers without BatchNorm "
                          "(an MLP such as fc1024 or lenet)")
-    k = num_tasks(model)
-    if k == 0:
-        raise ValueError("task inference needs at least one learned task; the model has none")
     if _plain_mlp(model):
         return _mlp_alpha_gradients(model, k, xs, objective, num_labels, max_chunk_bytes)
     return _rank1_alpha_gradients(model, layers, k, xs, objective, num_labels, max_chunk_bytes)
@@ -258,9 +276,11 @@ def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Ten
 def infer_oneshot_batched(model: nn.Module, xs: torch.Tensor, objective: str = "entropy",
                           num_labels: int = 10, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One-shot task inference for q independent queries at once: LongTensor [q]."""
-    if _check_query(model, xs, "xs") == 1:
+    k = _check_query(model, xs, "xs")
+    _check_scale(scale, k)
+    if k == 1:
         return torch.zeros(xs.shape[0], dtype=torch.long)
-    return _scaled(alpha_gradients_batched(model, xs, objective, num_labels), scale).argmin(1).cpu()
+    return _scaled(_alpha_gradients_batched(model, k, xs, objective, num_labels), scale).argmin(1).cpu()
 
 
 def infer_binary(model: nn.Module, x: torch.Tensor, objective: str = "entropy", num_labels: int = 10,
@@ -274,6 +294,7 @@ def infer_binary(model: nn.Module, x: torch.Tensor, objective: str = "entropy", 
             or log_base <= 1:
         raise ValueError(f"log_base must be a finite number > 1, got {log_base!r}")
     k = _check_query(model, x)
+    _check_scale(scale, k)
     device = next(iter(model.buffers())).device
     good = torch.arange(k, device=device)
     grad = None
@@ -281,7 +302,7 @@ def infer_binary(model: nn.Module, x: torch.Tensor, objective: str = "entropy", 
         if good.numel() == 1:
             return int(good[0])
         active = None if good.numel() == k else good
-        grad = _scaled(alpha_gradient(model, x, objective, num_labels, active=active), scale, active)
+        grad = _scaled(_alpha_gradient(model, x, objective, num_labels, active=active), scale, active)
         keep = max(1, math.ceil(good.numel() / log_base))
         thr = grad.sort().values[keep - 1]
         sel = grad <= thr

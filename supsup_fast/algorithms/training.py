@@ -34,6 +34,21 @@ class TrainSettings:
     warmup_epochs: int = 5               # cosine_warmup: linear warmup, then cosine (SplitImageNet)
     fused_step: bool = True              # RMSprop/Adam with threshold masks: the optimiser runs inside the backward
 
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "warmup_epochs") + (("iters",) if self.iters is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainSettings.{name} must be a positive int, got {v!r}")
+        for name, low in (("lr", "> 0"), ("weight_decay", ">= 0"), ("momentum", ">= 0")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or not (v > 0 if low == "> 0" else v >= 0):
+                raise ValueError(f"TrainSettings.{name} must be a finite number {low}, got {v!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainSettings.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"TrainSettings.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+
 
 def make_optimizer(params: List[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
     """As the official code: RMSprop with torch defaults (no momentum; fused, same rule), Adam(lr, wd),
@@ -82,6 +97,8 @@ def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, d
     """Learn one new mask on ``split`` and append it (packed) to every layer's bank."""
     if settings.scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {settings.scheduler!r}")
+    if len(split) == 0:  # no step would be made, and an untrained mask appended as if learned
+        raise ValueError("split (the task's training data) is empty; a mask needs at least one batch to train on")
     begin_task(model, init_scores=init_scores, generator=generator)
     model.train()
     opt = make_task_optimizer(model, settings)

@@ -162,7 +162,8 @@ class Experiment:
         if config.transfer:
             enable_transfer(self.model)
         self.train_settings = config.train_settings()
-        self.eval_settings = config.eval_settings()
+        # HopSupSup recovers the task by its own Hopfield loop, under its own settings (hop_settings).
+        self.eval_settings = config.eval_settings() if config.inference != "hopfield" else None
         self.lock: Optional[RunLock] = None
         self.bank_bytes_per_rank: Optional[List[int]] = None
         self.bank_summary: Optional[dict] = None  # of the whole bank, where this rank does not hold it

@@ -185,8 +185,8 @@ def test_binary_inference_stops_when_a_round_rules_nothing_out(model, monkeypatc
     x = torch.randn(1, 784)
     oneshot = infer_oneshot(model, x)
     calls = []
-    real = inference.alpha_gradient
-    monkeypatch.setattr(inference, "alpha_gradient", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = inference._alpha_gradient
+    monkeypatch.setattr(inference, "_alpha_gradient", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert infer_binary(model, x, log_base=1.0000001) == oneshot
     assert len(calls) == 1
 
