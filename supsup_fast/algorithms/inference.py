@@ -60,8 +60,7 @@ def _alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_label
     if active is None and x.dim() >= 1 and x.shape[0] == 1 and _plain_mlp(model) \
             and ops.backend_for(model.layers[0].weight.device).reads_interleaved:
         return _mlp_alpha_gradients(model, k, x, objective, num_labels)[0]
-    device = next(iter(model.buffers())).device
-    alpha = torch.full((k,), 1.0 / k, device=device, requires_grad=True)
+    alpha = _uniform_alpha(model, k).requires_grad_(True)
     with superposition(model, alpha, active=active, uniform=True):
         logits = model(x)
     obj = get_objective(objective)(logits, num_labels)
@@ -73,6 +72,15 @@ def _check_scale(scale: Optional[torch.Tensor], k: int) -> None:
     if scale is not None and (not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (k,)):
         raise ValueError(f"scale (the per-mask calibration factors) must be a tensor [k] with one factor per learned "
                          f"task, k = {k}, got {tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__}")
+
+
+def _uniform_alpha(model: nn.Module, k: int) -> torch.Tensor:
+    """α = 1/k on the model's device: float64 for a float64 model (its α-gradient in its precision),
+    else float32 (1/k in bf16 or fp16 is not 1/k to the uniform check's tolerance)."""
+    w = next((layer.weight for layer in supermask_layers(model).values()), None)
+    device = w.device if w is not None else next(iter(model.buffers())).device
+    dtype = torch.float64 if w is not None and w.dtype == torch.float64 else torch.float32
+    return torch.full((k,), 1.0 / k, device=device, dtype=dtype)
 
 
 def _scaled(grad: torch.Tensor, scale: Optional[torch.Tensor], active: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -175,12 +183,12 @@ def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, n
             kernel_weights = [layer.transposed_weight() if t else layer.weight for layer, t in zip(layers, transposed)]
             # queries in chunks: where a product may overflow it goes op by op, and the reference then
             # materialises each query's (g xᵀ) ⊙ W
-            chunk = max(1, max_chunk_bytes // max(4 * layer.weight.numel() for layer in layers))
+            chunk = max(1, max_chunk_bytes // max(layer.weight.element_size() * layer.weight.numel() for layer in layers))
             parts = [ops.mlp_mask_dot_outer(banks, read, transposed, kernel_weights, weights,
                                             [h[j0:j0 + chunk] for h in hs], g[j0:j0 + chunk])
                      for j0 in range(0, max(q, 1), chunk)]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
-        out = torch.zeros(q, k, dtype=torch.float32, device=xs.device)
+        out = torch.zeros(q, k, dtype=torch.float64 if xs.dtype == torch.float64 else torch.float32, device=xs.device)
         for i in reversed(range(len(layers))):
             _add_layer_alpha_gradients(out, layers[i], g, hs[i], max_chunk_bytes)
             if i > 0:
@@ -209,7 +217,7 @@ def _add_layer_alpha_gradients(out: torch.Tensor, layer, g: torch.Tensor, x_in: 
                                               layer.transposed_weight())
         return
     bank_t = layer.bank.interleaved() if use_copy else None
-    chunk = max(1, max_chunk_bytes // max(1, w.numel() * 4))
+    chunk = max(1, max_chunk_bytes // max(1, w.numel() * w.element_size()))
     for j0 in range(0, q, chunk):
         j1 = min(q, j0 + chunk)
         out[j0:j1] += ops.mask_dot_outer(layer.bank.words, g2[j0:j1], x2[j0:j1], w, bank_t).float()
@@ -236,8 +244,7 @@ def _read_transposed(kept: tuple, live_outputs: int, live_inputs: int, weight: t
 def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Tensor, objective: str, num_labels: int,
                            max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
     q = xs.shape[0]
-    device = next(iter(model.buffers())).device
-    alpha = torch.full((k,), 1.0 / k, device=device)
+    alpha = _uniform_alpha(model, k)
     seen = {name: [] for name in layers}  # every call of a layer (one may run more than once a forward)
     hooks = [layer.register_forward_hook(lambda m, inp, out, name=name: seen[name].append((inp[0], out)))
              for name, layer in layers.items()]
@@ -252,7 +259,7 @@ def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Ten
     finally:
         for h in hooks:
             h.remove()
-    out = torch.zeros(q, k, dtype=torch.float32, device=device)
+    out = torch.zeros(q, k, dtype=alpha.dtype, device=alpha.device)
     for (name, x_in, y), g in zip(calls, grads):
         if g is None:  # an output the logits do not depend on
             continue
@@ -266,7 +273,7 @@ def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Ten
         if rows == 1:
             _add_layer_alpha_gradients(out, layers[name], g, x_in.detach(), max_chunk_bytes)
         else:
-            part = torch.zeros(q * rows, k, dtype=torch.float32, device=device)
+            part = torch.zeros(q * rows, k, dtype=out.dtype, device=out.device)
             _add_layer_alpha_gradients(part, layers[name], g.reshape(q * rows, -1), x_in.detach().reshape(q * rows, -1),
                                        max_chunk_bytes)
             out += part.view(q, rows, k).sum(1)

@@ -57,7 +57,7 @@ class MultitaskMaskMixin:
         self.bank.persist_rows = False  # the layer's state_dict carries the bits as mask_bits, as upstream's layout
         self._stream = ScoreStream(tuple(self.weight.shape), num_tasks)
         self._filler = set()  # bank rows holding an untrained task's initial mask
-        self._version = 0  # bumped whenever the bank changes (count cache key)
+        self._bank_version = 0  # bumped whenever the bank changes (count cache key)
         self._count_cache = None
         self._task = None
         self._rebuilt = None  # the live task whose scores were rebuilt from its bank row
@@ -130,6 +130,8 @@ class MultitaskMaskMixin:
     def __setstate__(self, state):  # a pickle from before the bank saved its rows: they travel as mask_bits here
         super().__setstate__(state)
         self.bank.persist_rows = False
+        if "_bank_version" not in self.__dict__:  # was kept as _version, hiding nn.Module's state-dict version
+            self._bank_version = self.__dict__.pop("_version", 0)
 
     # -- state_dict: the bits travel as ``mask_bits``; an official ``stacked`` is read too ---------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -163,7 +165,7 @@ class MultitaskMaskMixin:
             self.bank.truncate(0)
             self.bank.append(bits.to(self.bank.storage.device))
             self._filler.clear()
-            self._version += 1
+            self._bank_version += 1
 
     # -- bank ----------------------------------------------------------------------------------
     def _pack(self, scores: torch.Tensor) -> torch.Tensor:
@@ -180,7 +182,7 @@ class MultitaskMaskMixin:
             else:
                 self.bank.append(self._pack(self._stream.scores(j).to(self.weight.device)))
                 self._filler.add(j)
-            self._version += 1
+            self._bank_version += 1
 
     def _commit(self, task: int) -> None:
         self._ensure_rows(task)
@@ -196,11 +198,11 @@ class MultitaskMaskMixin:
         else:
             self.bank.set_row(task, words)
         self._filler.discard(task)
-        self._version += 1
+        self._bank_version += 1
 
     def _counts(self, k: int) -> torch.Tensor:
         """Σᵢ<k Mᵢ per weight (float), cached while the bank and k are unchanged."""
-        key = (k, self._version, self.weight.device)
+        key = (k, self._bank_version, self.weight.device)
         if self._count_cache is None or self._count_cache[0] != key:
             ones = torch.ones(k, dtype=self.weight.dtype, device=self.weight.device)
             self._count_cache = (key, ops.superpose(self.bank.words[:k], ones, self.bank.n).view_as(self.weight))

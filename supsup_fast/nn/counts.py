@@ -3,14 +3,32 @@ and Σᵢ Mᵢ / k for the uniform superposition. With them a uniform-α forward
 the transposed frozen weight, which task inference reads with a bank's transposed copy."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .. import ops
 
 
+def bank_state(bank) -> tuple:
+    """What a count derived from ``bank`` depends on: (a weak reference to its storage, its row
+    count, version, address, device). A row written through the bank or its ``words`` view bumps
+    the version; a new storage fails the identity test even at a freed one's address. Writes
+    through ``.data`` keep the version, and are not seen (as by the layers' other caches)."""
+    s = bank.storage
+    return (weakref.ref(s), (bank.count, ops.checks.tensor_version(s), s.data_ptr(), s.device))
+
+
+def same_bank_state(saved, bank) -> bool:
+    s = bank.storage
+    return saved is not None and saved[0]() is s and \
+        saved[1] == (bank.count, ops.checks.tensor_version(s), s.data_ptr(), s.device)
+
+
 class CountCaches:
     """Mixed into :class:`supsup_fast.nn.layers.SupermaskLayer` (which owns ``bank``, ``weight``,
-    ``n``, ``num_tasks`` and resets ``_counts`` whenever the bank changes)."""
+    ``n``, ``num_tasks``). Each count is kept with the bank state it was computed from
+    (:func:`bank_state`), so rows changed through ``layer.bank`` directly are seen too."""
 
     def set_count_cache(self, enabled: bool) -> None:
         """Whether to keep Σᵢ Mᵢ per weight (float, one weight-sized tensor) for uniform α."""
@@ -27,7 +45,7 @@ class CountCaches:
     def _active_counts(self, active: torch.Tensor) -> torch.Tensor:
         cache = getattr(self, "_active_cache", None)
         ones = lambda m: torch.ones(m, dtype=self.weight.dtype, device=self.weight.device)
-        if cache is not None and cache[0] == self.num_tasks and bool(torch.isin(active, cache[1]).all()):
+        if cache is not None and same_bank_state(cache[0], self.bank) and bool(torch.isin(active, cache[1]).all()):
             removed = cache[1][~torch.isin(cache[1], active)]
             counts = cache[2]
             if removed.numel():
@@ -36,16 +54,36 @@ class CountCaches:
             counts = self.counts()
         else:
             counts = ops.superpose(self.bank.words.index_select(0, active), ones(active.numel()), self.n).view_as(self.weight)
-        self._active_cache = (self.num_tasks, active.clone(), counts)
+        self._active_cache = (bank_state(self.bank), active.clone(), counts)
         return counts
 
     def counts(self) -> torch.Tensor:
-        if self._counts is None:
+        if torch.compiler.is_compiling():  # a trace cannot test the bank's state: a kept count, else computed
+            if self._counts is not None:
+                return self._counts
+            ones = torch.ones(self.num_tasks, dtype=self.weight.dtype, device=self.weight.device)
+            return ops.superpose(self.bank.words, ones, self.n).view_as(self.weight)
+        if not self.counts_current():
+            self._counts = None  # free the stale one first
             k = self.num_tasks
             with torch.inference_mode(False):  # updated in place by commit_mask, maybe outside inference_mode
                 ones = torch.ones(k, dtype=self.weight.dtype, device=self.weight.device)
                 self._counts = ops.superpose(self.bank.words, ones, self.n).view_as(self.weight)
+            self._counts_state = bank_state(self.bank)
         return self._counts
+
+    def counts_current(self) -> bool:
+        """Whether a count is kept and is of the bank as it is now."""
+        return self._counts is not None and same_bank_state(self.__dict__.get("_counts_state"), self.bank)
+
+    def counts_appended(self, counted: bool, words: torch.Tensor) -> None:
+        """After ``words`` were appended to the bank, ``counted`` (:meth:`counts_current`) before: add
+        their bits to the kept count instead of recounting the whole bank."""
+        if counted:
+            self._counts += ops.unpack_bits(words, self.n).view_as(self.weight).to(self._counts.dtype)
+            self._counts_state = bank_state(self.bank)
+        else:
+            self._counts = None
 
     def _uniform_s(self, counts: torch.Tensor, k: int) -> torch.Tensor:
         """counts / k, kept while the same count tensor (same version) and k are in use: every

@@ -35,6 +35,11 @@ class FusedScoreState:
         # Bumped whenever the mask changes: a forward's backward must see the generation it was made in.
         self.generation = 0
 
+    def forget(self) -> None:
+        """Rebuild both forms from the scores at their next use (scores written through ``.data``)."""
+        self.masked_weight, self._key, self._words, self._words_key = None, None, None, None
+        self.generation += 1
+
     def effective_weight(self, scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.masked_weight is None or _key(scores, weight) != self._key:  # stale, or scores or weight changed
             self.masked_weight = ops.threshold_masked_weight(scores, weight)

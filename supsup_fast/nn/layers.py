@@ -115,9 +115,9 @@ class SupermaskLayer(CountCaches, nn.Module):
         else:
             words = ops.pack_bits(self.current_mask().reshape(self.weight.shape[0], -1))
         if slot == self.num_tasks:
+            counted = self.counts_current()
             self.bank.append(words)
-            if self._counts is not None:  # add the new mask's bits to the cached per-weight count
-                self._counts += ops.unpack_bits(words, self.n).view_as(self.weight).to(self._counts.dtype)
+            self.counts_appended(counted, words)
         elif 0 <= slot < self.num_tasks:
             self.bank.set_row(slot, words)
             self._counts = None
@@ -157,7 +157,17 @@ class SupermaskLayer(CountCaches, nn.Module):
         self._active_cache = None
 
     # Derived from the weight and the bank, rebuilt on first use: a copy or pickle does not carry them.
-    _DERIVED = ("_active_cache", "_s_cache", "_ws_cache", "_wt_cache", "_sign_cache")
+    _DERIVED = ("_active_cache", "_counts_state", "_s_cache", "_ws_cache", "_wt_cache", "_sign_cache")
+
+    def clear_caches(self) -> None:
+        """Drop everything derived from the weight, the bank and the scores (rebuilt on first use):
+        after a write through ``.data``, which the caches' version keys do not see."""
+        for name in self._DERIVED:
+            self.__dict__.pop(name, None)
+        self._counts = None
+        self.bank.drop_interleaved()
+        if isinstance(self._mode, Train) and self._mode.fused is not None:
+            self._mode.fused.forget()
 
     def __getstate__(self):
         """copy.deepcopy and pickle: without the derived caches, and a layer trained by an in-backward

@@ -1,6 +1,7 @@
 """``SupermaskLinear``: a drop-in ``nn.Linear`` whose weight is frozen and masked per task."""
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Tuple, Union
 
 import torch
@@ -55,17 +56,19 @@ class SupermaskLinear(SupermaskLayer):
         changes: exact where every |w| is the same nonzero scale (the sign bits are None otherwise)."""
         if w is None:
             w = self.weight
-        # id() too: a new weight tensor can land at a freed one's address with version 0
-        key = (id(w), ops.checks.tensor_version(w), w.data_ptr())
+        # The weight itself (weakly), not its id(): a new weight tensor (functional_call, a dtype round
+        # trip) can land at a freed one's id and address with the same version.
+        key = (ops.checks.tensor_version(w), w.data_ptr())
         cache = self.__dict__.get("_sign_cache")
-        if cache is None or cache[0] != key:
+        if cache is None or cache[0][0]() is not w or cache[0][1] != key:
             if w.is_meta:  # no values to read: never exactly signed-constant
                 return None, 0.0, False
             with torch.inference_mode(False):  # a cache outlives an inference_mode block: a normal tensor
                 magnitude = w.detach().abs()
                 scale = float(magnitude.max()) if w.numel() else 0.0
                 exact = scale > 0 and bool((magnitude == scale).all())
-                self._sign_cache = cache = (key, ops.pack_bits(w.detach() > 0) if exact else None, scale, exact)
+                self._sign_cache = cache = ((weakref.ref(w), key), ops.pack_bits(w.detach() > 0) if exact else None,
+                                            scale, exact)
         return cache[1], cache[2], cache[3]
 
     def signed_weight_bits(self) -> Optional[Tuple[torch.Tensor, float]]:

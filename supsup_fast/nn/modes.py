@@ -60,17 +60,19 @@ def task_index(task) -> int:
         raise TypeError(f"task must be an integer task index, got {task!r} ({type(task).__name__})") from None
 
 
-def check_uniform_alpha(alpha: torch.Tensor, k: int) -> None:
+def check_uniform_alpha(alpha: torch.Tensor, k: int, fresh: bool = False) -> None:
     """``uniform=True`` promises alpha = 1/k over the k superposed tasks: the layers then use their
     cached counts Σᵢ Mᵢ / k and never read alpha in the forward, so a non-uniform alpha would
     silently give the uniform superposition. Raises ValueError naming ``alpha`` if it is not.
-    The value check (a host sync) is skipped inside a CUDA-graph capture, like the other data checks."""
+    The value check (a host sync) is skipped inside a CUDA-graph capture, like the other data checks.
+    ``fresh``: check the values even where this alpha, at this version, passed before (a new
+    superposition: its values may have been written through ``.data``, which keeps the version)."""
     global _uniform_ok
     ops.checks.check_alpha(alpha, k)
     if k == 0 or ops.checks.capturing(alpha) or alpha.is_meta:
         return
     version, last = ops.checks.tensor_version(alpha), _uniform_ok  # an inference tensor's matches no verdict
-    if last is not None and last[0]() is alpha and last[1] == version and last[2] == k:
+    if not fresh and last is not None and last[0]() is alpha and last[1] == version and last[2] == k:
         return
     a = alpha.detach()
     if not torch.allclose(a, torch.full_like(a, 1.0 / k), rtol=1e-5, atol=1e-8):

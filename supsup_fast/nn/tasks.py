@@ -115,7 +115,7 @@ def set_superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[to
         raise ValueError("alpha contains NaN or ±inf; the superposition coefficients must be finite")
     if uniform:
         # Every layer checks it too (set_mode_superpose); once here, so no layer is switched when it fails.
-        check_uniform_alpha(alpha, k)
+        check_uniform_alpha(alpha, k, fresh=True)
     for m in task_modules(model):
         m.set_mode_superpose(alpha, active, uniform, checked=True)
 
@@ -137,6 +137,15 @@ def superposition(model: nn.Module, alpha: torch.Tensor, active: Optional[torch.
         for i, (m, mode) in enumerate(zip(mods, saved)):
             if placed is None or m._mode is placed[i]:
                 m._mode = mode
+
+
+def clear_caches(model: nn.Module) -> None:
+    """Drop what the supermask layers derived from their weights, banks and scores (sign bits,
+    per-weight mask counts, transposed weights, the banks' interleaved copies, a fused step's
+    masked weight); each is rebuilt on first use. Needed only after a write the tensors' version
+    counters do not show: one through ``.data``."""
+    for m in supermask_layers(model).values():
+        m.clear_caches()
 
 
 def mask_bytes(model: nn.Module) -> int:

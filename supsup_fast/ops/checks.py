@@ -335,7 +335,9 @@ def _check_copy_words(name: str, what: str, matcher: str, bank: torch.Tensor, co
     matches = getattr(backend_for(bank.device), matcher, None)
     if matches is not None and matches(bank, copy, *n) is False:
         raise ValueError(f"{name} is not {what}: its words differ from the bank's (a copy of another bank, or of this "
-                         f"bank before it changed); rebuild it with ss.ops.{what}")
+                         f"bank before it changed); rebuild it with ss.ops.{what}. A layer's own copy goes stale "
+                         f"when the bank's words are written through .data, which keeps their version: "
+                         f"layer.bank.drop_interleaved() rebuilds it")
 
 
 def check_mask_dot_outer_interleaved(bank_t: torch.Tensor, k: int, g: torch.Tensor, x: torch.Tensor,

@@ -195,8 +195,9 @@ def superposed_linear(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bi
         checks.check_bank_w(bank, bank_w, weight.shape[-1])
     if _backward_needs_s(x, alpha):
         checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
-        s = superpose(bank, alpha.detach(), weight.shape[1], bank_w).view_as(weight)
-        return _given_s(x, weight, bank, alpha, s.to(weight.dtype), bias, None, bank_t)
+        # S in the weight's dtype (it multiplies W): a float64 α on a float32 layer sums in fp32 on the fast path.
+        s = superpose(bank, alpha.detach().to(weight.dtype), weight.shape[1], bank_w).view_as(weight)
+        return _given_s(x, weight, bank, alpha, s, bias, None, bank_t)
     if _per_task_outputs_pay(x, weight, alpha):
         checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
         checks.check_no_nan_alpha(alpha)
@@ -233,7 +234,7 @@ def superposed_conv2d(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bi
     """conv2d with weight W ⊙ Σᵢ αᵢ Mᵢ; differentiable in x, alpha, weight, bias."""
     if _backward_needs_s(x, alpha):
         checks.check_superposed(x, weight, bank, alpha, bias, conv=True)
-        s = superpose(bank, alpha.detach(), weight[0].numel()).view_as(weight)
+        s = superpose(bank, alpha.detach().to(weight.dtype), weight[0].numel()).view_as(weight)
         return superposed_with_s(x, weight, bank, alpha, s, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups))
     return superposed_conv2d_op(x, weight, bank, alpha, bias, checks.pair("stride", stride),
                                 checks.pair("padding", padding), checks.pair("dilation", dilation), int(groups))

@@ -24,7 +24,7 @@ def expected(x, w, masks):
 
 @pytest.mark.parametrize("name,device", PAIRS, ids=ids(PAIRS))
 @pytest.mark.parametrize("k,rows,n,lead", [(1, 3, 5, ()), (17, 33, 70, (1,)), (40, 10, 1000, (3,)), (250, 64, 784, ()),
-                                           (16, 7, 32, (2, 2)), (33, 1, 1, (1,))])
+                                           (16, 7, 32, (2, 2)), (33, 1, 1, (1,)), (5, 9, 45, (17,)), (20, 6, 100, (3, 7))])
 def test_bank_linear_matches_einsum(name, device, k, rows, n, lead):
     g = torch.Generator().manual_seed(k * 1000 + n)
     masks = torch.rand(k, rows, n, generator=g) > 0.5

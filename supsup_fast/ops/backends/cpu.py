@@ -288,9 +288,10 @@ class CpuBackend(ReferenceBackend):
 
     def bank_linear(self, x, weight, bank, bank_t=None):
         rows = x.numel() // max(x.shape[-1], 1)
-        if not (x.dtype == torch.float32 and weight.dtype == torch.float32 and 0 < rows <= SMALL_BATCH):
+        if not (x.dtype == torch.float32 and weight.dtype == torch.float32 and rows > 0):
             return super().bank_linear(x, weight, bank)
-        # one lookup-table pass over the bits per row of x (tables of W ⊙ x shared by all k tasks); from
+        # one lookup-table pass over the bits per row of x (tables of W ⊙ x shared by all k tasks; the
+        # reference's bit-plane einsums cost more per row at any row count, and allocate more); from
         # the task-interleaved copy, each word's tables stay in registers while all tasks stream past
         x2 = x.reshape(rows, x.shape[-1]).contiguous()
         k = bank.shape[0]
