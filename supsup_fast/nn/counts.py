@@ -12,17 +12,18 @@ from .. import ops
 
 def bank_state(bank) -> tuple:
     """What a count derived from ``bank`` depends on: (a weak reference to its storage, its row
-    count, version, address, device). A row written through the bank or its ``words`` view bumps
+    count, version, address). A row written through the bank or its ``words`` view bumps
     the version; a new storage fails the identity test even at a freed one's address. Writes
     through ``.data`` keep the version, and are not seen (as by the layers' other caches)."""
     s = bank.storage
-    return (weakref.ref(s), (bank.count, ops.checks.tensor_version(s), s.data_ptr(), s.device))
+    return (weakref.ref(s), (bank.count, ops.checks.tensor_version(s), s.data_ptr()))
 
 
 def same_bank_state(saved, bank) -> bool:
     s = bank.storage
-    return saved is not None and saved[0]() is s and \
-        saved[1] == (bank.count, ops.checks.tensor_version(s), s.data_ptr(), s.device)
+    if saved is None or saved[0]() is not s:  # another storage (a .to() makes one)
+        return False
+    return saved[1] == (bank.count, ops.checks.tensor_version(s), s.data_ptr())
 
 
 class CountCaches:
