@@ -64,8 +64,6 @@ def _matches(name: str, module: nn.Module, selectors: Sequence[Selector]) -> boo
 
 
 def _padding(name: str, conv: nn.Conv2d):
-    if conv.padding_mode != "zeros":
-        raise ValueError(f"layer {name!r}: padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
     try:
         return resolve_padding(conv.padding, conv.kernel_size, conv.stride, conv.dilation)
     except ValueError as exc:
@@ -81,7 +79,7 @@ def _mask_layer(name: str, m: nn.Module, weights: str, seed: int, mask_fn: str, 
         new = CompilableSupermaskLinear(m.in_features, m.out_features, bias=has_bias, **kw)
     else:
         new = SupermaskConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, _padding(name, m), m.dilation,
-                              m.groups, bias=has_bias, **kw)
+                              m.groups, bias=has_bias, padding_mode=m.padding_mode, **kw)
     if has_bias:
         new.bias.copy_(m.bias.detach())
     return new

@@ -161,6 +161,55 @@ def test_conv_takes_nn_conv2ds_padding_strings(rng, padding, dilation):
     assert layer(x).shape == ref(x).shape
 
 
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_conv_padding_modes_as_nn_conv2d(rng, padding_mode, unbatched):
+    """One task (forward, input gradient), training (the scores' gradient) and a superposition (the
+    α-gradient), each against nn.Conv2d with the same padding_mode on W ⊙ M or W ⊙ S."""
+    ref = nn.Conv2d(3, 4, 3, padding=(1, 2), padding_mode=padding_mode, bias=True)
+    layer = trained(snn.SupermaskConv2d(3, 4, 3, padding=(1, 2), padding_mode=padding_mode, bias=True,
+                                        init=ref.weight.detach()), tasks=2)
+    with torch.no_grad():
+        layer.bias.copy_(ref.bias)
+    assert f"padding_mode={padding_mode!r}" in repr(layer)
+    x = torch.randn(*(() if unbatched else (2,)), 3, 7, 6, generator=rng, requires_grad=True)
+    snn.set_task(layer, 1)
+    y = layer(x)
+    (dx,) = torch.autograd.grad(y.square().sum(), x)
+    with torch.no_grad():
+        ref.weight.copy_(layer.weight * mask(layer, 1))
+    y_ref = ref(x)
+    (dx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dx, dx_ref)
+    alpha = torch.tensor([0.3, 0.7], requires_grad=True)
+    with snn.superposition(layer, alpha):
+        (da,) = torch.autograd.grad(layer(x).sum(), alpha)
+    torch.testing.assert_close(da, torch.stack([F.conv2d(F.pad(x, (2, 2, 1, 1), mode=padding_mode),
+                                                         layer.weight * mask(layer, t)).sum() for t in range(2)]))
+    snn.begin_task(layer, generator=torch.Generator().manual_seed(5))
+    layer(x).sum().backward()
+    scores = layer.scores.detach().clone().requires_grad_(True)  # the straight-through estimator's gradient
+    w_ste = layer.weight * (scores >= 0).float() + layer.weight * (scores - scores.detach())
+    F.conv2d(F.pad(x.detach(), (2, 2, 1, 1), mode=padding_mode), w_ste, layer.bias).sum().backward()
+    torch.testing.assert_close(layer.scores.grad, scores.grad)
+
+
+def test_convert_keeps_a_conv_padding_mode(rng):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU())
+    converted = ss.convert(copy.deepcopy(net), weights="keep")
+    layer = converted[0]
+    assert layer.padding_mode == "reflect"
+    snn.begin_task(converted, generator=torch.Generator().manual_seed(0))
+    snn.finish_task(converted)
+    x = torch.randn(2, 3, 6, 6, generator=rng)
+    with torch.no_grad():
+        net[0].weight.mul_(mask(layer, 0))
+        torch.testing.assert_close(converted(x), net(x))
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        snn.SupermaskConv2d(3, 4, 3, padding_mode="mirror")
+
+
 def test_conv_padding_same_that_needs_one_sided_padding_is_refused():
     with pytest.raises(ValueError, match="padding='same' needs stride 1"):
         snn.SupermaskConv2d(3, 4, 3, stride=2, padding="same")
