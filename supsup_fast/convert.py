@@ -85,7 +85,10 @@ def _mask_layer(name: str, m: nn.Module, weights: str, seed: int, mask_fn: str, 
     return new
 
 
-def _task_bn(m: nn.modules.batchnorm._BatchNorm, weights: str) -> nn.Module:
+def _task_bn(name: str, m: nn.modules.batchnorm._BatchNorm, weights: str) -> nn.Module:
+    if m.momentum is None:
+        warnings.warn(f"layer {name!r}: momentum=None (a cumulative average of the statistics) becomes the per-task "
+                      f"BatchNorm's exponential average with momentum 0.1", stacklevel=3)
     like = m.weight if m.weight is not None else m.running_mean  # the BN's device and dtype, if it has either
     bn = MultitaskBatchNorm(m.num_features, eps=m.eps, momentum=0.1 if m.momentum is None else m.momentum,
                             device=None if like is None else like.device,
@@ -107,9 +110,11 @@ def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Itera
     default every Linear and Conv2d is converted (exactly those classes: a subclass, such as
     MultiheadAttention's ``out_proj`` whose weight the attention reads directly, is left frozen,
     with a warning naming it; a module registered under several names, a tied layer, is converted
-    once and stays shared). batchnorm: every BatchNorm1d/2d not excluded becomes per-task
-    non-affine BN (``include`` selects the masked layers only; with ``"keep"``, a pretrained affine
-    γ, β is kept frozen after it).
+    once and stays shared; other convolutions, Conv1d, Conv3d and transposed, stay frozen and
+    unmasked, with a warning). batchnorm: every BatchNorm (1d, 2d, 3d, SyncBatchNorm) with running
+    statistics not excluded becomes per-task non-affine BN (``include`` selects the masked layers
+    only; with ``"keep"``, a pretrained affine γ, β is kept frozen after it); one without running
+    statistics is stateless and stays; an InstanceNorm with running statistics stays, with a warning.
     mask_fn / density: ``"threshold"`` (scores >= 0) or ``"topk"`` (edge-popup, keep ``density``).
     inplace: convert ``module`` itself instead of a deep copy. freeze_others: the parameters left
     (unconverted layers) stop requiring grad, so only the task's scores are ever trained.
@@ -121,7 +126,7 @@ def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Itera
         raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
     include_s, exclude_s = _selectors("include", include), _selectors("exclude", exclude)
     model = module if inplace else copy.deepcopy(module)
-    plan, skipped = [], []
+    plan, skipped, unmasked, shared_stats = [], [], [], []
     for name, m in model.named_modules():  # each module once, at its first name (as torch lists it)
         if type(m) in (nn.Linear, nn.Conv2d):
             if (not include_s or _matches(name, m, include_s)) and not _matches(name, m, exclude_s):
@@ -129,8 +134,18 @@ def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Itera
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
             if (not include_s or _matches(name, m, include_s)) and not _matches(name, m, exclude_s):
                 skipped.append(f"{name} ({type(m).__name__})")
-        elif batchnorm and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not _matches(name, m, exclude_s):
-            plan.append((name, "bn", m))
+        elif isinstance(m, nn.modules.conv._ConvNd):  # Conv1d, Conv3d, transposed convolutions
+            if (not include_s or _matches(name, m, include_s)) and not _matches(name, m, exclude_s):
+                unmasked.append(f"{name} ({type(m).__name__})")
+        elif isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            # BatchNorm1d/2d/3d and SyncBatchNorm keep per-task statistics (the official code's issue #11:
+            # shared ones move with every task trained); a BN without running statistics is stateless.
+            if not batchnorm or _matches(name, m, exclude_s):
+                continue
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.modules.lazy.LazyModuleMixin):
+                plan.append((name, "bn", m))
+            else:  # InstanceNorm with running statistics, a lazy BN before its first forward
+                shared_stats.append(f"{name} ({type(m).__name__})")
     if not any(kind == "mask" for _, kind, _ in plan):
         raise ValueError("no nn.Linear / nn.Conv2d layer matched include/exclude: nothing to convert")
     if any(name == "" for name, _, _ in plan):
@@ -138,13 +153,22 @@ def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Itera
     if skipped:  # a subclass may be read by its owner without its forward (MultiheadAttention's out_proj)
         warnings.warn(f"convert leaves {len(skipped)} subclass(es) of nn.Linear / nn.Conv2d as they are (frozen, "
                       f"unmasked): {', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''}", stacklevel=2)
+    if unmasked:
+        warnings.warn(f"convert masks nn.Linear and nn.Conv2d layers only; {len(unmasked)} other convolution(s) stay as "
+                      f"they are (frozen, unmasked): {', '.join(unmasked[:8])}{' ...' if len(unmasked) > 8 else ''}",
+                      stacklevel=2)
+    if shared_stats:
+        warnings.warn(f"{len(shared_stats)} normalisation layer(s) with running statistics stay as they are, their "
+                      f"statistics shared by every task (each task's training moves them): "
+                      f"{', '.join(shared_stats[:8])}{' ...' if len(shared_stats) > 8 else ''}; convert a lazy "
+                      f"BatchNorm after a first forward", stacklevel=2)
     index, replaced = 0, {}
     for name, kind, m in plan:
         if kind == "mask":
             replaced[id(m)] = _mask_layer(name, m, weights, seed + index, mask_fn, density)
             index += 1
         else:
-            replaced[id(m)] = _task_bn(m, weights)
+            replaced[id(m)] = _task_bn(name, m, weights)
         replaced[id(m)].train(m.training)  # a model converted in eval() stays in eval()
     # A module registered under several names (a weight-tied layer) becomes one new module at all of them.
     for name, m in list(model.named_modules(remove_duplicate=False)):

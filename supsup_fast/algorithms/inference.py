@@ -122,16 +122,22 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
     Outside this package's plain MLP the layers' inputs and outputs are recorded by forward hooks and
     the gradient is taken at each layer's output as its hooks leave it: a hook may all-reduce it (the
     sharded bank's does), not otherwise transform it."""
+    _check_rank1(model)  # what the model is, before what the query holds
     k = _check_query(model, xs, "xs")
     return _alpha_gradients_batched(model, k, xs, objective, num_labels, max_chunk_bytes)
 
 
-def _alpha_gradients_batched(model: nn.Module, k: int, xs: torch.Tensor, objective: str, num_labels: int,
-                             max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
+def _check_rank1(model: nn.Module) -> dict:
     layers = supermask_layers(model)
     if not _rank1_model(model, layers):
         raise ValueError("batched task inference needs a model of SupermaskLinear layers without BatchNorm "
                          "(an MLP such as fc1024 or lenet)")
+    return layers
+
+
+def _alpha_gradients_batched(model: nn.Module, k: int, xs: torch.Tensor, objective: str, num_labels: int,
+                             max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    layers = _check_rank1(model)
     if _plain_mlp(model):
         return _mlp_alpha_gradients(model, k, xs, objective, num_labels, max_chunk_bytes)
     return _rank1_alpha_gradients(model, layers, k, xs, objective, num_labels, max_chunk_bytes)

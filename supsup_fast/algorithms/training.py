@@ -2,9 +2,10 @@
 the optimiser; weights and finished masks are never touched."""
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from ..data.tasks import TaskSplit
 from .. import ops
 from ..models import MLP
 from ..nn import (InBackwardAdam, InBackwardOptimizer, InBackwardRMSprop, Train, begin_task, finish_task,
-                  fused_step_unsupported, task_parameters)
+                  fused_step_unsupported, supermask_layers, task_parameters)
 from ..optim import FusedRMSprop
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
@@ -63,16 +64,37 @@ def make_optimizer(params: List[nn.Parameter], s: TrainSettings) -> torch.optim.
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {s.optimizer!r}")
 
 
-def make_task_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+def make_task_optimizer(model: nn.Module, s: TrainSettings, sample: Optional[torch.Tensor] = None) -> torch.optim.Optimizer:
     """The optimiser of the task being trained in ``model``: for RMSprop and Adam the fused
     in-backward one (nn.fused_step, the same rule as :func:`make_optimizer`'s) where
-    ``s.fused_step`` is set and the layers allow it, else :func:`make_optimizer` over the scores."""
-    if s.fused_step and fused_step_unsupported(model) is None:
+    ``s.fused_step`` is set and the layers allow it, else :func:`make_optimizer` over the scores.
+    ``sample``, a batch of inputs, shows a layer run more than once a forward (weight tying), which
+    the fused step cannot train (each use's backward would apply its own update): then the plain one."""
+    if s.fused_step and fused_step_unsupported(model) is None and s.optimizer in ("rmsprop", "adam") \
+            and (sample is None or not layers_run_twice(model, sample)):
         if s.optimizer == "rmsprop":
             return InBackwardRMSprop(model, lr=s.lr, weight_decay=s.weight_decay)
         if s.optimizer == "adam":
             return InBackwardAdam(model, lr=s.lr, weight_decay=s.weight_decay)
     return make_optimizer(task_parameters(model), s)
+
+
+def layers_run_twice(model: nn.Module, x: torch.Tensor) -> List[str]:
+    """The names of the layers being trained that one forward of ``x`` runs more than once (eval
+    mode, no gradient: no statistics move)."""
+    calls: Dict[str, int] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+             for name, m in supermask_layers(model).items() if m.scores is not None]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [name for name, c in calls.items() if c > 1]
 
 
 def warmup_cosine_factor(epoch: int, epochs: int, warmup: int) -> float:
@@ -101,7 +123,13 @@ def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, d
         raise ValueError("split (the task's training data) is empty; a mask needs at least one batch to train on")
     begin_task(model, init_scores=init_scores, generator=generator)
     model.train()
-    opt = make_task_optimizer(model, settings)
+    # The first batch, drawn as the loop would draw it: a model other than MLP may run a layer twice
+    # a forward (weight tying), which make_task_optimizer tells from it.
+    first_epoch = split.batches(settings.batch_size, shuffle=True, generator=generator)
+    first = next(first_epoch)
+    first_epoch = itertools.chain([first], first_epoch)
+    sample = None if type(model) is MLP else first[0][:2].to(device)
+    opt = make_task_optimizer(model, settings, sample)
 
     def batch_loss(xb, yb):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -110,7 +138,7 @@ def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, d
 
     try:
         one_step = mlp_step_without_autograd(model, opt, device) or backprop_step(opt, batch_loss)
-        step, last_loss = run_steps(split, settings, opt, one_step, generator, on_step)
+        step, last_loss = run_steps(split, settings, opt, one_step, generator, on_step, first_epoch)
     finally:
         if isinstance(opt, InBackwardOptimizer):
             opt.close()
@@ -185,15 +213,19 @@ def mlp_step_without_autograd(model: nn.Module, opt: torch.optim.Optimizer, devi
 
 
 def run_steps(split: TaskSplit, settings: TrainSettings, opt: torch.optim.Optimizer, one_step: Step,
-              generator: Optional[torch.Generator], on_step: Optional[Callable[[int, float], None]]) -> tuple:
+              generator: Optional[torch.Generator], on_step: Optional[Callable[[int, float], None]],
+              first_epoch: Optional[Iterator] = None) -> tuple:
     """The optimisation loop of one task: ``settings.iters`` steps (or ``settings.epochs`` epochs)
     over shuffled batches, the scheduler (of ``opt``) stepped per epoch. ``one_step(x, y)`` makes
-    one optimisation step and returns the loss to report. Returns (steps, last reported loss)."""
+    one optimisation step and returns the loss to report. ``first_epoch``: the first epoch's
+    batches where the caller has begun drawing them. Returns (steps, last reported loss)."""
     sched = make_scheduler(opt, settings)
     step, last_loss = 0, float("nan")
     limit = settings.iters if settings.iters is not None else math.inf
-    for _ in range(settings.epochs):
-        for xb, yb in split.batches(settings.batch_size, shuffle=True, generator=generator):
+    for epoch in range(settings.epochs):
+        batches = first_epoch if epoch == 0 and first_epoch is not None else \
+            split.batches(settings.batch_size, shuffle=True, generator=generator)
+        for xb, yb in batches:
             if step >= limit:
                 break
             last_loss = one_step(xb, yb)

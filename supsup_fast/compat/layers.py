@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import ops
 from ..nn.bank import MaskBank
+from ..nn.layers import autocast_enabled_for
 from ..nn.masks import mask_from_scores, masked_weight_from_scores, score_init_bound
 from .scores import ScoreList, ScoreStream
 from .settings import resolve_num_tasks, resolve_sparsity
@@ -210,6 +211,12 @@ class MultitaskMaskMixin:
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch._C._is_any_autocast_enabled() and autocast_enabled_for(x):  # an fp32 op, as SupermaskLayer
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.to(self.weight.dtype) if x.is_floating_point() else x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._task is None:
             raise RuntimeError("no task set: call set_model_task(model, t) (or set layer.task) first")
         if self._task >= 0:

@@ -88,8 +88,10 @@ class _FusedThresholdStep(torch.autograd.Function):
         layer, state = ctx.layer, ctx.state
         if state.generation != ctx.generation:
             raise RuntimeError("fused training step: the masked weight changed after this forward (another backward "
-                               "updated the scores, or they were edited); run one backward per forward, in order "
-                               "(or train with a plain optimiser)")
+                               "updated the scores, or they were edited); run one backward per forward, in order. "
+                               "A layer run twice in one forward (weight tying) cannot take the fused step: train "
+                               "it with a plain optimiser over snn.task_parameters(model) (algorithms.train_task "
+                               "does so itself)")
         dx, dw = layer._dense_grads(grad, x, state.masked_weight, need_input=ctx.needs_input_grad[0])
         state.apply(ctx.scores, layer.weight, dw)
         return dx, None, None, None

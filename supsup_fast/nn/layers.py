@@ -24,6 +24,11 @@ from .modes import Mode, OneTask, Superposition, Train, check_uniform_alpha, tas
 
 
 
+def autocast_enabled_for(x) -> bool:
+    """Whether autocast is on for ``x``'s device (cpu or cuda; others have no autocast here)."""
+    return isinstance(x, torch.Tensor) and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+
+
 class SupermaskLayer(CountCaches, nn.Module):
     """Shared state and logic of SupermaskLinear (nn/linear.py) and SupermaskConv2d (nn/conv.py)."""
 
@@ -71,7 +76,13 @@ class SupermaskLayer(CountCaches, nn.Module):
         """Fresh scores for a new task: kaiming-uniform, as the official code's score init."""
         bound = score_init_bound(self.fan_in)
         s = torch.rand(self.weight.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
-        return s.to(self.weight.device)
+        return s.to(self.weight.device, self.score_dtype)
+
+    @property
+    def score_dtype(self) -> torch.dtype:
+        """float64 for a float64 layer (its score gradient in its precision), else float32 (scores in
+        bf16 or fp16 would lose RMSprop's small steps)."""
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
 
     def begin_task(self, init_scores: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> None:
         """Create float scores for a new task (kaiming-uniform, or ``init_scores``) and enter train mode."""
@@ -80,7 +91,7 @@ class SupermaskLayer(CountCaches, nn.Module):
         else:
             if tuple(init_scores.shape) != tuple(self.weight.shape):
                 raise ValueError(f"init_scores must have shape {tuple(self.weight.shape)}, got {tuple(init_scores.shape)}")
-            s = init_scores.detach().clone().float()
+            s = init_scores.detach().clone().to(self.score_dtype)
         self.train_scores(nn.Parameter(s.to(self.weight.device)))
 
     def train_scores(self, scores: nn.Parameter) -> None:
@@ -99,7 +110,7 @@ class SupermaskLayer(CountCaches, nn.Module):
             raise ValueError(f"task must be in [0, {self.num_tasks}) (tasks learned), got {task}")
         m = 0.5 * score_init_bound(self.fan_in) if magnitude is None else float(magnitude)
         bits = ops.unpack_bits(self.bank.words[task], self.n).view_as(self.weight)
-        return (bits.float() * 2 - 1) * m
+        return (bits.to(self.score_dtype) * 2 - 1) * m
 
     def current_mask(self) -> torch.Tensor:
         if self.scores is None:
@@ -210,6 +221,15 @@ class SupermaskLayer(CountCaches, nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch._C._is_any_autocast_enabled() and autocast_enabled_for(x):
+            # The bit kernels compute in the weight's dtype: under autocast the layer is an fp32 op
+            # (as autocast's fp32 list), its input cast up and its output, gradients and saved
+            # tensors all of one dtype (a bf16 output met fp32 saved tensors in the backward).
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.to(self.weight.dtype) if x.is_floating_point() else x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         mode = self._mode
         if isinstance(mode, Train):

@@ -72,8 +72,8 @@ def test_bad_arguments():
         ss.convert(SmallCNN(), include=[3])
     with pytest.raises(ValueError, match="nothing to convert"):
         ss.convert(SmallCNN(), include=["nope.*"])
-    with pytest.raises(ValueError, match="padding_mode"):
-        ss.convert(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")))
+    with pytest.raises(ValueError, match="layer '0': padding='same' with an even effective kernel"):
+        ss.convert(nn.Sequential(nn.Conv2d(1, 2, 2, padding="same")))
     with pytest.raises(ValueError, match="single layer"):
         ss.convert(nn.Linear(3, 4))
 
@@ -145,3 +145,72 @@ def test_a_tied_layer_stays_one_layer_and_subclasses_are_named():
     with pytest.warns(UserWarning, match=r"leaves 1 subclass\(es\) of nn.Linear / nn.Conv2d as they are .*: 1 \(Sub\)"):
         mixed = ss.convert(nn.Sequential(nn.Linear(8, 8), Sub(8, 8)))
     assert isinstance(mixed[0], snn.SupermaskLinear) and type(mixed[1]) is Sub
+
+
+class _TiedConv(nn.Module):
+    """One conv run twice a forward (weight tying), between per-task BatchNorms."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.shared, self.bn = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = F.relu(self.shared(F.relu(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(self.bn(self.shared(h)), 1).flatten(1))
+
+
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
+def test_train_task_trains_a_layer_run_twice_with_the_plain_step(optimizer):
+    """The fused in-backward step applies a layer's update in its backward, which a second use of
+    the layer in the same forward cannot take (its backward was refused): train_task sees the layer
+    run twice in the first batch and trains with the plain optimiser, the same masks as fused_step=False."""
+    from supsup_fast.algorithms import TrainSettings, train_task
+    from supsup_fast.data.tasks import TaskSplit
+    g = torch.Generator().manual_seed(0)
+    split = TaskSplit(torch.randn(24, 3, 6, 6, generator=g), torch.randint(0, 4, (24,), generator=g))
+    models = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = ss.convert(_TiedConv())
+        train_task(model, split, TrainSettings(iters=5, batch_size=8, lr=1e-2, optimizer=optimizer, fused_step=fused),
+                   device=torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+        models.append(model)
+    for name, layer in snn.supermask_layers(models[0]).items():
+        assert torch.equal(layer.bank.words, snn.supermask_layers(models[1])[name].bank.words), name
+    # the fused optimiser itself says what to do
+    model = ss.convert(_TiedConv())
+    snn.begin_task(model)
+    snn.InBackwardRMSprop(model, lr=1e-2)
+    with pytest.raises(RuntimeError, match="weight tying"):
+        F.cross_entropy(model(split.x[:8]), split.y[:8]).backward()
+
+
+def test_every_batchnorm_with_running_statistics_becomes_per_task_and_the_rest_is_named():
+    """SyncBatchNorm (what convert_sync_batchnorm makes) and BatchNorm3d keep per-task statistics as
+    BatchNorm1d/2d do (shared ones moved with every task trained: the official code's issue #11); a
+    BN without running statistics is stateless and stays; what stays with shared statistics, or
+    unmasked, is named in a warning."""
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.SyncBatchNorm(4), nn.BatchNorm2d(4, track_running_stats=False),
+                        nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    model = ss.convert(net)
+    assert isinstance(model[1][0], snn.MultitaskBatchNorm) and type(model[2]) is nn.BatchNorm2d  # [1][1]: γ, β kept
+    x = torch.randn(6, 2, 6, 6)
+    outputs = []
+    for t in range(2):
+        snn.begin_task(model, generator=torch.Generator().manual_seed(t))
+        model.train()
+        model(x + 3 * t)  # moves the task's own statistics only
+        snn.finish_task(model)
+        model.eval()
+        snn.set_task(model, 0)
+        outputs.append(model(x))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    three_d = ss.convert(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm3d(2)), weights="signed_constant")
+    assert isinstance(three_d[1], snn.MultitaskBatchNorm)
+    with pytest.warns(UserWarning, match=r"other convolution\(s\) stay as they are .*c1 \(Conv1d\)"):
+        ss.convert(nn.ModuleDict({"l": nn.Linear(3, 3), "c1": nn.Conv1d(2, 2, 1)}))
+    with pytest.warns(UserWarning, match=r"statistics shared by every task .*norm \(InstanceNorm2d\)"):
+        ss.convert(nn.ModuleDict({"l": nn.Linear(3, 3), "norm": nn.InstanceNorm2d(3, track_running_stats=True)}))
+    with pytest.warns(UserWarning, match=r"momentum=None .* momentum 0.1"):
+        ss.convert(nn.ModuleDict({"l": nn.Linear(3, 3), "bn": nn.BatchNorm1d(3, momentum=None)}))
