@@ -222,10 +222,6 @@ def report() -> str:
               "GNu FC1024 s=500 H 0.9625 (task inference 1.000); G 0.9625; GNs 0.9625; LeNet s=100 G 0.9370; "
               "RotatedMNIST binary 10 tasks 0.9620; GG SplitMNIST 0.9959; GG PermutedMNIST FC1024 0.9653 — commands in the README.",
               "", "## Not run here", "",
-              "- NNs to 2,500 true tasks (Fig 4; the run above stopped part way): NNs trains each true task "
-              "data-parallel only (its masks depend on the tasks before), about 2–4 s per true task here, so 1.5–3 h of "
-              "training plus about 45 min of evaluations; preset `configs/nns_permuted_lenet_2500.yaml`. "
-              "(GNu LeNet at 2,500 tasks and FC1024 at 250 tasks are finished, above.)",
               "- SplitCIFAR100 / SplitImageNet (no copies of those datasets on this machine): smoke runs on fake data "
               "in the real formats only; see the README for CPU time per epoch and bytes per task.",
               "", "![accuracy vs tasks](reproduction.png)", ""]
