@@ -13,7 +13,9 @@ from ..bits import num_words
 class TaskRows(nn.Module):
     """A ``[k, *row_shape]`` tensor that grows by one row per task without copying all previous
     rows each time: the buffer's capacity doubles when full, so appending k tasks costs O(k) row
-    copies in total. ``rows`` is a view of the first ``k`` rows.
+    copies in total. ``rows`` is a view of the first ``k`` rows. The spare capacity is allocated
+    uninitialised, so it holds address space, not memory, until rows are written there; a copy
+    (``copy.deepcopy``, pickle) holds the k rows only.
 
     ``state_dict()`` holds the k rows (``{prefix}rows``, not the spare capacity) and
     ``load_state_dict`` restores them, k included, refusing rows of another shape or dtype;
@@ -82,7 +84,9 @@ class TaskRows(nn.Module):
             return
         new_cap = max(capacity, 2 * self.storage.shape[0], 1)
         with torch.inference_mode(False):  # grown under inference_mode, the bank must stay writable after it
-            grown = torch.zeros(new_cap, *self.row_shape, dtype=self.storage.dtype, device=self.storage.device)
+            # empty, not zeros: the spare rows stay untouched address space (not resident) until a task
+            # is written there; nothing reads past count, and copies and files hold the rows only.
+            grown = torch.empty(new_cap, *self.row_shape, dtype=self.storage.dtype, device=self.storage.device)
             grown[: self.count] = self.storage[: self.count]
         self.storage = grown
         self._kept_row = None  # it holds the old storage
@@ -115,9 +119,10 @@ class TaskRows(nn.Module):
         self._kept_row = None
         return super()._apply(fn, recurse)
 
-    def __getstate__(self):  # copy.deepcopy and pickle: a copy does not carry the kept view
+    def __getstate__(self):  # copy.deepcopy and pickle: the rows without the spare capacity or the kept view
         state = dict(super().__getstate__())
         state["_kept_row"] = None
+        state["_buffers"] = {**state["_buffers"], "storage": self.storage[: self.count].clone()}
         return state
 
     def __setstate__(self, state):  # a pickle from before the kept view

@@ -298,3 +298,15 @@ def test_a_float64_layer_trains_float64_scores(rng):
     snn.finish_task(layer)
     assert layer.scores_from_bits(0).dtype == torch.float64
     assert snn.SupermaskLinear(3, 2, dtype=torch.bfloat16).initial_scores().dtype == torch.float32
+
+
+def test_a_copy_or_pickle_of_a_grown_bank_holds_its_rows_only():
+    """Tasks appended one at a time double the storage when full; the spare rows are address space
+    (uninitialised, never read), and a deepcopy or a pickle holds the k rows alone."""
+    layer = trained(snn.SupermaskLinear(40, 9), tasks=5)
+    assert layer.bank.storage.shape[0] == 8 and layer.bank.count == 5
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert copied.bank.storage.shape[0] == 5
+        assert torch.equal(copied.bank.words, layer.bank.words)
+        trained(copied, tasks=1, seed=7)  # and grows again
+        assert copied.bank.count == 6 and torch.equal(copied.bank.words[:5], layer.bank.words)
