@@ -587,3 +587,26 @@ def test_an_official_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
     sd["0.scores.1"] = torch.zeros(30, 21)
     with pytest.raises(ValueError, match=r"0.scores.1: \(30, 21\) in the checkpoint, \(30, 20\) in the model"):
         compat.load_official_checkpoint(target, sd)
+
+
+def test_compat_layers_run_as_fp32_ops_under_autocast():
+    """As the package's own layers: under torch.autocast the input is cast up and forward and
+    backward stay in the weight's dtype (the superposed backward met a bf16 output otherwise)."""
+    m = compat.MultitaskMaskLinear(12, 5, num_tasks=2, bias=False)
+    for t in range(2):
+        compat.set_model_task(m, t, verbose=False)
+        m(torch.randn(3, 12)).sum().backward()
+    compat.cache_masks(m)
+    compat.set_num_tasks_learned(m, 2)
+    x = torch.randn(33, 12).bfloat16()
+    results = []
+    for autocast in (True, False):
+        alphas = torch.full((2, 1, 1), 0.5, requires_grad=True)
+        compat.set_model_task(m, -1, verbose=False)
+        compat.set_alphas(m, alphas, verbose=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = m(x if autocast else x.float())
+        results.append((y, *torch.autograd.grad(y.square().sum(), alphas)))
+    assert results[0][0].dtype == torch.float32
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
