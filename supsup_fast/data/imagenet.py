@@ -99,20 +99,22 @@ def to_tensor(img) -> torch.Tensor:
 def train_transform(img, size: int, gen: torch.Generator) -> torch.Tensor:
     from PIL import Image
     left, top, w, h = random_resized_crop_box(img.width, img.height, gen)
-    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)  # as F.resized_crop
     if bool(torch.rand(1, generator=gen) < 0.5):
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return to_tensor(img)
 
 
 def eval_transform(img, size: int) -> torch.Tensor:
-    """Resize the short side to size·256/224, then centre-crop size×size (Resize(256) + CenterCrop(224))."""
+    """Resize the short side to size·256/224, then centre-crop size×size (Resize(256) + CenterCrop(224)),
+    with torchvision's arithmetic: the long side truncated, the crop's offsets rounded."""
     from PIL import Image
-    short = int(round(size * 256 / 224))
-    scale = short / min(img.width, img.height)
-    w, h = max(size, int(round(img.width * scale))), max(size, int(round(img.height * scale)))
+    target = int(round(size * 256 / 224))
+    short, long = sorted((img.width, img.height))
+    new_long = int(target * long / short)
+    w, h = (target, new_long) if img.width <= img.height else (new_long, target)
     img = img.resize((w, h), Image.BILINEAR)
-    left, top = (w - size) // 2, (h - size) // 2
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
     return to_tensor(img.crop((left, top, left + size, top + size)))
 
 
@@ -153,9 +155,13 @@ class ImageFileSplit:
                 yield torch.stack(xs), self.y[idx]
 
 
+SPLIT_SEED = 1  # the official loader's np.random.seed(1), whatever the run's seed
+
+
 class SplitImageNet:
-    """100 tasks of 10 classes: the sorted class folders permuted with ``np.random.seed(seed)`` (seed 1
-    in the paper), task t gets classes perm[10t:10t+10] with labels 0..9 in that order."""
+    """100 tasks of 10 classes: the sorted class folders permuted with ``np.random.seed(1)`` (the
+    official loader's fixed seed; the run's ``seed`` drives the augmentation), task t gets classes
+    perm[10t:10t+10] with labels 0..9 in that order."""
     name = "split-imagenet"
     num_labels = CLASSES_PER_TASK
 
@@ -168,7 +174,7 @@ class SplitImageNet:
             raise ValueError(f"--image-size must be >= 8, got {image_size}")
         self.data, self.num_tasks, self.seed, self.image_size = data, num_tasks, seed, image_size
         self.input_shape = (3, image_size, image_size)
-        self.perm = np.random.RandomState(seed).permutation(len(data["classes"]))
+        self.perm = np.random.RandomState(SPLIT_SEED).permutation(len(data["classes"]))
 
     @property
     def source(self) -> str:

@@ -96,3 +96,23 @@ def test_splitimagenet_resnet50_smoke_run(tmp_path, fake_root):
     assert res["num_masks"] == 2 and len(res["per_task_accuracy"]) == 2
     assert 2 * 23_475_392 / 8 <= res["mask_bytes"] < 2 * 23_475_392 / 8 * 1.01  # one bit per weight (+ row padding)
     assert 0 < res["mask_entropy_bytes"] < res["mask_bytes"] and res["bn_bytes"] > 0
+
+
+@pytest.mark.parametrize("width,height", [(640, 427), (427, 640), (1000, 667), (259, 300), (301, 257), (500, 375)])
+def test_eval_transform_has_torchvisions_arithmetic(width, height):
+    """Resize(256): the long side int(256 · long / short), truncated; CenterCrop(224): offsets
+    int(round((size - 224) / 2)) (torchvision's; rounding the long side gave 384 for 383 at 640 × 427)."""
+    from PIL import Image
+    from supsup_fast.data.imagenet import to_tensor
+    img = Image.fromarray(np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    short, long = min(width, height), max(width, height)
+    w, h = (256, int(256 * long / short)) if width <= height else (int(256 * long / short), 256)
+    resized = img.resize((w, h), Image.BILINEAR)
+    left, top = int(round((w - 224) / 2.0)), int(round((h - 224) / 2.0))
+    assert torch.equal(eval_transform(img, 224), to_tensor(resized.crop((left, top, left + 224, top + 224))))
+
+
+def test_the_class_split_is_the_official_seed_1_whatever_the_runs_seed(fake_root):
+    one, two = load_benchmark("split-imagenet", 2, 1, fake_root, image_size=16), \
+        load_benchmark("split-imagenet", 2, 2, fake_root, image_size=16)
+    assert one.classes(0) == two.classes(0) and one.classes(1) == two.classes(1)
