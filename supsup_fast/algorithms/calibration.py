@@ -53,6 +53,11 @@ def alpha_scale(kind: str, baselines: Optional[Dict[str, torch.Tensor]], output_
         return None
     if baselines is None:
         raise ValueError(f"calibration {kind!r} needs the masks' baselines (mask_baselines)")
+    key = "entropy" if kind == "entropy" else "logit_norm"
+    bad = (~torch.isfinite(baselines[key])).nonzero().flatten().tolist()
+    if bad:  # a mask whose logits were not finite: its factor would decide every query's argmin
+        raise ValueError(f"calibration {kind!r}: the {key} baseline of mask(s) {bad[:8]} is not finite (their logits on "
+                         f"their own training images hold NaN or inf)")
     if kind == "entropy":
         size = (math.log(output_size) - baselines["entropy"]).clamp_min(1e-6).sqrt()
     else:

@@ -21,7 +21,7 @@ from ..data.tasks import TaskSplit
 from ..nn import num_tasks, set_task
 from ..ops.registry import backend_for
 from .calibration import CALIBRATIONS
-from .inference import METHODS, infer_oneshot_batched, infer_task, supports_batched
+from .inference import METHODS, check_scale, infer_oneshot_batched, infer_task, supports_batched
 from .objectives import OBJECTIVES
 
 SCENARIOS = ("GG", "GNs", "GNu", "NNs")
@@ -129,10 +129,7 @@ def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalS
             or not (0 <= expected < k or (settings.scenario == "NNs" and expected == -1)):
         raise ValueError(f"{name} must be an int in [0, {k}) for the model's {k} learned masks"
                          f"{' or -1 (no mask) under NNs' if settings.scenario == 'NNs' else ''}, got {expected!r}")
-    if alpha_scale is not None and (not isinstance(alpha_scale, torch.Tensor) or tuple(alpha_scale.shape) != (k,)):
-        raise ValueError(f"alpha_scale (the per-mask calibration factors) must be a tensor [k] with one factor per "
-                         f"learned task, k = {k}, got "
-                         f"{tuple(alpha_scale.shape) if isinstance(alpha_scale, torch.Tensor) else type(alpha_scale).__name__}")
+    check_scale(alpha_scale, k, "alpha_scale")
     if len(split) == 0:
         raise ValueError(f"split (task {task}'s test data) is empty; its accuracy would be 0 of 0")
     model.eval()

@@ -68,10 +68,15 @@ def _alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_label
     return grad
 
 
-def _check_scale(scale: Optional[torch.Tensor], k: int) -> None:
-    if scale is not None and (not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (k,)):
-        raise ValueError(f"scale (the per-mask calibration factors) must be a tensor [k] with one factor per learned "
+def check_scale(scale: Optional[torch.Tensor], k: int, name: str = "scale") -> None:
+    if scale is None:
+        return
+    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (k,):
+        raise ValueError(f"{name} (the per-mask calibration factors) must be a tensor [k] with one factor per learned "
                          f"task, k = {k}, got {tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__}")
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):  # NaN, inf, 0 or a sign flip would decide the argmin
+        raise ValueError(f"{name} (the per-mask calibration factors) must be finite and > 0, got values in "
+                         f"[{float(scale.min())}, {float(scale.max())}]{' with NaN' if bool(scale.isnan().any()) else ''}")
 
 
 def _uniform_alpha(model: nn.Module, k: int) -> torch.Tensor:
@@ -96,7 +101,7 @@ def infer_oneshot(model: nn.Module, x: torch.Tensor, objective: str = "entropy",
     """argminᵢ ∂f/∂αᵢ over the learned tasks (== argmax of -∇αH, paper Eq. 4); with ``scale`` [k],
     argminᵢ scaleᵢ · ∂f/∂αᵢ."""
     k = _check_query(model, x)
-    _check_scale(scale, k)
+    check_scale(scale, k)
     if k == 1:
         return 0
     return int(_scaled(_alpha_gradient(model, x, objective, num_labels), scale).argmin())
@@ -290,7 +295,7 @@ def infer_oneshot_batched(model: nn.Module, xs: torch.Tensor, objective: str = "
                           num_labels: int = 10, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One-shot task inference for q independent queries at once: LongTensor [q]."""
     k = _check_query(model, xs, "xs")
-    _check_scale(scale, k)
+    check_scale(scale, k)
     if k == 1:
         return torch.zeros(xs.shape[0], dtype=torch.long)
     return _scaled(_alpha_gradients_batched(model, k, xs, objective, num_labels), scale).argmin(1).cpu()
@@ -307,7 +312,7 @@ def infer_binary(model: nn.Module, x: torch.Tensor, objective: str = "entropy", 
             or log_base <= 1:
         raise ValueError(f"log_base must be a finite number > 1, got {log_base!r}")
     k = _check_query(model, x)
-    _check_scale(scale, k)
+    check_scale(scale, k)
     device = next(iter(model.buffers())).device
     good = torch.arange(k, device=device)
     grad = None

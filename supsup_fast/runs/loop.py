@@ -258,7 +258,9 @@ class Experiment:
         start = time.perf_counter()
         scale, baselines = None, None
         if self.eval_settings.calibration != "none":
-            baselines = mask_baselines(self.model, [self.tasks.train(t) for t in range(k)], self.device)
+            # each mask's own training images (--train-subset: the subset it was trained on)
+            baselines = mask_baselines(self.model, [train_subset(self.tasks.train(t), self.config.train_subset)
+                                                    for t in range(k)], self.device)
             scale = alpha_scale(self.eval_settings.calibration, baselines, self.output_size)
         if self.config.shard_bank and self.ctx.enabled and self.config.scenario != "NNs":
             per_task = self._evaluate_sharded(k, bar_desc)
