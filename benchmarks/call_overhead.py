@@ -62,7 +62,7 @@ def measure(n: int, rounds: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 1024], help="n of the n x n layers")
     p.add_argument("--rounds", type=int, default=15)
     a = p.parse_args()

@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "e.g. RUN/eval-GNs or RUN/eval-superfluous-binary); never the run's own folder")
     ev.add_argument("--no-progress", action="store_true")
     bench = sub.add_parser("bench", help="benchmark the ops against float-stack and dense baselines")
-    bench.add_argument("--out", default="benchmarks/results")
+    bench.add_argument("--out", default="benchmarks/results",
+                       help="folder for cpu-<backend>[-quick].{json,png} (default: benchmarks/results under the current folder)")
     bench.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     bench.add_argument("--backend", default="auto", help="backend to measure (reference, cpu, auto)")
     return parser

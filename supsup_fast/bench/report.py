@@ -25,6 +25,18 @@ def machine() -> dict:
     return info
 
 
+def stamp() -> dict:
+    """When, and from which commit of a git checkout (``unknown`` for an installed copy), a report ran."""
+    import datetime
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, check=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit}
+
+
 def run_report(out: Path, quick: bool = False, backend: str = "auto") -> dict:
     """Run every benchmark with ``backend`` and write ``cpu-<backend>[-quick].{json,png}`` to ``out``."""
     with use_backend(backend):
@@ -37,7 +49,7 @@ def _run_report(out: Path, quick: bool) -> dict:
         ks, fs_max, batches, mem_ks = [1, 10], 10, [1, 128], [1, 10, 100]
     else:
         ks, fs_max, batches, mem_ks = [1, 10, 50, 250, 2500], 250, [1, 16, 128, 1024, 8192], [1, 10, 100, 250, 1000, 2500]
-    report = {"machine": machine(), "quick": quick,
+    report = {"machine": machine(), **stamp(), "quick": quick,
               "alpha_gradient_fc1024_s500": bench_alpha_gradient(ks, fs_max),
               "single_task_forward_1024": bench_single_task_forward(batches),
               "training_step_fc1024_b128": bench_training_step(),
@@ -59,8 +71,12 @@ def report_title(info: dict) -> str:
             f"torch {info['torch']} ({info['torch_cpu_capability']})")
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
 def print_table(report: dict) -> None:
-    print(f"machine: {cpu_label(report['machine'])}; {report['machine']}")
+    print(f"machine: {report_title(report['machine'])}" + (f"; {report['date']}, commit {report['commit']}" if "date" in report else ""))
     print("alpha-gradient, FC1024 s=500, 1 image")
     for r in report["alpha_gradient_fc1024_s500"]:
         fs = f"float-stack {r['float_stack_s']*1e3:9.1f} ms  speed-up {r['speedup_vs_float_stack']:7.1f}x" if "float_stack_s" in r else "float-stack   (not run)"
@@ -71,7 +87,7 @@ def print_table(report: dict) -> None:
               f"   (op on a float weight: {r['op_vs_dense_speed']:.2f}x)")
     for e in report["gnu_evaluation"]:
         print(f"GNu evaluation {e['model']} s={e['output_size']} k={e['k']}: {e['seconds_per_batch']*1e3:.1f} ms per test batch, "
-              f"{e['seconds_per_task']:.2f} s per task, all {e['k']} tasks projected {e['projected_seconds_all_tasks']/60:.1f} min")
+              f"{e['seconds_per_task']:.2f} s per task, all {e['k']} tasks projected {_duration(e['projected_seconds_all_tasks'])}")
     t = report["training_step_fc1024_b128"]
     loop = f", in loops of {t['steps_per_sample']} steps" if "steps_per_sample" in t else ""
     print(f"training step FC1024 b128{loop}: ours {t['ours_s']*1e3:.1f} ms, plain-torch STE {t['plain_torch_ste_s']*1e3:.1f} ms "
