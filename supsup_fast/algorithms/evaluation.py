@@ -10,7 +10,6 @@ instead of the official code's O(k) batches that each touch k float masks.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -21,6 +20,7 @@ from ..data.tasks import TaskSplit
 from ..nn import num_tasks, set_task
 from ..ops.registry import backend_for
 from .calibration import CALIBRATIONS
+from .checks import check_finite, check_positive_int
 from .inference import METHODS, check_scale, infer_oneshot_batched, infer_task, supports_batched
 from .objectives import OBJECTIVES
 
@@ -47,12 +47,8 @@ class EvalSettings:
             if getattr(self, name) not in choices:
                 raise ValueError(f"EvalSettings.{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("infer_images", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"EvalSettings.{name} must be a positive int, got {v!r}")
-        v = self.log_base
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 1:
-            raise ValueError(f"EvalSettings.log_base must be a finite number > 1, got {v!r}")
+            check_positive_int(f"EvalSettings.{name}", getattr(self, name))
+        check_finite("EvalSettings.log_base", self.log_base, above=1.0)
 
 
 @dataclass

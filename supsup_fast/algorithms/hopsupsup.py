@@ -21,6 +21,7 @@ from torch import nn
 from ..data.tasks import TaskSplit
 from ..nn.hopfield import NeuronMaskBatchNorm
 from ..nn.masks import ste_mask
+from .checks import check_finite, check_positive_int
 from .objectives import entropy
 
 
@@ -38,19 +39,12 @@ class HopSettings:
     test_batch_size: int = 64
 
     def __post_init__(self):
-        import math
         for name in ("epochs", "batch_size", "test_batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"HopSupSup {name} must be a positive int, got {v!r}")
+            check_positive_int(f"HopSupSup {name}", getattr(self, name))
         for name in ("lr", "recovery_lr"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"HopSupSup {name} must be a finite number > 0, got {v!r}")
+            check_finite(f"HopSupSup {name}", getattr(self, name))
         for name in ("momentum", "weight_decay", "recovery_momentum", "recovery_weight_decay", "gamma"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"HopSupSup {name} must be a finite number >= 0, got {v!r}")
+            check_finite(f"HopSupSup {name}", getattr(self, name), inclusive=True)
 
 
 def mask_layers(model: nn.Module) -> List[NeuronMaskBatchNorm]:

@@ -13,6 +13,7 @@ from .. import ops
 from ..bits import num_words
 from ..models import MLP
 from ..nn import MultitaskBatchNorm, SupermaskLinear, num_tasks, superposition, supermask_layers
+from .checks import check_finite
 from .objectives import get_objective
 
 METHODS = ("oneshot", "binary")
@@ -21,9 +22,8 @@ METHODS = ("oneshot", "binary")
 def _check_query(model: nn.Module, x: torch.Tensor, name: str = "x") -> int:
     """The images a task is inferred from must be finite (a NaN image gives NaN gradients, whose
     argmin is task 0), and the model must have learned a task. Returns the task count."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{name} (the images to infer the task from) must be a floating-point tensor, "
-                        f"got {type(x).__name__}{' of dtype ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
+    if not isinstance(x, torch.Tensor):  # integer inputs pass: a converted model may begin with an nn.Embedding
+        raise TypeError(f"{name} (the images to infer the task from) must be a tensor, got {type(x).__name__}")
     if x.numel() == 0:
         raise ValueError(f"{name} (the images to infer the task from) is empty, shape {tuple(x.shape)}")
     if x.dim() < 2:
@@ -32,7 +32,7 @@ def _check_query(model: nn.Module, x: torch.Tensor, name: str = "x") -> int:
     if isinstance(model, MLP) and math.prod(x.shape[1:]) != model.layers[0].in_features:  # its forward flattens each image
         raise ValueError(f"{name} (the images to infer the task from) has {math.prod(x.shape[1:])} values per image, shape "
                          f"{tuple(x.shape)}; the model's first layer takes {model.layers[0].in_features}")
-    if not bool(torch.isfinite(x).all()):
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         what = "NaN" if bool(torch.isnan(x).any()) else "±inf"
         raise ValueError(f"{name} (the images to infer the task from) holds {what}; task inference needs finite inputs")
     k = num_tasks(model)
@@ -231,7 +231,7 @@ def _add_layer_alpha_gradients(out: torch.Tensor, layer, g: torch.Tensor, x_in: 
     chunk = max(1, max_chunk_bytes // max(1, w.numel() * w.element_size()))
     for j0 in range(0, q, chunk):
         j1 = min(q, j0 + chunk)
-        out[j0:j1] += ops.mask_dot_outer(layer.bank.words, g2[j0:j1], x2[j0:j1], w, bank_t).float()
+        out[j0:j1] += ops.mask_dot_outer(layer.bank.words, g2[j0:j1], x2[j0:j1], w, bank_t).to(out.dtype)
 
 
 def _read_transposed(kept: tuple, live_outputs: int, live_inputs: int, weight: torch.Tensor) -> bool:
@@ -308,9 +308,7 @@ def infer_binary(model: nn.Module, x: torch.Tensor, objective: str = "entropy", 
 
     The official loop stops after ⌊log₂ k⌋ + 1 rounds and then reports a stale index; here, if ties
     keep more than one task after that many rounds, the lowest gradient among them is returned."""
-    if isinstance(log_base, bool) or not isinstance(log_base, (int, float)) or not math.isfinite(log_base) \
-            or log_base <= 1:
-        raise ValueError(f"log_base must be a finite number > 1, got {log_base!r}")
+    check_finite("log_base", log_base, above=1.0)
     k = _check_query(model, x)
     check_scale(scale, k)
     device = next(iter(model.buffers())).device

@@ -29,6 +29,7 @@ from ..distributed import SINGLE, DistContext, all_reduce_mean_
 from ..nn import MultitaskBatchNorm, initial_scores, num_tasks, superposition, supermask_layers
 from ..nn.masks import mask_from_scores
 from .data_parallel import local_slice
+from .checks import check_finite, check_positive_int
 from .objectives import entropy
 from .training import TrainSettings, make_optimizer
 
@@ -43,10 +44,8 @@ class NNsSettings:
 
     def validate(self) -> "NNsSettings":
         for name in ("check_every", "min_superposed", "budget", "score_cache"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if not self.epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
+            check_positive_int(name, getattr(self, name))
+        check_finite("epsilon", self.epsilon, inclusive=True)
         return self
 
 

@@ -17,6 +17,7 @@ from ..models import MLP
 from ..nn import (InBackwardAdam, InBackwardOptimizer, InBackwardRMSprop, Train, begin_task, finish_task,
                   fused_step_unsupported, supermask_layers, task_parameters)
 from ..optim import FusedRMSprop
+from .checks import check_finite, check_positive_int
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 SCHEDULERS = ("none", "cosine", "cosine_warmup")
@@ -36,19 +37,20 @@ class TrainSettings:
     fused_step: bool = True              # RMSprop/Adam with threshold masks: the optimiser runs inside the backward
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "TrainSettings":
+        """Each setting in its range (also rechecked by :func:`train_task`: the fields can be reassigned)."""
         for name in ("epochs", "batch_size", "warmup_epochs") + (("iters",) if self.iters is not None else ()):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainSettings.{name} must be a positive int, got {v!r}")
-        for name, low in (("lr", "> 0"), ("weight_decay", ">= 0"), ("momentum", ">= 0")):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or not (v > 0 if low == "> 0" else v >= 0):
-                raise ValueError(f"TrainSettings.{name} must be a finite number {low}, got {v!r}")
+            check_positive_int(f"TrainSettings.{name}", getattr(self, name))
+        check_finite("TrainSettings.lr", self.lr)
+        for name in ("weight_decay", "momentum"):
+            check_finite(f"TrainSettings.{name}", getattr(self, name), inclusive=True)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainSettings.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"TrainSettings.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        return self
 
 
 def make_optimizer(params: List[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
@@ -117,8 +119,7 @@ def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, d
                generator: Optional[torch.Generator] = None, init_scores: Optional[Dict[str, torch.Tensor]] = None,
                on_step: Optional[Callable[[int, float], None]] = None) -> Dict[str, float]:
     """Learn one new mask on ``split`` and append it (packed) to every layer's bank."""
-    if settings.scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {settings.scheduler!r}")
+    settings.validate()
     if len(split) == 0:  # no step would be made, and an untrained mask appended as if learned
         raise ValueError("split (the task's training data) is empty; a mask needs at least one batch to train on")
     begin_task(model, init_scores=init_scores, generator=generator)

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import ops
 from ..nn.bank import MaskBank
-from ..nn.layers import autocast_enabled_for
+from ..nn.layers import autocast_enabled_for, outside_autocast
 from ..nn.masks import mask_from_scores, masked_weight_from_scores, score_init_bound
 from .scores import ScoreList, ScoreStream
 from .settings import resolve_num_tasks, resolve_sparsity
@@ -211,9 +211,11 @@ class MultitaskMaskMixin:
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch._C._is_any_autocast_enabled() and autocast_enabled_for(x):  # an fp32 op, as SupermaskLayer
-            with torch.autocast(x.device.type, enabled=False):
-                return self._forward(x.to(self.weight.dtype) if x.is_floating_point() else x)
+        # Under autocast, as SupermaskLayer: a task read from its float scores (training) keeps autocast's
+        # precision; the bits and the superposition run as fp32 ops.
+        if torch._C._is_any_autocast_enabled() and autocast_enabled_for(x) and \
+                not (self._task is not None and self._task >= 0 and self._task in self.scores):
+            return outside_autocast(self._forward, x, self.weight.dtype)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ class TaskRows(nn.Module):
     """A ``[k, *row_shape]`` tensor that grows by one row per task without copying all previous
     rows each time: the buffer's capacity doubles when full, so appending k tasks costs O(k) row
     copies in total. ``rows`` is a view of the first ``k`` rows. The spare capacity is allocated
-    uninitialised, so it holds address space, not memory, until rows are written there; a copy
+    uninitialised, so on the CPU it holds address space, not memory, until rows are written there; a copy
     (``copy.deepcopy``, pickle) holds the k rows only.
 
     ``state_dict()`` holds the k rows (``{prefix}rows``, not the spare capacity) and

@@ -29,6 +29,14 @@ def autocast_enabled_for(x) -> bool:
     return isinstance(x, torch.Tensor) and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
 
 
+def outside_autocast(forward, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``forward(x)`` as an op of autocast's fp32 list: autocast off, a floating x cast to ``dtype``
+    (the weight's). The bit kernels compute in the weight's dtype, so output, gradients and saved
+    tensors stay of one dtype (under autocast a bf16 output met fp32 saved tensors in the backward)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return forward(x.to(dtype) if x.is_floating_point() else x)
+
+
 class SupermaskLayer(CountCaches, nn.Module):
     """Shared state and logic of SupermaskLinear (nn/linear.py) and SupermaskConv2d (nn/conv.py)."""
 
@@ -221,12 +229,12 @@ class SupermaskLayer(CountCaches, nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch._C._is_any_autocast_enabled() and autocast_enabled_for(x):
-            # The bit kernels compute in the weight's dtype: under autocast the layer is an fp32 op
-            # (as autocast's fp32 list), its input cast up and its output, gradients and saved
-            # tensors all of one dtype (a bf16 output met fp32 saved tensors in the backward).
-            with torch.autocast(x.device.type, enabled=False):
-                return self._forward(x.to(self.weight.dtype) if x.is_floating_point() else x)
+        # Under autocast, one task, a superposition and the fused step read the bit kernels or run
+        # their own backward: fp32 ops. A plain training step (float weight, autograd) keeps
+        # autocast's precision, as nn.Linear / nn.Conv2d would.
+        if torch._C._is_any_autocast_enabled() and autocast_enabled_for(x) and \
+                not (isinstance(self._mode, Train) and self._mode.fused is None):
+            return outside_autocast(self._forward, x, self.weight.dtype)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ split (no step would train the mask appended as learned), a mask index past the 
 factors of the wrong length, and a bad query to alpha_gradient / alpha_gradients_batched."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,11 @@ def test_train_settings_out_of_range_are_refused(field, value):
     with pytest.raises(ValueError, match=rf"TrainSettings\.{field} must be"):
         TrainSettings(**{field: value})
     TrainSettings(iters=None)  # full epochs
+    TrainSettings(epochs=np.int64(2), batch_size=np.int32(8), lr=np.float32(0.1))  # numpy numbers are numbers
+    s = TrainSettings()
+    setattr(s, field, value)  # reassigned after construction: train_task checks again
+    with pytest.raises(ValueError, match=rf"TrainSettings\.{field} must be"):
+        train_task(build_model("lenet", 10, seed=1), _split(8), s, device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("field,value", [("scenario", "GX"), ("inference", "hopfield"), ("objective", "nll"),
@@ -43,6 +49,7 @@ def test_train_settings_out_of_range_are_refused(field, value):
 def test_eval_settings_out_of_range_are_refused(field, value):
     with pytest.raises(ValueError, match=rf"EvalSettings\.{field} must be"):
         EvalSettings(**{field: value})
+    EvalSettings(infer_images=np.int64(1), batch_size=np.int64(8), log_base=np.float64(2.0))
     s = EvalSettings()
     setattr(s, field, value)  # reassigned after construction: evaluate_task checks again
     with pytest.raises(ValueError, match=rf"EvalSettings\.{field} must be"):
@@ -98,9 +105,23 @@ def test_calibration_factors_of_the_wrong_length_are_refused(model):
 @pytest.mark.parametrize("bad,match", [(torch.full((1, 784), math.nan), "holds NaN"),
                                        (torch.zeros(0, 784), "is empty"),
                                        (torch.randn(1, 783), "has 783 values per image"),
-                                       (torch.ones(1, 784, dtype=torch.long), "floating-point tensor")])
+                                       ([[0.0] * 784], "must be a tensor")])
 def test_alpha_gradients_check_the_query_as_task_inference_does(model, bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         alpha_gradient(model, bad, "entropy", 10)
     with pytest.raises((ValueError, TypeError), match=match):
         alpha_gradients_batched(model, bad, "entropy", 10)
+
+
+def test_task_inference_takes_integer_inputs_of_a_model_that_embeds_them():
+    """A converted model that begins with an nn.Embedding infers tasks from token ids."""
+    import supsup_fast as ss
+    from torch import nn
+    net = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(8 * 4, 6))
+    model = ss.convert(net)
+    for t in range(3):
+        snn.begin_task(model, generator=torch.Generator().manual_seed(t))
+        snn.finish_task(model)
+    tokens = torch.randint(0, 50, (2, 4))
+    assert alpha_gradient(model, tokens, "entropy", 6).shape == (3,)
+    assert 0 <= infer_oneshot(model, tokens, num_labels=6) < 3

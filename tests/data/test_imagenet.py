@@ -98,18 +98,19 @@ def test_splitimagenet_resnet50_smoke_run(tmp_path, fake_root):
     assert 0 < res["mask_entropy_bytes"] < res["mask_bytes"] and res["bn_bytes"] > 0
 
 
-@pytest.mark.parametrize("width,height", [(640, 427), (427, 640), (1000, 667), (259, 300), (301, 257), (500, 375)])
-def test_eval_transform_has_torchvisions_arithmetic(width, height):
+@pytest.mark.parametrize("width,height,resized,offsets", [
+    (640, 427, (383, 256), (80, 16)), (427, 640, (256, 383), (16, 80)), (1000, 667, (383, 256), (80, 16)),
+    (259, 300, (256, 296), (16, 36)), (301, 257, (299, 256), (38, 16)), (500, 375, (341, 256), (58, 16))])
+def test_eval_transform_has_torchvisions_arithmetic(width, height, resized, offsets):
     """Resize(256): the long side int(256 · long / short), truncated; CenterCrop(224): offsets
-    int(round((size - 224) / 2)) (torchvision's; rounding the long side gave 384 for 383 at 640 × 427)."""
+    int(round((size - 224) / 2)), as torchvision computes them (pinned here; rounding the long side
+    gave 384 for 383 at 640 × 427)."""
     from PIL import Image
     from supsup_fast.data.imagenet import to_tensor
     img = Image.fromarray(np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8))
-    short, long = min(width, height), max(width, height)
-    w, h = (256, int(256 * long / short)) if width <= height else (int(256 * long / short), 256)
-    resized = img.resize((w, h), Image.BILINEAR)
-    left, top = int(round((w - 224) / 2.0)), int(round((h - 224) / 2.0))
-    assert torch.equal(eval_transform(img, 224), to_tensor(resized.crop((left, top, left + 224, top + 224))))
+    (left, top), (w, h) = offsets, resized
+    want = to_tensor(img.resize((w, h), Image.BILINEAR).crop((left, top, left + 224, top + 224)))
+    assert torch.equal(eval_transform(img, 224), want)
 
 
 def test_the_class_split_is_the_official_seed_1_whatever_the_runs_seed(fake_root):

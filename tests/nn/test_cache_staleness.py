@@ -167,13 +167,42 @@ def test_a_float64_alpha_on_a_float32_layer_stays_on_the_cpu_kernels(monkeypatch
     torch.testing.assert_close(alpha.grad.float(), a.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_a_float64_models_alpha_gradient_is_float64():
+def test_a_float64_models_alpha_gradients_are_float64_to_float64_accuracy():
+    """One query and a batch of queries, against autograd through S = Σ αᵢ Mᵢ built in float64."""
+    from supsup_fast.algorithms.inference import alpha_gradient, alpha_gradients_batched
+    from supsup_fast.algorithms.objectives import get_objective
     model = _learned(build_model("lenet", 10, seed=1), 3).double()
-    from supsup_fast.algorithms.inference import alpha_gradient
-    g = alpha_gradient(model, torch.randn(1, 784, dtype=torch.float64), "entropy", 10)
-    assert g.dtype == torch.float64
+    xs = torch.randn(3, 784, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def reference(x):
+        alpha = torch.full((3,), 1 / 3, dtype=torch.float64, requires_grad=True)
+        h = x
+        for i, layer in enumerate(model.layers):
+            h = F.linear(h, layer.weight * sum(alpha[t] * _mask(layer, t) for t in range(3)))
+            h = F.relu(h) if i < 2 else h
+        return torch.autograd.grad(get_objective("entropy")(h, 10), alpha)[0]
+    want = torch.stack([reference(xs[j:j + 1]) for j in range(3)])
+    one = alpha_gradient(model, xs[:1], "entropy", 10)
+    assert one.dtype == torch.float64
+    torch.testing.assert_close(one, want[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(alpha_gradients_batched(model, xs, "entropy", 10), want, rtol=1e-12, atol=1e-14)
 
 
 def test_compat_layers_keep_nn_modules_state_dict_version():
     ours, theirs = MultitaskMaskLinear(4, 3, num_tasks=2), torch.nn.Linear(4, 3)
     assert ours.state_dict()._metadata[""]["version"] == theirs.state_dict()._metadata[""]["version"]
+
+
+def test_a_compiled_uniform_superposition_sees_rows_written_through_the_bank():
+    """Under torch.compile the count is computed from the bank (a trace cannot test its state), so a
+    compiled forward agrees with eager after bank.set_row, as before it."""
+    torch.manual_seed(6)
+    layer, x = _learned(snn.SupermaskLinear(24, 10), 3), torch.randn(2, 24)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    alpha = torch.full((3,), 1 / 3)
+    with torch.no_grad(), snn.superposition(layer, alpha, uniform=True):
+        compiled(x)
+        layer(x)  # eager keeps a count
+        layer.bank.set_row(1, ss.pack_bits(torch.rand(10, 24) > 0.5))
+        torch.testing.assert_close(compiled(x), _uniform_reference(layer, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), _uniform_reference(layer, x), rtol=1e-5, atol=1e-5)

@@ -260,29 +260,40 @@ def test_a_float64_model_loads_its_own_mask_file(tmp_path):
 @pytest.mark.parametrize("make", [lambda: snn.SupermaskLinear(20, 7), lambda: snn.SupermaskConv2d(3, 4, 3, padding=1)],
                          ids=["linear", "conv"])
 @pytest.mark.parametrize("rows", [1, 33])
-def test_layers_run_as_fp32_ops_under_autocast(rng, make, rows):
-    """Under torch.autocast the layers compute as autocast's fp32 ops: the input cast up, one dtype
-    through forward and backward (a bf16 output met fp32 saved tensors in the superposed backward),
-    the results those of the same call outside autocast on the input rounded to bf16."""
+def test_layers_under_autocast(rng, make, rows):
+    """Under torch.autocast one task, a superposition and the fused training step run as autocast's
+    fp32 ops: the input cast up, one dtype through forward and backward (a bf16 output met fp32
+    saved tensors in the superposed and fused backwards), the results those of the same call outside
+    autocast on the input rounded to bf16. A plain training step keeps autocast's precision."""
     layer = trained(make(), tasks=2)
     shape = (rows, 20) if isinstance(layer, snn.SupermaskLinear) else (rows, 3, 5, 5)
     x = torch.randn(*shape, generator=rng).bfloat16().requires_grad_(True)
-    for mode in ("task", "superposition", "train"):
+    for mode in ("task", "superposition", "fused"):
         alpha = torch.tensor([0.25, 0.75], requires_grad=True)
         results = []
         for autocast in (True, False):
+            opt = None
             if mode == "task":
                 snn.set_task(layer, 1)
-            elif mode == "train":
+            elif mode == "fused":  # the in-backward optimiser updates the scores: compare one step's output and dx
                 snn.begin_task(layer, generator=torch.Generator().manual_seed(3))
+                opt = snn.InBackwardRMSprop(layer, lr=1e-3)
             ctx = snn.superposition(layer, alpha) if mode == "superposition" else contextlib.nullcontext()
             with ctx, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 y = layer(x if autocast else x.float())
-            wrt = [x] + ([alpha] if mode == "superposition" else []) + ([layer.scores] if mode == "train" else [])
+            wrt = [x] + ([alpha] if mode == "superposition" else [])
             results.append((y, *torch.autograd.grad(y.square().sum(), wrt)))
+            if opt is not None:
+                opt.close()
         assert results[0][0].dtype == torch.float32
         for got, want in zip(*results):
             torch.testing.assert_close(got.float(), want.float())
+    snn.begin_task(layer, generator=torch.Generator().manual_seed(4))  # the plain step
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert layer.scores.grad is not None and layer.scores.grad.dtype == torch.float32
 
 
 def test_a_float64_layer_trains_float64_scores(rng):
