@@ -14,6 +14,8 @@ scores). An untrained task starts from its official initial scores.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import List, Optional
 
@@ -215,10 +217,7 @@ class MultitaskMaskMixin:
         # precision; the bits and the superposition run as fp32 ops.
         if torch._C._is_any_autocast_enabled() and autocast_enabled_for(x) and \
                 not (self._task is not None and self._task >= 0 and self._task in self.scores):
-            return outside_autocast(self._forward, x, self.weight.dtype)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+            return outside_autocast(functools.partial(MultitaskMaskMixin.forward, self), x, self.weight.dtype)
         if self._task is None:
             raise RuntimeError("no task set: call set_model_task(model, t) (or set layer.task) first")
         if self._task >= 0:

@@ -62,12 +62,12 @@ class SupermaskConv2d(SupermaskLayer):
     def _conv_kwargs(self) -> dict:
         return dict(stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
             self._check_input(x)
             ph, pw = self.padding
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
-        return super()._forward(x)
+        return super().forward(x)
 
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:

@@ -6,6 +6,8 @@ by the helpers in :mod:`supsup_fast.nn.tasks`; the uniform superposition uses th
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Optional, Union
 
@@ -234,10 +236,7 @@ class SupermaskLayer(CountCaches, nn.Module):
         # autocast's precision, as nn.Linear / nn.Conv2d would.
         if torch._C._is_any_autocast_enabled() and autocast_enabled_for(x) and \
                 not (isinstance(self._mode, Train) and self._mode.fused is None):
-            return outside_autocast(self._forward, x, self.weight.dtype)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+            return outside_autocast(functools.partial(SupermaskLayer.forward, self), x, self.weight.dtype)
         self._check_input(x)
         mode = self._mode
         if isinstance(mode, Train):
