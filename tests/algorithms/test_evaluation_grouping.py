@@ -7,16 +7,6 @@ import supsup_fast.nn as snn
 from supsup_fast.algorithms import evaluation
 from supsup_fast.algorithms.evaluation import EvalSettings, _SameMaskBatches, evaluate_task
 from supsup_fast.data.tasks import TaskSplit
-from supsup_fast.models import build_model
-
-
-@pytest.fixture(scope="module")
-def model():
-    m = build_model("lenet", 10, seed=1)
-    for t in range(3):
-        snn.begin_task(m, generator=torch.Generator().manual_seed(t))
-        snn.finish_task(m)
-    return m.eval()
 
 
 def one_by_one(model, batches):

@@ -15,15 +15,6 @@ from supsup_fast.data.tasks import TaskSplit
 from supsup_fast.models import build_model
 
 
-@pytest.fixture(scope="module")
-def model():
-    m = build_model("lenet", 10, seed=1)
-    for t in range(3):
-        snn.begin_task(m, generator=torch.Generator().manual_seed(t))
-        snn.finish_task(m)
-    return m.eval()
-
-
 def _split(n: int) -> TaskSplit:
     g = torch.Generator().manual_seed(n)
     return TaskSplit(torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g))
