@@ -15,7 +15,6 @@ scores). An untrained task starts from its official initial scores.
 from __future__ import annotations
 
 import functools
-
 import math
 from typing import List, Optional
 

@@ -7,7 +7,6 @@ by the helpers in :mod:`supsup_fast.nn.tasks`; the uniform superposition uses th
 from __future__ import annotations
 
 import functools
-
 import math
 from typing import Optional, Union
 
