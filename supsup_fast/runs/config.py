@@ -150,7 +150,7 @@ class RunConfig:
             if given:
                 raise ValueError(f"--inference hopfield (HopSupSup) does not use {', '.join(given)}: it trains with SGD "
                                  f"and a cosine schedule over whole epochs (--epochs) and recovers each mask from its "
-                                 f"Hopfield network; drop them")
+                                 f"Hopfield network; drop {'it' if len(given) == 1 else 'them'}")
         if self.scenario == "NNs" and self.model not in ("fc1024", "lenet"):
             raise ValueError(f"--scenario NNs needs an MLP without per-task BN (fc1024 or lenet), got --model {self.model}")
         if self.scenario == "NNs" and self.transfer:
