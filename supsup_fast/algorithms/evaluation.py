@@ -18,6 +18,7 @@ from torch import nn
 
 from ..data.tasks import TaskSplit
 from ..nn import num_tasks, set_task
+from ..nn.modes import task_index
 from ..ops.registry import backend_for
 from .calibration import CALIBRATIONS
 from .checks import check_finite, check_positive_int
@@ -119,10 +120,10 @@ def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalS
         raise ValueError(f"calibration {settings.calibration!r} needs alpha_scale (algorithms.calibration.alpha_scale)")
     name = "task (the mask that counts as inferred correctly, as expected is not given)" if expected is None \
         else "expected (the mask that counts as inferred correctly)"
-    expected = task if expected is None else expected
+    task = task_index(task)  # numpy integers are indices; 1.5 is refused
+    expected = task if expected is None else task_index(expected)
     k = num_tasks(model)
-    if isinstance(expected, bool) or not isinstance(expected, int) \
-            or not (0 <= expected < k or (settings.scenario == "NNs" and expected == -1)):
+    if not (0 <= expected < k or (settings.scenario == "NNs" and expected == -1)):
         raise ValueError(f"{name} must be an int in [0, {k}) for the model's {k} learned masks"
                          f"{' or -1 (no mask) under NNs' if settings.scenario == 'NNs' else ''}, got {expected!r}")
     check_scale(alpha_scale, k, "alpha_scale")

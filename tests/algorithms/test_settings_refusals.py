@@ -65,6 +65,8 @@ def test_evaluating_a_task_past_the_bank_is_refused(model, scenario):
         evaluate_task(model, _split(16), 0, EvalSettings(scenario=scenario), device=cpu, num_labels=10, expected=-1)
     res = evaluate_task(model, _split(16), 2, EvalSettings(scenario=scenario, batch_size=8), device=cpu, num_labels=10)
     assert res.batches == 2
+    assert evaluate_task(model, _split(16), np.int64(2), EvalSettings(scenario=scenario, batch_size=8), device=cpu,
+                         num_labels=10).accuracy == res.accuracy  # a numpy index is an index
 
 
 def test_nns_evaluation_accepts_no_mask_but_not_past_the_bank(model):
