@@ -127,9 +127,9 @@ def alpha_gradients_batched(model: nn.Module, xs: torch.Tensor, objective: str =
     Outside this package's plain MLP the layers' inputs and outputs are recorded by forward hooks and
     the gradient is taken at each layer's output as its hooks leave it: a hook may all-reduce it (the
     sharded bank's does), not otherwise transform it."""
-    _check_rank1(model)  # what the model is, before what the query holds
+    layers = _check_rank1(model)  # what the model is, before what the query holds
     k = _check_query(model, xs, "xs")
-    return _alpha_gradients_batched(model, k, xs, objective, num_labels, max_chunk_bytes)
+    return _alpha_gradients_batched(model, layers, k, xs, objective, num_labels, max_chunk_bytes)
 
 
 def _check_rank1(model: nn.Module) -> dict:
@@ -140,9 +140,10 @@ def _check_rank1(model: nn.Module) -> dict:
     return layers
 
 
-def _alpha_gradients_batched(model: nn.Module, k: int, xs: torch.Tensor, objective: str, num_labels: int,
-                             max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
-    layers = _check_rank1(model)
+def _alpha_gradients_batched(model: nn.Module, layers: dict, k: int, xs: torch.Tensor, objective: str,
+                             num_labels: int, max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """:func:`alpha_gradients_batched` of a model :func:`_check_rank1` passed (``layers``, its
+    supermask layers) and a query :func:`_check_query` passed (``k`` tasks)."""
     if _plain_mlp(model):
         return _mlp_alpha_gradients(model, k, xs, objective, num_labels, max_chunk_bytes)
     return _rank1_alpha_gradients(model, layers, k, xs, objective, num_labels, max_chunk_bytes)
@@ -298,7 +299,8 @@ def infer_oneshot_batched(model: nn.Module, xs: torch.Tensor, objective: str = "
     check_scale(scale, k)
     if k == 1:
         return torch.zeros(xs.shape[0], dtype=torch.long)
-    return _scaled(_alpha_gradients_batched(model, k, xs, objective, num_labels), scale).argmin(1).cpu()
+    layers = _check_rank1(model)
+    return _scaled(_alpha_gradients_batched(model, layers, k, xs, objective, num_labels), scale).argmin(1).cpu()
 
 
 def infer_binary(model: nn.Module, x: torch.Tensor, objective: str = "entropy", num_labels: int = 10,

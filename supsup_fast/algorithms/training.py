@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -84,8 +85,8 @@ def make_task_optimizer(model: nn.Module, s: TrainSettings, sample: Optional[tor
 def layers_run_twice(model: nn.Module, x: torch.Tensor) -> List[str]:
     """The names of the layers being trained that one forward of ``x`` runs more than once (eval
     mode, no gradient: no statistics move)."""
-    calls: Dict[str, int] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    calls: Counter = Counter()
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: calls.update([name]))
              for name, m in supermask_layers(model).items() if m.scores is not None]
     was_training = model.training
     try:

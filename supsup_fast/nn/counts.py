@@ -15,15 +15,17 @@ def bank_state(bank) -> tuple:
     count, version, address). A row written through the bank or its ``words`` view bumps
     the version; a new storage fails the identity test even at a freed one's address. Writes
     through ``.data`` keep the version, and are not seen (as by the layers' other caches)."""
-    s = bank.storage
-    return (weakref.ref(s), (bank.count, ops.checks.tensor_version(s), s.data_ptr()))
+    s = bank._buffers["storage"]
+    return (weakref.ref(s), _storage_key(bank, s))
 
 
 def same_bank_state(saved, bank) -> bool:
     s = bank._buffers["storage"]  # not bank.storage: Module.__getattr__ costs a forward about 0.3 µs a layer
-    if saved is None or saved[0]() is not s:  # another storage (a .to() makes one)
-        return False
-    return saved[1] == (bank.count, ops.checks.tensor_version(s), s.data_ptr())
+    return saved is not None and saved[0]() is s and saved[1] == _storage_key(bank, s)  # is: a .to() makes another
+
+
+def _storage_key(bank, s: torch.Tensor) -> tuple:
+    return bank.count, ops.checks.tensor_version(s), s.data_ptr()
 
 
 class CountCaches:
