@@ -17,7 +17,9 @@ def _add_run_flags(p: argparse.ArgumentParser, preset: Optional[dict] = None) ->
     for setting in SETTINGS:  # one flag per run setting, typed and described where the setting is declared
         p.add_argument(setting.flag, **setting.argparse_kwargs(preset))
     p.add_argument("--out", default=None, help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out; settings that no flag or --config gives are the run's own "
+                        "(OUT/config.json)")
     p.add_argument("--retrain-corrupt", action="store_true",
                    help="with --resume: delete and retrain the tasks whose checkpoint is corrupt instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -78,12 +80,29 @@ def _then_shutdown(ctx, work: Callable[[], dict]) -> dict:
     return results
 
 
+def _interrupted_run_settings(out: Path, base: Optional[dict]) -> Optional[dict]:
+    """The settings ``out/config.json`` recorded, as the base of a resumed run (a folder without
+    one has nothing to resume: ``base`` stays). Its keys must be run settings."""
+    from .runs.config import FIELDS
+    from .runs.results import read_json
+    path = out / "config.json"
+    if not path.exists():
+        return base
+    saved = read_json(path, "run config", remedy="it is not a config.json this package wrote; pass --out of a run")
+    unknown = sorted(set(saved) - FIELDS)
+    if unknown:
+        raise ValueError(f"cannot resume {out}: its config.json holds settings this version does not know: {unknown}")
+    return saved
+
+
 def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") -> int:
     from .runs import run_experiment
     if getattr(args, "retrain_corrupt", False) and not args.resume:
         raise ValueError("--retrain-corrupt applies to a resumed run: pass --resume with it")
-    config = _config_from(args, base)
     out = Path(args.out or default_out)
+    if args.resume:
+        base = _interrupted_run_settings(out, base)
+    config = _config_from(args, base)
     ctx, config = _launch(config)
     results = _then_shutdown(ctx, lambda: run_experiment(config, out, resume=args.resume, progress=not args.no_progress,
                                                          ctx=ctx, retrain_corrupt=bool(getattr(args, "retrain_corrupt", False))))
@@ -175,7 +194,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
-        print("supsup-fast: interrupted; finished tasks are saved, continue with --resume", file=sys.stderr)
+        if args.command in ("run", "demo"):
+            out = f" --out {args.out}" if args.out else ""
+            print(f"supsup-fast: interrupted; finished tasks are saved, continue with "
+                  f"`supsup-fast {args.command}{out} --resume`", file=sys.stderr)
+        else:
+            print("supsup-fast: interrupted", file=sys.stderr)
         return 130
 
 

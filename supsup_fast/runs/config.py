@@ -413,7 +413,11 @@ def make_config(preset: Optional[dict] = None, overrides: Optional[dict] = None)
     tasks = overrides.get("tasks")
     if isinstance(tasks, int) and "eval_at" not in overrides and isinstance(values.get("eval_at"), list):
         # A preset's evaluation points past a smaller --tasks (e.g. a 2,500-task preset run for 10) are dropped.
-        values["eval_at"] = [p for p in values["eval_at"] if not isinstance(p, int) or p <= tasks]
+        kept = [p for p in values["eval_at"] if not isinstance(p, int) or p <= tasks]
+        if len(kept) < len(values["eval_at"]):
+            warnings.warn(f"--tasks {tasks} drops the preset's --eval-at points past it: "
+                          f"{[p for p in values['eval_at'] if p not in kept]}", stacklevel=2)
+        values["eval_at"] = kept
     values.update(overrides)
     unknown = sorted(set(values) - FIELDS)
     if unknown:

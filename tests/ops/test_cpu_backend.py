@@ -1,6 +1,8 @@
 """The C++ CPU backend's own paths (ISA levels, batch-size regimes, raw kernels) against the reference
 backend; the op contract on every backend is in test_contract.py."""
 import shutil
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -25,6 +27,16 @@ def test_cpu_backend_builds_and_is_auto_for_cpu():
     assert ss.backends.available().index("cpu") < ss.backends.available().index("reference")
     from supsup_fast.ops.backends.cpu import cpu_isa
     assert cpu_isa() in ("avx512", "avx2", "scalar")
+
+
+def test_a_built_extension_loads_without_the_compile_notice():
+    # The notice says a compile is under way: a process that loads the cached build stays quiet.
+    from supsup_fast.ops.backends.cpu import load_cpu_extension
+    how = load_cpu_extension()
+    res = subprocess.run([sys.executable, "-c", "from supsup_fast.ops.backends.cpu import load_cpu_extension; "
+                          "print(load_cpu_extension())"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip() == how, res.stderr
+    assert "compiling" not in res.stderr
 
 
 def both(fn):

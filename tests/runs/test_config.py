@@ -155,7 +155,8 @@ def test_a_yaml_file_that_is_not_utf8_is_named(tmp_path):
 def test_a_smaller_tasks_flag_drops_the_presets_later_evaluation_points():
     preset = load_yaml(CONFIGS / "gnu_permuted_lenet_250_h.yaml")
     assert max(preset["eval_at"]) > 2
-    config = make_config(preset, {"tasks": 2, "iters": 3})
+    with pytest.warns(UserWarning, match=r"--tasks 2 drops the preset's --eval-at points past it: \[10, 50, 100, 150, 200\]"):
+        config = make_config(preset, {"tasks": 2, "iters": 3})
     assert all(p <= 2 for p in config.eval_at)
     assert make_config(preset, {"tasks": 2, "eval_at": [1]}).eval_at == [1]  # given with the flag: as given
     with pytest.raises(ValueError, match="points must lie in"):

@@ -276,11 +276,42 @@ def test_ctrl_c_on_the_cli_says_how_to_continue(tmp_path, monkeypatch, capsys):
             "--no-progress"]
     assert main(argv) == 130
     err = capsys.readouterr().err
-    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    assert "interrupted" in err and f"`supsup-fast run --out {out} --resume`" in err and "Traceback" not in err
     assert (out / "checkpoints" / "task_00000.safetensors").is_file()
     monkeypatch.undo()
     assert main(argv + ["--resume"]) == 0
     assert len(json.loads((out / "results.json").read_text())["per_task_accuracy"]) == 2
+
+
+def test_resume_on_the_cli_takes_the_runs_own_settings(tmp_path, monkeypatch, capsys):
+    # `run --out OUT --resume` alone continues the run under OUT/config.json's settings, not the
+    # defaults; a flag still overrides (an evaluation setting) or is refused (one that shapes the masks).
+    interrupt_after(monkeypatch, exp_mod, 1)
+    out = tmp_path / "run"
+    argv = ["run", "--model", "lenet", "--tasks", "2", "--iters", "20", "--train-subset", "500", "--lr", "2e-3",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    saved = json.loads((out / "config.json").read_text())
+    assert main(["run", "--out", str(out), "--resume", "--lr", "1e-3", "--no-progress"]) == 2
+    assert "lr (0.002 -> 0.001)" in capsys.readouterr().err
+    assert main(["run", "--out", str(out), "--resume", "--infer-images", "4", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["timing"]["tasks_resumed"] == 1 and len(results["per_task_accuracy"]) == 2
+    assert results["config"] == dict(saved, infer_images=4)
+
+
+def test_resume_refuses_a_config_json_with_foreign_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model": "lenet", "learning_rate": 0.1}))
+    assert main(["run", "--out", str(out), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json holds settings this version does not know: ['learning_rate']" in err
+    (out / "config.json").write_text("[1, 2]")
+    assert main(["run", "--out", str(out), "--resume", "--no-progress"]) == 2
+    assert "must hold a JSON object" in capsys.readouterr().err
 
 
 def test_resume_recomputes_evaluation_rows_of_other_evaluation_settings(tmp_path):

@@ -77,9 +77,13 @@ def load_cpu_extension() -> str:
             _loaded = "prebuilt"
         except ImportError:
             from torch.utils import cpp_extension
-            if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun one notice per host, not per rank
-                print("supsup_fast: loading the C++ CPU kernels (the first load compiles them, about a minute)",
-                      file=sys.stderr, flush=True)
+            # A cached build loads in well under a second; only a compile (the first load, or after the
+            # sources changed) outlasts the timer, and under torchrun one notice per host, not per rank.
+            notice = threading.Timer(2.0, lambda: print(
+                "supsup_fast: compiling the C++ CPU kernels (once per source change, about a minute)",
+                file=sys.stderr, flush=True))
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                notice.start()
             try:
                 module = cpp_extension.load(name="supsup_fast_cpu_portable" if portable else "supsup_fast_cpu",
                                             sources=_sources(), is_python_module=True,
@@ -87,6 +91,8 @@ def load_cpu_extension() -> str:
                                             extra_ldflags=csrc_build.CPU_LDFLAGS, verbose=False)
             except Exception as exc:  # no compiler, no ninja, headers missing...
                 raise RuntimeError(f"could not build the C++ CPU kernels: {exc}") from exc
+            finally:
+                notice.cancel()
             _loaded = "jit"
         if not _has_ops():
             raise RuntimeError("the C++ extension loaded but registered no supsup_cpu ops")
