@@ -87,9 +87,11 @@ def _check_shapes(model: nn.Module, sd: Mapping[str, object]) -> None:
                          f"{' ...' if len(wrong) > 5 else ''}")
 
 
-def official_state_dict(model: nn.Module, stacked: bool = True) -> Dict[str, torch.Tensor]:
+def official_state_dict(model: nn.Module, stacked: bool = False) -> Dict[str, torch.Tensor]:
     """The model's state in the official layout: ``scores.{i}`` for all ``num_tasks`` tasks (scores
-    rebuilt from the bits for packed tasks: same masks) and, if asked, the float ``stacked`` masks."""
+    rebuilt from the bits for packed tasks: same masks) and, if asked, the float ``stacked`` masks
+    (a fresh official model has that buffer only after ``cache_masks()``: by default it is left out,
+    so that ``load_state_dict`` of a fresh official model takes the file as it is)."""
     sd = model.state_dict()
     for name, m in model.named_modules():
         if not isinstance(m, MultitaskMaskMixin):
@@ -114,7 +116,7 @@ def official_state_dict(model: nn.Module, stacked: bool = True) -> Dict[str, tor
     return sd
 
 
-def save_official_checkpoint(model: nn.Module, path: Union[str, pathlib.Path], stacked: bool = True) -> None:
+def save_official_checkpoint(model: nn.Module, path: Union[str, pathlib.Path], stacked: bool = False) -> None:
     """Write ``{"state_dict": official_state_dict(model)}`` for the official code to load (atomically)."""
     state = {"state_dict": official_state_dict(model, stacked)}
     atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))

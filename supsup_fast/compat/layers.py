@@ -4,18 +4,24 @@
 Same constructor, attributes and forward as the official code: ``task`` (>= 0: that task's mask,
 < 0: the superposition of the first ``num_tasks_learned`` masks weighted by ``alphas`` of shape
 [k,1,1] or [k,1,1,1,1], entries <= 0 left out), ``scores`` named ``scores.{t}``,
-``cache_masks()``/``clear_masks()``. What differs is storage: a finished task keeps only its bits
-(``bank``, int32[k, out, ceil(n/32)]); the float scores of the task being trained alone exist.
+``cache_masks()``/``clear_masks()``, ``stacked``. What differs is storage: a finished task keeps only
+its bits (``bank``, int32[k, out, ceil(n/32)]); the float scores of the task being trained alone exist.
 A task's scores are packed into its bank row when the model moves to another task or
-``cache_masks()`` is called. Selecting a packed (finished) task again gives it float scores rebuilt
-from its bits (``scores_from_bits``: ±½ init bound, whose mask is exactly those bits), so it can be
-trained again; its next pack replaces its bank row (the official layer would keep the old float
-scores). An untrained task starts from its official initial scores.
+``cache_masks()`` is called, and dropped when it moves to another task >= 0: the superposition
+(task < 0) keeps them, so an optimiser built over them (the official trainers/reinit.py keeps one
+across a task -1 step) trains the same Parameter when the task is selected again.
+``configure(keep_scores=True)`` gives every task float scores from the start and keeps them, as
+upstream (``scores.{t}`` in the state dict for all t; memory as upstream). Otherwise selecting or
+reading (``scores[t]``, ``scores[:t]``) a packed task gives it float scores rebuilt from its bits
+(``scores_from_bits``: ±½ init bound, whose mask is exactly those bits), trainable again; its next
+pack replaces its bank row (the official layer would keep the old float scores). An untrained task
+starts from its official initial scores.
 """
 from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import List, Optional
 
 import torch
@@ -27,7 +33,7 @@ from ..nn.bank import MaskBank
 from ..nn.layers import autocast_enabled_for, outside_autocast
 from ..nn.masks import mask_from_scores, masked_weight_from_scores, score_init_bound
 from .scores import ScoreList, ScoreStream
-from .settings import resolve_num_tasks, resolve_sparsity
+from .settings import resolve_num_tasks, resolve_sparsity, scores_kept, weights_frozen
 
 
 def alpha_vector(alphas: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,11 +55,13 @@ class MultitaskMaskMixin:
     mask_fn = "threshold"
 
     def _init_multitask(self, num_tasks: int) -> None:
-        self.weight.requires_grad_(False)
+        if weights_frozen():  # official: args.train_weight_tasks == 0
+            self.weight.requires_grad_(False)
         self.num_tasks = num_tasks
         self.num_tasks_learned = 0
         self.alphas: Optional[torch.Tensor] = None
         self.scores = ScoreList()
+        self.scores.materialize, self.scores.num_tasks = self._live_scores, self.num_tasks
         n = self.weight[0].numel()
         self.bank = MaskBank(self.weight.shape[0], n, device=self.weight.device)
         self.bank.persist_rows = False  # the layer's state_dict carries the bits as mask_bits, as upstream's layout
@@ -62,7 +70,11 @@ class MultitaskMaskMixin:
         self._bank_version = 0  # bumped whenever the bank changes (count cache key)
         self._count_cache = None
         self._task = None
-        self._rebuilt = None  # the live task whose scores were rebuilt from its bank row
+        self._rebuilt = set()  # live tasks whose scores were rebuilt from their bank rows
+        self.keep_scores = scores_kept()
+        if self.keep_scores:  # as upstream: every task's float scores exist from the start and stay
+            for t in range(num_tasks):
+                self.scores.put(t, nn.Parameter(self._stream.scores(t).to(self.weight.device)))
 
     # -- the official attributes ---------------------------------------------------------------
     @property
@@ -73,25 +85,34 @@ class MultitaskMaskMixin:
     def task(self, task: int) -> None:
         if isinstance(task, torch.Tensor) and task.numel() == 1:
             task = int(task)
-        if isinstance(task, bool) or not isinstance(task, int):
+        if isinstance(task, bool) or not isinstance(task, numbers.Integral):
             raise TypeError(f"task must be an int (>= 0: that task, < 0: superposition), got {task!r}")
+        task = int(task)
         if task >= self.num_tasks:
             raise ValueError(f"task must be < num_tasks = {self.num_tasks}, got {task}")
         for live in self.scores.tasks():
-            if live != task:  # moving on: the other task's mask becomes bits
+            if live != task:  # the other task's mask becomes bits
                 self._commit(live)
-                self.scores.pop(live)
-                if live == self._rebuilt:
-                    self._rebuilt = None
-        if task >= 0 and task not in self.scores:
-            if task < len(self.bank) and task not in self._filler:
-                # A finished task: float scores rebuilt from its bits (same mask), trainable again.
-                init = self.scores_from_bits(task).to(self.weight.device)
-                self._rebuilt = task
-            else:  # new or untrained: the official initial scores
-                init = self._stream.scores(task).to(self.weight.device)
-            self.scores.put(task, nn.Parameter(init))
+                if task >= 0 and not self.keep_scores:  # moving on to another task: its floats go
+                    self.scores.pop(live)
+                    self._rebuilt.discard(live)
+        if task >= 0:
+            self._live_scores(task)
         self._task = task
+
+    def _live_scores(self, task: int) -> nn.Parameter:
+        """Task ``task``'s float scores (official: ``scores[task]``, which always exists): its live
+        Parameter, else one made live from its bits (a finished task: same mask, trainable again)
+        or from its official initial scores (an untrained task)."""
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task must be in [0, num_tasks={self.num_tasks}), got {task}")
+        if task not in self.scores:
+            if task < len(self.bank) and task not in self._filler:
+                self.scores.put(task, nn.Parameter(self.scores_from_bits(task).to(self.weight.device)))
+                self._rebuilt.add(task)
+            else:
+                self.scores.put(task, nn.Parameter(self._stream.scores(task).to(self.weight.device)))
+        return self.scores.live(task)
 
     @property
     def density(self) -> float:
@@ -101,6 +122,14 @@ class MultitaskMaskMixin:
         """Pack the live scores into their bank rows (the official layer stacks float masks)."""
         for live in self.scores.tasks():
             self._commit(live)
+
+    @property
+    def stacked(self) -> torch.Tensor:
+        """The official ``cache_masks()`` buffer: float masks [num_tasks, *weight.shape] (untrained
+        tasks: their initial scores' masks), built from the bits on each read (live scores packed first)."""
+        self.cache_masks()
+        self._ensure_rows(self.num_tasks)
+        return torch.stack([self._row_mask(t).to(self.weight.dtype) for t in range(self.num_tasks)])
 
     def clear_masks(self) -> None:
         """The official layer frees its stacked float masks here; the bits are the storage, so only
@@ -131,9 +160,13 @@ class MultitaskMaskMixin:
 
     def __setstate__(self, state):  # a pickle from before the bank saved its rows: they travel as mask_bits here
         super().__setstate__(state)
+        self.__dict__.setdefault("keep_scores", False)
         self.bank.persist_rows = False
         if "_bank_version" not in self.__dict__:  # was kept as _version, hiding nn.Module's state-dict version
             self._bank_version = self.__dict__.pop("_version", 0)
+        if not isinstance(self._rebuilt, set):  # was one task or None
+            self._rebuilt = set() if self._rebuilt is None else {self._rebuilt}
+        self.scores.materialize, self.scores.num_tasks = self._live_scores, self.num_tasks
 
     # -- state_dict: the bits travel as ``mask_bits``; an official ``stacked`` is read too ---------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -168,6 +201,12 @@ class MultitaskMaskMixin:
             self.bank.append(bits.to(self.bank.storage.device))
             self._filler.clear()
             self._bank_version += 1
+        elif strict and stacked is None and not any(k.startswith(prefix + "scores.") for k in state_dict):
+            # Nothing to take the masks from (e.g. the official main.py's --resume, which keeps only the
+            # keys a fresh model's state_dict has): refused rather than loading the weights alone.
+            error_msgs.append(f"{prefix}mask_bits is missing, and no stacked or scores.* either: nothing to load the "
+                              f"masks from (the official main.py --resume keeps only the keys a fresh model has; load "
+                              f"official checkpoints with supsup_fast.compat.load_official_checkpoint(model, path))")
 
     # -- bank ----------------------------------------------------------------------------------
     def _pack(self, scores: torch.Tensor) -> torch.Tensor:
@@ -189,7 +228,7 @@ class MultitaskMaskMixin:
     def _commit(self, task: int) -> None:
         self._ensure_rows(task)
         s = self.scores[task].detach()
-        if (task == self._rebuilt and task < len(self.bank) and task not in self._filler
+        if (task in self._rebuilt and task < len(self.bank) and task not in self._filler
                 and torch.equal(s, self._scores_for(self._row_mask(task)).to(s))):
             # Untouched scores rebuilt from this row: the row already holds the task's bits (and a
             # top-k row whose count differs from kept_count, e.g. loaded, is not rewritten).

@@ -8,21 +8,49 @@ scores the official layer draws for every task at construction.
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+import numbers
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 
 class ScoreList(nn.Module):
-    """Live score Parameters by task index (at most one in the usual flow)."""
+    """Live score Parameters by task index (at most one in the usual flow).
 
-    def __getitem__(self, task: int) -> nn.Parameter:
-        key = str(int(task))
-        if key not in self._parameters:
-            raise KeyError(f"task {task} has no float scores: finished tasks are kept as bits "
-                           f"(layer.mask(task) gives the mask); live scores: {self.tasks()}")
-        return self._parameters[key]
+    Indexing reads like the official ``nn.ParameterList`` of all ``num_tasks`` scores: ``scores[t]``
+    (negative t from the end) and ``scores[a:b]`` give Parameters, and a task without live scores
+    is made live by ``materialize`` (the owning layer's: rebuilt from its bits, or its initial scores)."""
+
+    def __init__(self):
+        super().__init__()
+        self.materialize: Optional[Callable[[int], nn.Parameter]] = None
+        self.num_tasks: Optional[int] = None
+
+    def __getitem__(self, task: Union[int, slice]) -> Union[nn.Parameter, List[nn.Parameter]]:
+        if isinstance(task, slice):
+            return [self[t] for t in range(self._size())[task]]
+        if isinstance(task, torch.Tensor) and task.numel() == 1:
+            task = int(task)
+        if isinstance(task, bool) or not isinstance(task, numbers.Integral):
+            raise TypeError(f"scores index must be an int or a slice, got {task!r}")
+        task = int(task)
+        if task < 0:
+            task += self._size()
+        key = str(task)
+        if key in self._parameters:
+            return self._parameters[key]
+        if self.materialize is None:
+            raise KeyError(f"task {task} has no float scores; live scores: {self.tasks()}")
+        return self.materialize(task)
+
+    def _size(self) -> int:
+        if self.num_tasks is None:
+            raise TypeError("negative indices and slices need the layer's num_tasks")
+        return self.num_tasks
+
+    def live(self, task: int) -> nn.Parameter:
+        return self._parameters[str(task)]
 
     def __contains__(self, task: object) -> bool:
         return isinstance(task, int) and str(task) in self._parameters

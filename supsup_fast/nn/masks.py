@@ -83,18 +83,23 @@ def score_init_bound(fan_in: int) -> float:
 
 
 class _ThresholdMaskedWeight(torch.autograd.Function):
-    """W ⊙ 1[s ≥ 0] in one pass, with the straight-through gradient ∂L/∂s = ∂L/∂W_eff ⊙ W."""
+    """W ⊙ 1[s ≥ 0] in one pass, with the straight-through gradient ∂L/∂s = ∂L/∂W_eff ⊙ W and,
+    for a trained weight (the official ``--train-weight-tasks``), ∂L/∂W = ∂L/∂W_eff ⊙ 1[s ≥ 0]."""
 
     @staticmethod
     def forward(ctx, scores, weight):
         from .. import ops
-        ctx.save_for_backward(weight)
+        # The scores only where the weight's gradient needs them: an in-backward optimiser may have
+        # stepped them by then (a layer run twice), which a saved tensor would refuse.
+        ctx.save_for_backward(weight, scores if ctx.needs_input_grad[1] else None)
         return ops.threshold_masked_weight(scores, weight)
 
     @staticmethod
     def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        return grad * weight, None
+        weight, scores = ctx.saved_tensors
+        grad_scores = grad * weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad * (scores >= 0).to(grad.dtype) if ctx.needs_input_grad[1] else None
+        return grad_scores, grad_weight
 
 
 def masked_weight_from_scores(scores: torch.Tensor, weight: torch.Tensor, mask_fn: str, density: float) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,7 +171,10 @@ def test_notebook_flow_holds_bits(flows):
             assert m.bank.words.dtype == torch.int32
             assert m.bank.words.shape == (5, m.out_features, math.ceil(m.in_features / 32))
             floats = [t for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()]
-            assert sum(t.numel() for t in floats) == m.weight.numel()  # the weight; no float mask or score
+            # The weight and the last trained task's scores, kept through the superposition (an
+            # optimiser may still hold them); no float mask, no other task's scores.
+            assert m.scores.tasks() == [4]
+            assert sum(t.numel() for t in floats) == 2 * m.weight.numel()
     assert tensor_bytes(ours) <= 0.25 * tensor_bytes(ref)
 
 
@@ -377,7 +381,7 @@ class FloatTopKConv(nn.Conv2d):
 
 def test_conv_layers_1x1_mlp_and_5d_alphas(monkeypatch):
     monkeypatch.setattr(settings, "_SETTINGS", dict(settings._SETTINGS))  # configure() is restored after the test
-    assert compat.configure(num_tasks=3, sparsity=0.3) == {"num_tasks": 3, "sparsity": 0.3}
+    assert compat.configure(num_tasks=3, sparsity=0.3) == {"num_tasks": 3, "sparsity": 0.3, "train_weight_tasks": 0, "keep_scores": False}
     convs = [compat.MultitaskMaskConv(784, 50, kernel_size=1, bias=False),
              compat.FastMultitaskMaskConv(50, 10, kernel_size=1, bias=False)]
     model = nn.Sequential(convs[0], nn.ReLU(), convs[1])
@@ -470,7 +474,13 @@ def test_state_dict_round_trip_and_official_checkpoint(tmp_path):
         assert torch.allclose(fresh(x), ours(x))
     # and back to the official layout
     out = tmp_path / "export.pt"
-    compat.save_official_checkpoint(ours, out)
+    compat.save_official_checkpoint(ours, out)  # by default the keys of a fresh official model
+    fresh_official = nn.Sequential(FloatMultitaskMaskLinear(50, 20, num_tasks=3, bias=False), nn.ReLU(),
+                                   FloatMultitaskMaskLinear(20, 10, num_tasks=3, bias=False))
+    fresh_official.load_state_dict(torch.load(out)["state_dict"])
+    for t in range(3):
+        assert torch.equal(fresh_official[2].scores[t] >= 0, ref[2].scores[t] >= 0)
+    compat.save_official_checkpoint(ours, out, stacked=True)
     back = nn.Sequential(FloatMultitaskMaskLinear(50, 20, num_tasks=3, bias=False), nn.ReLU(),
                          FloatMultitaskMaskLinear(20, 10, num_tasks=3, bias=False))
     for m in (back[0], back[2]):
@@ -610,3 +620,121 @@ def test_compat_layers_run_as_fp32_ops_under_autocast():
     assert results[0][0].dtype == torch.float32
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+# -- the official trainers/reinit.py and main.py paths -------------------------------------------
+def _reinit_flow(layer_cls, num_tasks=3, steps=3, transfer=True):
+    """trainers/reinit.py's order: the optimiser is built over scores.{t} while task t is set, then
+    task -1 (cache_masks), scores[t].data = scores[t-1].data (n-1 transfer), task t again and train.
+    Returns the layer and each task's mask after training."""
+    torch.manual_seed(0)
+    m = layer_cls(30, 12, num_tasks=num_tasks, bias=False)
+    x, target = torch.randn(16, 30), torch.randn(16, 12)
+    masks = []
+    for t in range(num_tasks):
+        m.task = t
+        opt = torch.optim.SGD([p for n, p in m.named_parameters() if n == f"scores.{t}"], lr=5.0)
+        m.task, m.num_tasks_learned = -1, t
+        m.cache_masks()
+        if transfer and t > 0:
+            m.scores[t].data = m.scores[t - 1].data.clone()
+        m.task = t
+        assert opt.param_groups[0]["params"][0] is m.scores[t]  # the optimiser trains the live scores
+        for _ in range(steps):
+            opt.zero_grad()
+            ((m(x) - target) ** 2).mean().backward()
+            opt.step()
+        m.cache_masks()
+        masks.append(m.mask(t).clone() if hasattr(m, "mask") else (m.scores[t] >= 0).clone())
+    return m, masks
+
+
+def test_superposition_keeps_the_scores_an_optimizer_was_built_over(monkeypatch):
+    monkeypatch.setattr(settings, "_SETTINGS", dict(settings._SETTINGS))
+    _, ref = _reinit_flow(FloatMultitaskMaskLinear, transfer=False)
+    m, ours = _reinit_flow(compat.MultitaskMaskLinear, transfer=False)
+    for t in range(3):
+        assert torch.equal(ours[t], ref[t])
+    # and the official n-1 transfer, bit for bit, once every task keeps its float scores
+    compat.configure(keep_scores=True)
+    _, ref = _reinit_flow(FloatMultitaskMaskLinear)
+    m, ours = _reinit_flow(compat.MultitaskMaskLinear)
+    assert m.scores.tasks() == [0, 1, 2]
+    for t in range(3):
+        assert torch.equal(ours[t], ref[t])
+
+
+def test_scores_index_like_the_official_parameter_list():
+    m = compat.MultitaskMaskConv(3, 4, 3, num_tasks=4, bias=False, sparsity=0.5)
+    x = torch.randn(2, 3, 6, 6)
+    for t in range(2):
+        m.task = np.int64(t)  # numpy task indices, as the official layer takes them
+        m(x)
+    m.task = -1
+    assert m.scores.tasks() == [1]
+    m1 = m.mask(1).clone()
+    packed0 = m.scores[0]  # a packed task: live again, rebuilt from its bits (same mask)
+    assert isinstance(packed0, nn.Parameter) and m.scores.tasks() == [0, 1]
+    assert torch.equal(m.mask(0), m._row_mask(0)) and torch.equal(m.scores[-3], m.scores[1])
+    assert [p is q for p, q in zip(m.scores[:2], (packed0, m.scores[1]))] == [True, True]
+    assert torch.equal(m.scores[3].detach(), m._stream.scores(3))  # untrained: its official initial scores
+    stacked = m.stacked
+    assert stacked.shape == (4, *m.weight.shape) and torch.equal(stacked[1], m1.float())
+    m.task = 2
+    assert m.scores.tasks() == [2]
+    with pytest.raises(IndexError, match=r"task must be in \[0, num_tasks=4\)"):
+        m.scores[4]
+
+
+def test_keep_scores_state_dict_passes_the_official_resume_filter(monkeypatch):
+    # main.py --resume keeps only the checkpoint's keys that a fresh model's state_dict has.
+    monkeypatch.setattr(settings, "_SETTINGS", dict(settings._SETTINGS))
+    torch.manual_seed(2)
+    ref = nn.Sequential(FloatMultitaskMaskLinear(30, 8, num_tasks=3, bias=False))
+    for s in ref[0].scores:
+        s.data.normal_()
+    saved = ref.state_dict()
+
+    def resume(model):
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in saved.items() if k in own})
+        return model
+
+    with pytest.raises(RuntimeError, match="0.mask_bits is missing, and no stacked or scores.* either"):
+        resume(nn.Sequential(compat.MultitaskMaskLinear(30, 8, num_tasks=3, bias=False)))
+    compat.configure(keep_scores=True)
+    ours = resume(nn.Sequential(compat.MultitaskMaskLinear(30, 8, num_tasks=3, bias=False)))
+    x = torch.randn(5, 30)
+    for t in range(3):
+        ref[0].task, ours[0].task = t, t
+        assert torch.equal(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("layer", ["linear", "fast_conv", "conv"])
+def test_train_weight_tasks_trains_the_weight_as_upstream(monkeypatch, layer):
+    monkeypatch.setattr(settings, "_SETTINGS", dict(settings._SETTINGS))
+    make = {"linear": lambda: compat.MultitaskMaskLinear(12, 5, num_tasks=2),
+            "fast_conv": lambda: compat.FastMultitaskMaskConv(3, 5, 3, num_tasks=2),
+            "conv": lambda: compat.MultitaskMaskConv(3, 5, 3, num_tasks=2, sparsity=0.5)}[layer]
+    assert not make().weight.requires_grad  # SupSup: args.train_weight_tasks = 0
+    compat.configure(train_weight_tasks=-1)
+    m = make()
+    assert m.weight.requires_grad
+    x = torch.randn(4, 12) if layer == "linear" else torch.randn(4, 3, 7, 7)
+    m.task = 1
+    m(x).square().sum().backward()
+    mask = m.mask(1).float()
+    w = m.weight.detach().clone().requires_grad_(True)
+    ref = F.linear(x, w * mask, m.bias) if layer == "linear" else F.conv2d(x, w * mask, m.bias)
+    ref.square().sum().backward()
+    assert torch.allclose(m.weight.grad, w.grad, atol=1e-5)
+
+
+def test_configure_names_the_er_sparsity_multiplier(monkeypatch):
+    monkeypatch.setattr(settings, "_SETTINGS", dict(settings._SETTINGS))
+    with pytest.raises(ValueError, match="with --er-sparsity, args.sparsity is the Erdős–Rényi multiplier"):
+        compat.configure(sparsity=32)
+    with pytest.raises(ValueError, match="keep_scores must be True or False"):
+        compat.configure(keep_scores=1)
+    with pytest.raises(ValueError, match="train_weight_tasks must be an int"):
+        compat.configure(train_weight_tasks=0.5)
