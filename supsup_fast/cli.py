@@ -11,12 +11,12 @@ DEMO = dict(scenario="GNu", benchmark="permuted-mnist", model="lenet", tasks=10,
             lr=1e-4, optimizer="rmsprop", inference="oneshot", objective="entropy")
 
 
-def _add_run_flags(p: argparse.ArgumentParser, preset: Optional[dict] = None) -> None:
+def _add_run_flags(p: argparse.ArgumentParser, preset: Optional[dict] = None, default_out: str = "runs/run") -> None:
     from .runs.config import SETTINGS
     p.add_argument("--config", help="YAML preset (configs/*.yaml); flags override it")
     for setting in SETTINGS:  # one flag per run setting, typed and described where the setting is declared
         p.add_argument(setting.flag, **setting.argparse_kwargs(preset))
-    p.add_argument("--out", default=None, help="output folder")
+    p.add_argument("--out", default=None, help=f"output folder [default: {default_out}]")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out; settings that no flag or --config gives are the run's own "
                         "(OUT/config.json)")
@@ -115,7 +115,7 @@ def cmd_evaluate(args) -> int:
     from .runs import evaluate_run
     from .distributed import init_from_env
     overrides = {k: getattr(args, k) for k in ("scenario", "inference", "objective", "calibration", "infer_images", "log_base",
-                                               "test_batch_size", "data_root", "device", "backend", "shard_bank")
+                                               "test_batch_size", "data_root", "download", "device", "backend", "shard_bank")
                  if getattr(args, k) is not None}
     out = Path(args.out or (Path(args.run) / default_evaluation_folder(overrides)))
     ctx, device = init_from_env(overrides.get("device", "cpu"))
@@ -148,22 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train masks on a task sequence and evaluate them")
     _add_run_flags(run)
     demo = sub.add_parser("demo", help="GNu PermutedMNIST, LeNet s=100, 10 tasks, on the embedded MNIST subset")
-    _add_run_flags(demo, DEMO)
+    _add_run_flags(demo, DEMO, default_out="runs/demo")
     ev = sub.add_parser("evaluate", help="evaluate a finished run's masks under another scenario or objective")
     ev.add_argument("run", help="folder of a finished `supsup-fast run`")
     from .algorithms.evaluation import SCENARIOS
-    ev.add_argument("--scenario", choices=SCENARIOS)
-    ev.add_argument("--inference", choices=("oneshot", "binary"))
-    ev.add_argument("--objective", choices=("entropy", "superfluous"))
+    ev.add_argument("--scenario", choices=SCENARIOS,
+                    help="evaluate the masks under this scenario (every setting not given here is the run's own)")
+    ev.add_argument("--inference", choices=("oneshot", "binary"), help="task inference (GNs/GNu)")
+    ev.add_argument("--objective", choices=("entropy", "superfluous"), help="the objective whose α-gradient infers the task")
     from .algorithms.calibration import CALIBRATIONS  # torch is already loaded: the run flags above import it
     ev.add_argument("--calibration", choices=CALIBRATIONS,
                     help="divide each mask's α-gradient by the size of its logits (GNs/GNu; default none)")
-    ev.add_argument("--infer-images", type=int)
-    ev.add_argument("--log-base", type=float)
+    ev.add_argument("--infer-images", type=int, help="images of each test batch used to infer its task (at most --test-batch-size)")
+    ev.add_argument("--log-base", type=float, help="binary inference keeps 1/log_base of the candidates per round (> 1)")
     ev.add_argument("--test-batch-size", type=int, help="images per test batch (task inference reads up to --infer-images of each)")
-    ev.add_argument("--data-root")
-    ev.add_argument("--device")
-    ev.add_argument("--backend")
+    ev.add_argument("--data-root", help="the test data (default: the run's own; other data is not checked against the run's)")
+    ev.add_argument("--download", action="store_true", default=None, help="fetch MNIST into --data-root if it is not there")
+    ev.add_argument("--device", help="torch device (default: the run's)")
+    ev.add_argument("--backend", help="reference, cpu, triton, cuda or auto (default: the run's)")
     ev.add_argument("--shard-bank", action="store_true", default=None,
                     help="under torchrun: each rank loads and holds only its own range of tasks' bits")
     ev.add_argument("--out", help="folder for the evaluation's files (default: RUN/eval-<the settings given>, "

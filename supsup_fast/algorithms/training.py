@@ -6,7 +6,7 @@ import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -116,11 +116,20 @@ def make_scheduler(opt: torch.optim.Optimizer, s: TrainSettings):
     return None
 
 
-def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, device: torch.device,
+def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, device: Union[str, torch.device],
                generator: Optional[torch.Generator] = None, init_scores: Optional[Dict[str, torch.Tensor]] = None,
                on_step: Optional[Callable[[int, float], None]] = None) -> Dict[str, float]:
-    """Learn one new mask on ``split`` and append it (packed) to every layer's bank."""
+    """Learn one new mask on ``split`` (a :class:`~supsup_fast.data.TaskSplit`, e.g.
+    ``load_benchmark(...).train(t)`` or ``TaskSplit(x, y)``) and append it (packed) to every
+    layer's bank; ``device`` is where the batches go (the model's device)."""
     settings.validate()
+    if not (hasattr(split, "batches") and hasattr(split, "__len__")):  # TaskSplit, ImageFileSplit
+        raise TypeError(f"split must be a task split with batches() (e.g. supsup_fast.data.TaskSplit(images, labels)), "
+                        f"got {type(split).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must name a torch device (cpu, cuda, cuda:1 ...), got {device!r}") from None
     if len(split) == 0:  # no step would be made, and an untrained mask appended as if learned
         raise ValueError("split (the task's training data) is empty; a mask needs at least one batch to train on")
     begin_task(model, init_scores=init_scores, generator=generator)

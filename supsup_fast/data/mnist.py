@@ -96,8 +96,15 @@ def load_mnist_folder(root: Union[str, Path]) -> MNIST:
         arrays[key] = read_idx(path)
     for split in ("train", "test"):
         imgs, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if imgs.ndim != 3 or imgs.shape[1:] != (28, 28) or labels.ndim != 1 or len(imgs) != len(labels):
-            raise DataError(f"MNIST {split} files in {root} do not match: images {imgs.shape}, labels {labels.shape}")
+        paths = {key: _find(root, FILES[key]) for key in (f"{split}_images", f"{split}_labels")}
+        if imgs.ndim != 3 or imgs.shape[1:] != (28, 28):
+            raise DataError(f"{paths[f'{split}_images']} is not an MNIST image file: it holds an array of shape "
+                            f"{imgs.shape}, expected [N, 28, 28] (a labels file under an images file's name?)")
+        if labels.ndim != 1:
+            raise DataError(f"{paths[f'{split}_labels']} is not an MNIST label file: it holds an array of shape "
+                            f"{labels.shape}, expected [N] (an images file under a labels file's name?)")
+        if len(imgs) != len(labels):
+            raise DataError(f"MNIST {split} files in {root} do not match: {len(imgs)} images, {len(labels)} labels")
         if len(labels) == 0:
             raise DataError(f"MNIST {split} files in {root} hold no images")
         if labels.max() > 9:

@@ -53,8 +53,11 @@ def pack_bits(mask: Tensor) -> Tensor:
     if mask.dim() < 1 or mask.shape[-1] < 1:
         raise ValueError(f"mask must be [..., n] with n >= 1, got shape {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
-        if mask.is_floating_point() and torch.isnan(mask).any():
-            raise ValueError("mask contains NaN; expected 0/1 values")
+        # 0/1 numbers are taken as a mask; anything else (scores, NaN) is not one
+        bad = ~((mask == 0) | (mask == 1))
+        if bad.any():
+            raise ValueError(f"mask must be bool or hold only 0 and 1, got a {mask.dtype} tensor holding "
+                             f"{mask[bad].flatten()[0].item()!r} (for float scores, pack scores >= 0 or their top-k)")
         mask = mask != 0
     return pack_bits_op(mask)
 

@@ -9,7 +9,7 @@ from ..distributed import SINGLE, DistContext
 from .config import RunConfig, load_yaml, make_config
 from .evaluate import evaluate_run
 from .hopsupsup import HopSupSupRun
-from .loop import Experiment
+from .loop import Experiment, refuse_existing_run
 from .nns import NNsRun
 from .supsup import SupSupRun
 
@@ -23,6 +23,8 @@ def driver_for(config: RunConfig) -> type:
 
 def run_experiment(config: RunConfig, out: Union[str, Path], resume: bool = False, progress: bool = True,
                    ctx: DistContext = SINGLE, retrain_corrupt: bool = False) -> dict:
+    if not resume and not ctx.enabled:  # at once, not after the data and a first-use compile of the kernels
+        refuse_existing_run(Path(out))  # (under torchrun rank 0 checks it, under the run lock)
     return driver_for(config)(config, out, resume, progress, ctx=ctx, retrain_corrupt=retrain_corrupt).run()
 
 

@@ -317,7 +317,8 @@ SETTINGS = [
     Setting("benchmark", "str", choices=tuple(sorted(BENCHMARKS))),
     Setting("model", "str", choices=MODELS),
     Setting("tasks", "int", _POS, "number of tasks"),
-    Setting("output_size", "int?", _POS, "output neurons s (>= labels; extras are superfluous neurons)"),
+    Setting("output_size", "int?", _POS, "output neurons s (>= labels; extras are superfluous neurons; unset: "
+                                         "max(100, labels) under GNs/GNu/NNs, the labels under GG)"),
     Setting("iters", "int?", _POS, "training batches per task (at most --epochs passes over its training set)"),
     Setting("epochs", "int", _POS, "cap on passes over a task's training set (ends a task before --iters where the set is small)"),
     Setting("batch_size", "int", _POS),

@@ -35,8 +35,8 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     # How the run trained and when it evaluated (--parallel, --shard-bank, --eval-at) are not this
     # evaluation's settings: it evaluates all tasks once, sharded only when asked.
     values.update(parallel="auto", shard_bank=False, eval_at=[])
+    values["download"] = False  # the run's own --download is not this evaluation's: only when asked
     values.update(overrides)
-    values["download"] = False
     try:
         config = RunConfig(**values).validate()
     except TypeError as exc:

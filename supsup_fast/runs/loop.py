@@ -114,6 +114,9 @@ def parallel_mode(config: RunConfig, ctx: DistContext) -> str:
                          "launch without --shard-bank")
     if config.shard_bank:
         first = evaluation_points(config)[0]
+        if first < ctx.world_size and first == config.tasks:  # no earlier point: too few tasks for the ranks
+            raise ValueError(f"--shard-bank needs at least one task per rank: {first} task{'s' if first > 1 else ''} "
+                             f"(--tasks) for {ctx.world_size} ranks; launch at most {first} ranks")
         if first < ctx.world_size:
             raise ValueError(f"--shard-bank needs at least one task per rank at every evaluation, and the first one "
                              f"(after {first} task{'s' if first > 1 else ''}: --eval-at / --tasks) has {first} for "
@@ -125,6 +128,12 @@ def parallel_mode(config: RunConfig, ctx: DistContext) -> str:
     if config.parallel == "auto":
         return "data" if sequential else "task"
     return config.parallel
+
+
+def refuse_existing_run(out: Path) -> None:
+    """A run that is not resumed must not write into another run's folder."""
+    if (out / "config.json").exists():
+        raise RunDirError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
 
 class Experiment:
@@ -147,10 +156,10 @@ class Experiment:
         check_writable(self.out)
         self.parallel = parallel_mode(config, ctx)
         self.ckpt_dir = self.out / "checkpoints"
-        with use_backend(config.backend):  # an unavailable --backend fails now, not after loading data
-            backend_for(self.device)
         self.tasks = load_benchmark(config.benchmark, config.tasks, config.seed, config.data_root, config.download,
                                     image_size=config.image_size)
+        with use_backend(config.backend):  # after the data (a wrong --data-root fails before a first-use compile)
+            backend_for(self.device)
         self.output_size = config.resolved_output_size(self.tasks.num_labels)
         self.data_sha256 = data_fingerprint(self.tasks)
         if model is None:
@@ -215,7 +224,7 @@ class Experiment:
         try:
             if cfg_path.exists():
                 if not self.resume:
-                    raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+                    refuse_existing_run(self.out)
                 saved = read_json(cfg_path, "run config")
                 now = self.config.to_dict()
                 diff = sorted(k for k in set(saved) | set(now)

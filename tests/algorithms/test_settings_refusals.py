@@ -56,6 +56,18 @@ def test_training_on_an_empty_split_is_refused_and_appends_no_mask():
     assert snn.num_tasks(m) == 1
 
 
+def test_train_task_takes_a_device_name_and_refuses_a_split_that_is_not_one():
+    m = build_model("lenet", 10, seed=1)
+    s = _split(20)
+    with pytest.raises(TypeError, match="split must be a task split with batches"):
+        train_task(m, (s.x, s.y), TrainSettings(iters=2, batch_size=8), device="cpu")
+    with pytest.raises(ValueError, match="device must name a torch device .* got 'gpu'"):
+        train_task(m, s, TrainSettings(iters=2, batch_size=8), device="gpu")
+    assert snn.num_tasks(m) == 0
+    train_task(m, s, TrainSettings(iters=2, batch_size=8), device="cpu")
+    assert snn.num_tasks(m) == 1
+
+
 @pytest.mark.parametrize("scenario", ["GG", "GNu", "GNs"])
 def test_evaluating_a_task_past_the_bank_is_refused(model, scenario):
     cpu = torch.device("cpu")

@@ -142,6 +142,14 @@ def test_empty_or_swapped_splits_are_refused(tmp_path):
         write_idx(swapped / f"{stem}-labels-idx1-ubyte", np.arange(n) % 10, False)
     with pytest.raises(DataError, match="they are swapped"):
         load_mnist(tmp_path / "swapped")
+    arrays = fake_mnist(tmp_path / "labels-as-images", gz=False)
+    write_idx(tmp_path / "labels-as-images" / "t10k-images-idx3-ubyte", arrays["test_labels"], False)
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte is not an MNIST image file: .*\(10,\), expected \[N, 28, 28\]"):
+        load_mnist(tmp_path / "labels-as-images")
+    fake_mnist(tmp_path / "short", gz=False)
+    write_idx(tmp_path / "short" / "train-labels-idx1-ubyte", np.arange(7) % 10, False)
+    with pytest.raises(DataError, match="MNIST train files in .* do not match: 20 images, 7 labels"):
+        load_mnist(tmp_path / "short")
 
 
 def test_download_keeps_verified_raw_files_and_tries_the_next_mirror(tmp_path, monkeypatch):

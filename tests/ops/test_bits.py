@@ -46,5 +46,9 @@ def test_bad_inputs():
         ss.unpack_bits(torch.zeros(2, dtype=torch.int32), 0)
     with pytest.raises(TypeError, match="mask"):
         ss.pack_bits([1, 0, 1])
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="holding nan"):
         ss.pack_bits(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match=r"mask must be bool or hold only 0 and 1, got a torch.float32 tensor holding -0.5"):
+        ss.pack_bits(torch.tensor([[-0.5, 0.3, 1.0, 0.0]]))  # scores are not a mask
+    assert torch.equal(ss.pack_bits(torch.tensor([1, 0, 1])), ss.pack_bits(torch.tensor([True, False, True])))
+    assert torch.equal(ss.pack_bits(torch.tensor([1.0, 0.0, 1.0])), ss.pack_bits(torch.tensor([True, False, True])))

@@ -392,3 +392,23 @@ def test_a_finished_run_removes_the_temporaries_of_killed_writes(tmp_path):
     run_experiment(config, out, resume=True, progress=False)
     assert not any(path.exists() for path in stale)
     assert (out / "checkpoints" / "task_00001.safetensors").is_file()
+
+
+def test_cheap_refusals_come_before_the_data_and_the_kernels(tmp_path, monkeypatch):
+    # A first use compiles the C++ kernels (about a minute): a wrong --data-root or an --out that
+    # holds a run must not wait for that, nor an existing run for the data.
+    from supsup_fast.runs import loop
+
+    def no_backend(device):
+        raise AssertionError("the backend was resolved before the refusal")
+
+    monkeypatch.setattr(loop, "backend_for", no_backend)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte"):
+        run_experiment(make_config(overrides=dict(SMALL, data_root=str(empty))), tmp_path / "a", progress=False)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text("{}")
+    monkeypatch.setattr(loop, "load_benchmark", lambda *a, **k: pytest.fail("the data was loaded before the refusal"))
+    with pytest.raises(RunDirError, match="already holds a run; pass --resume"):
+        run_experiment(make_config(overrides=SMALL), tmp_path / "b", progress=False)
