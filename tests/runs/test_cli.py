@@ -98,3 +98,14 @@ def test_run_and_demo_help_show_the_defaults_they_use(capsys):
             build_parser().parse_args(argv)
         out = " ".join(capsys.readouterr().out.split())
         assert f"[default: {model}]" in out and f"over its training set) [default: {iters}]" in out
+
+
+def test_evaluate_passes_download_on(tmp_path, monkeypatch):
+    # Its data error advises --download: the flag must reach the evaluation (off unless given).
+    import supsup_fast.runs as runs
+    seen = []
+    monkeypatch.setattr(runs, "evaluate_run", lambda run, overrides, out, progress, ctx: seen.append(overrides) or {})
+    monkeypatch.setattr("supsup_fast.cli._summary", lambda results, out: "")
+    assert main(["evaluate", str(tmp_path), "--download", "--data-root", str(tmp_path / "d"), "--no-progress"]) == 0
+    assert main(["evaluate", str(tmp_path), "--no-progress"]) == 0
+    assert seen[0]["download"] is True and "download" not in seen[1]
