@@ -191,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return cmd_bench(args)
     except (ValueError, TypeError, OSError, RuntimeError) as exc:  # OSError: a full disk, a read-only folder
         # Under torchrun every rank reports: say which, in one write so that lines do not run together.
-        rank = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+        rank = f" (rank {os.environ['RANK']})" if "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1" else ""
         sys.stderr.write(f"supsup-fast: error{rank}: {exc}\n")
         sys.stderr.flush()
         return 2

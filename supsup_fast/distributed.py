@@ -61,6 +61,10 @@ def init_from_env(device: str, timeout_minutes: float = 60.0) -> tuple:
     world = launched_world_size()
     if world <= 1:
         return SINGLE, device
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                           f"not: launch with torchrun (which sets them all), or unset WORLD_SIZE for one process")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda")
     if cuda:

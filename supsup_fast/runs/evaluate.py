@@ -66,12 +66,16 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     exp.parallel = "shard" if sharded else ("task" if ctx.enabled else "single")  # results.distributed.parallel
     if "data_root" not in overrides:  # the run's own data: its masks must have been trained on it
         check_identity(model_path, extra, {"data_sha256": exp.data_sha256})
+    # The run's own output size (a GG run's is its labels, where the new scenario's default would be 100)
+    exp.output_size = json.loads(meta["model_spec"]).get("output_size", exp.output_size)
     if sharded:
         exp.data_sha256 = extra["run_identity"].get("data_sha256", exp.data_sha256)  # the run's own checkpoints
-        exp.output_size = json.loads(meta["model_spec"]).get("output_size", exp.output_size)
     if config.scenario == "NNs":
         exp.nns_state = AllocatorState.from_dict(maskfile.require_extra(model_path, extra, "allocator", kind=dict))
-    lock = RunLock(out).acquire() if ctx.is_main else None  # one writer per folder, as for a run
+    # One writer per folder, as for a run; every rank learns if rank 0 could not take the lock.
+    held: list = []
+    exp._on_main(lambda: held.append(RunLock(out).acquire()))
+    lock = held[0] if held else None
     try:
         return _evaluate(exp, config, run_dir, out, model_path, meta, after, sharded, ctx)
     finally:
@@ -86,15 +90,16 @@ def _evaluate(exp: Experiment, config: RunConfig, run_dir: Path, out: Path, mode
         # NNs: the true tasks seen (one accuracy-after-training each), not the masks allocated.
         learned = len(after) if config.scenario == "NNs" else int(meta["num_tasks"])
         row = exp._evaluate_all(learned, "evaluate")
-    if sharded:  # results describe the whole model: rank 0 reads it once, for the file outputs
-        if not ctx.is_main:
-            exp._on_main(lambda: None)
-            return {"rank": ctx.rank, **row}
-        exp.model = maskfile.load_model(model_path)
+    if sharded and not ctx.is_main:
+        exp._on_main(lambda: None)
+        return {"rank": ctx.rank, **row}
+    # Sharded, no rank holds the whole model: the summary adds up the ranks' and the run's mask file is
+    # copied as it is, never loaded.
     results = exp._results(after, [row], 0.0, 0, backend_name)
     results["evaluated_from"] = str(run_dir)
     # config.json with the outputs: a failed evaluation leaves no folder that looks evaluated.
-    exp._on_main(lambda: (write_json(out / "config.json", config.to_dict()), exp._write_outputs(results)))
+    exp._on_main(lambda: (write_json(out / "config.json", config.to_dict()),
+                          exp._write_outputs(results, model_file=model_path if sharded else None)))
     return results
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
@@ -22,7 +23,7 @@ from ..algorithms.calibration import alpha_scale, mask_baselines
 from ..algorithms.evaluation import evaluate_task
 from ..algorithms.metrics import average, cl_metrics
 from ..algorithms.sharded import ShardedModel, evaluate_task_sharded
-from ..atomic_files import remove_temporaries
+from ..atomic_files import atomic_write_bytes, remove_temporaries
 from ..data import load_benchmark
 from ..data.tasks import TaskSplit
 from ..distributed import SINGLE, DistContext, broadcast_object, gather_objects, shard_range
@@ -305,10 +306,24 @@ class Experiment:
             raise ValueError(f"--shard-bank needs at least one task per rank: {k} tasks on {self.ctx.world_size} ranks")
         own = shard_range(k, self.ctx)
         model = self._fresh_model().to(self.device)
-        for t in own:  # only this rank's range is ever read
-            self._load_task(model, t, first_task=t)
+        error = None
+        try:
+            for t in own:  # only this rank's range is ever read
+                self._load_task(model, t, first_task=t)
+        except (ValueError, RuntimeError, OSError) as exc:  # a corrupt or missing checkpoint, on some ranks
+            error = exc
+        # Every rank learns of a failed read and stops with it, rather than in a collective its peer left.
+        parts = gather_objects(self.ctx, (None, mask_bytes(model), bank_summary(model)) if error is None
+                               else (f"{type(error).__name__}: {error}", 0, None))
+        if error is not None:
+            raise error
+        failed = [(r, e) for r, (e, _, _) in enumerate(parts) if e is not None]
+        if failed:
+            raise RunDirError(f"rank {failed[0][0]} could not read its range of the masks: {failed[0][1]}")
         sharded = ShardedModel(model, self.ctx, own.start, k)
-        self.bank_bytes_per_rank = [int(b) for b in gather_objects(self.ctx, mask_bytes(model))]
+        self.bank_bytes_per_rank = [int(b) for _, b, _ in parts]
+        # The whole bank's summary, from the ranks' (every field adds up over tasks): no rank holds it.
+        self.bank_summary = {key: sum(summary[key] for _, _, summary in parts) for key in parts[0][2]}
         total = sum(self.tasks.test(t).num_batches(self.config.test_batch_size) for t in range(k)) if self.progress else 0
         bar = tqdm(total=total, desc=bar_desc + " (sharded)", unit="batch", leave=False, disable=not self.progress)
         out = {}
@@ -380,8 +395,12 @@ class Experiment:
                               **state.to_dict()}
         return results
 
-    def _write_outputs(self, results: dict) -> None:
-        if not (self.out / "model.safetensors").exists() or "evaluated_from" in results:
+    def _write_outputs(self, results: dict, model_file: Optional[Path] = None) -> None:
+        """The output files on rank 0; ``model_file``: a mask file to copy as model.safetensors
+        instead of saving ``self.model`` (a sharded evaluation holds no whole model)."""
+        if model_file is not None:
+            atomic_write_bytes(self.out / "model.safetensors", lambda tmp: shutil.copyfile(model_file, tmp))
+        elif not (self.out / "model.safetensors").exists() or "evaluated_from" in results:
             extra = self._model_extra(results["accuracy_after_training"])
             if "nns" in results:
                 extra.update(self._nns_extra())

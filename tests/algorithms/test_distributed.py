@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,6 +146,35 @@ def test_sharded_evaluation_equals_unsharded(single_run, tmp_path):
         assert a["per_task_inference_accuracy"] == b["per_task_inference_accuracy"]
         per_rank = b["distributed"]["bank_bytes_per_rank"]
         assert len(per_rank) == 2 and max(per_rank) <= 0.6 * b["mask_bytes"] and sum(per_rank) == b["mask_bytes"]
+        # the whole bank's summary from the ranks' ranges; the run's mask file copied, never assembled
+        for key in ("num_masks", "mask_bytes", "bn_bytes", "output_size"):
+            assert a[key] == b[key], key
+        assert b["mask_entropy_bytes"] == pytest.approx(a["mask_entropy_bytes"], rel=1e-12)
+        assert (sharded / "model.safetensors").read_bytes() == (single_run / "model.safetensors").read_bytes()
+
+
+def test_sharded_evaluation_failures_reach_every_rank(single_run, tmp_path):
+    # A corrupt checkpoint in rank 1's range, and a folder another process holds: both ranks say what
+    # failed (not one the cause and the other a lost connection).
+    run = tmp_path / "run"
+    shutil.copytree(single_run, run)
+    ck = run / "checkpoints" / "task_00003.safetensors"
+    blob = bytearray(ck.read_bytes())
+    blob[-1] ^= 1
+    ck.write_bytes(bytes(blob))
+    proc = torchrun("evaluate", str(run), "--shard-bank", "--out", str(tmp_path / "e1"), "--no-progress")
+    assert proc.returncode != 0
+    assert "error (rank 1): " in proc.stderr and "task_00003.safetensors" in proc.stderr
+    assert "error (rank 0): rank 1 could not read its range of the masks" in proc.stderr, proc.stderr[-3000:]
+    from supsup_fast.runs.rundir import RunLock
+    lock = RunLock(tmp_path / "e2").acquire()
+    try:
+        proc = torchrun("evaluate", str(single_run), "--out", str(tmp_path / "e2"), "--no-progress")
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"error (rank {rank}): {tmp_path / 'e2'} is in use by another run" in proc.stderr, proc.stderr[-3000:]
 
 
 def _worker_pids(parent: int) -> list:

@@ -109,3 +109,12 @@ def test_evaluate_passes_download_on(tmp_path, monkeypatch):
     assert main(["evaluate", str(tmp_path), "--download", "--data-root", str(tmp_path / "d"), "--no-progress"]) == 0
     assert main(["evaluate", str(tmp_path), "--no-progress"]) == 0
     assert seen[0]["download"] is True and "download" not in seen[1]
+
+
+def test_a_leftover_world_size_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["run", *FAST, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "supsup-fast: error: WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT are not: launch with torchrun" in err

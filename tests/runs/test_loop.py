@@ -106,6 +106,10 @@ def test_gg_split_and_rotated_binary_runs(tmp_path):
     gg = run_experiment(make_config(overrides=dict(SMALL, scenario="GG", benchmark="split-mnist", tasks=2,
                                                    output_size=None, eval_at=[])), tmp_path / "gg", progress=False)
     assert gg["output_size"] == 2 and gg["task_inference_accuracy"] is None and gg["average_accuracy"] > 0.8
+    # evaluated under GNu, the masks keep the run's 2 outputs (the scenario's default would be 100)
+    gnu = evaluate_run(tmp_path / "gg", {"scenario": "GNu", "objective": "superfluous", "calibration": "entropy"},
+                       tmp_path / "gg-gnu", progress=False)
+    assert gnu["output_size"] == 2 and gnu["num_masks"] == 2
     rot = run_experiment(make_config(overrides=dict(SMALL, benchmark="rotated-mnist", tasks=3, inference="binary",
                                                     infer_images=128, eval_at=[])), tmp_path / "rot", progress=False)
     assert rot["num_masks"] == 3
