@@ -129,6 +129,8 @@ class SupSupRun(Experiment):
                     bar.update(1)
                     bar.set_postfix(acc=f"{after[t]:.4f}")
             train_wall += time.perf_counter() - start if todo else 0.0
+            if todo:  # the training time survives an interruption of the evaluation below
+                self.save_progress(rows, train_wall_seconds=train_wall)
             if self.progress:
                 bar.n = hi
                 bar.refresh()

@@ -412,3 +412,18 @@ def test_cheap_refusals_come_before_the_data_and_the_kernels(tmp_path, monkeypat
     monkeypatch.setattr(loop, "load_benchmark", lambda *a, **k: pytest.fail("the data was loaded before the refusal"))
     with pytest.raises(RunDirError, match="already holds a run; pass --resume"):
         run_experiment(make_config(overrides=SMALL), tmp_path / "b", progress=False)
+
+
+def test_training_time_survives_an_interrupted_final_evaluation(tmp_path, monkeypatch):
+    from supsup_fast.runs.loop import Experiment
+    cfg = make_config(overrides=dict(SMALL, tasks=2, eval_at=[]))
+
+    def interrupted(self, k, desc):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Experiment, "_evaluate_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    res = run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
+    assert res["timing"]["tasks_resumed"] == 2 and res["timing"]["train"] > 0
