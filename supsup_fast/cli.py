@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -80,13 +81,18 @@ def _then_shutdown(ctx, work: Callable[[], dict]) -> dict:
     return results
 
 
-def _interrupted_run_settings(out: Path, base: Optional[dict]) -> Optional[dict]:
-    """The settings ``out/config.json`` recorded, as the base of a resumed run (a folder without
-    one has nothing to resume: ``base`` stays). Its keys must be run settings."""
+def _interrupted_run_settings(args: argparse.Namespace, out: Path, base: Optional[dict]) -> Optional[dict]:
+    """The settings ``out/config.json`` recorded, as the base of a resumed run. A folder without
+    one holds no run yet: started from the settings given (a job that always passes --resume), or
+    refused where none is given (a mistyped --out would start a default run)."""
     from .runs.config import FIELDS
     from .runs.results import read_json
     path = out / "config.json"
     if not path.exists():
+        if base is None and not getattr(args, "config", None) and all(getattr(args, k, None) is None for k in FIELDS):
+            raise ValueError(f"--resume: {out} holds no run to resume (no config.json); check --out, or give the "
+                             f"run's settings (or --config) to start it there")
+        print(f"supsup-fast: {out} holds no run yet; starting it", file=sys.stderr)
         return base
     saved = read_json(path, "run config", remedy="it is not a config.json this package wrote; pass --out of a run")
     unknown = sorted(set(saved) - FIELDS)
@@ -101,7 +107,7 @@ def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") ->
         raise ValueError("--retrain-corrupt applies to a resumed run: pass --resume with it")
     out = Path(args.out or default_out)
     if args.resume:
-        base = _interrupted_run_settings(out, base)
+        base = _interrupted_run_settings(args, out, base)
     config = _config_from(args, base)
     ctx, config = _launch(config)
     results = _then_shutdown(ctx, lambda: run_experiment(config, out, resume=args.resume, progress=not args.no_progress,
@@ -196,10 +202,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
-        if args.command in ("run", "demo"):
-            out = f" --out {args.out}" if args.out else ""
+        out = Path(args.out or f"runs/{'demo' if args.command == 'demo' else 'run'}")
+        if args.command in ("run", "demo") and (out / "config.json").exists():
+            flag = f" --out {shlex.quote(args.out)}" if args.out else ""
             print(f"supsup-fast: interrupted; finished tasks are saved, continue with "
-                  f"`supsup-fast {args.command}{out} --resume`", file=sys.stderr)
+                  f"`supsup-fast {args.command}{flag} --resume`", file=sys.stderr)
         else:
             print("supsup-fast: interrupted", file=sys.stderr)
         return 130

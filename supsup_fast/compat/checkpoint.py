@@ -48,7 +48,8 @@ def load_official_checkpoint(model: nn.Module, path: PathOrDict, strict: bool = 
                              weights_only: bool = True) -> nn.Module:
     """Load an official SupSup checkpoint (a file written by its ``main.py``, or a state dict) into a
     model built from :mod:`supsup_fast.compat` layers: every task's float scores become bits, and
-    no float scores are kept. ``weights_only=False`` unpickles anything: only for trusted files."""
+    no float scores are kept (with ``configure(keep_scores=True)`` they are, beside the bits).
+    ``weights_only=False`` unpickles anything: only for trusted files."""
     sd = _strip_data_parallel(_read(path, weights_only), model)
     if strict:  # the clearer message for the usual cause of unexpected scores keys
         for name, m in model.named_modules():
@@ -63,7 +64,8 @@ def load_official_checkpoint(model: nn.Module, path: PathOrDict, strict: bool = 
         if isinstance(m, MultitaskMaskMixin):
             for t in m.scores.tasks():
                 m._commit(t)
-                m.scores.pop(t)
+                if not m.keep_scores:  # keep_scores: the checkpoint's float scores stay, as upstream
+                    m.scores.pop(t)
             m._task = None
     if not strict and (result.missing_keys or result.unexpected_keys):
         print(f"load_official_checkpoint: missing {result.missing_keys}, unexpected {result.unexpected_keys}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import List, Optional
 
 import torch
@@ -32,7 +31,7 @@ from .. import ops
 from ..nn.bank import MaskBank
 from ..nn.layers import autocast_enabled_for, outside_autocast
 from ..nn.masks import mask_from_scores, masked_weight_from_scores, score_init_bound
-from .scores import ScoreList, ScoreStream
+from .scores import ScoreList, ScoreStream, as_task_index
 from .settings import resolve_num_tasks, resolve_sparsity, scores_kept, weights_frozen
 
 
@@ -71,10 +70,11 @@ class MultitaskMaskMixin:
         self._count_cache = None
         self._task = None
         self._rebuilt = set()  # live tasks whose scores were rebuilt from their bank rows
+        self._initial = set()  # live tasks made from their official initial scores (untrained when made)
         self.keep_scores = scores_kept()
         if self.keep_scores:  # as upstream: every task's float scores exist from the start and stay
             for t in range(num_tasks):
-                self.scores.put(t, nn.Parameter(self._stream.scores(t).to(self.weight.device)))
+                self._live_scores(t)
 
     # -- the official attributes ---------------------------------------------------------------
     @property
@@ -83,19 +83,17 @@ class MultitaskMaskMixin:
 
     @task.setter
     def task(self, task: int) -> None:
-        if isinstance(task, torch.Tensor) and task.numel() == 1:
-            task = int(task)
-        if isinstance(task, bool) or not isinstance(task, numbers.Integral):
-            raise TypeError(f"task must be an int (>= 0: that task, < 0: superposition), got {task!r}")
-        task = int(task)
+        task = as_task_index(task, "task must be an int (>= 0: that task, < 0: superposition)")
         if task >= self.num_tasks:
             raise ValueError(f"task must be < num_tasks = {self.num_tasks}, got {task}")
-        for live in self.scores.tasks():
-            if live != task:  # the other task's mask becomes bits
-                self._commit(live)
-                if task >= 0 and not self.keep_scores:  # moving on to another task: its floats go
-                    self.scores.pop(live)
-                    self._rebuilt.discard(live)
+        if task < 0 or not self.keep_scores:  # keep_scores: the bits matter to the superposition alone
+            for live in self.scores.tasks():
+                if live != task:  # the other task's mask becomes bits
+                    self._commit(live)
+                    if task >= 0:  # moving on to another task: its floats go
+                        self.scores.pop(live)
+                        self._rebuilt.discard(live)
+                        self._initial.discard(live)
         if task >= 0:
             self._live_scores(task)
         self._task = task
@@ -112,6 +110,7 @@ class MultitaskMaskMixin:
                 self._rebuilt.add(task)
             else:
                 self.scores.put(task, nn.Parameter(self._stream.scores(task).to(self.weight.device)))
+                self._initial.add(task)
         return self.scores.live(task)
 
     @property
@@ -166,12 +165,16 @@ class MultitaskMaskMixin:
             self._bank_version = self.__dict__.pop("_version", 0)
         if not isinstance(self._rebuilt, set):  # was one task or None
             self._rebuilt = set() if self._rebuilt is None else {self._rebuilt}
+        self.__dict__.setdefault("_initial", set())
         self.scores.materialize, self.scores.num_tasks = self._live_scores, self.num_tasks
 
     # -- state_dict: the bits travel as ``mask_bits``; an official ``stacked`` is read too ---------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "mask_bits"] = self.bank.words.clone()
+        # The rows up to the last trained task: trailing untrained tasks' rows (made for a superposition
+        # or `stacked`) would load as trained ones.
+        trained = [t for t in range(len(self.bank)) if t not in self._filler]
+        destination[prefix + "mask_bits"] = self.bank.words[:trained[-1] + 1 if trained else 0].clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         bits = state_dict.pop(prefix + "mask_bits", None)
@@ -227,7 +230,7 @@ class MultitaskMaskMixin:
 
     def _commit(self, task: int) -> None:
         self._ensure_rows(task)
-        s = self.scores[task].detach()
+        s = self.scores.live(task).detach()
         if (task in self._rebuilt and task < len(self.bank) and task not in self._filler
                 and torch.equal(s, self._scores_for(self._row_mask(task)).to(s))):
             # Untouched scores rebuilt from this row: the row already holds the task's bits (and a
@@ -238,7 +241,11 @@ class MultitaskMaskMixin:
             self.bank.append(words)
         else:
             self.bank.set_row(task, words)
-        self._filler.discard(task)
+        if task in self._initial and torch.equal(s, self._stream.scores(task).to(s)):
+            self._filler.add(task)  # only read, never trained: it still starts from its initial scores
+        else:
+            self._filler.discard(task)
+            self._initial.discard(task)
         self._bank_version += 1
 
     def _counts(self, k: int) -> torch.Tensor:

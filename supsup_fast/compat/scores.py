@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 
+def as_task_index(value: object, what: str) -> int:
+    """``value`` (an int, a numpy integer or a one-element tensor) as an int; else TypeError(``what``)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what}, got {value!r}")
+    return int(value)
+
+
 class ScoreList(nn.Module):
     """Live score Parameters by task index (at most one in the usual flow).
 
-    Indexing reads like the official ``nn.ParameterList`` of all ``num_tasks`` scores: ``scores[t]``
-    (negative t from the end) and ``scores[a:b]`` give Parameters, and a task without live scores
-    is made live by ``materialize`` (the owning layer's: rebuilt from its bits, or its initial scores)."""
+    Reads like the official ``nn.ParameterList`` of all ``num_tasks`` scores: ``scores[t]`` (negative
+    t from the end), ``scores[a:b]`` (a list), ``len`` and iteration cover every task, and a task
+    without live scores is made live by ``materialize`` (the owning layer's: rebuilt from its bits,
+    or its initial scores). Iterating therefore holds every task's float scores, as upstream."""
 
     def __init__(self):
         super().__init__()
@@ -30,11 +40,7 @@ class ScoreList(nn.Module):
     def __getitem__(self, task: Union[int, slice]) -> Union[nn.Parameter, List[nn.Parameter]]:
         if isinstance(task, slice):
             return [self[t] for t in range(self._size())[task]]
-        if isinstance(task, torch.Tensor) and task.numel() == 1:
-            task = int(task)
-        if isinstance(task, bool) or not isinstance(task, numbers.Integral):
-            raise TypeError(f"scores index must be an int or a slice, got {task!r}")
-        task = int(task)
+        task = as_task_index(task, "scores index must be an int or a slice")
         if task < 0:
             task += self._size()
         key = str(task)
@@ -53,10 +59,14 @@ class ScoreList(nn.Module):
         return self._parameters[str(task)]
 
     def __contains__(self, task: object) -> bool:
+        """Whether ``task`` has live float scores (reading ``scores[task]`` would make them)."""
         return isinstance(task, int) and str(task) in self._parameters
 
     def __len__(self) -> int:
-        return len(self._parameters)
+        return self._size()
+
+    def __iter__(self) -> Iterator[nn.Parameter]:
+        return (self[t] for t in range(self._size()))
 
     def tasks(self) -> List[int]:
         return sorted(int(k) for k in self._parameters)

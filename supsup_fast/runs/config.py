@@ -180,8 +180,10 @@ class RunConfig:
                            score_cache=self.nns_score_cache)
 
     def hop_settings(self) -> HopSettings:
+        # One --weight-decay for training and recovery, as the official code's args.wd
         return HopSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                           gamma=self.hop_gamma, recovery_lr=self.hop_recovery_lr, test_batch_size=self.test_batch_size)
+                           recovery_weight_decay=self.weight_decay, gamma=self.hop_gamma,
+                           recovery_lr=self.hop_recovery_lr, test_batch_size=self.test_batch_size)
 
     def resolved_output_size(self, num_labels: int) -> int:
         size = self.output_size if self.output_size is not None else (num_labels if self.scenario == "GG" else max(100, num_labels))

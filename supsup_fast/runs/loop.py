@@ -117,7 +117,7 @@ def parallel_mode(config: RunConfig, ctx: DistContext) -> str:
         first = evaluation_points(config)[0]
         if first < ctx.world_size and first == config.tasks:  # no earlier point: too few tasks for the ranks
             raise ValueError(f"--shard-bank needs at least one task per rank: {first} task{'s' if first > 1 else ''} "
-                             f"(--tasks) for {ctx.world_size} ranks; launch at most {first} ranks")
+                             f"(--tasks) for {ctx.world_size} ranks; launch at most {first} rank{'s' if first > 1 else ''}")
         if first < ctx.world_size:
             raise ValueError(f"--shard-bank needs at least one task per rank at every evaluation, and the first one "
                              f"(after {first} task{'s' if first > 1 else ''}: --eval-at / --tasks) has {first} for "

@@ -738,3 +738,48 @@ def test_configure_names_the_er_sparsity_multiplier(monkeypatch):
         compat.configure(keep_scores=1)
     with pytest.raises(ValueError, match="train_weight_tasks must be an int"):
         compat.configure(train_weight_tasks=0.5)
+
+
+def test_reading_an_untrained_tasks_scores_keeps_its_official_start(monkeypatch):
+    # scores[t], iteration and `stacked` read untrained tasks (trainers/reinit.py does): the task still
+    # starts from its official initial scores when trained, also after a state_dict round trip.
+    torch.manual_seed(4)
+    m = compat.FastMultitaskMaskConv(3, 4, 3, num_tasks=4, bias=False)
+    m.task = 0
+    m.scores[0].data.normal_()
+    assert len(m.scores) == 4 and len(list(m.scores)) == 4  # as the official ParameterList
+    m.scores[2]
+    _ = m.stacked
+    m.task = 1  # commits 0 (trained) and the read-only 2, 3; drops their floats
+    assert m.scores.tasks() == [1]
+    assert torch.equal(m.scores[2].detach(), m._stream.scores(2))
+    m.scores[1].data.normal_()  # trained (a write through .data, which no version counter sees)
+    m.task = -1
+    fresh = compat.FastMultitaskMaskConv(3, 4, 3, num_tasks=4, bias=False)
+    fresh.load_state_dict(m.state_dict())
+    assert len(fresh.bank) == 2  # the rows up to the last trained task (1), not the read ones
+    fresh.task = 3
+    assert torch.equal(fresh.scores[3].detach(), fresh._stream.scores(3))  # its own official init
+
+
+def test_keep_scores_loads_official_floats_and_packs_only_for_the_superposition(monkeypatch):
+    monkeypatch.setattr(settings, "_SETTINGS", dict(settings._SETTINGS))
+    torch.manual_seed(5)
+    ref = nn.Sequential(FloatMultitaskMaskLinear(30, 8, num_tasks=3, bias=False))
+    for s in ref[0].scores:
+        s.data.normal_()
+    compat.configure(keep_scores=True)
+    ours = compat.load_official_checkpoint(nn.Sequential(compat.MultitaskMaskLinear(30, 8, num_tasks=3, bias=False)),
+                                           ref.state_dict())
+    layer = ours[0]
+    assert layer.scores.tasks() == [0, 1, 2]
+    for t in range(3):
+        assert torch.equal(layer.scores[t], ref[0].scores[t])  # the checkpoint's floats, not rebuilt ones
+    version = layer._bank_version
+    for t in (2, 0, 1):
+        layer.task = t  # no repacking of every task at each switch
+    assert layer._bank_version == version
+    with torch.no_grad():
+        layer.scores[1].neg_()
+    layer.task = -1  # the superposition reads the bits: packed now
+    assert torch.equal(layer.mask(1), layer._row_mask(1)) and torch.equal(layer._row_mask(1), ref[0].scores[1] < 0)

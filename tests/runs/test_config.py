@@ -189,3 +189,12 @@ def test_yaml_merge_keys_work_and_dash_spellings_count_as_one_setting(tmp_path):
     twice.write_text("batch-size: 16\nbatch_size: 32\n")
     with pytest.raises(ValueError, match="setting 'batch_size' is given twice"):
         load_yaml(twice)
+
+
+def test_hopsupsup_recovery_takes_the_runs_weight_decay():
+    # The official code's recovery SGD uses args.wd, the training's weight decay.
+    cfg = make_config(overrides=dict(model="bnnet", inference="hopfield", benchmark="split-mnist-10", weight_decay=5e-4))
+    hop = cfg.hop_settings()
+    assert hop.weight_decay == hop.recovery_weight_decay == 5e-4
+    assert make_config(overrides=dict(model="bnnet", inference="hopfield",
+                                      benchmark="split-mnist-10")).hop_settings().recovery_weight_decay == 1e-4

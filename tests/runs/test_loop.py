@@ -154,13 +154,3 @@ def test_transfer_state_survives_resume(tmp_path, monkeypatch):
         assert torch.equal(a.bank.words, b.bank.words)  # same masks as the uninterrupted run
     assert resumed["per_task_accuracy"] == full["per_task_accuracy"]
 
-
-def test_shard_bank_refusal_names_what_to_change():
-    from supsup_fast.distributed import DistContext
-    from supsup_fast.runs.loop import parallel_mode
-    four = DistContext(world_size=4, rank=0, local_rank=0, backend="gloo")
-    with pytest.raises(ValueError, match=r"one task per rank: 3 tasks \(--tasks\) for 4 ranks; launch at most 3 ranks"):
-        parallel_mode(make_config(overrides=dict(tasks=3, shard_bank=True)), four)
-    with pytest.raises(ValueError, match="drop the --eval-at points below 4"):
-        parallel_mode(make_config(overrides=dict(tasks=8, eval_at=[2], shard_bank=True)), four)
-    assert parallel_mode(make_config(overrides=dict(tasks=8, eval_at=[4], shard_bank=True)), four) == "task"

@@ -302,6 +302,19 @@ def test_resume_on_the_cli_takes_the_runs_own_settings(tmp_path, monkeypatch, ca
     assert results["config"] == dict(saved, infer_images=4)
 
 
+def test_resume_of_a_folder_without_a_run(tmp_path, capsys):
+    # A mistyped --out with --resume alone would start a default run: refused. With the run's
+    # settings given (a job that always passes --resume) it starts, saying so.
+    assert main(["run", "--out", str(tmp_path / "typo"), "--resume", "--no-progress"]) == 2
+    assert "holds no run to resume (no config.json); check --out" in capsys.readouterr().err
+    out = tmp_path / "new"
+    argv = ["run", "--model", "lenet", "--tasks", "1", "--iters", "5", "--train-subset", "300", "--out", str(out),
+            "--resume", "--no-progress"]
+    assert main(argv) == 0
+    assert "holds no run yet; starting it" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["model"] == "lenet"
+
+
 def test_resume_refuses_a_config_json_with_foreign_settings(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -317,7 +317,8 @@ def test_shard_bank_with_an_evaluation_point_below_the_world_size_is_refused_bef
     with pytest.raises(ValueError, match=r"first one \(after 2 tasks: --eval-at / --tasks\) has 2 for 3 ranks"):
         exp_mod.parallel_mode(config, ctx)
     assert exp_mod.parallel_mode(make_config(overrides=dict(SMALL, tasks=4, eval_at=[3], shard_bank=True)), ctx) == "task"
-    with pytest.raises(ValueError, match=r"after 1 task: --eval-at / --tasks\) has 1 for 3 ranks"):
+    # no evaluation point before the last (as under `evaluate`): fewer ranks, not --eval-at, is the remedy
+    with pytest.raises(ValueError, match=r"one task per rank: 1 task \(--tasks\) for 3 ranks; launch at most 1 rank"):
         exp_mod.parallel_mode(make_config(overrides=dict(SMALL, tasks=1, shard_bank=True)), ctx)
 
 
