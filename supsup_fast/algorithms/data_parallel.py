@@ -12,7 +12,7 @@ equals the one-process step and every rank keeps the same running statistics.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data.tasks import TaskSplit
 from ..distributed import DistContext
 from ..nn import MultitaskBatchNorm, begin_task, finish_task, task_parameters
-from .training import TrainSettings, backprop_step, make_optimizer, run_steps
+from .training import TrainSettings, backprop_step, check_training_inputs, make_optimizer, run_steps
 
 
 def local_slice(n: int, ctx: DistContext) -> slice:
@@ -34,10 +34,11 @@ def local_slice(n: int, ctx: DistContext) -> slice:
 
 
 def train_task_data_parallel(model: nn.Module, split: TaskSplit, settings: TrainSettings, ctx: DistContext, *,
-                             device: torch.device, generator: Optional[torch.Generator] = None,
+                             device: Union[str, torch.device], generator: Optional[torch.Generator] = None,
                              init_scores: Optional[Dict[str, torch.Tensor]] = None,
                              on_step: Optional[Callable[[int, float], None]] = None) -> Dict[str, float]:
     """:func:`.training.train_task` with the batch split over the ranks of ``ctx``."""
+    device = check_training_inputs(split, settings, device)
     begin_task(model, init_scores=init_scores, generator=generator)
     model.train()
     with warnings.catch_warnings():  # newer torch renames the flag; its meaning here is unchanged

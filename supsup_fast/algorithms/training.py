@@ -122,16 +122,7 @@ def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, d
     """Learn one new mask on ``split`` (a :class:`~supsup_fast.data.TaskSplit`, e.g.
     ``load_benchmark(...).train(t)`` or ``TaskSplit(x, y)``) and append it (packed) to every
     layer's bank; ``device`` is where the batches go (the model's device)."""
-    settings.validate()
-    if not (hasattr(split, "batches") and hasattr(split, "__len__")):  # TaskSplit, ImageFileSplit
-        raise TypeError(f"split must be a task split with batches() (e.g. supsup_fast.data.TaskSplit(images, labels)), "
-                        f"got {type(split).__name__}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must name a torch device (cpu, cuda, cuda:1 ...), got {device!r}") from None
-    if len(split) == 0:  # no step would be made, and an untrained mask appended as if learned
-        raise ValueError("split (the task's training data) is empty; a mask needs at least one batch to train on")
+    device = check_training_inputs(split, settings, device)
     begin_task(model, init_scores=init_scores, generator=generator)
     model.train()
     # The first batch, drawn as the loop would draw it: a model other than MLP may run a layer twice
@@ -156,6 +147,21 @@ def train_task(model: nn.Module, split: TaskSplit, settings: TrainSettings, *, d
     finish_task(model)
     model.eval()
     return {"steps": step, "final_loss": last_loss}
+
+
+def check_training_inputs(split: TaskSplit, settings: TrainSettings, device: Union[str, torch.device]) -> torch.device:
+    """Refuse bad settings, a split that is not one or is empty, and a device that is not one,
+    before a task changes the model; returns the device."""
+    settings.validate()
+    if not (hasattr(split, "batches") and hasattr(split, "__len__")):  # TaskSplit, ImageFileSplit
+        raise TypeError(f"split must be a task split with batches() (e.g. supsup_fast.data.TaskSplit(images, labels)), "
+                        f"got {type(split).__name__}")
+    if len(split) == 0:  # no step would be made, and an untrained mask appended as if learned
+        raise ValueError("split (the task's training data) is empty; a mask needs at least one batch to train on")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must name a torch device (cpu, cuda, cuda:1 ...), got {device!r}") from None
 
 
 Step = Callable[[torch.Tensor, torch.Tensor], float]

@@ -103,12 +103,7 @@ def official_state_dict(model: nn.Module, stacked: bool = False) -> Dict[str, to
             del sd[key]
         masks = []
         for i in range(m.num_tasks):
-            if i in m.scores:
-                s = m.scores[i].detach().clone()
-            elif i < len(m.bank) and i not in m._filler:
-                s = m.scores_from_bits(i)
-            else:
-                s = m._stream.scores(i).to(m.weight.device)
+            s = m.scores.live(i).detach().clone() if i in m.scores else m.stored_scores(i)
             sd[f"{prefix}scores.{i}"] = s
             masks.append(m._pack(s))
         if stacked:

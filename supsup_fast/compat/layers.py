@@ -105,13 +105,18 @@ class MultitaskMaskMixin:
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"task must be in [0, num_tasks={self.num_tasks}), got {task}")
         if task not in self.scores:
-            if task < len(self.bank) and task not in self._filler:
-                self.scores.put(task, nn.Parameter(self.scores_from_bits(task).to(self.weight.device)))
-                self._rebuilt.add(task)
-            else:
-                self.scores.put(task, nn.Parameter(self._stream.scores(task).to(self.weight.device)))
-                self._initial.add(task)
+            self.scores.put(task, nn.Parameter(self.stored_scores(task)))
+            (self._initial if self._untrained(task) else self._rebuilt).add(task)
         return self.scores.live(task)
+
+    def _untrained(self, task: int) -> bool:
+        return not (task < len(self.bank) and task not in self._filler)
+
+    def stored_scores(self, task: int) -> torch.Tensor:
+        """Float scores for a task without live ones: rebuilt from its bits (a finished task: the
+        same mask) or its official initial scores (an untrained task)."""
+        scores = self._stream.scores(task) if self._untrained(task) else self.scores_from_bits(task)
+        return scores.to(self.weight.device)
 
     @property
     def density(self) -> float:
@@ -190,7 +195,8 @@ class MultitaskMaskMixin:
                                   f"num_tasks={self.num_tasks}; build it with num_tasks >= {held.shape[0]}")
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if bits is None and stacked is not None and not any(k.startswith(prefix + "scores.") for k in state_dict):
+        has_scores = any(k.startswith(prefix + "scores.") for k in state_dict)
+        if bits is None and stacked is not None and not has_scores:
             if tuple(stacked.shape[1:]) != tuple(self.weight.shape):
                 error_msgs.append(f"{prefix}stacked must be [k, {', '.join(map(str, self.weight.shape))}], got {tuple(stacked.shape)}")
                 return
@@ -204,7 +210,7 @@ class MultitaskMaskMixin:
             self.bank.append(bits.to(self.bank.storage.device))
             self._filler.clear()
             self._bank_version += 1
-        elif strict and stacked is None and not any(k.startswith(prefix + "scores.") for k in state_dict):
+        elif strict and stacked is None and not has_scores:
             # Nothing to take the masks from (e.g. the official main.py's --resume, which keeps only the
             # keys a fresh model's state_dict has): refused rather than loading the weights alone.
             error_msgs.append(f"{prefix}mask_bits is missing, and no stacked or scores.* either: nothing to load the "
