@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,9 @@ class MultitaskMaskMixin:
         self.alphas: Optional[torch.Tensor] = None
         self.scores = ScoreList()
         self.scores.materialize, self.scores.num_tasks = self._live_scores, self.num_tasks
+        self.scores.before_load = self._scores_to_load
         n = self.weight[0].numel()
+        self._bits_loaded = False  # set while a state dict's scores load after its bits
         self.bank = MaskBank(self.weight.shape[0], n, device=self.weight.device)
         self.bank.persist_rows = False  # the layer's state_dict carries the bits as mask_bits, as upstream's layout
         self._stream = ScoreStream(tuple(self.weight.shape), num_tasks)
@@ -115,8 +117,8 @@ class MultitaskMaskMixin:
     def stored_scores(self, task: int) -> torch.Tensor:
         """Float scores for a task without live ones: rebuilt from its bits (a finished task: the
         same mask) or its official initial scores (an untrained task)."""
-        scores = self._stream.scores(task) if self._untrained(task) else self.scores_from_bits(task)
-        return scores.to(self.weight.device)
+        scores = self._stream.scores(task) if self._untrained(task) else self._scores_for(self._row_mask(task))
+        return scores.to(device=self.weight.device, dtype=self.weight.dtype)
 
     @property
     def density(self) -> float:
@@ -171,7 +173,9 @@ class MultitaskMaskMixin:
         if not isinstance(self._rebuilt, set):  # was one task or None
             self._rebuilt = set() if self._rebuilt is None else {self._rebuilt}
         self.__dict__.setdefault("_initial", set())
+        self.__dict__.setdefault("_bits_loaded", False)
         self.scores.materialize, self.scores.num_tasks = self._live_scores, self.num_tasks
+        self.scores.before_load = self._scores_to_load
 
     # -- state_dict: the bits travel as ``mask_bits``; an official ``stacked`` is read too ---------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -182,6 +186,7 @@ class MultitaskMaskMixin:
         destination[prefix + "mask_bits"] = self.bank.words[:trained[-1] + 1 if trained else 0].clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self._bits_loaded = False  # (its scores load next, in ScoreList: _scores_to_load)
         bits = state_dict.pop(prefix + "mask_bits", None)
         stacked = state_dict.pop(prefix + "stacked", None)
         # Scores of tasks past num_tasks: the official ParameterList has no such entries, so they are
@@ -210,12 +215,33 @@ class MultitaskMaskMixin:
             self.bank.append(bits.to(self.bank.storage.device))
             self._filler.clear()
             self._bank_version += 1
+            self._bits_loaded = True
         elif strict and stacked is None and not has_scores:
             # Nothing to take the masks from (e.g. the official main.py's --resume, which keeps only the
             # keys a fresh model's state_dict has): refused rather than loading the weights alone.
             error_msgs.append(f"{prefix}mask_bits is missing, and no stacked or scores.* either: nothing to load the "
                               f"masks from (the official main.py --resume keeps only the keys a fresh model has; load "
                               f"official checkpoints with supsup_fast.compat.load_official_checkpoint(model, path))")
+
+    def _scores_to_load(self, carried: Dict[int, torch.Tensor]) -> Dict[int, torch.Tensor]:
+        """Before a state dict's scores load (after its bits): a task it carries counts as untrained
+        while it holds its official initial scores; a live task it does not carry takes the scores of
+        the bits just loaded (its initial ones if they hold none), so no stale score outlives a load."""
+        for task, value in carried.items():
+            self._rebuilt.discard(task)
+            initial = self._stream.scores(task) if 0 <= task < self.num_tasks else None
+            if initial is not None and torch.equal(value.to(initial), initial):
+                self._initial.add(task)
+            else:
+                self._initial.discard(task)
+        if not self._bits_loaded:
+            return {}
+        fill = {}
+        for task in self.scores.tasks():
+            if task not in carried:
+                fill[task] = self.stored_scores(task).to(self.scores.live(task))
+                (self._initial if self._untrained(task) else self._rebuilt).add(task)
+        return fill
 
     # -- bank ----------------------------------------------------------------------------------
     def _pack(self, scores: torch.Tensor) -> torch.Tensor:

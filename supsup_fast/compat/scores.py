@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ class ScoreList(nn.Module):
     def __init__(self):
         super().__init__()
         self.materialize: Optional[Callable[[int], nn.Parameter]] = None
+        # the owner's look at a state dict's scores before they load: returns scores for the live
+        # tasks the dict does not carry
+        self.before_load: Optional[Callable[[Dict[int, torch.Tensor]], Dict[int, torch.Tensor]]] = None
         self.num_tasks: Optional[int] = None
 
     def __getitem__(self, task: Union[int, slice]) -> Union[nn.Parameter, List[nn.Parameter]]:
@@ -78,6 +81,11 @@ class ScoreList(nn.Module):
         return self._parameters.pop(str(int(task)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        carried = {int(key[len(prefix):]): value for key, value in state_dict.items()
+                   if key.startswith(prefix) and key[len(prefix):].isdigit()}
+        if self.before_load is not None:
+            for task, value in self.before_load(carried).items():
+                state_dict[f"{prefix}{task}"] = value  # loaded below like the others
         # A saved model may hold scores for tasks this one has not started: create them to load into.
         for key, value in state_dict.items():
             name = key[len(prefix):]

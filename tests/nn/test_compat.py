@@ -783,3 +783,62 @@ def test_keep_scores_loads_official_floats_and_packs_only_for_the_superposition(
         layer.scores[1].neg_()
     layer.task = -1  # the superposition reads the bits: packed now
     assert torch.equal(layer.mask(1), layer._row_mask(1)) and torch.equal(layer._row_mask(1), ref[0].scores[1] < 0)
+
+
+def _trained_pair(keep: bool, monkeypatch):
+    monkeypatch.setattr(settings, "_SETTINGS", dict(settings._SETTINGS))
+    compat.configure(keep_scores=keep)
+    torch.manual_seed(0)
+    m = compat.MultitaskMaskLinear(20, 7, num_tasks=4, bias=False)
+    x, y = torch.randn(16, 20), torch.randn(16, 7)
+    for t in (0, 1):
+        m.task = t
+        opt = torch.optim.SGD([m.scores[t]], lr=5.0)
+        for _ in range(3):
+            opt.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            opt.step()
+    m.task = -1
+    return m, x
+
+
+def test_state_dicts_move_between_live_tasks_and_keep_scores(monkeypatch):
+    plain, x = _trained_pair(False, monkeypatch)
+    masks = [plain.mask(t).clone() for t in range(2)]
+    # into a keep_scores model (every task live): strict, its live scores come from the loaded bits
+    compat.configure(keep_scores=True)
+    torch.manual_seed(1)
+    keep = compat.MultitaskMaskLinear(20, 7, num_tasks=4, bias=False)
+    keep.load_state_dict(plain.state_dict())
+    for t in range(2):
+        keep.task, plain.task = t, t
+        assert torch.equal(keep.mask(t), masks[t]) and torch.equal(keep(x), plain(x))
+    # a model with another task live reloads an earlier state strictly, and the stale scores go
+    compat.configure(keep_scores=False)
+    other = compat.MultitaskMaskLinear(20, 7, num_tasks=4, bias=False)
+    other.task = 2
+    with torch.no_grad():
+        other.scores[2].fill_(1.0)
+    other.load_state_dict(plain.state_dict())
+    assert torch.equal(other.scores[2].detach(), other._stream.scores(2))  # untrained in the loaded state
+    # a keep_scores state dict carries untrained tasks' initial scores: in a model built the same way
+    # (the same initial scores) they stay untrained
+    keep.task = -1
+    torch.manual_seed(1)
+    back = compat.MultitaskMaskLinear(20, 7, num_tasks=4, bias=False)
+    back.load_state_dict(keep.state_dict())
+    back.task = 0
+    assert back.state_dict()["mask_bits"].shape[0] == 2
+    back.task = 3
+    assert torch.equal(back.scores[3].detach(), back._stream.scores(3))
+
+
+def test_scores_made_after_double_are_float64():
+    m = compat.MultitaskMaskLinear(20, 7, num_tasks=3, bias=False)
+    m.task = 0
+    m.task = 1
+    m.double()
+    m.task = 0  # rebuilt from its bits
+    assert m.scores[0].dtype == torch.float64 and m.scores[2].dtype == torch.float64  # 2: untrained
+    m(torch.randn(2, 20, dtype=torch.float64)).sum().backward()
+    assert m.scores[0].grad.dtype == torch.float64
