@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import struct
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -77,6 +79,23 @@ def _layout(model: nn.Module) -> Dict[str, dict]:
     }
 
 
+def _metadata(model: nn.Module, first_task: int, count: int, extra: Optional[dict]) -> Dict[str, str]:
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        raise ValueError("model has no .spec (build it with supsup_fast.models.build_model); keep another model's "
+                         "masks with torch.save(model.state_dict()), which holds them")
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "model_spec": json.dumps(spec, sort_keys=True),
+        "layout": json.dumps(_layout(model), sort_keys=True),
+        "first_task": str(first_task),
+        "num_tasks": str(count),
+        "weights_sha256": weights_digest(model),
+        "extra": json.dumps(extra or {}, sort_keys=True),
+    }
+
+
 def save_masks(model: nn.Module, path: Union[str, Path], first_task: int = 0, end_task: Optional[int] = None,
                extra: Optional[dict] = None, label: Optional[int] = None) -> None:
     """Write tasks [first_task, end_task) of ``model`` to ``path`` atomically. ``label``: the task
@@ -88,10 +107,7 @@ def save_masks(model: nn.Module, path: Union[str, Path], first_task: int = 0, en
     end_task = k if end_task is None else end_task
     if not 0 <= first_task <= end_task <= k:
         raise ValueError(f"task range [{first_task}, {end_task}) is not within the {k} learned tasks")
-    spec = getattr(model, "spec", None)
-    if spec is None:
-        raise ValueError("model has no .spec (build it with supsup_fast.models.build_model); keep another model's "
-                         "masks with torch.save(model.state_dict()), which holds them")
+    metadata = _metadata(model, first_task if label is None else label, end_task - first_task, extra)
     tensors: Dict[str, torch.Tensor] = {}
     for name, layer in supermask_layers(model).items():
         tensors[f"bank/{name}"] = layer.bank.words[first_task:end_task].detach().cpu().contiguous()
@@ -102,18 +118,79 @@ def save_masks(model: nn.Module, path: Union[str, Path], first_task: int = 0, en
     for name, bn in _bn_layers(model).items():
         tensors[f"bn_mean/{name}"] = bn.means.rows[first_task:end_task].detach().cpu().contiguous()
         tensors[f"bn_var/{name}"] = bn.vars.rows[first_task:end_task].detach().cpu().contiguous()
-    metadata = {
-        "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "model_spec": json.dumps(spec, sort_keys=True),
-        "layout": json.dumps(_layout(model), sort_keys=True),
-        "first_task": str(first_task if label is None else label),
-        "num_tasks": str(end_task - first_task),
-        "weights_sha256": weights_digest(model),
-        "extra": json.dumps(extra or {}, sort_keys=True),
-    }
     metadata["checksum"] = checksum(tensors, metadata)
     atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+_SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.float16: "F16",
+                       torch.bfloat16: "BF16"}
+
+
+def save_model_from_files(model: nn.Module, files: List[Path], path: Union[str, Path],
+                          extra: Optional[dict] = None) -> None:
+    """The whole-model file of the tasks in ``files`` (one checkpoint per task, in task order),
+    written from the checkpoints without holding the bank: each file is verified against
+    ``model`` (a fresh model of the run, no tasks) and then read once per tensor, for the checksum
+    and for the write. The result equals ``save_model`` of the model the files assemble."""
+    from safetensors import safe_open
+
+    layers, bns = supermask_layers(model), _bn_layers(model)
+    if not files:
+        raise ValueError("files must name at least one task checkpoint")
+    if num_tasks(model) != 0:
+        raise ValueError(f"model must hold no task (its weights and spec only), holds {num_tasks(model)}")
+    for t, file in enumerate(files):  # verified whole, one at a time
+        tensors, meta = read_mask_file(file)
+        if parse_metadata(file, meta)[3] != 1:
+            raise MaskFileError(f"{file} holds {meta['num_tasks']} tasks, a task checkpoint holds 1")
+        check_mask_file(model, file, tensors, meta, first_task=t)
+        last = tensors
+    per_task = {f"bank/{n}": (len(files), *l.bank.row_shape) for n, l in layers.items()}
+    for n, bn in bns.items():
+        for kind in ("bn_mean", "bn_var"):
+            per_task[f"{kind}/{n}"] = (len(files), *last[f"{kind}/{n}"].shape[1:])
+    whole = {f"weight/{n}": l.weight.detach().cpu().contiguous() for n, l in layers.items() if l.init_kind == "tensor"}
+    whole.update({k: v for k, v in last.items() if k.startswith("score_mean/")})  # the state after the last task
+    dtypes = {name: last[name].dtype for name in per_task}
+    dtypes.update({name: t.dtype for name, t in whole.items()})
+    shapes = dict(per_task, **{name: tuple(t.shape) for name, t in whole.items()})
+
+    def pieces(name):  # the tensor's bytes, in order, as a mask file holds them
+        if name in whole:
+            yield whole[name].numpy().tobytes()
+            return
+        for file in files:
+            with safe_open(str(file), framework="pt") as fh:
+                yield fh.get_tensor(name).contiguous().numpy().tobytes()
+
+    metadata = _metadata(model, 0, len(files), extra)
+    h = hashlib.sha256()  # as checksum(): the metadata, then each tensor in name order
+    for key in sorted(metadata):
+        h.update(f"{key}={metadata[key]}\n".encode())
+    names = sorted(shapes)
+    for name in names:
+        h.update(f"{name}:{dtypes[name]}:{list(shapes[name])}\n".encode())
+        for piece in pieces(name):
+            h.update(piece)
+    metadata["checksum"] = h.hexdigest()
+    header, offset = {"__metadata__": metadata}, 0
+    for name in names:
+        size = dtypes[name].itemsize * math.prod(shapes[name])
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtypes[name]], "shape": list(shapes[name]),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(head)))
+            fh.write(head)
+            for name in names:
+                for piece in pieces(name):
+                    fh.write(piece)
+
+    atomic_write_bytes(path, write)
 
 
 def _open(path: Union[str, Path], tensors: bool) -> tuple:
@@ -221,6 +298,21 @@ def parse_metadata(path, meta: Dict[str, str]) -> tuple:
 def apply_mask_file(model: nn.Module, path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str],
                     first_task: Optional[int] = None) -> dict:
     """Check a verified file (``read_mask_file``) against ``model`` and append its tasks."""
+    extra = check_mask_file(model, path, tensors, meta, first_task)
+    for n, layer in supermask_layers(model).items():
+        layer.append_packed(tensors[f"bank/{n}"])
+        if f"score_mean/{n}" in tensors:
+            layer.score_mean = tensors[f"score_mean/{n}"].to(layer.weight.device)
+    for n, bn in _bn_layers(model).items():
+        bn.append_stats(tensors[f"bn_mean/{n}"].to(bn.means.storage.device), tensors[f"bn_var/{n}"].to(bn.means.storage.device))
+    return extra
+
+
+def check_mask_file(model: nn.Module, path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str],
+                    first_task: Optional[int] = None) -> dict:
+    """Everything ``apply_mask_file`` checks before it appends: the file's model, weights, task
+    range (starting at ``first_task``, default the model's next task), shapes, pad bits and
+    tensors. Returns its ``extra`` dict."""
     spec, layout, first, count, extra = parse_metadata(path, meta)
     if spec != getattr(model, "spec", None):
         raise MaskFileError(f"{path} was saved from model {spec}, not {getattr(model, 'spec', None)}")
@@ -263,13 +355,6 @@ def apply_mask_file(model: nn.Module, path, tensors: Dict[str, torch.Tensor], me
     if unknown:
         raise MaskFileError(f"{path} holds tensors this model has no place for: {unknown[:5]}"
                             f"{' ...' if len(unknown) > 5 else ''} (a file of another version or model, or modified)")
-    # Everything checked: now mutate.
-    for n, layer in layers.items():
-        layer.append_packed(tensors[f"bank/{n}"])
-        if f"score_mean/{n}" in tensors:
-            layer.score_mean = tensors[f"score_mean/{n}"].to(layer.weight.device)
-    for n, bn in bns.items():
-        bn.append_stats(tensors[f"bn_mean/{n}"].to(bn.means.storage.device), tensors[f"bn_var/{n}"].to(bn.means.storage.device))
     return extra
 
 

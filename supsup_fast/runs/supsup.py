@@ -164,13 +164,24 @@ class SupSupRun(Experiment):
         return extra, meta.get("checksum", "")
 
     def _save_whole_model(self, after: List[float], loaded: bool) -> None:
-        """model.safetensors, on rank 0. With a sharded bank the ranks hold no whole model, so
-        rank 0 assembles one from the checkpoints for the file alone and frees it before evaluating."""
-        model = self.model
-        if not loaded:  # assembled for the file, then dropped: this rank evaluates its own range only
-            model = self._fresh_model().to(self.device)
-            for t in range(self.config.tasks):
-                self._load_task(model, t)
-            self.bank_summary = bank_summary(model)
-        maskfile.save_model(model, self.out / "model.safetensors", extra=self._model_extra(after))
+        """model.safetensors, on rank 0. With a sharded bank no rank holds the whole model: the file
+        is written from the task checkpoints (each verified), never assembled in memory."""
+        path = self.out / "model.safetensors"
+        if loaded:
+            maskfile.save_model(self.model, path, extra=self._model_extra(after))
+        else:
+            maskfile.save_model_from_files(self._fresh_model(), [self._task_file(t) for t in range(self.config.tasks)],
+                                           path, extra=self._model_extra(after))
+            self.bank_summary = self._summary_from_checkpoints()
+
+    def _summary_from_checkpoints(self) -> dict:
+        """The whole bank's summary, one checkpoint at a time (every field adds up over tasks)."""
+        model, total = self._fresh_model(), {}
+        for t in range(self.config.tasks):
+            self._load_task(model, t, first_task=t)
+            for key, value in bank_summary(model).items():
+                total[key] = total.get(key, 0) + value
+            for m in task_modules(model):
+                m.truncate_tasks(0)
+        return total
 

@@ -114,3 +114,31 @@ def test_file_size_is_bits(tmp_path):
     mask_bytes = snn.mask_bytes(model)
     assert mask_bytes == 4 * (1024 * 25 + 1024 * 32 + 500 * 32) * 4
     assert (tmp_path / "m.st").stat().st_size < mask_bytes + 20_000
+
+
+@pytest.mark.parametrize("name,k,out", [("lenet", 3, 100), ("gemresnet18", 2, 5)])
+def test_whole_model_file_written_from_task_checkpoints(tmp_path, name, k, out):
+    # A sharded run writes model.safetensors from its checkpoints, never holding the whole bank:
+    # the file must equal save_model's of the assembled model, checksum included.
+    from safetensors import safe_open
+
+    from supsup_fast.runs.maskfile import save_model_from_files
+    model = trained(name, k=k, out=out)
+    files = [tmp_path / f"task_{t}.safetensors" for t in range(k)]
+    for t, f in enumerate(files):
+        save_masks(model, f, t, t + 1)
+    save_model(model, tmp_path / "whole.safetensors", extra={"a": 1})
+    save_model_from_files(build_model(name, out, seed=2), files, tmp_path / "streamed.safetensors", extra={"a": 1})
+    (ta, ma), (tb, mb) = read_mask_file(tmp_path / "whole.safetensors"), read_mask_file(tmp_path / "streamed.safetensors")
+    assert ma == mb and ta.keys() == tb.keys()
+    assert all(torch.equal(ta[key], tb[key]) for key in ta)
+    with safe_open(str(tmp_path / "streamed.safetensors"), framework="pt") as fh:
+        assert fh.metadata()["checksum"] == ma["checksum"]
+    loaded = load_model(tmp_path / "streamed.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(banks(model), banks(loaded)))
+    # a checkpoint out of order, or from another model, is refused before anything is written
+    with pytest.raises(MaskFileError, match="holds tasks \\[1, 2\\) but the model's next task is 0"):
+        save_model_from_files(build_model(name, out, seed=2), files[1:], tmp_path / "bad.safetensors")
+    with pytest.raises(MaskFileError, match="was saved from model"):
+        save_model_from_files(build_model(name, out, seed=3), files, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
