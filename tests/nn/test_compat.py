@@ -686,13 +686,19 @@ def test_scores_index_like_the_official_parameter_list():
         m.scores[4]
 
 
-def test_keep_scores_state_dict_passes_the_official_resume_filter(monkeypatch):
-    # main.py --resume keeps only the checkpoint's keys that a fresh model's state_dict has.
-    monkeypatch.setattr(settings, "_SETTINGS", dict(settings._SETTINGS))
-    torch.manual_seed(2)
+def _float_model_with_random_scores(seed: int) -> nn.Sequential:
+    """One official float layer (30 -> 8, 3 tasks) whose scores are all drawn afresh."""
+    torch.manual_seed(seed)
     ref = nn.Sequential(FloatMultitaskMaskLinear(30, 8, num_tasks=3, bias=False))
     for s in ref[0].scores:
         s.data.normal_()
+    return ref
+
+
+def test_keep_scores_state_dict_passes_the_official_resume_filter(monkeypatch):
+    # main.py --resume keeps only the checkpoint's keys that a fresh model's state_dict has.
+    monkeypatch.setattr(settings, "_SETTINGS", dict(settings._SETTINGS))
+    ref = _float_model_with_random_scores(seed=2)
     saved = ref.state_dict()
 
     def resume(model):
@@ -764,10 +770,7 @@ def test_reading_an_untrained_tasks_scores_keeps_its_official_start(monkeypatch)
 
 def test_keep_scores_loads_official_floats_and_packs_only_for_the_superposition(monkeypatch):
     monkeypatch.setattr(settings, "_SETTINGS", dict(settings._SETTINGS))
-    torch.manual_seed(5)
-    ref = nn.Sequential(FloatMultitaskMaskLinear(30, 8, num_tasks=3, bias=False))
-    for s in ref[0].scores:
-        s.data.normal_()
+    ref = _float_model_with_random_scores(seed=5)
     compat.configure(keep_scores=True)
     ours = compat.load_official_checkpoint(nn.Sequential(compat.MultitaskMaskLinear(30, 8, num_tasks=3, bias=False)),
                                            ref.state_dict())
