@@ -99,7 +99,7 @@ def official_state_dict(model: nn.Module, stacked: bool = False) -> Dict[str, to
         if not isinstance(m, MultitaskMaskMixin):
             continue
         prefix = f"{name}." if name else ""
-        for key in [k for k in sd if k == prefix + "mask_bits" or k.startswith(prefix + "scores.")]:
+        for key in [k for k in sd if k in (prefix + "mask_bits", prefix + "mask_untrained") or k.startswith(prefix + "scores.")]:
             del sd[key]
         masks = []
         for i in range(m.num_tasks):

@@ -183,11 +183,16 @@ class MultitaskMaskMixin:
         # The rows up to the last trained task: trailing untrained tasks' rows (made for a superposition
         # or `stacked`) would load as trained ones.
         trained = [t for t in range(len(self.bank)) if t not in self._filler]
-        destination[prefix + "mask_bits"] = self.bank.words[:trained[-1] + 1 if trained else 0].clone()
+        rows = trained[-1] + 1 if trained else 0
+        destination[prefix + "mask_bits"] = self.bank.words[:rows].clone()
+        # the untrained tasks among those rows (only read, or made for a superposition): they load as such
+        destination[prefix + "mask_untrained"] = torch.tensor(sorted(t for t in self._filler if t < rows),
+                                                              dtype=torch.int64)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self._bits_loaded = False  # (its scores load next, in ScoreList: _scores_to_load)
         bits = state_dict.pop(prefix + "mask_bits", None)
+        untrained = state_dict.pop(prefix + "mask_untrained", None)
         stacked = state_dict.pop(prefix + "stacked", None)
         # Scores of tasks past num_tasks: the official ParameterList has no such entries, so they are
         # unexpected keys (load_state_dict refuses them when strict, else ignores them, as upstream).
@@ -211,9 +216,14 @@ class MultitaskMaskMixin:
             if bits.dtype != torch.int32 or bits.dim() != 3 or tuple(bits.shape[1:]) != expect:
                 error_msgs.append(f"{prefix}mask_bits must be int32[k, {expect[0]}, {expect[1]}], got {bits.dtype}{list(bits.shape)}")
                 return
+            rows = bits.shape[0]
+            if untrained is not None and (untrained.dim() != 1 or untrained.is_floating_point()
+                                          or bool(((untrained < 0) | (untrained >= rows)).any())):
+                error_msgs.append(f"{prefix}mask_untrained must list row indices in [0, {rows}), got {untrained.tolist()}")
+                return
             self.bank.truncate(0)
             self.bank.append(bits.to(self.bank.storage.device))
-            self._filler.clear()
+            self._filler = set() if untrained is None else {int(t) for t in untrained}
             self._bank_version += 1
             self._bits_loaded = True
         elif strict and stacked is None and not has_scores:
@@ -236,6 +246,7 @@ class MultitaskMaskMixin:
                 self._initial.discard(task)
         if not self._bits_loaded:
             return {}
+        self._bits_loaded = False  # this load's
         fill = {}
         for task in self.scores.tasks():
             if task not in carried:

@@ -83,14 +83,17 @@ class ScoreList(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         carried = {int(key[len(prefix):]): value for key, value in state_dict.items()
                    if key.startswith(prefix) and key[len(prefix):].isdigit()}
+        # A saved model may hold scores for tasks this one has not started: made live (the owner's
+        # device and dtype) to load into.
+        for task, value in carried.items():
+            if str(task) not in self._parameters:
+                if self.materialize is not None:
+                    self.materialize(task)
+                else:
+                    self.register_parameter(str(task), nn.Parameter(torch.empty_like(value)))
         if self.before_load is not None:
             for task, value in self.before_load(carried).items():
                 state_dict[f"{prefix}{task}"] = value  # loaded below like the others
-        # A saved model may hold scores for tasks this one has not started: create them to load into.
-        for key, value in state_dict.items():
-            name = key[len(prefix):]
-            if key.startswith(prefix) and name.isdigit() and name not in self._parameters:
-                self.register_parameter(name, nn.Parameter(torch.empty_like(value, device="cpu")))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 

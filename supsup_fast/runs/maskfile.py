@@ -146,12 +146,14 @@ def save_model_from_files(model: nn.Module, files: List[Path], path: Union[str, 
         check_mask_file(model, file, tensors, meta, first_task=t)
         last = tensors
     per_task = {f"bank/{n}": (len(files), *l.bank.row_shape) for n, l in layers.items()}
+    # each file's rows in the model's own dtype, as appending them to the model converts them
+    dtypes = {f"bank/{n}": l.bank.words.dtype for n, l in layers.items()}
     for n, bn in bns.items():
         for kind in ("bn_mean", "bn_var"):
             per_task[f"{kind}/{n}"] = (len(files), *last[f"{kind}/{n}"].shape[1:])
+            dtypes[f"{kind}/{n}"] = bn.means.storage.dtype
     whole = {f"weight/{n}": l.weight.detach().cpu().contiguous() for n, l in layers.items() if l.init_kind == "tensor"}
     whole.update({k: v for k, v in last.items() if k.startswith("score_mean/")})  # the state after the last task
-    dtypes = {name: last[name].dtype for name in per_task}
     dtypes.update({name: t.dtype for name, t in whole.items()})
     shapes = dict(per_task, **{name: tuple(t.shape) for name, t in whole.items()})
 
@@ -161,7 +163,7 @@ def save_model_from_files(model: nn.Module, files: List[Path], path: Union[str, 
             return
         for file in files:
             with safe_open(str(file), framework="pt") as fh:
-                yield fh.get_tensor(name).contiguous().numpy().tobytes()
+                yield fh.get_tensor(name).to(dtypes[name]).contiguous().numpy().tobytes()
 
     metadata = _metadata(model, 0, len(files), extra)
     h = hashlib.sha256()  # as checksum(): the metadata, then each tensor in name order

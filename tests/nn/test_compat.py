@@ -845,3 +845,31 @@ def test_scores_made_after_double_are_float64():
     assert m.scores[0].dtype == torch.float64 and m.scores[2].dtype == torch.float64  # 2: untrained
     m(torch.randn(2, 20, dtype=torch.float64)).sum().backward()
     assert m.scores[0].grad.dtype == torch.float64
+
+
+def test_a_read_task_below_a_trained_one_stays_untrained_through_a_state_dict():
+    torch.manual_seed(6)
+    m = compat.MultitaskMaskLinear(20, 7, num_tasks=3, bias=False)
+    m.task = 0  # selected, never trained
+    m.task = 1
+    with torch.no_grad():
+        m.scores[1].neg_()
+    m.task = -1
+    sd = m.state_dict()
+    assert sd["mask_bits"].shape[0] == 2 and sd["mask_untrained"].tolist() == [0]
+    torch.manual_seed(6)
+    fresh = compat.MultitaskMaskLinear(20, 7, num_tasks=3, bias=False)
+    fresh.load_state_dict(sd)
+    fresh.task = 0
+    assert torch.equal(fresh.scores[0].detach(), fresh._stream.scores(0))
+    fresh.task = 1
+    assert torch.equal(fresh.mask(1), m.mask(1))
+    # scores made by a load take the model's dtype, and a later partial load keeps trained scores
+    double = compat.MultitaskMaskLinear(20, 7, num_tasks=3, bias=False).double()
+    double.load_state_dict(sd)
+    assert all(double.scores.live(t).dtype == torch.float64 for t in double.scores.tasks())
+    trained = fresh.scores[1].detach().clone()
+    fresh.scores.load_state_dict({}, strict=False)
+    assert torch.equal(fresh.scores[1].detach(), trained)
+    with pytest.raises(RuntimeError, match=r"mask_untrained must list row indices in \[0, 2\)"):
+        fresh.load_state_dict(dict(sd, mask_untrained=torch.tensor([5])))

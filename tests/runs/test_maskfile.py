@@ -142,3 +142,22 @@ def test_whole_model_file_written_from_task_checkpoints(tmp_path, name, k, out):
     with pytest.raises(MaskFileError, match="was saved from model"):
         save_model_from_files(build_model(name, out, seed=3), files, tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_whole_model_file_from_checkpoints_of_another_bn_dtype(tmp_path):
+    # Checkpoints whose BN statistics are float64 (one, or all): the rows enter the file in the
+    # model's dtype, as appending them to the model converts them; the file is whole and readable.
+    from supsup_fast.runs.maskfile import save_model_from_files
+    model = trained("gemresnet18", k=2, out=5)
+    files = [tmp_path / f"task_{t}.safetensors" for t in range(2)]
+    for t, f in enumerate(files):
+        save_masks(model, f, t, t + 1)
+    for m in model.modules():
+        if isinstance(m, snn.MultitaskBatchNorm):
+            m.means.storage, m.vars.storage = m.means.storage.double(), m.vars.storage.double()
+    save_masks(model, files[1], 1, 2)
+    assert read_mask_file(files[1])[0]["bn_var/" + next(n for n, m in model.named_modules()
+                                                        if isinstance(m, snn.MultitaskBatchNorm))].dtype == torch.float64
+    save_model_from_files(build_model("gemresnet18", 5, seed=2), files, tmp_path / "streamed.safetensors")
+    loaded = load_model(tmp_path / "streamed.safetensors")
+    assert snn.num_tasks(loaded) == 2
