@@ -4,9 +4,10 @@ GG: the task's own mask. GNs/GNu/NNs: per test batch, infer the task from the fi
 ``infer_images`` images (only they go through the superposed net), then classify the whole batch
 with the chosen single mask. GNu (unshared labels) scores the batch 0 when the task is wrong;
 GNs (shared labels) keeps the prediction, and so does NNs, where the masks were allocated
-without task identity and ``expected`` names the mask that counts as the right one. Per batch the cost is one superposed fwd+bwd on a few
-images plus one ordinary forward, so evaluating k tasks costs O(k) batches of near-constant work
-instead of the official code's O(k) batches that each touch k float masks.
+without task identity and ``expected`` names the mask that counts as the right one. Per batch the
+cost is one superposed fwd+bwd on a few images, which reads the k masks' bits once (the α-gradient),
+plus one ordinary forward: evaluating k tasks is O(k) batches of O(k) bit reads, where the official
+code's batches each build and read k float masks.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """NNs: the model never sees the task index while training; masks are allocated by the rule of
-:mod:`supsup_fast.algorithms.nns`. One rolling checkpoint (all masks + the allocator log) after each
-true task. Under torchrun every true task is trained data-parallel."""
+:mod:`supsup_fast.algorithms.nns`. One rolling checkpoint (all masks + the allocator log), rewritten
+whole as true tasks finish. Under torchrun every true task is trained data-parallel."""
 from __future__ import annotations
 
 import time
@@ -17,6 +17,12 @@ from .rundir import RunDirError, check_identity
 
 
 class NNsRun(Experiment):
+    # A checkpoint takes time and bytes in proportion to the masks held, and every finished true task
+    # may change any mask: written after every true task, a 2,500-task run would write about 100 GB.
+    # One every max(1, masks // CHECKPOINT_SPACING) true tasks keeps the total linear in the run; an
+    # interruption retrains at most that many true tasks (the same masks: each has its own seed).
+    CHECKPOINT_SPACING = 64
+
     def _row_at(self, rows: list, k: int) -> list:
         """``rows`` with the evaluation row after ``k`` true tasks computed from the masks held now:
         a row of the progress file is kept only if it was computed from the same masks (a run retrained
@@ -71,6 +77,7 @@ class NNsRun(Experiment):
                 rows = self._row_at(rows, done)  # the checkpoint holds exactly those masks
             task_bar = tqdm(range(cfg.tasks), desc=f"NNs {cfg.benchmark}", unit="true task", disable=not self.progress)
             task_bar.update(done)
+            saved = done
             for t in range(done, cfg.tasks):
                 gen = task_generator(cfg.seed, t)
                 split = train_subset(self.tasks.train(t), cfg.train_subset)
@@ -91,9 +98,11 @@ class NNsRun(Experiment):
                 # (the same masks) and finds its row, never a checkpoint past a point without its row.
                 if t + 1 in eval_points and t + 1 < cfg.tasks:
                     rows = self._row_at(rows, t + 1)
-                self._on_main(lambda: maskfile.save_model(self.model, ckpt, extra={
-                    "true_tasks_done": t + 1, "accuracy_after_training": after, "train_seconds": train_seconds,
-                    "allocator": allocator.state.to_dict(), "run_identity": self.identity()}))
+                if t + 1 - saved >= max(1, num_tasks(self.model) // self.CHECKPOINT_SPACING) or t + 1 == cfg.tasks:
+                    self._on_main(lambda: maskfile.save_model(self.model, ckpt, extra={
+                        "true_tasks_done": t + 1, "accuracy_after_training": after, "train_seconds": train_seconds,
+                        "allocator": allocator.state.to_dict(), "run_identity": self.identity()}))
+                    saved = t + 1
                 task_bar.update(1)
                 task_bar.set_postfix(masks=num_tasks(self.model), acc=f"{own.accuracy:.4f}")
             allocator.finish()

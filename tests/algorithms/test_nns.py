@@ -30,7 +30,12 @@ def test_nns_allocates_one_mask_per_true_task(tmp_path):
     assert len(res["accuracy_matrix"]) == 2  # after 2 and 3 true tasks
 
 
-def test_nns_resume_matches_uninterrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("spacing,resumed_tasks", [(64, 2), (0.25, 0)])
+def test_nns_resume_matches_uninterrupted(tmp_path, monkeypatch, spacing, resumed_tasks):
+    # spacing 64: a checkpoint after every true task while few masks are held; 0.25: one every 4 ×
+    # masks true tasks, so none before the interruption, and the resume retrains from the start
+    from supsup_fast.runs.nns import NNsRun
+    monkeypatch.setattr(NNsRun, "CHECKPOINT_SPACING", spacing)
     cfg = make_config(overrides=dict(NNS, tasks=3, eval_at=[]))
     full = run_experiment(cfg, tmp_path / "full", progress=False)
     real = MaskAllocator.train_true_task
@@ -46,7 +51,7 @@ def test_nns_resume_matches_uninterrupted(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "cut", progress=False)
     resumed = run_experiment(cfg, tmp_path / "cut", resume=True, progress=False)
-    assert resumed["timing"]["tasks_resumed"] == 2
+    assert resumed["timing"]["tasks_resumed"] == resumed_tasks
     assert resumed["per_task_accuracy"] == full["per_task_accuracy"]
     assert resumed["nns"]["decisions"] == full["nns"]["decisions"]
 
