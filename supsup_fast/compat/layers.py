@@ -20,6 +20,7 @@ starts from its official initial scores.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from typing import Dict, List, Optional
 
@@ -72,7 +73,9 @@ class MultitaskMaskMixin:
         self._count_cache = None
         self._task = None
         self._rebuilt = set()  # live tasks whose scores were rebuilt from their bank rows
-        self._initial = set()  # live tasks made from their official initial scores (untrained when made)
+        # live tasks made from their official initial scores -> a digest of those scores: a commit
+        # tells an untouched task (still untrained) by it, without drawing the scores again
+        self._initial: Dict[int, str] = {}
         self.keep_scores = scores_kept()
         if self.keep_scores:  # as upstream: every task's float scores exist from the start and stay
             for t in range(num_tasks):
@@ -95,7 +98,7 @@ class MultitaskMaskMixin:
                     if task >= 0:  # moving on to another task: its floats go
                         self.scores.pop(live)
                         self._rebuilt.discard(live)
-                        self._initial.discard(live)
+                        self._initial.pop(live, None)
         if task >= 0:
             self._live_scores(task)
         self._task = task
@@ -108,8 +111,15 @@ class MultitaskMaskMixin:
             raise IndexError(f"task must be in [0, num_tasks={self.num_tasks}), got {task}")
         if task not in self.scores:
             self.scores.put(task, nn.Parameter(self.stored_scores(task)))
-            (self._initial if self._untrained(task) else self._rebuilt).add(task)
+            self._note_source(task)
         return self.scores.live(task)
+
+    def _note_source(self, task: int) -> None:
+        """Record where live task ``task``'s scores came from: its initial scores or its bits."""
+        if self._untrained(task):
+            self._initial[task] = _digest(self.scores.live(task))
+        else:
+            self._rebuilt.add(task)
 
     def _untrained(self, task: int) -> bool:
         return not (task < len(self.bank) and task not in self._filler)
@@ -172,7 +182,8 @@ class MultitaskMaskMixin:
             self._bank_version = self.__dict__.pop("_version", 0)
         if not isinstance(self._rebuilt, set):  # was one task or None
             self._rebuilt = set() if self._rebuilt is None else {self._rebuilt}
-        self.__dict__.setdefault("_initial", set())
+        if not isinstance(self.__dict__.get("_initial"), dict):
+            self._initial = {}
         self.__dict__.setdefault("_bits_loaded", False)
         self.scores.materialize, self.scores.num_tasks = self._live_scores, self.num_tasks
         self.scores.before_load = self._scores_to_load
@@ -239,11 +250,11 @@ class MultitaskMaskMixin:
         the bits just loaded (its initial ones if they hold none), so no stale score outlives a load."""
         for task, value in carried.items():
             self._rebuilt.discard(task)
-            initial = self._stream.scores(task) if 0 <= task < self.num_tasks else None
-            if initial is not None and torch.equal(value.to(initial), initial):
-                self._initial.add(task)
+            initial = self._stream.scores(task)
+            if torch.equal(value.to(initial), initial):
+                self._initial[task] = _digest(initial)
             else:
-                self._initial.discard(task)
+                self._initial.pop(task, None)
         if not self._bits_loaded:
             return {}
         self._bits_loaded = False  # this load's
@@ -251,7 +262,10 @@ class MultitaskMaskMixin:
         for task in self.scores.tasks():
             if task not in carried:
                 fill[task] = self.stored_scores(task).to(self.scores.live(task))
-                (self._initial if self._untrained(task) else self._rebuilt).add(task)
+                if self._untrained(task):
+                    self._initial[task] = _digest(fill[task])
+                else:
+                    self._rebuilt.add(task)
         return fill
 
     # -- bank ----------------------------------------------------------------------------------
@@ -284,11 +298,11 @@ class MultitaskMaskMixin:
             self.bank.append(words)
         else:
             self.bank.set_row(task, words)
-        if task in self._initial and torch.equal(s, self._stream.scores(task).to(s)):
+        if task in self._initial and self._initial[task] == _digest(s):
             self._filler.add(task)  # only read, never trained: it still starts from its initial scores
         else:
             self._filler.discard(task)
-            self._initial.discard(task)
+            self._initial.pop(task, None)
         self._bank_version += 1
 
     def _counts(self, k: int) -> torch.Tensor:
@@ -344,6 +358,11 @@ class MultitaskMaskMixin:
             return self._masked_op(x, words, self.bias)
         y = self._masked_op(x, words, None) * scale.reshape(())
         return y if self.bias is None else y + self._bias_view()
+
+
+def _digest(scores: torch.Tensor) -> str:
+    """SHA-256 of a tensor's values (exact, unlike a version counter, which writes through ``.data`` skip)."""
+    return hashlib.sha256(scores.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def scores_beyond(state_dict, prefix: str, num_tasks: int) -> List[int]:
