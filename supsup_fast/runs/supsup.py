@@ -143,6 +143,9 @@ class SupSupRun(Experiment):
                 row = self._evaluate_all(hi, f"eval {hi} tasks")
                 row["masks_sha256"] = digest
                 rows = [r for r in rows if r["tasks_learned"] != hi] + [row]
+            elif hi == cfg.tasks and not hold_all and ctx.is_main:
+                # no final evaluation (its row is kept): the summary its ranks would have added up
+                self.bank_summary = self._summary_from_checkpoints()
             self.save_progress(rows, train_wall_seconds=train_wall)
             lo = hi
         bar.close()
@@ -172,7 +175,6 @@ class SupSupRun(Experiment):
         else:
             maskfile.save_model_from_files(self._fresh_model(), [self._task_file(t) for t in range(self.config.tasks)],
                                            path, extra=self._model_extra(after))
-            self.bank_summary = self._summary_from_checkpoints()
 
     def _summary_from_checkpoints(self) -> dict:
         """The whole bank's summary, one checkpoint at a time (every field adds up over tasks)."""
