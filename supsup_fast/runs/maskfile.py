@@ -131,7 +131,8 @@ def save_model_from_files(model: nn.Module, files: List[Path], path: Union[str, 
     """The whole-model file of the tasks in ``files`` (one checkpoint per task, in task order),
     written from the checkpoints without holding the bank: each file is verified against
     ``model`` (a fresh model of the run, no tasks) and then read once per tensor, for the checksum
-    and for the write. The result equals ``save_model`` of the model the files assemble."""
+    and for the write; a file that changes after it was verified (its size, time or inode) stops
+    the write. The result equals ``save_model`` of the model the files assemble."""
     from safetensors import safe_open
 
     layers, bns = supermask_layers(model), _bn_layers(model)
@@ -139,7 +140,9 @@ def save_model_from_files(model: nn.Module, files: List[Path], path: Union[str, 
         raise ValueError("files must name at least one task checkpoint")
     if num_tasks(model) != 0:
         raise ValueError(f"model must hold no task (its weights and spec only), holds {num_tasks(model)}")
+    verified = {}
     for t, file in enumerate(files):  # verified whole, one at a time
+        verified[file] = _identity(file)
         tensors, meta = read_mask_file(file)
         if parse_metadata(file, meta)[3] != 1:
             raise MaskFileError(f"{file} holds {meta['num_tasks']} tasks, a task checkpoint holds 1")
@@ -163,6 +166,8 @@ def save_model_from_files(model: nn.Module, files: List[Path], path: Union[str, 
             return
         for file in files:
             with safe_open(str(file), framework="pt") as fh:
+                if _identity(file) != verified[file]:  # checked with the file open: what is read is what was verified
+                    raise MaskFileError(f"{file} changed after it was verified; {path} was not written")
                 yield fh.get_tensor(name).to(dtypes[name]).contiguous().numpy().tobytes()
 
     metadata = _metadata(model, 0, len(files), extra)
@@ -193,6 +198,13 @@ def save_model_from_files(model: nn.Module, files: List[Path], path: Union[str, 
                     fh.write(piece)
 
     atomic_write_bytes(path, write)
+
+
+def _identity(path: Path) -> tuple:
+    """What tells a rewritten file from the one verified: an atomic replace gives a new inode, an
+    in-place write a new modification time."""
+    st = Path(path).stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _open(path: Union[str, Path], tensors: bool) -> tuple:

@@ -144,6 +144,34 @@ def test_whole_model_file_written_from_task_checkpoints(tmp_path, name, k, out):
     assert not (tmp_path / "bad.safetensors").exists()
 
 
+def test_whole_model_file_refuses_a_checkpoint_changed_after_it_was_verified(tmp_path, monkeypatch):
+    # The checkpoints are read again for the checksum and the write; one replaced in between (an
+    # atomic rewrite, or bytes changed in place) must stop the write, not enter the file under a
+    # checksum of its new bytes.
+    from supsup_fast.runs import maskfile
+    model = trained("fc1024", k=2, out=10)
+    files = [tmp_path / f"task_{t}.safetensors" for t in range(2)]
+    for t, f in enumerate(files):
+        save_masks(model, f, t, t + 1)
+    verify = maskfile.read_mask_file
+
+    def rewritten_after_last(file):
+        result = verify(file)
+        if file == files[-1]:
+            save_masks(model, files[0], 1, 2)  # task 1's rows where task 0's were verified
+        return result
+
+    monkeypatch.setattr(maskfile, "read_mask_file", rewritten_after_last)
+    with pytest.raises(MaskFileError, match="task_0.safetensors changed after it was verified"):
+        maskfile.save_model_from_files(build_model("fc1024", 10, seed=2), files, tmp_path / "streamed.safetensors")
+    assert not (tmp_path / "streamed.safetensors").exists()
+    monkeypatch.setattr(maskfile, "read_mask_file", verify)
+    for t, f in enumerate(files):  # unchanged files write as before
+        save_masks(model, f, t, t + 1)
+    maskfile.save_model_from_files(build_model("fc1024", 10, seed=2), files, tmp_path / "streamed.safetensors")
+    assert snn.num_tasks(load_model(tmp_path / "streamed.safetensors")) == 2
+
+
 def test_whole_model_file_from_checkpoints_of_another_bn_dtype(tmp_path):
     # Checkpoints whose BN statistics are float64 (one, or all): the rows enter the file in the
     # model's dtype, as appending them to the model converts them; the file is whole and readable.
