@@ -12,7 +12,7 @@ import fnmatch
 import sys
 import types
 import warnings
-from typing import Iterable, Optional, Sequence, Tuple, Type, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -98,6 +98,27 @@ def _task_bn(name: str, m: nn.modules.batchnorm._BatchNorm, weights: str) -> nn.
     return bn
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _warn_lost_hooks_and_ties(masked: List[Tuple[str, nn.Module]], weights: str) -> None:
+    """What a replaced layer cannot carry over: hooks registered on it, and a weight Parameter it
+    shared with another layer (a tied module, registered under two names, stays one module)."""
+    hooked = [name for name, m in masked if any(getattr(m, h, None) for h in _HOOKS)]
+    if hooked:
+        warnings.warn(f"convert replaces {len(hooked)} layer(s) that have hooks registered; the supermask layers "
+                      f"do not carry them (register them again on the converted model): "
+                      f"{', '.join(hooked[:8])}{' ...' if len(hooked) > 8 else ''}", stacklevel=3)
+    owners: Dict[int, List[str]] = {}
+    for name, m in masked:
+        owners.setdefault(id(m.weight), []).append(name)
+    tied = [names for names in owners.values() if len(names) > 1]
+    if tied:
+        how = "a copy of the shared weight" if weights == "keep" else "a frozen weight drawn for it alone"
+        warnings.warn(f"convert unties weights shared between layers: each supermask layer holds {how} and "
+                      f"masks of its own: {'; '.join(', '.join(names) for names in tied[:8])}", stacklevel=3)
+
+
 def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Iterable[Selector]] = None,
             exclude: Optional[Iterable[Selector]] = None, batchnorm: bool = True, mask_fn: str = "threshold",
             density: float = 0.5, seed: int = 0, inplace: bool = False, freeze_others: bool = True) -> nn.Module:
@@ -162,6 +183,7 @@ def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Itera
                       f"statistics shared by every task (each task's training moves them): "
                       f"{', '.join(shared_stats[:8])}{' ...' if len(shared_stats) > 8 else ''}; convert a lazy "
                       f"BatchNorm after a first forward", stacklevel=2)
+    _warn_lost_hooks_and_ties([(name, m) for name, kind, m in plan if kind == "mask"], weights)
     index, replaced = 0, {}
     for name, kind, m in plan:
         if kind == "mask":

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..bits import num_words
+from ..bits import num_words, pad_bits_set
 
 
 class TaskRows(nn.Module):
@@ -49,10 +49,21 @@ class TaskRows(nn.Module):
             got = f"{rows.dtype}{list(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
             error_msgs.append(f"{prefix}rows must be {self.storage.dtype}[k, {', '.join(map(str, self.row_shape))}], got {got}")
             return
+        problem = self._check_rows(rows)
+        if problem is not None:
+            error_msgs.append(f"{prefix}rows: {problem}")
+            return
         with torch.no_grad(), torch.inference_mode(False):
-            self.storage = rows.to(self.storage.device).clone()
+            if local_metadata.get("assign_to_params_buffers", False):  # load_state_dict(assign=True): its tensor, as for a buffer
+                self.storage = rows.detach() if rows.is_contiguous() else rows.detach().contiguous()
+            else:
+                self.storage = rows.to(self.storage.device).clone()
         self.count = rows.shape[0]
         self._kept_row = None
+
+    def _check_rows(self, rows: torch.Tensor) -> Optional[str]:
+        """Why ``rows`` from a state dict cannot be this module's (None when they can)."""
+        return None
 
     @property
     def rows(self) -> torch.Tensor:
@@ -148,6 +159,12 @@ class MaskBank(TaskRows):
     @property
     def words(self) -> torch.Tensor:
         return self.rows
+
+    def _check_rows(self, rows: torch.Tensor) -> Optional[str]:
+        if not rows.is_meta and pad_bits_set(rows, self.n):
+            return (f"bits set past bit {self.n} of a row (the padding of the last word must be zero); "
+                    f"these are not the masks of a layer with {self.n} weights per output")
+        return None
 
     @property
     def keep_interleaved(self) -> bool:

@@ -41,10 +41,18 @@ class SupermaskConv2d(SupermaskLayer):
         super().__init__()
         from ..ops.checks import pair
         kh, kw = pair("kernel_size", kernel_size)
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if kh < 1 or kw < 1:
+            raise ValueError(f"kernel_size must be positive, got {kernel_size!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         self.stride, self.dilation, self.groups = tuple(pair("stride", stride)), tuple(pair("dilation", dilation)), groups
+        for name, value in (("stride", self.stride), ("dilation", self.dilation)):
+            if min(value) < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
         self.padding = resolve_padding(padding, (kh, kw), self.stride, self.dilation)
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")

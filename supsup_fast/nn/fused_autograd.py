@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import ops
 
@@ -97,5 +98,14 @@ class _FusedThresholdStep(torch.autograd.Function):
         return dx, None, None, None
 
 
+DDP_REFUSAL = ("an in-backward optimiser (InBackwardRMSprop / InBackwardAdam) updates the scores with this "
+               "rank's own gradient inside the backward, before DistributedDataParallel averages it, so the "
+               "ranks would train different masks: under DDP use torch.optim.RMSprop / Adam over "
+               "snn.task_parameters(model) (algorithms.train_task_data_parallel does)")
+
+
 def fused_train_forward(layer, x: torch.Tensor, state: FusedScoreState) -> torch.Tensor:
+    # DDP marks its forward (a private attribute, read defensively: torch.compile's DDP optimiser uses it).
+    if getattr(DistributedDataParallel, "_active_ddp_module", None) is not None:
+        raise RuntimeError(DDP_REFUSAL)
     return _FusedThresholdStep.apply(x, layer.scores, layer, state)

@@ -21,9 +21,10 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import ops
-from .fused_autograd import FusedScoreState, ScoreUpdate
+from .fused_autograd import DDP_REFUSAL, FusedScoreState, ScoreUpdate
 from .tasks import supermask_layers
 
 
@@ -34,10 +35,11 @@ def fused_step_unsupported(model: nn.Module) -> Optional[str]:
     if not layers:
         return "no task is being trained: call begin_task first"
     for name, m in layers.items():
+        which = f"layer {name!r}" if name else "the layer"
         if m.mask_fn != "threshold":
-            return f"layer {name!r} uses mask_fn={m.mask_fn!r}; the fused step needs 'threshold'"
+            return f"{which} uses mask_fn={m.mask_fn!r}; the fused step needs 'threshold'"
         if m.weight.dtype != torch.float32 or m.scores.dtype != torch.float32:
-            return f"layer {name!r} is {m.weight.dtype}; the fused step needs float32"
+            return f"{which} is {m.weight.dtype}; the fused step needs float32"
     return None
 
 
@@ -46,13 +48,16 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     apply inside the backward pass (module docstring). Subclasses give the per-layer update."""
 
     def __init__(self, model: nn.Module, defaults: dict):
+        if isinstance(model, DistributedDataParallel):
+            raise ValueError(DDP_REFUSAL)
         reason = fused_step_unsupported(model)
         if reason is not None:
             raise ValueError(f"model: {reason}")
         self._layers = [m for m in supermask_layers(model).values() if m.scores is not None]
         super().__init__([m.scores for m in self._layers], defaults)
-        for m in self._layers:
-            m.set_mode_train(fused=FusedScoreState(m, self._bind(m.scores)))
+        self._states = [FusedScoreState(m, self._bind(m.scores)) for m in self._layers]
+        for m, state in zip(self._layers, self._states):
+            m.set_mode_train(fused=state)
 
     def _bind(self, scores: torch.Tensor) -> ScoreUpdate:
         """The fused update of ``scores``: it reads this optimiser's group and state at each call."""
@@ -71,10 +76,10 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         """Nothing to do: the layers give the scores no ``.grad``."""
 
     def close(self) -> None:
-        """Return the layers to the plain training step (their scores keep what was learned)."""
-        for m in self._layers:
-            if m.scores is not None:
-                m.set_mode_train()
+        """Return the layers to the plain training step (their scores keep what was learned). A
+        layer that another in-backward optimiser has taken over since keeps that one."""
+        for m, state in zip(self._layers, self._states):
+            m.release_fused(state)
 
 
 class InBackwardRMSprop(InBackwardOptimizer):

@@ -49,6 +49,12 @@ class SupermaskLayer(CountCaches, nn.Module):
         if not 0.0 < density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {density}")
         dtype = dtype or torch.float32
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        if generator is None and seed is None:
+            # As nn.Linear's init draws from torch's default generator: torch.manual_seed fixes the
+            # weights, and two layers built alike get different ones.
+            seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
         gen = generator if generator is not None else make_generator(seed)
         if isinstance(init, torch.Tensor):
             if tuple(init.shape) != tuple(weight_shape):
@@ -71,6 +77,10 @@ class SupermaskLayer(CountCaches, nn.Module):
         self.track_score_mean = False
         self.register_buffer("score_mean", None, persistent=False)
         self._mode: Mode = OneTask(0)
+
+    # The in-backward optimiser's state of the task being trained (fused_step), kept across mode
+    # changes until the optimiser is closed or the task ends (a class default: pickles from before it).
+    _fused = None
 
     # -- task lifecycle -----------------------------------------------------------------------
     @property
@@ -108,8 +118,10 @@ class SupermaskLayer(CountCaches, nn.Module):
         optimiser state."""
         if tuple(scores.shape) != tuple(self.weight.shape):
             raise ValueError(f"scores must have shape {tuple(self.weight.shape)}, got {tuple(scores.shape)}")
+        if scores is not self.scores:  # new scores: an in-backward optimiser of the old ones no longer applies
+            self._fused = None
         self.scores = scores
-        self._mode = Train()
+        self._mode = Train(self._fused)
 
     def scores_from_bits(self, task: int, magnitude: Optional[float] = None) -> torch.Tensor:
         """Scores that reproduce finished mask ``task``: +m where the bit is set, -m elsewhere
@@ -157,6 +169,7 @@ class SupermaskLayer(CountCaches, nn.Module):
                 self.score_mean = self.score_mean + (scores - self.score_mean) / (self.num_tasks + 1)
         self.commit_mask(self.num_tasks)
         self.scores = None
+        self._fused = None
         self._mode = OneTask(self.num_tasks - 1)
 
     def append_packed(self, words: torch.Tensor) -> None:
@@ -186,8 +199,8 @@ class SupermaskLayer(CountCaches, nn.Module):
             self.__dict__.pop(name, None)
         self._counts = None
         self.bank.drop_interleaved()
-        if isinstance(self._mode, Train) and self._mode.fused is not None:
-            self._mode.fused.forget()
+        if self._fused is not None:
+            self._fused.forget()
 
     def __getstate__(self):
         """copy.deepcopy and pickle: without the derived caches, and a layer trained by an in-backward
@@ -196,6 +209,7 @@ class SupermaskLayer(CountCaches, nn.Module):
         state["_buffers"] = {**state["_buffers"], "_counts": None}
         if isinstance(state.get("_mode"), Train) and state["_mode"].fused is not None:
             state["_mode"] = Train()
+        state.pop("_fused", None)
         return state
 
     # -- modes --------------------------------------------------------------------------------
@@ -207,10 +221,23 @@ class SupermaskLayer(CountCaches, nn.Module):
 
     def set_mode_train(self, fused=None) -> None:
         """Train the current scores; ``fused`` (a :class:`.fused_step.FusedScoreState`) applies the
-        optimiser inside the backward pass (:class:`.fused_step.InBackwardRMSprop` sets it)."""
+        optimiser inside the backward pass (:class:`.fused_step.InBackwardRMSprop` sets it). Without
+        it, the layer goes on with the in-backward optimiser it was last given, if one is open: an
+        evaluation between training steps (``set_task``, then ``set_train_mode``) keeps it."""
         if self.scores is None:
             raise RuntimeError("no task is being trained: call begin_task first")
-        self._mode = Train(fused)
+        if fused is not None:
+            self._fused = fused
+        self._mode = Train(self._fused)
+
+    def release_fused(self, fused) -> None:
+        """Return to the plain training step if ``fused`` is the layer's in-backward state (its
+        optimiser is closing); a state another optimiser gave it since is kept."""
+        if fused is None or self._fused is not fused:
+            return
+        self._fused = None
+        if isinstance(self._mode, Train):
+            self._mode = Train()
 
     def set_mode_superpose(self, alpha: torch.Tensor, active: Optional[torch.Tensor] = None, uniform: bool = False,
                            *, checked: bool = False) -> None:

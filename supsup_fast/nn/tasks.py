@@ -34,8 +34,21 @@ def num_tasks(model: nn.Module) -> int:
 def begin_task(model: nn.Module, init_scores: Optional[Dict[str, torch.Tensor]] = None,
                generator: Optional[torch.Generator] = None) -> None:
     """Give every supermask layer fresh scores for a new task (``init_scores`` by layer name, e.g.
-    the Transfer running mean) and put the model in train mode for it."""
+    the Transfer running mean; a layer it leaves out starts from random scores; for a model that is
+    one layer, a tensor) and put the model in train mode for it."""
     names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(init_scores, torch.Tensor):
+        if not isinstance(model, SupermaskLayer):
+            raise TypeError("init_scores must be a dict of tensors by layer name (a tensor only for a model that is "
+                            "one supermask layer)")
+        init_scores = {"": init_scores}
+    if init_scores is not None:
+        if not isinstance(init_scores, dict):
+            raise TypeError(f"init_scores must be a dict of tensors by layer name, got {type(init_scores).__name__}")
+        unknown = sorted(set(init_scores) - set(supermask_layers(model)))
+        if unknown:
+            raise ValueError(f"init_scores names no supermask layer of the model: {unknown}; its layers are "
+                             f"{sorted(supermask_layers(model))}")
     for m in task_modules(model):
         init = None if init_scores is None else init_scores.get(names[id(m)])
         m.begin_task(init, generator)

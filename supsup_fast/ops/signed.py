@@ -123,6 +123,9 @@ def signed_masked_linear(x: Tensor, sign_words: Tensor, mask_words: Tensor, scal
         y = direct(x, sign_words, mask_words, scale, bias)  # the op refuses set padding bits too
         if y is not None:
             return y
+    # Before the dispatcher: a meta operand beside real ones would reach the fake kernel and return
+    # uninitialised memory (the other ops check the same).
+    checks.same_device(x=x, sign_words=sign_words, mask_words=mask_words, bias=bias)
     if eager_without_grad(x, sign_words, mask_words, bias):  # inference: the op's body, without the dispatcher
         return _signed_masked_linear(x, sign_words, mask_words, float(scale), bias, in_features)
     return signed_masked_linear_op(x, sign_words, mask_words, float(scale), bias, in_features)

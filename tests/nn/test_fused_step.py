@@ -330,3 +330,67 @@ def test_the_cpu_backend_keeps_masks_as_bits_where_that_measured_faster(monkeypa
         assert backend.mask_bits_training_step(128, lenet) is small, (vendor, isa)
         assert backend.mask_bits_training_step(128, fc1024) is large, (vendor, isa)
         assert backend.mask_bits_training_step(512, fc1024) is False, (vendor, isa)
+
+
+def test_an_evaluation_between_steps_keeps_the_in_backward_optimiser():
+    # set_task (to look at an old task) and back to set_train_mode: the layers must go on applying
+    # the in-backward update; opt.step() is a no-op, so falling back to the plain step would train nothing.
+    model = Mlp()
+    snn.begin_task(model, generator=torch.Generator().manual_seed(1))
+    snn.finish_task(model)
+    snn.begin_task(model, generator=torch.Generator().manual_seed(2))
+    opt = InBackwardRMSprop(model, lr=1e-2)
+    x, y = torch.randn(13, 37, generator=torch.Generator().manual_seed(5)), torch.arange(13) % 5
+    F.cross_entropy(model(x), y).backward()
+    snn.set_task(model, 0)
+    model(x)
+    snn.set_train_mode(model)
+    before = scores(model)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, scores(model)))
+    assert all(m.scores.grad is None for m in snn.supermask_layers(model).values())
+    opt.close()
+    snn.set_train_mode(model)  # closed: the plain step, with gradients for a plain optimiser
+    assert all(m.mode().fused is None for m in snn.supermask_layers(model).values())
+
+
+def test_closing_the_last_tasks_optimiser_leaves_the_next_ones():
+    model = Mlp()
+    snn.begin_task(model, generator=torch.Generator().manual_seed(1))
+    old = InBackwardRMSprop(model, lr=1e-2)
+    snn.finish_task(model)
+    snn.begin_task(model, generator=torch.Generator().manual_seed(2))
+    new = InBackwardAdam(model, lr=1e-2)
+    old.close()  # late: must not return the new task's layers to the plain step
+    before = scores(model)
+    F.cross_entropy(model(torch.randn(13, 37)), torch.arange(13) % 5).backward()
+    assert all(not torch.equal(a, b) for a, b in zip(before, scores(model)))
+    # a second optimiser over the same task takes over; closing the first leaves the second's
+    second = InBackwardRMSprop(model, lr=1e-2)
+    new.close()
+    assert all(m.mode().fused is not None for m in snn.supermask_layers(model).values())
+    second.close()
+    assert all(m.mode().fused is None for m in snn.supermask_layers(model).values())
+
+
+def test_in_backward_optimisers_are_refused_under_ddp(tmp_path):
+    # Inside DDP the update would use each rank's own gradient before DDP averages them.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = Mlp()
+        snn.begin_task(model, generator=torch.Generator().manual_seed(1))
+        ddp = DistributedDataParallel(model)
+        with pytest.raises(ValueError, match="before DistributedDataParallel averages it"):
+            InBackwardRMSprop(ddp)
+        opt = InBackwardRMSprop(model)  # the inner model: refused at the first forward through DDP
+        with pytest.raises(RuntimeError, match="under DDP use torch.optim.RMSprop"):
+            ddp(torch.randn(3, 37))
+        model(torch.randn(3, 37)).sum().backward()  # outside DDP the fused step still runs
+        opt.close()
+        ddp(torch.randn(3, 37)).sum().backward()  # and the plain step runs under DDP
+        assert all(m.scores.grad is not None for m in snn.supermask_layers(model).values())
+    finally:
+        dist.destroy_process_group()

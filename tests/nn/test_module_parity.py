@@ -5,6 +5,7 @@ import contextlib
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -130,6 +131,8 @@ def test_copies_carry_no_caches_and_no_in_backward_optimiser(rng):
         assert m.mode().kind == "train" and m.mode().fused is None
         m(torch.randn(4, 64, generator=rng)).sum().backward()  # the plain step: a gradient, no update
         assert m.scores.grad is not None
+        snn.set_train_mode(m)  # and the copy keeps no in-backward state to return to
+        assert m.mode().fused is None
     opt.close()
 
 
@@ -321,3 +324,119 @@ def test_a_copy_or_pickle_of_a_grown_bank_holds_its_rows_only():
         assert torch.equal(copied.bank.words, layer.bank.words)
         trained(copied, tasks=1, seed=7)  # and grows again
         assert copied.bank.count == 6 and torch.equal(copied.bank.words[:5], layer.bank.words)
+
+
+@pytest.mark.parametrize("make", [lambda: snn.SupermaskLinear(40, 9),
+                                  lambda: snn.SupermaskConv2d(3, 5, 3, padding=1)])
+def test_weights_without_a_seed_follow_torchs_generator_as_nn_linear(make):
+    # seed=None and no generator: drawn from torch's default generator, so torch.manual_seed fixes
+    # the weights and two layers built alike differ (as two nn.Linear do).
+    torch.manual_seed(7)
+    a, b = make(), make()
+    torch.manual_seed(7)
+    again = make()
+    torch.manual_seed(8)
+    other = make()
+    assert not torch.equal(a.weight, b.weight)
+    assert torch.equal(a.weight, again.weight) and not torch.equal(a.weight, other.weight)
+    assert torch.equal(type(a)(*_args(a), seed=3).weight, type(a)(*_args(a), seed=3).weight)  # a seed still fixes them
+
+
+def _args(layer):
+    if isinstance(layer, snn.SupermaskLinear):
+        return layer.in_features, layer.out_features
+    return layer.in_channels, layer.out_channels, layer.kernel_size
+
+
+def test_integer_dtypes_are_refused_as_nn_linear_does():
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype, got torch.int64"):
+        snn.SupermaskLinear(4, 3, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("init", ["signed_constant", "kaiming_normal"])
+def test_load_state_dict_with_assign_into_a_meta_model(rng, init):
+    # Built on meta, then load_state_dict(assign=True): the bank's rows are the state dict's tensors,
+    # as the weight is, and the outputs are the source model's.
+    source = trained(snn.SupermaskLinear(70, 9, init=init, seed=1))
+    with torch.device("meta"):
+        target = snn.SupermaskLinear(70, 9, init=init, seed=1)
+    state = source.state_dict()
+    target.load_state_dict(state, assign=True)
+    assert target.weight.device.type == "cpu" and target.bank.words.device.type == "cpu"
+    assert target.bank.words.data_ptr() == state["bank.rows"].data_ptr()
+    x = torch.randn(64, 70, generator=rng)
+    for t in range(2):
+        snn.set_task(source, t)
+        snn.set_task(target, t)
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+        torch.testing.assert_close(target(x[:4]), source(x[:4]), rtol=0, atol=0)
+
+
+def test_signed_masked_linear_refuses_a_meta_operand_beside_real_ones(rng):
+    layer = trained(snn.SupermaskLinear(70, 9, seed=1))
+    sign_words, scale, _ = layer._sign_bits()
+    words = layer.bank.words[0]
+    x = torch.randn(4, 70, generator=rng)
+    for kw in (dict(mask_words=words.to("meta")), dict(sign_words=sign_words.to("meta"))):
+        args = {**dict(sign_words=sign_words, mask_words=words), **kw}
+        with pytest.raises(ValueError, match="all tensors must be on one device"):
+            ss.ops.signed_masked_linear(x, args["sign_words"], args["mask_words"], scale)
+        with pytest.raises(ValueError, match="all tensors must be on one device"):
+            ss.ops.signed_masked_linear(x.requires_grad_(), args["sign_words"], args["mask_words"], scale)
+        x = x.detach()
+
+
+def test_bank_rows_with_padding_bits_set_are_refused_by_load_state_dict():
+    layer = trained(snn.SupermaskLinear(70, 9, seed=1))  # 70 weights a row: bits 70..95 are padding
+    state = layer.state_dict()
+    state["bank.rows"] = state["bank.rows"].clone()
+    state["bank.rows"][1, 2, -1] |= 1 << 10
+    fresh = snn.SupermaskLinear(70, 9, seed=1)
+    with pytest.raises(RuntimeError, match="bank.rows: bits set past bit 70"):
+        fresh.load_state_dict(state)
+    assert fresh.num_tasks == 0
+
+
+def test_begin_task_refuses_init_scores_that_name_no_layer():
+    model = nn.Sequential(snn.SupermaskLinear(6, 5, seed=1), nn.ReLU(), snn.SupermaskLinear(5, 3, seed=2))
+    wanted = torch.full((5, 6), 0.25)
+    with pytest.raises(ValueError, match=r"names no supermask layer of the model: \['0.scores'\]; its layers are \['0', '2'\]"):
+        snn.begin_task(model, init_scores={"0.scores": wanted})
+    assert all(m.scores is None for m in snn.supermask_layers(model).values())
+    with pytest.raises(TypeError, match="a tensor only for a model that is one supermask layer"):
+        snn.begin_task(model, init_scores=wanted)
+    snn.begin_task(model, init_scores={"0": wanted})  # a layer left out starts from random scores
+    assert torch.equal(model[0].scores.detach(), wanted) and model[2].scores is not None
+    layer = snn.SupermaskLinear(6, 5, seed=1)
+    snn.begin_task(layer, init_scores=wanted)
+    assert torch.equal(layer.scores.detach(), wanted)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kernel_size=0), "kernel_size must be positive"),
+    (dict(groups=0), "groups must be a positive int, got 0"),
+    (dict(in_channels=0), "in_channels must be a positive int, got 0"),
+    (dict(out_channels=0), "out_channels must be a positive int, got 0"),
+    (dict(stride=0), r"stride must be positive, got \(0, 0\)"),
+    (dict(dilation=(1, 0)), r"dilation must be positive, got \(1, 0\)"),
+])
+def test_conv_constructor_refuses_sizes_nn_conv2d_refuses(kwargs, message):
+    args = {**dict(in_channels=4, out_channels=6, kernel_size=3), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        snn.SupermaskConv2d(**args)
+
+
+def test_convert_warns_of_hooks_and_tied_weights_it_cannot_keep():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    net[0].register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match="1 layer\\(s\\) that have hooks registered.*: 0"):
+        ss.convert(net)
+    tied = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    tied[2].weight = tied[0].weight
+    with pytest.warns(UserWarning, match="unties weights shared between layers.*: 0, 2"):
+        ss.convert(tied, weights="signed_constant")
+    shared = nn.Linear(4, 4)  # one module at two names stays one module: nothing to warn of
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = ss.convert(nn.Sequential(shared, nn.ReLU(), shared))
+    assert converted[0] is converted[2]
