@@ -65,7 +65,7 @@ def pack_bits(mask: Tensor) -> Tensor:
 def unpack_bits(words: Tensor, n: int) -> Tensor:
     """int32[..., W] -> bool[..., n]; W must equal ceil(n/32)."""
     checks.words_tensor("words", words)
-    if not isinstance(n, int) or n < 1:
+    if not checks.is_int(n) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if words.dim() < 1 or words.shape[-1] != (n + 31) // 32:
         raise ValueError(f"words must have ceil(n/32) = {(n + 31) // 32} words in its last dimension "

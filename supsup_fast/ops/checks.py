@@ -26,6 +26,11 @@ def words_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must hold int32 words (canonical bit layout), got dtype {t.dtype}")
 
 
+def is_int(value) -> bool:
+    """An int argument: a Python int (not a bool), or a symbolic one under torch.compile(dynamic=True)."""
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+
+
 def same_device(**tensors: Optional[torch.Tensor]) -> None:
     devices = {k: v.device for k, v in tensors.items() if v is not None}
     if len(set(devices.values())) > 1:
@@ -226,7 +231,7 @@ def check_bank(bank: torch.Tensor) -> None:
 def check_bank_rows(bank: torch.Tensor, n: int) -> None:
     """bank [k, *lead, ceil(n/32)] of n-bit rows."""
     check_bank(bank)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"n must be a positive int (bits per row), got {n!r}")
     if bank.shape[-1] != num_words(n):
         raise ValueError(f"bank has {bank.shape[-1]} words per row but n = {n} needs {num_words(n)}")
@@ -333,7 +338,8 @@ def _check_copy_words(name: str, what: str, matcher: str, bank: torch.Tensor, co
     if torch.compiler.is_compiling() or bank.numel() == 0:
         return
     matches = getattr(backend_for(bank.device), matcher, None)
-    if matches is not None and matches(bank, copy, *n) is False:
+    # The matcher reads a contiguous copy only (and says nothing of another); the op reads it made contiguous.
+    if matches is not None and matches(bank, copy.contiguous(), *n) is False:
         raise ValueError(f"{name} is not {what}: its words differ from the bank's (a copy of another bank, or of this "
                          f"bank before it changed); rebuild it with ss.ops.{what}. A layer's own copy goes stale "
                          f"when the bank's words are written through .data, which keeps their version: "
@@ -345,7 +351,7 @@ def check_mask_dot_outer_interleaved(bank_t: torch.Tensor, k: int, g: torch.Tens
     """bank_t = interleave_tasks(bank) of a k-task bank [k, R, ceil(n/32)]: [R, ceil(n/32), k rounded
     up to 16]; g [q, R], x [q, n], weight [R, n] of one float dtype."""
     words_tensor("bank_t", bank_t)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    if not is_int(k) or k < 0:
         raise ValueError(f"k (the tasks of the bank that bank_t interleaves) must be an int >= 0, got {k!r}")
     _check_outer_operands("mask_dot_outer_interleaved", g, x, weight)
     R, n = weight.shape
@@ -405,7 +411,7 @@ def check_mlp_mask_dot_outer(banks, copies, transposed, weights, backward_weight
 def check_transpose_masks(words: torch.Tensor, n: int) -> None:
     """words [*, R, ceil(n/32)], n >= 1 bits per row."""
     words_tensor("words", words)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"n must be a positive int (bits per row), got {n!r}")
     if words.dim() < 2 or words.shape[-1] != num_words(n):
         raise ValueError(f"words must be [*, R, ceil(n/32)] = [*, R, {num_words(n)}] for n = {n}, "
@@ -416,7 +422,8 @@ def pair(name: str, value, n: int = 2) -> list:
     if isinstance(value, int):
         return [value] * n
     if isinstance(value, str):
-        raise ValueError(f"{name} must be an int or a tuple of {n} ints; string padding is not supported")
+        hint = " (string padding such as 'same' is the layers', SupermaskConv2d's, not the ops')" if name == "padding" else ""
+        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {value!r}{hint}")
     try:
         value = [operator.index(v) for v in value]  # ints (numpy's too), never a float truncated
     except TypeError:

@@ -42,6 +42,25 @@ def check_num_labels(num_labels: int, outputs: int) -> None:
                          f"got {num_labels!r}")
 
 
+def _check_layers(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> None:
+    """Each weight [out, in] takes the previous layer's output; each bias is None or [out]; all of x's
+    dtype and device (a bias of [1] would broadcast, a wrong one fail inside ATen, naming neither)."""
+    features = x.shape[1]
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        checks._floating(f"weights[{i}]", w)
+        if w.dim() != 2 or w.shape[1] != features:
+            raise ValueError(f"weights[{i}] must be [out, {features}] (the previous layer's outputs), got shape "
+                             f"{tuple(w.shape)}")
+        if b is not None:
+            checks._floating(f"biases[{i}]", b)
+            if tuple(b.shape) != (w.shape[0],):
+                raise ValueError(f"biases[{i}] must be None or of shape [{w.shape[0]}], got shape {tuple(b.shape)}")
+        for name, t in ((f"weights[{i}]", w), (f"biases[{i}]", b)):
+            if t is not None and (t.dtype != x.dtype or t.device != x.device):
+                raise ValueError(f"{name} must be {x.dtype} on {x.device} as x, got {t.dtype} on {t.device}")
+        features = w.shape[0]
+
+
 def mlp_logit_gradients(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], objective: str,
                         num_labels: int, count_nonzero: bool = True) -> Tuple[List[Tensor], Tensor, Optional[List[int]]]:
     """x [q, n] through the linear layers ``weights`` / ``biases`` with ReLU between them: returns
@@ -59,6 +78,7 @@ def mlp_logit_gradients(x: Tensor, weights: Sequence[Tensor], biases: Sequence[O
     checks._floating("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must be [q, n], got shape {tuple(x.shape)}")
+    _check_layers(x, weights, biases)
     fused = getattr(backend_for(x.device), "mlp_logit_gradients", None)
     if fused is not None and eager_without_grad(x, *weights, *biases):
         out = fused(x, list(weights), list(biases), objective, num_labels)

@@ -254,8 +254,10 @@ def superposed_with_s(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, s:
         params = None
     else:
         checks.check_superposed(x, weight, bank, alpha, bias, conv=True)
-        params = _flatten_conv(checks.pair("stride", conv.get("stride", 1)), checks.pair("padding", conv.get("padding", 0)),
-                               checks.pair("dilation", conv.get("dilation", 1)), int(conv.get("groups", 1)))
+        stride, padding = checks.pair("stride", conv.get("stride", 1)), checks.pair("padding", conv.get("padding", 0))
+        dilation, groups = checks.pair("dilation", conv.get("dilation", 1)), int(conv.get("groups", 1))
+        checks.check_conv_params(stride, padding, dilation, groups, x, weight)
+        params = _flatten_conv(stride, padding, dilation, groups)
     if tuple(s.shape) != tuple(weight.shape):
         raise ValueError(f"s must be shaped like weight {tuple(weight.shape)}, got {tuple(s.shape)}")
     return _given_s(x, weight, bank, alpha, s.to(weight.dtype), bias, params, bank_t)

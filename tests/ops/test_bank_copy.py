@@ -228,13 +228,22 @@ def test_a_copy_that_is_not_the_banks_is_refused_where_copies_are_read(name, dev
         for kind, ops_taking_it in calls.items():
             for op in ops_taking_it:
                 expect = op(bank, None)
-                for stale in (copies[kind](other), copies[kind](bank[:33]), copies[kind](changed)):
+                stales = [copies[kind](other), copies[kind](bank[:33]), copies[kind](changed)]
+                for stale in stales + [_strided(c) for c in stales]:  # the same words through strides
                     if reads:
                         with pytest.raises(ValueError, match=what[kind]):
                             op(bank, stale)
                     else:
                         assert torch.equal(op(bank, stale), expect)
                 assert torch.equal(op(bank, copies[kind](bank)), expect)  # its own copy: accepted, the same result
+                assert torch.equal(op(bank, _strided(copies[kind](bank))), expect)
+
+
+def _strided(t):
+    """``t``'s values in a non-contiguous tensor (every other element of a wider one)."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
 
 
 def test_a_weight_copy_of_the_wrong_shape_is_refused():

@@ -50,5 +50,11 @@ def test_refusals_name_the_argument():
         ss.ops.mlp_logit_gradients(x, ws, bs[:2], "entropy", 5)
     with pytest.raises(ValueError, match=r"x must be \[q, n\]"):
         ss.ops.mlp_logit_gradients(x[0], ws, bs, "entropy", 5)
-    with pytest.raises(RuntimeError, match="layer 1: weights must be"):
+    with pytest.raises(ValueError, match=r"weights\[1\] must be \[out, "):
         ss.ops.mlp_logit_gradients(x, [ws[0], ws[0], ws[2]], bs, "entropy", 5)
+    for i in range(3):  # a bias of [1] would broadcast; one of another size or dtype failed inside ATen
+        for bad in (torch.ones(1), torch.ones(ws[i].shape[0] + 1), torch.ones(ws[i].shape[0], dtype=torch.float64)):
+            with pytest.raises(ValueError, match=rf"biases\[{i}\] must be"):
+                ss.ops.mlp_logit_gradients(x, ws, [bad if j == i else b for j, b in enumerate(bs)], "entropy", 5)
+    with pytest.raises(ValueError, match=r"weights\[2\] must be torch.float32"):
+        ss.ops.mlp_logit_gradients(x, ws[:2] + [ws[2].double()], bs, "entropy", 5)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,6 +166,30 @@ def test_compile_fullgraph_traces_ops():
     torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-4, atol=1e-3)
 
 
+def test_compile_with_dynamic_shapes_takes_symbolic_sizes():
+    """Under torch.compile(dynamic=True) n reaches the ops as a symbolic int: superpose, and
+    superposed_linear with x and α needing gradients (which calls superpose), trace and agree with eager."""
+    k, out, n = 5, 7, 45
+    masks, bank = rand_bank(k, out, n)
+    w = torch.randn(out, n)
+
+    def f(x, a):
+        return ss.ops.superposed_linear(x, w, bank, a).square().sum() + ss.ops.superpose(bank, a, x.shape[-1]).sum()
+
+    x, a = torch.randn(3, n), torch.rand(k)
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    x1, a1 = x.clone().requires_grad_(), a.clone().requires_grad_()
+    x2, a2 = x.clone().requires_grad_(), a.clone().requires_grad_()
+    got, expect = compiled(x1, a1), f(x2, a2)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    got.backward()
+    expect.backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        ss.unpack_bits(bank, True)
+
+
 def test_compile_fullgraph_traces_the_interleaved_copy():
     """interleave_tasks and mask_dot_outer(bank_t=) are ops too: a compiled query builds and reads the
     copy and gives the eager result without it."""
@@ -248,3 +274,22 @@ def test_unbatched_conv_input_has_the_gradients_of_a_batch_of_one(backend):
             for got, expect in zip(*grads):
                 if expect is not None:
                     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_superposed_conv2d_checks_its_parameters_on_every_path():
+    """With x and α both needing gradients the op computes S once and takes the given-S path: it
+    must refuse bad groups, padding, stride and dilation by name as the other path does."""
+    _, bank = rand_bank(3, 4, 2 * 2 * 2)
+    w = torch.randn(4, 2, 2, 2)
+    cases = [(dict(groups=3), "groups=3 does not fit"), (dict(padding=-1), "padding must be >= 0"),
+             (dict(stride=0), "stride must be >= 1"), (dict(dilation=(1, 0)), "dilation must be >= 1")]
+    for kwargs, message in cases:
+        for grad in (False, True):
+            x = torch.randn(1, 2, 5, 5).requires_grad_(grad)
+            a = torch.rand(3).requires_grad_(grad)
+            with pytest.raises(ValueError, match=re.escape(message)):
+                ss.ops.superposed_conv2d(x, w, bank, a, **kwargs)
+    with pytest.raises(ValueError, match="padding must be an int or a tuple of 2 ints, got 'same' \\(string padding"):
+        ss.ops.masked_conv2d(torch.randn(1, 2, 5, 5), w, bank[0], padding="same")
+    with pytest.raises(ValueError, match="stride must be an int or a tuple of 2 ints, got 'x'$"):
+        ss.ops.masked_conv2d(torch.randn(1, 2, 5, 5), w, bank[0], stride="x")
