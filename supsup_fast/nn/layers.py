@@ -183,6 +183,9 @@ class SupermaskLayer(CountCaches, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self._counts = None
         self._active_cache = None
+        if strict and self.scores is None and prefix + "scores" in state_dict:
+            error_msgs.append(f"{prefix}scores: saved while a task was being trained; call snn.begin_task(model) "
+                              f"before loading it to go on training that task")
 
     def truncate_tasks(self, k: int) -> None:
         self.bank.truncate(k)

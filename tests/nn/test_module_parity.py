@@ -440,3 +440,15 @@ def test_convert_warns_of_hooks_and_tied_weights_it_cannot_keep():
         warnings.simplefilter("error")
         converted = ss.convert(nn.Sequential(shared, nn.ReLU(), shared))
     assert converted[0] is converted[2]
+
+
+def test_a_mid_task_state_dict_loaded_before_begin_task_says_what_to_do():
+    layer = trained(snn.SupermaskLinear(12, 5, seed=1), tasks=1)
+    snn.begin_task(layer)
+    state = layer.state_dict()
+    fresh = trained(snn.SupermaskLinear(12, 5, seed=1), tasks=1)
+    with pytest.raises(RuntimeError, match=r"scores: saved while a task was being trained; call snn.begin_task"):
+        fresh.load_state_dict(state)
+    snn.begin_task(fresh)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.scores, layer.scores)
