@@ -54,14 +54,18 @@ class SupermaskLayer(CountCaches, nn.Module):
         if generator is None and seed is None:
             # As nn.Linear's init draws from torch's default generator: torch.manual_seed fixes the
             # weights, and two layers built alike get different ones.
-            seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+            seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cpu"))
         gen = generator if generator is not None else make_generator(seed)
+        # None: the default device, which a `with torch.device(...)` block sets (the draws stay on the CPU).
+        device = torch.get_default_device() if device is None else torch.device(device)
         if isinstance(init, torch.Tensor):
             if tuple(init.shape) != tuple(weight_shape):
                 raise ValueError(f"weight tensor must have shape {tuple(weight_shape)}, got {tuple(init.shape)}")
             weight = init.detach().clone().to(dtype)
             self.init_kind = "tensor"
+            self._draw_state = None
         else:
+            self._draw_state = gen.get_state()  # where this layer's draws begin: reset_parameters redraws from it
             weight = frozen_weight(tuple(weight_shape), fan_in, init, gen, dtype)
             self.init_kind = init
         self.register_buffer("weight", weight.to(device))
@@ -82,6 +86,22 @@ class SupermaskLayer(CountCaches, nn.Module):
     # changes until the optimiser is closed or the task ends (a class default: pickles from before it).
     _fused = None
 
+    _draw_state = None  # (a class default: layers pickled before it cannot redraw)
+
+    def reset_parameters(self) -> None:
+        """Draw the frozen weight (and bias) again, bit for bit as at construction: for a model built
+        on the meta device and materialised with ``to_empty()`` (as ``nn.Linear.reset_parameters``
+        initialises one, except that the draw repeats, so the masks keep their meaning)."""
+        if self._draw_state is None:
+            raise RuntimeError("this layer's weight was given as a tensor (or it was pickled before layers kept "
+                               "their draw): it cannot be drawn again; load it instead")
+        gen = torch.Generator(device="cpu")
+        gen.set_state(self._draw_state)
+        with torch.no_grad():
+            self.weight.copy_(frozen_weight(tuple(self.weight.shape), self.fan_in, self.init_kind, gen, self.weight.dtype))
+            if self.bias is not None:
+                self.bias.copy_(frozen_bias(self.weight.shape[0], self.fan_in, gen, self.bias.dtype))
+
     # -- task lifecycle -----------------------------------------------------------------------
     @property
     def num_tasks(self) -> int:
@@ -94,7 +114,7 @@ class SupermaskLayer(CountCaches, nn.Module):
     def initial_scores(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Fresh scores for a new task: kaiming-uniform, as the official code's score init."""
         bound = score_init_bound(self.fan_in)
-        s = torch.rand(self.weight.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
+        s = torch.rand(self.weight.shape, generator=generator, dtype=torch.float32, device="cpu") * 2 * bound - bound
         return s.to(self.weight.device, self.score_dtype)
 
     @property

@@ -452,3 +452,29 @@ def test_a_mid_task_state_dict_loaded_before_begin_task_says_what_to_do():
     snn.begin_task(fresh)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.scores, layer.scores)
+
+
+@pytest.mark.parametrize("name", ["lenet", "gemresnet18"])
+def test_a_model_built_on_meta_is_materialised_by_to_empty_and_reset_parameters(name):
+    # The draws stay on the CPU inside a torch.device block (a shared generator advances as on the
+    # CPU), and reset_parameters repeats each layer's draw bit for bit.
+    from supsup_fast.models import build_model
+    cpu = build_model(name, 10, seed=4)
+    with torch.device("meta"):
+        meta = build_model(name, 10, seed=4)
+    assert all(l.weight.is_meta and l.bank.words.is_meta for l in snn.supermask_layers(meta).values())
+    meta.to_empty(device="cpu")
+    for module in meta.modules():
+        if isinstance(module, snn.SupermaskLinear | snn.SupermaskConv2d):
+            module.reset_parameters()
+    for (n, a), (_, b) in zip(snn.supermask_layers(cpu).items(), snn.supermask_layers(meta).items()):
+        assert torch.equal(a.weight, b.weight), n
+    with torch.device("meta"):
+        layer = snn.SupermaskLinear(20, 7, bias=True, init="kaiming_normal", seed=5)
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    twin = snn.SupermaskLinear(20, 7, bias=True, init="kaiming_normal", seed=5)
+    assert torch.equal(layer.weight, twin.weight) and torch.equal(layer.bias, twin.bias)
+    given = snn.SupermaskLinear(20, 7, init=torch.ones(7, 20))
+    with pytest.raises(RuntimeError, match="given as a tensor"):
+        given.reset_parameters()
