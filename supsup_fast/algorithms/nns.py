@@ -234,6 +234,30 @@ class MaskAllocator:
         part = local_slice(len(yb), self.ctx)
         return F.cross_entropy(self.model(xb[part]), yb[part], reduction="sum") * (self.ctx.world_size / len(yb))
 
+    def score_cache(self) -> List[Tuple[int, Dict[str, torch.Tensor]]]:
+        """The float scores kept for further training, least recently used first: a checkpoint saves
+        them, so that a resumed run trains a reused mask on from the same floats as an uninterrupted one."""
+        return [(mask, {name: p.detach() for name, p in params.items()}) for mask, params in self._scores.items()]
+
+    def restore_score_cache(self, cache: List[Tuple[int, Dict[str, torch.Tensor]]]) -> None:
+        """Take back what :meth:`score_cache` gave, on a fresh allocator over the same masks."""
+        if self._scores or self.current is not None:
+            raise RuntimeError("restore_score_cache needs a fresh allocator (no scores kept yet)")
+        k = num_tasks(self.model)
+        for mask, scores in cache:
+            if not 0 <= mask < k:
+                raise ValueError(f"the score cache holds mask {mask}, but the model holds {k} masks")
+            if set(scores) != set(self.layers):
+                raise ValueError(f"the score cache of mask {mask} names layers {sorted(scores)}, the model's are "
+                                 f"{sorted(self.layers)}")
+            for name, layer in self.layers.items():
+                if tuple(scores[name].shape) != tuple(layer.weight.shape):
+                    raise ValueError(f"the score cache of mask {mask}, layer {name!r}: shape {tuple(scores[name].shape)}, "
+                                     f"the layer's weight is {tuple(layer.weight.shape)}")
+        for mask, scores in cache[-self.settings.score_cache:]:
+            self._scores[mask] = {name: nn.Parameter(scores[name].detach().to(layer.weight.device, layer.score_dtype).clone())
+                                  for name, layer in self.layers.items()}
+
     def finish(self) -> None:
         """Commit the current mask and drop all float scores (masks stay as bits)."""
         self._commit()

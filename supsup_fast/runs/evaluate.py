@@ -27,7 +27,9 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
         raise RunDirError(f"{run_dir} is a HopSupSup run (--inference hopfield): its masks live in its Hopfield "
                           f"network, not in a mask file, so `evaluate` has none to re-evaluate")
     if not cfg_path.is_file() or not model_path.is_file():
-        raise RunDirError(f"{run_dir} is not a finished run (needs config.json and model.safetensors)")
+        missing = " and ".join(p.name for p in (cfg_path, model_path) if not p.is_file())
+        raise RunDirError(f"{run_dir} is not a finished run (it has no {missing}); if it was interrupted, "
+                          f"`supsup-fast run --out {run_dir} --resume` finishes it")
     check_output_folder(run_dir, out)
     values = read_json(cfg_path, "run config", "restore it, or delete it and run `supsup-fast run` with the run's "
                        f"settings, --out {run_dir} and --resume to write it again (the finished tasks are kept)")
@@ -41,7 +43,14 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
         config = RunConfig(**values).validate()
     except TypeError as exc:
         raise RunDirError(f"{cfg_path} is not a supsup_fast run config ({exc})") from exc
-    meta = maskfile.read_metadata(model_path)
+    sharded = config.shard_bank and ctx.enabled
+    # Sharded, no rank loads the file (load_model would verify it): its checksum is checked here,
+    # streamed, before its metadata is trusted or the file copied to the output folder.
+    try:
+        meta = maskfile.verify_mask_file(model_path) if sharded else maskfile.read_metadata(model_path)
+    except maskfile.MaskFileError as exc:
+        raise RunDirError(f"{exc}; `supsup-fast run --out {run_dir} --resume` writes it again from the run's "
+                          f"task checkpoints") from exc
     extra = maskfile.parse_metadata(model_path, meta)[4]
     # NNs masks are allocated as tasks arrive, the others one per task: say so before the identity
     # check, whose digest differs between the two for that reason.
@@ -50,16 +59,20 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     if config.scenario != "NNs" and "allocator" in extra:
         raise RunDirError(f"{run_dir} is an NNs run (its masks were allocated as tasks arrived, not one per task): "
                           f"evaluate it as NNs (leave out --scenario), not as {config.scenario}")
-    check_identity(model_path, extra, {"settings_sha256": run_identity(config, "")["settings_sha256"]})
+    identity = run_identity(config, "")
+    check_identity(model_path, extra, {k: identity[k] for k in ("settings_sha256", "settings")})
     after = maskfile.require_extra(model_path, extra, "accuracy_after_training", kind=list)
     held = int(meta["num_tasks"])
     if config.scenario != "NNs" and not (held == len(after) == config.tasks):
         raise RunDirError(f"{model_path} holds {held} tasks, but the run {run_dir} trained {config.tasks} "
                           f"({len(after)} with accuracies recorded): the file is incomplete or from an unfinished run")
-    sharded = config.shard_bank and ctx.enabled
     if sharded and config.scenario == "NNs":
         raise ValueError("--shard-bank does not apply to NNs runs (one checkpoint holds all masks)")
-    model = None if sharded else maskfile.load_model(model_path)
+    try:
+        model = None if sharded else maskfile.load_model(model_path)
+    except maskfile.MaskFileError as exc:
+        raise RunDirError(f"{exc}; `supsup-fast run --out {run_dir} --resume` writes it again from the run's "
+                          f"task checkpoints") from exc
     exp = Experiment(config, out, progress=progress, model=model, ctx=ctx)
     if sharded:  # each rank reads its own range of the run's checkpoints (the run folder may be read-only)
         exp.ckpt_dir = run_dir / "checkpoints"
@@ -99,7 +112,8 @@ def _evaluate(exp: Experiment, config: RunConfig, run_dir: Path, out: Path, mode
     results["evaluated_from"] = str(run_dir)
     # config.json with the outputs: a failed evaluation leaves no folder that looks evaluated.
     exp._on_main(lambda: (write_json(out / "config.json", config.to_dict()),
-                          exp._write_outputs(results, model_file=model_path if sharded else None)))
+                          exp._write_outputs(results, model_file=model_path if sharded else None,
+                                             model_checksum=meta["checksum"])))
     return results
 
 

@@ -395,11 +395,16 @@ class Experiment:
                               **state.to_dict()}
         return results
 
-    def _write_outputs(self, results: dict, model_file: Optional[Path] = None) -> None:
+    def _write_outputs(self, results: dict, model_file: Optional[Path] = None, model_checksum: Optional[str] = None) -> None:
         """The output files on rank 0; ``model_file``: a mask file to copy as model.safetensors
-        instead of saving ``self.model`` (a sharded evaluation holds no whole model)."""
+        instead of saving ``self.model`` (a sharded evaluation holds no whole model), the copy
+        verified to be the file of checksum ``model_checksum`` that was evaluated."""
         if model_file is not None:
-            atomic_write_bytes(self.out / "model.safetensors", lambda tmp: shutil.copyfile(model_file, tmp))
+            def copy_verified(tmp):
+                shutil.copyfile(model_file, tmp)
+                if maskfile.verify_mask_file(tmp)["checksum"] != model_checksum:
+                    raise maskfile.MaskFileError(f"{model_file} changed during the evaluation; it was not copied")
+            atomic_write_bytes(self.out / "model.safetensors", copy_verified)
         elif not (self.out / "model.safetensors").exists() or "evaluated_from" in results:
             extra = self._model_extra(results["accuracy_after_training"])
             if "nns" in results:

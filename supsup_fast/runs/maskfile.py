@@ -8,6 +8,7 @@ before it touches the model: a bad file is refused whole, never half-loaded.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import struct
@@ -101,7 +102,6 @@ def save_masks(model: nn.Module, path: Union[str, Path], first_task: int = 0, en
     """Write tasks [first_task, end_task) of ``model`` to ``path`` atomically. ``label``: the task
     index the file records for its first row (default ``first_task``), for a rank whose bank holds
     a task at another row (task-parallel training)."""
-    from safetensors.torch import save_file
 
     k = num_tasks(model)
     end_task = k if end_task is None else end_task
@@ -119,11 +119,41 @@ def save_masks(model: nn.Module, path: Union[str, Path], first_task: int = 0, en
         tensors[f"bn_mean/{name}"] = bn.means.rows[first_task:end_task].detach().cpu().contiguous()
         tensors[f"bn_var/{name}"] = bn.vars.rows[first_task:end_task].detach().cpu().contiguous()
     metadata["checksum"] = checksum(tensors, metadata)
-    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_tensors(path, tensors, metadata)
 
 
 _SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.float16: "F16",
-                       torch.bfloat16: "BF16"}
+                       torch.bfloat16: "BF16", torch.uint8: "U8", torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def _safetensors_header(metadata: Dict[str, str], names: List[str], shapes: dict, dtypes: dict) -> bytes:
+    """A safetensors header: the metadata, then the tensors in the order of ``names``, padded to 8 bytes."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name in names:
+        size = dtypes[name].itemsize * math.prod(shapes[name])
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtypes[name]], "shape": list(shapes[name]),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return head + b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
+
+
+def _write_safetensors(tmp, head: bytes, pieces) -> None:
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(head)))
+        fh.write(head)
+        for piece in pieces:
+            fh.write(piece)
+
+
+def write_tensors(path: Union[str, Path], tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    """``tensors`` and ``metadata`` as a safetensors file, written atomically, its bytes fixed by its
+    content (names sorted; safetensors' own writer orders the metadata differently from run to run)."""
+    names = sorted(tensors)
+    head = _safetensors_header(metadata, names, {n: tuple(tensors[n].shape) for n in names},
+                               {n: tensors[n].dtype for n in names})
+    atomic_write_bytes(path, lambda tmp: _write_safetensors(
+        tmp, head, (tensors[n].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() for n in names)))
 
 
 def save_model_from_files(model: nn.Module, files: List[Path], path: Union[str, Path],
@@ -180,24 +210,8 @@ def save_model_from_files(model: nn.Module, files: List[Path], path: Union[str, 
         for piece in pieces(name):
             h.update(piece)
     metadata["checksum"] = h.hexdigest()
-    header, offset = {"__metadata__": metadata}, 0
-    for name in names:
-        size = dtypes[name].itemsize * math.prod(shapes[name])
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtypes[name]], "shape": list(shapes[name]),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
-
-    def write(tmp):
-        with open(tmp, "wb") as fh:
-            fh.write(struct.pack("<Q", len(head)))
-            fh.write(head)
-            for name in names:
-                for piece in pieces(name):
-                    fh.write(piece)
-
-    atomic_write_bytes(path, write)
+    head = _safetensors_header(metadata, names, shapes, dtypes)
+    atomic_write_bytes(path, lambda tmp: _write_safetensors(tmp, head, (p for name in names for p in pieces(name))))
 
 
 def _identity(path: Path) -> tuple:
@@ -234,6 +248,40 @@ def read_mask_file(path: Union[str, Path]) -> tuple:
     if metadata.get("checksum") != checksum(tensors, metadata):
         raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
     return tensors, metadata
+
+
+def verify_mask_file(path: Union[str, Path], chunk_bytes: int = 1 << 26) -> Dict[str, str]:
+    """The metadata of a mask file whose checksum was verified reading its tensors in chunks of about
+    ``chunk_bytes``: the file is checked whole without being held (a sharded evaluation holds no
+    whole bank). Raises MaskFileError as :func:`read_mask_file` does."""
+    from safetensors import safe_open
+
+    metadata = read_metadata(path)
+    h = hashlib.sha256()  # as checksum(): the metadata, then each tensor in name order
+    for key in sorted(metadata):
+        if key != "checksum":
+            h.update(f"{key}={metadata[key]}\n".encode())
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for name in sorted(fh.keys()):
+                part = fh.get_slice(name)
+                shape = list(part.get_shape())
+                if not shape or shape[0] <= 1:
+                    chunks = iter([fh.get_tensor(name)])
+                else:
+                    rows = max(1, chunk_bytes // max(1, 4 * math.prod(shape[1:])))
+                    chunks = (part[i:i + rows] for i in range(0, shape[0], rows))
+                first = next(chunks)
+                h.update(f"{name}:{first.dtype}:{shape}\n".encode())
+                for chunk in itertools.chain([first], chunks):
+                    h.update(chunk.contiguous().numpy().tobytes())
+    except MaskFileError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for a damaged header/body
+        raise MaskFileError(f"mask file {path} is corrupt or not a safetensors file: {exc}") from exc
+    if metadata.get("checksum") != h.hexdigest():
+        raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
+    return metadata
 
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
@@ -413,17 +461,57 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
     return model
 
 
+SCORE_CACHE_FORMAT = "supsup_fast.nns_scores"
+
+
+def save_score_cache(path: Union[str, Path], cache: List[tuple], extra: dict) -> None:
+    """NNs' float scores of recently trained masks (``MaskAllocator.score_cache()``: (mask, {layer:
+    scores}) pairs, least recently used first) with ``extra`` and a checksum, written atomically."""
+    tensors = {f"scores/{mask}/{name}": s.detach().cpu().contiguous() for mask, scores in cache for name, s in scores.items()}
+    meta = {"format": SCORE_CACHE_FORMAT, "order": json.dumps([mask for mask, _ in cache]),
+            "extra": json.dumps(extra, sort_keys=True)}
+    meta["checksum"] = checksum(tensors, meta)
+    write_tensors(path, tensors, meta)
+
+
+def load_score_cache(path: Union[str, Path]) -> tuple:
+    """(cache, extra) of a file of :func:`save_score_cache`, checked for format and checksum."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise MaskFileError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
+    if meta.get("format") != SCORE_CACHE_FORMAT:
+        raise MaskFileError(f"{path} is not an NNs score cache (format {meta.get('format')!r})")
+    if meta.get("checksum") != checksum(tensors, meta):
+        raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
+    try:
+        order = json.loads(meta["order"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise MaskFileError(f"{path}: its metadata 'order' is missing or not JSON") from exc
+    if not isinstance(order, list) or not all(isinstance(m, int) and not isinstance(m, bool) for m in order):
+        raise MaskFileError(f"{path}: its metadata 'order' must be a list of mask indices, got {order!r}")
+    cache = []
+    for mask in order:
+        prefix = f"scores/{mask}/"
+        cache.append((mask, {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}))
+    if sum(len(scores) for _, scores in cache) != len(tensors):
+        raise MaskFileError(f"{path} holds scores of masks its 'order' does not list")
+    return cache, parse_extra(path, meta)
+
+
 def save_hopfield_checkpoint(path, model, true_masks, extra) -> None:
     """A HopSupSup checkpoint: the Hopfield matrices, the true masks so far (kept only to measure
     recovery) and ``extra``, with a checksum, written atomically."""
-    from safetensors.torch import save_file
     tensors = store_state(model)
     for i in range(len(mask_layers(model))):
         if true_masks:
             tensors[f"true_masks/{i}"] = torch.stack([m[i] for m in true_masks]).to(torch.uint8).cpu().contiguous()
     meta = {"format": "supsup_fast.hopfield", "spec": json.dumps(model.spec, sort_keys=True), "extra": json.dumps(extra)}
     meta["checksum"] = checksum(tensors, meta)
-    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_tensors(path, tensors, meta)
 
 
 def load_hopfield_checkpoint(path, model, identity: Optional[dict] = None):

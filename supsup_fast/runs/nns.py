@@ -4,6 +4,7 @@ whole as true tasks finish. Under torchrun every true task is trained data-paral
 from __future__ import annotations
 
 import time
+import warnings
 
 from tqdm.auto import tqdm
 
@@ -37,6 +38,41 @@ class NNsRun(Experiment):
         self.save_progress(rows)
         return rows
 
+    def _score_cache_file(self, done: int):
+        return self.ckpt_dir / f"nns_scores_{done:06d}.safetensors"
+
+    def _save_checkpoint(self, ckpt, allocator: MaskAllocator, done: int, after: list, train_seconds: float) -> None:
+        """The float scores the allocator keeps (a reused mask trains on from them), then the masks and
+        the log; each file names how many true tasks it follows, so an interruption between the two
+        leaves the older checkpoint beside its own scores."""
+        cache = self._score_cache_file(done)
+        maskfile.save_score_cache(cache, allocator.score_cache(), extra={
+            "true_tasks_done": done, "masks_sha256": maskfile.bank_digest(self.model), "run_identity": self.identity()})
+        maskfile.save_model(self.model, ckpt, extra={
+            "true_tasks_done": done, "accuracy_after_training": after, "train_seconds": train_seconds,
+            "allocator": allocator.state.to_dict(), "run_identity": self.identity()})
+        for old in self.ckpt_dir.glob("nns_scores_*.safetensors"):
+            if old != cache:
+                old.unlink(missing_ok=True)
+
+    def _restore_score_cache(self, allocator: MaskAllocator, done: int) -> None:
+        path = self._score_cache_file(done)
+        if not path.exists():  # a run checkpointed before the scores were saved
+            warnings.warn(f"{path} is missing: the masks that later true tasks train again start from scores "
+                          f"rebuilt from their bits, so they may end other than an uninterrupted run's", stacklevel=2)
+            return
+        try:
+            cache, extra = maskfile.load_score_cache(path)
+            check_identity(path, extra, self.identity())
+            digest = maskfile.bank_digest(self.model)
+            if maskfile.require_extra(path, extra, "true_tasks_done", kind=int) != done or extra.get("masks_sha256") != digest:
+                raise maskfile.MaskFileError("its scores are of other masks than the checkpoint's")
+            allocator.restore_score_cache(cache)
+        except ValueError as exc:  # MaskFileError, RunDirError
+            raise RunDirError(f"{path} is unusable: {exc}. Delete it to resume without it (masks that later true "
+                              f"tasks train again then start from scores rebuilt from their bits), or delete "
+                              f"{self.ckpt_dir} to retrain this run from its first true task") from exc
+
     def run(self) -> dict:
         """NNs: the model never sees the task index; masks are allocated by the rule of
         :mod:`.nns`. One checkpoint (all masks + allocator log) after each true task."""
@@ -61,6 +97,8 @@ class NNsRun(Experiment):
                                                                  "train_seconds")
             state = AllocatorState.from_dict(maskfile.require_extra(ckpt, extra, "allocator", kind=dict))
         allocator = MaskAllocator(self.model, cfg.nns_settings(), cfg.seed, state, ctx=self.ctx)
+        if done:
+            self._restore_score_cache(allocator, done)
         self.nns_state = allocator.state
         with use_backend(cfg.backend):
             backend_name = backend_for(self.device).name
@@ -99,9 +137,7 @@ class NNsRun(Experiment):
                 if t + 1 in eval_points and t + 1 < cfg.tasks:
                     rows = self._row_at(rows, t + 1)
                 if t + 1 - saved >= max(1, num_tasks(self.model) // self.CHECKPOINT_SPACING) or t + 1 == cfg.tasks:
-                    self._on_main(lambda: maskfile.save_model(self.model, ckpt, extra={
-                        "true_tasks_done": t + 1, "accuracy_after_training": after, "train_seconds": train_seconds,
-                        "allocator": allocator.state.to_dict(), "run_identity": self.identity()}))
+                    self._on_main(lambda: self._save_checkpoint(ckpt, allocator, t + 1, after, train_seconds))
                     saved = t + 1
                 task_bar.update(1)
                 task_bar.set_postfix(masks=num_tasks(self.model), acc=f"{own.accuracy:.4f}")

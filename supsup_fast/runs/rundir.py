@@ -30,12 +30,17 @@ class RunDirError(ValueError):
     """The output folder holds another run, or a run that cannot be resumed with this config."""
 
 
-def settings_digest(config) -> str:
+def mask_settings(config) -> dict:
+    """The settings that decide the trained bits (their digest is a file's settings_sha256)."""
     values = config.to_dict()
     shaping = {k: values.get(k) for k in MASK_SETTINGS}
     shaping["allocates_masks"] = values.get("scenario") == "NNs"  # NNs masks differ from per-task masks
     shaping["hopfield"] = values.get("inference") == "hopfield"
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+    return shaping
+
+
+def settings_digest(config) -> str:
+    return hashlib.sha256(json.dumps(mask_settings(config), sort_keys=True).encode()).hexdigest()
 
 
 def data_fingerprint(tasks) -> str:
@@ -63,7 +68,8 @@ def data_fingerprint(tasks) -> str:
 
 
 def run_identity(config, data_sha256: str, task: Optional[int] = None) -> dict:
-    ident = {"settings_sha256": settings_digest(config), "data_sha256": data_sha256}
+    # The settings themselves too: a refusal names the ones that differ.
+    ident = {"settings_sha256": settings_digest(config), "data_sha256": data_sha256, "settings": mask_settings(config)}
     if task is not None:
         ident["task"] = task
     return ident
@@ -78,12 +84,22 @@ def check_identity(path: Path, extra: dict, expected: dict) -> None:
     if not isinstance(found, dict):
         raise RunDirError(f"{path} has a malformed run identity (a {type(found).__name__}, not a JSON object): "
                           f"the file was modified; delete it to retrain, or start a new --out")
-    names = {"settings_sha256": "the settings that shape the masks (lr, iters, seed, model, ...)",
-             "data_sha256": "the training data (another --data-root or the embedded subset)", "task": "the task index"}
+    remedy = ("if this run's config.json was edited since, restore it; otherwise the file is another run's: move it "
+              "away to retrain what it held, or choose another --out")
+    if "settings_sha256" in expected and found.get("settings_sha256") != expected["settings_sha256"]:
+        theirs, ours = found.get("settings"), expected.get("settings")
+        if isinstance(theirs, dict) and isinstance(ours, dict):
+            differ = "; ".join(f"{k} {theirs.get(k)!r} in the file, {ours.get(k)!r} in this run"
+                               for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
+        else:  # a file written before identities named their settings
+            differ = f"settings_sha256 {found.get('settings_sha256')!r} in the file, {expected['settings_sha256']!r} in this run"
+        raise RunDirError(f"{path} belongs to another run: the settings that shape the masks differ ({differ}); {remedy}")
+    names = {"data_sha256": "the training data (another --data-root or the embedded subset) differs",
+             "task": "the task index differs"}
     for key, what in names.items():
         if key in expected and found.get(key) != expected[key]:
-            raise RunDirError(f"{path} belongs to another run: {what} differ ({key} {found.get(key)!r} in the file, "
-                              f"{expected[key]!r} in this run)")
+            raise RunDirError(f"{path} belongs to another run: {what} ({key} {found.get(key)!r} in the file, "
+                              f"{expected[key]!r} in this run); {remedy}")
 
 
 def masks_digest(checksums) -> str:

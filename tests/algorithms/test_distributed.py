@@ -166,6 +166,18 @@ def test_sharded_evaluation_failures_reach_every_rank(single_run, tmp_path):
     assert proc.returncode != 0
     assert "error (rank 1): " in proc.stderr and "task_00003.safetensors" in proc.stderr
     assert "error (rank 0): rank 1 could not read its range of the masks" in proc.stderr, proc.stderr[-3000:]
+    # A damaged model.safetensors: no rank loads it, so it is verified (streamed) before its metadata
+    # is trusted or the file copied to the evaluation's folder.
+    shutil.copy(single_run / "checkpoints" / "task_00003.safetensors", ck)
+    model_file = run / "model.safetensors"
+    blob = bytearray(model_file.read_bytes())
+    blob[-1] ^= 1
+    model_file.write_bytes(bytes(blob))
+    proc = torchrun("evaluate", str(run), "--shard-bank", "--out", str(tmp_path / "e3"), "--no-progress")
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"error (rank {rank}): {model_file} failed its checksum" in proc.stderr, proc.stderr[-3000:]
+    assert "--resume` writes it again" in proc.stderr and not (tmp_path / "e3" / "model.safetensors").exists()
     from supsup_fast.runs.rundir import RunLock
     lock = RunLock(tmp_path / "e2").acquire()
     try:

@@ -134,6 +134,7 @@ def test_whole_model_file_written_from_task_checkpoints(tmp_path, name, k, out):
     assert all(torch.equal(ta[key], tb[key]) for key in ta)
     with safe_open(str(tmp_path / "streamed.safetensors"), framework="pt") as fh:
         assert fh.metadata()["checksum"] == ma["checksum"]
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
     loaded = load_model(tmp_path / "streamed.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(banks(model), banks(loaded)))
     # a checkpoint out of order, or from another model, is refused before anything is written
@@ -189,3 +190,38 @@ def test_whole_model_file_from_checkpoints_of_another_bn_dtype(tmp_path):
     save_model_from_files(build_model("gemresnet18", 5, seed=2), files, tmp_path / "streamed.safetensors")
     loaded = load_model(tmp_path / "streamed.safetensors")
     assert snn.num_tasks(loaded) == 2
+
+
+def test_verify_mask_file_streams_the_checksum_of_read_mask_file(tmp_path):
+    from supsup_fast.runs.maskfile import verify_mask_file
+    model = trained("gemresnet18", k=3, out=5)
+    path = tmp_path / "m.safetensors"
+    save_model(model, path, extra={"a": 1})
+    _, meta = read_mask_file(path)
+    for chunk in (1 << 26, 64, 1):  # whole tensors, a few rows, one row at a time
+        assert verify_mask_file(path, chunk_bytes=chunk) == meta
+    blob = bytearray(path.read_bytes())
+    for at in (len(blob) - 1, len(blob) // 2):
+        bad = bytearray(blob)
+        bad[at] ^= 1
+        path.write_bytes(bytes(bad))
+        with pytest.raises(MaskFileError, match="failed its checksum"):
+            verify_mask_file(path, chunk_bytes=64)
+    path.write_bytes(bytes(blob[: len(blob) // 2]))
+    with pytest.raises(MaskFileError, match="corrupt or not a safetensors file"):
+        verify_mask_file(path)
+
+
+def test_a_mask_file_is_the_same_bytes_from_any_process(tmp_path):
+    # safetensors' own writer orders the metadata differently in each process: two runs with the same
+    # masks wrote files of different hashes. The package writes its files itself, sorted.
+    import subprocess
+    import sys
+    script = ("import sys, torch, supsup_fast.nn as snn; from supsup_fast.models import build_model; "
+              "from supsup_fast.runs.maskfile import save_model; m = build_model('lenet', 10, seed=2); "
+              "[(snn.begin_task(m, generator=torch.Generator().manual_seed(t)), snn.finish_task(m)) for t in range(2)]; "
+              "save_model(m, sys.argv[1], extra={'b': 2, 'a': [1, 2], 'c': {'y': 1, 'x': 2}})")
+    for name in ("one", "two"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], check=True, timeout=300)
+    assert (tmp_path / "one").read_bytes() == (tmp_path / "two").read_bytes()
+    assert snn.num_tasks(load_model(tmp_path / "one")) == 2

@@ -440,3 +440,44 @@ def test_training_time_survives_an_interrupted_final_evaluation(tmp_path, monkey
     monkeypatch.undo()
     res = run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
     assert res["timing"]["tasks_resumed"] == 2 and res["timing"]["train"] > 0
+
+
+def test_an_nns_run_resumed_trains_reused_masks_from_the_same_scores(tmp_path, monkeypatch):
+    # With ε = 0 every true task trains mask 0 further: resumed after the first true task, it must go on
+    # from the float scores the uninterrupted run kept (saved beside the checkpoint), not from
+    # scores rebuilt from its bits.
+    from supsup_fast.algorithms.nns import MaskAllocator
+    cfg = make_config(overrides=dict(SMALL, scenario="NNs", tasks=2, iters=30, nns_check_every=10, nns_epsilon=0.0,
+                                     train_subset=600, eval_at=[2], seed=0))
+    whole = run_experiment(cfg, tmp_path / "whole", progress=False)
+    real, calls = MaskAllocator.train_true_task, []
+
+    def crashing(self, *args, **kw):
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(MaskAllocator, "train_true_task", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    ck = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ck.glob("nns_scores_*")) == ["nns_scores_000001.safetensors"]
+    resumed = run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
+    assert resumed["timing"]["tasks_resumed"] == 1
+    assert resumed["nns"]["mask_for_true_task"] == whole["nns"]["mask_for_true_task"] == [0, 0]
+    assert resumed["nns"]["decisions"] == whole["nns"]["decisions"]
+    assert resumed["per_task_accuracy"] == whole["per_task_accuracy"]
+    assert resumed["accuracy_after_training"] == whole["accuracy_after_training"]
+    assert all(torch.equal(a, b) for a, b in zip(banks(maskfile.load_model(tmp_path / "whole" / "model.safetensors")).values(),
+                                                 banks(maskfile.load_model(tmp_path / "run" / "model.safetensors")).values()))
+    assert sorted(p.name for p in ck.glob("nns_scores_*")) == ["nns_scores_000002.safetensors"]
+    # a damaged score file is refused by name; without one, the resume warns and goes on
+    (tmp_path / "run" / "progress.json").unlink(missing_ok=True)
+    (ck / "nns_scores_000002.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RunDirError, match=r"nns_scores_000002.safetensors is unusable: .*Delete it to resume without it"):
+        run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
+    (ck / "nns_scores_000002.safetensors").unlink()
+    with pytest.warns(UserWarning, match="nns_scores_000002.safetensors is missing"):
+        run_experiment(cfg, tmp_path / "run", resume=True, progress=False)

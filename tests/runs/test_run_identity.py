@@ -39,7 +39,9 @@ def test_checkpoint_from_another_run_is_refused_on_resume(finished, tmp_path):
     run(other, lr=5e-3)
     mine = copy_run(finished[0], tmp_path / "mine")
     shutil.copy(other / "checkpoints" / "task_00001.safetensors", mine / "checkpoints" / "task_00001.safetensors")
-    with pytest.raises(RunDirError, match=r"task_00001.safetensors belongs to another run: the settings that shape"):
+    with pytest.raises(RunDirError, match=r"task_00001.safetensors belongs to another run: the settings that shape "
+                                          r"the masks differ \(lr 0.005 in the file, .* in this run\); if this run's "
+                                          r"config.json was edited since, restore it"):
         run(mine, resume=True)
 
 
@@ -343,3 +345,18 @@ def test_a_progress_file_of_the_version_before_its_checksum_is_still_read(tmp_pa
     (out / "model.safetensors").unlink()
     again = run(out, resume=True, tasks=3, eval_at=[2])
     assert again["accuracy_matrix"] == first["accuracy_matrix"]
+
+
+def test_evaluate_says_how_to_finish_or_rewrite_a_runs_model_file(finished, tmp_path):
+    mine = copy_run(finished[0], tmp_path / "mine")
+    model_file = mine / "model.safetensors"
+    blob = bytearray(model_file.read_bytes())
+    blob[-1] ^= 1
+    model_file.write_bytes(bytes(blob))
+    with pytest.raises(RunDirError, match=r"model.safetensors failed its checksum.*`supsup-fast run --out .*mine "
+                                          r"--resume` writes it again from the run's task checkpoints"):
+        evaluate_run(mine, {}, tmp_path / "eval", progress=False)
+    model_file.unlink()
+    with pytest.raises(RunDirError, match=r"is not a finished run \(it has no model.safetensors\); if it was "
+                                          r"interrupted, `supsup-fast run --out .*mine --resume` finishes it"):
+        evaluate_run(mine, {}, tmp_path / "eval", progress=False)
