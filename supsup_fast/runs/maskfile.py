@@ -245,8 +245,7 @@ def _open(path: Union[str, Path], tensors: bool) -> tuple:
 def read_mask_file(path: Union[str, Path]) -> tuple:
     """(tensors, metadata) of a verified file; raises MaskFileError if it is corrupt."""
     metadata, tensors = _open(path, tensors=True)
-    if metadata.get("checksum") != checksum(tensors, metadata):
-        raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
+    _check_checksum(path, tensors, metadata)
     return tensors, metadata
 
 
@@ -464,6 +463,21 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
 SCORE_CACHE_FORMAT = "supsup_fast.nns_scores"
 
 
+def _read_safetensors(path: Union[str, Path]) -> tuple:
+    """(metadata, tensors) of a safetensors file, or a MaskFileError naming it."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {}), {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a damaged header/body
+        raise MaskFileError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
+
+
+def _check_checksum(path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    if metadata.get("checksum") != checksum(tensors, metadata):
+        raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
+
+
 def save_score_cache(path: Union[str, Path], cache: List[tuple], extra: dict) -> None:
     """NNs' float scores of recently trained masks (``MaskAllocator.score_cache()``: (mask, {layer:
     scores}) pairs, least recently used first) with ``extra`` and a checksum, written atomically."""
@@ -476,17 +490,10 @@ def save_score_cache(path: Union[str, Path], cache: List[tuple], extra: dict) ->
 
 def load_score_cache(path: Union[str, Path]) -> tuple:
     """(cache, extra) of a file of :func:`save_score_cache`, checked for format and checksum."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:
-        raise MaskFileError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
+    meta, tensors = _read_safetensors(path)
     if meta.get("format") != SCORE_CACHE_FORMAT:
         raise MaskFileError(f"{path} is not an NNs score cache (format {meta.get('format')!r})")
-    if meta.get("checksum") != checksum(tensors, meta):
-        raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
+    _check_checksum(path, tensors, meta)
     try:
         order = json.loads(meta["order"])
     except (KeyError, ValueError, TypeError) as exc:
@@ -516,21 +523,14 @@ def save_hopfield_checkpoint(path, model, true_masks, extra) -> None:
 
 def load_hopfield_checkpoint(path, model, identity: Optional[dict] = None):
     """Restore a checkpoint (of the run with ``identity``, checked before anything is changed)."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:
-        raise MaskFileError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
+    meta, tensors = _read_safetensors(path)
     try:
         spec = json.loads(meta.get("spec", "null"))
     except (ValueError, TypeError):
         spec = None
     if meta.get("format") != "supsup_fast.hopfield" or spec != model.spec:
         raise MaskFileError(f"{path} is not a Hopfield checkpoint of this model ({model.spec})")
-    if meta.get("checksum") != checksum(tensors, meta):
-        raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
+    _check_checksum(path, tensors, meta)
     extra = parse_extra(path, meta)
     if identity is not None:
         check_identity(path, extra, identity)

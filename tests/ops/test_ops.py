@@ -154,16 +154,20 @@ def test_compile_fullgraph_traces_ops():
         w_eff = w * float_stack_superpose(masks, a)
         return (x @ w_eff.t()).square().sum() + (x @ (w * masks[1].float()).t()).sum()
 
-    x, a = torch.randn(2, n), torch.rand(k)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert_compiled_matches(compiled, float_stack, torch.randn(2, n), torch.rand(k), tol=1e-4, alpha_atol=1e-3)
+
+
+def assert_compiled_matches(compiled, reference, x, a, tol, alpha_atol):
+    """compiled(x, a) and reference(x, a) agree, and so do their x- and α-gradients."""
     x1, a1 = x.clone().requires_grad_(), a.clone().requires_grad_()
     x2, a2 = x.clone().requires_grad_(), a.clone().requires_grad_()
-    got, expect = compiled(x1, a1), float_stack(x2, a2)
-    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+    got, expect = compiled(x1, a1), reference(x2, a2)
+    torch.testing.assert_close(got, expect, rtol=tol, atol=tol)
     got.backward()
     expect.backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=tol, atol=alpha_atol)
 
 
 def test_compile_with_dynamic_shapes_takes_symbolic_sizes():
@@ -176,16 +180,8 @@ def test_compile_with_dynamic_shapes_takes_symbolic_sizes():
     def f(x, a):
         return ss.ops.superposed_linear(x, w, bank, a).square().sum() + ss.ops.superpose(bank, a, x.shape[-1]).sum()
 
-    x, a = torch.randn(3, n), torch.rand(k)
     compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
-    x1, a1 = x.clone().requires_grad_(), a.clone().requires_grad_()
-    x2, a2 = x.clone().requires_grad_(), a.clone().requires_grad_()
-    got, expect = compiled(x1, a1), f(x2, a2)
-    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
-    got.backward()
-    expect.backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-5, atol=1e-4)
+    assert_compiled_matches(compiled, f, torch.randn(3, n), torch.rand(k), tol=1e-5, alpha_atol=1e-4)
     with pytest.raises(ValueError, match="n must be a positive int"):
         ss.unpack_bits(bank, True)
 
