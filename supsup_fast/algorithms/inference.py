@@ -183,7 +183,7 @@ def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, n
         copies = all(_reads_copy(layer) for layer in layers)
         # hs[i]: the input of layer i; nonzero[i]: its nonzeros, nonzero[-1] those of g
         hs, g, nonzero = ops.mlp_logit_gradients(xs.flatten(1), weights, [layer.bias for layer in layers], objective,
-                                                 num_labels, count_nonzero=copies)
+                                                 num_labels, count_nonzero=copies, check=False)  # the model's own layers
         if copies:
             # nonzero inputs, and live outputs as the forward tells them: g_i = 0 where ReLU gave 0
             inputs, outputs = nonzero[:-1], nonzero[1:]

@@ -1,6 +1,7 @@
 """``SupermaskConv2d``: a drop-in ``nn.Conv2d`` whose weight is frozen and masked per task."""
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -41,9 +42,15 @@ class SupermaskConv2d(SupermaskLayer):
         super().__init__()
         from ..ops.checks import pair
         kh, kw = pair("kernel_size", kernel_size)
+        sizes = {}
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            try:
+                sizes[name] = operator.index(value)  # ints, numpy's too (nn.Conv2d keeps them), never a float truncated
+            except TypeError:
+                sizes[name] = None
+            if isinstance(value, bool) or sizes[name] is None or sizes[name] < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        in_channels, out_channels, groups = sizes["in_channels"], sizes["out_channels"], sizes["groups"]
         if kh < 1 or kw < 1:
             raise ValueError(f"kernel_size must be positive, got {kernel_size!r}")
         if in_channels % groups or out_channels % groups:

@@ -6,8 +6,10 @@ by the helpers in :mod:`supsup_fast.nn.tasks`; the uniform superposition uses th
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -38,6 +40,17 @@ def outside_autocast(forward, x: torch.Tensor, dtype: torch.dtype) -> torch.Tens
         return forward(x.to(dtype) if x.is_floating_point() else x)
 
 
+def _seed_from_torch() -> int:
+    """A seed drawn from torch's default generator (advancing it), also under a FakeTensorMode,
+    where the draw would be a fake tensor with no value."""
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:  # pragma: no cover - torch without it has no FakeTensorMode to step out of
+        unset_fake_temporarily = contextlib.nullcontext
+    with unset_fake_temporarily():
+        return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cpu"))
+
+
 class SupermaskLayer(CountCaches, nn.Module):
     """Shared state and logic of SupermaskLinear (nn/linear.py) and SupermaskConv2d (nn/conv.py)."""
 
@@ -54,7 +67,7 @@ class SupermaskLayer(CountCaches, nn.Module):
         if generator is None and seed is None:
             # As nn.Linear's init draws from torch's default generator: torch.manual_seed fixes the
             # weights, and two layers built alike get different ones.
-            seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cpu"))
+            seed = _seed_from_torch()
         gen = generator if generator is not None else make_generator(seed)
         # None: the default device, which a `with torch.device(...)` block sets (the draws stay on the CPU).
         device = torch.get_default_device() if device is None else torch.device(device)
@@ -66,6 +79,7 @@ class SupermaskLayer(CountCaches, nn.Module):
             self._draw_state = None
         else:
             self._draw_state = gen.get_state()  # where this layer's draws begin: reset_parameters redraws from it
+            self._draw_dtype = dtype
             weight = frozen_weight(tuple(weight_shape), fan_in, init, gen, dtype)
             self.init_kind = init
         self.register_buffer("weight", weight.to(device))
@@ -86,7 +100,8 @@ class SupermaskLayer(CountCaches, nn.Module):
     # changes until the optimiser is closed or the task ends (a class default: pickles from before it).
     _fused = None
 
-    _draw_state = None  # (a class default: layers pickled before it cannot redraw)
+    _draw_state = None  # (class defaults: layers pickled before them cannot redraw)
+    _draw_dtype = torch.float32
 
     def reset_parameters(self) -> None:
         """Draw the frozen weight (and bias) again, bit for bit as at construction: for a model built
@@ -97,10 +112,11 @@ class SupermaskLayer(CountCaches, nn.Module):
                                "their draw): it cannot be drawn again; load it instead")
         gen = torch.Generator(device="cpu")
         gen.set_state(self._draw_state)
+        drawn = self._draw_dtype  # drawn in the dtype of construction, then cast as the layer was since (.double())
         with torch.no_grad():
-            self.weight.copy_(frozen_weight(tuple(self.weight.shape), self.fan_in, self.init_kind, gen, self.weight.dtype))
+            self.weight.copy_(frozen_weight(tuple(self.weight.shape), self.fan_in, self.init_kind, gen, drawn))
             if self.bias is not None:
-                self.bias.copy_(frozen_bias(self.weight.shape[0], self.fan_in, gen, self.bias.dtype))
+                self.bias.copy_(frozen_bias(self.weight.shape[0], self.fan_in, gen, drawn))
 
     # -- task lifecycle -----------------------------------------------------------------------
     @property
@@ -203,9 +219,9 @@ class SupermaskLayer(CountCaches, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self._counts = None
         self._active_cache = None
-        if strict and self.scores is None and prefix + "scores" in state_dict:
-            error_msgs.append(f"{prefix}scores: saved while a task was being trained; call snn.begin_task(model) "
-                              f"before loading it to go on training that task")
+        if self.scores is None and prefix + "scores" in state_dict:  # torch reports it as an unexpected key
+            warnings.warn(f"{prefix}scores: the state dict was saved while a task was being trained; call "
+                          f"snn.begin_task(model) before loading it to go on training that task", stacklevel=3)
 
     def truncate_tasks(self, k: int) -> None:
         self.bank.truncate(k)

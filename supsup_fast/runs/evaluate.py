@@ -28,8 +28,9 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
                           f"network, not in a mask file, so `evaluate` has none to re-evaluate")
     if not cfg_path.is_file() or not model_path.is_file():
         missing = " and ".join(p.name for p in (cfg_path, model_path) if not p.is_file())
-        raise RunDirError(f"{run_dir} is not a finished run (it has no {missing}); if it was interrupted, "
-                          f"`supsup-fast run --out {run_dir} --resume` finishes it")
+        hint = (f"; if it was interrupted, `supsup-fast run --out {run_dir} --resume` finishes it"
+                if cfg_path.is_file() else "")  # resume needs the run's config
+        raise RunDirError(f"{run_dir} is not a finished run (it has no {missing}){hint}")
     check_output_folder(run_dir, out)
     values = read_json(cfg_path, "run config", "restore it, or delete it and run `supsup-fast run` with the run's "
                        f"settings, --out {run_dir} and --resume to write it again (the finished tasks are kept)")

@@ -150,6 +150,12 @@ def write_tensors(path: Union[str, Path], tensors: Dict[str, torch.Tensor], meta
     """``tensors`` and ``metadata`` as a safetensors file, written atomically, its bytes fixed by its
     content (names sorted; safetensors' own writer orders the metadata differently from run to run)."""
     names = sorted(tensors)
+    for key, value in metadata.items():  # safetensors' readers take string values only
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata must map strings to strings, got {key!r}: {type(value).__name__}")
+    for n in names:
+        if tensors[n].dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"tensor {n!r} is {tensors[n].dtype}; the mask files hold {sorted(map(str, _SAFETENSORS_DTYPES))}")
     head = _safetensors_header(metadata, names, {n: tuple(tensors[n].shape) for n in names},
                                {n: tensors[n].dtype for n in names})
     atomic_write_bytes(path, lambda tmp: _write_safetensors(

@@ -447,8 +447,11 @@ def test_a_mid_task_state_dict_loaded_before_begin_task_says_what_to_do():
     snn.begin_task(layer)
     state = layer.state_dict()
     fresh = trained(snn.SupermaskLinear(12, 5, seed=1), tasks=1)
-    with pytest.raises(RuntimeError, match=r"scores: saved while a task was being trained; call snn.begin_task"):
+    hint = r"scores: the state dict was saved while a task was being trained; call snn.begin_task"
+    with pytest.warns(UserWarning, match=hint), pytest.raises(RuntimeError, match="Unexpected key.*scores"):
         fresh.load_state_dict(state)
+    with pytest.warns(UserWarning, match=hint):  # not strict: the same hint, and torch's list of what it left
+        assert fresh.load_state_dict(state, strict=False).unexpected_keys == ["scores"]
     snn.begin_task(fresh)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.scores, layer.scores)
@@ -478,3 +481,30 @@ def test_a_model_built_on_meta_is_materialised_by_to_empty_and_reset_parameters(
     given = snn.SupermaskLinear(20, 7, init=torch.ones(7, 20))
     with pytest.raises(RuntimeError, match="given as a tensor"):
         given.reset_parameters()
+
+
+def test_conv_takes_numpy_ints_as_nn_conv2d_does():
+    import numpy as np
+    net = nn.Sequential(nn.Conv2d(np.int64(3), np.int64(6), np.int64(3), groups=np.int64(3)))
+    converted = ss.convert(net)
+    assert (converted[0].in_channels, converted[0].out_channels, converted[0].groups) == (3, 6, 3)
+    assert type(converted[0].in_channels) is int
+    with pytest.raises(ValueError, match="in_channels must be a positive int, got 2.5"):
+        snn.SupermaskConv2d(2.5, 4, 3)
+
+
+def test_a_layer_without_a_seed_builds_under_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        layer = snn.SupermaskLinear(8, 4)
+    assert tuple(layer.weight.shape) == (4, 8)
+
+
+def test_reset_parameters_repeats_the_draw_after_a_dtype_change():
+    layer = snn.SupermaskLinear(30, 7, bias=True, init="kaiming_normal", seed=3)
+    drawn = layer.weight.clone(), layer.bias.clone()
+    layer.double()
+    layer.weight.zero_()
+    layer.reset_parameters()
+    assert layer.weight.dtype == torch.float64
+    assert torch.equal(layer.weight, drawn[0].double()) and torch.equal(layer.bias, drawn[1].double())

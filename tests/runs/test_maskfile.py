@@ -225,3 +225,12 @@ def test_a_mask_file_is_the_same_bytes_from_any_process(tmp_path):
         subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], check=True, timeout=300)
     assert (tmp_path / "one").read_bytes() == (tmp_path / "two").read_bytes()
     assert snn.num_tasks(load_model(tmp_path / "one")) == 2
+
+
+def test_write_tensors_refuses_what_a_safetensors_reader_could_not_read(tmp_path):
+    from supsup_fast.runs.maskfile import write_tensors
+    with pytest.raises(TypeError, match="metadata must map strings to strings, got 'n': int"):
+        write_tensors(tmp_path / "a", {"x": torch.zeros(2)}, {"n": 3})
+    with pytest.raises(TypeError, match="tensor 'x' is torch.int8"):
+        write_tensors(tmp_path / "a", {"x": torch.zeros(2, dtype=torch.int8)}, {})
+    assert not (tmp_path / "a").exists()

@@ -360,3 +360,6 @@ def test_evaluate_says_how_to_finish_or_rewrite_a_runs_model_file(finished, tmp_
     with pytest.raises(RunDirError, match=r"is not a finished run \(it has no model.safetensors\); if it was "
                                           r"interrupted, `supsup-fast run --out .*mine --resume` finishes it"):
         evaluate_run(mine, {}, tmp_path / "eval", progress=False)
+    (mine / "config.json").unlink()  # then a resume cannot finish it either: no hint to run one
+    with pytest.raises(RunDirError, match=r"is not a finished run \(it has no config.json and model.safetensors\)$"):
+        evaluate_run(mine, {}, tmp_path / "eval", progress=False)
