@@ -7,11 +7,12 @@ import hashlib
 import os
 import struct
 import urllib.request
+import warnings
 import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -82,21 +83,24 @@ def _find(root: Path, stem: str) -> Optional[Path]:
     return None
 
 
-def load_mnist_folder(root: Union[str, Path]) -> MNIST:
+def load_mnist_folder(root: Union[str, Path], verified: Optional[Dict[str, Path]] = None) -> MNIST:
+    """MNIST from the IDX files in ``root``; ``verified`` (stem -> path, from :func:`download_mnist`)
+    names the files to read where a folder holds another file under the same name too."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"--data-root {root} is not a folder; point it at a folder with the four MNIST IDX files "
                         f"(or MNIST/raw/ inside it), or use --download")
+    found = {stem: (verified or {}).get(stem) or _find(root, stem) for stem in FILES.values()}
     arrays = {}
     for key, stem in FILES.items():
-        path = _find(root, stem)
+        path = found[stem]
         if path is None:
             raise DataError(f"--data-root {root} has no {stem}[.gz] (looked in {root}, {root}/MNIST/raw, {root}/raw); "
                             f"use --download to fetch MNIST there")
         arrays[key] = read_idx(path)
     for split in ("train", "test"):
         imgs, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        paths = {key: _find(root, FILES[key]) for key in (f"{split}_images", f"{split}_labels")}
+        paths = {key: found[FILES[key]] for key in (f"{split}_images", f"{split}_labels")}
         if imgs.ndim != 3 or imgs.shape[1:] != (28, 28):
             raise DataError(f"{paths[f'{split}_images']} is not an MNIST image file: it holds an array of shape "
                             f"{imgs.shape}, expected [N, 28, 28] (a labels file under an images file's name?)")
@@ -125,14 +129,20 @@ def load_embedded() -> MNIST:
                  arrays["test_labels"].long(), "embedded")
 
 
-def download_mnist(root: Union[str, Path]) -> Path:
-    """Fetch the four files into ``root`` (md5 verified, written atomically)."""
+def download_mnist(root: Union[str, Path]) -> Dict[str, Path]:
+    """Fetch the four files into ``root`` (md5 verified, written atomically); returns the verified
+    file of each (a copy already there, or the one fetched)."""
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
+    verified = {}
     for stem, md5 in MD5.items():
         target = root / (stem + ".gz")
         present = _find(root, stem)  # raw or .gz, flat or MNIST/raw/: a verified copy is not fetched again
         if present is not None and _md5_of(present) == md5:
+            verified[stem] = present
+            continue
+        if target.is_file() and _md5_of(target) == md5:  # fetched before, beside another file of the name
+            verified[stem] = target
             continue
         errors = []
         for mirror in MIRRORS:
@@ -149,11 +159,15 @@ def download_mnist(root: Union[str, Path]) -> Path:
             tmp = target.with_suffix(".gz.part")
             tmp.write_bytes(blob)
             os.replace(tmp, target)
+            verified[stem] = target
             break
         else:
             raise DataError(f"could not download {stem} ({'; '.join(errors)}). Without internet, copy the four "
                             f"MNIST IDX files into a folder and pass it with --data-root")
-    return root
+        if present is not None and present != target:
+            warnings.warn(f"{present} is not MNIST's {stem} (its md5 differs): reading the verified download "
+                          f"{target} instead", stacklevel=2)
+    return verified
 
 
 def _md5_of(path: Path) -> str:
@@ -171,9 +185,7 @@ def load_mnist(data_root: Optional[Union[str, Path]] = None, download: bool = Fa
         if download:
             raise DataError("--download needs --data-root (the folder to download into)")
         return load_embedded()
-    if download:
-        download_mnist(data_root)
-    return load_mnist_folder(data_root)
+    return load_mnist_folder(data_root, download_mnist(data_root) if download else None)
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:

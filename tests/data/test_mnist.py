@@ -1,6 +1,7 @@
 import gzip
 import struct
 import urllib.request
+import warnings
 
 import numpy as np
 import pytest
@@ -185,3 +186,28 @@ def test_rotated_mnist_has_36_distinct_tasks():
     assert RotatedMNIST(m, 36).angle(35) == 350
     with pytest.raises(ValueError, match=r"covers one turn: 36 tasks at 10° each \(task 36 would rotate by 360°.* --tasks 37"):
         RotatedMNIST(m, 37)
+
+
+def test_download_reads_the_verified_files_not_others_of_the_same_name(tmp_path, monkeypatch):
+    # A folder holding other IDX files under MNIST's names (a subset, Fashion-MNIST): --download
+    # fetches the verified .gz files beside them, and the run must read those, saying so.
+    from supsup_fast.data import mnist
+    real = fake_mnist(tmp_path / "src", gz=False)
+    md5 = {stem: mnist._md5_of(tmp_path / "src" / stem) for stem in FILES.values()}
+    monkeypatch.setattr(mnist, "MD5", md5)
+    fake_mnist(tmp_path / "root", gz=False, n_train=7, n_test=5)  # other files, valid IDX, the same names
+
+    class Resp:
+        def __init__(self, blob): self.blob = blob
+        def read(self): return self.blob
+        def __enter__(self): return self
+        def __exit__(self, *a): return False
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, timeout: Resp(gzip.compress((tmp_path / "src" / url.rsplit("/", 1)[1][:-3]).read_bytes())))
+    with pytest.warns(UserWarning, match="train-images-idx3-ubyte is not MNIST's train-images-idx3-ubyte"):
+        m = load_mnist(tmp_path / "root", download=True)
+    assert m.train_labels.tolist() == list(real["train_labels"]) and len(m.test_labels) == len(real["test_labels"])
+    with warnings.catch_warnings():  # fetched once: a second --download reads them again without a fetch
+        warnings.simplefilter("error")
+        monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("fetched again"))
+        assert load_mnist(tmp_path / "root", download=True).train_labels.tolist() == list(real["train_labels"])
