@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from ..data import load_benchmark
 from ..data.tasks import TaskSplit
 from ..distributed import SINGLE, DistContext, broadcast_object, gather_objects, shard_range
 from ..models import build_model
-from ..nn import MultitaskBatchNorm, bn_bytes, enable_transfer, mask_bytes, mask_entropy_bytes, num_tasks
+from ..nn import MultitaskBatchNorm, begin_task, bn_bytes, enable_transfer, mask_bytes, mask_entropy_bytes, num_tasks
 from ..ops.registry import backend_for, use_backend
 from . import maskfile
 from .config import RunConfig
@@ -164,6 +165,7 @@ class Experiment:
         self.output_size = config.resolved_output_size(self.tasks.num_labels)
         self.data_sha256 = data_fingerprint(self.tasks)
         if model is None:
+            self._check_superposed_batchnorm()
             model = self._fresh_model()
         self.model = model.to(self.device)
         if config.shard_bank and ctx.enabled and any(isinstance(m, MultitaskBatchNorm) for m in self.model.modules()):
@@ -186,6 +188,40 @@ class Experiment:
         if e.calibration != "none":  # rows computed before the setting existed keep their digest
             shaping.append(e.calibration)
         return hashlib.sha256(json.dumps(shaping).encode()).hexdigest()
+
+    def _check_superposed_batchnorm(self) -> None:
+        """Task inference superposes per-task BatchNorm, which then normalises with the query batch's
+        own statistics: a feature map of one value per channel (a deep net on small images, one image
+        a query) cannot be normalised, and the run would stop at its first evaluation, after training.
+        Found now by a forward of the query's shape through the model on meta tensors (no memory)."""
+        c = self.config
+        if c.scenario not in ("GNs", "GNu") or c.inference == "hopfield":
+            return
+        with torch.device("meta"):
+            probe = self._fresh_model()
+        norms = {name: m for name, m in probe.named_modules() if isinstance(m, MultitaskBatchNorm)}
+        if not norms:
+            return
+        shapes: Dict[str, tuple] = {}
+
+        def record(name):
+            def hook(module, args):
+                shapes.setdefault(name, tuple(args[0].shape))
+            return hook
+        hooks = [m.register_forward_pre_hook(record(name)) for name, m in norms.items()]
+        begin_task(probe)
+        probe.eval()  # running statistics: a probe of one image is not refused by BatchNorm's own check
+        with torch.no_grad():
+            probe(torch.empty(c.infer_images, *self.tasks.input_shape, device="meta"))
+        for hook in hooks:
+            hook.remove()
+        for name, shape in shapes.items():
+            if len(shape) >= 2 and math.prod(shape) == shape[1]:
+                raise ValueError(f"--model {c.model} on images of {tuple(self.tasks.input_shape)} leaves layer {name!r} "
+                                 f"one value per channel {shape} for a query of --infer-images {c.infer_images}: task "
+                                 f"inference superposes the per-task BatchNorm, which then normalises with the query's "
+                                 f"own statistics; use --infer-images 2 or more"
+                                 + (", or a larger --image-size" if c.benchmark == "split-imagenet" else ""))
 
     def _fresh_model(self) -> torch.nn.Module:
         c = self.config

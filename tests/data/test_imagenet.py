@@ -117,3 +117,19 @@ def test_the_class_split_is_the_official_seed_1_whatever_the_runs_seed(fake_root
     one, two = load_benchmark("split-imagenet", 2, 1, fake_root, image_size=16), \
         load_benchmark("split-imagenet", 2, 2, fake_root, image_size=16)
     assert one.classes(0) == two.classes(0) and one.classes(1) == two.classes(1)
+
+
+def test_task_inference_that_would_normalise_one_value_per_channel_is_refused_before_training(tmp_path, fake_root):
+    # resnet18 on 8-pixel images ends in a 1x1 map: a one-image query through the superposed per-task
+    # BatchNorm cannot be normalised. The run stopped at its first evaluation, after training every
+    # task; now it is refused before any, and two query images or larger images pass the same check.
+    from supsup_fast.runs.config import make_config
+    base = dict(scenario="GNu", benchmark="split-imagenet", model="resnet18", data_root=str(fake_root), tasks=2,
+                iters=1, batch_size=8, test_batch_size=8)
+    with pytest.raises(ValueError, match=r"leaves layer 'stages.3.0.bn1' one value per channel \(1, 512, 1, 1\) for a "
+                                         r"query of --infer-images 1.*--infer-images 2 or more, or a larger --image-size"):
+        run_experiment(make_config(overrides=dict(base, image_size=8)), tmp_path / "small", progress=False)
+    assert not (tmp_path / "small" / "checkpoints").exists()
+    from supsup_fast.runs.loop import Experiment
+    for overrides in (dict(image_size=8, infer_images=2), dict(image_size=64), dict(image_size=8, scenario="GG")):
+        Experiment(make_config(overrides=dict(base, **overrides)), tmp_path / "ok")  # refused by nothing
