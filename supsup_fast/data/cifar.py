@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .mnist import DataError
-from .tasks import TaskSequence, TaskSplit
+from .tasks import TaskSequence, TaskSplit, check_classes_present
 
 CIFAR100_MEAN = (0.491, 0.482, 0.447)
 CIFAR100_STD = (0.247, 0.243, 0.262)
@@ -95,6 +95,8 @@ class SplitCIFAR100(TaskSequence):
         np.random.seed(seed)
         self.perm = np.random.permutation(100)
         self._data = data
+        for split, name in (("train", "training"), ("test", "test")):
+            check_classes_present(self, data[split][1], name, 100)
 
     @property
     def source(self) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .mnist import MNIST, normalise
+from .mnist import MNIST, DataError, normalise
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -143,6 +143,17 @@ class RotatedMNIST(TaskSequence):
         return self._split(self.mnist.test_images, self.mnist.test_labels, t)
 
 
+def check_classes_present(tasks, labels: torch.Tensor, split: str, num_classes: int) -> None:
+    """Refuse a dataset that lacks a class one of the tasks is made of: the run would stop at that
+    task, after training the ones before it."""
+    counts = torch.bincount(labels.long().flatten(), minlength=num_classes)
+    for t in range(tasks.num_tasks):
+        missing = [c for c in tasks.classes(t) if counts[c] == 0]
+        if missing:
+            raise DataError(f"{tasks.source} has no {split} images of class{'es' if len(missing) > 1 else ''} "
+                            f"{', '.join(map(str, missing))}, which task {t} of {tasks.name} is made of")
+
+
 class SplitMNIST(TaskSequence):
     """5 tasks of consecutive digit pairs (0,1), (2,3), ... Labels are remapped to 0/1 (ℓ = 2) unless
     ``remap_labels=False`` (then ℓ = 10, as HopSupSup)."""
@@ -154,6 +165,8 @@ class SplitMNIST(TaskSequence):
         super().__init__(mnist, num_tasks, seed)
         self.remap = remap_labels
         self.num_labels = 2 if remap_labels else 10
+        for split, labels in (("training", mnist.train_labels), ("test", mnist.test_labels)):
+            check_classes_present(self, labels, split, 10)
 
     def classes(self, t: int) -> Tuple[int, int]:
         self._check(t)

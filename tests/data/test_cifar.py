@@ -90,3 +90,19 @@ def test_split_cifar100_smoke_run_with_transfer(tmp_path):
 def ss_unpack(layer):
     import supsup_fast as ss
     return ss.unpack_bits(layer.bank.words, layer.n)
+
+
+def test_a_dataset_lacking_a_tasks_classes_is_refused_before_training(tmp_path):
+    folder = write_fake_cifar100(tmp_path)
+    data = load_cifar100(tmp_path)
+    SplitCIFAR100(data, 20, seed=1)  # every class present: accepted
+    lacking = int(SplitCIFAR100(data, 20, seed=1).classes(1)[2])
+    with open(folder / "test", "rb") as fh:
+        d = pickle.load(fh)
+    keep = [i for i, c in enumerate(d[b"fine_labels"]) if c != lacking]
+    d[b"data"], d[b"fine_labels"] = d[b"data"][keep], [d[b"fine_labels"][i] for i in keep]
+    with open(folder / "test", "wb") as fh:
+        pickle.dump(d, fh, protocol=2)
+    with pytest.raises(DataError, match=rf"has no test images of class {lacking}, which task 1 of split-cifar100"):
+        SplitCIFAR100(load_cifar100(tmp_path), 20, seed=1)
+    SplitCIFAR100(load_cifar100(tmp_path), 1, seed=1)  # a run of task 0 alone needs none of task 1's classes

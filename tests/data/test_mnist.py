@@ -211,3 +211,13 @@ def test_download_reads_the_verified_files_not_others_of_the_same_name(tmp_path,
         warnings.simplefilter("error")
         monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("fetched again"))
         assert load_mnist(tmp_path / "root", download=True).train_labels.tolist() == list(real["train_labels"])
+
+
+def test_split_mnist_refuses_files_lacking_a_tasks_digits(tmp_path):
+    arrays = fake_mnist(tmp_path / "six", gz=False, n_train=30, n_test=12)
+    write_idx(tmp_path / "six" / "train-labels-idx1-ubyte", np.arange(30) % 6, False)  # digits 0-5 only
+    m = load_mnist(tmp_path / "six")
+    assert len(arrays["train_labels"]) == 30
+    SplitMNIST(m, 3)  # tasks of digits 0-5: accepted
+    with pytest.raises(DataError, match=r"has no training images of classes 6, 7, which task 3 of split-mnist"):
+        SplitMNIST(m, 5)
