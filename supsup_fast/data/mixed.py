@@ -8,7 +8,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-from .mnist import MNIST, normalise
+from .mnist import MNIST, DataError, normalise
 from .tasks import TaskSequence, TaskSplit
 
 DOMAINS = ("mnist", "permuted-1", "inverted-mnist", "sklearn-digits", "permuted-2", "shapes", "permuted-3")
@@ -25,6 +25,13 @@ class MixedDomains(TaskSequence):
                              f"asked for more")
         super().__init__(mnist, num_tasks, seed)
         self._cache: Dict[str, Tuple[TaskSplit, TaskSplit]] = {}
+        if "sklearn-digits" in DOMAINS[:num_tasks]:  # built when its task comes: say now what it needs
+            try:
+                import sklearn.datasets  # noqa: F401
+            except ImportError as exc:
+                raise DataError(f"mixed-domains task {DOMAINS.index('sklearn-digits')} (sklearn-digits) needs "
+                                f"scikit-learn: pip install scikit-learn (or the package's test extra), or run "
+                                f"--tasks {DOMAINS.index('sklearn-digits')}") from exc
 
     def task_name(self, t: int) -> str:
         self._check(t)

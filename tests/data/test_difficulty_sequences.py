@@ -77,3 +77,14 @@ def test_registered_as_benchmarks():
     seq = load_benchmark("mixed-domains", 3, seed=2)
     assert isinstance(seq, MixedDomains) and seq.task_name(2) == "inverted-mnist"
     assert np.isclose(load_benchmark("permuted-mnist-noisy", 4, seed=1).noise(3), 0.6)
+
+
+def test_mixed_domains_without_scikit_learn_is_refused_before_training(monkeypatch):
+    import sys
+    from supsup_fast.data import DataError
+    mnist = load_embedded()
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # an import of it fails, as where it is not installed
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(DataError, match=r"task 3 \(sklearn-digits\) needs scikit-learn.*or run --tasks 3"):
+        MixedDomains(mnist, 5)
+    MixedDomains(mnist, 3)  # its first three tasks need no scikit-learn
