@@ -30,20 +30,28 @@ def _read_split(path: Path) -> Tuple[torch.Tensor, torch.Tensor]:
     try:
         with open(path, "rb") as fh:
             d = pickle.load(fh, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise DataError(f"cannot read CIFAR-100 file {path}: {exc}") from exc
+    except Exception as exc:  # a damaged or foreign pickle fails in many ways (naming classes it cannot find, too)
+        raise DataError(f"cannot read CIFAR-100 file {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(d, dict):
         raise DataError(f"{path} is not a CIFAR-100 batch (expected a pickled dict)")
     data, labels = d.get(b"data", d.get("data")), d.get(b"fine_labels", d.get("fine_labels"))
     if data is None or labels is None:
-        raise DataError(f"{path} lacks 'data' or 'fine_labels'")
-    data = np.asarray(data, dtype=np.uint8)
-    labels = np.asarray(labels, dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise DataError(f"{path} lacks 'data' or 'fine_labels' (a CIFAR-10 batch has 'labels' instead)")
+    try:  # as stored, before any cast: a cast would wrap pixels past 255, zero float pixels and truncate float labels
+        data, labels = np.asarray(data), np.asarray(labels)
+    except ValueError as exc:
+        raise DataError(f"{path}: 'data' and 'fine_labels' must be arrays ({exc})") from exc
+    if data.size == 0 or labels.size == 0:
+        raise DataError(f"{path} holds no images")
+    if data.dtype != np.uint8:
+        raise DataError(f"{path}: data must be uint8 pixels (0..255), got {data.dtype}")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: fine labels must be integers, got {labels.dtype}")
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(data) != len(labels):
         raise DataError(f"{path}: data must be [N, 3072] with N labels, got {data.shape} and {labels.shape}")
     if labels.min() < 0 or labels.max() > 99:
         raise DataError(f"{path}: fine labels must be in 0..99")
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels.astype(np.int64))
 
 
 def load_cifar100(data_root: Union[str, Path]) -> dict:
@@ -56,6 +64,9 @@ def load_cifar100(data_root: Union[str, Path]) -> dict:
     folder = _find_cifar100(root)
     xtr, ytr = _read_split(folder / "train")
     xte, yte = _read_split(folder / "test")
+    if (len(ytr), len(yte)) == (10000, 50000):
+        raise DataError(f"CIFAR-100 files in {folder}: 'train' holds the 10,000 test images and 'test' the 50,000 "
+                        f"training images: they are swapped")
     return {"train": (xtr, ytr), "test": (xte, yte), "source": str(folder)}
 
 

@@ -106,3 +106,28 @@ def test_a_dataset_lacking_a_tasks_classes_is_refused_before_training(tmp_path):
     with pytest.raises(DataError, match=rf"has no test images of class {lacking}, which task 1 of split-cifar100"):
         SplitCIFAR100(load_cifar100(tmp_path), 20, seed=1)
     SplitCIFAR100(load_cifar100(tmp_path), 1, seed=1)  # a run of task 0 alone needs none of task 1's classes
+
+
+@pytest.mark.parametrize("name,value,message", [
+    (b"data", lambda d: d[b"data"].astype(np.int64) * 2, "data must be uint8 pixels"),  # would wrap past 255
+    (b"data", lambda d: d[b"data"] / 255.0, "data must be uint8 pixels"),                 # would become zeros
+    (b"fine_labels", lambda d: [c + 0.5 for c in d[b"fine_labels"]], "fine labels must be integers"),  # truncated
+    (b"fine_labels", lambda d: [str(c) for c in d[b"fine_labels"]], "fine labels must be integers"),
+    (b"data", lambda d: [row[: 3072 - (i % 2)] for i, row in enumerate(d[b"data"])], "must be arrays"),
+    (b"data", lambda d: d[b"data"][:0], "holds no images"),
+])
+def test_a_malformed_cifar_batch_is_refused_by_name(tmp_path, name, value, message):
+    folder = write_fake_cifar100(tmp_path)
+    with open(folder / "train", "rb") as fh:
+        d = pickle.load(fh)
+    d[name] = value(d)
+    with open(folder / "train", "wb") as fh:
+        pickle.dump(d, fh, protocol=2)
+    with pytest.raises(DataError, match=f"{folder / 'train'}.*{message}"):
+        load_cifar100(tmp_path)
+
+
+def test_swapped_cifar_files_are_refused(tmp_path):
+    write_fake_cifar100(tmp_path, n_train=10000, n_test=50000)
+    with pytest.raises(DataError, match="they are swapped"):
+        load_cifar100(tmp_path)
