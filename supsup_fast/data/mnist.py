@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import struct
 import urllib.request
 import warnings
@@ -63,6 +64,10 @@ def read_idx(path: Union[str, Path]) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
+    named = re.search(r"-idx(\d)-", path.name)  # MNIST's names give the dimensions: idx3 images, idx1 labels
+    if named and int(named.group(1)) != ndim:
+        raise DataError(f"{path}: its header gives {ndim} dimensions where its name (idx{named.group(1)}) promises "
+                        f"{named.group(1)}: the file is damaged or not what its name says")
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataError(f"{path} is truncated (header)")

@@ -221,3 +221,13 @@ def test_split_mnist_refuses_files_lacking_a_tasks_digits(tmp_path):
     SplitMNIST(m, 3)  # tasks of digits 0-5: accepted
     with pytest.raises(DataError, match=r"has no training images of classes 6, 7, which task 3 of split-mnist"):
         SplitMNIST(m, 5)
+
+
+def test_an_idx_header_of_other_dimensions_than_its_name_is_named(tmp_path):
+    fake_mnist(tmp_path / "d", gz=False)
+    path = tmp_path / "d" / "train-images-idx3-ubyte"
+    blob = bytearray(path.read_bytes())
+    blob[3] = 4  # four dimensions: the sizes then run into the pixels
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: its header gives 4 dimensions where its name \(idx3\) promises 3"):
+        load_mnist(tmp_path / "d")
