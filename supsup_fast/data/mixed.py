@@ -27,7 +27,7 @@ class MixedDomains(TaskSequence):
         self._cache: Dict[str, Tuple[TaskSplit, TaskSplit]] = {}
         if "sklearn-digits" in DOMAINS[:num_tasks]:  # built when its task comes: say now what it needs
             try:
-                import sklearn.datasets  # noqa: F401
+                import sklearn.datasets as _  # noqa: F401 (present: the domain's loader imports it)
             except ImportError as exc:
                 raise DataError(f"mixed-domains task {DOMAINS.index('sklearn-digits')} (sklearn-digits) needs "
                                 f"scikit-learn: pip install scikit-learn (or the package's test extra), or run "

@@ -65,7 +65,7 @@ def read_idx(path: Union[str, Path]) -> np.ndarray:
         raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
     named = re.search(r"-idx(\d)-", path.name)  # MNIST's names give the dimensions: idx3 images, idx1 labels
-    if named and int(named.group(1)) != ndim:
+    if named and int(named.group(1)) != ndim and ndim not in (1, 3):  # a swap of the two is named below, by shape
         raise DataError(f"{path}: its header gives {ndim} dimensions where its name (idx{named.group(1)}) promises "
                         f"{named.group(1)}: the file is damaged or not what its name says")
     header = 4 + 4 * ndim
