@@ -3,6 +3,7 @@ scikit-learn's 8×8 digits upsampled, and procedurally rendered shapes (:mod:`.d
 domain has 10 classes and goes through MNIST's normalisation, so one network sees them all."""
 from __future__ import annotations
 
+import importlib
 from typing import Dict, Tuple
 
 import numpy as np
@@ -27,7 +28,7 @@ class MixedDomains(TaskSequence):
         self._cache: Dict[str, Tuple[TaskSplit, TaskSplit]] = {}
         if "sklearn-digits" in DOMAINS[:num_tasks]:  # built when its task comes: say now what it needs
             try:
-                import sklearn.datasets as _  # noqa: F401 (present: the domain's loader imports it)
+                importlib.import_module("sklearn.datasets")
             except ImportError as exc:
                 raise DataError(f"mixed-domains task {DOMAINS.index('sklearn-digits')} (sklearn-digits) needs "
                                 f"scikit-learn: pip install scikit-learn (or the package's test extra), or run "
