@@ -3,7 +3,9 @@ torchrun), one verified checkpoint per finished task."""
 from __future__ import annotations
 
 import time
-from typing import List
+import warnings
+from pathlib import Path
+from typing import List, Optional
 
 from tqdm.auto import tqdm
 
@@ -56,6 +58,28 @@ class SupSupRun(Experiment):
         its masks agree but for the bits whose scores end within rounding of 0, a few with SGD, more
         with RMSprop, whose lr·g/|g| steps turn rounding near g = 0 into whole steps)."""
         cfg = self.config
+        writes = self.ctx.is_main or self.parallel == "task"
+        trained = self._trained_file(t)
+        seconds = self._load_trained(t, trained)
+        if seconds is None:
+            seconds = self._train(t)
+        try:
+            own = evaluate_task(self.model, self.tasks.test(t), t, EvalSettings(scenario="GG", batch_size=cfg.test_batch_size),
+                                device=self.device, num_labels=self.tasks.num_labels, seed=cfg.seed, expected=row)
+        except BaseException:  # unreadable test data, Ctrl-C: the training is kept; a resume only evaluates
+            if writes and not trained.exists():
+                maskfile.save_masks(self.model, trained, row, row + 1, label=t,
+                                   extra={"train_seconds": seconds, "run_identity": self.identity(t)})
+            raise
+        if writes:
+            maskfile.save_masks(self.model, self._task_file(t), row, row + 1, label=t,
+                               extra={"accuracy_after_training": own.accuracy, "train_seconds": seconds,
+                                      "run_identity": self.identity(t)})
+            trained.unlink(missing_ok=True)
+
+    def _train(self, t: int) -> float:
+        """Train task t into the model's bank; the seconds it took."""
+        cfg = self.config
         gen = task_generator(cfg.seed, t)
         split = train_subset(self.tasks.train(t), cfg.train_subset)
         steps = training_steps(cfg, split)
@@ -72,14 +96,31 @@ class SupSupRun(Experiment):
         else:
             train_task(self.model, split, self.train_settings, device=self.device, generator=gen,
                        init_scores=init, on_step=on_step)
-        seconds = time.perf_counter() - start
         step_bar.close()
-        own = evaluate_task(self.model, self.tasks.test(t), t, EvalSettings(scenario="GG", batch_size=cfg.test_batch_size),
-                            device=self.device, num_labels=self.tasks.num_labels, seed=cfg.seed, expected=row)
-        if self.ctx.is_main or self.parallel == "task":
-            maskfile.save_masks(self.model, self._task_file(t), row, row + 1, label=t,
-                               extra={"accuracy_after_training": own.accuracy, "train_seconds": seconds,
-                                      "run_identity": self.identity(t)})
+        return time.perf_counter() - start
+
+    def _trained_file(self, t: int) -> Path:
+        """Task t's mask, trained but not yet evaluated: written where its evaluation after training
+        failed or was interrupted, so that the resume evaluates it instead of training it again."""
+        return self.ckpt_dir / f"trained_{t:05d}.safetensors"
+
+    def _load_trained(self, t: int, path: Path) -> Optional[float]:
+        """Append task t's trained mask from ``path`` if it holds one of this run (its training
+        seconds), else None; one that is unusable is deleted (the task trains again)."""
+        if not path.exists():
+            return None
+        try:
+            tensors, meta = maskfile.read_mask_file(path)
+            extra = maskfile.parse_metadata(path, meta)[4]
+            check_identity(path, extra, self.identity(t))
+            seconds = maskfile.require_extra(path, extra, "train_seconds", kind=(int, float))
+            maskfile.apply_mask_file(self.model, path, tensors, meta, first_task=t)
+        except ValueError as exc:  # MaskFileError, RunDirError
+            warnings.warn(f"{path} is unusable ({exc}); task {t} is trained again", stacklevel=2)
+            if self.ctx.is_main or self.parallel == "task":
+                path.unlink(missing_ok=True)
+            return None
+        return float(seconds)
 
     def _run_tasks(self) -> dict:
         """GG, GNs, GNu: one mask per task. The tasks are cut into segments at the evaluation

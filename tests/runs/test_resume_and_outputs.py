@@ -481,3 +481,47 @@ def test_an_nns_run_resumed_trains_reused_masks_from_the_same_scores(tmp_path, m
     (ck / "nns_scores_000002.safetensors").unlink()
     with pytest.warns(UserWarning, match="nns_scores_000002.safetensors is missing"):
         run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
+
+
+def test_a_task_whose_evaluation_after_training_fails_is_not_trained_again(tmp_path, monkeypatch):
+    # Unreadable test data or Ctrl-C during task t's evaluation after training: its trained mask is
+    # kept (checkpoints/trained_t), and the resume evaluates it without training it again.
+    cfg = make_config(overrides=SMALL)
+    whole = run_experiment(cfg, tmp_path / "whole", progress=False)
+    real_eval, calls = exp_mod.evaluate_task, []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_eval(*args, **kw)
+
+    monkeypatch.setattr(exp_mod, "evaluate_task", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    ck = tmp_path / "run" / "checkpoints"
+    assert (ck / "trained_00001.safetensors").is_file() and not (ck / "task_00001.safetensors").exists()
+    trained = []
+    real_train = exp_mod.train_task
+    monkeypatch.setattr(exp_mod, "train_task", lambda model, split, *a, **kw: trained.append(1) or real_train(model, split, *a, **kw))
+    resumed = run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
+    assert len(trained) == 1  # task 2 only
+    assert not (ck / "trained_00001.safetensors").exists()
+    assert resumed["per_task_accuracy"] == whole["per_task_accuracy"]
+    assert resumed["accuracy_after_training"] == whole["accuracy_after_training"]
+    assert all(torch.equal(a, b) for a, b in zip(banks(maskfile.load_model(tmp_path / "whole" / "model.safetensors")).values(),
+                                                 banks(maskfile.load_model(tmp_path / "run" / "model.safetensors")).values()))
+
+
+def test_an_unusable_trained_mask_is_trained_again_with_a_warning(tmp_path, monkeypatch):
+    cfg = make_config(overrides=dict(SMALL, tasks=2))
+    interrupt_after(monkeypatch, exp_mod, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    (tmp_path / "run" / "checkpoints" / "trained_00001.safetensors").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match=r"trained_00001.safetensors is unusable .*task 1 is trained again"):
+        res = run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
+    assert len(res["per_task_accuracy"]) == 2
+    assert not (tmp_path / "run" / "checkpoints" / "trained_00001.safetensors").exists()
