@@ -186,10 +186,7 @@ class RunConfig:
                            recovery_lr=self.hop_recovery_lr, test_batch_size=self.test_batch_size)
 
     def resolved_output_size(self, num_labels: int) -> int:
-        # Superfluous neurons serve the gradient-based task inference; GG (task given) and HopSupSup
-        # (inference by the Hopfield network, the paper's BNNet with ℓ outputs) have no use for them.
-        plain = self.scenario == "GG" or self.inference == "hopfield"
-        size = self.output_size if self.output_size is not None else (num_labels if plain else max(100, num_labels))
+        size = self.output_size if self.output_size is not None else (num_labels if self.scenario == "GG" else max(100, num_labels))
         if size < num_labels:
             raise ValueError(f"--output-size {size} is smaller than the {num_labels} labels of {self.benchmark}; "
                              f"it must be >= {num_labels} (extra neurons are the superfluous neurons)")
@@ -323,7 +320,7 @@ SETTINGS = [
     Setting("model", "str", choices=MODELS),
     Setting("tasks", "int", _POS, "number of tasks"),
     Setting("output_size", "int?", _POS, "output neurons s (>= labels; extras are superfluous neurons; unset: "
-                                         "max(100, labels) under GNs/GNu/NNs, the labels under GG and HopSupSup)"),
+                                         "max(100, labels) under GNs/GNu/NNs, the labels under GG)"),
     Setting("iters", "int?", _POS, "training batches per task (at most --epochs passes over its training set)"),
     Setting("epochs", "int", _POS, "cap on passes over a task's training set (ends a task before --iters where the set is small)"),
     Setting("batch_size", "int", _POS),

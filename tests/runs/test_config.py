@@ -198,13 +198,3 @@ def test_hopsupsup_recovery_takes_the_runs_weight_decay():
     assert hop.weight_decay == hop.recovery_weight_decay == 5e-4
     assert make_config(overrides=dict(model="bnnet", inference="hopfield",
                                       benchmark="split-mnist-10")).hop_settings().recovery_weight_decay == 1e-4
-
-
-def test_unset_output_size_adds_superfluous_neurons_only_where_inference_uses_them():
-    # GNs/GNu/NNs infer the task from the outputs' gradient (superfluous neurons help); GG is given
-    # the task and HopSupSup infers it with its Hopfield network: the paper's BNNet has ℓ outputs.
-    for overrides, size in ((dict(scenario="GNu"), 100), (dict(scenario="GG"), 10),
-                            (dict(scenario="GNu", model="bnnet", inference="hopfield", benchmark="split-mnist-10"), 10),
-                            (dict(scenario="GNu", inference="hopfield", model="bnnet", benchmark="split-mnist-10",
-                                  output_size=40), 40)):
-        assert make_config(overrides=overrides).resolved_output_size(10) == size, overrides
