@@ -13,7 +13,7 @@ import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -81,21 +81,25 @@ def read_idx(path: Union[str, Path]) -> np.ndarray:
 
 
 def _find(root: Path, stem: str) -> Optional[Path]:
-    for folder in (root, root / "MNIST" / "raw", root / "raw"):
-        for name in (stem, stem + ".gz"):
-            if (folder / name).is_file():
-                return folder / name
-    return None
+    """The file of ``stem`` in ``root`` (raw or .gz, flat or MNIST/raw/). Where there are several,
+    the one with MNIST's md5 (a download beside another file of the name, e.g. Fashion-MNIST's),
+    naming the one left; else the first."""
+    found = [folder / name for folder in (root, root / "MNIST" / "raw", root / "raw")
+             for name in (stem, stem + ".gz") if (folder / name).is_file()]
+    if len(found) > 1:
+        genuine = [path for path in found if _md5_of(path) == MD5[stem]]
+        if genuine and genuine[0] != found[0]:
+            warnings.warn(f"{found[0]} is not MNIST's {stem} (its md5 differs): reading {genuine[0]}", stacklevel=4)
+            return genuine[0]
+    return found[0] if found else None
 
 
-def load_mnist_folder(root: Union[str, Path], verified: Optional[Dict[str, Path]] = None) -> MNIST:
-    """MNIST from the IDX files in ``root``; ``verified`` (stem -> path, from :func:`download_mnist`)
-    names the files to read where a folder holds another file under the same name too."""
+def load_mnist_folder(root: Union[str, Path]) -> MNIST:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"--data-root {root} is not a folder; point it at a folder with the four MNIST IDX files "
                         f"(or MNIST/raw/ inside it), or use --download")
-    found = {stem: (verified or {}).get(stem) or _find(root, stem) for stem in FILES.values()}
+    found = {stem: _find(root, stem) for stem in FILES.values()}
     arrays = {}
     for key, stem in FILES.items():
         path = found[stem]
@@ -134,20 +138,15 @@ def load_embedded() -> MNIST:
                  arrays["test_labels"].long(), "embedded")
 
 
-def download_mnist(root: Union[str, Path]) -> Dict[str, Path]:
-    """Fetch the four files into ``root`` (md5 verified, written atomically); returns the verified
-    file of each (a copy already there, or the one fetched)."""
+def download_mnist(root: Union[str, Path]) -> Path:
+    """Fetch the four files into ``root`` (md5 verified, written atomically). A file there under an
+    MNIST name that fails the check stays; the reader prefers the verified one (``_find``)."""
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    verified = {}
     for stem, md5 in MD5.items():
         target = root / (stem + ".gz")
         present = _find(root, stem)  # raw or .gz, flat or MNIST/raw/: a verified copy is not fetched again
         if present is not None and _md5_of(present) == md5:
-            verified[stem] = present
-            continue
-        if target.is_file() and _md5_of(target) == md5:  # fetched before, beside another file of the name
-            verified[stem] = target
             continue
         errors = []
         for mirror in MIRRORS:
@@ -164,15 +163,11 @@ def download_mnist(root: Union[str, Path]) -> Dict[str, Path]:
             tmp = target.with_suffix(".gz.part")
             tmp.write_bytes(blob)
             os.replace(tmp, target)
-            verified[stem] = target
             break
         else:
             raise DataError(f"could not download {stem} ({'; '.join(errors)}). Without internet, copy the four "
                             f"MNIST IDX files into a folder and pass it with --data-root")
-        if present is not None and present != target:
-            warnings.warn(f"{present} is not MNIST's {stem} (its md5 differs): reading the verified download "
-                          f"{target} instead", stacklevel=2)
-    return verified
+    return root
 
 
 def _md5_of(path: Path) -> str:
@@ -190,7 +185,9 @@ def load_mnist(data_root: Optional[Union[str, Path]] = None, download: bool = Fa
         if download:
             raise DataError("--download needs --data-root (the folder to download into)")
         return load_embedded()
-    return load_mnist_folder(data_root, download_mnist(data_root) if download else None)
+    if download:
+        download_mnist(data_root)
+    return load_mnist_folder(data_root)
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
