@@ -193,7 +193,8 @@ class Experiment:
         """Task inference superposes per-task BatchNorm, which then normalises with the query batch's
         own statistics: a feature map of one value per channel (a deep net on small images, one image
         a query) cannot be normalised, and the run would stop at its first evaluation, after training.
-        Found now by a forward of the query's shape through the model on meta tensors (no memory)."""
+        Found now by a forward of the smallest query's shape through the model on meta tensors (the
+        weights are drawn, then dropped; no activation is computed)."""
         c = self.config
         if c.scenario not in ("GNs", "GNu") or c.inference == "hopfield":
             return
@@ -209,18 +210,23 @@ class Experiment:
                 shapes.setdefault(name, tuple(args[0].shape))
             return hook
         hooks = [m.register_forward_pre_hook(record(name)) for name, m in norms.items()]
-        begin_task(probe)
+        # A query is the first --infer-images images of a test batch: of a task's last batch, maybe fewer.
+        last = [len(self.tasks.test(t)) % c.test_batch_size for t in range(c.tasks)]
+        query = min([c.infer_images] + [r for r in last if r])
+        begin_task(probe, generator=torch.Generator())  # not torch's global generator
         probe.eval()  # running statistics: a probe of one image is not refused by BatchNorm's own check
         with torch.no_grad():
-            probe(torch.empty(c.infer_images, *self.tasks.input_shape, device="meta"))
+            probe(torch.empty(query, *self.tasks.input_shape, device="meta"))
         for hook in hooks:
             hook.remove()
         for name, shape in shapes.items():
             if len(shape) >= 2 and math.prod(shape) == shape[1]:
+                cut = "" if query == c.infer_images else \
+                    f" (a task's last test batch holds {query}: choose a --test-batch-size that leaves none so small)"
                 raise ValueError(f"--model {c.model} on images of {tuple(self.tasks.input_shape)} leaves layer {name!r} "
-                                 f"one value per channel {shape} for a query of --infer-images {c.infer_images}: task "
-                                 f"inference superposes the per-task BatchNorm, which then normalises with the query's "
-                                 f"own statistics; use --infer-images 2 or more"
+                                 f"one value per channel {shape} for a query of {query} image(s){cut}: task inference "
+                                 f"superposes the per-task BatchNorm, which then normalises with the query's own "
+                                 f"statistics; use --infer-images 2 or more"
                                  + (", or a larger --image-size" if c.benchmark == "split-imagenet" else ""))
 
     def _fresh_model(self) -> torch.nn.Module:

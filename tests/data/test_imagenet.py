@@ -127,9 +127,12 @@ def test_task_inference_that_would_normalise_one_value_per_channel_is_refused_be
     base = dict(scenario="GNu", benchmark="split-imagenet", model="resnet18", data_root=str(fake_root), tasks=2,
                 iters=1, batch_size=8, test_batch_size=8)
     with pytest.raises(ValueError, match=r"leaves layer 'stages.3.0.bn1' one value per channel \(1, 512, 1, 1\) for a "
-                                         r"query of --infer-images 1.*--infer-images 2 or more, or a larger --image-size"):
+                                         r"query of 1 image\(s\): .*--infer-images 2 or more, or a larger --image-size"):
         run_experiment(make_config(overrides=dict(base, image_size=8)), tmp_path / "small", progress=False)
     assert not (tmp_path / "small" / "checkpoints").exists()
     from supsup_fast.runs.loop import Experiment
+    # two query images, but a task's last test batch of one (20 test images a task, batches of 19)
+    with pytest.raises(ValueError, match=r"for a query of 1 image\(s\) \(a task's last test batch holds 1"):
+        Experiment(make_config(overrides=dict(base, image_size=8, infer_images=2, test_batch_size=19)), tmp_path / "last")
     for overrides in (dict(image_size=8, infer_images=2), dict(image_size=64), dict(image_size=8, scenario="GG")):
         Experiment(make_config(overrides=dict(base, **overrides)), tmp_path / "ok")  # refused by nothing
