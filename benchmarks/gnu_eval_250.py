@@ -6,6 +6,8 @@ Random ~50% masks and random inputs (the work does not depend on which masks wer
 """
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 from supsup_fast.bench import bench_gnu_evaluation, machine
@@ -15,6 +17,9 @@ if __name__ == "__main__":
     p.add_argument("--tasks", type=int, default=250)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gnu-eval-250-cpu.json"))
     a = p.parse_args()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the measurement
+    if Path(a.out).is_dir() or not os.access(Path(a.out).parent, os.W_OK):
+        sys.exit(f"--out {a.out}: not a writable file path")
     r = bench_gnu_evaluation("fc1024", 500, a.tasks, tasks_timed=a.tasks)
     r["measured_seconds_all_tasks"] = r["seconds_per_task"] * a.tasks
     r["machine"] = machine()

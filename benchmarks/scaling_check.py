@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -42,9 +44,27 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of D and T each (median)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "scaling-check-cpu.json")
     a = p.parse_args()
+    a.out.parent.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the runs
+    if a.out.is_dir() or not os.access(a.out.parent, os.W_OK):
+        sys.exit(f"--out {a.out}: not a writable file path")
     args = ["run", "--scenario", "GNu", "--benchmark", "permuted-mnist", "--model", "lenet", "--output-size", "100",
             "--tasks", str(a.tasks), "--iters", str(a.iters), "--data-root", a.data_root, "--no-progress"]
     work = Path(tempfile.mkdtemp(prefix="scaling-check-"))
+    try:
+        report = _check(a, args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    a.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ("model_tensors_D_equal_S", "results_D_equal_S", "train_seconds_median",
+                                             "speedup_D_vs_T", "sharded_evaluation_equal", "max_rank_share_of_mask_bytes")}, indent=2))
+    failed = [k for k in ("model_tensors_D_equal_S", "results_D_equal_S", "sharded_evaluation_equal") if not report[k]]
+    if report["max_rank_share_of_mask_bytes"] > 0.6:
+        failed.append("max_rank_share_of_mask_bytes")
+    if failed:
+        sys.exit(f"scaling check failed: {', '.join(failed)} (see {a.out})")
+
+
+def _check(a, args, work: Path) -> dict:
     times = {"D (2 ranks x 1 thread)": [], "T (1 process x 2 threads)": []}
     s = _run(1, 1, args + ["--out", str(work / "S")])
     for i in range(a.repeats):  # interleaved, so drift in the machine's load hits both alike
@@ -74,9 +94,7 @@ def main() -> None:
         "max_rank_share_of_mask_bytes": max(per_rank) / sharded["mask_bytes"],
         "average_accuracy": s["average_accuracy"],
     }
-    a.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: report[k] for k in ("model_tensors_D_equal_S", "results_D_equal_S", "train_seconds_median",
-                                             "speedup_D_vs_T", "sharded_evaluation_equal", "max_rank_share_of_mask_bytes")}, indent=2))
+    return report
 
 
 if __name__ == "__main__":

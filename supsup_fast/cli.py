@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="benchmarks/results",
                        help="folder for cpu-<backend>[-quick].{json,png} (default: benchmarks/results under the current folder)")
     bench.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    bench.add_argument("--backend", default="auto", help="backend to measure (reference, cpu, auto)")
+    bench.add_argument("--backend", default="auto", help="backend to measure (reference, cpu, triton, cuda or auto)")
     return parser
 
 

@@ -67,8 +67,10 @@ def report_title(info: dict) -> str:
     """The machine line of a report's plot: CPU, threads, backend, the ISA its kernels ran (cpu
     backend) and torch with the ISA of its own kernels."""
     kernels = f" ({info['cpu_isa']} kernels)" if info.get("cpu_isa") else ""
+    # Reports written before the key was named torch_cpu_capability call it cpu_capability.
+    capability = info.get("torch_cpu_capability", info.get("cpu_capability", "?"))
     return (f"supsup_fast on {cpu_label(info)}, {info['threads']} threads, {info['backend']} backend{kernels}, "
-            f"torch {info['torch']} ({info['torch_cpu_capability']})")
+            f"torch {info['torch']} ({capability})")
 
 
 def _duration(seconds: float) -> str:

@@ -76,3 +76,11 @@ def test_benchmark_and_run_records_share_one_host_record_with_the_same_key_names
         assert {k: record[k] for k in host} == host
         assert record["cpu_isa"] == cpu_isa()
     assert "cpu_isa" not in machine_info(torch.device("cpu"))
+
+
+def test_a_report_of_the_older_machine_keys_still_prints():
+    # cpu-cpu.json and cpu-reference.json were written before torch's ISA was named torch_cpu_capability.
+    from supsup_fast.bench.report import report_title
+    old = {"cpu_model": "AMD EPYC", "threads": 2, "backend": "cpu", "torch": "2.13.0", "cpu_capability": "AVX512"}
+    assert report_title(old).endswith("torch 2.13.0 (AVX512)")
+    assert report_title({**old, "torch_cpu_capability": "AVX2"}).endswith("(AVX2)")
