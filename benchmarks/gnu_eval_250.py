@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from supsup_fast.bench import bench_gnu_evaluation, machine
+from supsup_fast.bench.report import stamp
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
@@ -23,6 +24,7 @@ if __name__ == "__main__":
     r = bench_gnu_evaluation("fc1024", 500, a.tasks, tasks_timed=a.tasks)
     r["measured_seconds_all_tasks"] = r["seconds_per_task"] * a.tasks
     r["machine"] = machine()
+    r.update(stamp())
     Path(a.out).write_text(json.dumps(r, indent=2))
     print(f"{a.tasks} tasks x {r['batches_per_task']} batches: {r['measured_seconds_all_tasks'] / 60:.1f} min "
           f"({r['seconds_per_batch'] * 1e3:.1f} ms per batch)")
