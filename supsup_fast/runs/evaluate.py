@@ -2,6 +2,7 @@
 settings, in one process or under torchrun (tasks spread over ranks, or a sharded bank)."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Union
@@ -47,11 +48,8 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     sharded = config.shard_bank and ctx.enabled
     # Sharded, no rank loads the file (load_model would verify it): its checksum is checked here,
     # streamed, before its metadata is trusted or the file copied to the output folder.
-    try:
+    with _rewrite_hint(run_dir):
         meta = maskfile.verify_mask_file(model_path) if sharded else maskfile.read_metadata(model_path)
-    except maskfile.MaskFileError as exc:
-        raise RunDirError(f"{exc}; `supsup-fast run --out {run_dir} --resume` writes it again from the run's "
-                          f"task checkpoints") from exc
     extra = maskfile.parse_metadata(model_path, meta)[4]
     # NNs masks are allocated as tasks arrive, the others one per task: say so before the identity
     # check, whose digest differs between the two for that reason.
@@ -69,11 +67,8 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
                           f"({len(after)} with accuracies recorded): the file is incomplete or from an unfinished run")
     if sharded and config.scenario == "NNs":
         raise ValueError("--shard-bank does not apply to NNs runs (one checkpoint holds all masks)")
-    try:
+    with _rewrite_hint(run_dir):
         model = None if sharded else maskfile.load_model(model_path)
-    except maskfile.MaskFileError as exc:
-        raise RunDirError(f"{exc}; `supsup-fast run --out {run_dir} --resume` writes it again from the run's "
-                          f"task checkpoints") from exc
     exp = Experiment(config, out, progress=progress, model=model, ctx=ctx)
     if sharded:  # each rank reads its own range of the run's checkpoints (the run folder may be read-only)
         exp.ckpt_dir = run_dir / "checkpoints"
@@ -95,6 +90,16 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
     finally:
         if lock is not None:
             lock.release()
+
+
+@contextlib.contextmanager
+def _rewrite_hint(run_dir: Path):
+    """A damaged model file of the run is refused with the command that writes it again."""
+    try:
+        yield
+    except maskfile.MaskFileError as exc:
+        raise RunDirError(f"{exc}; `supsup-fast run --out {run_dir} --resume` writes it again from the run's "
+                          f"task checkpoints") from exc
 
 
 def _evaluate(exp: Experiment, config: RunConfig, run_dir: Path, out: Path, model_path: Path, meta: dict, after: list,

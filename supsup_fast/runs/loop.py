@@ -295,9 +295,11 @@ class Experiment:
         m = self.nns_state.mask_for_task(t)
         return -1 if m is None else m
 
-    def _load_task(self, model: torch.nn.Module, t: int, first_task: Optional[int] = None) -> tuple:
-        """Append checkpoint t to ``model`` after checking it belongs to this run: (extra, checksum)."""
-        path = self._task_file(t)
+    def _load_task(self, model: torch.nn.Module, t: int, first_task: Optional[int] = None,
+                   path: Optional[Path] = None) -> tuple:
+        """Append checkpoint t (or task t's mask in ``path``) to ``model`` after checking it belongs to
+        this run: (extra, checksum)."""
+        path = self._task_file(t) if path is None else path
         tensors, meta = maskfile.read_mask_file(path)
         check_identity(path, maskfile.parse_metadata(path, meta)[4], self.identity(t))
         extra = maskfile.apply_mask_file(model, path, tensors, meta, first_task)

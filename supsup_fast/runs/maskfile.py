@@ -61,14 +61,21 @@ def bank_digest(model: nn.Module) -> str:
 
 
 def checksum(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> str:
+    return _digest(metadata, ((name, tensors[name].dtype, tensors[name].shape, [tensors[name].contiguous().numpy().tobytes()])
+                              for name in sorted(tensors)))
+
+
+def _digest(metadata: Dict[str, str], entries) -> str:
+    """The checksum of a file: its metadata but the checksum, then each tensor, in name order, as
+    ``(name, dtype, shape, pieces of its bytes)`` (whole, or streamed in order)."""
     h = hashlib.sha256()
     for key in sorted(metadata):
         if key != "checksum":
             h.update(f"{key}={metadata[key]}\n".encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}:{t.dtype}:{list(t.shape)}\n".encode())
-        h.update(t.numpy().tobytes())
+    for name, dtype, shape, pieces in entries:
+        h.update(f"{name}:{dtype}:{list(shape)}\n".encode())
+        for piece in pieces:
+            h.update(piece)
     return h.hexdigest()
 
 
@@ -207,15 +214,8 @@ def save_model_from_files(model: nn.Module, files: List[Path], path: Union[str, 
                 yield fh.get_tensor(name).to(dtypes[name]).contiguous().numpy().tobytes()
 
     metadata = _metadata(model, 0, len(files), extra)
-    h = hashlib.sha256()  # as checksum(): the metadata, then each tensor in name order
-    for key in sorted(metadata):
-        h.update(f"{key}={metadata[key]}\n".encode())
     names = sorted(shapes)
-    for name in names:
-        h.update(f"{name}:{dtypes[name]}:{list(shapes[name])}\n".encode())
-        for piece in pieces(name):
-            h.update(piece)
-    metadata["checksum"] = h.hexdigest()
+    metadata["checksum"] = _digest(metadata, ((name, dtypes[name], shapes[name], pieces(name)) for name in names))
     head = _safetensors_header(metadata, names, shapes, dtypes)
     atomic_write_bytes(path, lambda tmp: _write_safetensors(tmp, head, (p for name in names for p in pieces(name))))
 
@@ -262,30 +262,25 @@ def verify_mask_file(path: Union[str, Path], chunk_bytes: int = 1 << 26) -> Dict
     from safetensors import safe_open
 
     metadata = read_metadata(path)
-    h = hashlib.sha256()  # as checksum(): the metadata, then each tensor in name order
-    for key in sorted(metadata):
-        if key != "checksum":
-            h.update(f"{key}={metadata[key]}\n".encode())
+
+    def entries(fh):
+        for name in sorted(fh.keys()):
+            part = fh.get_slice(name)
+            shape = list(part.get_shape())
+            if not shape or shape[0] <= 1:
+                chunks = iter([fh.get_tensor(name)])
+            else:
+                rows = max(1, chunk_bytes // max(1, 4 * math.prod(shape[1:])))
+                chunks = (part[i:i + rows] for i in range(0, shape[0], rows))
+            first = next(chunks)
+            yield name, first.dtype, shape, (c.contiguous().numpy().tobytes() for c in itertools.chain([first], chunks))
+
     try:
         with safe_open(str(path), framework="pt") as fh:
-            for name in sorted(fh.keys()):
-                part = fh.get_slice(name)
-                shape = list(part.get_shape())
-                if not shape or shape[0] <= 1:
-                    chunks = iter([fh.get_tensor(name)])
-                else:
-                    rows = max(1, chunk_bytes // max(1, 4 * math.prod(shape[1:])))
-                    chunks = (part[i:i + rows] for i in range(0, shape[0], rows))
-                first = next(chunks)
-                h.update(f"{name}:{first.dtype}:{shape}\n".encode())
-                for chunk in itertools.chain([first], chunks):
-                    h.update(chunk.contiguous().numpy().tobytes())
-    except MaskFileError:
-        raise
+            digest = _digest(metadata, entries(fh))
     except Exception as exc:  # safetensors raises its own error types for a damaged header/body
         raise MaskFileError(f"mask file {path} is corrupt or not a safetensors file: {exc}") from exc
-    if metadata.get("checksum") != h.hexdigest():
-        raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
+    _check_digest(path, metadata, digest)
     return metadata
 
 
@@ -480,7 +475,11 @@ def _read_safetensors(path: Union[str, Path]) -> tuple:
 
 
 def _check_checksum(path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
-    if metadata.get("checksum") != checksum(tensors, metadata):
+    _check_digest(path, metadata, checksum(tensors, metadata))
+
+
+def _check_digest(path, metadata: Dict[str, str], digest: str) -> None:
+    if metadata.get("checksum") != digest:
         raise MaskFileError(f"{path} failed its checksum: the file is corrupt or was modified")
 
 

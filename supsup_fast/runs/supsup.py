@@ -110,17 +110,13 @@ class SupSupRun(Experiment):
         if not path.exists():
             return None
         try:
-            tensors, meta = maskfile.read_mask_file(path)
-            extra = maskfile.parse_metadata(path, meta)[4]
-            check_identity(path, extra, self.identity(t))
-            seconds = maskfile.require_extra(path, extra, "train_seconds", kind=(int, float))
-            maskfile.apply_mask_file(self.model, path, tensors, meta, first_task=t)
+            extra, _ = self._load_task(self.model, t, first_task=t, path=path)
         except ValueError as exc:  # MaskFileError, RunDirError
             warnings.warn(f"{path} is unusable ({exc}); task {t} is trained again", stacklevel=2)
             if self.ctx.is_main or self.parallel == "task":
                 path.unlink(missing_ok=True)
             return None
-        return float(seconds)
+        return float(extra.get("train_seconds", 0.0))
 
     def _run_tasks(self) -> dict:
         """GG, GNs, GNu: one mask per task. The tasks are cut into segments at the evaluation
