@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -22,6 +24,7 @@ sys.path.insert(0, str(HERE.parent))  # the repository root: the fake-ImageNet w
 
 from tests.data.fake_imagenet import write_fake_imagenet  # noqa: E402
 
+from supsup_fast.bench.report import stamp  # noqa: E402
 from supsup_fast.runs.results import machine_info  # noqa: E402
 from supsup_fast.algorithms.training import TrainSettings, make_optimizer  # noqa: E402
 from supsup_fast.data import load_benchmark  # noqa: E402
@@ -52,9 +55,14 @@ def bytes_per_task(er: float) -> dict:
             "bn_bytes": bn, "paper_bytes_per_task": PAPER_BYTES_100_TASKS.get(int(er), float("nan")) / 100}
 
 
+WARMUP_BATCHES = 2  # the first steps include one-time setup and the allocator's growth
+
+
 def time_training(batches: int = 4, batch_size: int = 32) -> dict:
+    steps = WARMUP_BATCHES + batches
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_fake_imagenet(Path(tmp), classes=10, train_per_class=batches * batch_size // 10 + 1, val_per_class=1)
+        # every step a full batch: one short batch timed among few would pull the figure down
+        root = write_fake_imagenet(Path(tmp), classes=10, train_per_class=-(-steps * batch_size // 10), val_per_class=1)
         # The fake JPEGs are small; decoding a real ~110 KB ImageNet JPEG costs more (reported separately).
         tasks = load_benchmark("split-imagenet", 1, 1, root, image_size=224)
         model = build_model("resnet50", 10, er_multiplier=4)
@@ -63,22 +71,24 @@ def time_training(batches: int = 4, batch_size: int = 32) -> dict:
         opt = make_optimizer(task_parameters(model), TrainSettings(optimizer="adam", lr=1e-3))
         times, loads = [], []
         it = tasks.train(0).batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-        for step in range(batches + 1):
+        for step in range(steps):
             t0 = time.perf_counter()
             x, y = next(it)
+            if x.shape[0] != batch_size:
+                raise RuntimeError(f"step {step}: a batch of {x.shape[0]} images, expected {batch_size}")
             t1 = time.perf_counter()
             loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             t2 = time.perf_counter()
-            if step:  # the first step includes one-time setup
+            if step >= WARMUP_BATCHES:
                 times.append(t2 - t1)
                 loads.append(t1 - t0)
         finish_task(model)
-    per_image = sum(times) / (len(times) * batch_size)
-    return {"batch_size": batch_size, "timed_batches": len(times), "seconds_per_batch": sum(times) / len(times),
-            "data_seconds_per_batch": sum(loads) / len(loads),
+    per_image = statistics.median(times) / batch_size
+    return {"batch_size": batch_size, "warmup_batches": WARMUP_BATCHES, "timed_batches": len(times), "seconds_per_batch": statistics.median(times),
+            "seconds_each_batch": times, "data_seconds_per_batch": statistics.median(loads),
             "seconds_per_epoch_projected": per_image * TRAIN_IMAGES_PER_TASK,
             "hours_per_task_100_epochs_projected": per_image * TRAIN_IMAGES_PER_TASK * 100 / 3600,
             "threads": torch.get_num_threads()}
@@ -87,14 +97,16 @@ def time_training(batches: int = 4, batch_size: int = 32) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "splitimagenet-cpu.json", help="JSON report to write")
-    parser.add_argument("--batches", type=int, default=4, help="training batches to time (after one warm-up batch)")
+    parser.add_argument("--batches", type=int, default=4, help="training batches to time (after two warm-up batches); the report gives their median")
     args = parser.parse_args(argv)
     if args.batches < 1:
         parser.error("--batches must be >= 1")
-    report = {"machine": machine_info(torch.device("cpu")), "bytes": [bytes_per_task(s) for s in (4, 8, 16)],
-              "training": time_training(args.batches)}
     out = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the measurement
+    if out.is_dir() or not os.access(out.parent, os.W_OK):
+        parser.error(f"--out {out}: not a writable file path")
+    report = {"machine": machine_info(torch.device("cpu")), **stamp(), "bytes": [bytes_per_task(s) for s in (4, 8, 16)],
+              "training": time_training(args.batches)}
     out.write_text(json.dumps(report, indent=2))
     for b in report["bytes"]:
         print(f"S={b['er_multiplier']:>2}: density {b['density']:.4f}; per task: bitmap {b['bitmap_bytes'] / 1e6:.2f} MB, "
