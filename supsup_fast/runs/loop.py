@@ -164,8 +164,8 @@ class Experiment:
             backend_for(self.device)
         self.output_size = config.resolved_output_size(self.tasks.num_labels)
         self.data_sha256 = data_fingerprint(self.tasks)
+        self._check_superposed_batchnorm()  # a given model too: `evaluate` of a GG run's masks under GNu
         if model is None:
-            self._check_superposed_batchnorm()
             model = self._fresh_model()
         self.model = model.to(self.device)
         if config.shard_bank and ctx.enabled and any(isinstance(m, MultitaskBatchNorm) for m in self.model.modules()):

@@ -136,3 +136,18 @@ def test_task_inference_that_would_normalise_one_value_per_channel_is_refused_be
         Experiment(make_config(overrides=dict(base, image_size=8, infer_images=2, test_batch_size=19)), tmp_path / "last")
     for overrides in (dict(image_size=8, infer_images=2), dict(image_size=64), dict(image_size=8, scenario="GG")):
         Experiment(make_config(overrides=dict(base, **overrides)), tmp_path / "ok")  # refused by nothing
+
+
+def test_evaluating_a_gg_run_as_gnu_refuses_one_value_per_channel_before_evaluating(tmp_path, fake_root):
+    # A GG run on 8-pixel images is fine (no task inference); evaluating its masks under GNu with
+    # one-image queries is the case the probe exists for. `evaluate` loads the run's model, and the
+    # probe ran only for a fresh one: it failed at the first batch with the layer's own message.
+    from supsup_fast.runs.evaluate import evaluate_run
+    cfg = make_config(overrides=dict(scenario="GG", benchmark="split-imagenet", model="resnet18", data_root=str(fake_root),
+                                     tasks=2, iters=1, batch_size=8, test_batch_size=8, image_size=8))
+    run_experiment(cfg, tmp_path / "gg", progress=False)
+    with pytest.raises(ValueError, match=r"leaves layer 'stages.3.0.bn1' one value per channel \(1, 512, 1, 1\) for a "
+                                         r"query of 1 image\(s\): .*--infer-images 2 or more"):
+        evaluate_run(tmp_path / "gg", {"scenario": "GNu"}, tmp_path / "as-gnu", progress=False)
+    assert not (tmp_path / "as-gnu" / "results.json").exists()
+    evaluate_run(tmp_path / "gg", {"scenario": "GNu", "infer_images": 2}, tmp_path / "as-gnu-2", progress=False)
