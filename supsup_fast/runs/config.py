@@ -410,6 +410,21 @@ def load_yaml(path: Union[str, Path]) -> dict:
     return data
 
 
+# Settings of task inference, which GG (each task evaluated with its own mask) never reads.
+TASK_INFERENCE_SETTINGS = ("inference", "objective", "infer_images", "log_base", "calibration")
+
+
+def warn_unused_under_gg(scenario: str, given) -> None:
+    """Warn of task-inference settings given explicitly for a GG run or evaluation: they would
+    change nothing. (A GG evaluation of a GNu run's masks carries them in its config: not warned.)"""
+    unused = [k for k in TASK_INFERENCE_SETTINGS if k in given]
+    if scenario == "GG" and unused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        warnings.warn(f"--scenario GG evaluates each task with its own mask (no task inference): {flags} "
+                      f"{'does' if len(unused) == 1 else 'do'} not apply and {'is' if len(unused) == 1 else 'are'} "
+                      f"ignored", stacklevel=3)
+
+
 def make_config(preset: Optional[dict] = None, overrides: Optional[dict] = None) -> RunConfig:
     values = dict(preset or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -425,6 +440,7 @@ def make_config(preset: Optional[dict] = None, overrides: Optional[dict] = None)
     unknown = sorted(set(values) - FIELDS)
     if unknown:
         raise ValueError(f"unknown settings {unknown}; known: {sorted(FIELDS)}")
+    warn_unused_under_gg(values.get("scenario", RunConfig.scenario), overrides)
     if values.get("inference") == "hopfield":
         for key, value in HOPFIELD_DEFAULTS.items():
             values.setdefault(key, value)

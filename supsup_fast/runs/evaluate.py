@@ -11,7 +11,7 @@ from ..algorithms.nns import AllocatorState
 from ..distributed import SINGLE, DistContext
 from ..ops.registry import backend_for, use_backend
 from . import maskfile
-from .config import RunConfig
+from .config import RunConfig, warn_unused_under_gg
 from .loop import Experiment
 from .results import read_json, write_json
 from .rundir import RunDirError, RunLock, check_identity, run_identity
@@ -45,6 +45,7 @@ def evaluate_run(run_dir: Union[str, Path], overrides: dict, out: Union[str, Pat
         config = RunConfig(**values).validate()
     except TypeError as exc:
         raise RunDirError(f"{cfg_path} is not a supsup_fast run config ({exc})") from exc
+    warn_unused_under_gg(config.scenario, overrides)
     sharded = config.shard_bank and ctx.enabled
     # Sharded, no rank loads the file (load_model would verify it): its checksum is checked here,
     # streamed, before its metadata is trusted or the file copied to the output folder.

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -17,8 +18,15 @@ def test_run_and_evaluate(tmp_path, capsys):
     assert "average accuracy" in text and "task inference" in text
     results = json.loads((out / "results.json").read_text())
     assert results["num_masks"] == 2
-    assert main(["evaluate", str(out), "--scenario", "GG", "--out", str(tmp_path / "gg"), "--no-progress"]) == 0
+    with warnings.catch_warnings():  # the GNu run's config carries task-inference settings: no warning
+        warnings.simplefilter("error")
+        assert main(["evaluate", str(out), "--scenario", "GG", "--out", str(tmp_path / "gg"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "gg" / "results.json").read_text())["task_inference_accuracy"] is None
+    # given on the command line, they would change nothing under GG: said so
+    with pytest.warns(UserWarning, match=r"--scenario GG evaluates each task with its own mask \(no task inference\): "
+                                         r"--inference, --infer-images do not apply and are ignored"):
+        assert main(["evaluate", str(out), "--scenario", "GG", "--inference", "binary", "--infer-images", "4",
+                     "--out", str(tmp_path / "gg2"), "--no-progress"]) == 0
 
 
 def test_yaml_preset_with_flag_override(tmp_path):

@@ -198,3 +198,15 @@ def test_hopsupsup_recovery_takes_the_runs_weight_decay():
     assert hop.weight_decay == hop.recovery_weight_decay == 5e-4
     assert make_config(overrides=dict(model="bnnet", inference="hopfield",
                                       benchmark="split-mnist-10")).hop_settings().recovery_weight_decay == 1e-4
+
+
+def test_task_inference_settings_given_for_a_gg_run_are_named_as_ignored():
+    with pytest.warns(UserWarning, match=r"--scenario GG .*: --objective does not apply and is ignored"):
+        make_config(overrides=dict(scenario="GG", objective="superfluous"))
+    with pytest.warns(UserWarning, match=r"--log-base, --calibration do not apply"):
+        make_config({"scenario": "GG"}, dict(log_base=3.0, calibration="none"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_config({"scenario": "GG", "inference": "binary"})  # a preset's (or a resumed run's) own: not warned
+        make_config(overrides=dict(scenario="GNu", objective="superfluous", infer_images=4))
