@@ -210,3 +210,5 @@ def test_task_inference_settings_given_for_a_gg_run_are_named_as_ignored():
         warnings.simplefilter("error")
         make_config({"scenario": "GG", "inference": "binary"})  # a preset's (or a resumed run's) own: not warned
         make_config(overrides=dict(scenario="GNu", objective="superfluous", infer_images=4))
+    with pytest.warns(UserWarning, match=r"--image-size is the crop size of split-imagenet; --benchmark permuted-mnist"):
+        make_config(overrides=dict(benchmark="permuted-mnist", image_size=64))
