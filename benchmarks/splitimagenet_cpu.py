@@ -24,8 +24,7 @@ sys.path.insert(0, str(HERE.parent))  # the repository root: the fake-ImageNet w
 
 from tests.data.fake_imagenet import write_fake_imagenet  # noqa: E402
 
-from supsup_fast.bench.report import stamp  # noqa: E402
-from supsup_fast.runs.results import machine_info  # noqa: E402
+from supsup_fast.bench.report import machine, stamp  # noqa: E402
 from supsup_fast.algorithms.training import TrainSettings, make_optimizer  # noqa: E402
 from supsup_fast.data import load_benchmark  # noqa: E402
 from supsup_fast.models import build_model  # noqa: E402
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the measurement
     if out.is_dir() or not os.access(out.parent, os.W_OK):
         parser.error(f"--out {out}: not a writable file path")
-    report = {"machine": machine_info(torch.device("cpu")), **stamp(), "bytes": [bytes_per_task(s) for s in (4, 8, 16)],
+    report = {"machine": machine(), **stamp(), "bytes": [bytes_per_task(s) for s in (4, 8, 16)],
               "training": time_training(args.batches)}
     out.write_text(json.dumps(report, indent=2))
     for b in report["bytes"]:
