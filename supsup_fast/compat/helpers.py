@@ -89,6 +89,8 @@ def _task_scores(m: nn.Module, task_idx: int):
 
 def freeze_model_scores(model: nn.Module, task_idx: int) -> None:
     for _, m in _convs(model):
+        if isinstance(m, MultitaskMaskMixin):  # also a packed task's: its scores, when made again, start frozen
+            m._frozen.add(task_idx)
         s = _task_scores(m, task_idx)
         if s is not None:
             s.requires_grad_(False)
@@ -97,6 +99,8 @@ def freeze_model_scores(model: nn.Module, task_idx: int) -> None:
 
 def unfreeze_model_scores(model: nn.Module, task_idx: int) -> None:
     for _, m in _convs(model):
+        if isinstance(m, MultitaskMaskMixin):
+            m._frozen.discard(task_idx)
         s = _task_scores(m, task_idx)
         if s is not None:
             s.requires_grad_(True)

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..bits import pad_bits_set
 from ..nn.bank import MaskBank
 from ..nn.layers import autocast_enabled_for, outside_autocast
-from ..nn.masks import mask_from_scores, masked_weight_from_scores, score_init_bound
+from ..nn.masks import COMPAT_TOPK, mask_from_scores, masked_weight_from_scores, score_init_bound
 from .scores import ScoreList, ScoreStream, as_task_index
 from .settings import resolve_num_tasks, resolve_sparsity, scores_kept, weights_frozen
 
@@ -76,6 +77,7 @@ class MultitaskMaskMixin:
         # live tasks made from their official initial scores -> a digest of those scores: a commit
         # tells an untouched task (still untrained) by it, without drawing the scores again
         self._initial: Dict[int, str] = {}
+        self._frozen = set()  # tasks whose scores freeze_model_scores froze (their Parameters are remade)
         self.keep_scores = scores_kept()
         if self.keep_scores:  # as upstream: every task's float scores exist from the start and stay
             for t in range(num_tasks):
@@ -89,17 +91,19 @@ class MultitaskMaskMixin:
     @task.setter
     def task(self, task: int) -> None:
         task = as_task_index(task, "task must be an int (>= 0: that task, < 0: superposition)")
-        if task >= self.num_tasks:
-            raise ValueError(f"task must be < num_tasks = {self.num_tasks}, got {task}")
+        # task >= num_tasks is stored, as upstream, where only a forward fails (scores[task]): the official
+        # NNs trainer sets it once every slot is used and then skips those batches.
         if task < 0 or not self.keep_scores:  # keep_scores: the bits matter to the superposition alone
             for live in self.scores.tasks():
                 if live != task:  # the other task's mask becomes bits
                     self._commit(live)
-                    if task >= 0:  # moving on to another task: its floats go
+                    if task >= 0:  # moving on to another task: its floats go (a freeze is kept)
+                        frozen = not self.scores.live(live).requires_grad
+                        (self._frozen.add if frozen else self._frozen.discard)(live)
                         self.scores.pop(live)
                         self._rebuilt.discard(live)
                         self._initial.pop(live, None)
-        if task >= 0:
+        if 0 <= task < self.num_tasks:
             self._live_scores(task)
         self._task = task
 
@@ -109,8 +113,8 @@ class MultitaskMaskMixin:
         or from its official initial scores (an untrained task)."""
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"task must be in [0, num_tasks={self.num_tasks}), got {task}")
-        if task not in self.scores:
-            self.scores.put(task, nn.Parameter(self.stored_scores(task)))
+        if task not in self.scores:  # frozen (freeze_model_scores) stays frozen across a switch, as upstream
+            self.scores.put(task, nn.Parameter(self.stored_scores(task), requires_grad=task not in self._frozen))
             self._note_source(task)
         return self.scores.live(task)
 
@@ -185,20 +189,36 @@ class MultitaskMaskMixin:
         if not isinstance(self.__dict__.get("_initial"), dict):
             self._initial = {}
         self.__dict__.setdefault("_bits_loaded", False)
+        self.__dict__.setdefault("_frozen", set())
         self.scores.materialize, self.scores.num_tasks = self._live_scores, self.num_tasks
         self.scores.before_load = self._scores_to_load
 
     # -- state_dict: the bits travel as ``mask_bits``; an official ``stacked`` is read too ---------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        # A live task's mask goes into its row too (the bank itself is not changed): a loader that keeps
+        # only the keys a fresh model has (the official main.py --resume) drops its scores.{t}, and the
+        # task being trained would come back untrained.
+        live = {t: self._pack(self.scores.live(t)) for t in self.scores.tasks()}
+        untouched = {t for t in live if t in self._initial and self._initial[t] == _digest(self.scores.live(t))}
         # The rows up to the last trained task: trailing untrained tasks' rows (made for a superposition
         # or `stacked`) would load as trained ones.
-        trained = [t for t in range(len(self.bank)) if t not in self._filler]
-        rows = trained[-1] + 1 if trained else 0
-        destination[prefix + "mask_bits"] = self.bank.words[:rows].clone()
+        trained = [t for t in range(len(self.bank)) if t not in self._filler and t not in live]
+        trained += [t for t in live if t not in untouched]
+        rows = max(trained) + 1 if trained else 0
+        words, untrained = [], []
+        for t in range(rows):
+            if t in live:
+                words.append(live[t])
+            elif t < len(self.bank):
+                words.append(self.bank.words[t])
+            else:  # below a live task, never made: its initial scores' mask, as _ensure_rows
+                words.append(self._pack(self._stream.scores(t).to(self.weight.device)))
+            if t in untouched or (t not in live and (t in self._filler or t >= len(self.bank))):
+                untrained.append(t)
+        destination[prefix + "mask_bits"] = torch.stack(words) if words else self.bank.words[:0].clone()
         # the untrained tasks among those rows (only read, or made for a superposition): they load as such
-        destination[prefix + "mask_untrained"] = torch.tensor(sorted(t for t in self._filler if t < rows),
-                                                              dtype=torch.int64)
+        destination[prefix + "mask_untrained"] = torch.tensor(untrained, dtype=torch.int64)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self._bits_loaded = False  # (its scores load next, in ScoreList: _scores_to_load)
@@ -226,6 +246,11 @@ class MultitaskMaskMixin:
             expect = tuple(self.bank.row_shape)
             if bits.dtype != torch.int32 or bits.dim() != 3 or tuple(bits.shape[1:]) != expect:
                 error_msgs.append(f"{prefix}mask_bits must be int32[k, {expect[0]}, {expect[1]}], got {bits.dtype}{list(bits.shape)}")
+                return
+            if not bits.is_meta and pad_bits_set(bits, self.bank.n):
+                error_msgs.append(f"{prefix}mask_bits has bits set past bit {self.bank.n} of a row (the padding of the "
+                                  f"last word must be zero): these are not the masks of a layer with {self.bank.n} "
+                                  f"weights per output")
                 return
             rows = bits.shape[0]
             if untrained is not None and (untrained.dim() != 1 or untrained.is_floating_point()
@@ -307,7 +332,7 @@ class MultitaskMaskMixin:
 
     def _counts(self, k: int) -> torch.Tensor:
         """Σᵢ<k Mᵢ per weight (float), cached while the bank and k are unchanged."""
-        key = (k, self._bank_version, self.weight.device)
+        key = (k, self._bank_version, self.weight.device, self.weight.dtype)
         if self._count_cache is None or self._count_cache[0] != key:
             ones = torch.ones(k, dtype=self.weight.dtype, device=self.weight.device)
             self._count_cache = (key, ops.superpose(self.bank.words[:k], ones, self.bank.n).view_as(self.weight))
@@ -322,6 +347,8 @@ class MultitaskMaskMixin:
             return outside_autocast(functools.partial(MultitaskMaskMixin.forward, self), x, self.weight.dtype)
         if self._task is None:
             raise RuntimeError("no task set: call set_model_task(model, t) (or set layer.task) first")
+        if self._task >= self.num_tasks:  # upstream: scores[task] raises IndexError
+            raise IndexError(f"task {self._task} is out of range: this layer has num_tasks = {self.num_tasks}")
         if self._task >= 0:
             if self._task in self.scores:
                 w = masked_weight_from_scores(self.scores[self._task], self.weight, self.mask_fn, self.density)
@@ -428,7 +455,7 @@ class MultitaskMaskConv(_MultitaskConvBase):
     (official name; ``args.sparsity``, 0.5 by default). Weights keep nn.Conv2d's init: the official
     Builder applies ``conv_init`` (e.g. signed constant) afterwards."""
 
-    mask_fn = "topk"
+    mask_fn = COMPAT_TOPK  # top-k of |scores|, tied entries chosen as the official GetSubnet's sort does
 
     def __init__(self, *args, num_tasks: Optional[int] = None, sparsity: Optional[float] = None, **kwargs):
         super().__init__(*args, num_tasks=num_tasks, **kwargs)

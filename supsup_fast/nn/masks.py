@@ -6,6 +6,7 @@ import math
 import torch
 
 MASK_FUNCTIONS = ("threshold", "topk")
+COMPAT_TOPK = "topk_sorted"  # top-k with the official GetSubnet's choice among ties (compat layers only)
 
 
 class _ThresholdSTE(torch.autograd.Function):
@@ -20,12 +21,13 @@ class _ThresholdSTE(torch.autograd.Function):
 
 class _TopKSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, magnitudes, density):
-        return topk_mask(magnitudes, density).to(magnitudes.dtype)
+    def forward(ctx, magnitudes, density, sorted_ties=False):
+        pick = sorted_topk_mask if sorted_ties else topk_mask
+        return pick(magnitudes, density).to(magnitudes.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
 def kept_count(numel: int, density: float) -> int:
@@ -43,6 +45,16 @@ def topk_mask(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
     return mask.view_as(magnitudes)
 
 
+def sorted_topk_mask(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
+    """``topk_mask`` as the official ``GetSubnet`` computes it, by a full ascending sort: the same
+    kept count, and among entries tied at the threshold the same ones kept (``torch.topk`` may keep
+    others). ``supsup_fast.compat``'s top-k layer uses it, to give the official code's masks."""
+    flat = magnitudes.reshape(-1)
+    mask = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[flat.sort()[1][:flat.numel() - kept_count(flat.numel(), density)]] = False
+    return mask.view_as(magnitudes)
+
+
 def threshold_mask(scores: torch.Tensor) -> torch.Tensor:
     return scores >= 0
 
@@ -53,6 +65,8 @@ def mask_from_scores(scores: torch.Tensor, mask_fn: str, density: float) -> torc
         return threshold_mask(scores)
     if mask_fn == "topk":
         return topk_mask(scores.abs(), density)
+    if mask_fn == COMPAT_TOPK:
+        return sorted_topk_mask(scores.abs(), density)
     raise ValueError(f"mask_fn must be one of {MASK_FUNCTIONS}, got {mask_fn!r}")
 
 
@@ -64,8 +78,8 @@ def ste_mask(scores: torch.Tensor, mask_fn: str, density: float) -> torch.Tensor
     """
     if mask_fn == "threshold":
         return _ThresholdSTE.apply(scores)
-    if mask_fn == "topk":
-        return _TopKSTE.apply(scores.abs(), density)
+    if mask_fn in ("topk", COMPAT_TOPK):
+        return _TopKSTE.apply(scores.abs(), density, mask_fn == COMPAT_TOPK)
     raise ValueError(f"mask_fn must be one of {MASK_FUNCTIONS}, got {mask_fn!r}")
 
 

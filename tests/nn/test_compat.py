@@ -520,8 +520,16 @@ def test_official_checkpoint_with_more_tasks_than_the_model_is_refused(tmp_path)
 
 def test_bad_input():
     m = compat.MultitaskMaskLinear(10, 4, num_tasks=2)
-    with pytest.raises(ValueError, match="task must be < num_tasks"):
-        m.task = 2
+    # task >= num_tasks is stored, as upstream (the official NNs trainer sets it when the slots run out and
+    # skips those batches); only a forward fails, as upstream's scores[task]
+    m.task = 0
+    with torch.no_grad():
+        m.scores[0].copy_(torch.randn(4, 10))
+    trained = m.mask(0).clone()
+    m.task = 2
+    assert m.task == 2 and torch.equal(m.mask(0), trained)  # the live task was packed on the way
+    with pytest.raises(IndexError, match="task 2 is out of range: this layer has num_tasks = 2"):
+        m(torch.randn(1, 10))
     with pytest.raises(TypeError, match="task must be an int"):
         m.task = 0.5
     m.task = 0
@@ -873,3 +881,104 @@ def test_a_read_task_below_a_trained_one_stays_untrained_through_a_state_dict():
     assert torch.equal(fresh.scores[1].detach(), trained)
     with pytest.raises(RuntimeError, match=r"mask_untrained must list row indices in \[0, 2\)"):
         fresh.load_state_dict(dict(sd, mask_untrained=torch.tensor([5])))
+
+
+def test_a_checkpoint_saved_mid_task_keeps_that_task_through_the_official_resume_filter():
+    # main.py --resume keeps only the keys a fresh model's state_dict has: scores.{t} of the task being
+    # trained is dropped, so its mask must travel in mask_bits (it loaded as the untrained task).
+    def make(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(compat.MultitaskMaskLinear(20, 10, num_tasks=3, bias=False))
+    m = make(0)
+    m.apply(lambda x: setattr(x, "task", 1))
+    with torch.no_grad():
+        m[0].scores[1].copy_(torch.randn(10, 20))
+    trained = m[0].scores[1].detach() >= 0
+    saved = m.state_dict()
+    assert len(m[0].bank) == 0  # saving packed nothing into the bank
+    fresh = make(1)
+    keep = fresh.state_dict()
+    fresh.load_state_dict({k: v for k, v in saved.items() if k in keep})
+    fresh.apply(lambda x: setattr(x, "task", 1))
+    assert torch.equal(fresh[0].scores[1].detach() >= 0, trained)
+    assert fresh[0]._untrained(0) and not fresh[0]._untrained(1)  # task 0 (below it) stays untrained
+    # a live task only read (its initial scores) loads as untrained, as before
+    m2 = make(0)
+    m2.apply(lambda x: setattr(x, "task", 1))
+    assert m2.state_dict()["0.mask_bits"].shape[0] == 0
+
+
+def test_frozen_scores_stay_frozen_across_a_task_switch():
+    conv = compat.FastMultitaskMaskConv(4, 4, 1, bias=False, num_tasks=3)
+    model = nn.Sequential(conv)
+    model.apply(lambda m: setattr(m, "task", 1))
+    conv.scores[1].requires_grad_(False)  # the official utils.freeze_model_scores
+    model.apply(lambda m: setattr(m, "task", 2))
+    model.apply(lambda m: setattr(m, "task", 1))
+    assert not conv.scores[1].requires_grad
+    compat.unfreeze_model_scores(model, 1)
+    compat.freeze_model_scores(model, 2)  # a packed task: frozen when made live again
+    model.apply(lambda m: setattr(m, "task", 2))
+    assert not conv.scores[2].requires_grad
+    model.apply(lambda m: setattr(m, "task", 1))
+    assert conv.scores[1].requires_grad
+
+
+def test_uniform_superposition_after_a_dtype_change_uses_counts_in_the_new_dtype():
+    torch.manual_seed(0)
+    m = compat.MultitaskMaskLinear(30, 7, num_tasks=5, bias=False)
+    for t in range(5):
+        m.task = t
+        with torch.no_grad():
+            m.scores[t].copy_(torch.randn(7, 30))
+    m.num_tasks_learned, m.alphas = 5, torch.full((5, 1, 1), 0.2)
+    m.task = -1
+    x = torch.randn(3, 30)
+    m(x)  # fills the count cache in float32
+    m.double()
+    m.alphas = m.alphas.double()
+    masks = torch.stack([m.mask(t) for t in range(5)]).double()
+    want = F.linear(x.double(), m.weight * (m.alphas * masks).sum(0))
+    assert m(x.double()).dtype == torch.float64
+    torch.testing.assert_close(m(x.double()), want, rtol=1e-13, atol=1e-13)
+
+
+def test_mask_bits_with_padding_bits_set_are_refused_on_load():
+    m = compat.MultitaskMaskLinear(100, 4, num_tasks=2, bias=False)
+    m.task = 0
+    with torch.no_grad():
+        m.scores[0].copy_(torch.randn(4, 100))  # trained: a row of its own in mask_bits
+    state = m.state_dict()
+    state["mask_bits"] = state["mask_bits"].clone()
+    state["mask_bits"][0, 0, -1] |= 1 << 30  # bit 126 of a 100-weight row
+    with pytest.raises(RuntimeError, match=r"mask_bits has bits set past bit 100 of a row"):
+        compat.MultitaskMaskLinear(100, 4, num_tasks=2, bias=False).load_state_dict(state)
+
+
+def _official_get_subnet(scores, k):  # models/modules.py GetSubnet.forward, as upstream
+    out = scores.clone()
+    _, idx = scores.flatten().sort()
+    j = int((1 - k) * scores.numel())
+    flat_out = out.flatten()
+    flat_out[idx[:j]] = 0
+    flat_out[idx[j:]] = 1
+    return out
+
+
+@pytest.mark.parametrize("n", [10, 1000, 30_000])
+def test_topk_conv_breaks_ties_at_the_threshold_as_the_official_sort(n):
+    # Two |scores| tied at the threshold, one kept: torch.topk and the official sort may keep different ones.
+    conv = compat.MultitaskMaskConv(n // 10, 10, 1, bias=False, num_tasks=1, sparsity=1 - 2.5 / n)
+    g = torch.Generator().manual_seed(n)
+    s = torch.rand(n, generator=g) + 1.0
+    s[[3, n - 2]] = 0.5
+    s[5] = 0.1
+    conv.task = 0
+    with torch.no_grad():
+        conv.scores[0].copy_(s.view_as(conv.scores[0]) * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).view_as(conv.scores[0]))
+    want = _official_get_subnet(conv.scores[0].detach().abs(), conv.sparsity).bool()
+    assert torch.equal(conv.mask(0), want)
+    x = torch.randn(2, n // 10, 3, 3)
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight * want))
+    conv.cache_masks()
+    assert torch.equal(conv._row_mask(0), want)
