@@ -33,6 +33,11 @@ class CountCaches:
     ``n``, ``num_tasks``). Each count is kept with the bank state it was computed from
     (:func:`bank_state`), so rows changed through ``layer.bank`` directly are seen too."""
 
+    def _count_dtype(self) -> torch.dtype:
+        """Counts are integers: kept in float32 (exact to 2^24 tasks) under a half or bfloat16 weight,
+        where one more task would not change a count past 256 (bfloat16) or 2,048 (float16)."""
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
     def set_count_cache(self, enabled: bool) -> None:
         """Whether to keep Σᵢ Mᵢ per weight (float, one weight-sized tensor) for uniform α."""
         if not enabled:
@@ -47,8 +52,9 @@ class CountCaches:
 
     def _active_counts(self, active: torch.Tensor) -> torch.Tensor:
         cache = getattr(self, "_active_cache", None)
-        ones = lambda m: torch.ones(m, dtype=self.weight.dtype, device=self.weight.device)
-        if cache is not None and same_bank_state(cache[0], self.bank) and bool(torch.isin(active, cache[1]).all()):
+        ones = lambda m: torch.ones(m, dtype=self._count_dtype(), device=self.weight.device)
+        if cache is not None and same_bank_state(cache[0], self.bank) and bool(torch.isin(active, cache[1]).all()) \
+                and cache[2].dtype == self._count_dtype():
             removed = cache[1][~torch.isin(cache[1], active)]
             counts = cache[2]
             if removed.numel():
@@ -62,20 +68,22 @@ class CountCaches:
 
     def counts(self) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a trace cannot test the bank's state: computed, as eager would find it
-            ones = torch.ones(self.num_tasks, dtype=self.weight.dtype, device=self.weight.device)
+            ones = torch.ones(self.num_tasks, dtype=self._count_dtype(), device=self.weight.device)
             return ops.superpose(self.bank.words, ones, self.n).view_as(self.weight)
         if self.counts_current():
             return self._buffers["_counts"]
         self._counts = None  # free the stale one first
         with torch.inference_mode(False):  # updated in place by commit_mask, maybe outside inference_mode
-            ones = torch.ones(self.num_tasks, dtype=self.weight.dtype, device=self.weight.device)
+            ones = torch.ones(self.num_tasks, dtype=self._count_dtype(), device=self.weight.device)
             self._counts = ops.superpose(self.bank.words, ones, self.n).view_as(self.weight)
         self._counts_state = bank_state(self.bank)
         return self._counts
 
     def counts_current(self) -> bool:
         """Whether a count is kept and is of the bank as it is now."""
-        return self._buffers["_counts"] is not None and \
+        counts = self._buffers["_counts"]
+        # (a module .half() / .to(dtype) converts the buffer: then it is counted again)
+        return counts is not None and counts.dtype == self._count_dtype() and \
             same_bank_state(self.__dict__.get("_counts_state"), self._modules["bank"])
 
     def counts_appended(self, counted: bool, words: torch.Tensor) -> None:
@@ -91,11 +99,12 @@ class CountCaches:
         """counts / k, kept while the same count tensor (same version) and k are in use: every
         one-shot query of an evaluation reuses it instead of rescaling a weight-sized tensor."""
         if torch.compiler.is_compiling():  # a trace cannot test version counters; it computes s once per call
-            return counts * (1.0 / k)
+            return (counts * (1.0 / k)).to(self.weight.dtype)
         cache = getattr(self, "_s_cache", None)
-        if cache is None or cache[0] is not counts or cache[1] != ops.checks.tensor_version(counts) or cache[2] != k:
+        if cache is None or cache[0] is not counts or cache[1] != ops.checks.tensor_version(counts) or cache[2] != k \
+                or cache[3].dtype != self.weight.dtype:
             with torch.inference_mode(False):  # saved for backward by a later α-gradient: a normal tensor
-                cache = (counts, ops.checks.tensor_version(counts), k, counts * (1.0 / k))
+                cache = (counts, ops.checks.tensor_version(counts), k, (counts * (1.0 / k)).to(self.weight.dtype))
             self._s_cache = cache
         return cache[3]
 
@@ -123,5 +132,5 @@ class CountCaches:
         if cache is None or cache[0] is not counts or cache[1] is not self.weight or cache[2] != key:
             self._ws_cache = cache = None  # free the stale one before building the new one
             with torch.inference_mode(False):
-                self._ws_cache = cache = (counts, self.weight, key, self.weight * (counts * (1.0 / k)))
+                self._ws_cache = cache = (counts, self.weight, key, self.weight * (counts * (1.0 / k)).to(self.weight.dtype))
         return cache[3]

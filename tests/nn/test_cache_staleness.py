@@ -206,3 +206,27 @@ def test_a_compiled_uniform_superposition_sees_rows_written_through_the_bank():
         layer.bank.set_row(1, ss.pack_bits(torch.rand(10, 24) > 0.5))
         torch.testing.assert_close(compiled(x), _uniform_reference(layer, x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layer(x), _uniform_reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,k", [(torch.bfloat16, 300), (torch.float16, 2050)])
+def test_counts_kept_under_a_half_precision_weight_count_past_its_integers(dtype, k):
+    # Past 256 (bfloat16) / 2,048 (float16) one more task did not change a count kept in the weight's
+    # dtype: a cache built early and updated by finish_task stuck there, and the uniform superposition drifted.
+    torch.manual_seed(0)
+    layer = snn.SupermaskLinear(8, 4, dtype=dtype)
+    x = torch.randn(2, 8, dtype=dtype)
+    for t in range(k):
+        snn.begin_task(layer, init_scores=torch.ones(4, 8))  # every weight kept by every task
+        snn.finish_task(layer)
+        if t == 0:
+            with snn.superposition(layer, torch.ones(1), uniform=True):
+                layer(x)
+    assert layer.counts().dtype == torch.float32 and float(layer.counts().max()) == k
+    a = torch.full((k,), 1.0 / k)
+    with snn.superposition(layer, a, uniform=True):
+        y = layer(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, F.linear(x, layer.weight), rtol=2e-2, atol=2e-2)  # S = 1 everywhere
+    layer.float()
+    layer.half()  # the module converts the kept count: it is counted again, not trusted
+    assert layer.counts().dtype == torch.float32 and float(layer.counts().max()) == k
