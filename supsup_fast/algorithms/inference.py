@@ -60,11 +60,15 @@ def _alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_label
     if active is None and x.dim() >= 1 and x.shape[0] == 1 and _plain_mlp(model) \
             and ops.backend_for(model.layers[0].weight.device).reads_interleaved:
         return _mlp_alpha_gradients(model, k, x, objective, num_labels)[0]
-    alpha = _uniform_alpha(model, k).requires_grad_(True)
-    with superposition(model, alpha, active=active, uniform=True):
-        logits = model(x)
-    obj = get_objective(objective)(logits, num_labels)
-    (grad,) = torch.autograd.grad(obj, alpha)
+    # Evaluation code often runs under no_grad / inference_mode: this one gradient is taken regardless.
+    with torch.inference_mode(False), torch.enable_grad():
+        if x.is_inference():  # made under inference_mode: autograd cannot save it for the backward
+            x = x.clone()
+        alpha = _uniform_alpha(model, k).requires_grad_(True)
+        with superposition(model, alpha, active=active, uniform=True):
+            logits = model(x)
+        obj = get_objective(objective)(logits, num_labels)
+        (grad,) = torch.autograd.grad(obj, alpha)
     return grad
 
 

@@ -55,6 +55,21 @@ def test_alpha_gradient_equals_float_stack(trained, objective, fn, images):
     assert int(got.argmin()) == int(expect.argmin())
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_task_inference_inside_no_grad_or_inference_mode(trained, context):
+    # Evaluation code runs under no_grad / inference_mode; the α-gradient of a query of several images
+    # (and every binary round) took autograd there and failed with a raw "does not require grad".
+    model, tasks = trained
+    x, _ = tasks.test(2).batch(torch.arange(3))
+    want = alpha_gradient(model, x, "entropy", 10)
+    with context():
+        xc = x.clone()  # under inference_mode: an inference tensor
+        got = alpha_gradient(model, xc, "entropy", 10)
+        oneshot, binary = infer_oneshot(model, xc, "entropy", 10), infer_binary(model, xc, "entropy", 10)
+    assert torch.equal(got, want)
+    assert (oneshot, binary) == (infer_oneshot(model, x, "entropy", 10), infer_binary(model, x, "entropy", 10))
+
+
 def test_oneshot_and_binary_find_the_task(trained):
     model, tasks = trained
     hits_one = hits_bin = total = 0
