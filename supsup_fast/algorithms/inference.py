@@ -182,7 +182,8 @@ def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, n
     q = xs.shape[0]
     if xs.dtype != layers[0].weight.dtype:  # as the superposed layers say it
         raise TypeError(f"x dtype {xs.dtype} must match weight dtype {layers[0].weight.dtype}")
-    with torch.no_grad():
+    # not autocast: the superposition runs in the weights' dtype, as the superposed layers leave autocast
+    with torch.no_grad(), torch.autocast(xs.device.type, enabled=False):
         weights = [layer.uniform_weight() for layer in layers]
         copies = all(_reads_copy(layer) for layer in layers)
         # hs[i]: the input of layer i; nonzero[i]: its nonzeros, nonzero[-1] those of g

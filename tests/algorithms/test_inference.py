@@ -70,6 +70,19 @@ def test_task_inference_inside_no_grad_or_inference_mode(trained, context):
     assert (oneshot, binary) == (infer_oneshot(model, x, "entropy", 10), infer_binary(model, x, "entropy", 10))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mlp_task_inference_under_autocast_is_the_fp32_one(trained, dtype):
+    # One image through the package's MLP takes the fused C++ path, whose linear autocast made bf16
+    # ("expected scalar type Float"): it runs in the weights' dtype, as the superposed layers do.
+    from supsup_fast.algorithms.inference import alpha_gradients_batched
+    model, tasks = trained
+    x, _ = tasks.test(1).batch(torch.arange(4))
+    want_one, want_batched = alpha_gradient(model, x[:1], "entropy", 10), alpha_gradients_batched(model, x)
+    with torch.autocast("cpu", dtype=dtype):
+        assert torch.equal(alpha_gradient(model, x[:1], "entropy", 10), want_one)
+        assert torch.equal(alpha_gradients_batched(model, x), want_batched)
+
+
 def test_oneshot_and_binary_find_the_task(trained):
     model, tasks = trained
     hits_one = hits_bin = total = 0
