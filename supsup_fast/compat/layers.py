@@ -31,7 +31,7 @@ from torch import nn
 from .. import ops
 from ..bits import pad_bits_set
 from ..nn.bank import MaskBank
-from ..nn.layers import autocast_enabled_for, outside_autocast
+from ..ops.dispatch import autocast_enabled_for, outside_autocast
 from ..nn.masks import COMPAT_TOPK, mask_from_scores, masked_weight_from_scores, score_init_bound
 from .scores import ScoreList, ScoreStream, as_task_index
 from .settings import resolve_num_tasks, resolve_sparsity, scores_kept, weights_frozen

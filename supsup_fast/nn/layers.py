@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import ops
 from ..ops.registry import backend_for
+from ..ops.dispatch import autocast_enabled_for, outside_autocast
 from .bank import MaskBank
 from .counts import CountCaches
 from .fused_autograd import fused_train_forward
@@ -25,19 +26,6 @@ from .masks import MASK_FUNCTIONS, mask_from_scores, masked_weight_from_scores, 
 from .modes import Mode, OneTask, Superposition, Train, check_uniform_alpha, task_index
 
 
-
-
-def autocast_enabled_for(x) -> bool:
-    """Whether autocast is on for ``x``'s device (cpu or cuda; others have no autocast here)."""
-    return isinstance(x, torch.Tensor) and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
-
-
-def outside_autocast(forward, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``forward(x)`` as an op of autocast's fp32 list: autocast off, a floating x cast to ``dtype``
-    (the weight's). The bit kernels compute in the weight's dtype, so output, gradients and saved
-    tensors stay of one dtype (under autocast a bf16 output met fp32 saved tensors in the backward)."""
-    with torch.autocast(x.device.type, enabled=False):
-        return forward(x.to(dtype) if x.is_floating_point() else x)
 
 
 def _seed_from_torch() -> int:

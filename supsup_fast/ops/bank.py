@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .dispatch import _REFERENCE, _finite, _lead, _pick, eager_without_grad
+from .dispatch import _REFERENCE, _finite, _lead, _pick, eager_without_grad, outside_autocast, under_autocast
 from .registry import backend_for
 
 
@@ -314,6 +314,8 @@ def bank_linear(x: Tensor, weight: Tensor, bank: Tensor, bank_t: Optional[Tensor
     ``bank_t``, optional, is ``interleave_tasks(bank)`` held by the caller: a backend that reads it
     (``reads_interleaved``: cpu) keeps each word's tables in registers while every task streams
     past, 1.4-2.4x as fast as from the bank; the result is the same up to summation order."""
+    if under_autocast(x):
+        return outside_autocast(bank_linear, x, weight.dtype, weight, bank, bank_t)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight) if isinstance(t, Tensor)):
         raise RuntimeError("bank_linear is not differentiable: call it under torch.no_grad() or on x and weight "
                            "that do not require grad")

@@ -23,6 +23,25 @@ _LINEAR = DenseLinear()
 _REFERENCE = ReferenceBackend()
 
 
+def autocast_enabled_for(x) -> bool:
+    """Whether autocast is on for ``x``'s device (cpu or cuda; others have no autocast here)."""
+    return isinstance(x, torch.Tensor) and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+
+
+def under_autocast(x) -> bool:
+    """``autocast_enabled_for(x)``, after the cheapest test (a public op asks it every call)."""
+    return torch._C._is_any_autocast_enabled() and autocast_enabled_for(x)
+
+
+def outside_autocast(forward, x: torch.Tensor, dtype: torch.dtype, *args, **kwargs) -> torch.Tensor:
+    """``forward(x, *args, **kwargs)`` as an op of autocast's fp32 list: autocast off, a floating x
+    cast to ``dtype`` (the weight's). The bit kernels compute in the weight's dtype, so output,
+    gradients and saved tensors stay of one dtype (under autocast a bf16 output met fp32 saved
+    tensors in the backward, and the output's dtype depended on which kernel the row count chose)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return forward(x.to(dtype) if x.is_floating_point() else x, *args, **kwargs)
+
+
 def _pick(device: torch.device, *sizes: int):
     """The backend for ``device``; the reference one when a size is zero (k = 0 tasks, q = 0
     queries, out = 0 rows, an empty batch), so that every backend returns the same empty or zero

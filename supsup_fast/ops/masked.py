@@ -10,7 +10,7 @@ from torch import Tensor
 from . import checks
 from .backends.reference import DenseConv2d, _bias_grad
 from .registry import backend_for
-from .dispatch import (_conv_out_fake, _LINEAR, _dense, _flatten_conv, _pick, _unflatten_conv,
+from .dispatch import (outside_autocast, under_autocast, _conv_out_fake, _LINEAR, _dense, _flatten_conv, _pick, _unflatten_conv,
                        direct_function, eager_linear_backend, eager_without_grad)
 
 IntPair = Union[int, Sequence[int]]
@@ -92,7 +92,10 @@ masked_conv2d_op.register_autograd(_masked_backward, setup_context=_masked_setup
 
 # -- the public function ----------------------------------------------------------------------
 def masked_linear(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """y = x (W ⊙ M)ᵀ + b with M unpacked from ``mask_words`` [out, ceil(in/32)]."""
+    """y = x (W ⊙ M)ᵀ + b with M unpacked from ``mask_words`` [out, ceil(in/32)]. Under autocast, an
+    op of its fp32 list: x is cast to the weight's dtype (as every op here)."""
+    if under_autocast(x):
+        return outside_autocast(masked_linear, x, weight.dtype, weight, mask_words, bias)
     direct = direct_function("direct_masked_linear", x)
     if direct is not None:
         y = direct(x, weight, mask_words, bias)
@@ -109,6 +112,8 @@ def masked_linear(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[
 def masked_conv2d(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor] = None,
                   stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1) -> Tensor:
     """conv2d with weight W ⊙ M; ``mask_words`` is [out, ceil(in/groups·kh·kw / 32)]."""
+    if under_autocast(x):
+        return outside_autocast(masked_conv2d, x, weight.dtype, weight, mask_words, bias, stride, padding, dilation, groups)
     args = (checks.pair("stride", stride), checks.pair("padding", padding), checks.pair("dilation", dilation), int(groups))
     if eager_without_grad(x, weight, mask_words, bias):  # inference: the op's body, without the dispatcher
         return _masked_conv2d(x, weight, mask_words, bias, *args)

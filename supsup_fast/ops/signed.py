@@ -12,7 +12,7 @@ from . import checks
 from .backends.reference import _bias_grad
 from .bits import unpack_bits_op
 from .masked import masked_backward_op
-from .dispatch import _pick, direct_function, eager_without_grad
+from .dispatch import _pick, direct_function, eager_without_grad, outside_autocast, under_autocast
 
 
 def _check_signed(x, sign_words, mask_words, bias, in_features) -> None:
@@ -118,6 +118,8 @@ def signed_masked_linear(x: Tensor, sign_words: Tensor, mask_words: Tensor, scal
     (words built for a wider x) are refused."""
     if in_features is not None and (isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1):
         raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+    if under_autocast(x):  # an op of autocast's fp32 list (there is no weight tensor to take a dtype from)
+        return outside_autocast(signed_masked_linear, x, torch.float32, sign_words, mask_words, scale, bias, in_features)
     direct = direct_function("direct_signed_masked_linear", x)
     if direct is not None and (in_features is None or in_features == x.shape[-1]):
         y = direct(x, sign_words, mask_words, scale, bias)  # the op refuses set padding bits too

@@ -10,7 +10,7 @@ from torch import Tensor
 from . import checks
 from .bank import bank_linear_body, bank_linear_op, superpose
 from .backends.reference import DenseConv2d, _bias_grad
-from .dispatch import _conv_out_fake, _LINEAR, _dense, _flatten_conv, _pick, _unflatten_conv, eager_plain, eager_without_grad
+from .dispatch import outside_autocast, under_autocast, _conv_out_fake, _LINEAR, _dense, _flatten_conv, _pick, _unflatten_conv, eager_plain, eager_without_grad
 from .registry import backend_for
 
 IntPair = Union[int, Sequence[int]]
@@ -189,6 +189,8 @@ def superposed_linear(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bi
     from ``bank_w`` (``superpose(bank_w=)``); where only α does (a first layer), it reads every
     task's output from ``bank_t`` (``bank_linear(bank_t=)``). The result is the same up to summation
     order. Other paths and backends ignore them."""
+    if under_autocast(x):
+        return outside_autocast(superposed_linear, x, weight.dtype, weight, bank, alpha, bias, bank_t, bank_w)
     if bank_t is not None:
         checks.check_bank_t(bank, bank_t)
     if bank_w is not None:
@@ -232,6 +234,8 @@ def _backward_needs_s(x: Tensor, alpha: Tensor) -> bool:
 def superposed_conv2d(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, bias: Optional[Tensor] = None,
                       stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1) -> Tensor:
     """conv2d with weight W ⊙ Σᵢ αᵢ Mᵢ; differentiable in x, alpha, weight, bias."""
+    if under_autocast(x):
+        return outside_autocast(superposed_conv2d, x, weight.dtype, weight, bank, alpha, bias, stride, padding, dilation, groups)
     if _backward_needs_s(x, alpha):
         checks.check_superposed(x, weight, bank, alpha, bias, conv=True)
         s = superpose(bank, alpha.detach().to(weight.dtype), weight[0].numel()).view_as(weight)
@@ -247,6 +251,8 @@ def superposed_with_s(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor, s:
     caller already holds ``s`` = Σᵢ αᵢ Mᵢ shaped like ``weight`` (e.g. a cached count of set bits
     divided by k). The forward reads no mask bit; the α-gradient still reads each bit once (from
     ``bank_t``, the task-interleaved copy, where given: see ``superposed_linear``)."""
+    if under_autocast(x):
+        return outside_autocast(superposed_with_s, x, weight.dtype, weight, bank, alpha, s, bias, conv, bank_t)
     if bank_t is not None:
         checks.check_bank_t(bank, bank_t)
     if conv is None:

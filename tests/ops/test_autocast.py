@@ -1,0 +1,82 @@
+"""The public ops under torch.autocast: ops of autocast's fp32 list, as the layers run them. A floating
+x is cast to the weight's dtype and the op runs with autocast off, so the output's dtype does not
+depend on which kernel the row count picks (it was float32 up to 16 rows and bfloat16 above, where the
+backward then failed on a bfloat16 gradient against a float32 weight)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import supsup_fast as ss
+
+
+def _operands(seed, out=12, n=70, k=3):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, n, generator=g)
+    bank = ss.pack_bits(torch.rand(k, out, n, generator=g) < 0.5)
+    return weight, bank, torch.randn(out, generator=g), torch.rand(k, generator=g)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["masked_linear", "superposed_linear", "superposed_with_s", "signed_masked_linear", "bank_linear"])
+def test_linear_ops_under_autocast_are_fp32_ops(op, dtype, rows):
+    weight, bank, bias, alpha = _operands(rows)
+    x = torch.randn(rows, weight.shape[1])
+    signs = ss.pack_bits(weight > 0)
+    scale = 0.25
+
+    def call(x, alpha):
+        if op == "masked_linear":
+            return ss.ops.masked_linear(x, weight, bank[1], bias)
+        if op == "superposed_linear":
+            return ss.ops.superposed_linear(x, weight, bank, alpha, bias)
+        if op == "superposed_with_s":
+            s = ss.ops.superpose(bank, alpha.detach(), weight.shape[1]).view_as(weight)
+            return ss.ops.superposed_with_s(x, weight, bank, alpha, s, bias)
+        if op == "signed_masked_linear":
+            return ss.ops.signed_masked_linear(x, signs, bank[1], scale, bias)
+        with torch.no_grad():
+            return ss.ops.bank_linear(x, weight, bank)
+
+    grads = op != "bank_linear"
+    xa, aa = x.clone().requires_grad_(grads), alpha.clone().requires_grad_(grads)
+    want = call(xa, aa)
+    for given in (x, x.to(dtype)):  # a float32 x, and one autocast produced
+        xb, ab = given.clone().requires_grad_(grads), alpha.clone().requires_grad_(grads)
+        with torch.autocast("cpu", dtype=dtype):
+            got = call(xb, ab)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, call(given.float(), alpha))
+        if grads:
+            got.sum().backward()
+            assert xb.grad is not None and xb.grad.dtype == given.dtype
+    if grads:
+        want.sum().backward()
+        xb, ab = x.clone().requires_grad_(True), alpha.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype):
+            y = call(xb, ab)
+        y.sum().backward()  # outside autocast, as torch recommends
+        torch.testing.assert_close(xb.grad, xa.grad)
+        if op.startswith("superposed"):
+            torch.testing.assert_close(ab.grad, aa.grad)
+
+
+@pytest.mark.parametrize("op", ["masked_conv2d", "superposed_conv2d"])
+def test_conv_ops_under_autocast_are_fp32_ops(op):
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(6, 4, 3, 3, generator=g)
+    bank = ss.pack_bits(torch.rand(3, 6, 36, generator=g) < 0.5)
+    alpha = torch.rand(3, generator=g, requires_grad=True)
+    x = torch.randn(2, 4, 7, 7, generator=g, requires_grad=True)
+    call = (lambda x: ss.ops.masked_conv2d(x, weight, bank[0], None, padding=1)) if op == "masked_conv2d" else \
+        (lambda x: ss.ops.superposed_conv2d(x, weight, bank, alpha, None, padding=1))
+    want = call(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = call(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert x.grad.dtype == torch.float32
+    mask = ss.unpack_bits(bank[0], 36).view_as(weight).float()
+    if op == "masked_conv2d":
+        torch.testing.assert_close(want, F.conv2d(x, weight * mask, padding=1))
