@@ -18,7 +18,7 @@ IntPair = Union[int, Sequence[int]]
 
 @torch.library.custom_op("supsup::masked_linear", mutates_args=())
 def masked_linear_op(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return _masked_linear(x, weight, mask_words, bias)
+    return _masked_linear(x, weight, mask_words, bias).contiguous()  # as the fake: a compiled graph relies on it
 
 
 def _masked_linear(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -35,7 +35,8 @@ def _(x, weight, mask_words, bias):
 @torch.library.custom_op("supsup::masked_conv2d", mutates_args=())
 def masked_conv2d_op(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor],
                      stride: List[int], padding: List[int], dilation: List[int], groups: int) -> Tensor:
-    return _masked_conv2d(x, weight, mask_words, bias, stride, padding, dilation, groups)
+    # contiguous as the fake, whatever the input's memory format (a channels_last x gave a channels_last y)
+    return _masked_conv2d(x, weight, mask_words, bias, stride, padding, dilation, groups).contiguous()
 
 
 def _masked_conv2d(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor],
@@ -59,14 +60,15 @@ def masked_backward_op(grad: Tensor, x: Tensor, weight: Tensor, mask_words: Tens
     """Gradients of masked_linear (conv_params None) or masked_conv2d
     (conv_params = stride + padding + dilation + [groups]). Unrequested outputs are empty."""
     dense = _dense(_unflatten_conv(conv_params))
-    return _pick(x.device, x.numel(), grad.numel(), weight.shape[0]).masked_backward(dense, grad.contiguous(), x, weight.contiguous(),
-                                                 mask_words.contiguous(), need_input, need_weight)
+    dx, dw = _pick(x.device, x.numel(), grad.numel(), weight.shape[0]).masked_backward(
+        dense, grad.contiguous(), x, weight.contiguous(), mask_words.contiguous(), need_input, need_weight)
+    return dx.contiguous(), dw.contiguous()  # as the fake, whatever x's strides
 
 
 @masked_backward_op.register_fake
 def _(grad, x, weight, mask_words, conv_params, need_input, need_weight):
-    return (torch.empty_like(x) if need_input else grad.new_empty(0),
-            torch.empty_like(weight) if need_weight else grad.new_empty(0))
+    return (x.new_empty(x.shape) if need_input else grad.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else grad.new_empty(0))
 
 
 def _masked_setup(ctx, inputs, output):

@@ -21,7 +21,7 @@ def superposed_linear_op(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor,
     checks.check_superposed(x, weight, bank, alpha, bias, conv=False)
     checks.check_no_nan_alpha(alpha)
     return _pick(x.device, x.numel(), weight.shape[0], bank.shape[0]).superposed_forward(_LINEAR, x, weight.contiguous(), bank.contiguous(),
-                                                    alpha.contiguous(), None, bias)
+                                                    alpha.contiguous(), None, bias).contiguous()  # as the fake
 
 
 @superposed_linear_op.register_fake
@@ -37,8 +37,9 @@ def superposed_conv2d_op(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor,
     checks.check_conv_params(stride, padding, dilation, groups, x, weight)
     checks.check_no_nan_alpha(alpha)
     dense = DenseConv2d(stride, padding, dilation, groups)
+    # contiguous as the fake, whatever the input's memory format (a channels_last x gave a channels_last y)
     return _pick(x.device, x.numel(), weight.shape[0], bank.shape[0]).superposed_forward(dense, x, weight.contiguous(), bank.contiguous(),
-                                                    alpha.contiguous(), None, bias)
+                                                    alpha.contiguous(), None, bias).contiguous()
 
 
 @superposed_conv2d_op.register_fake
@@ -56,7 +57,7 @@ def superposed_given_s_op(x: Tensor, weight: Tensor, bank: Tensor, alpha: Tensor
     already has, e.g. the cached per-weight count of set bits / k for uniform α. The α-gradient
     still comes from the bank (one pass over the bits), or from ``bank_t`` = interleave_tasks(bank)
     where given and the backend reads it."""
-    return _given_s_body(x, weight, bank, alpha, s, bias, conv_params)
+    return _given_s_body(x, weight, bank, alpha, s, bias, conv_params).contiguous()  # as the fake
 
 
 def _given_s_body(x, weight, bank, alpha, s, bias, conv_params):
@@ -82,8 +83,9 @@ def superposed_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bank: Tensor
                            s: Optional[Tensor], conv_params: Optional[List[int]],
                            need_input: bool, need_alpha: bool, need_weight: bool,
                            bank_t: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    return _superposed_backward_body(grad, x, weight, bank, alpha, s, conv_params, need_input, need_alpha, need_weight,
-                                     bank_t)
+    dx, da, dw = _superposed_backward_body(grad, x, weight, bank, alpha, s, conv_params, need_input, need_alpha,
+                                           need_weight, bank_t)
+    return dx.contiguous(), da.contiguous(), dw.contiguous()  # as the fake, whatever x's strides
 
 
 def _superposed_backward_body(grad, x, weight, bank, alpha, s, conv_params, need_input, need_alpha, need_weight,
@@ -99,9 +101,9 @@ def _superposed_backward_body(grad, x, weight, bank, alpha, s, conv_params, need
 
 @superposed_backward_op.register_fake
 def _(grad, x, weight, bank, alpha, s, conv_params, need_input, need_alpha, need_weight, bank_t=None):
-    return (torch.empty_like(x) if need_input else grad.new_empty(0),
+    return (x.new_empty(x.shape) if need_input else grad.new_empty(0),
             alpha.new_empty(alpha.shape) if need_alpha else grad.new_empty(0),
-            torch.empty_like(weight) if need_weight else grad.new_empty(0))
+            weight.new_empty(weight.shape) if need_weight else grad.new_empty(0))
 
 
 def _superposed_setup(ctx, inputs, output):

@@ -26,6 +26,7 @@ def opcheck_cases(device):
     x, w, b = r(2, n, grad=True), r(out, n, grad=True), r(out, grad=True)
     a = torch.rand(k, generator=g).to(device).requires_grad_()
     cx, cw = r(1, 2, 5, 5, grad=True), r(3, 2, 2, 2, grad=True)
+    cl = lambda t: t.detach().to(memory_format=torch.channels_last).requires_grad_(t.requires_grad)
     s = ss.ops.superpose(bank, a.detach(), n)
     sign = ss.pack_bits(torch.rand(out, n, generator=g) < 0.5).to(device)
     return {
@@ -60,6 +61,18 @@ def opcheck_cases(device):
         "masked_backward": (masked_ops.masked_backward_op, (r(2, out), x.detach(), w.detach(), bank[0], None, True, True)),
         "superposed_backward": (superposed_ops.superposed_backward_op, (r(2, out), x.detach(), w.detach(), bank, a.detach(),
                                                              None, None, True, True, False)),
+        # other memory formats: the output (and dx) are contiguous, as the fakes say (a compiled graph
+        # checks; a channels_last input gave a channels_last output, a transposed x a transposed dx)
+        "masked_conv2d_channels_last": (masked_ops.masked_conv2d_op, (cl(cx), cw, cbank[0], None, [1, 1], [1, 1], [1, 1], 1)),
+        "superposed_conv2d_channels_last": (superposed_ops.superposed_conv2d_op,
+                                            (cl(cx), cw, cbank, a, None, [1, 1], [1, 1], [1, 1], 1)),
+        "masked_backward_conv_channels_last": (masked_ops.masked_backward_op, (cl(r(1, 3, 6, 6)), cl(cx.detach()), cw.detach(),
+                                                                              cbank[0], [1, 1, 1, 1, 1, 1, 1], True, True)),
+        "masked_backward_transposed_x": (masked_ops.masked_backward_op, (r(2, 3, out), r(2, n, 3).transpose(1, 2), w.detach(),
+                                                                        bank[0], None, True, True)),
+        "superposed_backward_transposed_x": (superposed_ops.superposed_backward_op,
+                                             (r(2, 3, out), r(2, n, 3).transpose(1, 2), w.detach(), bank, a.detach(), None,
+                                              None, True, True, False)),
         "signed_masked_linear": (signed_ops.signed_masked_linear_op, (x, sign, bank[0], 0.25, b)),
         "signed_masked_linear_small": (signed_ops.signed_masked_linear_op, (r(1, n, grad=True), sign, bank[1], 0.5, None, n)),
     }
