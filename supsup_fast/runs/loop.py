@@ -102,7 +102,9 @@ def read_progress_file(path: Path) -> dict:
     shape_ok = isinstance(rows, list) and all(
         isinstance(r, dict) and isinstance(r.get("tasks_learned"), int) and isinstance(r.get("accuracy"), list)
         for r in rows)
-    if not shape_ok or not isinstance(data.get("train_wall_seconds", 0.0), (int, float)):
+    timed = data.get("timed_tasks", [])
+    if not shape_ok or not isinstance(data.get("train_wall_seconds", 0.0), (int, float)) or \
+            not (isinstance(timed, list) and all(isinstance(t, int) for t in timed)):
         raise RunDirError(f"progress file {path} is malformed (rows must be evaluation rows); {remedy}")
     return data
 

@@ -127,6 +127,9 @@ class SupSupRun(Experiment):
         backend_name = backend_for(self.device).name
         state = self.read_progress()
         rows, train_wall = list(state["rows"]), float(state.get("train_wall_seconds", 0.0))
+        # The tasks whose training the saved wall time covers (a file from before this record: all). A task
+        # finished after the last save, by an attempt that was then interrupted, adds its own training time.
+        timed = set(state.get("timed_tasks", range(cfg.tasks) if "train_wall_seconds" in state else ()))
         eval_points = evaluation_points(cfg)
         after, task_seconds, checksums = [0.0] * cfg.tasks, [0.0] * cfg.tasks, [""] * cfg.tasks
         resumed, lo = 0, 0
@@ -138,7 +141,7 @@ class SupSupRun(Experiment):
         for hi in eval_points:
             todo = self._on_main(lambda: self._scan(lo, hi))
             resumed += (hi - lo) - len(todo)
-            start = time.perf_counter()
+            start, untimed = time.perf_counter(), 0.0
             if self.parallel == "task":
                 held = num_tasks(self.model)  # lo, or 0 with a sharded bank
                 for t in TaskQueue(ctx, f"segment-{hi}", todo):
@@ -162,12 +165,16 @@ class SupSupRun(Experiment):
                     extra, checksums[t] = self._task_record(t)
                 after[t], task_seconds[t] = maskfile.require_extra(self._task_file(t), extra, "accuracy_after_training",
                                                                      "train_seconds")
+                if t not in todo and t not in timed:
+                    untimed += task_seconds[t]
+                timed.add(t)
                 if self.progress and self.parallel != "task":
                     bar.update(1)
                     bar.set_postfix(acc=f"{after[t]:.4f}")
             train_wall += time.perf_counter() - start if todo else 0.0
-            if todo:  # the training time survives an interruption of the evaluation below
-                self.save_progress(rows, train_wall_seconds=train_wall)
+            train_wall += untimed / (ctx.world_size if self.parallel == "task" else 1)  # ranks trained side by side
+            if todo or untimed:  # the training time survives an interruption of the evaluation below
+                self.save_progress(rows, train_wall_seconds=train_wall, timed_tasks=sorted(timed))
             if self.progress:
                 bar.n = hi
                 bar.refresh()
@@ -183,7 +190,7 @@ class SupSupRun(Experiment):
             elif hi == cfg.tasks and not hold_all and ctx.is_main:
                 # no final evaluation (its row is kept): the summary its ranks would have added up
                 self.bank_summary = self._summary_from_checkpoints()
-            self.save_progress(rows, train_wall_seconds=train_wall)
+            self.save_progress(rows, train_wall_seconds=train_wall, timed_tasks=sorted(timed))
             lo = hi
         bar.close()
         rows = [r for r in rows if r["tasks_learned"] in eval_points]

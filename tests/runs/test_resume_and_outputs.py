@@ -442,6 +442,21 @@ def test_training_time_survives_an_interrupted_final_evaluation(tmp_path, monkey
     assert res["timing"]["tasks_resumed"] == 2 and res["timing"]["train"] > 0
 
 
+def test_training_time_of_tasks_finished_before_an_interruption_is_kept(tmp_path, monkeypatch):
+    # Killed inside a segment (no save of the wall time yet): the finished tasks' training time was lost,
+    # and timing.train came out below the sum of the tasks' own training times.
+    cfg = make_config(overrides=dict(SMALL, eval_at=[]))
+    interrupt_after(monkeypatch, exp_mod, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    res = run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
+    timing = res["timing"]
+    assert timing["tasks_resumed"] == 2 and timing["train"] >= timing["train_task_seconds_sum"] > 0
+    again = run_experiment(cfg, tmp_path / "run", resume=True, progress=False)  # nothing left: nothing added twice
+    assert again["timing"]["train"] == timing["train"]
+
+
 def test_an_nns_run_resumed_trains_reused_masks_from_the_same_scores(tmp_path, monkeypatch):
     # With ε = 0 every true task trains mask 0 further: resumed after the first true task, it must go on
     # from the float scores the uninterrupted run kept (saved beside the checkpoint), not from
