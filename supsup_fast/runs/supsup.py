@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 from tqdm.auto import tqdm
 
 from ..algorithms.data_parallel import train_task_data_parallel
@@ -32,7 +33,7 @@ class SupSupRun(Experiment):
     def _scan(self, lo: int, hi: int) -> List[int]:
         """Tasks in [lo, hi) without a usable checkpoint. A corrupt one is refused with the file
         named, or deleted for retraining under --retrain-corrupt; one from another run is refused."""
-        todo = []
+        todo, elsewhere = [], {}
         for t in range(lo, hi):
             path = self._task_file(t)
             if not (self.resume and path.exists()):
@@ -47,8 +48,27 @@ class SupSupRun(Experiment):
                 path.unlink()
                 todo.append(t)
                 continue
-            check_identity(path, maskfile.parse_metadata(path, meta)[4], self.identity(t))
+            extra = maskfile.parse_metadata(path, meta)[4]
+            check_identity(path, extra, self.identity(t))
+            if extra.get("trained_on", self.training_environment()) != self.training_environment():
+                elsewhere.setdefault(extra["trained_on"], []).append(t)
+        if elsewhere and todo:
+            said = "; ".join(f"{_task_list(ts)} on {env}" for env, ts in elsewhere.items())
+            warnings.warn(f"this resume trains on {self.training_environment()}, and the run's finished tasks were trained "
+                          f"{said}: kernels of another backend or instruction set sum in another order, so the tasks "
+                          f"trained now may differ in a few bits from an uninterrupted run (results.json lists "
+                          f"trained_on)", stacklevel=2)
         return todo
+
+    def training_environment(self) -> str:
+        """What a task's last bits depend on besides the run's settings: the backend and, on the cpu
+        backend, the instruction set of its kernels, and torch's own (its GEMMs)."""
+        name = backend_for(self.device).name
+        if name == "cpu":
+            from ..ops.backends.cpu import cpu_isa
+            name += f"/{cpu_isa()}"
+        return f"{name}, torch {torch.backends.cpu.get_cpu_capability()}" if self.device.type == "cpu" else \
+            f"{name}, {torch.cuda.get_device_name(self.device)}"
 
     def _train_and_save(self, t: int, row: int) -> None:
         """Train task t (the model's bank holds ``row`` tasks before it) and write its checkpoint.
@@ -60,21 +80,21 @@ class SupSupRun(Experiment):
         cfg = self.config
         writes = self.ctx.is_main or self.parallel == "task"
         trained = self._trained_file(t)
-        seconds = self._load_trained(t, trained)
-        if seconds is None:
-            seconds = self._train(t)
+        loaded = self._load_trained(t, trained)
+        seconds, trained_on = loaded if loaded is not None else (self._train(t), self.training_environment())
         try:
             own = evaluate_task(self.model, self.tasks.test(t), t, EvalSettings(scenario="GG", batch_size=cfg.test_batch_size),
                                 device=self.device, num_labels=self.tasks.num_labels, seed=cfg.seed, expected=row)
         except BaseException:  # unreadable test data, Ctrl-C: the training is kept; a resume only evaluates
             if writes and not trained.exists():
                 maskfile.save_masks(self.model, trained, row, row + 1, label=t,
-                                   extra={"train_seconds": seconds, "run_identity": self.identity(t)})
+                                   extra={"train_seconds": seconds, "run_identity": self.identity(t),
+                                          "trained_on": self.training_environment()})
             raise
         if writes:
             maskfile.save_masks(self.model, self._task_file(t), row, row + 1, label=t,
                                extra={"accuracy_after_training": own.accuracy, "train_seconds": seconds,
-                                      "run_identity": self.identity(t)})
+                                      "run_identity": self.identity(t), "trained_on": trained_on})
             trained.unlink(missing_ok=True)
 
     def _train(self, t: int) -> float:
@@ -104,9 +124,9 @@ class SupSupRun(Experiment):
         failed or was interrupted, so that the resume evaluates it instead of training it again."""
         return self.ckpt_dir / f"trained_{t:05d}.safetensors"
 
-    def _load_trained(self, t: int, path: Path) -> Optional[float]:
+    def _load_trained(self, t: int, path: Path) -> Optional[tuple]:
         """Append task t's trained mask from ``path`` if it holds one of this run (its training
-        seconds), else None; one that is unusable is deleted (the task trains again)."""
+        seconds and where it trained), else None; one that is unusable is deleted (the task trains again)."""
         if not path.exists():
             return None
         try:
@@ -116,7 +136,7 @@ class SupSupRun(Experiment):
             if self.ctx.is_main or self.parallel == "task":
                 path.unlink(missing_ok=True)
             return None
-        return float(extra.get("train_seconds", 0.0))
+        return float(extra.get("train_seconds", 0.0)), extra.get("trained_on", "unrecorded")
 
     def _run_tasks(self) -> dict:
         """GG, GNs, GNu: one mask per task. The tasks are cut into segments at the evaluation
@@ -132,6 +152,7 @@ class SupSupRun(Experiment):
         timed = set(state.get("timed_tasks", range(cfg.tasks) if "train_wall_seconds" in state else ()))
         eval_points = evaluation_points(cfg)
         after, task_seconds, checksums = [0.0] * cfg.tasks, [0.0] * cfg.tasks, [""] * cfg.tasks
+        trained_on = [""] * cfg.tasks
         resumed, lo = 0, 0
         bar = tqdm(total=cfg.tasks, desc=f"{cfg.scenario} {cfg.benchmark}", unit="task", disable=not self.progress)
         finished = SharedCounter(ctx, "tasks_finished")
@@ -165,6 +186,7 @@ class SupSupRun(Experiment):
                     extra, checksums[t] = self._task_record(t)
                 after[t], task_seconds[t] = maskfile.require_extra(self._task_file(t), extra, "accuracy_after_training",
                                                                      "train_seconds")
+                trained_on[t] = extra.get("trained_on", "unrecorded")
                 if t not in todo and t not in timed:
                     untimed += task_seconds[t]
                 timed.add(t)
@@ -199,6 +221,9 @@ class SupSupRun(Experiment):
             return {"rank": ctx.rank, **rows[-1]}
         results = self._results(after, rows, train_wall, resumed, backend_name)
         results["timing"]["train_task_seconds_sum"] = sum(task_seconds)
+        # where the tasks trained (one entry unless a resume ran elsewhere): {environment: tasks}
+        results["trained_on"] = {env: _task_list([t for t, e in enumerate(trained_on) if e == env])
+                                 for env in dict.fromkeys(trained_on)}
         self._on_main(lambda: self._write_outputs(results))
         return results
 
@@ -231,3 +256,15 @@ class SupSupRun(Experiment):
                 m.truncate_tasks(0)
         return total
 
+
+
+def _task_list(tasks: List[int]) -> str:
+    """Task indices as ranges: [0, 1, 2, 5] -> "0-2, 5"."""
+    parts, i = [], 0
+    while i < len(tasks):
+        j = i
+        while j + 1 < len(tasks) and tasks[j + 1] == tasks[j] + 1:
+            j += 1
+        parts.append(str(tasks[i]) if i == j else f"{tasks[i]}-{tasks[j]}")
+        i = j + 1
+    return ", ".join(parts)

@@ -4,6 +4,7 @@ objective and binary inference finding the task, `evaluate` errors, `demo`, `ben
 model file holding only some tasks, a Hopfield checkpoint from another model, GG and HopSupSup
 resumed between tasks."""
 import json
+import re
 
 import pytest
 import torch
@@ -455,6 +456,22 @@ def test_training_time_of_tasks_finished_before_an_interruption_is_kept(tmp_path
     assert timing["tasks_resumed"] == 2 and timing["train"] >= timing["train_task_seconds_sum"] > 0
     again = run_experiment(cfg, tmp_path / "run", resume=True, progress=False)  # nothing left: nothing added twice
     assert again["timing"]["train"] == timing["train"]
+
+
+def test_a_resume_on_another_backend_is_said_and_recorded(tmp_path, monkeypatch):
+    # Another backend (or instruction set) sums in another order: the tasks trained after the resume
+    # may differ in a few bits from an uninterrupted run. Said at the resume, and kept in results.json.
+    cfg = make_config(overrides=dict(SMALL, eval_at=[]))
+    interrupt_after(monkeypatch, exp_mod, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    first = next(iter(run_experiment(cfg, tmp_path / "same", progress=False)["trained_on"]))
+    with pytest.warns(UserWarning, match=r"this resume trains on reference, torch .*, and the run's finished tasks were "
+                                         r"trained 0 on " + re.escape(first)):
+        res = run_experiment(make_config(overrides=dict(SMALL, eval_at=[], backend="reference")), tmp_path / "run",
+                             resume=True, progress=False)
+    assert list(res["trained_on"].items()) == [(first, "0"), (next(k for k in res["trained_on"] if k != first), "1-2")]
 
 
 def test_an_nns_run_resumed_trains_reused_masks_from_the_same_scores(tmp_path, monkeypatch):
