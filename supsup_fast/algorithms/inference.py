@@ -3,6 +3,7 @@
 network; with uniform α the forward uses each layer's cached count of set bits."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -61,7 +62,11 @@ def _alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_label
             and ops.backend_for(model.layers[0].weight.device).reads_interleaved:
         return _mlp_alpha_gradients(model, k, x, objective, num_labels)[0]
     # Evaluation code often runs under no_grad / inference_mode: this one gradient is taken regardless.
-    with torch.inference_mode(False), torch.enable_grad():
+    with contextlib.ExitStack() as grad_on:
+        if torch.is_inference_mode_enabled():
+            grad_on.enter_context(torch.inference_mode(False))
+        if not torch.is_grad_enabled():
+            grad_on.enter_context(torch.enable_grad())
         if x.is_inference():  # made under inference_mode: autograd cannot save it for the backward
             x = x.clone()
         alpha = _uniform_alpha(model, k).requires_grad_(True)
@@ -183,7 +188,10 @@ def _mlp_alpha_gradients(model: MLP, k: int, xs: torch.Tensor, objective: str, n
     if xs.dtype != layers[0].weight.dtype:  # as the superposed layers say it
         raise TypeError(f"x dtype {xs.dtype} must match weight dtype {layers[0].weight.dtype}")
     # not autocast: the superposition runs in the weights' dtype, as the superposed layers leave autocast
-    with torch.no_grad(), torch.autocast(xs.device.type, enabled=False):
+    # (entered only when on: the context costs µs of a query of ~0.3 ms)
+    no_autocast = torch.autocast(xs.device.type, enabled=False) if torch._C._is_any_autocast_enabled() \
+        else contextlib.nullcontext()
+    with torch.no_grad(), no_autocast:
         weights = [layer.uniform_weight() for layer in layers]
         copies = all(_reads_copy(layer) for layer in layers)
         # hs[i]: the input of layer i; nonzero[i]: its nonzeros, nonzero[-1] those of g

@@ -96,13 +96,13 @@ masked_conv2d_op.register_autograd(_masked_backward, setup_context=_masked_setup
 def masked_linear(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """y = x (W ⊙ M)ᵀ + b with M unpacked from ``mask_words`` [out, ceil(in/32)]. Under autocast, an
     op of its fp32 list: x is cast to the weight's dtype (as every op here)."""
-    if under_autocast(x):
-        return outside_autocast(masked_linear, x, weight.dtype, weight, mask_words, bias)
     direct = direct_function("direct_masked_linear", x)
     if direct is not None:
-        y = direct(x, weight, mask_words, bias)
+        y = direct(x, weight, mask_words, bias)  # C++ with no ATen op inside: autocast cannot reach it
         if y is not None:
             return y
+    if under_autocast(x):
+        return outside_autocast(masked_linear, x, weight.dtype, weight, mask_words, bias)
     backend = eager_linear_backend(x, weight, mask_words, bias)
     if backend is not None:  # inference on valid arguments: the op's body, checked in one pass
         return backend.masked_forward(_LINEAR, x, weight.contiguous(), mask_words.contiguous(), bias)

@@ -118,13 +118,13 @@ def signed_masked_linear(x: Tensor, sign_words: Tensor, mask_words: Tensor, scal
     (words built for a wider x) are refused."""
     if in_features is not None and (isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1):
         raise ValueError(f"in_features must be a positive int, got {in_features!r}")
-    if under_autocast(x):  # an op of autocast's fp32 list (there is no weight tensor to take a dtype from)
-        return outside_autocast(signed_masked_linear, x, torch.float32, sign_words, mask_words, scale, bias, in_features)
     direct = direct_function("direct_signed_masked_linear", x)
     if direct is not None and (in_features is None or in_features == x.shape[-1]):
-        y = direct(x, sign_words, mask_words, scale, bias)  # the op refuses set padding bits too
+        y = direct(x, sign_words, mask_words, scale, bias)  # the op refuses set padding bits too (no ATen op: no autocast)
         if y is not None:
             return y
+    if under_autocast(x):  # an op of autocast's fp32 list (there is no weight tensor to take a dtype from)
+        return outside_autocast(signed_masked_linear, x, torch.float32, sign_words, mask_words, scale, bias, in_features)
     # Before the dispatcher: a meta operand beside real ones would reach the fake kernel and return
     # uninitialised memory (the other ops check the same).
     checks.same_device(x=x, sign_words=sign_words, mask_words=mask_words, bias=bias)
