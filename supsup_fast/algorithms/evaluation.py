@@ -23,7 +23,7 @@ from ..nn.modes import task_index
 from ..ops.registry import backend_for
 from .calibration import CALIBRATIONS
 from .checks import check_finite, check_positive_int
-from .inference import METHODS, check_scale, infer_oneshot_batched, infer_task, supports_batched
+from .inference import METHODS, QueryLayoutError, check_scale, infer_oneshot_batched, infer_task, supports_batched
 from .objectives import OBJECTIVES
 
 SCENARIOS = ("GG", "GNs", "GNu", "NNs")
@@ -139,9 +139,12 @@ def evaluate_task(model: nn.Module, split: TaskSplit, task: int, settings: EvalS
             and backend_for(device).fast_batched_inference and supports_batched(model)):
         # All of the task's queries (the first image of each test batch) in one batched pass.
         data = [(xb.to(device), yb.to(device)) for xb, yb in data]
-        with torch.enable_grad():
-            batched = infer_oneshot_batched(model, torch.cat([xb[:1] for xb, _ in data]), settings.objective,
-                                            num_labels, alpha_scale).tolist()
+        try:
+            with torch.enable_grad():
+                batched = infer_oneshot_batched(model, torch.cat([xb[:1] for xb, _ in data]), settings.objective,
+                                                num_labels, alpha_scale).tolist()
+        except QueryLayoutError:  # e.g. a sequence-first layer inside: one query at a time, the same choices
+            batched = None
     pending = _SameMaskBatches(model)
     for xb, yb in data:
         xb, yb = xb.to(device), yb.to(device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -18,6 +19,15 @@ from .checks import check_finite
 from .objectives import get_objective
 
 METHODS = ("oneshot", "binary")
+
+
+class QueryLayoutError(ValueError):
+    """A model's layers do not keep a batch of queries as their inputs' first dimension (e.g. a
+    sequence-first layer inside): batched task inference does not apply; infer one query at a time."""
+
+
+# model -> the query shapes (xs.shape[1:]) whose layers were seen to keep the queries first
+_QUERIES_FIRST = weakref.WeakKeyDictionary()
 
 
 def _check_query(model: nn.Module, x: torch.Tensor, name: str = "x") -> int:
@@ -270,11 +280,15 @@ def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Ten
                            max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
     q = xs.shape[0]
     alpha = _uniform_alpha(model, k)
+    _check_queries_first(model, layers, xs, alpha)
     seen = {name: [] for name in layers}  # every call of a layer (one may run more than once a forward)
     hooks = [layer.register_forward_hook(lambda m, inp, out, name=name: seen[name].append((inp[0], out)))
              for name, layer in layers.items()]
+    if not xs.is_floating_point():  # token ids into an embedding: each layer's input is made a leaf instead
+        hooks += [layer.register_forward_pre_hook(_input_needs_grad) for layer in layers.values()]
     try:
-        xs = xs.detach().requires_grad_(True)  # gradients flow to every layer's output, not to alpha
+        if xs.is_floating_point():
+            xs = xs.detach().requires_grad_(True)  # gradients flow to every layer's output, not to alpha
         with torch.enable_grad(), superposition(model, alpha, uniform=True):
             logits = model(xs)
         # Objectives are means over examples, so q × objective = Σ_j objective(example j).
@@ -289,7 +303,7 @@ def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Ten
         if g is None:  # an output the logits do not depend on
             continue
         if x_in.dim() < 2 or x_in.shape[0] != q or y.shape[0] != q:
-            raise ValueError(f"batched task inference needs each layer's input and output to keep the {q} queries as "
+            raise QueryLayoutError(f"batched task inference needs each layer's input and output to keep the {q} queries as "
                              f"their first dimension; layer {name!r} saw {tuple(x_in.shape)} -> {tuple(y.shape)}: "
                              f"infer each image with infer_task instead")
         # A query's weight gradient is the sum of its rank-one terms over the layer's calls and, for an
@@ -303,6 +317,41 @@ def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Ten
                                        max_chunk_bytes)
             out += part.view(q, rows, k).sum(1)
     return out
+
+
+def _input_needs_grad(module: nn.Module, args: tuple):
+    """Forward pre-hook: a floating input that needs no gradient becomes a leaf that does, so the
+    layer's output is reached by the backward (a model whose own input, token ids, cannot)."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
+        return (x.detach().requires_grad_(True),) + tuple(args[1:])
+    return None
+
+
+def _check_queries_first(model: nn.Module, layers: dict, xs: torch.Tensor, alpha: torch.Tensor) -> None:
+    """Refuse (QueryLayoutError) a model whose layers see the queries elsewhere than in their inputs'
+    first dimension. A sequence-first layer ([T, q, D]) passes the shape test of the batched pass
+    where T happens to equal q, and then mixes queries: so once per model and query shape, a
+    forward of q + 1 queries must show q + 1 first in every layer's input and output."""
+    shape = tuple(xs.shape[1:])
+    if shape in _QUERIES_FIRST.get(model, ()):
+        return
+    probe = torch.cat([xs.detach(), xs[:1].detach()])
+    q, seen = probe.shape[0], []
+    hooks = [layer.register_forward_hook(lambda m, inp, out, name=name: seen.append((name, inp[0].shape, out.shape)))
+             for name, layer in layers.items()]
+    try:
+        with torch.no_grad(), superposition(model, alpha, uniform=True):
+            model(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, s_in, s_out in seen:
+        if len(s_in) < 2 or s_in[0] != q or s_out[0] != q:
+            raise QueryLayoutError(f"batched task inference needs each layer's input and output to keep the queries as "
+                                   f"their first dimension; layer {name!r} saw {tuple(s_in)} -> {tuple(s_out)} for {q} "
+                                   f"queries: infer each image with infer_task instead")
+    _QUERIES_FIRST.setdefault(model, set()).add(shape)
 
 
 def infer_oneshot_batched(model: nn.Module, xs: torch.Tensor, objective: str = "entropy",

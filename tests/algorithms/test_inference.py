@@ -268,3 +268,49 @@ def test_batched_queries_through_a_layer_called_twice_and_over_token_rows():
         batched = alpha_gradients_batched(model, xs)
         one_by_one = torch.stack([alpha_gradient(model, xs[j:j + 1], "entropy", 10) for j in range(xs.shape[0])])
         torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-7)
+
+
+class _SequenceFirst(nn.Module):
+    """A layer that sees [T, q, D] (sequence-first, as nn.LSTM's default layout) inside the model."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.tok, self.head = nn.Linear(d, d), nn.Linear(d, 10)
+
+    def forward(self, x):  # x [q, T, D]
+        return self.head(torch.relu(self.tok(x.transpose(0, 1))).mean(0))
+
+
+def test_batched_inference_refuses_layers_that_do_not_keep_the_queries_first():
+    # With T == q the shapes passed the batched pass's own test and tokens were taken for queries
+    # (α-gradients off by 0.07); evaluate_task falls back to one query at a time.
+    from supsup_fast.algorithms import EvalSettings, evaluate_task, evaluation
+    from supsup_fast.algorithms.inference import QueryLayoutError, alpha_gradients_batched
+    torch.manual_seed(0)
+    model = ss.convert(_SequenceFirst(), weights="signed_constant")
+    for _ in range(3):
+        snn.begin_task(model)
+        snn.finish_task(model)
+    model.eval()
+    xs = torch.randn(4, 4, 16)  # q == T == 4
+    with pytest.raises(QueryLayoutError, match=r"layer 'tok' saw \(4, 5, 16\) -> \(4, 5, 16\) for 5 queries"):
+        alpha_gradients_batched(model, xs)
+    split = TaskSplit(torch.randn(24, 4, 16), torch.randint(0, 10, (24,)))
+    got = evaluate_task(model, split, 0, EvalSettings(batch_size=8), device=torch.device("cpu"), num_labels=10)
+    order = split.batches(8, shuffle=True, generator=evaluation.test_order(split, 0, 0))  # evaluate_task's
+    assert got.inferred_tasks == [infer_oneshot(model, xb[:1], "entropy", 10) for xb, _ in order]
+
+
+def test_batched_inference_of_integer_inputs_equals_one_query_at_a_time():
+    # Token ids cannot require a gradient: the batched pass made them, and failed.
+    from supsup_fast.algorithms.inference import alpha_gradients_batched
+    torch.manual_seed(0)
+    model = ss.convert(nn.Sequential(nn.Embedding(50, 16), nn.Flatten(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 10)),
+                       weights="signed_constant")
+    for _ in range(3):
+        snn.begin_task(model)
+        snn.finish_task(model)
+    model.eval()
+    xs = torch.randint(0, 50, (5, 8))
+    want = torch.stack([alpha_gradient(model, xs[j:j + 1], "entropy", 10) for j in range(5)])
+    torch.testing.assert_close(alpha_gradients_batched(model, xs), want, rtol=1e-5, atol=1e-6)
