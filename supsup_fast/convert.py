@@ -101,18 +101,26 @@ def _task_bn(name: str, m: nn.modules.batchnorm._BatchNorm, weights: str) -> nn.
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _warn_lost_hooks_and_ties(masked: List[Tuple[str, nn.Module]], weights: str) -> None:
+def _warn_lost_hooks_and_ties(model: nn.Module, masked: List[Tuple[str, nn.Module]], weights: str) -> None:
     """What a replaced layer cannot carry over: hooks registered on it, and a weight Parameter it
-    shared with another layer (a tied module, registered under two names, stays one module)."""
+    shared with another module, converted or not (e.g. an embedding tied to an output layer; a tied
+    module, registered under two names, stays one module)."""
     hooked = [name for name, m in masked if any(getattr(m, h, None) for h in _HOOKS)]
     if hooked:
         warnings.warn(f"convert replaces {len(hooked)} layer(s) that have hooks registered; the supermask layers "
                       f"do not carry them (register them again on the converted model): "
                       f"{', '.join(hooked[:8])}{' ...' if len(hooked) > 8 else ''}", stacklevel=3)
-    owners: Dict[int, List[str]] = {}
-    for name, m in masked:
-        owners.setdefault(id(m.weight), []).append(name)
-    tied = [names for names in owners.values() if len(names) > 1]
+    owners: Dict[int, Dict[int, str]] = {}  # a Parameter -> the modules holding it (each at its first name)
+    for name, m in model.named_modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), {}).setdefault(id(m), name)
+    tied, seen = [], set()
+    for _, m in masked:
+        holders = owners.get(id(m.weight), {})
+        if len(holders) > 1 and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            tied.append(list(holders.values()))
     if tied:
         how = "a copy of the shared weight" if weights == "keep" else "a frozen weight drawn for it alone"
         warnings.warn(f"convert unties weights shared between layers: each supermask layer holds {how} and "
@@ -148,20 +156,30 @@ def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Itera
     include_s, exclude_s = _selectors("include", include), _selectors("exclude", exclude)
     model = module if inplace else copy.deepcopy(module)
     plan, skipped, unmasked, shared_stats = [], [], [], []
+    aliases: Dict[int, List[str]] = {}  # a module registered under several names is selected by any of them
+    for name, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(name)
+
+    def excluded(m: nn.Module) -> bool:
+        return any(_matches(n, m, exclude_s) for n in aliases[id(m)])
+
+    def selected(m: nn.Module) -> bool:
+        return (not include_s or any(_matches(n, m, include_s) for n in aliases[id(m)])) and not excluded(m)
+
     for name, m in model.named_modules():  # each module once, at its first name (as torch lists it)
         if type(m) in (nn.Linear, nn.Conv2d):
-            if (not include_s or _matches(name, m, include_s)) and not _matches(name, m, exclude_s):
+            if selected(m):
                 plan.append((name, "mask", m))
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
-            if (not include_s or _matches(name, m, include_s)) and not _matches(name, m, exclude_s):
+            if selected(m):
                 skipped.append(f"{name} ({type(m).__name__})")
         elif isinstance(m, nn.modules.conv._ConvNd):  # Conv1d, Conv3d, transposed convolutions
-            if (not include_s or _matches(name, m, include_s)) and not _matches(name, m, exclude_s):
+            if selected(m):
                 unmasked.append(f"{name} ({type(m).__name__})")
         elif isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
             # BatchNorm1d/2d/3d and SyncBatchNorm keep per-task statistics (the official code's issue #11:
             # shared ones move with every task trained); a BN without running statistics is stateless.
-            if not batchnorm or _matches(name, m, exclude_s):
+            if not batchnorm or excluded(m):
                 continue
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.modules.lazy.LazyModuleMixin):
                 plan.append((name, "bn", m))
@@ -183,7 +201,7 @@ def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Itera
                       f"statistics shared by every task (each task's training moves them): "
                       f"{', '.join(shared_stats[:8])}{' ...' if len(shared_stats) > 8 else ''}; convert a lazy "
                       f"BatchNorm after a first forward", stacklevel=2)
-    _warn_lost_hooks_and_ties([(name, m) for name, kind, m in plan if kind == "mask"], weights)
+    _warn_lost_hooks_and_ties(model, [(name, m) for name, kind, m in plan if kind == "mask"], weights)
     index, replaced = 0, {}
     for name, kind, m in plan:
         if kind == "mask":
@@ -197,10 +215,28 @@ def convert(module: nn.Module, *, weights: str = "keep", include: Optional[Itera
         if id(m) in replaced and name:
             parent_name, _, child = name.rpartition(".")
             model.get_submodule(parent_name)._modules[child] = replaced[id(m)]
+    _no_fast_paths(model)
     if freeze_others:
         for p in model.parameters():
             p.requires_grad_(False)
     return model
+
+
+def _module_forward_required(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing: its presence turns off torch's fused fast paths (see
+    ``_no_fast_paths``)."""
+    return None
+
+
+def _no_fast_paths(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer's inference fast path (``torch._transformer_encoder_layer_fwd``)
+    reads ``linear1`` / ``linear2``'s weights itself instead of calling them: the masks were skipped
+    in eval() (and a redrawn layer without bias crashed it). Torch takes that path only where no
+    hook is registered on the layer or its children, so a converted one gets an empty hook."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and \
+                any(isinstance(getattr(m, n, None), SupermaskLinear) for n in ("linear1", "linear2")):
+            m.register_forward_pre_hook(_module_forward_required)
 
 
 class _CallableModule(types.ModuleType):

@@ -214,3 +214,54 @@ def test_every_batchnorm_with_running_statistics_becomes_per_task_and_the_rest_i
         ss.convert(nn.ModuleDict({"l": nn.Linear(3, 3), "norm": nn.InstanceNorm2d(3, track_running_stats=True)}))
     with pytest.warns(UserWarning, match=r"momentum=None .* momentum 0.1"):
         ss.convert(nn.ModuleDict({"l": nn.Linear(3, 3), "bn": nn.BatchNorm1d(3, momentum=None)}))
+
+
+@pytest.mark.parametrize("weights", ["keep", "signed_constant"])
+def test_transformer_encoder_layer_in_eval_runs_its_masked_layers(weights):
+    # In eval() torch's fused fast path read linear1 / linear2's weights itself: the masks were skipped
+    # ("keep": every task gave the dense output) or a redrawn layer without bias crashed it.
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True, dropout=0.0)
+    with pytest.warns(UserWarning, match="out_proj"):
+        model = ss.convert(nn.Sequential(enc), weights=weights)
+    for _ in range(2):
+        snn.begin_task(model)
+        snn.finish_task(model)
+    model.eval()
+    layer, x = model[0], torch.randn(4, 6, 32)
+
+    def reference(t):
+        l1, l2 = layer.linear1, layer.linear2
+        m1, m2 = (ss.unpack_bits(l.bank.words[t], l.n).view_as(l.weight).float() for l in (l1, l2))
+        h = layer.norm1(x + layer.self_attn(x, x, x, need_weights=False)[0])
+        return layer.norm2(h + F.linear(F.relu(F.linear(h, l1.weight * m1, l1.bias)), l2.weight * m2, l2.bias))
+    with torch.no_grad():
+        for t in range(2):
+            snn.set_task(model, t)
+            torch.testing.assert_close(model(x), reference(t))
+
+
+def test_include_and_exclude_see_every_name_of_a_module():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.adapter, self.head = nn.Linear(8, 8), nn.Linear(8, 4)
+            self.frozen_adapter = self.adapter  # the same module under a second name
+
+        def forward(self, x):
+            return self.head(self.adapter(x))
+    assert type(ss.convert(Net(), exclude=["frozen_adapter"]).adapter) is nn.Linear
+    assert isinstance(ss.convert(Net(), include=["frozen_adapter", "head"]).adapter, snn.SupermaskLinear)
+
+
+def test_a_weight_tied_to_a_module_left_unconverted_is_named_as_untied():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lm_head = nn.Embedding(20, 8), nn.Linear(8, 20, bias=False)
+            self.lm_head.weight = self.emb.weight  # the usual tie of a language model
+
+        def forward(self, ids):
+            return self.lm_head(self.emb(ids))
+    with pytest.warns(UserWarning, match=r"unties weights shared between layers.*: emb, lm_head"):
+        ss.convert(LM(), weights="signed_constant")
