@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import supsup_fast as ss  # noqa: E402
 from supsup_fast import compat  # noqa: E402
+from supsup_fast.bench.report import stamp  # noqa: E402
 from supsup_fast.data import load_mnist  # noqa: E402
 from supsup_fast.data.mnist import normalise  # noqa: E402
 from tests.nn.test_compat import FLOAT_API, MultitaskFC, tensor_bytes  # noqa: E402  (the float original)
@@ -239,7 +240,7 @@ def main(argv=None) -> dict:
         "training_time_not_higher": lockstep["compat_over_float"] <= 1.0,
         "model_bytes_at_most_25pct": c["model_tensor_bytes"] <= 0.25 * f["model_tensor_bytes"],
     }
-    result = {"benchmark": "compat-notebook", "machine": machine(),
+    result = {"benchmark": "compat-notebook", "machine": machine(), **stamp(),
               "settings": {"model": "MultitaskFC 784-300-300-100, no bias", "benchmark": "PermutedMNIST (full MNIST)",
                            "tasks": args.tasks, "epochs": args.epochs, "batch_size": 128, "optimizer": "RMSprop lr 1e-4",
                            "trials": args.trials, "num_examples": 1, "per_image_queries_per_task": args.per_image,

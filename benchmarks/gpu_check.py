@@ -293,10 +293,11 @@ def main() -> int:
         return 2
     import traceback
     import triton
+    from supsup_fast.bench.report import stamp
     backends = [b for b in ("triton", "cuda") if b in ops.available()] if DEV.type == "cuda" else ["triton"]
     report = {"machine": {"gpu": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu (smoke)",
                           "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-                          "backends": ops.available()}, "errors": {}}
+                          "backends": ops.available()}, **stamp(), "errors": {}}
     slug = re.sub(r"[^a-z0-9]+", "-", report["machine"]["gpu"].lower()).strip("-")
     out = Path(ARGS.out) / f"gpu-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import supsup_fast as ss
 from supsup_fast.bench import interleaved_medians, machine
+from supsup_fast.bench.report import stamp
 from supsup_fast.ops.backends.cpu import cpu_isa
 
 SHAPES = [(1024, 1024), (300, 784), (1024, 784), (500, 1024), (4096, 256)]  # (out, in)
@@ -48,7 +49,7 @@ def main() -> None:
                 print(f"{out_f:5d} x {in_f:5d}  batch {batch:4d}: ours {t['ours'] * 1e3:7.3f} ms  dense {t['dense'] * 1e3:7.3f} ms"
                       f"  {row['speed_vs_dense']:.2f}x", flush=True)
     if a.out:
-        rep = {"isa": cpu_isa(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": machine(),
+        rep = {**stamp(), "isa": cpu_isa(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": machine(),
                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(rep, indent=2))

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from supsup_fast.runs import evaluate_run, make_config, run_experiment  # noqa: E402
+from supsup_fast.bench.report import stamp  # noqa: E402
 from supsup_fast.runs.results import machine_info, write_json  # noqa: E402
 
 # LeNet-300-100 with the paper's PermutedMNIST training (RMSprop 1e-4, 1000 batches of 128 per task),
@@ -131,7 +132,7 @@ def run_difficulty(args) -> dict:
               "evaluate_commands": [f"supsup-fast evaluate RUN --objective {OBJECTIVES[v[0]]} --inference {v[1]} "
                                     f"--calibration {v[2]} --infer-images {v[3] if len(v) > 3 else 1} "
                                     f"--data-root {args.data_root} --out RUN/eval-..." for v in Q1_VARIANTS],
-              "machine": machine_info(torch.device("cpu"))}
+              "machine": machine_info(torch.device("cpu")), **stamp()}
     write_json(out / "q1-difficulty.json", result)
     (out / "q1-difficulty.partial.json").unlink(missing_ok=True)
     plot_difficulty(result, out / "q1-difficulty.png")
@@ -217,7 +218,7 @@ def run_domains(args) -> dict:
     runs, out = Path(args.runs) / "q2", Path(args.out)
     result = {"question": "Does task inference confuse semantically different domains, and does NNs allocate "
                           "one mask per domain?", "settings": BASE, "seeds": args.seeds, "gnu": {}, "nns": {},
-              "commands": [], "machine": machine_info(torch.device("cpu"))}
+              "commands": [], "machine": machine_info(torch.device("cpu")), **stamp()}
     for seed in tqdm(args.seeds, desc="Q2 runs", unit="seed"):
         settings = dict(BASE, benchmark="mixed-domains", tasks=7, seed=seed, data_root=args.data_root)
         run_dir = runs / f"gnu-s{seed}"

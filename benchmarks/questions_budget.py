@@ -43,6 +43,7 @@ from supsup_fast.data import PermutedMNIST, load_mnist
 from supsup_fast.models import build_model
 from supsup_fast.runs.loop import task_generator
 from supsup_fast.runs.maskfile import atomic_write_bytes
+from supsup_fast.bench.report import stamp
 from supsup_fast.runs.results import machine_info, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -399,7 +400,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = dict(
         question="Is a 1-bit-per-weight SupSup mask a cheaper way to store a PermutedMNIST task than a small "
                  "dense network of its own? (task identity given: GG)",
-        config=cfg, command=command, machine=dict(machine_info(torch.device("cpu")), python=platform.python_version()),
+        config=cfg, command=command, machine=dict(machine_info(torch.device("cpu")), python=platform.python_version()), **stamp(),
         conventions=dict(
             supsup_packed="mask_bytes / tasks from results.json: 1 bit per weight, each row padded to 32-bit words "
                           "(unpadded_bytes_per_task = weights / 8)",

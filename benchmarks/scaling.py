@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from supsup_fast.bench.report import stamp
 from supsup_fast.machine import cpu_label, host_record
 
 RUN = ["--scenario", "GNu", "--model", "lenet", "--output-size", "100", "--no-progress"]
@@ -137,6 +138,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     report["projection"] = projection(report["train"], args.tasks)
     report["machine"] = {**host_record(), "cpu_isa": cpu_isa()}
+    report.update(stamp())
     report["settings"] = {"tasks": args.tasks, "iters": args.iters, "repeats": args.repeats, "model": "lenet",
                           "output_size": 100, "data": "embedded MNIST subset"}
     out = Path(args.out)

@@ -24,6 +24,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from scaling import _run, cpu_isa
+from supsup_fast.bench.report import stamp
 from supsup_fast.machine import host_record
 
 HERE = Path(__file__).resolve().parent
@@ -82,6 +83,7 @@ def _check(a, args, work: Path) -> dict:
     report = {
         "command": " ".join(["python", "benchmarks/scaling_check.py", *sys.argv[1:]]),
         "machine": {**host_record(), "cpu_isa": cpu_isa()},
+        **stamp(),
         "settings": {"tasks": a.tasks, "iters": a.iters, "repeats": a.repeats},
         "model_tensors_D_equal_S": equal_tensors,
         "results_D_equal_S": equal_results,

@@ -115,9 +115,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
     a = p.parse_args()
     from supsup_fast.bench import machine
+    from supsup_fast.bench.report import stamp
     from supsup_fast.machine import cpu_label
     from supsup_fast.ops.backends.cpu import cpu_isa
-    rep = {"machine": machine(), "isa": cpu_isa(), **instruction_mixes()}
+    rep = {"machine": machine(), **stamp(), "isa": cpu_isa(), **instruction_mixes()}
     rep["kernel"] = kernel_rates(rep["cycle_ns"])
     print(f"{cpu_label(rep['machine'])}: clock {rep['ghz']:.2f} GHz (dependent integer adds)")
     print("cycles per loop step (8 tasks x 32 bits), instructions alone:")

@@ -60,6 +60,11 @@ def host_record() -> dict:
     """The machine part that every benchmark and run record shares: platform, CPU (``read_cpu_identity``),
     core count, torch, its threads and the ISA of torch's own kernels (``torch_cpu_capability``).
     Records add what is theirs: the backend, the ISA this package's C++ kernels ran (``cpu_isa``), a GPU."""
+    try:  # other work on the machine (a load above the core count makes timings worthless)
+        load = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every platform
+        load = None
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), **read_cpu_identity()}
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average_1min": load,
+            **read_cpu_identity()}

@@ -26,12 +26,17 @@ def machine() -> dict:
 
 
 def stamp() -> dict:
-    """When, and from which commit of a git checkout (``unknown`` for an installed copy), a report ran."""
+    """When, and from which commit of a git checkout (``unknown`` for an installed copy), a report ran;
+    ``+dirty`` after the commit where tracked files differ from it (the report is not that commit's)."""
     import datetime
     import subprocess
+    here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
                                 capture_output=True, text=True, check=True, timeout=10).stdout.strip() or "unknown"
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                 capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        commit += "+dirty" if changed and commit != "unknown" else ""
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit}

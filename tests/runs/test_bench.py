@@ -56,7 +56,7 @@ def test_quick_report_writes_json_and_png(tmp_path, monkeypatch):
     import json
     import re
     saved = json.loads((tmp_path / f"{name}.json").read_text())  # stamped with when and which commit
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", saved["date"]) and re.fullmatch(r"[0-9a-f]{7,}|unknown", saved["commit"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", saved["date"]) and re.fullmatch(r"[0-9a-f]{7,}(\+dirty)?|unknown", saved["commit"])
 
 
 def test_report_title_names_the_kernels_isa_and_torchs():
