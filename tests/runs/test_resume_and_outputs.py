@@ -39,6 +39,14 @@ def interrupt_after(monkeypatch, module, tasks):
     monkeypatch.setattr(module, "train_task", crashing)
 
 
+def run_interrupted(monkeypatch, cfg, out, tasks):
+    """A run of ``cfg`` into ``out`` stopped (Ctrl-C) as it starts training task ``tasks``."""
+    interrupt_after(monkeypatch, exp_mod, tasks)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, out, progress=False)
+    monkeypatch.undo()
+
+
 def banks(model):
     return {n: l.bank.words.clone() for n, l in snn.supermask_layers(model).items()}
 
@@ -447,10 +455,7 @@ def test_training_time_of_tasks_finished_before_an_interruption_is_kept(tmp_path
     # Killed inside a segment (no save of the wall time yet): the finished tasks' training time was lost,
     # and timing.train came out below the sum of the tasks' own training times.
     cfg = make_config(overrides=dict(SMALL, eval_at=[]))
-    interrupt_after(monkeypatch, exp_mod, 2)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "run", progress=False)
-    monkeypatch.undo()
+    run_interrupted(monkeypatch, cfg, tmp_path / "run", 2)
     res = run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
     timing = res["timing"]
     assert timing["tasks_resumed"] == 2 and timing["train"] >= timing["train_task_seconds_sum"] > 0
@@ -462,10 +467,7 @@ def test_a_resume_on_another_backend_is_said_and_recorded(tmp_path, monkeypatch)
     # Another backend (or instruction set) sums in another order: the tasks trained after the resume
     # may differ in a few bits from an uninterrupted run. Said at the resume, and kept in results.json.
     cfg = make_config(overrides=dict(SMALL, eval_at=[]))
-    interrupt_after(monkeypatch, exp_mod, 1)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "run", progress=False)
-    monkeypatch.undo()
+    run_interrupted(monkeypatch, cfg, tmp_path / "run", 1)
     first = next(iter(run_experiment(cfg, tmp_path / "same", progress=False)["trained_on"]))
     with pytest.warns(UserWarning, match=r"this resume trains on reference, torch .*, and the run's finished tasks were "
                                          r"trained 0 on " + re.escape(first)):
