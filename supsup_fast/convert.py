@@ -232,11 +232,17 @@ def _no_fast_paths(model: nn.Module) -> None:
     """nn.TransformerEncoderLayer's inference fast path (``torch._transformer_encoder_layer_fwd``)
     reads ``linear1`` / ``linear2``'s weights itself instead of calling them: the masks were skipped
     in eval() (and a redrawn layer without bias crashed it). Torch takes that path only where no
-    hook is registered on the layer or its children, so a converted one gets an empty hook."""
+    hook is registered on the layer or its children, so a converted one gets an empty hook; and an
+    nn.TransformerEncoder holding one stops turning a padded batch into a nested tensor, which the
+    layers would then be given."""
+    def converted(layer: nn.Module) -> bool:
+        return isinstance(layer, nn.TransformerEncoderLayer) and \
+            any(isinstance(getattr(layer, n, None), SupermaskLinear) for n in ("linear1", "linear2"))
     for m in model.modules():
-        if isinstance(m, nn.TransformerEncoderLayer) and \
-                any(isinstance(getattr(m, n, None), SupermaskLinear) for n in ("linear1", "linear2")):
+        if converted(m):
             m.register_forward_pre_hook(_module_forward_required)
+        if isinstance(m, nn.TransformerEncoder) and any(converted(layer) for layer in m.layers):
+            m.use_nested_tensor = False
 
 
 class _CallableModule(types.ModuleType):

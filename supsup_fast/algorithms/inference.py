@@ -26,7 +26,8 @@ class QueryLayoutError(ValueError):
     sequence-first layer inside): batched task inference does not apply; infer one query at a time."""
 
 
-# model -> the query shapes (xs.shape[1:]) whose layers were seen to keep the queries first
+# model -> {query shape (xs.shape[1:]): the QueryLayoutError message, or None where its layers were seen to
+# keep the queries first at two query counts (a probe of q + 1, then the pass of q)}
 _QUERIES_FIRST = weakref.WeakKeyDictionary()
 
 
@@ -280,21 +281,32 @@ def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Ten
                            max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
     q = xs.shape[0]
     alpha = _uniform_alpha(model, k)
-    _check_queries_first(model, layers, xs, alpha)
+    shape = tuple(xs.shape[1:])
+    verdicts = _QUERIES_FIRST.setdefault(model, {})
+    if shape not in verdicts:
+        _probe_queries_first(model, layers, xs, alpha)
+    if verdicts.get(shape):
+        raise QueryLayoutError(verdicts[shape])
     seen = {name: [] for name in layers}  # every call of a layer (one may run more than once a forward)
     hooks = [layer.register_forward_hook(lambda m, inp, out, name=name: seen[name].append((inp[0], out)))
              for name, layer in layers.items()]
     if not xs.is_floating_point():  # token ids into an embedding: each layer's input is made a leaf instead
         hooks += [layer.register_forward_pre_hook(_input_needs_grad) for layer in layers.values()]
     try:
-        if xs.is_floating_point():
-            xs = xs.detach().requires_grad_(True)  # gradients flow to every layer's output, not to alpha
-        with torch.enable_grad(), superposition(model, alpha, uniform=True):
-            logits = model(xs)
-        # Objectives are means over examples, so q × objective = Σ_j objective(example j).
-        total = get_objective(objective)(logits, num_labels) * q
-        calls = [(name, x_in, y) for name in layers for x_in, y in seen[name]]
-        grads = torch.autograd.grad(total, [y for _, _, y in calls], allow_unused=True)
+        with contextlib.ExitStack() as grad_on:  # evaluation code may run under no_grad / inference_mode
+            if torch.is_inference_mode_enabled():
+                grad_on.enter_context(torch.inference_mode(False))
+            grad_on.enter_context(torch.enable_grad())
+            # made under inference_mode: autograd cannot save them for the backward
+            xs, alpha = (t.clone() if t.is_inference() else t for t in (xs, alpha))
+            if xs.is_floating_point():
+                xs = xs.detach().requires_grad_(True)  # gradients flow to every layer's output, not to alpha
+            with superposition(model, alpha, uniform=True):
+                logits = model(xs)
+            # Objectives are means over examples, so q × objective = Σ_j objective(example j).
+            total = get_objective(objective)(logits, num_labels) * q
+            calls = [(name, x_in, y) for name in layers for x_in, y in seen[name]]
+            grads = torch.autograd.grad(total, [y for _, _, y in calls], allow_unused=True)
     finally:
         for h in hooks:
             h.remove()
@@ -316,6 +328,7 @@ def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Ten
             _add_layer_alpha_gradients(part, layers[name], g.reshape(q * rows, -1), x_in.detach().reshape(q * rows, -1),
                                        max_chunk_bytes)
             out += part.view(q, rows, k).sum(1)
+    verdicts[shape] = None  # queries first at q + 1 and at q: not a fixed dimension that happened to match
     return out
 
 
@@ -328,14 +341,12 @@ def _input_needs_grad(module: nn.Module, args: tuple):
     return None
 
 
-def _check_queries_first(model: nn.Module, layers: dict, xs: torch.Tensor, alpha: torch.Tensor) -> None:
-    """Refuse (QueryLayoutError) a model whose layers see the queries elsewhere than in their inputs'
-    first dimension. A sequence-first layer ([T, q, D]) passes the shape test of the batched pass
-    where T happens to equal q, and then mixes queries: so once per model and query shape, a
-    forward of q + 1 queries must show q + 1 first in every layer's input and output."""
+def _probe_queries_first(model: nn.Module, layers: dict, xs: torch.Tensor, alpha: torch.Tensor) -> None:
+    """Record in ``_QUERIES_FIRST`` a model whose layers see the queries elsewhere than in their
+    inputs' first dimension. A sequence-first layer ([T, q, D]) passes the shape test of the batched
+    pass where T happens to equal q, and then mixes queries: so, until a pass has also kept them
+    first, a forward of q + 1 queries must show q + 1 first in every layer's input and output."""
     shape = tuple(xs.shape[1:])
-    if shape in _QUERIES_FIRST.get(model, ()):
-        return
     probe = torch.cat([xs.detach(), xs[:1].detach()])
     q, seen = probe.shape[0], []
     hooks = [layer.register_forward_hook(lambda m, inp, out, name=name: seen.append((name, inp[0].shape, out.shape)))
@@ -348,10 +359,11 @@ def _check_queries_first(model: nn.Module, layers: dict, xs: torch.Tensor, alpha
             h.remove()
     for name, s_in, s_out in seen:
         if len(s_in) < 2 or s_in[0] != q or s_out[0] != q:
-            raise QueryLayoutError(f"batched task inference needs each layer's input and output to keep the queries as "
-                                   f"their first dimension; layer {name!r} saw {tuple(s_in)} -> {tuple(s_out)} for {q} "
-                                   f"queries: infer each image with infer_task instead")
-    _QUERIES_FIRST.setdefault(model, set()).add(shape)
+            _QUERIES_FIRST[model][shape] = (
+                f"batched task inference needs each layer's input and output to keep the queries as their first "
+                f"dimension; layer {name!r} saw {tuple(s_in)} -> {tuple(s_out)} for {q} queries: infer each image "
+                f"with infer_task instead")
+            return
 
 
 def infer_oneshot_batched(model: nn.Module, xs: torch.Tensor, objective: str = "entropy",

@@ -62,11 +62,18 @@ def test_task_inference_inside_no_grad_or_inference_mode(trained, context):
     model, tasks = trained
     x, _ = tasks.test(2).batch(torch.arange(3))
     want = alpha_gradient(model, x, "entropy", 10)
+    from supsup_fast.algorithms.inference import alpha_gradients_batched
+    custom = ss.convert(nn.Sequential(nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10)), weights="signed_constant")
+    for _ in range(3):
+        snn.begin_task(custom)
+        snn.finish_task(custom)
+    want_batched = alpha_gradients_batched(custom, x)  # not the package's MLP: autograd through the layers
     with context():
         xc = x.clone()  # under inference_mode: an inference tensor
         got = alpha_gradient(model, xc, "entropy", 10)
         oneshot, binary = infer_oneshot(model, xc, "entropy", 10), infer_binary(model, xc, "entropy", 10)
-    assert torch.equal(got, want)
+        got_batched = alpha_gradients_batched(custom, xc)
+    assert torch.equal(got, want) and torch.equal(got_batched, want_batched)
     assert (oneshot, binary) == (infer_oneshot(model, x, "entropy", 10), infer_binary(model, x, "entropy", 10))
 
 
@@ -292,7 +299,9 @@ def test_batched_inference_refuses_layers_that_do_not_keep_the_queries_first():
         snn.begin_task(model)
         snn.finish_task(model)
     model.eval()
-    xs = torch.randn(4, 4, 16)  # q == T == 4
+    with pytest.raises(QueryLayoutError, match=r"keep the 3 queries"):  # q = T - 1: the probe of q + 1 passes
+        alpha_gradients_batched(model, torch.randn(3, 4, 16))
+    xs = torch.randn(4, 4, 16)  # then q == T == 4: not taken for a shape already seen to keep the queries first
     with pytest.raises(QueryLayoutError, match=r"layer 'tok' saw \(4, 5, 16\) -> \(4, 5, 16\) for 5 queries"):
         alpha_gradients_batched(model, xs)
     split = TaskSplit(torch.randn(24, 4, 16), torch.randint(0, 10, (24,)))

@@ -239,6 +239,19 @@ def test_transformer_encoder_layer_in_eval_runs_its_masked_layers(weights):
         for t in range(2):
             snn.set_task(model, t)
             torch.testing.assert_close(model(x), reference(t))
+    # the stack turned a padded batch into a nested tensor, which the supermask layers were then given
+    stack = ss.convert(nn.TransformerEncoder(enc, num_layers=2, enable_nested_tensor=True), weights=weights)
+    for _ in range(2):
+        snn.begin_task(stack)
+        snn.finish_task(stack)
+    stack.eval()
+    pad = torch.zeros(4, 6, dtype=torch.bool)
+    pad[:, 4:] = True
+    with torch.no_grad():
+        snn.set_task(stack, 1)
+        y = stack(x, src_key_padding_mask=pad)
+        stack.train()
+        torch.testing.assert_close(y[:, :4], stack(x, src_key_padding_mask=pad)[:, :4])  # the slow path's
 
 
 def test_include_and_exclude_see_every_name_of_a_module():
