@@ -77,7 +77,9 @@ class MultitaskMaskMixin:
         # live tasks made from their official initial scores -> a digest of those scores: a commit
         # tells an untouched task (still untrained) by it, without drawing the scores again
         self._initial: Dict[int, str] = {}
-        self._frozen = set()  # tasks whose scores freeze_model_scores froze (their Parameters are remade)
+        # tasks whose scores compat's freeze_model_scores froze (their Parameters are remade when selected
+        # again; a requires_grad_(False) of one's own on the live Parameter is not remembered)
+        self._frozen = set()
         self.keep_scores = scores_kept()
         if self.keep_scores:  # as upstream: every task's float scores exist from the start and stay
             for t in range(num_tasks):
@@ -97,9 +99,7 @@ class MultitaskMaskMixin:
             for live in self.scores.tasks():
                 if live != task:  # the other task's mask becomes bits
                     self._commit(live)
-                    if task >= 0:  # moving on to another task: its floats go (a freeze is kept)
-                        frozen = not self.scores.live(live).requires_grad
-                        (self._frozen.add if frozen else self._frozen.discard)(live)
+                    if task >= 0:  # moving on to another task: its floats go
                         self.scores.pop(live)
                         self._rebuilt.discard(live)
                         self._initial.pop(live, None)
@@ -113,7 +113,7 @@ class MultitaskMaskMixin:
         or from its official initial scores (an untrained task)."""
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"task must be in [0, num_tasks={self.num_tasks}), got {task}")
-        if task not in self.scores:  # frozen (freeze_model_scores) stays frozen across a switch, as upstream
+        if task not in self.scores:  # frozen by freeze_model_scores: stays frozen across a switch, as upstream
             self.scores.put(task, nn.Parameter(self.stored_scores(task), requires_grad=task not in self._frozen))
             self._note_source(task)
         return self.scores.live(task)
@@ -199,8 +199,8 @@ class MultitaskMaskMixin:
         # A live task's mask goes into its row too (the bank itself is not changed): a loader that keeps
         # only the keys a fresh model has (the official main.py --resume) drops its scores.{t}, and the
         # task being trained would come back untrained.
-        live = {t: self._pack(self.scores.live(t)) for t in self.scores.tasks()}
-        untouched = {t for t in live if t in self._initial and self._initial[t] == _digest(self.scores.live(t))}
+        live = set(self.scores.tasks())
+        untouched = {t for t in live if self._still_initial(t)}
         # The rows up to the last trained task: trailing untrained tasks' rows (made for a superposition
         # or `stacked`) would load as trained ones.
         trained = [t for t in range(len(self.bank)) if t not in self._filler and t not in live]
@@ -208,10 +208,12 @@ class MultitaskMaskMixin:
         rows = max(trained) + 1 if trained else 0
         words, untrained = [], []
         for t in range(rows):
-            if t in live:
-                words.append(live[t])
-            elif t < len(self.bank):
+            in_bank = t < len(self.bank) and (t not in live or self._row_current(t) or
+                                              (t in untouched and t in self._filler))
+            if in_bank:  # the row holds the task's mask: a finished task, or live scores rebuilt from it
                 words.append(self.bank.words[t])
+            elif t in live:
+                words.append(self._pack(self.scores.live(t)))
             else:  # below a live task, never made: its initial scores' mask, as _ensure_rows
                 words.append(self._pack(self._stream.scores(t).to(self.weight.device)))
             if t in untouched or (t not in live and (t in self._filler or t >= len(self.bank))):
@@ -310,20 +312,29 @@ class MultitaskMaskMixin:
                 self._filler.add(j)
             self._bank_version += 1
 
+    def _still_initial(self, task: int) -> bool:
+        """Whether live task ``task`` holds the official initial scores it was made from (never trained)."""
+        return task in self._initial and self._initial[task] == _digest(self.scores.live(task))
+
+    def _row_current(self, task: int) -> bool:
+        """Whether live task ``task``'s scores are the untouched ones rebuilt from its bank row: the row
+        already holds its bits (and a top-k row whose count differs from kept_count, e.g. loaded, is
+        not rewritten)."""
+        s = self.scores.live(task).detach()
+        return (task in self._rebuilt and task < len(self.bank) and task not in self._filler
+                and torch.equal(s, self._scores_for(self._row_mask(task)).to(s)))
+
     def _commit(self, task: int) -> None:
         self._ensure_rows(task)
-        s = self.scores.live(task).detach()
-        if (task in self._rebuilt and task < len(self.bank) and task not in self._filler
-                and torch.equal(s, self._scores_for(self._row_mask(task)).to(s))):
-            # Untouched scores rebuilt from this row: the row already holds the task's bits (and a
-            # top-k row whose count differs from kept_count, e.g. loaded, is not rewritten).
+        if self._row_current(task):
             return
+        s = self.scores.live(task).detach()
         words = self._pack(s)
         if task == len(self.bank):
             self.bank.append(words)
         else:
             self.bank.set_row(task, words)
-        if task in self._initial and self._initial[task] == _digest(s):
+        if self._still_initial(task):
             self._filler.add(task)  # only read, never trained: it still starts from its initial scores
         else:
             self._filler.discard(task)

@@ -50,8 +50,16 @@ def sorted_topk_mask(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
     kept count, and among entries tied at the threshold the same ones kept (``torch.topk`` may keep
     others). ``supsup_fast.compat``'s top-k layer uses it, to give the official code's masks."""
     flat = magnitudes.reshape(-1)
-    mask = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-    mask[flat.sort()[1][:flat.numel() - kept_count(flat.numel(), density)]] = False
+    n = flat.numel()
+    drop = n - kept_count(n, density)
+    if 0 < drop < n:
+        # The drop-th smallest value: the sort keeps all above it and drops all below; only entries equal
+        # to it need the sort's own order, and without such a tie the O(n) selection is the answer.
+        threshold = flat.kthvalue(drop).values
+        if int((flat == threshold).sum()) == 1 and not bool(torch.isnan(threshold)):
+            return (flat > threshold).view_as(magnitudes)
+    mask = torch.ones(n, dtype=torch.bool, device=flat.device)
+    mask[flat.sort()[1][:drop]] = False
     return mask.view_as(magnitudes)
 
 

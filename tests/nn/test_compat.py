@@ -912,7 +912,7 @@ def test_frozen_scores_stay_frozen_across_a_task_switch():
     conv = compat.FastMultitaskMaskConv(4, 4, 1, bias=False, num_tasks=3)
     model = nn.Sequential(conv)
     model.apply(lambda m: setattr(m, "task", 1))
-    conv.scores[1].requires_grad_(False)  # the official utils.freeze_model_scores
+    compat.freeze_model_scores(model, 1)
     model.apply(lambda m: setattr(m, "task", 2))
     model.apply(lambda m: setattr(m, "task", 1))
     assert not conv.scores[1].requires_grad
@@ -920,6 +920,13 @@ def test_frozen_scores_stay_frozen_across_a_task_switch():
     compat.freeze_model_scores(model, 2)  # a packed task: frozen when made live again
     model.apply(lambda m: setattr(m, "task", 2))
     assert not conv.scores[2].requires_grad
+    model.apply(lambda m: setattr(m, "task", 1))
+    assert conv.scores[1].requires_grad
+    # a model-wide requires_grad_(False) (as for an evaluation) is not taken for a freeze: requires_grad_(True)
+    # cannot reach a packed task's remade Parameter, which would then train nothing
+    model.requires_grad_(False)
+    model.apply(lambda m: setattr(m, "task", 0))
+    model.requires_grad_(True)
     model.apply(lambda m: setattr(m, "task", 1))
     assert conv.scores[1].requires_grad
 
