@@ -989,3 +989,16 @@ def test_topk_conv_breaks_ties_at_the_threshold_as_the_official_sort(n):
     torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight * want))
     conv.cache_masks()
     assert torch.equal(conv._row_mask(0), want)
+
+
+def test_sorted_topk_mask_is_the_official_sort_with_and_without_ties():
+    # kthvalue finds the threshold; only a tie at it takes the full sort: both must give the sort's masks
+    from supsup_fast.nn.masks import sorted_topk_mask
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 2000, (1,), generator=g))
+        x = torch.rand(n, generator=g)
+        if trial % 3 == 0:
+            x = (x * 7).floor()  # many ties
+        density = float(torch.rand(1, generator=g))
+        assert torch.equal(sorted_topk_mask(x, density), _official_get_subnet(x, density).bool()), (trial, n, density)
