@@ -34,7 +34,9 @@ def stamp() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
                                 capture_output=True, text=True, check=True, timeout=10).stdout.strip() or "unknown"
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        # (the results folder aside: a benchmark run after another, which wrote there, is still of the commit)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                  ":(top,exclude)benchmarks/results"], cwd=here,
                                  capture_output=True, text=True, check=True, timeout=10).stdout.strip()
         commit += "+dirty" if changed and commit != "unknown" else ""
     except (OSError, subprocess.SubprocessError):

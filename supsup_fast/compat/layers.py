@@ -31,7 +31,7 @@ from torch import nn
 from .. import ops
 from ..bits import pad_bits_set
 from ..nn.bank import MaskBank
-from ..ops.dispatch import autocast_enabled_for, outside_autocast
+from ..ops.dispatch import outside_autocast, under_autocast
 from ..nn.masks import COMPAT_TOPK, mask_from_scores, masked_weight_from_scores, score_init_bound
 from .scores import ScoreList, ScoreStream, as_task_index
 from .settings import resolve_num_tasks, resolve_sparsity, scores_kept, weights_frozen
@@ -345,15 +345,17 @@ class MultitaskMaskMixin:
         """Σᵢ<k Mᵢ per weight (float), cached while the bank and k are unchanged."""
         key = (k, self._bank_version, self.weight.device, self.weight.dtype)
         if self._count_cache is None or self._count_cache[0] != key:
-            ones = torch.ones(k, dtype=self.weight.dtype, device=self.weight.device)
-            self._count_cache = (key, ops.superpose(self.bank.words[:k], ones, self.bank.n).view_as(self.weight))
+            # counted in float32 under a half weight (integers exact to 2^24), then in the weight's dtype
+            ones = torch.ones(k, dtype=torch.promote_types(self.weight.dtype, torch.float32), device=self.weight.device)
+            counts = ops.superpose(self.bank.words[:k], ones, self.bank.n).view_as(self.weight)
+            self._count_cache = (key, counts.to(self.weight.dtype))
         return self._count_cache[1]
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast, as SupermaskLayer: a task read from its float scores (training) keeps autocast's
         # precision; the bits and the superposition run as fp32 ops.
-        if torch._C._is_any_autocast_enabled() and autocast_enabled_for(x) and \
+        if under_autocast(x) and \
                 not (self._task is not None and self._task >= 0 and self._task in self.scores):
             return outside_autocast(functools.partial(MultitaskMaskMixin.forward, self), x, self.weight.dtype)
         if self._task is None:

@@ -33,10 +33,15 @@ class CountCaches:
     ``n``, ``num_tasks``). Each count is kept with the bank state it was computed from
     (:func:`bank_state`), so rows changed through ``layer.bank`` directly are seen too."""
 
+    def _weight_dtype(self) -> torch.dtype:
+        w = self._buffers.get("weight")  # not through Module.__getattr__ (a forward asks twice); a Parameter else
+        return (w if w is not None else self.weight).dtype
+
     def _count_dtype(self) -> torch.dtype:
         """Counts are integers: kept in float32 (exact to 2^24 tasks) under a half or bfloat16 weight,
         where one more task would not change a count past 256 (bfloat16) or 2,048 (float16)."""
-        return torch.promote_types(self.weight.dtype, torch.float32)
+        dtype = self._weight_dtype()
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
     def set_count_cache(self, enabled: bool) -> None:
         """Whether to keep Σᵢ Mᵢ per weight (float, one weight-sized tensor) for uniform α."""
@@ -101,10 +106,11 @@ class CountCaches:
         if torch.compiler.is_compiling():  # a trace cannot test version counters; it computes s once per call
             return (counts * (1.0 / k)).to(self.weight.dtype)
         cache = getattr(self, "_s_cache", None)
+        dtype = self._weight_dtype()
         if cache is None or cache[0] is not counts or cache[1] != ops.checks.tensor_version(counts) or cache[2] != k \
-                or cache[3].dtype != self.weight.dtype:
+                or cache[3].dtype != dtype:
             with torch.inference_mode(False):  # saved for backward by a later α-gradient: a normal tensor
-                cache = (counts, ops.checks.tensor_version(counts), k, (counts * (1.0 / k)).to(self.weight.dtype))
+                cache = (counts, ops.checks.tensor_version(counts), k, (counts * (1.0 / k)).to(dtype))
             self._s_cache = cache
         return cache[3]
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import ops
 from ..ops.registry import backend_for
-from ..ops.dispatch import autocast_enabled_for, outside_autocast
+from ..ops.dispatch import outside_autocast, under_autocast
 from .bank import MaskBank
 from .counts import CountCaches
 from .fused_autograd import fused_train_forward
@@ -287,7 +287,7 @@ class SupermaskLayer(CountCaches, nn.Module):
         # Under autocast, one task, a superposition and the fused step read the bit kernels or run
         # their own backward: fp32 ops. A plain training step (float weight, autograd) keeps
         # autocast's precision, as nn.Linear / nn.Conv2d would.
-        if torch._C._is_any_autocast_enabled() and autocast_enabled_for(x) and \
+        if under_autocast(x) and \
                 not (isinstance(self._mode, Train) and self._mode.fused is None):
             return outside_autocast(functools.partial(SupermaskLayer.forward, self), x, self.weight.dtype)
         self._check_input(x)

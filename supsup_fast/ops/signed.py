@@ -124,6 +124,7 @@ def signed_masked_linear(x: Tensor, sign_words: Tensor, mask_words: Tensor, scal
         if y is not None:
             return y
     if under_autocast(x):  # an op of autocast's fp32 list (there is no weight tensor to take a dtype from)
+        bias = bias.float() if isinstance(bias, torch.Tensor) and bias.is_floating_point() else bias
         return outside_autocast(signed_masked_linear, x, torch.float32, sign_words, mask_words, scale, bias, in_features)
     # Before the dispatcher: a meta operand beside real ones would reach the fake kernel and return
     # uninitialised memory (the other ops check the same).

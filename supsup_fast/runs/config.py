@@ -440,12 +440,12 @@ def make_config(preset: Optional[dict] = None, overrides: Optional[dict] = None)
     unknown = sorted(set(values) - FIELDS)
     if unknown:
         raise ValueError(f"unknown settings {unknown}; known: {sorted(FIELDS)}")
-    warn_unused_under_gg(values.get("scenario", RunConfig.scenario), overrides)
-    benchmark = values.get("benchmark", RunConfig.benchmark)
-    if "image_size" in overrides and benchmark != "split-imagenet":
-        warnings.warn(f"--image-size is the crop size of split-imagenet; --benchmark {benchmark} keeps its own images "
-                      f"and ignores it", stacklevel=2)
     if values.get("inference") == "hopfield":
         for key, value in HOPFIELD_DEFAULTS.items():
             values.setdefault(key, value)
-    return RunConfig(**values).validate()
+    config = RunConfig(**values).validate()  # refusals first: a warning about a config refused would mislead
+    warn_unused_under_gg(config.scenario, overrides)
+    if "image_size" in overrides and config.benchmark != "split-imagenet":
+        warnings.warn(f"--image-size is the crop size of split-imagenet; --benchmark {config.benchmark} keeps its own "
+                      f"images, and the value changes nothing but the run's recorded settings", stacklevel=2)
+    return config

@@ -33,7 +33,8 @@ class SupSupRun(Experiment):
     def _scan(self, lo: int, hi: int) -> List[int]:
         """Tasks in [lo, hi) without a usable checkpoint. A corrupt one is refused with the file
         named, or deleted for retraining under --retrain-corrupt; one from another run is refused."""
-        todo, elsewhere = [], {}
+        todo = []
+        elsewhere = self.__dict__.setdefault("_trained_elsewhere", {})  # over every segment scanned so far
         for t in range(lo, hi):
             path = self._task_file(t)
             if not (self.resume and path.exists()):
@@ -52,7 +53,8 @@ class SupSupRun(Experiment):
             check_identity(path, extra, self.identity(t))
             if extra.get("trained_on", self.training_environment()) != self.training_environment():
                 elsewhere.setdefault(extra["trained_on"], []).append(t)
-        if elsewhere and todo:
+        if elsewhere and todo and not self.__dict__.get("_said_elsewhere"):
+            self._said_elsewhere = True
             said = "; ".join(f"{_task_list(ts)} on {env}" for env, ts in elsewhere.items())
             warnings.warn(f"this resume trains on {self.training_environment()}, and the run's finished tasks were trained "
                           f"{said}: kernels of another backend or instruction set sum in another order, so the tasks "
@@ -70,7 +72,7 @@ class SupSupRun(Experiment):
         return f"{name}, torch {torch.backends.cpu.get_cpu_capability()}" if self.device.type == "cpu" else \
             f"{name}, {torch.cuda.get_device_name(self.device)}"
 
-    def _train_and_save(self, t: int, row: int) -> None:
+    def _train_and_save(self, t: int, row: int) -> float:
         """Train task t (the model's bank holds ``row`` tasks before it) and write its checkpoint.
         Task t's randomness derives from (seed, t) alone, so its mask is the same bits whichever
         rank trains it, at any world size (with ``--parallel task``; a data-parallel step sums the
@@ -79,7 +81,7 @@ class SupSupRun(Experiment):
         with RMSprop, whose lr·g/|g| steps turn rounding near g = 0 into whole steps)."""
         cfg = self.config
         writes = self.ctx.is_main or self.parallel == "task"
-        trained = self._trained_file(t)
+        trained = self._trained_file(t)  # trained by an earlier attempt, then interrupted in its evaluation
         loaded = self._load_trained(t, trained)
         seconds, trained_on = loaded if loaded is not None else (self._train(t), self.training_environment())
         try:
@@ -96,6 +98,7 @@ class SupSupRun(Experiment):
                                extra={"accuracy_after_training": own.accuracy, "train_seconds": seconds,
                                       "run_identity": self.identity(t), "trained_on": trained_on})
             trained.unlink(missing_ok=True)
+        return seconds if loaded is not None else 0.0  # training time not spent in this attempt
 
     def _train(self, t: int) -> float:
         """Train task t into the model's bank; the seconds it took."""
@@ -166,7 +169,7 @@ class SupSupRun(Experiment):
             if self.parallel == "task":
                 held = num_tasks(self.model)  # lo, or 0 with a sharded bank
                 for t in TaskQueue(ctx, f"segment-{hi}", todo):
-                    self._train_and_save(t, row=held)
+                    untimed += self._train_and_save(t, row=held)
                     for m in task_modules(self.model):  # keep the bank in task order: reloaded below
                         m.truncate_tasks(held)
                     done = finished.add(1)
@@ -176,7 +179,7 @@ class SupSupRun(Experiment):
                 barrier(ctx)
             for t in range(lo, hi):
                 if self.parallel != "task" and t in todo:
-                    self._train_and_save(t, row=t)
+                    untimed += self._train_and_save(t, row=t)
                     barrier(ctx)  # rank 0 has written the checkpoint every rank reads below
                     for m in task_modules(self.model):
                         m.truncate_tasks(t)

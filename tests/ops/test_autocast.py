@@ -80,3 +80,16 @@ def test_conv_ops_under_autocast_are_fp32_ops(op):
     mask = ss.unpack_bits(bank[0], 36).view_as(weight).float()
     if op == "masked_conv2d":
         torch.testing.assert_close(want, F.conv2d(x, weight * mask, padding=1))
+
+
+@pytest.mark.parametrize("rows", [1, 32])
+def test_signed_masked_linear_under_autocast_takes_a_half_precision_bias(rows):
+    # x is cast to float32 (no weight tensor to take a dtype from): a bfloat16 bias is cast with it
+    # (it met "bias must be float32" at one row and a dtype mismatch at 32)
+    weight, bank, bias, _ = _operands(rows)
+    x, signs = torch.randn(rows, weight.shape[1]), ss.pack_bits(weight > 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ss.ops.signed_masked_linear(x.bfloat16(), signs, bank[1], 0.25, bias.bfloat16())
+    want = ss.ops.signed_masked_linear(x.bfloat16().float(), signs, bank[1], 0.25, bias.bfloat16().float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)

@@ -212,3 +212,7 @@ def test_task_inference_settings_given_for_a_gg_run_are_named_as_ignored():
         make_config(overrides=dict(scenario="GNu", objective="superfluous", infer_images=4))
     with pytest.warns(UserWarning, match=r"--image-size is the crop size of split-imagenet; --benchmark permuted-mnist"):
         make_config(overrides=dict(benchmark="permuted-mnist", image_size=64))
+    with warnings.catch_warnings():  # refused, so not also called ignored
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError):
+            make_config(overrides=dict(scenario="GG", inference="hopfield"))

@@ -463,15 +463,16 @@ def test_training_time_of_tasks_finished_before_an_interruption_is_kept(tmp_path
     assert again["timing"]["train"] == timing["train"]
 
 
-def test_a_resume_on_another_backend_is_said_and_recorded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("eval_at", [[], [1]])  # [1]: the finished task lies in a segment with nothing left to do
+def test_a_resume_on_another_backend_is_said_and_recorded(tmp_path, monkeypatch, eval_at):
     # Another backend (or instruction set) sums in another order: the tasks trained after the resume
     # may differ in a few bits from an uninterrupted run. Said at the resume, and kept in results.json.
-    cfg = make_config(overrides=dict(SMALL, eval_at=[]))
+    cfg = make_config(overrides=dict(SMALL, eval_at=eval_at))
     run_interrupted(monkeypatch, cfg, tmp_path / "run", 1)
     first = next(iter(run_experiment(cfg, tmp_path / "same", progress=False)["trained_on"]))
     with pytest.warns(UserWarning, match=r"this resume trains on reference, torch .*, and the run's finished tasks were "
                                          r"trained 0 on " + re.escape(first)):
-        res = run_experiment(make_config(overrides=dict(SMALL, eval_at=[], backend="reference")), tmp_path / "run",
+        res = run_experiment(make_config(overrides=dict(SMALL, eval_at=eval_at, backend="reference")), tmp_path / "run",
                              resume=True, progress=False)
     assert list(res["trained_on"].items()) == [(first, "0"), (next(k for k in res["trained_on"] if k != first), "1-2")]
 
