@@ -72,20 +72,32 @@ def _alpha_gradient(model: nn.Module, x: torch.Tensor, objective: str, num_label
     if active is None and x.dim() >= 1 and x.shape[0] == 1 and _plain_mlp(model) \
             and ops.backend_for(model.layers[0].weight.device).reads_interleaved:
         return _mlp_alpha_gradients(model, k, x, objective, num_labels)[0]
-    # Evaluation code often runs under no_grad / inference_mode: this one gradient is taken regardless.
-    with contextlib.ExitStack() as grad_on:
-        if torch.is_inference_mode_enabled():
-            grad_on.enter_context(torch.inference_mode(False))
-        if not torch.is_grad_enabled():
-            grad_on.enter_context(torch.enable_grad())
-        if x.is_inference():  # made under inference_mode: autograd cannot save it for the backward
-            x = x.clone()
+    with _grad_on():
+        (x,) = _normal_tensors(x)
         alpha = _uniform_alpha(model, k).requires_grad_(True)
         with superposition(model, alpha, active=active, uniform=True):
             logits = model(x)
         obj = get_objective(objective)(logits, num_labels)
         (grad,) = torch.autograd.grad(obj, alpha)
     return grad
+
+
+@contextlib.contextmanager
+def _grad_on():
+    """Autograd on, whatever the caller runs under: evaluation code often holds no_grad or
+    inference_mode, and task inference takes its one gradient regardless (a context is entered only
+    where it changes something: each costs µs of a query)."""
+    with contextlib.ExitStack() as stack:
+        if torch.is_inference_mode_enabled():
+            stack.enter_context(torch.inference_mode(False))
+        if not torch.is_grad_enabled():
+            stack.enter_context(torch.enable_grad())
+        yield
+
+
+def _normal_tensors(*tensors: torch.Tensor) -> tuple:
+    """The tensors, those made under inference_mode cloned: autograd cannot save those for a backward."""
+    return tuple(t.clone() if t.is_inference() else t for t in tensors)
 
 
 def check_scale(scale: Optional[torch.Tensor], k: int, name: str = "scale") -> None:
@@ -293,12 +305,8 @@ def _rank1_alpha_gradients(model: nn.Module, layers: dict, k: int, xs: torch.Ten
     if not xs.is_floating_point():  # token ids into an embedding: each layer's input is made a leaf instead
         hooks += [layer.register_forward_pre_hook(_input_needs_grad) for layer in layers.values()]
     try:
-        with contextlib.ExitStack() as grad_on:  # evaluation code may run under no_grad / inference_mode
-            if torch.is_inference_mode_enabled():
-                grad_on.enter_context(torch.inference_mode(False))
-            grad_on.enter_context(torch.enable_grad())
-            # made under inference_mode: autograd cannot save them for the backward
-            xs, alpha = (t.clone() if t.is_inference() else t for t in (xs, alpha))
+        with _grad_on():
+            xs, alpha = _normal_tensors(xs, alpha)
             if xs.is_floating_point():
                 xs = xs.detach().requires_grad_(True)  # gradients flow to every layer's output, not to alpha
             with superposition(model, alpha, uniform=True):

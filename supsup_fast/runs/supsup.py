@@ -33,7 +33,7 @@ class SupSupRun(Experiment):
     def _scan(self, lo: int, hi: int) -> List[int]:
         """Tasks in [lo, hi) without a usable checkpoint. A corrupt one is refused with the file
         named, or deleted for retraining under --retrain-corrupt; one from another run is refused."""
-        todo = []
+        todo, here = [], self.training_environment()
         elsewhere = self.__dict__.setdefault("_trained_elsewhere", {})  # over every segment scanned so far
         for t in range(lo, hi):
             path = self._task_file(t)
@@ -51,12 +51,12 @@ class SupSupRun(Experiment):
                 continue
             extra = maskfile.parse_metadata(path, meta)[4]
             check_identity(path, extra, self.identity(t))
-            if extra.get("trained_on", self.training_environment()) != self.training_environment():
+            if extra.get("trained_on", here) != here:
                 elsewhere.setdefault(extra["trained_on"], []).append(t)
         if elsewhere and todo and not self.__dict__.get("_said_elsewhere"):
             self._said_elsewhere = True
             said = "; ".join(f"{_task_list(ts)} on {env}" for env, ts in elsewhere.items())
-            warnings.warn(f"this resume trains on {self.training_environment()}, and the run's finished tasks were trained "
+            warnings.warn(f"this resume trains on {here}, and the run's finished tasks were trained "
                           f"{said}: kernels of another backend or instruction set sum in another order, so the tasks "
                           f"trained now may differ in a few bits from an uninterrupted run (results.json lists "
                           f"trained_on)", stacklevel=2)
