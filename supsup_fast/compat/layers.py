@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..bits import pad_bits_set
 from ..nn.bank import MaskBank
 from ..ops.dispatch import outside_autocast, under_autocast
 from ..nn.masks import COMPAT_TOPK, mask_from_scores, masked_weight_from_scores, score_init_bound
@@ -249,10 +248,9 @@ class MultitaskMaskMixin:
             if bits.dtype != torch.int32 or bits.dim() != 3 or tuple(bits.shape[1:]) != expect:
                 error_msgs.append(f"{prefix}mask_bits must be int32[k, {expect[0]}, {expect[1]}], got {bits.dtype}{list(bits.shape)}")
                 return
-            if not bits.is_meta and pad_bits_set(bits, self.bank.n):
-                error_msgs.append(f"{prefix}mask_bits has bits set past bit {self.bank.n} of a row (the padding of the "
-                                  f"last word must be zero): these are not the masks of a layer with {self.bank.n} "
-                                  f"weights per output")
+            problem = self.bank._check_rows(bits)  # the core bank's refusal of set padding bits
+            if problem:
+                error_msgs.append(f"{prefix}mask_bits has {problem}")
                 return
             rows = bits.shape[0]
             if untrained is not None and (untrained.dim() != 1 or untrained.is_floating_point()
