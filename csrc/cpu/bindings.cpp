@@ -67,6 +67,7 @@ const int64_t* active_ptr(const std::optional<at::Tensor>& active, int64_t k) {
 
 std::string isa_op() { return isa_name(current_isa()); }
 bool stream_prefetch_op() { return stream_prefetch(); }
+bool stream_prefetch_l2_op() { return stream_prefetch_l2(); }
 bool shift_indices_op() { return shift_indices(); }
 bool wide_gemm_tiles_op() { return wide_gemm_tiles(); }
 int64_t signed_lut_max_rows_op() { return signed_lut_max_rows(current_isa()); }
@@ -1206,6 +1207,7 @@ at::Tensor threshold_masked_weight_op(const at::Tensor& scores, const at::Tensor
 TORCH_LIBRARY(supsup_cpu, m) {
   m.def("isa() -> str", &isa_op);
   m.def("stream_prefetch() -> bool", &stream_prefetch_op);
+  m.def("stream_prefetch_l2() -> bool", &stream_prefetch_l2_op);
   m.def("shift_indices() -> bool", &shift_indices_op);
   m.def("wide_gemm_tiles() -> bool", &wide_gemm_tiles_op);
   m.def("signed_lut_max_rows() -> int", &signed_lut_max_rows_op);

@@ -62,6 +62,14 @@ bool stream_prefetch() {
   return on;
 }
 
+bool stream_prefetch_l2() {
+  static const bool on = [] {
+    if (const char* env = std::getenv("SUPSUP_CPU_PREFETCH_L2")) return std::strcmp(env, "0") != 0;
+    return std::strcmp(cpu_vendor(), "intel") == 0;
+  }();
+  return on;
+}
+
 bool shift_indices() {
   static const bool on = [] {
     if (const char* env = std::getenv("SUPSUP_CPU_SHIFT_INDICES")) return std::strcmp(env, "0") != 0;

@@ -28,6 +28,14 @@ constexpr int64_t kTaskBlock = 4096;
 // 16 KiB slower. Past a run's end it fetches the next run, which is where the loops go next.
 constexpr int64_t kPrefetchInts = 1024;
 
+// Whether and where the streams prefetch (kernels.h stream_prefetch, stream_prefetch_l2).
+enum class Prefetch { None, L1, L2 };
+
+Prefetch prefetch_mode() {
+  if (!stream_prefetch()) return Prefetch::None;
+  return stream_prefetch_l2() ? Prefetch::L2 : Prefetch::L1;
+}
+
 struct Query {
   const float* g;  // [R]
   const float* x;  // [n]
@@ -64,6 +72,13 @@ void for_each_query_word(int64_t kp, int64_t R, int64_t W, int64_t n, const floa
 // instead of 8, 7 and 8 with nibbles, 1.07-1.1x faster on Zen 4, whose vector issue bounds this loop.
 constexpr int kGroups5 = 7;
 #if SUPSUP_X86
+// One 64-byte line kPrefetchInts ahead of p, into L1 (prefetcht0) or L2 (prefetcht2, which Intel
+// cores fill into L2 as prefetcht1).
+inline void prefetch_ahead(const int32_t* p, Prefetch mode) {
+  if (mode == Prefetch::L2) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchInts), _MM_HINT_T2);
+  else _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchInts), _MM_HINT_T0);
+}
+
 IL_AVX512 inline void tables32(const float* vals, __m512* t) {
   const __mmask16 has_bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
   for (int p = 0; p < kGroups5; ++p) {
@@ -91,11 +106,11 @@ IL_AVX512 inline __m512 lookup7(__m512i b, const __m512* t) {
 
 // Tasks [t0, t1) of one word's run (bits) through the tables t, np groups of them (lookup7 for all 7).
 IL_AVX512 inline void stream512(const int32_t* bits, const __m512* t, int np, int64_t t0, int64_t t1, float* acc,
-                                bool prefetch) {
+                                Prefetch prefetch) {
   if (np == kGroups5) {
-    if (prefetch) {
+    if (prefetch != Prefetch::None) {
       for (int64_t i = t0; i < t1; i += 16) {  // one 64-byte line of bits per step
-        _mm_prefetch(reinterpret_cast<const char*>(bits + i + kPrefetchInts), _MM_HINT_T0);
+        prefetch_ahead(bits + i, prefetch);
         _mm512_storeu_ps(acc + i, _mm512_add_ps(_mm512_loadu_ps(acc + i), lookup7(_mm512_loadu_si512(bits + i), t)));
       }
       return;
@@ -113,7 +128,7 @@ IL_AVX512 inline void stream512(const int32_t* bits, const __m512* t, int np, in
 }
 
 IL_AVX512 void word512(const int32_t* bank_t, const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* acc,
-                       bool prefetch) {
+                       Prefetch prefetch) {
   __m512 t[2 * kGroups5];
   tables32(vals, t);
   stream512(bank_t + base, t, np, t0, t1, acc, prefetch);
@@ -129,10 +144,10 @@ IL_AVX512 void word512(const int32_t* bank_t, const float* vals, int np, int64_t
 // and mask_dot over a 1024 x 1024 layer's copies at k = 250 and 2,500 (paired calls, one process).
 template <bool SHIFTS>
 IL_AVX2 inline void full_steps256(const int32_t* bits, const float* tab, int64_t t0, int64_t t1, float* acc,
-                                  bool prefetch) {
+                                  Prefetch prefetch) {
   for (int64_t i = t0; i < t1; i += 8) {
-    if (prefetch && (i & 8) == 0)  // every other step: one per 64-byte line (t0 is a multiple of 16)
-      _mm_prefetch(reinterpret_cast<const char*>(bits + i + kPrefetchInts), _MM_HINT_T0);
+    if (prefetch != Prefetch::None && (i & 8) == 0)  // every other step: one per 64-byte line (t0 is a multiple of 16)
+      prefetch_ahead(bits + i, prefetch);
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i));
     __m256 sum;
     if constexpr (SHIFTS) {
@@ -159,7 +174,7 @@ IL_AVX2 inline void full_steps256(const int32_t* bits, const float* tab, int64_t
 }
 
 IL_AVX2 inline void stream256(const int32_t* bits, const float* tab, int np, int64_t t0, int64_t t1, float* acc,
-                              bool prefetch, bool shifts) {
+                              Prefetch prefetch, bool shifts) {
   if (np == kGroups3) {
     if (shifts) full_steps256<true>(bits, tab, t0, t1, acc, prefetch);
     else full_steps256<false>(bits, tab, t0, t1, acc, prefetch);
@@ -174,7 +189,7 @@ IL_AVX2 inline void stream256(const int32_t* bits, const float* tab, int np, int
 }
 
 IL_AVX2 void word256(const int32_t* bank_t, const float* vals, int np, int64_t base, int64_t t0, int64_t t1, float* acc,
-                     bool prefetch, bool shifts) {
+                     Prefetch prefetch, bool shifts) {
   alignas(32) float tab[kGroups3 * 8];
   subset_sums3(vals, tab);
   stream256(bank_t + base, tab, np, t0, t1, acc, prefetch, shifts);
@@ -200,7 +215,7 @@ void word_scalar(const int32_t* bank_t, const float* vals, int64_t base, int64_t
 // among 2 rows' runs gained nothing, 4 (four streams from DRAM) or column blocks were slower.
 IL_AVX512 void superpose_rows512(const int32_t* bank_w, int64_t KW, int64_t n, int64_t np, const float* vals,
                                  int tail_np, float* acc, float* out, int64_t r0, int64_t r1) {
-  const bool prefetch = stream_prefetch();
+  const Prefetch prefetch = prefetch_mode();
   for (int64_t r = r0; r < r1; ++r) {
     std::fill(acc, acc + np, 0.0f);
     for (int64_t q = 0; q < KW; ++q) {
@@ -215,7 +230,8 @@ IL_AVX512 void superpose_rows512(const int32_t* bank_w, int64_t KW, int64_t n, i
 // AVX2 reads its tables from L1 as memory operands anyway (see word256): built once per call.
 IL_AVX2 void superpose_rows256(const int32_t* bank_w, int64_t KW, int64_t n, int64_t np, const float* vals,
                                int tail_np, float* acc, float* out, int64_t r0, int64_t r1) {
-  const bool prefetch = stream_prefetch(), shifts = shift_indices();
+  const Prefetch prefetch = prefetch_mode();
+  const bool shifts = shift_indices();
   constexpr int kT = kGroups3 * 8;
   std::vector<float> buf(static_cast<size_t>(KW * kT + 16));
   float* tabs = align64(buf);
@@ -245,7 +261,8 @@ void mask_dot_rank1_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int6
   std::vector<Query> qs;
   qs.reserve(static_cast<size_t>(q));
   for (int64_t j = 0; j < q; ++j) qs.push_back(Query{g + j * R, x + j * n, acc + j * kp});
-  const bool prefetch = stream_prefetch(), shifts = shift_indices();  // once: a call per word cost a vzeroupper and spills
+  const Prefetch prefetch = prefetch_mode();
+  const bool shifts = shift_indices();  // once: a call per word cost a vzeroupper and spills
 #if SUPSUP_X86
   if (isa == Isa::Avx512) {
     for_each_query_word(kp, R, W, n, w, qs.data(), q, r0, r1, skip_zero_rows, tail_lookups(n, W, 5, kGroups5),
@@ -320,7 +337,8 @@ void mask_dot_rows_interleaved(Isa isa, const int32_t* bank_t, int64_t kp, int64
   vals[32] = vals[33] = vals[34] = vals[35] = 0.0f;
   std::vector<float> acc(static_cast<size_t>(kp));
   const int tail5 = tail_lookups(n, W, 5, kGroups5), tail3 = tail_lookups(n, W, 3, kGroups3);
-  const bool prefetch = stream_prefetch(), shifts = shift_indices();
+  const Prefetch prefetch = prefetch_mode();
+  const bool shifts = shift_indices();
   for (int64_t r = r0; r < r1; ++r) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t q = 0; q < W; ++q) {

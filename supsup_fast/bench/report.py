@@ -20,6 +20,7 @@ def machine() -> dict:
         info["cpu_isa"] = cpu_isa()
         info["cpu_vendor"] = str(torch.ops.supsup_cpu.vendor())
         info["stream_prefetch"] = bool(torch.ops.supsup_cpu.stream_prefetch())
+        info["stream_prefetch_l2"] = bool(torch.ops.supsup_cpu.stream_prefetch_l2())
         info["shift_indices"] = bool(torch.ops.supsup_cpu.shift_indices())
         info["wide_gemm_tiles"] = bool(torch.ops.supsup_cpu.wide_gemm_tiles())
     return info

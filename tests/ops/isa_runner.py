@@ -70,15 +70,17 @@ def run_on_isa(script: str, isa: str, extra_env: dict = None) -> None:
     assert res.stdout.split() == [isa, "ok"]
 
 
-def run_on_isa_with_setting(script: str, isa: str, setting: str, value: str) -> None:
+def run_on_isa_with_setting(script: str, isa: str, setting: str, value: str, extra_env: dict = None) -> None:
     """run_on_isa with one of the table loops' vendor-chosen settings forced on ("1") or off ("0"),
     after checking that the kernels took it: "prefetch" (SUPSUP_CPU_PREFETCH, the bits prefetched
-    ahead; on by default on Intel CPUs only), "shift_indices" (SUPSUP_CPU_SHIFT_INDICES, the AVX2
+    ahead; on by default on Intel CPUs only), "prefetch_l2" (SUPSUP_CPU_PREFETCH_L2, those prefetches
+    into L2 rather than L1; on by default on Intel CPUs only), "shift_indices" (SUPSUP_CPU_SHIFT_INDICES, the AVX2
     loops' indices by shifts; on by default on Intel CPUs only) or "wide_gemm_tiles"
     (SUPSUP_CPU_WIDE_TILES, the AVX-512 packed GEMM's 64 x 6 tile; on by default on Intel CPUs only).
-    ``script`` starts with SCRIPT_HEAD."""
+    ``script`` starts with SCRIPT_HEAD; ``extra_env`` sets more variables."""
     op, env = {"prefetch": ("stream_prefetch", "SUPSUP_CPU_PREFETCH"),
+               "prefetch_l2": ("stream_prefetch_l2", "SUPSUP_CPU_PREFETCH_L2"),
                "shift_indices": ("shift_indices", "SUPSUP_CPU_SHIFT_INDICES"),
                "wide_gemm_tiles": ("wide_gemm_tiles", "SUPSUP_CPU_WIDE_TILES")}[setting]
     check = f"assert C.{op}() is {value == '1'}\n"
-    run_on_isa(SCRIPT_HEAD + check + script[len(SCRIPT_HEAD):], isa, {env: value})
+    run_on_isa(SCRIPT_HEAD + check + script[len(SCRIPT_HEAD):], isa, {**(extra_env or {}), env: value})

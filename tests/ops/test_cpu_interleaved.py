@@ -116,6 +116,14 @@ def test_interleaved_rank1_against_reference(isa, prefetch):
 
 
 @needs_compiler
+@pytest.mark.parametrize("prefetch_l2", ["0", "1"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])  # the scalar loop does not prefetch
+def test_interleaved_rank1_prefetch_into_l1_or_l2(isa, prefetch_l2):
+    """The streams prefetching into L2 (Intel's default) or L1 (elsewhere) read the same bits."""
+    run_on_isa_with_setting(SCRIPT, isa, "prefetch_l2", prefetch_l2, extra_env={"SUPSUP_CPU_PREFETCH": "1"})
+
+
+@needs_compiler
 @pytest.mark.parametrize("shift_indices", ["0", "1"])
 def test_interleaved_rank1_avx2_index_forms(shift_indices):
     """The AVX2 loop's two ways to form its 3-bit indices (shifts on Intel, multiply-highs elsewhere)."""
