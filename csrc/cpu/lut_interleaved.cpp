@@ -25,7 +25,8 @@ constexpr int64_t kTaskBlock = 4096;
 
 // How far ahead the streams prefetch (kernels.h stream_prefetch), in int32: 4 KiB. On the Intel Xeon
 // VM 4 and 8 KiB ran alike (superpose over the weight copy at k = 1,000: 12.4 -> 6.4-7.8 ms, AVX-512),
-// 16 KiB slower. Past a run's end it fetches the next run, which is where the loops go next.
+// 16 KiB slower; on the second Xeon VM 4 KiB into L2 ran as fast as 16-64 KiB into L1 (stream_prefetch_l2).
+// Past a run's end it fetches the next run, which is where the loops go next.
 constexpr int64_t kPrefetchInts = 1024;
 
 // Whether and where the streams prefetch (kernels.h stream_prefetch, stream_prefetch_l2).
