@@ -48,7 +48,8 @@ def cuda_extension(torch, build):
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         print("supsup_fast: skipping the CUDA kernels (nvcc not found; set CUDA_HOME)")
         return None
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # machine code for A100 / H100-class cards, and PTX of the newest so that later GPUs JIT it
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     return CUDAExtension("supsup_fast._cuda", sources, include_dirs=nvidia_include_dirs(),
                          extra_compile_args={"cxx": build.CUDA_CXXFLAGS, "nvcc": build.CUDA_NVCCFLAGS},
                          define_macros=[build.PYTHON_MODULE_MACRO])

@@ -295,6 +295,10 @@ def main() -> int:
     import triton
     from supsup_fast.bench.report import stamp
     backends = [b for b in ("triton", "cuda") if b in ops.available()] if DEV.type == "cuda" else ["triton"]
+    if not backends:  # every section would time the reference backend on the GPU
+        print(f"gpu_check: neither the triton nor the cuda backend loaded (available: {ops.available()}); "
+              "install the package (pip install --no-deps --no-build-isolation -e .) first", file=sys.stderr)
+        return 2
     report = {"machine": {"gpu": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu (smoke)",
                           "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
                           "backends": ops.available()}, **stamp(), "errors": {}}

@@ -227,7 +227,11 @@ def mlp_mask_dot_outer(banks: Sequence[Tensor], copies: Sequence[Tensor], transp
     bank's task-interleaved copy, ``interleave_tasks(banks[i])`` with ``weights[i]`` = W_i, or where
     ``transposed[i]`` that of its transposed masks, ``interleave_tasks(transpose_masks(banks[i], n))``
     with ``weights[i]`` = W_iᵀ (read by the queries' nonzero inputs). On the cpu backend one C++ call;
-    elsewhere, traced, or where a product may overflow, op by op (the same sums)."""
+    elsewhere, traced, or where a product may overflow, op by op (the same sums). Under autocast it
+    runs outside it, in the operands' dtype, as the fused C++ call does."""
+    if under_autocast(g):
+        with torch.autocast(g.device.type, enabled=False):
+            return mlp_mask_dot_outer(banks, copies, transposed, weights, backward_weights, inputs, g)
     lists = (banks, copies, transposed, weights, backward_weights, inputs)
     fused = getattr(backend_for(g.device), "mlp_mask_dot_outer", None)
     if fused is not None and all(isinstance(v, (list, tuple)) for v in lists) and \

@@ -13,23 +13,31 @@ from .registry import backend_for
 
 @torch.library.custom_op("supsup::pack_bits", mutates_args=())
 def pack_bits_op(mask: Tensor) -> Tensor:
+    _check_bool_mask(mask)
     return backend_for(mask.device).pack_bits(mask.contiguous())
 
 
 @pack_bits_op.register_fake
 def _(mask):
+    _check_bool_mask(mask)
     return mask.new_empty(*mask.shape[:-1], num_words(mask.shape[-1]), dtype=torch.int32)
+
+
+def _check_bool_mask(mask: Tensor) -> None:
+    # the op itself takes only bool masks (the public pack_bits turns 0/1 numbers into one first)
+    if mask.dtype != torch.bool or mask.dim() < 1 or mask.shape[-1] < 1:
+        raise ValueError(f"mask must be a bool tensor [..., n] with n >= 1, got {mask.dtype} of shape {tuple(mask.shape)}")
 
 
 @torch.library.custom_op("supsup::unpack_bits", mutates_args=())
 def unpack_bits_op(words: Tensor, n: int) -> Tensor:
-    checks.words_tensor("words", words)
+    checks.check_unpack_bits(words, n)
     return backend_for(words.device).unpack_bits(words.contiguous(), n)
 
 
 @unpack_bits_op.register_fake
 def _(words, n):
-    checks.words_tensor("words", words)
+    checks.check_unpack_bits(words, n)
     return words.new_empty(*words.shape[:-1], n, dtype=torch.bool)
 
 
@@ -64,12 +72,7 @@ def pack_bits(mask: Tensor) -> Tensor:
 
 def unpack_bits(words: Tensor, n: int) -> Tensor:
     """int32[..., W] -> bool[..., n]; W must equal ceil(n/32)."""
-    checks.words_tensor("words", words)
-    if not checks.is_int(n) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if words.dim() < 1 or words.shape[-1] != (n + 31) // 32:
-        raise ValueError(f"words must have ceil(n/32) = {(n + 31) // 32} words in its last dimension "
-                         f"for n = {n}, got shape {tuple(words.shape)}")
+    checks.check_unpack_bits(words, n)
     return unpack_bits_op(words, n)
 
 

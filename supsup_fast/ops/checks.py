@@ -26,6 +26,16 @@ def words_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must hold int32 words (canonical bit layout), got dtype {t.dtype}")
 
 
+def check_unpack_bits(words: torch.Tensor, n) -> None:
+    """unpack_bits's arguments: int32 words [..., ceil(n/32)] and a positive int n."""
+    words_tensor("words", words)
+    if not is_int(n) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if words.dim() < 1 or words.shape[-1] != (n + 31) // 32:
+        raise ValueError(f"words must have ceil(n/32) = {(n + 31) // 32} words in its last dimension "
+                         f"for n = {n}, got shape {tuple(words.shape)}")
+
+
 def is_int(value) -> bool:
     """An int argument: a Python int (not a bool), or a symbolic one under torch.compile(dynamic=True)."""
     return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)

@@ -183,7 +183,11 @@ def mlp_cross_entropy_grads(x: Tensor, y: Tensor, weights: Sequence[Tensor]) -> 
     """The mean cross-entropy of ``x`` [B, in] through linear layers with ReLU between them
     (``weights`` [out, in] in order, no biases; logits = the last layer's output) against labels
     ``y`` [B], and the gradient of every weight, without autograd: the whole backward of an MLP
-    training step (the weights are the effective, masked ones). Returns (loss, [dL/dW per layer])."""
+    training step (the weights are the effective, masked ones). Returns (loss, [dL/dW per layer]).
+    Under autocast it runs outside it, in the operands' dtype, as the cpu backend's C++ call does."""
+    if under_autocast(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return mlp_cross_entropy_grads(x, y, weights)
     weights = list(weights)
     if not weights:
         raise ValueError("weights must hold at least one layer")

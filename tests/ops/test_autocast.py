@@ -93,3 +93,35 @@ def test_signed_masked_linear_under_autocast_takes_a_half_precision_bias(rows):
     want = ss.ops.signed_masked_linear(x.bfloat16().float(), signs, bank[1], 0.25, bias.bfloat16().float())
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
+
+
+def _mlp(seed=7, q=3, sizes=(40, 24, 10), k=5):
+    """A ReLU MLP's layers (weights [out, in]) and each layer's inputs for q queries."""
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(o, i, generator=g) / i ** 0.5 for i, o in zip(sizes[:-1], sizes[1:])]
+    banks = [ss.pack_bits(torch.rand(k, *w.shape, generator=g) < 0.5) for w in ws]
+    h, hs = torch.randn(q, sizes[0], generator=g), []
+    for i, w in enumerate(ws):
+        hs.append(h)
+        h = F.linear(h, w).relu() if i + 1 < len(ws) else F.linear(h, w)
+    return ws, banks, hs, torch.randn(q, sizes[-1], generator=g), torch.randint(0, sizes[-1], (q,), generator=g)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_mlp_fused_paths_run_outside_autocast(backend):
+    """The MLP's one-call paths (task inference's backward and logit gradients, the training step's
+    loss and weight gradients) give under autocast what they give outside it, on every backend: op by
+    op a bfloat16 g met a float32 weight ("g, x and weight must share one dtype") and the logits'
+    gradient came back in bfloat16, where the cpu backend's C++ call stays in float32."""
+    ws, banks, hs, g, y = _mlp()
+    copies = [ss.ops.interleave_tasks(b) for b in banks]
+    with ss.use_backend(backend):
+        calls = {"mlp_mask_dot_outer": lambda: ss.ops.mlp_mask_dot_outer(banks, copies, [False, False], ws, ws, hs, g),
+                 "mlp_logit_gradients": lambda: ss.ops.mlp_logit_gradients(hs[0], ws, [None, None], "entropy", 10)[1],
+                 "mlp_cross_entropy_grads": lambda: ss.ops.mlp_cross_entropy_grads(hs[0], y, ws)[1][0]}
+        for name, call in calls.items():
+            want = call()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = call()
+            assert got.dtype == torch.float32, name
+            torch.testing.assert_close(got, want, msg=name)

@@ -52,3 +52,21 @@ def test_bad_inputs():
         ss.pack_bits(torch.tensor([[-0.5, 0.3, 1.0, 0.0]]))  # scores are not a mask
     assert torch.equal(ss.pack_bits(torch.tensor([1, 0, 1])), ss.pack_bits(torch.tensor([True, False, True])))
     assert torch.equal(ss.pack_bits(torch.tensor([1.0, 0.0, 1.0])), ss.pack_bits(torch.tensor([True, False, True])))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_the_registered_ops_check_their_arguments(backend):
+    """torch.ops.supsup.pack_bits / unpack_bits called directly (as torch.compile and opcheck do)
+    refuse what the public functions refuse: the Triton kernel read past each row for words of the
+    wrong width (the reference returned [R, 32] where the op's fake promised [R, n]) and took a
+    non-bool mask's bytes as bits."""
+    with ss.use_backend(backend):
+        with pytest.raises(ValueError, match=r"ceil\(n/32\) = 4 words"):
+            torch.ops.supsup.unpack_bits(torch.zeros(5, 1, dtype=torch.int32), 100)
+        with pytest.raises(ValueError, match="n must be a positive int"):
+            torch.ops.supsup.unpack_bits(torch.zeros(5, 1, dtype=torch.int32), 0)
+        for mask in (torch.tensor([[1, 0, 2]], dtype=torch.uint8), torch.tensor([[1, 0, 1]], dtype=torch.int32)):
+            with pytest.raises(ValueError, match="mask must be a bool tensor"):
+                torch.ops.supsup.pack_bits(mask)
+        words = torch.ops.supsup.pack_bits(torch.tensor([[True, False, True]]))
+        assert torch.equal(torch.ops.supsup.unpack_bits(words, 3), torch.tensor([[True, False, True]]))
