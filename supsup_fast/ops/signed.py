@@ -36,6 +36,8 @@ def _check_signed_shapes(x, sign_words, mask_words, bias, in_features) -> None:
         checks._floating("bias", bias)
         if tuple(bias.shape) != (mask_words.shape[0],):
             raise ValueError(f"bias must have shape [{mask_words.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:  # as masked_linear's bias and the weight (backends differed: one cast, one raised)
+            raise TypeError(f"bias dtype {bias.dtype} must match x's dtype {x.dtype}")
 
 
 # Sign/mask words whose pad bits were found clear for n features: a layer's words are checked once,

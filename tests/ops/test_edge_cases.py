@@ -367,3 +367,17 @@ def test_masked_out_non_finite_weights_never_enter(name, device, bad, rows):
         wq = torch.randn(5, 70, generator=g).to(device).requires_grad_()
         ss.ops.masked_linear(xi, wq, bits).sum().backward()
     assert torch.equal(wq.grad.cpu()[~m], torch.zeros(int((~m).sum())))
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_signed_masked_linear_refuses_a_bias_of_another_dtype(backend, rows):
+    """A float64 bias beside a float32 x is refused on every backend, as masked_linear refuses one
+    unlike its weight (the reference raised inside F.linear, the Triton backend cast it)."""
+    x = torch.randn(rows, 70)
+    signs, mask = ss.pack_bits(torch.rand(12, 70) < 0.5), ss.pack_bits(torch.rand(12, 70) < 0.5)
+    with ss.use_backend(backend):
+        with pytest.raises(TypeError, match="bias dtype torch.float64 must match x's dtype torch.float32"):
+            ss.ops.signed_masked_linear(x, signs, mask, 0.5, torch.zeros(12, dtype=torch.float64))
+        want = ss.ops.signed_masked_linear(x, signs, mask, 0.5, None) + 1
+        torch.testing.assert_close(ss.ops.signed_masked_linear(x, signs, mask, 0.5, torch.ones(12)), want)
