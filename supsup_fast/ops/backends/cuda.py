@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Dict
 
@@ -38,9 +36,10 @@ def load_cuda_extension() -> str:
         import supsup_fast._cuda  # noqa: F401  (built by setup.py)
         _loaded = "prebuilt"
     except ImportError:
-        if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
-            raise RuntimeError("the CUDA extension is not built and nvcc is not on PATH to build it")
         from torch.utils import cpp_extension
+        if cpp_extension.CUDA_HOME is None:  # torch's own search: CUDA_HOME / CUDA_PATH, nvcc on PATH, /usr/local/cuda
+            raise RuntimeError("the CUDA extension is not built and no CUDA toolkit (nvcc) was found to build it; "
+                               "set CUDA_HOME")
         try:
             cpp_extension.load(name="supsup_fast_cuda", sources=csrc_build.cuda_sources(), is_python_module=False,
                                extra_cuda_cflags=csrc_build.CUDA_NVCCFLAGS, extra_cflags=csrc_build.CUDA_CXXFLAGS)
