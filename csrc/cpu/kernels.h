@@ -38,10 +38,11 @@ int cpu_family();
 bool stream_prefetch();
 
 // Where those prefetches put the bits: into L2 (prefetcht2) on Intel CPUs, into L1 (prefetcht0)
-// elsewhere. On a second Intel Xeon VM (2026-12-07, 480 MiB L3, where the loops without any prefetch
-// ran 2.6-5x slower) prefetching into L2 made mask_dot over the copies at k = 2,500 1.1x faster
-// with AVX-512 (superpose level) and superpose / mask_dot 1.05-1.2x with AVX2 (alternating
-// processes): a prefetch into L1 holds one of the core's few fill buffers until its line arrives.
+// elsewhere. On a second Intel Xeon VM (2026-12-07, 480 MiB L3, where the loops without any
+// prefetch ran 1.4x (AVX-512) and 2.6x (AVX2) slower), prefetching into L2 made mask_dot over the
+// copies at k = 2,500 1.1x faster with AVX-512 (superpose level) and superpose / mask_dot 1.05-1.2x
+// with AVX2 (alternating processes): a prefetch into L1 holds one of the core's few fill buffers
+// until its line arrives.
 // Not measured on AMD CPUs, which keep L1. SUPSUP_CPU_PREFETCH_L2=1 or 0 forces it. Read once.
 bool stream_prefetch_l2();
 

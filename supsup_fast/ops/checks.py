@@ -26,11 +26,12 @@ def words_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must hold int32 words (canonical bit layout), got dtype {t.dtype}")
 
 
-def check_unpack_bits(words: torch.Tensor, n) -> None:
-    """unpack_bits's arguments: int32 words [..., ceil(n/32)] and a positive int n."""
+def check_unpack_bits(words: torch.Tensor, n, min_n: int = 1) -> None:
+    """unpack_bits's arguments: int32 words [..., ceil(n/32)] and an int n >= min_n (the registered op
+    takes n = 0, a layer of no inputs, whose signed backward unpacks no words)."""
     words_tensor("words", words)
-    if not is_int(n) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not is_int(n) or n < min_n:
+        raise ValueError(f"n must be a {'positive' if min_n >= 1 else 'non-negative'} int, got {n!r}")
     if words.dim() < 1 or words.shape[-1] != (n + 31) // 32:
         raise ValueError(f"words must have ceil(n/32) = {(n + 31) // 32} words in its last dimension "
                          f"for n = {n}, got shape {tuple(words.shape)}")

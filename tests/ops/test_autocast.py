@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import supsup_fast as ss
+from tests.ops.isa_runner import needs_compiler
 
 
 def _operands(seed, out=12, n=70, k=3):
@@ -107,7 +108,7 @@ def _mlp(seed=7, q=3, sizes=(40, 24, 10), k=5):
     return ws, banks, hs, torch.randn(q, sizes[-1], generator=g), torch.randint(0, sizes[-1], (q,), generator=g)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_compiler)])
 def test_mlp_fused_paths_run_outside_autocast(backend):
     """The MLP's one-call paths (task inference's backward and logit gradients, the training step's
     loss and weight gradients) give under autocast what they give outside it, on every backend: op by

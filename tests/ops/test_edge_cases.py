@@ -8,6 +8,7 @@ import supsup_fast as ss
 from supsup_fast import ops
 
 from tests.devices import backend_devices
+from tests.ops.isa_runner import needs_compiler
 
 CASES = backend_devices()
 INF, NAN = float("inf"), float("nan")
@@ -370,7 +371,7 @@ def test_masked_out_non_finite_weights_never_enter(name, device, bad, rows):
 
 
 @pytest.mark.parametrize("rows", [1, 40])
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_compiler)])
 def test_signed_masked_linear_refuses_a_bias_of_another_dtype(backend, rows):
     """A float64 bias beside a float32 x is refused on every backend, as masked_linear refuses one
     unlike its weight (the reference raised inside F.linear, the Triton backend cast it)."""
@@ -381,3 +382,14 @@ def test_signed_masked_linear_refuses_a_bias_of_another_dtype(backend, rows):
             ss.ops.signed_masked_linear(x, signs, mask, 0.5, torch.zeros(12, dtype=torch.float64))
         want = ss.ops.signed_masked_linear(x, signs, mask, 0.5, None) + 1
         torch.testing.assert_close(ss.ops.signed_masked_linear(x, signs, mask, 0.5, torch.ones(12)), want)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_compiler)])
+def test_signed_masked_linear_of_no_inputs_has_a_backward(backend):
+    """A signed layer of 0 input features: y = b, and x's gradient is empty (its backward unpacks
+    the words of no weights)."""
+    x, words = torch.randn(2, 0, requires_grad=True), torch.zeros(3, 0, dtype=torch.int32)
+    with ss.use_backend(backend):
+        y = ss.ops.signed_masked_linear(x, words, words, 0.5, torch.ones(3))
+        y.sum().backward()
+    assert torch.equal(y, torch.ones(2, 3)) and x.grad.shape == (2, 0)
