@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checks
-from .dispatch import eager_without_grad, under_autocast
+from .dispatch import eager_without_grad, outside_autocast, under_autocast
 from .registry import backend_for
 
 OBJECTIVES = ("entropy", "superfluous")
@@ -73,8 +73,7 @@ def mlp_logit_gradients(x: Tensor, weights: Sequence[Tensor], biases: Sequence[O
     model's own layers, whose shapes hold by construction, saves its few µs a query). Under autocast
     it runs outside it, in x's dtype, as the cpu backend's C++ call does."""
     if under_autocast(x):
-        with torch.autocast(x.device.type, enabled=False):
-            return mlp_logit_gradients(x, weights, biases, objective, num_labels, count_nonzero, check)
+        return outside_autocast(mlp_logit_gradients, x, x.dtype, weights, biases, objective, num_labels, count_nonzero, check)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if objective == "superfluous" and len(weights) >= 1:

@@ -186,8 +186,7 @@ def mlp_cross_entropy_grads(x: Tensor, y: Tensor, weights: Sequence[Tensor]) -> 
     training step (the weights are the effective, masked ones). Returns (loss, [dL/dW per layer]).
     Under autocast it runs outside it, in the operands' dtype, as the cpu backend's C++ call does."""
     if under_autocast(x):
-        with torch.autocast(x.device.type, enabled=False):
-            return mlp_cross_entropy_grads(x, y, weights)
+        return outside_autocast(mlp_cross_entropy_grads, x, x.dtype, y, weights)
     weights = list(weights)
     if not weights:
         raise ValueError("weights must hold at least one layer")
