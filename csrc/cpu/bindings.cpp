@@ -70,6 +70,7 @@ bool stream_prefetch_op() { return stream_prefetch(); }
 bool stream_prefetch_l2_op() { return stream_prefetch_l2(); }
 bool shift_indices_op() { return shift_indices(); }
 bool wide_gemm_tiles_op() { return wide_gemm_tiles(); }
+bool short_gemm_chunks_op() { return short_gemm_chunks(); }
 int64_t signed_lut_max_rows_op() { return signed_lut_max_rows(current_isa()); }
 std::string vendor_op() { return cpu_vendor(); }
 
@@ -1210,6 +1211,7 @@ TORCH_LIBRARY(supsup_cpu, m) {
   m.def("stream_prefetch_l2() -> bool", &stream_prefetch_l2_op);
   m.def("shift_indices() -> bool", &shift_indices_op);
   m.def("wide_gemm_tiles() -> bool", &wide_gemm_tiles_op);
+  m.def("short_gemm_chunks() -> bool", &short_gemm_chunks_op);
   m.def("signed_lut_max_rows() -> int", &signed_lut_max_rows_op);
   m.def("vendor() -> str", &vendor_op);
   m.def("pack_bits(Tensor mask) -> Tensor");

@@ -86,6 +86,14 @@ bool wide_gemm_tiles() {
   return on;
 }
 
+bool short_gemm_chunks() {
+  static const bool on = [] {
+    if (const char* env = std::getenv("SUPSUP_CPU_SHORT_CHUNKS")) return std::strcmp(env, "0") != 0;
+    return std::strcmp(cpu_vendor(), "intel") == 0;
+  }();
+  return on;
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Avx512: return "avx512";

@@ -58,6 +58,12 @@ bool shift_indices();
 // was not measured); SUPSUP_CPU_WIDE_TILES=1 or 0 forces it. Read once.
 bool wide_gemm_tiles();
 
+// Whether the AVX2 packed masked GEMM (masked_gemm.cpp) packs K in even chunks of at most 256 (on
+// by default on Intel CPUs, where it measured 1.01-1.07x faster at 32-128 rows of x) or whole rows of
+// up to 2,048 (elsewhere: the AMD Zen 4 VM measured whole rows faster, with its blocks of the time);
+// SUPSUP_CPU_SHORT_CHUNKS=1 or 0 forces it. Read once.
+bool short_gemm_chunks();
+
 // mask bool[rows, n] -> words[rows, W]; rows [r0, r1).
 void pack_rows(const bool* mask, int64_t n, int64_t W, int32_t* words, int64_t r0, int64_t r1);
 // words[rows, W] -> bool[rows, n]; rows [r0, r1).

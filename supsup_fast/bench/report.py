@@ -23,6 +23,7 @@ def machine() -> dict:
         info["stream_prefetch_l2"] = bool(torch.ops.supsup_cpu.stream_prefetch_l2())
         info["shift_indices"] = bool(torch.ops.supsup_cpu.shift_indices())
         info["wide_gemm_tiles"] = bool(torch.ops.supsup_cpu.wide_gemm_tiles())
+        info["short_gemm_chunks"] = bool(torch.ops.supsup_cpu.short_gemm_chunks())
     return info
 
 

@@ -75,12 +75,15 @@ def run_on_isa_with_setting(script: str, isa: str, setting: str, value: str, ext
     after checking that the kernels took it: "prefetch" (SUPSUP_CPU_PREFETCH, the bits prefetched
     ahead; on by default on Intel CPUs only), "prefetch_l2" (SUPSUP_CPU_PREFETCH_L2, those prefetches
     into L2 rather than L1; on by default on Intel CPUs only), "shift_indices" (SUPSUP_CPU_SHIFT_INDICES, the AVX2
-    loops' indices by shifts; on by default on Intel CPUs only) or "wide_gemm_tiles"
-    (SUPSUP_CPU_WIDE_TILES, the AVX-512 packed GEMM's 64 x 6 tile; on by default on Intel CPUs only).
+    loops' indices by shifts; on by default on Intel CPUs only), "wide_gemm_tiles"
+    (SUPSUP_CPU_WIDE_TILES, the AVX-512 packed GEMM's 64 x 6 tile; on by default on Intel CPUs only) or
+    "short_gemm_chunks" (SUPSUP_CPU_SHORT_CHUNKS, the AVX2 packed GEMM's K chunks of at most 256; on by
+    default on Intel CPUs only).
     ``script`` starts with SCRIPT_HEAD; ``extra_env`` sets more variables."""
     op, env = {"prefetch": ("stream_prefetch", "SUPSUP_CPU_PREFETCH"),
                "prefetch_l2": ("stream_prefetch_l2", "SUPSUP_CPU_PREFETCH_L2"),
                "shift_indices": ("shift_indices", "SUPSUP_CPU_SHIFT_INDICES"),
-               "wide_gemm_tiles": ("wide_gemm_tiles", "SUPSUP_CPU_WIDE_TILES")}[setting]
+               "wide_gemm_tiles": ("wide_gemm_tiles", "SUPSUP_CPU_WIDE_TILES"),
+               "short_gemm_chunks": ("short_gemm_chunks", "SUPSUP_CPU_SHORT_CHUNKS")}[setting]
     check = f"assert C.{op}() is {value == '1'}\n"
     run_on_isa(SCRIPT_HEAD + check + script[len(SCRIPT_HEAD):], isa, {**(extra_env or {}), env: value})

@@ -574,6 +574,46 @@ def test_packed_gemm_tiles_avx512(wide):
     run_on_isa_with_setting(WIDE_TILE_SCRIPT, "avx512", "wide_gemm_tiles", wide)
 
 
+CHUNK_SCRIPT = SCRIPT_HEAD + """
+import torch.nn.functional as F
+for t in (1, 2):
+    torch.set_num_threads(t)
+    # K past 256 (even chunks in whole words: 300 -> 160 + 140, 1030 -> 4 x 224 + 134, 2100 past one
+    # 2,048-wide chunk), at 256 and below (one chunk), tiles of 24 rows whole and cut, 4 x rows and their tail
+    for R, n, B in ((48, 300, 33), (50, 1030, 18), (25, 257, 40), (24, 256, 17), (7, 2100, 21), (73, 33, 64)):
+        m, s = torch.rand(R, n) > 0.5, torch.rand(R, n) > 0.5
+        W, x, b = torch.randn(R, n), torch.randn(B, n), torch.randn(R)
+        expect = F.linear(x.double(), (W * m).double(), b.double()).float()
+        assert torch.allclose(C.masked_linear_gemm(x, W, ss.pack_bits(m), b), expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
+        expect = F.linear(x.double(), 0.5 * (s.double() * 2 - 1) * m, b.double()).float()
+        got = C.signed_masked_linear_gemm(x, ss.pack_bits(s), ss.pack_bits(m), 0.5, b)
+        assert torch.allclose(got, expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
+# the input gradient's GEMM (W as [K, R]) chunks K = a layer's 300 outputs: the whole bits step against float64
+B, dims = 20, (40, 300, 7)
+weights = [torch.randn(o, i) * (2.0 / i) ** 0.5 for i, o in zip(dims[:-1], dims[1:])]
+params = [torch.randn(o, i) * 0.01 for i, o in zip(dims[:-1], dims[1:])]
+sqs = [torch.rand(o, i) * 1e-3 for i, o in zip(dims[:-1], dims[1:])]
+x, y = torch.randn(B, dims[0]), torch.randint(0, dims[-1], (B,))
+words = [ss.pack_bits(p >= 0) for p in params]
+p64, sq64, w64, words64 = [p.double() for p in params], [q.double() for q in sqs], [w.double() for w in weights], [m.clone() for m in words]
+hyper = (1e-2, 0.9, 0.1, 1e-3)
+loss = C.mlp_ste_rmsprop_bits_step_(x, y, weights, [None, None], [1.0, 1.0], words, params, sqs, *hyper)
+loss64 = ref.mlp_ste_rmsprop_bits_step_(x.double(), y, w64, [None, None], [1.0, 1.0], words64, p64, sq64, *hyper)
+assert abs(loss.item() - loss64.item()) <= 1e-5 * abs(loss64.item()) + 1e-6
+for l in range(2):
+    torch.testing.assert_close(params[l].double(), p64[l], rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("short", ["0", "1"])
+def test_packed_gemm_chunks_avx2(short):
+    """The AVX2 packed GEMM with its K chunks of at most 256 forced on and off (SUPSUP_CPU_SHORT_CHUNKS;
+    on by default on Intel CPUs only), y = x (W ⊙ M)ᵀ and the input gradient's y = g (W ⊙ M), against
+    float64 on K past one chunk and within one, and on the tails of the 24 x 4 tile."""
+    run_on_isa_with_setting(CHUNK_SCRIPT, "avx2", "short_gemm_chunks", short)
+
+
 def test_signed_layer_sees_a_replaced_weight():
     """The layer's cached sign bits follow a new weight tensor, even one that reuses an old address."""
     layer = snn.SupermaskLinear(100, 30, bias=False)
