@@ -40,6 +40,19 @@ def test_cuda_backend_absent_without_gpu_and_table_is_valid():
             ops.set_backend("cuda")
 
 
+def test_cuda_kernels_built_for_other_gpus_are_refused_with_the_fix():
+    """A prebuilt extension without machine code or PTX for this card registers its ops and fails at
+    the first launch; the backend's probe turns that into a refusal (auto then takes Triton) that
+    names the card's compute capability and the rebuild; a launch that works passes."""
+    from supsup_fast.ops.backends.cuda import probe_kernels
+
+    def no_image():
+        raise RuntimeError("supsup_cuda: masked_weight failed: no kernel image is available for execution on the device")
+    with pytest.raises(RuntimeError, match=r"compute capability 7\.5.*no kernel image.*TORCH_CUDA_ARCH_LIST=\"7\.5\""):
+        probe_kernels(no_image, (7, 5))
+    probe_kernels(lambda: None, (9, 0))
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
 

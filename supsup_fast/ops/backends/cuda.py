@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 
@@ -47,8 +47,33 @@ def load_cuda_extension() -> str:
             raise RuntimeError(f"could not build the CUDA kernels: {exc}") from exc
         _loaded = "jit"
     if not hasattr(torch.ops, "supsup_cuda") or not hasattr(torch.ops.supsup_cuda, "mask_dot"):
+        _loaded = None
         raise RuntimeError("the CUDA extension loaded but registered no supsup_cuda ops")
+    try:
+        probe_kernels(_launch_one_kernel, torch.cuda.get_device_capability())
+    except RuntimeError:
+        _loaded = None
+        raise
     return _loaded
+
+
+def _launch_one_kernel() -> None:
+    w = torch.ones(1, 1, device="cuda")
+    torch.ops.supsup_cuda.masked_weight(w, torch.ones(1, 1, dtype=torch.int32, device="cuda"), False)
+    torch.cuda.synchronize()
+
+
+def probe_kernels(launch: Callable[[], object], capability: Tuple[int, int]) -> None:
+    """Run ``launch`` (one tiny kernel) and turn its failure into a RuntimeError that says why: an
+    extension built for other GPUs (setup.py builds sm_80 / sm_90 machine code and sm_90 PTX by
+    default) registers its ops on an older card and only fails at the first launch ("no kernel image
+    is available"). Refusing the backend here lets ``auto`` take Triton instead."""
+    try:
+        launch()
+    except RuntimeError as exc:
+        arch = f"{capability[0]}.{capability[1]}"
+        raise RuntimeError(f"the CUDA kernels cannot run on this GPU (compute capability {arch}): {exc}. Rebuild "
+                           f"them for it: TORCH_CUDA_ARCH_LIST=\"{arch}\" pip install --no-build-isolation -e .") from exc
 
 
 def op_table() -> Dict[str, str]:
