@@ -11,10 +11,12 @@ from .bn import MultitaskNonAffineBN
 from .checkpoint import load_official_checkpoint, official_state_dict, save_official_checkpoint
 from .helpers import (cache_masks, clear_masks, freeze_model_scores, freeze_model_weights, set_alphas, set_mask,
                       set_model_task, set_num_tasks_learned, unfreeze_model_scores, unfreeze_model_weights)
-from .layers import FastMultitaskMaskConv, MultitaskMaskConv, MultitaskMaskLinear, MultitaskMaskMixin
+from .layers import (FastMultitaskMaskConv, MultitaskMaskConv, MultitaskMaskLinear, MultitaskMaskMixin,
+                     StackedFastMultitaskMaskConv)
 from .settings import configure
 
-__all__ = ["MultitaskMaskLinear", "MultitaskMaskConv", "FastMultitaskMaskConv", "MultitaskMaskMixin",
+__all__ = ["MultitaskMaskLinear", "MultitaskMaskConv", "FastMultitaskMaskConv", "StackedFastMultitaskMaskConv",
+           "MultitaskMaskMixin",
            "MultitaskNonAffineBN", "set_model_task", "cache_masks", "clear_masks", "set_mask",
            "set_num_tasks_learned", "set_alphas", "freeze_model_weights", "unfreeze_model_weights",
            "freeze_model_scores", "unfreeze_model_scores", "configure", "load_official_checkpoint",

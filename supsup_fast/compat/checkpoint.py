@@ -66,7 +66,9 @@ def load_official_checkpoint(model: nn.Module, path: PathOrDict, strict: bool = 
                 m._commit(t)
                 if not m.keep_scores:  # keep_scores: the checkpoint's float scores stay, as upstream
                     m.scores.pop(t)
-            m._task = None
+            task, m._task = m._task, None
+            if task is not None:  # the selected task stays selected (upstream's load leaves `task` alone)
+                m.task = task
     if not strict and (result.missing_keys or result.unexpected_keys):
         print(f"load_official_checkpoint: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
     return model

@@ -113,7 +113,10 @@ class MultitaskMaskMixin:
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"task must be in [0, num_tasks={self.num_tasks}), got {task}")
         if task not in self.scores:  # frozen by freeze_model_scores: stays frozen across a switch, as upstream
-            self.scores.put(task, nn.Parameter(self.stored_scores(task), requires_grad=task not in self._frozen))
+            # made outside inference mode: scores first read under torch.inference_mode() (an evaluation
+            # that selects a task) must still train afterwards, as upstream's, made in __init__, do
+            with torch.inference_mode(False):
+                self.scores.put(task, nn.Parameter(self.stored_scores(task), requires_grad=task not in self._frozen))
             self._note_source(task)
         return self.scores.live(task)
 
@@ -176,6 +179,15 @@ class MultitaskMaskMixin:
         m = 0.5 * score_init_bound(self.weight[0].numel())
         bits = mask.float()
         return (bits * 2 - 1) * m if self.mask_fn == "threshold" else (bits + 1) * m
+
+    def _apply(self, fn, *args, **kwargs):
+        # .double(), .half(), .to(...): a live task that still holds its initial scores keeps counting as
+        # untrained (its fingerprint is of the values in their dtype, so it is taken again after the cast)
+        untouched = [t for t in self.scores.tasks() if self._still_initial(t)] if "_initial" in self.__dict__ else []
+        out = super()._apply(fn, *args, **kwargs)
+        for t in untouched:
+            self._initial[t] = _digest(self.scores.live(t))
+        return out
 
     def __setstate__(self, state):  # a pickle from before the bank saved its rows: they travel as mask_bits here
         super().__setstate__(state)
@@ -276,8 +288,8 @@ class MultitaskMaskMixin:
         for task, value in carried.items():
             self._rebuilt.discard(task)
             initial = self._stream.scores(task)
-            if torch.equal(value.to(initial), initial):
-                self._initial[task] = _digest(initial)
+            if torch.equal(value.to(initial), initial):  # the live scores will hold it in the weight's dtype
+                self._initial[task] = _digest(initial.to(self.weight.dtype))
             else:
                 self._initial.pop(task, None)
         if not self._bits_loaded:
@@ -479,3 +491,10 @@ class MultitaskMaskConv(_MultitaskConvBase):
 
 class FastMultitaskMaskConv(_MultitaskConvBase):
     """The main repository's threshold layer (mask = 1[scores >= 0], Piggyback-style)."""
+
+
+class StackedFastMultitaskMaskConv(FastMultitaskMaskConv):
+    """The conv type of the official NNs experiment (``experiments/NNs/supsup.py``): upstream it forms
+    the superposition's masks from every learned task's scores at each forward rather than from
+    ``cache_masks()``'s buffer. Here both read the tasks' bits (a live task's scores are packed when
+    the model moves to the superposition), so it is :class:`FastMultitaskMaskConv` under that name."""

@@ -63,7 +63,9 @@ class ScoreList(nn.Module):
 
     def __contains__(self, task: object) -> bool:
         """Whether ``task`` has live float scores (reading ``scores[task]`` would make them)."""
-        return isinstance(task, int) and str(task) in self._parameters
+        if isinstance(task, bool) or not isinstance(task, numbers.Integral):  # numpy integers count, as upstream's list
+            return False
+        return str(int(task)) in self._parameters
 
     def __len__(self) -> int:
         return self._size()

@@ -1002,3 +1002,83 @@ def test_sorted_topk_mask_is_the_official_sort_with_and_without_ties():
             x = (x * 7).floor()  # many ties
         density = float(torch.rand(1, generator=g))
         assert torch.equal(sorted_topk_mask(x, density), _official_get_subnet(x, density).bool()), (trial, n, density)
+
+
+def test_scores_first_made_under_inference_mode_train_afterwards():
+    """An evaluation under torch.inference_mode() that selects a task for the first time must not
+    leave that task's scores as inference tensors: upstream makes them in __init__, and they train."""
+    m = nn.Sequential(compat.MultitaskMaskLinear(6, 4, num_tasks=3, bias=False))
+    x = torch.randn(2, 6)
+    with torch.inference_mode():
+        compat.set_model_task(m, 1, verbose=False)
+        m(x)
+    compat.set_model_task(m, 1, verbose=False)
+    before = m[0].scores[1].detach().clone()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    m(x).sum().backward()
+    opt.step()
+    assert not torch.equal(m[0].scores[1].detach(), before)
+
+
+def test_load_official_checkpoint_keeps_the_selected_task():
+    """As upstream's load_state_dict, loading leaves `task` as it was: the next forward runs."""
+    torch.manual_seed(0)
+    src = nn.Sequential(compat.MultitaskMaskLinear(6, 4, num_tasks=3, bias=False))
+    sd = compat.official_state_dict(src)
+    m = nn.Sequential(compat.MultitaskMaskLinear(6, 4, num_tasks=3, bias=False))
+    compat.set_model_task(m, 2, verbose=False)
+    compat.load_official_checkpoint(m, sd)
+    assert m[0].task == 2
+    x = torch.randn(3, 6)
+    assert torch.equal(m(x), F.linear(x, src[0].weight * (sd["0.scores.2"] >= 0).float()))
+
+
+def test_a_dtype_cast_keeps_an_untrained_task_untrained():
+    """A task that was only read (still its official initial scores) stays untrained through
+    .double() and through a float64 state dict: selected again it gets those initial scores back,
+    not scores rebuilt from its mask."""
+    torch.manual_seed(0)
+    initial = compat.MultitaskMaskLinear(6, 4, num_tasks=3, bias=False).scores[0].detach().clone()
+    torch.manual_seed(0)
+    layer = compat.MultitaskMaskLinear(6, 4, num_tasks=3, bias=False)
+    layer.task = 0
+    layer.double()
+    layer.task = 1
+    layer.task = 0
+    assert torch.equal(layer.scores[0].detach(), initial.double())
+    # the same through a state dict of a float64 model that carries the untrained task's scores
+    sd = layer.state_dict()
+    torch.manual_seed(0)
+    other = compat.MultitaskMaskLinear(6, 4, num_tasks=3, bias=False).double()
+    other.load_state_dict(sd)
+    other.task = 1
+    other.task = 0
+    assert torch.equal(other.scores[0].detach(), initial.double())
+    assert other.state_dict()["mask_bits"].shape[0] == 0  # no trained task to save
+
+
+def test_freeze_takes_a_numpy_task_index():
+    """freeze_model_scores(model, np.int64) freezes the selected task's scores (upstream indexes a
+    ParameterList, which takes numpy integers)."""
+    m = nn.Sequential(compat.FastMultitaskMaskConv(3, 4, kernel_size=1, bias=False, num_tasks=3))
+    idx = np.arange(3)[0]
+    compat.set_model_task(m, idx, verbose=False)
+    compat.freeze_model_scores(m, idx)
+    assert not m[0].scores[0].requires_grad
+    assert np.int64(0) in m[0].scores and 1 not in m[0].scores and True not in m[0].scores
+
+
+def test_stacked_fast_conv_is_the_fast_conv():
+    """The official NNs experiment's conv type imports and computes what FastMultitaskMaskConv does."""
+    torch.manual_seed(0)
+    a = compat.StackedFastMultitaskMaskConv(3, 4, kernel_size=3, bias=False, num_tasks=3)
+    torch.manual_seed(0)
+    b = compat.FastMultitaskMaskConv(3, 4, kernel_size=3, bias=False, num_tasks=3)
+    x = torch.randn(2, 3, 8, 8)
+    for layer in (a, b):
+        for t in range(2):
+            layer.task = t
+        layer.num_tasks_learned = 2
+        layer.alphas = torch.tensor([0.3, 0.7]).view(2, 1, 1, 1, 1)
+        layer.task = -1
+    assert torch.equal(a(x), b(x))
