@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shlex
 import sys
@@ -22,7 +23,8 @@ def _add_run_flags(p: argparse.ArgumentParser, preset: Optional[dict] = None, de
                    help="continue an interrupted run in --out; settings that no flag or --config gives are the run's own "
                         "(OUT/config.json)")
     p.add_argument("--retrain-corrupt", action="store_true",
-                   help="with --resume: delete and retrain the tasks whose checkpoint is corrupt instead of stopping")
+                   help="with --resume: delete and retrain the tasks whose checkpoint is corrupt instead of stopping "
+                        "(GG, GNs and GNu runs, whose tasks have a checkpoint each)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -109,6 +111,11 @@ def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") ->
     if args.resume:
         base = _interrupted_run_settings(args, out, base)
     config = _config_from(args, base)
+    if getattr(args, "retrain_corrupt", False) and (config.scenario == "NNs" or config.inference == "hopfield"):
+        rolling = "nns_latest" if config.scenario == "NNs" else "hopfield"
+        raise ValueError(f"--retrain-corrupt retrains the tasks of a GG, GNs or GNu run, each in its own checkpoint; "
+                         f"{'NNs' if config.scenario == 'NNs' else 'HopSupSup'} keeps all its tasks in one, "
+                         f"{out}/checkpoints/{rolling}.safetensors: delete it to retrain the run from its first task")
     ctx, config = _launch(config)
     results = _then_shutdown(ctx, lambda: run_experiment(config, out, resume=args.resume, progress=not args.no_progress,
                                                          ctx=ctx, retrain_corrupt=bool(getattr(args, "retrain_corrupt", False))))
@@ -139,6 +146,9 @@ def default_evaluation_folder(overrides: dict) -> str:
     parts = [str(overrides[k]) for k in ("scenario", "objective", "inference", "calibration") if k in overrides]
     parts += [f"{flag}{overrides[k]}" for k, flag in (("infer_images", "i"), ("log_base", "b"), ("test_batch_size", "t"))
               if k in overrides]
+    if overrides.get("data_root"):  # other test data: a folder of its own (a short digest of the absolute path)
+        root = os.path.abspath(os.path.expanduser(str(overrides["data_root"])))
+        parts.append("data-" + hashlib.sha256(root.encode()).hexdigest()[:8])
     return "eval-" + ("-".join(parts) if parts else "same")
 
 

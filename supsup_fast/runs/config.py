@@ -112,10 +112,16 @@ class RunConfig:
         one_of("backend", self.backend, [AUTO] + sorted(_FACTORIES))
         try:
             import torch
-            torch.device(self.device)
+            device_type = torch.device(self.device).type
         except (RuntimeError, ValueError, TypeError):
             raise ValueError(f"{_flag('device')} must name a torch device (cpu, cuda, cuda:1 ...), "
                              f"got {self.device!r}") from None
+        if device_type not in ("cpu", "cuda"):  # the kernels and the runs' device handling cover these two
+            raise ValueError(f"{_flag('device')} must be cpu or a CUDA GPU (cuda, cuda:1 ...), got {self.device!r}")
+        # Task t's data and permutation draw from numpy's RandomState(seed + t), which takes seeds below 2**32.
+        if self.seed + self.tasks > 2 ** 32:
+            raise ValueError(f"{_flag('seed')} must be at most 2**32 - {self.tasks} = {2 ** 32 - self.tasks} with "
+                             f"--tasks {self.tasks} (task t draws from the seed seed + t, below 2**32), got {self.seed}")
         bad_points = [p for p in self.eval_at if not 1 <= p <= self.tasks]
         if bad_points:
             raise ValueError(f"{_flag('eval_at')} points must lie in [1, {self.tasks}] (--tasks {self.tasks}), "

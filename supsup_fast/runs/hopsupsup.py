@@ -40,6 +40,7 @@ def run_hopsupsup(exp: Experiment) -> dict:
         except MaskFileError as exc:
             raise unusable_checkpoint(ckpt, exc) from exc
         done, after, train_seconds = require_extra(ckpt, extra, "tasks_done", "accuracy_after_training", "train_seconds")
+    exp.commit_config()  # the checkpoint belongs to this run
     bar = tqdm(range(cfg.tasks), desc="HopSupSup train", unit="task", disable=not exp.progress)
     bar.update(done)
     for t in range(done, cfg.tasks):

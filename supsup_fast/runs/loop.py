@@ -140,6 +140,19 @@ def refuse_existing_run(out: Path) -> None:
         raise RunDirError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
 
+def refuse_evaluation_folder(out: Path) -> None:
+    """A resume must not train into the output folder of ``supsup-fast evaluate``."""
+    results = out / "results.json"
+    if results.exists():
+        try:
+            source = read_json(results, "results").get("evaluated_from")
+        except (RunDirError, ValueError, OSError):
+            return  # an unreadable results.json is the run's own business (it is rewritten at the end)
+        if source is not None:
+            raise RunDirError(f"{out} holds an evaluation (supsup-fast evaluate) of the run in {source}, not a run: "
+                              f"resume that run, or choose another --out")
+
+
 class Experiment:
     """The data, model, settings and folder of one run; a scenario driver subclasses it and
     defines ``run``. ``model`` defaults to a fresh network. ``ctx`` is
@@ -267,20 +280,32 @@ class Experiment:
         self.out.mkdir(parents=True, exist_ok=True)
         self.lock = RunLock(self.out).acquire()
         try:
+            now = self.config.to_dict()
             if cfg_path.exists():
                 if not self.resume:
                     refuse_existing_run(self.out)
+                refuse_evaluation_folder(self.out)
                 saved = read_json(cfg_path, "run config")
-                now = self.config.to_dict()
                 diff = sorted(k for k in set(saved) | set(now)
                               if saved.get(k) != now.get(k) and k not in RunConfig.RESUMABLE_CHANGES)
                 if diff:
                     raise RunDirError(f"cannot resume {self.out}: settings differ from the interrupted run: "
                                       + ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in diff))
-            write_json(cfg_path, self.config.to_dict())
+                # A resume's changed settings (--data-root, --eval-at, ...) are written once the driver has
+                # checked the folder's files against them (commit_config): a refused resume changes nothing.
+                self._pending_config = now if saved != now else None
+            else:
+                write_json(cfg_path, now)
         except BaseException:
             self.release()
             raise
+
+    def commit_config(self) -> None:
+        """Write a resumed run's changed settings to config.json, after the scenario's driver has
+        checked the folder's checkpoints against them; called on every rank at the same point."""
+        pending, self._pending_config = getattr(self, "_pending_config", None), None
+        if pending is not None:
+            self._on_main(lambda: write_json(self.out / "config.json", pending))
 
     def release(self) -> None:
         if self.lock is not None:

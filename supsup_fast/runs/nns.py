@@ -111,6 +111,7 @@ class NNsRun(Experiment):
                 raise RunDirError(f"--eval-at {passed}: this NNs run has passed {'that point' if len(passed) == 1 else 'those points'} "
                                   f"({done} true tasks done) and its masks have changed since; NNs rows are computed "
                                   f"as the run reaches them: drop {'it' if len(passed) == 1 else 'them'} or start a new --out")
+            self.commit_config()  # the checkpoint belongs to this run, and no --eval-at point was passed
             if 0 < done < cfg.tasks and done in eval_points:
                 rows = self._row_at(rows, done)  # the checkpoint holds exactly those masks
             task_bar = tqdm(range(cfg.tasks), desc=f"NNs {cfg.benchmark}", unit="true task", disable=not self.progress)

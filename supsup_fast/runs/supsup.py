@@ -164,6 +164,7 @@ class SupSupRun(Experiment):
         hold_all = not (cfg.shard_bank and self.parallel == "task")
         for hi in eval_points:
             todo = self._on_main(lambda: self._scan(lo, hi))
+            self.commit_config()  # (the first segment's checkpoints belong to this run)
             resumed += (hi - lo) - len(todo)
             start, untimed = time.perf_counter(), 0.0
             if self.parallel == "task":

@@ -50,6 +50,8 @@ def test_yaml_preset_with_flag_override(tmp_path):
     (["--benchmark", "split-imagenet", "--model", "resnet50"], "split-imagenet needs --data-root"),
     (["--retrain-corrupt"], "--retrain-corrupt applies to a resumed run: pass --resume with it"),
     (["--config", "/"], "config file / is a directory, not a YAML file"),
+    (["--device", "meta"], "must be cpu or a CUDA GPU (cuda, cuda:1 ...), got 'meta'"),
+    (["--seed", "4294967295"], "must be at most 2**32 - 2 = 4294967294 with --tasks 2"),
 ])
 def test_clear_errors(tmp_path, capsys, args, message):
     code = main(["run", *FAST, "--out", str(tmp_path / "r"), *args])
@@ -89,6 +91,9 @@ def test_nns_and_hopsupsup_from_the_command_line(tmp_path, capsys):
     assert "NNs                   mask per true task" in text
     res = json.loads((out / "results.json").read_text())
     assert res["nns"]["new_masks_per_true_task"][0] >= 1 and sum(res["nns"]["new_masks_per_true_task"]) == res["num_masks"]
+    # its tasks share one checkpoint: --retrain-corrupt is refused, saying what to delete instead
+    assert main(["run", *FAST, "--scenario", "NNs", "--out", str(out), "--resume", "--retrain-corrupt"]) == 2
+    assert "NNs keeps all its tasks in one" in capsys.readouterr().err
     out = tmp_path / "hop"
     assert main(["run", "--config", "configs/hopsupsup_split_mnist.yaml", "--tasks", "1", "--train-subset", "300",
                  "--hop-recovery-trials", "1", "--out", str(out), "--no-progress"]) == 0

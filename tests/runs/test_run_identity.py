@@ -93,6 +93,31 @@ def test_resume_on_other_training_data_is_refused(finished, tmp_path, other_trai
         run(mine, resume=True)
 
 
+def test_a_refused_resume_leaves_the_run_config_as_it_was(finished, tmp_path, other_training_data):
+    """A resume with a changed resumable setting that is then refused (its checkpoints are of other
+    data) must not write that setting: the next plain --resume would inherit it."""
+    mine = copy_run(finished[0], tmp_path / "mine")
+    before = (mine / "config.json").read_bytes()
+    with pytest.raises(RunDirError, match="the training data"):
+        run(mine, resume=True, eval_at=[1])
+    assert (mine / "config.json").read_bytes() == before
+
+
+def test_an_accepted_resume_records_its_changed_settings(finished, tmp_path):
+    mine = copy_run(finished[0], tmp_path / "mine")
+    (mine / "results.json").unlink()
+    run(mine, resume=True, eval_at=[1])
+    assert json.loads((mine / "config.json").read_text())["eval_at"] == [1]
+
+
+def test_resuming_an_evaluation_folder_is_refused(finished, tmp_path):
+    evaluate_run(finished[0], {}, tmp_path / "eval", progress=False)
+    before = sorted(p.name for p in (tmp_path / "eval").iterdir())
+    with pytest.raises(RunDirError, match=r"holds an evaluation \(supsup-fast evaluate\) of the run in .*: resume that run"):
+        run(tmp_path / "eval", resume=True)
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir() if p.name != ".lock") == [n for n in before if n != ".lock"]
+
+
 def test_evaluate_refuses_masks_trained_on_other_data_unless_data_root_is_given(finished, tmp_path, other_training_data):
     with pytest.raises(RunDirError, match="model.safetensors belongs to another run: the training data"):
         evaluate_run(finished[0], {}, tmp_path / "eval", progress=False)
@@ -260,6 +285,9 @@ def test_default_evaluation_folders_differ_by_what_is_evaluated():
                                                     {"objective": "superfluous", "inference": "binary"},
                                                     {"infer_images": 4}, {"log_base": 3.0}, {"calibration": "entropy"})}
     assert len(names) == 6 and "eval-superfluous-binary" in names and "eval-i4" in names
+    # other test data gets its own folder, one per data root
+    roots = {default_evaluation_folder({"data_root": r}) for r in ("/data/mnist", "/data/other")}
+    assert len(roots) == 2 and not roots & {"eval-same"} and all(n.startswith("eval-data-") for n in roots)
 
 
 def test_evaluate_says_how_to_rebuild_a_corrupt_run_config(finished, tmp_path):
