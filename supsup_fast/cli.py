@@ -154,7 +154,12 @@ def default_evaluation_folder(overrides: dict) -> str:
 
 def cmd_bench(args) -> int:
     from .bench import run_report
-    run_report(Path(args.out), quick=args.quick, backend=args.backend)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {args.out}: cannot make that folder ({exc.strerror or exc})") from None
+    run_report(out, quick=args.quick, backend=args.backend)
     return 0
 
 
@@ -198,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "out", None) == "":
+            raise ValueError("--out must name a folder, got an empty string")
         if args.command == "run":
             return cmd_run(args)
         if args.command == "demo":

@@ -51,6 +51,7 @@ def test_yaml_preset_with_flag_override(tmp_path):
     (["--retrain-corrupt"], "--retrain-corrupt applies to a resumed run: pass --resume with it"),
     (["--config", "/"], "config file / is a directory, not a YAML file"),
     (["--device", "meta"], "must be cpu or a CUDA GPU (cuda, cuda:1 ...), got 'meta'"),
+    (["--out", ""], "--out must name a folder, got an empty string"),
     (["--seed", "4294967295"], "must be at most 2**32 - 2 = 4294967294 with --tasks 2"),
 ])
 def test_clear_errors(tmp_path, capsys, args, message):
@@ -131,3 +132,9 @@ def test_a_leftover_world_size_is_named(tmp_path, monkeypatch, capsys):
     assert main(["run", *FAST, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "supsup-fast: error: WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT are not: launch with torchrun" in err
+
+
+def test_bench_names_an_out_folder_it_cannot_make(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["bench", "--quick", "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert f"--out {tmp_path / 'afile' / 'sub'}: cannot make that folder" in capsys.readouterr().err
