@@ -302,10 +302,13 @@ class Experiment:
 
     def commit_config(self) -> None:
         """Write a resumed run's changed settings to config.json, after the scenario's driver has
-        checked the folder's checkpoints against them; called on every rank at the same point."""
-        pending, self._pending_config = getattr(self, "_pending_config", None), None
-        if pending is not None:
-            self._on_main(lambda: write_json(self.out / "config.json", pending))
+        checked the folder's checkpoints against them. Called on every rank at the same point (a
+        collective the first time: only rank 0, which prepared the folder, holds the settings)."""
+        if getattr(self, "_config_committed", False):
+            return
+        self._config_committed = True
+        pending = getattr(self, "_pending_config", None)
+        self._on_main(lambda: None if pending is None else write_json(self.out / "config.json", pending))
 
     def release(self) -> None:
         if self.lock is not None:

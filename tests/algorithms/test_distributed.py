@@ -285,8 +285,11 @@ def test_run_with_a_sharded_bank_equals_one_process(single_run, tmp_path):
     assert a["per_task_inference_accuracy"] == b["per_task_inference_accuracy"]
     assert b["distributed"]["shard_bank"] and max(b["distributed"]["bank_bytes_per_rank"]) <= 0.6 * b["mask_bytes"]
     assert_same_model(single_run, out)  # written from the checkpoints: no rank assembles the bank
-    # resumed when finished: no evaluation runs, and the summary still comes from the checkpoints
-    ok(torchrun("run", *RUN, "--tasks", "4", "--eval-at", "2", "--shard-bank", "--out", str(out), "--resume"))
+    # resumed when finished: no evaluation runs, and the summary still comes from the checkpoints; a
+    # changed resumable setting is written to config.json by rank 0 once the ranks checked the checkpoints
+    ok(torchrun("run", *RUN, "--tasks", "4", "--eval-at", "2", "--shard-bank", "--out", str(out), "--resume",
+                "--backend", "cpu"))
+    assert json.loads((out / "config.json").read_text())["backend"] == "cpu"
     for c in (b, results(out)):
         for key in ("num_masks", "mask_bytes", "bn_bytes"):
             assert a[key] == c[key], key
