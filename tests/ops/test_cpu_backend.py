@@ -549,20 +549,26 @@ def test_portable_build_compiles_and_agrees():
     run_on_isa(PORTABLE_LAYERS_SCRIPT, "scalar", {"SUPSUP_CPU_PORTABLE": "1"})
 
 
-WIDE_TILE_SCRIPT = SCRIPT_HEAD + """
+# The float and signed packed GEMMs against float64 on (rows R, inputs n, rows of x B), on one thread and two.
+GEMM_CHECK = """
 import torch.nn.functional as F
-for t in (1, 2):
-    torch.set_num_threads(t)
-    # 128+ rows of x and 256+ outputs a thread: the 64 x 6 tile where it is on. A last tile cut at 33-63
-    # and at 0 rows, x rows past one 128-row pass and not a multiple of 6, on one thread and split
-    for R, n, B in ((300, 77, 131), (600, 1030, 135), (1024, 33, 128), (1100, 64, 260), (257, 5, 128)):
-        m, s = torch.rand(R, n) > 0.5, torch.rand(R, n) > 0.5
-        W, x, b = torch.randn(R, n), torch.randn(B, n), torch.randn(R)
-        expect = F.linear(x.double(), (W * m).double(), b.double()).float()
-        assert torch.allclose(C.masked_linear_gemm(x, W, ss.pack_bits(m), b), expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
-        expect = F.linear(x.double(), 0.5 * (s.double() * 2 - 1) * m, b.double()).float()
-        got = C.signed_masked_linear_gemm(x, ss.pack_bits(s), ss.pack_bits(m), 0.5, b)
-        assert torch.allclose(got, expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
+def check_gemms(shapes):
+    for t in (1, 2):
+        torch.set_num_threads(t)
+        for R, n, B in shapes:
+            m, s = torch.rand(R, n) > 0.5, torch.rand(R, n) > 0.5
+            W, x, b = torch.randn(R, n), torch.randn(B, n), torch.randn(R)
+            expect = F.linear(x.double(), (W * m).double(), b.double()).float()
+            assert torch.allclose(C.masked_linear_gemm(x, W, ss.pack_bits(m), b), expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
+            expect = F.linear(x.double(), 0.5 * (s.double() * 2 - 1) * m, b.double()).float()
+            got = C.signed_masked_linear_gemm(x, ss.pack_bits(s), ss.pack_bits(m), 0.5, b)
+            assert torch.allclose(got, expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
+"""
+
+WIDE_TILE_SCRIPT = SCRIPT_HEAD + GEMM_CHECK + """
+# 128+ rows of x and 256+ outputs a thread: the 64 x 6 tile where it is on. A last tile cut at 33-63
+# and at 0 rows, x rows past one 128-row pass and not a multiple of 6, on one thread and split
+check_gemms(((300, 77, 131), (600, 1030, 135), (1024, 33, 128), (1100, 64, 260), (257, 5, 128)))
 print("ok")
 """
 
@@ -574,20 +580,10 @@ def test_packed_gemm_tiles_avx512(wide):
     run_on_isa_with_setting(WIDE_TILE_SCRIPT, "avx512", "wide_gemm_tiles", wide)
 
 
-CHUNK_SCRIPT = SCRIPT_HEAD + """
-import torch.nn.functional as F
-for t in (1, 2):
-    torch.set_num_threads(t)
-    # K past 256 (even chunks in whole words: 300 -> 160 + 140, 1030 -> 4 x 224 + 134, 2100 past one
-    # 2,048-wide chunk), at 256 and below (one chunk), tiles of 24 rows whole and cut, 4 x rows and their tail
-    for R, n, B in ((48, 300, 33), (50, 1030, 18), (25, 257, 40), (24, 256, 17), (7, 2100, 21), (73, 33, 64)):
-        m, s = torch.rand(R, n) > 0.5, torch.rand(R, n) > 0.5
-        W, x, b = torch.randn(R, n), torch.randn(B, n), torch.randn(R)
-        expect = F.linear(x.double(), (W * m).double(), b.double()).float()
-        assert torch.allclose(C.masked_linear_gemm(x, W, ss.pack_bits(m), b), expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
-        expect = F.linear(x.double(), 0.5 * (s.double() * 2 - 1) * m, b.double()).float()
-        got = C.signed_masked_linear_gemm(x, ss.pack_bits(s), ss.pack_bits(m), 0.5, b)
-        assert torch.allclose(got, expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
+CHUNK_SCRIPT = SCRIPT_HEAD + GEMM_CHECK + """
+# K past 256 (even chunks in whole words: 300 -> 160 + 140, 1030 -> 4 x 224 + 134, 2100 past one
+# 2,048-wide chunk), at 256 and below (one chunk), tiles of 24 rows whole and cut, 4 x rows and their tail
+check_gemms(((48, 300, 33), (50, 1030, 18), (25, 257, 40), (24, 256, 17), (7, 2100, 21), (73, 33, 64)))
 # the input gradient's GEMM (W as [K, R]) chunks K = a layer's 300 outputs: the whole bits step against float64
 B, dims = 20, (40, 300, 7)
 weights = [torch.randn(o, i) * (2.0 / i) ** 0.5 for i, o in zip(dims[:-1], dims[1:])]
