@@ -24,7 +24,7 @@ def _add_run_flags(p: argparse.ArgumentParser, preset: Optional[dict] = None, de
                         "(OUT/config.json)")
     p.add_argument("--retrain-corrupt", action="store_true",
                    help="with --resume: delete and retrain the tasks whose checkpoint is corrupt instead of stopping "
-                        "(GG, GNs and GNu runs, whose tasks have a checkpoint each)")
+                        "(GG, GNs and GNu runs, whose tasks have a checkpoint each; not NNs or --inference hopfield)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -113,7 +113,7 @@ def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") ->
     config = _config_from(args, base)
     if getattr(args, "retrain_corrupt", False) and (config.scenario == "NNs" or config.inference == "hopfield"):
         rolling = "nns_latest" if config.scenario == "NNs" else "hopfield"
-        raise ValueError(f"--retrain-corrupt retrains the tasks of a GG, GNs or GNu run, each in its own checkpoint; "
+        raise ValueError(f"--retrain-corrupt retrains the tasks of a run that keeps each in its own checkpoint (GG, GNs, GNu); "
                          f"{'NNs' if config.scenario == 'NNs' else 'HopSupSup'} keeps all its tasks in one, "
                          f"{out}/checkpoints/{rolling}.safetensors: delete it to retrain the run from its first task")
     ctx, config = _launch(config)

@@ -58,7 +58,7 @@ bool shift_indices();
 // was not measured); SUPSUP_CPU_WIDE_TILES=1 or 0 forces it. Read once.
 bool wide_gemm_tiles();
 
-// Whether the AVX2 packed masked GEMM (masked_gemm.cpp) packs K in even chunks of at most 256 (on
+// Whether the AVX2 packed masked GEMM (masked_gemm.cpp) packs K in chunks of at most 256 (on
 // by default on Intel CPUs, where it measured 1.01-1.07x faster at 32-128 rows of x) or whole rows of
 // up to 2,048 (elsewhere: the AMD Zen 4 VM measured whole rows faster, with its blocks of the time);
 // SUPSUP_CPU_SHORT_CHUNKS=1 or 0 forces it. Read once.

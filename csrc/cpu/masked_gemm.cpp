@@ -297,8 +297,9 @@ AVX2_TARGET void micro256(const float* P, int64_t kc, const float* x, int64_t n,
   }
 }
 
-// K per packed chunk: the whole row up to kChunk, or on Intel CPUs (short_gemm_chunks()) even chunks of
-// at most 256, in whole mask words (pack_tile256 reads a word at a time), so that the 24 x kc tile
+// K per packed chunk: the whole row up to kChunk, or on Intel CPUs (short_gemm_chunks()) chunks of at
+// most 256, equal but for a shorter last one once rounded up to whole mask words (pack_tile256 reads a
+// word at a time: 784 -> 3 x 224 + 112), so that the 24 x kc tile
 // (24 KiB) stays in L1 while every row of x streams past it. On the second Intel Xeon VM (2026-12-08,
 // AVX2 capped, MKL capped to AVX2 as well, each against dense F.linear in its own interleaved pair):
 // 1024 x 1024 at 32 / 128 rows of x 0.91-0.92x / 0.94x dense against 0.85-0.88x / 0.93x with whole

@@ -288,8 +288,8 @@ class MultitaskMaskMixin:
         for task, value in carried.items():
             self._rebuilt.discard(task)
             initial = self._stream.scores(task)
-            if torch.equal(value.to(initial), initial):  # the live scores will hold it in the weight's dtype
-                self._initial[task] = _digest(initial.to(self.weight.dtype))
+            if torch.equal(value.detach().cpu(), initial.to(value.dtype)):  # (in the dict's dtype: half included)
+                self._initial[task] = _digest(value.to(self.weight.dtype))  # what the live scores will hold
             else:
                 self._initial.pop(task, None)
         if not self._bits_loaded:

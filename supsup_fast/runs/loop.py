@@ -294,6 +294,8 @@ class Experiment:
                 # A resume's changed settings (--data-root, --eval-at, ...) are written once the driver has
                 # checked the folder's files against them (commit_config): a refused resume changes nothing.
                 self._pending_config = now if saved != now else None
+            elif self.resume:  # (e.g. deleted to be rebuilt): written, too, once the driver has checked the files
+                self._pending_config = now
             else:
                 write_json(cfg_path, now)
         except BaseException:

@@ -1055,6 +1055,18 @@ def test_a_dtype_cast_keeps_an_untrained_task_untrained():
     other.task = 0
     assert torch.equal(other.scores[0].detach(), initial.double())
     assert other.state_dict()["mask_bits"].shape[0] == 0  # no trained task to save
+    # and through a half-precision model's own state dict
+    torch.manual_seed(0)
+    half = compat.MultitaskMaskLinear(6, 4, num_tasks=3, bias=False)
+    half.task = 0
+    half.half()
+    torch.manual_seed(0)
+    fresh = compat.MultitaskMaskLinear(6, 4, num_tasks=3, bias=False).half()
+    fresh.load_state_dict(half.state_dict())
+    fresh.task = 1
+    fresh.task = 0
+    assert torch.equal(fresh.scores[0].detach(), initial.half())
+    assert fresh.state_dict()["mask_bits"].shape[0] == 0
 
 
 def test_freeze_takes_a_numpy_task_index():

@@ -584,8 +584,9 @@ CHUNK_SCRIPT = SCRIPT_HEAD + GEMM_CHECK + """
 # K past 256 (even chunks in whole words: 300 -> 160 + 140, 1030 -> 4 x 224 + 134, 2100 past one
 # 2,048-wide chunk), at 256 and below (one chunk), tiles of 24 rows whole and cut, 4 x rows and their tail
 check_gemms(((48, 300, 33), (50, 1030, 18), (25, 257, 40), (24, 256, 17), (7, 2100, 21), (73, 33, 64)))
-# the input gradient's GEMM (W as [K, R]) chunks K = a layer's 300 outputs: the whole bits step against float64
-B, dims = 20, (40, 300, 7)
+# the input gradient's GEMM (W as [K, R]) of the second layer chunks K = its 300 outputs (the first layer
+# has no input gradient): the whole bits step against float64
+B, dims = 20, (40, 64, 300, 7)
 weights = [torch.randn(o, i) * (2.0 / i) ** 0.5 for i, o in zip(dims[:-1], dims[1:])]
 params = [torch.randn(o, i) * 0.01 for i, o in zip(dims[:-1], dims[1:])]
 sqs = [torch.rand(o, i) * 1e-3 for i, o in zip(dims[:-1], dims[1:])]
@@ -593,10 +594,10 @@ x, y = torch.randn(B, dims[0]), torch.randint(0, dims[-1], (B,))
 words = [ss.pack_bits(p >= 0) for p in params]
 p64, sq64, w64, words64 = [p.double() for p in params], [q.double() for q in sqs], [w.double() for w in weights], [m.clone() for m in words]
 hyper = (1e-2, 0.9, 0.1, 1e-3)
-loss = C.mlp_ste_rmsprop_bits_step_(x, y, weights, [None, None], [1.0, 1.0], words, params, sqs, *hyper)
-loss64 = ref.mlp_ste_rmsprop_bits_step_(x.double(), y, w64, [None, None], [1.0, 1.0], words64, p64, sq64, *hyper)
+loss = C.mlp_ste_rmsprop_bits_step_(x, y, weights, [None] * 3, [1.0] * 3, words, params, sqs, *hyper)
+loss64 = ref.mlp_ste_rmsprop_bits_step_(x.double(), y, w64, [None] * 3, [1.0] * 3, words64, p64, sq64, *hyper)
 assert abs(loss.item() - loss64.item()) <= 1e-5 * abs(loss64.item()) + 1e-6
-for l in range(2):
+for l in range(3):
     torch.testing.assert_close(params[l].double(), p64[l], rtol=1e-5, atol=1e-6)
 print("ok")
 """

@@ -103,6 +103,18 @@ def test_a_refused_resume_leaves_the_run_config_as_it_was(finished, tmp_path, ot
     assert (mine / "config.json").read_bytes() == before
 
 
+def test_a_refused_resume_writes_no_config_where_there_was_none(finished, tmp_path):
+    """config.json deleted to be rebuilt by --resume: a resume refused by the checkpoints (other
+    settings) writes none, and the right settings then rebuild it."""
+    mine = copy_run(finished[0], tmp_path / "mine")
+    (mine / "config.json").unlink()
+    with pytest.raises(RunDirError, match="belongs to another run"):
+        run(mine, resume=True, lr=2e-3)
+    assert not (mine / "config.json").exists()
+    run(mine, resume=True)
+    assert json.loads((mine / "config.json").read_text())["lr"] == SMALL["lr"]
+
+
 def test_an_accepted_resume_records_its_changed_settings(finished, tmp_path):
     mine = copy_run(finished[0], tmp_path / "mine")
     (mine / "results.json").unlink()
