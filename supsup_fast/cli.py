@@ -104,17 +104,18 @@ def _interrupted_run_settings(args: argparse.Namespace, out: Path, base: Optiona
 
 
 def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") -> int:
-    from .runs import run_experiment
+    from .runs import NNsRun, SupSupRun, driver_for, run_experiment
     if getattr(args, "retrain_corrupt", False) and not args.resume:
         raise ValueError("--retrain-corrupt applies to a resumed run: pass --resume with it")
     out = Path(args.out or default_out)
     if args.resume:
         base = _interrupted_run_settings(args, out, base)
     config = _config_from(args, base)
-    if getattr(args, "retrain_corrupt", False) and (config.scenario == "NNs" or config.inference == "hopfield"):
-        rolling = "nns_latest" if config.scenario == "NNs" else "hopfield"
+    driver = driver_for(config)
+    if getattr(args, "retrain_corrupt", False) and driver is not SupSupRun:
+        rolling, name = ("nns_latest", "NNs") if driver is NNsRun else ("hopfield", "HopSupSup")
         raise ValueError(f"--retrain-corrupt retrains the tasks of a run that keeps each in its own checkpoint (GG, GNs, GNu); "
-                         f"{'NNs' if config.scenario == 'NNs' else 'HopSupSup'} keeps all its tasks in one, "
+                         f"{name} keeps all its tasks in one, "
                          f"{out}/checkpoints/{rolling}.safetensors: delete it to retrain the run from its first task")
     ctx, config = _launch(config)
     results = _then_shutdown(ctx, lambda: run_experiment(config, out, resume=args.resume, progress=not args.no_progress,

@@ -182,11 +182,15 @@ class MultitaskMaskMixin:
 
     def _apply(self, fn, *args, **kwargs):
         # .double(), .half(), .to(...): a live task that still holds its initial scores keeps counting as
-        # untrained (its fingerprint is of the values in their dtype, so it is taken again after the cast)
-        untouched = [t for t in self.scores.tasks() if self._still_initial(t)] if "_initial" in self.__dict__ else []
+        # untrained. Its fingerprint is of the values in their dtype, so a cast that changes the dtype
+        # takes it again; the values before the cast are the old .data, which the cast replaces.
+        initial = self.__dict__.get("_initial") or {}
+        before = {t: self.scores.live(t).data for t in self.scores.tasks() if t in initial}
         out = super()._apply(fn, *args, **kwargs)
-        for t in untouched:
-            self._initial[t] = _digest(self.scores.live(t))
+        for t, old in before.items():
+            now = self.scores.live(t).data
+            if now.dtype != old.dtype and initial[t] == _digest(old):
+                initial[t] = _digest(now)
         return out
 
     def __setstate__(self, state):  # a pickle from before the bank saved its rows: they travel as mask_bits here

@@ -1080,17 +1080,49 @@ def test_freeze_takes_a_numpy_task_index():
     assert np.int64(0) in m[0].scores and 1 not in m[0].scores and True not in m[0].scores
 
 
-def test_stacked_fast_conv_is_the_fast_conv():
-    """The official NNs experiment's conv type imports and computes what FastMultitaskMaskConv does."""
+def test_stacked_fast_conv_computes_the_official_superposition():
+    """The official NNs experiment's conv type: in superposition it convolves with W ⊙ Σ α_t (s_t ≥ 0)
+    over the learned tasks' scores (upstream stacks GetSubnet of each), and with one task's mask when
+    a task is set."""
     torch.manual_seed(0)
-    a = compat.StackedFastMultitaskMaskConv(3, 4, kernel_size=3, bias=False, num_tasks=3)
+    layer = compat.StackedFastMultitaskMaskConv(3, 4, kernel_size=3, padding=1, bias=False, num_tasks=3)
+    scores = []
+    for t in range(2):
+        layer.task = t
+        with torch.no_grad():
+            layer.scores[t].copy_(torch.randn_like(layer.scores[t]))  # "trained" scores
+        scores.append(layer.scores[t].detach().clone())
+    x = torch.randn(2, 3, 7, 9)
+    layer.task = 1
+    torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight * (scores[1] >= 0).float(), padding=1))
+    layer.num_tasks_learned = 2
+    alphas = torch.tensor([0.3, 0.7])
+    layer.alphas = alphas.view(2, 1, 1, 1, 1)
+    layer.task = -1
+    subnet = sum(a * (s >= 0).float() for a, s in zip(alphas, scores))
+    torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight * subnet, padding=1))
+
+def test_a_cast_fingerprints_live_tasks_only_when_their_dtype_changes(monkeypatch):
+    """.to() in the scores' own dtype hashes nothing (a keep_scores model may hold thousands of live
+    tasks); .double() keeps an untrained task untrained and a trained one trained."""
+    from supsup_fast.compat import layers
     torch.manual_seed(0)
-    b = compat.FastMultitaskMaskConv(3, 4, kernel_size=3, bias=False, num_tasks=3)
-    x = torch.randn(2, 3, 8, 8)
-    for layer in (a, b):
-        for t in range(2):
-            layer.task = t
-        layer.num_tasks_learned = 2
-        layer.alphas = torch.tensor([0.3, 0.7]).view(2, 1, 1, 1, 1)
-        layer.task = -1
-    assert torch.equal(a(x), b(x))
+    layer = compat.MultitaskMaskLinear(6, 4, num_tasks=3, bias=False)
+    layer.task = 1
+    with torch.no_grad():
+        layer.scores[1].neg_()  # trained
+    layer.task = 0  # read only: untrained, live
+    assert 0 in layer.scores and layer._still_initial(0)
+    calls = []
+    real = layers._digest
+    monkeypatch.setattr(layers, "_digest", lambda s: calls.append(s.dtype) or real(s))
+    layer.to(torch.float32)
+    layer.float()
+    assert calls == []
+    layer.double()
+    assert calls and layer._still_initial(0)
+    initial = layer.scores[0].detach().clone()
+    layer.task = 1
+    layer.task = 0
+    assert torch.equal(layer.scores[0].detach(), initial)  # its initial scores, not ones rebuilt from its bits
+    assert layer.state_dict()["mask_untrained"].tolist() == [0]
