@@ -149,34 +149,58 @@ IL_AVX512 void word512(const int32_t* bank_t, const float* vals, int np, int64_t
 // the copies went from 1.96-2.03x / 2.10-2.13x one read to 1.92x / 1.95-1.96x.
 IL_AVX2 inline __m256 add_on_fma_ports(__m256 a, __m256 b, __m256 one) { return _mm256_fmadd_ps(b, one, a); }
 
+// One step: 8 tasks' word (bits) through the 11 tables, added to acc[0:8].
+template <bool SHIFTS>
+IL_AVX2 inline void step256(const int32_t* bits, const float* tab, float* acc, __m256 one) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits));
+  if constexpr (SHIFTS) {
+    __m256 s[4];
+#pragma GCC unroll 11
+    for (int p = 0; p < kGroups3; ++p) {
+      const __m256 v = _mm256_permutevar8x32_ps(_mm256_load_ps(tab + 8 * p), p ? _mm256_srli_epi32(b, 3 * p) : b);
+      s[p & 3] = p < 4 ? v : add_on_fma_ports(s[p & 3], v, one);
+    }
+    const __m256 sum = add_on_fma_ports(add_on_fma_ports(s[0], s[1], one), add_on_fma_ports(s[2], s[3], one), one);
+    _mm256_storeu_ps(acc, add_on_fma_ports(_mm256_loadu_ps(acc), sum, one));
+  } else {
+    (void)one;
+    const __m256i hi = _mm256_srli_epi32(b, 16);
+    __m256 s0 = _mm256_permutevar8x32_ps(_mm256_load_ps(tab), b);
+    __m256 s1 = _mm256_permutevar8x32_ps(_mm256_load_ps(tab + 8), index3_bits_at(b, hi, 3));
+#pragma GCC unroll 9
+    for (int p = 2; p < kGroups3; ++p) {
+      const __m256 v = _mm256_permutevar8x32_ps(_mm256_load_ps(tab + 8 * p), index3_bits_at(b, hi, 3 * p));
+      if (p & 1) s1 = _mm256_add_ps(s1, v); else s0 = _mm256_add_ps(s0, v);
+    }
+    _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), _mm256_add_ps(s0, s1)));
+  }
+}
+
+// Tasks [t0, t1) (t0 a multiple of 16): two steps, one 64-byte line of bits and its prefetch, per
+// iteration. On the second Xeon VM (2026-12-08, FC1024 at k = 2,500, the two loops interleaved in one
+// process, twice) the loop of one step per iteration, which tested (i & 8) and the prefetch mode at
+// every step, ran superpose / mask_dot over the copies at 1.99-2.02x / 2.11x one read, this one at
+// 1.88-1.93x / 1.98-2.00x: the loop's scalar uops had shared ports 0 and 1 with the shifts and sums.
+// Four steps per iteration ran slower than two. (AMD CPUs' multiply-high form takes it too, unmeasured.)
+template <bool SHIFTS, Prefetch PF>
+IL_AVX2 inline void full_steps256(const int32_t* bits, const float* tab, int64_t t0, int64_t t1, float* acc) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = t0;
+  for (; i + 16 <= t1; i += 16) {
+    if constexpr (PF != Prefetch::None) prefetch_ahead(bits + i, PF);
+    step256<SHIFTS>(bits + i, tab, acc + i, one);
+    step256<SHIFTS>(bits + i + 8, tab, acc + i + 8, one);
+  }
+  if (i < t1) step256<SHIFTS>(bits + i, tab, acc + i, one);
+}
+
 template <bool SHIFTS>
 IL_AVX2 inline void full_steps256(const int32_t* bits, const float* tab, int64_t t0, int64_t t1, float* acc,
                                   Prefetch prefetch) {
-  [[maybe_unused]] const __m256 one = _mm256_set1_ps(1.0f);
-  for (int64_t i = t0; i < t1; i += 8) {
-    if (prefetch != Prefetch::None && (i & 8) == 0)  // every other step: one per 64-byte line (t0 is a multiple of 16)
-      prefetch_ahead(bits + i, prefetch);
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i));
-    if constexpr (SHIFTS) {
-      __m256 s[4];
-#pragma GCC unroll 11
-      for (int p = 0; p < kGroups3; ++p) {
-        const __m256 v = _mm256_permutevar8x32_ps(_mm256_load_ps(tab + 8 * p), p ? _mm256_srli_epi32(b, 3 * p) : b);
-        s[p & 3] = p < 4 ? v : add_on_fma_ports(s[p & 3], v, one);
-      }
-      const __m256 sum = add_on_fma_ports(add_on_fma_ports(s[0], s[1], one), add_on_fma_ports(s[2], s[3], one), one);
-      _mm256_storeu_ps(acc + i, add_on_fma_ports(_mm256_loadu_ps(acc + i), sum, one));
-    } else {
-      const __m256i hi = _mm256_srli_epi32(b, 16);
-      __m256 s0 = _mm256_permutevar8x32_ps(_mm256_load_ps(tab), b);
-      __m256 s1 = _mm256_permutevar8x32_ps(_mm256_load_ps(tab + 8), index3_bits_at(b, hi, 3));
-#pragma GCC unroll 9
-      for (int p = 2; p < kGroups3; ++p) {
-        const __m256 v = _mm256_permutevar8x32_ps(_mm256_load_ps(tab + 8 * p), index3_bits_at(b, hi, 3 * p));
-        if (p & 1) s1 = _mm256_add_ps(s1, v); else s0 = _mm256_add_ps(s0, v);
-      }
-      _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), _mm256_add_ps(s0, s1)));
-    }
+  switch (prefetch) {
+    case Prefetch::None: return full_steps256<SHIFTS, Prefetch::None>(bits, tab, t0, t1, acc);
+    case Prefetch::L1: return full_steps256<SHIFTS, Prefetch::L1>(bits, tab, t0, t1, acc);
+    case Prefetch::L2: return full_steps256<SHIFTS, Prefetch::L2>(bits, tab, t0, t1, acc);
   }
 }
 
