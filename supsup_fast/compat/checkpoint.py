@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import numbers
 import pathlib
 import pickle
 from collections import OrderedDict
-from typing import Dict, Mapping, Union
+from typing import Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -115,7 +116,23 @@ def official_state_dict(model: nn.Module, stacked: bool = False) -> Dict[str, to
     return sd
 
 
-def save_official_checkpoint(model: nn.Module, path: Union[str, pathlib.Path], stacked: bool = False) -> None:
-    """Write ``{"state_dict": official_state_dict(model)}`` for the official code to load (atomically)."""
-    state = {"state_dict": official_state_dict(model, stacked)}
+def save_official_checkpoint(model: nn.Module, path: Union[str, pathlib.Path], stacked: bool = False, *,
+                             epoch: int = 0, arch: Optional[str] = None, best_acc1: Optional[Sequence[float]] = None,
+                             curr_acc1: Optional[Sequence[float]] = None) -> None:
+    """Write the model for the official code to load (atomically), with the keys of its ``main.py``'s
+    ``final.pt``: ``state_dict`` (:func:`official_state_dict`), ``epoch``, ``arch`` (by default the
+    model's class name) and ``best_acc1`` / ``curr_acc1``, one accuracy per task (by default zeros
+    for the model's ``num_tasks``), which ``main.py --resume`` reads. Its pickled ``args`` are left
+    out, so that the file loads with ``torch.load(weights_only=True)``."""
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+        raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+    num_tasks = max((m.num_tasks for m in model.modules() if isinstance(m, MultitaskMaskMixin)), default=0)
+    accuracies = {}
+    for name, values in (("best_acc1", best_acc1), ("curr_acc1", curr_acc1)):
+        values = [0.0] * num_tasks if values is None else list(values)
+        if len(values) != num_tasks or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{name} must hold one accuracy per task ({num_tasks} numbers), got {values!r}")
+        accuracies[name] = [float(v) for v in values]
+    state = {"epoch": int(epoch), "arch": type(model).__name__ if arch is None else str(arch),
+             "state_dict": official_state_dict(model, stacked), **accuracies}
     atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))

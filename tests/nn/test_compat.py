@@ -491,6 +491,38 @@ def test_state_dict_round_trip_and_official_checkpoint(tmp_path):
         assert torch.equal(back[2].stacked[t], ref[2].stacked[t])
 
 
+def test_saved_official_checkpoint_resumes_in_the_official_main(tmp_path):
+    """The file has the keys of the official main.py's final.pt, and its --resume lines run on it
+    (torch.load, checkpoint["best_acc1"], the filtered load_state_dict, checkpoint["epoch"]), giving
+    every task's mask back in a fresh official model; bad accuracies and epochs are refused."""
+    torch.manual_seed(2)
+    ours = nn.Sequential(compat.MultitaskMaskLinear(30, 8, num_tasks=3, bias=False))
+    for t in range(3):
+        compat.set_model_task(ours, t, verbose=False)
+        with torch.no_grad():
+            ours[0].scores[t].normal_()
+    compat.set_model_task(ours, 0, verbose=False)
+    path = tmp_path / "final.pt"
+    compat.save_official_checkpoint(ours, path, epoch=7, best_acc1=[91.5, 92, 93.25])
+    official = nn.Sequential(FloatMultitaskMaskLinear(30, 8, num_tasks=3, bias=False))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # main.py --resume, as written upstream
+    best_acc1 = checkpoint["best_acc1"]
+    pretrained_dict = checkpoint["state_dict"]
+    model_dict = official.state_dict()
+    pretrained_dict = {k: v for k, v in pretrained_dict.items() if k in model_dict}
+    model_dict.update(pretrained_dict)
+    official.load_state_dict(pretrained_dict)
+    assert checkpoint["epoch"] == 7 and checkpoint["arch"] == "Sequential"
+    assert best_acc1 == [91.5, 92.0, 93.25] and checkpoint["curr_acc1"] == [0.0, 0.0, 0.0]
+    for t in range(3):
+        assert torch.equal(official[0].scores[t] >= 0, ours[0].mask(t))
+    with pytest.raises(ValueError, match="best_acc1 must hold one accuracy per task \\(3 numbers\\)"):
+        compat.save_official_checkpoint(ours, path, best_acc1=[1.0])
+    with pytest.raises(ValueError, match="epoch must be a non-negative integer"):
+        compat.save_official_checkpoint(ours, path, epoch=-1)
+    assert torch.load(path, weights_only=True)["epoch"] == 7  # a refused save leaves the file as it was
+
+
 def test_official_checkpoint_with_more_tasks_than_the_model_is_refused(tmp_path):
     """As upstream: scores.N past num_tasks are unexpected keys (refused when strict, ignored when
     not), and a stacked/mask_bits of more tasks never fits. A truncated file is named."""
