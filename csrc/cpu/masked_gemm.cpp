@@ -26,6 +26,14 @@ namespace {
 constexpr int64_t kChunk = 2048;       // K per packed chunk (a row of up to 2048 inputs in one)
 constexpr int64_t kPanelFloats = 32768;  // AVX-512: rows per block such that its panels are about 128 KiB
 constexpr int64_t kBatchBlock = 128;   // rows of x per pass over the packed block
+// From kLargePanelRows rows of x on Intel CPUs (wide_gemm_tiles), blocks of about 512 KiB of panels: x is
+// read again for every block, and at 1,024 rows it outweighs the block's stay in L2. On the second Xeon
+// VM (2026-12-08, AVX-512, each against dense F.linear in its own interleaved pair, one process, twice)
+// at 1,024 rows: 1024 x 1024 0.97-0.99x dense against 0.95-0.98x with 128 KiB blocks (and 0.96x
+// materialising W ⊙ M for MKL), 1024 x 784 0.95-0.98x against 0.94-0.97x (0.95-0.97x), 300 x 784
+// 1.04-1.06x against 0.97x (0.93-0.94x), 2048 x 1024 0.96-0.97x against 0.94-0.96x (0.93-0.95x); alike
+// at 512 rows; at 128-256 rows 128 KiB ran 1-2 % faster.
+constexpr int64_t kLargePanelFloats = 131072, kLargePanelRows = 512;
 
 // Rows of W packed per block: a whole number of tiles, panels of about kPanelFloats.
 int64_t rows_per_block(int64_t n, int64_t tile, int64_t panel_floats) {
@@ -160,7 +168,8 @@ AVX512_TARGET void masked_gemm512_tiles(const Micro512Tables<WV, BT>& micros, co
                                         int64_t R, const float* bias, float* y, int64_t r0, int64_t r1) {
   constexpr int64_t kTile = 16 * WV;
   if (n == 0) return init_rows(bias, B, R, y, r0, r1);  // no K chunk to store y
-  const int64_t rows_block = rows_per_block(n, kTile, kPanelFloats);
+  const int64_t panel = B >= kLargePanelRows && wide_gemm_tiles() ? kLargePanelFloats : kPanelFloats;
+  const int64_t rows_block = rows_per_block(n, kTile, panel);
   float* P = packing_buffer(rows_block * ((std::min(kChunk, n) + 15) / 16 * 16));
   for (int64_t rb = r0; rb < r1; rb += rows_block) {
     const int64_t re = std::min(r1, rb + rows_block);

@@ -567,16 +567,19 @@ def check_gemms(shapes):
 
 WIDE_TILE_SCRIPT = SCRIPT_HEAD + GEMM_CHECK + """
 # 128+ rows of x and 256+ outputs a thread: the 64 x 6 tile where it is on. A last tile cut at 33-63
-# and at 0 rows, x rows past one 128-row pass and not a multiple of 6, on one thread and split
-check_gemms(((300, 77, 131), (600, 1030, 135), (1024, 33, 128), (1100, 64, 260), (257, 5, 128)))
+# and at 0 rows, x rows past one 128-row pass and not a multiple of 6, on one thread and split; from 512
+# rows of x (where the tile is on) blocks of 512 KiB of panels, several tiles each and the last cut short
+check_gemms(((300, 77, 131), (600, 1030, 135), (1024, 33, 128), (1100, 64, 260), (257, 5, 128), (700, 300, 515),
+             (300, 784, 512)))
 print("ok")
 """
 
 
 @pytest.mark.parametrize("wide", ["0", "1"])
 def test_packed_gemm_tiles_avx512(wide):
-    """The AVX-512 packed GEMM with its 64 x 6 tile forced on and off (SUPSUP_CPU_WIDE_TILES; on by
-    default on Intel CPUs only), against float64 on the sizes that take it and on the tails of both tiles."""
+    """The AVX-512 packed GEMM with its 64 x 6 tile (and from 512 rows of x its larger blocks) forced on
+    and off (SUPSUP_CPU_WIDE_TILES; on by default on Intel CPUs only), against float64 on the sizes that
+    take it and on the tails of both tiles."""
     run_on_isa_with_setting(WIDE_TILE_SCRIPT, "avx512", "wide_gemm_tiles", wide)
 
 
