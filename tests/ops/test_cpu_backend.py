@@ -550,6 +550,8 @@ def test_portable_build_compiles_and_agrees():
 
 
 # The float and signed packed GEMMs against float64 on (rows R, inputs n, rows of x B), on one thread and two.
+# Before each call a freed block of y's size full of NaN, which the allocator hands out again: the first K
+# chunk must store y, not add to what was there.
 GEMM_CHECK = """
 import torch.nn.functional as F
 def check_gemms(shapes):
@@ -559,8 +561,10 @@ def check_gemms(shapes):
             m, s = torch.rand(R, n) > 0.5, torch.rand(R, n) > 0.5
             W, x, b = torch.randn(R, n), torch.randn(B, n), torch.randn(R)
             expect = F.linear(x.double(), (W * m).double(), b.double()).float()
+            torch.full((B, R), float("nan"))
             assert torch.allclose(C.masked_linear_gemm(x, W, ss.pack_bits(m), b), expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
             expect = F.linear(x.double(), 0.5 * (s.double() * 2 - 1) * m, b.double()).float()
+            torch.full((B, R), float("nan"))
             got = C.signed_masked_linear_gemm(x, ss.pack_bits(s), ss.pack_bits(m), 0.5, b)
             assert torch.allclose(got, expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
 """
