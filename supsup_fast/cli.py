@@ -160,7 +160,7 @@ def cmd_bench(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"--out {args.out}: cannot make that folder ({exc.strerror or exc})") from None
-    run_report(out, quick=args.quick, backend=args.backend)
+    run_report(out, quick=args.quick, backend=args.backend, progress=not args.no_progress)
     return 0
 
 
@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder for cpu-<backend>[-quick].{json,png} (default: benchmarks/results under the current folder)")
     bench.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     bench.add_argument("--backend", default="auto", help="backend to measure (reference, cpu, triton, cuda or auto)")
+    bench.add_argument("--no-progress", action="store_true", help="no line on stderr as each suite starts and ends")
     return parser
 
 

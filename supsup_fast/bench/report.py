@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,25 +48,38 @@ def stamp() -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit}
 
 
-def run_report(out: Path, quick: bool = False, backend: str = "auto") -> dict:
-    """Run every benchmark with ``backend`` and write ``cpu-<backend>[-quick].{json,png}`` to ``out``."""
+def run_report(out: Path, quick: bool = False, backend: str = "auto", progress: bool = True) -> dict:
+    """Run every benchmark with ``backend`` and write ``cpu-<backend>[-quick].{json,png}`` to ``out``;
+    with ``progress``, a line on stderr as each suite starts and ends."""
     with use_backend(backend):
-        return _run_report(Path(out), quick)
+        return _run_report(Path(out), quick, progress)
 
 
-def _run_report(out: Path, quick: bool) -> dict:
+def _run_report(out: Path, quick: bool, progress: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if quick:
         ks, fs_max, batches, mem_ks = [1, 10], 10, [1, 128], [1, 10, 100]
     else:
         ks, fs_max, batches, mem_ks = [1, 10, 50, 250, 2500], 250, [1, 16, 128, 1024, 8192], [1, 10, 100, 250, 1000, 2500]
-    report = {"machine": machine(), **stamp(), "quick": quick,
-              "alpha_gradient_fc1024_s500": bench_alpha_gradient(ks, fs_max),
-              "single_task_forward_1024": bench_single_task_forward(batches),
-              "training_step_fc1024_b128": bench_training_step(),
-              "gnu_evaluation": [bench_gnu_evaluation("fc1024", 500, 10 if quick else 250, 1 if quick else 2)] +
-                                ([] if quick else [bench_gnu_evaluation("lenet", 500, 2500, 2)]),
-              "memory_fc1024_s500": bench_memory(mem_ks)}
+    suites = [
+        ("alpha_gradient_fc1024_s500", f"α-gradient, FC1024 s=500, k = {', '.join(map(str, ks))}",
+         lambda: bench_alpha_gradient(ks, fs_max)),
+        ("single_task_forward_1024", f"single-task forward 1024², batch {', '.join(map(str, batches))}",
+         lambda: bench_single_task_forward(batches)),
+        ("training_step_fc1024_b128", "training step, FC1024, batch 128", bench_training_step),
+        ("gnu_evaluation", "GNu evaluation" + ("" if quick else " (FC1024 k = 250, LeNet k = 2,500)"),
+         lambda: [bench_gnu_evaluation("fc1024", 500, 10 if quick else 250, 1 if quick else 2)] +
+                 ([] if quick else [bench_gnu_evaluation("lenet", 500, 2500, 2)])),
+        ("memory_fc1024_s500", f"memory, FC1024 s=500, k = {', '.join(map(str, mem_ks))}", lambda: bench_memory(mem_ks)),
+    ]
+    report = {"machine": machine(), **stamp(), "quick": quick}
+    for i, (key, label, run) in enumerate(suites, 1):
+        if progress:
+            print(f"bench [{i}/{len(suites)}] {label} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        report[key] = run()
+        if progress:
+            print(f"bench [{i}/{len(suites)}] done in {_duration(time.perf_counter() - start)}", file=sys.stderr, flush=True)
     name = f"cpu-{report['machine']['backend']}" + ("-quick" if quick else "")
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
     plot_report(report, out / f"{name}.png")

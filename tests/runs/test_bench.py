@@ -40,10 +40,14 @@ def test_ops_alpha_gradient_agrees_with_the_float_stack_with_and_without_copies(
         assert torch.allclose(got, expect, rtol=1e-3, atol=1e-7)
 
 
-def test_quick_report_writes_json_and_png(tmp_path, monkeypatch):
+def test_quick_report_writes_json_and_png(tmp_path, monkeypatch, capsys):
     import supsup_fast.bench as bench
     monkeypatch.setattr(bench, "read_bandwidth", lambda: 1e10)
     report = bench.run_report(tmp_path, quick=True)
+    err = capsys.readouterr().err  # a line as each of the five suites starts and ends
+    assert [line.split(" ", 2)[1] for line in err.splitlines() if line.startswith("bench [")] == \
+        ["[1/5]", "[1/5]", "[2/5]", "[2/5]", "[3/5]", "[3/5]", "[4/5]", "[4/5]", "[5/5]", "[5/5]"]
+    assert "α-gradient, FC1024 s=500, k = 1, 10 ..." in err and "done in" in err
     name = f"cpu-{report['machine']['backend']}-quick"
     assert (tmp_path / f"{name}.json").exists()
     assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

@@ -256,9 +256,10 @@ def test_bench_quick_from_the_cli(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "read_bandwidth", lambda: 1e10)
     calls = []
     real = bench.run_report
-    monkeypatch.setattr(bench, "run_report", lambda out, quick, backend: calls.append((out, quick, backend)) or {})
+    monkeypatch.setattr(bench, "run_report", lambda out, quick, backend, progress: calls.append((out, quick, backend, progress)) or {})
     assert main(["bench", "--quick", "--out", str(tmp_path), "--backend", "reference"]) == 0
-    assert calls == [(tmp_path, True, "reference")]
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert calls == [(tmp_path, True, "reference", True), (tmp_path, True, "auto", False)]
     assert real is not bench.run_report
 
 
