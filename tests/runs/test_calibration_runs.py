@@ -51,9 +51,12 @@ def test_calibration_measures_each_mask_on_the_images_it_was_trained_on(tmp_path
 
 
 def test_transfer_outside_gg_warns_about_task_inference():
-    with pytest.warns(UserWarning, match="--transfer is the paper's GG setting: under GNu"):
-        make_config(dict(scenario="GNu", transfer=True))
     import warnings
+    with pytest.warns(UserWarning, match="--transfer is the paper's GG setting: under GNu"):
+        config = make_config(dict(scenario="GNu", transfer=True))
+    with warnings.catch_warnings():  # once per config: the run validates it again
+        warnings.simplefilter("error")
+        config.validate()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_config(dict(scenario="GG", transfer=True))
