@@ -63,11 +63,9 @@ def _summary(results: dict, out: Path) -> str:
 def _launch(config):
     """The torch.distributed context of this process (torchrun sets WORLD_SIZE > 1) and the
     config with its device resolved (cuda:LOCAL_RANK under torchrun)."""
-    import dataclasses
-
     from .distributed import init_from_env
     ctx, device = init_from_env(config.device)
-    return ctx, dataclasses.replace(config, device=device) if device != config.device else config
+    return ctx, config.replace(device=device) if device != config.device else config
 
 
 def _then_shutdown(ctx, work: Callable[[], dict]) -> dict:

@@ -55,7 +55,8 @@ bool shift_indices();
 // Whether the AVX-512 packed masked GEMM (masked_gemm.cpp) may take its 64 x 6 tile where a thread
 // has 256+ outputs and x 128+ rows (on by default on Intel, where it measured 1.03-1.18x faster
 // there; off elsewhere: the 32 x 12 tile's blocks were tuned on the AMD Zen 4 VM, where the wide one
-// was not measured); SUPSUP_CPU_WIDE_TILES=1 or 0 forces it. Read once.
+// was not measured), and from 512 rows of x blocks of about 512 KiB of packed panels rather than 128 KiB;
+// SUPSUP_CPU_WIDE_TILES=1 or 0 forces both. Read once.
 bool wide_gemm_tiles();
 
 // Whether the AVX2 packed masked GEMM (masked_gemm.cpp) packs K in chunks of at most 256 (on

@@ -176,7 +176,7 @@ IL_AVX2 inline void step256(const int32_t* bits, const float* tab, float* acc, _
   }
 }
 
-// Tasks [t0, t1) (t0 a multiple of 16): two steps, one 64-byte line of bits and its prefetch, per
+// Tasks [t0, t1) (both multiples of 16: kp and np are): two steps, one 64-byte line of bits and its prefetch, per
 // iteration. On the second Xeon VM (2026-12-08, FC1024 at k = 2,500, the two loops interleaved in one
 // process, twice) the loop of one step per iteration, which tested (i & 8) and the prefetch mode at
 // every step, ran superpose / mask_dot over the copies at 1.99-2.02x / 2.11x one read, this one at
@@ -185,13 +185,11 @@ IL_AVX2 inline void step256(const int32_t* bits, const float* tab, float* acc, _
 template <bool SHIFTS, Prefetch PF>
 IL_AVX2 inline void full_steps256(const int32_t* bits, const float* tab, int64_t t0, int64_t t1, float* acc) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  int64_t i = t0;
-  for (; i + 16 <= t1; i += 16) {
+  for (int64_t i = t0; i < t1; i += 16) {
     if constexpr (PF != Prefetch::None) prefetch_ahead(bits + i, PF);
     step256<SHIFTS>(bits + i, tab, acc + i, one);
     step256<SHIFTS>(bits + i + 8, tab, acc + i + 8, one);
   }
-  if (i < t1) step256<SHIFTS>(bits + i, tab, acc + i, one);
 }
 
 template <bool SHIFTS>

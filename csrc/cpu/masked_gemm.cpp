@@ -24,20 +24,24 @@ namespace {
 // process. On that Xeon, measured again the same way with the later code, the old blocks ran 0.87-1.00x
 // the new (median 0.93x), so both CPUs use these. Packing x into micro-panels was slower (Xeon).
 constexpr int64_t kChunk = 2048;       // K per packed chunk (a row of up to 2048 inputs in one)
-constexpr int64_t kPanelFloats = 32768;  // AVX-512: rows per block such that its panels are about 128 KiB
+constexpr int64_t kPanelFloats = 32768;  // AVX-512: rows per block such that its panels are about 128 KiB (at least a tile)
 constexpr int64_t kBatchBlock = 128;   // rows of x per pass over the packed block
-// From kLargePanelRows rows of x on Intel CPUs (wide_gemm_tiles), blocks of about 512 KiB of panels: x is
-// read again for every block, and at 1,024 rows it outweighs the block's stay in L2. On the second Xeon
-// VM (2026-12-08, AVX-512, each against dense F.linear in its own interleaved pair, one process, twice)
-// at 1,024 rows: 1024 x 1024 0.97-0.99x dense against 0.95-0.98x with 128 KiB blocks (and 0.96x
+// From kLargePanelRows rows of x on Intel CPUs (wide_gemm_tiles, which SUPSUP_CPU_WIDE_TILES also
+// switches), blocks of about 512 KiB of panels: x is read again for every block, and at 1,024 rows it
+// outweighs the block's stay in L2. On the second Xeon VM (2026-12-08, AVX-512, each against dense
+// F.linear in its own interleaved pair, one process, twice) at 1,024 rows: 1024 x 1024 0.97-0.99x dense
+// against 0.95-0.98x with the small blocks (one 64-row tile, 256 KiB, at 1,024 inputs) (and 0.96x
 // materialising W ⊙ M for MKL), 1024 x 784 0.95-0.98x against 0.94-0.97x (0.95-0.97x), 300 x 784
 // 1.04-1.06x against 0.97x (0.93-0.94x), 2048 x 1024 0.96-0.97x against 0.94-0.96x (0.93-0.95x); alike
-// at 512 rows; at 128-256 rows 128 KiB ran 1-2 % faster.
+// at 512 rows; at 128-256 rows the small blocks ran 1-2 % faster.
 constexpr int64_t kLargePanelFloats = 131072, kLargePanelRows = 512;
 
-// Rows of W packed per block: a whole number of tiles, panels of about kPanelFloats.
-int64_t rows_per_block(int64_t n, int64_t tile, int64_t panel_floats) {
-  return std::max<int64_t>(tile, panel_floats / std::max<int64_t>(1, std::min(kChunk, n)) / tile * tile);
+// Rows of W packed per block: a whole number of tiles, panels (K padded to 16) of about panel_floats,
+// and no more tiles than the thread's `rows` need.
+int64_t rows_per_block(int64_t n, int64_t tile, int64_t panel_floats, int64_t rows) {
+  const int64_t padded = std::max<int64_t>(16, (std::min(kChunk, n) + 15) / 16 * 16);
+  const int64_t needed = (rows + tile - 1) / tile * tile;
+  return std::max<int64_t>(tile, std::min(needed, panel_floats / padded / tile * tile));
 }
 
 // The thread's packing buffer, 64-byte aligned, for `floats` floats.
@@ -121,7 +125,7 @@ AVX512_TARGET void pack_rows512(const float* w, const int32_t* sign_words, const
 template <int WV, int BT, bool ACC>
 AVX512_TARGET void micro512(const float* P, int64_t kc, const float* x, int64_t n, float* y, int64_t R, const __mmask16* m,
                             const float* bias) {
-  for (int b = 0; b < BT; ++b)  // the y tile is read at the end: start fetching it now
+  for (int b = 0; b < BT; ++b)  // the y tile is read (ACC) or written at the end: start fetching it now
     for (int v = 0; v < WV; ++v) _mm_prefetch(reinterpret_cast<const char*>(y + b * R + 16 * v), _MM_HINT_T0);
   __m512 acc[BT][WV];
   for (int b = 0; b < BT; ++b)
@@ -150,7 +154,7 @@ constexpr std::array<Micro512, sizeof...(BT) + 1> micro512_table(std::integer_se
   return {nullptr, micro512<WV, BT + 1, ACC>...};
 }
 template <int WV, int NT>
-struct Micro512Tables {  // [0]: the first K chunk (stores, adding the bias), [1]: the later ones (accumulate)
+struct Micro512Tables {  // first: the first K chunk's (store, adding the bias); later: the others' (accumulate)
   std::array<Micro512, NT + 1> first, later;
 };
 // Tiles: 32 weight rows x 12 rows of x (2 weight vectors and 12 broadcasts per 24 FMAs) for the
@@ -169,7 +173,7 @@ AVX512_TARGET void masked_gemm512_tiles(const Micro512Tables<WV, BT>& micros, co
   constexpr int64_t kTile = 16 * WV;
   if (n == 0) return init_rows(bias, B, R, y, r0, r1);  // no K chunk to store y
   const int64_t panel = B >= kLargePanelRows && wide_gemm_tiles() ? kLargePanelFloats : kPanelFloats;
-  const int64_t rows_block = rows_per_block(n, kTile, panel);
+  const int64_t rows_block = rows_per_block(n, kTile, panel, r1 - r0);
   float* P = packing_buffer(rows_block * ((std::min(kChunk, n) + 15) / 16 * 16));
   for (int64_t rb = r0; rb < r1; rb += rows_block) {
     const int64_t re = std::min(r1, rb + rows_block);
@@ -286,7 +290,7 @@ AVX2_TARGET inline __m256i first_lanes(int64_t count) {  // lanes [0, count) all
 }
 
 // y[b, 0:24] += sum over jj < kc of x[b, jj] * P[jj, 0:24] for b < BT, only the first `rows` of the
-// 24 stored. 12 accumulators, 3 weight vectors and a broadcast fill the 16 ymm registers, so the
+// 24 stored; without ACC (the first K chunk) y = the sum + bias[0:24] (or + 0). 12 accumulators, 3 weight vectors and a broadcast fill the 16 ymm registers, so the
 // store masks are made after the loop. x is broadcast by value: _mm256_broadcast_ss(pointer) made GCC
 // assume the float pointer may alias the accumulators and store all twelve every step.
 template <int BT, bool ACC>
@@ -340,7 +344,7 @@ inline int64_t chunk256(int64_t n) {
 }
 
 using Micro256 = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, const float*);
-// [0]: the first K chunk (stores, adding the bias), [1]: the later ones (accumulate)
+// [0]: the first K chunk's (store, adding the bias), [1]: the others' (accumulate)
 constexpr Micro256 kMicro256[2][kXRows256 + 1] = {
     {nullptr, micro256<1, false>, micro256<2, false>, micro256<3, false>, micro256<4, false>},
     {nullptr, micro256<1, true>, micro256<2, true>, micro256<3, true>, micro256<4, true>}};

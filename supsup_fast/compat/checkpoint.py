@@ -126,13 +126,24 @@ def save_official_checkpoint(model: nn.Module, path: Union[str, pathlib.Path], s
     out, so that the file loads with ``torch.load(weights_only=True)``."""
     if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
         raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+    if arch is not None and not isinstance(arch, str):
+        raise ValueError(f"arch must be a string (the model's name), got {type(arch).__name__}")
     num_tasks = max((m.num_tasks for m in model.modules() if isinstance(m, MultitaskMaskMixin)), default=0)
-    accuracies = {}
-    for name, values in (("best_acc1", best_acc1), ("curr_acc1", curr_acc1)):
-        values = [0.0] * num_tasks if values is None else list(values)
-        if len(values) != num_tasks or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"{name} must hold one accuracy per task ({num_tasks} numbers), got {values!r}")
-        accuracies[name] = [float(v) for v in values]
-    state = {"epoch": int(epoch), "arch": type(model).__name__ if arch is None else str(arch),
+    accuracies = {name: _accuracies(name, values, num_tasks) for name, values in
+                  (("best_acc1", best_acc1), ("curr_acc1", curr_acc1))}
+    state = {"epoch": int(epoch), "arch": type(model).__name__ if arch is None else arch,
              "state_dict": official_state_dict(model, stacked), **accuracies}
     atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+
+
+def _accuracies(name: str, values: Optional[Sequence[float]], num_tasks: int) -> list:
+    """One float per task (zeros when None), as the official main.py keeps best_acc1 / curr_acc1."""
+    if values is None:
+        return [0.0] * num_tasks
+    try:
+        values = list(values)
+        if len(values) != num_tasks or any(isinstance(v, bool) for v in values):
+            raise TypeError
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must hold one accuracy per task ({num_tasks} numbers), got {values!r}") from None

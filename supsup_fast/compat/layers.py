@@ -183,14 +183,18 @@ class MultitaskMaskMixin:
     def _apply(self, fn, *args, **kwargs):
         # .double(), .half(), .to(...): a live task that still holds its initial scores keeps counting as
         # untrained. Its fingerprint is of the values in their dtype, so a cast that changes the dtype
-        # takes it again; the values before the cast are the old .data, which the cast replaces.
+        # (fn tried on an empty tensor) takes it again; any other .to() hashes nothing.
         initial = self.__dict__.get("_initial") or {}
-        before = {t: self.scores.live(t).data for t in self.scores.tasks() if t in initial}
+        live = [t for t in self.scores.tasks() if t in initial]
+        recast = {}  # dtype -> whether fn changes it
+        for t in live:
+            s = self.scores.live(t).data
+            if s.dtype not in recast:
+                recast[s.dtype] = fn(s.new_empty(0)).dtype != s.dtype
+        untouched = [t for t in live if recast[self.scores.live(t).dtype] and self._still_initial(t)]
         out = super()._apply(fn, *args, **kwargs)
-        for t, old in before.items():
-            now = self.scores.live(t).data
-            if now.dtype != old.dtype and initial[t] == _digest(old):
-                initial[t] = _digest(now)
+        for t in untouched:
+            initial[t] = _digest(self.scores.live(t))
         return out
 
     def __setstate__(self, state):  # a pickle from before the bank saved its rows: they travel as mask_bits here

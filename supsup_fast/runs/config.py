@@ -78,6 +78,13 @@ class RunConfig:
                          "inference", "objective", "calibration", "infer_images", "log_base", "test_batch_size",
                          "hop_gamma", "hop_recovery_lr", "hop_recovery_trials")
 
+    def replace(self, **changes) -> "RunConfig":
+        """``dataclasses.replace`` that keeps whether this config has warned (a warning once per run)."""
+        new = dataclasses.replace(self, **changes)
+        if getattr(self, "_transfer_warned", False):
+            new._transfer_warned = True
+        return new
+
     def validate(self) -> "RunConfig":
         """Check (and normalise: numeric strings, ints given for floats) every setting by type and
         range, naming the flag and YAML key. Raises ValueError."""
@@ -161,8 +168,8 @@ class RunConfig:
             raise ValueError(f"--scenario NNs needs an MLP without per-task BN (fc1024 or lenet), got --model {self.model}")
         if self.scenario == "NNs" and self.transfer:
             raise ValueError("--transfer does not apply to --scenario NNs (a new mask starts from its slot's random scores)")
-        if self.scenario in ("GNs", "GNu") and self.transfer and not self.__dict__.get("_transfer_warned"):
-            self.__dict__["_transfer_warned"] = True  # once per config: a run validates it again (not a field)
+        if self.scenario in ("GNs", "GNu") and self.transfer and not getattr(self, "_transfer_warned", False):
+            self._transfer_warned = True  # once per config (not a field): a run validates it again
             warnings.warn(f"--transfer is the paper's GG setting: under {self.scenario} each mask starts from the earlier "
                           f"masks' mean scores, so later masks look confident on earlier tasks' images and task inference "
                           f"suffers (3 PermutedMNIST tasks, fc1024: 0.755 against 1.000 without)", stacklevel=2)

@@ -518,8 +518,12 @@ def test_saved_official_checkpoint_resumes_in_the_official_main(tmp_path):
         assert torch.equal(official[0].scores[t] >= 0, ours[0].mask(t))
     with pytest.raises(ValueError, match="best_acc1 must hold one accuracy per task \\(3 numbers\\)"):
         compat.save_official_checkpoint(ours, path, best_acc1=[1.0])
+    with pytest.raises(ValueError, match="curr_acc1 must hold one accuracy per task"):
+        compat.save_official_checkpoint(ours, path, curr_acc1=0.5)
     with pytest.raises(ValueError, match="epoch must be a non-negative integer"):
         compat.save_official_checkpoint(ours, path, epoch=-1)
+    with pytest.raises(ValueError, match="arch must be a string"):
+        compat.save_official_checkpoint(ours, path, arch=5)
     assert torch.load(path, weights_only=True)["epoch"] == 7  # a refused save leaves the file as it was
 
 
@@ -1134,6 +1138,7 @@ def test_stacked_fast_conv_computes_the_official_superposition():
     subnet = sum(a * (s >= 0).float() for a, s in zip(alphas, scores))
     torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight * subnet, padding=1))
 
+
 def test_a_cast_fingerprints_live_tasks_only_when_their_dtype_changes(monkeypatch):
     """.to() in the scores' own dtype hashes nothing (a keep_scores model may hold thousands of live
     tasks); .double() keeps an untrained task untrained and a trained one trained."""
@@ -1158,3 +1163,7 @@ def test_a_cast_fingerprints_live_tasks_only_when_their_dtype_changes(monkeypatc
     layer.task = 0
     assert torch.equal(layer.scores[0].detach(), initial)  # its initial scores, not ones rebuilt from its bits
     assert layer.state_dict()["mask_untrained"].tolist() == [0]
+    with torch.no_grad():  # trained while live: a cast keeps it trained
+        layer.scores[0].add_(1.0)
+    layer.float()
+    assert not layer._still_initial(0)

@@ -550,23 +550,32 @@ def test_portable_build_compiles_and_agrees():
 
 
 # The float and signed packed GEMMs against float64 on (rows R, inputs n, rows of x B), on one thread and two.
-# Before each call a freed block of y's size full of NaN, which the allocator hands out again: the first K
-# chunk must store y, not add to what was there.
+# Just before each call a block of y's size full of NaN is freed, which the allocator mostly hands out
+# again as y (counted): the first K chunk must store y, not add to what was there.
 GEMM_CHECK = """
 import torch.nn.functional as F
+def freed_nan_block(B, R):
+    block = torch.full((B, R), float("nan"))
+    return block.data_ptr()
 def check_gemms(shapes):
+    reused = 0
     for t in (1, 2):
         torch.set_num_threads(t)
         for R, n, B in shapes:
             m, s = torch.rand(R, n) > 0.5, torch.rand(R, n) > 0.5
             W, x, b = torch.randn(R, n), torch.randn(B, n), torch.randn(R)
+            mw, sw = ss.pack_bits(m), ss.pack_bits(s)
             expect = F.linear(x.double(), (W * m).double(), b.double()).float()
-            torch.full((B, R), float("nan"))
-            assert torch.allclose(C.masked_linear_gemm(x, W, ss.pack_bits(m), b), expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
-            expect = F.linear(x.double(), 0.5 * (s.double() * 2 - 1) * m, b.double()).float()
-            torch.full((B, R), float("nan"))
-            got = C.signed_masked_linear_gemm(x, ss.pack_bits(s), ss.pack_bits(m), 0.5, b)
+            nan_at = freed_nan_block(B, R)
+            got = C.masked_linear_gemm(x, W, mw, b)
+            reused += got.data_ptr() == nan_at
             assert torch.allclose(got, expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
+            expect = F.linear(x.double(), 0.5 * (s.double() * 2 - 1) * m, b.double()).float()
+            nan_at = freed_nan_block(B, R)
+            got = C.signed_masked_linear_gemm(x, sw, mw, 0.5, b)
+            reused += got.data_ptr() == nan_at
+            assert torch.allclose(got, expect, atol=1e-4, rtol=1e-4), (t, R, n, B)
+    assert reused >= len(shapes), f"y reused the freed NaN block in only {reused} of {4 * len(shapes)} calls"
 """
 
 WIDE_TILE_SCRIPT = SCRIPT_HEAD + GEMM_CHECK + """

@@ -54,9 +54,10 @@ def test_transfer_outside_gg_warns_about_task_inference():
     import warnings
     with pytest.warns(UserWarning, match="--transfer is the paper's GG setting: under GNu"):
         config = make_config(dict(scenario="GNu", transfer=True))
-    with warnings.catch_warnings():  # once per config: the run validates it again
+    with warnings.catch_warnings():  # once per config: the run validates it again, also after torchrun's device
         warnings.simplefilter("error")
         config.validate()
+        config.replace(device="cpu").validate()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_config(dict(scenario="GG", transfer=True))

@@ -101,6 +101,9 @@ def test_nns_and_hopsupsup_from_the_command_line(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "recovered exactly" in text and "Hopfield storage      33.6 MB" in text
     assert (out / "hopfield.safetensors").is_file()
+    assert main(["run", "--config", "configs/hopsupsup_split_mnist.yaml", "--tasks", "1", "--train-subset", "300",
+                 "--hop-recovery-trials", "1", "--out", str(out), "--resume", "--retrain-corrupt"]) == 2
+    assert "HopSupSup keeps all its tasks in one" in capsys.readouterr().err
     assert main(["evaluate", str(out), "--no-progress"]) == 2  # its masks live in the Hopfield network
     assert "is a HopSupSup run (--inference hopfield): its masks live in its Hopfield network" in capsys.readouterr().err
 

@@ -34,9 +34,10 @@ SMALL_BATCH = 16  # rows of x up to which the small-batch masked GEMM (small_gem
 # Since its blocks grow to 512 KiB of panels from 512 rows of x on Intel CPUs (masked_gemm.cpp,
 # kLargePanelFloats; the second Xeon VM, 2026-12-08), at 1,024 rows: 1024 x 1024 0.97-0.99x dense against
 # 0.96x materialised, 1024 x 784 0.95-0.98x against 0.95-0.97x, 300 x 784 1.04-1.06x against 0.93-0.94x,
-# 2048 x 1024 0.96-0.97x against 0.93-0.95x; at 2,048 rows the two alike (1024 x 1024 0.95-0.96x against
-# 0.96-0.98x materialised, 1024 x 784 0.97x against 0.96-0.97x). Intel AVX2's packed GEMM (one 24-row
-# tile a block) ran 0.78-0.83x dense at 1,024 rows against 0.96-0.98x materialised.
+# 2048 x 1024 0.96-0.97x against 0.93-0.95x; at 2,048 rows materialising is ahead on 1024 x 1024
+# (0.96-0.98x against 0.95-0.96x packed; 1024 x 784 0.96-0.97x against 0.97x), so it stops at 1,024.
+# Intel AVX2's packed GEMM (one 24-row tile a block) ran 0.78-0.83x dense at 1,024 rows against
+# 0.96-0.98x materialised.
 GEMM_BATCH = {("amd", "avx512"): 4096, ("amd", "avx2"): 512, ("intel", "avx512"): 1024, ("intel", "avx2"): 256}
 GEMM_BATCH_OTHER = 256
 # Rows of x up to which the MLP training step may keep its masks as bits (measured at 128).
