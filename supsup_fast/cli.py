@@ -102,7 +102,7 @@ def _interrupted_run_settings(args: argparse.Namespace, out: Path, base: Optiona
 
 
 def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") -> int:
-    from .runs import NNsRun, SupSupRun, driver_for, run_experiment
+    from .runs import NNsRun, driver_for, run_experiment
     if getattr(args, "retrain_corrupt", False) and not args.resume:
         raise ValueError("--retrain-corrupt applies to a resumed run: pass --resume with it")
     out = Path(args.out or default_out)
@@ -110,11 +110,12 @@ def cmd_run(args, base: Optional[dict] = None, default_out: str = "runs/run") ->
         base = _interrupted_run_settings(args, out, base)
     config = _config_from(args, base)
     driver = driver_for(config)
-    if getattr(args, "retrain_corrupt", False) and driver is not SupSupRun:
-        rolling, name = ("nns_latest", "NNs") if driver is NNsRun else ("hopfield", "HopSupSup")
+    rolling = getattr(driver, "ROLLING_CHECKPOINT", None)  # one checkpoint for every task (NNs, HopSupSup)
+    if getattr(args, "retrain_corrupt", False) and rolling:
+        name = "NNs" if driver is NNsRun else "HopSupSup"
         raise ValueError(f"--retrain-corrupt retrains the tasks of a run that keeps each in its own checkpoint (GG, GNs, GNu); "
                          f"{name} keeps all its tasks in one, "
-                         f"{out}/checkpoints/{rolling}.safetensors: delete it to retrain the run from its first task")
+                         f"{out}/checkpoints/{rolling}: delete it to retrain the run from its first task")
     ctx, config = _launch(config)
     results = _then_shutdown(ctx, lambda: run_experiment(config, out, resume=args.resume, progress=not args.no_progress,
                                                          ctx=ctx, retrain_corrupt=bool(getattr(args, "retrain_corrupt", False))))

@@ -19,6 +19,9 @@ from .results import machine_info, write_csv, write_json, write_plot
 
 
 class HopSupSupRun(Experiment):
+    # Every task in one rolling checkpoint (under checkpoints/): --retrain-corrupt does not apply.
+    ROLLING_CHECKPOINT = "hopfield.safetensors"
+
     def run(self) -> dict:
         self.prepare_out_dir()
         try:
@@ -31,7 +34,7 @@ def run_hopsupsup(exp: Experiment) -> dict:
 
     cfg, model, device = exp.config, exp.model, exp.device
     s = cfg.hop_settings()
-    ckpt = exp.ckpt_dir / "hopfield.safetensors"
+    ckpt = exp.ckpt_dir / HopSupSupRun.ROLLING_CHECKPOINT
     exp.ckpt_dir.mkdir(parents=True, exist_ok=True)
     true_masks, after, train_seconds, done = [], [], 0.0, 0
     if exp.resume and ckpt.exists():

@@ -23,6 +23,8 @@ class NNsRun(Experiment):
     # One every max(1, masks // CHECKPOINT_SPACING) true tasks keeps the total linear in the run; an
     # interruption retrains at most that many true tasks (the same masks: each has its own seed).
     CHECKPOINT_SPACING = 64
+    # Every task's masks in one rolling checkpoint (under checkpoints/): --retrain-corrupt does not apply.
+    ROLLING_CHECKPOINT = "nns_latest.safetensors"
 
     def _row_at(self, rows: list, k: int) -> list:
         """``rows`` with the evaluation row after ``k`` true tasks computed from the masks held now:
@@ -84,7 +86,7 @@ class NNsRun(Experiment):
 
     def _run_nns_locked(self) -> dict:
         cfg = self.config
-        ckpt = self.ckpt_dir / "nns_latest.safetensors"
+        ckpt = self.ckpt_dir / self.ROLLING_CHECKPOINT
         done, after, train_seconds, state = 0, [], 0.0, None
         if self.resume and ckpt.exists():
             try:
